@@ -1,0 +1,98 @@
+"""Small helpers shared by training, feature extraction and benchmarks."""
+
+import contextlib
+import os
+import platform
+import sys
+from typing import Optional
+
+import torch
+
+
+MIXED_PRECISION_CHOICES = ("no", "fp16", "bf16")
+
+
+def check_mixed_precision(mixed_precision: Optional[str], device: torch.device) -> None:
+    """Refuses fp16 on CPU instead of silently running fp32 (what accelerate does there)."""
+    if mixed_precision in (None, "no"):
+        return
+    if mixed_precision not in MIXED_PRECISION_CHOICES:
+        raise ValueError(f"--mixed_precision must be one of {MIXED_PRECISION_CHOICES}, got {mixed_precision!r}.")
+    if mixed_precision == "fp16" and torch.device(device).type == "cpu":
+        raise ValueError(
+            "--mixed_precision fp16 is not supported on CPU (it would silently run in fp32). "
+            "Use --mixed_precision bf16, which is fast on CPUs with AMX/AVX-512-BF16, or 'no'."
+        )
+
+
+def autocast(device: torch.device, mixed_precision: Optional[str] = None):
+    """An autocast context for `mixed_precision` ("no", "fp16", "bf16") on `device`, or a no-op."""
+    check_mixed_precision(mixed_precision, device)
+    if mixed_precision in (None, "no"):
+        return contextlib.nullcontext()
+    dtype = torch.bfloat16 if mixed_precision == "bf16" else torch.float16
+    return torch.autocast(device_type=torch.device(device).type, dtype=dtype)
+
+
+def create_accelerator(**kwargs):
+    """An `accelerate.Accelerator`, also when one with other settings already ran in this process.
+
+    accelerate keeps its state per process and refuses a second Accelerator with another precision; the library
+    entry points (pretraining, probing, `mic-diffrep run`) may run one after the other in one process, so the
+    previous state is dropped first (the distributed process group is kept). On a machine without CUDA,
+    `cpu=True` makes `torchrun --nproc_per_node N` run N gloo DDP processes.
+    """
+    from accelerate import Accelerator
+    from accelerate.state import AcceleratorState
+
+    kwargs.setdefault("cpu", not torch.cuda.is_available())
+    if kwargs["cpu"] or not torch.cuda.is_available():
+        check_mixed_precision(kwargs.get("mixed_precision") or os.environ.get("ACCELERATE_MIXED_PRECISION"), "cpu")
+    if AcceleratorState._shared_state:
+        AcceleratorState._reset_state()
+    accelerator = Accelerator(**kwargs)
+    check_mixed_precision(accelerator.mixed_precision, accelerator.device)
+    return accelerator
+
+
+def environment_info() -> dict:
+    """Versions and machine, for results files."""
+    import accelerate
+    import datasets
+    import diffusers
+    import transformers
+
+    info = {
+        "python": sys.version.split()[0],
+        "platform": platform.platform(),
+        "processor": _cpu_model(),
+        "cpu_count": os.cpu_count(),
+        "torch_num_threads": torch.get_num_threads(),
+        "torch": torch.__version__,
+        "diffusers": diffusers.__version__,
+        "transformers": transformers.__version__,
+        "accelerate": accelerate.__version__,
+        "datasets": datasets.__version__,
+        "cuda": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
+    }
+    return info
+
+
+def _cpu_model() -> str:
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor()
+
+
+def peak_memory_mb() -> float:
+    """Peak resident memory of this process (CPU), or peak allocated CUDA memory, in MiB."""
+    if torch.cuda.is_available():
+        return torch.cuda.max_memory_allocated() / 2**20
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024

@@ -1,0 +1,346 @@
+# Copyright 2026 The mic-diffrep authors. Licensed under the Apache License, Version 2.0.
+"""`DiffusionFeaturePipeline`: pooled UNet block activations of noised images, and DDPM image generation.
+
+This file is also a diffusers custom pipeline: copy it next to a pretrained folder (or to the Hub) and load it with
+`DiffusionPipeline.from_pretrained(folder, custom_pipeline="pipeline_diffusion_features.py", trust_remote_code=True)`
+(it needs `pip install mic-diffrep` for the shared preprocessing).
+"""
+
+from dataclasses import dataclass
+from typing import Dict, List, Optional, Sequence, Tuple, Union
+
+import numpy as np
+import PIL.Image
+import torch
+import torch.nn.functional as F
+from diffusers import DiffusionPipeline, ImagePipelineOutput, SchedulerMixin, UNet2DModel
+from diffusers.utils import BaseOutput
+from diffusers.utils.torch_utils import randn_tensor
+
+from mic_diffrep.preprocessing import RESIZE_MODES, image_to_pixels, pixels_to_model_input, to_grayscale
+
+
+POOLING_CHOICES = ("avg", "avgmax", "grid")
+
+EXAMPLE_DOC_STRING = """
+    Examples:
+        ```py
+        >>> import torch
+        >>> from diffusers import DDIMScheduler
+        >>> from mic_diffrep import DiffusionFeaturePipeline
+
+        >>> pipe = DiffusionFeaturePipeline.from_pretrained("runs/pretrain")
+        >>> images = [PIL.Image.open(p) for p in ["a.jpg", "b.jpg"]]
+        >>> out = pipe.extract_features(images, timesteps=[10, 100], generator=torch.Generator().manual_seed(0))
+        >>> out.features[("up_blocks.1", 100)].shape  # (N, C)
+        >>> samples = pipe(batch_size=4, num_inference_steps=1000).images  # DDPM, as in the paper
+        >>> pipe.scheduler = DDIMScheduler.from_config(pipe.scheduler.config)
+        >>> samples = pipe(batch_size=4, num_inference_steps=50).images  # DDIM, 20x faster
+        ```
+"""
+
+
+@dataclass
+class DiffusionFeaturesOutput(BaseOutput):
+    """Output of `DiffusionFeaturePipeline.extract_features`.
+
+    Args:
+        features (`Dict[Tuple[str, int], torch.Tensor]`):
+            pooled features of shape `(N, C)` (float32, on CPU) for every `(layer, timestep)`, images in input order.
+        layers (`List[str]`): the layers, in UNet execution order.
+        timesteps (`List[int]`): the timesteps, in the order asked for.
+    """
+
+    features: Dict[Tuple[str, int], torch.Tensor]
+    layers: List[str]
+    timesteps: List[int]
+
+    def concatenate(self, layers: Optional[Sequence[str]] = None, timesteps: Optional[Sequence[int]] = None):
+        """Features of several layers and timesteps side by side, shape `(N, sum of C)`: the MSFA input (eq. 4)."""
+        layers = self.layers if layers is None else layers
+        timesteps = self.timesteps if timesteps is None else timesteps
+        return torch.cat([self.features[(layer, t)] for t in timesteps for layer in layers], dim=1)
+
+
+class _StopForward(Exception):
+    """Raised by the last needed hook: the rest of the UNet is not computed."""
+
+
+def block_names(unet: UNet2DModel) -> List[str]:
+    """The layer names features can be taken from, in execution order: down blocks, mid block, up blocks."""
+    names = [f"down_blocks.{i}" for i in range(len(unet.down_blocks))]
+    if unet.mid_block is not None:
+        names.append("mid_block")
+    return names + [f"up_blocks.{i}" for i in range(len(unet.up_blocks))]
+
+
+def pool_features(hidden_states: torch.Tensor, pooling: str = "avg", grid_size: int = 2) -> torch.Tensor:
+    """Pools `(B, C, H, W)` activations into `(B, D)` vectors.
+
+    `"avg"`: global average (D = C); `"avgmax"`: global average and max (D = 2C); `"grid"`: average over a
+    `grid_size` x `grid_size` grid of regions (D = C * grid_size**2), which keeps coarse spatial layout.
+    """
+    hidden_states = hidden_states.float()
+    if pooling == "avg":
+        return hidden_states.mean(dim=(2, 3))
+    if pooling == "avgmax":
+        return torch.cat([hidden_states.mean(dim=(2, 3)), hidden_states.amax(dim=(2, 3))], dim=1)
+    if pooling == "grid":
+        return F.adaptive_avg_pool2d(hidden_states, grid_size).flatten(1)
+    raise ValueError(f"pooling must be one of {POOLING_CHOICES}, got {pooling!r}.")
+
+
+class DiffusionFeaturePipeline(DiffusionPipeline):
+    r"""
+    Feature extraction from, and image generation with, a DDPM-pretrained `UNet2DModel` (MicDiffRep).
+
+    `extract_features` noises images to chosen timesteps, runs the UNet once per timestep with forward hooks on the
+    requested blocks, and pools their activations. `__call__` generates images with the pipeline's scheduler.
+
+    Args:
+        unet ([`UNet2DModel`]): the denoising UNet (one grey input channel for MRI).
+        scheduler ([`SchedulerMixin`]): the noise schedule, a [`DDPMScheduler`] from pretraining; any compatible
+            scheduler (e.g. [`DDIMScheduler`]) for generation.
+        resize_mode (`str`, *optional*, defaults to `"pad"`): how images of another aspect ratio are made square
+            (`"pad"` or `"center_crop"`); stored in `model_index.json` so features use pretraining's preprocessing.
+    """
+
+    model_cpu_offload_seq = "unet"
+
+    def __init__(self, unet: UNet2DModel, scheduler: SchedulerMixin, resize_mode: str = "pad"):
+        super().__init__()
+        if resize_mode not in RESIZE_MODES:
+            raise ValueError(f"resize_mode must be one of {RESIZE_MODES}, got {resize_mode!r}.")
+        self.register_modules(unet=unet, scheduler=scheduler)
+        self.register_to_config(resize_mode=resize_mode)
+
+    @property
+    def resolution(self) -> int:
+        size = self.unet.config.sample_size
+        return size if isinstance(size, int) else size[0]
+
+    @property
+    def layer_names(self) -> List[str]:
+        return block_names(self.unet)
+
+    def check_inputs(self, timesteps, layers, pooling, num_noise_samples, batch_size):
+        num_train_timesteps = self.scheduler.config.num_train_timesteps
+        bad = [t for t in timesteps if not isinstance(t, (int, np.integer)) or not 0 <= int(t) < num_train_timesteps]
+        if not timesteps or bad:
+            raise ValueError(
+                f"timesteps must be a non-empty list of integers in [0, {num_train_timesteps}), got {list(timesteps)}."
+            )
+        valid = self.layer_names
+        unknown = [name for name in layers if name not in valid]
+        if unknown or not layers:
+            raise ValueError(f"Unknown layer name(s) {unknown or layers}. Valid layers are: {', '.join(valid)}.")
+        if pooling not in POOLING_CHOICES:
+            raise ValueError(f"pooling must be one of {POOLING_CHOICES}, got {pooling!r}.")
+        if num_noise_samples < 1 or batch_size < 1:
+            raise ValueError("num_noise_samples and batch_size must be at least 1.")
+
+    def prepare_pixels(self, images) -> torch.Tensor:
+        """Images (list of PIL / numpy / tensors / file paths, or a batch tensor) to uint8 `(N, 1, R, R)` pixels.
+
+        Uses the shared preprocessing of pretraining; uint8 `(N, 1, R, R)` pixels (a decode cache) pass through.
+        """
+        resolution, resize_mode = self.resolution, self.config.resize_mode
+        if isinstance(images, torch.Tensor) and images.ndim == 4:
+            if images.dtype == torch.uint8 and tuple(images.shape[1:]) == (1, resolution, resolution):
+                return images.cpu()
+            images = list(images)
+        elif isinstance(images, np.ndarray) and images.ndim == 4:
+            images = list(images)
+        elif isinstance(images, (PIL.Image.Image, str)) or (
+            isinstance(images, (np.ndarray, torch.Tensor)) and images.ndim <= 3
+        ):
+            images = [images]
+        pixels = []
+        for image in images:
+            if isinstance(image, str):
+                with PIL.Image.open(image) as opened:
+                    image = to_grayscale(opened)
+            pixels.append(image_to_pixels(image, resolution, resize_mode))
+        if not pixels:
+            raise ValueError("No images given.")
+        return torch.stack(pixels)
+
+    def prepare_noise(self, num_images: int, num_timesteps: int, num_noise_samples: int, generator=None):
+        """One seed per image, drawn up front: each image's noise is the same whatever the batch size.
+
+        With `generator=None` every image gets the same fixed noise (seed 0), so features are a pure function of
+        the image, as in `MicDiffRepForImageClassification`.
+        """
+        if generator is None:
+            return torch.zeros(num_images, dtype=torch.long)
+        if isinstance(generator, list):
+            raise ValueError("extract_features takes one torch.Generator, not a list.")
+        return torch.randint(0, 2**62, (num_images,), generator=generator, device=generator.device).cpu()
+
+    def _noise_for(self, seeds: torch.Tensor, num_timesteps: int, num_noise_samples: int) -> torch.Tensor:
+        shape = (num_timesteps, num_noise_samples, 1, self.resolution, self.resolution)
+        noise = [torch.randn(shape, generator=torch.Generator().manual_seed(int(s))) for s in seeds.tolist()]
+        return torch.stack(noise, dim=1)  # (T, B, K, 1, R, R)
+
+    @torch.no_grad()
+    def extract_features(
+        self,
+        images,
+        timesteps: Sequence[int] = (10, 100, 250),
+        layers: Optional[Sequence[str]] = None,
+        pooling: str = "avg",
+        pooling_grid_size: int = 2,
+        num_noise_samples: int = 1,
+        generator: Optional[torch.Generator] = None,
+        batch_size: int = 64,
+        mixed_precision: Optional[str] = None,
+        show_progress: bool = True,
+    ) -> DiffusionFeaturesOutput:
+        r"""
+        Pooled activations of UNet blocks for noised images.
+
+        Args:
+            images: PIL images, numpy arrays, tensors or file paths (grey or RGB, any size), or a uint8
+                `(N, 1, R, R)` tensor of already preprocessed pixels.
+            timesteps (`Sequence[int]`, defaults to `(10, 100, 250)`): noise levels, in `[0, num_train_timesteps)`.
+            layers (`Sequence[str]`, *optional*): block names such as `"down_blocks.1"`, `"mid_block"`,
+                `"up_blocks.2"`; `None` means every block (`pipe.layer_names`).
+            pooling (`str`, defaults to `"avg"`): `"avg"`, `"avgmax"` or `"grid"` (see `pool_features`).
+            pooling_grid_size (`int`, defaults to 2): grid size for `pooling="grid"`.
+            num_noise_samples (`int`, defaults to 1): noise draws per image, whose pooled features are averaged.
+            generator (`torch.Generator`, *optional*): random noise per image; `None` uses one fixed noise for all.
+            batch_size (`int`, defaults to 64): images per UNet forward (times `num_noise_samples`).
+            mixed_precision (`str`, *optional*): `"bf16"` autocasts the UNet (fast on CPUs with AMX).
+
+        Returns:
+            [`DiffusionFeaturesOutput`] with `features[(layer, t)]` of shape `(N, C)`.
+        """
+        timesteps = [int(t) for t in timesteps]
+        layers = self.layer_names if layers is None else list(layers)
+        self.check_inputs(timesteps, layers, pooling, num_noise_samples, batch_size)
+        order = {name: i for i, name in enumerate(self.layer_names)}
+        layers = sorted(dict.fromkeys(layers), key=order.__getitem__)
+
+        pixels = self.prepare_pixels(images)
+        seeds = self.prepare_noise(len(pixels), len(timesteps), num_noise_samples, generator)
+        collected = {(layer, t): [] for layer in layers for t in timesteps}
+
+        from mic_diffrep.utils import autocast
+
+        with autocast(self.device, mixed_precision):
+            starts = range(0, len(pixels), batch_size)
+            for start in self.progress_bar(starts) if show_progress else starts:
+                clean = pixels_to_model_input(pixels[start : start + batch_size]).to(self.device)
+                noise = self._noise_for(seeds[start : start + batch_size], len(timesteps), num_noise_samples)
+                for i, t in enumerate(timesteps):
+                    pooled = self.forward_hooked(clean, noise[i].to(self.device), t, layers, pooling, pooling_grid_size)
+                    for layer in layers:
+                        collected[(layer, t)].append(pooled[layer].cpu())
+        features = {key: torch.cat(chunks) for key, chunks in collected.items()}
+        return DiffusionFeaturesOutput(features=features, layers=layers, timesteps=timesteps)
+
+    def forward_hooked(self, clean, noise, timestep, layers, pooling="avg", pooling_grid_size=2):
+        """One UNet forward at `timestep` with hooks on `layers`; returns pooled `(B, D)` features per layer.
+
+        `noise` has shape `(B, K, 1, R, R)`: the K draws are folded into the batch and their features averaged.
+        Hooks are removed in `finally`, also when the forward raises; the UNet stops after the last needed block.
+        """
+        batch, draws = noise.shape[:2]
+        clean = clean.to(noise.dtype).repeat_interleave(draws, dim=0)
+        t = torch.full((batch * draws,), timestep, device=clean.device, dtype=torch.long)
+        noisy = self.scheduler.add_noise(clean, noise.flatten(0, 1), t).to(self.unet.dtype)
+
+        captured: Dict[str, torch.Tensor] = {}
+        modules = dict(self.unet.named_modules())
+        handles = []
+
+        def make_hook(name):
+            def hook(module, args, output):
+                hidden = output[0] if isinstance(output, tuple) else output  # down blocks: (hidden, res_samples)
+                captured[name] = pool_features(hidden, pooling, pooling_grid_size)
+                if len(captured) == len(layers):
+                    raise _StopForward
+
+            return hook
+
+        try:
+            for name in layers:
+                handles.append(modules[name].register_forward_hook(make_hook(name)))
+            try:
+                self.unet(noisy, t)
+            except _StopForward:
+                pass
+        finally:
+            for handle in handles:
+                handle.remove()
+        return {name: captured[name].view(batch, draws, -1).mean(dim=1) for name in layers}
+
+    @torch.no_grad()
+    def __call__(
+        self,
+        batch_size: int = 1,
+        generator: Optional[Union[torch.Generator, List[torch.Generator]]] = None,
+        num_inference_steps: int = 1000,
+        output_type: str = "pil",
+        return_dict: bool = True,
+        mixed_precision: Optional[str] = None,
+        show_progress: bool = True,
+    ) -> Union[ImagePipelineOutput, Tuple]:
+        r"""
+        Generates images by reverse diffusion with the pipeline's scheduler (DDPM, 1000 steps, as in the paper).
+
+        Args:
+            batch_size (`int`, defaults to 1): number of images.
+            generator (`torch.Generator`, *optional*): for reproducible samples.
+            num_inference_steps (`int`, defaults to 1000): denoising steps (e.g. 50 with a `DDIMScheduler`).
+            output_type (`str`, defaults to `"pil"`): `"pil"` (grey PIL images), `"np"` (`(N, H, W, 1)` in [0, 1])
+                or `"pt"` (`(N, 1, H, W)` in [0, 1]).
+            return_dict (`bool`, defaults to `True`): return an [`ImagePipelineOutput`] rather than a tuple.
+            mixed_precision (`str`, *optional*): `"bf16"` autocasts the UNet.
+        """
+        if output_type not in ("pil", "np", "pt"):
+            raise ValueError(f"output_type must be 'pil', 'np' or 'pt', got {output_type!r}.")
+        from mic_diffrep.utils import autocast
+
+        # 1. Sample Gaussian noise
+        shape = (batch_size, self.unet.config.in_channels, self.resolution, self.resolution)
+        image = randn_tensor(shape, generator=generator, device=self.device, dtype=self.unet.dtype)
+
+        # 2. Set the timesteps
+        self.scheduler.set_timesteps(num_inference_steps)
+
+        with autocast(self.device, mixed_precision):
+            for t in self.progress_bar(self.scheduler.timesteps) if show_progress else self.scheduler.timesteps:
+                # 3. Predict the noise
+                model_output = self.unet(image, t).sample.to(image.dtype)
+                # 4. Compute the previous noisy sample x_t -> x_t-1
+                image = self.scheduler.step(model_output, t, image, generator=generator).prev_sample
+
+        image = (image / 2 + 0.5).clamp(0, 1).float()
+        if output_type == "pt":
+            images = image.cpu()
+        else:
+            images = image.cpu().permute(0, 2, 3, 1).numpy()
+            if output_type == "pil":
+                images = self.numpy_to_pil(images)
+        self.maybe_free_model_hooks()
+        if not return_dict:
+            return (images,)
+        return ImagePipelineOutput(images=images)
+
+
+def save_image_grid(images, path: str, rows: Optional[int] = None) -> PIL.Image.Image:
+    """Saves images (PIL, `(N, H, W, C)` numpy in [0, 1], or `(N, C, H, W)` tensor in [0, 1]) as one PNG grid."""
+    from diffusers.utils import make_image_grid
+
+    if isinstance(images, torch.Tensor):
+        images = images.permute(0, 2, 3, 1).cpu().numpy()
+    if isinstance(images, np.ndarray):
+        images = DiffusionPipeline.numpy_to_pil(images)
+    images = list(images)
+    rows = rows or max(1, int(np.floor(np.sqrt(len(images)))))
+    cols = int(np.ceil(len(images) / rows))
+    images = images + [PIL.Image.new(images[0].mode, images[0].size)] * (rows * cols - len(images))
+    grid = make_image_grid(images, rows=rows, cols=cols)
+    grid.save(path)
+    return grid

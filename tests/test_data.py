@@ -1,0 +1,58 @@
+import os
+
+import pytest
+import torch
+
+from mic_diffrep.data import PretrainingDataset, decode_images, find_split_folders, load_image_folder, select_splits
+
+
+def test_unlabelled_folder_is_one_train_split(unlabelled_folder):
+    dataset = load_image_folder(unlabelled_folder)
+    assert list(dataset) == ["train"] and dataset["train"].num_rows == 24
+    assert "label" not in dataset["train"].column_names
+
+
+def test_kaggle_layout_becomes_train_and_test(kaggle_folder):
+    assert find_split_folders(kaggle_folder) == {"test": "Testing", "train": "Training"}
+    dataset = load_image_folder(kaggle_folder)
+    assert dataset["train"].num_rows == 24 and dataset["test"].num_rows == 8
+    assert dataset["train"].features["label"].names == ["glioma", "meningioma", "notumor", "pituitary"]
+
+
+def test_pretrain_splits_never_take_test_unless_asked(kaggle_folder):
+    dataset = load_image_folder(kaggle_folder)
+    chosen, data = select_splits(dataset, None)
+    assert chosen == ["train"] and data.num_rows == 24
+    assert all("Testing" not in item["path"] for item in data["image"])
+    chosen, data = select_splits(dataset, ["all"])
+    assert sorted(chosen) == ["test", "train"] and data.num_rows == 32
+    with pytest.raises(ValueError, match="validation"):
+        select_splits(dataset, ["validation"])
+
+
+def test_decode_cache_round_trip(kaggle_folder, tmp_path):
+    dataset = load_image_folder(kaggle_folder)["train"]
+    first = decode_images(dataset, 16, cache_dir=str(tmp_path / "cache"), show_progress=False)
+    assert len(os.listdir(tmp_path / "cache")) == 1
+    second = decode_images(dataset, 16, cache_dir=str(tmp_path / "cache"), show_progress=False)
+    assert torch.equal(first.pixels, second.pixels) and torch.equal(first.labels, second.labels)
+    assert first.paths == second.paths and first.label_names == second.label_names
+    other = decode_images(dataset, 8, cache_dir=str(tmp_path / "cache"), show_progress=False)
+    assert other.pixels.shape[-1] == 8  # other settings: another cache entry, not the stale one
+
+
+def test_pretraining_dataset_order_is_seeded_per_epoch():
+    pixels = torch.arange(10, dtype=torch.uint8).view(10, 1, 1, 1).expand(10, 1, 2, 2).contiguous()
+    dataset = PretrainingDataset(pixels, seed=3)
+    dataset.shuffle_for_epoch(1)
+    epoch1 = [dataset[i]["index"].item() for i in range(10)]
+    dataset.shuffle_for_epoch(2)
+    assert [dataset[i]["index"].item() for i in range(10)] != epoch1
+    dataset.shuffle_for_epoch(1)
+    assert [dataset[i]["index"].item() for i in range(10)] == epoch1
+    assert sorted(epoch1) == list(range(10))
+
+
+def test_empty_folder_error_names_it(tmp_path):
+    with pytest.raises(ValueError, match=str(tmp_path)):
+        load_image_folder(str(tmp_path))

@@ -1,0 +1,125 @@
+import json
+import os
+import shutil
+import subprocess
+import sys
+
+import pytest
+import torch
+from diffusers import DDPMPipeline, UNet2DModel
+from safetensors.torch import load_file
+
+from mic_diffrep import DiffusionFeaturePipeline, decode_images, load_image_folder
+from mic_diffrep.pretraining import denoising_loss, main, parse_args
+from mic_diffrep.unet import create_scheduler, create_unet
+
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def tiny_args(data_dir, output_dir, *extra):
+    return parse_args([
+        "--train_data_dir", data_dir, "--output_dir", output_dir, "--resolution", "16",
+        "--model_config_name_or_path", "tiny", "--train_batch_size", "4", "--logger", "none",
+        "--save_images_epochs", "100", "--ddpm_num_inference_steps", "2", "--eval_batch_size", "2", *extra,
+    ])
+
+
+def unet_weights(output_dir):
+    return load_file(os.path.join(output_dir, "unet", "diffusion_pytorch_model.safetensors"))
+
+
+def test_loss_is_finite_and_falls_on_a_fixed_batch(unlabelled_folder, tmp_path):
+    pixels = decode_images(load_image_folder(unlabelled_folder)["train"], 16, show_progress=False).pixels
+    fixed_batch = pixels[:8].float() / 127.5 - 1
+    torch.manual_seed(0)  # the training run initialises with the same seed
+    scheduler = create_scheduler()
+    before = denoising_loss(create_unet(16, "tiny"), scheduler, fixed_batch)
+
+    summary = main(tiny_args(unlabelled_folder, str(tmp_path / "out"), "--max_train_steps", "60",
+                             "--learning_rate", "2e-3", "--lr_scheduler", "constant"))
+    after = denoising_loss(UNet2DModel.from_pretrained(str(tmp_path / "out"), subfolder="unet"), scheduler, fixed_batch)
+    assert torch.isfinite(torch.tensor(summary["final_loss"]))
+    assert after < 0.8 * before, (before, after)
+    assert summary["global_step"] == 60 and summary["images_seen"] == 240
+
+
+def test_resume_from_checkpoint_gives_the_weights_of_an_uninterrupted_run(unlabelled_folder, tmp_path):
+    # 24 images, batch 4: 6 batches an epoch; checkpoint-3 is in the middle of the first epoch.
+    extra = ["--max_train_steps", "9", "--checkpointing_steps", "3", "--use_ema", "--seed", "7"]
+    full = str(tmp_path / "full")
+    main(tiny_args(unlabelled_folder, full, *extra))
+    assert sorted(d for d in os.listdir(full) if d.startswith("checkpoint-")) == [
+        "checkpoint-3", "checkpoint-6", "checkpoint-9"]
+
+    resumed = str(tmp_path / "resumed")
+    os.makedirs(resumed)
+    shutil.copytree(os.path.join(full, "checkpoint-3"), os.path.join(resumed, "checkpoint-3"))
+    summary = main(tiny_args(unlabelled_folder, resumed, *extra, "--resume_from_checkpoint", "latest"))
+    assert summary["global_step"] == 9
+    expected, actual = unet_weights(full), unet_weights(resumed)
+    assert expected.keys() == actual.keys()
+    for name in expected:
+        torch.testing.assert_close(actual[name], expected[name], rtol=0, atol=0, msg=name)
+
+
+def test_gradient_accumulation_and_checkpoint_limit(unlabelled_folder, tmp_path):
+    out = str(tmp_path / "out")
+    summary = main(tiny_args(unlabelled_folder, out, "--num_epochs", "2", "--gradient_accumulation_steps", "2",
+                             "--checkpointing_steps", "1", "--checkpoints_total_limit", "2"))
+    assert summary["global_step"] == 6  # 6 batches an epoch / 2 per step * 2 epochs
+    assert sorted(d for d in os.listdir(out) if d.startswith("checkpoint-")) == ["checkpoint-5", "checkpoint-6"]
+
+
+def test_output_is_a_pipeline_folder_diffusers_loads(unlabelled_folder, tmp_path):
+    out = str(tmp_path / "out")
+    main(tiny_args(unlabelled_folder, out, "--num_epochs", "1", "--save_images_epochs", "1"))
+    assert {"model_index.json", "unet", "scheduler", "samples", "pretraining_summary.json"} <= set(os.listdir(out))
+    assert os.path.isfile(os.path.join(out, "unet", "diffusion_pytorch_model.safetensors"))
+    assert not any(name.endswith(".bin") for name in os.listdir(os.path.join(out, "unet")))
+    assert os.listdir(os.path.join(out, "samples")) == ["epoch-0001.png"]
+
+    pipe = DiffusionFeaturePipeline.from_pretrained(out)
+    images = pipe(batch_size=2, num_inference_steps=3, output_type="np", show_progress=False).images
+    assert images.shape == (2, 16, 16, 1) and images.min() >= 0 and images.max() <= 1
+    assert pipe.scheduler.config.num_train_timesteps == 1000 and pipe.scheduler.config.beta_schedule == "linear"
+    # Plain diffusers loads it too.
+    ddpm = DDPMPipeline.from_pretrained(out)
+    assert ddpm(batch_size=1, num_inference_steps=2, output_type="np").images.shape == (1, 16, 16, 1)
+
+
+def test_bf16_runs_on_cpu_and_fp16_is_refused(unlabelled_folder, tmp_path):
+    summary = main(tiny_args(unlabelled_folder, str(tmp_path / "bf16"), "--max_train_steps", "2",
+                             "--mixed_precision", "bf16"))
+    assert summary["mixed_precision"] == "bf16"
+    with pytest.raises(ValueError, match="fp16 is not supported on CPU"):
+        main(tiny_args(unlabelled_folder, str(tmp_path / "fp16"), "--max_train_steps", "2", "--mixed_precision", "fp16"))
+
+
+def test_pretrain_splits_exclude_test_by_default(kaggle_folder, tmp_path):
+    summary = main(tiny_args(kaggle_folder, str(tmp_path / "out"), "--max_train_steps", "1"))
+    assert summary["splits"] == ["train"] and summary["num_images"] == 24
+    summary = main(tiny_args(kaggle_folder, str(tmp_path / "all"), "--max_train_steps", "1", "--pretrain_splits", "all"))
+    assert summary["num_images"] == 32
+
+
+@pytest.mark.skipif(not torch.distributed.is_available(), reason="needs torch.distributed")
+def test_two_cpu_processes_train_on_different_shards(unlabelled_folder, tmp_path):
+    out = str(tmp_path / "ddp")
+    command = [
+        sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+        os.path.join(REPO, "training", "pretrain.py"), "--train_data_dir", unlabelled_folder, "--output_dir", out,
+        "--resolution", "16", "--model_config_name_or_path", "tiny", "--train_batch_size", "4", "--num_epochs", "2",
+        "--logger", "none", "--save_images_epochs", "100", "--ddpm_num_inference_steps", "2",
+    ]
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    result = subprocess.run(command, capture_output=True, text=True, timeout=300, env=env)
+    assert result.returncode == 0, result.stderr[-3000:]
+    with open(os.path.join(out, "pretraining_summary.json")) as f:
+        summary = json.load(f)
+    assert summary["num_processes"] == 2
+    assert summary["first_epoch_images_per_process"] == [12, 12]
+    assert summary["first_epoch_images_on_several_processes"] == 0
+    assert summary["global_step"] == 6  # 6 batches an epoch shared by 2 processes: 3 steps an epoch
+    assert summary["images_seen"] == 48  # counted over both processes
+    assert os.path.isfile(os.path.join(out, "unet", "diffusion_pytorch_model.safetensors"))
