@@ -2,6 +2,7 @@
 
     mic-diffrep run                                   # the whole method on the bundled MRI sample
     mic-diffrep pretrain --train_data_dir DIR --output_dir OUT
+    mic-diffrep extract --pretrained OUT --data_dir DIR --output features.safetensors
     mic-diffrep generate --pretrained OUT --num_images 16 --output samples.png
 
 `mic-diffrep SUBCOMMAND --help` explains every flag.
@@ -35,6 +36,12 @@ RUN_DEFAULTS = {
 
 def _pretrain(args: argparse.Namespace) -> None:
     from .pretraining import main
+
+    main(args)
+
+
+def _extract(args: argparse.Namespace) -> None:
+    from .feature_extraction import main
 
     main(args)
 
@@ -102,6 +109,7 @@ def _load_config(path: str) -> dict:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from .feature_extraction import add_extraction_args
     from .pretraining import add_pretraining_args
     from .utils import MIXED_PRECISION_CHOICES
 
@@ -133,6 +141,12 @@ def build_parser() -> argparse.ArgumentParser:
                                      description="DDPM pretraining of a UNet2DModel on unlabelled images.")
     add_pretraining_args(pretrain)
     pretrain.set_defaults(func=_pretrain)
+
+    extract = subparsers.add_parser("extract", help="Extract diffusion features of an image folder into a cache file.",
+                                    description="Extract pooled UNet block features (same flags as "
+                                                "training/extract_features.py).")
+    add_extraction_args(extract)
+    extract.set_defaults(func=_extract)
 
     generate = subparsers.add_parser("generate", help="Generate images with a pretrained pipeline.",
                                      description="Generate images and save them as one PNG grid.")

@@ -165,12 +165,18 @@ class DiffusionFeaturePipeline(DiffusionPipeline):
             raise ValueError("No images given.")
         return torch.stack(pixels)
 
-    def prepare_noise(self, num_images: int, num_timesteps: int, num_noise_samples: int, generator=None):
-        """One seed per image, drawn up front: each image's noise is the same whatever the batch size.
+    def prepare_noise(self, num_images: int, generator=None, noise_seeds=None) -> torch.Tensor:
+        """One noise seed per image, fixed up front, so an image's noise does not depend on the batch size.
 
-        With `generator=None` every image gets the same fixed noise (seed 0), so features are a pure function of
-        the image, as in `MicDiffRepForImageClassification`.
+        `noise_seeds` (one int per image) wins; else seeds are drawn from `generator`; with neither, every image
+        gets the same fixed noise (seed 0), so features are a pure function of the image, as in
+        `MicDiffRepForImageClassification`.
         """
+        if noise_seeds is not None:
+            noise_seeds = torch.as_tensor(noise_seeds, dtype=torch.long).cpu()
+            if noise_seeds.shape != (num_images,):
+                raise ValueError(f"noise_seeds must hold one seed per image ({num_images}), got {tuple(noise_seeds.shape)}.")
+            return noise_seeds
         if generator is None:
             return torch.zeros(num_images, dtype=torch.long)
         if isinstance(generator, list):
@@ -194,6 +200,7 @@ class DiffusionFeaturePipeline(DiffusionPipeline):
         generator: Optional[torch.Generator] = None,
         batch_size: int = 64,
         mixed_precision: Optional[str] = None,
+        noise_seeds: Optional[Sequence[int]] = None,
         show_progress: bool = True,
     ) -> DiffusionFeaturesOutput:
         r"""
@@ -211,6 +218,8 @@ class DiffusionFeaturePipeline(DiffusionPipeline):
             generator (`torch.Generator`, *optional*): random noise per image; `None` uses one fixed noise for all.
             batch_size (`int`, defaults to 64): images per UNet forward (times `num_noise_samples`).
             mixed_precision (`str`, *optional*): `"bf16"` autocasts the UNet (fast on CPUs with AMX).
+            noise_seeds (`Sequence[int]`, *optional*): one noise seed per image instead of `generator` (sharded
+                extraction passes each process its images' seeds).
 
         Returns:
             [`DiffusionFeaturesOutput`] with `features[(layer, t)]` of shape `(N, C)`.
@@ -222,7 +231,7 @@ class DiffusionFeaturePipeline(DiffusionPipeline):
         layers = sorted(dict.fromkeys(layers), key=order.__getitem__)
 
         pixels = self.prepare_pixels(images)
-        seeds = self.prepare_noise(len(pixels), len(timesteps), num_noise_samples, generator)
+        seeds = self.prepare_noise(len(pixels), generator, noise_seeds)
         collected = {(layer, t): [] for layer in layers for t in timesteps}
 
         from mic_diffrep.utils import autocast
