@@ -3,9 +3,8 @@
 from .pipeline_diffusion_features import (
     DiffusionFeaturePipeline,
     DiffusionFeaturesOutput,
-    block_names,
-    pool_features,
     save_image_grid,
 )
+from mic_diffrep.unet_features import block_names, pool_features
 
 __all__ = ["DiffusionFeaturePipeline", "DiffusionFeaturesOutput", "block_names", "pool_features", "save_image_grid"]

@@ -12,15 +12,12 @@ from typing import Dict, List, Optional, Sequence, Tuple, Union
 import numpy as np
 import PIL.Image
 import torch
-import torch.nn.functional as F
 from diffusers import DiffusionPipeline, ImagePipelineOutput, SchedulerMixin, UNet2DModel
 from diffusers.utils import BaseOutput
 from diffusers.utils.torch_utils import randn_tensor
 
 from mic_diffrep.preprocessing import RESIZE_MODES, image_to_pixels, pixels_to_model_input, to_grayscale
-
-
-POOLING_CHOICES = ("avg", "avgmax", "grid")
+from mic_diffrep.unet_features import POOLING_CHOICES, block_names, check_layers, pool_features, unet_block_features
 
 EXAMPLE_DOC_STRING = """
     Examples:
@@ -60,34 +57,6 @@ class DiffusionFeaturesOutput(BaseOutput):
         layers = self.layers if layers is None else layers
         timesteps = self.timesteps if timesteps is None else timesteps
         return torch.cat([self.features[(layer, t)] for t in timesteps for layer in layers], dim=1)
-
-
-class _StopForward(Exception):
-    """Raised by the last needed hook: the rest of the UNet is not computed."""
-
-
-def block_names(unet: UNet2DModel) -> List[str]:
-    """The layer names features can be taken from, in execution order: down blocks, mid block, up blocks."""
-    names = [f"down_blocks.{i}" for i in range(len(unet.down_blocks))]
-    if unet.mid_block is not None:
-        names.append("mid_block")
-    return names + [f"up_blocks.{i}" for i in range(len(unet.up_blocks))]
-
-
-def pool_features(hidden_states: torch.Tensor, pooling: str = "avg", grid_size: int = 2) -> torch.Tensor:
-    """Pools `(B, C, H, W)` activations into `(B, D)` vectors.
-
-    `"avg"`: global average (D = C); `"avgmax"`: global average and max (D = 2C); `"grid"`: average over a
-    `grid_size` x `grid_size` grid of regions (D = C * grid_size**2), which keeps coarse spatial layout.
-    """
-    hidden_states = hidden_states.float()
-    if pooling == "avg":
-        return hidden_states.mean(dim=(2, 3))
-    if pooling == "avgmax":
-        return torch.cat([hidden_states.mean(dim=(2, 3)), hidden_states.amax(dim=(2, 3))], dim=1)
-    if pooling == "grid":
-        return F.adaptive_avg_pool2d(hidden_states, grid_size).flatten(1)
-    raise ValueError(f"pooling must be one of {POOLING_CHOICES}, got {pooling!r}.")
 
 
 class DiffusionFeaturePipeline(DiffusionPipeline):
@@ -130,10 +99,7 @@ class DiffusionFeaturePipeline(DiffusionPipeline):
             raise ValueError(
                 f"timesteps must be a non-empty list of integers in [0, {num_train_timesteps}), got {list(timesteps)}."
             )
-        valid = self.layer_names
-        unknown = [name for name in layers if name not in valid]
-        if unknown or not layers:
-            raise ValueError(f"Unknown layer name(s) {unknown or layers}. Valid layers are: {', '.join(valid)}.")
+        check_layers(layers, self.layer_names)
         if pooling not in POOLING_CHOICES:
             raise ValueError(f"pooling must be one of {POOLING_CHOICES}, got {pooling!r}.")
         if num_noise_samples < 1 or batch_size < 1:
@@ -252,37 +218,13 @@ class DiffusionFeaturePipeline(DiffusionPipeline):
         """One UNet forward at `timestep` with hooks on `layers`; returns pooled `(B, D)` features per layer.
 
         `noise` has shape `(B, K, 1, R, R)`: the K draws are folded into the batch and their features averaged.
-        Hooks are removed in `finally`, also when the forward raises; the UNet stops after the last needed block.
         """
         batch, draws = noise.shape[:2]
         clean = clean.to(noise.dtype).repeat_interleave(draws, dim=0)
         t = torch.full((batch * draws,), timestep, device=clean.device, dtype=torch.long)
         noisy = self.scheduler.add_noise(clean, noise.flatten(0, 1), t).to(self.unet.dtype)
-
-        captured: Dict[str, torch.Tensor] = {}
-        modules = dict(self.unet.named_modules())
-        handles = []
-
-        def make_hook(name):
-            def hook(module, args, output):
-                hidden = output[0] if isinstance(output, tuple) else output  # down blocks: (hidden, res_samples)
-                captured[name] = pool_features(hidden, pooling, pooling_grid_size)
-                if len(captured) == len(layers):
-                    raise _StopForward
-
-            return hook
-
-        try:
-            for name in layers:
-                handles.append(modules[name].register_forward_hook(make_hook(name)))
-            try:
-                self.unet(noisy, t)
-            except _StopForward:
-                pass
-        finally:
-            for handle in handles:
-                handle.remove()
-        return {name: captured[name].view(batch, draws, -1).mean(dim=1) for name in layers}
+        pooled = unet_block_features(self.unet, noisy, t, layers, pooling, pooling_grid_size)
+        return {name: value.view(batch, draws, -1).mean(dim=1) for name, value in pooled.items()}
 
     @torch.no_grad()
     def __call__(

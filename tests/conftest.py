@@ -12,7 +12,10 @@ def synthetic_slice(label: int, rng: np.random.Generator, size: int = 32) -> np.
     """A grey 'slice': a bright ellipse (the head) with a class-dependent blob, plus noise."""
     yy, xx = np.mgrid[0:size, 0:size] / size
     head = ((xx - 0.5) ** 2 / 0.16 + (yy - 0.5) ** 2 / 0.2) < 1
-    image = 0.5 * head.astype(np.float64)
+    # Each slice gets its own smooth texture (like anatomy), so slices are not near-duplicates of each other.
+    coarse = rng.random((4, 4))
+    texture = np.kron(coarse, np.ones((size // 4 + 1, size // 4 + 1)))[:size, :size]
+    image = (0.25 + 0.35 * texture) * head
     cy, cx = [(0.35, 0.35), (0.35, 0.65), (0.65, 0.5), (0.5, 0.5)][label % 4]
     cy, cx = cy + rng.normal(0, 0.03), cx + rng.normal(0, 0.03)
     radius = 0.06 + 0.04 * (label % 4 == 3)
