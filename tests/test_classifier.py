@@ -1,0 +1,143 @@
+import json
+import os
+from unittest import mock
+
+import numpy as np
+import PIL.Image
+import pytest
+import torch
+from transformers import AutoConfig, AutoImageProcessor, AutoModelForImageClassification, pipeline
+
+from mic_diffrep import (DiffusionFeaturePipeline, MicDiffRepConfig, MicDiffRepForImageClassification,
+                         MicDiffRepImageProcessor, preprocess_images)
+from mic_diffrep.hub import push_to_hub, write_model_card
+from mic_diffrep.modeling_mic_diffrep import MicDiffRepMSFAHead
+from mic_diffrep.preprocessing import pixels_to_model_input
+from mic_diffrep.unet import UNET_PRESETS, create_scheduler
+
+
+def tiny_config(**kwargs):
+    defaults = dict(unet_config=dict(UNET_PRESETS["tiny"], sample_size=16), timesteps=[5, 50], hidden_size=8,
+                    num_labels=3, id2label={0: "a", 1: "b", 2: "c"}, label2id={"a": 0, "b": 1, "c": 2})
+    return MicDiffRepConfig(**{**defaults, **kwargs})
+
+
+@pytest.fixture
+def model():
+    torch.manual_seed(0)
+    return MicDiffRepForImageClassification(tiny_config()).eval()
+
+
+def test_config_round_trip_and_validation(tmp_path):
+    config = tiny_config(layers=["mid_block", "up_blocks.1"], pooling="grid", pooling_grid_size=2)
+    config.save_pretrained(tmp_path)
+    loaded = AutoConfig.from_pretrained(tmp_path)
+    assert isinstance(loaded, MicDiffRepConfig) and loaded.model_type == "mic_diffrep"
+    assert loaded.layers == ["mid_block", "up_blocks.1"] and loaded.timesteps == [5, 50]
+    assert loaded.unet_config == config.unet_config and loaded.id2label == {0: "a", 1: "b", 2: "c"}
+    assert loaded.resolution == 16
+    with pytest.raises(ValueError, match="Valid layers are"):
+        tiny_config(layers=["up_blocks.9"])
+    with pytest.raises(ValueError, match=r"\[0, 1000\)"):
+        tiny_config(timesteps=[1000])
+    with pytest.raises(ValueError, match="pooling"):
+        tiny_config(pooling="median")
+    with pytest.raises(ValueError, match="hidden_size"):
+        tiny_config(hidden_size=-1)
+
+
+def test_forward_shapes_loss_and_tuple_output(model):
+    pixel_values = torch.rand(4, 1, 16, 16) * 2 - 1
+    output = model(pixel_values, labels=torch.tensor([0, 1, 2, 0]), output_hidden_states=True)
+    assert output.logits.shape == (4, 3)
+    assert output.loss.ndim == 0 and torch.isfinite(output.loss)
+    expected_loss = torch.nn.functional.cross_entropy(output.logits, torch.tensor([0, 1, 2, 0]))
+    torch.testing.assert_close(output.loss, expected_loss)
+    assert output.hidden_states[0].shape == (4, model.feature_size)
+    logits, = model(pixel_values, return_dict=False)
+    torch.testing.assert_close(logits, output.logits)
+    torch.testing.assert_close(model(pixel_values).logits, output.logits)  # deterministic (fixed noise)
+    with pytest.raises(ValueError, match="MicDiffRepImageProcessor"):
+        model(torch.rand(2, 3, 16, 16))
+
+
+def test_model_features_equal_pipeline_fixed_noise_features(model):
+    pixels = torch.randint(0, 256, (3, 1, 16, 16), dtype=torch.uint8)
+    pipe = DiffusionFeaturePipeline(model.unet, create_scheduler())
+    out = pipe.extract_features(pixels, timesteps=[5, 50], show_progress=False)
+    torch.testing.assert_close(model.extract_features(pixels_to_model_input(pixels)),
+                               out.concatenate(layers=model.config.layers), rtol=0, atol=0)
+
+
+def test_msfa_head_matches_equations_4_to_6():
+    head = MicDiffRepMSFAHead(in_features=3, hidden_size=2, num_labels=2)
+    with torch.no_grad():
+        head.aggregate.weight.copy_(torch.tensor([[1.0, 0.0, -1.0], [0.5, 0.5, 0.5]]))  # W
+        head.aggregate.bias.zero_()
+        head.classifier.weight.copy_(torch.tensor([[1.0, -1.0], [0.0, 2.0]]))  # M
+        head.classifier.bias.zero_()
+    f1, f2 = torch.tensor([[1.0, 2.0]]), torch.tensor([[-4.0]])
+    features = torch.cat([f1, f2], dim=1)  # eq. 4: F = concat(F1, F2) = [1, 2, -4]
+    # eq. 5: W F = [1 - (-4), 0.5 * (1 + 2 - 4)] = [5, -0.5]; ReLU -> [5, 0]
+    # eq. 6: M F_agg = [5, 0]; softmax -> [e^5, 1] / (e^5 + 1)
+    logits = head(features)
+    torch.testing.assert_close(logits, torch.tensor([[5.0, 0.0]]))
+    torch.testing.assert_close(logits.softmax(-1), torch.tensor([[np.exp(5) / (np.exp(5) + 1), 1 / (np.exp(5) + 1)]],
+                                                                dtype=torch.float32))
+
+
+def test_save_load_identical_logits_auto_classes_and_pipeline(model, tmp_path):
+    model.save_pretrained(tmp_path)
+    MicDiffRepImageProcessor(resolution=16).save_pretrained(tmp_path)
+    assert os.path.isfile(tmp_path / "model.safetensors")
+    assert not any(name.endswith((".bin", ".pt", ".pkl")) for name in os.listdir(tmp_path))
+    assert json.load(open(tmp_path / "config.json"))["auto_map"]["AutoModelForImageClassification"] == \
+        "modeling_mic_diffrep.MicDiffRepForImageClassification"
+
+    loaded = AutoModelForImageClassification.from_pretrained(tmp_path)
+    assert isinstance(loaded, MicDiffRepForImageClassification)
+    pixel_values = torch.rand(2, 1, 16, 16) * 2 - 1
+    torch.testing.assert_close(loaded(pixel_values).logits, model(pixel_values).logits, rtol=1e-5, atol=1e-6)
+
+    processor = AutoImageProcessor.from_pretrained(tmp_path)
+    assert isinstance(processor, MicDiffRepImageProcessor)
+    image = PIL.Image.fromarray((np.random.default_rng(0).random((30, 20, 3)) * 255).astype(np.uint8))
+    torch.testing.assert_close(processor(image, return_tensors="pt")["pixel_values"], preprocess_images(image, 16))
+
+    classify = pipeline("image-classification", model=str(tmp_path))
+    predictions = classify(image)
+    assert {p["label"] for p in predictions} == {"a", "b", "c"}
+    assert abs(sum(p["score"] for p in predictions) - 1) < 1e-5
+    expected = model(processor(image)["pixel_values"]).logits.softmax(-1)[0]
+    assert abs(predictions[0]["score"] - expected.max().item()) < 1e-5
+
+
+def test_push_to_hub_uploads_config_weights_code_and_card(model, tmp_path):
+    folder = tmp_path / "model"
+    model.save_pretrained(folder)
+    MicDiffRepImageProcessor(resolution=16).save_pretrained(folder)
+    os.makedirs(folder / "features")
+    (folder / "features" / "train.safetensors").write_bytes(b"not uploaded")
+    results = json.load(open(os.path.join(os.path.dirname(__file__), "data", "probe_results.json")))
+    write_model_card(str(folder), results)
+
+    uploaded = {}
+
+    def fake_upload_folder(self, repo_id, folder_path, **kwargs):
+        uploaded["repo_id"] = repo_id
+        uploaded["files"] = sorted(os.listdir(folder_path))
+        uploaded["preprocessor"] = json.load(open(os.path.join(folder_path, "preprocessor_config.json")))
+        uploaded["card"] = open(os.path.join(folder_path, "README.md")).read()
+
+    with mock.patch("huggingface_hub.HfApi.create_repo", return_value=mock.Mock(repo_id="me/mic-diffrep")), \
+            mock.patch("huggingface_hub.HfApi.upload_folder", fake_upload_folder):
+        assert push_to_hub(str(folder), "me/mic-diffrep") == "me/mic-diffrep"
+    assert uploaded["repo_id"] == "me/mic-diffrep"
+    assert {"config.json", "model.safetensors", "preprocessor_config.json", "README.md", "modeling_mic_diffrep.py",
+            "configuration_mic_diffrep.py", "image_processing_mic_diffrep.py", "unet_features.py",
+            "preprocessing.py"} <= set(uploaded["files"])
+    assert "features" not in uploaded["files"]
+    assert uploaded["preprocessor"]["auto_map"]["AutoImageProcessor"].endswith("MicDiffRepImageProcessor")
+    assert "pipeline_tag: image-classification" in uploaded["card"] and "Limitations" in uploaded["card"]
+    assert "accuracy **0.750**" in uploaded["card"]
+    assert MicDiffRepImageProcessor._auto_class is None  # local folders keep loading without remote-code prompts

@@ -1,0 +1,161 @@
+import os
+
+import evaluate
+import numpy as np
+import PIL.Image
+import pytest
+import torch
+from diffusers import UNet2DModel
+from transformers import AutoImageProcessor, AutoModelForImageClassification
+
+from conftest import write_class_folder
+from mic_diffrep import DiffusionFeaturePipeline
+from mic_diffrep.linear_probe import main, parse_args
+from mic_diffrep.metrics import Accuracy, MacroF1, PerClassRecall, classification_report
+from mic_diffrep.probing import ProbeConfig, msfa_candidates, run_probes, train_heads
+from mic_diffrep.unet import create_scheduler, create_unet
+
+
+def test_metric_modules_work_offline(monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    predictions, references = [0, 0, 1, 2, 2, 2], [0, 1, 1, 2, 2, 0]
+    report = classification_report(predictions, references, ["a", "b", "c"])
+    assert report["accuracy"] == pytest.approx(4 / 6)
+    # F1 per class: a: P=1/2 R=1/2 -> 0.5; b: P=1 R=1/2 -> 2/3; c: P=2/3 R=1 -> 0.8
+    assert report["macro_f1"] == pytest.approx((0.5 + 2 / 3 + 0.8) / 3)
+    assert report["per_class_recall"] == pytest.approx({"a": 0.5, "b": 0.5, "c": 1.0})
+    assert report["confusion_matrix"] == [[1, 0, 1], [1, 1, 0], [0, 0, 2]]
+    combined = evaluate.combine([Accuracy(keep_in_memory=True), MacroF1(keep_in_memory=True)])
+    assert combined.compute(predictions=predictions, references=references)["accuracy"] == pytest.approx(4 / 6)
+    assert np.isnan(PerClassRecall(keep_in_memory=True).compute(predictions=[0], references=[0], num_labels=2)
+                    ["per_class_recall"][1])
+
+
+def synthetic_features(num, seed):
+    """Layer 'good' separates the classes at t=10; layer 'noise' is noise; t=20 is a weaker copy."""
+    g = torch.Generator().manual_seed(seed)
+    labels = torch.arange(num) % 3
+    centres = torch.eye(3, 6) * 4
+    good = centres[labels] + torch.randn(num, 6, generator=g)
+    features = {
+        ("good", 10): good, ("good", 20): good * 0.2 + torch.randn(num, 6, generator=g),
+        ("noise", 10): torch.randn(num, 5, generator=g), ("noise", 20): torch.randn(num, 5, generator=g),
+    }
+    return features, labels
+
+
+def test_sweep_and_msfa_select_on_validation_and_score_test():
+    train, train_labels = synthetic_features(150, 0)
+    test, test_labels = synthetic_features(60, 1)
+    validation = torch.arange(150) % 5 == 0
+    results, probes = run_probes(train, train_labels, test, test_labels, ["x", "y", "z"], validation,
+                                 ProbeConfig(num_epochs=10, train_batch_size=16, hidden_size=16), ["good", "noise"], [10, 20])
+    assert len(results["single_layer"]) == 4
+    assert (results["sl_best"]["layer"], results["sl_best"]["timestep"]) == ("good", 10)
+    assert results["sl_best"]["test"]["all"]["accuracy"] > 0.9
+    assert results["msfa"]["test"]["all"]["accuracy"] > 0.9
+    noise = {(r["layer"], r["timestep"]): r["test_accuracy"] for r in results["single_layer"]}[("noise", 10)]
+    assert noise < 0.6
+    assert results["num_train"] == 120 and results["num_validation"] == 30 and results["num_test"] == 60
+    assert {r["timestep"] for r in results["msfa_per_timestep"]} == {10, 20}
+
+
+def test_heads_trained_together_equal_heads_trained_alone():
+    features, labels = synthetic_features(60, 0)
+    config = ProbeConfig(num_epochs=3, train_batch_size=16)
+    together = train_heads(features, labels, 3, config)
+    alone = train_heads({("good", 10): features[("good", 10)]}, labels, 3, config)
+    torch.testing.assert_close(together[("good", 10)].head.classifier.weight, alone[("good", 10)].head.classifier.weight)
+
+
+def test_msfa_candidates_are_layer_by_timestep_products():
+    sl = {("a", 1): 0.9, ("b", 1): 0.5, ("a", 2): 0.8, ("b", 2): 0.4}
+    candidates = msfa_candidates(sl, ["a", "b"], [1, 2])
+    assert (("a", "b"), (1,)) in candidates and (("a", "b"), (1, 2)) in candidates
+    assert len(candidates) == len(set(candidates))
+
+
+@pytest.fixture
+def probe_setup(tmp_path):
+    data = tmp_path / "data"
+    write_class_folder(data / "Training", per_class=10, seed=1)
+    write_class_folder(data / "Testing", per_class=4, seed=2)
+    torch.manual_seed(0)
+    DiffusionFeaturePipeline(create_unet(16, "tiny"), create_scheduler()).save_pretrained(tmp_path / "pipe")
+    return tmp_path
+
+
+def probe_args(root, *extra):
+    return parse_args(["--pretrained", str(root / "pipe"), "--data_dir", str(root / "data"), "--output_dir",
+                       str(root / "out"), "--timesteps", "5", "50", "--hidden_size", "16", "--num_epochs", "5",
+                       "--batch_size", "16", *extra])
+
+
+def count_unet_forwards():
+    calls = []
+    original = UNet2DModel.forward
+
+    def counting(self, *args, **kwargs):
+        calls.append(args[0].shape[0])
+        return original(self, *args, **kwargs)
+
+    return calls, counting
+
+
+def test_linear_probe_one_feature_pass_cache_reuse_and_model_folder(probe_setup, monkeypatch):
+    calls, counting = count_unet_forwards()
+    monkeypatch.setattr(UNet2DModel, "forward", counting)
+    results = main(probe_args(probe_setup))
+    # 40 training and 16 test images, batch 16: (3 + 1) batches x 2 timesteps, every layer from the same forward.
+    assert calls == [16, 16, 16, 16, 8, 8, 16, 16]
+    assert len(results["single_layer"]) == 2 * 5  # one head per (layer, timestep)
+    assert "test split of" in results["test_split"]
+
+    calls.clear()
+    again = main(probe_args(probe_setup))
+    assert calls == []  # features came from the cache
+    assert again["msfa"]["test"]["all"]["accuracy"] == results["msfa"]["test"]["all"]["accuracy"]
+
+    calls.clear()
+    main(probe_args(probe_setup, "--pooling", "avgmax"))
+    assert len(calls) == 8  # stale cache (other pooling): recomputed
+
+    out = probe_setup / "out"
+    for name in ("config.json", "model.safetensors", "preprocessor_config.json", "README.md", "results.json",
+                 "results.md", "accuracy_vs_timestep.png", "confusion_matrix.png"):
+        assert os.path.isfile(out / name), name
+
+
+def test_exported_model_reproduces_the_probe_test_accuracy(probe_setup):
+    results = main(probe_args(probe_setup))
+    model = AutoModelForImageClassification.from_pretrained(probe_setup / "out")
+    processor = AutoImageProcessor.from_pretrained(probe_setup / "out")
+    correct = total = 0
+    for label, name in enumerate(results["label_names"]):
+        folder = probe_setup / "data" / "Testing" / name
+        images = [PIL.Image.open(folder / f) for f in sorted(os.listdir(folder))]
+        predictions = model(**processor(images)).logits.argmax(-1)
+        correct += int((predictions == label).sum())
+        total += len(images)
+    assert correct / total == pytest.approx(results["msfa"]["test"]["all"]["accuracy"])
+    assert model.config.id2label[0] == "glioma" and model.config.layers == results["msfa"]["layers"]
+
+
+def test_without_a_test_folder_a_duplicate_aware_hold_out_is_carved(tmp_path):
+    write_class_folder(tmp_path / "flat", per_class=12, seed=3)
+    torch.manual_seed(0)
+    DiffusionFeaturePipeline(create_unet(16, "tiny"), create_scheduler()).save_pretrained(tmp_path / "pipe")
+    results = main(parse_args(["--pretrained", str(tmp_path / "pipe"), "--data_dir", str(tmp_path / "flat"),
+                               "--output_dir", str(tmp_path / "out"), "--timesteps", "5", "--hidden_size", "8",
+                               "--num_epochs", "2", "--exclude_leaked_test"]))
+    assert "carved" in results["test_split"] and "near-duplicate groups" in results["test_split"]
+    assert results["num_train"] + results["num_validation"] + results["num_test"] == 48
+    assert results["leakage"]["num_near"] == 0
+
+
+def test_unlabelled_data_is_refused(tmp_path, unlabelled_folder):
+    torch.manual_seed(0)
+    DiffusionFeaturePipeline(create_unet(16, "tiny"), create_scheduler()).save_pretrained(tmp_path / "pipe")
+    with pytest.raises(ValueError, match="no labels"):
+        main(parse_args(["--pretrained", str(tmp_path / "pipe"), "--data_dir", unlabelled_folder,
+                         "--output_dir", str(tmp_path / "out")]))
