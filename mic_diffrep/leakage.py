@@ -36,8 +36,8 @@ torch.Size([3, 256])
 From the command line (writes a JSON report and a CSV of pairs or groups):
 
 ```bash
-python -m mic_diffrep.leakage --train data/Training --test data/Testing --output leakage.json
-python -m mic_diffrep.leakage --within data/Training --output duplicates.json
+mic-diffrep check-leakage --train data/Training --test data/Testing --output leakage.json
+python -m mic_diffrep.leakage --within data/Training --output duplicates.json  # the same, without the CLI
 ```
 """
 
@@ -45,7 +45,6 @@ import argparse
 import csv
 import hashlib
 import json
-import logging
 import math
 import os
 from dataclasses import asdict, dataclass, field
@@ -58,12 +57,12 @@ import torch.nn.functional as F
 from .data import DecodedImages
 
 
-logger = logging.getLogger(__name__)
-
-# Cosine similarity of fingerprints at or above which two images count as near-duplicates. Calibrated on the
-# Brain Tumor MRI training images: above it, pairs are the same slice (re-encoded, shifted, re-scaled,
-# brightness-changed) or a neighbouring slice of the same scan; below it, different patients start to appear.
-DEFAULT_THRESHOLD = 0.97
+# Similarity (cosine of fingerprints, mirrors included) at or above which two images count as near-duplicates.
+# Calibrated on the 5,708 Brain Tumor MRI training images by looking at nearest-neighbour pairs: from 0.975 up they
+# are the same slice (re-encoded, shifted, re-scaled, brightness-changed or mirrored) or a neighbouring slice of
+# the same scan; between 0.96 and 0.975 about one pair in ten is two different patients, and below 0.965 the
+# transitive groups start to chain different patients into clusters of hundreds of images.
+DEFAULT_THRESHOLD = 0.975
 FINGERPRINT_SIZE = 16
 
 _WORK_SIZE = 64  # images are brought to this size before alignment, so fingerprints do not depend on R
@@ -96,7 +95,9 @@ def _align(images: torch.Tensor) -> torch.Tensor:
     foreground (constant images) are left as they are.
     """
     n, _, height, width = images.shape
-    images = images - images.amin(dim=(1, 2, 3), keepdim=True)
+    flat = images.flatten(1)
+    low = flat.kthvalue(max(1, flat.shape[1] // 100), dim=1).values  # 1st percentile: robust to resampling undershoot
+    images = (images - low.view(n, 1, 1, 1)).clamp_min(0.0)
     mean = images.mean(dim=(1, 2, 3), keepdim=True)
     weight = ((images - 0.5 * mean) / (2.0 * mean).clamp_min(1e-6)).clamp(0.0, 1.0)[:, 0]
     ys = (torch.arange(height, dtype=images.dtype) + 0.5) / height * 2 - 1
@@ -126,7 +127,7 @@ def fingerprint_images(
     Args:
         pixels (`torch.Tensor`):
             grey images of shape `(N, 1, H, W)` (or `(N, H, W)`), e.g. the uint8 `DecodedImages.pixels`. Any
-            resolution and any affine intensity scale.
+            resolution, brightness offset and contrast scale.
         size (`int`, *optional*, defaults to `FINGERPRINT_SIZE`):
             the fingerprint is a `size` x `size` thumbnail; must divide 64. The threshold was calibrated for 16.
         align (`bool`, *optional*, defaults to `True`):
@@ -144,7 +145,7 @@ def fingerprint_images(
         raise ValueError(f"`batch_size` must be a positive integer, got {batch_size!r}.")
     out = torch.empty(len(pixels), size * size, dtype=torch.float32)
     for start in range(0, len(pixels), batch_size):
-        images = pixels[start : start + batch_size].float()
+        images = pixels[start : start + batch_size].to("cpu", torch.float32)
         height, width = images.shape[-2:]
         if height >= _WORK_SIZE and width >= _WORK_SIZE:
             images = F.interpolate(images, size=(_WORK_SIZE, _WORK_SIZE), mode="area")
@@ -160,7 +161,10 @@ def fingerprint_images(
 
 def exact_keys(pixels: torch.Tensor) -> List[str]:
     """SHA-1 of each image's pixel bytes: equal keys mean pixel-identical images (at the decoded resolution)."""
-    pixels = _check_pixels(pixels).contiguous().cpu()
+    pixels = _check_pixels(pixels).cpu()
+    if pixels.dtype in (torch.float16, torch.bfloat16):  # no numpy counterpart
+        pixels = pixels.float()
+    pixels = pixels.contiguous()
     return [hashlib.sha1(image.numpy().tobytes()).hexdigest() for image in pixels]
 
 
@@ -232,7 +236,7 @@ def find_near_duplicates(
     """Most similar reference image of every query image, computed block by block.
 
     Memory stays at a few `block_size` x `block_size` similarity blocks whatever the number of images; 50,000 x
-    50,000 fingerprints take a few minutes on one CPU core.
+    50,000 fingerprints take about a minute on one CPU core.
 
     Args:
         query_fp (`torch.Tensor`): fingerprints `(Nq, D)` from `fingerprint_images`.
@@ -398,7 +402,7 @@ def group_stratified_split(
     with mixed labels are counted under all their labels.
 
     Args:
-        labels (`Sequence[int]`, *optional*): integer label per image; `None` for unlabelled images.
+        labels (`Sequence`, *optional*): label per image (ints or strings); `None` for unlabelled images.
         groups (`Sequence[int]`): group id per image, e.g. from `duplicate_groups`.
         test_fraction (`float`, *optional*, defaults to 0.2): target share of test images, in (0, 1).
         seed (`int`, *optional*, defaults to 0): the same seed always gives the same split.
@@ -415,10 +419,9 @@ def group_stratified_split(
         label_codes = np.zeros(len(groups), dtype=np.int64)
     else:
         labels = np.asarray(labels)
-        if labels.shape != groups.shape or not np.issubdtype(labels.dtype, np.integer):
+        if labels.shape != groups.shape:
             raise ValueError(
-                f"`labels` must be integers, one per image like `groups` ({len(groups)}), got shape {labels.shape} "
-                f"and dtype {labels.dtype}."
+                f"`labels` must hold one label per image like `groups` ({len(groups)}), got shape {labels.shape}."
             )
         _, label_codes = np.unique(labels, return_inverse=True)
     _, group_codes = np.unique(groups, return_inverse=True)
@@ -514,7 +517,8 @@ class LeakageReport:
 
     def save_csv(self, path: str) -> None:
         """Writes `pairs` as CSV, one row per leaked test image."""
-        _write_csv(path, self.pairs, ("test_path", "train_path", "similarity", "exact", "mirrored", "test_label", "train_label"))
+        columns = ("test_path", "train_path", "similarity", "exact", "mirrored", "test_label", "train_label")
+        _write_csv(path, self.pairs, columns)
 
 
 def check_leakage(
@@ -543,8 +547,8 @@ def check_leakage(
             raise ValueError(f"`{name}` holds no images.")
     if train.pixels.shape[1:] != test.pixels.shape[1:]:
         raise ValueError(
-            f"`test` pixels have shape {tuple(test.pixels.shape[1:])} but `train` pixels {tuple(train.pixels.shape[1:])}; "
-            f"decode both at the same resolution so exact duplicates can be compared."
+            f"`test` pixels have shape {tuple(test.pixels.shape[1:])} but `train` pixels have "
+            f"{tuple(train.pixels.shape[1:])}; decode both at the same resolution so exact duplicates can be compared."
         )
     _check_threshold(threshold)
     train_fp, test_fp = fingerprint_images(train.pixels), fingerprint_images(test.pixels)
@@ -659,7 +663,8 @@ def within_duplicates(
     groups = []
     for group, indices in sorted(members.items(), key=lambda item: (-len(item[1]), item[0])):
         labels = None if images.labels is None else [_label_name(images, i) for i in indices]
-        groups.append({"group": group, "size": len(indices), "labels": labels, "paths": [images.paths[i] for i in indices]})
+        paths = [images.paths[i] for i in indices]
+        groups.append({"group": group, "size": len(indices), "labels": labels, "paths": paths})
     return DuplicateGroupsReport(
         threshold=float(threshold),
         num_images=len(images),
@@ -688,44 +693,68 @@ def _decode_folder(folder: str, args) -> DecodedImages:
     )
 
 
-def main(argv: Optional[Sequence[str]] = None) -> Union[LeakageReport, DuplicateGroupsReport]:
-    parser = argparse.ArgumentParser(
-        prog="python -m mic_diffrep.leakage",
-        description="Find exact and near-duplicate images between a train and a test folder, or within one folder.",
-    )
+def add_leakage_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    """Adds the flags of `mic-diffrep check-leakage` (and `python -m mic_diffrep.leakage`) to `parser`."""
     mode = parser.add_mutually_exclusive_group(required=True)
-    mode.add_argument("--within", metavar="DIR", help="group the duplicates within this image folder")
-    mode.add_argument("--train", metavar="DIR", help="training image folder (with --test)")
-    parser.add_argument("--test", metavar="DIR", help="test image folder, checked against --train")
-    parser.add_argument("--threshold", type=float, default=DEFAULT_THRESHOLD)
-    parser.add_argument("--resolution", type=int, default=64, help="decode resolution (exact duplicates compare at it)")
-    parser.add_argument("--resize_mode", default="pad", choices=("pad", "center_crop"))
-    parser.add_argument("--num_workers", type=int, default=0)
-    parser.add_argument("--cache_dir", default=None)
-    parser.add_argument("--skip_bad_images", action="store_true")
-    parser.add_argument("--output", default=None, help="JSON report path (a CSV is written beside it)")
-    args = parser.parse_args(argv)
+    mode.add_argument("--within", metavar="DIR", help="Group the exact and near-duplicates within this image folder.")
+    mode.add_argument("--train", metavar="DIR", help="Training image folder (with --test).")
+    parser.add_argument("--test", metavar="DIR", help="Test image folder, checked against --train.")
+    parser.add_argument("--threshold", type=float, default=DEFAULT_THRESHOLD,
+                        help=f"Fingerprint similarity that makes a near-duplicate (default {DEFAULT_THRESHOLD}).")
+    parser.add_argument("--no_mirror", action="store_true", help="Do not match left-right mirrored copies.")
+    parser.add_argument("--resolution", type=int, default=64,
+                        help="Decode resolution; exact duplicates are compared at it (default 64).")
+    parser.add_argument("--resize_mode", default="pad", choices=("pad", "center_crop"), help="As for training.")
+    parser.add_argument("--num_workers", type=int, default=0, help="Decoding processes.")
+    parser.add_argument("--cache_dir", default=None, help="Where to cache the decoded images.")
+    parser.add_argument("--skip_bad_images", action="store_true", help="Skip unreadable images instead of failing.")
+    parser.add_argument("--output", default=None,
+                        help="JSON report to write; the pairs (or groups) go to a CSV file beside it.")
+    return parser
+
+
+def run_check(args: argparse.Namespace) -> Union[LeakageReport, DuplicateGroupsReport]:
+    """Runs the check that `add_leakage_args` flags describe, prints a summary and writes the report files."""
     if (args.train is None) != (args.test is None):
-        parser.error("--train and --test go together.")
+        raise ValueError("--train and --test go together (or use --within DIR).")
     if args.within is not None:
-        report = within_duplicates(_decode_folder(args.within, args), threshold=args.threshold)
+        report = within_duplicates(_decode_folder(args.within, args), args.threshold, mirror=not args.no_mirror)
+        mixed = "" if report.num_mixed_label_groups is None else f", {report.num_mixed_label_groups} with mixed labels"
         print(
-            f"{report.num_images} images, {report.num_images_in_groups} in {report.num_duplicate_groups} duplicate "
-            f"groups ({report.num_exact_duplicates} exact copies, {report.num_mixed_label_groups} groups with mixed "
-            f"labels) at threshold {report.threshold}."
+            f"{report.num_images_in_groups} of {report.num_images} images are in {report.num_duplicate_groups} "
+            f"duplicate groups at threshold {report.threshold} ({report.num_exact_duplicates} exact copies{mixed}); "
+            f"{report.num_groups} groups in all."
         )
     else:
-        report = check_leakage(_decode_folder(args.train, args), _decode_folder(args.test, args), args.threshold)
+        train, test = _decode_folder(args.train, args), _decode_folder(args.test, args)
+        report = check_leakage(train, test, args.threshold, mirror=not args.no_mirror)
+        labels = (
+            "" if report.num_same_label is None
+            else f", {report.num_same_label} same label, {report.num_different_label} different label"
+        )
         print(
             f"{report.num_near} of {report.num_test} test images ({report.leaked_fraction:.1%}) have a near-duplicate "
-            f"in train at threshold {report.threshold} ({report.num_exact} exact; same label {report.num_same_label}, "
-            f"different label {report.num_different_label})."
+            f"in train at threshold {report.threshold} ({report.num_exact} exact, {report.num_mirrored} mirrored"
+            f"{labels})."
         )
     if args.output is not None:
         report.save(args.output)
         report.save_csv(os.path.splitext(args.output)[0] + ".csv")
         print(f"Report written to {args.output}")
     return report
+
+
+def main(argv: Optional[Sequence[str]] = None) -> Union[LeakageReport, DuplicateGroupsReport]:
+    parser = argparse.ArgumentParser(
+        prog="python -m mic_diffrep.leakage",
+        description="Find test images with a near-identical training image (--train, --test), or duplicate groups "
+                    "within one folder (--within).",
+    )
+    args = add_leakage_args(parser).parse_args(argv)
+    try:
+        return run_check(args)
+    except ValueError as error:
+        parser.error(str(error))
 
 
 if __name__ == "__main__":

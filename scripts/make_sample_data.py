@@ -22,6 +22,22 @@ from mic_diffrep.leakage import DEFAULT_THRESHOLD, duplicate_groups, fingerprint
 from mic_diffrep.preprocessing import image_to_pixels
 
 
+README = """# Sample of the Brain Tumor MRI Dataset
+
+{total} brain MRI slices ({per_class} per class: glioma, meningioma, notumor, pituitary), {size} x {size} grey JPEGs,
+split into `Training/` ({train_per_class} per class) and `Testing/` ({test_per_class} per class). Used by the tests and by
+`mic-diffrep run`.
+
+- Source: "Brain Tumor MRI Dataset", Msoud Nickparvar, 2021 (Kaggle), which combines the figshare (Cheng et al.),
+  SARTAJ and Br35H collections. Taken from its Training split.
+- Licence: **CC0 1.0** (public domain dedication), as the source.
+- Made by `python scripts/make_sample_data.py` (seed {seed}): at most one image per near-duplicate group of the
+  full folder (`mic_diffrep.leakage.duplicate_groups`, threshold {threshold}, mirrored copies included), so no
+  slice in the sample has a twin anywhere in it; half from each source collection where possible; resized with the
+  package's preprocessing (padding, bicubic). `sources.csv` lists each file's class and source collection.
+"""
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--source", default="../shared/data/brain-tumor-mri", help="The full dataset folder.")
@@ -73,6 +89,10 @@ def main():
         writer = csv.DictWriter(f, fieldnames=["file", "label", "source"])
         writer.writeheader()
         writer.writerows(sorted(rows, key=lambda r: r["file"]))
+    with open(os.path.join(args.output, "README.md"), "w") as f:
+        f.write(README.format(total=len(rows), per_class=args.per_class, size=args.size, seed=args.seed,
+                              train_per_class=args.per_class - args.test_per_class,
+                              test_per_class=args.test_per_class, threshold=DEFAULT_THRESHOLD))
     print(f"Wrote {len(rows)} images to {args.output}")
 
 
