@@ -49,7 +49,9 @@ def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--num_images", type=int, default=128)
     parser.add_argument("--batch_size", type=int, default=64)
-    parser.add_argument("--num_generated", type=int, default=4)
+    parser.add_argument("--num_generated", type=int, default=8)
+    parser.add_argument("--generation_resolution", type=int, default=64,
+                        help="Resolution at which generation is timed (DDPM-1000 at 112 px takes many minutes on CPU).")
     parser.add_argument("--output", default=os.path.join(REPO, "benchmarks", "results", "feature_throughput"))
     args = parser.parse_args()
 
@@ -68,6 +70,8 @@ def main():
                 "speedup": naive / hooked,
             })
             print(extraction[-1], flush=True)
+        if resolution != args.generation_resolution:
+            continue
         for name, steps in (("ddpm", 1000), ("ddim", 50)):
             if name == "ddim":
                 pipe.scheduler = DDIMScheduler.from_config(pipe.scheduler.config)

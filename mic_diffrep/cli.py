@@ -95,9 +95,10 @@ def _generate(args: argparse.Namespace) -> None:
     import torch
     from diffusers import DDIMScheduler
 
-    from .pipelines import DiffusionFeaturePipeline, save_image_grid
+    from .feature_extraction import load_pipeline
+    from .pipelines import save_image_grid
 
-    pipe = DiffusionFeaturePipeline.from_pretrained(args.pretrained)
+    pipe = load_pipeline(args.pretrained)
     if args.scheduler == "ddim":
         pipe.scheduler = DDIMScheduler.from_config(pipe.scheduler.config)
     images = pipe(
@@ -323,7 +324,7 @@ def main(argv: Optional[List[str]] = None) -> None:
     args = parser.parse_args(argv)
     try:
         args.func(args)
-    except (ValueError, FileNotFoundError) as error:
+    except (ValueError, FileNotFoundError, FloatingPointError) as error:
         print(f"mic-diffrep {args.command}: error: {error}", file=sys.stderr)
         sys.exit(2)
 

@@ -55,6 +55,19 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
     return add_extraction_args(parser).parse_args(argv)
 
 
+def load_pipeline(path: str):
+    """`DiffusionFeaturePipeline.from_pretrained(path)`, with a clear error when `path` is not a pipeline folder."""
+    from .pipelines import DiffusionFeaturePipeline
+
+    if not os.path.isdir(path):
+        raise FileNotFoundError(f"--pretrained {path!r} does not exist.")
+    missing = [name for name in ("model_index.json", "unet", "scheduler") if not os.path.exists(os.path.join(path, name))]
+    if missing:
+        raise ValueError(f"--pretrained {path!r} is not a pretrained pipeline folder (missing {', '.join(missing)}); "
+                         f"pass the --output_dir of `mic-diffrep pretrain` / training/pretrain.py.")
+    return DiffusionFeaturePipeline.from_pretrained(path)
+
+
 def noise_seeds_for(num_images: int, noise: str, seed: int) -> torch.Tensor:
     """Per-image noise seeds: all equal to `seed` for `"fixed"`, drawn from `seed` for `"per_image"`."""
     if noise == "fixed":
@@ -90,11 +103,10 @@ def extract_sharded(pipeline, pixels: torch.Tensor, accelerator, noise_seeds: to
 def main(args: argparse.Namespace):
     from .data import decode_images, load_image_folder, select_splits
     from .feature_cache import extraction_settings, save_features
-    from .pipelines import DiffusionFeaturePipeline
     from .utils import create_accelerator
 
     accelerator = create_accelerator()
-    pipeline = DiffusionFeaturePipeline.from_pretrained(args.pretrained).to(accelerator.device)
+    pipeline = load_pipeline(args.pretrained).to(accelerator.device)
     pipeline.set_progress_bar_config(disable=not accelerator.is_local_main_process)
     splits, dataset = select_splits(load_image_folder(args.data_dir), args.splits, "--splits")
     with accelerator.main_process_first():

@@ -239,7 +239,7 @@ def main(args: argparse.Namespace) -> dict:
     from .hub import push_to_hub, write_model_card
     from .image_processing_mic_diffrep import MicDiffRepImageProcessor
     from .leakage import DEFAULT_THRESHOLD, check_leakage, duplicate_groups, fingerprint_images, group_stratified_split
-    from .pipelines import DiffusionFeaturePipeline
+    from .feature_extraction import load_pipeline
     from .plotting import plot_accuracy_vs_timestep, plot_confusion_matrix
     from .probing import ProbeConfig, run_probes
     from .utils import create_accelerator, environment_info
@@ -252,12 +252,17 @@ def main(args: argparse.Namespace) -> dict:
                          seed=args.seed)
     os.makedirs(args.output_dir, exist_ok=True)
     accelerator = create_accelerator()
-    pipeline = DiffusionFeaturePipeline.from_pretrained(args.pretrained).to(accelerator.device)
+    pipeline = load_pipeline(args.pretrained).to(accelerator.device)
     pipeline.set_progress_bar_config(disable=not accelerator.is_local_main_process, desc="Extracting features")
     layers = args.layers or pipeline.layer_names
     pipeline.check_inputs(args.timesteps, layers, args.pooling, args.num_noise_samples, args.batch_size)
 
     train, test, test_source = load_splits(args, pipeline.resolution, pipeline.config.resize_mode, accelerator)
+    untrained = sorted({train.label_names[i] for i in test.labels.unique().tolist()} -
+                       {train.label_names[i] for i in train.labels.unique().tolist()})
+    if untrained:
+        raise ValueError(f"Test images of class(es) {untrained} have no training images: a probe cannot learn them. "
+                         f"Add training images of these classes or remove them from the test data.")
     threshold = args.duplicate_threshold or DEFAULT_THRESHOLD
     groups = duplicate_groups(fingerprint_images(train.pixels), threshold)
     _, validation_idx = group_stratified_split(train.labels, groups, args.validation_split, seed=args.seed)

@@ -283,6 +283,9 @@ def main(args: argparse.Namespace) -> dict:
         final = os.path.join(args.output_dir, f"checkpoint-{global_step}")
         tmp = f"{final}.tmp"
         accelerator.wait_for_everyone()
+        if accelerator.is_main_process:
+            shutil.rmtree(tmp, ignore_errors=True)  # left over by a run killed while saving
+        accelerator.wait_for_everyone()
         accelerator.save_state(tmp)
         if accelerator.is_main_process:
             with open(os.path.join(tmp, "training_state.json"), "w", encoding="utf-8") as f:

@@ -1,0 +1,70 @@
+import json
+import os
+
+import pytest
+
+from mic_diffrep.cli import RUN_DEFAULTS, SAMPLE_DATA_DIR, build_parser, main
+
+
+def test_every_subcommand_documents_every_flag():
+    parser = build_parser()
+    subcommands = parser._subparsers._group_actions[0].choices
+    assert set(subcommands) == {"run", "pretrain", "extract", "probe", "evaluate", "predict", "generate",
+                                "check-leakage"}
+    for name, subparser in subcommands.items():
+        for action in subparser._actions:
+            if action.dest != "help":
+                assert action.help, f"mic-diffrep {name} {action.option_strings or action.dest} has no help"
+
+
+def test_bundled_sample_is_there():
+    for split, count in (("Training", 30), ("Testing", 10)):
+        for name in ("glioma", "meningioma", "notumor", "pituitary"):
+            assert len(os.listdir(os.path.join(SAMPLE_DATA_DIR, split, name))) == count
+
+
+def test_run_predict_evaluate_end_to_end(tmp_path, capsys):
+    config = tmp_path / "tiny.yaml"
+    config.write_text(
+        "resolution: 16\nmodel_config_name_or_path: tiny\npretrain_epochs: 1\nnum_samples: 4\nsampling_steps: 2\n"
+        "timesteps: [5, 100]\nprobe_epochs: 2\nhidden_size: 8\nmixed_precision: 'no'\n")
+    out = tmp_path / "run"
+    main(["run", "--config", str(config), "--output_dir", str(out)])
+    printed = capsys.readouterr().out
+    assert "MicDiffRep-MS test accuracy" in printed
+    for path in ("report.md", "report.json", "pretrain/model_index.json", "model/config.json",
+                 "model/model.safetensors", "model/README.md", "model/accuracy_vs_timestep.png",
+                 "model/confusion_matrix.png"):
+        assert os.path.isfile(out / path), path
+    report = json.loads((out / "report.json").read_text())
+    assert report["config"]["resolution"] == 16 and report["config"]["data_dir"] == SAMPLE_DATA_DIR
+    assert report["probe"]["num_test"] == 40 and os.path.isfile(report["files"]["sample_grid"])
+
+    image = os.path.join(SAMPLE_DATA_DIR, "Testing", "glioma", sorted(os.listdir(
+        os.path.join(SAMPLE_DATA_DIR, "Testing", "glioma")))[0])
+    main(["predict", "--model", str(out / "model"), image, "--json"])
+    predictions = json.loads(capsys.readouterr().out)
+    assert predictions[0]["file"] == image and abs(sum(predictions[0]["probabilities"].values()) - 1) < 1e-4
+
+    main(["evaluate", "--model", str(out / "model"), "--data_dir", SAMPLE_DATA_DIR,
+          "--output", str(tmp_path / "eval.json")])
+    evaluation = json.loads((tmp_path / "eval.json").read_text())
+    assert evaluation["splits"] == ["test"] and evaluation["num_examples"] == 40
+    assert evaluation["accuracy"] == pytest.approx(report["probe"]["msfa"]["test"]["all"]["accuracy"])
+    assert os.path.isfile(tmp_path / "eval_confusion_matrix.png")
+
+
+def test_check_leakage_cli(tmp_path, capsys):
+    main(["check-leakage", "--train", os.path.join(SAMPLE_DATA_DIR, "Training"),
+          "--test", os.path.join(SAMPLE_DATA_DIR, "Testing"), "--output", str(tmp_path / "leak.json")])
+    report = json.loads((tmp_path / "leak.json").read_text())
+    assert report["num_test"] == 40 and report["num_near"] == 0  # the sample was built without duplicates
+
+
+def test_bad_config_is_named(tmp_path, capsys):
+    config = tmp_path / "bad.json"
+    config.write_text(json.dumps({"resolutionn": 64}))
+    with pytest.raises(SystemExit) as error:
+        main(["run", "--config", str(config)])
+    assert error.value.code == 2 and "resolutionn" in capsys.readouterr().err
+    assert set(RUN_DEFAULTS) >= {"data_dir", "resolution", "timesteps"}
