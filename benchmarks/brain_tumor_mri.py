@@ -70,6 +70,11 @@ def parse_args():
     parser.add_argument("--hidden_size", type=int, default=512)
     parser.add_argument("--throughput_minutes", type=float, default=1.5, help="Time for each throughput measurement.")
     parser.add_argument("--max_images", type=int, default=None, help="Use a subset (smoke runs only).")
+    parser.add_argument("--baselines", nargs="*", default=[], choices=["mae", "mocov2", "byol"],
+                        help="Also pretrain these baselines (training/pretrain_baseline.py), each for the same "
+                             "wall-clock budget, and score them with the same probe.")
+    parser.add_argument("--clip_model", default=None,
+                        help="A local CLIPVisionModel folder to score as well (nothing is downloaded).")
     parser.add_argument("--sampling_steps", type=int, default=250, help="DDPM steps for the sample grid.")
     parser.add_argument("--seed", type=int, default=0)
     return parser.parse_args()
@@ -120,11 +125,30 @@ def pretrain(args, pretrain_dir):
     return main(pretrain_args(argv))
 
 
-def extract(pipeline, decoded, args, name):
-    """Grid-pooled (2x2) features of every block and timestep; cached in the work dir."""
+def pretrain_baseline(args, method):
+    from mic_diffrep.baseline_pretraining import main, parse_args as baseline_args
+
+    output_dir = os.path.join(args.work_dir, f"baseline-{method}")
+    summary_file = os.path.join(output_dir, "pretraining_summary.json")
+    if os.path.isfile(summary_file):
+        with open(summary_file) as f:
+            return output_dir, json.load(f)
+    steps = int(args.pretrain_minutes * 60 * args.pretrain_images_per_second / 64)
+    argv = ["--method", method, "--train_data_dir", os.path.join(args.data_dir, "Training"), "--output_dir",
+            output_dir, "--resolution", str(args.resolution), "--mixed_precision", "bf16", "--max_train_steps",
+            str(steps), "--time_budget_minutes", str(args.pretrain_minutes), "--checkpointing_steps", "1000",
+            "--checkpoints_total_limit", "1", "--seed", str(args.seed), "--logger", "none",
+            "--cache_dir", os.path.join(args.work_dir, "decoded-pretrain")]
+    logger.info("Pretraining %s: training/pretrain_baseline.py %s", method, " ".join(argv))
+    return output_dir, main(baseline_args(argv))
+
+
+def extract(pipeline, decoded, args, name, timesteps=None, pooling="grid"):
+    """Grid-pooled (2x2) features of every block and timestep (baseline encoders: pooled encoder output); cached."""
     from mic_diffrep.feature_cache import extraction_settings, load_features, save_features, StaleFeatureCacheError
 
-    settings = extraction_settings(pipeline, args.timesteps, None, "grid", 2, 1, {"noise": "fixed", "seed": 0}, "bf16")
+    timesteps = timesteps or args.timesteps
+    settings = extraction_settings(pipeline, timesteps, None, pooling, 2, 1, {"noise": "fixed", "seed": 0}, "bf16")
     path = os.path.join(args.work_dir, f"features-{name}.safetensors")
     speed_file = path.replace(".safetensors", "-speed.json")
     if os.path.isfile(path) and os.path.isfile(speed_file):
@@ -134,7 +158,7 @@ def extract(pipeline, decoded, args, name):
         except StaleFeatureCacheError as error:
             logger.warning("%s", error)
     start = time.perf_counter()
-    output = pipeline.extract_features(decoded.pixels, timesteps=args.timesteps, pooling="grid", pooling_grid_size=2,
+    output = pipeline.extract_features(decoded.pixels, timesteps=timesteps, pooling=pooling, pooling_grid_size=2,
                                        noise_seeds=noise_seeds_for(len(decoded), "fixed", 0), batch_size=128,
                                        mixed_precision="bf16")
     seconds = time.perf_counter() - start
@@ -208,16 +232,21 @@ def evaluate_protocol(name, direction, train_idx, test_idx, decoded, feature_set
     rows, details = [], {}
     for method, features in feature_sets.items():
         layers = layer_order(features)
+        timesteps = sorted({key[1] for key in features})
         train_f = {k: v[train_idx] for k, v in features.items()}
         test_f = {k: v[test_idx] for k, v in features.items()}
         results, _ = run_probes(train_f, train_labels, test_f, test_labels, label_names, validation_mask, config,
-                                layers, args.timesteps, test_subsets=subsets)
+                                layers, timesteps, test_subsets=subsets)
         details[method] = results
         pooling = "grid2x2" if method.endswith("grid") else "avg"
         base = method.replace("-grid", "")
         extra = {"pooling": pooling, "pretraining_minutes": pretrain_info.get(base, {}).get("minutes"),
                  "pretraining_images_per_second": pretrain_info.get(base, {}).get("images_per_second"),
                  "feature_images_per_second": extraction_speed.get(base)}
+        if base.startswith("baseline-"):  # one encoder output: the same MSFA head, and the linear probe beside it
+            rows.append(row(base, results["msfa"]["test"], layers=["encoder"], timesteps=[],
+                            linear_accuracy=results["sl_best"]["test"]["all"]["accuracy"], **extra))
+            continue
         rows.append(row(f"{base}-ms" + ("" if pooling == "avg" else "-grid"), results["msfa"]["test"],
                         layers=results["msfa"]["layers"], timesteps=results["msfa"]["timesteps"], **extra))
         if base == "micdiffrep":
@@ -327,6 +356,20 @@ def main():
     pretrain_info = {"micdiffrep": {"minutes": summary["train_minutes"], "images_per_second": summary["images_per_second"]},
                      "random-unet": {"minutes": 0.0, "images_per_second": None}}
     extraction_speed = {"micdiffrep": speed, "random-unet": speed}
+    from mic_diffrep.baselines import BaselineFeatureExtractor, ClipFeatureExtractor
+
+    for method in args.baselines:
+        baseline_dir, baseline_summary = pretrain_baseline(args, method)
+        name = f"baseline-{method}"
+        feature_sets[name], extraction_speed[name] = extract(
+            BaselineFeatureExtractor.from_pretrained(baseline_dir), decoded, args, name, timesteps=[0], pooling="avg")
+        pretrain_info[name] = {"minutes": baseline_summary["train_minutes"],
+                               "images_per_second": baseline_summary["images_per_second"]}
+    if args.clip_model:
+        feature_sets["baseline-clip"], extraction_speed["baseline-clip"] = extract(
+            ClipFeatureExtractor.from_pretrained(args.clip_model, args.resolution), decoded, args, "baseline-clip",
+            timesteps=[0], pooling="avg")
+        pretrain_info["baseline-clip"] = {"minutes": None, "images_per_second": None}
 
     # 3. Protocols.
     groups = duplicate_groups(fingerprint_images(decoded.pixels), DEFAULT_THRESHOLD, keys=exact_keys(decoded.pixels))
@@ -426,8 +469,13 @@ def markdown(result, label_names):
               f"- feature extraction: {tp['feature_image_timesteps_per_second']:.1f} image-timesteps/s (all blocks from one "
               f"hooked bf16 forward) against {tp['naive_extraction_image_timesteps_per_second']:.1f} for decode-on-the-fly, "
               f"fp32, one forward per block: **{tp['feature_extraction_speedup']:.1f}x**", "",
-              "CLIP, MAE, MoCo v2 and BYOL rows of the paper's Table 1 are not in this table yet (see the issue tracker).",
-              ""]
+              ("Baselines (`baseline-*` rows): each pretrained with `training/pretrain_baseline.py` for the same wall-clock "
+               "budget and scored with the same probe (MSFA head on the pooled encoder output; `linear_accuracy` in "
+               "the JSON is the linear probe)." if any(r["method"].startswith("baseline-") for r in result["results"])
+               else "MAE, MoCo v2 and BYOL were not run for this table (`--baselines mae mocov2 byol` adds them)."),
+              ("" if any(r["method"] == "baseline-clip" for r in result["results"]) else
+               "CLIP was not run here: it needs pretrained weights, which cannot be downloaded on this machine "
+               "(`--clip_model DIR` scores a local CLIPVisionModel)."), ""]
     return "\n".join(lines)
 
 

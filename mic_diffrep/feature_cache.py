@@ -16,7 +16,7 @@ settings is never silently reused.
 import hashlib
 import json
 import os
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass, is_dataclass
 from typing import Dict, List, Optional, Sequence, Tuple
 
 import torch
@@ -29,10 +29,12 @@ class StaleFeatureCacheError(ValueError):
     """A feature cache made from another model, other settings or other images."""
 
 
-def model_fingerprint(unet: torch.nn.Module) -> str:
-    """A short hash of the UNet's weights and config: two different models never share it."""
-    digest = hashlib.sha256(json.dumps(dict(unet.config), sort_keys=True, default=str).encode())
-    for name, tensor in sorted(unet.state_dict().items()):
+def model_fingerprint(model: torch.nn.Module) -> str:
+    """A short hash of a model's weights and config: two different models never share it."""
+    config = model.config
+    config = asdict(config) if is_dataclass(config) else config.to_dict() if hasattr(config, "to_dict") else dict(config)
+    digest = hashlib.sha256(json.dumps(config, sort_keys=True, default=str).encode())
+    for name, tensor in sorted(model.state_dict().items()):
         digest.update(name.encode())
         digest.update(tensor.detach().float().cpu().contiguous().numpy().tobytes())
     return digest.hexdigest()[:16]
@@ -42,7 +44,7 @@ def extraction_settings(pipeline, timesteps, layers, pooling="avg", pooling_grid
                         noise_seed=None, mixed_precision=None) -> dict:
     """Everything that determines the features of an image, as a JSON-able dict (the cache's key)."""
     return {
-        "model_fingerprint": model_fingerprint(pipeline.unet),
+        "model_fingerprint": model_fingerprint(pipeline.unet if hasattr(pipeline, "unet") else pipeline.model),
         "resolution": pipeline.resolution,
         "resize_mode": pipeline.config.resize_mode,
         "timesteps": [int(t) for t in timesteps],

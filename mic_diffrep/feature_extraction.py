@@ -55,12 +55,19 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
     return add_extraction_args(parser).parse_args(argv)
 
 
-def load_pipeline(path: str):
-    """`DiffusionFeaturePipeline.from_pretrained(path)`, with a clear error when `path` is not a pipeline folder."""
+def load_pipeline(path: str, resolution: Optional[int] = None):
+    """The feature extractor in `path`: a `DiffusionFeaturePipeline`, or a baseline's frozen encoder (a
+    `training/pretrain_baseline.py` folder, or a local `CLIPVisionModel`, fed `resolution` px images), with a clear
+    error when `path` is none of these."""
+    from .baselines import BaselineFeatureExtractor, ClipFeatureExtractor, is_baseline_dir, is_clip_vision_dir
     from .pipelines import DiffusionFeaturePipeline
 
     if not os.path.isdir(path):
         raise FileNotFoundError(f"--pretrained {path!r} does not exist.")
+    if is_baseline_dir(path):
+        return BaselineFeatureExtractor.from_pretrained(path)
+    if is_clip_vision_dir(path):
+        return ClipFeatureExtractor.from_pretrained(path, resolution=resolution or 112)
     missing = [name for name in ("model_index.json", "unet", "scheduler") if not os.path.exists(os.path.join(path, name))]
     if missing:
         raise ValueError(f"--pretrained {path!r} is not a pretrained pipeline folder (missing {', '.join(missing)}); "

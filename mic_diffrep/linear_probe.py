@@ -30,7 +30,11 @@ logger = logging.getLogger(__name__)
 
 def add_probe_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     data = parser.add_argument_group("data")
-    data.add_argument("--pretrained", type=str, required=True, help="Pretrained pipeline folder (from pretraining).")
+    data.add_argument("--pretrained", type=str, required=True,
+                      help="Pretrained pipeline folder (from pretraining), or a baseline's folder (from "
+                           "training/pretrain_baseline.py, or a local CLIPVisionModel) to score it with the same probe.")
+    data.add_argument("--resolution", type=int, default=None,
+                      help="Image size fed to a CLIP baseline (diffusion and other baselines use their own).")
     data.add_argument("--data_dir", type=str, required=True,
                       help="Labelled images: class sub-folders, optionally inside split folders (Training/Testing, "
                            "train/val/test).")
@@ -211,9 +215,11 @@ def results_markdown(results: dict) -> str:
         f"{results['leakage']['num_near']} test images have a near-duplicate in the training images.", "",
         "| method | layers | timesteps | accuracy | macro F1 | accuracy (de-duplicated test) |", "|---|---|---|---|---|---|",
     ]
+    ms_name, sl_name = ("MicDiffRep-MS", "MicDiffRep-SL-best") if results.get("method", "micdiffrep") == "micdiffrep" \
+        else (f"{results['method']} (MSFA head)", f"{results['method']} (linear)")
     for name, row, layer_text, t_text in (
-        ("MicDiffRep-MS", msfa, ", ".join(msfa["layers"]), ", ".join(map(str, msfa["timesteps"]))),
-        ("MicDiffRep-SL-best", sl, sl["layer"], str(sl["timestep"])),
+        (ms_name, msfa, ", ".join(msfa["layers"]), ", ".join(map(str, msfa["timesteps"]))),
+        (sl_name, sl, sl["layer"], str(sl["timestep"])),
     ):
         dedup = row["test"].get("deduplicated", {}).get("accuracy")
         lines.append(f"| {name} | {layer_text} | {t_text} | {row['test']['all']['accuracy']:.3f} | "
@@ -221,7 +227,7 @@ def results_markdown(results: dict) -> str:
     names = results["label_names"]
     lines += ["", "Per-class recall (test):", "", "| method | " + " | ".join(names) + " |",
               "|---|" + "---|" * len(names)]
-    for name, row in (("MicDiffRep-MS", msfa), ("MicDiffRep-SL-best", sl)):
+    for name, row in ((ms_name, msfa), (sl_name, sl)):
         recall = row["test"]["all"]["per_class_recall"]
         lines.append(f"| {name} | " + " | ".join(f"{recall[n]:.3f}" for n in names) + " |")
     lines += ["", "Single-layer probes, test accuracy (SL-best is chosen on validation accuracy):", "",
@@ -240,6 +246,7 @@ def main(args: argparse.Namespace) -> dict:
     from .image_processing_mic_diffrep import MicDiffRepImageProcessor
     from .leakage import DEFAULT_THRESHOLD, check_leakage, duplicate_groups, fingerprint_images, group_stratified_split
     from .feature_extraction import load_pipeline
+    from .pipelines import DiffusionFeaturePipeline
     from .plotting import plot_accuracy_vs_timestep, plot_confusion_matrix
     from .probing import ProbeConfig, run_probes
     from .utils import create_accelerator, environment_info
@@ -252,8 +259,11 @@ def main(args: argparse.Namespace) -> dict:
                          seed=args.seed)
     os.makedirs(args.output_dir, exist_ok=True)
     accelerator = create_accelerator()
-    pipeline = load_pipeline(args.pretrained).to(accelerator.device)
+    pipeline = load_pipeline(args.pretrained, args.resolution).to(accelerator.device)
     pipeline.set_progress_bar_config(disable=not accelerator.is_local_main_process, desc="Extracting features")
+    is_diffusion = isinstance(pipeline, DiffusionFeaturePipeline)
+    if not is_diffusion:
+        args.timesteps = [0]  # a baseline encoder has no noise level
     layers = args.layers or pipeline.layer_names
     pipeline.check_inputs(args.timesteps, layers, args.pooling, args.num_noise_samples, args.batch_size)
 
@@ -287,6 +297,8 @@ def main(args: argparse.Namespace) -> dict:
     results, probes = run_probes(train_features, train.labels, test_features, test_labels, train.label_names,
                                  validation_mask, config, layers, args.timesteps, test_subsets=subsets)
     results.update({
+        "method": "micdiffrep" if is_diffusion else (f"baseline-{pipeline.config.method}"
+                                                     if hasattr(pipeline.config, "method") else "baseline-clip"),
         "command": " ".join(sys.argv), "environment": environment_info(), "pretrained": args.pretrained,
         "data_dir": args.data_dir, "test_split": test_source,
         "leakage": {k: v for k, v in leakage.to_dict().items() if k not in ("pairs", "leaked_test_indices")},
@@ -305,16 +317,17 @@ def main(args: argparse.Namespace) -> dict:
         plot_confusion_matrix(results["msfa"]["test"]["all"]["confusion_matrix"], train.label_names,
                               os.path.join(args.output_dir, "confusion_matrix.png"),
                               title="MicDiffRep-MS, test split")
-        model = build_classifier(pipeline, probes["msfa"], results["msfa"]["layers"], results["msfa"]["timesteps"],
-                                 train.label_names, args)
-        model.save_pretrained(args.output_dir)
-        MicDiffRepImageProcessor(resolution=pipeline.resolution, resize_mode=pipeline.config.resize_mode
-                                 ).save_pretrained(args.output_dir)
-        write_model_card(args.output_dir, results)
+        if is_diffusion:  # the transformers model folder holds a UNet; baselines get results only
+            model = build_classifier(pipeline, probes["msfa"], results["msfa"]["layers"],
+                                     results["msfa"]["timesteps"], train.label_names, args)
+            model.save_pretrained(args.output_dir)
+            MicDiffRepImageProcessor(resolution=pipeline.resolution, resize_mode=pipeline.config.resize_mode
+                                     ).save_pretrained(args.output_dir)
+            write_model_card(args.output_dir, results)
         msfa, sl = results["msfa"]["test"]["all"], results["sl_best"]["test"]["all"]
         logger.info("MicDiffRep-MS test accuracy %.3f (macro F1 %.3f); SL-best (%s, t=%d) %.3f", msfa["accuracy"],
                     msfa["macro_f1"], results["sl_best"]["layer"], results["sl_best"]["timestep"], sl["accuracy"])
-        if args.push_to_hub:
+        if args.push_to_hub and is_diffusion:
             push_to_hub(args.output_dir, args.hub_model_id or os.path.basename(os.path.abspath(args.output_dir)),
                         token=args.hub_token, private=args.hub_private_repo)
     accelerator.wait_for_everyone()

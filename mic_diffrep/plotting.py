@@ -1,6 +1,6 @@
 """PNG figures of results: accuracy against timestep (paper Fig. 4) and confusion matrices."""
 
-from typing import Dict, List, Optional, Sequence
+from typing import List, Optional, Sequence
 
 import numpy as np
 

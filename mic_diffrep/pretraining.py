@@ -32,8 +32,12 @@ logger = logging.getLogger(__name__)
 SUMMARY_FILE = "pretraining_summary.json"
 
 
-def add_pretraining_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
-    """Adds the pretraining flags to `parser` (shared by `training/pretrain.py` and `mic-diffrep pretrain`)."""
+def add_pretraining_args(parser: argparse.ArgumentParser, diffusion: bool = True) -> argparse.ArgumentParser:
+    """Adds the pretraining flags to `parser` (shared by `training/pretrain.py` and `mic-diffrep pretrain`).
+
+    `diffusion=False` leaves out the flags that only make sense for a diffusion model (noise schedule, EMA, sample
+    grids, Hub upload): the baselines' pretraining (`training/pretrain_baseline.py`) shares the rest.
+    """
     data = parser.add_argument_group("data")
     data.add_argument("--train_data_dir", type=str, required=True,
                       help="Folder of images: loose images, class sub-folders, or split folders such as "
@@ -54,13 +58,8 @@ def add_pretraining_args(parser: argparse.ArgumentParser) -> argparse.ArgumentPa
                       help="Processes decoding images (once, before training) and loading batches.")
 
     model = parser.add_argument_group("model")
-    model.add_argument("--model_config_name_or_path", type=str, default=None,
-                       help="UNet config: a preset ('default' = 4.3M parameters, 'tiny'), a config.json, or a folder "
-                            "holding one. Default: 'default'.")
-    model.add_argument("--ddpm_num_steps", type=int, default=1000, help="Diffusion steps of the noise schedule.")
-    model.add_argument("--ddpm_beta_schedule", type=str, default="linear", help="Beta schedule (paper: linear).")
-    model.add_argument("--prediction_type", type=str, default="epsilon", choices=["epsilon", "sample", "v_prediction"],
-                       help="What the UNet predicts (paper: epsilon, the noise).")
+    if diffusion:
+        _add_diffusion_model_args(model)
 
     train = parser.add_argument_group("training")
     train.add_argument("--output_dir", type=str, default="runs/pretrain",
@@ -84,11 +83,13 @@ def add_pretraining_args(parser: argparse.ArgumentParser) -> argparse.ArgumentPa
     train.add_argument("--adam_weight_decay", type=float, default=0.0, help="Decoupled weight decay (0: plain Adam).")
     train.add_argument("--adam_epsilon", type=float, default=1e-8, help="Adam epsilon.")
     train.add_argument("--max_grad_norm", type=float, default=1.0, help="Gradient clipping norm (0 disables).")
-    train.add_argument("--use_ema", action="store_true",
-                       help="Keep an exponential moving average of the weights; the saved UNet holds the EMA weights.")
-    train.add_argument("--ema_inv_gamma", type=float, default=1.0, help="EMA warmup inverse multiplicative factor.")
-    train.add_argument("--ema_power", type=float, default=3 / 4, help="EMA warmup power.")
-    train.add_argument("--ema_max_decay", type=float, default=0.9999, help="Maximum EMA decay.")
+    if diffusion:
+        train.add_argument("--use_ema", action="store_true",
+                           help="Keep an exponential moving average of the weights; the saved UNet holds the EMA "
+                                "weights.")
+        train.add_argument("--ema_inv_gamma", type=float, default=1.0, help="EMA warmup inverse multiplicative factor.")
+        train.add_argument("--ema_power", type=float, default=3 / 4, help="EMA warmup power.")
+        train.add_argument("--ema_max_decay", type=float, default=0.9999, help="Maximum EMA decay.")
     train.add_argument("--mixed_precision", type=str, default=None, choices=MIXED_PRECISION_CHOICES,
                        help="'bf16' autocasts (about 2x faster on CPUs with AMX, and on recent GPUs); 'fp16' is GPU "
                             "only. Default: the accelerate config.")
@@ -101,20 +102,32 @@ def add_pretraining_args(parser: argparse.ArgumentParser) -> argparse.ArgumentPa
     save.add_argument("--checkpoints_total_limit", type=int, default=None, help="Keep at most this many checkpoints.")
     save.add_argument("--resume_from_checkpoint", type=str, default=None,
                       help='Resume from a checkpoint folder, or "latest" for the newest one in --output_dir.')
-    save.add_argument("--save_images_epochs", type=int, default=10,
-                      help="Write a PNG grid of generated samples every this many epochs (and at the end).")
-    save.add_argument("--save_model_epochs", type=int, default=10, help="Save the pipeline every this many epochs.")
-    save.add_argument("--eval_batch_size", type=int, default=16, help="Number of samples in each grid.")
-    save.add_argument("--ddpm_num_inference_steps", type=int, default=1000,
-                      help="DDPM steps when sampling the grids (paper: 1000; fewer is faster and coarser).")
+    if diffusion:
+        save.add_argument("--save_images_epochs", type=int, default=10,
+                          help="Write a PNG grid of generated samples every this many epochs (and at the end).")
+        save.add_argument("--save_model_epochs", type=int, default=10, help="Save the pipeline every this many epochs.")
+        save.add_argument("--eval_batch_size", type=int, default=16, help="Number of samples in each grid.")
+        save.add_argument("--ddpm_num_inference_steps", type=int, default=1000,
+                          help="DDPM steps when sampling the grids (paper: 1000; fewer is faster and coarser).")
     save.add_argument("--logger", type=str, default="tensorboard", choices=["tensorboard", "wandb", "none"],
                       help="Experiment tracker.")
     save.add_argument("--logging_dir", type=str, default="logs", help="Tracker folder, relative to --output_dir.")
-    save.add_argument("--push_to_hub", action="store_true", help="Upload the pipeline folder to the Hub at the end.")
-    save.add_argument("--hub_model_id", type=str, default=None, help="Hub repository (default: output folder name).")
-    save.add_argument("--hub_token", type=str, default=None, help="Hub token (default: the stored login).")
-    save.add_argument("--hub_private_repo", action="store_true", help="Create the Hub repository as private.")
+    if diffusion:
+        save.add_argument("--push_to_hub", action="store_true", help="Upload the pipeline folder to the Hub at the end.")
+        save.add_argument("--hub_model_id", type=str, default=None, help="Hub repository (default: output folder name).")
+        save.add_argument("--hub_token", type=str, default=None, help="Hub token (default: the stored login).")
+        save.add_argument("--hub_private_repo", action="store_true", help="Create the Hub repository as private.")
     return parser
+
+
+def _add_diffusion_model_args(model) -> None:
+    model.add_argument("--model_config_name_or_path", type=str, default=None,
+                       help="UNet config: a preset ('default' = 4.3M parameters, 'tiny'), a config.json, or a folder "
+                            "holding one. Default: 'default'.")
+    model.add_argument("--ddpm_num_steps", type=int, default=1000, help="Diffusion steps of the noise schedule.")
+    model.add_argument("--ddpm_beta_schedule", type=str, default="linear", help="Beta schedule (paper: linear).")
+    model.add_argument("--prediction_type", type=str, default="epsilon", choices=["epsilon", "sample", "v_prediction"],
+                       help="What the UNet predicts (paper: epsilon, the noise).")
 
 
 def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
@@ -127,7 +140,7 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
 def check_args(args: argparse.Namespace) -> None:
     for name in ("train_batch_size", "num_epochs", "gradient_accumulation_steps", "checkpointing_steps",
                  "save_images_epochs", "save_model_epochs", "eval_batch_size", "ddpm_num_inference_steps"):
-        if getattr(args, name) < 1:
+        if getattr(args, name, 1) < 1:
             raise ValueError(f"--{name} must be at least 1, got {getattr(args, name)}.")
     if args.max_train_steps is not None and args.max_train_steps < 1:
         raise ValueError(f"--max_train_steps must be at least 1, got {args.max_train_steps}.")
@@ -166,6 +179,44 @@ def _replace_dir(tmp_dir: str, final_dir: str) -> None:
     os.replace(tmp_dir, final_dir)
     if old is not None:
         shutil.rmtree(old, ignore_errors=True)
+
+
+def save_training_state(accelerator, output_dir: str, global_step: int, epoch: int, batches_done: int,
+                        total_limit: Optional[int] = None) -> str:
+    """`accelerator.save_state` into `checkpoint-{global_step}`, written under a temporary name and renamed, so a run
+    killed at any moment leaves the previous checkpoint loadable. Also records where in the data the run was."""
+    final = os.path.join(output_dir, f"checkpoint-{global_step}")
+    tmp = f"{final}.tmp"
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        shutil.rmtree(tmp, ignore_errors=True)  # left over by a run killed while saving
+    accelerator.wait_for_everyone()
+    accelerator.save_state(tmp)
+    if accelerator.is_main_process:
+        with open(os.path.join(tmp, "training_state.json"), "w", encoding="utf-8") as f:
+            json.dump({"global_step": global_step, "epoch": epoch, "batches_done": batches_done}, f)
+        _replace_dir(tmp, final)
+        _prune_checkpoints(output_dir, total_limit)
+        logger.info("Saved checkpoint %s", final)
+    accelerator.wait_for_everyone()
+    return final
+
+
+def resume_training_state(accelerator, output_dir: str, resume_from_checkpoint: Optional[str]):
+    """Loads a checkpoint (a folder, or `"latest"` in `output_dir`); returns `(global_step, epoch, batches_done)`."""
+    if not resume_from_checkpoint:
+        return 0, 0, 0
+    path = _latest_checkpoint(output_dir) if resume_from_checkpoint == "latest" else resume_from_checkpoint
+    if path is None:
+        logger.info("No checkpoint in %s: starting a new training run.", output_dir)
+        return 0, 0, 0
+    if not os.path.isdir(path):
+        raise FileNotFoundError(f"--resume_from_checkpoint {path!r} is not a checkpoint folder.")
+    logger.info("Resuming from %s", path)
+    accelerator.load_state(path)
+    with open(os.path.join(path, "training_state.json"), encoding="utf-8") as f:
+        state = json.load(f)
+    return state["global_step"], state["epoch"], state["batches_done"]
 
 
 def save_pipeline(pipeline, output_dir: str) -> None:
@@ -257,20 +308,8 @@ def main(args: argparse.Namespace) -> dict:
         })
 
     # 3. Resume.
-    global_step, first_epoch, resume_batches = 0, 0, 0
-    if args.resume_from_checkpoint:
-        path = (_latest_checkpoint(args.output_dir) if args.resume_from_checkpoint == "latest"
-                else args.resume_from_checkpoint)
-        if path is None:
-            logger.info("No checkpoint in %s: starting a new training run.", args.output_dir)
-        elif not os.path.isdir(path):
-            raise FileNotFoundError(f"--resume_from_checkpoint {path!r} is not a checkpoint folder.")
-        else:
-            logger.info("Resuming from %s", path)
-            accelerator.load_state(path)
-            with open(os.path.join(path, "training_state.json"), encoding="utf-8") as f:
-                state = json.load(f)
-            global_step, first_epoch, resume_batches = state["global_step"], state["epoch"], state["batches_done"]
+    global_step, first_epoch, resume_batches = resume_training_state(accelerator, args.output_dir,
+                                                                     args.resume_from_checkpoint)
 
     total_batch_size = args.train_batch_size * accelerator.num_processes * args.gradient_accumulation_steps
     logger.info("***** Running pretraining *****")
@@ -280,20 +319,8 @@ def main(args: argparse.Namespace) -> dict:
                 num_epochs)
 
     def save_checkpoint(epoch: int, batches_done: int) -> None:
-        final = os.path.join(args.output_dir, f"checkpoint-{global_step}")
-        tmp = f"{final}.tmp"
-        accelerator.wait_for_everyone()
-        if accelerator.is_main_process:
-            shutil.rmtree(tmp, ignore_errors=True)  # left over by a run killed while saving
-        accelerator.wait_for_everyone()
-        accelerator.save_state(tmp)
-        if accelerator.is_main_process:
-            with open(os.path.join(tmp, "training_state.json"), "w", encoding="utf-8") as f:
-                json.dump({"global_step": global_step, "epoch": epoch, "batches_done": batches_done}, f)
-            _replace_dir(tmp, final)
-            _prune_checkpoints(args.output_dir, args.checkpoints_total_limit)
-            logger.info("Saved checkpoint %s", final)
-        accelerator.wait_for_everyone()
+        save_training_state(accelerator, args.output_dir, global_step, epoch, batches_done,
+                            args.checkpoints_total_limit)
 
     def build_pipeline():
         unet = accelerator.unwrap_model(model)

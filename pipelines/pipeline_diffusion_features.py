@@ -13,15 +13,17 @@ import numpy as np
 import PIL.Image
 import torch
 from diffusers import DiffusionPipeline, ImagePipelineOutput, SchedulerMixin, UNet2DModel
-from diffusers.utils import BaseOutput
+from diffusers.utils import BaseOutput, replace_example_docstring
 from diffusers.utils.torch_utils import randn_tensor
 
 from mic_diffrep.preprocessing import RESIZE_MODES, image_to_pixels, pixels_to_model_input, to_grayscale
-from mic_diffrep.unet_features import POOLING_CHOICES, block_names, check_layers, pool_features, unet_block_features
+from mic_diffrep.unet_features import POOLING_CHOICES, block_names, check_layers, unet_block_features
+
 
 EXAMPLE_DOC_STRING = """
     Examples:
         ```py
+        >>> import PIL.Image
         >>> import torch
         >>> from diffusers import DDIMScheduler
         >>> from mic_diffrep import DiffusionFeaturePipeline
@@ -227,6 +229,7 @@ class DiffusionFeaturePipeline(DiffusionPipeline):
         return {name: value.view(batch, draws, -1).mean(dim=1) for name, value in pooled.items()}
 
     @torch.no_grad()
+    @replace_example_docstring(EXAMPLE_DOC_STRING)
     def __call__(
         self,
         batch_size: int = 1,
@@ -248,6 +251,8 @@ class DiffusionFeaturePipeline(DiffusionPipeline):
                 or `"pt"` (`(N, 1, H, W)` in [0, 1]).
             return_dict (`bool`, defaults to `True`): return an [`ImagePipelineOutput`] rather than a tuple.
             mixed_precision (`str`, *optional*): `"bf16"` autocasts the UNet.
+
+        Examples:
         """
         if output_type not in ("pil", "np", "pt"):
             raise ValueError(f"output_type must be 'pil', 'np' or 'pt', got {output_type!r}.")

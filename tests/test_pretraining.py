@@ -123,3 +123,21 @@ def test_two_cpu_processes_train_on_different_shards(unlabelled_folder, tmp_path
     assert summary["global_step"] == 6  # 6 batches an epoch shared by 2 processes: 3 steps an epoch
     assert summary["images_seen"] == 48  # counted over both processes
     assert os.path.isfile(os.path.join(out, "unet", "diffusion_pytorch_model.safetensors"))
+
+
+def test_push_to_hub_uploads_the_pipeline_folder_without_checkpoints(unlabelled_folder, tmp_path):
+    from unittest import mock
+
+    uploaded = {}
+
+    def fake_upload_folder(**kwargs):
+        uploaded.update(kwargs)
+        uploaded["files"] = sorted(os.listdir(kwargs["folder_path"]))
+
+    with mock.patch("huggingface_hub.create_repo", return_value=mock.Mock(repo_id="me/mri-ddpm")), \
+            mock.patch("huggingface_hub.upload_folder", side_effect=fake_upload_folder):
+        main(tiny_args(unlabelled_folder, str(tmp_path / "out"), "--max_train_steps", "2", "--checkpointing_steps",
+                       "1", "--push_to_hub", "--hub_model_id", "me/mri-ddpm"))
+    assert uploaded["repo_id"] == "me/mri-ddpm"
+    assert {"model_index.json", "unet", "scheduler"} <= set(uploaded["files"])
+    assert "checkpoint-*" in uploaded["ignore_patterns"] and ".cache/*" in uploaded["ignore_patterns"]

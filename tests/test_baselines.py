@@ -1,0 +1,108 @@
+import os
+
+import pytest
+import torch
+
+from mic_diffrep.augmentations import GreyAugment, gaussian_blur, intensity_jitter, random_flip, random_resized_crop
+from mic_diffrep.baseline_pretraining import main as pretrain_baseline, parse_args as baseline_args
+from mic_diffrep.baselines import BYOL, MoCoV2, create_baseline, load_baseline, momentum_update
+from mic_diffrep.linear_probe import main as probe, parse_args as probe_args
+
+
+def images(n=8, size=16, seed=0):
+    return torch.rand(n, 1, size, size, generator=torch.Generator().manual_seed(seed)) * 2 - 1
+
+
+def test_augmentations_keep_shape_range_and_are_seeded():
+    x = images()
+    for fn in (random_resized_crop, random_flip, intensity_jitter, gaussian_blur):
+        out = fn(x, generator=torch.Generator().manual_seed(1))
+        assert out.shape == x.shape
+        assert out.min() >= -1 - 1e-5 and out.max() <= 1 + 1e-5, fn.__name__
+    a = GreyAugment()(x, torch.Generator().manual_seed(2))
+    b = GreyAugment()(x, torch.Generator().manual_seed(2))
+    assert torch.equal(a, b) and not torch.equal(a, x)
+    # A full-size crop of aspect 1 is the identity; a flip with p=1 mirrors.
+    torch.testing.assert_close(random_resized_crop(x, scale=(1, 1), ratio=(1, 1)), x, atol=1e-5, rtol=0)
+    assert torch.equal(random_flip(x, p=1.0), x.flip(-1))
+
+
+def test_momentum_update_formula_and_byol_schedule():
+    online, target = torch.nn.Linear(2, 2), torch.nn.Linear(2, 2)
+    before = target.weight.detach().clone()
+    momentum_update(target, online, 0.9)
+    torch.testing.assert_close(target.weight, 0.9 * before + 0.1 * online.weight.detach())
+
+    byol = create_baseline("byol", 16, encoder_widths=[8, 16], hidden_dim=32, projection_dim=8)
+    with torch.no_grad():
+        for p in byol.encoder.parameters():
+            p.add_(1.0)
+    frozen = [p.clone() for p in byol.target_encoder.parameters()]
+    byol.after_optimizer_step(progress=1.0)  # tau = 1 at the end: the target no longer moves
+    assert all(torch.equal(a, b) for a, b in zip(frozen, byol.target_encoder.parameters()))
+    byol.after_optimizer_step(progress=0.0)  # tau = momentum at the start
+    expected = [0.99 * f + 0.01 * o for f, o in zip(frozen, byol.encoder.parameters())]
+    for e, t in zip(expected, byol.target_encoder.parameters()):
+        torch.testing.assert_close(t, e)
+
+
+def test_moco_queue_enqueues_and_wraps():
+    moco = create_baseline("mocov2", 16, encoder_widths=[8, 16], hidden_dim=32, projection_dim=4, queue_size=5)
+    keys = torch.arange(12, dtype=torch.float32).view(3, 4)
+    moco.enqueue(keys)
+    assert int(moco.queue_ptr) == 3 and torch.equal(moco.queue[:3], keys)
+    moco.enqueue(keys + 100)
+    assert int(moco.queue_ptr) == 1  # 6 keys into 5 slots: wrapped around, the oldest replaced first
+    assert torch.equal(moco.queue[3:], (keys + 100)[:2]) and torch.equal(moco.queue[0], (keys + 100)[2])
+
+
+@pytest.mark.parametrize("method", ["mocov2", "byol", "mae"])
+def test_loss_is_finite_and_falls_on_a_tiny_batch(method):
+    torch.manual_seed(0)
+    kwargs = {"mae_hidden_size": 32, "mae_num_layers": 1} if method == "mae" else \
+        {"encoder_widths": [8, 16], "hidden_dim": 32, "projection_dim": 8, "queue_size": 16}
+    model = create_baseline(method, 16, **kwargs)
+    optimizer = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=3e-3)
+    batch = images(16)
+    losses = []
+    for step in range(40):
+        loss = model(batch, generator=torch.Generator().manual_seed(step))
+        assert torch.isfinite(loss)
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        model.after_optimizer_step(step / 40)
+        losses.append(loss.item())
+    # From step 1 on, MoCo's queue holds real keys (queue size = batch size): compare like with like.
+    early, late = sum(losses[1:6]) / 5, sum(losses[-5:]) / 5
+    assert late < early, (early, late)
+
+
+@pytest.mark.parametrize("method", ["byol", "mae"])
+def test_baseline_pretraining_output_plugs_into_the_probe(method, kaggle_folder, tmp_path):
+    out = str(tmp_path / method)
+    summary = pretrain_baseline(baseline_args([
+        "--method", method, "--train_data_dir", kaggle_folder, "--output_dir", out, "--resolution", "16",
+        "--train_batch_size", "8", "--max_train_steps", "2", "--logger", "none", "--checkpointing_steps", "1"]))
+    assert summary["global_step"] == 2 and summary["splits"] == ["train"]
+    assert {"baseline_config.json", "model.safetensors", "checkpoint-2"} <= set(os.listdir(out))
+    assert isinstance(load_baseline(out), (BYOL, MoCoV2)) or method == "mae"
+    results = probe(probe_args(["--pretrained", out, "--data_dir", kaggle_folder, "--output_dir",
+                                str(tmp_path / "probe"), "--num_epochs", "2", "--hidden_size", "8"]))
+    assert results["method"] == f"baseline-{method}" and results["msfa"]["timesteps"] == [0]
+    assert 0 <= results["msfa"]["test"]["all"]["accuracy"] <= 1
+    assert os.path.isfile(tmp_path / "probe" / "results.md")
+    assert not os.path.exists(tmp_path / "probe" / "model.safetensors")  # no UNet classifier for baselines
+
+
+def test_local_clip_vision_model_plugs_into_the_probe(kaggle_folder, tmp_path):
+    from transformers import CLIPVisionConfig, CLIPVisionModel
+
+    torch.manual_seed(0)
+    CLIPVisionModel(CLIPVisionConfig(hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                                     num_attention_heads=2, image_size=32, patch_size=8)).save_pretrained(
+        tmp_path / "clip")
+    results = probe(probe_args(["--pretrained", str(tmp_path / "clip"), "--data_dir", kaggle_folder, "--output_dir",
+                                str(tmp_path / "probe"), "--num_epochs", "2", "--hidden_size", "8",
+                                "--resolution", "32"]))
+    assert results["method"] == "baseline-clip"
