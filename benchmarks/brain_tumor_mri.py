@@ -462,7 +462,19 @@ def markdown(result, label_names):
             lines.append(f"| {r['method']} | {r['accuracy']:.3f} | {r['macro_f1']:.3f} | {dedup} | {recall} | {where} | "
                          f"{minutes} | {speed} |")
         lines.append("")
-    lines += ["## Throughput", "",
+    lines += ["## Targets (cross-source, MicDiffRep-MS accuracy)", "",
+              "| direction | MS - pixels-logreg (>= 10 pts) | MS - random-unet-ms (>= 5 pts) | MS - SL-best (>= 3 pts) |",
+              "|---|---|---|---|"]
+    for direction in ("sartaj->other", "other->sartaj"):
+        by_method = {r["method"]: r["accuracy"] for r in result["results"] if r["direction"] == direction}
+        if "micdiffrep-ms" not in by_method:
+            continue
+        cells = []
+        for other, target in (("pixels-logreg", 10), ("random-unet-ms", 5), ("micdiffrep-sl-best", 3)):
+            gap = 100 * (by_method["micdiffrep-ms"] - by_method[other])
+            cells.append(f"{gap:+.1f} ({'met' if gap >= target else 'NOT met'})")
+        lines.append(f"| {direction} | " + " | ".join(cells) + " |")
+    lines += ["", "## Throughput", "",
               f"- pretraining: {tp['pretraining_images_per_second']:.1f} images/s (bf16, decoded once) against "
               f"{tp['plain_fp32_loop_images_per_second']:.1f} images/s for a plain fp32 loop decoding JPEGs on the fly: "
               f"**{tp['pretraining_speedup']:.2f}x**",
