@@ -21,7 +21,8 @@ import torch
 
 from .baselines import METHODS, create_baseline, save_baseline
 from .data import PretrainingDataset, decode_images, load_image_folder, seed_for, select_splits
-from .pretraining import add_pretraining_args, check_args, resume_training_state, save_training_state
+from .pretraining import (add_pretraining_args, check_args, optimization_step, resume_training_state,
+                          save_training_state)
 from .utils import create_accelerator, environment_info, peak_memory_mb
 
 
@@ -89,15 +90,8 @@ def main(args: argparse.Namespace) -> dict:
             with accelerator.accumulate(model):
                 with accelerator.autocast():
                     loss = model(batch["pixel_values"], generator=generator)
-                if not torch.isfinite(loss):
-                    raise FloatingPointError(f"Loss is {loss.item()} at epoch {epoch}, batch {batch_index} "
-                                             f"(step {global_step}); saved checkpoints are untouched.")
-                accelerator.backward(loss)
-                if accelerator.sync_gradients and args.max_grad_norm > 0:
-                    accelerator.clip_grad_norm_(model.parameters(), args.max_grad_norm)
-                optimizer.step()
-                lr_scheduler.step()
-                optimizer.zero_grad()
+                optimization_step(accelerator, model, loss, optimizer, lr_scheduler, args.max_grad_norm,
+                                  f"epoch {epoch}, batch {batch_index} (step {global_step})")
             images_seen += accelerator.reduce(torch.tensor(len(batch["pixel_values"]), device=accelerator.device),
                                               reduction="sum").item()
             if accelerator.sync_gradients:

@@ -29,6 +29,19 @@ def add_extraction_args(parser: argparse.ArgumentParser) -> argparse.ArgumentPar
     parser.add_argument("--splits", type=str, nargs="+", default=["all"],
                         help="Splits to extract (train, validation, test, or 'all', the default).")
     parser.add_argument("--output", type=str, required=True, help="Feature cache file to write (.safetensors).")
+    add_feature_args(parser)
+    parser.add_argument("--noise", type=str, default="fixed", choices=["fixed", "per_image"],
+                        help="'fixed': every image gets the same noise (features are a function of the image alone, "
+                             "as in the classifier); 'per_image': independent noise per image.")
+    parser.add_argument("--seed", type=int, default=0, help="Seed of the noise.")
+    parser.add_argument("--skip_bad_images", action="store_true", help="Skip unreadable images instead of failing.")
+    parser.add_argument("--cache_dir", type=str, default=None, help="Decoded-image cache folder.")
+    parser.add_argument("--dataloader_num_workers", type=int, default=0, help="Processes decoding images.")
+    return parser
+
+
+def add_feature_args(parser) -> None:
+    """The flags that say which features to extract (shared by extraction and probing)."""
     parser.add_argument("--timesteps", type=int, nargs="+", default=list(DEFAULT_TIMESTEPS),
                         help=f"Timesteps (default {' '.join(map(str, DEFAULT_TIMESTEPS))}).")
     parser.add_argument("--layers", type=str, nargs="+", default=None,
@@ -37,17 +50,9 @@ def add_extraction_args(parser: argparse.ArgumentParser) -> argparse.ArgumentPar
                         help="Global average, average+max, or an average over a grid of regions.")
     parser.add_argument("--pooling_grid_size", type=int, default=2, help="Grid size for --pooling grid.")
     parser.add_argument("--num_noise_samples", type=int, default=1, help="Noise draws averaged per image.")
-    parser.add_argument("--noise", type=str, default="fixed", choices=["fixed", "per_image"],
-                        help="'fixed': every image gets the same noise (features are a function of the image alone, "
-                             "as in the classifier); 'per_image': independent noise per image.")
-    parser.add_argument("--seed", type=int, default=0, help="Seed of the noise.")
     parser.add_argument("--batch_size", type=int, default=64, help="Images per UNet forward.")
     parser.add_argument("--mixed_precision", type=str, default=None, choices=MIXED_PRECISION_CHOICES,
                         help="'bf16' autocasts the UNet.")
-    parser.add_argument("--skip_bad_images", action="store_true", help="Skip unreadable images instead of failing.")
-    parser.add_argument("--cache_dir", type=str, default=None, help="Decoded-image cache folder.")
-    parser.add_argument("--dataloader_num_workers", type=int, default=0, help="Processes decoding images.")
-    return parser
 
 
 def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:

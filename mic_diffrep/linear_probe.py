@@ -21,8 +21,7 @@ from typing import List, Optional
 
 import torch
 
-from .feature_extraction import DEFAULT_TIMESTEPS
-from .utils import MIXED_PRECISION_CHOICES
+from .feature_extraction import add_feature_args
 
 
 logger = logging.getLogger(__name__)
@@ -57,19 +56,9 @@ def add_probe_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     data.add_argument("--dataloader_num_workers", type=int, default=0, help="Processes decoding images.")
 
     features = parser.add_argument_group("features")
-    features.add_argument("--timesteps", type=int, nargs="+", default=list(DEFAULT_TIMESTEPS),
-                          help=f"Timesteps of the sweep (default {' '.join(map(str, DEFAULT_TIMESTEPS))}).")
-    features.add_argument("--layers", type=str, nargs="+", default=None,
-                          help="UNet blocks of the sweep (default: all down, mid and up blocks).")
-    features.add_argument("--pooling", type=str, default="avg", choices=["avg", "avgmax", "grid"],
-                          help="Pooling of block activations.")
-    features.add_argument("--pooling_grid_size", type=int, default=2, help="Grid size for --pooling grid.")
-    features.add_argument("--num_noise_samples", type=int, default=1, help="Noise draws averaged per image.")
+    add_feature_args(features)
     features.add_argument("--noise_seed", type=int, default=0,
                           help="Seed of the fixed noise added to every image (the classifier uses the same).")
-    features.add_argument("--batch_size", type=int, default=64, help="Images per UNet forward.")
-    features.add_argument("--mixed_precision", type=str, default=None, choices=MIXED_PRECISION_CHOICES,
-                          help="'bf16' autocasts feature extraction.")
 
     probe = parser.add_argument_group("probe training (paper: Adam 0.01, cosine annealing, batch 128, 15 epochs)")
     probe.add_argument("--num_epochs", type=int, default=15, help="Epochs.")

@@ -181,6 +181,21 @@ def _replace_dir(tmp_dir: str, final_dir: str) -> None:
         shutil.rmtree(old, ignore_errors=True)
 
 
+def optimization_step(accelerator, model, loss, optimizer, lr_scheduler, max_grad_norm: float, where: str) -> None:
+    """Stops on a NaN or infinite loss (naming `where`), else backpropagates, clips and steps optimizer and schedule."""
+    if not torch.isfinite(loss):
+        raise FloatingPointError(
+            f"Loss is {loss.item()} at {where}. Lower --learning_rate, try --mixed_precision no, or resume from the "
+            f"last checkpoint; saved checkpoints are untouched."
+        )
+    accelerator.backward(loss)
+    if accelerator.sync_gradients and max_grad_norm > 0:
+        accelerator.clip_grad_norm_(model.parameters(), max_grad_norm)
+    optimizer.step()
+    lr_scheduler.step()
+    optimizer.zero_grad()
+
+
 def save_training_state(accelerator, output_dir: str, global_step: int, epoch: int, batches_done: int,
                         total_limit: Optional[int] = None) -> str:
     """`accelerator.save_state` into `checkpoint-{global_step}`, written under a temporary name and renamed, so a run
@@ -380,18 +395,8 @@ def main(args: argparse.Namespace) -> dict:
                     else:
                         target = noise_scheduler.get_velocity(clean_images, noise, timesteps)
                     loss = F.mse_loss(model_output.float(), target.float())
-                    if not torch.isfinite(loss):
-                        raise FloatingPointError(
-                            f"Loss is {loss.item()} at epoch {epoch}, batch {batch_index} (step {global_step}). "
-                            f"Lower --learning_rate, try --mixed_precision no, or resume from the last checkpoint; "
-                            f"saved checkpoints are untouched."
-                        )
-                    accelerator.backward(loss)
-                    if accelerator.sync_gradients and args.max_grad_norm > 0:
-                        accelerator.clip_grad_norm_(model.parameters(), args.max_grad_norm)
-                    optimizer.step()
-                    lr_scheduler.step()
-                    optimizer.zero_grad()
+                    optimization_step(accelerator, model, loss, optimizer, lr_scheduler, args.max_grad_norm,
+                                      f"epoch {epoch}, batch {batch_index} (step {global_step})")
 
                 batch_images = accelerator.reduce(
                     torch.tensor(clean_images.shape[0], device=accelerator.device), reduction="sum").item()
