@@ -119,7 +119,7 @@ def pretrain(args, pretrain_dir):
         "--time_budget_minutes", str(args.pretrain_minutes), "--save_images_epochs", "100000",
         "--save_model_epochs", "100000", "--checkpointing_steps", "1000", "--checkpoints_total_limit", "1",
         "--eval_batch_size", "16", "--ddpm_num_inference_steps", str(args.sampling_steps), "--seed", str(args.seed),
-        "--logger", "tensorboard", "--cache_dir", os.path.join(args.work_dir, "decoded-pretrain"),
+        "--logger", "tensorboard", "--cache_dir", os.path.join(args.work_dir, "decoded"),
     ]
     logger.info("Pretraining: training/pretrain.py %s", " ".join(argv))
     return main(pretrain_args(argv))
@@ -138,7 +138,7 @@ def pretrain_baseline(args, method):
             output_dir, "--resolution", str(args.resolution), "--mixed_precision", "bf16", "--max_train_steps",
             str(steps), "--time_budget_minutes", str(args.pretrain_minutes), "--checkpointing_steps", "1000",
             "--checkpoints_total_limit", "1", "--seed", str(args.seed), "--logger", "none",
-            "--cache_dir", os.path.join(args.work_dir, "decoded-pretrain")]
+            "--cache_dir", os.path.join(args.work_dir, "decoded")]
     logger.info("Pretraining %s: training/pretrain_baseline.py %s", method, " ".join(argv))
     return output_dir, main(baseline_args(argv))
 

@@ -22,7 +22,7 @@ import torch
 from .baselines import METHODS, create_baseline, save_baseline
 from .data import PretrainingDataset, decode_images, load_image_folder, seed_for, select_splits
 from .pretraining import (add_pretraining_args, check_args, optimization_step, resume_training_state,
-                          save_training_state)
+                          save_training_state, stop_reason_for)
 from .utils import create_accelerator, environment_info, peak_memory_mb
 
 
@@ -103,12 +103,8 @@ def main(args: argparse.Namespace) -> dict:
                 if global_step % args.checkpointing_steps == 0:
                     save_training_state(accelerator, args.output_dir, global_step, epoch, batch_index + 1,
                                         args.checkpoints_total_limit)
-                if global_step >= max_train_steps:
-                    stop_reason = "max_train_steps"
-                elif args.time_budget_minutes is not None:
-                    elapsed = torch.tensor(time.time() - start, device=accelerator.device)
-                    if accelerator.reduce(elapsed, reduction="max").item() >= 60 * args.time_budget_minutes:
-                        stop_reason = "time_budget_minutes"
+                stop_reason = stop_reason_for(accelerator, global_step, max_train_steps, start,
+                                              args.time_budget_minutes)
                 if stop_reason:
                     break
         if stop_reason:

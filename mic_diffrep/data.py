@@ -18,6 +18,7 @@ Example:
 """
 
 import hashlib
+import io
 import json
 import logging
 import os
@@ -168,17 +169,11 @@ class _DecodeFiles(torch.utils.data.Dataset):
     def __getitem__(self, index):
         source = self.sources[index]
         try:
-            with PIL.Image.open(source if isinstance(source, str) else _BytesFile(source)) as image:
+            with PIL.Image.open(source if isinstance(source, str) else io.BytesIO(source)) as image:
                 image.load()
                 return index, image_to_pixels(image, self.resolution, self.resize_mode), None
         except Exception as error:  # noqa: BLE001 - every decoding failure is reported with its file
             return index, None, f"{type(error).__name__}: {error}"
-
-
-def _BytesFile(data: bytes):
-    import io
-
-    return io.BytesIO(data)
 
 
 def _collate(items):

@@ -196,6 +196,19 @@ def optimization_step(accelerator, model, loss, optimizer, lr_scheduler, max_gra
     optimizer.zero_grad()
 
 
+def stop_reason_for(accelerator, global_step: int, max_train_steps: int, start_time: float,
+                    time_budget_minutes: Optional[float]) -> Optional[str]:
+    """`"max_train_steps"` or `"time_budget_minutes"` when training should stop, else `None`; every process agrees
+    (the slowest process's elapsed time decides)."""
+    if global_step >= max_train_steps:
+        return "max_train_steps"
+    if time_budget_minutes is not None:
+        elapsed = torch.tensor(time.time() - start_time, device=accelerator.device)
+        if accelerator.reduce(elapsed, reduction="max").item() >= 60 * time_budget_minutes:
+            return "time_budget_minutes"
+    return None
+
+
 def save_training_state(accelerator, output_dir: str, global_step: int, epoch: int, batches_done: int,
                         total_limit: Optional[int] = None) -> str:
     """`accelerator.save_state` into `checkpoint-{global_step}`, written under a temporary name and renamed, so a run
@@ -415,12 +428,8 @@ def main(args: argparse.Namespace) -> dict:
 
                     if global_step % args.checkpointing_steps == 0:
                         save_checkpoint(epoch, batch_index + 1)
-                    if global_step >= max_train_steps:
-                        stop_reason = "max_train_steps"
-                    elif args.time_budget_minutes is not None:
-                        elapsed = torch.tensor(time.time() - start_time, device=accelerator.device)
-                        if accelerator.reduce(elapsed, reduction="max").item() >= 60 * args.time_budget_minutes:
-                            stop_reason = "time_budget_minutes"
+                    stop_reason = stop_reason_for(accelerator, global_step, max_train_steps, start_time,
+                                                  args.time_budget_minutes)
                     if interrupted["flag"]:
                         stop_reason = "interrupted"
                         save_checkpoint(epoch, batch_index + 1)

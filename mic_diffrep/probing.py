@@ -169,7 +169,8 @@ def run_probes(train_features: Dict[Key, torch.Tensor], train_labels: torch.Tens
     fit_heads = train_heads(subset(train_features, fit), train_labels[fit], num_labels, config, hidden_size=0)
     sl_validation = {key: accuracy(fit_heads[key], train_features[key][validation_mask], train_labels[validation_mask])
                      for key in keys}
-    full_heads = train_heads(subset(train_features, slice(None)), train_labels, num_labels, config, hidden_size=0)
+    full_heads = train_heads({key: train_features[key] for key in keys}, train_labels, num_labels, config,
+                             hidden_size=0)
     sl_test = {key: accuracy(full_heads[key], test_features[key], test_labels) for key in keys}
 
     # 2. MSFA candidates on validation.
