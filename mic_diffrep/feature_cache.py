@@ -30,9 +30,12 @@ class StaleFeatureCacheError(ValueError):
 
 
 def model_fingerprint(model: torch.nn.Module) -> str:
-    """A short hash of a model's weights and config: two different models never share it."""
+    """A short hash of a model's weights and config: two different models never share it, and the same model gets
+    the same one in every process. Private config entries (`_name_or_path`, diffusers' `_use_default_values`, a list
+    whose order follows string hashing) do not change the model and are left out."""
     config = model.config
     config = asdict(config) if is_dataclass(config) else config.to_dict() if hasattr(config, "to_dict") else dict(config)
+    config = {key: value for key, value in config.items() if not key.startswith("_")}
     digest = hashlib.sha256(json.dumps(config, sort_keys=True, default=str).encode())
     for name, tensor in sorted(model.state_dict().items()):
         digest.update(name.encode())

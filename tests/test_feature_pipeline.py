@@ -185,6 +185,16 @@ def test_feature_cache_round_trip_and_stale_detection(pipe, images, tmp_path):
         load_features(path, expected_settings=extraction_settings(other, [5, 50], None))
 
 
+def test_model_fingerprint_is_the_same_in_every_process():
+    # diffusers keeps `_use_default_values` in the config in string-hash order, which changes with PYTHONHASHSEED
+    code = ("import torch; from mic_diffrep.unet import create_unet; from mic_diffrep.feature_cache import "
+            "model_fingerprint; torch.manual_seed(0); print(model_fingerprint(create_unet(16, 'tiny')))")
+    prints = {subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
+                             env={**os.environ, "PYTHONHASHSEED": seed, "OMP_NUM_THREADS": "1"}).stdout.split()[-1]
+              for seed in ("1", "2", "3")}
+    assert len(prints) == 1
+
+
 def test_two_processes_gather_features_in_input_order(pipe, unlabelled_folder, tmp_path):
     pipe.save_pretrained(tmp_path / "pipe")
     common = ["--pretrained", str(tmp_path / "pipe"), "--data_dir", unlabelled_folder, "--timesteps", "5", "50",
