@@ -152,9 +152,9 @@ def pretrain_baseline(args, method):
         calibration_dir = f"{output_dir}-calibration-{steps}"
         seconds.append(60 * run(calibration_dir, steps, args.pretrain_minutes)["train_minutes"])
         shutil.rmtree(calibration_dir)
-    images_per_second = 64 * (CALIBRATION_STEPS[1] - CALIBRATION_STEPS[0]) / max(seconds[1] - seconds[0], 1e-3)
-    logger.info("%s: %.1f images/s measured before pretraining", method, images_per_second)
-    steps = max(1, int(args.pretrain_minutes * 60 * images_per_second / 64))
+    steps_per_second = (CALIBRATION_STEPS[1] - CALIBRATION_STEPS[0]) / max(seconds[1] - seconds[0], 1e-3)
+    logger.info("%s: %.2f steps/s measured before pretraining", method, steps_per_second)
+    steps = max(1, int(args.pretrain_minutes * 60 * steps_per_second))
     return output_dir, run(output_dir, steps, args.pretrain_minutes)
 
 

@@ -93,6 +93,11 @@ def mlp(in_dim: int, hidden_dim: int, out_dim: int) -> nn.Sequential:
                          nn.Linear(hidden_dim, out_dim))
 
 
+def frozen_copy(module: nn.Module) -> nn.Module:
+    """A deep copy of `module` that takes no gradients (a momentum / EMA target)."""
+    return copy.deepcopy(module).requires_grad_(False)
+
+
 @torch.no_grad()
 def momentum_update(target: nn.Module, online: nn.Module, momentum: float) -> None:
     """`target = momentum * target + (1 - momentum) * online`, parameter by parameter (buffers copied)."""
@@ -110,9 +115,7 @@ class MoCoV2(nn.Module):
         self.config = config
         self.encoder = SmallResNet(config.encoder_widths)
         self.head = mlp(self.encoder.output_dim, config.hidden_dim, config.projection_dim)
-        self.key_encoder, self.key_head = copy.deepcopy(self.encoder), copy.deepcopy(self.head)
-        for p in list(self.key_encoder.parameters()) + list(self.key_head.parameters()):
-            p.requires_grad_(False)
+        self.key_encoder, self.key_head = frozen_copy(self.encoder), frozen_copy(self.head)
         self.register_buffer("queue", F.normalize(torch.randn(config.queue_size, config.projection_dim), dim=1))
         self.register_buffer("queue_ptr", torch.zeros((), dtype=torch.long))
         self.augment = GreyAugment()
@@ -124,10 +127,6 @@ class MoCoV2(nn.Module):
         index = (torch.arange(len(keys), device=keys.device) + ptr) % size
         self.queue[index] = keys.detach().to(self.queue.dtype)
         self.queue_ptr.fill_((ptr + len(keys)) % size)
-
-    def momentum_step(self) -> None:
-        momentum_update(self.key_encoder, self.encoder, self.config.momentum)
-        momentum_update(self.key_head, self.head, self.config.momentum)
 
     def forward(self, images: torch.Tensor, generator=None) -> torch.Tensor:
         view_q, view_k = self.augment(images, generator), self.augment(images, generator)
@@ -142,7 +141,8 @@ class MoCoV2(nn.Module):
         return loss
 
     def after_optimizer_step(self, progress: float) -> None:
-        self.momentum_step()
+        momentum_update(self.key_encoder, self.encoder, self.config.momentum)
+        momentum_update(self.key_head, self.head, self.config.momentum)
 
 
 class BYOL(nn.Module):
@@ -154,9 +154,7 @@ class BYOL(nn.Module):
         self.encoder = SmallResNet(config.encoder_widths)
         self.projector = mlp(self.encoder.output_dim, config.hidden_dim, config.projection_dim)
         self.predictor = mlp(config.projection_dim, config.hidden_dim, config.projection_dim)
-        self.target_encoder, self.target_projector = copy.deepcopy(self.encoder), copy.deepcopy(self.projector)
-        for p in list(self.target_encoder.parameters()) + list(self.target_projector.parameters()):
-            p.requires_grad_(False)
+        self.target_encoder, self.target_projector = frozen_copy(self.encoder), frozen_copy(self.projector)
         self.augment = GreyAugment()
 
     def forward(self, images: torch.Tensor, generator=None) -> torch.Tensor:

@@ -276,25 +276,19 @@ def build_parser() -> argparse.ArgumentParser:
 
     evaluate = subparsers.add_parser("evaluate", help="Metrics of a trained model on a labelled folder.",
                                      description="Accuracy, macro F1, per-class recall and confusion matrix.")
-    evaluate.add_argument("--model", type=str, required=True, help="Model folder (from probe or run).")
+    _add_inference_args(evaluate)
     evaluate.add_argument("--data_dir", type=str, required=True, help="Labelled image folder.")
     evaluate.add_argument("--splits", type=str, nargs="+", default=None,
                           help="Splits to score (default: test if present, else all images).")
     evaluate.add_argument("--output", type=str, default=None, help="JSON file to write (a confusion-matrix PNG beside).")
-    evaluate.add_argument("--batch_size", type=int, default=64, help="Images per forward.")
-    evaluate.add_argument("--mixed_precision", type=str, default=None, choices=MIXED_PRECISION_CHOICES,
-                          help="'bf16' autocasts the UNet.")
     evaluate.add_argument("--skip_bad_images", action="store_true", help="Skip unreadable images instead of failing.")
     evaluate.set_defaults(func=_evaluate)
 
     predict = subparsers.add_parser("predict", help="Class probabilities for image files.",
                                     description="Print the class probabilities of each image.")
     predict.add_argument("images", nargs="+", help="Image files.")
-    predict.add_argument("--model", type=str, required=True, help="Model folder (from probe or run).")
+    _add_inference_args(predict)
     predict.add_argument("--json", action="store_true", help="Print JSON.")
-    predict.add_argument("--batch_size", type=int, default=64, help="Images per forward.")
-    predict.add_argument("--mixed_precision", type=str, default=None, choices=MIXED_PRECISION_CHOICES,
-                         help="'bf16' autocasts the UNet.")
     predict.set_defaults(func=_predict)
 
     generate = subparsers.add_parser("generate", help="Generate images with a pretrained pipeline.",
@@ -316,6 +310,16 @@ def build_parser() -> argparse.ArgumentParser:
     add_leakage_args(leakage)
     leakage.set_defaults(func=_check_leakage)
     return parser
+
+
+def _add_inference_args(parser: argparse.ArgumentParser) -> None:
+    """The flags `evaluate` and `predict` share: the model folder and how it runs."""
+    from .utils import MIXED_PRECISION_CHOICES
+
+    parser.add_argument("--model", type=str, required=True, help="Model folder (from probe or run).")
+    parser.add_argument("--batch_size", type=int, default=64, help="Images per forward.")
+    parser.add_argument("--mixed_precision", type=str, default=None, choices=MIXED_PRECISION_CHOICES,
+                        help="'bf16' autocasts the UNet.")
 
 
 def main(argv: Optional[List[str]] = None) -> None:
