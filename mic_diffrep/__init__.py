@@ -22,7 +22,7 @@ from .unet import create_scheduler, create_unet
 
 AutoConfig.register(MicDiffRepConfig.model_type, MicDiffRepConfig, exist_ok=True)
 AutoModelForImageClassification.register(MicDiffRepConfig, MicDiffRepForImageClassification, exist_ok=True)
-AutoImageProcessor.register(MicDiffRepConfig, slow_image_processor_class=MicDiffRepImageProcessor, exist_ok=True)
+AutoImageProcessor.register(MicDiffRepConfig, image_processor_classes={"pil": MicDiffRepImageProcessor}, exist_ok=True)
 # `save_pretrained` / `push_to_hub` then write `auto_map` and copy the code files, so a Hub repo loads with
 # `trust_remote_code=True` where mic-diffrep is not installed. The image processor gets its `auto_map` only in
 # `mic_diffrep.hub.push_to_hub`: in a local folder it makes `transformers.pipeline` look for remote video

@@ -20,6 +20,7 @@ from typing import List, Optional
 import torch
 
 from .baselines import METHODS, create_baseline, save_baseline
+from .preprocessing import ImagePreprocessing
 from .data import PretrainingDataset, decode_images, load_image_folder, seed_for, select_splits
 from .pretraining import (add_pretraining_args, check_args, optimization_step, resume_training_state,
                           save_training_state, stop_reason_for)
@@ -52,7 +53,8 @@ def main(args: argparse.Namespace) -> dict:
 
     splits, dataset = select_splits(load_image_folder(args.train_data_dir), args.pretrain_splits)
     with accelerator.main_process_first():
-        decoded = decode_images(dataset, args.resolution, args.resize_mode, skip_bad_images=args.skip_bad_images,
+        decoded = decode_images(dataset, ImagePreprocessing(args.resolution, args.resize_mode, args.intensity_window),
+                                skip_bad_images=args.skip_bad_images,
                                 num_workers=args.dataloader_num_workers,
                                 cache_dir=args.cache_dir or os.path.join(args.output_dir, ".cache"),
                                 show_progress=accelerator.is_local_main_process)
@@ -61,7 +63,8 @@ def main(args: argparse.Namespace) -> dict:
                                          drop_last=True, num_workers=args.dataloader_num_workers)
     if len(loader) == 0:
         raise ValueError(f"--train_batch_size {args.train_batch_size} is larger than the {len(decoded)} images.")
-    model = create_baseline(args.method, args.resolution, resize_mode=args.resize_mode)
+    model = create_baseline(args.method, args.resolution, resize_mode=args.resize_mode,
+                            intensity_window=args.intensity_window)
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=args.learning_rate,
                                   betas=(args.adam_beta1, args.adam_beta2), weight_decay=args.adam_weight_decay,
                                   eps=args.adam_epsilon)

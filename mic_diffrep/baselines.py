@@ -23,6 +23,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .augmentations import GreyAugment
+from .preprocessing import ImagePreprocessing
 
 
 METHODS = ("mocov2", "byol", "mae")
@@ -37,6 +38,7 @@ class BaselineConfig:
     method: str
     resolution: int = 64
     resize_mode: str = "pad"
+    intensity_window: str = "percentile"
     encoder_widths: List[int] = field(default_factory=lambda: [32, 64, 128, 256])
     projection_dim: int = 128
     hidden_dim: int = 1024
@@ -247,6 +249,10 @@ class BaselineFeatureExtractor:
         self.config = model.config
         self.resolution = model.config.resolution
 
+    @property
+    def preprocessing(self) -> ImagePreprocessing:
+        return ImagePreprocessing(self.resolution, self.config.resize_mode, self.config.intensity_window)
+
     @classmethod
     def from_pretrained(cls, path: str) -> "BaselineFeatureExtractor":
         return cls(load_baseline(path), source=path)
@@ -255,9 +261,14 @@ class BaselineFeatureExtractor:
     def device(self):
         return next(self.model.parameters()).device
 
-    def to(self, device):
-        self.model.to(device)
+    def to(self, *args, **kwargs):
+        """Moves or casts the encoder, like `nn.Module.to` (`extractor.to(torch.bfloat16)` runs it in bf16)."""
+        self.model.to(*args, **kwargs)
         return self
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return next(self.model.parameters()).dtype
 
     def set_progress_bar_config(self, **kwargs):
         pass
@@ -279,20 +290,18 @@ class BaselineFeatureExtractor:
             return hidden[:, 1:].mean(dim=1).float()  # mean of patch tokens (order is irrelevant to the mean)
         return self.model.encoder(images).float()
 
-    def extract_features(self, images, timesteps=(0,), layers=None, batch_size: int = 64, mixed_precision=None,
-                         show_progress: bool = True, **unused):
+    def extract_features(self, images, timesteps=(0,), layers=None, *, batch_size: int = 64, **unused):
         from .pipelines import DiffusionFeaturesOutput
         from .preprocessing import pixels_to_model_input
-        from .utils import autocast
 
         if not (isinstance(images, torch.Tensor) and images.dtype == torch.uint8 and images.ndim == 4):
-            from .preprocessing import image_to_pixels
+            from .preprocessing import as_image_list
 
-            images = torch.stack([image_to_pixels(i, self.resolution, self.config.resize_mode) for i in images])
+            images = torch.stack([self.preprocessing(i) for i in as_image_list(images)])
         chunks = []
-        with autocast(self.device, mixed_precision):
-            for start in range(0, len(images), batch_size):
-                chunks.append(self.encode(pixels_to_model_input(images[start : start + batch_size]).to(self.device)))
+        for start in range(0, len(images), batch_size):
+            batch = pixels_to_model_input(images[start : start + batch_size]).to(self.device, self.dtype)
+            chunks.append(self.encode(batch))
         features = torch.cat(chunks).cpu()
         return DiffusionFeaturesOutput(features={("encoder", int(t)): features for t in timesteps},
                                        layers=["encoder"], timesteps=[int(t) for t in timesteps])
@@ -314,6 +323,7 @@ class ClipFeatureExtractor(BaselineFeatureExtractor):
         self.resolution = resolution
         self.config = model.config
         self.config.resize_mode = resize_mode
+        self.config.intensity_window = "percentile"
 
     @classmethod
     def from_pretrained(cls, path: str, resolution: int = 112) -> "ClipFeatureExtractor":

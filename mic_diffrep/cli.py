@@ -97,14 +97,14 @@ def _generate(args: argparse.Namespace) -> None:
 
     from .feature_extraction import load_pipeline
     from .pipelines import save_image_grid
+    from .utils import precision_dtype
 
     pipe = load_pipeline(args.pretrained)
+    pipe.to(precision_dtype(args.mixed_precision))
     if args.scheduler == "ddim":
         pipe.scheduler = DDIMScheduler.from_config(pipe.scheduler.config)
-    images = pipe(
-        batch_size=args.num_images, generator=torch.Generator().manual_seed(args.seed),
-        num_inference_steps=args.num_inference_steps, output_type="np", mixed_precision=args.mixed_precision,
-    ).images
+    images = pipe(batch_size=args.num_images, generator=torch.Generator().manual_seed(args.seed),
+                  num_inference_steps=args.num_inference_steps, output_type="np").images
     save_image_grid(images, args.output)
     print(f"Saved {args.num_images} samples to {args.output}")
 

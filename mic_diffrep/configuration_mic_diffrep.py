@@ -4,6 +4,7 @@ from typing import List, Optional, Sequence
 
 from transformers import PretrainedConfig
 
+from .preprocessing import INTENSITY_WINDOWS, RESIZE_MODES, ImagePreprocessing, check_choice
 from .unet_features import POOLING_CHOICES, block_names_from_config, check_layers
 
 
@@ -28,6 +29,8 @@ class MicDiffRepConfig(PretrainedConfig):
             layer (a single-layer probe).
         classifier_dropout (`float`, *optional*, defaults to 0.0): dropout on the aggregated features.
         resize_mode (`str`, *optional*, defaults to `"pad"`): how images are made square, as in pretraining.
+        intensity_window (`str`, *optional*, defaults to `"percentile"`): the intensity rule of pretraining
+            (`"percentile"` or `"none"`, see `mic_diffrep.preprocessing`).
 
     Example:
 
@@ -57,6 +60,7 @@ class MicDiffRepConfig(PretrainedConfig):
         hidden_size: int = 512,
         classifier_dropout: float = 0.0,
         resize_mode: str = "pad",
+        intensity_window: str = "percentile",
         **kwargs,
     ):
         if unet_config is None:
@@ -79,6 +83,7 @@ class MicDiffRepConfig(PretrainedConfig):
         self.hidden_size = hidden_size
         self.classifier_dropout = classifier_dropout
         self.resize_mode = resize_mode
+        self.intensity_window = intensity_window
 
         check_layers(self.layers, valid_layers)
         bad = [t for t in self.timesteps if not 0 <= t < num_train_timesteps]
@@ -92,9 +97,13 @@ class MicDiffRepConfig(PretrainedConfig):
             raise ValueError(f"hidden_size must be >= 0 (0: a single linear layer), got {hidden_size}.")
         if not 0.0 <= classifier_dropout < 1.0:
             raise ValueError(f"classifier_dropout must be in [0, 1), got {classifier_dropout}.")
-        if resize_mode not in ("pad", "center_crop"):
-            raise ValueError(f"resize_mode must be 'pad' or 'center_crop', got {resize_mode!r}.")
+        check_choice(resize_mode, RESIZE_MODES, "resize_mode")
+        check_choice(intensity_window, INTENSITY_WINDOWS, "intensity_window")
         super().__init__(**kwargs)
+
+    @property
+    def preprocessing(self) -> ImagePreprocessing:
+        return ImagePreprocessing(self.resolution, self.resize_mode, self.intensity_window)
 
     @property
     def resolution(self) -> int:

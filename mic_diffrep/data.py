@@ -11,7 +11,7 @@ Example:
 ```python
 >>> from mic_diffrep.data import load_image_folder, decode_images
 >>> splits = load_image_folder("mic_diffrep/sample_data/brain-tumor-mri")  # doctest: +SKIP
->>> decoded = decode_images(splits["train"], resolution=64)  # doctest: +SKIP
+>>> decoded = decode_images(splits["train"], 64)  # doctest: +SKIP
 >>> decoded.pixels.shape, decoded.label_names  # doctest: +SKIP
 (torch.Size([160, 1, 64, 64]), ['glioma', 'meningioma', 'notumor', 'pituitary'])
 ```
@@ -30,7 +30,8 @@ import PIL.Image
 import torch
 from tqdm.auto import tqdm
 
-from .preprocessing import image_to_pixels, pixels_to_model_input
+from .preprocessing import ImagePreprocessing, pixels_to_model_input
+from .unet_features import noise_seed_for
 
 
 logger = logging.getLogger(__name__)
@@ -43,7 +44,7 @@ SPLIT_ALIASES = {
 }
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp", ".gif", ".pgm", ".ppm")
 
-_DECODE_CACHE_VERSION = "1"
+_DECODE_CACHE_VERSION = "2"
 
 
 class BadImageError(ValueError):
@@ -160,8 +161,8 @@ class DecodedImages:
 
 
 class _DecodeFiles(torch.utils.data.Dataset):
-    def __init__(self, sources: List[Union[str, bytes]], resolution: int, resize_mode: str):
-        self.sources, self.resolution, self.resize_mode = sources, resolution, resize_mode
+    def __init__(self, sources: List[Union[str, bytes]], preprocessing: ImagePreprocessing):
+        self.sources, self.preprocessing = sources, preprocessing
 
     def __len__(self):
         return len(self.sources)
@@ -171,7 +172,7 @@ class _DecodeFiles(torch.utils.data.Dataset):
         try:
             with PIL.Image.open(source if isinstance(source, str) else io.BytesIO(source)) as image:
                 image.load()
-                return index, image_to_pixels(image, self.resolution, self.resize_mode), None
+                return index, self.preprocessing(image), None
         except Exception as error:  # noqa: BLE001 - every decoding failure is reported with its file
             return index, None, f"{type(error).__name__}: {error}"
 
@@ -194,8 +195,8 @@ def _sources_of(images) -> (List[Union[str, bytes]], List[str], Optional[List[in
     return sources, paths, labels, label_names
 
 
-def _cache_key(paths: List[str], resolution: int, resize_mode: str) -> str:
-    digest = hashlib.sha256(f"{_DECODE_CACHE_VERSION}|{resolution}|{resize_mode}".encode())
+def _cache_key(paths: List[str], preprocessing: ImagePreprocessing) -> str:
+    digest = hashlib.sha256(f"{_DECODE_CACHE_VERSION}|{preprocessing}".encode())
     for path in paths:
         try:
             stat = os.stat(path)
@@ -207,8 +208,7 @@ def _cache_key(paths: List[str], resolution: int, resize_mode: str) -> str:
 
 def decode_images(
     images,
-    resolution: int,
-    resize_mode: str = "pad",
+    preprocessing: Union[ImagePreprocessing, int],
     skip_bad_images: bool = False,
     num_workers: int = 0,
     cache_dir: Optional[str] = None,
@@ -218,7 +218,8 @@ def decode_images(
 
     Args:
         images: a `datasets.Dataset` from `load_image_folder` (or any split of it), or a list of file paths.
-        resolution (`int`): output size; resize_mode (`str`): `"pad"` or `"center_crop"`.
+        preprocessing (`ImagePreprocessing` or `int`): the preprocessing settings (resolution, resize mode,
+            intensity window); an int is a resolution with the default settings.
         skip_bad_images (`bool`, defaults to `False`):
             by default an unreadable file raises `BadImageError` naming it; with `True` it is skipped and listed in
             `DecodedImages.skipped`.
@@ -226,12 +227,13 @@ def decode_images(
         cache_dir (`str`, *optional*):
             where to keep the decoded tensors as safetensors, keyed by the files (path, size, mtime) and settings.
     """
+    preprocessing = ImagePreprocessing.of(preprocessing)
     sources, paths, labels, label_names = _sources_of(images)
     if not sources:
         raise ValueError("No images to decode.")
     cache_file = None
     if cache_dir is not None:
-        cache_file = os.path.join(cache_dir, f"decoded-{_cache_key(paths, resolution, resize_mode)}.safetensors")
+        cache_file = os.path.join(cache_dir, f"decoded-{_cache_key(paths, preprocessing)}.safetensors")
         if os.path.isfile(cache_file):
             decoded = _load_decoded(cache_file)
             if decoded.skipped and not skip_bad_images:
@@ -240,11 +242,12 @@ def decode_images(
             logger.info("Loaded %d decoded images from %s", len(decoded), cache_file)
             return decoded
 
+    resolution = preprocessing.resolution
     pixels = torch.empty((len(sources), 1, resolution, resolution), dtype=torch.uint8)
     ok = torch.ones(len(sources), dtype=torch.bool)
     skipped = []
     loader = torch.utils.data.DataLoader(
-        _DecodeFiles(sources, resolution, resize_mode), batch_size=32, num_workers=num_workers, collate_fn=_collate
+        _DecodeFiles(sources, preprocessing), batch_size=32, num_workers=num_workers, collate_fn=_collate
     )
     with tqdm(total=len(sources), desc="Decoding images", unit="img", disable=not show_progress) as progress:
         for batch in loader:
@@ -346,5 +349,4 @@ class PretrainingDataset(torch.utils.data.Dataset):
 
 def seed_for(*keys: int) -> int:
     """A 63-bit seed derived from integers (e.g. `(seed, epoch, batch, rank)`), well mixed by `numpy.SeedSequence`."""
-    state = np.random.SeedSequence([int(k) for k in keys]).generate_state(1, dtype=np.uint64)[0]
-    return int(state) & (2**63 - 1)
+    return noise_seed_for(*keys)

@@ -22,7 +22,7 @@ from typing import Dict, List, Optional, Sequence, Tuple
 import torch
 
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
 
 
 class StaleFeatureCacheError(ValueError):
@@ -49,7 +49,8 @@ def extraction_settings(pipeline, timesteps, layers, pooling="avg", pooling_grid
     return {
         "model_fingerprint": model_fingerprint(pipeline.unet if hasattr(pipeline, "unet") else pipeline.model),
         "resolution": pipeline.resolution,
-        "resize_mode": pipeline.config.resize_mode,
+        "resize_mode": pipeline.preprocessing.resize_mode,
+        "intensity_window": pipeline.preprocessing.intensity_window,
         "timesteps": [int(t) for t in timesteps],
         "layers": list(layers) if layers is not None else pipeline.layer_names,
         "pooling": pooling,

@@ -89,16 +89,15 @@ def noise_seeds_for(num_images: int, noise: str, seed: int) -> torch.Tensor:
     raise ValueError(f"noise must be 'fixed' or 'per_image', got {noise!r}.")
 
 
-def extract_sharded(pipeline, pixels: torch.Tensor, accelerator, noise_seeds: torch.Tensor, show_progress=True,
-                    **kwargs):
+def extract_sharded(pipeline, pixels: torch.Tensor, accelerator, noise_seeds: torch.Tensor, **kwargs):
     """`pipeline.extract_features` over `pixels`, split across the processes of `accelerator`, gathered in order."""
     from .pipelines import DiffusionFeaturesOutput
 
     indices = list(range(len(pixels)))
     with accelerator.split_between_processes(indices) as shard:
         shard = torch.as_tensor(shard, dtype=torch.long)
-        output = pipeline.extract_features(pixels[shard], noise_seeds=noise_seeds[shard],
-                                           show_progress=show_progress and accelerator.is_local_main_process, **kwargs)
+        pipeline.set_progress_bar_config(disable=not accelerator.is_local_main_process)
+        output = pipeline.extract_features(pixels[shard], noise_seeds=noise_seeds[shard], **kwargs)
     if accelerator.num_processes == 1:
         return output
     sizes = accelerator.gather(torch.tensor([len(shard)], device=accelerator.device)).cpu().tolist()
@@ -115,7 +114,7 @@ def extract_sharded(pipeline, pixels: torch.Tensor, accelerator, noise_seeds: to
 def main(args: argparse.Namespace):
     from .data import decode_images, load_image_folder, select_splits
     from .feature_cache import extraction_settings, save_features
-    from .utils import create_accelerator
+    from .utils import create_accelerator, precision_dtype
 
     accelerator = create_accelerator()
     pipeline = load_pipeline(args.pretrained).to(accelerator.device)
@@ -123,14 +122,15 @@ def main(args: argparse.Namespace):
     splits, dataset = select_splits(load_image_folder(args.data_dir), args.splits, "--splits")
     with accelerator.main_process_first():
         decoded = decode_images(
-            dataset, pipeline.resolution, pipeline.config.resize_mode, skip_bad_images=args.skip_bad_images,
+            dataset, pipeline.preprocessing, skip_bad_images=args.skip_bad_images,
             num_workers=args.dataloader_num_workers,
             cache_dir=args.cache_dir or os.path.join(os.path.dirname(os.path.abspath(args.output)), ".cache"),
             show_progress=accelerator.is_local_main_process,
         )
+    pipeline.to(precision_dtype(args.mixed_precision, accelerator.device))
     kwargs = dict(timesteps=args.timesteps, layers=args.layers, pooling=args.pooling,
                   pooling_grid_size=args.pooling_grid_size, num_noise_samples=args.num_noise_samples,
-                  batch_size=args.batch_size, mixed_precision=args.mixed_precision)
+                  batch_size=args.batch_size)
     output = extract_sharded(pipeline, decoded.pixels, accelerator, noise_seeds_for(len(decoded), args.noise, args.seed),
                              **kwargs)
     if accelerator.is_main_process:

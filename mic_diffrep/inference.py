@@ -51,7 +51,7 @@ def predict_files(model_dir: str, files: Sequence[str], batch_size: int = 64,
     missing = [f for f in files if not os.path.isfile(f)]
     if missing:
         raise FileNotFoundError(f"Image file(s) not found: {', '.join(missing)}")
-    decoded = decode_images(list(files), processor.resolution, processor.resize_mode, show_progress=False)
+    decoded = decode_images(list(files), processor.preprocessing, show_progress=False)
     probabilities = predict_probabilities(model, pixels_to_model_input(decoded.pixels), batch_size, mixed_precision)
     labels = [model.config.id2label[i] for i in range(probabilities.shape[1])]
     return [{"file": path, "label": labels[int(p.argmax())],
@@ -73,7 +73,7 @@ def evaluate_folder(model_dir: str, data_dir: str, splits: Optional[Sequence[str
     dataset_dict = load_image_folder(data_dir)
     splits = list(splits) if splits else (["test"] if "test" in dataset_dict else ["all"])
     chosen, dataset = select_splits(dataset_dict, splits, "--splits")
-    decoded = decode_images(dataset, processor.resolution, processor.resize_mode, skip_bad_images=skip_bad_images)
+    decoded = decode_images(dataset, processor.preprocessing, skip_bad_images=skip_bad_images)
     if decoded.labels is None:
         raise ValueError(f"{data_dir} has no labels (class sub-folders) to evaluate against.")
     names = [model.config.id2label[i] for i in range(model.config.num_labels)]

@@ -55,6 +55,7 @@ import torch
 import torch.nn.functional as F
 
 from .data import DecodedImages
+from .preprocessing import ImagePreprocessing
 
 
 # Similarity (cosine of fingerprints, mirrors included) at or above which two images count as near-duplicates.
@@ -688,7 +689,8 @@ def _decode_folder(folder: str, args) -> DecodedImages:
 
     _, dataset = select_splits(load_image_folder(folder), ["all"])
     return decode_images(
-        dataset, args.resolution, resize_mode=args.resize_mode, skip_bad_images=args.skip_bad_images,
+        dataset, ImagePreprocessing(args.resolution, args.resize_mode, args.intensity_window),
+        skip_bad_images=args.skip_bad_images,
         num_workers=args.num_workers, cache_dir=args.cache_dir,
     )
 
@@ -705,6 +707,8 @@ def add_leakage_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser
     parser.add_argument("--resolution", type=int, default=64,
                         help="Decode resolution; exact duplicates are compared at it (default 64).")
     parser.add_argument("--resize_mode", default="pad", choices=("pad", "center_crop"), help="As for training.")
+    parser.add_argument("--intensity_window", default="percentile", choices=("percentile", "none"),
+                        help="As for training.")
     parser.add_argument("--num_workers", type=int, default=0, help="Decoding processes.")
     parser.add_argument("--cache_dir", default=None, help="Where to cache the decoded images.")
     parser.add_argument("--skip_bad_images", action="store_true", help="Skip unreadable images instead of failing.")

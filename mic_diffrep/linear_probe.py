@@ -101,7 +101,7 @@ def _align_labels(test, train_names: List[str], what: str):
     return test
 
 
-def load_splits(args, resolution: int, resize_mode: str, accelerator):
+def load_splits(args, preprocessing, accelerator):
     """Decoded training and test images, and a sentence saying where the test split came from."""
     from .data import decode_images, load_image_folder, select_splits
     from .leakage import DEFAULT_THRESHOLD, duplicate_groups, fingerprint_images, group_stratified_split
@@ -110,7 +110,7 @@ def load_splits(args, resolution: int, resize_mode: str, accelerator):
 
     def decode(dataset):
         with accelerator.main_process_first():
-            return decode_images(dataset, resolution, resize_mode, skip_bad_images=args.skip_bad_images,
+            return decode_images(dataset, preprocessing, skip_bad_images=args.skip_bad_images,
                                  num_workers=args.dataloader_num_workers, cache_dir=cache_dir,
                                  show_progress=accelerator.is_local_main_process)
 
@@ -156,7 +156,7 @@ def cached_features(pipeline, decoded, args, accelerator, name: str):
     output = extract_sharded(pipeline, decoded.pixels, accelerator, noise_seeds_for(len(decoded), "fixed",
                              args.noise_seed), timesteps=args.timesteps, layers=layers, pooling=args.pooling,
                              pooling_grid_size=args.pooling_grid_size, num_noise_samples=args.num_noise_samples,
-                             batch_size=args.batch_size, mixed_precision=args.mixed_precision)
+                             batch_size=args.batch_size)
     if accelerator.is_main_process:
         save_features(path, output, settings, decoded.paths, decoded.labels, decoded.label_names,
                       source_model=os.path.abspath(args.pretrained))
@@ -175,7 +175,8 @@ def build_classifier(pipeline, probe, layers, timesteps, label_names, args):
         layers=list(layers), timesteps=list(timesteps), pooling=args.pooling,
         pooling_grid_size=args.pooling_grid_size, num_noise_samples=args.num_noise_samples,
         noise_seed=args.noise_seed, hidden_size=args.hidden_size, classifier_dropout=args.dropout,
-        resize_mode=pipeline.config.resize_mode, num_labels=len(label_names),
+        resize_mode=pipeline.config.resize_mode, intensity_window=pipeline.config.intensity_window,
+        num_labels=len(label_names),
         id2label=dict(enumerate(label_names)), label2id={name: i for i, name in enumerate(label_names)},
     )
     model = MicDiffRepForImageClassification(config)
@@ -238,7 +239,7 @@ def main(args: argparse.Namespace) -> dict:
     from .pipelines import DiffusionFeaturePipeline
     from .plotting import plot_accuracy_vs_timestep, plot_confusion_matrix
     from .probing import ProbeConfig, run_probes
-    from .utils import create_accelerator, environment_info
+    from .utils import create_accelerator, environment_info, precision_dtype
 
     if not 0 < args.validation_split < 1 or not 0 < args.test_split < 1:
         raise ValueError("--validation_split and --test_split must be in (0, 1).")
@@ -249,6 +250,7 @@ def main(args: argparse.Namespace) -> dict:
     os.makedirs(args.output_dir, exist_ok=True)
     accelerator = create_accelerator()
     pipeline = load_pipeline(args.pretrained, args.resolution).to(accelerator.device)
+    pipeline.to(precision_dtype(args.mixed_precision, accelerator.device))
     pipeline.set_progress_bar_config(disable=not accelerator.is_local_main_process, desc="Extracting features")
     is_diffusion = isinstance(pipeline, DiffusionFeaturePipeline)
     if not is_diffusion:
@@ -256,7 +258,7 @@ def main(args: argparse.Namespace) -> dict:
     layers = args.layers or pipeline.layer_names
     pipeline.check_inputs(args.timesteps, layers, args.pooling, args.num_noise_samples, args.batch_size)
 
-    train, test, test_source = load_splits(args, pipeline.resolution, pipeline.config.resize_mode, accelerator)
+    train, test, test_source = load_splits(args, pipeline.preprocessing, accelerator)
     untrained = sorted({train.label_names[i] for i in test.labels.unique().tolist()} -
                        {train.label_names[i] for i in train.labels.unique().tolist()})
     if untrained:
@@ -310,8 +312,8 @@ def main(args: argparse.Namespace) -> dict:
             model = build_classifier(pipeline, probes["msfa"], results["msfa"]["layers"],
                                      results["msfa"]["timesteps"], train.label_names, args)
             model.save_pretrained(args.output_dir)
-            MicDiffRepImageProcessor(resolution=pipeline.resolution, resize_mode=pipeline.config.resize_mode
-                                     ).save_pretrained(args.output_dir)
+            MicDiffRepImageProcessor(resolution=pipeline.resolution, resize_mode=pipeline.config.resize_mode,
+                                     intensity_window=pipeline.config.intensity_window).save_pretrained(args.output_dir)
             write_model_card(args.output_dir, results)
         msfa, sl = results["msfa"]["test"]["all"], results["sl_best"]["test"]["all"]
         logger.info("MicDiffRep-MS test accuracy %.3f (macro F1 %.3f); SL-best (%s, t=%d) %.3f", msfa["accuracy"],

@@ -1,8 +1,10 @@
 """MicDiffRep for image classification: a frozen DDPM UNet as feature extractor, with an MSFA head."""
 
+import math
 from typing import Optional, Tuple, Union
 
 import torch
+from diffusers import DDPMScheduler, UNet2DModel
 from torch import nn
 from transformers import PreTrainedModel
 from transformers import initialization as init
@@ -10,7 +12,7 @@ from transformers.modeling_outputs import ImageClassifierOutputWithNoAttention
 from transformers.utils.generic import can_return_tuple
 
 from .configuration_mic_diffrep import MicDiffRepConfig
-from .unet_features import block_channels, pooled_size, unet_block_features
+from .unet_features import block_channels, feature_noise, noisy_block_features, pooled_size
 
 
 class MicDiffRepMSFAHead(nn.Module):
@@ -35,6 +37,14 @@ class MicDiffRepMSFAHead(nn.Module):
         return self.classifier(self.dropout(features))
 
 
+def ddpm_alphas_cumprod(config: MicDiffRepConfig, device=None) -> torch.Tensor:
+    """The cumulative products of the DDPM schedule of `config` (float32), computed on the CPU then moved."""
+    with torch.device("cpu"):
+        scheduler = DDPMScheduler(num_train_timesteps=config.num_train_timesteps, beta_schedule=config.beta_schedule,
+                                  beta_start=config.beta_start, beta_end=config.beta_end)
+    return scheduler.alphas_cumprod.to(device=device, dtype=torch.float32)
+
+
 class MicDiffRepPreTrainedModel(PreTrainedModel):
     config_class = MicDiffRepConfig
     base_model_prefix = "mic_diffrep"
@@ -43,15 +53,23 @@ class MicDiffRepPreTrainedModel(PreTrainedModel):
 
     @torch.no_grad()
     def _init_weights(self, module):
-        # Only the head is initialised here: the UNet keeps diffusers' own initialisation (or its loaded weights).
-        if isinstance(module, MicDiffRepMSFAHead):
-            for linear in (module.aggregate, module.classifier):
-                if linear is not None:
-                    init.normal_(linear.weight, mean=0.0, std=0.02)
-                    init.zeros_(linear.bias)
+        # PyTorch's default initialisation, which diffusers' UNet2DModel and the probe's heads use, so that weights
+        # missing from a checkpoint come back as a fresh UNet / head would; loaded weights are left alone.
+        if isinstance(module, (nn.Linear, nn.Conv2d)):
+            init.kaiming_uniform_(module.weight, a=math.sqrt(5))
+            if module.bias is not None:
+                fan_in = module.weight[0].numel()
+                bound = 1 / math.sqrt(fan_in) if fan_in > 0 else 0
+                init.uniform_(module.bias, -bound, bound)
+        elif isinstance(module, (nn.GroupNorm, nn.LayerNorm)):
+            if module.weight is not None:
+                init.ones_(module.weight)
+            if module.bias is not None:
+                init.zeros_(module.bias)
         elif isinstance(module, MicDiffRepForImageClassification):
             init.zeros_(module.feature_mean)
             init.ones_(module.feature_std)
+            init.copy_(module.alphas_cumprod, ddpm_alphas_cumprod(module.config))
 
 
 class MicDiffRepForImageClassification(MicDiffRepPreTrainedModel):
@@ -59,9 +77,17 @@ class MicDiffRepForImageClassification(MicDiffRepPreTrainedModel):
     A frozen DDPM-pretrained `UNet2DModel` whose block activations at fixed noise levels, pooled, standardised and
     concatenated, feed an MSFA head.
 
-    Inference is deterministic: the noise added to every image is fixed by `config.noise_seed`, and equals the noise
-    of `DiffusionFeaturePipeline.extract_features(..., generator=None)`, so a head trained on those features applies
-    unchanged.
+    Inference is deterministic: the noise added to an image at timestep t is drawn from `config.noise_seed`, t and the
+    draw index (`mic_diffrep.unet_features.feature_noise`), exactly as `DiffusionFeaturePipeline.extract_features(...,
+    generator=None)` draws it, so a head trained on the pipeline's features gives the same predictions here, for any
+    subset of the timesteps and layers it was trained on.
+
+    Conventions that differ from other image classifiers:
+    - The UNet is frozen: `forward` runs it under `torch.no_grad()`, so `hidden_states` (the concatenated UNet
+      features `F`, before standardisation) carry no gradient and only the head trains.
+    - The noise schedule is a non-persistent buffer (`alphas_cumprod`, rebuilt from the config, never saved). It
+      moves with `.to(device)` and is initialised after meta-device loading; after `.to(torch.bfloat16)` the exact
+      float32 values are recomputed from the config, since bf16 cannot hold them.
 
     Example:
 
@@ -77,14 +103,10 @@ class MicDiffRepForImageClassification(MicDiffRepPreTrainedModel):
 
     def __init__(self, config: MicDiffRepConfig):
         super().__init__(config)
-        from diffusers import DDPMScheduler, UNet2DModel
-
         self.num_labels = config.num_labels
         self.unet = UNet2DModel(**config.unet_config)
         self.unet.requires_grad_(False)
-        self.noise_scheduler = DDPMScheduler(
-            num_train_timesteps=config.num_train_timesteps, beta_schedule=config.beta_schedule,
-            beta_start=config.beta_start, beta_end=config.beta_end)
+        self.register_buffer("alphas_cumprod", torch.empty(config.num_train_timesteps), persistent=False)
 
         channels = block_channels(config.unet_config)
         self.feature_size = len(config.timesteps) * sum(
@@ -95,34 +117,53 @@ class MicDiffRepForImageClassification(MicDiffRepPreTrainedModel):
                                        config.classifier_dropout)
         self.post_init()
 
-    def fixed_noise(self) -> torch.Tensor:
-        """The noise added at inference, `(T, K, 1, R, R)`: drawn from `config.noise_seed` exactly as
-        `DiffusionFeaturePipeline.extract_features(..., generator=None)` draws it for every image."""
-        config, resolution = self.config, self.config.resolution
-        return torch.randn((len(config.timesteps), config.num_noise_samples, 1, resolution, resolution),
-                           generator=torch.Generator().manual_seed(config.noise_seed))
+    def noise_schedule(self) -> torch.Tensor:
+        """`alphas_cumprod` in float32 on the model's device (recomputed from the config after a cast to bf16/fp16)."""
+        if self.alphas_cumprod.dtype in (torch.float32, torch.float64):
+            return self.alphas_cumprod
+        return ddpm_alphas_cumprod(self.config, self.alphas_cumprod.device)
 
     def extract_features(self, pixel_values: torch.Tensor) -> torch.Tensor:
-        """Concatenated pooled UNet features `(B, feature_size)`, before standardisation (the MSFA input F)."""
+        """Concatenated pooled UNet features `(B, feature_size)` in float32, before standardisation (the MSFA input
+        F): timestep-major, layers in `config.layers` order, as `DiffusionFeaturesOutput.concatenate`."""
         config = self.config
-        draws = config.num_noise_samples
-        noise = self.fixed_noise().to(pixel_values.device)
-        clean = pixel_values.float().repeat_interleave(draws, dim=0)
+        batch = pixel_values.shape[0]
+        schedule = self.noise_schedule()
+        clean = pixel_values.float()
         parts = []
-        for i, t in enumerate(config.timesteps):
-            timesteps = torch.full((len(clean),), t, dtype=torch.long, device=clean.device)
-            noisy = self.noise_scheduler.add_noise(clean, noise[i].repeat(pixel_values.shape[0], 1, 1, 1), timesteps)
-            pooled = unet_block_features(self.unet, noisy.to(self.unet.dtype), timesteps, config.layers,
-                                         config.pooling, config.pooling_grid_size)
-            for layer in config.layers:
-                parts.append(pooled[layer].view(pixel_values.shape[0], draws, -1).mean(dim=1))
+        for t in config.timesteps:
+            noise = feature_noise([config.noise_seed], t, config.num_noise_samples, pixel_values.shape[1:])
+            noise = noise.to(clean.device).expand(batch, *noise.shape[1:])
+            pooled = noisy_block_features(self.unet, schedule, clean, noise, t, config.layers, config.pooling,
+                                          config.pooling_grid_size)
+            parts.extend(pooled[layer].float() for layer in config.layers)
         return torch.cat(parts, dim=1)
+
+    def compute_loss(self, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        """Cross-entropy (paper eq. 3), BCE-with-logits or MSE, by `config.problem_type` (inferred when unset, as in
+        transformers' other `*ForImageClassification` models)."""
+        labels = labels.to(logits.device)
+        if self.config.problem_type is None:
+            if self.num_labels == 1:
+                self.config.problem_type = "regression"
+            elif labels.dtype in (torch.long, torch.int):
+                self.config.problem_type = "single_label_classification"
+            else:
+                self.config.problem_type = "multi_label_classification"
+        logits = logits.float()
+        if self.config.problem_type == "regression":
+            if self.num_labels == 1:
+                return nn.functional.mse_loss(logits.squeeze(-1), labels.squeeze(-1).float())
+            return nn.functional.mse_loss(logits, labels.float())
+        if self.config.problem_type == "single_label_classification":
+            return nn.functional.cross_entropy(logits.view(-1, self.num_labels), labels.view(-1))
+        return nn.functional.binary_cross_entropy_with_logits(logits, labels.float())
 
     @can_return_tuple
     def forward(
         self,
         pixel_values: Optional[torch.FloatTensor] = None,
-        labels: Optional[torch.LongTensor] = None,
+        labels: Optional[torch.Tensor] = None,
         output_hidden_states: Optional[bool] = None,
         return_dict: Optional[bool] = None,
         **kwargs,
@@ -130,22 +171,25 @@ class MicDiffRepForImageClassification(MicDiffRepPreTrainedModel):
         r"""
         pixel_values (`torch.FloatTensor` of shape `(batch_size, 1, resolution, resolution)`):
             images in [-1, 1], as made by [`MicDiffRepImageProcessor`].
-        labels (`torch.LongTensor` of shape `(batch_size,)`, *optional*):
-            class indices; the cross-entropy loss (paper eq. 3) is returned when given.
-        output_hidden_states (`bool`, *optional*):
+        labels (`torch.Tensor`, *optional*):
+            class indices `(batch_size,)` for `single_label_classification` (the cross-entropy of paper eq. 3),
+            multi-hot `(batch_size, num_labels)` floats for `multi_label_classification`, or targets for
+            `regression` (`config.problem_type`).
+        output_hidden_states (`bool`, *optional*, defaults to `config.output_hidden_states`):
             also return the concatenated UNet features `F` (before standardisation).
         """
         if pixel_values is None:
             raise ValueError("pixel_values is required.")
-        expected = (1, self.config.resolution, self.config.resolution)
+        expected = (self.config.unet_config.get("in_channels", 1), self.config.resolution, self.config.resolution)
         if pixel_values.ndim != 4 or tuple(pixel_values.shape[1:]) != expected:
             raise ValueError(f"pixel_values must have shape (batch_size, {', '.join(map(str, expected))}), got "
                              f"{tuple(pixel_values.shape)}; use MicDiffRepImageProcessor to prepare images.")
+        output_hidden_states = (output_hidden_states if output_hidden_states is not None
+                                else self.config.output_hidden_states)
         with torch.no_grad():
             features = self.extract_features(pixel_values)
-        logits = self.head((features - self.feature_mean) / self.feature_std)
-        loss = None
-        if labels is not None:
-            loss = nn.functional.cross_entropy(logits.float(), labels.to(logits.device))
+        standardized = (features.to(self.feature_mean.dtype) - self.feature_mean) / self.feature_std
+        logits = self.head(standardized.to(self.head.classifier.weight.dtype))
+        loss = self.compute_loss(logits, labels) if labels is not None else None
         return ImageClassifierOutputWithNoAttention(
             loss=loss, logits=logits, hidden_states=(features,) if output_hidden_states else None)

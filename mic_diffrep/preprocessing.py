@@ -1,16 +1,23 @@
 """The one image preprocessing used everywhere: pretraining, feature extraction, the image processor.
 
-An image (PIL, numpy or torch; grey, RGB, RGBA, palette, CMYK or 16-bit; any size) becomes one grey channel,
-is resized to `resolution` x `resolution` keeping its aspect ratio, and is scaled to [-1, 1]:
+An image (PIL, numpy or torch; grey, RGB, RGBA, palette, CMYK, 16-bit or float; any size) becomes one grey channel,
+is windowed to 8 bits, resized to `resolution` x `resolution` keeping its aspect ratio, and scaled to [-1, 1]:
 
-1. `to_grayscale`: one 8-bit channel. Colour images go through PIL's ITU-R 601-2 luma transform; 16/32-bit and
-   float images are min-max scaled per image to 0..255 (medical images rarely use the full 16-bit range).
-2. `resize_image`: `resize_mode="pad"` (default) scales the longer side to `resolution` and pads the shorter
+1. `to_grayscale`: one grey channel at the image's own bit depth. Colour images go through PIL's ITU-R 601-2 luma
+   transform; float images are read as [0, 1].
+2. `window_intensities`, the intensity rule (`intensity_window`), the same for every input so that training and
+   inference agree:
+   - `"percentile"` (default): the image's 0.5th..99.5th intensity percentiles are mapped linearly to 0..255 and
+     values outside are clipped. This is the usual MRI display window, and it is invariant to the bit depth and
+     linear scaling of the file: an 8-bit slice and a 16-bit copy of it (values x 257) give the same pixels.
+   - `"none"`: 8-bit images are kept as they are; deeper images are min-max scaled to 0..255.
+   A constant image stays as it is (8-bit) or becomes black.
+3. `resize_image`: `resize_mode="pad"` (default) scales the longer side to `resolution` and pads the shorter
    one with black (the MRI background) so no anatomy is cut; `"center_crop"` scales the shorter side and
    crops the centre. Both use bicubic resampling with antialiasing. Square images give the same result.
-3. `pixels_to_model_input`: uint8 0..255 -> float -1..1 (`x / 127.5 - 1`).
+4. `pixels_to_model_input`: uint8 0..255 -> float -1..1 (`(x / 255 - 0.5) / 0.5`).
 
-Steps 1-2 produce uint8 pixels: training decodes every file once into that form and caches it, so the
+Steps 1-3 produce uint8 pixels: training decodes every file once into that form and caches it, so the
 network sees exactly what `preprocess_images` gives for the same file.
 
 Example:
@@ -23,7 +30,9 @@ torch.Size([1, 1, 16, 16])
 ```
 """
 
-from typing import List, Sequence, Union
+import os
+from dataclasses import dataclass
+from typing import List, Optional, Sequence, Tuple, Union
 
 import numpy as np
 import PIL.Image
@@ -31,58 +40,65 @@ import torch
 
 
 RESIZE_MODES = ("pad", "center_crop")
+INTENSITY_WINDOWS = ("percentile", "none")
+WINDOW_PERCENTILES = (0.5, 99.5)
 
-ImageInput = Union[PIL.Image.Image, np.ndarray, torch.Tensor]
+ImageInput = Union[PIL.Image.Image, np.ndarray, torch.Tensor, str, os.PathLike]
+
+_DEEP_MODES = ("I", "I;16", "I;16B", "I;16L", "I;16N", "F")
 
 
-def _array_to_pil(array: np.ndarray) -> PIL.Image.Image:
-    """Numpy HW / HWC array (uint8, uint16, bool or float in [0, 1]) to a PIL image."""
+def check_choice(value, choices, name: str) -> None:
+    """Raises a `ValueError` naming `name` unless `value` is one of `choices`."""
+    if value not in choices:
+        raise ValueError(f"`{name}` must be one of {choices}, got {value!r}.")
+
+
+def _grey_from_array(array: np.ndarray) -> np.ndarray:
+    """Numpy HW / HWC array to a 2-D grey array: uint8 for 8-bit data, float64 at full depth otherwise."""
     if array.ndim == 3 and array.shape[-1] == 1:
         array = array[..., 0]
     if array.ndim not in (2, 3) or (array.ndim == 3 and array.shape[-1] not in (3, 4)):
         raise ValueError(
             f"Expected an image array of shape (H, W), (H, W, 1), (H, W, 3) or (H, W, 4), got {array.shape}."
         )
-    if array.dtype == np.uint8:
-        return PIL.Image.fromarray(array)
     if array.dtype == np.bool_:
-        return PIL.Image.fromarray(array.astype(np.uint8) * 255)
-    if np.issubdtype(array.dtype, np.integer):
-        return PIL.Image.fromarray(_min_max_to_uint8(array.astype(np.float64)))
+        array = array.astype(np.uint8) * 255
+    if array.dtype == np.uint8:
+        return np.asarray(PIL.Image.fromarray(array).convert("L")) if array.ndim == 3 else array
     if np.issubdtype(array.dtype, np.floating):
         if not np.isfinite(array).all():
             raise ValueError("Image array contains NaN or inf values.")
-        return PIL.Image.fromarray((np.clip(array, 0.0, 1.0) * 255.0).round().astype(np.uint8))
-    raise ValueError(f"Unsupported image array dtype {array.dtype}.")
+        array = np.clip(array.astype(np.float64), 0.0, 1.0) * 255.0
+    elif not np.issubdtype(array.dtype, np.integer):
+        raise ValueError(f"Unsupported image array dtype {array.dtype}.")
+    array = array.astype(np.float64)
+    return array[..., :3].mean(axis=-1) if array.ndim == 3 else array
 
 
-def _min_max_to_uint8(array: np.ndarray) -> np.ndarray:
-    if array.ndim == 3:
-        array = array[..., :3].mean(axis=-1)
-    low, high = float(array.min()), float(array.max())
-    if high <= low:
-        return np.zeros(array.shape, dtype=np.uint8)
-    return ((array - low) * (255.0 / (high - low))).round().astype(np.uint8)
+def to_grayscale(image: ImageInput) -> np.ndarray:
+    """`image` as a 2-D grey numpy array at its own depth: uint8 for 8-bit and colour images, float64 for 16-bit,
+    32-bit and float ones (floats read as [0, 1], scaled to 0..255).
 
-
-def to_grayscale(image: ImageInput) -> PIL.Image.Image:
-    """Returns `image` as an 8-bit single-channel ("L") PIL image.
-
-    Tensors are `(C, H, W)` or `(H, W)`, numpy arrays `(H, W, C)` or `(H, W)`; float values are read as [0, 1].
+    Tensors are `(C, H, W)` or `(H, W)`, numpy arrays `(H, W, C)` or `(H, W)`; file paths are opened with PIL.
     """
+    if isinstance(image, (str, os.PathLike)):
+        with PIL.Image.open(image) as opened:
+            opened.load()
+            return to_grayscale(opened)
     if isinstance(image, torch.Tensor):
         tensor = image.detach().cpu()
         if tensor.ndim == 3:
             tensor = tensor.permute(1, 2, 0)
         image = tensor.float().numpy() if tensor.dtype in (torch.bfloat16, torch.float16) else tensor.numpy()
     if isinstance(image, np.ndarray):
-        image = _array_to_pil(image)
+        return _grey_from_array(image)
     if not isinstance(image, PIL.Image.Image):
-        raise TypeError(f"Expected a PIL image, numpy array or torch tensor, got {type(image).__name__}.")
+        raise TypeError(f"Expected a PIL image, numpy array, torch tensor or file path, got {type(image).__name__}.")
     if image.mode == "L":
-        return image
-    if image.mode in ("I", "I;16", "I;16B", "I;16L", "I;16N", "F"):
-        return PIL.Image.fromarray(_min_max_to_uint8(np.asarray(image, dtype=np.float64)))
+        return np.asarray(image)
+    if image.mode in _DEEP_MODES:
+        return np.asarray(image, dtype=np.float64)
     if image.mode in ("RGBA", "LA", "PA") or (image.mode == "P" and "transparency" in image.info):
         # Composite transparent pixels onto black, the background of an MRI slice.
         rgba = image.convert("RGBA")
@@ -90,14 +106,34 @@ def to_grayscale(image: ImageInput) -> PIL.Image.Image:
         image = PIL.Image.alpha_composite(background, rgba)
     if image.mode != "RGB":  # CMYK, YCbCr, palette, ...: PIL converts these to L only through RGB
         image = image.convert("RGB")
-    return image.convert("L")
+    return np.asarray(image.convert("L"))
+
+
+def window_intensities(grey: np.ndarray, intensity_window: str = "percentile",
+                       window: Optional[Tuple[float, float]] = None) -> np.ndarray:
+    """Maps a 2-D grey array to uint8 0..255 by the intensity rule `intensity_window` (see the module docstring).
+
+    `window` (`(low, high)` intensities), when given, wins over the rule: a DICOM file's own window, say.
+    """
+    check_choice(intensity_window, INTENSITY_WINDOWS, "intensity_window")
+    if window is None:
+        if intensity_window == "none" and grey.dtype == np.uint8:
+            return grey
+        if intensity_window == "percentile":
+            window = tuple(float(v) for v in np.percentile(grey, WINDOW_PERCENTILES))
+        if window is None or window[1] <= window[0]:
+            window = (float(grey.min()), float(grey.max()))
+    low, high = window
+    if high <= low:
+        return grey.copy() if grey.dtype == np.uint8 else np.zeros(grey.shape, dtype=np.uint8)
+    scaled = (np.asarray(grey, dtype=np.float64) - low) * (255.0 / (high - low))
+    return np.clip(scaled, 0.0, 255.0).round().astype(np.uint8)
 
 
 def resize_image(image: PIL.Image.Image, resolution: int, resize_mode: str = "pad") -> PIL.Image.Image:
     """Resizes a grey image to a `resolution` x `resolution` square, keeping its aspect ratio."""
     check_resolution(resolution)
-    if resize_mode not in RESIZE_MODES:
-        raise ValueError(f"resize_mode must be one of {RESIZE_MODES}, got {resize_mode!r}.")
+    check_choice(resize_mode, RESIZE_MODES, "resize_mode")
     width, height = image.size
     if (width, height) == (resolution, resolution):
         return image
@@ -128,29 +164,72 @@ def check_resolution(resolution, name: str = "resolution", multiple_of: int = 1)
         )
 
 
-def image_to_pixels(image: ImageInput, resolution: int, resize_mode: str = "pad") -> torch.Tensor:
-    """Grey, resized uint8 pixels of shape `(1, resolution, resolution)`: what the decode cache stores."""
-    grey = resize_image(to_grayscale(image), resolution, resize_mode)
-    return torch.from_numpy(np.array(grey, dtype=np.uint8, copy=True)).unsqueeze(0)
+def image_to_pixels(image: ImageInput, resolution: int, resize_mode: str = "pad",
+                    intensity_window: str = "percentile") -> torch.Tensor:
+    """Grey, windowed, resized uint8 pixels of shape `(1, resolution, resolution)`: what the decode cache stores."""
+    grey = PIL.Image.fromarray(window_intensities(to_grayscale(image), intensity_window))
+    resized = resize_image(grey, resolution, resize_mode)
+    return torch.from_numpy(np.array(resized, dtype=np.uint8, copy=True)).unsqueeze(0)
 
 
-def pixels_to_model_input(pixels: torch.Tensor) -> torch.Tensor:
-    """uint8 pixels in [0, 255] to float model input in [-1, 1]."""
-    return pixels.float() / 127.5 - 1.0
+@dataclass(frozen=True)
+class ImagePreprocessing:
+    """The preprocessing settings of a model: `ImagePreprocessing(64)(image)` gives uint8 `(1, 64, 64)` pixels.
+
+    Pipelines (`pipe.preprocessing`), image processors and baselines carry one, and every decode path takes one, so
+    training and inference cannot disagree.
+    """
+
+    resolution: int
+    resize_mode: str = "pad"
+    intensity_window: str = "percentile"
+
+    def __post_init__(self):
+        check_resolution(self.resolution)
+        check_choice(self.resize_mode, RESIZE_MODES, "resize_mode")
+        check_choice(self.intensity_window, INTENSITY_WINDOWS, "intensity_window")
+
+    @classmethod
+    def of(cls, preprocessing: Union["ImagePreprocessing", int]) -> "ImagePreprocessing":
+        """`preprocessing` itself, or the default settings at that resolution when given an int."""
+        return preprocessing if isinstance(preprocessing, cls) else cls(preprocessing)
+
+    def __call__(self, image: ImageInput) -> torch.Tensor:
+        return image_to_pixels(image, self.resolution, self.resize_mode, self.intensity_window)
+
+
+def pixels_to_model_input(pixels: torch.Tensor, rescale_factor: Optional[float] = 1 / 255,
+                          normalize: Optional[Tuple[float, float]] = (0.5, 0.5)) -> torch.Tensor:
+    """uint8 pixels in [0, 255] to float model input in [-1, 1]: `(x * rescale_factor - mean) / std`, as
+    transformers' image processors rescale and normalise (`None` skips a step)."""
+    x = pixels.float()
+    if rescale_factor is not None:
+        x = x * rescale_factor
+    if normalize is not None:
+        x = (x - normalize[0]) / normalize[1]
+    return x
+
+
+def as_image_list(images) -> list:
+    """One image or a batch as a list of images; a 4-D tensor or array is a batch (`(N, C, H, W)` for tensors,
+    `(N, H, W, C)` for arrays)."""
+    if isinstance(images, (PIL.Image.Image, str, os.PathLike)) or (
+        isinstance(images, (np.ndarray, torch.Tensor)) and images.ndim <= 3
+    ):
+        return [images]
+    return list(images)
 
 
 def preprocess_images(
-    images: Union[ImageInput, Sequence[ImageInput]], resolution: int, resize_mode: str = "pad"
+    images: Union[ImageInput, Sequence[ImageInput]], resolution: int, resize_mode: str = "pad",
+    intensity_window: str = "percentile",
 ) -> torch.Tensor:
     """Preprocesses one image or a list of images into a float tensor `(N, 1, resolution, resolution)` in [-1, 1].
 
     A 4-D tensor or array is read as a batch (`(N, C, H, W)` for tensors, `(N, H, W, C)` for arrays).
     """
-    if isinstance(images, (PIL.Image.Image,)) or (
-        isinstance(images, (np.ndarray, torch.Tensor)) and images.ndim <= 3
-    ):
-        images = [images]
-    pixels: List[torch.Tensor] = [image_to_pixels(image, resolution, resize_mode) for image in images]
+    pixels: List[torch.Tensor] = [image_to_pixels(image, resolution, resize_mode, intensity_window)
+                                  for image in as_image_list(images)]
     if not pixels:
         raise ValueError("No images to preprocess.")
     return pixels_to_model_input(torch.stack(pixels))

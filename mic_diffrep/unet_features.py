@@ -1,7 +1,13 @@
-"""Pooled activations of UNet blocks from one hooked forward pass.
+"""Pooled activations of UNet blocks for noised images: the noise, and one hooked forward pass.
 
 Shared by `DiffusionFeaturePipeline.extract_features` and `MicDiffRepForImageClassification`, so probe features and
-classifier features are the same computation.
+classifier features are the same computation:
+
+- `feature_noise`: the noise added to an image is a function of `(noise seed, timestep, noise draw)` only, never of
+  the position of the timestep in a list, so features at t=300 are the same whether 300 was asked for alone or
+  as part of a sweep.
+- `noisy_block_features`: `x_t = sqrt(alpha_bar_t) x_0 + sqrt(1 - alpha_bar_t) noise`, one UNet forward with
+  hooks on the requested blocks, pooled, averaged over the noise draws.
 
 ```python
 >>> import torch
@@ -18,6 +24,7 @@ torch.Size([2, 16])
 
 from typing import Dict, List, Sequence
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
@@ -119,3 +126,44 @@ def unet_block_features(unet, noisy_images: torch.Tensor, timestep, layers: Sequ
         for handle in handles:
             handle.remove()
     return {name: captured[name] for name in layers}
+
+
+def noise_seed_for(*keys: int) -> int:
+    """A 63-bit seed derived from integers, well mixed by `numpy.SeedSequence`."""
+    state = np.random.SeedSequence([int(k) for k in keys]).generate_state(1, dtype=np.uint64)[0]
+    return int(state) & (2**63 - 1)
+
+
+def feature_noise(seeds: Sequence[int], timestep: int, num_noise_samples: int, shape: Sequence[int]) -> torch.Tensor:
+    """The noise added at `timestep` to images with per-image noise `seeds`: shape `(B, K, *shape)`, float32, CPU.
+
+    Draw `k` of an image with seed `s` comes from a generator seeded with `noise_seed_for(s, timestep, k)`, so it
+    depends on the image's seed, the timestep and the draw, and on nothing else (not on the batch, nor on which
+    other timesteps are extracted). Images sharing a seed share their noise (the fixed noise of the classifier).
+    """
+    draws = {}
+    for seed in dict.fromkeys(int(s) for s in seeds):
+        draws[seed] = torch.stack([
+            torch.randn(tuple(shape), generator=torch.Generator().manual_seed(noise_seed_for(seed, timestep, k)))
+            for k in range(num_noise_samples)])
+    return torch.stack([draws[int(s)] for s in seeds])
+
+
+def add_noise(alphas_cumprod: torch.Tensor, clean: torch.Tensor, noise: torch.Tensor, timestep: int) -> torch.Tensor:
+    """`sqrt(alpha_bar_t) * clean + sqrt(1 - alpha_bar_t) * noise` in float32 (DDPM's forward process at one `t`)."""
+    alpha_bar = alphas_cumprod[int(timestep)].to(device=clean.device, dtype=torch.float32)
+    return alpha_bar.sqrt() * clean.float() + (1 - alpha_bar).sqrt() * noise.float()
+
+
+def noisy_block_features(unet, alphas_cumprod: torch.Tensor, clean: torch.Tensor, noise: torch.Tensor, timestep: int,
+                         layers: Sequence[str], pooling: str = "avg", grid_size: int = 2) -> Dict[str, torch.Tensor]:
+    """Pooled features `(B, D)` of each block in `layers` for `clean` images `(B, C, R, R)` in [-1, 1], noised to
+    `timestep` with `noise` `(B, K, C, R, R)`: the K draws are folded into one batch and their features averaged.
+
+    The noised images are cast to the UNet's dtype, so a bf16 UNet (`unet.to(torch.bfloat16)`) runs in bf16.
+    """
+    batch, draws = noise.shape[:2]
+    clean = clean.repeat_interleave(draws, dim=0)
+    noisy = add_noise(alphas_cumprod, clean, noise.flatten(0, 1).to(clean.device), timestep).to(unet.dtype)
+    pooled = unet_block_features(unet, noisy, timestep, layers, pooling, grid_size)
+    return {name: value.view(batch, draws, -1).mean(dim=1) for name, value in pooled.items()}

@@ -25,6 +25,13 @@ def check_mixed_precision(mixed_precision: Optional[str], device: torch.device) 
         )
 
 
+def precision_dtype(mixed_precision: Optional[str], device="cpu") -> torch.dtype:
+    """The dtype that `--mixed_precision` ("no", "fp16", "bf16") asks features and inference to run in (fp16 is
+    refused on CPU)."""
+    check_mixed_precision(mixed_precision, device)
+    return {"bf16": torch.bfloat16, "fp16": torch.float16}.get(mixed_precision, torch.float32)
+
+
 def autocast(device: torch.device, mixed_precision: Optional[str] = None):
     """An autocast context for `mixed_precision` ("no", "fp16", "bf16") on `device`, or a no-op."""
     check_mixed_precision(mixed_precision, device)

@@ -6,6 +6,7 @@ This file is also a diffusers custom pipeline: copy it next to a pretrained fold
 (it needs `pip install mic-diffrep` for the shared preprocessing).
 """
 
+import sys
 from dataclasses import dataclass
 from typing import Dict, List, Optional, Sequence, Tuple, Union
 
@@ -15,9 +16,12 @@ import torch
 from diffusers import DiffusionPipeline, ImagePipelineOutput, SchedulerMixin, UNet2DModel
 from diffusers.utils import BaseOutput, replace_example_docstring
 from diffusers.utils.torch_utils import randn_tensor
+from tqdm.auto import tqdm
 
-from mic_diffrep.preprocessing import RESIZE_MODES, image_to_pixels, pixels_to_model_input, to_grayscale
-from mic_diffrep.unet_features import POOLING_CHOICES, block_names, check_layers, unet_block_features
+from mic_diffrep.preprocessing import (INTENSITY_WINDOWS, RESIZE_MODES, ImagePreprocessing, as_image_list,
+                                       check_choice, pixels_to_model_input)
+from mic_diffrep.unet_features import (POOLING_CHOICES, block_names, check_layers, feature_noise,
+                                       noisy_block_features)
 
 
 EXAMPLE_DOC_STRING = """
@@ -28,8 +32,8 @@ EXAMPLE_DOC_STRING = """
         >>> from diffusers import DDIMScheduler
         >>> from mic_diffrep import DiffusionFeaturePipeline
 
-        >>> pipe = DiffusionFeaturePipeline.from_pretrained("runs/pretrain")
-        >>> images = [PIL.Image.open(p) for p in ["a.jpg", "b.jpg"]]
+        >>> pipe = DiffusionFeaturePipeline.from_pretrained("runs/pretrain", torch_dtype=torch.bfloat16)
+        >>> images = ["a.jpg", "b.jpg"]  # or PIL images, numpy arrays, tensors
         >>> out = pipe.extract_features(images, timesteps=[10, 100], generator=torch.Generator().manual_seed(0))
         >>> out.features[("up_blocks.1", 100)].shape  # (N, C)
         >>> samples = pipe(batch_size=4, num_inference_steps=1000).images  # DDPM, as in the paper
@@ -68,22 +72,29 @@ class DiffusionFeaturePipeline(DiffusionPipeline):
     `extract_features` noises images to chosen timesteps, runs the UNet once per timestep with forward hooks on the
     requested blocks, and pools their activations. `__call__` generates images with the pipeline's scheduler.
 
+    Precision follows the UNet, as in every diffusers pipeline: `from_pretrained(..., torch_dtype=torch.bfloat16)`
+    or `pipe.to(torch.bfloat16)` runs both in bf16 (about 2x faster on CPUs with AMX/AVX-512-BF16); features are
+    returned in float32. Progress bars follow `set_progress_bar_config` (e.g. `disable=True`).
+
     Args:
         unet ([`UNet2DModel`]): the denoising UNet (one grey input channel for MRI).
         scheduler ([`SchedulerMixin`]): the noise schedule, a [`DDPMScheduler`] from pretraining; any compatible
             scheduler (e.g. [`DDIMScheduler`]) for generation.
         resize_mode (`str`, *optional*, defaults to `"pad"`): how images of another aspect ratio are made square
             (`"pad"` or `"center_crop"`); stored in `model_index.json` so features use pretraining's preprocessing.
+        intensity_window (`str`, *optional*, defaults to `"percentile"`): the intensity rule of pretraining
+            (`"percentile"` or `"none"`, see `mic_diffrep.preprocessing`).
     """
 
     model_cpu_offload_seq = "unet"
 
-    def __init__(self, unet: UNet2DModel, scheduler: SchedulerMixin, resize_mode: str = "pad"):
+    def __init__(self, unet: UNet2DModel, scheduler: SchedulerMixin, resize_mode: str = "pad",
+                 intensity_window: str = "percentile"):
         super().__init__()
-        if resize_mode not in RESIZE_MODES:
-            raise ValueError(f"resize_mode must be one of {RESIZE_MODES}, got {resize_mode!r}.")
+        check_choice(resize_mode, RESIZE_MODES, "resize_mode")
+        check_choice(intensity_window, INTENSITY_WINDOWS, "intensity_window")
         self.register_modules(unet=unet, scheduler=scheduler)
-        self.register_to_config(resize_mode=resize_mode)
+        self.register_to_config(resize_mode=resize_mode, intensity_window=intensity_window)
 
     @property
     def resolution(self) -> int:
@@ -91,49 +102,48 @@ class DiffusionFeaturePipeline(DiffusionPipeline):
         return size if isinstance(size, int) else size[0]
 
     @property
+    def preprocessing(self) -> ImagePreprocessing:
+        """The preprocessing of pretraining (resolution, resize mode, intensity window)."""
+        return ImagePreprocessing(self.resolution, self.config.resize_mode, self.config.intensity_window)
+
+    @property
     def layer_names(self) -> List[str]:
         return block_names(self.unet)
+
+    def progress_bar(self, iterable=None, total=None, desc: Optional[str] = None):
+        """tqdm over `iterable` with a label; in a log file (not a terminal) it writes a line every 30 s at most.
+        `set_progress_bar_config(...)` overrides these settings."""
+        config = {"desc": desc, "mininterval": 0.1 if sys.stderr.isatty() else 30.0,
+                  **getattr(self, "_progress_bar_config", {})}
+        return tqdm(iterable, total=total, **config)
 
     def check_inputs(self, timesteps, layers, pooling, num_noise_samples, batch_size):
         num_train_timesteps = self.scheduler.config.num_train_timesteps
         bad = [t for t in timesteps if not isinstance(t, (int, np.integer)) or not 0 <= int(t) < num_train_timesteps]
         if not timesteps or bad:
             raise ValueError(
-                f"timesteps must be a non-empty list of integers in [0, {num_train_timesteps}), got {list(timesteps)}."
+                f"`timesteps` must be a non-empty list of integers in [0, {num_train_timesteps}), got {list(timesteps)}."
             )
         check_layers(layers, self.layer_names)
-        if pooling not in POOLING_CHOICES:
-            raise ValueError(f"pooling must be one of {POOLING_CHOICES}, got {pooling!r}.")
+        check_choice(pooling, POOLING_CHOICES, "pooling")
         if num_noise_samples < 1 or batch_size < 1:
-            raise ValueError("num_noise_samples and batch_size must be at least 1.")
+            raise ValueError("`num_noise_samples` and `batch_size` must be at least 1.")
 
     def prepare_pixels(self, images) -> torch.Tensor:
-        """Images (list of PIL / numpy / tensors / file paths, or a batch tensor) to uint8 `(N, 1, R, R)` pixels.
+        """Images (PIL / numpy / tensors / file paths, one or a list, or a batch tensor) to uint8 `(N, 1, R, R)`.
 
         Uses the shared preprocessing of pretraining; uint8 `(N, 1, R, R)` pixels (a decode cache) pass through.
         """
-        resolution, resize_mode = self.resolution, self.config.resize_mode
-        if isinstance(images, torch.Tensor) and images.ndim == 4:
-            if images.dtype == torch.uint8 and tuple(images.shape[1:]) == (1, resolution, resolution):
-                return images.cpu()
-            images = list(images)
-        elif isinstance(images, np.ndarray) and images.ndim == 4:
-            images = list(images)
-        elif isinstance(images, (PIL.Image.Image, str)) or (
-            isinstance(images, (np.ndarray, torch.Tensor)) and images.ndim <= 3
-        ):
-            images = [images]
-        pixels = []
-        for image in images:
-            if isinstance(image, str):
-                with PIL.Image.open(image) as opened:
-                    image = to_grayscale(opened)
-            pixels.append(image_to_pixels(image, resolution, resize_mode))
+        resolution = self.resolution
+        if (isinstance(images, torch.Tensor) and images.ndim == 4 and images.dtype == torch.uint8
+                and tuple(images.shape[1:]) == (1, resolution, resolution)):
+            return images.cpu()
+        pixels = [self.preprocessing(image) for image in as_image_list(images)]
         if not pixels:
             raise ValueError("No images given.")
         return torch.stack(pixels)
 
-    def prepare_noise(self, num_images: int, generator=None, noise_seeds=None) -> torch.Tensor:
+    def prepare_noise_seeds(self, num_images: int, generator=None, noise_seeds=None) -> torch.Tensor:
         """One noise seed per image, fixed up front, so an image's noise does not depend on the batch size.
 
         `noise_seeds` (one int per image) wins; else seeds are drawn from `generator`; with neither, every image
@@ -143,34 +153,30 @@ class DiffusionFeaturePipeline(DiffusionPipeline):
         if noise_seeds is not None:
             noise_seeds = torch.as_tensor(noise_seeds, dtype=torch.long).cpu()
             if noise_seeds.shape != (num_images,):
-                raise ValueError(f"noise_seeds must hold one seed per image ({num_images}), got {tuple(noise_seeds.shape)}.")
+                raise ValueError(f"`noise_seeds` must hold one seed per image ({num_images}), got "
+                                 f"{tuple(noise_seeds.shape)}.")
             return noise_seeds
         if generator is None:
             return torch.zeros(num_images, dtype=torch.long)
         if isinstance(generator, list):
-            raise ValueError("extract_features takes one torch.Generator, not a list.")
+            raise ValueError("`extract_features` takes one torch.Generator, not a list.")
         return torch.randint(0, 2**62, (num_images,), generator=generator, device=generator.device).cpu()
 
-    def _noise_for(self, seeds: torch.Tensor, num_timesteps: int, num_noise_samples: int) -> torch.Tensor:
-        shape = (num_timesteps, num_noise_samples, 1, self.resolution, self.resolution)
-        noise = [torch.randn(shape, generator=torch.Generator().manual_seed(int(s))) for s in seeds.tolist()]
-        return torch.stack(noise, dim=1)  # (T, B, K, 1, R, R)
-
-    @torch.no_grad()
+    @torch.inference_mode()
     def extract_features(
         self,
         images,
         timesteps: Sequence[int] = (10, 100, 250),
         layers: Optional[Sequence[str]] = None,
+        *,
         pooling: str = "avg",
         pooling_grid_size: int = 2,
         num_noise_samples: int = 1,
         generator: Optional[torch.Generator] = None,
-        batch_size: int = 64,
-        mixed_precision: Optional[str] = None,
         noise_seeds: Optional[Sequence[int]] = None,
-        show_progress: bool = True,
-    ) -> DiffusionFeaturesOutput:
+        batch_size: int = 64,
+        return_dict: bool = True,
+    ) -> Union[DiffusionFeaturesOutput, Tuple]:
         r"""
         Pooled activations of UNet blocks for noised images.
 
@@ -184,51 +190,48 @@ class DiffusionFeaturePipeline(DiffusionPipeline):
             pooling_grid_size (`int`, defaults to 2): grid size for `pooling="grid"`.
             num_noise_samples (`int`, defaults to 1): noise draws per image, whose pooled features are averaged.
             generator (`torch.Generator`, *optional*): random noise per image; `None` uses one fixed noise for all.
-            batch_size (`int`, defaults to 64): images per UNet forward (times `num_noise_samples`).
-            mixed_precision (`str`, *optional*): `"bf16"` autocasts the UNet (fast on CPUs with AMX).
             noise_seeds (`Sequence[int]`, *optional*): one noise seed per image instead of `generator` (sharded
                 extraction passes each process its images' seeds).
+            batch_size (`int`, defaults to 64): images per UNet forward (times `num_noise_samples`).
+            return_dict (`bool`, defaults to `True`): return a [`DiffusionFeaturesOutput`] rather than a tuple.
+
+        The noise of an image is a function of its noise seed, the timestep and the draw only (`feature_noise`), so
+        a timestep gives the same features alone or within a sweep.
 
         Returns:
-            [`DiffusionFeaturesOutput`] with `features[(layer, t)]` of shape `(N, C)`.
+            [`DiffusionFeaturesOutput`] with `features[(layer, t)]` of shape `(N, C)`, or `(features, layers,
+            timesteps)` when `return_dict=False`.
         """
-        timesteps = [int(t) for t in timesteps]
+        # 1. Check inputs
+        timesteps = [int(t) if isinstance(t, (int, np.integer)) else t for t in timesteps]
         layers = self.layer_names if layers is None else list(layers)
         self.check_inputs(timesteps, layers, pooling, num_noise_samples, batch_size)
         order = {name: i for i, name in enumerate(self.layer_names)}
         layers = sorted(dict.fromkeys(layers), key=order.__getitem__)
 
+        # 2. Preprocess images and fix each image's noise seed
         pixels = self.prepare_pixels(images)
-        seeds = self.prepare_noise(len(pixels), generator, noise_seeds)
+        seeds = self.prepare_noise_seeds(len(pixels), generator, noise_seeds)
+        alphas_cumprod = self.scheduler.alphas_cumprod
+        shape = (self.unet.config.in_channels, self.resolution, self.resolution)
+
+        # 3. One hooked UNet forward per batch and timestep
         collected = {(layer, t): [] for layer in layers for t in timesteps}
-
-        from mic_diffrep.utils import autocast
-
-        with autocast(self.device, mixed_precision):
-            starts = range(0, len(pixels), batch_size)
-            for start in self.progress_bar(starts) if show_progress else starts:
-                clean = pixels_to_model_input(pixels[start : start + batch_size]).to(self.device)
-                noise = self._noise_for(seeds[start : start + batch_size], len(timesteps), num_noise_samples)
-                for i, t in enumerate(timesteps):
-                    pooled = self.forward_hooked(clean, noise[i].to(self.device), t, layers, pooling, pooling_grid_size)
-                    for layer in layers:
-                        collected[(layer, t)].append(pooled[layer].cpu())
+        for start in self.progress_bar(range(0, len(pixels), batch_size), desc="Extracting features"):
+            clean = pixels_to_model_input(pixels[start : start + batch_size]).to(self.device)
+            batch_seeds = seeds[start : start + batch_size].tolist()
+            for t in timesteps:
+                noise = feature_noise(batch_seeds, t, num_noise_samples, shape).to(self.device)
+                pooled = noisy_block_features(self.unet, alphas_cumprod, clean, noise, t, layers, pooling,
+                                              pooling_grid_size)
+                for layer in layers:
+                    collected[(layer, t)].append(pooled[layer].float().cpu())
         features = {key: torch.cat(chunks) for key, chunks in collected.items()}
+        if not return_dict:
+            return features, layers, timesteps
         return DiffusionFeaturesOutput(features=features, layers=layers, timesteps=timesteps)
 
-    def forward_hooked(self, clean, noise, timestep, layers, pooling="avg", pooling_grid_size=2):
-        """One UNet forward at `timestep` with hooks on `layers`; returns pooled `(B, D)` features per layer.
-
-        `noise` has shape `(B, K, 1, R, R)`: the K draws are folded into the batch and their features averaged.
-        """
-        batch, draws = noise.shape[:2]
-        clean = clean.to(noise.dtype).repeat_interleave(draws, dim=0)
-        t = torch.full((batch * draws,), timestep, device=clean.device, dtype=torch.long)
-        noisy = self.scheduler.add_noise(clean, noise.flatten(0, 1), t).to(self.unet.dtype)
-        pooled = unet_block_features(self.unet, noisy, t, layers, pooling, pooling_grid_size)
-        return {name: value.view(batch, draws, -1).mean(dim=1) for name, value in pooled.items()}
-
-    @torch.no_grad()
+    @torch.inference_mode()
     @replace_example_docstring(EXAMPLE_DOC_STRING)
     def __call__(
         self,
@@ -237,8 +240,6 @@ class DiffusionFeaturePipeline(DiffusionPipeline):
         num_inference_steps: int = 1000,
         output_type: str = "pil",
         return_dict: bool = True,
-        mixed_precision: Optional[str] = None,
-        show_progress: bool = True,
     ) -> Union[ImagePipelineOutput, Tuple]:
         r"""
         Generates images by reverse diffusion with the pipeline's scheduler (DDPM, 1000 steps, as in the paper).
@@ -250,27 +251,23 @@ class DiffusionFeaturePipeline(DiffusionPipeline):
             output_type (`str`, defaults to `"pil"`): `"pil"` (grey PIL images), `"np"` (`(N, H, W, 1)` in [0, 1])
                 or `"pt"` (`(N, 1, H, W)` in [0, 1]).
             return_dict (`bool`, defaults to `True`): return an [`ImagePipelineOutput`] rather than a tuple.
-            mixed_precision (`str`, *optional*): `"bf16"` autocasts the UNet.
 
         Examples:
         """
-        if output_type not in ("pil", "np", "pt"):
-            raise ValueError(f"output_type must be 'pil', 'np' or 'pt', got {output_type!r}.")
-        from mic_diffrep.utils import autocast
+        check_choice(output_type, ("pil", "np", "pt"), "output_type")
 
         # 1. Sample Gaussian noise
         shape = (batch_size, self.unet.config.in_channels, self.resolution, self.resolution)
-        image = randn_tensor(shape, generator=generator, device=self.device, dtype=self.unet.dtype)
+        image = randn_tensor(shape, generator=generator, device=self.device, dtype=torch.float32)
 
         # 2. Set the timesteps
         self.scheduler.set_timesteps(num_inference_steps)
 
-        with autocast(self.device, mixed_precision):
-            for t in self.progress_bar(self.scheduler.timesteps) if show_progress else self.scheduler.timesteps:
-                # 3. Predict the noise
-                model_output = self.unet(image, t).sample.to(image.dtype)
-                # 4. Compute the previous noisy sample x_t -> x_t-1
-                image = self.scheduler.step(model_output, t, image, generator=generator).prev_sample
+        for t in self.progress_bar(self.scheduler.timesteps, desc="Sampling"):
+            # 3. Predict the noise (in the UNet's dtype; the scheduler step stays in float32)
+            model_output = self.unet(image.to(self.unet.dtype), t).sample.float()
+            # 4. Compute the previous noisy sample x_t -> x_t-1
+            image = self.scheduler.step(model_output, t, image, generator=generator).prev_sample
 
         image = (image / 2 + 0.5).clamp(0, 1).float()
         if output_type == "pt":

@@ -64,7 +64,7 @@ def test_forward_shapes_loss_and_tuple_output(model):
 def test_model_features_equal_pipeline_fixed_noise_features(model):
     pixels = torch.randint(0, 256, (3, 1, 16, 16), dtype=torch.uint8)
     pipe = DiffusionFeaturePipeline(model.unet, create_scheduler())
-    out = pipe.extract_features(pixels, timesteps=[5, 50], show_progress=False)
+    out = pipe.extract_features(pixels, timesteps=[5, 50])
     torch.testing.assert_close(model.extract_features(pixels_to_model_input(pixels)),
                                out.concatenate(layers=model.config.layers), rtol=0, atol=0)
 

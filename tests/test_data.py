@@ -32,12 +32,12 @@ def test_pretrain_splits_never_take_test_unless_asked(kaggle_folder):
 
 def test_decode_cache_round_trip(kaggle_folder, tmp_path):
     dataset = load_image_folder(kaggle_folder)["train"]
-    first = decode_images(dataset, 16, cache_dir=str(tmp_path / "cache"), show_progress=False)
+    first = decode_images(dataset, 16, cache_dir=str(tmp_path / "cache"))
     assert len(os.listdir(tmp_path / "cache")) == 1
-    second = decode_images(dataset, 16, cache_dir=str(tmp_path / "cache"), show_progress=False)
+    second = decode_images(dataset, 16, cache_dir=str(tmp_path / "cache"))
     assert torch.equal(first.pixels, second.pixels) and torch.equal(first.labels, second.labels)
     assert first.paths == second.paths and first.label_names == second.label_names
-    other = decode_images(dataset, 8, cache_dir=str(tmp_path / "cache"), show_progress=False)
+    other = decode_images(dataset, 8, cache_dir=str(tmp_path / "cache"))
     assert other.pixels.shape[-1] == 8  # other settings: another cache entry, not the stale one
 
 

@@ -33,7 +33,7 @@ def images():
 
 def test_shapes_and_keys_for_every_layer(pipe, images):
     out = pipe.extract_features(images, timesteps=[5, 50], generator=torch.Generator().manual_seed(0),
-                                show_progress=False)
+                                )
     assert out.layers == LAYERS == pipe.layer_names and out.timesteps == [5, 50]
     channels = {"down_blocks.0": 8, "down_blocks.1": 16, "mid_block": 16, "up_blocks.0": 16, "up_blocks.1": 8}
     assert set(out.features) == {(layer, t) for layer in LAYERS for t in (5, 50)}
@@ -43,7 +43,7 @@ def test_shapes_and_keys_for_every_layer(pipe, images):
 
 
 def test_pooling_variants(pipe, images):
-    kwargs = dict(timesteps=[10], layers=["mid_block"], show_progress=False)
+    kwargs = dict(timesteps=[10], layers=["mid_block"])
     avg = pipe.extract_features(images, **kwargs).features[("mid_block", 10)]
     avgmax = pipe.extract_features(images, pooling="avgmax", **kwargs).features[("mid_block", 10)]
     grid = pipe.extract_features(images, pooling="grid", pooling_grid_size=2, **kwargs).features[("mid_block", 10)]
@@ -57,7 +57,7 @@ def test_one_unet_forward_per_timestep(pipe, images):
     calls = []
     handle = pipe.unet.register_forward_pre_hook(lambda module, args: calls.append(args[0].shape[0]))
     try:
-        pipe.extract_features(images, timesteps=[5, 50, 500], batch_size=5, num_noise_samples=2, show_progress=False)
+        pipe.extract_features(images, timesteps=[5, 50, 500], batch_size=5, num_noise_samples=2)
     finally:
         handle.remove()
     assert calls == [10, 10, 10]  # 5 images x 2 noise draws, once per timestep, all layers at once
@@ -67,7 +67,7 @@ def test_hooks_are_removed_also_after_an_exception(pipe, images):
     def hooks():
         return sum(len(m._forward_hooks) for m in pipe.unet.modules())
 
-    pipe.extract_features(images, timesteps=[5], show_progress=False)
+    pipe.extract_features(images, timesteps=[5])
     assert hooks() == 0
 
     def boom(module, args, output):
@@ -75,7 +75,7 @@ def test_hooks_are_removed_also_after_an_exception(pipe, images):
 
     handle = pipe.unet.up_blocks[1].register_forward_hook(boom)
     with pytest.raises(RuntimeError, match="boom"):
-        pipe.extract_features(images, timesteps=[5], layers=["mid_block", "up_blocks.1"], show_progress=False)
+        pipe.extract_features(images, timesteps=[5], layers=["mid_block", "up_blocks.1"])
     handle.remove()
     assert hooks() == 0
 
@@ -83,20 +83,20 @@ def test_hooks_are_removed_also_after_an_exception(pipe, images):
 def test_same_generator_same_features_whatever_the_batch_size(pipe, images):
     def run(batch_size):
         return pipe.extract_features(images, timesteps=[5, 300], generator=torch.Generator().manual_seed(3),
-                                     batch_size=batch_size, num_noise_samples=2, show_progress=False).features
+                                     batch_size=batch_size, num_noise_samples=2).features
 
     one, two, all_ = run(1), run(2), run(64)
     for key in one:
         torch.testing.assert_close(one[key], all_[key], atol=1e-5, rtol=1e-5)
         torch.testing.assert_close(two[key], all_[key], atol=1e-5, rtol=1e-5)
     other = pipe.extract_features(images, timesteps=[300], generator=torch.Generator().manual_seed(4),
-                                  show_progress=False).features[("up_blocks.1", 300)]
+                                  ).features[("up_blocks.1", 300)]
     assert not torch.allclose(other, all_[("up_blocks.1", 300)])
 
 
 def test_fixed_noise_features_depend_on_the_image_only(pipe, images):
-    first = pipe.extract_features(images, timesteps=[100], show_progress=False).features[("mid_block", 100)]
-    reordered = pipe.extract_features(images[::-1], timesteps=[100], show_progress=False).features[("mid_block", 100)]
+    first = pipe.extract_features(images, timesteps=[100]).features[("mid_block", 100)]
+    reordered = pipe.extract_features(images[::-1], timesteps=[100]).features[("mid_block", 100)]
     torch.testing.assert_close(reordered.flip(0), first, atol=1e-5, rtol=1e-5)
 
 
@@ -104,10 +104,10 @@ def test_input_kinds_and_bad_arguments(pipe, images, tmp_path):
     grey = np.asarray(images[0].convert("L"))
     path = tmp_path / "a.png"
     images[0].save(path)
-    reference = pipe.extract_features(images[:1], timesteps=[5], show_progress=False).features[("mid_block", 5)]
+    reference = pipe.extract_features(images[:1], timesteps=[5]).features[("mid_block", 5)]
     for image in (grey, torch.from_numpy(np.array(images[0])).permute(2, 0, 1), str(path)):
         torch.testing.assert_close(
-            pipe.extract_features([image], timesteps=[5], show_progress=False).features[("mid_block", 5)], reference)
+            pipe.extract_features([image], timesteps=[5]).features[("mid_block", 5)], reference)
     with pytest.raises(ValueError, match="Valid layers are: down_blocks.0, down_blocks.1, mid_block"):
         pipe.extract_features(images, layers=["up_blocks.7"])
     with pytest.raises(ValueError, match=r"\[0, 1000\)"):
@@ -116,27 +116,28 @@ def test_input_kinds_and_bad_arguments(pipe, images, tmp_path):
         pipe.extract_features(images, pooling="median")
 
 
-def test_bf16_features_are_close_to_fp32(pipe, images):
-    fp32 = pipe.extract_features(images, timesteps=[50], show_progress=False).features[("up_blocks.1", 50)]
-    bf16 = pipe.extract_features(images, timesteps=[50], mixed_precision="bf16",
-                                 show_progress=False).features[("up_blocks.1", 50)]
+def test_bf16_pipeline_features_are_close_to_fp32(pipe, images):
+    fp32 = pipe.extract_features(images, timesteps=[50]).features[("up_blocks.1", 50)]
+    pipe.to(torch.bfloat16)
+    assert pipe.unet.dtype == torch.bfloat16
+    bf16 = pipe.extract_features(images, timesteps=[50]).features[("up_blocks.1", 50)]
     assert bf16.dtype == torch.float32
     assert torch.nn.functional.cosine_similarity(fp32, bf16).min() > 0.98
-    with pytest.raises(ValueError, match="fp16 is not supported on CPU"):
-        pipe.extract_features(images, timesteps=[50], mixed_precision="fp16")
+    images = pipe(batch_size=2, num_inference_steps=3, output_type="pt").images
+    assert images.dtype == torch.float32 and torch.isfinite(images).all()
 
 
 def test_save_load_round_trip_gives_identical_features_and_images(pipe, images, tmp_path):
     pipe.save_pretrained(tmp_path / "pipe")
     loaded = DiffusionFeaturePipeline.from_pretrained(tmp_path / "pipe")
-    kwargs = dict(timesteps=[5, 50], generator=None, show_progress=False)
+    kwargs = dict(timesteps=[5, 50], generator=None)
     for key, value in pipe.extract_features(images, **kwargs).features.items():
         # Bit-identical weights; loaded tensors may differ in memory layout, hence ~1e-7 differences at most.
         torch.testing.assert_close(loaded.extract_features(images, **kwargs).features[key], value, rtol=1e-5, atol=1e-6)
     a = pipe(batch_size=2, num_inference_steps=3, generator=torch.Generator().manual_seed(0), output_type="pt",
-             show_progress=False).images
+             ).images
     b = loaded(batch_size=2, num_inference_steps=3, generator=torch.Generator().manual_seed(0), output_type="pt",
-               show_progress=False).images
+               ).images
     torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
 
 
@@ -144,25 +145,25 @@ def test_loads_as_a_diffusers_custom_pipeline(pipe, images, tmp_path):
     pipe.save_pretrained(tmp_path / "pipe")
     custom = DiffusionPipeline.from_pretrained(tmp_path / "pipe", custom_pipeline=PIPELINE_FILE, trust_remote_code=True)
     assert type(custom).__name__ == "DiffusionFeaturePipeline"
-    expected = pipe.extract_features(images, timesteps=[5], show_progress=False).features[("mid_block", 5)]
-    torch.testing.assert_close(custom.extract_features(images, timesteps=[5], show_progress=False)
+    expected = pipe.extract_features(images, timesteps=[5]).features[("mid_block", 5)]
+    torch.testing.assert_close(custom.extract_features(images, timesteps=[5])
                                .features[("mid_block", 5)], expected)
 
 
 def test_generation_shapes_ranges_and_ddim(pipe, tmp_path):
-    pil = pipe(batch_size=3, num_inference_steps=4, show_progress=False).images
+    pil = pipe(batch_size=3, num_inference_steps=4).images
     assert len(pil) == 3 and pil[0].mode == "L" and pil[0].size == (16, 16)
-    array = pipe(batch_size=2, num_inference_steps=4, output_type="np", show_progress=False).images
+    array = pipe(batch_size=2, num_inference_steps=4, output_type="np").images
     assert array.shape == (2, 16, 16, 1) and 0 <= array.min() and array.max() <= 1
     pipe.scheduler = DDIMScheduler.from_config(pipe.scheduler.config)
-    tensor, = pipe(batch_size=2, num_inference_steps=5, output_type="pt", return_dict=False, show_progress=False)
+    tensor, = pipe(batch_size=2, num_inference_steps=5, output_type="pt", return_dict=False)
     assert tensor.shape == (2, 1, 16, 16) and 0 <= tensor.min() and tensor.max() <= 1
     grid = save_image_grid(pil, str(tmp_path / "grid.png"))
     assert grid.size == (16 * 3, 16) and os.path.isfile(tmp_path / "grid.png")
 
 
 def test_feature_cache_round_trip_and_stale_detection(pipe, images, tmp_path):
-    out = pipe.extract_features(images, timesteps=[5, 50], show_progress=False)
+    out = pipe.extract_features(images, timesteps=[5, 50])
     settings = extraction_settings(pipe, [5, 50], None)
     ids = [f"img{i}.png" for i in range(5)]
     path = str(tmp_path / "features.safetensors")

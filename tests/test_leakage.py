@@ -58,7 +58,8 @@ VARIANTS = {
 
 
 def decode(images, resolution: int = 64) -> torch.Tensor:
-    return torch.stack([image_to_pixels(image, resolution) for image in images])
+    # Raw intensities (no percentile window), so that brightness changes reach the fingerprints, which must ignore them.
+    return torch.stack([image_to_pixels(image, resolution, intensity_window="none") for image in images])
 
 
 def decoded(images, labels=None, label_names=None, prefix="img") -> DecodedImages:

@@ -5,7 +5,8 @@ import pytest
 import torch
 
 from mic_diffrep.data import decode_images
-from mic_diffrep.preprocessing import image_to_pixels, preprocess_images, resize_image, to_grayscale
+from mic_diffrep.preprocessing import (WINDOW_PERCENTILES, ImagePreprocessing, image_to_pixels, preprocess_images,
+                                      pixels_to_model_input, resize_image, to_grayscale, window_intensities)
 
 
 def test_inputs_of_every_kind_give_the_same_pixels():
@@ -36,12 +37,13 @@ def test_modes_become_single_grey_channel(mode):
     else:
         image = base.convert(mode)
     grey = to_grayscale(image)
-    assert grey.mode == "L" and grey.size == (8, 8)
-    array = np.asarray(grey)
+    assert grey.shape == (8, 8)
+    assert grey.dtype == (np.float64 if mode in ("I;16", "I", "F") else np.uint8)  # deep images keep their depth
     # Every mode keeps the ramp's order: darkest top-left, brightest bottom-right.
-    assert array[0, 0] < array[-1, -1]
-    if mode in ("I;16", "I", "F"):
-        assert array.min() == 0 and array.max() == 255  # min-max scaled
+    assert grey[0, 0] < grey[-1, -1]
+    pixels = image_to_pixels(image, 8)[0].numpy()
+    assert pixels[0, 0] == 0 and pixels[-1, -1] == 255  # the percentile window spans 0..255
+    assert (np.diff(pixels.flatten().astype(int)) >= 0).all()
 
 
 def test_pad_keeps_whole_image_and_crop_fills():
@@ -61,9 +63,9 @@ def test_decode_path_equals_preprocess_images(tmp_path):
         path = tmp_path / f"{i}.jpg"
         PIL.Image.fromarray((rng.random((30, 50, 3)) * 255).astype(np.uint8)).save(path)
         paths.append(str(path))
-    decoded = decode_images(paths, resolution=24, show_progress=False)
+    decoded = decode_images(paths, 24)
     direct = preprocess_images([PIL.Image.open(p) for p in paths], resolution=24)
-    torch.testing.assert_close(decoded.pixels.float() / 127.5 - 1, direct, atol=0, rtol=0)
+    torch.testing.assert_close(pixels_to_model_input(decoded.pixels), direct, atol=0, rtol=0)
 
 
 def test_bad_resolution_is_refused():
@@ -71,3 +73,40 @@ def test_bad_resolution_is_refused():
         image_to_pixels(PIL.Image.new("L", (4, 4)), 0)
     with pytest.raises(ValueError, match="resize_mode"):
         image_to_pixels(PIL.Image.new("L", (4, 4)), 8, "stretch")
+
+
+def test_percentile_window_is_the_same_for_an_8_bit_slice_and_its_16_bit_copy(tmp_path):
+    rng = np.random.default_rng(3)
+    slice8 = (rng.random((40, 40)) * 180).astype(np.uint8)  # a dark slice: max well below 255
+    slice8[5:15, 5:15] = 0
+    PIL.Image.fromarray(slice8).save(tmp_path / "8bit.png")
+    PIL.Image.fromarray(slice8.astype(np.uint16) * 257).save(tmp_path / "16bit.png")
+    eight, sixteen = (image_to_pixels(str(tmp_path / name), 32) for name in ("8bit.png", "16bit.png"))
+    torch.testing.assert_close(eight, sixteen, atol=1, rtol=0)
+    low, high = np.percentile(slice8, WINDOW_PERCENTILES)
+    expected = np.clip((slice8.astype(float) - low) * 255 / (high - low), 0, 255).round().astype(np.uint8)
+    np.testing.assert_array_equal(window_intensities(slice8), expected)
+    # "none" keeps 8-bit values, and min-max scales deeper ones.
+    np.testing.assert_array_equal(window_intensities(slice8, "none"), slice8)
+    assert window_intensities(slice8.astype(np.uint16) * 257, "none").max() == 255
+    with pytest.raises(ValueError, match="intensity_window"):
+        window_intensities(slice8, "minmax")
+
+
+def test_explicit_window_wins_and_constant_images_are_kept():
+    ramp = np.arange(0, 1000, 10, dtype=np.float64).reshape(10, 10)
+    windowed = window_intensities(ramp, window=(200.0, 400.0))
+    assert windowed[ramp <= 200].max() == 0 and windowed[ramp >= 400].min() == 255
+    grey = np.full((4, 4), 77, dtype=np.uint8)
+    np.testing.assert_array_equal(window_intensities(grey), grey)
+
+
+def test_image_preprocessing_settings():
+    settings = ImagePreprocessing(16, "center_crop", "none")
+    image = np.zeros((20, 30), dtype=np.uint8)
+    torch.testing.assert_close(settings(image), image_to_pixels(image, 16, "center_crop", "none"))
+    assert ImagePreprocessing.of(16) == ImagePreprocessing(16, "pad", "percentile")
+    with pytest.raises(ValueError, match="resize_mode"):
+        ImagePreprocessing(16, "stretch")
+    with pytest.raises(ValueError, match="resolution"):
+        ImagePreprocessing(0)

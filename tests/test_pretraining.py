@@ -30,7 +30,7 @@ def unet_weights(output_dir):
 
 
 def test_loss_is_finite_and_falls_on_a_fixed_batch(unlabelled_folder, tmp_path):
-    pixels = decode_images(load_image_folder(unlabelled_folder)["train"], 16, show_progress=False).pixels
+    pixels = decode_images(load_image_folder(unlabelled_folder)["train"], 16).pixels
     fixed_batch = pixels[:8].float() / 127.5 - 1
     torch.manual_seed(0)  # the training run initialises with the same seed
     scheduler = create_scheduler()
@@ -80,7 +80,7 @@ def test_output_is_a_pipeline_folder_diffusers_loads(unlabelled_folder, tmp_path
     assert os.listdir(os.path.join(out, "samples")) == ["epoch-0001.png"]
 
     pipe = DiffusionFeaturePipeline.from_pretrained(out)
-    images = pipe(batch_size=2, num_inference_steps=3, output_type="np", show_progress=False).images
+    images = pipe(batch_size=2, num_inference_steps=3, output_type="np").images
     assert images.shape == (2, 16, 16, 1) and images.min() >= 0 and images.max() <= 1
     assert pipe.scheduler.config.num_train_timesteps == 1000 and pipe.scheduler.config.beta_schedule == "linear"
     # Plain diffusers loads it too.

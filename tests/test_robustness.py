@@ -38,7 +38,7 @@ def write_bad_files(folder):
 def test_unreadable_files_fail_with_their_name(tmp_path, name):
     write_bad_files(tmp_path)
     with pytest.raises(BadImageError, match=name) as error:
-        decode_images([str(tmp_path / name)], 16, show_progress=False)
+        decode_images([str(tmp_path / name)], 16)
     assert "--skip_bad_images" in str(error.value)
 
 
@@ -71,7 +71,7 @@ def test_odd_images_decode(tmp_path):
     }
     for name, image in images.items():
         image.save(tmp_path / name)
-    decoded = decode_images([str(tmp_path / n) for n in images], 32, show_progress=False)
+    decoded = decode_images([str(tmp_path / n) for n in images], 32)
     assert decoded.pixels.shape == (len(images), 1, 32, 32) and decoded.pixels.dtype == torch.uint8
     assert decoded.pixels[5].min() >= 127 and decoded.pixels[5].max() <= 129  # huge, grey 128
     wide = decoded.pixels[6, 0]
