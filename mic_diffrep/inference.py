@@ -2,8 +2,8 @@
 
 ```python
 >>> from mic_diffrep.inference import predict_files
->>> predict_files("runs/mic-diffrep/model", ["slice.jpg"])  # doctest: +SKIP
-[{'file': 'slice.jpg', 'label': 'glioma', 'probabilities': {'glioma': 0.91, ...}}]
+>>> predict_files("runs/mic-diffrep/model", ["slice.jpg", "more_slices/"])  # doctest: +SKIP
+[{'file': 'slice.jpg', 'label': 'glioma', 'probabilities': {'glioma': 0.91, ...}}, ...]
 ```
 """
 
@@ -11,48 +11,62 @@ import os
 from typing import Dict, List, Optional, Sequence
 
 import torch
+from transformers import AutoImageProcessor, AutoModelForImageClassification
 
-from .utils import autocast
+from .data import IMAGE_EXTENSIONS, decode_images, load_image_folder, pixels_to_model_input, select_splits
+from .models.mic_diffrep import MicDiffRepForImageClassification, MicDiffRepImageProcessor
+from .reporting.metrics import classification_report
+from .utils import precision_dtype
 
 
-def load_classifier(model_dir: str):
-    """The model and image processor of a folder written by `training/linear_probe.py`."""
-    from transformers import AutoImageProcessor, AutoModelForImageClassification
-
-    from . import MicDiffRepForImageClassification  # noqa: F401  (registers the Auto classes)
-
+def load_classifier(model_dir: str, mixed_precision: Optional[str] = None):
+    """The model and image processor of a folder written by `mic-diffrep probe` / `run`; `mixed_precision="bf16"`
+    loads the UNet in bf16 (the head and the standardisation stay float32, as in the probe)."""
     if not os.path.isfile(os.path.join(model_dir, "config.json")):
-        raise FileNotFoundError(f"--model {model_dir!r} is not a model folder (no config.json); train one with "
-                                f"`mic-diffrep probe` or `mic-diffrep run`.")
-    model = AutoModelForImageClassification.from_pretrained(model_dir).eval()
+        raise FileNotFoundError(f"Model folder {model_dir!r} has no config.json; train one with `mic-diffrep probe` "
+                                f"or `mic-diffrep run`.")
+    model = AutoModelForImageClassification.from_pretrained(model_dir, dtype=precision_dtype(mixed_precision))
     processor = AutoImageProcessor.from_pretrained(model_dir)
-    return model, processor
+    if not isinstance(model, MicDiffRepForImageClassification) or not isinstance(processor, MicDiffRepImageProcessor):
+        raise ValueError(f"{model_dir!r} is not a MicDiffRep classifier folder.")
+    return model.eval(), processor
 
 
 @torch.no_grad()
-def predict_probabilities(model, pixel_values: torch.Tensor, batch_size: int = 64,
-                          mixed_precision: Optional[str] = None) -> torch.Tensor:
+def predict_probabilities(model, pixel_values: torch.Tensor, batch_size: int = 64) -> torch.Tensor:
     """Softmax probabilities `(N, num_labels)` for preprocessed `pixel_values`, in batches."""
     chunks = []
-    with autocast(model.device, mixed_precision):
-        for start in range(0, len(pixel_values), batch_size):
-            logits = model(pixel_values[start : start + batch_size].to(model.device)).logits
-            chunks.append(logits.float().softmax(dim=-1).cpu())
+    for start in range(0, len(pixel_values), batch_size):
+        logits = model(pixel_values[start : start + batch_size].to(model.device)).logits
+        chunks.append(logits.float().softmax(dim=-1).cpu())
     return torch.cat(chunks)
 
 
-def predict_files(model_dir: str, files: Sequence[str], batch_size: int = 64,
-                  mixed_precision: Optional[str] = None) -> List[Dict]:
-    """Class probabilities for image files: one dict per file with its top `label` and all `probabilities`."""
-    from .data import decode_images
-    from .preprocessing import pixels_to_model_input
+def image_files(paths: Sequence[str]) -> List[str]:
+    """The image files named by `paths`: files as given, folders searched recursively (sorted)."""
+    files = []
+    for path in paths:
+        if os.path.isdir(path):
+            found = sorted(os.path.join(root, name) for root, _, names in os.walk(path) for name in names
+                           if name.lower().endswith(IMAGE_EXTENSIONS))
+            if not found:
+                raise FileNotFoundError(f"No images in folder {path!r} (looked for {', '.join(IMAGE_EXTENSIONS)}).")
+            files.extend(found)
+        elif os.path.isfile(path):
+            files.append(path)
+        else:
+            raise FileNotFoundError(f"Image file or folder not found: {path}")
+    return files
 
-    model, processor = load_classifier(model_dir)
-    missing = [f for f in files if not os.path.isfile(f)]
-    if missing:
-        raise FileNotFoundError(f"Image file(s) not found: {', '.join(missing)}")
-    decoded = decode_images(list(files), processor.preprocessing, show_progress=False)
-    probabilities = predict_probabilities(model, pixels_to_model_input(decoded.pixels), batch_size, mixed_precision)
+
+def predict_files(model_dir: str, paths: Sequence[str], batch_size: int = 64, mixed_precision: Optional[str] = None,
+                  skip_bad_images: bool = False) -> List[Dict]:
+    """Class probabilities for image files and folders: one dict per image with its top `label` and all
+    `probabilities`; unreadable files raise a `BadImageError` naming them, or are left out with `skip_bad_images`."""
+    model, processor = load_classifier(model_dir, mixed_precision)
+    decoded = decode_images(image_files(paths), processor.preprocessing, skip_bad_images=skip_bad_images,
+                            show_progress=False)
+    probabilities = predict_probabilities(model, pixels_to_model_input(decoded.pixels), batch_size)
     labels = [model.config.id2label[i] for i in range(probabilities.shape[1])]
     return [{"file": path, "label": labels[int(p.argmax())],
              "probabilities": {label: round(float(v), 6) for label, v in zip(labels, p)}}
@@ -63,16 +77,12 @@ def evaluate_folder(model_dir: str, data_dir: str, splits: Optional[Sequence[str
                     mixed_precision: Optional[str] = None, skip_bad_images: bool = False) -> Dict:
     """Accuracy, macro F1, per-class recall and confusion matrix of a model folder on a labelled image folder.
 
-    `splits` defaults to the `test` split when the folder has one, else every image.
+    `splits` defaults to the `test` split when the folder has split folders with one, else every image.
     """
-    from .data import decode_images, load_image_folder, select_splits
-    from .metrics import classification_report
-    from .preprocessing import pixels_to_model_input
-
-    model, processor = load_classifier(model_dir)
+    model, processor = load_classifier(model_dir, mixed_precision)
     dataset_dict = load_image_folder(data_dir)
     splits = list(splits) if splits else (["test"] if "test" in dataset_dict else ["all"])
-    chosen, dataset = select_splits(dataset_dict, splits, "--splits")
+    chosen, dataset = select_splits(dataset_dict, splits, "splits")
     decoded = decode_images(dataset, processor.preprocessing, skip_bad_images=skip_bad_images)
     if decoded.labels is None:
         raise ValueError(f"{data_dir} has no labels (class sub-folders) to evaluate against.")
@@ -81,7 +91,8 @@ def evaluate_folder(model_dir: str, data_dir: str, splits: Optional[Sequence[str
     if unknown:
         raise ValueError(f"{data_dir} has classes {unknown} the model does not know ({names}).")
     references = torch.tensor([names.index(decoded.label_names[i]) for i in decoded.labels.tolist()])
-    probabilities = predict_probabilities(model, pixels_to_model_input(decoded.pixels), batch_size, mixed_precision)
+    probabilities = predict_probabilities(model, pixels_to_model_input(decoded.pixels), batch_size)
     report = classification_report(probabilities.argmax(dim=1).tolist(), references.tolist(), names)
-    report.update({"model": model_dir, "data_dir": data_dir, "splits": chosen, "skipped_images": decoded.skipped})
+    report.update({"model": model_dir, "data_dir": data_dir, "splits": ["all"] if splits == ["all"] else chosen,
+                   "skipped_images": decoded.skipped})
     return report

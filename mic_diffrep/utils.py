@@ -7,6 +7,7 @@ import sys
 from typing import Optional
 
 import torch
+from accelerate import Accelerator
 
 
 MIXED_PRECISION_CHOICES = ("no", "fp16", "bf16")
@@ -17,11 +18,11 @@ def check_mixed_precision(mixed_precision: Optional[str], device: torch.device) 
     if mixed_precision in (None, "no"):
         return
     if mixed_precision not in MIXED_PRECISION_CHOICES:
-        raise ValueError(f"--mixed_precision must be one of {MIXED_PRECISION_CHOICES}, got {mixed_precision!r}.")
+        raise ValueError(f"`mixed_precision` must be one of {MIXED_PRECISION_CHOICES}, got {mixed_precision!r}.")
     if mixed_precision == "fp16" and torch.device(device).type == "cpu":
         raise ValueError(
-            "--mixed_precision fp16 is not supported on CPU (it would silently run in fp32). "
-            "Use --mixed_precision bf16, which is fast on CPUs with AMX/AVX-512-BF16, or 'no'."
+            "mixed precision fp16 is not supported on CPU (it would silently run in fp32). "
+            "Use bf16, which is fast on CPUs with AMX/AVX-512-BF16, or 'no'."
         )
 
 
@@ -42,24 +43,19 @@ def autocast(device: torch.device, mixed_precision: Optional[str] = None):
 
 
 def create_accelerator(**kwargs):
-    """An `accelerate.Accelerator`, also when one with other settings already ran in this process.
-
-    accelerate keeps its state per process and refuses a second Accelerator with another precision; the library
-    entry points (pretraining, probing, `mic-diffrep run`) may run one after the other in one process, so the
-    previous state is dropped first (the distributed process group is kept). On a machine without CUDA,
-    `cpu=True` makes `torchrun --nproc_per_node N` run N gloo DDP processes.
-    """
-    from accelerate import Accelerator
-    from accelerate.state import AcceleratorState
-
+    """An `accelerate.Accelerator`; on a machine without CUDA, `cpu=True`, so that `torchrun --nproc_per_node N` runs
+    N gloo DDP processes. fp16 on a CPU is refused rather than silently run in fp32."""
     kwargs.setdefault("cpu", not torch.cuda.is_available())
     if kwargs["cpu"] or not torch.cuda.is_available():
         check_mixed_precision(kwargs.get("mixed_precision") or os.environ.get("ACCELERATE_MIXED_PRECISION"), "cpu")
-    if AcceleratorState._shared_state:
-        AcceleratorState._reset_state()
     accelerator = Accelerator(**kwargs)
     check_mixed_precision(accelerator.mixed_precision, accelerator.device)
     return accelerator
+
+
+def progress_interval() -> float:
+    """tqdm's `mininterval`: smooth in a terminal, one line every 30 s at most in a log file."""
+    return 0.1 if sys.stderr.isatty() else 30.0
 
 
 def environment_info() -> dict:

@@ -5,6 +5,6 @@ from .pipeline_diffusion_features import (
     DiffusionFeaturesOutput,
     save_image_grid,
 )
-from mic_diffrep.unet_features import block_names, pool_features
+from mic_diffrep.models.mic_diffrep.unet_features import block_names, pool_features
 
 __all__ = ["DiffusionFeaturePipeline", "DiffusionFeaturesOutput", "block_names", "pool_features", "save_image_grid"]

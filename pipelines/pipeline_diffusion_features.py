@@ -6,7 +6,6 @@ This file is also a diffusers custom pipeline: copy it next to a pretrained fold
 (it needs `pip install mic-diffrep` for the shared preprocessing).
 """
 
-import sys
 from dataclasses import dataclass
 from typing import Dict, List, Optional, Sequence, Tuple, Union
 
@@ -18,10 +17,11 @@ from diffusers.utils import BaseOutput, replace_example_docstring
 from diffusers.utils.torch_utils import randn_tensor
 from tqdm.auto import tqdm
 
-from mic_diffrep.preprocessing import (INTENSITY_WINDOWS, RESIZE_MODES, ImagePreprocessing, as_image_list,
-                                       check_choice, pixels_to_model_input)
-from mic_diffrep.unet_features import (POOLING_CHOICES, block_names, check_layers, feature_noise,
-                                       noisy_block_features)
+from mic_diffrep.models.mic_diffrep.preprocessing import (INTENSITY_WINDOWS, RESIZE_MODES, ImagePreprocessing,
+                                                          as_image_list, check_choice, pixels_to_model_input)
+from mic_diffrep.utils import progress_interval
+from mic_diffrep.models.mic_diffrep.unet_features import (POOLING_CHOICES, block_names, check_layers,
+                                                          concatenate_features, feature_noise, noisy_block_features)
 
 
 EXAMPLE_DOC_STRING = """
@@ -60,9 +60,8 @@ class DiffusionFeaturesOutput(BaseOutput):
 
     def concatenate(self, layers: Optional[Sequence[str]] = None, timesteps: Optional[Sequence[int]] = None):
         """Features of several layers and timesteps side by side, shape `(N, sum of C)`: the MSFA input (eq. 4)."""
-        layers = self.layers if layers is None else layers
-        timesteps = self.timesteps if timesteps is None else timesteps
-        return torch.cat([self.features[(layer, t)] for t in timesteps for layer in layers], dim=1)
+        return concatenate_features(self.features, self.layers if layers is None else layers,
+                                    self.timesteps if timesteps is None else timesteps)
 
 
 class DiffusionFeaturePipeline(DiffusionPipeline):
@@ -113,8 +112,7 @@ class DiffusionFeaturePipeline(DiffusionPipeline):
     def progress_bar(self, iterable=None, total=None, desc: Optional[str] = None):
         """tqdm over `iterable` with a label; in a log file (not a terminal) it writes a line every 30 s at most.
         `set_progress_bar_config(...)` overrides these settings."""
-        config = {"desc": desc, "mininterval": 0.1 if sys.stderr.isatty() else 30.0,
-                  **getattr(self, "_progress_bar_config", {})}
+        config = {"desc": desc, "mininterval": progress_interval(), **getattr(self, "_progress_bar_config", {})}
         return tqdm(iterable, total=total, **config)
 
     def check_inputs(self, timesteps, layers, pooling, num_noise_samples, batch_size):

@@ -51,3 +51,19 @@ def kaggle_folder(tmp_path):
     write_class_folder(root / "Training", per_class=6, seed=1)
     write_class_folder(root / "Testing", per_class=2, seed=2)
     return str(root)
+
+
+def parse(settings_class, argv):
+    """Flags -> settings dataclass, as the command line does it (`HfArgumentParser`)."""
+    from transformers import HfArgumentParser
+
+    return HfArgumentParser(settings_class).parse_args_into_dataclasses(list(argv))[0]
+
+
+@pytest.fixture(autouse=True)
+def fresh_accelerate_state():
+    """Each test starts with no accelerate state, so tests may use different mixed precisions in one process."""
+    yield
+    from accelerate.state import AcceleratorState
+
+    AcceleratorState._reset_state(reset_partial_state=True)

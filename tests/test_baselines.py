@@ -3,10 +3,12 @@ import os
 import pytest
 import torch
 
-from mic_diffrep.augmentations import GreyAugment, gaussian_blur, intensity_jitter, random_flip, random_resized_crop
-from mic_diffrep.baseline_pretraining import main as pretrain_baseline, parse_args as baseline_args
-from mic_diffrep.baselines import BYOL, MoCoV2, create_baseline, load_baseline, momentum_update
-from mic_diffrep.linear_probe import main as probe, parse_args as probe_args
+from mic_diffrep.data.augmentations import GreyAugment, gaussian_blur, intensity_jitter, random_flip, random_resized_crop
+from mic_diffrep.training import BaselinePretrainingArguments, pretrain_baseline
+from mic_diffrep.models.baselines import BYOL, MoCoV2, create_baseline, load_baseline, momentum_update
+from mic_diffrep.probing import ProbeArguments, run_probe as probe
+
+from conftest import parse
 
 
 def images(n=8, size=16, seed=0):
@@ -81,13 +83,13 @@ def test_loss_is_finite_and_falls_on_a_tiny_batch(method):
 @pytest.mark.parametrize("method", ["byol", "mae"])
 def test_baseline_pretraining_output_plugs_into_the_probe(method, kaggle_folder, tmp_path):
     out = str(tmp_path / method)
-    summary = pretrain_baseline(baseline_args([
+    summary = pretrain_baseline(parse(BaselinePretrainingArguments, [
         "--method", method, "--train_data_dir", kaggle_folder, "--output_dir", out, "--resolution", "16",
         "--train_batch_size", "8", "--max_train_steps", "2", "--logger", "none", "--checkpointing_steps", "1"]))
     assert summary["global_step"] == 2 and summary["splits"] == ["train"]
     assert {"baseline_config.json", "model.safetensors", "checkpoint-2"} <= set(os.listdir(out))
     assert isinstance(load_baseline(out), (BYOL, MoCoV2)) or method == "mae"
-    results = probe(probe_args(["--pretrained", out, "--data_dir", kaggle_folder, "--output_dir",
+    results = probe(parse(ProbeArguments, ["--pretrained", out, "--data_dir", kaggle_folder, "--output_dir",
                                 str(tmp_path / "probe"), "--num_epochs", "2", "--hidden_size", "8"]))
     assert results["method"] == f"baseline-{method}" and results["msfa"]["timesteps"] == [0]
     assert 0 <= results["msfa"]["test"]["all"]["accuracy"] <= 1
@@ -102,7 +104,7 @@ def test_local_clip_vision_model_plugs_into_the_probe(kaggle_folder, tmp_path):
     CLIPVisionModel(CLIPVisionConfig(hidden_size=16, intermediate_size=32, num_hidden_layers=1,
                                      num_attention_heads=2, image_size=32, patch_size=8)).save_pretrained(
         tmp_path / "clip")
-    results = probe(probe_args(["--pretrained", str(tmp_path / "clip"), "--data_dir", kaggle_folder, "--output_dir",
+    results = probe(parse(ProbeArguments, ["--pretrained", str(tmp_path / "clip"), "--data_dir", kaggle_folder, "--output_dir",
                                 str(tmp_path / "probe"), "--num_epochs", "2", "--hidden_size", "8",
                                 "--resolution", "32"]))
     assert results["method"] == "baseline-clip"

@@ -10,10 +10,10 @@ from transformers import AutoConfig, AutoImageProcessor, AutoModelForImageClassi
 
 from mic_diffrep import (DiffusionFeaturePipeline, MicDiffRepConfig, MicDiffRepForImageClassification,
                          MicDiffRepImageProcessor, preprocess_images)
-from mic_diffrep.hub import push_to_hub, write_model_card
-from mic_diffrep.modeling_mic_diffrep import MicDiffRepMSFAHead
-from mic_diffrep.preprocessing import pixels_to_model_input
-from mic_diffrep.unet import UNET_PRESETS, create_scheduler
+from mic_diffrep.reporting import push_to_hub, write_model_card
+from mic_diffrep.models.mic_diffrep import MicDiffRepMSFAHead
+from mic_diffrep.data import pixels_to_model_input
+from mic_diffrep.models.mic_diffrep.unet import UNET_PRESETS, create_scheduler
 
 
 def tiny_config(**kwargs):

@@ -3,7 +3,7 @@ import os
 
 import pytest
 
-from mic_diffrep.cli import RUN_DEFAULTS, SAMPLE_DATA_DIR, build_parser, main
+from mic_diffrep.commands import RUN_DEFAULTS, SAMPLE_DATA_DIR, build_parser, main
 
 
 def test_every_subcommand_documents_every_flag():

@@ -9,9 +9,9 @@ import torch
 from diffusers import DDIMScheduler, DiffusionPipeline
 
 from mic_diffrep import DiffusionFeaturePipeline, save_image_grid
-from mic_diffrep.feature_cache import (StaleFeatureCacheError, extraction_settings, load_features,
-                                       model_fingerprint, save_features)
-from mic_diffrep.unet import create_scheduler, create_unet
+from mic_diffrep.features import (DiffusionFeatureExtractor, FeatureArguments, StaleFeatureCacheError, load_features,
+                                  model_fingerprint, save_features)
+from mic_diffrep.models.mic_diffrep.unet import create_scheduler, create_unet
 
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -162,12 +162,17 @@ def test_generation_shapes_ranges_and_ddim(pipe, tmp_path):
     assert grid.size == (16 * 3, 16) and os.path.isfile(tmp_path / "grid.png")
 
 
+def extraction_settings(pipe, timesteps, layers, **kwargs):
+    extractor = DiffusionFeatureExtractor(pipe)
+    return extractor.cache_settings(extractor.resolve(FeatureArguments(timesteps=timesteps, layers=layers, **kwargs)))
+
+
 def test_feature_cache_round_trip_and_stale_detection(pipe, images, tmp_path):
     out = pipe.extract_features(images, timesteps=[5, 50])
     settings = extraction_settings(pipe, [5, 50], None)
     ids = [f"img{i}.png" for i in range(5)]
     path = str(tmp_path / "features.safetensors")
-    save_features(path, out, settings, image_ids=ids, labels=[0, 1, 0, 1, 1], label_names=["a", "b"])
+    save_features(path, out.features, settings, image_ids=ids, labels=[0, 1, 0, 1, 1], label_names=["a", "b"])
     cached = load_features(path, expected_settings=settings, expected_image_ids=ids)
     for key, value in out.features.items():
         torch.testing.assert_close(cached.features[key], value, rtol=0, atol=0)
@@ -188,7 +193,7 @@ def test_feature_cache_round_trip_and_stale_detection(pipe, images, tmp_path):
 
 def test_model_fingerprint_is_the_same_in_every_process():
     # diffusers keeps `_use_default_values` in the config in string-hash order, which changes with PYTHONHASHSEED
-    code = ("import torch; from mic_diffrep.unet import create_unet; from mic_diffrep.feature_cache import "
+    code = ("import torch; from mic_diffrep.models.mic_diffrep.unet import create_unet; from mic_diffrep.features.cache import "
             "model_fingerprint; torch.manual_seed(0); print(model_fingerprint(create_unet(16, 'tiny')))")
     prints = {subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
                              env={**os.environ, "PYTHONHASHSEED": seed, "OMP_NUM_THREADS": "1"}).stdout.split()[-1]

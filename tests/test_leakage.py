@@ -18,11 +18,11 @@ from mic_diffrep.leakage import (
     find_near_duplicates,
     fingerprint_images,
     group_stratified_split,
-    main,
     mirror_fingerprints,
     within_duplicates,
 )
-from mic_diffrep.preprocessing import image_to_pixels
+from mic_diffrep.commands import main as cli
+from mic_diffrep.data import image_to_pixels
 
 
 SIZE = 96  # source images are 96 px and decoded at 64 px, as `decode_images` would
@@ -417,16 +417,16 @@ def test_command_line(base_images, tmp_path, capsys):
         for i, image in enumerate(images):
             image.save(folder / "ab"[i % 2] / f"{i}.png")
 
-    report = main(["--within", str(train), "--output", str(tmp_path / "out" / "within.json")])
+    report = cli(["check-leakage", "--within", str(train), "--output", str(tmp_path / "out" / "within.json")])
     assert report.num_duplicate_groups == 0 and report.num_groups == 4
     assert (tmp_path / "out" / "within.json").is_file() and (tmp_path / "out" / "within.csv").is_file()
     assert "0 of 4 images are in 0 duplicate groups" in capsys.readouterr().out
 
-    report = main(["--train", str(train), "--test", str(test), "--output", str(tmp_path / "out" / "leak.json")])
+    report = cli(["check-leakage", "--train", str(train), "--test", str(test), "--output", str(tmp_path / "out" / "leak.json")])
     assert (report.num_near, report.num_same_label, report.leaked_test_indices) == (1, 0, [0])
     assert json.loads((tmp_path / "out" / "leak.json").read_text())["num_different_label"] == 1
     assert "1 of 2 test images (50.0%) have a near-duplicate" in capsys.readouterr().out
 
     with pytest.raises(SystemExit):
-        main(["--train", str(train)])
+        cli(["check-leakage", "--train", str(train)])
     assert "--train and --test go together" in capsys.readouterr().err

@@ -5,8 +5,8 @@ import pytest
 import torch
 
 from mic_diffrep.data import decode_images
-from mic_diffrep.preprocessing import (WINDOW_PERCENTILES, ImagePreprocessing, image_to_pixels, preprocess_images,
-                                      pixels_to_model_input, resize_image, to_grayscale, window_intensities)
+from mic_diffrep.models.mic_diffrep.preprocessing import (WINDOW_PERCENTILES, ImagePreprocessing, image_to_pixels,
+                                                          preprocess_images, pixels_to_model_input, resize_image, to_grayscale, window_intensities)
 
 
 def test_inputs_of_every_kind_give_the_same_pixels():

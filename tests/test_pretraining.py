@@ -10,15 +10,17 @@ from diffusers import DDPMPipeline, UNet2DModel
 from safetensors.torch import load_file
 
 from mic_diffrep import DiffusionFeaturePipeline, decode_images, load_image_folder
-from mic_diffrep.pretraining import denoising_loss, main, parse_args
-from mic_diffrep.unet import create_scheduler, create_unet
+from mic_diffrep.training import PretrainingArguments, denoising_loss, pretrain as main
+from mic_diffrep.models.mic_diffrep.unet import create_scheduler, create_unet
+
+from conftest import parse
 
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def tiny_args(data_dir, output_dir, *extra):
-    return parse_args([
+    return parse(PretrainingArguments, [
         "--train_data_dir", data_dir, "--output_dir", output_dir, "--resolution", "16",
         "--model_config_name_or_path", "tiny", "--train_batch_size", "4", "--logger", "none",
         "--save_images_epochs", "100", "--ddpm_num_inference_steps", "2", "--eval_batch_size", "2", *extra,
@@ -134,8 +136,8 @@ def test_push_to_hub_uploads_the_pipeline_folder_without_checkpoints(unlabelled_
         uploaded.update(kwargs)
         uploaded["files"] = sorted(os.listdir(kwargs["folder_path"]))
 
-    with mock.patch("huggingface_hub.create_repo", return_value=mock.Mock(repo_id="me/mri-ddpm")), \
-            mock.patch("huggingface_hub.upload_folder", side_effect=fake_upload_folder):
+    with mock.patch("huggingface_hub.HfApi.create_repo", return_value=mock.Mock(repo_id="me/mri-ddpm")), \
+            mock.patch("huggingface_hub.HfApi.upload_folder", side_effect=fake_upload_folder):
         main(tiny_args(unlabelled_folder, str(tmp_path / "out"), "--max_train_steps", "2", "--checkpointing_steps",
                        "1", "--push_to_hub", "--hub_model_id", "me/mri-ddpm"))
     assert uploaded["repo_id"] == "me/mri-ddpm"

@@ -8,12 +8,12 @@ import torch
 from diffusers import UNet2DModel
 from transformers import AutoImageProcessor, AutoModelForImageClassification
 
-from conftest import write_class_folder
+from conftest import parse, write_class_folder
 from mic_diffrep import DiffusionFeaturePipeline
-from mic_diffrep.linear_probe import main, parse_args
-from mic_diffrep.metrics import Accuracy, MacroF1, PerClassRecall, classification_report
+from mic_diffrep.probing import ProbeArguments, run_probe as main
+from mic_diffrep.reporting.metrics import Accuracy, MacroF1, PerClassRecall, classification_report
 from mic_diffrep.probing import ProbeConfig, msfa_candidates, run_probes, train_heads
-from mic_diffrep.unet import create_scheduler, create_unet
+from mic_diffrep.models.mic_diffrep.unet import create_scheduler, create_unet
 
 
 def test_metric_modules_work_offline(monkeypatch):
@@ -86,7 +86,7 @@ def probe_setup(tmp_path):
 
 
 def probe_args(root, *extra):
-    return parse_args(["--pretrained", str(root / "pipe"), "--data_dir", str(root / "data"), "--output_dir",
+    return parse(ProbeArguments, ["--pretrained", str(root / "pipe"), "--data_dir", str(root / "data"), "--output_dir",
                        str(root / "out"), "--timesteps", "5", "50", "--hidden_size", "16", "--num_epochs", "5",
                        "--batch_size", "16", *extra])
 
@@ -145,7 +145,7 @@ def test_without_a_test_folder_a_duplicate_aware_hold_out_is_carved(tmp_path):
     write_class_folder(tmp_path / "flat", per_class=12, seed=3)
     torch.manual_seed(0)
     DiffusionFeaturePipeline(create_unet(16, "tiny"), create_scheduler()).save_pretrained(tmp_path / "pipe")
-    results = main(parse_args(["--pretrained", str(tmp_path / "pipe"), "--data_dir", str(tmp_path / "flat"),
+    results = main(parse(ProbeArguments, ["--pretrained", str(tmp_path / "pipe"), "--data_dir", str(tmp_path / "flat"),
                                "--output_dir", str(tmp_path / "out"), "--timesteps", "5", "--hidden_size", "8",
                                "--num_epochs", "2", "--exclude_leaked_test"]))
     assert "carved" in results["test_split"] and "near-duplicate groups" in results["test_split"]
@@ -157,5 +157,5 @@ def test_unlabelled_data_is_refused(tmp_path, unlabelled_folder):
     torch.manual_seed(0)
     DiffusionFeaturePipeline(create_unet(16, "tiny"), create_scheduler()).save_pretrained(tmp_path / "pipe")
     with pytest.raises(ValueError, match="no labels"):
-        main(parse_args(["--pretrained", str(tmp_path / "pipe"), "--data_dir", unlabelled_folder,
+        main(parse(ProbeArguments, ["--pretrained", str(tmp_path / "pipe"), "--data_dir", unlabelled_folder,
                          "--output_dir", str(tmp_path / "out")]))

@@ -14,12 +14,12 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from conftest import synthetic_slice, write_class_folder
+from conftest import parse, synthetic_slice, write_class_folder
 from mic_diffrep import DiffusionFeaturePipeline
-from mic_diffrep.cli import main as cli
+from mic_diffrep.commands import main as cli
 from mic_diffrep.data import BadImageError, decode_images
-from mic_diffrep.pretraining import main as pretrain, parse_args
-from mic_diffrep.unet import create_scheduler, create_unet
+from mic_diffrep.training import PretrainingArguments, pretrain
+from mic_diffrep.models.mic_diffrep.unet import create_scheduler, create_unet
 
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -47,10 +47,10 @@ def test_skip_bad_images_lists_them(unlabelled_folder, tmp_path):
     shutil.copytree(unlabelled_folder, folder)
     write_bad_files(folder)
     with pytest.raises(BadImageError, match="(truncated.jpg|empty.png|notes.jpg)"):
-        pretrain(parse_args(["--train_data_dir", str(folder), "--output_dir", str(tmp_path / "fail"),
+        pretrain(parse(PretrainingArguments, ["--train_data_dir", str(folder), "--output_dir", str(tmp_path / "fail"),
                              "--resolution", "16", "--model_config_name_or_path", "tiny", "--logger", "none",
                              "--max_train_steps", "1"]))
-    summary = pretrain(parse_args(["--train_data_dir", str(folder), "--output_dir", str(tmp_path / "out"),
+    summary = pretrain(parse(PretrainingArguments, ["--train_data_dir", str(folder), "--output_dir", str(tmp_path / "out"),
                                    "--resolution", "16", "--model_config_name_or_path", "tiny", "--logger", "none",
                                    "--max_train_steps", "1", "--skip_bad_images", "--ddpm_num_inference_steps", "1"]))
     assert summary["num_images"] == 24
@@ -111,8 +111,8 @@ def test_class_folders_missing_from_one_split(tmp_path, capsys):
     # Testing lacks a class: fine, the labels stay those of the union.
     write_class_folder(tmp_path / "a" / "Training", 8, seed=1)
     write_class_folder(tmp_path / "a" / "Testing", 3, seed=2, classes=("glioma", "meningioma", "notumor"))
-    from mic_diffrep.linear_probe import main as probe, parse_args as probe_args
-    results = probe(probe_args(["--pretrained", str(tmp_path / "pipe"), "--data_dir", str(tmp_path / "a"),
+    from mic_diffrep.probing import ProbeArguments, run_probe as probe
+    results = probe(parse(ProbeArguments, ["--pretrained", str(tmp_path / "pipe"), "--data_dir", str(tmp_path / "a"),
                                 "--output_dir", str(tmp_path / "out"), "--timesteps", "5", "--num_epochs", "1",
                                 "--hidden_size", "4"]))
     assert results["label_names"] == ["glioma", "meningioma", "notumor", "pituitary"]
@@ -132,7 +132,7 @@ def tiny_argv(data_dir, output_dir, *extra):
 
 
 def test_nan_loss_fails_fast_and_keeps_the_last_checkpoint(unlabelled_folder, tmp_path, monkeypatch):
-    import mic_diffrep.pretraining as pretraining
+    import mic_diffrep.training.diffusion as pretraining
 
     calls = {"n": 0}
     original = pretraining.F.mse_loss
@@ -145,7 +145,7 @@ def test_nan_loss_fails_fast_and_keeps_the_last_checkpoint(unlabelled_folder, tm
     monkeypatch.setattr(pretraining.F, "mse_loss", poisoned)
     out = str(tmp_path / "out")
     with pytest.raises(FloatingPointError, match="Loss is nan at epoch 0, batch 4"):
-        pretrain(parse_args(tiny_argv(unlabelled_folder, out, "--max_train_steps", "10", "--checkpointing_steps", "2")))
+        pretrain(parse(PretrainingArguments, tiny_argv(unlabelled_folder, out, "--max_train_steps", "10", "--checkpointing_steps", "2")))
     assert sorted(d for d in os.listdir(out) if d.startswith("checkpoint")) == ["checkpoint-2", "checkpoint-4"]
     weights = load_file(os.path.join(out, "checkpoint-4", "model.safetensors"))
     assert all(torch.isfinite(w).all() for w in weights.values())

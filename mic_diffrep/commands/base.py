@@ -1,0 +1,46 @@
+"""What every subcommand shares: dataclass settings as flags, and one way of reporting bad input."""
+
+import argparse
+import dataclasses
+import logging
+import sys
+from typing import Callable, Optional, Sequence, Type, TypeVar
+
+from transformers import HfArgumentParser
+
+from ..data import BadImageError
+
+
+T = TypeVar("T")
+
+# Errors that mean "bad input": one line naming the file or setting, exit code 2 (as argparse does for bad flags).
+USER_ERRORS = (ValueError, FileNotFoundError, FloatingPointError, BadImageError, NotADirectoryError)
+
+
+def settings_from(cls: Type[T], namespace: argparse.Namespace) -> T:
+    """The `cls` dataclass built from the parsed flags of its fields."""
+    return cls(**{f.name: getattr(namespace, f.name) for f in dataclasses.fields(cls) if f.init})
+
+
+def configure_logging() -> None:
+    logging.basicConfig(format="%(asctime)s - %(levelname)s - %(name)s - %(message)s", level=logging.INFO)
+
+
+def run_guarded(prog: str, function: Callable, *args):
+    """Runs `function(*args)`; bad input ends the program with one line, `PROG: error: MESSAGE`, and exit code 2."""
+    try:
+        return function(*args)
+    except USER_ERRORS as error:
+        print(f"{prog}: error: {error}", file=sys.stderr)
+        sys.exit(2)
+
+
+def script_main(prog: str, settings_class: Type[T], function: Callable[[T], object], description: str,
+                argv: Optional[Sequence[str]] = None):
+    """The body of a `training/*.py` script: flags of `settings_class` -> settings -> `function(settings)`, with the
+    same messages and exit codes as the `mic-diffrep` subcommand."""
+    configure_logging()
+    parser = HfArgumentParser(settings_class, prog=prog, description=description)
+    namespace = parser.parse_args(argv)
+    settings = run_guarded(prog, settings_from, settings_class, namespace)
+    return run_guarded(prog, function, settings)

@@ -1,0 +1,64 @@
+"""`mic-diffrep check-leakage`: exact and near-duplicate images across or within folders."""
+
+import os
+from typing import Union
+
+from ..data import DecodedImages, ImagePreprocessing, decode_images, load_image_folder, select_splits
+from ..leakage import DEFAULT_THRESHOLD, DuplicateGroupsReport, LeakageReport, check_leakage, within_duplicates
+
+
+def _decode_folder(folder: str, namespace) -> DecodedImages:
+    _, dataset = select_splits(load_image_folder(folder), ["all"])
+    preprocessing = ImagePreprocessing(namespace.resolution, namespace.resize_mode, namespace.intensity_window)
+    return decode_images(dataset, preprocessing, skip_bad_images=namespace.skip_bad_images,
+                         num_workers=namespace.num_workers, cache_dir=namespace.cache_dir)
+
+
+def check(namespace) -> Union[LeakageReport, DuplicateGroupsReport]:
+    """Runs the check the flags describe, prints a summary and writes the report files."""
+    if (namespace.train is None) != (namespace.test is None):
+        raise ValueError("--train and --test go together (or use --within DIR).")
+    mirror = not namespace.no_mirror
+    if namespace.within is not None:
+        report = within_duplicates(_decode_folder(namespace.within, namespace), namespace.threshold, mirror=mirror)
+        mixed = "" if report.num_mixed_label_groups is None else f", {report.num_mixed_label_groups} with mixed labels"
+        print(f"{report.num_images_in_groups} of {report.num_images} images are in {report.num_duplicate_groups} "
+              f"duplicate groups at threshold {report.threshold} ({report.num_exact_duplicates} exact copies{mixed}); "
+              f"{report.num_groups} groups in all.")
+    else:
+        train, test = _decode_folder(namespace.train, namespace), _decode_folder(namespace.test, namespace)
+        report = check_leakage(train, test, namespace.threshold, mirror=mirror)
+        labels = ("" if report.num_same_label is None
+                  else f", {report.num_same_label} same label, {report.num_different_label} different label")
+        print(f"{report.num_near} of {report.num_test} test images ({report.leaked_fraction:.1%}) have a near-duplicate "
+              f"in train at threshold {report.threshold} ({report.num_exact} exact, {report.num_mirrored} mirrored"
+              f"{labels}).")
+    if namespace.output is not None:
+        report.save(namespace.output)
+        report.save_csv(os.path.splitext(namespace.output)[0] + ".csv")
+        print(f"Report written to {namespace.output}")
+    return report
+
+
+def register(subparsers) -> None:
+    parser = subparsers.add_parser("check-leakage", help="Exact and near-duplicate images across or within folders.",
+                                   description="Find test images with a near-identical training image (--train, "
+                                               "--test), or duplicate groups within one folder (--within).")
+    mode = parser.add_mutually_exclusive_group(required=True)
+    mode.add_argument("--within", metavar="DIR", help="Group the exact and near-duplicates within this image folder.")
+    mode.add_argument("--train", metavar="DIR", help="Training image folder (with --test).")
+    parser.add_argument("--test", metavar="DIR", help="Test image folder, checked against --train.")
+    parser.add_argument("--threshold", type=float, default=DEFAULT_THRESHOLD,
+                        help="Fingerprint similarity that makes a near-duplicate.")
+    parser.add_argument("--no_mirror", action="store_true", help="Do not match left-right mirrored copies.")
+    parser.add_argument("--resolution", type=int, default=64,
+                        help="Decode resolution; exact duplicates are compared at it.")
+    parser.add_argument("--resize_mode", default="pad", choices=("pad", "center_crop"), help="As for training.")
+    parser.add_argument("--intensity_window", default="percentile", choices=("percentile", "none"),
+                        help="As for training.")
+    parser.add_argument("--num_workers", type=int, default=0, help="Decoding processes.")
+    parser.add_argument("--cache_dir", default=None, help="Where to cache the decoded images.")
+    parser.add_argument("--skip_bad_images", action="store_true", help="Skip unreadable images instead of failing.")
+    parser.add_argument("--output", default=None,
+                        help="JSON report to write; the pairs (or groups) go to a CSV file beside it.")
+    parser.set_defaults(func=check)

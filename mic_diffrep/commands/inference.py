@@ -1,0 +1,100 @@
+"""`mic-diffrep evaluate`, `mic-diffrep predict` and `mic-diffrep generate`: using trained models."""
+
+import json
+import os
+
+import torch
+from diffusers import DDIMScheduler
+
+from ..features import load_pipeline
+from ..inference import evaluate_folder, predict_files
+from ..pipelines import save_image_grid
+from ..reporting.plotting import plot_confusion_matrix
+from ..utils import MIXED_PRECISION_CHOICES, precision_dtype
+
+
+def _add_model_args(parser) -> None:
+    """The flags `evaluate` and `predict` share: the model folder and how it runs."""
+    parser.add_argument("--model", type=str, required=True, help="Model folder (from probe or run).")
+    parser.add_argument("--batch_size", type=int, default=64, help="Images per forward.")
+    parser.add_argument("--mixed_precision", type=str, default=None, choices=MIXED_PRECISION_CHOICES,
+                        help="'bf16' runs the UNet in bf16 (the head stays float32).")
+    parser.add_argument("--skip_bad_images", action="store_true", help="Skip unreadable images instead of failing.")
+
+
+def evaluate(namespace) -> dict:
+    report = evaluate_folder(namespace.model, namespace.data_dir, namespace.splits, namespace.batch_size,
+                             namespace.mixed_precision, namespace.skip_bad_images)
+    if namespace.json:
+        print(json.dumps({k: v for k, v in report.items() if k != "skipped_images"}, indent=2))
+    else:
+        recall = ", ".join(f"{name} {value:.3f}" for name, value in report["per_class_recall"].items())
+        print(f"{report['num_examples']} images ({', '.join(report['splits'])}) of {namespace.data_dir}: accuracy "
+              f"{report['accuracy']:.3f}, macro F1 {report['macro_f1']:.3f}; recall: {recall}"
+              + (f"; {len(report['skipped_images'])} unreadable images skipped" if report["skipped_images"] else ""))
+    if namespace.output:
+        with open(namespace.output, "w", encoding="utf-8") as f:
+            json.dump(report, f, indent=2)
+        png = os.path.splitext(namespace.output)[0] + "_confusion_matrix.png"
+        plot_confusion_matrix(report["confusion_matrix"], list(report["per_class_recall"]), png,
+                              title=f"{os.path.basename(os.path.abspath(namespace.model))} on {namespace.data_dir}")
+        print(f"Wrote {namespace.output} and {png}")
+    return report
+
+
+def predict(namespace) -> list:
+    predictions = predict_files(namespace.model, namespace.images, namespace.batch_size, namespace.mixed_precision,
+                                namespace.skip_bad_images)
+    if namespace.json:
+        print(json.dumps(predictions, indent=2))
+        return predictions
+    for prediction in predictions:
+        ranked = sorted(prediction["probabilities"].items(), key=lambda item: -item[1])
+        print(f"{prediction['file']}: " + ", ".join(f"{label} {p:.3f}" for label, p in ranked))
+    return predictions
+
+
+def generate(namespace) -> None:
+    pipe = load_pipeline(namespace.pretrained)
+    pipe.to(precision_dtype(namespace.mixed_precision))
+    if namespace.scheduler == "ddim":
+        pipe.scheduler = DDIMScheduler.from_config(pipe.scheduler.config)
+    steps = namespace.num_inference_steps or (50 if namespace.scheduler == "ddim" else 1000)
+    images = pipe(batch_size=namespace.num_images, generator=torch.Generator().manual_seed(namespace.seed),
+                  num_inference_steps=steps, output_type="np").images
+    save_image_grid(images, namespace.output)
+    print(f"Saved {namespace.num_images} samples to {namespace.output}")
+
+
+def register(subparsers) -> None:
+    parser = subparsers.add_parser("evaluate", help="Metrics of a trained model on a labelled folder.",
+                                   description="Accuracy, macro F1, per-class recall and confusion matrix.")
+    _add_model_args(parser)
+    parser.add_argument("--data_dir", type=str, required=True, help="Labelled image folder.")
+    parser.add_argument("--splits", type=str, nargs="+", default=None,
+                        help="Splits to score (default: test if the folder has split folders with one, else all "
+                             "images).")
+    parser.add_argument("--output", type=str, default=None, help="JSON file to write (a confusion-matrix PNG beside).")
+    parser.add_argument("--json", action="store_true", help="Print the whole report as JSON.")
+    parser.set_defaults(func=evaluate)
+
+    parser = subparsers.add_parser("predict", help="Class probabilities for image files and folders.",
+                                   description="Print the class probabilities of each image.")
+    parser.add_argument("images", nargs="+", help="Image files, or folders of images (searched recursively).")
+    _add_model_args(parser)
+    parser.add_argument("--json", action="store_true", help="Print JSON.")
+    parser.set_defaults(func=predict)
+
+    parser = subparsers.add_parser("generate", help="Generate images with a pretrained pipeline.",
+                                   description="Generate images and save them as one PNG grid.")
+    parser.add_argument("--pretrained", type=str, required=True, help="Pretrained pipeline folder.")
+    parser.add_argument("--num_images", type=int, default=16, help="How many images.")
+    parser.add_argument("--scheduler", type=str, default="ddpm", choices=["ddpm", "ddim"],
+                        help="ddpm (the pipeline's own, as in the paper) or ddim (good with ~50 steps, 20x faster).")
+    parser.add_argument("--num_inference_steps", type=int, default=None,
+                        help="Denoising steps (default: 1000 for ddpm, 50 for ddim).")
+    parser.add_argument("--mixed_precision", type=str, default=None, choices=MIXED_PRECISION_CHOICES,
+                        help="'bf16' runs the UNet in bf16.")
+    parser.add_argument("--seed", type=int, default=0, help="Seed.")
+    parser.add_argument("--output", type=str, default="samples.png", help="PNG file to write.")
+    parser.set_defaults(func=generate)

@@ -1,0 +1,17 @@
+"""Images in: folders (`folders`), decoding once into uint8 tensors (`decoding`), the pretraining dataset
+(`pretraining_dataset`), augmentations (`augmentations`) and clinical formats (`medical`). The preprocessing
+itself lives with the model (`mic_diffrep.models.mic_diffrep.preprocessing`) and is re-exported here."""
+
+from ..models.mic_diffrep.preprocessing import (INTENSITY_WINDOWS, RESIZE_MODES, ImagePreprocessing, image_to_pixels,
+                                                pixels_to_model_input, preprocess_images, to_grayscale,
+                                                window_intensities)
+from ..models.mic_diffrep.unet_features import seed_for
+from .decoding import BadImageError, DecodedImages, decode_images
+from .folders import IMAGE_EXTENSIONS, SPLIT_ALIASES, find_split_folders, load_image_folder, select_splits
+from .pretraining_dataset import PretrainingDataset
+
+
+__all__ = ["BadImageError", "DecodedImages", "IMAGE_EXTENSIONS", "INTENSITY_WINDOWS", "ImagePreprocessing",
+           "PretrainingDataset", "RESIZE_MODES", "SPLIT_ALIASES", "decode_images", "find_split_folders",
+           "image_to_pixels", "load_image_folder", "pixels_to_model_input", "preprocess_images", "seed_for",
+           "select_splits", "to_grayscale", "window_intensities"]

@@ -1,0 +1,216 @@
+"""Decoded images: every file decoded once, preprocessed, and kept as uint8 tensors (optionally cached on disk).
+
+`decode_images` decodes every file once (in parallel with `num_workers`), applies the model's preprocessing
+(`ImagePreprocessing`: grey, intensity window, resize) and keeps the uint8 result in memory, optionally cached as
+safetensors, so training epochs never decode a JPEG again.
+
+```python
+>>> from mic_diffrep.data import decode_images, load_image_folder
+>>> splits = load_image_folder("mic_diffrep/sample_data/brain-tumor-mri")  # doctest: +SKIP
+>>> decoded = decode_images(splits["train"], 64)  # doctest: +SKIP
+>>> decoded.pixels.shape, decoded.label_names  # doctest: +SKIP
+(torch.Size([160, 1, 64, 64]), ['glioma', 'meningioma', 'notumor', 'pituitary'])
+```
+"""
+
+import hashlib
+import io
+import json
+import logging
+import os
+from dataclasses import dataclass, field
+from typing import Dict, List, Optional, Sequence, Union
+
+import PIL.Image
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+from tqdm.auto import tqdm
+
+from ..models.mic_diffrep.preprocessing import ImagePreprocessing
+
+
+logger = logging.getLogger(__name__)
+
+_DECODE_CACHE_VERSION = "2"
+
+
+class BadImageError(ValueError):
+    """An image file that cannot be decoded. The message names the file."""
+
+
+@dataclass
+class DecodedImages:
+    """Decoded, preprocessed images: uint8 `pixels` of shape `(N, 1, R, R)` with their file paths and labels."""
+
+    pixels: torch.Tensor
+    paths: List[str]
+    labels: Optional[torch.Tensor] = None
+    label_names: Optional[List[str]] = None
+    skipped: List[Dict[str, str]] = field(default_factory=list)
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def subset(self, indices: Sequence[int]) -> "DecodedImages":
+        index = torch.as_tensor(list(indices), dtype=torch.long)
+        return DecodedImages(
+            pixels=self.pixels[index],
+            paths=[self.paths[i] for i in index.tolist()],
+            labels=None if self.labels is None else self.labels[index],
+            label_names=self.label_names,
+            skipped=list(self.skipped),
+        )
+
+
+class _DecodeFiles(torch.utils.data.Dataset):
+    def __init__(self, sources: List[Union[str, bytes]], preprocessing: ImagePreprocessing):
+        self.sources, self.preprocessing = sources, preprocessing
+
+    def __len__(self):
+        return len(self.sources)
+
+    def __getitem__(self, index):
+        source = self.sources[index]
+        try:
+            with PIL.Image.open(source if isinstance(source, str) else io.BytesIO(source)) as image:
+                image.load()
+                return index, self.preprocessing(image), None
+        except Exception as error:  # noqa: BLE001 - every decoding failure is reported with its file
+            return index, None, f"{type(error).__name__}: {error}"
+
+
+def _collate(items):
+    return items
+
+
+def _sources_of(images) -> (List[Union[str, bytes]], List[str], Optional[List[int]], Optional[List[str]]):
+    """File sources, display paths, labels and label names of a `datasets.Dataset` or a list of paths."""
+    if isinstance(images, (list, tuple)):
+        return list(images), [str(p) for p in images], None, None
+    column = images["image"]
+    sources = [item["path"] if item.get("path") else item["bytes"] for item in column]
+    paths = [item.get("path") or f"<bytes #{i}>" for i, item in enumerate(column)]
+    labels = label_names = None
+    if "label" in images.column_names:
+        labels = list(images["label"])
+        label_names = list(images.features["label"].names)
+    return sources, paths, labels, label_names
+
+
+def _cache_key(paths: List[str], preprocessing: ImagePreprocessing) -> str:
+    digest = hashlib.sha256(f"{_DECODE_CACHE_VERSION}|{preprocessing}".encode())
+    for path in paths:
+        try:
+            stat = os.stat(path)
+            digest.update(f"{os.path.abspath(path)}|{stat.st_size}|{stat.st_mtime_ns}\n".encode())
+        except OSError:
+            digest.update(f"{path}|missing\n".encode())
+    return digest.hexdigest()[:24]
+
+
+def decode_images(
+    images,
+    preprocessing: Union[ImagePreprocessing, int],
+    skip_bad_images: bool = False,
+    num_workers: int = 0,
+    cache_dir: Optional[str] = None,
+    show_progress: bool = True,
+) -> DecodedImages:
+    """Decodes and preprocesses every image once.
+
+    Args:
+        images: a `datasets.Dataset` from `load_image_folder` (or any split of it), or a list of file paths.
+        preprocessing (`ImagePreprocessing` or `int`): the preprocessing settings (resolution, resize mode,
+            intensity window); an int is a resolution with the default settings.
+        skip_bad_images (`bool`, defaults to `False`):
+            by default an unreadable file raises `BadImageError` naming it; with `True` it is skipped and listed in
+            `DecodedImages.skipped`.
+        num_workers (`int`): decoding processes (a `torch.utils.data.DataLoader` does the work).
+        cache_dir (`str`, *optional*):
+            where to keep the decoded tensors as safetensors, keyed by the files (path, size, mtime) and settings.
+    """
+    preprocessing = ImagePreprocessing.of(preprocessing)
+    sources, paths, labels, label_names = _sources_of(images)
+    if not sources:
+        raise ValueError("No images to decode.")
+    cache_file = None
+    if cache_dir is not None:
+        cache_file = os.path.join(cache_dir, f"decoded-{_cache_key(paths, preprocessing)}.safetensors")
+        if os.path.isfile(cache_file):
+            decoded = _load_decoded(cache_file)
+            if decoded.skipped and not skip_bad_images:
+                bad = decoded.skipped[0]
+                raise BadImageError(_bad_image_message(bad["path"], bad["error"]))
+            logger.info("Loaded %d decoded images from %s", len(decoded), cache_file)
+            return decoded
+
+    resolution = preprocessing.resolution
+    pixels = torch.empty((len(sources), 1, resolution, resolution), dtype=torch.uint8)
+    ok = torch.ones(len(sources), dtype=torch.bool)
+    skipped = []
+    loader = torch.utils.data.DataLoader(
+        _DecodeFiles(sources, preprocessing), batch_size=32, num_workers=num_workers, collate_fn=_collate
+    )
+    with tqdm(total=len(sources), desc="Decoding images", unit="img", disable=not show_progress) as progress:
+        for batch in loader:
+            for index, tensor, error in batch:
+                if error is not None:
+                    if not skip_bad_images:
+                        raise BadImageError(_bad_image_message(paths[index], error))
+                    logger.warning("Skipping unreadable image %s (%s)", paths[index], error)
+                    skipped.append({"path": paths[index], "error": error})
+                    ok[index] = False
+                else:
+                    pixels[index] = tensor
+            progress.update(len(batch))
+    keep = ok.nonzero().flatten().tolist()
+    if not keep:
+        raise ValueError(f"None of the {len(sources)} images could be decoded (first error: {skipped[0]['error']}).")
+    decoded = DecodedImages(
+        pixels=pixels[ok],
+        paths=[paths[i] for i in keep],
+        labels=None if labels is None else torch.tensor([labels[i] for i in keep], dtype=torch.long),
+        label_names=label_names,
+        skipped=skipped,
+    )
+    if cache_file is not None:
+        _save_decoded(decoded, cache_file)
+    return decoded
+
+
+def _bad_image_message(path: str, error: str) -> str:
+    return (
+        f"Cannot read image {path}: {error}. Fix or remove the file, or pass --skip_bad_images to skip unreadable "
+        f"images (skipped files are listed in the run's log and results)."
+    )
+
+
+def _save_decoded(decoded: DecodedImages, cache_file: str) -> None:
+    os.makedirs(os.path.dirname(cache_file) or ".", exist_ok=True)
+    tensors = {"pixels": decoded.pixels.contiguous()}
+    if decoded.labels is not None:
+        tensors["labels"] = decoded.labels
+    metadata = {
+        "paths": json.dumps(decoded.paths),
+        "label_names": json.dumps(decoded.label_names),
+        "skipped": json.dumps(decoded.skipped),
+    }
+    tmp = f"{cache_file}.tmp-{os.getpid()}"
+    save_file(tensors, tmp, metadata=metadata)
+    os.replace(tmp, cache_file)
+
+
+def _load_decoded(cache_file: str) -> DecodedImages:
+    with safe_open(cache_file, framework="pt") as f:
+        metadata = f.metadata()
+        keys = set(f.keys())
+        pixels = f.get_tensor("pixels")
+        labels = f.get_tensor("labels") if "labels" in keys else None
+    return DecodedImages(
+        pixels=pixels,
+        paths=json.loads(metadata["paths"]),
+        labels=labels,
+        label_names=json.loads(metadata["label_names"]),
+        skipped=json.loads(metadata["skipped"]),
+    )

@@ -1,0 +1,276 @@
+"""Frozen feature extractors behind one interface: the diffusion pipeline, the baselines' encoders, a local CLIP.
+
+The probe, the feature cache and the benchmarks talk to any of them through `FeatureExtractor`, so none of them
+needs to know which kind of model it holds:
+
+- `DiffusionFeatureExtractor`: pooled UNet block activations of noised images (`DiffusionFeaturePipeline`), one
+  feature per `(layer, timestep)`; it can be exported as a `MicDiffRepForImageClassification`.
+- `EncoderFeatureExtractor`: the pooled output of a baseline's frozen encoder (MoCo v2 / BYOL ResNet: global average;
+  MAE: mean of the patch tokens), one layer `"encoder"`; noise levels do not apply and features are keyed `t=0`.
+- `ClipFeatureExtractor`: a local `CLIPVisionModel` folder (nothing is downloaded), fed grey images as RGB.
+
+```python
+>>> from mic_diffrep.features import FeatureArguments, load_feature_extractor
+>>> extractor = load_feature_extractor("runs/pretrain")  # doctest: +SKIP
+>>> args = extractor.resolve(FeatureArguments(timesteps=[10, 100]))  # doctest: +SKIP
+>>> features = extractor.extract(decoded.pixels, args)  # {(layer, t): (N, C)}  # doctest: +SKIP
+```
+"""
+
+import json
+import os
+from dataclasses import replace
+from typing import Dict, List, Optional, Protocol, Sequence, Tuple, runtime_checkable
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from tqdm.auto import tqdm
+from transformers import CLIPVisionModel
+
+from ..models.baselines import is_baseline_dir, load_baseline
+from ..models.baselines.mae import MAE
+from ..models.mic_diffrep import MicDiffRepConfig, MicDiffRepForImageClassification
+from ..models.mic_diffrep.preprocessing import ImagePreprocessing, pixels_to_model_input
+from ..models.mic_diffrep.unet_features import check_layers
+from ..pipelines import DiffusionFeaturePipeline
+from ..utils import progress_interval
+from .arguments import FeatureArguments
+from .cache import model_fingerprint
+
+
+Features = Dict[Tuple[str, int], torch.Tensor]
+
+
+@runtime_checkable
+class FeatureExtractor(Protocol):
+    """What the probe, the feature cache and the benchmarks need from a frozen model."""
+
+    name: str  # "micdiffrep", "baseline-mocov2", "baseline-byol", "baseline-mae", "baseline-clip"
+    source: Optional[str]  # the folder it was loaded from
+    preprocessing: ImagePreprocessing
+    layer_names: List[str]
+
+    def to(self, *args, **kwargs) -> "FeatureExtractor":
+        """Moves or casts the model like `nn.Module.to` (`.to(torch.bfloat16)` extracts in bf16)."""
+
+    def resolve(self, args: FeatureArguments) -> FeatureArguments:
+        """`args` with the layers and timesteps this extractor will use filled in and checked."""
+
+    def cache_settings(self, args: FeatureArguments) -> dict:
+        """Everything that determines the features (model fingerprint and resolved `args`): the cache's key."""
+
+    def extract(self, pixels: torch.Tensor, args: FeatureArguments, noise_seeds: Optional[torch.Tensor] = None,
+                show_progress: bool = True) -> Features:
+        """Features `{(layer, t): (N, D) float32}` of uint8 `(N, 1, R, R)` pixels (from `decode_images`); one noise
+        seed per image (default: `args.noise_seed` for all, the classifier's fixed noise)."""
+
+    def classifier(self, head: nn.Module, mean: torch.Tensor, std: torch.Tensor, layers: Sequence[str],
+                   timesteps: Sequence[int], label_names: Sequence[str], args: FeatureArguments,
+                   hidden_size: int, dropout: float) -> Optional[MicDiffRepForImageClassification]:
+        """A transformers classifier holding the frozen model and a trained MSFA head, or `None` when this kind
+        of extractor cannot be exported (baselines and CLIP are scored only)."""
+
+
+class DiffusionFeatureExtractor:
+    """`DiffusionFeaturePipeline.extract_features` behind the `FeatureExtractor` interface."""
+
+    name = "micdiffrep"
+
+    def __init__(self, pipeline: DiffusionFeaturePipeline, source: Optional[str] = None):
+        self.pipeline = pipeline
+        self.source = source
+
+    @classmethod
+    def from_pretrained(cls, path: str) -> "DiffusionFeatureExtractor":
+        return cls(DiffusionFeaturePipeline.from_pretrained(path), source=path)
+
+    @property
+    def preprocessing(self) -> ImagePreprocessing:
+        return self.pipeline.preprocessing
+
+    @property
+    def layer_names(self) -> List[str]:
+        return self.pipeline.layer_names
+
+    def to(self, *args, **kwargs) -> "DiffusionFeatureExtractor":
+        self.pipeline.to(*args, **kwargs)
+        return self
+
+    def resolve(self, args: FeatureArguments) -> FeatureArguments:
+        args = replace(args, layers=list(args.layers or self.layer_names), timesteps=[int(t) for t in args.timesteps])
+        self.pipeline.check_inputs(args.timesteps, args.layers, args.pooling, args.num_noise_samples, args.batch_size)
+        return args
+
+    def cache_settings(self, args: FeatureArguments) -> dict:
+        return {"model_fingerprint": model_fingerprint(self.pipeline.unet), **_settings(self.preprocessing, args),
+                "timesteps": list(args.timesteps), "num_noise_samples": args.num_noise_samples,
+                "noise_seed": args.noise_seed}
+
+    def extract(self, pixels: torch.Tensor, args: FeatureArguments, noise_seeds: Optional[torch.Tensor] = None,
+                show_progress: bool = True) -> Features:
+        if noise_seeds is None:
+            noise_seeds = torch.full((len(pixels),), args.noise_seed, dtype=torch.long)
+        self.pipeline.set_progress_bar_config(disable=not show_progress)
+        return self.pipeline.extract_features(
+            pixels, args.timesteps, args.layers, pooling=args.pooling, pooling_grid_size=args.pooling_grid_size,
+            num_noise_samples=args.num_noise_samples, noise_seeds=noise_seeds, batch_size=args.batch_size).features
+
+    def classifier(self, head, mean, std, layers, timesteps, label_names, args, hidden_size, dropout):
+        pipeline = self.pipeline
+        schedule = pipeline.scheduler.config
+        config = MicDiffRepConfig(
+            unet_config=dict(pipeline.unet.config), num_train_timesteps=schedule.num_train_timesteps,
+            beta_schedule=schedule.beta_schedule, beta_start=schedule.beta_start, beta_end=schedule.beta_end,
+            layers=list(layers), timesteps=list(timesteps), pooling=args.pooling,
+            pooling_grid_size=args.pooling_grid_size, num_noise_samples=args.num_noise_samples,
+            noise_seed=args.noise_seed, hidden_size=hidden_size, classifier_dropout=dropout,
+            resize_mode=pipeline.config.resize_mode, intensity_window=pipeline.config.intensity_window,
+            num_labels=len(label_names), id2label=dict(enumerate(label_names)),
+            label2id={name: i for i, name in enumerate(label_names)},
+        )
+        model = MicDiffRepForImageClassification(config)
+        model.unet.load_state_dict({k: v.float() for k, v in pipeline.unet.state_dict().items()})
+        model.head.load_state_dict(head.state_dict())
+        model.feature_mean.copy_(mean)
+        model.feature_std.copy_(std)
+        return model.eval()
+
+
+class EncoderFeatureExtractor:
+    """The pooled output of a baseline's frozen encoder (`training/pretrain_baseline.py` folders): one layer,
+    `"encoder"`; noise levels do not apply, so features are keyed with timestep 0."""
+
+    layer_names = ["encoder"]
+
+    def __init__(self, model: nn.Module, source: Optional[str] = None):
+        self.model = model.eval()
+        self.source = source
+        self.name = f"baseline-{model.config.method}"
+        config = model.config
+        self.preprocessing = ImagePreprocessing(config.resolution, config.resize_mode, config.intensity_window)
+
+    @classmethod
+    def from_pretrained(cls, path: str) -> "EncoderFeatureExtractor":
+        return cls(load_baseline(path), source=path)
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.model.parameters()).device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return next(self.model.parameters()).dtype
+
+    def to(self, *args, **kwargs) -> "EncoderFeatureExtractor":
+        self.model.to(*args, **kwargs)
+        return self
+
+    def resolve(self, args: FeatureArguments) -> FeatureArguments:
+        layers = list(args.layers or self.layer_names)
+        check_layers(layers, self.layer_names)
+        return replace(args, layers=layers, timesteps=[0], pooling="avg", num_noise_samples=1)
+
+    def cache_settings(self, args: FeatureArguments) -> dict:
+        return {"model_fingerprint": model_fingerprint(self.model), **_settings(self.preprocessing, args)}
+
+    @torch.no_grad()
+    def encode(self, images: torch.Tensor) -> torch.Tensor:
+        """Pooled encoder output `(B, D)` of model inputs in [-1, 1]."""
+        if isinstance(self.model, MAE):
+            vit = self.model.mae.vit
+            ratio, vit.config.mask_ratio = vit.config.mask_ratio, 0.0
+            try:
+                hidden = vit(pixel_values=images).last_hidden_state
+            finally:
+                vit.config.mask_ratio = ratio
+            return hidden[:, 1:].mean(dim=1)  # mean of the patch tokens (their order does not matter to a mean)
+        return self.model.encoder(images)
+
+    def extract(self, pixels: torch.Tensor, args: FeatureArguments, noise_seeds: Optional[torch.Tensor] = None,
+                show_progress: bool = True) -> Features:
+        chunks = []
+        starts = range(0, len(pixels), args.batch_size)
+        for start in tqdm(starts, desc="Extracting features", disable=not show_progress, mininterval=progress_interval()):
+            batch = pixels_to_model_input(pixels[start : start + args.batch_size]).to(self.device, self.dtype)
+            chunks.append(self.encode(batch).float().cpu())
+        return {("encoder", 0): torch.cat(chunks)}
+
+    def classifier(self, *args, **kwargs) -> None:
+        return None
+
+
+class ClipFeatureExtractor(EncoderFeatureExtractor):
+    """A local `CLIPVisionModel` (pass a folder you have: nothing is downloaded) as a frozen feature extractor.
+
+    Grey images are repeated to three channels, resized to the model's input size and normalised with CLIP's mean
+    and std; the feature is the pooled output.
+    """
+
+    MEAN = (0.48145466, 0.4578275, 0.40821073)
+    STD = (0.26862954, 0.26130258, 0.27577711)
+
+    def __init__(self, model: CLIPVisionModel, source: Optional[str] = None, resolution: int = 112):
+        self.model = model.eval()
+        self.source = source
+        self.name = "baseline-clip"
+        self.preprocessing = ImagePreprocessing(resolution)
+
+    @classmethod
+    def from_pretrained(cls, path: str, resolution: int = 112) -> "ClipFeatureExtractor":
+        return cls(CLIPVisionModel.from_pretrained(path, local_files_only=True), source=path, resolution=resolution)
+
+    @torch.no_grad()
+    def encode(self, images: torch.Tensor) -> torch.Tensor:
+        size = self.model.config.image_size
+        x = F.interpolate((images.float() + 1) / 2, size=(size, size), mode="bicubic", align_corners=False)
+        x = x.clamp(0, 1).repeat(1, 3, 1, 1)
+        mean = torch.tensor(self.MEAN, device=x.device)[None, :, None, None]
+        std = torch.tensor(self.STD, device=x.device)[None, :, None, None]
+        return self.model(pixel_values=((x - mean) / std).to(self.dtype)).pooler_output
+
+
+def _settings(preprocessing: ImagePreprocessing, args: FeatureArguments) -> dict:
+    return {"resolution": preprocessing.resolution, "resize_mode": preprocessing.resize_mode,
+            "intensity_window": preprocessing.intensity_window, "layers": list(args.layers),
+            "timesteps": list(args.timesteps), "pooling": args.pooling,
+            "pooling_grid_size": args.pooling_grid_size if args.pooling == "grid" else None,
+            "mixed_precision": args.mixed_precision or "no"}
+
+
+def is_clip_vision_dir(path: str) -> bool:
+    config_file = os.path.join(path, "config.json")
+    if not os.path.isfile(config_file):
+        return False
+    with open(config_file, encoding="utf-8") as f:
+        return json.load(f).get("model_type") in ("clip", "clip_vision_model")
+
+
+def is_pipeline_dir(path: str) -> bool:
+    return all(os.path.exists(os.path.join(path, name)) for name in ("model_index.json", "unet", "scheduler"))
+
+
+def load_pipeline(path: str) -> DiffusionFeaturePipeline:
+    """The `DiffusionFeaturePipeline` in a pretraining output folder, with a clear error for anything else."""
+    if not os.path.isdir(path):
+        raise FileNotFoundError(f"Pretrained folder {path!r} does not exist.")
+    if is_baseline_dir(path) or is_clip_vision_dir(path):
+        raise ValueError(f"{path!r} holds a baseline encoder, not a diffusion pipeline: it extracts features but "
+                         f"cannot generate images. Pass the output folder of `mic-diffrep pretrain`.")
+    if not is_pipeline_dir(path):
+        missing = [n for n in ("model_index.json", "unet", "scheduler") if not os.path.exists(os.path.join(path, n))]
+        raise ValueError(f"{path!r} is not a pretrained pipeline folder (missing {', '.join(missing)}); pass the "
+                         f"output folder of `mic-diffrep pretrain` / training/pretrain.py.")
+    return DiffusionFeaturePipeline.from_pretrained(path)
+
+
+def load_feature_extractor(path: str, resolution: Optional[int] = None) -> FeatureExtractor:
+    """The frozen feature extractor in `path`: a pretrained diffusion pipeline, a baseline's folder (from
+    `training/pretrain_baseline.py`), or a local `CLIPVisionModel` (fed `resolution` px images, default 112)."""
+    if not os.path.isdir(path):
+        raise FileNotFoundError(f"Pretrained folder {path!r} does not exist.")
+    if is_baseline_dir(path):
+        return EncoderFeatureExtractor.from_pretrained(path)
+    if is_clip_vision_dir(path):
+        return ClipFeatureExtractor.from_pretrained(path, resolution=resolution or 112)
+    return DiffusionFeatureExtractor(load_pipeline(path), source=path)

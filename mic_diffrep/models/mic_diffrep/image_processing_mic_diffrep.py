@@ -1,0 +1,127 @@
+"""Image processor for MicDiffRep: the exact preprocessing of pretraining, as a transformers image processor."""
+
+from typing import Optional
+
+import torch
+from transformers.image_processing_utils import BaseImageProcessor, BatchFeature
+from transformers.processing_utils import ImagesKwargs
+
+from .preprocessing import (INTENSITY_WINDOWS, RESIZE_MODES, ImagePreprocessing, as_image_list, check_choice,
+                            image_to_pixels, pixels_to_model_input, to_grayscale, window_intensities)
+
+
+class MicDiffRepImageProcessorKwargs(ImagesKwargs, total=False):
+    """The processor's own options, beside transformers' `ImagesKwargs` (`do_resize`, `do_rescale`, ...).
+
+    resolution (`int`): output size (square). resize_mode (`str`): `"pad"` or `"center_crop"`.
+    intensity_window (`str`): `"percentile"` or `"none"` (see `mic_diffrep.preprocessing`).
+    """
+
+    resolution: int
+    resize_mode: str
+    intensity_window: str
+
+
+class MicDiffRepImageProcessor(BaseImageProcessor):
+    r"""
+    Turns images (PIL, numpy or torch; grey or colour; any size) into `pixel_values` of shape `(N, 1, R, R)` in
+    [-1, 1]: one grey channel, the intensity window, resized keeping the aspect ratio (`"pad"` or
+    `"center_crop"`), rescaled by `1/255` and normalised with mean 0.5 and std 0.5. It calls the same functions as
+    pretraining and feature extraction (`mic_diffrep.preprocessing`).
+
+    Args:
+        resolution (`int`, *optional*, defaults to 112): output size.
+        resize_mode (`str`, *optional*, defaults to `"pad"`): `"pad"` or `"center_crop"`.
+        intensity_window (`str`, *optional*, defaults to `"percentile"`): `"percentile"` or `"none"`.
+        do_resize (`bool`, *optional*, defaults to `True`): resize to `resolution`; with `False`, images must be
+            `resolution` x `resolution` already.
+        do_rescale (`bool`, *optional*, defaults to `True`), rescale_factor (`float`, defaults to `1/255`): scale
+            0..255 to 0..1.
+        do_normalize (`bool`, *optional*, defaults to `True`), image_mean / image_std (defaults to 0.5): then
+            `(x - mean) / std`, giving [-1, 1].
+
+    Every option can be overridden per call: `processor(images, resolution=64, return_tensors="pt")`.
+
+    Example:
+
+    ```python
+    >>> import PIL.Image
+    >>> from mic_diffrep import MicDiffRepImageProcessor
+    >>> processor = MicDiffRepImageProcessor(resolution=64)
+    >>> processor(PIL.Image.new("RGB", (100, 80)), return_tensors="pt")["pixel_values"].shape
+    torch.Size([1, 1, 64, 64])
+    ```
+    """
+
+    model_input_names = ["pixel_values"]
+    valid_kwargs = MicDiffRepImageProcessorKwargs
+
+    resolution = 112
+    resize_mode = "pad"
+    intensity_window = "percentile"
+    do_resize = True
+    do_rescale = True
+    rescale_factor = 1 / 255
+    do_normalize = True
+    image_mean = 0.5
+    image_std = 0.5
+
+    OPTIONS = ("resolution", "resize_mode", "intensity_window", "do_resize", "do_rescale", "rescale_factor",
+               "do_normalize", "image_mean", "image_std")
+
+    def __init__(self, **kwargs):
+        options = {key: kwargs.pop(key) for key in list(kwargs) if key in self.valid_kwargs.__annotations__}
+        super().__init__(**kwargs)
+        # Every option is an instance attribute, so `to_dict` / `preprocessor_config.json` list them all.
+        for key in self.OPTIONS:
+            setattr(self, key, options[key] if options.get(key) is not None else getattr(type(self), key))
+        self._check(self.to_options())
+
+    @property
+    def preprocessing(self) -> ImagePreprocessing:
+        """The processor's preprocessing settings (what decoding for this model must use)."""
+        return ImagePreprocessing(self.resolution, self.resize_mode, self.intensity_window)
+
+    def to_options(self, **overrides) -> dict:
+        """The processor's options, with per-call `overrides` (`None` means: keep the processor's own)."""
+        return {name: overrides[name] if overrides.get(name) is not None else getattr(self, name)
+                for name in self.OPTIONS}
+
+    @staticmethod
+    def _check(options: dict) -> None:
+        check_choice(options["resize_mode"], RESIZE_MODES, "resize_mode")
+        check_choice(options["intensity_window"], INTENSITY_WINDOWS, "intensity_window")
+        resolution = options["resolution"]
+        if isinstance(resolution, bool) or not isinstance(resolution, int) or resolution <= 0:
+            raise ValueError(f"`resolution` must be a positive integer, got {resolution!r}.")
+
+    def _to_pixels(self, image, options: dict) -> torch.Tensor:
+        if options["do_resize"]:
+            return image_to_pixels(image, options["resolution"], options["resize_mode"], options["intensity_window"])
+        grey = window_intensities(to_grayscale(image), options["intensity_window"])
+        if grey.shape != (options["resolution"],) * 2:
+            raise ValueError(f"do_resize=False needs {options['resolution']}x{options['resolution']} images, got "
+                             f"{grey.shape[1]}x{grey.shape[0]}.")
+        return torch.from_numpy(grey.copy()).unsqueeze(0)
+
+    def preprocess(self, images, return_tensors: Optional[str] = "pt", **kwargs) -> BatchFeature:
+        """Preprocesses one image or a list; any option of the processor can be overridden for this call."""
+        unknown = sorted(set(kwargs) - set(self.valid_kwargs.__annotations__))
+        if unknown:
+            raise TypeError(f"Unexpected keyword argument(s) {unknown} for MicDiffRepImageProcessor.")
+        options = self.to_options(**kwargs)
+        self._check(options)
+        pixels = [self._to_pixels(image, options) for image in as_image_list(images)]
+        if not pixels:
+            raise ValueError("No images to preprocess.")
+        pixel_values = pixels_to_model_input(
+            torch.stack(pixels), options["rescale_factor"] if options["do_rescale"] else None,
+            (options["image_mean"], options["image_std"]) if options["do_normalize"] else None)
+        if return_tensors in ("np", "numpy"):
+            return BatchFeature({"pixel_values": pixel_values.numpy()}, tensor_type="np")
+        if return_tensors not in (None, "pt", "torch"):
+            raise ValueError(f"return_tensors must be 'pt' or 'np', got {return_tensors!r}.")
+        return BatchFeature({"pixel_values": pixel_values}, tensor_type="pt" if return_tensors else None)
+
+    def __call__(self, images=None, **kwargs) -> BatchFeature:
+        return self.preprocess(images, **kwargs)

@@ -1,0 +1,84 @@
+"""The UNet that MicDiffRep pretrains, and the noise schedule it is trained with."""
+
+import json
+import os
+from typing import Optional
+
+from diffusers import DDPMScheduler, UNet2DModel
+
+from .preprocessing import check_resolution
+
+
+# A 4.3M-parameter grey-image UNet: four levels (e.g. 112 -> 56 -> 28 -> 14 px), one ResNet block per level,
+# self-attention at the lowest resolution. Small enough to pretrain on a CPU, large enough to learn MRI anatomy.
+UNET_PRESETS = {
+    "default": {
+        "in_channels": 1,
+        "out_channels": 1,
+        "layers_per_block": 1,
+        "block_out_channels": (32, 64, 128, 128),
+        "down_block_types": ("DownBlock2D", "DownBlock2D", "DownBlock2D", "AttnDownBlock2D"),
+        "up_block_types": ("AttnUpBlock2D", "UpBlock2D", "UpBlock2D", "UpBlock2D"),
+        "norm_num_groups": 8,
+        "attention_head_dim": 32,
+    },
+    # A few thousand parameters: for tests and smoke runs only.
+    "tiny": {
+        "in_channels": 1,
+        "out_channels": 1,
+        "layers_per_block": 1,
+        "block_out_channels": (8, 16),
+        "down_block_types": ("DownBlock2D", "AttnDownBlock2D"),
+        "up_block_types": ("AttnUpBlock2D", "UpBlock2D"),
+        "norm_num_groups": 4,
+        "attention_head_dim": 8,
+    },
+}
+
+
+def create_unet(resolution: int, model_config_name_or_path: Optional[str] = None) -> UNet2DModel:
+    """Builds a freshly initialised `UNet2DModel` for `resolution` x `resolution` grey images.
+
+    Args:
+        resolution (`int`): the image size; must be divisible by the UNet's downsampling factor.
+        model_config_name_or_path (`str`, *optional*):
+            a preset name (`"default"`, `"tiny"`), a UNet `config.json`, or a folder holding one (a pretrained
+            pipeline folder's `unet/` works). Defaults to the `"default"` preset.
+
+    Example:
+
+    ```python
+    >>> from mic_diffrep.unet import create_unet
+    >>> unet = create_unet(32, "tiny")
+    >>> unet.config.sample_size, unet.config.in_channels
+    (32, 1)
+    ```
+    """
+    name = model_config_name_or_path or "default"
+    if name in UNET_PRESETS:
+        config = dict(UNET_PRESETS[name])
+    else:
+        path = os.path.join(name, "config.json") if os.path.isdir(name) else name
+        if not os.path.isfile(path):
+            raise ValueError(
+                f"`model_config_name_or_path` {name!r} is neither a preset ({', '.join(UNET_PRESETS)}) "
+                f"nor a UNet config.json file or a folder containing one."
+            )
+        with open(path, encoding="utf-8") as f:
+            config = {k: v for k, v in json.load(f).items() if not k.startswith("_")}
+    config["sample_size"] = resolution
+    unet = UNet2DModel(**config)
+    check_resolution(resolution, multiple_of=downsampling_factor(unet))
+    return unet
+
+
+def downsampling_factor(unet: UNet2DModel) -> int:
+    """How much the UNet shrinks its input: the resolution must be a multiple of this."""
+    return 2 ** (len(unet.config.block_out_channels) - 1)
+
+
+def create_scheduler(num_train_timesteps: int = 1000, beta_schedule: str = "linear", prediction_type: str = "epsilon"):
+    """The paper's DDPM noise schedule: 1000 steps, linear betas, epsilon prediction."""
+    return DDPMScheduler(
+        num_train_timesteps=num_train_timesteps, beta_schedule=beta_schedule, prediction_type=prediction_type
+    )

@@ -1,0 +1,176 @@
+"""Pooled activations of UNet blocks for noised images: the noise, and one hooked forward pass.
+
+Shared by `DiffusionFeaturePipeline.extract_features` and `MicDiffRepForImageClassification`, so probe features and
+classifier features are the same computation:
+
+- `feature_noise`: the noise added to an image is a function of `(noise seed, timestep, noise draw)` only, never of
+  the position of the timestep in a list, so features at t=300 are the same whether 300 was asked for alone or
+  as part of a sweep.
+- `noisy_block_features`: `x_t = sqrt(alpha_bar_t) x_0 + sqrt(1 - alpha_bar_t) noise`, one UNet forward with
+  hooks on the requested blocks, pooled, averaged over the noise draws.
+
+```python
+>>> import torch
+>>> from mic_diffrep.unet import create_unet
+>>> from mic_diffrep.unet_features import block_names, unet_block_features
+>>> unet = create_unet(16, "tiny")
+>>> block_names(unet)
+['down_blocks.0', 'down_blocks.1', 'mid_block', 'up_blocks.0', 'up_blocks.1']
+>>> features = unet_block_features(unet, torch.randn(2, 1, 16, 16), 100, ["mid_block"])
+>>> features["mid_block"].shape
+torch.Size([2, 16])
+```
+"""
+
+from typing import Dict, List, Sequence
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+
+POOLING_CHOICES = ("avg", "avgmax", "grid")
+
+
+class _StopForward(Exception):
+    """Raised by the last needed hook so the rest of the UNet is not computed."""
+
+
+def block_names(unet) -> List[str]:
+    """The layer names features can be taken from, in execution order: down blocks, mid block, up blocks."""
+    names = [f"down_blocks.{i}" for i in range(len(unet.down_blocks))]
+    if unet.mid_block is not None:
+        names.append("mid_block")
+    return names + [f"up_blocks.{i}" for i in range(len(unet.up_blocks))]
+
+
+def block_names_from_config(unet_config: dict) -> List[str]:
+    """`block_names` from a `UNet2DModel` config dict, without building the model."""
+    num_down = len(unet_config.get("down_block_types", ()))
+    num_up = len(unet_config.get("up_block_types", ()))
+    names = [f"down_blocks.{i}" for i in range(num_down)]
+    if unet_config.get("mid_block_type", "UNetMidBlock2D") is not None:
+        names.append("mid_block")
+    return names + [f"up_blocks.{i}" for i in range(num_up)]
+
+
+def check_layers(layers: Sequence[str], valid: Sequence[str]) -> None:
+    unknown = [name for name in layers if name not in valid]
+    if unknown or not layers:
+        raise ValueError(f"Unknown layer name(s) {unknown or list(layers)}. Valid layers are: {', '.join(valid)}.")
+
+
+def pool_features(hidden_states: torch.Tensor, pooling: str = "avg", grid_size: int = 2) -> torch.Tensor:
+    """Pools `(B, C, H, W)` activations into float32 `(B, D)` vectors.
+
+    `"avg"`: global average (D = C); `"avgmax"`: global average and max (D = 2C); `"grid"`: average over a
+    `grid_size` x `grid_size` grid of regions (D = C * grid_size**2), which keeps coarse spatial layout.
+    """
+    hidden_states = hidden_states.float()
+    if pooling == "avg":
+        return hidden_states.mean(dim=(2, 3))
+    if pooling == "avgmax":
+        return torch.cat([hidden_states.mean(dim=(2, 3)), hidden_states.amax(dim=(2, 3))], dim=1)
+    if pooling == "grid":
+        return F.adaptive_avg_pool2d(hidden_states, grid_size).flatten(1)
+    raise ValueError(f"pooling must be one of {POOLING_CHOICES}, got {pooling!r}.")
+
+
+def pooled_size(channels: int, pooling: str = "avg", grid_size: int = 2) -> int:
+    """Length of the vector `pool_features` makes from `channels` channels."""
+    return {"avg": channels, "avgmax": 2 * channels, "grid": channels * grid_size**2}[pooling]
+
+
+def block_channels(unet_config: dict) -> Dict[str, int]:
+    """Output channels of every block of a `UNet2DModel` config."""
+    channels = list(unet_config["block_out_channels"])
+    result = {f"down_blocks.{i}": c for i, c in enumerate(channels)}
+    result["mid_block"] = channels[-1]
+    result.update({f"up_blocks.{i}": c for i, c in enumerate(reversed(channels))})
+    return result
+
+
+def unet_block_features(unet, noisy_images: torch.Tensor, timestep, layers: Sequence[str], pooling: str = "avg",
+                        grid_size: int = 2) -> Dict[str, torch.Tensor]:
+    """Runs `unet` once on `noisy_images` at `timestep` and returns the pooled output of each block in `layers`.
+
+    Forward hooks are registered by module name and removed in `finally`, also when the forward raises. Down
+    blocks return `(hidden_states, res_samples)`: the hidden states are pooled. The forward stops after the last
+    block needed.
+    """
+    modules = dict(unet.named_modules())
+    check_layers(layers, [name for name in modules if name])
+    captured: Dict[str, torch.Tensor] = {}
+    wanted = set(layers)
+
+    def make_hook(name):
+        def hook(module, args, output):
+            hidden = output[0] if isinstance(output, tuple) else output
+            captured[name] = pool_features(hidden, pooling, grid_size)
+            if wanted.issubset(captured):
+                raise _StopForward
+
+        return hook
+
+    if not torch.is_tensor(timestep):
+        timestep = torch.full((noisy_images.shape[0],), int(timestep), device=noisy_images.device, dtype=torch.long)
+    handles = []
+    try:
+        for name in dict.fromkeys(layers):
+            handles.append(modules[name].register_forward_hook(make_hook(name)))
+        try:
+            unet(noisy_images, timestep)
+        except _StopForward:
+            pass
+    finally:
+        for handle in handles:
+            handle.remove()
+    return {name: captured[name] for name in layers}
+
+
+def seed_for(*keys: int) -> int:
+    """A 63-bit seed derived from integers, well mixed by `numpy.SeedSequence`."""
+    state = np.random.SeedSequence([int(k) for k in keys]).generate_state(1, dtype=np.uint64)[0]
+    return int(state) & (2**63 - 1)
+
+
+def feature_noise(seeds: Sequence[int], timestep: int, num_noise_samples: int, shape: Sequence[int]) -> torch.Tensor:
+    """The noise added at `timestep` to images with per-image noise `seeds`: shape `(B, K, *shape)`, float32, CPU.
+
+    Draw `k` of an image with seed `s` comes from a generator seeded with `seed_for(s, timestep, k)`, so it
+    depends on the image's seed, the timestep and the draw, and on nothing else (not on the batch, nor on which
+    other timesteps are extracted). Images sharing a seed share their noise (the fixed noise of the classifier).
+    """
+    draws = {}
+    for seed in dict.fromkeys(int(s) for s in seeds):
+        draws[seed] = torch.stack([
+            torch.randn(tuple(shape), generator=torch.Generator().manual_seed(seed_for(seed, timestep, k)))
+            for k in range(num_noise_samples)])
+    return torch.stack([draws[int(s)] for s in seeds])
+
+
+def add_noise(alphas_cumprod: torch.Tensor, clean: torch.Tensor, noise: torch.Tensor, timestep: int) -> torch.Tensor:
+    """`sqrt(alpha_bar_t) * clean + sqrt(1 - alpha_bar_t) * noise` in float32 (DDPM's forward process at one `t`)."""
+    alpha_bar = alphas_cumprod[int(timestep)].to(device=clean.device, dtype=torch.float32)
+    return alpha_bar.sqrt() * clean.float() + (1 - alpha_bar).sqrt() * noise.float()
+
+
+def noisy_block_features(unet, alphas_cumprod: torch.Tensor, clean: torch.Tensor, noise: torch.Tensor, timestep: int,
+                         layers: Sequence[str], pooling: str = "avg", grid_size: int = 2) -> Dict[str, torch.Tensor]:
+    """Pooled features `(B, D)` of each block in `layers` for `clean` images `(B, C, R, R)` in [-1, 1], noised to
+    `timestep` with `noise` `(B, K, C, R, R)`: the K draws are folded into one batch and their features averaged.
+
+    The noised images are cast to the UNet's dtype, so a bf16 UNet (`unet.to(torch.bfloat16)`) runs in bf16.
+    """
+    batch, draws = noise.shape[:2]
+    clean = clean.repeat_interleave(draws, dim=0)
+    noisy = add_noise(alphas_cumprod, clean, noise.flatten(0, 1).to(clean.device), timestep).to(unet.dtype)
+    pooled = unet_block_features(unet, noisy, timestep, layers, pooling, grid_size)
+    return {name: value.view(batch, draws, -1).mean(dim=1) for name, value in pooled.items()}
+
+
+def concatenate_features(features: Dict[tuple, torch.Tensor], layers: Sequence[str],
+                         timesteps: Sequence[int]) -> torch.Tensor:
+    """The MSFA input F (paper eq. 4): per-`(layer, timestep)` features side by side, timestep-major, layers in the
+    given order: the order `MicDiffRepForImageClassification` concatenates them in."""
+    return torch.cat([features[(layer, int(t))] for t in timesteps for layer in layers], dim=1)

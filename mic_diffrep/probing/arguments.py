@@ -1,0 +1,57 @@
+"""The settings of `mic-diffrep probe` / `training/linear_probe.py` (every field is a `--field` flag)."""
+
+from dataclasses import dataclass, field
+from typing import Optional
+
+from ..features.arguments import FeatureArguments
+
+
+@dataclass(kw_only=True)
+class ProbeArguments(FeatureArguments):
+    """Linear probing (SL sweep and MSFA) of a frozen model -> results, plots and a transformers model folder."""
+
+    # Data
+    pretrained: str = field(metadata={
+        "help": "Pretrained pipeline folder (from pretraining), or a baseline's folder (from "
+                "training/pretrain_baseline.py, or a local CLIPVisionModel) to score it with the same probe."})
+    data_dir: str = field(metadata={
+        "help": "Labelled images: class sub-folders, optionally inside split folders (Training/Testing, "
+                "train/val/test)."})
+    resolution: Optional[int] = field(default=None, metadata={
+        "help": "Image size fed to a CLIP baseline (diffusion and other baselines use their own)."})
+    test_data_dir: Optional[str] = field(default=None, metadata={
+        "help": "Labelled test images (default: the test split of --data_dir, else a carved hold-out)."})
+    output_dir: str = field(default="runs/probe", metadata={
+        "help": "Model folder to write (config, weights, processor, card, results, plots)."})
+    validation_split: float = field(default=0.2, metadata={
+        "help": "Share of the training images held out for choosing layers and timesteps."})
+    test_split: float = field(default=0.2, metadata={
+        "help": "Share of images held out for testing when there is no test split."})
+    duplicate_threshold: Optional[float] = field(default=None, metadata={
+        "help": "Fingerprint similarity above which images are near-duplicates (default: "
+                "mic_diffrep.leakage.DEFAULT_THRESHOLD); carved splits keep such groups on one side."})
+    exclude_leaked_test: bool = field(default=False, metadata={
+        "help": "Score only test images without a near-duplicate in the training images (results always report "
+                "both)."})
+    skip_bad_images: bool = field(default=False, metadata={"help": "Skip unreadable images instead of failing."})
+    cache_dir: Optional[str] = field(default=None, metadata={"help": "Decoded-image cache (default OUTPUT_DIR/.cache)."})
+    dataloader_num_workers: int = field(default=0, metadata={"help": "Processes decoding images."})
+    # Probe training (paper: Adam 0.01, cosine annealing, batch 128, 15 epochs)
+    num_epochs: int = field(default=15, metadata={"help": "Probe epochs (paper: 15)."})
+    learning_rate: float = field(default=0.01, metadata={"help": "Initial learning rate (paper: 0.01)."})
+    train_batch_size: int = field(default=128, metadata={"help": "Probe batch size (paper: 128)."})
+    weight_decay: float = field(default=0.0, metadata={"help": "Decoupled weight decay."})
+    hidden_size: int = field(default=512, metadata={"help": "MSFA aggregation width (eq. 5)."})
+    dropout: float = field(default=0.0, metadata={"help": "Dropout on the aggregated features."})
+    no_standardize: bool = field(default=False, metadata={"help": "Do not standardise features."})
+    seed: int = field(default=0, metadata={"help": "Seed of splits and probe training."})
+    # Hub
+    push_to_hub: bool = field(default=False, metadata={"help": "Upload the model folder to the Hub."})
+    hub_model_id: Optional[str] = field(default=None, metadata={"help": "Hub repository id (default: folder name)."})
+    hub_token: Optional[str] = field(default=None, metadata={"help": "Hub token (default: the stored login)."})
+    hub_private_repo: bool = field(default=False, metadata={"help": "Create the repository as private."})
+
+    def __post_init__(self):
+        super().__post_init__()
+        if not 0 < self.validation_split < 1 or not 0 < self.test_split < 1:
+            raise ValueError("`validation_split` and `test_split` must be in (0, 1).")

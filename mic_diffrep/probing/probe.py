@@ -1,0 +1,105 @@
+"""Linear probing of a frozen model: SL sweep, MSFA, evaluation, and a transformers model folder.
+
+    accelerate launch training/linear_probe.py --pretrained runs/pretrain --data_dir DATA_DIR --output_dir runs/probe
+
+`output_dir` becomes a transformers model folder (`config.json`, `model.safetensors`, `preprocessor_config.json`,
+model card) holding the frozen UNet and the MSFA head, with `results.json`, `results.md`, `accuracy_vs_timestep.png`
+and `confusion_matrix.png` beside them (baseline encoders get the results only).
+
+Splits: the test split is `--test_data_dir`, else a `test`/`Testing` folder inside `--data_dir`, else a held-out
+part carved from the data so that near-duplicate groups stay on one side (the results say which). Layers and
+timesteps for MSFA and SL-best are chosen on a validation part carved the same way from the training split; the
+test split is scored once, at the end.
+
+```python
+>>> from mic_diffrep.probing import ProbeArguments, run_probe
+>>> results = run_probe(ProbeArguments(pretrained="runs/pretrain", data_dir="DATA_DIR", timesteps=[10, 100]))  # doctest: +SKIP
+```
+"""
+
+import logging
+import os
+import sys
+from typing import Dict, Optional, Tuple
+
+import torch
+
+from ..data import DecodedImages
+from ..features import (FeatureExtractor, StaleFeatureCacheError, extract_sharded, load_feature_extractor,
+                        load_features, prepare_extractor, save_features)
+from ..utils import create_accelerator, environment_info
+from .arguments import ProbeArguments
+from .export import write_model_folder, write_results
+from .heads import ProbeConfig
+from .selection import run_probes
+from .splits import load_probe_splits
+
+
+logger = logging.getLogger(__name__)
+
+
+def cached_features(extractor: FeatureExtractor, decoded: DecodedImages, args: ProbeArguments, accelerator,
+                    name: str) -> Dict[Tuple[str, int], torch.Tensor]:
+    """Features of `decoded` (the classifier's fixed noise) from the cache in OUTPUT_DIR/features, recomputed when
+    missing or stale."""
+    settings = {**extractor.cache_settings(args), "noise": "fixed"}
+    path = os.path.join(args.output_dir, "features", f"{name}.safetensors")
+    if os.path.isfile(path):
+        try:
+            cached = load_features(path, expected_settings=settings, expected_image_ids=decoded.paths)
+            logger.info("Using cached %s features from %s", name, path)
+            return cached.features
+        except StaleFeatureCacheError as error:
+            logger.warning("%s Recomputing.", error)
+    noise_seeds = torch.full((len(decoded),), args.noise_seed, dtype=torch.long)
+    features = extract_sharded(extractor, decoded.pixels, args, accelerator, noise_seeds)
+    if accelerator.is_main_process:
+        save_features(path, features, settings, decoded.paths, decoded.labels, decoded.label_names,
+                      source_model=os.path.abspath(args.pretrained))
+    return features
+
+
+def run_probe(args: ProbeArguments, extractor: Optional[FeatureExtractor] = None) -> dict:
+    """The SL sweep and MSFA of `args.pretrained` (or of `extractor`), written to `args.output_dir`; returns the
+    results (also in `results.json`)."""
+    config = ProbeConfig(num_epochs=args.num_epochs, learning_rate=args.learning_rate,
+                         train_batch_size=args.train_batch_size, weight_decay=args.weight_decay,
+                         hidden_size=args.hidden_size, dropout=args.dropout, standardize=not args.no_standardize,
+                         seed=args.seed)
+    os.makedirs(args.output_dir, exist_ok=True)
+    accelerator = create_accelerator()
+    extractor = extractor or load_feature_extractor(args.pretrained, args.resolution)
+    extractor = prepare_extractor(extractor, args, accelerator)
+    args = extractor.resolve(args)
+
+    splits = load_probe_splits(args, extractor.preprocessing, accelerator)
+    train, test = splits.train, splits.test
+    train_features = cached_features(extractor, train, args, accelerator, "train")
+    test_features = cached_features(extractor, test, args, accelerator, "test")
+    test_labels, test_source = test.labels, splits.test_source
+    subsets = {"deduplicated": ~splits.leaked}
+    if args.exclude_leaked_test:
+        if splits.leaked.all():
+            raise ValueError("`exclude_leaked_test`: every test image has a near-duplicate in the training images.")
+        test_features = {key: value[~splits.leaked] for key, value in test_features.items()}
+        test_labels, subsets = test_labels[~splits.leaked], {}
+        test_source += "; test images with a near-duplicate in the training images excluded"
+
+    results, probes = run_probes(train_features, train.labels, test_features, test_labels, train.label_names,
+                                 splits.validation_mask, config, args.layers, args.timesteps, test_subsets=subsets)
+    results.update({
+        "method": extractor.name, "command": " ".join(sys.argv), "environment": environment_info(),
+        "pretrained": args.pretrained, "data_dir": args.data_dir, "test_split": test_source,
+        "leakage": splits.leakage, "skipped_images": train.skipped + test.skipped,
+        "features": {"pooling": args.pooling, "pooling_grid_size": args.pooling_grid_size,
+                     "num_noise_samples": args.num_noise_samples, "noise_seed": args.noise_seed,
+                     "resolution": extractor.preprocessing.resolution},
+    })
+    if accelerator.is_main_process:
+        write_results(args.output_dir, results, train.label_names)
+        write_model_folder(extractor, probes["msfa"], results, train.label_names, args)
+        msfa, sl = results["msfa"]["test"]["all"], results["sl_best"]["test"]["all"]
+        logger.info("MSFA test accuracy %.3f (macro F1 %.3f); SL-best (%s, t=%d) %.3f", msfa["accuracy"],
+                    msfa["macro_f1"], results["sl_best"]["layer"], results["sl_best"]["timestep"], sl["accuracy"])
+    accelerator.wait_for_everyone()
+    return results

@@ -1,0 +1,124 @@
+"""Choosing SL-best and the MSFA layer x timestep set on validation, refitting, and scoring the test split once.
+
+1. `train_heads` (see `heads`): one linear head per `(layer, timestep)`, all trained together (paper Fig. 4).
+2. `msfa_candidates`: layer x timestep sets to aggregate; each is trained as MSFA (concat -> Linear -> ReLU ->
+   Linear, paper eqs. 4-6) on the fit part of the training split and scored on the validation part.
+3. `run_probes`: picks SL-best and the MSFA set on validation, refits both on the whole training split and scores
+   the test split once.
+"""
+
+import logging
+from dataclasses import asdict
+from typing import Dict, List, Optional, Sequence, Tuple
+
+import torch
+
+from ..models.mic_diffrep.unet_features import concatenate_features as concatenate
+from ..reporting.metrics import classification_report
+from .heads import Key, ProbeConfig, accuracy, train_heads
+
+
+logger = logging.getLogger(__name__)
+
+
+def msfa_candidates(sl_validation: Dict[Key, float], layers: Sequence[str], timesteps: Sequence[int]):
+    """Layer x timestep sets worth aggregating, ranked from the SL validation accuracies.
+
+    All layers at each single timestep (the MSFA curve of Fig. 4), all layers at the best 2 and 3 timesteps, the
+    best 3 and 5 layers at the best 1-3 timesteps, and everything.
+    """
+    def mean_over(items, key_of):
+        return {item: sum(acc for k, acc in sl_validation.items() if key_of(k) == item) /
+                max(1, sum(1 for k in sl_validation if key_of(k) == item)) for item in items}
+
+    best_t = sorted(timesteps, key=lambda t: -mean_over(timesteps, lambda k: k[1])[t])
+    layer_order = {name: i for i, name in enumerate(layers)}
+    best_layers = sorted(layers, key=lambda l: -mean_over(layers, lambda k: k[0])[l])
+    candidates = [(tuple(layers), (t,)) for t in timesteps]
+    for m in (2, 3):
+        if m <= len(timesteps):
+            candidates.append((tuple(layers), tuple(sorted(best_t[:m]))))
+    for k in (3, 5):
+        if k < len(layers):
+            chosen = tuple(sorted(best_layers[:k], key=layer_order.get))
+            for m in (1, 2, 3):
+                if m <= len(timesteps):
+                    candidates.append((chosen, tuple(sorted(best_t[:m]))))
+    candidates.append((tuple(layers), tuple(timesteps)))
+    return list(dict.fromkeys(candidates))
+
+
+def run_probes(train_features: Dict[Key, torch.Tensor], train_labels: torch.Tensor,
+               test_features: Dict[Key, torch.Tensor], test_labels: torch.Tensor, label_names: List[str],
+               validation_mask: torch.Tensor, config: ProbeConfig, layers: Sequence[str], timesteps: Sequence[int],
+               test_subsets: Optional[Dict[str, torch.Tensor]] = None) -> Tuple[dict, dict]:
+    """The SL sweep and MSFA, selected on validation, refit on the whole training split, scored on test.
+
+    Args:
+        validation_mask (`torch.BoolTensor` of shape `(N_train,)`): which training images form the validation part.
+        test_subsets (`Dict[str, torch.BoolTensor]`, *optional*): extra masks of the test split to report (e.g.
+            `"deduplicated"`: test images without a near-duplicate in training).
+
+    Returns:
+        `(results, probes)`: a JSON-able results dict, and the refit `TrainedProbe`s under `"sl_best"` and `"msfa"`.
+    """
+    num_labels = len(label_names)
+    fit = ~validation_mask
+    if fit.sum() == 0 or validation_mask.sum() == 0:
+        raise ValueError("The validation split and the rest of the training split must both be non-empty.")
+    keys = [(layer, t) for t in timesteps for layer in layers]
+
+    def subset(features, mask):
+        return {key: features[key][mask] for key in keys}
+
+    # 1. SL sweep: fit part -> validation accuracy (selection); whole training split -> test accuracy (Fig. 4).
+    logger.info("SL sweep: %d linear heads", len(keys))
+    fit_heads = train_heads(subset(train_features, fit), train_labels[fit], num_labels, config, hidden_size=0)
+    sl_validation = {key: accuracy(fit_heads[key], train_features[key][validation_mask], train_labels[validation_mask])
+                     for key in keys}
+    full_heads = train_heads({key: train_features[key] for key in keys}, train_labels, num_labels, config,
+                             hidden_size=0)
+    sl_test = {key: accuracy(full_heads[key], test_features[key], test_labels) for key in keys}
+
+    # 2. MSFA candidates on validation.
+    candidates = msfa_candidates(sl_validation, layers, timesteps)
+    logger.info("MSFA: %d candidate layer x timestep sets", len(candidates))
+    inputs = {c: concatenate(train_features, *c) for c in candidates}
+    candidate_heads = train_heads({c: inputs[c][fit] for c in candidates}, train_labels[fit], num_labels, config,
+                                  hidden_size=config.hidden_size)
+    msfa_validation = {c: accuracy(candidate_heads[c], inputs[c][validation_mask], train_labels[validation_mask])
+                       for c in candidates}
+    best_msfa = max(candidates, key=lambda c: (msfa_validation[c], -inputs[c].shape[1]))
+
+    # 3. Refit on the whole training split: the chosen MSFA set, and the per-timestep MSFA curve of Fig. 4.
+    per_timestep = [(tuple(layers), (t,)) for t in timesteps]
+    refit_sets = list(dict.fromkeys(per_timestep + [best_msfa]))
+    refit = train_heads({c: concatenate(train_features, *c) for c in refit_sets}, train_labels, num_labels, config,
+                        hidden_size=config.hidden_size)
+    msfa_test_curve = {c[1][0]: accuracy(refit[c], concatenate(test_features, *c), test_labels) for c in per_timestep}
+
+    sl_best_key = max(keys, key=lambda k: sl_validation[k])
+    test_subsets = {"all": torch.ones(len(test_labels), dtype=torch.bool), **(test_subsets or {})}
+
+    def report(probe, features):
+        predictions = probe.predict(features)
+        return {name: classification_report(predictions[mask].tolist(), test_labels[mask].tolist(), label_names)
+                for name, mask in test_subsets.items() if mask.any()}
+
+    results = {
+        "label_names": list(label_names),
+        "num_train": int(fit.sum()), "num_validation": int(validation_mask.sum()), "num_test": len(test_labels),
+        "probe_config": asdict(config),
+        "single_layer": [{"layer": layer, "timestep": t, "validation_accuracy": sl_validation[(layer, t)],
+                          "test_accuracy": sl_test[(layer, t)]} for (layer, t) in keys],
+        "sl_best": {"layer": sl_best_key[0], "timestep": sl_best_key[1],
+                    "validation_accuracy": sl_validation[sl_best_key],
+                    "test": report(full_heads[sl_best_key], test_features[sl_best_key])},
+        "msfa_per_timestep": [{"timestep": t, "test_accuracy": msfa_test_curve[t]} for t in timesteps],
+        "msfa_candidates": [{"layers": list(c[0]), "timesteps": list(c[1]), "validation_accuracy": msfa_validation[c]}
+                            for c in candidates],
+        "msfa": {"layers": list(best_msfa[0]), "timesteps": list(best_msfa[1]),
+                 "validation_accuracy": msfa_validation[best_msfa],
+                 "test": report(refit[best_msfa], concatenate(test_features, *best_msfa))},
+    }
+    return results, {"sl_best": full_heads[sl_best_key], "msfa": refit[best_msfa]}

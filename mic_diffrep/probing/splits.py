@@ -1,0 +1,102 @@
+"""The probe's images: training and test splits, the validation part carved from training, and leakage between them.
+
+Every carved split (a test hold-out when the data has none, and always the validation part) keeps near-duplicate
+groups (`mic_diffrep.leakage`) on one side, so selection and scores are not flattered by duplicates.
+"""
+
+import logging
+import os
+from dataclasses import dataclass
+from typing import List, Optional
+
+import torch
+
+from ..data import DecodedImages, ImagePreprocessing, decode_images, load_image_folder, select_splits
+from ..leakage import DEFAULT_THRESHOLD, check_leakage, duplicate_groups, fingerprint_images, group_stratified_split
+from .arguments import ProbeArguments
+
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class ProbeSplits:
+    """Decoded training and test images of a probe, with where the test split came from."""
+
+    train: DecodedImages
+    test: DecodedImages
+    test_source: str
+    validation_mask: Optional[torch.Tensor] = None  # (N_train,) bool: the validation part of `train`
+    leaked: Optional[torch.Tensor] = None  # (N_test,) bool: test images with a near-duplicate in `train`
+    leakage: Optional[dict] = None  # the leakage report's counts
+
+
+def _labelled(decoded: DecodedImages, what: str) -> DecodedImages:
+    if decoded.labels is None:
+        raise ValueError(f"{what} has no labels: linear probing needs class sub-folders (e.g. Training/glioma/*.jpg).")
+    return decoded
+
+
+def _align_labels(test: DecodedImages, train_names: List[str], what: str) -> DecodedImages:
+    """Maps the test labels onto the training label names (by name)."""
+    if test.label_names == train_names:
+        return test
+    unknown = sorted(set(test.label_names) - set(train_names))
+    if unknown:
+        raise ValueError(f"{what} has classes {unknown} that the training images do not have ({train_names}).")
+    mapping = torch.tensor([train_names.index(name) for name in test.label_names])
+    test.labels, test.label_names = mapping[test.labels], list(train_names)
+    return test
+
+
+def _train_and_test(args: ProbeArguments, decode):
+    splits = load_image_folder(args.data_dir)
+    train_splits = [s for s in splits if s != "test"]
+    if args.test_data_dir:
+        _, train_set = select_splits(splits, train_splits)
+        _, test_set = select_splits(load_image_folder(args.test_data_dir), ["all"], "test_data_dir")
+        train = _labelled(decode(train_set), args.data_dir)
+        test = _align_labels(_labelled(decode(test_set), args.test_data_dir), train.label_names, args.test_data_dir)
+        return train, test, f"--test_data_dir {args.test_data_dir}"
+    if "test" in splits and train_splits:
+        _, train_set = select_splits(splits, train_splits)
+        train = _labelled(decode(train_set), args.data_dir)
+        test = _align_labels(_labelled(decode(splits["test"]), args.data_dir), train.label_names, args.data_dir)
+        return train, test, f"the test split of {args.data_dir}"
+    everything = _labelled(decode(select_splits(splits, ["all"])[1]), args.data_dir)
+    threshold = args.duplicate_threshold or DEFAULT_THRESHOLD
+    groups = duplicate_groups(fingerprint_images(everything.pixels), threshold)
+    train_idx, test_idx = group_stratified_split(everything.labels, groups, args.test_split, seed=args.seed)
+    source = (f"carved from {args.data_dir}: {len(test_idx)} of {len(everything)} images ({args.test_split:.0%} target), "
+              f"stratified by class, near-duplicate groups (fingerprint similarity >= {threshold}) kept on one side")
+    return everything.subset(train_idx), everything.subset(test_idx), source
+
+
+def load_probe_splits(args: ProbeArguments, preprocessing: ImagePreprocessing, accelerator) -> ProbeSplits:
+    """Training and test images (test: `--test_data_dir`, else the data's test split, else a carved hold-out), the
+    validation part of training, and which test images have a near-duplicate in training."""
+    cache_dir = args.cache_dir or os.path.join(args.output_dir, ".cache")
+
+    def decode(dataset):
+        with accelerator.main_process_first():
+            return decode_images(dataset, preprocessing, skip_bad_images=args.skip_bad_images,
+                                 num_workers=args.dataloader_num_workers, cache_dir=cache_dir,
+                                 show_progress=accelerator.is_local_main_process)
+
+    train, test, source = _train_and_test(args, decode)
+    untrained = sorted({train.label_names[i] for i in test.labels.unique().tolist()} -
+                       {train.label_names[i] for i in train.labels.unique().tolist()})
+    if untrained:
+        raise ValueError(f"Test images of class(es) {untrained} have no training images: a probe cannot learn them. "
+                         f"Add training images of these classes or remove them from the test data.")
+    threshold = args.duplicate_threshold or DEFAULT_THRESHOLD
+    groups = duplicate_groups(fingerprint_images(train.pixels), threshold)
+    _, validation_idx = group_stratified_split(train.labels, groups, args.validation_split, seed=args.seed)
+    validation_mask = torch.zeros(len(train), dtype=torch.bool)
+    validation_mask[torch.as_tensor(validation_idx, dtype=torch.long)] = True
+    leakage = check_leakage(train, test, threshold)
+    leaked = torch.zeros(len(test), dtype=torch.bool)
+    leaked[torch.as_tensor(leakage.leaked_test_indices, dtype=torch.long)] = True
+    logger.info("%d of %d test images have a near-duplicate in the training images", int(leaked.sum()), len(test))
+    counts = {k: v for k, v in leakage.to_dict().items() if k not in ("pairs", "leaked_test_indices")}
+    return ProbeSplits(train, test, source, validation_mask, leaked, counts)

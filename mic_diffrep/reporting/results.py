@@ -1,0 +1,69 @@
+"""Result files people read: the probe's `results.md` and the report of `mic-diffrep run`."""
+
+import os
+
+
+def results_markdown(results: dict) -> str:
+    """The results as Markdown: SL accuracy for every layer x timestep, SL-best, MSFA, per-class recall."""
+    timesteps = sorted({r["timestep"] for r in results["single_layer"]})
+    layers = list(dict.fromkeys(r["layer"] for r in results["single_layer"]))
+    table = {(r["layer"], r["timestep"]): r for r in results["single_layer"]}
+    msfa, sl = results["msfa"], results["sl_best"]
+    lines = [
+        "# Linear probing results", "",
+        f"Command: `{results['command']}`  ",
+        f"Machine: {results['environment']['processor']}, {results['environment']['cpu_count']} CPUs, "
+        f"torch {results['environment']['torch']}", "",
+        f"Pretrained model: `{results['pretrained']}`  ",
+        f"Test split: {results['test_split']}  ",
+        f"Images: {results['num_train']} train, {results['num_validation']} validation (carved from the training "
+        f"split, near-duplicate groups kept on one side), {results['num_test']} test; "
+        f"{results['leakage']['num_near']} test images have a near-duplicate in the training images.", "",
+        "| method | layers | timesteps | accuracy | macro F1 | accuracy (de-duplicated test) |", "|---|---|---|---|---|---|",
+    ]
+    ms_name, sl_name = ("MicDiffRep-MS", "MicDiffRep-SL-best") if results.get("method", "micdiffrep") == "micdiffrep" \
+        else (f"{results['method']} (MSFA head)", f"{results['method']} (linear)")
+    for name, row, layer_text, t_text in (
+        (ms_name, msfa, ", ".join(msfa["layers"]), ", ".join(map(str, msfa["timesteps"]))),
+        (sl_name, sl, sl["layer"], str(sl["timestep"])),
+    ):
+        dedup = row["test"].get("deduplicated", {}).get("accuracy")
+        lines.append(f"| {name} | {layer_text} | {t_text} | {row['test']['all']['accuracy']:.3f} | "
+                     f"{row['test']['all']['macro_f1']:.3f} | {'n/a' if dedup is None else f'{dedup:.3f}'} |")
+    names = results["label_names"]
+    lines += ["", "Per-class recall (test):", "", "| method | " + " | ".join(names) + " |",
+              "|---|" + "---|" * len(names)]
+    for name, row in ((ms_name, msfa), (sl_name, sl)):
+        recall = row["test"]["all"]["per_class_recall"]
+        lines.append(f"| {name} | " + " | ".join(f"{recall[n]:.3f}" for n in names) + " |")
+    lines += ["", "Single-layer probes, test accuracy (SL-best is chosen on validation accuracy):", "",
+              "| layer | " + " | ".join(f"t={t}" for t in timesteps) + " |", "|---|" + "---|" * len(timesteps)]
+    for layer in layers:
+        lines.append(f"| {layer} | " + " | ".join(f"{table[(layer, t)]['test_accuracy']:.3f}" for t in timesteps) + " |")
+    curve = {r["timestep"]: r["test_accuracy"] for r in results["msfa_per_timestep"]}
+    lines.append("| MSFA (all layers) | " + " | ".join(f"{curve[t]:.3f}" for t in timesteps) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def run_report_markdown(report: dict) -> str:
+    """`report.md` of `mic-diffrep run`: pretraining, sample grid, probe results and plots."""
+    pre, files = report["pretraining"], report["files"]
+    rel = {k: os.path.relpath(v, report["config"]["output_dir"]) for k, v in files.items() if v}
+    lines = [
+        "# mic-diffrep run", "",
+        f"Command: `{report['command']}`", "",
+        "## Pretraining", "",
+        f"{pre['num_images']} images ({', '.join(pre['splits'])}) of `{pre['train_data_dir']}` at {pre['resolution']} px, "
+        f"{pre['num_parameters'] / 1e6:.2f}M-parameter UNet, {pre['global_step']} steps in {pre['train_minutes']:.1f} "
+        f"minutes ({pre['images_per_second']:.1f} images/s, {pre['mixed_precision']}), final loss {pre['final_loss']:.4f}.",
+        "",
+    ]
+    if "sample_grid" in rel:
+        lines += [f"![samples]({rel['sample_grid']})", ""]
+    lines += [
+        "## Linear probing", "",
+        results_markdown(report["probe"]).split("\n", 2)[2],
+        f"![accuracy vs timestep]({rel['accuracy_vs_timestep']})", "",
+        f"![confusion matrix]({rel['confusion_matrix']})", "",
+    ]
+    return "\n".join(lines)

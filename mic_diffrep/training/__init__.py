@@ -1,0 +1,10 @@
+"""Pretraining: the settings (`arguments`), the shared loop (`loop`), checkpoints (`checkpointing`), DDPM
+pretraining (`diffusion.pretrain`) and the baselines' pretraining (`baselines.pretrain_baseline`)."""
+
+from .arguments import BaselinePretrainingArguments, CommonPretrainingArguments, PretrainingArguments
+from .baselines import pretrain_baseline
+from .diffusion import SUMMARY_FILE, denoising_loss, pretrain, sample_timesteps
+
+
+__all__ = ["BaselinePretrainingArguments", "CommonPretrainingArguments", "PretrainingArguments", "SUMMARY_FILE",
+           "denoising_loss", "pretrain", "pretrain_baseline", "sample_timesteps"]

@@ -1,0 +1,176 @@
+"""The settings of pretraining: every field is a `--field` flag of `training/pretrain.py`, `mic-diffrep pretrain`
+and `training/pretrain_baseline.py` (through `transformers.HfArgumentParser`), and what the library functions take.
+
+Flag names follow diffusers' `train_unconditional.py` where the meaning is the same.
+
+```python
+>>> from mic_diffrep.training import PretrainingArguments
+>>> args = PretrainingArguments(train_data_dir="DATA_DIR", resolution=64, max_train_steps=100)
+>>> args.learning_rate
+0.0001
+```
+"""
+
+from dataclasses import dataclass, field
+from typing import List, Literal, Optional
+
+from ..models.baselines import METHODS
+from ..models.mic_diffrep.preprocessing import ImagePreprocessing
+
+
+@dataclass(kw_only=True)
+class CommonPretrainingArguments:
+    """What the diffusion pretraining and the baselines' pretraining share: data, optimisation, checkpoints."""
+
+    # Data
+    train_data_dir: str = field(metadata={
+        "help": "Folder of images: loose images, class sub-folders, or split folders such as Training/ and Testing/ "
+                "(or train/, val/, test/) holding class sub-folders."})
+    pretrain_splits: Optional[List[str]] = field(default=None, metadata={
+        "help": "Splits to pretrain on (train, validation, test, or 'all'). Default: every split except test, so test "
+                "images are never used unless asked for."})
+    resolution: int = field(default=112, metadata={"help": "Image size (the paper uses 112)."})
+    resize_mode: Literal["pad", "center_crop"] = field(default="pad", metadata={
+        "help": "How non-square images become square: pad the short side with black (keeps the whole image) or crop "
+                "the centre."})
+    intensity_window: Literal["percentile", "none"] = field(default="percentile", metadata={
+        "help": "Intensity rule: 'percentile' maps each image's 0.5-99.5th percentiles to 0..255 (the same for 8- and "
+                "16-bit files); 'none' keeps 8-bit images as they are and min-max scales deeper ones. Stored with the "
+                "model and applied again at inference."})
+    no_random_flip: bool = field(default=False, metadata={"help": "Disable random horizontal flips."})
+    skip_bad_images: bool = field(default=False, metadata={
+        "help": "Skip unreadable image files (listed in the log and the summary) instead of failing."})
+    cache_dir: Optional[str] = field(default=None, metadata={
+        "help": "Folder for decoded-image caches (safetensors). Default: OUTPUT_DIR/.cache."})
+    dataloader_num_workers: int = field(default=0, metadata={
+        "help": "Processes decoding images (once, before training) and loading batches."})
+    # Training
+    output_dir: str = field(default="runs/pretrain", metadata={
+        "help": "Output folder, written at the end; checkpoints, samples and logs go inside it."})
+    train_batch_size: int = field(default=32, metadata={"help": "Batch size per process (paper: 32)."})
+    num_epochs: int = field(default=200, metadata={"help": "Epochs (paper: 200)."})
+    max_train_steps: Optional[int] = field(default=None, metadata={
+        "help": "Total optimizer steps; overrides --num_epochs."})
+    time_budget_minutes: Optional[float] = field(default=None, metadata={
+        "help": "Stop (and save) after this many minutes of training; the learning-rate schedule is still laid out "
+                "over --max_train_steps / --num_epochs."})
+    gradient_accumulation_steps: int = field(default=1, metadata={"help": "Batches accumulated per optimizer step."})
+    learning_rate: float = field(default=1e-4, metadata={"help": "Initial learning rate (paper: 1e-4)."})
+    lr_scheduler: str = field(default="linear", metadata={
+        "help": "Schedule: linear (paper), cosine, cosine_with_restarts, polynomial, constant, constant_with_warmup."})
+    lr_warmup_steps: int = field(default=0, metadata={"help": "Warmup steps of the schedule."})
+    adam_beta1: float = field(default=0.9, metadata={"help": "Adam beta1."})
+    adam_beta2: float = field(default=0.999, metadata={"help": "Adam beta2."})
+    adam_weight_decay: float = field(default=0.0, metadata={"help": "Decoupled weight decay (0: plain Adam)."})
+    adam_epsilon: float = field(default=1e-8, metadata={"help": "Adam epsilon."})
+    max_grad_norm: float = field(default=1.0, metadata={"help": "Gradient clipping norm (0 disables)."})
+    mixed_precision: Optional[Literal["no", "fp16", "bf16"]] = field(default=None, metadata={
+        "help": "'bf16' autocasts (about 2x faster on CPUs with AMX/AVX-512-BF16, and on recent GPUs); 'fp16' is "
+                "GPU only. Default: the accelerate config."})
+    channels_last: bool = field(default=False, metadata={"help": "Use the channels_last memory format."})
+    seed: int = field(default=0, metadata={"help": "Seed for initialisation, data order, noise and samples."})
+    # Checkpoints and logging
+    checkpointing_steps: int = field(default=500, metadata={
+        "help": "Save a resumable checkpoint (accelerator.save_state) every this many steps."})
+    checkpoints_total_limit: Optional[int] = field(default=None, metadata={"help": "Keep at most this many checkpoints."})
+    resume_from_checkpoint: Optional[str] = field(default=None, metadata={
+        "help": 'Resume from a checkpoint folder, or "latest" for the newest one in --output_dir.'})
+    logger: Literal["tensorboard", "wandb", "none"] = field(default="tensorboard", metadata={
+        "help": "Experiment tracker."})
+    logging_dir: str = field(default="logs", metadata={"help": "Tracker folder, relative to --output_dir."})
+
+    def __post_init__(self):
+        for name in ("train_batch_size", "num_epochs", "gradient_accumulation_steps", "checkpointing_steps"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"`{name}` must be at least 1, got {getattr(self, name)}.")
+        if self.max_train_steps is not None and self.max_train_steps < 1:
+            raise ValueError(f"`max_train_steps` must be at least 1, got {self.max_train_steps}.")
+        if self.learning_rate <= 0:
+            raise ValueError(f"`learning_rate` must be positive, got {self.learning_rate}.")
+        ImagePreprocessing(self.resolution, self.resize_mode, self.intensity_window)  # checks them
+
+    @property
+    def preprocessing(self) -> ImagePreprocessing:
+        return ImagePreprocessing(self.resolution, self.resize_mode, self.intensity_window)
+
+
+@dataclass(kw_only=True)
+class PretrainingArguments(CommonPretrainingArguments):
+    """DDPM pretraining of a `UNet2DModel` (`training/pretrain.py`, `mic-diffrep pretrain`)."""
+
+    # Model and noise schedule
+    model_config_name_or_path: Optional[str] = field(default=None, metadata={
+        "help": "UNet config: a preset ('default' = 4.3M parameters, 'tiny'), a config.json, or a folder holding one. "
+                "Default: 'default'."})
+    ddpm_num_steps: int = field(default=1000, metadata={"help": "Diffusion steps of the noise schedule."})
+    ddpm_beta_schedule: str = field(default="linear", metadata={"help": "Beta schedule (paper: linear)."})
+    prediction_type: Literal["epsilon", "sample", "v_prediction"] = field(default="epsilon", metadata={
+        "help": "What the UNet predicts (paper: epsilon, the noise)."})
+    # What the features are read from (the representation recipe)
+    max_train_timestep: Optional[int] = field(default=None, metadata={
+        "help": "Train on timesteps below this only (default: all of the schedule, as in the paper). Features are "
+                "read at low noise levels, so training can spend its capacity there."})
+    timestep_power: float = field(default=1.0, metadata={
+        "help": "Timesteps are drawn as floor(T * u ** power), u uniform in [0, 1): 1 is uniform (paper); > 1 "
+                "favours low noise levels."})
+    random_crop_scale: Optional[float] = field(default=None, metadata={
+        "help": "Random resized crops covering at least this share of the image (e.g. 0.6), as the contrastive "
+                "baselines use; default: none (paper)."})
+    intensity_jitter: bool = field(default=False, metadata={
+        "help": "Random brightness, contrast and gamma changes of each training image (as the contrastive baselines "
+                "use)."})
+    use_ema: bool = field(default=False, metadata={
+        "help": "Keep an exponential moving average of the weights; the saved UNet holds the EMA weights."})
+    ema_inv_gamma: float = field(default=1.0, metadata={"help": "EMA warmup inverse multiplicative factor."})
+    ema_power: float = field(default=3 / 4, metadata={"help": "EMA warmup power."})
+    ema_max_decay: float = field(default=0.9999, metadata={"help": "Maximum EMA decay."})
+    # Samples, saving, Hub
+    save_images_epochs: int = field(default=10, metadata={
+        "help": "Write a PNG grid of generated samples every this many epochs and at the end; 0 turns sample grids "
+                "off."})
+    save_model_epochs: int = field(default=10, metadata={"help": "Save the pipeline every this many epochs."})
+    eval_batch_size: int = field(default=16, metadata={"help": "Number of samples in each grid."})
+    sample_scheduler: Literal["ddim", "ddpm"] = field(default="ddim", metadata={
+        "help": "Sampler of the grids: 'ddim' (cheap: 50 steps of 16 images take a few seconds on 2 CPU cores at "
+                "64 px) or 'ddpm' (the paper's 1000-step sampler, 20x slower)."})
+    ddpm_num_inference_steps: Optional[int] = field(default=None, metadata={
+        "help": "Denoising steps of the grids (default: 50 for ddim, 1000 for ddpm)."})
+    push_to_hub: bool = field(default=False, metadata={"help": "Upload the pipeline folder to the Hub at the end."})
+    hub_model_id: Optional[str] = field(default=None, metadata={"help": "Hub repository (default: output folder name)."})
+    hub_token: Optional[str] = field(default=None, metadata={"help": "Hub token (default: the stored login)."})
+    hub_private_repo: bool = field(default=False, metadata={"help": "Create the Hub repository as private."})
+
+    def __post_init__(self):
+        super().__post_init__()
+        for name in ("save_model_epochs", "eval_batch_size", "ddpm_num_steps"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"`{name}` must be at least 1, got {getattr(self, name)}.")
+        if self.save_images_epochs < 0:
+            raise ValueError(f"`save_images_epochs` must be >= 0 (0: no sample grids), got {self.save_images_epochs}.")
+        if self.ddpm_num_inference_steps is not None and self.ddpm_num_inference_steps < 1:
+            raise ValueError(f"`ddpm_num_inference_steps` must be at least 1, got {self.ddpm_num_inference_steps}.")
+        if self.max_train_timestep is not None and not 0 < self.max_train_timestep <= self.ddpm_num_steps:
+            raise ValueError(f"`max_train_timestep` must be in [1, {self.ddpm_num_steps}], got {self.max_train_timestep}.")
+        if self.timestep_power <= 0:
+            raise ValueError(f"`timestep_power` must be positive, got {self.timestep_power}.")
+        if self.random_crop_scale is not None and not 0 < self.random_crop_scale <= 1:
+            raise ValueError(f"`random_crop_scale` must be in (0, 1], got {self.random_crop_scale}.")
+
+
+@dataclass(kw_only=True)
+class BaselinePretrainingArguments(CommonPretrainingArguments):
+    """Pretraining of an MAE, MoCo v2 or BYOL baseline (`training/pretrain_baseline.py`), with the defaults that
+    suit them: 64 px, batch 64, AdamW 1e-3 with weight decay 0.05, cosine decay."""
+
+    method: Literal["mocov2", "byol", "mae"] = field(metadata={"help": "Which baseline to pretrain."})
+    resolution: int = field(default=64, metadata={"help": "Image size."})
+    output_dir: str = field(default="runs/baseline", metadata={"help": "Output folder (weights and config)."})
+    train_batch_size: int = field(default=64, metadata={"help": "Batch size per process."})
+    learning_rate: float = field(default=1e-3, metadata={"help": "Initial learning rate."})
+    lr_scheduler: str = field(default="cosine", metadata={"help": "Learning-rate schedule."})
+    adam_weight_decay: float = field(default=0.05, metadata={"help": "Decoupled weight decay."})
+
+    def __post_init__(self):
+        super().__post_init__()
+        if self.method not in METHODS:
+            raise ValueError(f"`method` must be one of {METHODS}, got {self.method!r}.")

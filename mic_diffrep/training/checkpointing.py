@@ -1,0 +1,102 @@
+"""Resumable checkpoints and atomic writes of output folders.
+
+Everything is written under a temporary name and renamed, so a run killed at any moment leaves the previous
+checkpoint (and the previous model files) intact and loadable.
+"""
+
+import json
+import logging
+import os
+import shutil
+from typing import Optional
+
+
+logger = logging.getLogger(__name__)
+
+
+def _latest_checkpoint(output_dir: str) -> Optional[str]:
+    if not os.path.isdir(output_dir):
+        return None
+    names = [d for d in os.listdir(output_dir) if d.startswith("checkpoint-") and d.split("-", 1)[1].isdigit()]
+    if not names:
+        return None
+    return os.path.join(output_dir, max(names, key=lambda d: int(d.split("-", 1)[1])))
+
+
+def _prune_checkpoints(output_dir: str, limit: Optional[int]) -> None:
+    if limit is None:
+        return
+    names = sorted(
+        (d for d in os.listdir(output_dir) if d.startswith("checkpoint-") and d.split("-", 1)[1].isdigit()),
+        key=lambda d: int(d.split("-", 1)[1]),
+    )
+    for name in names[: max(0, len(names) - limit)]:
+        shutil.rmtree(os.path.join(output_dir, name), ignore_errors=True)
+
+
+def _remove(path: str) -> None:
+    if os.path.isdir(path) and not os.path.islink(path):
+        shutil.rmtree(path, ignore_errors=True)
+    elif os.path.lexists(path):
+        os.remove(path)
+
+
+def _replace_dir(tmp_path: str, final_path: str) -> None:
+    """Moves `tmp_path` (a folder or a file) to `final_path`; an existing `final_path` stays intact until the new one
+    is in place, and is then removed (files included: no `*.old-PID` is left behind)."""
+    old = None
+    if os.path.lexists(final_path):
+        old = f"{final_path}.old-{os.getpid()}"
+        os.replace(final_path, old)
+    os.replace(tmp_path, final_path)
+    if old is not None:
+        _remove(old)
+
+
+def save_training_state(accelerator, output_dir: str, global_step: int, epoch: int, batches_done: int,
+                        total_limit: Optional[int] = None) -> str:
+    """`accelerator.save_state` into `checkpoint-{global_step}`, written under a temporary name and renamed, so a run
+    killed at any moment leaves the previous checkpoint loadable. Also records where in the data the run was."""
+    final = os.path.join(output_dir, f"checkpoint-{global_step}")
+    tmp = f"{final}.tmp"
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        shutil.rmtree(tmp, ignore_errors=True)  # left over by a run killed while saving
+    accelerator.wait_for_everyone()
+    accelerator.save_state(tmp)
+    if accelerator.is_main_process:
+        with open(os.path.join(tmp, "training_state.json"), "w", encoding="utf-8") as f:
+            json.dump({"global_step": global_step, "epoch": epoch, "batches_done": batches_done}, f)
+        _replace_dir(tmp, final)
+        _prune_checkpoints(output_dir, total_limit)
+        logger.info("Saved checkpoint %s", final)
+    accelerator.wait_for_everyone()
+    return final
+
+
+def resume_training_state(accelerator, output_dir: str, resume_from_checkpoint: Optional[str]):
+    """Loads a checkpoint (a folder, or `"latest"` in `output_dir`); returns `(global_step, epoch, batches_done)`."""
+    if not resume_from_checkpoint:
+        return 0, 0, 0
+    path = _latest_checkpoint(output_dir) if resume_from_checkpoint == "latest" else resume_from_checkpoint
+    if path is None:
+        logger.info("No checkpoint in %s: starting a new training run.", output_dir)
+        return 0, 0, 0
+    if not os.path.isdir(path):
+        raise FileNotFoundError(f"`resume_from_checkpoint` {path!r} is not a checkpoint folder.")
+    logger.info("Resuming from %s", path)
+    accelerator.load_state(path)
+    with open(os.path.join(path, "training_state.json"), encoding="utf-8") as f:
+        state = json.load(f)
+    return state["global_step"], state["epoch"], state["batches_done"]
+
+
+def save_pipeline(pipeline, output_dir: str) -> None:
+    """Writes the pipeline files into `output_dir` atomically: each of model_index.json, unet/, scheduler/ is
+    written under a temporary name first, so a killed run never leaves a half-written model behind."""
+    tmp = os.path.join(output_dir, f".tmp-pipeline-{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    pipeline.save_pretrained(tmp, safe_serialization=True)
+    for name in sorted(os.listdir(tmp)):
+        _replace_dir(os.path.join(tmp, name), os.path.join(output_dir, name))
+    shutil.rmtree(tmp, ignore_errors=True)

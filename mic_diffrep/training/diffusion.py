@@ -1,0 +1,221 @@
+"""DDPM pretraining of a `UNet2DModel` on unlabelled medical images, with `accelerate`.
+
+Run it as `accelerate launch training/pretrain.py --train_data_dir DIR --output_dir OUT` (or `mic-diffrep pretrain`),
+or from Python with `pretrain(PretrainingArguments(...))`. The output folder is a diffusers pipeline folder
+(`model_index.json`, `unet/`, `scheduler/`, safetensors) that `DiffusionFeaturePipeline.from_pretrained(OUT)` loads.
+
+```python
+>>> from mic_diffrep.training import PretrainingArguments, pretrain
+>>> summary = pretrain(PretrainingArguments(train_data_dir="DATA_DIR", resolution=64, max_train_steps=100))  # doctest: +SKIP
+```
+"""
+
+import json
+import logging
+import os
+import sys
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+from accelerate.utils import gather_object, set_seed
+from diffusers import DDIMScheduler
+from diffusers.training_utils import EMAModel
+
+from ..data.augmentations import PretrainingAugment
+from ..models.mic_diffrep.unet import create_scheduler, create_unet
+from ..pipelines import DiffusionFeaturePipeline, save_image_grid
+from ..reporting.hub import push_pipeline_to_hub
+from ..utils import environment_info, peak_memory_mb
+from .arguments import PretrainingArguments
+from .checkpointing import save_pipeline
+from .loop import TrainingState, load_training_images, make_accelerator, make_dataloader, plan_schedule, train
+
+
+logger = logging.getLogger(__name__)
+
+SUMMARY_FILE = "pretraining_summary.json"
+
+
+def sample_timesteps(batch_size: int, num_train_timesteps: int, generator: torch.Generator,
+                     max_train_timestep: Optional[int] = None, power: float = 1.0) -> torch.Tensor:
+    """Training timesteps: uniform over `[0, max_train_timestep)` (default the whole schedule, as in the paper), or
+    `floor(max * u ** power)` with u uniform, which puts more of them at low noise for `power > 1`."""
+    high = max_train_timestep or num_train_timesteps
+    if power == 1.0:
+        return torch.randint(0, high, (batch_size,), generator=generator)
+    u = torch.rand(batch_size, generator=generator)
+    return (high * u.pow(power)).long().clamp_(0, high - 1)
+
+
+def diffusion_loss(model, noise_scheduler, clean_images: torch.Tensor, generator: torch.Generator,
+                   args: PretrainingArguments, augment: PretrainingAugment) -> torch.Tensor:
+    """The denoising loss of one batch: noise and timesteps drawn from `generator`, MSE on the prediction target."""
+    if augment.enabled:
+        clean_images = augment(clean_images, generator)
+    if args.channels_last:
+        clean_images = clean_images.contiguous(memory_format=torch.channels_last)
+    noise = torch.randn(clean_images.shape, generator=generator).to(clean_images.device)
+    timesteps = sample_timesteps(len(clean_images), noise_scheduler.config.num_train_timesteps, generator,
+                                 args.max_train_timestep, args.timestep_power).to(clean_images.device)
+    noisy_images = noise_scheduler.add_noise(clean_images, noise, timesteps)
+    prediction = model(noisy_images, timesteps).sample
+    if args.prediction_type == "epsilon":
+        target = noise
+    elif args.prediction_type == "sample":
+        target = clean_images
+    else:
+        target = noise_scheduler.get_velocity(clean_images, noise, timesteps)
+    return F.mse_loss(prediction.float(), target.float())
+
+
+def save_sample_grid(pipeline: DiffusionFeaturePipeline, args: PretrainingArguments, accelerator,
+                     state: TrainingState) -> str:
+    """Generates `eval_batch_size` images (DDIM-50 by default) and saves them as `samples/epoch-NNNN.png`."""
+    if args.sample_scheduler == "ddim":
+        pipeline.scheduler = DDIMScheduler.from_config(pipeline.scheduler.config)
+    steps = args.ddpm_num_inference_steps or (50 if args.sample_scheduler == "ddim" else 1000)
+    with accelerator.autocast():
+        images = pipeline(batch_size=args.eval_batch_size, num_inference_steps=steps, output_type="np",
+                          generator=torch.Generator(device="cpu").manual_seed(args.seed)).images
+    os.makedirs(os.path.join(args.output_dir, "samples"), exist_ok=True)
+    grid_path = os.path.join(args.output_dir, "samples", f"epoch-{state.epoch + 1:04d}.png")
+    save_image_grid(images, grid_path)
+    logger.info("Saved samples to %s", grid_path)
+    if args.logger == "tensorboard":
+        accelerator.get_tracker("tensorboard").writer.add_images("samples", images.transpose(0, 3, 1, 2),
+                                                                 state.global_step)
+    return grid_path
+
+
+def pretrain(args: PretrainingArguments) -> dict:
+    """Pretrains and writes the pipeline folder; returns the summary also written to `pretraining_summary.json`."""
+    created = not os.path.isdir(args.output_dir)
+    os.makedirs(args.output_dir, exist_ok=True)
+    try:
+        return _pretrain(args)
+    except BaseException:
+        if created and not os.listdir(args.output_dir):
+            os.rmdir(args.output_dir)  # a run that failed before writing anything leaves no empty folder behind
+        raise
+
+
+def _pretrain(args: PretrainingArguments) -> dict:
+    accelerator = make_accelerator(args, log_with=None if args.logger == "none" else args.logger)
+    logger.info(accelerator.state)
+    set_seed(args.seed)
+
+    # 1. Data: decoded once.
+    decoded, splits = load_training_images(args, accelerator)
+    logger.info("Pretraining on %d images of split(s) %s of %s", len(decoded), splits, args.train_data_dir)
+    dataset, loader = make_dataloader(decoded, args)
+
+    # 2. Model, noise schedule, optimizer, schedule.
+    model = create_unet(args.resolution, args.model_config_name_or_path)
+    if args.channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    noise_scheduler = create_scheduler(args.ddpm_num_steps, args.ddpm_beta_schedule, args.prediction_type)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=args.learning_rate, betas=(args.adam_beta1, args.adam_beta2),
+                                  weight_decay=args.adam_weight_decay, eps=args.adam_epsilon)
+    ema_model = None
+    if args.use_ema:
+        ema_model = EMAModel(model.parameters(), decay=args.ema_max_decay, use_ema_warmup=True,
+                             inv_gamma=args.ema_inv_gamma, power=args.ema_power, model_cls=type(model),
+                             model_config=model.config)
+    max_train_steps, num_epochs, lr_scheduler = plan_schedule(args, loader, optimizer, accelerator)
+    model, optimizer, loader, lr_scheduler = accelerator.prepare(model, optimizer, loader, lr_scheduler)
+    if ema_model is not None:
+        ema_model.to(accelerator.device)
+        accelerator.register_for_checkpointing(ema_model)
+    if accelerator.is_main_process and args.logger != "none":
+        accelerator.init_trackers("mic-diffrep-pretrain", config={
+            k: (v if isinstance(v, (int, float, str, bool)) else str(v)) for k, v in vars(args).items()})
+    logger.info("***** Running pretraining *****")
+    logger.info("  Num images = %d, resolution = %d, processes = %d", len(decoded), args.resolution,
+                accelerator.num_processes)
+    logger.info("  Total batch size = %d, optimization steps = %d, epochs = %d",
+                args.train_batch_size * accelerator.num_processes * args.gradient_accumulation_steps,
+                max_train_steps, num_epochs)
+
+    # 3. Train; the pipeline (EMA weights with --use_ema) is sampled and saved at the end of some epochs.
+    def build_pipeline() -> DiffusionFeaturePipeline:
+        unet = accelerator.unwrap_model(model)
+        if ema_model is not None:
+            ema_model.store(unet.parameters())
+            ema_model.copy_to(unet.parameters())
+        return DiffusionFeaturePipeline(unet=unet, scheduler=noise_scheduler, resize_mode=args.resize_mode,
+                                        intensity_window=args.intensity_window)
+
+    def restore_weights() -> None:
+        if ema_model is not None:
+            ema_model.restore(accelerator.unwrap_model(model).parameters())
+
+    def after_step(state: TrainingState) -> Optional[dict]:
+        if ema_model is not None:
+            ema_model.step(model.parameters())
+            return {"ema_decay": ema_model.cur_decay_value}
+        return None
+
+    def end_of_epoch(state: TrainingState, last_epoch: bool) -> None:
+        if not accelerator.is_main_process:
+            return
+        if args.save_images_epochs > 0 and ((state.epoch + 1) % args.save_images_epochs == 0 or last_epoch):
+            save_sample_grid(build_pipeline(), args, accelerator, state)
+            restore_weights()
+        if (state.epoch + 1) % args.save_model_epochs == 0 or last_epoch:
+            save_pipeline(build_pipeline(), args.output_dir)
+            restore_weights()
+
+    augment = PretrainingAugment(args.random_crop_scale, args.intensity_jitter)
+    state = train(accelerator, model, loader, dataset, optimizer, lr_scheduler, args, max_train_steps, num_epochs,
+                  lambda unet, pixels, generator: diffusion_loss(unet, noise_scheduler, pixels, generator, args,
+                                                                 augment),
+                  after_step, end_of_epoch)
+
+    # 4. Summary.
+    summary = training_summary(state, args, accelerator, decoded, splits, model)
+    if accelerator.is_main_process:
+        with open(os.path.join(args.output_dir, SUMMARY_FILE), "w", encoding="utf-8") as f:
+            json.dump(summary, f, indent=2)
+        if args.push_to_hub and state.stop_reason != "interrupted":
+            push_pipeline_to_hub(args.output_dir, args.hub_model_id or os.path.basename(os.path.abspath(args.output_dir)),
+                                 token=args.hub_token, private=args.hub_private_repo)
+    accelerator.end_training()
+    return summary
+
+
+def training_summary(state: TrainingState, args, accelerator, decoded, splits, model) -> dict:
+    """What a run did (images/s, steps, stop reason, versions, command), as written to `pretraining_summary.json`."""
+    shards = gather_object([sorted(set(state.first_epoch_indices))])
+    return {
+        "command": " ".join(sys.argv),
+        "train_data_dir": args.train_data_dir,
+        "splits": splits,
+        "num_images": len(decoded),
+        "skipped_images": decoded.skipped,
+        "resolution": args.resolution,
+        "num_parameters": sum(p.numel() for p in accelerator.unwrap_model(model).parameters()),
+        "num_processes": accelerator.num_processes,
+        "mixed_precision": accelerator.mixed_precision,
+        "global_step": state.global_step,
+        "epochs_completed": state.epoch + (0 if state.stop_reason == "interrupted" else 1),
+        "stop_reason": state.stop_reason or "num_epochs",
+        "final_loss": state.last_loss,
+        "train_minutes": state.train_seconds / 60,
+        "images_seen": state.images_seen,
+        "first_epoch_images_per_process": [len(shard) for shard in shards],
+        "first_epoch_images_on_several_processes": sum(len(s) for s in shards) - len(set().union(*shards)),
+        "images_per_second": state.images_seen / state.train_seconds if state.train_seconds > 0 else None,
+        "peak_memory_mb": peak_memory_mb(),
+        "environment": environment_info(),
+    }
+
+
+@torch.no_grad()
+def denoising_loss(unet, scheduler, clean_images: torch.Tensor, seed: int = 0) -> float:
+    """Epsilon-prediction MSE of `unet` on `clean_images` (in [-1, 1]) with noise and timesteps fixed by `seed`."""
+    generator = torch.Generator().manual_seed(seed)
+    noise = torch.randn(clean_images.shape, generator=generator)
+    timesteps = torch.randint(0, scheduler.config.num_train_timesteps, (len(clean_images),), generator=generator)
+    prediction = unet(scheduler.add_noise(clean_images, noise, timesteps), timesteps).sample
+    return F.mse_loss(prediction.float(), noise).item()

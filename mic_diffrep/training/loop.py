@@ -1,0 +1,218 @@
+"""The training loop that diffusion pretraining and the baselines' pretraining share.
+
+`prepare_training` decodes the images once and builds the data loader, optimizer and learning-rate schedule;
+`train` runs the epochs (`train_one_epoch`), checkpoints, stops on steps, the time budget or Ctrl-C, and calls back
+into the method for its loss, its after-step update (EMA, momentum targets) and its end-of-epoch work (sample grids,
+saving).
+
+Reproducibility: data order and flips depend on `(seed, epoch)`, the noise, timesteps and augmentations of a batch
+on `(seed, epoch, batch, process)`, so a run resumed from a checkpoint ends with the same weights as one that never
+stopped (exactly so on CPU in fp32).
+"""
+
+import logging
+import math
+import os
+import signal
+import time
+from dataclasses import dataclass, field
+from typing import Callable, List, Optional
+
+import torch
+from accelerate.utils import ProjectConfiguration
+from diffusers.optimization import get_scheduler
+from tqdm.auto import tqdm
+
+from ..data import DecodedImages, PretrainingDataset, decode_images, load_image_folder, seed_for, select_splits
+from ..utils import create_accelerator, progress_interval
+from .arguments import CommonPretrainingArguments
+from .checkpointing import resume_training_state, save_training_state
+
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class TrainingState:
+    """Where a run is, and what it has done so far."""
+
+    global_step: int = 0
+    epoch: int = 0
+    images_seen: int = 0
+    train_seconds: float = 0.0
+    last_loss: float = float("nan")
+    stop_reason: Optional[str] = None
+    first_epoch_indices: List[int] = field(default_factory=list)  # images this process saw first: shards must not overlap
+
+
+def make_accelerator(args: CommonPretrainingArguments, log_with: Optional[str] = None):
+    return create_accelerator(
+        gradient_accumulation_steps=args.gradient_accumulation_steps, mixed_precision=args.mixed_precision,
+        log_with=log_with,
+        project_config=ProjectConfiguration(project_dir=args.output_dir,
+                                            logging_dir=os.path.join(args.output_dir, args.logging_dir)))
+
+
+def load_training_images(args: CommonPretrainingArguments, accelerator):
+    """The unlabelled training images, decoded once (the main process writes the decode cache, the others read
+    it); returns `(decoded, splits)`."""
+    splits, dataset = select_splits(load_image_folder(args.train_data_dir), args.pretrain_splits)
+    with accelerator.main_process_first():
+        decoded = decode_images(dataset, args.preprocessing, skip_bad_images=args.skip_bad_images,
+                                num_workers=args.dataloader_num_workers,
+                                cache_dir=args.cache_dir or os.path.join(args.output_dir, ".cache"),
+                                show_progress=accelerator.is_local_main_process)
+    return decoded, splits
+
+
+def make_dataloader(decoded: DecodedImages, args: CommonPretrainingArguments, drop_last: bool = False):
+    """A seeded `PretrainingDataset` (order and flips per epoch) in a sequential loader that accelerate can shard."""
+    dataset = PretrainingDataset(decoded.pixels, seed=args.seed, random_flip=not args.no_random_flip)
+    loader = torch.utils.data.DataLoader(dataset, batch_size=args.train_batch_size, shuffle=False,
+                                         drop_last=drop_last, num_workers=args.dataloader_num_workers)
+    if len(loader) == 0:
+        raise ValueError(f"`train_batch_size` {args.train_batch_size} is larger than the {len(decoded)} images.")
+    return dataset, loader
+
+
+def plan_schedule(args: CommonPretrainingArguments, loader, optimizer, accelerator):
+    """`(max_train_steps, num_epochs, lr_scheduler)`; the schedule spans `max_train_steps` (or `num_epochs`)."""
+    batches_per_process = math.ceil(len(loader) / accelerator.num_processes)
+    steps_per_epoch = math.ceil(batches_per_process / args.gradient_accumulation_steps)
+    max_train_steps = args.max_train_steps or args.num_epochs * steps_per_epoch
+    num_epochs = math.ceil(max_train_steps / steps_per_epoch)
+    # A prepared scheduler steps once per process at each optimizer step.
+    lr_scheduler = get_scheduler(args.lr_scheduler, optimizer=optimizer,
+                                 num_warmup_steps=args.lr_warmup_steps * accelerator.num_processes,
+                                 num_training_steps=max_train_steps * accelerator.num_processes)
+    return max_train_steps, num_epochs, lr_scheduler
+
+
+def optimization_step(accelerator, model, loss, optimizer, lr_scheduler, max_grad_norm: float, where: str) -> None:
+    """Stops on a NaN or infinite loss (naming `where`), else backpropagates, clips and steps optimizer and schedule."""
+    if not torch.isfinite(loss):
+        raise FloatingPointError(
+            f"Loss is {loss.item()} at {where}. Lower the learning rate, try mixed precision 'no', or resume from the "
+            f"last checkpoint; saved checkpoints are untouched."
+        )
+    accelerator.backward(loss)
+    if accelerator.sync_gradients and max_grad_norm > 0:
+        accelerator.clip_grad_norm_(model.parameters(), max_grad_norm)
+    optimizer.step()
+    lr_scheduler.step()
+    optimizer.zero_grad()
+
+
+def stop_reason_for(accelerator, global_step: int, max_train_steps: int, start_time: float,
+                    time_budget_minutes: Optional[float]) -> Optional[str]:
+    """`"max_train_steps"` or `"time_budget_minutes"` when training should stop, else `None`; every process agrees
+    (the slowest process's elapsed time decides)."""
+    if global_step >= max_train_steps:
+        return "max_train_steps"
+    if time_budget_minutes is not None:
+        elapsed = torch.tensor(time.time() - start_time, device=accelerator.device)
+        if accelerator.reduce(elapsed, reduction="max").item() >= 60 * time_budget_minutes:
+            return "time_budget_minutes"
+    return None
+
+
+class _Interrupt:
+    """Ctrl-C: finish the current step, save a checkpoint, exit (a second Ctrl-C aborts)."""
+
+    def __init__(self):
+        self.requested = False
+        self.previous = None
+
+    def __enter__(self):
+        self.previous = signal.getsignal(signal.SIGINT)
+        signal.signal(signal.SIGINT, self._handle)
+        return self
+
+    def _handle(self, signum, frame):
+        self.requested = True
+        logger.warning("Interrupted: saving a checkpoint after this step (press Ctrl-C again to abort).")
+        signal.signal(signal.SIGINT, self.previous)
+
+    def __exit__(self, *exc):
+        signal.signal(signal.SIGINT, self.previous)
+
+
+def train_one_epoch(state: TrainingState, accelerator, model, loader, dataset, optimizer, lr_scheduler,
+                    args: CommonPretrainingArguments, max_train_steps: int, compute_loss: Callable,
+                    after_step: Callable, skip_batches: int, progress, interrupt: _Interrupt, start_time: float,
+                    record_indices: bool) -> None:
+    """One epoch of optimisation; sets `state.stop_reason` when the run must stop."""
+    model.train()
+    dataset.shuffle_for_epoch(state.epoch)
+    batches = accelerator.skip_first_batches(loader, skip_batches) if skip_batches else loader
+    epoch_start = time.time()
+    for batch_index, batch in enumerate(batches, start=skip_batches):
+        if record_indices:
+            state.first_epoch_indices.extend(batch["index"].tolist())
+        generator = torch.Generator().manual_seed(seed_for(args.seed, state.epoch, batch_index,
+                                                           accelerator.process_index))
+        with accelerator.accumulate(model):
+            loss = compute_loss(model, batch["pixel_values"], generator)
+            optimization_step(accelerator, model, loss, optimizer, lr_scheduler, args.max_grad_norm,
+                              f"epoch {state.epoch}, batch {batch_index} (step {state.global_step})")
+        state.images_seen += accelerator.reduce(
+            torch.tensor(len(batch["pixel_values"]), device=accelerator.device), reduction="sum").item()
+        if not accelerator.sync_gradients:
+            continue
+        state.global_step += 1
+        state.last_loss = accelerator.reduce(loss.detach().float(), reduction="mean").item()
+        logs = {"loss": state.last_loss, "lr": lr_scheduler.get_last_lr()[0], "step": state.global_step,
+                **(after_step(state) or {})}
+        progress.update(1)
+        progress.set_postfix(loss=f"{state.last_loss:.4f}", lr=f"{logs['lr']:.2e}")
+        accelerator.log(logs, step=state.global_step)
+        if state.global_step % args.checkpointing_steps == 0:
+            save_training_state(accelerator, args.output_dir, state.global_step, state.epoch, batch_index + 1,
+                                args.checkpoints_total_limit)
+        state.stop_reason = stop_reason_for(accelerator, state.global_step, max_train_steps, start_time,
+                                            args.time_budget_minutes)
+        if interrupt.requested:
+            state.stop_reason = "interrupted"
+            save_training_state(accelerator, args.output_dir, state.global_step, state.epoch, batch_index + 1,
+                                args.checkpoints_total_limit)
+        if state.stop_reason:
+            break
+    state.train_seconds += time.time() - epoch_start
+    accelerator.log({"epoch": state.epoch, "epoch_seconds": time.time() - epoch_start}, step=state.global_step)
+
+
+def train(accelerator, model, loader, dataset, optimizer, lr_scheduler, args: CommonPretrainingArguments,
+          max_train_steps: int, num_epochs: int, compute_loss: Callable, after_step: Callable = lambda state: None,
+          end_of_epoch: Callable = lambda state, last_epoch: None, desc: str = "Pretraining") -> TrainingState:
+    """Resumes from `args.resume_from_checkpoint` if asked, then runs `train_one_epoch` until the run stops.
+
+    Args:
+        compute_loss (`Callable[[model, pixel_values, generator], torch.Tensor]`): the method's loss of one batch;
+            `generator` is seeded by `(seed, epoch, batch, process)`.
+        after_step (`Callable[[TrainingState], Optional[dict]]`): after each optimizer step (EMA, momentum
+            targets); returns extra values to log.
+        end_of_epoch (`Callable[[TrainingState, bool], None]`): after each epoch but an interrupted one (sample
+            grids, saving); the flag says whether it is the last one.
+    """
+    global_step, first_epoch, resume_batches = resume_training_state(accelerator, args.output_dir,
+                                                                     args.resume_from_checkpoint)
+    state = TrainingState(global_step=global_step, epoch=first_epoch)
+    progress = tqdm(total=max_train_steps, initial=global_step, disable=not accelerator.is_local_main_process,
+                    desc=desc, unit="step", mininterval=progress_interval())
+    start_time = time.time()
+    try:
+        with _Interrupt() as interrupt:
+            for epoch in range(first_epoch, num_epochs):
+                state.epoch = epoch
+                train_one_epoch(state, accelerator, model, loader, dataset, optimizer, lr_scheduler, args,
+                                max_train_steps, compute_loss, after_step, resume_batches if epoch == first_epoch
+                                else 0, progress, interrupt, start_time, record_indices=epoch == first_epoch)
+                if state.stop_reason == "interrupted":
+                    break
+                end_of_epoch(state, state.stop_reason is not None or epoch == num_epochs - 1)
+                if state.stop_reason:
+                    break
+    finally:
+        progress.close()
+    accelerator.wait_for_everyone()
+    return state
