@@ -1,0 +1,195 @@
+#!/usr/bin/env python
+"""Which diffusion pretraining recipe and read-out to ship: every candidate on a short proxy budget, chosen on
+validation accuracy only.
+
+    python benchmarks/ablations.py --data_dir DATA_DIR --proxy_minutes 8
+
+Writes `benchmarks/results/ablations.{json,md}`. Each recipe is pretrained for the same proxy budget of *its own*
+calibrated throughput (so a slower recipe gets fewer steps, as it would under a wall-clock budget; see
+`benchmarks/common.py`), its features are extracted once (bf16, fixed noise, all blocks), and MSFA is trained in both
+cross-source directions. The score that chooses is the MSFA accuracy on the **validation** part carved from each
+direction's training side (near-duplicate groups on one side), averaged over the two directions; test accuracies are
+written for information and never used.
+
+Search (greedy, decided by the script from the validation scores):
+1. learning rate: the paper's Adam 1e-4 with linear decay against 5e-4 with warm-up and cosine decay;
+2. on the better one, one lever at a time: timesteps below 300 only, timesteps skewed to low noise (power 2),
+   crop + intensity augmentation, EMA weights, x0 (sample) prediction;
+3. the levers that beat step 2's starting point, combined (of the two timestep levers, the better one);
+4. read-out on the chosen recipe: the timestep sweep, and several noise draws per image.
+"""
+
+import argparse
+import json
+import logging
+import os
+import sys
+from typing import Dict, List
+
+import numpy as np
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+from common import (DEFAULT_DATA_DIR, DIRECTIONS, REPO, Benchmark, cached_extract, environment_info,  # noqa: E402
+                    pretrain_for_budget, probe_protocol)
+from mic_diffrep.features import DiffusionFeatureExtractor, FeatureArguments  # noqa: E402
+from mic_diffrep.probing import ProbeConfig  # noqa: E402
+
+
+logger = logging.getLogger("benchmark")
+
+LEARNING_RATES = {
+    "paper": [],  # Adam 1e-4, linear decay, no warm-up (the paper's recipe at 64 px)
+    "lr-5e-4": ["--learning_rate", "5e-4", "--lr_scheduler", "cosine", "--lr_warmup_steps", "100"],
+}
+LEVERS = {
+    "t<300": ["--max_train_timestep", "300"],
+    "t-power-2": ["--timestep_power", "2"],
+    "augment": ["--random_crop_scale", "0.6", "--intensity_jitter"],
+    "ema": ["--use_ema"],
+    "x0": ["--prediction_type", "sample"],
+}
+EXCLUSIVE = [("t<300", "t-power-2")]  # the same lever twice: only the better one is combined
+SWEEP_TIMESTEPS = [10, 25, 50, 100, 250]
+READOUTS = {
+    "sweep 10-250": FeatureArguments(timesteps=SWEEP_TIMESTEPS),
+    "sweep 0-250": FeatureArguments(timesteps=[0, 5, 10, 25, 50, 100, 250]),
+    "4 noise draws": FeatureArguments(timesteps=SWEEP_TIMESTEPS, num_noise_samples=4),
+}
+
+
+def parse_args():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--data_dir", default=DEFAULT_DATA_DIR)
+    parser.add_argument("--work_dir", default=os.path.join(REPO, "runs", "benchmark"), help="Models and caches.")
+    parser.add_argument("--output", default=os.path.join(REPO, "benchmarks", "results", "ablations"))
+    parser.add_argument("--proxy_minutes", type=float, default=8.0, help="Pretraining budget of every recipe.")
+    parser.add_argument("--resolution", type=int, default=64)
+    parser.add_argument("--unet", default="default", help="UNet preset or config ('tiny' for smoke runs).")
+    parser.add_argument("--max_images", type=int, default=None, help="Use a subset (smoke runs only).")
+    parser.add_argument("--note", default="", help="A sentence for the results file (e.g. what else ran).")
+    return parser.parse_args()
+
+
+class Ablation:
+    def __init__(self, args):
+        self.args = args
+        self.bench = Benchmark(args.data_dir, args.work_dir, args.resolution, max_images=args.max_images)
+        self.splits = {direction: self.bench.split(direction) for direction, _ in DIRECTIONS}
+        self.config = ProbeConfig()
+        self.rows: List[Dict] = []
+
+    def evaluate(self, stage: str, name: str, recipe: List[str], readout: str = "sweep 10-250") -> Dict:
+        run = pretrain_for_budget("micdiffrep", self.args.proxy_minutes, self.args.work_dir, self.args.data_dir,
+                                  self.args.resolution, recipe_argv=["--model_config_name_or_path", self.args.unet,
+                                                                     *recipe], name="ablation-" + _slug(name))
+        extractor = DiffusionFeatureExtractor.from_pretrained(run["output_dir"])
+        extractor.pipeline.set_progress_bar_config(disable=True)
+        features, speed = cached_extract(extractor.to(dtype=torch.bfloat16), self.bench, READOUTS[readout],
+                                         f"ablation-{_slug(name)}-{_slug(readout)}")
+        row = {"stage": stage, "recipe": name, "flags": recipe, "readout": readout,
+               "steps": run["summary"]["global_step"], "planned_steps": run["planned_steps"],
+               "images_per_second": run["calibration"]["images_per_second"],
+               "train_minutes": run["summary"]["train_minutes"], "final_loss": run["summary"]["final_loss"],
+               "feature_images_per_second": speed}
+        for direction, split in self.splits.items():
+            results = probe_protocol(features, self.bench, split, self.config)
+            msfa = results["msfa"]
+            row[direction] = {"validation_accuracy": msfa["validation_accuracy"],
+                              "test_accuracy": msfa["test"]["all"]["accuracy"],
+                              "test_accuracy_deduplicated": msfa["test"]["deduplicated"]["accuracy"],
+                              "layers": msfa["layers"], "timesteps": msfa["timesteps"]}
+        row["validation_accuracy"] = float(np.mean([row[d]["validation_accuracy"] for d, _ in DIRECTIONS]))
+        logger.info("%s / %s / %s: validation %.4f", stage, name, readout, row["validation_accuracy"])
+        self.rows.append(row)
+        return row
+
+    def search(self) -> Dict:
+        # 1. Learning rate.
+        lr_rows = {name: self.evaluate("1 learning rate", name, flags) for name, flags in LEARNING_RATES.items()}
+        start = max(lr_rows, key=lambda n: lr_rows[n]["validation_accuracy"])
+        base_flags, base_score = LEARNING_RATES[start], lr_rows[start]["validation_accuracy"]
+        # 2. One lever at a time on top of it.
+        lever_rows = {lever: self.evaluate("2 one lever", f"{start} + {lever}", base_flags + flags)
+                      for lever, flags in LEVERS.items()}
+        winners = [lever for lever in LEVERS if lever_rows[lever]["validation_accuracy"] > base_score]
+        for group in EXCLUSIVE:
+            both = [lever for lever in group if lever in winners]
+            for lever in sorted(both, key=lambda n: lever_rows[n]["validation_accuracy"])[:-1]:
+                winners.remove(lever)
+        candidates = {start: (base_flags, base_score)}
+        candidates.update({f"{start} + {lever}": (base_flags + LEVERS[lever], lever_rows[lever]["validation_accuracy"])
+                           for lever in winners})
+        # 3. The winning levers together.
+        if len(winners) > 1:
+            name = f"{start} + " + " + ".join(winners)
+            flags = base_flags + [flag for lever in winners for flag in LEVERS[lever]]
+            candidates[name] = (flags, self.evaluate("3 combined", name, flags)["validation_accuracy"])
+        chosen = max(candidates, key=lambda n: candidates[n][1])
+        # 4. Read-out on the chosen recipe.
+        readout_rows = {}
+        for readout in READOUTS:
+            existing = [r for r in self.rows if r["recipe"] == chosen and r["readout"] == readout]
+            readout_rows[readout] = existing[0] if existing else self.evaluate("4 read-out", chosen,
+                                                                               candidates[chosen][0], readout)
+        readout = max(READOUTS, key=lambda r: readout_rows[r]["validation_accuracy"])
+        return {"recipe": chosen, "flags": candidates[chosen][0], "readout": readout,
+                "readout_settings": {"timesteps": READOUTS[readout].timesteps,
+                                     "num_noise_samples": READOUTS[readout].num_noise_samples},
+                "validation_accuracy": readout_rows[readout]["validation_accuracy"]}
+
+
+def _slug(text: str) -> str:
+    return "".join(c if c.isalnum() or c in "-." else "_" for c in text).strip("_")
+
+
+def markdown(result: Dict) -> str:
+    env, chosen = result["environment"], result["chosen"]
+    lines = [
+        "# Ablations: which recipe and read-out to ship", "",
+        f"Command: `{result['command']}`  ",
+        f"Machine: {env['processor']}, {env['cpu_count']} CPUs, no GPU; torch {env['torch']}, diffusers {env['diffusers']}",
+        "",
+        f"Every recipe: the default UNet at {result['resolution']} px, bf16, pretrained on the 5,708 unlabelled training "
+        f"images for {result['proxy_minutes']:g} minutes of its own calibrated throughput (steps fixed before "
+        "training; `benchmarks/common.py`). Features: all blocks, fixed noise, bf16. Probe: the paper's MSFA protocol. "
+        "**val** = MSFA accuracy on the validation part carved from the training side of each cross-source "
+        "direction (near-duplicate groups on one side), the only number used to choose; *test* and *dedup* are "
+        "reported for information only.", "",
+    ]
+    if result.get("note"):
+        lines += [result["note"], ""]
+    lines += ["| stage | recipe | read-out | steps | images/s | val (mean) | val sartaj->other | val other->sartaj "
+              "| *test s->o (dedup)* | *test o->s (dedup)* |", "|---|---|---|---|---|---|---|---|---|---|"]
+    for r in result["rows"]:
+        cells = [r["stage"], r["recipe"], r["readout"], str(r["steps"]), f"{r['images_per_second']:.1f}",
+                 f"**{r['validation_accuracy']:.3f}**"]
+        cells += [f"{r[d]['validation_accuracy']:.3f}" for d, _ in DIRECTIONS]
+        cells += [f"*{r[d]['test_accuracy']:.3f} ({r[d]['test_accuracy_deduplicated']:.3f})*" for d, _ in DIRECTIONS]
+        lines.append("| " + " | ".join(cells) + " |")
+    lines += ["", f"**Chosen on validation:** recipe `{chosen['recipe']}` (flags: `{' '.join(chosen['flags']) or 'none'}`), "
+              f"read-out `{chosen['readout']}` (timesteps {chosen['readout_settings']['timesteps']}, "
+              f"{chosen['readout_settings']['num_noise_samples']} noise draw(s)); mean validation accuracy "
+              f"{chosen['validation_accuracy']:.3f}.", ""]
+    return "\n".join(lines)
+
+
+def main():
+    args = parse_args()
+    logging.basicConfig(format="%(asctime)s - %(levelname)s - %(name)s - %(message)s", level=logging.INFO)
+    os.makedirs(os.path.dirname(args.output), exist_ok=True)
+    ablation = Ablation(args)
+    chosen = ablation.search()
+    result = {"command": "python " + " ".join([os.path.relpath(sys.argv[0], REPO)] + sys.argv[1:]),
+              "environment": environment_info(), "resolution": args.resolution, "proxy_minutes": args.proxy_minutes,
+              "note": args.note, "rows": ablation.rows, "chosen": chosen}
+    with open(args.output + ".json", "w") as f:
+        json.dump(result, f, indent=2)
+    with open(args.output + ".md", "w") as f:
+        f.write(markdown(result))
+    print(markdown(result))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,230 @@
+"""What the benchmarks share: equal pretraining budgets, the data and its protocols, cached features, probes.
+
+**Budgets.** A wall-clock budget is turned into optimizer steps *before* training: each method's (and recipe's)
+steps/s is measured on two short runs of its own training code (10 and 60 steps; the difference leaves out start-up
+and kernel warm-up) and stored in `WORK_DIR/calibration/NAME.json`. A budget of M minutes is then `M * 60 * steps/s`
+steps, and the learning-rate schedule is laid over exactly those steps. Training stops on steps, never on the
+clock, so a run's result does not depend on what else the machine did meanwhile (the minutes it really took are
+recorded in its summary), and every budget of a method uses one calibration.
+
+**Protocols.** The 5,708 training images of the Brain Tumor MRI dataset come from two collections (`sources.csv`):
+SARTAJ and figshare/Br35H. *Cross-source*: train on one, test on the other, both directions. *In-split*: a stratified
+80/20 split of all images keeping near-duplicate groups on one side. In every protocol, layers, timesteps and
+recipes are chosen on a validation part carved from the training side (20%, near-duplicate groups on one side);
+test accuracy is reported, never used to choose. *dedup*: accuracy on the test images with no near-duplicate in the
+training side.
+"""
+
+import csv
+import json
+import logging
+import os
+import shutil
+import sys
+import time
+from typing import Dict, List, Optional, Sequence, Tuple
+
+import numpy as np
+import torch
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+if REPO not in sys.path:
+    sys.path.insert(0, REPO)
+
+from mic_diffrep.commands.base import settings_from  # noqa: E402
+from mic_diffrep.data import ImagePreprocessing, decode_images, load_image_folder  # noqa: E402
+from mic_diffrep.features import (FeatureArguments, FeatureExtractor, StaleFeatureCacheError, load_features,  # noqa: E402
+                                  save_features)
+from mic_diffrep.leakage import (DEFAULT_THRESHOLD, check_leakage, duplicate_groups, exact_keys,  # noqa: E402
+                                 fingerprint_images, group_stratified_split)
+from mic_diffrep.probing import ProbeConfig, run_probes  # noqa: E402
+from mic_diffrep.training import (BaselinePretrainingArguments, PretrainingArguments, pretrain,  # noqa: E402
+                                  pretrain_baseline)
+from mic_diffrep.utils import environment_info  # noqa: E402
+from transformers import HfArgumentParser  # noqa: E402
+
+
+logger = logging.getLogger("benchmark")
+
+CALIBRATION_STEPS = (10, 60)
+BASELINES = ("mocov2", "byol", "mae")
+DEFAULT_DATA_DIR = os.path.join(REPO, "..", "shared", "data", "brain-tumor-mri")
+DIRECTIONS = (("sartaj->other", "sartaj"), ("other->sartaj", "figshare_or_br35h"))
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# Budgets
+# ------------------------------------------------------------------------------------------------------------------
+
+
+def common_argv(data_dir: str, work_dir: str, resolution: int, seed: int) -> List[str]:
+    return ["--train_data_dir", os.path.join(data_dir, "Training"), "--resolution", str(resolution),
+            "--mixed_precision", "bf16", "--seed", str(seed), "--logger", "none",
+            "--cache_dir", os.path.join(work_dir, "decoded")]
+
+
+def method_argv(method: str, recipe_argv: Sequence[str] = ()) -> List[str]:
+    """Flags of one method's pretraining beyond the common ones: `--method` for the baselines; no sample grids and
+    no intermediate pipeline saves for the diffusion model (the benchmark samples once, after training)."""
+    if method in BASELINES:
+        return ["--method", method, *recipe_argv]
+    return ["--save_images_epochs", "0", "--save_model_epochs", "1000000", *recipe_argv]
+
+
+def run_pretraining(method: str, argv: List[str]) -> dict:
+    """Pretrains from command-line flags in this process (as `training/pretrain*.py` would); returns the summary."""
+    settings_class, function = ((BaselinePretrainingArguments, pretrain_baseline) if method in BASELINES
+                                else (PretrainingArguments, pretrain))
+    logger.info("Pretraining %s: %s", method, " ".join(argv))
+    return function(settings_from(settings_class, HfArgumentParser(settings_class).parse_args(argv)))
+
+
+def calibrate(method: str, name: str, work_dir: str, base_argv: List[str]) -> dict:
+    """Steps/s of one method (and recipe `name`), measured once and cached in `WORK_DIR/calibration/NAME.json`."""
+    path = os.path.join(work_dir, "calibration", f"{name}.json")
+    if os.path.isfile(path):
+        with open(path) as f:
+            return json.load(f)
+    seconds, summaries = [], []
+    for steps in CALIBRATION_STEPS:
+        output_dir = os.path.join(work_dir, "calibration", f"{name}-{steps}")
+        shutil.rmtree(output_dir, ignore_errors=True)
+        summary = run_pretraining(method, base_argv + ["--output_dir", output_dir, "--max_train_steps", str(steps),
+                                                       "--checkpointing_steps", "1000000"])
+        seconds.append(60 * summary["train_minutes"])
+        summaries.append(summary)
+        shutil.rmtree(output_dir)
+    steps_per_second = (CALIBRATION_STEPS[1] - CALIBRATION_STEPS[0]) / max(seconds[1] - seconds[0], 1e-3)
+    images_per_step = summaries[1]["images_seen"] / CALIBRATION_STEPS[1]
+    result = {"method": method, "name": name, "steps_per_second": steps_per_second,
+              "images_per_second": steps_per_second * images_per_step, "calibration_steps": list(CALIBRATION_STEPS),
+              "calibration_seconds": seconds, "argv": base_argv, "measured_at": time.strftime("%Y-%m-%d %H:%M:%S"),
+              "environment": environment_info()}
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    with open(path, "w") as f:
+        json.dump(result, f, indent=2)
+    logger.info("%s: %.3f steps/s (%.1f images/s) measured before pretraining", name, steps_per_second,
+                result["images_per_second"])
+    return result
+
+
+def pretrain_for_budget(method: str, minutes: float, work_dir: str, data_dir: str, resolution: int = 64, seed: int = 0,
+                        recipe_argv: Sequence[str] = (), name: Optional[str] = None) -> Dict:
+    """Pretrains `method` (a baseline, or `"micdiffrep"` with the pretraining flags `recipe_argv`) for `minutes` of
+    its calibrated throughput; returns `{"output_dir", "summary", "calibration", "budget_minutes",
+    "planned_steps"}`. A finished run (its `pretraining_summary.json` exists) is reused."""
+    name = name or method
+    base_argv = common_argv(data_dir, work_dir, resolution, seed) + method_argv(method, recipe_argv)
+    calibration = calibrate(method, name, work_dir, base_argv)
+    steps = max(1, int(minutes * 60 * calibration["steps_per_second"]))
+    output_dir = os.path.join(work_dir, f"{name}-{minutes:g}min")
+    summary_file = os.path.join(output_dir, "pretraining_summary.json")
+    if os.path.isfile(summary_file):
+        logger.info("Reusing %s", output_dir)
+        with open(summary_file) as f:
+            summary = json.load(f)
+    else:
+        summary = run_pretraining(method, base_argv + [
+            "--output_dir", output_dir, "--max_train_steps", str(steps), "--checkpointing_steps", "1000",
+            "--checkpoints_total_limit", "1", "--resume_from_checkpoint", "latest"])
+    return {"output_dir": output_dir, "summary": summary, "calibration": calibration, "budget_minutes": minutes,
+            "planned_steps": steps}
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# Data and protocols
+# ------------------------------------------------------------------------------------------------------------------
+
+
+class Benchmark:
+    """The decoded training images with their sources, near-duplicate groups, and the protocols' splits."""
+
+    def __init__(self, data_dir: str, work_dir: str, resolution: int = 64, seed: int = 0,
+                 max_images: Optional[int] = None):
+        self.data_dir, self.work_dir, self.seed = data_dir, work_dir, seed
+        dataset = load_image_folder(os.path.join(data_dir, "Training"))["train"]
+        self.decoded = decode_images(dataset, ImagePreprocessing(resolution), cache_dir=os.path.join(work_dir, "decoded"))
+        with open(os.path.join(data_dir, "sources.csv"), newline="") as f:
+            source_of = {row["file"]: row["source"] for row in csv.DictReader(f)}
+        self.sources = np.array([source_of[os.path.relpath(p, data_dir)] for p in self.decoded.paths])
+        if max_images:
+            keep = np.sort(np.random.default_rng(seed).permutation(len(self.decoded))[:max_images])
+            self.decoded, self.sources = self.decoded.subset(keep.tolist()), self.sources[keep]
+        self.groups = duplicate_groups(fingerprint_images(self.decoded.pixels), DEFAULT_THRESHOLD,
+                                       keys=exact_keys(self.decoded.pixels))
+
+    @property
+    def labels(self) -> torch.Tensor:
+        return self.decoded.labels
+
+    @property
+    def label_names(self) -> List[str]:
+        return self.decoded.label_names
+
+    def split(self, protocol: str) -> Dict:
+        """`{"train", "test"}` index arrays, the validation mask of the training side, and the test images with a
+        near-duplicate in train, for `"sartaj->other"`, `"other->sartaj"` or `"in-split"`."""
+        if protocol == "in-split":
+            train_idx, test_idx = group_stratified_split(self.labels, self.groups, 0.2, seed=self.seed)
+        else:
+            train_source = dict(DIRECTIONS)[protocol]
+            train_idx = np.flatnonzero(self.sources == train_source)
+            test_idx = np.flatnonzero(self.sources != train_source)
+        _, validation = group_stratified_split(self.labels[train_idx], self.groups[train_idx], 0.2, seed=self.seed)
+        validation_mask = torch.zeros(len(train_idx), dtype=torch.bool)
+        validation_mask[torch.as_tensor(validation, dtype=torch.long)] = True
+        leakage = check_leakage(self.decoded.subset(train_idx.tolist()), self.decoded.subset(test_idx.tolist()))
+        leaked = torch.zeros(len(test_idx), dtype=torch.bool)
+        leaked[torch.as_tensor(leakage.leaked_test_indices, dtype=torch.long)] = True
+        return {"protocol": protocol, "train": torch.as_tensor(train_idx), "test": torch.as_tensor(test_idx),
+                "validation_mask": validation_mask, "leaked": leaked}
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# Features and probes
+# ------------------------------------------------------------------------------------------------------------------
+
+
+def cached_extract(extractor: FeatureExtractor, bench: Benchmark, args: FeatureArguments, name: str):
+    """Features of every benchmark image (the classifier's fixed noise), cached in `WORK_DIR/features/NAME`; returns
+    `(features, images_per_second)` (of the extraction that made them)."""
+    args = extractor.resolve(args)
+    settings = {**extractor.cache_settings(args), "noise": "fixed"}
+    path = os.path.join(bench.work_dir, "features", f"{name}.safetensors")
+    speed_file = path.replace(".safetensors", "-speed.json")
+    if os.path.isfile(path) and os.path.isfile(speed_file):
+        try:
+            with open(speed_file) as f:
+                speed = json.load(f)["images_per_second"]
+            return load_features(path, settings, bench.decoded.paths).features, speed
+        except StaleFeatureCacheError as error:
+            logger.warning("%s", error)
+    start = time.perf_counter()
+    features = extractor.extract(bench.decoded.pixels, args)
+    speed = len(bench.decoded) / (time.perf_counter() - start)
+    save_features(path, features, settings, bench.decoded.paths, bench.labels, bench.label_names)
+    with open(speed_file, "w") as f:
+        json.dump({"images_per_second": speed}, f)
+    return features, speed
+
+
+def layer_order(features) -> List[str]:
+    """Block names of a feature dict in UNet execution order (baseline encoders have one block, "encoder")."""
+    def order(name):
+        kind, _, index = name.partition(".")
+        return ({"down_blocks": 0, "mid_block": 1, "up_blocks": 2}.get(kind, 3), int(index or 0))
+
+    return sorted(dict.fromkeys(key[0] for key in features), key=order)
+
+
+def probe_protocol(features: Dict[Tuple[str, int], torch.Tensor], bench: Benchmark, split: Dict,
+                   config: ProbeConfig) -> dict:
+    """SL sweep and MSFA on one protocol: chosen on the validation part, refit on the training side, test scored
+    once (all test images and the de-duplicated ones)."""
+    train_idx, test_idx = split["train"], split["test"]
+    labels = bench.labels
+    results, _ = run_probes({k: v[train_idx] for k, v in features.items()}, labels[train_idx],
+                            {k: v[test_idx] for k, v in features.items()}, labels[test_idx], bench.label_names,
+                            split["validation_mask"], config, layer_order(features),
+                            sorted({key[1] for key in features}), test_subsets={"deduplicated": ~split["leaked"]})
+    return results
