@@ -9,6 +9,9 @@ from .unet import UNET_PRESETS
 from .unet_features import POOLING_CHOICES, block_names_from_config, check_layers
 
 
+PROBLEM_TYPES = (None, "single_label_classification", "multi_label_classification", "regression")
+
+
 class MicDiffRepConfig(PretrainedConfig):
     r"""
     Configuration of a [`MicDiffRepForImageClassification`]: a frozen DDPM-pretrained UNet, the noise schedule, which
@@ -30,6 +33,9 @@ class MicDiffRepConfig(PretrainedConfig):
             layer (a single-layer probe).
         classifier_dropout (`float`, *optional*, defaults to 0.0): dropout on the aggregated features.
         resize_mode (`str`, *optional*, defaults to `"pad"`): how images are made square, as in pretraining.
+        problem_type (`str`, *optional*): `"single_label_classification"` (cross-entropy, paper eq. 3),
+            `"multi_label_classification"` (BCE with logits) or `"regression"` (MSE); inferred from the labels when
+            unset, as in transformers' other image classifiers.
         intensity_window (`str`, *optional*, defaults to `"percentile"`): the intensity rule of pretraining
             (`"percentile"` or `"none"`, see `mic_diffrep.preprocessing`).
 
@@ -99,6 +105,9 @@ class MicDiffRepConfig(PretrainedConfig):
         check_choice(resize_mode, RESIZE_MODES, "resize_mode")
         check_choice(intensity_window, INTENSITY_WINDOWS, "intensity_window")
         super().__init__(**kwargs)
+        if self.problem_type not in PROBLEM_TYPES:
+            raise ValueError(f"problem_type must be one of {PROBLEM_TYPES[1:]} (or None to infer it from the labels), "
+                             f"got {self.problem_type!r}.")
 
     @property
     def preprocessing(self) -> ImagePreprocessing:

@@ -106,9 +106,10 @@ class MicDiffRepImageProcessor(BaseImageProcessor):
 
     def preprocess(self, images, return_tensors: Optional[str] = "pt", **kwargs) -> BatchFeature:
         """Preprocesses one image or a list; any option of the processor can be overridden for this call."""
-        unknown = sorted(set(kwargs) - set(self.valid_kwargs.__annotations__))
+        unknown = sorted(k for k, v in kwargs.items() if k not in self.OPTIONS and v is not None)
         if unknown:
-            raise TypeError(f"Unexpected keyword argument(s) {unknown} for MicDiffRepImageProcessor.")
+            raise TypeError(f"Unexpected keyword argument(s) {unknown} for MicDiffRepImageProcessor; its options are "
+                            f"{', '.join(self.OPTIONS)} (the size is `resolution`).")
         options = self.to_options(**kwargs)
         self._check(options)
         pixels = [self._to_pixels(image, options) for image in as_image_list(images)]
