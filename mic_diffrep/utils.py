@@ -53,6 +53,20 @@ def create_accelerator(**kwargs):
     return accelerator
 
 
+@contextlib.contextmanager
+def output_folder(path: str):
+    """Creates `path` for a run's outputs; if the run fails before writing anything there, the empty folder it
+    created is removed again, so a failed run leaves nothing behind."""
+    created = not os.path.isdir(path)
+    os.makedirs(path, exist_ok=True)
+    try:
+        yield path
+    except BaseException:
+        if created and os.path.isdir(path) and not os.listdir(path):
+            os.rmdir(path)
+        raise
+
+
 def progress_interval() -> float:
     """tqdm's `mininterval`: smooth in a terminal, one line every 30 s at most in a log file."""
     return 0.1 if sys.stderr.isatty() else 30.0

@@ -27,7 +27,7 @@ import torch
 from ..data import DecodedImages
 from ..features import (FeatureExtractor, StaleFeatureCacheError, extract_sharded, load_feature_extractor,
                         load_features, prepare_extractor, save_features)
-from ..utils import create_accelerator, environment_info
+from ..utils import create_accelerator, environment_info, output_folder
 from .arguments import ProbeArguments
 from .export import write_model_folder, write_results
 from .heads import ProbeConfig
@@ -62,11 +62,15 @@ def cached_features(extractor: FeatureExtractor, decoded: DecodedImages, args: P
 def run_probe(args: ProbeArguments, extractor: Optional[FeatureExtractor] = None) -> dict:
     """The SL sweep and MSFA of `args.pretrained` (or of `extractor`), written to `args.output_dir`; returns the
     results (also in `results.json`)."""
+    with output_folder(args.output_dir):
+        return _run_probe(args, extractor)
+
+
+def _run_probe(args: ProbeArguments, extractor: Optional[FeatureExtractor]) -> dict:
     config = ProbeConfig(num_epochs=args.num_epochs, learning_rate=args.learning_rate,
                          train_batch_size=args.train_batch_size, weight_decay=args.weight_decay,
                          hidden_size=args.hidden_size, dropout=args.dropout, standardize=not args.no_standardize,
                          seed=args.seed)
-    os.makedirs(args.output_dir, exist_ok=True)
     accelerator = create_accelerator()
     extractor = extractor or load_feature_extractor(args.pretrained, args.resolution)
     extractor = prepare_extractor(extractor, args, accelerator)

@@ -17,7 +17,7 @@ import os
 import torch
 
 from ..models.baselines import create_baseline, save_baseline
-from ..utils import environment_info, peak_memory_mb
+from ..utils import environment_info, output_folder, peak_memory_mb
 from .arguments import BaselinePretrainingArguments
 from .loop import TrainingState, load_training_images, make_accelerator, make_dataloader, plan_schedule, train
 
@@ -28,7 +28,11 @@ logger = logging.getLogger(__name__)
 def pretrain_baseline(args: BaselinePretrainingArguments) -> dict:
     """Pretrains `args.method` and writes its folder; returns the summary also written to
     `pretraining_summary.json`."""
-    os.makedirs(args.output_dir, exist_ok=True)
+    with output_folder(args.output_dir):
+        return _pretrain_baseline(args)
+
+
+def _pretrain_baseline(args: BaselinePretrainingArguments) -> dict:
     accelerator = make_accelerator(args)
     torch.manual_seed(args.seed)
 

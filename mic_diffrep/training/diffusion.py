@@ -26,7 +26,7 @@ from ..data.augmentations import PretrainingAugment
 from ..models.mic_diffrep.unet import create_scheduler, create_unet
 from ..pipelines import DiffusionFeaturePipeline, save_image_grid
 from ..reporting.hub import push_pipeline_to_hub
-from ..utils import environment_info, peak_memory_mb
+from ..utils import environment_info, output_folder, peak_memory_mb
 from .arguments import PretrainingArguments
 from .checkpointing import save_pipeline
 from .loop import TrainingState, load_training_images, make_accelerator, make_dataloader, plan_schedule, train
@@ -90,14 +90,8 @@ def save_sample_grid(pipeline: DiffusionFeaturePipeline, args: PretrainingArgume
 
 def pretrain(args: PretrainingArguments) -> dict:
     """Pretrains and writes the pipeline folder; returns the summary also written to `pretraining_summary.json`."""
-    created = not os.path.isdir(args.output_dir)
-    os.makedirs(args.output_dir, exist_ok=True)
-    try:
+    with output_folder(args.output_dir):
         return _pretrain(args)
-    except BaseException:
-        if created and not os.listdir(args.output_dir):
-            os.rmdir(args.output_dir)  # a run that failed before writing anything leaves no empty folder behind
-        raise
 
 
 def _pretrain(args: PretrainingArguments) -> dict:

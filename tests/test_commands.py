@@ -1,0 +1,116 @@
+"""What a user meets on the command line: one-line errors, defaults in --help, clean output folders, folders of
+images for predict, and a readable evaluate."""
+
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import PIL.Image
+import pytest
+import torch
+
+from conftest import parse, write_class_folder
+from mic_diffrep import MicDiffRepConfig, MicDiffRepForImageClassification, MicDiffRepImageProcessor
+from mic_diffrep.commands import main as cli
+from mic_diffrep.models.baselines import create_baseline, save_baseline
+from mic_diffrep.models.mic_diffrep.unet import UNET_PRESETS
+from mic_diffrep.training import PretrainingArguments, pretrain
+
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+@pytest.fixture
+def model_dir(tmp_path):
+    config = MicDiffRepConfig(unet_config=dict(UNET_PRESETS["tiny"], sample_size=16), timesteps=[5], hidden_size=8,
+                              num_labels=3, id2label={0: "a", 1: "b", 2: "c"}, label2id={"a": 0, "b": 1, "c": 2})
+    torch.manual_seed(0)
+    MicDiffRepForImageClassification(config).save_pretrained(tmp_path / "model")
+    MicDiffRepImageProcessor(resolution=16).save_pretrained(tmp_path / "model")
+    return str(tmp_path / "model")
+
+
+def _script(name, *args):
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    return subprocess.run([sys.executable, os.path.join(REPO, "training", name), *args], capture_output=True,
+                          text=True, env=env, timeout=300)
+
+
+def test_training_scripts_and_cli_report_bad_input_alike(tmp_path, capsys):
+    out = tmp_path / "out"
+    result = _script("pretrain.py", "--train_data_dir", str(tmp_path / "missing"), "--output_dir", str(out))
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    assert result.stderr.strip().splitlines()[-1] == (
+        f"training/pretrain.py: error: Data folder '{tmp_path / 'missing'}' does not exist.")
+    with pytest.raises(SystemExit) as error:
+        cli(["pretrain", "--train_data_dir", str(tmp_path / "missing"), "--output_dir", str(out)])
+    assert error.value.code == 2
+    assert capsys.readouterr().err.strip().endswith(f"Data folder '{tmp_path / 'missing'}' does not exist.")
+    assert not out.exists()  # a failed run leaves no empty folder behind
+    bad_setting = _script("linear_probe.py", "--pretrained", str(tmp_path), "--data_dir", str(tmp_path),
+                          "--validation_split", "2")
+    assert bad_setting.returncode == 2 and "validation_split" in bad_setting.stderr.splitlines()[-1]
+
+
+def test_help_shows_defaults():
+    result = _script("pretrain.py", "--help")
+    assert result.returncode == 0
+    assert "(default: 112)" in result.stdout and "--save_images_epochs" in result.stdout
+    assert "(default: ddim)" in result.stdout
+
+
+def test_resume_leaves_no_old_files(unlabelled_folder, tmp_path):
+    argv = ["--train_data_dir", unlabelled_folder, "--output_dir", str(tmp_path / "out"), "--resolution", "16",
+            "--model_config_name_or_path", "tiny", "--train_batch_size", "8", "--logger", "none",
+            "--save_images_epochs", "0", "--checkpointing_steps", "2"]
+    pretrain(parse(PretrainingArguments, argv + ["--max_train_steps", "2"]))
+    pretrain(parse(PretrainingArguments, argv + ["--max_train_steps", "4", "--resume_from_checkpoint", "latest"]))
+    names = os.listdir(tmp_path / "out")
+    assert "model_index.json" in names and not [n for n in names if ".old-" in n or n.startswith(".tmp")]
+    assert "samples" not in names  # --save_images_epochs 0: no sample grid
+
+
+def test_predict_takes_folders_and_skips_bad_images(model_dir, tmp_path, capsys):
+    folder = write_class_folder(tmp_path / "images", per_class=2, seed=0, size=20, classes=("a", "b"))
+    (tmp_path / "images" / "a" / "broken.png").write_bytes(b"not an image")
+    with pytest.raises(SystemExit) as error:
+        cli(["predict", "--model", model_dir, folder])
+    message = capsys.readouterr().err
+    assert error.value.code == 2 and "broken.png" in message and "--skip_bad_images" in message
+    predictions = cli(["predict", "--model", model_dir, folder, "--skip_bad_images", "--json"])
+    printed = json.loads(capsys.readouterr().out)
+    assert len(predictions) == len(printed) == 4
+    assert all(abs(sum(p["probabilities"].values()) - 1) < 1e-4 for p in printed)
+    with pytest.raises(SystemExit):
+        cli(["predict", "--model", model_dir, str(tmp_path / "nothing.png")])
+    assert "not found" in capsys.readouterr().err
+
+
+def test_evaluate_a_plain_class_folder_tree(model_dir, tmp_path, capsys):
+    folder = write_class_folder(tmp_path / "labelled", per_class=2, seed=1, size=20, classes=("a", "b", "c"))
+    report = cli(["evaluate", "--model", model_dir, "--data_dir", folder, "--output", str(tmp_path / "eval.json")])
+    printed = capsys.readouterr().out
+    assert report["splits"] == ["all"] and report["num_examples"] == 6
+    assert printed.startswith("6 images (all) of") and "accuracy" in printed and "{" not in printed
+    assert os.path.isfile(tmp_path / "eval_confusion_matrix.png")
+
+
+def test_generate_on_a_baseline_folder_is_a_clear_error(tmp_path, capsys):
+    save_baseline(create_baseline("byol", resolution=16), str(tmp_path / "byol"))
+    with pytest.raises(SystemExit) as error:
+        cli(["generate", "--pretrained", str(tmp_path / "byol"), "--output", str(tmp_path / "s.png")])
+    assert error.value.code == 2 and "cannot generate images" in capsys.readouterr().err
+
+
+def test_a_16_bit_copy_of_an_8_bit_slice_gets_the_same_prediction(model_dir, tmp_path, capsys):
+    rng = np.random.default_rng(0)
+    slice8 = (rng.random((24, 24)) * 170).astype(np.uint8)
+    PIL.Image.fromarray(slice8).save(tmp_path / "eight.png")
+    PIL.Image.fromarray(slice8.astype(np.uint16) * 257).save(tmp_path / "sixteen.png")
+    predictions = cli(["predict", "--model", model_dir, str(tmp_path / "eight.png"), str(tmp_path / "sixteen.png")])
+    capsys.readouterr()
+    assert predictions[0]["label"] == predictions[1]["label"]
+    for name in ("a", "b", "c"):
+        assert abs(predictions[0]["probabilities"][name] - predictions[1]["probabilities"][name]) < 0.02
