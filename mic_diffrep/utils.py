@@ -3,10 +3,15 @@
 import contextlib
 import os
 import platform
+import resource
 import sys
 from typing import Optional
 
+import accelerate
+import datasets
+import diffusers
 import torch
+import transformers
 from accelerate import Accelerator
 
 
@@ -74,11 +79,6 @@ def progress_interval() -> float:
 
 def environment_info() -> dict:
     """Versions and machine, for results files."""
-    import accelerate
-    import datasets
-    import diffusers
-    import transformers
-
     info = {
         "python": sys.version.split()[0],
         "platform": platform.platform(),
@@ -110,6 +110,4 @@ def peak_memory_mb() -> float:
     """Peak resident memory of this process (CPU), or peak allocated CUDA memory, in MiB."""
     if torch.cuda.is_available():
         return torch.cuda.max_memory_allocated() / 2**20
-    import resource
-
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024

@@ -13,7 +13,7 @@ import numpy as np
 import PIL.Image
 import torch
 from diffusers import DiffusionPipeline, ImagePipelineOutput, SchedulerMixin, UNet2DModel
-from diffusers.utils import BaseOutput, replace_example_docstring
+from diffusers.utils import BaseOutput, make_image_grid, replace_example_docstring
 from diffusers.utils.torch_utils import randn_tensor
 from tqdm.auto import tqdm
 
@@ -33,7 +33,7 @@ EXAMPLE_DOC_STRING = """
         >>> from mic_diffrep import DiffusionFeaturePipeline
 
         >>> pipe = DiffusionFeaturePipeline.from_pretrained("runs/pretrain", torch_dtype=torch.bfloat16)
-        >>> images = ["a.jpg", "b.jpg"]  # or PIL images, numpy arrays, tensors
+        >>> images = ["a.jpg", "b.jpg"]  # or PIL images, numpy arrays, tensors, DICOM / NIfTI files (a row per slice)
         >>> out = pipe.extract_features(images, timesteps=[10, 100], generator=torch.Generator().manual_seed(0))
         >>> out.features[("up_blocks.1", 100)].shape  # (N, C)
         >>> samples = pipe(batch_size=4, num_inference_steps=1000).images  # DDPM, as in the paper
@@ -130,7 +130,8 @@ class DiffusionFeaturePipeline(DiffusionPipeline):
     def prepare_pixels(self, images) -> torch.Tensor:
         """Images (PIL / numpy / tensors / file paths, one or a list, or a batch tensor) to uint8 `(N, 1, R, R)`.
 
-        Uses the shared preprocessing of pretraining; uint8 `(N, 1, R, R)` pixels (a decode cache) pass through.
+        Uses the shared preprocessing of pretraining; uint8 `(N, 1, R, R)` pixels (a decode cache) pass through. A
+        DICOM or NIfTI file path gives one row per slice (see `mic_diffrep.preprocessing.as_image_list`).
         """
         resolution = self.resolution
         if (isinstance(images, torch.Tensor) and images.ndim == 4 and images.dtype == torch.uint8
@@ -180,7 +181,9 @@ class DiffusionFeaturePipeline(DiffusionPipeline):
 
         Args:
             images: PIL images, numpy arrays, tensors or file paths (grey or RGB, any size), or a uint8
-                `(N, 1, R, R)` tensor of already preprocessed pixels.
+                `(N, 1, R, R)` tensor of already preprocessed pixels. DICOM (`.dcm`) and NIfTI (`.nii`, `.nii.gz`)
+                paths give one row per slice (every non-empty axial slice of a volume, every frame of a
+                multi-frame DICOM, in order), windowed with the file's own display window when it has one.
             timesteps (`Sequence[int]`, defaults to `(10, 100, 250)`): noise levels, in `[0, num_train_timesteps)`.
             layers (`Sequence[str]`, *optional*): block names such as `"down_blocks.1"`, `"mid_block"`,
                 `"up_blocks.2"`; `None` means every block (`pipe.layer_names`).
@@ -282,8 +285,6 @@ class DiffusionFeaturePipeline(DiffusionPipeline):
 
 def save_image_grid(images, path: str, rows: Optional[int] = None) -> PIL.Image.Image:
     """Saves images (PIL, `(N, H, W, C)` numpy in [0, 1], or `(N, C, H, W)` tensor in [0, 1]) as one PNG grid."""
-    from diffusers.utils import make_image_grid
-
     if isinstance(images, torch.Tensor):
         images = images.permute(0, 2, 3, 1).cpu().numpy()
     if isinstance(images, np.ndarray):
