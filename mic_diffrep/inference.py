@@ -5,6 +5,9 @@
 >>> predict_files("runs/mic-diffrep/model", ["slice.jpg", "more_slices/"])  # doctest: +SKIP
 [{'file': 'slice.jpg', 'label': 'glioma', 'probabilities': {'glioma': 0.91, ...}}, ...]
 ```
+
+DICOM (`.dcm`, `.dicom`) and NIfTI (`.nii`, `.nii.gz`) files are read slice by slice (`slices`, a `SliceSelection`):
+each slice gets its own prediction, named `"<path>#slice=<k>"` when the file holds several.
 """
 
 import os
@@ -13,7 +16,8 @@ from typing import Dict, List, Optional, Sequence
 import torch
 from transformers import AutoImageProcessor, AutoModelForImageClassification
 
-from .data import IMAGE_EXTENSIONS, decode_images, load_image_folder, pixels_to_model_input, select_splits
+from .data import (SEARCHED_EXTENSIONS, SliceSelection, decode_images, is_image_file, load_image_folder,
+                   pixels_to_model_input, select_splits)
 from .models.mic_diffrep import MicDiffRepForImageClassification, MicDiffRepImageProcessor
 from .reporting.metrics import classification_report
 from .utils import precision_dtype
@@ -43,14 +47,15 @@ def predict_probabilities(model, pixel_values: torch.Tensor, batch_size: int = 6
 
 
 def image_files(paths: Sequence[str]) -> List[str]:
-    """The image files named by `paths`: files as given, folders searched recursively (sorted)."""
+    """The image files named by `paths`: files as given, folders searched recursively (sorted) for images, DICOM and
+    NIfTI files (`SEARCHED_EXTENSIONS`)."""
     files = []
     for path in paths:
         if os.path.isdir(path):
             found = sorted(os.path.join(root, name) for root, _, names in os.walk(path) for name in names
-                           if name.lower().endswith(IMAGE_EXTENSIONS))
+                           if is_image_file(name))
             if not found:
-                raise FileNotFoundError(f"No images in folder {path!r} (looked for {', '.join(IMAGE_EXTENSIONS)}).")
+                raise FileNotFoundError(f"No images in folder {path!r} (looked for {', '.join(SEARCHED_EXTENSIONS)}).")
             files.extend(found)
         elif os.path.isfile(path):
             files.append(path)
@@ -60,12 +65,16 @@ def image_files(paths: Sequence[str]) -> List[str]:
 
 
 def predict_files(model_dir: str, paths: Sequence[str], batch_size: int = 64, mixed_precision: Optional[str] = None,
-                  skip_bad_images: bool = False) -> List[Dict]:
+                  skip_bad_images: bool = False, slices: Optional[SliceSelection] = None) -> List[Dict]:
     """Class probabilities for image files and folders: one dict per image with its top `label` and all
-    `probabilities`; unreadable files raise a `BadImageError` naming them, or are left out with `skip_bad_images`."""
+    `probabilities`; unreadable files raise a `BadImageError` naming them, or are left out with `skip_bad_images`.
+
+    A DICOM / NIfTI file gives one dict per slice (chosen by `slices`, default `SliceSelection()`), whose `file` is
+    `"<path>#slice=<k>"` for multi-slice files.
+    """
     model, processor = load_classifier(model_dir, mixed_precision)
     decoded = decode_images(image_files(paths), processor.preprocessing, skip_bad_images=skip_bad_images,
-                            show_progress=False)
+                            show_progress=False, slices=slices)
     probabilities = predict_probabilities(model, pixels_to_model_input(decoded.pixels), batch_size)
     labels = [model.config.id2label[i] for i in range(probabilities.shape[1])]
     return [{"file": path, "label": labels[int(p.argmax())],
@@ -74,16 +83,18 @@ def predict_files(model_dir: str, paths: Sequence[str], batch_size: int = 64, mi
 
 
 def evaluate_folder(model_dir: str, data_dir: str, splits: Optional[Sequence[str]] = None, batch_size: int = 64,
-                    mixed_precision: Optional[str] = None, skip_bad_images: bool = False) -> Dict:
+                    mixed_precision: Optional[str] = None, skip_bad_images: bool = False,
+                    slices: Optional[SliceSelection] = None) -> Dict:
     """Accuracy, macro F1, per-class recall and confusion matrix of a model folder on a labelled image folder.
 
-    `splits` defaults to the `test` split when the folder has split folders with one, else every image.
+    `splits` defaults to the `test` split when the folder has split folders with one, else every image. Each slice
+    of a DICOM / NIfTI file (chosen by `slices`) counts as one example with its file's label.
     """
     model, processor = load_classifier(model_dir, mixed_precision)
     dataset_dict = load_image_folder(data_dir)
     splits = list(splits) if splits else (["test"] if "test" in dataset_dict else ["all"])
     chosen, dataset = select_splits(dataset_dict, splits, "splits")
-    decoded = decode_images(dataset, processor.preprocessing, skip_bad_images=skip_bad_images)
+    decoded = decode_images(dataset, processor.preprocessing, skip_bad_images=skip_bad_images, slices=slices)
     if decoded.labels is None:
         raise ValueError(f"{data_dir} has no labels (class sub-folders) to evaluate against.")
     names = [model.config.id2label[i] for i in range(model.config.num_labels)]

@@ -10,7 +10,7 @@ def test_every_subcommand_documents_every_flag():
     parser = build_parser()
     subcommands = parser._subparsers._group_actions[0].choices
     assert set(subcommands) == {"run", "pretrain", "extract", "probe", "evaluate", "predict", "generate",
-                                "check-leakage"}
+                                "check-leakage", "demo"}
     for name, subparser in subcommands.items():
         for action in subparser._actions:
             if action.dest != "help":

@@ -8,6 +8,7 @@
     mic-diffrep predict --model runs/model slice.jpg more_slices/
     mic-diffrep generate --pretrained runs/pretrain --output samples.png
     mic-diffrep check-leakage --train DIR --test DIR   (or --within DIR)
+    mic-diffrep demo --model runs/model                # a Gradio page: upload a slice, see the prediction
 
 `mic-diffrep SUBCOMMAND --help` explains every flag and shows its default. Each subcommand turns its flags into
 settings and makes one library call; bad input ends with one line naming the file or setting, and exit code 2.
@@ -18,7 +19,7 @@ from typing import List, Optional
 
 from transformers import HfArgumentParser
 
-from . import check_leakage, extract, inference, pretrain, probe, run
+from . import check_leakage, demo, extract, inference, pretrain, probe, run
 from .base import configure_logging, run_guarded
 from .run import RUN_DEFAULTS, RUN_PRESETS, SAMPLE_DATA_DIR
 
@@ -28,7 +29,7 @@ def build_parser() -> argparse.ArgumentParser:
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     subparsers = parser.add_subparsers(dest="command", required=True, metavar="SUBCOMMAND",
                                        parser_class=HfArgumentParser)
-    for module in (run, pretrain, extract, probe, inference, check_leakage):
+    for module in (run, pretrain, extract, probe, inference, check_leakage, demo):
         module.register(subparsers)
     return parser
 

@@ -4,14 +4,16 @@ import os
 from typing import Union
 
 from ..data import DecodedImages, ImagePreprocessing, decode_images, load_image_folder, select_splits
+from ..data.medical import add_slice_arguments, slice_selection
 from ..leakage import DEFAULT_THRESHOLD, DuplicateGroupsReport, LeakageReport, check_leakage, within_duplicates
 
 
 def _decode_folder(folder: str, namespace) -> DecodedImages:
     _, dataset = select_splits(load_image_folder(folder), ["all"])
     preprocessing = ImagePreprocessing(namespace.resolution, namespace.resize_mode, namespace.intensity_window)
+    slices = slice_selection(namespace.slice_axis, namespace.slice_range, namespace.keep_empty_slices)
     return decode_images(dataset, preprocessing, skip_bad_images=namespace.skip_bad_images,
-                         num_workers=namespace.num_workers, cache_dir=namespace.cache_dir)
+                         num_workers=namespace.num_workers, cache_dir=namespace.cache_dir, slices=slices)
 
 
 def check(namespace) -> Union[LeakageReport, DuplicateGroupsReport]:
@@ -59,6 +61,7 @@ def register(subparsers) -> None:
     parser.add_argument("--num_workers", type=int, default=0, help="Decoding processes.")
     parser.add_argument("--cache_dir", default=None, help="Where to cache the decoded images.")
     parser.add_argument("--skip_bad_images", action="store_true", help="Skip unreadable images instead of failing.")
+    add_slice_arguments(parser)
     parser.add_argument("--output", default=None,
                         help="JSON report to write; the pairs (or groups) go to a CSV file beside it.")
     parser.set_defaults(func=check)

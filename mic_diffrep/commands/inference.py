@@ -6,6 +6,7 @@ import os
 import torch
 from diffusers import DDIMScheduler
 
+from ..data.medical import add_slice_arguments, slice_selection
 from ..features import load_pipeline
 from ..inference import evaluate_folder, predict_files
 from ..pipelines import save_image_grid
@@ -20,11 +21,16 @@ def _add_model_args(parser) -> None:
     parser.add_argument("--mixed_precision", type=str, default=None, choices=MIXED_PRECISION_CHOICES,
                         help="'bf16' runs the UNet in bf16 (the head stays float32).")
     parser.add_argument("--skip_bad_images", action="store_true", help="Skip unreadable images instead of failing.")
+    add_slice_arguments(parser)
+
+
+def _slices(namespace):
+    return slice_selection(namespace.slice_axis, namespace.slice_range, namespace.keep_empty_slices)
 
 
 def evaluate(namespace) -> dict:
     report = evaluate_folder(namespace.model, namespace.data_dir, namespace.splits, namespace.batch_size,
-                             namespace.mixed_precision, namespace.skip_bad_images)
+                             namespace.mixed_precision, namespace.skip_bad_images, _slices(namespace))
     if namespace.json:
         print(json.dumps({k: v for k, v in report.items() if k != "skipped_images"}, indent=2))
     else:
@@ -44,7 +50,7 @@ def evaluate(namespace) -> dict:
 
 def predict(namespace) -> list:
     predictions = predict_files(namespace.model, namespace.images, namespace.batch_size, namespace.mixed_precision,
-                                namespace.skip_bad_images)
+                                namespace.skip_bad_images, _slices(namespace))
     if namespace.json:
         print(json.dumps(predictions, indent=2))
         return predictions
@@ -80,7 +86,8 @@ def register(subparsers) -> None:
 
     parser = subparsers.add_parser("predict", help="Class probabilities for image files and folders.",
                                    description="Print the class probabilities of each image.")
-    parser.add_argument("images", nargs="+", help="Image files, or folders of images (searched recursively).")
+    parser.add_argument("images", nargs="+", help="Image files (JPEG, PNG, ..., DICOM, NIfTI: one prediction per "
+                                                  "slice), or folders of them (searched recursively).")
     _add_model_args(parser)
     parser.add_argument("--json", action="store_true", help="Print JSON.")
     parser.set_defaults(func=predict)

@@ -4,6 +4,12 @@
 (`ImagePreprocessing`: grey, intensity window, resize) and keeps the uint8 result in memory, optionally cached as
 safetensors, so training epochs never decode a JPEG again.
 
+DICOM and NIfTI files (`mic_diffrep.data.medical`) are expanded into their slices, chosen by a `SliceSelection`
+(axis, range, empty slices): each slice is one image, with the id `"<path>#slice=<k>"` when the file holds several
+slices (`k` is the slice or frame index within the file), the plain path otherwise; its label is the file's. A
+slice with a display window of its own (DICOM *WindowCenter* / *WindowWidth*, NIfTI *cal_min* / *cal_max*) is
+windowed with it, any other image by the preprocessing's intensity rule.
+
 ```python
 >>> from mic_diffrep.data import decode_images, load_image_folder
 >>> splits = load_image_folder("mic_diffrep/sample_data/brain-tumor-mri")  # doctest: +SKIP
@@ -28,6 +34,7 @@ from safetensors.torch import save_file
 from tqdm.auto import tqdm
 
 from ..models.mic_diffrep.preprocessing import ImagePreprocessing
+from .medical import SliceSelection, is_medical_file
 
 
 logger = logging.getLogger(__name__)
@@ -41,7 +48,11 @@ class BadImageError(ValueError):
 
 @dataclass
 class DecodedImages:
-    """Decoded, preprocessed images: uint8 `pixels` of shape `(N, 1, R, R)` with their file paths and labels."""
+    """Decoded, preprocessed images: uint8 `pixels` of shape `(N, 1, R, R)` with their ids and labels.
+
+    `paths` holds one id per image: the file path, or `"<path>#slice=<k>"` for slice `k` of a multi-slice DICOM /
+    NIfTI file. `skipped` lists the unreadable files (`{"path", "error"}`).
+    """
 
     pixels: torch.Tensor
     paths: List[str]
@@ -63,9 +74,23 @@ class DecodedImages:
         )
 
 
+def slice_id(path: str, slice_index: Optional[int]) -> str:
+    """The image id of a slice: `"<path>#slice=<k>"` for slice `k` of a multi-slice file, else `path`."""
+    return path if slice_index is None else f"{path}#slice={slice_index}"
+
+
+def source_file(image_id: str) -> str:
+    """The file an image id comes from: `path` for `"<path>#slice=<k>"`, the id itself otherwise."""
+    path, marker, index = image_id.rpartition("#slice=")
+    return path if marker and index.isdigit() else image_id
+
+
 class _DecodeFiles(torch.utils.data.Dataset):
-    def __init__(self, sources: List[Union[str, bytes]], preprocessing: ImagePreprocessing):
-        self.sources, self.preprocessing = sources, preprocessing
+    """Decodes file `index` into `(index, pixels (S, 1, R, R), slice indices (S entries, `None` for a 2-D image),
+    error)`: one slice for an ordinary image, every selected slice of a DICOM / NIfTI file."""
+
+    def __init__(self, sources: List[Union[str, bytes]], preprocessing: ImagePreprocessing, slices: SliceSelection):
+        self.sources, self.preprocessing, self.slices = sources, preprocessing, slices
 
     def __len__(self):
         return len(self.sources)
@@ -73,11 +98,17 @@ class _DecodeFiles(torch.utils.data.Dataset):
     def __getitem__(self, index):
         source = self.sources[index]
         try:
+            if isinstance(source, str) and is_medical_file(source):
+                items = self.slices.read(source)
+                if not items:
+                    raise ValueError("the file holds no image slices")
+                pixels = torch.stack([self.preprocessing(item) for item in items])
+                return index, pixels, [item.slice_index for item in items], None
             with PIL.Image.open(source if isinstance(source, str) else io.BytesIO(source)) as image:
                 image.load()
-                return index, self.preprocessing(image), None
+                return index, self.preprocessing(image).unsqueeze(0), [None], None
         except Exception as error:  # noqa: BLE001 - every decoding failure is reported with its file
-            return index, None, f"{type(error).__name__}: {error}"
+            return index, None, None, f"{type(error).__name__}: {error}"
 
 
 def _collate(items):
@@ -87,7 +118,8 @@ def _collate(items):
 def _sources_of(images) -> (List[Union[str, bytes]], List[str], Optional[List[int]], Optional[List[str]]):
     """File sources, display paths, labels and label names of a `datasets.Dataset` or a list of paths."""
     if isinstance(images, (list, tuple)):
-        return list(images), [str(p) for p in images], None, None
+        sources = [os.fspath(p) if isinstance(p, os.PathLike) else p for p in images]
+        return sources, [str(p) for p in sources], None, None
     column = images["image"]
     sources = [item["path"] if item.get("path") else item["bytes"] for item in column]
     paths = [item.get("path") or f"<bytes #{i}>" for i, item in enumerate(column)]
@@ -98,8 +130,11 @@ def _sources_of(images) -> (List[Union[str, bytes]], List[str], Optional[List[in
     return sources, paths, labels, label_names
 
 
-def _cache_key(paths: List[str], preprocessing: ImagePreprocessing) -> str:
-    digest = hashlib.sha256(f"{_DECODE_CACHE_VERSION}|{preprocessing}".encode())
+def _cache_key(paths: List[str], preprocessing: ImagePreprocessing, slices: SliceSelection) -> str:
+    key = f"{_DECODE_CACHE_VERSION}|{preprocessing}"
+    if any(is_medical_file(path) for path in paths):  # the slice selection only changes DICOM / NIfTI files
+        key += f"|{slices}"
+    digest = hashlib.sha256(key.encode())
     for path in paths:
         try:
             stat = os.stat(path)
@@ -116,27 +151,38 @@ def decode_images(
     num_workers: int = 0,
     cache_dir: Optional[str] = None,
     show_progress: bool = True,
+    slices: Optional[SliceSelection] = None,
 ) -> DecodedImages:
-    """Decodes and preprocesses every image once.
+    """Decodes and preprocesses every image once; DICOM and NIfTI files give one image per slice.
 
     Args:
         images: a `datasets.Dataset` from `load_image_folder` (or any split of it), or a list of file paths.
         preprocessing (`ImagePreprocessing` or `int`): the preprocessing settings (resolution, resize mode,
             intensity window); an int is a resolution with the default settings.
         skip_bad_images (`bool`, defaults to `False`):
-            by default an unreadable file raises `BadImageError` naming it; with `True` it is skipped and listed in
-            `DecodedImages.skipped`.
+            by default an unreadable file (or a DICOM / NIfTI file with no slice left) raises `BadImageError`
+            naming it; with `True` it is skipped and listed in `DecodedImages.skipped`.
         num_workers (`int`): decoding processes (a `torch.utils.data.DataLoader` does the work).
         cache_dir (`str`, *optional*):
             where to keep the decoded tensors as safetensors, keyed by the files (path, size, mtime) and settings.
+            The cache file is written only once every file is decoded.
+        slices (`SliceSelection`, *optional*): which slices of NIfTI volumes become images (slicing axis, range,
+            empty slices); defaults to `SliceSelection()`: every non-empty axial slice.
+
+    Returns:
+        [`DecodedImages`]: one row per image (per slice for DICOM / NIfTI files: ids `"<path>#slice=<k>"` for
+        multi-slice files, labels repeated), in file order, then slice order.
     """
     preprocessing = ImagePreprocessing.of(preprocessing)
+    slices = SliceSelection() if slices is None else slices
+    if not isinstance(slices, SliceSelection):
+        raise TypeError(f"`slices` must be a SliceSelection, got {type(slices).__name__}.")
     sources, paths, labels, label_names = _sources_of(images)
     if not sources:
         raise ValueError("No images to decode.")
     cache_file = None
     if cache_dir is not None:
-        cache_file = os.path.join(cache_dir, f"decoded-{_cache_key(paths, preprocessing)}.safetensors")
+        cache_file = os.path.join(cache_dir, f"decoded-{_cache_key(paths, preprocessing, slices)}.safetensors")
         if os.path.isfile(cache_file):
             decoded = _load_decoded(cache_file)
             if decoded.skipped and not skip_bad_images:
@@ -145,32 +191,34 @@ def decode_images(
             logger.info("Loaded %d decoded images from %s", len(decoded), cache_file)
             return decoded
 
-    resolution = preprocessing.resolution
-    pixels = torch.empty((len(sources), 1, resolution, resolution), dtype=torch.uint8)
-    ok = torch.ones(len(sources), dtype=torch.bool)
+    chunks: List[torch.Tensor] = []
+    ids: List[str] = []
+    kept_labels: List[int] = []
     skipped = []
     loader = torch.utils.data.DataLoader(
-        _DecodeFiles(sources, preprocessing), batch_size=32, num_workers=num_workers, collate_fn=_collate
+        _DecodeFiles(sources, preprocessing, slices), batch_size=32, num_workers=num_workers, collate_fn=_collate
     )
     with tqdm(total=len(sources), desc="Decoding images", unit="img", disable=not show_progress) as progress:
         for batch in loader:
-            for index, tensor, error in batch:
+            for index, tensor, slice_indices, error in batch:
                 if error is not None:
                     if not skip_bad_images:
                         raise BadImageError(_bad_image_message(paths[index], error))
                     logger.warning("Skipping unreadable image %s (%s)", paths[index], error)
                     skipped.append({"path": paths[index], "error": error})
-                    ok[index] = False
-                else:
-                    pixels[index] = tensor
+                    continue
+                # A copy out of the worker's shared memory, so that no file descriptor stays open per file.
+                chunks.append(tensor.clone() if num_workers else tensor)
+                ids.extend(slice_id(paths[index], k) for k in slice_indices)
+                if labels is not None:
+                    kept_labels.extend([labels[index]] * len(slice_indices))
             progress.update(len(batch))
-    keep = ok.nonzero().flatten().tolist()
-    if not keep:
+    if not chunks:
         raise ValueError(f"None of the {len(sources)} images could be decoded (first error: {skipped[0]['error']}).")
     decoded = DecodedImages(
-        pixels=pixels[ok],
-        paths=[paths[i] for i in keep],
-        labels=None if labels is None else torch.tensor([labels[i] for i in keep], dtype=torch.long),
+        pixels=torch.cat(chunks),
+        paths=ids,
+        labels=None if labels is None else torch.tensor(kept_labels, dtype=torch.long),
         label_names=label_names,
         skipped=skipped,
     )

@@ -4,6 +4,11 @@
 folders such as `Training`/`Testing` or `train`/`val`/`test`, any case) through `datasets`' `imagefolder` builder,
 mapping the split folders explicitly (`imagefolder` alone merges `Training/` and `Testing/` into one split).
 
+Folders holding DICOM (`.dcm`, `.dicom`) or NIfTI (`.nii`, `.nii.gz`) files, alone or mixed with JPEG / PNG, which
+`imagefolder` ignores, are loaded from a file scan with the same rules and the same columns: the `label` is the
+class folder right under the split folder (files may sit deeper in it, e.g. in one folder per series), and a file
+stays one row, whatever number of slices it holds (`decode_images` expands it into its slices).
+
 ```python
 >>> from mic_diffrep.data import load_image_folder, select_splits
 >>> splits = load_image_folder("mic_diffrep/sample_data/brain-tumor-mri")  # doctest: +SKIP
@@ -15,7 +20,9 @@ import logging
 import os
 from typing import Dict, Optional, Sequence
 
-from datasets import Image, concatenate_datasets, load_dataset
+from datasets import ClassLabel, Dataset, DatasetDict, Features, Image, concatenate_datasets, load_dataset
+
+from .medical import MEDICAL_EXTENSIONS, is_medical_file
 
 
 logger = logging.getLogger(__name__)
@@ -27,6 +34,8 @@ SPLIT_ALIASES = {
     "test": ("test", "testing", "eval"),
 }
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp", ".gif", ".pgm", ".ppm")
+# What folders are searched for: ordinary images and clinical files (DICOM, NIfTI).
+SEARCHED_EXTENSIONS = IMAGE_EXTENSIONS + MEDICAL_EXTENSIONS
 
 
 def find_split_folders(data_dir: str) -> Dict[str, str]:
@@ -45,11 +54,32 @@ def find_split_folders(data_dir: str) -> Dict[str, str]:
     return found
 
 
+def is_image_file(name: str) -> bool:
+    """Whether a file name has one of `SEARCHED_EXTENSIONS` (an ordinary image, DICOM or NIfTI; any case)."""
+    return name.lower().endswith(SEARCHED_EXTENSIONS)
+
+
 def _has_images(folder: str) -> bool:
     for _, _, files in os.walk(folder):
-        if any(name.lower().endswith(IMAGE_EXTENSIONS) for name in files):
+        if any(is_image_file(name) for name in files):
             return True
     return False
+
+
+def _has_medical_files(folder: str) -> bool:
+    for _, _, files in os.walk(folder):
+        if any(is_medical_file(name) for name in files):
+            return True
+    return False
+
+
+def _image_files(folder: str):
+    """Sorted image files under `folder` (recursively; hidden files and folders left out, as `datasets` does)."""
+    found = []
+    for root, dirs, files in os.walk(folder):
+        dirs[:] = [d for d in dirs if not d.startswith((".", "__"))]
+        found.extend(os.path.join(root, name) for name in files if not name.startswith(".") and is_image_file(name))
+    return sorted(found)
 
 
 def load_image_folder(data_dir: str):
@@ -58,11 +88,14 @@ def load_image_folder(data_dir: str):
     Split folders (`Training/`, `Testing/`, `train/`, `val/`, `test/`, ...; any case) become the splits `train`,
     `validation` and `test`; a folder without them is one `train` split. Class sub-folders become a `label`
     `ClassLabel` column (names sorted, shared by all splits); a folder of loose images has no labels.
+
+    DICOM and NIfTI files count as images: a folder holding any is loaded from a file scan (see the module
+    docstring) into the same columns, one row per file.
     """
     if not os.path.isdir(data_dir):
         raise FileNotFoundError(f"Data folder {data_dir!r} does not exist.")
     if not _has_images(data_dir):
-        raise ValueError(f"No images found in {data_dir!r} (looked for {', '.join(IMAGE_EXTENSIONS)}).")
+        raise ValueError(f"No images found in {data_dir!r} (looked for {', '.join(SEARCHED_EXTENSIONS)}).")
     split_folders = find_split_folders(data_dir)
     if split_folders:
         data_dir = os.path.abspath(data_dir)
@@ -70,11 +103,44 @@ def load_image_folder(data_dir: str):
         if empty:
             raise ValueError(f"Split folder(s) {empty} in {data_dir!r} contain no images.")
         _check_class_folders(data_dir, split_folders)
+        if _has_medical_files(data_dir):
+            return _scan_image_folder({split: os.path.join(data_dir, folder) for split, folder in split_folders.items()})
         data_files = {split: os.path.join(data_dir, folder, "**") for split, folder in split_folders.items()}
         dataset = load_dataset("imagefolder", data_files=data_files)
     else:
+        if _has_medical_files(data_dir):
+            return _scan_image_folder({"train": os.path.abspath(data_dir)})
         dataset = load_dataset("imagefolder", data_dir=data_dir)
     return dataset.cast_column("image", Image(decode=False))
+
+
+def _scan_image_folder(split_roots: Dict[str, str]) -> DatasetDict:
+    """What `imagefolder` gives, built from a file scan (for folders with DICOM / NIfTI files, which it ignores).
+
+    A file's label is the class folder right under its split root. As with `imagefolder`, there is a `label`
+    column only when every file sits in a class folder and there are at least two classes (names sorted, shared by
+    all splits).
+    """
+    files = {split: _image_files(root) for split, root in split_roots.items()}
+    parts = {split: [os.path.relpath(path, split_roots[split]).split(os.sep) for path in paths]
+             for split, paths in files.items()}
+    classes = {split: [p[0] if len(p) > 1 else None for p in split_parts] for split, split_parts in parts.items()}
+    names = sorted({name for split_classes in classes.values() for name in split_classes if name is not None})
+    loose = any(name is None for split_classes in classes.values() for name in split_classes)
+    add_labels = not loose and len(names) > 1
+    if loose and names:
+        logger.warning("Images sit both loose and in sub-folders of %s; as with `imagefolder`, no labels are "
+                       "inferred.", sorted(split_roots.values()))
+    features = Features({"image": Image(decode=False)})
+    if add_labels:
+        features["label"] = ClassLabel(names=names)
+    splits = {}
+    for split, paths in files.items():
+        columns = {"image": [{"path": path, "bytes": None} for path in paths]}
+        if add_labels:
+            columns["label"] = [names.index(name) for name in classes[split]]
+        splits[split] = Dataset.from_dict(columns, features=features)
+    return DatasetDict(splits)
 
 
 def _check_class_folders(data_dir: str, split_folders: Dict[str, str]) -> None:

@@ -6,6 +6,8 @@ The dataclasses are the flags: `HfArgumentParser` turns every field into a `--fi
 from dataclasses import dataclass, field
 from typing import List, Literal, Optional
 
+from ..data.medical import SLICE_FLAG_HELP, SliceSelection, slice_selection
+
 
 DEFAULT_TIMESTEPS = (10, 50, 100, 200, 300, 400, 500, 600)
 
@@ -54,3 +56,15 @@ class ExtractionArguments(FeatureArguments):
     cache_dir: Optional[str] = field(default=None, metadata={
         "help": "Decoded-image cache folder (default: .cache beside --output)."})
     dataloader_num_workers: int = field(default=0, metadata={"help": "Processes decoding images."})
+    slice_axis: int = field(default=2, metadata={"help": SLICE_FLAG_HELP["slice_axis"]})
+    slice_range: Optional[List[int]] = field(default=None, metadata={"help": SLICE_FLAG_HELP["slice_range"]})
+    keep_empty_slices: bool = field(default=False, metadata={"help": SLICE_FLAG_HELP["keep_empty_slices"]})
+
+    def __post_init__(self):
+        super().__post_init__()
+        self.slices  # checks the slice flags
+
+    @property
+    def slices(self) -> SliceSelection:
+        """Which slices of DICOM / NIfTI files are images (`--slice_axis`, `--slice_range`, `--keep_empty_slices`)."""
+        return slice_selection(self.slice_axis, self.slice_range, self.keep_empty_slices)

@@ -76,7 +76,7 @@ def extract_folder(args: ExtractionArguments) -> Dict[Tuple[str, int], torch.Ten
             dataset, extractor.preprocessing, skip_bad_images=args.skip_bad_images,
             num_workers=args.dataloader_num_workers,
             cache_dir=args.cache_dir or os.path.join(os.path.dirname(os.path.abspath(args.output)), ".cache"),
-            show_progress=accelerator.is_local_main_process,
+            show_progress=accelerator.is_local_main_process, slices=args.slices,
         )
     noise_seeds = noise_seeds_for(len(decoded), args.noise, args.noise_seed)
     features = extract_sharded(extractor, decoded.pixels, args, accelerator, noise_seeds)

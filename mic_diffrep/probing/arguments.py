@@ -1,8 +1,9 @@
 """The settings of `mic-diffrep probe` / `training/linear_probe.py` (every field is a `--field` flag)."""
 
 from dataclasses import dataclass, field
-from typing import Optional
+from typing import List, Optional
 
+from ..data.medical import SLICE_FLAG_HELP, SliceSelection, slice_selection
 from ..features.arguments import FeatureArguments
 
 
@@ -36,6 +37,9 @@ class ProbeArguments(FeatureArguments):
     skip_bad_images: bool = field(default=False, metadata={"help": "Skip unreadable images instead of failing."})
     cache_dir: Optional[str] = field(default=None, metadata={"help": "Decoded-image cache (default OUTPUT_DIR/.cache)."})
     dataloader_num_workers: int = field(default=0, metadata={"help": "Processes decoding images."})
+    slice_axis: int = field(default=2, metadata={"help": SLICE_FLAG_HELP["slice_axis"]})
+    slice_range: Optional[List[int]] = field(default=None, metadata={"help": SLICE_FLAG_HELP["slice_range"]})
+    keep_empty_slices: bool = field(default=False, metadata={"help": SLICE_FLAG_HELP["keep_empty_slices"]})
     # Probe training (paper: Adam 0.01, cosine annealing, batch 128, 15 epochs)
     num_epochs: int = field(default=15, metadata={"help": "Probe epochs (paper: 15)."})
     learning_rate: float = field(default=0.01, metadata={"help": "Initial learning rate (paper: 0.01)."})
@@ -55,3 +59,9 @@ class ProbeArguments(FeatureArguments):
         super().__post_init__()
         if not 0 < self.validation_split < 1 or not 0 < self.test_split < 1:
             raise ValueError("`validation_split` and `test_split` must be in (0, 1).")
+        self.slices  # checks the slice flags
+
+    @property
+    def slices(self) -> SliceSelection:
+        """Which slices of DICOM / NIfTI files are images (`--slice_axis`, `--slice_range`, `--keep_empty_slices`)."""
+        return slice_selection(self.slice_axis, self.slice_range, self.keep_empty_slices)

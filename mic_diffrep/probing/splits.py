@@ -1,17 +1,20 @@
 """The probe's images: training and test splits, the validation part carved from training, and leakage between them.
 
 Every carved split (a test hold-out when the data has none, and always the validation part) keeps near-duplicate
-groups (`mic_diffrep.leakage`) on one side, so selection and scores are not flattered by duplicates.
+groups (`mic_diffrep.leakage`) on one side, so selection and scores are not flattered by duplicates; the slices of
+one DICOM / NIfTI file stay on one side too.
 """
 
 import logging
 import os
 from dataclasses import dataclass
-from typing import List, Optional
+from typing import List, Optional, Sequence
 
+import numpy as np
 import torch
 
 from ..data import DecodedImages, ImagePreprocessing, decode_images, load_image_folder, select_splits
+from ..data.decoding import source_file
 from ..leakage import DEFAULT_THRESHOLD, check_leakage, duplicate_groups, fingerprint_images, group_stratified_split
 from .arguments import ProbeArguments
 
@@ -49,6 +52,35 @@ def _align_labels(test: DecodedImages, train_names: List[str], what: str) -> Dec
     return test
 
 
+def _split_groups(decoded: DecodedImages, threshold: float) -> np.ndarray:
+    """Near-duplicate groups, merged so that the slices of one DICOM / NIfTI file (ids `<path>#slice=<k>`) share a
+    group: a carved split never puts neighbouring slices of one volume on both sides."""
+    groups = duplicate_groups(fingerprint_images(decoded.pixels), threshold)
+    return _merge_groups(groups, [source_file(path) for path in decoded.paths])
+
+
+def _merge_groups(groups: np.ndarray, files: Sequence[str]) -> np.ndarray:
+    parent = list(range(len(groups)))
+
+    def find(i: int) -> int:
+        while parent[i] != i:
+            parent[i] = parent[parent[i]]
+            i = parent[i]
+        return i
+
+    first = {}
+    for index, keys in enumerate(zip(np.asarray(groups).tolist(), files)):
+        for key in (("group", keys[0]), ("file", keys[1])):
+            if key in first:
+                a, b = find(first[key]), find(index)
+                parent[max(a, b)] = min(a, b)
+            else:
+                first[key] = index
+    roots = [find(i) for i in range(len(parent))]
+    _, merged = np.unique(roots, return_inverse=True)
+    return merged.astype(np.int64)
+
+
 def _train_and_test(args: ProbeArguments, decode):
     splits = load_image_folder(args.data_dir)
     train_splits = [s for s in splits if s != "test"]
@@ -65,7 +97,7 @@ def _train_and_test(args: ProbeArguments, decode):
         return train, test, f"the test split of {args.data_dir}"
     everything = _labelled(decode(select_splits(splits, ["all"])[1]), args.data_dir)
     threshold = args.duplicate_threshold or DEFAULT_THRESHOLD
-    groups = duplicate_groups(fingerprint_images(everything.pixels), threshold)
+    groups = _split_groups(everything, threshold)
     train_idx, test_idx = group_stratified_split(everything.labels, groups, args.test_split, seed=args.seed)
     source = (f"carved from {args.data_dir}: {len(test_idx)} of {len(everything)} images ({args.test_split:.0%} target), "
               f"stratified by class, near-duplicate groups (fingerprint similarity >= {threshold}) kept on one side")
@@ -81,7 +113,7 @@ def load_probe_splits(args: ProbeArguments, preprocessing: ImagePreprocessing, a
         with accelerator.main_process_first():
             return decode_images(dataset, preprocessing, skip_bad_images=args.skip_bad_images,
                                  num_workers=args.dataloader_num_workers, cache_dir=cache_dir,
-                                 show_progress=accelerator.is_local_main_process)
+                                 show_progress=accelerator.is_local_main_process, slices=args.slices)
 
     train, test, source = _train_and_test(args, decode)
     untrained = sorted({train.label_names[i] for i in test.labels.unique().tolist()} -
@@ -90,7 +122,7 @@ def load_probe_splits(args: ProbeArguments, preprocessing: ImagePreprocessing, a
         raise ValueError(f"Test images of class(es) {untrained} have no training images: a probe cannot learn them. "
                          f"Add training images of these classes or remove them from the test data.")
     threshold = args.duplicate_threshold or DEFAULT_THRESHOLD
-    groups = duplicate_groups(fingerprint_images(train.pixels), threshold)
+    groups = _split_groups(train, threshold)
     _, validation_idx = group_stratified_split(train.labels, groups, args.validation_split, seed=args.seed)
     validation_mask = torch.zeros(len(train), dtype=torch.bool)
     validation_mask[torch.as_tensor(validation_idx, dtype=torch.long)] = True

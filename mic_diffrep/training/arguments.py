@@ -14,6 +14,7 @@ Flag names follow diffusers' `train_unconditional.py` where the meaning is the s
 from dataclasses import dataclass, field
 from typing import List, Literal, Optional
 
+from ..data.medical import SLICE_FLAG_HELP, SliceSelection, slice_selection
 from ..models.baselines import METHODS
 from ..models.mic_diffrep.preprocessing import ImagePreprocessing
 
@@ -37,6 +38,9 @@ class CommonPretrainingArguments:
         "help": "Intensity rule: 'percentile' maps each image's 0.5-99.5th percentiles to 0..255 (the same for 8- and "
                 "16-bit files); 'none' keeps 8-bit images as they are and min-max scales deeper ones. Stored with the "
                 "model and applied again at inference."})
+    slice_axis: int = field(default=2, metadata={"help": SLICE_FLAG_HELP["slice_axis"]})
+    slice_range: Optional[List[int]] = field(default=None, metadata={"help": SLICE_FLAG_HELP["slice_range"]})
+    keep_empty_slices: bool = field(default=False, metadata={"help": SLICE_FLAG_HELP["keep_empty_slices"]})
     no_random_flip: bool = field(default=False, metadata={"help": "Disable random horizontal flips."})
     skip_bad_images: bool = field(default=False, metadata={
         "help": "Skip unreadable image files (listed in the log and the summary) instead of failing."})
@@ -88,10 +92,16 @@ class CommonPretrainingArguments:
         if self.learning_rate <= 0:
             raise ValueError(f"`learning_rate` must be positive, got {self.learning_rate}.")
         ImagePreprocessing(self.resolution, self.resize_mode, self.intensity_window)  # checks them
+        self.slices  # checks the slice flags
 
     @property
     def preprocessing(self) -> ImagePreprocessing:
         return ImagePreprocessing(self.resolution, self.resize_mode, self.intensity_window)
+
+    @property
+    def slices(self) -> SliceSelection:
+        """Which slices of DICOM / NIfTI files are images (`--slice_axis`, `--slice_range`, `--keep_empty_slices`)."""
+        return slice_selection(self.slice_axis, self.slice_range, self.keep_empty_slices)
 
 
 @dataclass(kw_only=True)

@@ -61,7 +61,7 @@ def load_training_images(args: CommonPretrainingArguments, accelerator):
         decoded = decode_images(dataset, args.preprocessing, skip_bad_images=args.skip_bad_images,
                                 num_workers=args.dataloader_num_workers,
                                 cache_dir=args.cache_dir or os.path.join(args.output_dir, ".cache"),
-                                show_progress=accelerator.is_local_main_process)
+                                show_progress=accelerator.is_local_main_process, slices=args.slices)
     return decoded, splits
 
 

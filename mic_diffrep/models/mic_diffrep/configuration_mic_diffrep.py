@@ -37,7 +37,7 @@ class MicDiffRepConfig(PretrainedConfig):
             `"multi_label_classification"` (BCE with logits) or `"regression"` (MSE); inferred from the labels when
             unset, as in transformers' other image classifiers.
         intensity_window (`str`, *optional*, defaults to `"percentile"`): the intensity rule of pretraining
-            (`"percentile"` or `"none"`, see `mic_diffrep.preprocessing`).
+            (`"percentile"` or `"none"`, see `mic_diffrep.models.mic_diffrep.preprocessing`).
 
     Example:
 

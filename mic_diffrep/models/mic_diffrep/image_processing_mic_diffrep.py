@@ -7,14 +7,14 @@ from transformers.image_processing_utils import BaseImageProcessor, BatchFeature
 from transformers.processing_utils import ImagesKwargs
 
 from .preprocessing import (INTENSITY_WINDOWS, RESIZE_MODES, ImagePreprocessing, as_image_list, check_choice,
-                            image_to_pixels, pixels_to_model_input, to_grayscale, window_intensities)
+                            image_to_pixels, image_window, pixels_to_model_input, to_grayscale, window_intensities)
 
 
 class MicDiffRepImageProcessorKwargs(ImagesKwargs, total=False):
     """The processor's own options, beside transformers' `ImagesKwargs` (`do_resize`, `do_rescale`, ...).
 
     resolution (`int`): output size (square). resize_mode (`str`): `"pad"` or `"center_crop"`.
-    intensity_window (`str`): `"percentile"` or `"none"` (see `mic_diffrep.preprocessing`).
+    intensity_window (`str`): `"percentile"` or `"none"` (see `mic_diffrep.models.mic_diffrep.preprocessing`).
     """
 
     resolution: int
@@ -27,7 +27,12 @@ class MicDiffRepImageProcessor(BaseImageProcessor):
     Turns images (PIL, numpy or torch; grey or colour; any size) into `pixel_values` of shape `(N, 1, R, R)` in
     [-1, 1]: one grey channel, the intensity window, resized keeping the aspect ratio (`"pad"` or
     `"center_crop"`), rescaled by `1/255` and normalised with mean 0.5 and std 0.5. It calls the same functions as
-    pretraining and feature extraction (`mic_diffrep.preprocessing`).
+    pretraining and feature extraction (`mic_diffrep.models.mic_diffrep.preprocessing`).
+
+    File paths are accepted too, including DICOM (`.dcm`, `.dicom`) and NIfTI (`.nii`, `.nii.gz`) files, which give
+    one row of `pixel_values` per slice (every non-empty axial slice of a volume, every frame of a multi-frame
+    DICOM), windowed with the file's own display window when it has one; this needs `pip install mic-diffrep
+    pydicom nibabel`.
 
     Args:
         resolution (`int`, *optional*, defaults to 112): output size.
@@ -98,14 +103,17 @@ class MicDiffRepImageProcessor(BaseImageProcessor):
     def _to_pixels(self, image, options: dict) -> torch.Tensor:
         if options["do_resize"]:
             return image_to_pixels(image, options["resolution"], options["resize_mode"], options["intensity_window"])
-        grey = window_intensities(to_grayscale(image), options["intensity_window"])
+        grey = window_intensities(to_grayscale(image), options["intensity_window"], window=image_window(image))
         if grey.shape != (options["resolution"],) * 2:
             raise ValueError(f"do_resize=False needs {options['resolution']}x{options['resolution']} images, got "
                              f"{grey.shape[1]}x{grey.shape[0]}.")
         return torch.from_numpy(grey.copy()).unsqueeze(0)
 
     def preprocess(self, images, return_tensors: Optional[str] = "pt", **kwargs) -> BatchFeature:
-        """Preprocesses one image or a list; any option of the processor can be overridden for this call."""
+        """Preprocesses one image or a list; any option of the processor can be overridden for this call.
+
+        A DICOM or NIfTI file gives one row per slice, so `pixel_values` may have more rows than there are inputs.
+        """
         unknown = sorted(k for k, v in kwargs.items() if k not in self.OPTIONS and v is not None)
         if unknown:
             raise TypeError(f"Unexpected keyword argument(s) {unknown} for MicDiffRepImageProcessor; its options are "

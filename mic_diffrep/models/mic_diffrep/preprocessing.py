@@ -20,11 +20,16 @@ is windowed to 8 bits, resized to `resolution` x `resolution` keeping its aspect
 Steps 1-3 produce uint8 pixels: training decodes every file once into that form and caches it, so the
 network sees exactly what `preprocess_images` gives for the same file.
 
+DICOM and NIfTI files (`.dcm`, `.dicom`, `.nii`, `.nii.gz`) are read with `mic_diffrep.data.medical` (imported
+when needed, so this module stays importable on its own as Hub remote code): `as_image_list` expands such a path
+into its slices, one image each, and a slice (any object with `.pixels` and `.window`, like `MedicalSlice`) is
+windowed with its file's display window when it has one, else by the intensity rule.
+
 Example:
 
 ```python
 >>> import numpy as np
->>> from mic_diffrep.preprocessing import preprocess_images
+>>> from mic_diffrep.data import preprocess_images
 >>> preprocess_images([np.zeros((30, 40, 3), dtype=np.uint8)], resolution=16).shape
 torch.Size([1, 1, 16, 16])
 ```
@@ -43,9 +48,69 @@ RESIZE_MODES = ("pad", "center_crop")
 INTENSITY_WINDOWS = ("percentile", "none")
 WINDOW_PERCENTILES = (0.5, 99.5)
 
+# Also accepted: a slice of a DICOM / NIfTI file, any object with `.pixels` (2-D) and `.window` (like `MedicalSlice`).
 ImageInput = Union[PIL.Image.Image, np.ndarray, torch.Tensor, str, os.PathLike]
 
 _DEEP_MODES = ("I", "I;16", "I;16B", "I;16L", "I;16N", "F")
+# As `mic_diffrep.data.medical.MEDICAL_EXTENSIONS` (repeated: this module must import without mic_diffrep.data).
+_MEDICAL_EXTENSIONS = (".dcm", ".dicom", ".nii", ".nii.gz")
+_MEDICAL_INSTALL_HINT = "reading DICOM/NIfTI needs `pip install mic-diffrep pydicom nibabel`"
+
+
+def is_medical_path(image) -> bool:
+    """Whether `image` is a file path (str or PathLike) to a DICOM or NIfTI file, by extension."""
+    return isinstance(image, (str, os.PathLike)) and os.fspath(image).lower().endswith(_MEDICAL_EXTENSIONS)
+
+
+def is_medical_slice(image) -> bool:
+    """Whether `image` is a slice of a DICOM / NIfTI file: an object with `.pixels` and `.window` (duck-typed, like
+    `mic_diffrep.data.medical.MedicalSlice`)."""
+    return hasattr(image, "pixels") and hasattr(image, "window") and not isinstance(
+        image, (PIL.Image.Image, np.ndarray, torch.Tensor, str, os.PathLike))
+
+
+def read_medical_file(path, slices=None) -> list:
+    """The slices of a DICOM or NIfTI file (`mic_diffrep.data.medical.read_medical_slices`), chosen by `slices`
+    (a `SliceSelection`; `None`: every non-empty axial slice).
+
+    Raises:
+        `ImportError`: mic-diffrep's reader is not installed (this module runs as Hub remote code on its own).
+    """
+    try:
+        from mic_diffrep.data.medical import SliceSelection
+    except ImportError as error:
+        raise ImportError(f"{os.fspath(path)}: {_MEDICAL_INSTALL_HINT}.") from error
+    return (SliceSelection() if slices is None else slices).read(path)
+
+
+def _one_image(image):
+    """`image`, with a path to a one-slice DICOM / NIfTI file replaced by that slice (several slices: an error)."""
+    if not is_medical_path(image):
+        return image
+    items = read_medical_file(image)
+    if len(items) != 1:
+        raise ValueError(f"{os.fspath(image)} holds {len(items)} slices; pass it through `as_image_list` or "
+                         f"`preprocess_images`, which give one image per slice.")
+    return items[0]
+
+
+def _slice_grey(pixels) -> np.ndarray:
+    """A slice's pixels as 2-D float64; NaN / inf (e.g. outside a NIfTI brain mask) become the lowest finite value."""
+    grey = np.asarray(pixels, dtype=np.float64)
+    if grey.ndim != 2:
+        raise ValueError(f"Expected a 2-D slice, got pixels of shape {grey.shape}.")
+    finite = np.isfinite(grey)
+    if not finite.all():
+        grey = np.where(finite, grey, grey[finite].min() if finite.any() else 0.0)
+    return grey
+
+
+def image_window(image) -> Optional[Tuple[float, float]]:
+    """The display window `(low, high)` an image carries: a DICOM / NIfTI slice's own window, else `None`."""
+    if is_medical_slice(image) and image.window is not None:
+        low, high = image.window
+        return (float(low), float(high))
+    return None
 
 
 def check_choice(value, choices, name: str) -> None:
@@ -80,8 +145,13 @@ def to_grayscale(image: ImageInput) -> np.ndarray:
     """`image` as a 2-D grey numpy array at its own depth: uint8 for 8-bit and colour images, float64 for 16-bit,
     32-bit and float ones (floats read as [0, 1], scaled to 0..255).
 
-    Tensors are `(C, H, W)` or `(H, W)`, numpy arrays `(H, W, C)` or `(H, W)`; file paths are opened with PIL.
+    Tensors are `(C, H, W)` or `(H, W)`, numpy arrays `(H, W, C)` or `(H, W)`; file paths are opened with PIL. A
+    DICOM / NIfTI slice (`.pixels`, `.window`) gives its float64 pixels in physical units (its window is applied by
+    `window_intensities`, see `image_window`); a path to a one-slice DICOM / NIfTI file gives that slice.
     """
+    image = _one_image(image)
+    if is_medical_slice(image):
+        return _slice_grey(image.pixels)
     if isinstance(image, (str, os.PathLike)):
         with PIL.Image.open(image) as opened:
             opened.load()
@@ -166,8 +236,13 @@ def check_resolution(resolution, name: str = "resolution", multiple_of: int = 1)
 
 def image_to_pixels(image: ImageInput, resolution: int, resize_mode: str = "pad",
                     intensity_window: str = "percentile") -> torch.Tensor:
-    """Grey, windowed, resized uint8 pixels of shape `(1, resolution, resolution)`: what the decode cache stores."""
-    grey = PIL.Image.fromarray(window_intensities(to_grayscale(image), intensity_window))
+    """Grey, windowed, resized uint8 pixels of shape `(1, resolution, resolution)`: what the decode cache stores.
+
+    A DICOM / NIfTI slice with a display window of its own (`.window`) is windowed with it, any other image by the
+    rule `intensity_window`.
+    """
+    image = _one_image(image)
+    grey = PIL.Image.fromarray(window_intensities(to_grayscale(image), intensity_window, window=image_window(image)))
     resized = resize_image(grey, resolution, resize_mode)
     return torch.from_numpy(np.array(resized, dtype=np.uint8, copy=True)).unsqueeze(0)
 
@@ -210,14 +285,21 @@ def pixels_to_model_input(pixels: torch.Tensor, rescale_factor: Optional[float] 
     return x
 
 
-def as_image_list(images) -> list:
+def as_image_list(images, slices=None) -> list:
     """One image or a batch as a list of images; a 4-D tensor or array is a batch (`(N, C, H, W)` for tensors,
-    `(N, H, W, C)` for arrays)."""
-    if isinstance(images, (PIL.Image.Image, str, os.PathLike)) or (
+    `(N, H, W, C)` for arrays). A path to a DICOM or NIfTI file becomes its slices, one image each, in order
+    (`slices`: a `mic_diffrep.data.medical.SliceSelection`; `None`: every non-empty axial slice)."""
+    if isinstance(images, (PIL.Image.Image, str, os.PathLike)) or is_medical_slice(images) or (
         isinstance(images, (np.ndarray, torch.Tensor)) and images.ndim <= 3
     ):
-        return [images]
-    return list(images)
+        images = [images]
+    expanded = []
+    for image in images:
+        if is_medical_path(image):
+            expanded.extend(read_medical_file(image, slices))
+        else:
+            expanded.append(image)
+    return expanded
 
 
 def preprocess_images(
@@ -226,7 +308,8 @@ def preprocess_images(
 ) -> torch.Tensor:
     """Preprocesses one image or a list of images into a float tensor `(N, 1, resolution, resolution)` in [-1, 1].
 
-    A 4-D tensor or array is read as a batch (`(N, C, H, W)` for tensors, `(N, H, W, C)` for arrays).
+    A 4-D tensor or array is read as a batch (`(N, C, H, W)` for tensors, `(N, H, W, C)` for arrays); a DICOM or
+    NIfTI file gives one row per slice (see `as_image_list`).
     """
     pixels: List[torch.Tensor] = [image_to_pixels(image, resolution, resize_mode, intensity_window)
                                   for image in as_image_list(images)]

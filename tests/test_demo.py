@@ -1,0 +1,147 @@
+"""The Gradio demo (`mic_diffrep.demo`): upload reading, occlusion saliency, and the page in headless Chromium."""
+
+import glob
+import os
+import shutil
+import socket
+
+os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
+
+import numpy as np
+import PIL.Image
+import pytest
+import torch
+
+from mic_diffrep import MicDiffRepConfig, MicDiffRepForImageClassification, MicDiffRepImageProcessor
+from mic_diffrep.demo import UploadError, build_demo, load_demo_model, occlusion_saliency, read_upload
+from mic_diffrep.models.mic_diffrep.unet import UNET_PRESETS
+
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+LABELS = ["glioma", "meningioma", "notumor", "pituitary"]
+RESOLUTION = 32
+CHROMIUM = "/usr/bin/chromium"
+CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
+                 "--disable-sync", "--no-first-run"]
+TIMEOUT_MS = 60_000
+
+
+def tiny_classifier(bias_label=None) -> MicDiffRepForImageClassification:
+    config = MicDiffRepConfig(unet_config=dict(UNET_PRESETS["tiny"], sample_size=RESOLUTION), timesteps=[5, 50],
+                              hidden_size=8, num_labels=len(LABELS), id2label=dict(enumerate(LABELS)),
+                              label2id={label: i for i, label in enumerate(LABELS)})
+    torch.manual_seed(0)
+    model = MicDiffRepForImageClassification(config).eval()
+    if bias_label is not None:
+        with torch.no_grad():
+            model.head.classifier.bias.zero_()
+            model.head.classifier.bias[LABELS.index(bias_label)] = 3.0  # wins, unsaturated: visible saliency
+    return model
+
+
+@pytest.fixture(scope="module")
+def classifier_folder(tmp_path_factory):
+    """A tiny classifier folder whose top class is always "pituitary"."""
+    folder = tmp_path_factory.mktemp("demo-model")
+    tiny_classifier(bias_label="pituitary").save_pretrained(folder)
+    MicDiffRepImageProcessor(resolution=RESOLUTION).save_pretrained(folder)
+    return str(folder)
+
+
+@pytest.fixture(scope="module")
+def sample_slice():
+    return sorted(glob.glob(os.path.join(ROOT, "mic_diffrep", "sample_data", "brain-tumor-mri", "Training", "glioma",
+                                         "*.jpg")))[0]
+
+
+def test_read_upload_images_and_readable_errors(tmp_path, sample_slice):
+    assert read_upload(sample_slice).size == PIL.Image.open(sample_slice).size
+    bad = tmp_path / "notes.png"
+    bad.write_text("not an image")
+    with pytest.raises(UploadError, match="notes.png is not a readable JPEG or PNG"):
+        read_upload(bad)
+    with pytest.raises(UploadError, match="unsupported file type"):
+        read_upload(tmp_path / "notes.txt")
+    nifti = pytest.importorskip("nibabel")
+    volume = np.zeros((6, 5, 3), dtype=np.float32)
+    volume[1:4, 1:4, :] = np.arange(3, dtype=np.float32) + 1  # three non-empty axial slices: 1, 2, 3
+    path = str(tmp_path / "volume.nii.gz")
+    nifti.Nifti1Image(volume, np.eye(4)).to_filename(path)
+    image = read_upload(path)  # the middle slice, windowed to 8 bits
+    assert image.mode == "L" and image.size == (6, 5) and np.asarray(image).max() == 255
+
+
+def test_occlusion_saliency_shape_range_and_determinism(sample_slice):
+    model = tiny_classifier()
+    pixel_values = MicDiffRepImageProcessor(resolution=RESOLUTION)(PIL.Image.open(sample_slice))["pixel_values"]
+    saliency = occlusion_saliency(model, pixel_values, patch_size=8, stride=8, batch_size=5)
+    assert saliency.shape == (RESOLUTION, RESOLUTION)
+    assert torch.isfinite(saliency).all() and saliency.min() >= 0 and saliency.max() == 1
+    torch.testing.assert_close(occlusion_saliency(model, pixel_values[0], patch_size=8, stride=8, batch_size=16),
+                               saliency, rtol=0, atol=1e-6)  # fixed noise: same map, any batching
+    overlapping = occlusion_saliency(model, pixel_values, patch_size=12, stride=10)  # last patch flush with the edge
+    assert overlapping.shape == (RESOLUTION, RESOLUTION) and torch.isfinite(overlapping).all()
+    with pytest.raises(ValueError, match="one image"):
+        occlusion_saliency(model, pixel_values.repeat(2, 1, 1, 1))
+
+
+def test_load_demo_model_offline_errors(classifier_folder, tmp_path):
+    model, processor = load_demo_model(classifier_folder)
+    assert model.config.id2label[3] == "pituitary" and processor.resolution == RESOLUTION
+    with pytest.raises(OSError, match="local_files_only=False"):
+        load_demo_model(str(tmp_path / "no-such-model"))
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def test_demo_page_in_headless_chromium(classifier_folder, sample_slice, tmp_path):
+    if not os.path.exists(CHROMIUM):
+        pytest.skip(f"{CHROMIUM} is missing (apt-get install chromium); Playwright's own browser download is not used.")
+    sync_api = pytest.importorskip("playwright.sync_api", reason="playwright is not installed")
+
+    demo = build_demo(classifier_folder, patch_size=8)
+    port = free_port()
+    demo.launch(server_name="127.0.0.1", server_port=port, prevent_thread_lock=True, quiet=True)
+    try:
+        with sync_api.sync_playwright() as playwright:
+            browser = playwright.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
+            try:
+                page = browser.new_page(viewport={"width": 1280, "height": 1000})
+                page.set_default_timeout(TIMEOUT_MS)
+                page.goto(f"http://127.0.0.1:{port}/", wait_until="domcontentloaded")
+
+                page.locator("#upload input[type=file]").set_input_files(sample_slice)
+                page.get_by_text(os.path.basename(sample_slice)).first.wait_for()  # uploaded
+                page.locator("#classify").click()
+                top_label = page.locator("#probabilities [data-testid='label-output-value']")
+                sync_api.expect(top_label).to_have_text("pituitary", timeout=TIMEOUT_MS)
+                sync_api.expect(page.locator("#status")).to_contain_text("Prediction: pituitary", timeout=TIMEOUT_MS)
+                for elem_id in ("model-input", "saliency"):
+                    image = page.locator(f"#{elem_id} img").first
+                    image.wait_for()
+                    page.wait_for_function("image => image.complete && image.naturalWidth > 0",
+                                           arg=image.element_handle(), timeout=TIMEOUT_MS)
+                    assert image.get_attribute("src")
+                artifacts = os.path.join(ROOT, "tests", "artifacts")
+                os.makedirs(artifacts, exist_ok=True)
+                page.screenshot(path=os.path.join(artifacts, "demo.png"), full_page=True)
+                os.makedirs(os.path.join(ROOT, "docs"), exist_ok=True)
+                shutil.copyfile(os.path.join(artifacts, "demo.png"), os.path.join(ROOT, "docs", "demo.png"))
+
+                bad = tmp_path / "not-an-image.png"
+                bad.write_text("this is a text file, not a PNG")
+                page.reload(wait_until="domcontentloaded")
+                page.locator("#upload input[type=file]").set_input_files(str(bad))
+                page.get_by_text(bad.name).first.wait_for()
+                page.locator("#classify").click()
+                sync_api.expect(page.locator("#status")).to_contain_text(
+                    "not-an-image.png is not a readable JPEG or PNG image", timeout=TIMEOUT_MS)
+                assert "Traceback" not in page.locator("body").inner_text()
+            finally:
+                browser.close()
+    finally:
+        demo.close()

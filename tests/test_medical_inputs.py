@@ -1,0 +1,313 @@
+"""DICOM and NIfTI files wherever images are accepted: folders, decoding, the pipeline, the image processor, the
+command line and pretraining. Small synthetic files are written here with pydicom and nibabel."""
+
+import json
+import os
+
+import numpy as np
+import PIL.Image
+import pytest
+import torch
+
+from conftest import parse, synthetic_slice
+from mic_diffrep import (DiffusionFeaturePipeline, MicDiffRepConfig, MicDiffRepForImageClassification,
+                         MicDiffRepImageProcessor)
+from mic_diffrep.commands import main as cli
+from mic_diffrep.data import (BadImageError, ImagePreprocessing, SliceSelection, decode_images, image_to_pixels,
+                              load_image_folder, read_medical_slices, window_intensities)
+from mic_diffrep.data.decoding import source_file
+from mic_diffrep.features import ExtractionArguments
+from mic_diffrep.inference import image_files
+from mic_diffrep.models.mic_diffrep.preprocessing import as_image_list
+from mic_diffrep.models.mic_diffrep.unet import UNET_PRESETS, create_scheduler, create_unet
+from mic_diffrep.probing import ProbeArguments
+from mic_diffrep.probing.splits import _merge_groups
+from mic_diffrep.training import PretrainingArguments, pretrain
+
+
+pydicom = pytest.importorskip("pydicom")
+nib = pytest.importorskip("nibabel")
+
+from pydicom.dataset import Dataset, FileMetaDataset  # noqa: E402
+from pydicom.uid import ExplicitVRLittleEndian, MRImageStorage, generate_uid  # noqa: E402
+
+
+def write_dicom(path, frames, **attributes):
+    """A minimal uncompressed MR image: 16-bit unsigned grey pixels, one frame or several (`frames` 3-D)."""
+    frames = np.asarray(frames, dtype="<u2")
+    file_meta = FileMetaDataset()
+    file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    file_meta.MediaStorageSOPClassUID = MRImageStorage
+    file_meta.MediaStorageSOPInstanceUID = generate_uid()
+    ds = Dataset()
+    ds.file_meta = file_meta
+    ds.SOPClassUID = MRImageStorage
+    ds.SOPInstanceUID = file_meta.MediaStorageSOPInstanceUID
+    ds.Modality = "MR"
+    ds.Rows, ds.Columns = frames.shape[-2:]
+    ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 16, 16, 15, 0
+    ds.SamplesPerPixel = 1
+    ds.PhotometricInterpretation = "MONOCHROME2"
+    if frames.ndim == 3:
+        ds.NumberOfFrames = frames.shape[0]
+    ds.PixelData = frames.tobytes()
+    for keyword, value in attributes.items():
+        setattr(ds, keyword, value)
+    os.makedirs(os.path.dirname(str(path)), exist_ok=True)
+    ds.save_as(str(path), enforce_file_format=True)
+    return str(path)
+
+
+def write_nifti(path, volume, **header):
+    image = nib.Nifti1Image(np.asarray(volume), np.eye(4))
+    for key, value in header.items():
+        image.header[key] = value
+    os.makedirs(os.path.dirname(str(path)), exist_ok=True)
+    image.to_filename(str(path))
+    return str(path)
+
+
+def brain_volume(seed: int, size: int = 20, depth: int = 6) -> np.ndarray:
+    """A `(size, size, depth)` NIfTI volume (RAS voxel order): empty first and last axial slices, a synthetic brain
+    slice in between."""
+    rng = np.random.default_rng(seed)
+    volume = np.zeros((size, size, depth), dtype=np.float32)
+    for z in range(1, depth - 1):
+        volume[:, :, z] = synthetic_slice(z % 4, rng, size).T.astype(np.float32) * 4.0
+    return volume
+
+
+def frames_of(seed: int, count: int, size: int = 20) -> np.ndarray:
+    rng = np.random.default_rng(seed)
+    return np.stack([synthetic_slice(k % 4, rng, size).astype(np.uint16) * 16 for k in range(count)])
+
+
+@pytest.fixture
+def mixed_folder(tmp_path):
+    """Two classes mixing a PNG, single-frame DICOMs (one with a window), a 3-frame DICOM and a NIfTI volume (4
+    non-empty axial slices of 6), one class with its DICOM series in a sub-folder.
+
+    a: a.png (1), single.dcm (1, windowed), multi.dcm (3 frames)   -> 5 images
+    b: b.png (1), series/one.dcm (1), vol.nii.gz (4 of 6 slices)  -> 6 images
+    """
+    root = tmp_path / "mixed"
+    rng = np.random.default_rng(0)
+    (root / "a").mkdir(parents=True)
+    (root / "b").mkdir(parents=True)
+    PIL.Image.fromarray(synthetic_slice(0, rng)).save(root / "a" / "a.png")
+    PIL.Image.fromarray(synthetic_slice(1, rng)).save(root / "b" / "b.png")
+    write_dicom(root / "a" / "single.dcm", frames_of(1, 1)[0], WindowCenter=2000, WindowWidth=2000)
+    write_dicom(root / "a" / "multi.dcm", frames_of(2, 3))
+    write_dicom(root / "b" / "series" / "one.dcm", frames_of(3, 1)[0])
+    write_nifti(root / "b" / "vol.nii.gz", brain_volume(4))
+    return str(root)
+
+
+def test_mixed_folder_loads_with_labels(mixed_folder):
+    splits = load_image_folder(mixed_folder)
+    assert list(splits) == ["train"]
+    train = splits["train"]
+    assert train.features["label"].names == ["a", "b"]
+    rows = {os.path.relpath(item["path"], mixed_folder): label for item, label in zip(train["image"], train["label"])}
+    assert rows == {"a/a.png": 0, "a/multi.dcm": 0, "a/single.dcm": 0, "b/b.png": 1, "b/series/one.dcm": 1,
+                    "b/vol.nii.gz": 1}
+    assert all(item["bytes"] is None and os.path.isabs(item["path"]) for item in train["image"])
+
+
+def test_split_folders_and_loose_medical_files(tmp_path):
+    root = tmp_path / "kaggle"
+    write_dicom(root / "Training" / "x" / "1.dcm", frames_of(0, 1)[0])
+    write_nifti(root / "Training" / "y" / "2.nii", brain_volume(1))
+    write_dicom(root / "Testing" / "y" / "3.dcm", frames_of(2, 1)[0])
+    splits = load_image_folder(str(root))
+    assert sorted(splits) == ["test", "train"]
+    assert splits["train"].features["label"].names == splits["test"].features["label"].names == ["x", "y"]
+    assert splits["test"]["label"] == [1]
+
+    loose = tmp_path / "loose"
+    write_dicom(loose / "1.dcm", frames_of(0, 1)[0])
+    write_nifti(loose / "2.nii.gz", brain_volume(1))
+    dataset = load_image_folder(str(loose))
+    assert list(dataset) == ["train"] and dataset["train"].num_rows == 2
+    assert "label" not in dataset["train"].column_names
+
+    with pytest.raises(ValueError, match=r"Split folder\(s\) \['Testing'\]"):
+        (tmp_path / "half" / "Testing").mkdir(parents=True)
+        write_dicom(tmp_path / "half" / "Training" / "x" / "1.dcm", frames_of(0, 1)[0])
+        load_image_folder(str(tmp_path / "half"))
+    (tmp_path / "none").mkdir()
+    with pytest.raises(ValueError, match=r"No images found.*\.dcm.*\.nii\.gz"):
+        load_image_folder(str(tmp_path / "none"))
+
+
+def test_decode_expands_slices_with_ids_labels_and_windows(mixed_folder, tmp_path):
+    train = load_image_folder(mixed_folder)["train"]
+    cache = str(tmp_path / "cache")
+    decoded = decode_images(train, 16, cache_dir=cache, show_progress=False)
+    ids = [os.path.relpath(path, mixed_folder) for path in decoded.paths]
+    assert ids == ["a/a.png", "a/multi.dcm#slice=0", "a/multi.dcm#slice=1", "a/multi.dcm#slice=2", "a/single.dcm",
+                   "b/b.png", "b/series/one.dcm", "b/vol.nii.gz#slice=1", "b/vol.nii.gz#slice=2",
+                   "b/vol.nii.gz#slice=3", "b/vol.nii.gz#slice=4"]
+    assert decoded.pixels.shape == (11, 1, 16, 16) and decoded.pixels.dtype == torch.uint8
+    assert decoded.labels.tolist() == [0] * 5 + [1] * 6 and decoded.label_names == ["a", "b"]
+    assert source_file(decoded.paths[1]) == os.path.join(mixed_folder, "a", "multi.dcm")
+    assert source_file(decoded.paths[0]) == decoded.paths[0]
+
+    def resized(grey_uint8):  # what the preprocessing does after windowing
+        return image_to_pixels(grey_uint8, 16, intensity_window="none")
+
+    # The DICOM with a window uses it: (2000 - 1000, 2000 + 1000) -> 0..255, not the percentile rule.
+    (windowed,) = read_medical_slices(os.path.join(mixed_folder, "a", "single.dcm"))
+    assert windowed.window == (1000.0, 3000.0)
+    assert torch.equal(decoded.pixels[4], resized(window_intensities(windowed.pixels, window=(1000.0, 3000.0))))
+    assert not torch.equal(decoded.pixels[4], resized(window_intensities(windowed.pixels, "percentile")))
+    # Slices without a window use the percentile rule on their physical values.
+    frames = read_medical_slices(os.path.join(mixed_folder, "a", "multi.dcm"))
+    for k, item in enumerate(frames):
+        assert item.window is None
+        assert torch.equal(decoded.pixels[1 + k], resized(window_intensities(item.pixels, "percentile")))
+        assert torch.equal(decoded.pixels[1 + k], ImagePreprocessing(16)(item))
+    # The cache round-trips the ids; another slice selection is another cache entry.
+    again = decode_images(train, 16, cache_dir=cache, show_progress=False)
+    assert again.paths == decoded.paths and torch.equal(again.pixels, decoded.pixels)
+    everything = decode_images(train, 16, cache_dir=cache, show_progress=False,
+                               slices=SliceSelection(skip_empty_slices=False))
+    assert len(everything) == 13 and len(os.listdir(cache)) == 2
+    assert everything.paths[7].endswith("vol.nii.gz#slice=0")
+
+
+def test_slice_selection_changes_slice_counts(mixed_folder):
+    volume = os.path.join(mixed_folder, "b", "vol.nii.gz")
+    count = lambda **kw: len(decode_images([volume], 16, show_progress=False, slices=SliceSelection(**kw)))  # noqa
+    assert count() == 4
+    assert count(skip_empty_slices=False) == 6
+    assert count(slice_range=(0, 3)) == 2  # slices 1, 2 (0 is empty)
+    assert count(slice_range=(0, 3), skip_empty_slices=False) == 3
+    assert count(slice_axis=0) == 20  # sagittal: every x column holds some brain
+    ids = decode_images([volume], 16, show_progress=False, slices=SliceSelection(slice_range=(-3, -1))).paths
+    assert ids == [f"{volume}#slice=3", f"{volume}#slice=4"]
+    with pytest.raises(ValueError, match="slice_axis"):
+        SliceSelection(slice_axis=3)
+    with pytest.raises(ValueError, match="START STOP"):
+        SliceSelection(slice_range=(1, 2, 3))
+
+
+def test_bad_dicom_named_or_skipped(mixed_folder, tmp_path):
+    bad = os.path.join(mixed_folder, "a", "broken.dcm")
+    with open(bad, "wb") as f:
+        f.write(b"not a DICOM file at all")
+    empty = write_nifti(os.path.join(mixed_folder, "b", "empty.nii"), np.zeros((4, 4, 3), dtype=np.float32))
+    train = load_image_folder(mixed_folder)["train"]
+    cache = str(tmp_path / "cache")
+    with pytest.raises(BadImageError, match=r"broken\.dcm.*--skip_bad_images"):
+        decode_images(train, 16, cache_dir=cache, show_progress=False)
+    assert not os.path.isdir(cache) or not os.listdir(cache)  # nothing written half
+    decoded = decode_images(train, 16, skip_bad_images=True, cache_dir=cache, show_progress=False)
+    assert sorted(item["path"] for item in decoded.skipped) == [bad, empty]  # zero slices left: a bad file
+    assert "no slice left" in next(item["error"] for item in decoded.skipped if item["path"] == empty)
+    assert len(decoded) == 11 and not any("broken" in path or "empty" in path for path in decoded.paths)
+
+
+def test_pipeline_and_processor_take_nifti_paths(mixed_folder):
+    volume = os.path.join(mixed_folder, "b", "vol.nii.gz")
+    multi = os.path.join(mixed_folder, "a", "multi.dcm")
+    png = os.path.join(mixed_folder, "a", "a.png")
+    assert len(as_image_list(volume)) == 4 and len(as_image_list([png, volume, multi])) == 8
+
+    torch.manual_seed(0)
+    pipe = DiffusionFeaturePipeline(create_unet(16, "tiny"), create_scheduler())
+    pipe.set_progress_bar_config(disable=True)
+    out = pipe.extract_features([volume, png], timesteps=[5], layers=["mid_block"])
+    assert out.features[("mid_block", 5)].shape[0] == 5  # 4 slices + 1 image
+    expected = decode_images([volume, png], pipe.preprocessing, show_progress=False).pixels
+    assert torch.equal(pipe.prepare_pixels([volume, png]), expected)
+
+    processor = MicDiffRepImageProcessor(resolution=16)
+    pixel_values = processor(volume, return_tensors="pt")["pixel_values"]
+    assert pixel_values.shape == (4, 1, 16, 16)
+    decoded = decode_images([volume], 16, show_progress=False)
+    assert torch.allclose(pixel_values, decoded.pixels.float() / 127.5 - 1, atol=1e-6)
+    assert processor([multi, png], return_tensors="pt")["pixel_values"].shape == (4, 1, 16, 16)
+    # do_resize=False takes the file window too.
+    (single,) = read_medical_slices(os.path.join(mixed_folder, "a", "single.dcm"))
+    unresized = processor(os.path.join(mixed_folder, "a", "single.dcm"), do_resize=False, resolution=20,
+                          do_normalize=False, do_rescale=False)["pixel_values"]
+    assert torch.equal(unresized[0, 0].to(torch.uint8),
+                       torch.from_numpy(window_intensities(single.pixels, window=single.window)))
+
+
+def test_check_leakage_and_predict_commands(mixed_folder, tmp_path, capsys):
+    cli(["check-leakage", "--within", mixed_folder, "--resolution", "16", "--output", str(tmp_path / "leak.json")])
+    printed = capsys.readouterr().out
+    assert "of 11 images" in printed
+    report = json.loads((tmp_path / "leak.json").read_text())
+    assert report["num_images"] == 11
+    cli(["check-leakage", "--within", mixed_folder, "--resolution", "16", "--keep_empty_slices",
+         "--slice_range", "0", "5"])
+    assert "of 12 images" in capsys.readouterr().out  # vol.nii.gz: slices 0..4 instead of 1..4
+
+    config = MicDiffRepConfig(unet_config=dict(UNET_PRESETS["tiny"], sample_size=16), timesteps=[5], hidden_size=8,
+                              num_labels=2, id2label={0: "a", 1: "b"}, label2id={"a": 0, "b": 1})
+    torch.manual_seed(0)
+    model_dir = str(tmp_path / "model")
+    MicDiffRepForImageClassification(config).save_pretrained(model_dir)
+    MicDiffRepImageProcessor(resolution=16).save_pretrained(model_dir)
+    assert len(image_files([mixed_folder])) == 6
+    cli(["predict", "--model", model_dir, mixed_folder, "--json"])
+    predictions = json.loads(capsys.readouterr().out)
+    assert len(predictions) == 11
+    files = [os.path.relpath(p["file"], mixed_folder) for p in predictions]
+    assert "a/multi.dcm#slice=2" in files and "b/vol.nii.gz#slice=4" in files and "a/single.dcm" in files
+    assert all(abs(sum(p["probabilities"].values()) - 1) < 1e-4 for p in predictions)
+    volume = os.path.join(mixed_folder, "b", "vol.nii.gz")
+    cli(["predict", "--model", model_dir, volume, "--json", "--slice_range", "2", "4"])
+    assert [p["file"] for p in json.loads(capsys.readouterr().out)] == [f"{volume}#slice=2", f"{volume}#slice=3"]
+    cli(["evaluate", "--model", model_dir, "--data_dir", mixed_folder, "--json"])
+    assert json.loads(capsys.readouterr().out)["num_examples"] == 11
+
+
+def test_pretraining_on_dicom_and_nifti_only(tmp_path):
+    root = tmp_path / "scans"
+    write_dicom(root / "multi.dcm", frames_of(0, 4))
+    write_nifti(root / "vol.nii.gz", brain_volume(1))
+    args = parse(PretrainingArguments, [
+        "--train_data_dir", str(root), "--output_dir", str(tmp_path / "out"), "--resolution", "16",
+        "--model_config_name_or_path", "tiny", "--train_batch_size", "4", "--logger", "none",
+        "--save_images_epochs", "100", "--ddpm_num_inference_steps", "2", "--eval_batch_size", "2",
+        "--max_train_steps", "2", "--keep_empty_slices"])
+    assert args.slices == SliceSelection(skip_empty_slices=False)
+    summary = pretrain(args)
+    assert summary["num_images"] == 4 + 6 and summary["global_step"] == 2
+    assert os.path.isfile(tmp_path / "out" / "unet" / "diffusion_pytorch_model.safetensors")
+
+
+def test_slice_flags_on_every_settings_class():
+    for cls, required in ((PretrainingArguments, ["--train_data_dir", "D"]),
+                          (ExtractionArguments, ["--pretrained", "P", "--data_dir", "D", "--output", "O"]),
+                          (ProbeArguments, ["--pretrained", "P", "--data_dir", "D"])):
+        assert parse(cls, required).slices == SliceSelection()
+        args = parse(cls, [*required, "--slice_axis", "1", "--slice_range", "2", "-1", "--keep_empty_slices"])
+        assert args.slices == SliceSelection(slice_axis=1, slice_range=(2, -1), skip_empty_slices=False)
+        with pytest.raises(ValueError, match="START STOP"):
+            parse(cls, [*required, "--slice_range", "2"])
+        with pytest.raises(ValueError, match="slice_axis"):
+            parse(cls, [*required, "--slice_axis", "5"])
+
+
+def test_carved_splits_keep_the_slices_of_a_file_together():
+    groups = np.array([0, 1, 2, 3, 1])  # images 1 and 4 are near-duplicates
+    files = ["a.png", "v.nii#0", "v.nii#0", "b.png", "c.png"]  # images 1 and 2 are slices of one file
+    assert _merge_groups(groups, files).tolist() == [0, 1, 1, 2, 1]
+    assert _merge_groups(np.array([0, 1, 0]), ["x", "y", "z"]).tolist() == [0, 1, 0]
+
+
+def test_nan_background_and_one_slice_paths(tmp_path):
+    volume = brain_volume(0, depth=3)
+    volume[volume == 0] = np.nan  # a masked volume: NaN outside the brain
+    path = write_nifti(tmp_path / "masked.nii.gz", volume)
+    decoded = decode_images([path], 16, show_progress=False)
+    assert len(decoded) == 1 and decoded.paths == [f"{path}#slice=1"]
+    assert decoded.pixels.max() == 255  # windowed on the finite values
+    flat = write_nifti(tmp_path / "flat.nii", brain_volume(0, depth=3)[:, :, 1])  # a 2-D file: plain path
+    assert decode_images([flat], 16, show_progress=False).paths == [flat]
+    assert torch.equal(image_to_pixels(flat, 16), decode_images([flat], 16, show_progress=False).pixels[0])
