@@ -130,7 +130,7 @@ def main():
               f"{env['torch_num_threads']} torch threads; torch {env['torch']}, diffusers {env['diffusers']}\n\n"
               "Default 4.3M-parameter UNet at 64 px (random weights: the time does not depend on them).\n\n")
     parts = {"pretraining": profile_pretraining(32, args.iterations),
-             "extraction": profile_extraction(128, args.iterations),
+             "extraction": profile_extraction(16, 8 * args.iterations),
              "generation": profile_generation(16, 20)}
     for name, text in parts.items():
         path = os.path.join(args.output_dir, f"profile_{name}.md")

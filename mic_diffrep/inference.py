@@ -37,7 +37,7 @@ def load_classifier(model_dir: str, mixed_precision: Optional[str] = None):
 
 
 @torch.no_grad()
-def predict_probabilities(model, pixel_values: torch.Tensor, batch_size: int = 64) -> torch.Tensor:
+def predict_probabilities(model, pixel_values: torch.Tensor, batch_size: int = 16) -> torch.Tensor:
     """Softmax probabilities `(N, num_labels)` for preprocessed `pixel_values`, in batches."""
     chunks = []
     for start in range(0, len(pixel_values), batch_size):
@@ -64,7 +64,7 @@ def image_files(paths: Sequence[str]) -> List[str]:
     return files
 
 
-def predict_files(model_dir: str, paths: Sequence[str], batch_size: int = 64, mixed_precision: Optional[str] = None,
+def predict_files(model_dir: str, paths: Sequence[str], batch_size: int = 16, mixed_precision: Optional[str] = None,
                   skip_bad_images: bool = False, slices: Optional[SliceSelection] = None) -> List[Dict]:
     """Class probabilities for image files and folders: one dict per image with its top `label` and all
     `probabilities`; unreadable files raise a `BadImageError` naming them, or are left out with `skip_bad_images`.
@@ -82,7 +82,7 @@ def predict_files(model_dir: str, paths: Sequence[str], batch_size: int = 64, mi
             for path, p in zip(decoded.paths, probabilities)]
 
 
-def evaluate_folder(model_dir: str, data_dir: str, splits: Optional[Sequence[str]] = None, batch_size: int = 64,
+def evaluate_folder(model_dir: str, data_dir: str, splits: Optional[Sequence[str]] = None, batch_size: int = 16,
                     mixed_precision: Optional[str] = None, skip_bad_images: bool = False,
                     slices: Optional[SliceSelection] = None) -> Dict:
     """Accuracy, macro F1, per-class recall and confusion matrix of a model folder on a labelled image folder.

@@ -173,7 +173,7 @@ class DiffusionFeaturePipeline(DiffusionPipeline):
         num_noise_samples: int = 1,
         generator: Optional[torch.Generator] = None,
         noise_seeds: Optional[Sequence[int]] = None,
-        batch_size: int = 64,
+        batch_size: int = 16,
         return_dict: bool = True,
     ) -> Union[DiffusionFeaturesOutput, Tuple]:
         r"""
@@ -193,7 +193,9 @@ class DiffusionFeaturePipeline(DiffusionPipeline):
             generator (`torch.Generator`, *optional*): random noise per image; `None` uses one fixed noise for all.
             noise_seeds (`Sequence[int]`, *optional*): one noise seed per image instead of `generator` (sharded
                 extraction passes each process its images' seeds).
-            batch_size (`int`, defaults to 64): images per UNet forward (times `num_noise_samples`).
+            batch_size (`int`, defaults to 16): images per UNet forward (times `num_noise_samples`). Small batches
+                stay in the CPU's caches: on 2 cores, 16 gives about twice the images/s of 128
+                (`benchmarks/results/throughput.md`); on a GPU use a few hundred.
             return_dict (`bool`, defaults to `True`): return a [`DiffusionFeaturesOutput`] rather than a tuple.
 
         The noise of an image is a function of its noise seed, the timestep and the draw only (`feature_noise`), so

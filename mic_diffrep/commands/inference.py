@@ -17,7 +17,7 @@ from ..utils import MIXED_PRECISION_CHOICES, precision_dtype
 def _add_model_args(parser) -> None:
     """The flags `evaluate` and `predict` share: the model folder and how it runs."""
     parser.add_argument("--model", type=str, required=True, help="Model folder (from probe or run).")
-    parser.add_argument("--batch_size", type=int, default=64, help="Images per forward.")
+    parser.add_argument("--batch_size", type=int, default=16, help="Images per forward (16 is fastest on a CPU).")
     parser.add_argument("--mixed_precision", type=str, default=None, choices=MIXED_PRECISION_CHOICES,
                         help="'bf16' runs the UNet in bf16 (the head stays float32).")
     parser.add_argument("--skip_bad_images", action="store_true", help="Skip unreadable images instead of failing.")

@@ -26,7 +26,9 @@ class FeatureArguments:
     num_noise_samples: int = field(default=1, metadata={"help": "Noise draws averaged per image."})
     noise_seed: int = field(default=0, metadata={
         "help": "Seed of the fixed noise added to every image (the exported classifier uses the same)."})
-    batch_size: int = field(default=64, metadata={"help": "Images per forward pass."})
+    batch_size: int = field(default=16, metadata={
+        "help": "Images per forward pass: small batches stay in the CPU's caches (on 2 cores 16 gives about twice the "
+                "images/s of 128); on a GPU use a few hundred."})
     mixed_precision: Optional[Literal["no", "fp16", "bf16"]] = field(default=None, metadata={
         "help": "'bf16' runs the frozen model in bf16 (about 2x faster on CPUs with AMX/AVX-512-BF16; fp16 is GPU "
                 "only)."})
