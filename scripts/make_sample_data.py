@@ -19,7 +19,7 @@ import PIL.Image
 
 from mic_diffrep.data import decode_images, load_image_folder
 from mic_diffrep.leakage import DEFAULT_THRESHOLD, duplicate_groups, fingerprint_images
-from mic_diffrep.preprocessing import image_to_pixels
+from mic_diffrep.data import image_to_pixels
 
 
 README = """# Sample of the Brain Tumor MRI Dataset
@@ -81,7 +81,7 @@ def main():
             folder = os.path.join(args.output, split, name)
             os.makedirs(folder, exist_ok=True)
             with PIL.Image.open(decoded.paths[i]) as image:
-                small = image_to_pixels(image, args.size)[0].numpy()
+                small = image_to_pixels(image, args.size, intensity_window="none")[0].numpy()  # as made
             file = os.path.join(split, name, os.path.basename(relative[i]))
             PIL.Image.fromarray(small).save(os.path.join(args.output, file), quality=args.quality)
             rows.append({"file": file, "label": name, "source": source_of[relative[i]]})
