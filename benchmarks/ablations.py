@@ -16,7 +16,9 @@ Search (greedy, decided by the script from the validation scores):
 2. on the better one, one lever at a time: timesteps below 300 only, timesteps skewed to low noise (power 2),
    crop + intensity augmentation, EMA weights, x0 (sample) prediction;
 3. the levers that beat step 2's starting point, combined (of the two timestep levers, the better one);
-4. read-out on the chosen recipe: the timestep sweep, and several noise draws per image.
+4. read-out on the chosen recipe: the timestep sweep, and several noise draws per image. Read-outs differ in cost
+   (UNet forwards per image), so the cheapest one within `READOUT_TOLERANCE` of the best validation accuracy is
+   chosen: a 4x slower extraction must earn more than a tie.
 """
 
 import argparse
@@ -31,8 +33,8 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-from common import (DEFAULT_DATA_DIR, DIRECTIONS, REPO, Benchmark, cached_extract, environment_info,  # noqa: E402
-                    pretrain_for_budget, probe_protocol)
+from common import (DEFAULT_DATA_DIR, DIRECTIONS, REPO, Benchmark, cached_extract, command_line,  # noqa: E402
+                    environment_info, pretrain_for_budget, probe_protocol)
 from mic_diffrep.features import DiffusionFeatureExtractor, FeatureArguments  # noqa: E402
 from mic_diffrep.probing import ProbeConfig  # noqa: E402
 
@@ -58,6 +60,25 @@ READOUTS = {
     "4 noise draws": FeatureArguments(timesteps=SWEEP_TIMESTEPS, num_noise_samples=4),
 }
 
+# A read-out within this much mean validation accuracy of the best is as good: the cheapest such one is chosen.
+READOUT_TOLERANCE = 0.005
+
+
+def readout_cost(readout: str) -> int:
+    """UNet forwards per image."""
+    return len(READOUTS[readout].timesteps) * READOUTS[readout].num_noise_samples
+
+
+def choose_readout(scores: Dict[str, float]) -> str:
+    """The cheapest read-out whose validation accuracy is within `READOUT_TOLERANCE` of the best.
+
+    >>> choose_readout({"sweep 10-250": 0.900, "4 noise draws": 0.901})
+    'sweep 10-250'
+    """
+    best = max(scores.values())
+    good = [readout for readout, score in scores.items() if score >= best - READOUT_TOLERANCE]
+    return min(good, key=lambda readout: (readout_cost(readout), -scores[readout]))
+
 
 def parse_args():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -68,6 +89,11 @@ def parse_args():
     parser.add_argument("--resolution", type=int, default=64)
     parser.add_argument("--unet", default="default", help="UNet preset or config ('tiny' for smoke runs).")
     parser.add_argument("--max_images", type=int, default=None, help="Use a subset (smoke runs only).")
+    parser.add_argument("--levers", nargs="+", default=list(LEVERS), choices=list(LEVERS),
+                        help="The levers of step 2 (all by default; the results file lists those left out).")
+    parser.add_argument("--reuse_results", action="store_true",
+                        help="Take the rows already in OUTPUT.json (same recipe, flags, read-out and budget) instead "
+                             "of probing again: re-decides the search from what was measured.")
     parser.add_argument("--note", default="", help="A sentence for the results file (e.g. what else ran).")
     return parser.parse_args()
 
@@ -79,8 +105,20 @@ class Ablation:
         self.splits = {direction: self.bench.split(direction) for direction, _ in DIRECTIONS}
         self.config = ProbeConfig()
         self.rows: List[Dict] = []
+        self.previous: List[Dict] = []
+        if args.reuse_results and os.path.isfile(args.output + ".json"):
+            with open(args.output + ".json") as f:
+                previous = json.load(f)
+            if previous["proxy_minutes"] == args.proxy_minutes and previous["resolution"] == args.resolution:
+                self.previous = previous["rows"]
 
     def evaluate(self, stage: str, name: str, recipe: List[str], readout: str = "sweep 10-250") -> Dict:
+        for row in self.previous:
+            if (row["recipe"], row["flags"], row["readout"]) == (name, recipe, readout):
+                logger.info("%s / %s / %s: validation %.4f (from the results file)", stage, name, readout,
+                            row["validation_accuracy"])
+                self.rows.append(dict(row, stage=stage))
+                return self.rows[-1]
         run = pretrain_for_budget("micdiffrep", self.args.proxy_minutes, self.args.work_dir, self.args.data_dir,
                                   self.args.resolution, recipe_argv=["--model_config_name_or_path", self.args.unet,
                                                                      *recipe], name="ablation-" + _slug(name))
@@ -103,7 +141,21 @@ class Ablation:
         row["validation_accuracy"] = float(np.mean([row[d]["validation_accuracy"] for d, _ in DIRECTIONS]))
         logger.info("%s / %s / %s: validation %.4f", stage, name, readout, row["validation_accuracy"])
         self.rows.append(row)
+        self.save()
         return row
+
+    def save(self, chosen: Dict = None) -> Dict:
+        """Write the results file; called after every recipe so an interrupted search keeps what it measured."""
+        left_out = [lever for lever in LEVERS if lever not in self.args.levers]
+        result = {"command": command_line(),
+                  "environment": environment_info(), "resolution": self.args.resolution,
+                  "proxy_minutes": self.args.proxy_minutes, "note": self.args.note, "levers_left_out": left_out,
+                  "rows": self.rows, "chosen": chosen}
+        with open(self.args.output + ".json", "w") as f:
+            json.dump(result, f, indent=2)
+        with open(self.args.output + ".md", "w") as f:
+            f.write(markdown(result))
+        return result
 
     def search(self) -> Dict:
         # 1. Learning rate.
@@ -111,9 +163,10 @@ class Ablation:
         start = max(lr_rows, key=lambda n: lr_rows[n]["validation_accuracy"])
         base_flags, base_score = LEARNING_RATES[start], lr_rows[start]["validation_accuracy"]
         # 2. One lever at a time on top of it.
+        levers = {lever: LEVERS[lever] for lever in self.args.levers}
         lever_rows = {lever: self.evaluate("2 one lever", f"{start} + {lever}", base_flags + flags)
-                      for lever, flags in LEVERS.items()}
-        winners = [lever for lever in LEVERS if lever_rows[lever]["validation_accuracy"] > base_score]
+                      for lever, flags in levers.items()}
+        winners = [lever for lever in levers if lever_rows[lever]["validation_accuracy"] > base_score]
         for group in EXCLUSIVE:
             both = [lever for lever in group if lever in winners]
             for lever in sorted(both, key=lambda n: lever_rows[n]["validation_accuracy"])[:-1]:
@@ -133,7 +186,7 @@ class Ablation:
             existing = [r for r in self.rows if r["recipe"] == chosen and r["readout"] == readout]
             readout_rows[readout] = existing[0] if existing else self.evaluate("4 read-out", chosen,
                                                                                candidates[chosen][0], readout)
-        readout = max(READOUTS, key=lambda r: readout_rows[r]["validation_accuracy"])
+        readout = choose_readout({r: row["validation_accuracy"] for r, row in readout_rows.items()})
         return {"recipe": chosen, "flags": candidates[chosen][0], "readout": readout,
                 "readout_settings": {"timesteps": READOUTS[readout].timesteps,
                                      "num_noise_samples": READOUTS[readout].num_noise_samples},
@@ -160,6 +213,8 @@ def markdown(result: Dict) -> str:
     ]
     if result.get("note"):
         lines += [result["note"], ""]
+    if result.get("levers_left_out"):
+        lines += ["Levers left out of step 2 in this run (`--levers`): " + ", ".join(result["levers_left_out"]) + ".", ""]
     lines += ["| stage | recipe | read-out | steps | images/s | val (mean) | val sartaj->other | val other->sartaj "
               "| *test s->o (dedup)* | *test o->s (dedup)* |", "|---|---|---|---|---|---|---|---|---|---|"]
     for r in result["rows"]:
@@ -168,10 +223,13 @@ def markdown(result: Dict) -> str:
         cells += [f"{r[d]['validation_accuracy']:.3f}" for d, _ in DIRECTIONS]
         cells += [f"*{r[d]['test_accuracy']:.3f} ({r[d]['test_accuracy_deduplicated']:.3f})*" for d, _ in DIRECTIONS]
         lines.append("| " + " | ".join(cells) + " |")
+    if chosen is None:
+        return "\n".join(lines + ["", "**Search not finished**: the rows above are what it measured so far.", ""])
     lines += ["", f"**Chosen on validation:** recipe `{chosen['recipe']}` (flags: `{' '.join(chosen['flags']) or 'none'}`), "
               f"read-out `{chosen['readout']}` (timesteps {chosen['readout_settings']['timesteps']}, "
               f"{chosen['readout_settings']['num_noise_samples']} noise draw(s)); mean validation accuracy "
-              f"{chosen['validation_accuracy']:.3f}.", ""]
+              f"{chosen['validation_accuracy']:.3f}. Read-outs: the cheapest (fewest UNet forwards per image) within "
+              f"{100 * READOUT_TOLERANCE:g} points of the best validation accuracy.", ""]
     return "\n".join(lines)
 
 
@@ -180,14 +238,7 @@ def main():
     logging.basicConfig(format="%(asctime)s - %(levelname)s - %(name)s - %(message)s", level=logging.INFO)
     os.makedirs(os.path.dirname(args.output), exist_ok=True)
     ablation = Ablation(args)
-    chosen = ablation.search()
-    result = {"command": "python " + " ".join([os.path.relpath(sys.argv[0], REPO)] + sys.argv[1:]),
-              "environment": environment_info(), "resolution": args.resolution, "proxy_minutes": args.proxy_minutes,
-              "note": args.note, "rows": ablation.rows, "chosen": chosen}
-    with open(args.output + ".json", "w") as f:
-        json.dump(result, f, indent=2)
-    with open(args.output + ".md", "w") as f:
-        f.write(markdown(result))
+    result = ablation.save(ablation.search())
     print(markdown(result))
 
 

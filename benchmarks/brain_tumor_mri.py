@@ -28,7 +28,7 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-from common import (BASELINES, DEFAULT_DATA_DIR, DIRECTIONS, REPO, Benchmark, cached_extract,  # noqa: E402
+from common import (BASELINES, DEFAULT_DATA_DIR, DIRECTIONS, REPO, Benchmark, cached_extract, command_line,  # noqa: E402
                     environment_info, pretrain_for_budget, probe_protocol)
 from diffusers import DDIMScheduler  # noqa: E402
 from mic_diffrep import DiffusionFeaturePipeline, save_image_grid  # noqa: E402
@@ -259,7 +259,7 @@ def main():
     args = parse_args()
     logging.basicConfig(format="%(asctime)s - %(levelname)s - %(name)s - %(message)s", level=logging.INFO)
     os.makedirs(os.path.dirname(args.output), exist_ok=True)
-    command = "python " + " ".join([os.path.relpath(sys.argv[0], REPO)] + sys.argv[1:])
+    command = command_line()
     bench = Benchmark(args.data_dir, args.work_dir, args.resolution, args.seed, args.max_images)
     feature_args = FeatureArguments() if args.timesteps is None else FeatureArguments(timesteps=args.timesteps)
 

@@ -17,8 +17,8 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-from common import (DEFAULT_DATA_DIR, DIRECTIONS, REPO, Benchmark, cached_extract, environment_info,  # noqa: E402
-                    pretrain_for_budget, probe_protocol)
+from common import (DEFAULT_DATA_DIR, DIRECTIONS, REPO, Benchmark, cached_extract, command_line,  # noqa: E402
+                    environment_info, pretrain_for_budget, probe_protocol)
 from mic_diffrep.features import DiffusionFeatureExtractor, EncoderFeatureExtractor, FeatureArguments  # noqa: E402
 from mic_diffrep.probing import ProbeConfig  # noqa: E402
 
@@ -107,7 +107,7 @@ def main():
     plot(points, args.output + ".png")
     crossings = {direction: {key: crossing(points, direction, key) for key in ("accuracy", "accuracy_deduplicated")}
                  for direction, _ in DIRECTIONS}
-    result = {"command": "python " + " ".join([os.path.relpath(sys.argv[0], REPO)] + sys.argv[1:]),
+    result = {"command": command_line(),
               "environment": environment_info(), "note": args.note, "points": points, "crossings": crossings}
     with open(args.output + ".json", "w") as f:
         json.dump(result, f, indent=2)

@@ -19,6 +19,7 @@ import csv
 import json
 import logging
 import os
+import shlex
 import shutil
 import sys
 import time
@@ -56,6 +57,11 @@ DIRECTIONS = (("sartaj->other", "sartaj"), ("other->sartaj", "figshare_or_br35h"
 # Budgets
 # ------------------------------------------------------------------------------------------------------------------
 
+
+
+def command_line() -> str:
+    """The command that is running, quoted so that it can be pasted into a shell."""
+    return "python " + shlex.join([os.path.relpath(sys.argv[0], REPO)] + sys.argv[1:])
 
 def common_argv(data_dir: str, work_dir: str, resolution: int, seed: int) -> List[str]:
     return ["--train_data_dir", os.path.join(data_dir, "Training"), "--resolution", str(resolution),

@@ -11,6 +11,7 @@ import argparse
 import csv
 import json
 import os
+import shlex
 import sys
 
 import numpy as np
@@ -49,7 +50,7 @@ def main():
     cross = {"sartaj_in_other": check_leakage(other, sartaj, args.threshold),
              "other_in_sartaj": check_leakage(sartaj, other, args.threshold)}
 
-    command = "python " + " ".join([os.path.relpath(sys.argv[0], REPO)] + sys.argv[1:])
+    command = "python " + shlex.join([os.path.relpath(sys.argv[0], REPO)] + sys.argv[1:])
     result = {
         "command": command, "environment": environment_info(), "threshold": args.threshold,
         "resolution": args.resolution, "num_images": len(images),

@@ -29,7 +29,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-from common import REPO, environment_info  # noqa: E402
+from common import REPO, command_line, environment_info  # noqa: E402
 from diffusers import DDIMScheduler  # noqa: E402
 from mic_diffrep import DiffusionFeaturePipeline  # noqa: E402
 from mic_diffrep.commands import SAMPLE_DATA_DIR  # noqa: E402
@@ -251,7 +251,7 @@ def main():
          "speed": f"{compiled:.1f} images/s", "images_per_second": compiled, "compile_seconds": compile_seconds,
          "gflop_per_image": train_flops / 1e9, "flops_per_second": compiled * train_flops},
     ]
-    result = {"command": "python " + " ".join([os.path.relpath(sys.argv[0], REPO)] + sys.argv[1:]),
+    result = {"command": command_line(),
               "environment": environment_info(), "peak_flops": peak, "rows": rows,
               "pretraining_speedup": ours / plain, "notes": args.note}
     with open(args.output + ".json", "w") as f:

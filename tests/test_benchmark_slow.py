@@ -58,3 +58,10 @@ def test_ablations_smoke(tmp_path):
     assert result["chosen"]["recipe"] in {row["recipe"] for row in result["rows"]}
     for row in result["rows"]:
         assert 0 <= row["validation_accuracy"] <= 1
+    # Re-deciding from the results file measures nothing again and reaches the same choice.
+    _run("ablations.py", "--max_images", "200", "--proxy_minutes", "0.02", "--unet", "tiny", "--reuse_results",
+         "--work_dir", str(tmp_path / "missing"), "--output", output)
+    with open(output + ".json") as f:
+        again = json.load(f)
+    assert again["chosen"] == result["chosen"]
+    assert [row["validation_accuracy"] for row in again["rows"]] == [row["validation_accuracy"] for row in result["rows"]]

@@ -68,3 +68,31 @@ def test_bad_config_is_named(tmp_path, capsys):
         main(["run", "--config", str(config)])
     assert error.value.code == 2 and "resolutionn" in capsys.readouterr().err
     assert set(RUN_DEFAULTS) >= {"data_dir", "resolution", "timesteps"}
+
+
+def test_run_recipe_defaults_are_the_pretraining_and_feature_defaults():
+    from mic_diffrep.commands.run import RECIPE_KEYS, RUN_PRESETS, pretraining_arguments, probe_arguments
+    from mic_diffrep.features import FeatureArguments
+    from mic_diffrep.training import PretrainingArguments
+
+    defaults = PretrainingArguments(train_data_dir="DATA_DIR")
+    pretraining = pretraining_arguments(dict(RUN_DEFAULTS))
+    for key in RECIPE_KEYS:
+        assert getattr(pretraining, key) == getattr(defaults, key) == RUN_DEFAULTS[key], key
+    assert probe_arguments(dict(RUN_DEFAULTS)).timesteps == FeatureArguments().timesteps
+    # The chosen recipe departs from the paper; the preset keeps the paper's values.
+    assert (defaults.learning_rate, defaults.lr_scheduler, defaults.timestep_power) == (5e-4, "cosine", 2.0)
+    paper = pretraining_arguments({**RUN_DEFAULTS, **RUN_PRESETS["paper"]})
+    assert (paper.learning_rate, paper.lr_scheduler, paper.lr_warmup_steps, paper.timestep_power,
+            paper.resolution, paper.num_epochs) == (1e-4, "linear", 0, 1.0, 112, 200)
+
+
+def test_run_recipe_flags_override_the_defaults():
+    from mic_diffrep.commands.run import pretraining_arguments, run_config
+
+    namespace = build_parser().parse_args(["run", "--timestep_power", "1", "--intensity_jitter",
+                                           "--lr_scheduler", "linear", "--num_noise_samples", "2"])
+    config = run_config(namespace)
+    arguments = pretraining_arguments(config)
+    assert (arguments.timestep_power, arguments.intensity_jitter, arguments.lr_scheduler) == (1.0, True, "linear")
+    assert config["num_noise_samples"] == 2 and config["learning_rate"] == RUN_DEFAULTS["learning_rate"]

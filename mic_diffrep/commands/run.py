@@ -3,11 +3,15 @@
 pretrain -> sample grid -> features -> SL sweep + MSFA -> evaluation -> transformers model folder -> report.
 """
 
+import argparse
 import json
 import os
 import sys
+from dataclasses import fields
+
 import yaml
 
+from ..features import FeatureArguments
 from ..probing import ProbeArguments, run_probe
 from ..reporting.results import run_report_markdown
 from ..training import PretrainingArguments, pretrain
@@ -16,6 +20,13 @@ from ..utils import MIXED_PRECISION_CHOICES
 
 SAMPLE_DATA_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "sample_data",
                                "brain-tumor-mri")
+
+# The pretraining recipe keys take `PretrainingArguments`' defaults (the recipe chosen in the ablation study), the
+# read-out keys `FeatureArguments`' defaults, so `mic-diffrep run` and `mic-diffrep pretrain` / `extract` agree.
+RECIPE_KEYS = ("learning_rate", "lr_scheduler", "lr_warmup_steps", "max_train_timestep", "timestep_power",
+               "random_crop_scale", "intensity_jitter", "use_ema")
+_RECIPE_DEFAULTS = {f.name: f.default for f in fields(PretrainingArguments) if f.name in RECIPE_KEYS}
+_FEATURE_DEFAULTS = FeatureArguments()
 
 # What `mic-diffrep run` does when given no flags: the bundled sample, 64 px, bf16 where it is fast.
 RUN_DEFAULTS = {
@@ -26,20 +37,13 @@ RUN_DEFAULTS = {
     "mixed_precision": "bf16",
     "pretrain_epochs": 40,
     "pretrain_batch_size": 32,
-    "learning_rate": 1e-4,
-    "lr_scheduler": "linear",
-    "lr_warmup_steps": 0,
-    "max_train_timestep": None,
-    "timestep_power": 1.0,
-    "random_crop_scale": None,
-    "intensity_jitter": False,
-    "use_ema": False,
+    **_RECIPE_DEFAULTS,
     "num_samples": 16,
     "sample_scheduler": "ddim",
     "sampling_steps": 50,
-    "timesteps": [10, 50, 100, 200, 300, 400, 500, 600],
-    "pooling": "avg",
-    "num_noise_samples": 1,
+    "timesteps": list(_FEATURE_DEFAULTS.timesteps),
+    "pooling": _FEATURE_DEFAULTS.pooling,
+    "num_noise_samples": _FEATURE_DEFAULTS.num_noise_samples,
     "probe_epochs": 15,
     "probe_learning_rate": 0.01,
     "probe_batch_size": 128,
@@ -140,8 +144,9 @@ def run(namespace) -> dict:
 
 
 def register(subparsers) -> None:
+    # Its flags default to None (= RUN_DEFAULTS / --config) and state their effective defaults in their help.
     parser = subparsers.add_parser(
-        "run", help="The whole method on a dataset (default: the bundled MRI sample, about 5 minutes on 2 CPU cores).",
+        "run", formatter_class=argparse.HelpFormatter, help="The whole method on a dataset (default: the bundled MRI sample, about 5 minutes on 2 CPU cores).",
         description="Pretrain -> sample grid -> features -> SL sweep + MSFA -> evaluation -> transformers model with "
                     "a model card -> report (Markdown, JSON, PNGs). Settings come from RUN_DEFAULTS, then --config "
                     "(a YAML/JSON file or a preset name: 'paper'), then the flags.")
@@ -159,14 +164,25 @@ def register(subparsers) -> None:
                         help="Precision of pretraining, sampling and feature extraction (default bf16).")
     parser.add_argument("--pretrain_epochs", type=int, default=None, help="Pretraining epochs (default 40).")
     parser.add_argument("--pretrain_batch_size", type=int, default=None, help="Pretraining batch size (default 32).")
-    parser.add_argument("--learning_rate", type=float, default=None, help="Pretraining learning rate.")
-    parser.add_argument("--use_ema", action="store_const", const=True, default=None,
-                        help="Pretrain with an EMA of the weights and use it.")
+    # The recipe flags: the same names, defaults and help as `mic-diffrep pretrain`.
+    recipe_help = {f.name: f.metadata["help"] for f in fields(PretrainingArguments) if f.name in RECIPE_KEYS}
+    for name in RECIPE_KEYS:
+        default = RUN_DEFAULTS[name]
+        kind = {"learning_rate": float, "timestep_power": float, "random_crop_scale": float, "lr_warmup_steps": int,
+                "max_train_timestep": int, "lr_scheduler": str}.get(name)
+        help_text = f"{recipe_help[name]} (default {default})"
+        if kind is None:  # switches
+            parser.add_argument(f"--{name}", action="store_const", const=True, default=None, help=help_text)
+        else:
+            parser.add_argument(f"--{name}", type=kind, default=None, help=help_text)
     parser.add_argument("--num_samples", type=int, default=None, help="Images in the sample grid (default 16).")
     parser.add_argument("--sampling_steps", type=int, default=None, help="Steps of the sample grid's sampler.")
     parser.add_argument("--timesteps", type=int, nargs="+", default=None,
-                        help="Timesteps of the probe sweep (default 10 50 100 200 300 400 500 600).")
+                        help="Timesteps of the probe sweep (default "
+                             f"{' '.join(map(str, RUN_DEFAULTS['timesteps']))}).")
     parser.add_argument("--pooling", type=str, default=None, choices=["avg", "avgmax", "grid"], help="Feature pooling.")
+    parser.add_argument("--num_noise_samples", type=int, default=None,
+                        help=f"Noise draws averaged per image (default {RUN_DEFAULTS['num_noise_samples']}).")
     parser.add_argument("--probe_epochs", type=int, default=None, help="Probe epochs (default 15).")
     parser.add_argument("--probe_learning_rate", type=float, default=None, help="Probe learning rate (default 0.01).")
     parser.add_argument("--probe_batch_size", type=int, default=None, help="Probe batch size (default 128).")

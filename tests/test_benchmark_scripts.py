@@ -1,0 +1,24 @@
+"""The decision rules of the benchmark scripts (fast; the real-data runs are in test_benchmark_slow.py)."""
+
+import os
+import sys
+
+import pytest
+
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "benchmarks"))
+ablations = pytest.importorskip("ablations")
+
+
+def test_readout_cost_counts_unet_forwards():
+    assert ablations.readout_cost("sweep 10-250") == 5
+    assert ablations.readout_cost("4 noise draws") == 20
+
+
+@pytest.mark.parametrize("scores, chosen", [
+    ({"sweep 10-250": 0.900, "sweep 0-250": 0.895, "4 noise draws": 0.901}, "sweep 10-250"),  # a tie: the cheapest
+    ({"sweep 10-250": 0.880, "sweep 0-250": 0.897, "4 noise draws": 0.901}, "sweep 0-250"),   # cheaper and close
+    ({"sweep 10-250": 0.880, "sweep 0-250": 0.880, "4 noise draws": 0.901}, "4 noise draws"),  # a clear win
+])
+def test_choose_readout_takes_the_cheapest_within_tolerance(scores, chosen):
+    assert ablations.choose_readout(scores) == chosen
