@@ -2,7 +2,6 @@
 
 import glob
 import os
-import shutil
 import socket
 
 os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
@@ -129,8 +128,6 @@ def test_demo_page_in_headless_chromium(classifier_folder, sample_slice, tmp_pat
                 artifacts = os.path.join(ROOT, "tests", "artifacts")
                 os.makedirs(artifacts, exist_ok=True)
                 page.screenshot(path=os.path.join(artifacts, "demo.png"), full_page=True)
-                os.makedirs(os.path.join(ROOT, "docs"), exist_ok=True)
-                shutil.copyfile(os.path.join(artifacts, "demo.png"), os.path.join(ROOT, "docs", "demo.png"))
 
                 bad = tmp_path / "not-an-image.png"
                 bad.write_text("this is a text file, not a PNG")
