@@ -38,6 +38,7 @@ from mic_diffrep.features import (ClipFeatureExtractor, DiffusionFeatureExtracto
 from mic_diffrep.models.mic_diffrep.unet import create_scheduler, create_unet  # noqa: E402
 from mic_diffrep.probing import ProbeConfig, train_heads  # noqa: E402
 from mic_diffrep.reporting import classification_report, plot_accuracy_vs_timestep, plot_confusion_matrix  # noqa: E402
+from mic_diffrep.training import default_recipe  # noqa: E402
 
 
 logger = logging.getLogger("benchmark")
@@ -208,6 +209,12 @@ def targets_table(result):
     return lines + [""]
 
 
+def _flags(recipe) -> str:
+    if isinstance(recipe, str):  # results files written before the recipe was recorded
+        return recipe
+    return " ".join(f"--{key} {value}" for key, value in recipe.items() if value not in (None, False))
+
+
 def markdown(result, label_names):
     env = result["environment"]
     lines = [
@@ -217,7 +224,7 @@ def markdown(result, label_names):
         f"{env['diffusers']}, transformers {env['transformers']}", "",
         f"Data: the {result['num_images']:,} images of `Training/` (4 classes), decoded to {result['resolution']} px grey "
         "(percentile intensity window). MicDiffRep: the package's default recipe "
-        f"(`{result['recipe']}`), {result['num_parameters'] / 1e6:.2f}M-parameter UNet. Probes: the paper's protocol "
+        f"(`{_flags(result['recipe'])}`), {result['num_parameters'] / 1e6:.2f}M-parameter UNet. Probes: the paper's protocol "
         "(Adam 0.01, cosine, batch 128, 15 epochs); MSFA layers/timesteps and SL-best chosen on a validation part "
         "carved from the training side (near-duplicate groups kept on one side); test scored once. Read-out "
         f"timesteps: {', '.join(map(str, result['timesteps']))}. *dedup* = accuracy on the test images with no "
@@ -307,7 +314,7 @@ def main():
 
     summary = runs["micdiffrep"]["summary"]
     result = {"environment": environment_info(), "command": command, "data_dir": args.data_dir,
-              "num_images": len(bench.decoded), "resolution": args.resolution, "recipe": "package defaults",
+              "num_images": len(bench.decoded), "resolution": args.resolution, "recipe": default_recipe(),
               "num_parameters": summary["num_parameters"], "pretraining_budget_minutes": args.pretrain_minutes,
               "timesteps": list(feature_args.timesteps), "note": args.note,
               "pretraining": {name: {**info[name], "final_loss": run["summary"]["final_loss"],

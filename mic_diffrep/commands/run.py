@@ -14,7 +14,7 @@ import yaml
 from ..features import FeatureArguments
 from ..probing import ProbeArguments, run_probe
 from ..reporting.results import run_report_markdown
-from ..training import PretrainingArguments, pretrain
+from ..training import RECIPE_KEYS, PretrainingArguments, default_recipe, pretrain
 from ..utils import MIXED_PRECISION_CHOICES
 
 
@@ -23,9 +23,6 @@ SAMPLE_DATA_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(_
 
 # The pretraining recipe keys take `PretrainingArguments`' defaults (the recipe chosen in the ablation study), the
 # read-out keys `FeatureArguments`' defaults, so `mic-diffrep run` and `mic-diffrep pretrain` / `extract` agree.
-RECIPE_KEYS = ("learning_rate", "lr_scheduler", "lr_warmup_steps", "max_train_timestep", "timestep_power",
-               "random_crop_scale", "intensity_jitter", "use_ema")
-_RECIPE_DEFAULTS = {f.name: f.default for f in fields(PretrainingArguments) if f.name in RECIPE_KEYS}
 _FEATURE_DEFAULTS = FeatureArguments()
 
 # What `mic-diffrep run` does when given no flags: the bundled sample, 64 px, bf16 where it is fast.
@@ -37,7 +34,7 @@ RUN_DEFAULTS = {
     "mixed_precision": "bf16",
     "pretrain_epochs": 40,
     "pretrain_batch_size": 32,
-    **_RECIPE_DEFAULTS,
+    **default_recipe(),
     "num_samples": 16,
     "sample_scheduler": "ddim",
     "sampling_steps": 50,

@@ -11,7 +11,7 @@ Flag names follow diffusers' `train_unconditional.py` where the meaning is the s
 ```
 """
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from typing import List, Literal, Optional
 
 from ..data.medical import SLICE_FLAG_HELP, SliceSelection, slice_selection
@@ -203,3 +203,20 @@ class BaselinePretrainingArguments(CommonPretrainingArguments):
         super().__post_init__()
         if self.method not in METHODS:
             raise ValueError(f"`method` must be one of {METHODS}, got {self.method!r}.")
+
+
+# The fields that make up the pretraining recipe (what the ablation study chose; `--config paper` resets them).
+RECIPE_KEYS = ("learning_rate", "lr_scheduler", "lr_warmup_steps", "max_train_timestep", "timestep_power",
+               "random_crop_scale", "intensity_jitter", "use_ema")
+
+
+def default_recipe() -> dict:
+    """The recipe `PretrainingArguments` trains with when given no recipe flags.
+
+    ```python
+    >>> default_recipe()["timestep_power"]
+    2.0
+    ```
+    """
+    return {f.name: f.default for f in fields(PretrainingArguments) if f.name in RECIPE_KEYS}
+

@@ -27,7 +27,7 @@ from ..models.mic_diffrep.unet import create_scheduler, create_unet
 from ..pipelines import DiffusionFeaturePipeline, save_image_grid
 from ..reporting.hub import push_pipeline_to_hub
 from ..utils import environment_info, output_folder, peak_memory_mb
-from .arguments import PretrainingArguments
+from .arguments import RECIPE_KEYS, PretrainingArguments
 from .checkpointing import save_pipeline
 from .loop import TrainingState, load_training_images, make_accelerator, make_dataloader, plan_schedule, train
 
@@ -188,6 +188,7 @@ def training_summary(state: TrainingState, args, accelerator, decoded, splits, m
         "num_images": len(decoded),
         "skipped_images": decoded.skipped,
         "resolution": args.resolution,
+        "recipe": {key: getattr(args, key) for key in RECIPE_KEYS},
         "num_parameters": sum(p.numel() for p in accelerator.unwrap_model(model).parameters()),
         "num_processes": accelerator.num_processes,
         "mixed_precision": accelerator.mixed_precision,
