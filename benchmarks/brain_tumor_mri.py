@@ -292,7 +292,9 @@ def main():
 
     # 3. Features.
     extractor = DiffusionFeatureExtractor(pipeline)
-    feature_sets = {"micdiffrep": cached_extract(extractor, bench, feature_args, "micdiffrep")[0]}
+    # Cache names shared with budget_curve.py, which reuses these runs.
+    budget = f"{args.pretrain_minutes:g}min"
+    feature_sets = {"micdiffrep": cached_extract(extractor, bench, feature_args, f"micdiffrep-{budget}")[0]}
     torch.manual_seed(args.seed)
     random_unet = create_unet(args.resolution, args.unet).to(torch.bfloat16)
     random_extractor = DiffusionFeatureExtractor(DiffusionFeaturePipeline(random_unet, create_scheduler()))
@@ -300,7 +302,7 @@ def main():
     for method in args.baselines:
         encoder = EncoderFeatureExtractor.from_pretrained(runs[f"baseline-{method}"]["output_dir"])
         feature_sets[f"baseline-{method}"] = cached_extract(encoder, bench, FeatureArguments(timesteps=[0]),
-                                                            f"baseline-{method}")[0]
+                                                            f"baseline-{method}-{budget}")[0]
     if args.clip_model:
         clip = ClipFeatureExtractor.from_pretrained(args.clip_model, args.resolution)
         feature_sets["baseline-clip"] = cached_extract(clip, bench, FeatureArguments(timesteps=[0]), "baseline-clip")[0]

@@ -15,6 +15,8 @@ import logging
 import os
 import sys
 
+import torch
+
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 from common import (DEFAULT_DATA_DIR, DIRECTIONS, REPO, Benchmark, cached_extract, command_line,  # noqa: E402
@@ -90,8 +92,7 @@ def main():
             if method == "micdiffrep":
                 run = pretrain_for_budget("micdiffrep", minutes, args.work_dir, args.data_dir, args.resolution,
                                           recipe_argv=["--model_config_name_or_path", args.unet])
-                extractor = DiffusionFeatureExtractor.from_pretrained(run["output_dir"])
-                extractor.to(dtype=__import__("torch").bfloat16)
+                extractor = DiffusionFeatureExtractor.from_pretrained(run["output_dir"]).to(dtype=torch.bfloat16)
                 features = cached_extract(extractor, bench, FeatureArguments(), f"micdiffrep-{minutes:g}min")[0]
             else:
                 run = pretrain_for_budget(method, minutes, args.work_dir, args.data_dir, args.resolution)
