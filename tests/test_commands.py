@@ -14,6 +14,7 @@ import torch
 from conftest import parse, write_class_folder
 from mic_diffrep import MicDiffRepConfig, MicDiffRepForImageClassification, MicDiffRepImageProcessor
 from mic_diffrep.commands import main as cli
+from mic_diffrep.commands.base import run_guarded
 from mic_diffrep.models.baselines import create_baseline, save_baseline
 from mic_diffrep.models.mic_diffrep.unet import UNET_PRESETS
 from mic_diffrep.training import PretrainingArguments, pretrain
@@ -52,6 +53,20 @@ def test_training_scripts_and_cli_report_bad_input_alike(tmp_path, capsys):
     bad_setting = _script("linear_probe.py", "--pretrained", str(tmp_path), "--data_dir", str(tmp_path),
                           "--validation_split", "2")
     assert bad_setting.returncode == 2 and "validation_split" in bad_setting.stderr.splitlines()[-1]
+
+
+def test_a_run_destroys_the_process_group_it_started(tmp_path):
+    # left to interpreter shutdown, gloo can abort a rank after its work is done, failing a whole torchrun launch
+    def work():
+        torch.distributed.init_process_group("gloo", init_method=f"file://{tmp_path / 'rendezvous'}", rank=0,
+                                             world_size=1)
+        return "done"
+
+    try:
+        assert run_guarded("test", work) == "done" and not torch.distributed.is_initialized()
+    finally:
+        if torch.distributed.is_initialized():
+            torch.distributed.destroy_process_group()
 
 
 def test_help_shows_defaults():

@@ -6,6 +6,7 @@ import logging
 import sys
 from typing import Callable, Optional, Sequence, Type, TypeVar
 
+import torch.distributed
 from transformers import HfArgumentParser
 
 from ..data import BadImageError
@@ -27,12 +28,20 @@ def configure_logging() -> None:
 
 
 def run_guarded(prog: str, function: Callable, *args):
-    """Runs `function(*args)`; bad input ends the program with one line, `PROG: error: MESSAGE`, and exit code 2."""
+    """Runs `function(*args)`; bad input ends the program with one line, `PROG: error: MESSAGE`, and exit code 2.
+
+    A process group the run started (`torchrun`, `accelerate launch`) is destroyed before the program exits: left to
+    interpreter shutdown, gloo's threads are torn down unjoined and a rank can abort ("terminate called without an
+    active exception") after its work is done, which fails the whole launch.
+    """
     try:
         return function(*args)
     except USER_ERRORS as error:
         print(f"{prog}: error: {error}", file=sys.stderr)
         sys.exit(2)
+    finally:
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            torch.distributed.destroy_process_group()
 
 
 def script_main(prog: str, settings_class: Type[T], function: Callable[[T], object], description: str,
