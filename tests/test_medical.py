@@ -19,50 +19,15 @@ from mic_diffrep.data.medical import (
 pydicom = pytest.importorskip("pydicom")
 nib = pytest.importorskip("nibabel")
 
-from pydicom.dataset import Dataset, FileMetaDataset  # noqa: E402
-from pydicom.encaps import encapsulate  # noqa: E402
-from pydicom.uid import (  # noqa: E402
-    ExplicitVRLittleEndian,
-    JPEG2000Lossless,
-    JPEGLSLossless,
-    MRImageStorage,
-    generate_uid,
-)
+import medical_files  # noqa: E402
+from medical_files import write_nifti  # noqa: E402
+from pydicom.dataset import Dataset  # noqa: E402
+from pydicom.uid import JPEG2000Lossless, JPEGLSLossless  # noqa: E402
 
 
-def write_dicom(
-    path, frames, photometric="MONOCHROME2", transfer_syntax=ExplicitVRLittleEndian, fragments=None, **attributes
-):
-    """A minimal MR Image Storage file with 16-bit allocated / 12-bit stored unsigned grey pixels (`fragments`:
-    encapsulated compressed bytes to store instead, for a compressed `transfer_syntax`)."""
-    frames = np.asarray(frames, dtype="<u2")
-    file_meta = FileMetaDataset()
-    file_meta.TransferSyntaxUID = transfer_syntax
-    file_meta.MediaStorageSOPClassUID = MRImageStorage
-    file_meta.MediaStorageSOPInstanceUID = generate_uid()
-    ds = Dataset()
-    ds.file_meta = file_meta
-    ds.SOPClassUID = MRImageStorage
-    ds.SOPInstanceUID = file_meta.MediaStorageSOPInstanceUID
-    ds.Modality = "MR"
-    ds.Rows, ds.Columns = frames.shape[-2:]
-    ds.BitsAllocated = 16
-    ds.BitsStored = 12
-    ds.HighBit = 11
-    ds.PixelRepresentation = 0
-    ds.SamplesPerPixel = 1
-    ds.PhotometricInterpretation = photometric
-    if frames.ndim == 3:
-        ds.NumberOfFrames = frames.shape[0]
-    if fragments is None:
-        ds.PixelData = frames.tobytes()
-    else:
-        ds.PixelData = encapsulate(fragments)
-        ds["PixelData"].VR = "OB"
-    for keyword, value in attributes.items():
-        setattr(ds, keyword, value)
-    ds.save_as(str(path), enforce_file_format=True)
-    return str(path)
+def write_dicom(path, frames, **kwargs):
+    """A synthetic MR file with 12 of its 16 bits stored, as most MR scanners write them."""
+    return medical_files.write_dicom(path, frames, bits_stored=12, **kwargs)
 
 
 STORED = np.arange(12, dtype=np.uint16).reshape(3, 4) * 100  # 0 .. 1100, within 12 bits
@@ -226,14 +191,6 @@ def test_dicom_without_pixel_data(tmp_path):
 
 
 # --------------------------------------------------------------------------------------------------------- NIfTI
-
-
-def write_nifti(path, array, affine=None, **header):
-    image = nib.Nifti1Image(np.asarray(array), np.eye(4) if affine is None else affine)
-    for key, value in header.items():
-        image.header[key] = value
-    image.to_filename(str(path))
-    return str(path)
 
 
 def test_nifti_2d_is_one_slice(tmp_path):

@@ -28,43 +28,7 @@ from mic_diffrep.training import PretrainingArguments, pretrain
 pydicom = pytest.importorskip("pydicom")
 nib = pytest.importorskip("nibabel")
 
-from pydicom.dataset import Dataset, FileMetaDataset  # noqa: E402
-from pydicom.uid import ExplicitVRLittleEndian, MRImageStorage, generate_uid  # noqa: E402
-
-
-def write_dicom(path, frames, **attributes):
-    """A minimal uncompressed MR image: 16-bit unsigned grey pixels, one frame or several (`frames` 3-D)."""
-    frames = np.asarray(frames, dtype="<u2")
-    file_meta = FileMetaDataset()
-    file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
-    file_meta.MediaStorageSOPClassUID = MRImageStorage
-    file_meta.MediaStorageSOPInstanceUID = generate_uid()
-    ds = Dataset()
-    ds.file_meta = file_meta
-    ds.SOPClassUID = MRImageStorage
-    ds.SOPInstanceUID = file_meta.MediaStorageSOPInstanceUID
-    ds.Modality = "MR"
-    ds.Rows, ds.Columns = frames.shape[-2:]
-    ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 16, 16, 15, 0
-    ds.SamplesPerPixel = 1
-    ds.PhotometricInterpretation = "MONOCHROME2"
-    if frames.ndim == 3:
-        ds.NumberOfFrames = frames.shape[0]
-    ds.PixelData = frames.tobytes()
-    for keyword, value in attributes.items():
-        setattr(ds, keyword, value)
-    os.makedirs(os.path.dirname(str(path)), exist_ok=True)
-    ds.save_as(str(path), enforce_file_format=True)
-    return str(path)
-
-
-def write_nifti(path, volume, **header):
-    image = nib.Nifti1Image(np.asarray(volume), np.eye(4))
-    for key, value in header.items():
-        image.header[key] = value
-    os.makedirs(os.path.dirname(str(path)), exist_ok=True)
-    image.to_filename(str(path))
-    return str(path)
+from medical_files import write_dicom, write_nifti  # noqa: E402
 
 
 def brain_volume(seed: int, size: int = 20, depth: int = 6) -> np.ndarray:
