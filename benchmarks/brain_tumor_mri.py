@@ -28,8 +28,9 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-from common import (BASELINES, DEFAULT_DATA_DIR, DIRECTIONS, REPO, Benchmark, cached_extract, command_line,  # noqa: E402
-                    environment_info, pretrain_for_budget, probe_protocol)
+from common import (BASELINE_RECIPES, BASELINES, DEFAULT_DATA_DIR, DIRECTIONS, REPO, Benchmark,  # noqa: E402
+                    baseline_recipe, cached_extract, command_line, environment_info, pretrain_for_budget,
+                    probe_protocol)
 from diffusers import DDIMScheduler  # noqa: E402
 from mic_diffrep import DiffusionFeaturePipeline, save_image_grid  # noqa: E402
 from mic_diffrep.data import pixels_to_model_input  # noqa: E402
@@ -224,7 +225,10 @@ def markdown(result, label_names):
         f"{env['diffusers']}, transformers {env['transformers']}", "",
         f"Data: the {result['num_images']:,} images of `Training/` (4 classes), decoded to {result['resolution']} px grey "
         "(percentile intensity window). MicDiffRep: the package's default recipe "
-        f"(`{_flags(result['recipe'])}`), {result['num_parameters'] / 1e6:.2f}M-parameter UNet. Probes: the paper's protocol "
+        f"(`{_flags(result['recipe'])}`), {result['num_parameters'] / 1e6:.2f}M-parameter UNet. Baselines: AdamW 1e-3, "
+        "weight decay 0.05, cosine decay, batch 64"
+        + "".join(f"; {method}: `{' '.join(flags)}` (`baseline_recipes.md`)"
+                  for method, (_, flags) in result.get("baseline_recipes", {}).items()) + ". Probes: the paper's protocol "
         "(Adam 0.01, cosine, batch 128, 15 epochs); MSFA layers/timesteps and SL-best chosen on a validation part "
         "carved from the training side (near-duplicate groups kept on one side); test scored once. Read-out "
         f"timesteps: {', '.join(map(str, result['timesteps']))}. *dedup* = accuracy on the test images with no "
@@ -276,7 +280,7 @@ def main():
                                               args.resolution, args.seed, recipe_argv=unet_argv)}
     for method in args.baselines:
         runs[f"baseline-{method}"] = pretrain_for_budget(method, args.pretrain_minutes, args.work_dir, args.data_dir,
-                                                         args.resolution, args.seed)
+                                                         args.resolution, args.seed, **baseline_recipe(method))
     info = {name: {"pretraining_steps": run["summary"]["global_step"],
                    "pretraining_budget_minutes": run["budget_minutes"],
                    "pretraining_wall_minutes": run["summary"]["train_minutes"],
@@ -317,6 +321,7 @@ def main():
     summary = runs["micdiffrep"]["summary"]
     result = {"environment": environment_info(), "command": command, "data_dir": args.data_dir,
               "num_images": len(bench.decoded), "resolution": args.resolution, "recipe": default_recipe(),
+              "baseline_recipes": {m: BASELINE_RECIPES[m] for m in args.baselines if m in BASELINE_RECIPES},
               "num_parameters": summary["num_parameters"], "pretraining_budget_minutes": args.pretrain_minutes,
               "timesteps": list(feature_args.timesteps), "note": args.note,
               "pretraining": {name: {**info[name], "final_loss": run["summary"]["final_loss"],

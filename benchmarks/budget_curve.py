@@ -19,8 +19,8 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-from common import (DEFAULT_DATA_DIR, DIRECTIONS, REPO, Benchmark, cached_extract, command_line,  # noqa: E402
-                    environment_info, pretrain_for_budget, probe_protocol)
+from common import (DEFAULT_DATA_DIR, DIRECTIONS, REPO, Benchmark, baseline_recipe, cached_extract,  # noqa: E402
+                    command_line, environment_info, pretrain_for_budget, probe_protocol)
 from mic_diffrep.features import DiffusionFeatureExtractor, EncoderFeatureExtractor, FeatureArguments  # noqa: E402
 from mic_diffrep.probing import ProbeConfig  # noqa: E402
 
@@ -95,7 +95,8 @@ def main():
                 extractor = DiffusionFeatureExtractor.from_pretrained(run["output_dir"]).to(dtype=torch.bfloat16)
                 features = cached_extract(extractor, bench, FeatureArguments(), f"micdiffrep-{minutes:g}min")[0]
             else:
-                run = pretrain_for_budget(method, minutes, args.work_dir, args.data_dir, args.resolution)
+                run = pretrain_for_budget(method, minutes, args.work_dir, args.data_dir, args.resolution,
+                                          **baseline_recipe(method))
                 features = cached_extract(EncoderFeatureExtractor.from_pretrained(run["output_dir"]), bench,
                                           FeatureArguments(timesteps=[0]), f"baseline-{method}-{minutes:g}min")[0]
             point = {"method": method, "minutes": minutes, "steps": run["summary"]["global_step"]}

@@ -96,3 +96,16 @@ def test_run_recipe_flags_override_the_defaults():
     arguments = pretraining_arguments(config)
     assert (arguments.timestep_power, arguments.intensity_jitter, arguments.lr_scheduler) == (1.0, True, "linear")
     assert config["num_noise_samples"] == 2 and config["learning_rate"] == RUN_DEFAULTS["learning_rate"]
+
+
+def test_baselines_train_with_their_own_optimiser_defaults_unless_given():
+    from mic_diffrep.training import BaselinePretrainingArguments
+
+    mae = BaselinePretrainingArguments(method="mae", train_data_dir="data")
+    byol = BaselinePretrainingArguments(method="byol", train_data_dir="data")
+    assert (mae.learning_rate, mae.lr_warmup_steps, mae.adam_beta2) == (1.5e-4, 200, 0.95)
+    assert (byol.learning_rate, byol.lr_warmup_steps, byol.adam_beta2) == (1e-3, 0, 0.999)
+    given = BaselinePretrainingArguments(method="mae", train_data_dir="data", learning_rate=1e-3, adam_beta2=0.999)
+    assert (given.learning_rate, given.lr_warmup_steps, given.adam_beta2) == (1e-3, 200, 0.999)
+    with pytest.raises(ValueError, match="method"):
+        BaselinePretrainingArguments(method="simclr", train_data_dir="data")
