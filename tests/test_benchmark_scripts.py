@@ -22,3 +22,19 @@ def test_readout_cost_counts_unet_forwards():
 ])
 def test_choose_readout_takes_the_cheapest_within_tolerance(scores, chosen):
     assert ablations.choose_readout(scores) == chosen
+
+
+def test_the_benchmarks_mae_recipe_is_the_package_default():
+    common = pytest.importorskip("common")
+    from transformers import HfArgumentParser
+
+    from mic_diffrep.commands.base import settings_from
+    from mic_diffrep.training import BaselinePretrainingArguments
+
+    name, flags = common.BASELINE_RECIPES["mae"]
+    assert name != "mae"  # runs made with the shared settings before keep their folder
+    parser = HfArgumentParser(BaselinePretrainingArguments)
+    given = settings_from(BaselinePretrainingArguments,
+                          parser.parse_args(["--method", "mae", "--train_data_dir", "data", *flags]))
+    default = BaselinePretrainingArguments(method="mae", train_data_dir="data")
+    assert given == default and common.baseline_recipe("byol") == {}
