@@ -109,3 +109,18 @@ def test_baselines_train_with_their_own_optimiser_defaults_unless_given():
     assert (given.learning_rate, given.lr_warmup_steps, given.adam_beta2) == (1e-3, 200, 0.999)
     with pytest.raises(ValueError, match="method"):
         BaselinePretrainingArguments(method="simclr", train_data_dir="data")
+
+
+def test_installed_executable_exits_zero_on_success(tmp_path):
+    # The console-script wrapper calls sys.exit() on what its entry point returns: a returned summary would exit 1.
+    import shutil
+    import subprocess
+    import sys
+
+    executable = shutil.which("mic-diffrep", path=os.path.dirname(sys.executable))
+    if executable is None:
+        pytest.skip("mic-diffrep is not installed beside this Python (pip install -e .)")
+    done = subprocess.run([executable, "check-leakage", "--within", os.path.join(SAMPLE_DATA_DIR, "Training"),
+                           "--output", str(tmp_path / "within.json")], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert (tmp_path / "within.json").is_file()

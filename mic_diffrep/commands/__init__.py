@@ -35,9 +35,16 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Optional[List[str]] = None):
+    """Runs a subcommand; returns what it returns (a summary, results, predictions), for use from Python."""
     configure_logging()
     namespace = build_parser().parse_args(argv)
     return run_guarded(f"mic-diffrep {namespace.command}", namespace.func, namespace)
 
 
-__all__ = ["RUN_DEFAULTS", "RUN_PRESETS", "SAMPLE_DATA_DIR", "build_parser", "main"]
+def console_main() -> None:
+    """The `mic-diffrep` executable: `main()`, exiting 0 on success. (The console-script wrapper calls
+    `sys.exit(entry_point())`, which would print a returned summary and exit 1.)"""
+    main()
+
+
+__all__ = ["RUN_DEFAULTS", "RUN_PRESETS", "SAMPLE_DATA_DIR", "build_parser", "console_main", "main"]
