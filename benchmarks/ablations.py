@@ -34,7 +34,7 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 from common import (DEFAULT_DATA_DIR, DIRECTIONS, REPO, Benchmark, cached_extract, command_line,  # noqa: E402
-                    environment_info, pretrain_for_budget, probe_protocol)
+                    environment_info, pretrain_for_budget, probe_protocol, slug, write_results)
 from mic_diffrep.features import DiffusionFeatureExtractor, FeatureArguments  # noqa: E402
 from mic_diffrep.probing import ProbeConfig  # noqa: E402
 
@@ -121,11 +121,11 @@ class Ablation:
                 return self.rows[-1]
         run = pretrain_for_budget("micdiffrep", self.args.proxy_minutes, self.args.work_dir, self.args.data_dir,
                                   self.args.resolution, recipe_argv=["--model_config_name_or_path", self.args.unet,
-                                                                     *recipe], name="ablation-" + _slug(name))
+                                                                     *recipe], name="ablation-" + slug(name))
         extractor = DiffusionFeatureExtractor.from_pretrained(run["output_dir"])
         extractor.pipeline.set_progress_bar_config(disable=True)
         features, speed = cached_extract(extractor.to(dtype=torch.bfloat16), self.bench, READOUTS[readout],
-                                         f"ablation-{_slug(name)}-{_slug(readout)}")
+                                         f"ablation-{slug(name)}-{slug(readout)}")
         row = {"stage": stage, "recipe": name, "flags": recipe, "readout": readout,
                "steps": run["summary"]["global_step"], "planned_steps": run["planned_steps"],
                "images_per_second": run["calibration"]["images_per_second"],
@@ -151,10 +151,7 @@ class Ablation:
                   "environment": environment_info(), "resolution": self.args.resolution,
                   "proxy_minutes": self.args.proxy_minutes, "note": self.args.note, "levers_left_out": left_out,
                   "rows": self.rows, "chosen": chosen}
-        with open(self.args.output + ".json", "w") as f:
-            json.dump(result, f, indent=2)
-        with open(self.args.output + ".md", "w") as f:
-            f.write(markdown(result))
+        write_results(self.args.output, result, markdown(result))
         return result
 
     def search(self) -> Dict:
@@ -191,10 +188,6 @@ class Ablation:
                 "readout_settings": {"timesteps": READOUTS[readout].timesteps,
                                      "num_noise_samples": READOUTS[readout].num_noise_samples},
                 "validation_accuracy": readout_rows[readout]["validation_accuracy"]}
-
-
-def _slug(text: str) -> str:
-    return "".join(c if c.isalnum() or c in "-." else "_" for c in text).strip("_")
 
 
 def markdown(result: Dict) -> str:

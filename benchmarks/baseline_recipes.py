@@ -19,7 +19,6 @@ the package's defaults do not change what a candidate means.
 """
 
 import argparse
-import json
 import logging
 import os
 import sys
@@ -29,8 +28,8 @@ import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-from common import (BASELINES, DEFAULT_DATA_DIR, DIRECTIONS, REPO, Benchmark, cached_extract, command_line,  # noqa: E402
-                    environment_info, pretrain_for_budget, probe_protocol)
+from common import (DEFAULT_DATA_DIR, DIRECTIONS, REPO, Benchmark, cached_extract, command_line,  # noqa: E402
+                    environment_info, pretrain_for_budget, probe_protocol, slug, write_results)
 from mic_diffrep.features import EncoderFeatureExtractor, FeatureArguments  # noqa: E402
 from mic_diffrep.probing import ProbeConfig  # noqa: E402
 
@@ -59,16 +58,12 @@ def parse_args():
     return parser.parse_args()
 
 
-def _slug(text: str) -> str:
-    return "".join(c if c.isalnum() or c in "-." else "_" for c in text).strip("_")
-
-
 def evaluate(args, bench: Benchmark, splits: Dict, name: str, flags: List[str]) -> Dict:
-    slug = f"recipe-{args.method}-{_slug(name)}"
+    run_name = f"recipe-{args.method}-{slug(name)}"
     run = pretrain_for_budget(args.method, args.proxy_minutes, args.work_dir, args.data_dir, args.resolution,
-                              recipe_argv=flags, name=slug)
+                              recipe_argv=flags, name=run_name)
     encoder = EncoderFeatureExtractor.from_pretrained(run["output_dir"])
-    features, _ = cached_extract(encoder, bench, FeatureArguments(timesteps=[0]), f"{slug}-{args.proxy_minutes:g}min")
+    features, _ = cached_extract(encoder, bench, FeatureArguments(timesteps=[0]), f"{run_name}-{args.proxy_minutes:g}min")
     row = {"candidate": name, "flags": flags, "steps": run["summary"]["global_step"],
            "final_loss": run["summary"]["final_loss"], "images_per_second": run["calibration"]["images_per_second"]}
     for direction, split in splits.items():
@@ -115,8 +110,6 @@ def markdown(result: Dict) -> str:
 def main():
     args = parse_args()
     logging.basicConfig(format="%(asctime)s - %(levelname)s - %(name)s - %(message)s", level=logging.INFO)
-    if args.method not in BASELINES:
-        raise SystemExit(f"--method must be one of {BASELINES}")
     bench = Benchmark(args.data_dir, args.work_dir, args.resolution, max_images=args.max_images)
     splits = {direction: bench.split(direction) for direction, _ in DIRECTIONS}
     rows = [evaluate(args, bench, splits, name, flags) for name, flags in CANDIDATES[args.method].items()]
@@ -124,11 +117,7 @@ def main():
     result = {"command": command_line(), "environment": environment_info(), "method": args.method,
               "resolution": args.resolution, "proxy_minutes": args.proxy_minutes, "note": args.note, "rows": rows,
               "chosen": {k: chosen[k] for k in ("candidate", "flags", "validation_accuracy")}}
-    os.makedirs(os.path.dirname(args.output), exist_ok=True)
-    with open(args.output + ".json", "w") as f:
-        json.dump(result, f, indent=2)
-    with open(args.output + ".md", "w") as f:
-        f.write(markdown(result))
+    write_results(args.output, result, markdown(result))
     print(markdown(result))
 
 

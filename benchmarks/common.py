@@ -68,6 +68,20 @@ BASELINE_RECIPES: Dict[str, Tuple[str, List[str]]] = {
 
 
 
+def slug(text: str) -> str:
+    """`text` as a file or folder name: letters, digits, '-' and '.' kept, the rest '_'."""
+    return "".join(c if c.isalnum() or c in "-." else "_" for c in text).strip("_")
+
+
+def write_results(output: str, result: Dict, markdown: str) -> None:
+    """`result` as `OUTPUT.json` and its rendering as `OUTPUT.md`."""
+    os.makedirs(os.path.dirname(os.path.abspath(output)), exist_ok=True)
+    with open(output + ".json", "w") as f:
+        json.dump(result, f, indent=2)
+    with open(output + ".md", "w") as f:
+        f.write(markdown)
+
+
 def command_line() -> str:
     """The command that is running, quoted so that it can be pasted into a shell."""
     return "python " + shlex.join([os.path.relpath(sys.argv[0], REPO)] + sys.argv[1:])

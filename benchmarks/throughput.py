@@ -16,7 +16,6 @@ CPU's measured bf16 matmul peak.
 """
 
 import argparse
-import json
 import os
 import sys
 import tempfile
@@ -29,7 +28,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-from common import REPO, command_line, environment_info  # noqa: E402
+from common import REPO, command_line, environment_info, write_results  # noqa: E402
 from diffusers import DDIMScheduler  # noqa: E402
 from mic_diffrep import DiffusionFeaturePipeline  # noqa: E402
 from mic_diffrep.commands import SAMPLE_DATA_DIR  # noqa: E402
@@ -254,10 +253,7 @@ def main():
     result = {"command": command_line(),
               "environment": environment_info(), "peak_flops": peak, "rows": rows,
               "pretraining_speedup": ours / plain, "notes": args.note}
-    with open(args.output + ".json", "w") as f:
-        json.dump(result, f, indent=2)
-    with open(args.output + ".md", "w") as f:
-        f.write(markdown(result))
+    write_results(args.output, result, markdown(result))
     print(markdown(result))
 
 

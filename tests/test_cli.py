@@ -1,5 +1,8 @@
 import json
 import os
+import shutil
+import subprocess
+import sys
 
 import pytest
 
@@ -113,10 +116,6 @@ def test_baselines_train_with_their_own_optimiser_defaults_unless_given():
 
 def test_installed_executable_exits_zero_on_success(tmp_path):
     # The console-script wrapper calls sys.exit() on what its entry point returns: a returned summary would exit 1.
-    import shutil
-    import subprocess
-    import sys
-
     executable = shutil.which("mic-diffrep", path=os.path.dirname(sys.executable))
     if executable is None:
         pytest.skip("mic-diffrep is not installed beside this Python (pip install -e .)")

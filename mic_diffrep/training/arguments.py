@@ -190,9 +190,10 @@ class PretrainingArguments(CommonPretrainingArguments):
 # Optimiser settings of each baseline unless given: AdamW 1e-3 without warm-up for the contrastive ones; MAE's own
 # (He et al. 2022: beta2 0.95, warm-up, base lr 1.5e-4), which scored 13 points more validation accuracy than those
 # in `benchmarks/baseline_recipes.py`.
+_CONTRASTIVE_OPTIMISER = {"learning_rate": 1e-3, "lr_warmup_steps": 0, "adam_beta2": 0.999}
 BASELINE_OPTIMISER_DEFAULTS = {
-    "mocov2": {"learning_rate": 1e-3, "lr_warmup_steps": 0, "adam_beta2": 0.999},
-    "byol": {"learning_rate": 1e-3, "lr_warmup_steps": 0, "adam_beta2": 0.999},
+    "mocov2": _CONTRASTIVE_OPTIMISER,
+    "byol": _CONTRASTIVE_OPTIMISER,
     "mae": {"learning_rate": 1.5e-4, "lr_warmup_steps": 200, "adam_beta2": 0.95},
 }
 
