@@ -16,6 +16,7 @@ training side.
 """
 
 import csv
+import dataclasses
 import json
 import logging
 import os
@@ -108,12 +109,47 @@ def run_pretraining(method: str, argv: List[str]) -> dict:
     return function(settings_from(settings_class, HfArgumentParser(settings_class).parse_args(argv)))
 
 
+# Settings that say where a run writes or how long it runs, not what it learns: left out of `training_settings`.
+_OUTPUT_SETTINGS = {"output_dir", "cache_dir", "logger", "logging_dir", "save_images_epochs", "save_model_epochs",
+                    "checkpointing_steps", "checkpoints_total_limit", "resume_from_checkpoint", "max_train_steps",
+                    "dataloader_num_workers", "eval_batch_size", "sample_scheduler", "ddpm_num_inference_steps",
+                    "push_to_hub", "hub_model_id", "hub_token", "hub_private_repo"}
+
+
+def training_settings(method: str, argv: Sequence[str]) -> Dict:
+    """Every setting a pretraining run with `argv` learns with: its flags *and* the package defaults they leave, so a
+    run made before a default changed is told apart from one made after."""
+    settings_class = BaselinePretrainingArguments if method in BASELINES else PretrainingArguments
+    parsed = settings_from(settings_class, HfArgumentParser(settings_class).parse_args(
+        ["--output_dir", "unused", *argv]))
+    settings = {k: v for k, v in dataclasses.asdict(parsed).items() if k not in _OUTPUT_SETTINGS}
+    return json.loads(json.dumps(settings, default=str))
+
+
+def check_settings(path: str, recorded: Optional[Dict], wanted: Dict) -> None:
+    """Refuses to reuse a calibration or run (`path`) recorded with other settings than `wanted`."""
+    if recorded is None or recorded == wanted:
+        return
+    changed = sorted(k for k in set(recorded) | set(wanted) if recorded.get(k) != wanted.get(k))
+    details = ", ".join(f"{k}: {recorded.get(k)!r} there, {wanted.get(k)!r} now" for k in changed)
+    raise ValueError(f"{path} was made with other pretraining settings ({details}). Give this recipe another run "
+                     "name, or move the old one away.")
+
+
 def calibrate(method: str, name: str, work_dir: str, base_argv: List[str]) -> dict:
-    """Steps/s of one method (and recipe `name`), measured once and cached in `WORK_DIR/calibration/NAME.json`."""
+    """Steps/s of one method (and recipe `name`), measured once and cached in `WORK_DIR/calibration/NAME.json`
+    with the settings it was measured with (a cached one with other settings is refused: `check_settings`)."""
     path = os.path.join(work_dir, "calibration", f"{name}.json")
+    settings = training_settings(method, base_argv)
     if os.path.isfile(path):
         with open(path) as f:
-            return json.load(f)
+            result = json.load(f)
+        check_settings(path, result.get("settings"), settings)
+        if result.get("settings") is None:  # measured before settings were recorded: recorded from now on
+            result["settings"] = settings
+            with open(path, "w") as f:
+                json.dump(result, f, indent=2)
+        return result
     seconds, summaries = [], []
     for steps in CALIBRATION_STEPS:
         output_dir = os.path.join(work_dir, "calibration", f"{name}-{steps}")
@@ -127,7 +163,7 @@ def calibrate(method: str, name: str, work_dir: str, base_argv: List[str]) -> di
     images_per_step = summaries[1]["images_seen"] / CALIBRATION_STEPS[1]
     result = {"method": method, "name": name, "steps_per_second": steps_per_second,
               "images_per_second": steps_per_second * images_per_step, "calibration_steps": list(CALIBRATION_STEPS),
-              "calibration_seconds": seconds, "argv": base_argv, "measured_at": time.strftime("%Y-%m-%d %H:%M:%S"),
+              "calibration_seconds": seconds, "argv": base_argv, "settings": settings, "measured_at": time.strftime("%Y-%m-%d %H:%M:%S"),
               "environment": environment_info()}
     os.makedirs(os.path.dirname(path), exist_ok=True)
     with open(path, "w") as f:
@@ -154,21 +190,33 @@ def pretrain_for_budget(method: str, minutes: float, work_dir: str, data_dir: st
                         recipe_argv: Sequence[str] = (), name: Optional[str] = None) -> Dict:
     """Pretrains `method` (a baseline, or `"micdiffrep"` with the pretraining flags `recipe_argv`) for `minutes` of
     its calibrated throughput; returns `{"output_dir", "summary", "calibration", "budget_minutes",
-    "planned_steps"}`. A finished run (its `pretraining_summary.json` exists) is reused."""
+    "planned_steps"}`. A finished run (its `pretraining_summary.json` exists) is reused if it was made with the same
+    settings (recorded in its `benchmark_settings.json`); one made with others is refused rather than reused."""
     name = name or method
     base_argv = common_argv(data_dir, work_dir, resolution, seed) + method_argv(method, recipe_argv)
     calibration = calibrate(method, name, work_dir, base_argv)
     steps = max(1, int(minutes * 60 * calibration["steps_per_second"]))
     output_dir = os.path.join(work_dir, f"{name}-{minutes:g}min")
     summary_file = os.path.join(output_dir, "pretraining_summary.json")
+    settings_file = os.path.join(output_dir, "benchmark_settings.json")
+    settings = dict(calibration["settings"], max_train_steps=steps)
+    if os.path.isfile(settings_file):
+        with open(settings_file) as f:
+            check_settings(output_dir, json.load(f), settings)
     if os.path.isfile(summary_file):
         logger.info("Reusing %s", output_dir)
         with open(summary_file) as f:
             summary = json.load(f)
     else:
+        os.makedirs(output_dir, exist_ok=True)
+        with open(settings_file, "w") as f:  # before training, so a resumed run is checked too
+            json.dump(settings, f, indent=2)
         summary = run_pretraining(method, base_argv + [
             "--output_dir", output_dir, "--max_train_steps", str(steps), "--checkpointing_steps", "1000",
             "--checkpoints_total_limit", "1", "--resume_from_checkpoint", "latest"])
+    if not os.path.isfile(settings_file):  # finished before settings were recorded: recorded from now on
+        with open(settings_file, "w") as f:
+            json.dump(settings, f, indent=2)
     return {"output_dir": output_dir, "summary": summary, "calibration": calibration, "budget_minutes": minutes,
             "planned_steps": steps}
 

@@ -171,6 +171,7 @@ class DiffusionFeaturePipeline(DiffusionPipeline):
         pooling: str = "avg",
         pooling_grid_size: int = 2,
         num_noise_samples: int = 1,
+        flip_average: bool = False,
         generator: Optional[torch.Generator] = None,
         noise_seeds: Optional[Sequence[int]] = None,
         batch_size: int = 16,
@@ -190,6 +191,8 @@ class DiffusionFeaturePipeline(DiffusionPipeline):
             pooling (`str`, defaults to `"avg"`): `"avg"`, `"avgmax"` or `"grid"` (see `pool_features`).
             pooling_grid_size (`int`, defaults to 2): grid size for `pooling="grid"`.
             num_noise_samples (`int`, defaults to 1): noise draws per image, whose pooled features are averaged.
+            flip_average (`bool`, defaults to `False`): also run each noised image mirrored left-right and average
+                the two features (test-time flip averaging; twice the UNet forwards).
             generator (`torch.Generator`, *optional*): random noise per image; `None` uses one fixed noise for all.
             noise_seeds (`Sequence[int]`, *optional*): one noise seed per image instead of `generator` (sharded
                 extraction passes each process its images' seeds).
@@ -226,7 +229,7 @@ class DiffusionFeaturePipeline(DiffusionPipeline):
             for t in timesteps:
                 noise = feature_noise(batch_seeds, t, num_noise_samples, shape).to(self.device)
                 pooled = noisy_block_features(self.unet, alphas_cumprod, clean, noise, t, layers, pooling,
-                                              pooling_grid_size)
+                                              pooling_grid_size, flip_average)
                 for layer in layers:
                     collected[(layer, t)].append(pooled[layer].float().cpu())
         features = {key: torch.cat(chunks) for key, chunks in collected.items()}

@@ -3,6 +3,7 @@ import os
 import pytest
 import torch
 
+from mic_diffrep.features import EncoderFeatureExtractor, FeatureArguments
 from mic_diffrep.data.augmentations import GreyAugment, gaussian_blur, intensity_jitter, random_flip, random_resized_crop
 from mic_diffrep.training import BaselinePretrainingArguments, pretrain_baseline
 from mic_diffrep.models.baselines import BYOL, MoCoV2, create_baseline, load_baseline, momentum_update
@@ -108,3 +109,16 @@ def test_local_clip_vision_model_plugs_into_the_probe(kaggle_folder, tmp_path):
                                 str(tmp_path / "probe"), "--num_epochs", "2", "--hidden_size", "8",
                                 "--resolution", "32"]))
     assert results["method"] == "baseline-clip"
+
+
+@pytest.mark.parametrize("method", ["mocov2", "mae"])
+def test_flip_averaged_encoder_features_are_mirror_invariant(method):
+    torch.manual_seed(0)
+    extractor = EncoderFeatureExtractor(create_baseline(method, resolution=16))
+    pixels = torch.randint(0, 256, (4, 1, 16, 16), dtype=torch.uint8)
+    args = extractor.resolve(FeatureArguments(flip_average=True))
+    flipped = extractor.extract(pixels, args, show_progress=False)[("encoder", 0)]
+    mirrored = extractor.extract(pixels.flip(-1), args, show_progress=False)[("encoder", 0)]
+    torch.testing.assert_close(flipped, mirrored)
+    plain = extractor.extract(pixels, extractor.resolve(FeatureArguments()), show_progress=False)[("encoder", 0)]
+    assert not torch.allclose(plain, flipped)

@@ -13,6 +13,42 @@ ablations = pytest.importorskip("ablations")
 def test_readout_cost_counts_unet_forwards():
     assert ablations.readout_cost("sweep 10-250") == 5
     assert ablations.readout_cost("4 noise draws") == 20
+    assert ablations.readout_cost("flip average") == 10
+
+
+def test_an_ablation_recipe_means_the_same_whatever_the_package_defaults():
+    """"paper" is the paper's optimiser and uniform timesteps, though the package defaults are the chosen recipe."""
+    common = pytest.importorskip("common")
+    paper = common.training_settings("micdiffrep", ["--train_data_dir", "data", *ablations.PAPER_FLAGS])
+    assert (paper["learning_rate"], paper["lr_scheduler"], paper["lr_warmup_steps"], paper["timestep_power"]) == (
+        1e-4, "linear", 0, 1.0)
+    second = ablations.merge_flags(ablations.PAPER_FLAGS, ["--timestep_power", "2"], ["--timestep_power", "3"])
+    assert common.training_settings("micdiffrep", ["--train_data_dir", "data", *second])["timestep_power"] == 3.0
+
+
+def test_a_run_made_with_other_settings_is_refused_not_reused(tmp_path, monkeypatch):
+    common = pytest.importorskip("common")
+    argv = ["--train_data_dir", "data", "--learning_rate", "1e-3"]
+    calibration = {"steps_per_second": 1.0, "images_per_second": 32.0,
+                   "settings": common.training_settings("micdiffrep", argv)}
+    (tmp_path / "calibration").mkdir()
+    (tmp_path / "calibration" / "recipe.json").write_text(common.json.dumps(calibration))
+    trained = []
+    monkeypatch.setattr(common, "run_pretraining", lambda method, argv: trained.append(argv) or {"global_step": 60})
+    monkeypatch.setattr(common, "common_argv", lambda *args: ["--train_data_dir", "data"])
+    run = common.pretrain_for_budget("micdiffrep", 1, str(tmp_path), "data", recipe_argv=["--learning_rate", "1e-3"],
+                                     name="recipe")
+    assert run["planned_steps"] == 60 and len(trained) == 1
+    (tmp_path / "recipe-1min" / "pretraining_summary.json").write_text('{"global_step": 60}')
+    common.pretrain_for_budget("micdiffrep", 1, str(tmp_path), "data", recipe_argv=["--learning_rate", "1e-3"],
+                               name="recipe")
+    assert len(trained) == 1  # reused
+    with pytest.raises(ValueError, match=r"calibration.*learning_rate: 0.001 there, 0.0005 now"):
+        common.pretrain_for_budget("micdiffrep", 1, str(tmp_path), "data", name="recipe")
+    with open(tmp_path / "calibration" / "recipe.json", "w") as f:  # a stale calibration alone would not catch it
+        common.json.dump(dict(calibration, settings=None), f)
+    with pytest.raises(ValueError, match=r"recipe-1min was made with other pretraining settings"):
+        common.pretrain_for_budget("micdiffrep", 1, str(tmp_path), "data", name="recipe")
 
 
 @pytest.mark.parametrize("scores, chosen", [

@@ -61,10 +61,13 @@ def test_forward_shapes_loss_and_tuple_output(model):
         model(torch.rand(2, 3, 16, 16))
 
 
-def test_model_features_equal_pipeline_fixed_noise_features(model):
+@pytest.mark.parametrize("flip_average", [False, True])
+def test_model_features_equal_pipeline_fixed_noise_features(flip_average):
+    torch.manual_seed(0)
+    model = MicDiffRepForImageClassification(tiny_config(flip_average=flip_average)).eval()
     pixels = torch.randint(0, 256, (3, 1, 16, 16), dtype=torch.uint8)
     pipe = DiffusionFeaturePipeline(model.unet, create_scheduler())
-    out = pipe.extract_features(pixels, timesteps=[5, 50])
+    out = pipe.extract_features(pixels, timesteps=[5, 50], flip_average=flip_average)
     torch.testing.assert_close(model.extract_features(pixels_to_model_input(pixels)),
                                out.concatenate(layers=model.config.layers), rtol=0, atol=0)
 

@@ -11,7 +11,9 @@ from diffusers import DDIMScheduler, DiffusionPipeline
 from mic_diffrep import DiffusionFeaturePipeline, save_image_grid
 from mic_diffrep.features import (DiffusionFeatureExtractor, FeatureArguments, StaleFeatureCacheError, load_features,
                                   model_fingerprint, save_features)
+from mic_diffrep.models.mic_diffrep.preprocessing import pixels_to_model_input
 from mic_diffrep.models.mic_diffrep.unet import create_scheduler, create_unet
+from mic_diffrep.models.mic_diffrep.unet_features import add_noise, feature_noise, unet_block_features
 
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -51,6 +53,20 @@ def test_pooling_variants(pipe, images):
     torch.testing.assert_close(avgmax[:, :16], avg)
     # The average of the 2x2 grid cells is the global average.
     torch.testing.assert_close(grid.view(5, 16, 4).mean(-1), avg, atol=1e-5, rtol=1e-5)
+
+
+def test_flip_average_is_the_mean_over_the_noised_image_and_its_mirror(pipe, images):
+    pixels = pipe.prepare_pixels(images)
+    flipped = pipe.extract_features(pixels, timesteps=[50], flip_average=True).features
+    clean = pixels_to_model_input(pixels)
+    noise = feature_noise([0] * len(pixels), 50, 1, clean.shape[1:])[:, 0]
+    noisy = add_noise(pipe.scheduler.alphas_cumprod, clean, noise, 50)
+    views = [unet_block_features(pipe.unet, x, 50, LAYERS) for x in (noisy, noisy.flip(-1))]
+    for layer in LAYERS:
+        torch.testing.assert_close(flipped[(layer, 50)], (views[0][layer] + views[1][layer]) / 2)
+    plain = pipe.extract_features(pixels, timesteps=[50]).features
+    torch.testing.assert_close(plain[("mid_block", 50)], views[0]["mid_block"])
+    assert not torch.allclose(plain[("mid_block", 50)], flipped[("mid_block", 50)])
 
 
 def test_one_unet_forward_per_timestep(pipe, images):

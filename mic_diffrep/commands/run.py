@@ -41,6 +41,7 @@ RUN_DEFAULTS = {
     "timesteps": list(_FEATURE_DEFAULTS.timesteps),
     "pooling": _FEATURE_DEFAULTS.pooling,
     "num_noise_samples": _FEATURE_DEFAULTS.num_noise_samples,
+    "flip_average": _FEATURE_DEFAULTS.flip_average,
     "probe_epochs": 15,
     "probe_learning_rate": 0.01,
     "probe_batch_size": 128,
@@ -52,11 +53,12 @@ RUN_DEFAULTS = {
 # with Adam 1e-4 and linear decay, batch 32, uniform timesteps, no augmentation, DDPM-1000 samples, fp32).
 RUN_PRESETS = {
     "paper": {
-        "resolution": 112, "pretrain_epochs": 200, "pretrain_batch_size": 32, "learning_rate": 1e-4,
+        "resolution": 112, "model_config_name_or_path": "default", "pretrain_epochs": 200, "pretrain_batch_size": 32, "learning_rate": 1e-4,
         "lr_scheduler": "linear", "lr_warmup_steps": 0, "max_train_timestep": None, "timestep_power": 1.0,
         "random_crop_scale": None, "intensity_jitter": False, "use_ema": False, "sample_scheduler": "ddpm",
         "sampling_steps": 1000, "mixed_precision": "no", "probe_epochs": 15, "probe_learning_rate": 0.01,
         "probe_batch_size": 128, "hidden_size": 512, "num_noise_samples": 1, "pooling": "avg",
+        "flip_average": False,
     },
 }
 
@@ -106,7 +108,8 @@ def probe_arguments(config: dict) -> ProbeArguments:
     return ProbeArguments(
         pretrained=os.path.join(config["output_dir"], "pretrain"), data_dir=config["data_dir"],
         output_dir=os.path.join(config["output_dir"], "model"), timesteps=list(config["timesteps"]),
-        pooling=config["pooling"], num_noise_samples=config["num_noise_samples"], num_epochs=config["probe_epochs"],
+        pooling=config["pooling"], num_noise_samples=config["num_noise_samples"],
+        flip_average=config["flip_average"], num_epochs=config["probe_epochs"],
         learning_rate=config["probe_learning_rate"], train_batch_size=config["probe_batch_size"],
         hidden_size=config["hidden_size"], mixed_precision=config["mixed_precision"], seed=config["seed"])
 
@@ -180,6 +183,11 @@ def register(subparsers) -> None:
     parser.add_argument("--pooling", type=str, default=None, choices=["avg", "avgmax", "grid"], help="Feature pooling.")
     parser.add_argument("--num_noise_samples", type=int, default=None,
                         help=f"Noise draws averaged per image (default {RUN_DEFAULTS['num_noise_samples']}).")
+    parser.add_argument("--flip_average", action="store_const", const=True, default=None,
+                        help="Average the features of each image and of its mirror image (default "
+                             f"{RUN_DEFAULTS['flip_average']}).")
+    parser.add_argument("--no_flip_average", dest="flip_average", action="store_const", const=False,
+                        help="One view per image.")
     parser.add_argument("--probe_epochs", type=int, default=None, help="Probe epochs (default 15).")
     parser.add_argument("--probe_learning_rate", type=float, default=None, help="Probe learning rate (default 0.01).")
     parser.add_argument("--probe_batch_size", type=int, default=None, help="Probe batch size (default 128).")

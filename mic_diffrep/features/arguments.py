@@ -26,6 +26,9 @@ class FeatureArguments:
         "help": "Global average, average and max, or an average over a grid of regions."})
     pooling_grid_size: int = field(default=2, metadata={"help": "Grid size for --pooling grid."})
     num_noise_samples: int = field(default=1, metadata={"help": "Noise draws averaged per image."})
+    flip_average: bool = field(default=False, metadata={
+        "help": "Test-time flip averaging: average the features of each image and of its left-right mirror image "
+                "(twice the forwards; applies to baseline encoders too)."})
     noise_seed: int = field(default=0, metadata={
         "help": "Seed of the fixed noise added to every image (the exported classifier uses the same)."})
     batch_size: int = field(default=16, metadata={

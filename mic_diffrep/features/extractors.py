@@ -114,7 +114,8 @@ class DiffusionFeatureExtractor:
         self.pipeline.set_progress_bar_config(disable=not show_progress)
         return self.pipeline.extract_features(
             pixels, args.timesteps, args.layers, pooling=args.pooling, pooling_grid_size=args.pooling_grid_size,
-            num_noise_samples=args.num_noise_samples, noise_seeds=noise_seeds, batch_size=args.batch_size).features
+            num_noise_samples=args.num_noise_samples, flip_average=args.flip_average, noise_seeds=noise_seeds,
+            batch_size=args.batch_size).features
 
     def classifier(self, head, mean, std, layers, timesteps, label_names, args, hidden_size, dropout):
         pipeline = self.pipeline
@@ -124,7 +125,7 @@ class DiffusionFeatureExtractor:
             beta_schedule=schedule.beta_schedule, beta_start=schedule.beta_start, beta_end=schedule.beta_end,
             layers=list(layers), timesteps=list(timesteps), pooling=args.pooling,
             pooling_grid_size=args.pooling_grid_size, num_noise_samples=args.num_noise_samples,
-            noise_seed=args.noise_seed, hidden_size=hidden_size, classifier_dropout=dropout,
+            flip_average=args.flip_average, noise_seed=args.noise_seed, hidden_size=hidden_size, classifier_dropout=dropout,
             resize_mode=pipeline.config.resize_mode, intensity_window=pipeline.config.intensity_window,
             num_labels=len(label_names), id2label=dict(enumerate(label_names)),
             label2id={name: i for i, name in enumerate(label_names)},
@@ -176,7 +177,7 @@ class EncoderFeatureExtractor:
 
     @torch.no_grad()
     def encode(self, images: torch.Tensor) -> torch.Tensor:
-        """Pooled encoder output `(B, D)` of model inputs in [-1, 1]."""
+        """Pooled encoder output `(B, D)` of model inputs in [-1, 1] (one view; `extract` adds the mirrored one)."""
         if isinstance(self.model, MAE):
             vit = self.model.mae.vit
             ratio, vit.config.mask_ratio = vit.config.mask_ratio, 0.0
@@ -193,7 +194,10 @@ class EncoderFeatureExtractor:
         starts = range(0, len(pixels), args.batch_size)
         for start in tqdm(starts, desc="Extracting features", disable=not show_progress, mininterval=progress_interval()):
             batch = pixels_to_model_input(pixels[start : start + args.batch_size]).to(self.device, self.dtype)
-            chunks.append(self.encode(batch).float().cpu())
+            features = self.encode(batch).float()
+            if args.flip_average:
+                features = (features + self.encode(batch.flip(-1)).float()) / 2
+            chunks.append(features.cpu())
         return {("encoder", 0): torch.cat(chunks)}
 
     def classifier(self, *args, **kwargs) -> None:
@@ -235,6 +239,7 @@ def _settings(preprocessing: ImagePreprocessing, args: FeatureArguments) -> dict
             "intensity_window": preprocessing.intensity_window, "layers": list(args.layers),
             "timesteps": list(args.timesteps), "pooling": args.pooling,
             "pooling_grid_size": args.pooling_grid_size if args.pooling == "grid" else None,
+            **({"flip_average": True} if args.flip_average else {}),
             "mixed_precision": args.mixed_precision or "no"}
 
 

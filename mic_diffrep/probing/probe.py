@@ -96,7 +96,8 @@ def _run_probe(args: ProbeArguments, extractor: Optional[FeatureExtractor]) -> d
         "pretrained": args.pretrained, "data_dir": args.data_dir, "test_split": test_source,
         "leakage": splits.leakage, "skipped_images": train.skipped + test.skipped,
         "features": {"pooling": args.pooling, "pooling_grid_size": args.pooling_grid_size,
-                     "num_noise_samples": args.num_noise_samples, "noise_seed": args.noise_seed,
+                     "num_noise_samples": args.num_noise_samples, "flip_average": args.flip_average,
+                     "noise_seed": args.noise_seed,
                      "resolution": extractor.preprocessing.resolution},
     })
     if accelerator.is_main_process:

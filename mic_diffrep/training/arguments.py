@@ -124,7 +124,7 @@ class PretrainingArguments(CommonPretrainingArguments):
 
     # Model and noise schedule
     model_config_name_or_path: Optional[str] = field(default=None, metadata={
-        "help": "UNet config: a preset ('default' = 4.3M parameters, 'tiny'), a config.json, or a folder holding one. "
+        "help": "UNet config: a preset ('default' = 4.3M parameters, 'small' = 1.1M, 'tiny'), a config.json, or a folder holding one. "
                 "Default: 'default'."})
     ddpm_num_steps: int = field(default=1000, metadata={"help": "Diffusion steps of the noise schedule."})
     ddpm_beta_schedule: str = field(default="linear", metadata={"help": "Beta schedule (paper: linear)."})

@@ -28,6 +28,8 @@ class MicDiffRepConfig(PretrainedConfig):
         pooling (`str`, *optional*, defaults to `"avg"`): `"avg"`, `"avgmax"` or `"grid"`.
         pooling_grid_size (`int`, *optional*, defaults to 2): grid size for `pooling="grid"`.
         num_noise_samples (`int`, *optional*, defaults to 1): noise draws averaged per image.
+        flip_average (`bool`, *optional*, defaults to `False`): average the features of each image and of its
+            left-right mirror image (test-time flip averaging).
         noise_seed (`int`, *optional*, defaults to 0): seed of the fixed noise, which makes inference deterministic.
         hidden_size (`int`, *optional*, defaults to 512): MSFA aggregation width (eq. 5); `0` makes a single linear
             layer (a single-layer probe).
@@ -63,6 +65,7 @@ class MicDiffRepConfig(PretrainedConfig):
         pooling: str = "avg",
         pooling_grid_size: int = 2,
         num_noise_samples: int = 1,
+        flip_average: bool = False,
         noise_seed: int = 0,
         hidden_size: int = 512,
         classifier_dropout: float = 0.0,
@@ -84,6 +87,7 @@ class MicDiffRepConfig(PretrainedConfig):
         self.pooling = pooling
         self.pooling_grid_size = pooling_grid_size
         self.num_noise_samples = num_noise_samples
+        self.flip_average = bool(flip_average)
         self.noise_seed = noise_seed
         self.hidden_size = hidden_size
         self.classifier_dropout = classifier_dropout

@@ -138,7 +138,7 @@ class MicDiffRepForImageClassification(MicDiffRepPreTrainedModel):
             noise = feature_noise([config.noise_seed], t, config.num_noise_samples, pixel_values.shape[1:])
             noise = noise.to(clean.device).expand(batch, *noise.shape[1:])
             pooled = noisy_block_features(self.unet, schedule, clean, noise, t, config.layers, config.pooling,
-                                          config.pooling_grid_size)
+                                          config.pooling_grid_size, config.flip_average)
             parts.extend(pooled[layer].float() for layer in config.layers)
         return torch.cat(parts, dim=1)
 

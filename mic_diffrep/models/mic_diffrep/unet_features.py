@@ -156,17 +156,22 @@ def add_noise(alphas_cumprod: torch.Tensor, clean: torch.Tensor, noise: torch.Te
 
 
 def noisy_block_features(unet, alphas_cumprod: torch.Tensor, clean: torch.Tensor, noise: torch.Tensor, timestep: int,
-                         layers: Sequence[str], pooling: str = "avg", grid_size: int = 2) -> Dict[str, torch.Tensor]:
+                         layers: Sequence[str], pooling: str = "avg", grid_size: int = 2,
+                         flip_average: bool = False) -> Dict[str, torch.Tensor]:
     """Pooled features `(B, D)` of each block in `layers` for `clean` images `(B, C, R, R)` in [-1, 1], noised to
     `timestep` with `noise` `(B, K, C, R, R)`: the K draws are folded into one batch and their features averaged.
+    With `flip_average`, each noised image is also seen mirrored left-right and the two features are averaged.
 
     The noised images are cast to the UNet's dtype, so a bf16 UNet (`unet.to(torch.bfloat16)`) runs in bf16.
     """
     batch, draws = noise.shape[:2]
     clean = clean.repeat_interleave(draws, dim=0)
     noisy = add_noise(alphas_cumprod, clean, noise.flatten(0, 1).to(clean.device), timestep).to(unet.dtype)
+    views = 1
+    if flip_average:
+        noisy, views = torch.cat([noisy, noisy.flip(-1)]), 2
     pooled = unet_block_features(unet, noisy, timestep, layers, pooling, grid_size)
-    return {name: value.view(batch, draws, -1).mean(dim=1) for name, value in pooled.items()}
+    return {name: value.view(views, batch, draws, -1).mean(dim=(0, 2)) for name, value in pooled.items()}
 
 
 def concatenate_features(features: Dict[tuple, torch.Tensor], layers: Sequence[str],
