@@ -116,7 +116,8 @@ def parse_args():
     parser.add_argument("--output", default=os.path.join(REPO, "benchmarks", "results", "ablations"))
     parser.add_argument("--proxy_minutes", type=float, default=8.0, help="Pretraining budget of every recipe.")
     parser.add_argument("--resolution", type=int, default=64)
-    parser.add_argument("--unet", default="default", help="UNet preset or config ('tiny' for smoke runs).")
+    parser.add_argument("--unet", default="base",
+                        help="UNet preset or config of every recipe that does not set one ('tiny' for smoke runs).")
     parser.add_argument("--max_images", type=int, default=None, help="Use a subset (smoke runs only).")
     parser.add_argument("--levers", nargs="+", default=list(LEVERS), choices=list(LEVERS),
                         help="The levers of step 2 (all by default; the results file lists those left out).")
@@ -244,7 +245,8 @@ def markdown(result: Dict) -> str:
         f"Command: `{result['command']}`  ",
         f"Machine: {env['processor']}, {env['cpu_count']} CPUs, no GPU; torch {env['torch']}, diffusers {env['diffusers']}",
         "",
-        f"Every recipe: the default UNet (unless it says `unet-small`) at {result['resolution']} px, bf16, pretrained on the 5,708 unlabelled training "
+        "Every recipe: the `base` UNet (4.3M parameters; `unet-small`: the 1.1M `small` one) at "
+        f"{result['resolution']} px, bf16, pretrained on the 5,708 unlabelled training "
         f"images for {result['proxy_minutes']:g} minutes of its own calibrated throughput (steps fixed before "
         "training; `benchmarks/common.py`). Features: all blocks, fixed noise, bf16. Probe: the paper's MSFA protocol. "
         "**val** = MSFA accuracy on the validation part carved from the training side of each cross-source "

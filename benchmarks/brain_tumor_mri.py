@@ -19,6 +19,7 @@ Writes `benchmarks/results/brain_tumor_mri.{json,md}` and PNGs beside them.
 """
 
 import argparse
+from dataclasses import replace
 import json
 import logging
 import os
@@ -29,17 +30,17 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 from common import (BASELINE_RECIPES, BASELINES, DEFAULT_DATA_DIR, DIRECTIONS, REPO, Benchmark,  # noqa: E402
-                    baseline_recipe, cached_extract, command_line, environment_info, pretrain_for_budget,
-                    probe_protocol)
-from diffusers import DDIMScheduler  # noqa: E402
+                    baseline_recipe, cached_extract, command_line, environment_info, feature_cache_name,
+                    micdiffrep_run, pretrain_for_budget, probe_protocol)
+from diffusers import DDIMScheduler, UNet2DModel  # noqa: E402
 from mic_diffrep import DiffusionFeaturePipeline, save_image_grid  # noqa: E402
 from mic_diffrep.data import pixels_to_model_input  # noqa: E402
 from mic_diffrep.features import (ClipFeatureExtractor, DiffusionFeatureExtractor, EncoderFeatureExtractor,  # noqa: E402
                                   FeatureArguments)
-from mic_diffrep.models.mic_diffrep.unet import create_scheduler, create_unet  # noqa: E402
+from mic_diffrep.models.mic_diffrep.unet import create_scheduler  # noqa: E402
 from mic_diffrep.probing import ProbeConfig, train_heads  # noqa: E402
 from mic_diffrep.reporting import classification_report, plot_accuracy_vs_timestep, plot_confusion_matrix  # noqa: E402
-from mic_diffrep.training import default_recipe  # noqa: E402
+from mic_diffrep.training import PretrainingArguments, default_recipe  # noqa: E402
 
 
 logger = logging.getLogger("benchmark")
@@ -57,7 +58,10 @@ def parse_args():
                         help="Read-out timesteps (default: the probe's defaults, chosen by the ablations).")
     parser.add_argument("--baselines", nargs="*", default=list(BASELINES), choices=list(BASELINES))
     parser.add_argument("--clip_model", default=None, help="A local CLIPVisionModel folder (nothing is downloaded).")
-    parser.add_argument("--unet", default="default", help="UNet preset ('tiny' for smoke runs).")
+    parser.add_argument("--unet", default=None, help="UNet preset or config instead of the package default ('tiny' "
+                                                     "for smoke runs).")
+    parser.add_argument("--flip_average", action="store_true",
+                        help="Test-time flip averaging for every row alike (MicDiffRep, random UNet, baselines, CLIP).")
     parser.add_argument("--max_images", type=int, default=None, help="Use a subset (smoke runs only).")
     parser.add_argument("--note", default="", help="A sentence for the results file (e.g. what else ran).")
     parser.add_argument("--seed", type=int, default=0)
@@ -225,13 +229,16 @@ def markdown(result, label_names):
         f"{env['diffusers']}, transformers {env['transformers']}", "",
         f"Data: the {result['num_images']:,} images of `Training/` (4 classes), decoded to {result['resolution']} px grey "
         "(percentile intensity window). MicDiffRep: the package's default recipe "
-        f"(`{_flags(result['recipe'])}`), {result['num_parameters'] / 1e6:.2f}M-parameter UNet. Baselines: AdamW 1e-3, "
+        f"(`{_flags(result['recipe'])}`), UNet `{result.get('unet', 'base')}` ({result['num_parameters'] / 1e6:.2f}M "
+        "parameters). Baselines: AdamW 1e-3, "
         "weight decay 0.05, cosine decay, batch 64"
         + "".join(f"; {method}: `{' '.join(flags)}` (`baseline_recipes.md`)"
                   for method, (_, flags) in result.get("baseline_recipes", {}).items()) + ". Probes: the paper's protocol "
         "(Adam 0.01, cosine, batch 128, 15 epochs); MSFA layers/timesteps and SL-best chosen on a validation part "
         "carved from the training side (near-duplicate groups kept on one side); test scored once. Read-out "
-        f"timesteps: {', '.join(map(str, result['timesteps']))}. *dedup* = accuracy on the test images with no "
+        f"timesteps: {', '.join(map(str, result['timesteps']))}"
+        + ("; every row's features flip-averaged (each image and its mirror image)" if result.get("flip_average") else "")
+        + ". *dedup* = accuracy on the test images with no "
         "near-duplicate (mirror-aware fingerprints, threshold 0.975) among the training images.", "",
     ]
     if result.get("note"):
@@ -272,12 +279,14 @@ def main():
     os.makedirs(os.path.dirname(args.output), exist_ok=True)
     command = command_line()
     bench = Benchmark(args.data_dir, args.work_dir, args.resolution, args.seed, args.max_images)
-    feature_args = FeatureArguments() if args.timesteps is None else FeatureArguments(timesteps=args.timesteps)
+    feature_args = FeatureArguments(flip_average=args.flip_average)
+    if args.timesteps is not None:
+        feature_args = replace(feature_args, timesteps=args.timesteps)
+    encoder_args = replace(feature_args, timesteps=[0])
 
     # 1. Pretraining (each method's steps fixed from its calibrated throughput).
-    unet_argv = ["--model_config_name_or_path", args.unet]
-    runs = {"micdiffrep": pretrain_for_budget("micdiffrep", args.pretrain_minutes, args.work_dir, args.data_dir,
-                                              args.resolution, args.seed, recipe_argv=unet_argv)}
+    runs = {"micdiffrep": micdiffrep_run(args.pretrain_minutes, args.work_dir, args.data_dir, args.resolution,
+                                         args.seed, args.unet)}
     for method in args.baselines:
         runs[f"baseline-{method}"] = pretrain_for_budget(method, args.pretrain_minutes, args.work_dir, args.data_dir,
                                                          args.resolution, args.seed, **baseline_recipe(method))
@@ -296,20 +305,24 @@ def main():
 
     # 3. Features.
     extractor = DiffusionFeatureExtractor(pipeline)
-    # Cache names shared with budget_curve.py, which reuses these runs.
-    budget = f"{args.pretrain_minutes:g}min"
-    feature_sets = {"micdiffrep": cached_extract(extractor, bench, feature_args, f"micdiffrep-{budget}")[0]}
+    # Cache names (the run folder's name) shared with budget_curve.py, which reuses these runs.
+    def cache_name(run):
+        return feature_cache_name(os.path.basename(run["output_dir"]), feature_args)
+
+    feature_sets = {"micdiffrep": cached_extract(extractor, bench, feature_args, cache_name(runs["micdiffrep"]))[0]}
     torch.manual_seed(args.seed)
-    random_unet = create_unet(args.resolution, args.unet).to(torch.bfloat16)
+    random_unet = UNet2DModel.from_config(pipeline.unet.config).to(torch.bfloat16)  # the same UNet, untrained
     random_extractor = DiffusionFeatureExtractor(DiffusionFeaturePipeline(random_unet, create_scheduler()))
-    feature_sets["random-unet"] = cached_extract(random_extractor, bench, feature_args, "random-unet")[0]
+    feature_sets["random-unet"] = cached_extract(random_extractor, bench, feature_args,
+                                                 feature_cache_name("random-unet", feature_args))[0]
     for method in args.baselines:
-        encoder = EncoderFeatureExtractor.from_pretrained(runs[f"baseline-{method}"]["output_dir"])
-        feature_sets[f"baseline-{method}"] = cached_extract(encoder, bench, FeatureArguments(timesteps=[0]),
-                                                            f"baseline-{method}-{budget}")[0]
+        run = runs[f"baseline-{method}"]
+        encoder = EncoderFeatureExtractor.from_pretrained(run["output_dir"])
+        feature_sets[f"baseline-{method}"] = cached_extract(encoder, bench, encoder_args, cache_name(run))[0]
     if args.clip_model:
         clip = ClipFeatureExtractor.from_pretrained(args.clip_model, args.resolution)
-        feature_sets["baseline-clip"] = cached_extract(clip, bench, FeatureArguments(timesteps=[0]), "baseline-clip")[0]
+        feature_sets["baseline-clip"] = cached_extract(clip, bench, encoder_args,
+                                                       feature_cache_name("baseline-clip", encoder_args))[0]
 
     # 4. Protocols.
     config = ProbeConfig(seed=args.seed)
@@ -321,6 +334,8 @@ def main():
     summary = runs["micdiffrep"]["summary"]
     result = {"environment": environment_info(), "command": command, "data_dir": args.data_dir,
               "num_images": len(bench.decoded), "resolution": args.resolution, "recipe": default_recipe(),
+              "unet": args.unet or PretrainingArguments.model_config_name_or_path,
+              "flip_average": args.flip_average,
               "baseline_recipes": {m: BASELINE_RECIPES[m] for m in args.baselines if m in BASELINE_RECIPES},
               "num_parameters": summary["num_parameters"], "pretraining_budget_minutes": args.pretrain_minutes,
               "timesteps": list(feature_args.timesteps), "note": args.note,

@@ -10,6 +10,7 @@ own learning-rate schedule laid over that budget's steps (`benchmarks/common.py`
 """
 
 import argparse
+from dataclasses import replace
 import json
 import logging
 import os
@@ -20,7 +21,8 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 from common import (DEFAULT_DATA_DIR, DIRECTIONS, REPO, Benchmark, baseline_recipe, cached_extract,  # noqa: E402
-                    command_line, environment_info, pretrain_for_budget, probe_protocol)
+                    command_line, environment_info, feature_cache_name, micdiffrep_run, pretrain_for_budget,
+                    probe_protocol)
 from mic_diffrep.features import DiffusionFeatureExtractor, EncoderFeatureExtractor, FeatureArguments  # noqa: E402
 from mic_diffrep.probing import ProbeConfig  # noqa: E402
 
@@ -35,7 +37,9 @@ def parse_args():
     parser.add_argument("--output", default=os.path.join(REPO, "benchmarks", "results", "budget_curve"))
     parser.add_argument("--minutes", type=float, nargs="+", default=[10.0, 30.0])
     parser.add_argument("--resolution", type=int, default=64)
-    parser.add_argument("--unet", default="default", help="UNet preset ('tiny' for smoke runs).")
+    parser.add_argument("--unet", default=None, help="UNet preset or config instead of the package default ('tiny' "
+                                                     "for smoke runs).")
+    parser.add_argument("--flip_average", action="store_true", help="Test-time flip averaging for both methods.")
     parser.add_argument("--max_images", type=int, default=None, help="Use a subset (smoke runs only).")
     parser.add_argument("--note", default="")
     return parser.parse_args()
@@ -86,19 +90,23 @@ def main():
     logging.basicConfig(format="%(asctime)s - %(levelname)s - %(name)s - %(message)s", level=logging.INFO)
     bench = Benchmark(args.data_dir, args.work_dir, args.resolution, max_images=args.max_images)
     splits = {direction: bench.split(direction) for direction, _ in DIRECTIONS}
+    feature_args = FeatureArguments(flip_average=args.flip_average)
+
+    def cache_name(run):  # the run folder's name, as in brain_tumor_mri.py, which made some of these runs
+        return feature_cache_name(os.path.basename(run["output_dir"]), feature_args)
+
     points = []
     for minutes in args.minutes:
         for method in METHODS:
             if method == "micdiffrep":
-                run = pretrain_for_budget("micdiffrep", minutes, args.work_dir, args.data_dir, args.resolution,
-                                          recipe_argv=["--model_config_name_or_path", args.unet])
+                run = micdiffrep_run(minutes, args.work_dir, args.data_dir, args.resolution, unet=args.unet)
                 extractor = DiffusionFeatureExtractor.from_pretrained(run["output_dir"]).to(dtype=torch.bfloat16)
-                features = cached_extract(extractor, bench, FeatureArguments(), f"micdiffrep-{minutes:g}min")[0]
+                features = cached_extract(extractor, bench, feature_args, cache_name(run))[0]
             else:
                 run = pretrain_for_budget(method, minutes, args.work_dir, args.data_dir, args.resolution,
                                           **baseline_recipe(method))
                 features = cached_extract(EncoderFeatureExtractor.from_pretrained(run["output_dir"]), bench,
-                                          FeatureArguments(timesteps=[0]), f"baseline-{method}-{minutes:g}min")[0]
+                                          replace(feature_args, timesteps=[0]), cache_name(run))[0]
             point = {"method": method, "minutes": minutes, "steps": run["summary"]["global_step"]}
             for direction, split in splits.items():
                 msfa = probe_protocol(features, bench, split, ProbeConfig())["msfa"]

@@ -173,6 +173,27 @@ def calibrate(method: str, name: str, work_dir: str, base_argv: List[str]) -> di
     return result
 
 
+# The benchmarks' MicDiffRep runs train the package's default recipe and are named after it. A run or calibration made
+# under another recipe is refused (`check_settings`), so this name changes when the default recipe does.
+MICDIFFREP_RUN = "micdiffrep-small"  # "micdiffrep": the runs of the 4.3M "base" UNet, the default before
+
+
+def micdiffrep_run(minutes: float, work_dir: str, data_dir: str, resolution: int = 64, seed: int = 0,
+                   unet: Optional[str] = None) -> Dict:
+    """`pretrain_for_budget` of the package's default recipe (with another UNet preset or config if `unet` is
+    given); the run folder is `WORK_DIR/MICDIFFREP_RUN[-UNET]-Mmin`."""
+    recipe, name = [], MICDIFFREP_RUN
+    if unet is not None:
+        recipe, name = ["--model_config_name_or_path", unet], f"{MICDIFFREP_RUN}-{slug(unet)}"
+    return pretrain_for_budget("micdiffrep", minutes, work_dir, data_dir, resolution, seed, recipe_argv=recipe,
+                               name=name)
+
+
+def feature_cache_name(name: str, args: FeatureArguments) -> str:
+    """The feature cache of run `name` under read-out `args` (flip-averaged features are cached apart)."""
+    return name + ("-flip" if args.flip_average else "")
+
+
 def baseline_recipe(method: str) -> Dict:
     """`pretrain_for_budget` keywords (`name`, `recipe_argv`) of a baseline's chosen recipe; none for the shared
     settings.

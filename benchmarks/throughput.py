@@ -55,13 +55,14 @@ def count_flops(fn) -> int:
     return counter.get_total_flops()
 
 
-def ours_training(data_dir: str, batch_size: int) -> float:
+def ours_training(data_dir: str, batch_size: int, preset: str) -> float:
     """Images/s of `mic_diffrep.training.pretrain` (bf16): the difference of a 10-step and a 60-step run."""
     seconds = []
     for steps in (10, 60):
         with tempfile.TemporaryDirectory() as out:
             summary = pretrain(PretrainingArguments(
                 train_data_dir=data_dir, output_dir=out, resolution=64, mixed_precision="bf16",
+                model_config_name_or_path=preset,
                 train_batch_size=batch_size, max_train_steps=steps, save_images_epochs=0, save_model_epochs=10**6,
                 checkpointing_steps=10**6, logger="none", cache_dir=os.path.join(tempfile.gettempdir(), "throughput")))
         seconds.append(60 * summary["train_minutes"])
@@ -85,10 +86,10 @@ class _OnTheFly(torch.utils.data.Dataset):
         return pixels_to_model_input(pixels)
 
 
-def plain_training(paths, batch_size: int) -> float:
+def plain_training(paths, batch_size: int, preset: str) -> float:
     """Images/s of a plain fp32 loop (decode on the fly, no autocast): the difference of 10 and 60 steps."""
     torch.manual_seed(0)
-    unet, scheduler = create_unet(64), create_scheduler()
+    unet, scheduler = create_unet(64, preset), create_scheduler()
     optimizer = torch.optim.AdamW(unet.parameters(), lr=1e-4)
     loader = torch.utils.data.DataLoader(_OnTheFly(paths, ImagePreprocessing(64)), batch_size=batch_size,
                                          shuffle=True, drop_last=True)
@@ -111,8 +112,8 @@ def plain_training(paths, batch_size: int) -> float:
     return 50 * batch_size / (times[60] - times[10])
 
 
-def training_flops_per_image(batch_size: int) -> float:
-    unet, scheduler = create_unet(64), create_scheduler()
+def training_flops_per_image(batch_size: int, preset: str) -> float:
+    unet, scheduler = create_unet(64, preset), create_scheduler()
     images = torch.rand(batch_size, 1, 64, 64) * 2 - 1
 
     def step():
@@ -123,11 +124,11 @@ def training_flops_per_image(batch_size: int) -> float:
     return count_flops(step) / batch_size
 
 
-def training_step_speed(compile_model: bool, batch_size: int = 32, steps: int = 15):
+def training_step_speed(compile_model: bool, preset: str, batch_size: int = 32, steps: int = 15):
     """Images/s of a bare bf16-autocast training step on the default UNet, eager or `torch.compile`d (inductor), and
     the seconds the first (compiling) step took."""
     torch.manual_seed(0)
-    unet, scheduler = create_unet(64), create_scheduler()
+    unet, scheduler = create_unet(64, preset), create_scheduler()
     optimizer = torch.optim.AdamW(unet.parameters(), lr=1e-4)
     model = torch.compile(unet) if compile_model else unet
     images = torch.rand(batch_size, 1, 64, 64) * 2 - 1
@@ -152,9 +153,9 @@ def training_step_speed(compile_model: bool, batch_size: int = 32, steps: int = 
     return batch_size * steps / (time.perf_counter() - start), first
 
 
-def extraction(batch_size: int, num_images: int):
+def extraction(batch_size: int, num_images: int, preset: str):
     torch.manual_seed(0)
-    pipe = DiffusionFeaturePipeline(create_unet(64), create_scheduler()).to(torch.bfloat16)
+    pipe = DiffusionFeaturePipeline(create_unet(64, preset), create_scheduler()).to(torch.bfloat16)
     pipe.set_progress_bar_config(disable=True)
     pixels = torch.randint(0, 256, (num_images, 1, 64, 64), dtype=torch.uint8)
     pipe.extract_features(pixels[:batch_size], [100], batch_size=batch_size)  # warm-up
@@ -165,9 +166,9 @@ def extraction(batch_size: int, num_images: int):
     return num_images / seconds, flops
 
 
-def generation(batch_size: int, steps: int = 50):
+def generation(batch_size: int, preset: str, steps: int = 50):
     torch.manual_seed(0)
-    unet = create_unet(64).to(torch.bfloat16)
+    unet = create_unet(64, preset).to(torch.bfloat16)
     pipe = DiffusionFeaturePipeline(unet, DDIMScheduler.from_config(create_scheduler().config))
     pipe.set_progress_bar_config(disable=True)
     pipe(batch_size=batch_size, num_inference_steps=3)  # warm-up
@@ -190,7 +191,8 @@ def markdown(result: dict) -> str:
         f"Command: `{result['command']}`  ",
         f"Machine: {env['processor']}, {env['cpu_count']} CPUs, {env['torch_num_threads']} torch threads; torch "
         f"{env['torch']}, diffusers {env['diffusers']}", "",
-        "Default 4.33M-parameter UNet at 64 px. Measured in one run, one after the other, with nothing else running. "
+        f"UNet `{result.get('unet', 'base')}` ({result.get('num_parameters', 4.33e6) / 1e6:.2f}M parameters) at 64 px. "
+        "Measured in one run, one after the other, with nothing else running. "
         "FLOPs counted with `torch.utils.flop_counter.FlopCounterMode`.", "",
         f"Matmul peak (2048 x 2048, this run): bf16 {peak['bf16'] / 1e12:.2f} TFLOP/s, fp32 "
         f"{peak['fp32'] / 1e12:.2f} TFLOP/s.", "",
@@ -219,17 +221,20 @@ def main():
     parser.add_argument("--output", default=os.path.join(REPO, "benchmarks", "results", "throughput"))
     parser.add_argument("--extraction_batch_sizes", type=int, nargs="+", default=[16, 128])
     parser.add_argument("--note", action="append", default=[], help="A sentence for the results file.")
+    parser.add_argument("--unet", default="base", help="UNet preset measured (the results file: 'base', the default "
+                                                       "of the first benchmarks; the package default is 'small').")
     args = parser.parse_args()
 
     peak = {"bf16": matmul_peak(torch.bfloat16), "fp32": matmul_peak(torch.float32)}
     paths = image_files([args.data_dir])
-    ours = ours_training(args.data_dir, 32)
-    plain = plain_training(paths, 32)
-    train_flops = training_flops_per_image(32)
-    extractions = {batch: extraction(batch, 1024) for batch in args.extraction_batch_sizes}
-    seconds_per_image, generation_flops = generation(16)
-    eager, eager_first = training_step_speed(False)
-    compiled, compile_seconds = training_step_speed(True)
+    preset = args.unet
+    ours = ours_training(args.data_dir, 32, preset)
+    plain = plain_training(paths, 32, preset)
+    train_flops = training_flops_per_image(32, preset)
+    extractions = {batch: extraction(batch, 1024, preset) for batch in args.extraction_batch_sizes}
+    seconds_per_image, generation_flops = generation(16, preset)
+    eager, eager_first = training_step_speed(False, preset)
+    compiled, compile_seconds = training_step_speed(True, preset)
     rows = [
         {"name": "pretraining, mic-diffrep loop (bf16 autocast, decoded once)", "speed": f"{ours:.1f} images/s",
          "images_per_second": ours, "gflop_per_image": train_flops / 1e9, "flops_per_second": ours * train_flops,
@@ -252,7 +257,8 @@ def main():
     ]
     result = {"command": command_line(),
               "environment": environment_info(), "peak_flops": peak, "rows": rows,
-              "pretraining_speedup": ours / plain, "notes": args.note}
+              "pretraining_speedup": ours / plain, "notes": args.note, "unet": preset,
+              "num_parameters": sum(p.numel() for p in create_unet(64, preset).parameters())}
     write_results(args.output, result, markdown(result))
     print(markdown(result))
 

@@ -85,9 +85,12 @@ def test_run_recipe_defaults_are_the_pretraining_and_feature_defaults():
     assert probe_arguments(dict(RUN_DEFAULTS)).timesteps == FeatureArguments().timesteps
     # The chosen recipe departs from the paper; the preset keeps the paper's values.
     assert (defaults.learning_rate, defaults.lr_scheduler, defaults.timestep_power) == (5e-4, "cosine", 2.0)
+    assert defaults.model_config_name_or_path == pretraining.model_config_name_or_path == "small"
     paper = pretraining_arguments({**RUN_DEFAULTS, **RUN_PRESETS["paper"]})
     assert (paper.learning_rate, paper.lr_scheduler, paper.lr_warmup_steps, paper.timestep_power,
-            paper.resolution, paper.num_epochs) == (1e-4, "linear", 0, 1.0, 112, 200)
+            paper.resolution, paper.num_epochs, paper.model_config_name_or_path) == (
+        1e-4, "linear", 0, 1.0, 112, 200, "base")
+    assert probe_arguments({**RUN_DEFAULTS, **RUN_PRESETS["paper"]}).flip_average is False
 
 
 def test_run_recipe_flags_override_the_defaults():

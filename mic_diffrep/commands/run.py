@@ -12,6 +12,7 @@ from dataclasses import fields
 import yaml
 
 from ..features import FeatureArguments
+from ..models.mic_diffrep.unet import UNET_PRESETS
 from ..probing import ProbeArguments, run_probe
 from ..reporting.results import run_report_markdown
 from ..training import RECIPE_KEYS, PretrainingArguments, default_recipe, pretrain
@@ -30,7 +31,7 @@ RUN_DEFAULTS = {
     "data_dir": SAMPLE_DATA_DIR,
     "output_dir": "runs/mic-diffrep",
     "resolution": 64,
-    "model_config_name_or_path": "default",
+    "model_config_name_or_path": PretrainingArguments.model_config_name_or_path,
     "mixed_precision": "bf16",
     "pretrain_epochs": 40,
     "pretrain_batch_size": 32,
@@ -53,7 +54,8 @@ RUN_DEFAULTS = {
 # with Adam 1e-4 and linear decay, batch 32, uniform timesteps, no augmentation, DDPM-1000 samples, fp32).
 RUN_PRESETS = {
     "paper": {
-        "resolution": 112, "model_config_name_or_path": "default", "pretrain_epochs": 200, "pretrain_batch_size": 32, "learning_rate": 1e-4,
+        "resolution": 112, "model_config_name_or_path": "base", "pretrain_epochs": 200, "pretrain_batch_size": 32,
+        "learning_rate": 1e-4,
         "lr_scheduler": "linear", "lr_warmup_steps": 0, "max_train_timestep": None, "timestep_power": 1.0,
         "random_crop_scale": None, "intensity_jitter": False, "use_ema": False, "sample_scheduler": "ddpm",
         "sampling_steps": 1000, "mixed_precision": "no", "probe_epochs": 15, "probe_learning_rate": 0.01,
@@ -159,7 +161,8 @@ def register(subparsers) -> None:
                              f"{sorted(RUN_DEFAULTS)}; flags override it.")
     parser.add_argument("--resolution", type=int, default=None, help="Image size (default 64).")
     parser.add_argument("--model_config_name_or_path", type=str, default=None,
-                        help="UNet preset or config (default 'default', 4.3M parameters).")
+                        help=f"UNet preset ({', '.join(UNET_PRESETS)}) or config (default "
+                             f"{RUN_DEFAULTS['model_config_name_or_path']!r}).")
     parser.add_argument("--mixed_precision", type=str, default=None, choices=MIXED_PRECISION_CHOICES,
                         help="Precision of pretraining, sampling and feature extraction (default bf16).")
     parser.add_argument("--pretrain_epochs", type=int, default=None, help="Pretraining epochs (default 40).")

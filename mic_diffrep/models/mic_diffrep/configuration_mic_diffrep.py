@@ -5,7 +5,7 @@ from typing import List, Optional, Sequence
 from transformers import PretrainedConfig
 
 from .preprocessing import INTENSITY_WINDOWS, RESIZE_MODES, ImagePreprocessing, check_choice
-from .unet import UNET_PRESETS
+from .unet import DEFAULT_UNET, UNET_PRESETS
 from .unet_features import POOLING_CHOICES, block_names_from_config, check_layers
 
 
@@ -19,7 +19,8 @@ class MicDiffRepConfig(PretrainedConfig):
 
     Args:
         unet_config (`dict`, *optional*):
-            the `UNet2DModel` config (as in a pipeline's `unet/config.json`). Defaults to the 4.3M-parameter preset.
+            the `UNet2DModel` config (as in a pipeline's `unet/config.json`). Defaults to the default preset
+            (`"small"`, 1.1M parameters) at 112 px.
         num_train_timesteps (`int`, *optional*, defaults to 1000): length of the DDPM noise schedule.
         beta_schedule (`str`, *optional*, defaults to `"linear"`), beta_start, beta_end (`float`): the schedule's betas.
         layers (`List[str]`, *optional*): UNet blocks whose features are used (`"down_blocks.1"`, `"mid_block"`, ...);
@@ -74,7 +75,7 @@ class MicDiffRepConfig(PretrainedConfig):
         **kwargs,
     ):
         if unet_config is None:
-            unet_config = dict(UNET_PRESETS["default"], sample_size=112)
+            unet_config = dict(UNET_PRESETS[DEFAULT_UNET], sample_size=112)
         self.unet_config = {k: (list(v) if isinstance(v, tuple) else v) for k, v in dict(unet_config).items()
                             if not k.startswith("_")}
         self.num_train_timesteps = num_train_timesteps

@@ -9,10 +9,12 @@ from diffusers import DDPMScheduler, UNet2DModel
 from .preprocessing import check_resolution
 
 
-# A 4.3M-parameter grey-image UNet: four levels (e.g. 112 -> 56 -> 28 -> 14 px), one ResNet block per level,
-# self-attention at the lowest resolution. Small enough to pretrain on a CPU, large enough to learn MRI anatomy.
+# Grey-image UNets: four levels (e.g. 112 -> 56 -> 28 -> 14 px), one ResNet block per level, self-attention at the
+# lowest resolution. "small" is the default (`DEFAULT_UNET`): chosen on validation accuracy at an equal CPU budget
+# (`benchmarks/results/ablations.md`), where its 2.2x more steps beat the width of "base".
 UNET_PRESETS = {
-    "default": {
+    # 4.3M parameters: the UNet of the first benchmarks, and of `mic-diffrep run --config paper`.
+    "base": {
         "in_channels": 1,
         "out_channels": 1,
         "layers_per_block": 1,
@@ -22,7 +24,7 @@ UNET_PRESETS = {
         "norm_num_groups": 8,
         "attention_head_dim": 32,
     },
-    # The default at half the width (1.1M parameters): about 2.5x the images per CPU-minute of "default".
+    # "base" at half the width (1.1M parameters): about 2.2x the training images per CPU-minute.
     "small": {
         "in_channels": 1,
         "out_channels": 1,
@@ -47,14 +49,17 @@ UNET_PRESETS = {
 }
 
 
+DEFAULT_UNET = "small"
+
+
 def create_unet(resolution: int, model_config_name_or_path: Optional[str] = None) -> UNet2DModel:
     """Builds a freshly initialised `UNet2DModel` for `resolution` x `resolution` grey images.
 
     Args:
         resolution (`int`): the image size; must be divisible by the UNet's downsampling factor.
         model_config_name_or_path (`str`, *optional*):
-            a preset name (`"default"`, `"small"`, `"tiny"`), a UNet `config.json`, or a folder holding one (a pretrained
-            pipeline folder's `unet/` works). Defaults to the `"default"` preset.
+            a preset name (`"small"`, `"base"`, `"tiny"`), a UNet `config.json`, or a folder holding one (a pretrained
+            pipeline folder's `unet/` works). Defaults to `DEFAULT_UNET` (`"small"`).
 
     Example:
 
@@ -65,7 +70,7 @@ def create_unet(resolution: int, model_config_name_or_path: Optional[str] = None
     (32, 1)
     ```
     """
-    name = model_config_name_or_path or "default"
+    name = model_config_name_or_path or DEFAULT_UNET
     if name in UNET_PRESETS:
         config = dict(UNET_PRESETS[name])
     else:
