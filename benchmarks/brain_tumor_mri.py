@@ -40,7 +40,7 @@ from mic_diffrep.features import (ClipFeatureExtractor, DiffusionFeatureExtracto
 from mic_diffrep.models.mic_diffrep.unet import create_scheduler  # noqa: E402
 from mic_diffrep.probing import ProbeConfig, train_heads  # noqa: E402
 from mic_diffrep.reporting import classification_report, plot_accuracy_vs_timestep, plot_confusion_matrix  # noqa: E402
-from mic_diffrep.training import PretrainingArguments, default_recipe  # noqa: E402
+from mic_diffrep.training import BaselinePretrainingArguments, PretrainingArguments, default_recipe  # noqa: E402
 
 
 logger = logging.getLogger("benchmark")
@@ -220,6 +220,13 @@ def _flags(recipe) -> str:
     return " ".join(f"--{key} {value}" for key, value in recipe.items() if value not in (None, False))
 
 
+def baseline_optimiser() -> str:
+    """The contrastive baselines' optimiser, as the package's defaults set it."""
+    args = BaselinePretrainingArguments(method="mocov2", train_data_dir="unused")
+    return (f"AdamW {args.learning_rate:g}, weight decay {args.adam_weight_decay:g}, {args.lr_scheduler} decay, "
+            f"batch {args.train_batch_size}")
+
+
 def markdown(result, label_names):
     env = result["environment"]
     lines = [
@@ -230,8 +237,7 @@ def markdown(result, label_names):
         f"Data: the {result['num_images']:,} images of `Training/` (4 classes), decoded to {result['resolution']} px grey "
         "(percentile intensity window). MicDiffRep: the package's default recipe "
         f"(`{_flags(result['recipe'])}`), UNet `{result.get('unet', 'base')}` ({result['num_parameters'] / 1e6:.2f}M "
-        "parameters). Baselines: AdamW 1e-3, "
-        "weight decay 0.05, cosine decay, batch 64"
+        f"parameters). Baselines: {result.get('baseline_optimiser', 'AdamW 1e-3, weight decay 0.05, cosine decay, batch 64')}"
         + "".join(f"; {method}: `{' '.join(flags)}` (`baseline_recipes.md`)"
                   for method, (_, flags) in result.get("baseline_recipes", {}).items()) + ". Probes: the paper's protocol "
         "(Adam 0.01, cosine, batch 128, 15 epochs); MSFA layers/timesteps and SL-best chosen on a validation part "
@@ -335,7 +341,7 @@ def main():
     result = {"environment": environment_info(), "command": command, "data_dir": args.data_dir,
               "num_images": len(bench.decoded), "resolution": args.resolution, "recipe": default_recipe(),
               "unet": args.unet or PretrainingArguments.model_config_name_or_path,
-              "flip_average": args.flip_average,
+              "flip_average": args.flip_average, "baseline_optimiser": baseline_optimiser(),
               "baseline_recipes": {m: BASELINE_RECIPES[m] for m in args.baselines if m in BASELINE_RECIPES},
               "num_parameters": summary["num_parameters"], "pretraining_budget_minutes": args.pretrain_minutes,
               "timesteps": list(feature_args.timesteps), "note": args.note,

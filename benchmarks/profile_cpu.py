@@ -67,9 +67,13 @@ def table(prof, title: str, seconds: float, iterations: int, unit: str) -> str:
     return "\n".join(lines) + "\n"
 
 
+# The UNet profiled in the results files: the 4.3M-parameter "base" preset (the default when they were measured).
+PRESET = "base"
+
+
 def profile_pretraining(batch_size: int, iterations: int) -> str:
     torch.manual_seed(0)
-    unet, scheduler = create_unet(64), create_scheduler()
+    unet, scheduler = create_unet(64, PRESET), create_scheduler()
     optimizer = torch.optim.AdamW(unet.parameters(), lr=1e-4)
     args = PretrainingArguments(train_data_dir=".", resolution=64)
     images = torch.rand(batch_size, 1, 64, 64) * 2 - 1
@@ -95,7 +99,7 @@ def profile_pretraining(batch_size: int, iterations: int) -> str:
 
 def profile_extraction(batch_size: int, iterations: int) -> str:
     torch.manual_seed(0)
-    pipe = DiffusionFeaturePipeline(create_unet(64), create_scheduler()).to(torch.bfloat16)
+    pipe = DiffusionFeaturePipeline(create_unet(64, PRESET), create_scheduler()).to(torch.bfloat16)
     pipe.set_progress_bar_config(disable=True)
     pixels = torch.randint(0, 256, (batch_size, 1, 64, 64), dtype=torch.uint8)
     pipe.extract_features(pixels, [100], batch_size=batch_size)
@@ -109,7 +113,7 @@ def profile_extraction(batch_size: int, iterations: int) -> str:
 
 def profile_generation(batch_size: int, steps: int) -> str:
     torch.manual_seed(0)
-    unet = create_unet(64).to(torch.bfloat16)
+    unet = create_unet(64, PRESET).to(torch.bfloat16)
     pipe = DiffusionFeaturePipeline(unet, DDIMScheduler.from_config(create_scheduler().config))
     pipe.set_progress_bar_config(disable=True)
     pipe(batch_size=batch_size, num_inference_steps=3)
@@ -128,7 +132,7 @@ def main():
     env = environment_info()
     header = (f"Command: `python benchmarks/profile_cpu.py`  \nMachine: {env['processor']}, {env['cpu_count']} CPUs, "
               f"{env['torch_num_threads']} torch threads; torch {env['torch']}, diffusers {env['diffusers']}\n\n"
-              "Default 4.3M-parameter UNet at 64 px (random weights: the time does not depend on them).\n\n")
+              f"UNet `{PRESET}` at 64 px (random weights: the time does not depend on them).\n\n")
     parts = {"pretraining": profile_pretraining(32, args.iterations),
              "extraction": profile_extraction(16, 8 * args.iterations),
              "generation": profile_generation(16, 20)}

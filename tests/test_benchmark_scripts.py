@@ -28,7 +28,7 @@ def test_an_ablation_recipe_means_the_same_whatever_the_package_defaults():
 
 def test_a_run_made_with_other_settings_is_refused_not_reused(tmp_path, monkeypatch):
     common = pytest.importorskip("common")
-    argv = ["--train_data_dir", "data", "--learning_rate", "1e-3"]
+    argv = ["--train_data_dir", "data", "--learning_rate", "2e-3"]
     calibration = {"steps_per_second": 1.0, "images_per_second": 32.0,
                    "settings": common.training_settings("micdiffrep", argv)}
     (tmp_path / "calibration").mkdir()
@@ -36,14 +36,14 @@ def test_a_run_made_with_other_settings_is_refused_not_reused(tmp_path, monkeypa
     trained = []
     monkeypatch.setattr(common, "run_pretraining", lambda method, argv: trained.append(argv) or {"global_step": 60})
     monkeypatch.setattr(common, "common_argv", lambda *args: ["--train_data_dir", "data"])
-    run = common.pretrain_for_budget("micdiffrep", 1, str(tmp_path), "data", recipe_argv=["--learning_rate", "1e-3"],
+    run = common.pretrain_for_budget("micdiffrep", 1, str(tmp_path), "data", recipe_argv=["--learning_rate", "2e-3"],
                                      name="recipe")
     assert run["planned_steps"] == 60 and len(trained) == 1
     (tmp_path / "recipe-1min" / "pretraining_summary.json").write_text('{"global_step": 60}')
-    common.pretrain_for_budget("micdiffrep", 1, str(tmp_path), "data", recipe_argv=["--learning_rate", "1e-3"],
+    common.pretrain_for_budget("micdiffrep", 1, str(tmp_path), "data", recipe_argv=["--learning_rate", "2e-3"],
                                name="recipe")
     assert len(trained) == 1  # reused
-    with pytest.raises(ValueError, match=r"calibration.*learning_rate: 0.001 there, 0.0005 now"):
+    with pytest.raises(ValueError, match=r"calibration.*learning_rate: 0.002 there, 0.001 now"):
         common.pretrain_for_budget("micdiffrep", 1, str(tmp_path), "data", name="recipe")
     with open(tmp_path / "calibration" / "recipe.json", "w") as f:  # a stale calibration alone would not catch it
         common.json.dump(dict(calibration, settings=None), f)

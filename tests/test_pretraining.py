@@ -78,7 +78,7 @@ def test_output_is_a_pipeline_folder_diffusers_loads(unlabelled_folder, tmp_path
     summary = main(tiny_args(unlabelled_folder, out, "--num_epochs", "1", "--save_images_epochs", "1",
                              "--timestep_power", "1"))
     assert {"model_index.json", "unet", "scheduler", "samples", "pretraining_summary.json"} <= set(os.listdir(out))
-    assert summary["recipe"]["timestep_power"] == 1.0 and summary["recipe"]["learning_rate"] == 5e-4
+    assert summary["recipe"]["timestep_power"] == 1.0 and summary["recipe"]["learning_rate"] == 1e-3
     assert os.path.isfile(os.path.join(out, "unet", "diffusion_pytorch_model.safetensors"))
     assert not any(name.endswith(".bin") for name in os.listdir(os.path.join(out, "unet")))
     assert os.listdir(os.path.join(out, "samples")) == ["epoch-0001.png"]
