@@ -17,12 +17,12 @@ Search (greedy, decided by the script from the validation scores):
    crop + intensity augmentation, EMA weights, x0 (sample) prediction;
 3. the levers that beat step 2's starting point, combined (of the two timestep levers, the better one);
 4. a second round on the recipe steps 1-3 chose, one lever at a time (each overrides the flag it shares with the
-   recipe) and the winners combined: the half-width UNet (`small`, about 2.5x the images per CPU-minute), timesteps
+   recipe) and the winners combined: the half-width UNet (`small`, about 2.2x the images per CPU-minute), timesteps
    skewed further (power 3), a learning rate of 1e-3;
 5. read-out on the chosen recipe: the timestep sweep, several noise draws per image, and test-time flip averaging
-   (each image and its mirror image; the benchmark would apply it to the baselines' encoders alike). Read-outs differ in cost
-   (UNet forwards per image), so the cheapest one within `READOUT_TOLERANCE` of the best validation accuracy is
-   chosen: a 4x slower extraction must earn more than a tie.
+   (each image and its mirror image; the benchmark would apply it to the baselines' encoders alike). Read-outs
+   differ in cost (UNet forwards per image), so the cheapest one within `READOUT_TOLERANCE` of the best validation
+   accuracy is chosen: a 4x slower extraction must earn more than a tie.
 """
 
 import argparse
@@ -256,7 +256,8 @@ def markdown(result: Dict) -> str:
     if result.get("note"):
         lines += [result["note"], ""]
     if result.get("levers_left_out"):
-        lines += ["Levers left out in this run (`--levers`, `--second_round`): " + ", ".join(result["levers_left_out"]) + ".", ""]
+        lines += ["Levers left out in this run (`--levers`, `--second_round`): "
+                  + ", ".join(result["levers_left_out"]) + ".", ""]
     lines += ["| stage | recipe | read-out | steps | images/s | val (mean) | val sartaj->other | val other->sartaj "
               "| *test s->o (dedup)* | *test o->s (dedup)* |", "|---|---|---|---|---|---|---|---|---|---|"]
     for r in result["rows"]:
@@ -270,7 +271,8 @@ def markdown(result: Dict) -> str:
     lines += ["", f"**Chosen on validation:** recipe `{chosen['recipe']}` (flags: `{' '.join(chosen['flags']) or 'none'}`), "
               f"read-out `{chosen['readout']}` (timesteps {chosen['readout_settings']['timesteps']}, "
               f"{chosen['readout_settings']['num_noise_samples']} noise draw(s)"
-              f"{', flip-averaged' if chosen['readout_settings'].get('flip_average') else ''}); mean validation accuracy "
+              f"{', flip-averaged' if chosen['readout_settings'].get('flip_average') else ''}); mean validation "
+              "accuracy "
               f"{chosen['validation_accuracy']:.3f}. Read-outs: the cheapest (fewest UNet forwards per image) within "
               f"{100 * READOUT_TOLERANCE:g} points of the best validation accuracy.", ""]
     return "\n".join(lines)

@@ -237,13 +237,13 @@ def markdown(result, label_names):
         f"Data: the {result['num_images']:,} images of `Training/` (4 classes), decoded to {result['resolution']} px grey "
         "(percentile intensity window). MicDiffRep: the package's default recipe "
         f"(`{_flags(result['recipe'])}`), UNet `{result.get('unet', 'base')}` ({result['num_parameters'] / 1e6:.2f}M "
-        f"parameters). Baselines: {result.get('baseline_optimiser', 'AdamW 1e-3, weight decay 0.05, cosine decay, batch 64')}"
+        f"parameters). Baselines: {result.get('baseline_optimiser', 'AdamW 1e-3, weight decay 0.05, cosine decay')}"
         + "".join(f"; {method}: `{' '.join(flags)}` (`baseline_recipes.md`)"
                   for method, (_, flags) in result.get("baseline_recipes", {}).items()) + ". Probes: the paper's protocol "
         "(Adam 0.01, cosine, batch 128, 15 epochs); MSFA layers/timesteps and SL-best chosen on a validation part "
         "carved from the training side (near-duplicate groups kept on one side); test scored once. Read-out "
         f"timesteps: {', '.join(map(str, result['timesteps']))}"
-        + ("; every row's features flip-averaged (each image and its mirror image)" if result.get("flip_average") else "")
+        + ("; every row's features flip-averaged (each image and its mirror)" if result.get("flip_average") else "")
         + ". *dedup* = accuracy on the test images with no "
         "near-duplicate (mirror-aware fingerprints, threshold 0.975) among the training images.", "",
     ]

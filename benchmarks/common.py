@@ -163,7 +163,8 @@ def calibrate(method: str, name: str, work_dir: str, base_argv: List[str]) -> di
     images_per_step = summaries[1]["images_seen"] / CALIBRATION_STEPS[1]
     result = {"method": method, "name": name, "steps_per_second": steps_per_second,
               "images_per_second": steps_per_second * images_per_step, "calibration_steps": list(CALIBRATION_STEPS),
-              "calibration_seconds": seconds, "argv": base_argv, "settings": settings, "measured_at": time.strftime("%Y-%m-%d %H:%M:%S"),
+              "calibration_seconds": seconds, "argv": base_argv, "settings": settings,
+              "measured_at": time.strftime("%Y-%m-%d %H:%M:%S"),
               "environment": environment_info()}
     os.makedirs(os.path.dirname(path), exist_ok=True)
     with open(path, "w") as f:
