@@ -223,8 +223,8 @@ def test_pipeline_takes_grey_image_files_and_paths(pipe, tmp_path):
 # ---------------------------------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("mixed_precision", ["no", "bf16"])
-def test_exported_subset_model_reproduces_the_probe_exactly(mixed_precision, tmp_path):
+@pytest.mark.parametrize("mixed_precision, flip_average", [("no", False), ("bf16", False), ("no", True)])
+def test_exported_subset_model_reproduces_the_probe_exactly(mixed_precision, flip_average, tmp_path):
     """A head trained on a subset of the sweep's cached features (t=300 out of 5/50/300, two of five blocks) scores
     exactly the same with `evaluate` on the exported model: its noise at t=300 is the sweep's noise at t=300."""
     root = write_class_folder(tmp_path / "data", per_class=6, seed=3, size=24, classes=("a", "b", "c"))
@@ -234,7 +234,8 @@ def test_exported_subset_model_reproduces_the_probe_exactly(mixed_precision, tmp
     extractor.pipeline.set_progress_bar_config(disable=True)
     if mixed_precision == "bf16":
         extractor.to(torch.bfloat16)
-    args = extractor.resolve(FeatureArguments(timesteps=[5, 50, 300], mixed_precision=mixed_precision))
+    args = extractor.resolve(FeatureArguments(timesteps=[5, 50, 300], mixed_precision=mixed_precision,
+                                              flip_average=flip_average))
     sweep = extractor.extract(decoded.pixels, args)  # what the probe caches
     layers, timesteps = ["mid_block", "up_blocks.1"], [300]
     subset = concatenate_features(sweep, layers, timesteps)
