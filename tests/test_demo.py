@@ -97,6 +97,20 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
+def upload(page, path: str, attempts: int = 3) -> None:
+    """Uploads `path` through the page's file input and waits until the page shows its name. A page just (re)loaded
+    can take the file before its components are wired up and then drop it, so the upload is retried."""
+    page.locator("#classify").wait_for()
+    for attempt in range(attempts):
+        page.locator("#upload input[type=file]").set_input_files(path)
+        try:
+            page.get_by_text(os.path.basename(path)).first.wait_for(timeout=TIMEOUT_MS // attempts)
+            return
+        except Exception:
+            if attempt == attempts - 1:
+                raise
+
+
 def test_demo_page_in_headless_chromium(classifier_folder, sample_slice, tmp_path):
     if not os.path.exists(CHROMIUM):
         pytest.skip(f"{CHROMIUM} is missing (apt-get install chromium); Playwright's own browser download is not used.")
@@ -113,8 +127,7 @@ def test_demo_page_in_headless_chromium(classifier_folder, sample_slice, tmp_pat
                 page.set_default_timeout(TIMEOUT_MS)
                 page.goto(f"http://127.0.0.1:{port}/", wait_until="domcontentloaded")
 
-                page.locator("#upload input[type=file]").set_input_files(sample_slice)
-                page.get_by_text(os.path.basename(sample_slice)).first.wait_for()  # uploaded
+                upload(page, sample_slice)
                 page.locator("#classify").click()
                 top_label = page.locator("#probabilities [data-testid='label-output-value']")
                 sync_api.expect(top_label).to_have_text("pituitary", timeout=TIMEOUT_MS)
@@ -131,9 +144,11 @@ def test_demo_page_in_headless_chromium(classifier_folder, sample_slice, tmp_pat
 
                 bad = tmp_path / "not-an-image.png"
                 bad.write_text("this is a text file, not a PNG")
-                page.reload(wait_until="domcontentloaded")
-                page.locator("#upload input[type=file]").set_input_files(str(bad))
-                page.get_by_text(bad.name).first.wait_for()
+                page.close()  # a fresh page for the bad upload (a reloaded one sometimes dropped the upload's event)
+                page = browser.new_page(viewport={"width": 1280, "height": 1000})
+                page.set_default_timeout(TIMEOUT_MS)
+                page.goto(f"http://127.0.0.1:{port}/", wait_until="load")
+                upload(page, str(bad))
                 page.locator("#classify").click()
                 sync_api.expect(page.locator("#status")).to_contain_text(
                     "not-an-image.png is not a readable JPEG or PNG image", timeout=TIMEOUT_MS)
