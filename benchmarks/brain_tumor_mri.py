@@ -31,7 +31,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 from common import (BASELINE_RECIPES, BASELINES, DEFAULT_DATA_DIR, DIRECTIONS, REPO, Benchmark,  # noqa: E402
                     baseline_recipe, cached_extract, command_line, environment_info, feature_cache_name,
-                    micdiffrep_run, pretrain_for_budget, probe_protocol)
+                    micdiffrep_run, pretrain_for_budget, probe_protocol, run_feature_cache_name)
 from diffusers import DDIMScheduler, UNet2DModel  # noqa: E402
 from mic_diffrep import DiffusionFeaturePipeline, save_image_grid  # noqa: E402
 from mic_diffrep.data import pixels_to_model_input  # noqa: E402
@@ -312,10 +312,8 @@ def main():
     # 3. Features.
     extractor = DiffusionFeatureExtractor(pipeline)
     # Cache names (the run folder's name) shared with budget_curve.py, which reuses these runs.
-    def cache_name(run):
-        return feature_cache_name(os.path.basename(run["output_dir"]), feature_args)
-
-    feature_sets = {"micdiffrep": cached_extract(extractor, bench, feature_args, cache_name(runs["micdiffrep"]))[0]}
+    feature_sets = {"micdiffrep": cached_extract(extractor, bench, feature_args,
+                                                 run_feature_cache_name(runs["micdiffrep"], feature_args))[0]}
     torch.manual_seed(args.seed)
     random_unet = UNet2DModel.from_config(pipeline.unet.config).to(torch.bfloat16)  # the same UNet, untrained
     random_extractor = DiffusionFeatureExtractor(DiffusionFeaturePipeline(random_unet, create_scheduler()))
@@ -324,7 +322,8 @@ def main():
     for method in args.baselines:
         run = runs[f"baseline-{method}"]
         encoder = EncoderFeatureExtractor.from_pretrained(run["output_dir"])
-        feature_sets[f"baseline-{method}"] = cached_extract(encoder, bench, encoder_args, cache_name(run))[0]
+        feature_sets[f"baseline-{method}"] = cached_extract(encoder, bench, encoder_args,
+                                                            run_feature_cache_name(run, encoder_args))[0]
     if args.clip_model:
         clip = ClipFeatureExtractor.from_pretrained(args.clip_model, args.resolution)
         feature_sets["baseline-clip"] = cached_extract(clip, bench, encoder_args,

@@ -21,8 +21,8 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 from common import (DEFAULT_DATA_DIR, DIRECTIONS, REPO, Benchmark, baseline_recipe, cached_extract,  # noqa: E402
-                    command_line, environment_info, feature_cache_name, micdiffrep_run, pretrain_for_budget,
-                    probe_protocol)
+                    command_line, environment_info, micdiffrep_run, pretrain_for_budget, probe_protocol,
+                    run_feature_cache_name)
 from mic_diffrep.features import DiffusionFeatureExtractor, EncoderFeatureExtractor, FeatureArguments  # noqa: E402
 from mic_diffrep.probing import ProbeConfig  # noqa: E402
 
@@ -92,21 +92,19 @@ def main():
     splits = {direction: bench.split(direction) for direction, _ in DIRECTIONS}
     feature_args = FeatureArguments(flip_average=args.flip_average)
 
-    def cache_name(run):  # the run folder's name, as in brain_tumor_mri.py, which made some of these runs
-        return feature_cache_name(os.path.basename(run["output_dir"]), feature_args)
-
     points = []
     for minutes in args.minutes:
         for method in METHODS:
             if method == "micdiffrep":
                 run = micdiffrep_run(minutes, args.work_dir, args.data_dir, args.resolution, unet=args.unet)
                 extractor = DiffusionFeatureExtractor.from_pretrained(run["output_dir"]).to(dtype=torch.bfloat16)
-                features = cached_extract(extractor, bench, feature_args, cache_name(run))[0]
+                features = cached_extract(extractor, bench, feature_args, run_feature_cache_name(run, feature_args))[0]
             else:
                 run = pretrain_for_budget(method, minutes, args.work_dir, args.data_dir, args.resolution,
                                           **baseline_recipe(method))
                 features = cached_extract(EncoderFeatureExtractor.from_pretrained(run["output_dir"]), bench,
-                                          replace(feature_args, timesteps=[0]), cache_name(run))[0]
+                                          replace(feature_args, timesteps=[0]),
+                                          run_feature_cache_name(run, feature_args))[0]
             point = {"method": method, "minutes": minutes, "steps": run["summary"]["global_step"]}
             for direction, split in splits.items():
                 msfa = probe_protocol(features, bench, split, ProbeConfig())["msfa"]

@@ -195,6 +195,12 @@ def feature_cache_name(name: str, args: FeatureArguments) -> str:
     return name + ("-flip" if args.flip_average else "")
 
 
+def run_feature_cache_name(run: Dict, args: FeatureArguments) -> str:
+    """`feature_cache_name` of a `pretrain_for_budget` run: its folder's name, so the scripts sharing a run share
+    its features."""
+    return feature_cache_name(os.path.basename(run["output_dir"]), args)
+
+
 def baseline_recipe(method: str) -> Dict:
     """`pretrain_for_budget` keywords (`name`, `recipe_argv`) of a baseline's chosen recipe; none for the shared
     settings.
