@@ -19,8 +19,12 @@ Search (greedy, decided by the script from the validation scores):
 4. a second round on the recipe steps 1-3 chose, one lever at a time (each overrides the flag it shares with the
    recipe) and the winners combined: the half-width UNet (`small`, about 2.2x the images per CPU-minute), timesteps
    skewed further (power 3), a learning rate of 1e-3;
-5. read-out on the chosen recipe: the timestep sweep, several noise draws per image, and test-time flip averaging
-   (each image and its mirror image; the benchmark would apply it to the baselines' encoders alike). Read-outs
+5. a third round the same way on step 4's choice: the quarter-width UNet (`mini`, about 1.6x the images per
+   CPU-minute of `small`), a learning rate of 2e-3, EMA weights (the proxy budget now has about twice the steps
+   of the first round's EMA row), a batch of 64;
+6. read-out on the chosen recipe: the timestep sweep, several noise draws per image, test-time flip averaging
+   (each image and its mirror image) and average + max pooling of each block (the benchmark would apply either to
+   the baselines' encoders alike). Read-outs
    differ in cost (UNet forwards per image), so the cheapest one within `READOUT_TOLERANCE` of the best validation
    accuracy is chosen: a 4x slower extraction must earn more than a tie.
 """
@@ -65,6 +69,13 @@ SECOND_ROUND = {
     "t-power-3": ["--timestep_power", "3"],
     "lr-1e-3": ["--learning_rate", "1e-3"],
 }
+THIRD_ROUND = {
+    "unet-mini": ["--model_config_name_or_path", "mini"],
+    "lr-2e-3": ["--learning_rate", "2e-3"],
+    "ema": ["--use_ema"],
+    "batch-64": ["--train_batch_size", "64"],
+}
+ROUNDS = {"4 second round": SECOND_ROUND, "5 third round": THIRD_ROUND}  # stage -> levers tried on the choice so far
 EXCLUSIVE = [("t<300", "t-power-2")]  # the same lever twice: only the better one is combined
 SWEEP_TIMESTEPS = [10, 25, 50, 100, 250]
 READOUTS = {
@@ -72,6 +83,7 @@ READOUTS = {
     "sweep 0-250": FeatureArguments(timesteps=[0, 5, 10, 25, 50, 100, 250]),
     "4 noise draws": FeatureArguments(timesteps=SWEEP_TIMESTEPS, num_noise_samples=4),
     "flip average": FeatureArguments(timesteps=SWEEP_TIMESTEPS, flip_average=True),
+    "avg+max pooling": FeatureArguments(timesteps=SWEEP_TIMESTEPS, pooling="avgmax"),
 }
 
 # A read-out within this much mean validation accuracy of the best is as good: the cheapest such one is chosen.
@@ -123,6 +135,8 @@ def parse_args():
                         help="The levers of step 2 (all by default; the results file lists those left out).")
     parser.add_argument("--second_round", nargs="*", default=list(SECOND_ROUND), choices=list(SECOND_ROUND),
                         help="The levers of step 4 (all by default).")
+    parser.add_argument("--third_round", nargs="*", default=list(THIRD_ROUND), choices=list(THIRD_ROUND),
+                        help="The levers of step 5 (all by default).")
     parser.add_argument("--reuse_results", action="store_true",
                         help="Take the rows already in OUTPUT.json (same recipe, flags, read-out and budget) instead "
                              "of probing again: re-decides the search from what was measured.")
@@ -181,6 +195,7 @@ class Ablation:
         """Write the results file; called after every recipe so an interrupted search keeps what it measured."""
         left_out = [lever for lever in LEVERS if lever not in self.args.levers]
         left_out += [lever for lever in SECOND_ROUND if lever not in self.args.second_round]
+        left_out += [lever for lever in THIRD_ROUND if lever not in self.args.third_round]
         result = {"command": command_line(),
                   "environment": environment_info(), "resolution": self.args.resolution,
                   "proxy_minutes": self.args.proxy_minutes, "note": self.args.note, "levers_left_out": left_out,
@@ -211,31 +226,40 @@ class Ablation:
             flags = base_flags + [flag for lever in winners for flag in LEVERS[lever]]
             candidates[name] = (flags, self.evaluate("3 combined", name, flags)["validation_accuracy"])
         chosen = max(candidates, key=lambda n: candidates[n][1])
-        # 4. A second round on top of the recipe chosen so far.
-        base_flags, base_score = candidates[chosen]
-        second = {lever: self.evaluate("4 second round", f"{chosen} + {lever}", merge_flags(base_flags, flags))
-                  for lever, flags in SECOND_ROUND.items() if lever in self.args.second_round}
-        winners = [lever for lever in second if second[lever]["validation_accuracy"] > base_score]
-        candidates = {chosen: (base_flags, base_score)}
-        candidates.update({f"{chosen} + {lever}": (merge_flags(base_flags, SECOND_ROUND[lever]),
-                                                   second[lever]["validation_accuracy"]) for lever in winners})
-        if len(winners) > 1:
-            name = f"{chosen} + " + " + ".join(winners)
-            flags = merge_flags(base_flags, *[SECOND_ROUND[lever] for lever in winners])
-            candidates[name] = (flags, self.evaluate("4 combined", name, flags)["validation_accuracy"])
-        chosen = max(candidates, key=lambda n: candidates[n][1])
-        # 5. Read-out on the chosen recipe.
+        # 4-5. Further rounds, each on top of the recipe chosen so far.
+        for stage, levers in ROUNDS.items():
+            wanted = self.args.second_round if stage.startswith("4") else self.args.third_round
+            chosen, candidates = self.round(stage, chosen, candidates[chosen],
+                                            {lever: flags for lever, flags in levers.items() if lever in wanted})
+        # 6. Read-out on the chosen recipe.
         readout_rows = {}
         for readout in READOUTS:
             existing = [r for r in self.rows if r["recipe"] == chosen and r["readout"] == readout]
-            readout_rows[readout] = existing[0] if existing else self.evaluate("5 read-out", chosen,
+            readout_rows[readout] = existing[0] if existing else self.evaluate("6 read-out", chosen,
                                                                                candidates[chosen][0], readout)
         readout = choose_readout({r: row["validation_accuracy"] for r, row in readout_rows.items()})
         return {"recipe": chosen, "flags": candidates[chosen][0], "readout": readout,
                 "readout_settings": {"timesteps": READOUTS[readout].timesteps,
                                      "num_noise_samples": READOUTS[readout].num_noise_samples,
-                                     "flip_average": READOUTS[readout].flip_average},
+                                     "flip_average": READOUTS[readout].flip_average,
+                                     "pooling": READOUTS[readout].pooling},
                 "validation_accuracy": readout_rows[readout]["validation_accuracy"]}
+
+    def round(self, stage: str, start: str, start_recipe, levers: Dict[str, List[str]]):
+        """One lever at a time on top of `start` (each overrides the flags it shares with it), then the winners
+        together; returns the best recipe's name and every candidate's `(flags, validation accuracy)`."""
+        base_flags, base_score = start_recipe
+        rows = {lever: self.evaluate(stage, f"{start} + {lever}", merge_flags(base_flags, flags))
+                for lever, flags in levers.items()}
+        winners = [lever for lever in rows if rows[lever]["validation_accuracy"] > base_score]
+        candidates = {start: (base_flags, base_score)}
+        candidates.update({f"{start} + {lever}": (merge_flags(base_flags, levers[lever]),
+                                                  rows[lever]["validation_accuracy"]) for lever in winners})
+        if len(winners) > 1:
+            name = f"{start} + " + " + ".join(winners)
+            flags = merge_flags(base_flags, *[levers[lever] for lever in winners])
+            candidates[name] = (flags, self.evaluate(stage.split()[0] + " combined", name, flags)["validation_accuracy"])
+        return max(candidates, key=lambda n: candidates[n][1]), candidates
 
 
 def markdown(result: Dict) -> str:
@@ -245,7 +269,8 @@ def markdown(result: Dict) -> str:
         f"Command: `{result['command']}`  ",
         f"Machine: {env['processor']}, {env['cpu_count']} CPUs, no GPU; torch {env['torch']}, diffusers {env['diffusers']}",
         "",
-        "Every recipe: the `base` UNet (4.3M parameters; `unet-small`: the 1.1M `small` one) at "
+        "Every recipe: the `base` UNet (4.3M parameters; `unet-small`: the 1.1M `small` one; `unet-mini`: the 0.27M "
+        "`mini` one) at "
         f"{result['resolution']} px, bf16, pretrained on the 5,708 unlabelled training "
         f"images for {result['proxy_minutes']:g} minutes of its own calibrated throughput (steps fixed before "
         "training; `benchmarks/common.py`). Features: all blocks, fixed noise, bf16. Probe: the paper's MSFA protocol. "
@@ -271,7 +296,8 @@ def markdown(result: Dict) -> str:
     lines += ["", f"**Chosen on validation:** recipe `{chosen['recipe']}` (flags: `{' '.join(chosen['flags']) or 'none'}`), "
               f"read-out `{chosen['readout']}` (timesteps {chosen['readout_settings']['timesteps']}, "
               f"{chosen['readout_settings']['num_noise_samples']} noise draw(s)"
-              f"{', flip-averaged' if chosen['readout_settings'].get('flip_average') else ''}); mean validation "
+              f"{', flip-averaged' if chosen['readout_settings'].get('flip_average') else ''}, "
+              f"{chosen['readout_settings'].get('pooling', 'avg')} pooling); mean validation "
               "accuracy "
               f"{chosen['validation_accuracy']:.3f}. Read-outs: the cheapest (fewest UNet forwards per image) within "
               f"{100 * READOUT_TOLERANCE:g} points of the best validation accuracy.", ""]

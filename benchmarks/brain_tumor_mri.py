@@ -62,6 +62,10 @@ def parse_args():
                                                      "for smoke runs).")
     parser.add_argument("--flip_average", action="store_true",
                         help="Test-time flip averaging for every row alike (MicDiffRep, random UNet, baselines, CLIP).")
+    parser.add_argument("--pooling", default=None, choices=["avg", "avgmax"],
+                        help="Feature pooling for every row alike (default: the package's, chosen by the ablations; "
+                             "avgmax: the average and the max of each block's or encoder's output, concatenated; CLIP "
+                             "supports avg only).")
     parser.add_argument("--max_images", type=int, default=None, help="Use a subset (smoke runs only).")
     parser.add_argument("--note", default="", help="A sentence for the results file (e.g. what else ran).")
     parser.add_argument("--seed", type=int, default=0)
@@ -244,6 +248,7 @@ def markdown(result, label_names):
         "carved from the training side (near-duplicate groups kept on one side); test scored once. Read-out "
         f"timesteps: {', '.join(map(str, result['timesteps']))}"
         + ("; every row's features flip-averaged (each image and its mirror)" if result.get("flip_average") else "")
+        + ("; every row's features average- and max-pooled" if result.get("pooling") == "avgmax" else "")
         + ". *dedup* = accuracy on the test images with no "
         "near-duplicate (mirror-aware fingerprints, threshold 0.975) among the training images.", "",
     ]
@@ -288,6 +293,8 @@ def main():
     feature_args = FeatureArguments(flip_average=args.flip_average)
     if args.timesteps is not None:
         feature_args = replace(feature_args, timesteps=args.timesteps)
+    if args.pooling is not None:
+        feature_args = replace(feature_args, pooling=args.pooling)
     encoder_args = replace(feature_args, timesteps=[0])
 
     # 1. Pretraining (each method's steps fixed from its calibrated throughput).
@@ -340,7 +347,7 @@ def main():
     result = {"environment": environment_info(), "command": command, "data_dir": args.data_dir,
               "num_images": len(bench.decoded), "resolution": args.resolution, "recipe": default_recipe(),
               "unet": args.unet or PretrainingArguments.model_config_name_or_path,
-              "flip_average": args.flip_average, "baseline_optimiser": baseline_optimiser(),
+              "flip_average": args.flip_average, "pooling": feature_args.pooling, "baseline_optimiser": baseline_optimiser(),
               "baseline_recipes": {m: BASELINE_RECIPES[m] for m in args.baselines if m in BASELINE_RECIPES},
               "num_parameters": summary["num_parameters"], "pretraining_budget_minutes": args.pretrain_minutes,
               "timesteps": list(feature_args.timesteps), "note": args.note,

@@ -40,6 +40,8 @@ def parse_args():
     parser.add_argument("--unet", default=None, help="UNet preset or config instead of the package default ('tiny' "
                                                      "for smoke runs).")
     parser.add_argument("--flip_average", action="store_true", help="Test-time flip averaging for both methods.")
+    parser.add_argument("--pooling", default=None, choices=["avg", "avgmax"],
+                        help="Feature pooling for both methods (default: the package's).")
     parser.add_argument("--max_images", type=int, default=None, help="Use a subset (smoke runs only).")
     parser.add_argument("--note", default="")
     return parser.parse_args()
@@ -91,6 +93,8 @@ def main():
     bench = Benchmark(args.data_dir, args.work_dir, args.resolution, max_images=args.max_images)
     splits = {direction: bench.split(direction) for direction, _ in DIRECTIONS}
     feature_args = FeatureArguments(flip_average=args.flip_average)
+    if args.pooling is not None:
+        feature_args = replace(feature_args, pooling=args.pooling)
 
     points = []
     for minutes in args.minutes:

@@ -191,8 +191,9 @@ def micdiffrep_run(minutes: float, work_dir: str, data_dir: str, resolution: int
 
 
 def feature_cache_name(name: str, args: FeatureArguments) -> str:
-    """The feature cache of run `name` under read-out `args` (flip-averaged features are cached apart)."""
-    return name + ("-flip" if args.flip_average else "")
+    """The feature cache of run `name` under read-out `args` (flip-averaged or otherwise pooled features are cached
+    apart)."""
+    return name + ("-flip" if args.flip_average else "") + ("" if args.pooling == "avg" else f"-{args.pooling}")
 
 
 def run_feature_cache_name(run: Dict, args: FeatureArguments) -> str:

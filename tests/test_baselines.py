@@ -122,3 +122,24 @@ def test_flip_averaged_encoder_features_are_mirror_invariant(method):
     torch.testing.assert_close(flipped, mirrored)
     plain = extractor.extract(pixels, extractor.resolve(FeatureArguments()), show_progress=False)[("encoder", 0)]
     assert not torch.allclose(plain, flipped)
+
+
+@pytest.mark.parametrize("method", ["mocov2", "mae"])
+def test_encoder_features_are_pooled_as_asked(method):
+    """avgmax keeps the average pooling's features and adds the max of the same activations."""
+    torch.manual_seed(0)
+    extractor = EncoderFeatureExtractor(create_baseline(method, resolution=16))
+    pixels = torch.randint(0, 256, (4, 1, 16, 16), dtype=torch.uint8)
+    avg = extractor.extract(pixels, extractor.resolve(FeatureArguments()), show_progress=False)[("encoder", 0)]
+    avgmax = extractor.extract(pixels, extractor.resolve(FeatureArguments(pooling="avgmax")),
+                               show_progress=False)[("encoder", 0)]
+    assert avgmax.shape == (4, 2 * avg.shape[1])
+    torch.testing.assert_close(avgmax[:, : avg.shape[1]], avg, rtol=1e-4, atol=1e-5)
+    assert (avgmax[:, avg.shape[1]:] >= avgmax[:, : avg.shape[1]] - 1e-5).all()  # a max is at least the mean
+    if method == "mae":  # its patch tokens come out shuffled: no spatial grid to pool over
+        with pytest.raises(ValueError, match="pooling='grid' does not apply to baseline-mae"):
+            extractor.resolve(FeatureArguments(pooling="grid"))
+    else:
+        grid = extractor.extract(pixels, extractor.resolve(FeatureArguments(pooling="grid")),
+                                 show_progress=False)[("encoder", 0)]
+        assert grid.shape == (4, 4 * avg.shape[1])

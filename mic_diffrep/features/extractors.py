@@ -5,8 +5,9 @@ needs to know which kind of model it holds:
 
 - `DiffusionFeatureExtractor`: pooled UNet block activations of noised images (`DiffusionFeaturePipeline`), one
   feature per `(layer, timestep)`; it can be exported as a `MicDiffRepForImageClassification`.
-- `EncoderFeatureExtractor`: the pooled output of a baseline's frozen encoder (MoCo v2 / BYOL ResNet: global average;
-  MAE: mean of the patch tokens), one layer `"encoder"`; noise levels do not apply and features are keyed `t=0`.
+- `EncoderFeatureExtractor`: the pooled output of a baseline's frozen encoder (MoCo v2 / BYOL ResNet: its last
+  feature map, pooled as the UNet blocks are; MAE: its patch tokens, averaged, or averaged and max-pooled), one layer
+  `"encoder"`; noise levels do not apply and features are keyed `t=0`.
 - `ClipFeatureExtractor`: a local `CLIPVisionModel` folder (nothing is downloaded), fed grey images as RGB.
 
 ```python
@@ -32,7 +33,7 @@ from ..models.baselines import is_baseline_dir, load_baseline
 from ..models.baselines.mae import MAE
 from ..models.mic_diffrep import MicDiffRepConfig, MicDiffRepForImageClassification
 from ..models.mic_diffrep.preprocessing import ImagePreprocessing, pixels_to_model_input
-from ..models.mic_diffrep.unet_features import check_layers
+from ..models.mic_diffrep.unet_features import check_layers, pool_features
 from ..pipelines import DiffusionFeaturePipeline
 from ..utils import progress_interval
 from .arguments import FeatureArguments
@@ -167,26 +168,36 @@ class EncoderFeatureExtractor:
         self.model.to(*args, **kwargs)
         return self
 
+    # `--pooling` values this encoder supports (MAE's patch tokens come out shuffled, so they have no grid).
+    @property
+    def pooling_choices(self) -> Tuple[str, ...]:
+        return ("avg", "avgmax") if isinstance(self.model, MAE) else ("avg", "avgmax", "grid")
+
     def resolve(self, args: FeatureArguments) -> FeatureArguments:
         layers = list(args.layers or self.layer_names)
         check_layers(layers, self.layer_names)
-        return replace(args, layers=layers, timesteps=[0], pooling="avg", num_noise_samples=1)
+        if args.pooling not in self.pooling_choices:
+            raise ValueError(f"pooling={args.pooling!r} does not apply to {self.name}: choose one of "
+                             f"{', '.join(self.pooling_choices)}.")
+        return replace(args, layers=layers, timesteps=[0], num_noise_samples=1)
 
     def cache_settings(self, args: FeatureArguments) -> dict:
         return {"model_fingerprint": model_fingerprint(self.model), **_settings(self.preprocessing, args)}
 
     @torch.no_grad()
-    def encode(self, images: torch.Tensor) -> torch.Tensor:
+    def encode(self, images: torch.Tensor, args: FeatureArguments) -> torch.Tensor:
         """Pooled encoder output `(B, D)` of model inputs in [-1, 1] (one view; `extract` adds the mirrored one)."""
         if isinstance(self.model, MAE):
             vit = self.model.mae.vit
             ratio, vit.config.mask_ratio = vit.config.mask_ratio, 0.0
             try:
-                hidden = vit(pixel_values=images).last_hidden_state
+                tokens = vit(pixel_values=images).last_hidden_state[:, 1:].float()
             finally:
                 vit.config.mask_ratio = ratio
-            return hidden[:, 1:].mean(dim=1)  # mean of the patch tokens (their order does not matter to a mean)
-        return self.model.encoder(images)
+            # Patch tokens pooled over their (shuffled) order, which neither a mean nor a max depends on.
+            pooled = [tokens.mean(dim=1)] + ([tokens.amax(dim=1)] if args.pooling == "avgmax" else [])
+            return torch.cat(pooled, dim=1)
+        return pool_features(self.model.encoder.feature_map(images), args.pooling, args.pooling_grid_size)
 
     def extract(self, pixels: torch.Tensor, args: FeatureArguments, noise_seeds: Optional[torch.Tensor] = None,
                 show_progress: bool = True) -> Features:
@@ -194,9 +205,9 @@ class EncoderFeatureExtractor:
         starts = range(0, len(pixels), args.batch_size)
         for start in tqdm(starts, desc="Extracting features", disable=not show_progress, mininterval=progress_interval()):
             batch = pixels_to_model_input(pixels[start : start + args.batch_size]).to(self.device, self.dtype)
-            features = self.encode(batch).float()
+            features = self.encode(batch, args).float()
             if args.flip_average:
-                features = (features + self.encode(batch.flip(-1)).float()) / 2
+                features = (features + self.encode(batch.flip(-1), args).float()) / 2
             chunks.append(features.cpu())
         return {("encoder", 0): torch.cat(chunks)}
 
@@ -208,8 +219,10 @@ class ClipFeatureExtractor(EncoderFeatureExtractor):
     """A local `CLIPVisionModel` (pass a folder you have: nothing is downloaded) as a frozen feature extractor.
 
     Grey images are repeated to three channels, resized to the model's input size and normalised with CLIP's mean
-    and std; the feature is the pooled output.
+    and std; the feature is the pooled output (so `--pooling avg` only).
     """
+
+    pooling_choices = ("avg",)
 
     MEAN = (0.48145466, 0.4578275, 0.40821073)
     STD = (0.26862954, 0.26130258, 0.27577711)
@@ -225,7 +238,7 @@ class ClipFeatureExtractor(EncoderFeatureExtractor):
         return cls(CLIPVisionModel.from_pretrained(path, local_files_only=True), source=path, resolution=resolution)
 
     @torch.no_grad()
-    def encode(self, images: torch.Tensor) -> torch.Tensor:
+    def encode(self, images: torch.Tensor, args: FeatureArguments) -> torch.Tensor:
         size = self.model.config.image_size
         x = F.interpolate((images.float() + 1) / 2, size=(size, size), mode="bicubic", align_corners=False)
         x = x.clamp(0, 1).repeat(1, 3, 1, 1)

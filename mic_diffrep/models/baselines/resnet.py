@@ -36,8 +36,12 @@ class SmallResNet(nn.Module):
         self.stages = nn.Sequential(*stages)
         self.output_dim = widths[-1]
 
+    def feature_map(self, x):
+        """The last stage's activations `(B, C, H, W)`, before pooling."""
+        return self.stages(self.stem(x))
+
     def forward(self, x):
-        return self.stages(self.stem(x)).mean(dim=(2, 3))
+        return self.feature_map(x).mean(dim=(2, 3))
 
 
 def mlp(in_dim: int, hidden_dim: int, out_dim: int) -> nn.Sequential:
