@@ -65,7 +65,7 @@ def parse_args():
     parser.add_argument("--pooling", default=None, choices=["avg", "avgmax"],
                         help="Feature pooling for every row alike (default: the package's, chosen by the ablations; "
                              "avgmax: the average and the max of each block's or encoder's output, concatenated; CLIP "
-                             "supports avg only).")
+                             "gives its pooled output either way).")
     parser.add_argument("--max_images", type=int, default=None, help="Use a subset (smoke runs only).")
     parser.add_argument("--note", default="", help="A sentence for the results file (e.g. what else ran).")
     parser.add_argument("--seed", type=int, default=0)
@@ -248,7 +248,8 @@ def markdown(result, label_names):
         "carved from the training side (near-duplicate groups kept on one side); test scored once. Read-out "
         f"timesteps: {', '.join(map(str, result['timesteps']))}"
         + ("; every row's features flip-averaged (each image and its mirror)" if result.get("flip_average") else "")
-        + ("; every row's features average- and max-pooled" if result.get("pooling") == "avgmax" else "")
+        + ("; every row's features pooled by average and max over positions, concatenated (CLIP: its pooled output)"
+           if result.get("pooling") == "avgmax" else "")
         + ". *dedup* = accuracy on the test images with no "
         "near-duplicate (mirror-aware fingerprints, threshold 0.975) among the training images.", "",
     ]

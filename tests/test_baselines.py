@@ -130,7 +130,8 @@ def test_encoder_features_are_pooled_as_asked(method):
     torch.manual_seed(0)
     extractor = EncoderFeatureExtractor(create_baseline(method, resolution=16))
     pixels = torch.randint(0, 256, (4, 1, 16, 16), dtype=torch.uint8)
-    avg = extractor.extract(pixels, extractor.resolve(FeatureArguments()), show_progress=False)[("encoder", 0)]
+    avg = extractor.extract(pixels, extractor.resolve(FeatureArguments(pooling="avg")),
+                            show_progress=False)[("encoder", 0)]
     avgmax = extractor.extract(pixels, extractor.resolve(FeatureArguments(pooling="avgmax")),
                                show_progress=False)[("encoder", 0)]
     assert avgmax.shape == (4, 2 * avg.shape[1])

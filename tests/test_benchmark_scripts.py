@@ -88,3 +88,9 @@ def test_a_round_combines_the_winning_levers_and_keeps_the_best():
     assert candidates[chosen] == (["--lr", "3", "--width", "2"], 0.93)  # a lever's flag replaces the recipe's
     assert [stage for stage, _, _ in evaluated] == ["5 third round"] * 3 + ["5 combined"]
     assert "start + slow" not in candidates  # lost to its starting point: not combined
+
+
+def test_the_validation_noise_floor_shrinks_with_more_images():
+    small = ablations.validation_standard_error({"a": 400, "b": 400}, 0.9)
+    assert small == pytest.approx(0.0106, abs=1e-4)  # sqrt(0.9 * 0.1 / 400) / sqrt(2)
+    assert ablations.validation_standard_error({"a": 1600, "b": 1600}, 0.9) == pytest.approx(small / 2)

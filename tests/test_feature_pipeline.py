@@ -185,7 +185,7 @@ def extraction_settings(pipe, timesteps, layers, **kwargs):
 
 def test_feature_cache_round_trip_and_stale_detection(pipe, images, tmp_path):
     out = pipe.extract_features(images, timesteps=[5, 50])
-    settings = extraction_settings(pipe, [5, 50], None)
+    settings = extraction_settings(pipe, [5, 50], None, pooling="avg")  # the pipeline's default pooling
     ids = [f"img{i}.png" for i in range(5)]
     path = str(tmp_path / "features.safetensors")
     save_features(path, out.features, settings, image_ids=ids, labels=[0, 1, 0, 1, 1], label_names=["a", "b"])
@@ -195,7 +195,7 @@ def test_feature_cache_round_trip_and_stale_detection(pipe, images, tmp_path):
     assert cached.labels.tolist() == [0, 1, 0, 1, 1] and cached.label_names == ["a", "b"] and cached.image_ids == ids
 
     with pytest.raises(StaleFeatureCacheError, match="timesteps"):
-        load_features(path, expected_settings=extraction_settings(pipe, [5, 100], None))
+        load_features(path, expected_settings=extraction_settings(pipe, [5, 100], None, pooling="avg"))
     with pytest.raises(StaleFeatureCacheError, match="pooling"):
         load_features(path, expected_settings=extraction_settings(pipe, [5, 50], None, pooling="avgmax"))
     with pytest.raises(StaleFeatureCacheError, match="other images"):

@@ -117,7 +117,7 @@ def test_linear_probe_one_feature_pass_cache_reuse_and_model_folder(probe_setup,
     assert again["msfa"]["test"]["all"]["accuracy"] == results["msfa"]["test"]["all"]["accuracy"]
 
     calls.clear()
-    main(probe_args(probe_setup, "--pooling", "avgmax"))
+    main(probe_args(probe_setup, "--pooling", "avg"))  # the default is avgmax
     assert len(calls) == 8  # stale cache (other pooling): recomputed
 
     out = probe_setup / "out"

@@ -219,10 +219,8 @@ class ClipFeatureExtractor(EncoderFeatureExtractor):
     """A local `CLIPVisionModel` (pass a folder you have: nothing is downloaded) as a frozen feature extractor.
 
     Grey images are repeated to three channels, resized to the model's input size and normalised with CLIP's mean
-    and std; the feature is the pooled output (so `--pooling avg` only).
+    and std; the feature is the model's pooled output, whatever `pooling` asks (as noise levels, it does not apply).
     """
-
-    pooling_choices = ("avg",)
 
     MEAN = (0.48145466, 0.4578275, 0.40821073)
     STD = (0.26862954, 0.26130258, 0.27577711)
@@ -236,6 +234,9 @@ class ClipFeatureExtractor(EncoderFeatureExtractor):
     @classmethod
     def from_pretrained(cls, path: str, resolution: int = 112) -> "ClipFeatureExtractor":
         return cls(CLIPVisionModel.from_pretrained(path, local_files_only=True), source=path, resolution=resolution)
+
+    def resolve(self, args: FeatureArguments) -> FeatureArguments:
+        return super().resolve(replace(args, pooling="avg"))
 
     @torch.no_grad()
     def encode(self, images: torch.Tensor, args: FeatureArguments) -> torch.Tensor:
