@@ -78,11 +78,13 @@ THIRD_ROUND = {
 ROUNDS = {"4 second round": SECOND_ROUND, "5 third round": THIRD_ROUND}  # stage -> levers tried on the choice so far
 EXCLUSIVE = [("t<300", "t-power-2")]  # the same lever twice: only the better one is combined
 SWEEP_TIMESTEPS = [10, 25, 50, 100, 250]
+# Every read-out spelled out from average pooling (as the recipes are from PAPER_FLAGS), so that a row means the same
+# whatever the package's default read-out is (it is the one this search chose).
 READOUTS = {
-    "sweep 10-250": FeatureArguments(timesteps=SWEEP_TIMESTEPS),
-    "sweep 0-250": FeatureArguments(timesteps=[0, 5, 10, 25, 50, 100, 250]),
-    "4 noise draws": FeatureArguments(timesteps=SWEEP_TIMESTEPS, num_noise_samples=4),
-    "flip average": FeatureArguments(timesteps=SWEEP_TIMESTEPS, flip_average=True),
+    "sweep 10-250": FeatureArguments(timesteps=SWEEP_TIMESTEPS, pooling="avg"),
+    "sweep 0-250": FeatureArguments(timesteps=[0, 5, 10, 25, 50, 100, 250], pooling="avg"),
+    "4 noise draws": FeatureArguments(timesteps=SWEEP_TIMESTEPS, num_noise_samples=4, pooling="avg"),
+    "flip average": FeatureArguments(timesteps=SWEEP_TIMESTEPS, flip_average=True, pooling="avg"),
     "avg+max pooling": FeatureArguments(timesteps=SWEEP_TIMESTEPS, pooling="avgmax"),
 }
 

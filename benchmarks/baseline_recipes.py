@@ -63,7 +63,9 @@ def evaluate(args, bench: Benchmark, splits: Dict, name: str, flags: List[str]) 
     run = pretrain_for_budget(args.method, args.proxy_minutes, args.work_dir, args.data_dir, args.resolution,
                               recipe_argv=flags, name=run_name)
     encoder = EncoderFeatureExtractor.from_pretrained(run["output_dir"])
-    features, _ = cached_extract(encoder, bench, FeatureArguments(timesteps=[0]), f"{run_name}-{args.proxy_minutes:g}min")
+    # Average pooling, as when these rows were measured (before average and max pooling became the package default).
+    features, _ = cached_extract(encoder, bench, FeatureArguments(timesteps=[0], pooling="avg"),
+                                 f"{run_name}-{args.proxy_minutes:g}min")
     row = {"candidate": name, "flags": flags, "steps": run["summary"]["global_step"],
            "final_loss": run["summary"]["final_loss"], "images_per_second": run["calibration"]["images_per_second"]}
     for direction, split in splits.items():

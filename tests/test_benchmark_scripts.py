@@ -94,3 +94,10 @@ def test_the_validation_noise_floor_shrinks_with_more_images():
     small = ablations.validation_standard_error({"a": 400, "b": 400}, 0.9)
     assert small == pytest.approx(0.0106, abs=1e-4)  # sqrt(0.9 * 0.1 / 400) / sqrt(2)
     assert ablations.validation_standard_error({"a": 1600, "b": 1600}, 0.9) == pytest.approx(small / 2)
+
+
+def test_every_readout_but_the_pooling_one_is_average_pooled():
+    """The rows were measured with average pooling: a new package default must not change what they mean."""
+    pooling = {name: args.pooling for name, args in ablations.READOUTS.items()}
+    assert pooling.pop("avg+max pooling") == "avgmax"
+    assert set(pooling.values()) == {"avg"}
