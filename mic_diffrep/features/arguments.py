@@ -7,11 +7,7 @@ from dataclasses import dataclass, field
 from typing import List, Literal, Optional
 
 from ..data.medical import SLICE_FLAG_HELP, SliceSelection, slice_selection
-
-
-# The read-out chosen in the ablation study (`benchmarks/results/ablations.md`): low noise levels, where the default
-# recipe (`--timestep_power 2`) spends its training.
-DEFAULT_TIMESTEPS = (10, 25, 50, 100, 250)
+from ..models.mic_diffrep.unet_features import DEFAULT_POOLING, DEFAULT_TIMESTEPS
 
 
 @dataclass(kw_only=True)
@@ -22,7 +18,7 @@ class FeatureArguments:
         "help": "Noise levels at which features are taken (baseline encoders ignore them)."})
     layers: Optional[List[str]] = field(default=None, metadata={
         "help": "UNet blocks (down_blocks.i, mid_block, up_blocks.i); default: all of them."})
-    pooling: Literal["avg", "avgmax", "grid"] = field(default="avgmax", metadata={
+    pooling: Literal["avg", "avgmax", "grid"] = field(default=DEFAULT_POOLING, metadata={
         "help": "Global average (the paper's), average and max concatenated (the default), or an average over a grid "
                 "of regions. avgmax gave +0.6 points of MSFA validation accuracy over avg in the ablation (0.936 vs "
                 "0.930; same UNet forwards, twice the feature width)."})

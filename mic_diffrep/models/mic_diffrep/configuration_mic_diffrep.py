@@ -6,7 +6,7 @@ from transformers import PretrainedConfig
 
 from .preprocessing import INTENSITY_WINDOWS, RESIZE_MODES, ImagePreprocessing, check_choice
 from .unet import DEFAULT_UNET, UNET_PRESETS
-from .unet_features import POOLING_CHOICES, block_names_from_config, check_layers
+from .unet_features import DEFAULT_POOLING, DEFAULT_TIMESTEPS, POOLING_CHOICES, block_names_from_config, check_layers
 
 
 PROBLEM_TYPES = (None, "single_label_classification", "multi_label_classification", "regression")
@@ -25,8 +25,9 @@ class MicDiffRepConfig(PretrainedConfig):
         beta_schedule (`str`, *optional*, defaults to `"linear"`), beta_start, beta_end (`float`): the schedule's betas.
         layers (`List[str]`, *optional*): UNet blocks whose features are used (`"down_blocks.1"`, `"mid_block"`, ...);
             defaults to all blocks.
-        timesteps (`List[int]`, *optional*, defaults to `[100]`): noise levels at which features are taken.
-        pooling (`str`, *optional*, defaults to `"avg"`): `"avg"`, `"avgmax"` or `"grid"`.
+        timesteps (`List[int]`, *optional*, defaults to `[10, 25, 50, 100, 250]`): noise levels at which features
+            are taken.
+        pooling (`str`, *optional*, defaults to `"avgmax"`): `"avg"`, `"avgmax"` or `"grid"`.
         pooling_grid_size (`int`, *optional*, defaults to 2): grid size for `pooling="grid"`.
         num_noise_samples (`int`, *optional*, defaults to 1): noise draws averaged per image.
         flip_average (`bool`, *optional*, defaults to `False`): average the features of each image and of its
@@ -62,8 +63,8 @@ class MicDiffRepConfig(PretrainedConfig):
         beta_start: float = 0.0001,
         beta_end: float = 0.02,
         layers: Optional[Sequence[str]] = None,
-        timesteps: Sequence[int] = (100,),
-        pooling: str = "avg",
+        timesteps: Sequence[int] = DEFAULT_TIMESTEPS,
+        pooling: str = DEFAULT_POOLING,
         pooling_grid_size: int = 2,
         num_noise_samples: int = 1,
         flip_average: bool = False,

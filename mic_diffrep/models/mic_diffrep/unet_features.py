@@ -31,6 +31,11 @@ import torch.nn.functional as F
 
 POOLING_CHOICES = ("avg", "avgmax", "grid")
 
+# The read-out chosen in the ablation study (`benchmarks/results/ablations.md`): low noise levels, where the default
+# recipe (`--timestep_power 2`) spends its training, and each block's average and max over positions.
+DEFAULT_TIMESTEPS = (10, 25, 50, 100, 250)
+DEFAULT_POOLING = "avgmax"
+
 
 class _StopForward(Exception):
     """Raised by the last needed hook so the rest of the UNet is not computed."""
