@@ -26,7 +26,9 @@ Search (greedy, decided by the script from the validation scores):
    (each image and its mirror image) and average + max pooling of each block (the benchmark would apply either to
    the baselines' encoders alike). Read-outs
    differ in cost (UNet forwards per image), so the cheapest one within `READOUT_TOLERANCE` of the best validation
-   accuracy is chosen: a 4x slower extraction must earn more than a tie.
+   accuracy is chosen: a 4x slower extraction must earn more than a tie;
+7. a seed check, for information only: the chosen recipe pretrained again with seed 1 and read out with the chosen
+   read-out and with the sweep, to show how much of a difference between rows one seed can make.
 """
 
 import argparse
@@ -170,22 +172,23 @@ class Ablation:
             if previous["proxy_minutes"] == args.proxy_minutes and previous["resolution"] == args.resolution:
                 self.previous = previous["rows"]
 
-    def evaluate(self, stage: str, name: str, recipe: List[str], readout: str = "sweep 10-250") -> Dict:
+    def evaluate(self, stage: str, name: str, recipe: List[str], readout: str = "sweep 10-250", seed: int = 0) -> Dict:
         for row in self.previous:
-            if (row["recipe"], row["flags"], row["readout"]) == (name, recipe, readout):
+            if (row["recipe"], row["flags"], row["readout"], row.get("seed", 0)) == (name, recipe, readout, seed):
                 logger.info("%s / %s / %s: validation %.4f (from the results file)", stage, name, readout,
                             row["validation_accuracy"])
                 self.rows.append(dict(row, stage=stage))
                 return self.rows[-1]
+        run_name = "ablation-" + slug(name) + (f"-seed{seed}" if seed else "")
         run = pretrain_for_budget("micdiffrep", self.args.proxy_minutes, self.args.work_dir, self.args.data_dir,
-                                  self.args.resolution, recipe_argv=merge_flags(
+                                  self.args.resolution, seed=seed, recipe_argv=merge_flags(
                                       PAPER_FLAGS, ["--model_config_name_or_path", self.args.unet], recipe),
-                                  name="ablation-" + slug(name))
+                                  name=run_name)
         extractor = DiffusionFeatureExtractor.from_pretrained(run["output_dir"])
         extractor.pipeline.set_progress_bar_config(disable=True)
         features, speed = cached_extract(extractor.to(dtype=torch.bfloat16), self.bench, READOUTS[readout],
-                                         f"ablation-{slug(name)}-{slug(readout)}")
-        row = {"stage": stage, "recipe": name, "flags": recipe, "readout": readout,
+                                         f"{run_name}-{slug(readout)}")
+        row = {"stage": stage, "recipe": name, "flags": recipe, "readout": readout, "seed": seed,
                "steps": run["summary"]["global_step"], "planned_steps": run["planned_steps"],
                "images_per_second": run["calibration"]["images_per_second"],
                "train_minutes": run["summary"]["train_minutes"], "final_loss": run["summary"]["final_loss"],
@@ -251,6 +254,9 @@ class Ablation:
             readout_rows[readout] = existing[0] if existing else self.evaluate("6 read-out", chosen,
                                                                                candidates[chosen][0], readout)
         readout = choose_readout({r: row["validation_accuracy"] for r, row in readout_rows.items()})
+        # 7. How much a second pretraining seed moves the chosen recipe's scores (for information; chooses nothing).
+        for seed_readout in dict.fromkeys([readout, "sweep 10-250"]):
+            self.evaluate("7 seed check", chosen, candidates[chosen][0], seed_readout, seed=1)
         return {"recipe": chosen, "flags": candidates[chosen][0], "readout": readout,
                 "readout_settings": {"timesteps": READOUTS[readout].timesteps,
                                      "num_noise_samples": READOUTS[readout].num_noise_samples,
@@ -307,7 +313,8 @@ def markdown(result: Dict) -> str:
     lines += ["| stage | recipe | read-out | steps | images/s | val (mean) | val sartaj->other | val other->sartaj "
               "| *test s->o (dedup)* | *test o->s (dedup)* |", "|---|---|---|---|---|---|---|---|---|---|"]
     for r in result["rows"]:
-        cells = [r["stage"], r["recipe"], r["readout"], str(r["steps"]), f"{r['images_per_second']:.1f}",
+        recipe = r["recipe"] + (f" (seed {r['seed']})" if r.get("seed") else "")
+        cells = [r["stage"], recipe, r["readout"], str(r["steps"]), f"{r['images_per_second']:.1f}",
                  f"**{r['validation_accuracy']:.3f}**"]
         cells += [f"{r[d]['validation_accuracy']:.3f}" for d, _ in DIRECTIONS]
         cells += [f"*{r[d]['test_accuracy']:.3f} ({r[d]['test_accuracy_deduplicated']:.3f})*" for d, _ in DIRECTIONS]
@@ -322,7 +329,23 @@ def markdown(result: Dict) -> str:
               "accuracy "
               f"{chosen['validation_accuracy']:.3f}. Read-outs: the cheapest (fewest UNet forwards per image) within "
               f"{100 * READOUT_TOLERANCE:g} points of the best validation accuracy.", ""]
-    return "\n".join(lines)
+    return "\n".join(lines + seed_check(result["rows"]))
+
+
+def seed_check(rows: List[Dict]) -> List[str]:
+    """Lines comparing the seed-1 rows with the seed-0 rows of the same recipe and read-out."""
+    lines = []
+    for again in [r for r in rows if r.get("seed")]:
+        first = [r for r in rows if not r.get("seed") and (r["recipe"], r["flags"], r["readout"]) == (
+            again["recipe"], again["flags"], again["readout"])]
+        if first:
+            change = 100 * (again["validation_accuracy"] - first[0]["validation_accuracy"])
+            lines.append(f"- read-out `{again['readout']}`: mean validation {first[0]['validation_accuracy']:.3f} with "
+                         f"seed 0, {again['validation_accuracy']:.3f} with seed {again['seed']} ({change:+.1f} points)")
+    if not lines:
+        return []
+    return ["**Seed check** (for information, it chooses nothing): the chosen recipe pretrained again with another "
+            "seed (initial weights, data order, noise and timesteps), the rest unchanged:", "", *lines, ""]
 
 
 def main():
