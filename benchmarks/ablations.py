@@ -277,7 +277,8 @@ class Ablation:
         if len(winners) > 1:
             name = f"{start} + " + " + ".join(winners)
             flags = merge_flags(base_flags, *[levers[lever] for lever in winners])
-            candidates[name] = (flags, self.evaluate(stage.split()[0] + " combined", name, flags)["validation_accuracy"])
+            row = self.evaluate(stage.split()[0] + " combined", name, flags)
+            candidates[name] = (flags, row["validation_accuracy"])
         return max(candidates, key=lambda n: candidates[n][1]), candidates
 
 

@@ -21,7 +21,8 @@ class FeatureArguments:
     pooling: Literal["avg", "avgmax", "grid"] = field(default=DEFAULT_POOLING, metadata={
         "help": "Global average (the paper's), average and max concatenated (the default), or an average over a grid "
                 "of regions. avgmax gave +0.6 points of MSFA validation accuracy over avg in the ablation (0.936 vs "
-                "0.930; same UNet forwards, twice the feature width)."})
+                "0.930; same UNet forwards, twice the feature width), but lower accuracy on test images from another "
+                "source than the training images (benchmarks/results/ablations.md)."})
     pooling_grid_size: int = field(default=2, metadata={"help": "Grid size for --pooling grid."})
     num_noise_samples: int = field(default=1, metadata={"help": "Noise draws averaged per image."})
     flip_average: bool = field(default=False, metadata={

@@ -51,8 +51,8 @@ def create_unet(resolution: int, model_config_name_or_path: Optional[str] = None
     Args:
         resolution (`int`): the image size; must be divisible by the UNet's downsampling factor.
         model_config_name_or_path (`str`, *optional*):
-            a preset name (`"small"`, `"base"`, `"mini"`, `"tiny"`), a UNet `config.json`, or a folder holding one (a pretrained
-            pipeline folder's `unet/` works). Defaults to `DEFAULT_UNET` (`"small"`).
+            a preset name (`"small"`, `"base"`, `"mini"`, `"tiny"`), a UNet `config.json`, or a folder holding one (a
+            pretrained pipeline folder's `unet/` works). Defaults to `DEFAULT_UNET` (`"small"`).
 
     Example:
 
