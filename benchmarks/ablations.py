@@ -77,7 +77,8 @@ THIRD_ROUND = {
     "ema": ["--use_ema"],
     "batch-64": ["--train_batch_size", "64"],
 }
-ROUNDS = {"4 second round": SECOND_ROUND, "5 third round": THIRD_ROUND}  # stage -> levers tried on the choice so far
+# The rounds after step 3, each on the recipe chosen before it: stage -> (its command-line flag, its levers).
+ROUNDS = {"4 second round": ("second_round", SECOND_ROUND), "5 third round": ("third_round", THIRD_ROUND)}
 EXCLUSIVE = [("t<300", "t-power-2")]  # the same lever twice: only the better one is combined
 SWEEP_TIMESTEPS = [10, 25, 50, 100, 250]
 # Every read-out spelled out from average pooling (as the recipes are from PAPER_FLAGS), so that a row means the same
@@ -147,10 +148,9 @@ def parse_args():
     parser.add_argument("--max_images", type=int, default=None, help="Use a subset (smoke runs only).")
     parser.add_argument("--levers", nargs="+", default=list(LEVERS), choices=list(LEVERS),
                         help="The levers of step 2 (all by default; the results file lists those left out).")
-    parser.add_argument("--second_round", nargs="*", default=list(SECOND_ROUND), choices=list(SECOND_ROUND),
-                        help="The levers of step 4 (all by default).")
-    parser.add_argument("--third_round", nargs="*", default=list(THIRD_ROUND), choices=list(THIRD_ROUND),
-                        help="The levers of step 5 (all by default).")
+    for stage, (flag, levers) in ROUNDS.items():
+        parser.add_argument(f"--{flag}", nargs="*", default=list(levers), choices=list(levers),
+                            help=f"The levers of step {stage.split()[0]} (all by default).")
     parser.add_argument("--reuse_results", action="store_true",
                         help="Take the rows already in OUTPUT.json (same recipe, flags, read-out and budget) instead "
                              "of probing again: re-decides the search from what was measured.")
@@ -209,8 +209,8 @@ class Ablation:
     def save(self, chosen: Dict = None) -> Dict:
         """Write the results file; called after every recipe so an interrupted search keeps what it measured."""
         left_out = [lever for lever in LEVERS if lever not in self.args.levers]
-        left_out += [lever for lever in SECOND_ROUND if lever not in self.args.second_round]
-        left_out += [lever for lever in THIRD_ROUND if lever not in self.args.third_round]
+        left_out += [lever for flag, levers in ROUNDS.values() for lever in levers
+                     if lever not in getattr(self.args, flag)]
         result = {"command": command_line(),
                   "environment": environment_info(), "resolution": self.args.resolution,
                   "proxy_minutes": self.args.proxy_minutes, "note": self.args.note, "levers_left_out": left_out,
@@ -243,8 +243,8 @@ class Ablation:
             candidates[name] = (flags, self.evaluate("3 combined", name, flags)["validation_accuracy"])
         chosen = max(candidates, key=lambda n: candidates[n][1])
         # 4-5. Further rounds, each on top of the recipe chosen so far.
-        for stage, levers in ROUNDS.items():
-            wanted = self.args.second_round if stage.startswith("4") else self.args.third_round
+        for stage, (flag, levers) in ROUNDS.items():
+            wanted = getattr(self.args, flag)
             chosen, candidates = self.round(stage, chosen, candidates[chosen],
                                             {lever: flags for lever, flags in levers.items() if lever in wanted})
         # 6. Read-out on the chosen recipe.
@@ -300,16 +300,18 @@ def markdown(result: Dict) -> str:
     ]
     if result.get("note"):
         lines += [result["note"], ""]
-    if result.get("validation_images"):
+    if result.get("validation_images") and result["rows"]:
         sizes = result["validation_images"]
-        error = validation_standard_error(sizes, chosen["validation_accuracy"] if chosen else 0.93)
+        accuracy = chosen["validation_accuracy"] if chosen else max(r["validation_accuracy"] for r in result["rows"])
+        error = validation_standard_error(sizes, accuracy)
         lines += ["How far apart two rows must be to differ: the validation parts hold "
                   + " and ".join(f"{n:,} images ({d})" for d, n in sizes.items())
                   + f", so the mean validation accuracy has a binomial standard error of about {100 * error:.1f} "
                   "points (and MSFA's layer choice is made on the same images, which flatters every row alike). "
                   "Differences below about twice that are within noise; the search still takes the higher score.", ""]
     if result.get("levers_left_out"):
-        lines += ["Levers left out in this run (`--levers`, `--second_round`): "
+        lines += ["Levers left out in this run (`--levers`, " + ", ".join(f"`--{flag}`" for flag, _ in ROUNDS.values())
+                  + "): "
                   + ", ".join(result["levers_left_out"]) + ".", ""]
     lines += ["| stage | recipe | read-out | steps | images/s | val (mean) | val sartaj->other | val other->sartaj "
               "| *test s->o (dedup)* | *test o->s (dedup)* |", "|---|---|---|---|---|---|---|---|---|---|"]

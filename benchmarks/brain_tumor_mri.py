@@ -31,12 +31,11 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 from common import (BASELINE_RECIPES, BASELINES, DEFAULT_DATA_DIR, DIRECTIONS, REPO, Benchmark,  # noqa: E402
                     baseline_recipe, cached_extract, command_line, environment_info, feature_cache_name,
-                    micdiffrep_run, pretrain_for_budget, probe_protocol, run_feature_cache_name)
+                    micdiffrep_run, pretrain_for_budget, probe_protocol, readout_arguments, run_feature_cache_name)
 from diffusers import DDIMScheduler, UNet2DModel  # noqa: E402
 from mic_diffrep import DiffusionFeaturePipeline, save_image_grid  # noqa: E402
 from mic_diffrep.data import pixels_to_model_input  # noqa: E402
-from mic_diffrep.features import (ClipFeatureExtractor, DiffusionFeatureExtractor, EncoderFeatureExtractor,  # noqa: E402
-                                  FeatureArguments)
+from mic_diffrep.features import ClipFeatureExtractor, DiffusionFeatureExtractor, EncoderFeatureExtractor  # noqa: E402
 from mic_diffrep.models.mic_diffrep.unet import create_scheduler  # noqa: E402
 from mic_diffrep.probing import ProbeConfig, train_heads  # noqa: E402
 from mic_diffrep.reporting import classification_report, plot_accuracy_vs_timestep, plot_confusion_matrix  # noqa: E402
@@ -291,11 +290,7 @@ def main():
     os.makedirs(os.path.dirname(args.output), exist_ok=True)
     command = command_line()
     bench = Benchmark(args.data_dir, args.work_dir, args.resolution, args.seed, args.max_images)
-    feature_args = FeatureArguments(flip_average=args.flip_average)
-    if args.timesteps is not None:
-        feature_args = replace(feature_args, timesteps=args.timesteps)
-    if args.pooling is not None:
-        feature_args = replace(feature_args, pooling=args.pooling)
+    feature_args = readout_arguments(args.flip_average, args.pooling, args.timesteps)
     encoder_args = replace(feature_args, timesteps=[0])
 
     # 1. Pretraining (each method's steps fixed from its calibrated throughput).

@@ -22,8 +22,8 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 from common import (DEFAULT_DATA_DIR, DIRECTIONS, REPO, Benchmark, baseline_recipe, cached_extract,  # noqa: E402
                     command_line, environment_info, micdiffrep_run, pretrain_for_budget, probe_protocol,
-                    run_feature_cache_name)
-from mic_diffrep.features import DiffusionFeatureExtractor, EncoderFeatureExtractor, FeatureArguments  # noqa: E402
+                    readout_arguments, run_feature_cache_name)
+from mic_diffrep.features import DiffusionFeatureExtractor, EncoderFeatureExtractor  # noqa: E402
 from mic_diffrep.probing import ProbeConfig  # noqa: E402
 
 
@@ -92,9 +92,7 @@ def main():
     logging.basicConfig(format="%(asctime)s - %(levelname)s - %(name)s - %(message)s", level=logging.INFO)
     bench = Benchmark(args.data_dir, args.work_dir, args.resolution, max_images=args.max_images)
     splits = {direction: bench.split(direction) for direction, _ in DIRECTIONS}
-    feature_args = FeatureArguments(flip_average=args.flip_average)
-    if args.pooling is not None:
-        feature_args = replace(feature_args, pooling=args.pooling)
+    feature_args = readout_arguments(args.flip_average, args.pooling)
 
     points = []
     for minutes in args.minutes:

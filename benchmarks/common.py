@@ -190,6 +190,13 @@ def micdiffrep_run(minutes: float, work_dir: str, data_dir: str, resolution: int
                                name=name)
 
 
+def readout_arguments(flip_average: bool = False, pooling: Optional[str] = None,
+                      timesteps: Optional[Sequence[int]] = None) -> FeatureArguments:
+    """The package's default read-out with the benchmark flags that were given (`None` keeps the default)."""
+    given = {name: value for name, value in dict(pooling=pooling, timesteps=timesteps).items() if value is not None}
+    return FeatureArguments(flip_average=flip_average, **given)
+
+
 def feature_cache_name(name: str, args: FeatureArguments) -> str:
     """The feature cache of run `name` under read-out `args` (flip-averaged or otherwise pooled features are cached
     apart)."""

@@ -101,3 +101,14 @@ def test_every_readout_but_the_pooling_one_is_average_pooled():
     pooling = {name: args.pooling for name, args in ablations.READOUTS.items()}
     assert pooling.pop("avg+max pooling") == "avgmax"
     assert set(pooling.values()) == {"avg"}
+
+
+def test_benchmark_readout_keeps_the_package_default_unless_a_flag_is_given():
+    common = pytest.importorskip("common")
+    from mic_diffrep.features import FeatureArguments
+
+    assert common.readout_arguments() == FeatureArguments()
+    args = common.readout_arguments(True, "avg", [10])
+    assert (args.flip_average, args.pooling, args.timesteps) == (True, "avg", [10])
+    assert common.feature_cache_name("run", args) == "run-flip"
+    assert common.feature_cache_name("run", FeatureArguments(pooling="avgmax")) == "run-avgmax"

@@ -191,12 +191,11 @@ class EncoderFeatureExtractor:
             vit = self.model.mae.vit
             ratio, vit.config.mask_ratio = vit.config.mask_ratio, 0.0
             try:
-                tokens = vit(pixel_values=images).last_hidden_state[:, 1:].float()
+                tokens = vit(pixel_values=images).last_hidden_state[:, 1:]
             finally:
                 vit.config.mask_ratio = ratio
-            # Patch tokens pooled over their (shuffled) order, which neither a mean nor a max depends on.
-            pooled = [tokens.mean(dim=1)] + ([tokens.amax(dim=1)] if args.pooling == "avgmax" else [])
-            return torch.cat(pooled, dim=1)
+            # The patch tokens as a (B, C, N, 1) map: their (shuffled) order matters to neither a mean nor a max.
+            return pool_features(tokens.transpose(1, 2).unsqueeze(-1), args.pooling)
         return pool_features(self.model.encoder.feature_map(images), args.pooling, args.pooling_grid_size)
 
     def extract(self, pixels: torch.Tensor, args: FeatureArguments, noise_seeds: Optional[torch.Tensor] = None,
