@@ -101,12 +101,16 @@ def upload(page, path: str, attempts: int = 3) -> None:
     """Uploads `path` through the page's file input and waits until the page shows its name. A page just (re)loaded
     can take the file before its components are wired up and then drop it, so the upload is retried."""
     page.locator("#classify").wait_for()
+    file_input, shown = page.locator("#upload input[type=file]"), page.get_by_text(os.path.basename(path)).first
     for attempt in range(attempts):
-        page.locator("#upload input[type=file]").set_input_files(path)
+        file_input.set_input_files(path)
         try:
-            page.get_by_text(os.path.basename(path)).first.wait_for(timeout=TIMEOUT_MS // attempts)
+            shown.wait_for(timeout=TIMEOUT_MS // attempts)
             return
         except Exception:
+            if file_input.count() == 0:  # the page took the file (its input is gone) and is slow to show it: wait
+                shown.wait_for()
+                return
             if attempt == attempts - 1:
                 raise
 
