@@ -14,7 +14,7 @@ import os
 from typing import Dict, List, Optional, Sequence
 
 import torch
-from transformers import AutoImageProcessor, AutoModelForImageClassification
+from transformers import AutoConfig, AutoImageProcessor, AutoModelForImageClassification
 
 from .data import (SEARCHED_EXTENSIONS, SliceSelection, decode_images, is_image_file, load_image_folder,
                    pixels_to_model_input, select_splits)
@@ -25,10 +25,16 @@ from .utils import precision_dtype
 
 def load_classifier(model_dir: str, mixed_precision: Optional[str] = None):
     """The model and image processor of a folder written by `mic-diffrep probe` / `run`; `mixed_precision="bf16"`
-    loads the UNet in bf16 (the head and the standardisation stay float32, as in the probe)."""
+    loads the UNet in bf16 (the head and the standardisation stay float32, as in the probe). By default the UNet runs
+    in the precision its head was trained on (`config.mixed_precision`; a head trained on fp16 features, which a CPU
+    cannot run, gets float32)."""
     if not os.path.isfile(os.path.join(model_dir, "config.json")):
         raise FileNotFoundError(f"Model folder {model_dir!r} has no config.json; train one with `mic-diffrep probe` "
                                 f"or `mic-diffrep run`.")
+    if mixed_precision is None:
+        mixed_precision = getattr(AutoConfig.from_pretrained(model_dir), "mixed_precision", "no")
+        if mixed_precision == "fp16":
+            mixed_precision = "no"
     model = AutoModelForImageClassification.from_pretrained(model_dir, dtype=precision_dtype(mixed_precision))
     processor = AutoImageProcessor.from_pretrained(model_dir)
     if not isinstance(model, MicDiffRepForImageClassification) or not isinstance(processor, MicDiffRepImageProcessor):

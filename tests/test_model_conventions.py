@@ -17,7 +17,7 @@ from mic_diffrep import (DiffusionFeaturePipeline, DiffusionFeaturesOutput, MicD
                          MicDiffRepForImageClassification, MicDiffRepImageProcessor, decode_images, load_image_folder)
 from mic_diffrep.data import pixels_to_model_input
 from mic_diffrep.features import DiffusionFeatureExtractor, FeatureArguments
-from mic_diffrep.inference import evaluate_folder
+from mic_diffrep.inference import evaluate_folder, load_classifier
 from mic_diffrep.models.mic_diffrep.unet import UNET_PRESETS, create_scheduler, create_unet
 from mic_diffrep.models.mic_diffrep.unet_features import concatenate_features
 from mic_diffrep.probing import ProbeConfig, train_heads
@@ -249,6 +249,10 @@ def test_exported_subset_model_reproduces_the_probe_exactly(mixed_precision, fli
     report = evaluate_folder(str(tmp_path / "model"), root, mixed_precision=mixed_precision)
     probe_accuracy = int((probe_predictions == decoded.labels).sum()) / len(decoded.labels)
     assert report["accuracy"] == probe_accuracy
+    # Without being told, the folder runs in the precision its head was trained on (the user's report: a bf16 probe
+    # evaluated in float32 by default disagreed on one image of 40).
+    assert load_classifier(str(tmp_path / "model"))[0].unet.dtype == extractor.pipeline.unet.dtype
+    assert evaluate_folder(str(tmp_path / "model"), root)["confusion_matrix"] == report["confusion_matrix"]
     loaded = AutoModelForImageClassification.from_pretrained(tmp_path / "model", dtype=extractor.pipeline.unet.dtype)
     with torch.no_grad():
         features = loaded.extract_features(pixels_to_model_input(decoded.pixels))

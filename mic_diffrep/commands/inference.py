@@ -19,7 +19,8 @@ def _add_model_args(parser) -> None:
     parser.add_argument("--model", type=str, required=True, help="Model folder (from probe or run).")
     parser.add_argument("--batch_size", type=int, default=16, help="Images per forward (16 is fastest on a CPU).")
     parser.add_argument("--mixed_precision", type=str, default=None, choices=MIXED_PRECISION_CHOICES,
-                        help="'bf16' runs the UNet in bf16 (the head stays float32).")
+                        help="'bf16' runs the UNet in bf16 (the head stays float32). Default: the precision the "
+                             "model's head was trained on (its config's mixed_precision), which reproduces the probe.")
     parser.add_argument("--skip_bad_images", action="store_true", help="Skip unreadable images instead of failing.")
     add_slice_arguments(parser)
 

@@ -127,6 +127,7 @@ class DiffusionFeatureExtractor:
             layers=list(layers), timesteps=list(timesteps), pooling=args.pooling,
             pooling_grid_size=args.pooling_grid_size, num_noise_samples=args.num_noise_samples,
             flip_average=args.flip_average, noise_seed=args.noise_seed, hidden_size=hidden_size, classifier_dropout=dropout,
+            mixed_precision={torch.bfloat16: "bf16", torch.float16: "fp16"}.get(pipeline.unet.dtype, "no"),
             resize_mode=pipeline.config.resize_mode, intensity_window=pipeline.config.intensity_window,
             num_labels=len(label_names), id2label=dict(enumerate(label_names)),
             label2id={name: i for i, name in enumerate(label_names)},

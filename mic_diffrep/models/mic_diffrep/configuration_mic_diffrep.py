@@ -36,6 +36,9 @@ class MicDiffRepConfig(PretrainedConfig):
         hidden_size (`int`, *optional*, defaults to 512): MSFA aggregation width (eq. 5); `0` makes a single linear
             layer (a single-layer probe).
         classifier_dropout (`float`, *optional*, defaults to 0.0): dropout on the aggregated features.
+        mixed_precision (`str`, *optional*, defaults to `"no"`): the precision the UNet ran in when the head was
+            trained (`"no"`, `"fp16"`, `"bf16"`); `mic_diffrep.inference.load_classifier` (`evaluate`, `predict`,
+            the demo) runs the UNet in it unless told otherwise, so that predictions are the probe's.
         resize_mode (`str`, *optional*, defaults to `"pad"`): how images are made square, as in pretraining.
         problem_type (`str`, *optional*): `"single_label_classification"` (cross-entropy, paper eq. 3),
             `"multi_label_classification"` (BCE with logits) or `"regression"` (MSE); inferred from the labels when
@@ -71,6 +74,7 @@ class MicDiffRepConfig(PretrainedConfig):
         noise_seed: int = 0,
         hidden_size: int = 512,
         classifier_dropout: float = 0.0,
+        mixed_precision: str = "no",
         resize_mode: str = "pad",
         intensity_window: str = "percentile",
         **kwargs,
@@ -93,6 +97,7 @@ class MicDiffRepConfig(PretrainedConfig):
         self.noise_seed = noise_seed
         self.hidden_size = hidden_size
         self.classifier_dropout = classifier_dropout
+        self.mixed_precision = mixed_precision
         self.resize_mode = resize_mode
         self.intensity_window = intensity_window
 
@@ -108,6 +113,9 @@ class MicDiffRepConfig(PretrainedConfig):
             raise ValueError(f"hidden_size must be >= 0 (0: a single linear layer), got {hidden_size}.")
         if not 0.0 <= classifier_dropout < 1.0:
             raise ValueError(f"classifier_dropout must be in [0, 1), got {classifier_dropout}.")
+        # `mic_diffrep.utils.MIXED_PRECISION_CHOICES`, spelled out: this file travels with remote-code model folders,
+        # so it imports from its own folder only.
+        check_choice(mixed_precision, ("no", "fp16", "bf16"), "mixed_precision")
         check_choice(resize_mode, RESIZE_MODES, "resize_mode")
         check_choice(intensity_window, INTENSITY_WINDOWS, "intensity_window")
         super().__init__(**kwargs)
