@@ -22,12 +22,17 @@ Search (greedy, decided by the script from the validation scores):
 5. a third round the same way on step 4's choice: the quarter-width UNet (`mini`, about 1.6x the images per
    CPU-minute of `small`), a learning rate of 2e-3, EMA weights (the proxy budget now has about twice the steps
    of the first round's EMA row), a batch of 64;
-6. read-out on the chosen recipe: the timestep sweep, several noise draws per image, test-time flip averaging
+6. a fourth round the same way on step 5's choice, where one seed no longer decides: v-prediction, brightness /
+   contrast / gamma jitter alone (the cross-source shift is largely one of contrast; step 2 tried it only with
+   crops), timesteps skewed further (power 3, tried in step 4 on the `base` UNet only). A lever that beats its
+   starting point with seed 0 is pretrained again with seed 1 and kept only if the mean of its two seeds beats the
+   starting point's (the rounds before decided differences of about one standard error on one seed);
+7. read-out on the chosen recipe: the timestep sweep, several noise draws per image, test-time flip averaging
    (each image and its mirror image) and average + max pooling of each block (the benchmark would apply either to
    the baselines' encoders alike). Read-outs
    differ in cost (UNet forwards per image), so the cheapest one within `READOUT_TOLERANCE` of the best validation
    accuracy is chosen: a 4x slower extraction must earn more than a tie;
-7. a seed check, for information only: the chosen recipe pretrained again with seed 1 and read out with the chosen
+8. a seed check, for information only: the chosen recipe pretrained again with seed 1 and read out with the chosen
    read-out and with the sweep, to show how much of a difference between rows one seed can make.
 """
 
@@ -77,8 +82,16 @@ THIRD_ROUND = {
     "ema": ["--use_ema"],
     "batch-64": ["--train_batch_size", "64"],
 }
-# The rounds after step 3, each on the recipe chosen before it: stage -> (its command-line flag, its levers).
-ROUNDS = {"4 second round": ("second_round", SECOND_ROUND), "5 third round": ("third_round", THIRD_ROUND)}
+FOURTH_ROUND = {
+    "v-prediction": ["--prediction_type", "v_prediction"],
+    "intensity-jitter": ["--intensity_jitter"],
+    "t-power-3": ["--timestep_power", "3"],
+}
+# The rounds after step 3, each on the recipe chosen before it: stage -> (its command-line flag, its levers, whether a
+# lever that wins with seed 0 must win again on the mean of seeds 0 and 1).
+ROUNDS = {"4 second round": ("second_round", SECOND_ROUND, False),
+          "5 third round": ("third_round", THIRD_ROUND, False),
+          "6 fourth round": ("fourth_round", FOURTH_ROUND, True)}
 EXCLUSIVE = [("t<300", "t-power-2")]  # the same lever twice: only the better one is combined
 SWEEP_TIMESTEPS = [10, 25, 50, 100, 250]
 # Every read-out spelled out from average pooling (as the recipes are from PAPER_FLAGS), so that a row means the same
@@ -148,7 +161,7 @@ def parse_args():
     parser.add_argument("--max_images", type=int, default=None, help="Use a subset (smoke runs only).")
     parser.add_argument("--levers", nargs="+", default=list(LEVERS), choices=list(LEVERS),
                         help="The levers of step 2 (all by default; the results file lists those left out).")
-    for stage, (flag, levers) in ROUNDS.items():
+    for stage, (flag, levers, _) in ROUNDS.items():
         parser.add_argument(f"--{flag}", nargs="*", default=list(levers), choices=list(levers),
                             help=f"The levers of step {stage.split()[0]} (all by default).")
     parser.add_argument("--reuse_results", action="store_true",
@@ -173,8 +186,12 @@ class Ablation:
                 self.previous = previous["rows"]
 
     def evaluate(self, stage: str, name: str, recipe: List[str], readout: str = "sweep 10-250", seed: int = 0) -> Dict:
+        key = (name, recipe, readout, seed)
+        for row in self.rows:  # measured earlier in this search (e.g. a seed the seed check needs again)
+            if (row["recipe"], row["flags"], row["readout"], row.get("seed", 0)) == key:
+                return row
         for row in self.previous:
-            if (row["recipe"], row["flags"], row["readout"], row.get("seed", 0)) == (name, recipe, readout, seed):
+            if (row["recipe"], row["flags"], row["readout"], row.get("seed", 0)) == key:
                 logger.info("%s / %s / %s: validation %.4f (from the results file)", stage, name, readout,
                             row["validation_accuracy"])
                 self.rows.append(dict(row, stage=stage))
@@ -209,7 +226,7 @@ class Ablation:
     def save(self, chosen: Dict = None) -> Dict:
         """Write the results file; called after every recipe so an interrupted search keeps what it measured."""
         left_out = [lever for lever in LEVERS if lever not in self.args.levers]
-        left_out += [lever for flag, levers in ROUNDS.values() for lever in levers
+        left_out += [lever for flag, levers, _ in ROUNDS.values() for lever in levers
                      if lever not in getattr(self.args, flag)]
         result = {"command": command_line(),
                   "environment": environment_info(), "resolution": self.args.resolution,
@@ -243,20 +260,21 @@ class Ablation:
             candidates[name] = (flags, self.evaluate("3 combined", name, flags)["validation_accuracy"])
         chosen = max(candidates, key=lambda n: candidates[n][1])
         # 4-5. Further rounds, each on top of the recipe chosen so far.
-        for stage, (flag, levers) in ROUNDS.items():
+        for stage, (flag, levers, confirm) in ROUNDS.items():
             wanted = getattr(self.args, flag)
             chosen, candidates = self.round(stage, chosen, candidates[chosen],
-                                            {lever: flags for lever, flags in levers.items() if lever in wanted})
-        # 6. Read-out on the chosen recipe.
+                                            {lever: flags for lever, flags in levers.items() if lever in wanted},
+                                            confirm)
+        # 7. Read-out on the chosen recipe.
         readout_rows = {}
         for readout in READOUTS:
             existing = [r for r in self.rows if r["recipe"] == chosen and r["readout"] == readout]
-            readout_rows[readout] = existing[0] if existing else self.evaluate("6 read-out", chosen,
+            readout_rows[readout] = existing[0] if existing else self.evaluate("7 read-out", chosen,
                                                                                candidates[chosen][0], readout)
         readout = choose_readout({r: row["validation_accuracy"] for r, row in readout_rows.items()})
-        # 7. How much a second pretraining seed moves the chosen recipe's scores (for information; chooses nothing).
+        # 8. How much a second pretraining seed moves the chosen recipe's scores (for information; chooses nothing).
         for seed_readout in dict.fromkeys([readout, "sweep 10-250"]):
-            self.evaluate("7 seed check", chosen, candidates[chosen][0], seed_readout, seed=1)
+            self.evaluate("8 seed check", chosen, candidates[chosen][0], seed_readout, seed=1)
         return {"recipe": chosen, "flags": candidates[chosen][0], "readout": readout,
                 "readout_settings": {"timesteps": READOUTS[readout].timesteps,
                                      "num_noise_samples": READOUTS[readout].num_noise_samples,
@@ -264,21 +282,31 @@ class Ablation:
                                      "pooling": READOUTS[readout].pooling},
                 "validation_accuracy": readout_rows[readout]["validation_accuracy"]}
 
-    def round(self, stage: str, start: str, start_recipe, levers: Dict[str, List[str]]):
+    def round(self, stage: str, start: str, start_recipe, levers: Dict[str, List[str]], confirm: bool = False):
         """One lever at a time on top of `start` (each overrides the flags it shares with it), then the winners
-        together; returns the best recipe's name and every candidate's `(flags, validation accuracy)`."""
+        together; returns the best recipe's name and every candidate's `(flags, validation accuracy)`. With `confirm`,
+        a lever that wins with seed 0 is run again with seed 1 and scored by the mean of both seeds, against the
+        mean of `start`'s two seeds."""
         base_flags, base_score = start_recipe
-        rows = {lever: self.evaluate(stage, f"{start} + {lever}", merge_flags(base_flags, flags))
-                for lever, flags in levers.items()}
-        winners = [lever for lever in rows if rows[lever]["validation_accuracy"] > base_score]
+        scores = {lever: self.evaluate(stage, f"{start} + {lever}", merge_flags(base_flags, flags))[
+            "validation_accuracy"] for lever, flags in levers.items()}
+        if confirm and any(score > base_score for score in scores.values()):
+            base_score = (base_score + self.evaluate(stage, start, base_flags, seed=1)["validation_accuracy"]) / 2
+            for lever in [lever for lever, score in scores.items() if score > start_recipe[1]]:
+                again = self.evaluate(stage, f"{start} + {lever}", merge_flags(base_flags, levers[lever]), seed=1)
+                scores[lever] = (scores[lever] + again["validation_accuracy"]) / 2
+        winners = [lever for lever in scores if scores[lever] > base_score]
         candidates = {start: (base_flags, base_score)}
-        candidates.update({f"{start} + {lever}": (merge_flags(base_flags, levers[lever]),
-                                                  rows[lever]["validation_accuracy"]) for lever in winners})
+        candidates.update({f"{start} + {lever}": (merge_flags(base_flags, levers[lever]), scores[lever])
+                           for lever in winners})
         if len(winners) > 1:
             name = f"{start} + " + " + ".join(winners)
             flags = merge_flags(base_flags, *[levers[lever] for lever in winners])
-            row = self.evaluate(stage.split()[0] + " combined", name, flags)
-            candidates[name] = (flags, row["validation_accuracy"])
+            score = self.evaluate(stage.split()[0] + " combined", name, flags)["validation_accuracy"]
+            if confirm:
+                score = (score + self.evaluate(stage.split()[0] + " combined", name, flags, seed=1)[
+                    "validation_accuracy"]) / 2
+            candidates[name] = (flags, score)
         return max(candidates, key=lambda n: candidates[n][1]), candidates
 
 
@@ -310,7 +338,7 @@ def markdown(result: Dict) -> str:
                   "points (and MSFA's layer choice is made on the same images, which flatters every row alike). "
                   "Differences below about twice that are within noise; the search still takes the higher score.", ""]
     if result.get("levers_left_out"):
-        lines += ["Levers left out in this run (`--levers`, " + ", ".join(f"`--{flag}`" for flag, _ in ROUNDS.values())
+        lines += ["Levers left out in this run (`--levers`, " + ", ".join(f"`--{flag}`" for flag, _, _ in ROUNDS.values())
                   + "): "
                   + ", ".join(result["levers_left_out"]) + ".", ""]
     lines += ["| stage | recipe | read-out | steps | images/s | val (mean) | val sartaj->other | val other->sartaj "
@@ -332,7 +360,53 @@ def markdown(result: Dict) -> str:
               "accuracy "
               f"{chosen['validation_accuracy']:.3f}. Read-outs: the cheapest (fewest UNet forwards per image) within "
               f"{100 * READOUT_TOLERANCE:g} points of the best validation accuracy.", ""]
-    return "\n".join(lines + seed_check(result["rows"]))
+    return "\n".join(lines + seed_check(result["rows"]) + validation_test_agreement(result["rows"]))
+
+
+def rank_correlation(x: List[float], y: List[float]) -> float:
+    """Spearman's rank correlation (ties share their mean rank).
+
+    >>> rank_correlation([0.1, 0.2, 0.3], [3, 5, 4])
+    0.5
+    """
+    def ranks(values):
+        values = np.asarray(values, dtype=float)
+        order = values.argsort(kind="stable")
+        result = np.empty(len(values))
+        result[order] = np.arange(len(values), dtype=float)
+        for value in np.unique(values):
+            result[values == value] = result[values == value].mean()
+        return result
+
+    return float(np.corrcoef(ranks(x), ranks(y))[0, 1])
+
+
+def validation_test_agreement(rows: List[Dict]) -> List[str]:
+    """Lines saying how well each direction's validation accuracy ranks its test accuracies, over the recipe rows
+    (one read-out) and over the read-out rows (one recipe); for information, it chooses nothing."""
+    groups = {"recipes (read-out `sweep 10-250`, seed 0)":
+              [r for r in rows if r["readout"] == "sweep 10-250" and not r.get("seed")]}
+    chosen_recipe = [r["recipe"] for r in rows if r["stage"].endswith("read-out")]
+    if chosen_recipe:
+        groups["read-outs (the chosen recipe, seed 0)"] = [
+            r for r in rows if r["recipe"] == chosen_recipe[0] and not r.get("seed")]
+    lines = []
+    for label, group in groups.items():
+        if len(group) < 3:
+            continue
+        cells = []
+        for direction, _ in DIRECTIONS:
+            validation = [r[direction]["validation_accuracy"] for r in group]
+            cells += [f"{rank_correlation(validation, [r[direction][key] for r in group]):+.2f}"
+                      for key in ("test_accuracy", "test_accuracy_deduplicated")]
+        lines.append(f"| {label} | {len(group)} | " + " | ".join(cells) + " |")
+    if not lines:
+        return []
+    return ["**Does validation rank the rows as the test images do?** (for information, it chooses nothing) Spearman "
+            "rank correlation between each direction's validation accuracy and its test accuracy, over rows that "
+            "differ in one respect:", "",
+            "| rows | n | s->o test | s->o dedup | o->s test | o->s dedup |", "|---|---|---|---|---|---|",
+            *lines, ""]
 
 
 def seed_check(rows: List[Dict]) -> List[str]:

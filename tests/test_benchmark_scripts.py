@@ -80,7 +80,7 @@ def test_a_round_combines_the_winning_levers_and_keeps_the_best():
     scores = {"start + wide": 0.91, "start + slow": 0.85, "start + fast": 0.92, "start + wide + fast": 0.93}
     evaluated = []
     ablation = object.__new__(ablations.Ablation)
-    ablation.evaluate = lambda stage, name, flags: evaluated.append((stage, name, flags)) or {
+    ablation.evaluate = lambda stage, name, flags, seed=0: evaluated.append((stage, name, flags)) or {
         "validation_accuracy": scores[name]}
     levers = {"wide": ["--width", "2"], "slow": ["--lr", "1"], "fast": ["--lr", "3"]}
     chosen, candidates = ablation.round("5 third round", "start", (["--lr", "2"], 0.90), levers)
@@ -88,6 +88,21 @@ def test_a_round_combines_the_winning_levers_and_keeps_the_best():
     assert candidates[chosen] == (["--lr", "3", "--width", "2"], 0.93)  # a lever's flag replaces the recipe's
     assert [stage for stage, _, _ in evaluated] == ["5 third round"] * 3 + ["5 combined"]
     assert "start + slow" not in candidates  # lost to its starting point: not combined
+
+
+def test_a_confirmed_round_keeps_a_lever_only_if_it_wins_on_two_seeds():
+    scores = {("start", 1): 0.92, ("start + lucky", 0): 0.91, ("start + lucky", 1): 0.90,
+              ("start + real", 0): 0.915, ("start + real", 1): 0.93, ("start + worse", 0): 0.89}
+    evaluated = []
+    ablation = object.__new__(ablations.Ablation)
+    ablation.evaluate = lambda stage, name, flags, seed=0: evaluated.append((name, seed)) or {
+        "validation_accuracy": scores[name, seed]}
+    levers = {"lucky": ["--a"], "real": ["--b"], "worse": ["--c"]}
+    chosen, candidates = ablation.round("6 fourth round", "start", (["--lr", "2"], 0.90), levers, confirm=True)
+    # start: (0.90 + 0.92) / 2 = 0.91; lucky: 0.905 (out); real: 0.9225 (kept); worse lost on seed 0: no second seed
+    assert chosen == "start + real" and candidates[chosen][1] == pytest.approx(0.9225)
+    assert candidates["start"][1] == pytest.approx(0.91) and "start + lucky" not in candidates
+    assert ("start + worse", 1) not in evaluated and ("start", 1) in evaluated
 
 
 def test_the_validation_noise_floor_shrinks_with_more_images():
@@ -112,3 +127,20 @@ def test_benchmark_readout_keeps_the_package_default_unless_a_flag_is_given():
     assert (args.flip_average, args.pooling, args.timesteps) == (True, "avg", [10])
     assert common.feature_cache_name("run", args) == "run-flip"
     assert common.feature_cache_name("run", FeatureArguments(pooling="avgmax")) == "run-avgmax"
+
+
+def test_validation_test_agreement_ranks_recipes_and_readouts_apart():
+    def row(recipe, readout, validation, test, stage="2 one lever", seed=0):
+        scores = {"validation_accuracy": validation, "test_accuracy": test, "test_accuracy_deduplicated": test}
+        return {"recipe": recipe, "readout": readout, "seed": seed, "stage": stage,
+                "sartaj->other": scores, "other->sartaj": scores}
+
+    rows = [row("a", "sweep 10-250", 0.80, 0.70), row("b", "sweep 10-250", 0.85, 0.75),
+            row("c", "sweep 10-250", 0.90, 0.80), row("c", "sweep 10-250", 0.99, 0.10, seed=1),
+            row("c", "flip", 0.88, 0.90, "7 read-out"), row("c", "pool", 0.91, 0.60, "7 read-out")]
+    lines = ablations.validation_test_agreement(rows)
+    recipes = next(line for line in lines if line.startswith("| recipes"))
+    readouts = next(line for line in lines if line.startswith("| read-outs"))
+    assert recipes.endswith("| 3 | +1.00 | +1.00 | +1.00 | +1.00 |")  # the seed-1 row is left out
+    assert readouts.endswith("| 3 | -1.00 | -1.00 | -1.00 | -1.00 |")  # c: sweep, flip, pool: reversed
+    assert ablations.rank_correlation([1, 2, 2, 3], [1, 2, 2, 3]) == pytest.approx(1.0)
