@@ -196,11 +196,11 @@ class Ablation:
                             row["validation_accuracy"])
                 self.rows.append(dict(row, stage=stage))
                 return self.rows[-1]
-        run_name = "ablation-" + slug(name) + (f"-seed{seed}" if seed else "")
         run = pretrain_for_budget("micdiffrep", self.args.proxy_minutes, self.args.work_dir, self.args.data_dir,
                                   self.args.resolution, seed=seed, recipe_argv=merge_flags(
                                       PAPER_FLAGS, ["--model_config_name_or_path", self.args.unet], recipe),
-                                  name=run_name)
+                                  name="ablation-" + slug(name))
+        run_name = "ablation-" + slug(name) + (f"-seed{seed}" if seed else "")
         extractor = DiffusionFeatureExtractor.from_pretrained(run["output_dir"])
         extractor.pipeline.set_progress_bar_config(disable=True)
         features, speed = cached_extract(extractor.to(dtype=torch.bfloat16), self.bench, READOUTS[readout],

@@ -226,9 +226,10 @@ def pretrain_for_budget(method: str, minutes: float, work_dir: str, data_dir: st
                         recipe_argv: Sequence[str] = (), name: Optional[str] = None) -> Dict:
     """Pretrains `method` (a baseline, or `"micdiffrep"` with the pretraining flags `recipe_argv`) for `minutes` of
     its calibrated throughput; returns `{"output_dir", "summary", "calibration", "budget_minutes",
-    "planned_steps"}`. A finished run (its `pretraining_summary.json` exists) is reused if it was made with the same
-    settings (recorded in its `benchmark_settings.json`); one made with others is refused rather than reused."""
-    name = name or method
+    "planned_steps"}`. A seed other than 0 gets its own run folder and calibration (`NAME-seedS`). A finished run
+    (its `pretraining_summary.json` exists) is reused if it was made with the same settings (recorded in its
+    `benchmark_settings.json`); one made with others is refused rather than reused."""
+    name = (name or method) + (f"-seed{seed}" if seed else "")  # seed 0: the names runs have always had
     base_argv = common_argv(data_dir, work_dir, resolution, seed) + method_argv(method, recipe_argv)
     calibration = calibrate(method, name, work_dir, base_argv)
     steps = max(1, int(minutes * 60 * calibration["steps_per_second"]))

@@ -144,3 +144,34 @@ def test_validation_test_agreement_ranks_recipes_and_readouts_apart():
     assert recipes.endswith("| 3 | +1.00 | +1.00 | +1.00 | +1.00 |")  # the seed-1 row is left out
     assert readouts.endswith("| 3 | -1.00 | -1.00 | -1.00 | -1.00 |")  # c: sweep, flip, pool: reversed
     assert ablations.rank_correlation([1, 2, 2, 3], [1, 2, 2, 3]) == pytest.approx(1.0)
+
+
+def test_a_second_seed_gets_its_own_run_and_calibration(tmp_path, monkeypatch):
+    common = pytest.importorskip("common")
+    calibrated = []
+    monkeypatch.setattr(common, "calibrate", lambda method, name, work_dir, argv: calibrated.append((name, argv)) or {
+        "steps_per_second": 1.0, "settings": {"seed": argv[argv.index("--seed") + 1]}})
+    monkeypatch.setattr(common, "run_pretraining", lambda method, argv: {"global_step": 60})
+    run = common.pretrain_for_budget("mocov2", 1, str(tmp_path), "data", seed=1)
+    assert os.path.basename(run["output_dir"]) == "mocov2-seed1-1min"
+    assert calibrated[0][0] == "mocov2-seed1" and calibrated[0][1][calibrated[0][1].index("--seed") + 1] == "1"
+    run = common.pretrain_for_budget("mocov2", 1, str(tmp_path), "data")
+    assert os.path.basename(run["output_dir"]) == "mocov2-1min"  # seed 0: the name runs have always had
+
+
+def test_the_budget_curve_averages_seeds_and_crosses_on_the_means():
+    budget_curve = pytest.importorskip("budget_curve")
+
+    def point(method, minutes, seed, accuracy):
+        scores = {"accuracy": accuracy, "accuracy_deduplicated": accuracy - 0.1}
+        return {"method": method, "minutes": minutes, "seed": seed, "steps": 10,
+                "sartaj->other": scores, "other->sartaj": scores}
+
+    points = [point("micdiffrep", 10, 0, 0.70), point("micdiffrep", 10, 1, 0.74), point("mocov2", 10, 0, 0.75),
+              point("micdiffrep", 30, 0, 0.90), point("mocov2", 30, 0, 0.80)]
+    means = budget_curve.mean_points(points)
+    mine = next(p for p in means if (p["method"], p["minutes"]) == ("micdiffrep", 10))
+    assert mine["sartaj->other"]["accuracy"] == pytest.approx(0.72) and mine["seeds"] == [0, 1]
+    assert mine["sartaj->other"]["range"]["accuracy"] == pytest.approx(0.04)
+    # the means: micdiffrep 0.72 -> 0.90, mocov2 0.75 -> 0.80: they cross where -0.03 + 0.13 * f = 0
+    assert budget_curve.crossing(means, "sartaj->other", "accuracy") == pytest.approx(10 + 20 * 0.03 / 0.13)
