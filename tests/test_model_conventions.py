@@ -253,6 +253,9 @@ def test_exported_subset_model_reproduces_the_probe_exactly(mixed_precision, fli
     # evaluated in float32 by default disagreed on one image of 40).
     assert load_classifier(str(tmp_path / "model"))[0].unet.dtype == extractor.pipeline.unet.dtype
     assert evaluate_folder(str(tmp_path / "model"), root)["confusion_matrix"] == report["confusion_matrix"]
+    # So does plain `from_pretrained` (transformers' dtype "auto"), with the head and standardisation in float32.
+    plain = AutoModelForImageClassification.from_pretrained(tmp_path / "model")
+    assert plain.unet.dtype == extractor.pipeline.unet.dtype and plain.head.classifier.weight.dtype == torch.float32
     loaded = AutoModelForImageClassification.from_pretrained(tmp_path / "model", dtype=extractor.pipeline.unet.dtype)
     with torch.no_grad():
         features = loaded.extract_features(pixels_to_model_input(decoded.pixels))

@@ -134,6 +134,10 @@ class DiffusionFeatureExtractor:
         )
         model = MicDiffRepForImageClassification(config)
         model.unet.load_state_dict({k: v.float() for k, v in pipeline.unet.state_dict().items()})
+        if config.mixed_precision == "bf16":
+            # As `from_pretrained(dtype=torch.bfloat16)` loads it: saved so, its config's `dtype` says bfloat16 and
+            # plain `from_pretrained` (dtype "auto") runs the UNet in the precision the head was trained on.
+            model.unet.to(torch.bfloat16)
         model.head.load_state_dict(head.state_dict())
         model.feature_mean.copy_(mean)
         model.feature_std.copy_(std)
