@@ -417,12 +417,14 @@ def seed_check(rows: List[Dict]) -> List[str]:
             again["recipe"], again["flags"], again["readout"])]
         if first:
             change = 100 * (again["validation_accuracy"] - first[0]["validation_accuracy"])
-            lines.append(f"- read-out `{again['readout']}`: mean validation {first[0]['validation_accuracy']:.3f} with "
+            lines.append(f"- `{again['recipe']}`, read-out `{again['readout']}`: mean validation "
+                         f"{first[0]['validation_accuracy']:.3f} with "
                          f"seed 0, {again['validation_accuracy']:.3f} with seed {again['seed']} ({change:+.1f} points)")
     if not lines:
         return []
-    return ["**Seed check** (for information, it chooses nothing): the chosen recipe pretrained again with another "
-            "seed (initial weights, data order, noise and timesteps), the rest unchanged:", "", *lines, ""]
+    return ["**Seeds**: recipes pretrained again with another seed (initial weights, data order, noise and "
+            "timesteps), the rest unchanged (the fourth round's confirmations, and the seed check, which chooses "
+            "nothing):", "", *lines, ""]
 
 
 def main():

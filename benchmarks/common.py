@@ -176,7 +176,9 @@ def calibrate(method: str, name: str, work_dir: str, base_argv: List[str]) -> di
 
 # The benchmarks' MicDiffRep runs train the package's default recipe and are named after it. A run or calibration made
 # under another recipe is refused (`check_settings`), so this name changes when the default recipe does.
-MICDIFFREP_RUN = "micdiffrep-small"  # "micdiffrep": the runs of the 4.3M "base" UNet, the default before
+# The runs of the default recipe; "micdiffrep-small": timestep power 2, the default before; "micdiffrep": the 4.3M
+# "base" UNet, the default before that.
+MICDIFFREP_RUN = "micdiffrep-small-power3"
 
 
 def micdiffrep_run(minutes: float, work_dir: str, data_dir: str, resolution: int = 64, seed: int = 0,

@@ -84,7 +84,7 @@ def test_run_recipe_defaults_are_the_pretraining_and_feature_defaults():
         assert getattr(pretraining, key) == getattr(defaults, key) == RUN_DEFAULTS[key], key
     assert probe_arguments(dict(RUN_DEFAULTS)).timesteps == FeatureArguments().timesteps
     # The chosen recipe departs from the paper; the preset keeps the paper's values.
-    assert (defaults.learning_rate, defaults.lr_scheduler, defaults.timestep_power) == (1e-3, "cosine", 2.0)
+    assert (defaults.learning_rate, defaults.lr_scheduler, defaults.timestep_power) == (1e-3, "cosine", 3.0)
     assert defaults.model_config_name_or_path == pretraining.model_config_name_or_path == "small"
     paper = pretraining_arguments({**RUN_DEFAULTS, **RUN_PRESETS["paper"]})
     assert (paper.learning_rate, paper.lr_scheduler, paper.lr_warmup_steps, paper.timestep_power,

@@ -32,7 +32,7 @@ import torch.nn.functional as F
 POOLING_CHOICES = ("avg", "avgmax", "grid")
 
 # The read-out chosen in the ablation study (`benchmarks/results/ablations.md`): low noise levels, where the default
-# recipe (`--timestep_power 2`) spends its training, and each block's average and max over positions.
+# recipe (`--timestep_power 3`) spends its training, and each block's average and max over positions.
 DEFAULT_TIMESTEPS = (10, 25, 50, 100, 250)
 DEFAULT_POOLING = "avgmax"
 
