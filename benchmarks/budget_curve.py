@@ -1,5 +1,6 @@
 #!/usr/bin/env python
-"""Accuracy against pretraining budget: MicDiffRep (the package's default recipe) and MoCo v2 at several budgets.
+"""Accuracy against pretraining budget: MicDiffRep (the package's default recipe) and MoCo v2 (and BYOL with
+`--methods`) at several budgets.
 
     python benchmarks/budget_curve.py --data_dir DATA_DIR --minutes 10 30 --seeds 0 1
 
@@ -8,7 +9,9 @@ pretraining minutes (solid: all test images; dashed: the de-duplicated ones). Ea
 own learning-rate schedule laid over that budget's steps (`benchmarks/common.py`); runs shared with
 `brain_tumor_mri.py` (same work folder) are reused. Layers and timesteps are chosen on validation, as everywhere.
 With several `--seeds` (pretraining seeds: initial weights, data order, noise; the splits and probes stay the same),
-the lines join the seeds' means, each seed is a dot, and the crossings are those of the means.
+the lines join the seeds' means, each seed is a dot, and the crossings are those of the means. The results also
+check the benchmark's target at every budget: MicDiffRep at least 2 points above the best baseline measured, in both
+directions, on all and on the de-duplicated test images (on the seeds' means).
 """
 
 import argparse
@@ -30,7 +33,9 @@ from mic_diffrep.features import DiffusionFeatureExtractor, EncoderFeatureExtrac
 from mic_diffrep.probing import ProbeConfig  # noqa: E402
 
 
-METHODS = {"micdiffrep": "MicDiffRep-MS", "mocov2": "MoCo v2"}
+METHODS = {"micdiffrep": "MicDiffRep-MS", "mocov2": "MoCo v2", "byol": "BYOL"}
+# The benchmark's target (issue #12): MicDiffRep-MS at least this many points above the best baseline.
+TARGET_MARGIN = 2.0
 
 
 def parse_args():
@@ -41,6 +46,8 @@ def parse_args():
     parser.add_argument("--minutes", type=float, nargs="+", default=[10.0, 30.0])
     parser.add_argument("--seeds", type=int, nargs="+", default=[0],
                         help="Pretraining seeds of every point (seed 0: the runs `brain_tumor_mri.py` shares).")
+    parser.add_argument("--methods", nargs="+", default=["micdiffrep", "mocov2"], choices=list(METHODS),
+                        help="Methods to pretrain at every budget (MicDiffRep is always one of them).")
     parser.add_argument("--resolution", type=int, default=64)
     parser.add_argument("--unet", default=None, help="UNet preset or config instead of the package default ('tiny' "
                                                      "for smoke runs).")
@@ -81,6 +88,8 @@ def plot(points, path):
     for ax, (direction, _) in zip(axes, DIRECTIONS):
         for method, title in METHODS.items():
             rows = sorted((p for p in means if p["method"] == method), key=lambda p: p["minutes"])
+            if not rows:
+                continue
             seeds = [p for p in points if p["method"] == method]
             minutes = [p["minutes"] for p in rows]
             line, = ax.plot(minutes, [p[direction]["accuracy"] for p in rows], "o-", label=f"{title}, all")
@@ -101,11 +110,11 @@ def plot(points, path):
     plt.close(fig)
 
 
-def crossing(points, direction, key):
-    """Where MicDiffRep's line crosses MoCo v2's (linear interpolation between measured budgets), if it does;
+def crossing(points, direction, key, baseline="mocov2"):
+    """Where MicDiffRep's line crosses `baseline`'s (linear interpolation between measured budgets), if it does;
     `points` hold one point per method and budget (the seeds' means)."""
     mine = {p["minutes"]: p[direction][key] for p in points if p["method"] == "micdiffrep"}
-    theirs = {p["minutes"]: p[direction][key] for p in points if p["method"] == "mocov2"}
+    theirs = {p["minutes"]: p[direction][key] for p in points if p["method"] == baseline}
     budgets = sorted(set(mine) & set(theirs))
     gaps = [mine[m] - theirs[m] for m in budgets]
     for (m0, g0), (m1, g1) in zip(zip(budgets, gaps), zip(budgets[1:], gaps[1:])):
@@ -114,8 +123,36 @@ def crossing(points, direction, key):
     if all(g > 0 for g in gaps):
         return "MicDiffRep ahead at every budget measured"
     if all(g < 0 for g in gaps):
-        return "MoCo v2 ahead at every budget measured"
+        return f"{METHODS[baseline]} ahead at every budget measured"
     return "no crossing between the budgets measured"
+
+
+def target_gaps(points):
+    """Per budget, direction and key: MicDiffRep's accuracy minus the best baseline's, in points, and whether it
+    meets `TARGET_MARGIN`; `points` hold one point per method and budget (the seeds' means).
+
+    >>> scores = lambda a: {"accuracy": a, "accuracy_deduplicated": a}
+    >>> points = [{"method": m, "minutes": 30, "sartaj->other": scores(a), "other->sartaj": scores(a)}
+    ...           for m, a in [("micdiffrep", 0.88), ("mocov2", 0.85), ("byol", 0.87)]]
+    >>> gap = target_gaps(points)[30]["sartaj->other"]["accuracy"]
+    >>> round(gap["points"], 1), gap["baseline"], gap["met"]
+    (1.0, 'byol', False)
+    """
+    gaps = {}
+    for minutes in sorted({p["minutes"] for p in points}):
+        here = {p["method"]: p for p in points if p["minutes"] == minutes}
+        baselines = [m for m in here if m != "micdiffrep"]
+        if "micdiffrep" not in here or not baselines:
+            continue
+        gaps[minutes] = {}
+        for direction, _ in DIRECTIONS:
+            gaps[minutes][direction] = {}
+            for key in KEYS:
+                best = max(baselines, key=lambda m: here[m][direction][key])
+                points_ahead = 100 * (here["micdiffrep"][direction][key] - here[best][direction][key])
+                gaps[minutes][direction][key] = {"points": points_ahead, "baseline": best,
+                                                 "met": points_ahead >= TARGET_MARGIN}
+    return gaps
 
 
 def main():
@@ -128,7 +165,7 @@ def main():
     points = []
     for minutes in args.minutes:
         for seed in args.seeds:
-            for method in METHODS:
+            for method in dict.fromkeys(["micdiffrep", *args.methods]):
                 if method == "micdiffrep":
                     run = micdiffrep_run(minutes, args.work_dir, args.data_dir, args.resolution, seed, args.unet)
                     extractor = DiffusionFeatureExtractor.from_pretrained(run["output_dir"]).to(dtype=torch.bfloat16)
@@ -149,15 +186,18 @@ def main():
                 points.append(point)
     plot(points, args.output + ".png")
     means = mean_points(points)
-    crossings = {direction: {key: crossing(means, direction, key) for key in KEYS} for direction, _ in DIRECTIONS}
+    baselines = [m for m in dict.fromkeys(args.methods) if m != "micdiffrep"]
+    crossings = {baseline: {direction: {key: crossing(means, direction, key, baseline) for key in KEYS}
+                            for direction, _ in DIRECTIONS} for baseline in baselines}
+    targets = target_gaps(means)
     result = {"command": command_line(), "environment": environment_info(), "note": args.note, "points": points,
-              "means": means, "crossings": crossings}
+              "means": means, "crossings": crossings, "targets": targets}
     with open(args.output + ".json", "w") as f:
         json.dump(result, f, indent=2)
     env = result["environment"]
     lines = ["# Accuracy against pretraining budget", "", f"Command: `{result['command']}`  ",
              f"Machine: {env['processor']}, {env['cpu_count']} CPUs, no GPU; torch {env['torch']}", "",
-             "![budget curve](budget_curve.png)", ""]
+             f"![budget curve]({os.path.basename(args.output)}.png)", ""]
     if args.note:
         lines += [args.note, ""]
     lines += ["| method | minutes | seed | steps | " + " | ".join(f"{d} (dedup)" for d, _ in DIRECTIONS) + " |",
@@ -176,12 +216,22 @@ def main():
                      f"({p[d]['accuracy_deduplicated']:.3f} ±{50 * p[d]['range']['accuracy_deduplicated']:.1f})"
                      for d, _ in DIRECTIONS]
             lines.append(f"| {METHODS[p['method']]} | {p['minutes']:g} | " + " | ".join(cells) + " |")
-    lines += ["", "Where the lines cross (minutes, by linear interpolation between the budgets measured"
-              + ("; the seeds' means" if len(args.seeds) > 1 else "") + "):", ""]
-    for direction, values in crossings.items():
-        for key, value in values.items():
-            text = f"{value:.1f} min" if isinstance(value, float) else value
-            lines.append(f"- {direction}, {'all test images' if key == 'accuracy' else 'de-duplicated'}: {text}")
+    mean_text = "; the seeds' means" if len(args.seeds) > 1 else ""
+    for baseline, by_direction in crossings.items():
+        lines += ["", f"Where MicDiffRep's line crosses {METHODS[baseline]}'s (minutes, by linear interpolation between "
+                  f"the budgets measured{mean_text}):", ""]
+        for direction, values in by_direction.items():
+            for key, value in values.items():
+                text = f"{value:.1f} min" if isinstance(value, float) else value
+                lines.append(f"- {direction}, {'all test images' if key == 'accuracy' else 'de-duplicated'}: {text}")
+    lines += ["", f"Target: MicDiffRep-MS at least {TARGET_MARGIN:g} points above the best baseline measured "
+              f"({', '.join(METHODS[b] for b in baselines)}){mean_text}; points ahead (the best baseline):", "",
+              "| minutes | " + " | ".join(f"{d}, {k}" for d, _ in DIRECTIONS for k in ("all", "dedup")) + " |",
+              "|---|" + "---|" * 2 * len(DIRECTIONS)]
+    for minutes, by_direction in targets.items():
+        cells = [f"{g['points']:+.1f} ({METHODS[g['baseline']]}) {'met' if g['met'] else '**missed**'}"
+                 for direction, _ in DIRECTIONS for g in (by_direction[direction][k] for k in KEYS)]
+        lines.append(f"| {minutes:g} | " + " | ".join(cells) + " |")
     with open(args.output + ".md", "w") as f:
         f.write("\n".join(lines) + "\n")
     print("\n".join(lines))

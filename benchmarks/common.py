@@ -228,17 +228,20 @@ def pretrain_for_budget(method: str, minutes: float, work_dir: str, data_dir: st
                         recipe_argv: Sequence[str] = (), name: Optional[str] = None) -> Dict:
     """Pretrains `method` (a baseline, or `"micdiffrep"` with the pretraining flags `recipe_argv`) for `minutes` of
     its calibrated throughput; returns `{"output_dir", "summary", "calibration", "budget_minutes",
-    "planned_steps"}`. A seed other than 0 gets its own run folder and calibration (`NAME-seedS`). A finished run
-    (its `pretraining_summary.json` exists) is reused if it was made with the same settings (recorded in its
+    "planned_steps"}`. A seed other than 0 gets its own run folder (`NAME-seedS-Mmin`) but seed 0's calibration: a
+    seed changes no compute, so every seed trains the same number of steps (a calibration per seed would carry the
+    machine's speed drift between sessions, 15% here, into the comparison of seeds). A finished run (its
+    `pretraining_summary.json` exists) is reused if it was made with the same settings (recorded in its
     `benchmark_settings.json`); one made with others is refused rather than reused."""
-    name = (name or method) + (f"-seed{seed}" if seed else "")  # seed 0: the names runs have always had
-    base_argv = common_argv(data_dir, work_dir, resolution, seed) + method_argv(method, recipe_argv)
-    calibration = calibrate(method, name, work_dir, base_argv)
+    name = name or method
+    argv = common_argv(data_dir, work_dir, resolution, seed) + method_argv(method, recipe_argv)
+    calibration = calibrate(method, name, work_dir, common_argv(data_dir, work_dir, resolution, 0)
+                            + method_argv(method, recipe_argv))
     steps = max(1, int(minutes * 60 * calibration["steps_per_second"]))
-    output_dir = os.path.join(work_dir, f"{name}-{minutes:g}min")
+    output_dir = os.path.join(work_dir, name + (f"-seed{seed}" if seed else "") + f"-{minutes:g}min")
     summary_file = os.path.join(output_dir, "pretraining_summary.json")
     settings_file = os.path.join(output_dir, "benchmark_settings.json")
-    settings = dict(calibration["settings"], max_train_steps=steps)
+    settings = dict(training_settings(method, argv), max_train_steps=steps)
     if os.path.isfile(settings_file):
         with open(settings_file) as f:
             check_settings(output_dir, json.load(f), settings)
@@ -250,7 +253,7 @@ def pretrain_for_budget(method: str, minutes: float, work_dir: str, data_dir: st
         os.makedirs(output_dir, exist_ok=True)
         with open(settings_file, "w") as f:  # before training, so a resumed run is checked too
             json.dump(settings, f, indent=2)
-        summary = run_pretraining(method, base_argv + [
+        summary = run_pretraining(method, argv + [
             "--output_dir", output_dir, "--max_train_steps", str(steps), "--checkpointing_steps", "1000",
             "--checkpoints_total_limit", "1", "--resume_from_checkpoint", "latest"])
     if not os.path.isfile(settings_file):  # finished before settings were recorded: recorded from now on

@@ -146,17 +146,23 @@ def test_validation_test_agreement_ranks_recipes_and_readouts_apart():
     assert ablations.rank_correlation([1, 2, 2, 3], [1, 2, 2, 3]) == pytest.approx(1.0)
 
 
-def test_a_second_seed_gets_its_own_run_and_calibration(tmp_path, monkeypatch):
+def test_a_second_seed_gets_its_own_run_and_seed_0s_calibration(tmp_path, monkeypatch):
+    """A seed changes no compute: seed 1 trains as many steps as seed 0, in its own folder, with its own seed."""
     common = pytest.importorskip("common")
-    calibrated = []
+    calibrated, trained = [], []
     monkeypatch.setattr(common, "calibrate", lambda method, name, work_dir, argv: calibrated.append((name, argv)) or {
-        "steps_per_second": 1.0, "settings": {"seed": argv[argv.index("--seed") + 1]}})
-    monkeypatch.setattr(common, "run_pretraining", lambda method, argv: {"global_step": 60})
+        "steps_per_second": 1.0, "settings": {}})
+    monkeypatch.setattr(common, "run_pretraining", lambda method, argv: trained.append(argv) or {"global_step": 60})
     run = common.pretrain_for_budget("mocov2", 1, str(tmp_path), "data", seed=1)
-    assert os.path.basename(run["output_dir"]) == "mocov2-seed1-1min"
-    assert calibrated[0][0] == "mocov2-seed1" and calibrated[0][1][calibrated[0][1].index("--seed") + 1] == "1"
+    assert os.path.basename(run["output_dir"]) == "mocov2-seed1-1min" and run["planned_steps"] == 60
+    assert calibrated[0][0] == "mocov2" and calibrated[0][1][calibrated[0][1].index("--seed") + 1] == "0"
+    assert trained[0][trained[0].index("--seed") + 1] == "1"
+    assert trained[0][trained[0].index("--max_train_steps") + 1] == "60"
+    with open(os.path.join(run["output_dir"], "benchmark_settings.json")) as f:
+        assert common.json.load(f)["seed"] == 1  # a seed-0 run in this folder would be refused
     run = common.pretrain_for_budget("mocov2", 1, str(tmp_path), "data")
     assert os.path.basename(run["output_dir"]) == "mocov2-1min"  # seed 0: the name runs have always had
+    assert calibrated[1] == calibrated[0]
 
 
 def test_the_budget_curve_averages_seeds_and_crosses_on_the_means():
@@ -175,3 +181,20 @@ def test_the_budget_curve_averages_seeds_and_crosses_on_the_means():
     assert mine["sartaj->other"]["range"]["accuracy"] == pytest.approx(0.04)
     # the means: micdiffrep 0.72 -> 0.90, mocov2 0.75 -> 0.80: they cross where -0.03 + 0.13 * f = 0
     assert budget_curve.crossing(means, "sartaj->other", "accuracy") == pytest.approx(10 + 20 * 0.03 / 0.13)
+
+
+def test_the_budget_curve_checks_the_target_against_the_best_baseline_on_the_means():
+    budget_curve = pytest.importorskip("budget_curve")
+
+    def point(method, seed, accuracy):
+        scores = {"accuracy": accuracy, "accuracy_deduplicated": accuracy - 0.1}
+        return {"method": method, "minutes": 30, "seed": seed, "steps": 10,
+                "sartaj->other": scores, "other->sartaj": scores}
+
+    points = [point("micdiffrep", 0, 0.90), point("micdiffrep", 1, 0.86), point("mocov2", 0, 0.85),
+              point("mocov2", 1, 0.85), point("byol", 0, 0.83), point("byol", 1, 0.89)]
+    gap = budget_curve.target_gaps(budget_curve.mean_points(points))[30]["other->sartaj"]["accuracy_deduplicated"]
+    # the means: micdiffrep 0.78, byol 0.76 (its seed 0 alone would have lost to MoCo v2's 0.75)
+    assert gap["baseline"] == "byol" and gap["points"] == pytest.approx(2.0) and gap["met"]
+    assert budget_curve.crossing(budget_curve.mean_points(points), "sartaj->other", "accuracy",
+                                 "byol") == "MicDiffRep ahead at every budget measured"

@@ -2,7 +2,7 @@
 
 ```python
 >>> import torch
->>> from mic_diffrep.augmentations import GreyAugment
+>>> from mic_diffrep.data.augmentations import GreyAugment
 >>> views = GreyAugment()(torch.rand(8, 1, 32, 32) * 2 - 1, generator=torch.Generator().manual_seed(0))
 >>> views.shape, bool(views.min() >= -1), bool(views.max() <= 1)
 (torch.Size([8, 1, 32, 32]), True, True)

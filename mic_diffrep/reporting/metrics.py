@@ -1,7 +1,7 @@
 """Classification metrics as `evaluate.Metric` modules shipped in the package (no Hub download, works offline).
 
 ```python
->>> from mic_diffrep.metrics import classification_report
+>>> from mic_diffrep.reporting import classification_report
 >>> classification_report([0, 1, 1, 2], [0, 1, 2, 2], label_names=["a", "b", "c"])["accuracy"]
 0.75
 ```

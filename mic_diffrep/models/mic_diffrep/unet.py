@@ -57,7 +57,7 @@ def create_unet(resolution: int, model_config_name_or_path: Optional[str] = None
     Example:
 
     ```python
-    >>> from mic_diffrep.unet import create_unet
+    >>> from mic_diffrep import create_unet
     >>> unet = create_unet(32, "tiny")
     >>> unet.config.sample_size, unet.config.in_channels
     (32, 1)

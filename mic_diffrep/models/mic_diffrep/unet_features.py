@@ -11,8 +11,8 @@ classifier features are the same computation:
 
 ```python
 >>> import torch
->>> from mic_diffrep.unet import create_unet
->>> from mic_diffrep.unet_features import block_names, unet_block_features
+>>> from mic_diffrep import create_unet
+>>> from mic_diffrep.models.mic_diffrep.unet_features import block_names, unet_block_features
 >>> unet = create_unet(16, "tiny")
 >>> block_names(unet)
 ['down_blocks.0', 'down_blocks.1', 'mid_block', 'up_blocks.0', 'up_blocks.1']

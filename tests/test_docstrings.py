@@ -1,0 +1,45 @@
+"""The examples in the package's docstrings run and print what they say (fenced as in transformers' docstrings)."""
+
+import doctest
+import importlib
+import os
+import pkgutil
+import re
+
+import pytest
+
+import mic_diffrep
+
+
+class FencedDocTestParser(doctest.DocTestParser):
+    """`doctest`'s parser, with the Markdown fences (```python ... ```) around examples left out of the output."""
+
+    def parse(self, string, name="<string>"):
+        return super().parse(re.sub(r"^[ \t]*```\w*[ \t]*$", "", string, flags=re.M), name)
+
+
+BENCHMARKS = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "benchmarks")
+MODULES = sorted(info.name for info in pkgutil.walk_packages(mic_diffrep.__path__, "mic_diffrep.")
+                 if info.name != "mic_diffrep.__main__")
+# The benchmark scripts' helpers (imported as `test_benchmark_scripts.py` does; their `main` is not run).
+SCRIPTS = sorted(name[:-3] for name in os.listdir(BENCHMARKS) if name.endswith(".py"))
+
+
+def test_every_module_is_found():
+    assert {"mic_diffrep.data.augmentations", "mic_diffrep.reporting.metrics", "mic_diffrep.training.arguments"} <= set(
+        MODULES)
+
+
+@pytest.mark.parametrize("module", MODULES + [f"benchmarks/{name}" for name in SCRIPTS])
+def test_docstring_examples(module, monkeypatch):
+    if module.startswith("benchmarks/"):
+        monkeypatch.syspath_prepend(BENCHMARKS)
+        module = pytest.importorskip(module.split("/")[1])
+    else:
+        module = importlib.import_module(module)
+    tests = [t for t in doctest.DocTestFinder(parser=FencedDocTestParser()).find(module) if t.examples]
+    runner = doctest.DocTestRunner(optionflags=doctest.ELLIPSIS | doctest.NORMALIZE_WHITESPACE)
+    report = []
+    for test in tests:
+        runner.run(test, out=report.append)
+    assert runner.failures == 0, "".join(report)
