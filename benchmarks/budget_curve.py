@@ -16,7 +16,6 @@ directions, on all and on the de-duplicated test images (on the seeds' means).
 
 import argparse
 from dataclasses import replace
-import json
 import logging
 import os
 import sys
@@ -28,7 +27,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 from common import (DEFAULT_DATA_DIR, DIRECTIONS, REPO, Benchmark, baseline_recipe, cached_extract,  # noqa: E402
                     command_line, environment_info, micdiffrep_run, pretrain_for_budget, probe_protocol,
-                    readout_arguments, run_feature_cache_name)
+                    readout_arguments, run_feature_cache_name, write_results)
 from mic_diffrep.features import DiffusionFeatureExtractor, EncoderFeatureExtractor  # noqa: E402
 from mic_diffrep.probing import ProbeConfig  # noqa: E402
 
@@ -151,7 +150,7 @@ def target_gaps(points):
                 best = max(baselines, key=lambda m: here[m][direction][key])
                 points_ahead = 100 * (here["micdiffrep"][direction][key] - here[best][direction][key])
                 gaps[minutes][direction][key] = {"points": points_ahead, "baseline": best,
-                                                 "met": points_ahead >= TARGET_MARGIN}
+                                                 "met": round(points_ahead, 6) >= TARGET_MARGIN}
     return gaps
 
 
@@ -185,56 +184,66 @@ def main():
                                         "validation_accuracy": msfa["validation_accuracy"]}
                 points.append(point)
     plot(points, args.output + ".png")
+    result = {"command": command_line(), "environment": environment_info(), "note": args.note,
+              "image": os.path.basename(args.output) + ".png", **summarise(points)}
+    write_results(args.output, result, markdown(result))
+    print(markdown(result))
+
+
+def summarise(points):
+    """`{"points", "means", "crossings", "targets"}` of the points measured: the seeds' means, where MicDiffRep's
+    line crosses each baseline's, and the target check at every budget."""
     means = mean_points(points)
-    baselines = [m for m in dict.fromkeys(args.methods) if m != "micdiffrep"]
+    baselines = [m for m in METHODS if m != "micdiffrep" and any(p["method"] == m for p in points)]
     crossings = {baseline: {direction: {key: crossing(means, direction, key, baseline) for key in KEYS}
                             for direction, _ in DIRECTIONS} for baseline in baselines}
-    targets = target_gaps(means)
-    result = {"command": command_line(), "environment": environment_info(), "note": args.note, "points": points,
-              "means": means, "crossings": crossings, "targets": targets}
-    with open(args.output + ".json", "w") as f:
-        json.dump(result, f, indent=2)
-    env = result["environment"]
+    return {"points": points, "means": means, "crossings": crossings, "targets": target_gaps(means)}
+
+
+def markdown(result):
+    """The results file's text from `result` (as written to the JSON file: `summarise`'s keys, command, machine,
+    note and image)."""
+    points, means, env = result["points"], result["means"], result["environment"]
+    seeds = sorted({p["seed"] for p in points})
     lines = ["# Accuracy against pretraining budget", "", f"Command: `{result['command']}`  ",
              f"Machine: {env['processor']}, {env['cpu_count']} CPUs, no GPU; torch {env['torch']}", "",
-             f"![budget curve]({os.path.basename(args.output)}.png)", ""]
-    if args.note:
-        lines += [args.note, ""]
+             f"![budget curve]({result.get('image', 'budget_curve.png')})", ""]
+    if result["note"]:
+        lines += [result["note"], ""]
     lines += ["| method | minutes | seed | steps | " + " | ".join(f"{d} (dedup)" for d, _ in DIRECTIONS) + " |",
               "|---|---|---|---|" + "---|" * len(DIRECTIONS)]
-    for p in sorted(points, key=lambda p: (p["method"], p["minutes"], p["seed"])):
+    for p in sorted(points, key=lambda p: (list(METHODS).index(p["method"]), p["minutes"], p["seed"])):
         cells = [f"{p[d]['accuracy']:.3f} ({p[d]['accuracy_deduplicated']:.3f})" for d, _ in DIRECTIONS]
         lines.append(f"| {METHODS[p['method']]} | {p['minutes']:g} | {p['seed']} | {p['steps']} | "
                      + " | ".join(cells) + " |")
-    if len(args.seeds) > 1:
-        lines += ["", f"Means over seeds {', '.join(map(str, args.seeds))}, ± half their spread (max - min) in "
+    if len(seeds) > 1:
+        lines += ["", f"Means over seeds {', '.join(map(str, seeds))}, ± half their spread (max - min) in "
                   "points:", "",
                   "| method | minutes | " + " | ".join(f"{d} (dedup)" for d, _ in DIRECTIONS) + " |",
                   "|---|---|" + "---|" * len(DIRECTIONS)]
-        for p in sorted(means, key=lambda p: (p["method"], p["minutes"])):
+        for p in sorted(means, key=lambda p: (list(METHODS).index(p["method"]), p["minutes"])):
             cells = [f"{p[d]['accuracy']:.3f} ±{50 * p[d]['range']['accuracy']:.1f} "
                      f"({p[d]['accuracy_deduplicated']:.3f} ±{50 * p[d]['range']['accuracy_deduplicated']:.1f})"
                      for d, _ in DIRECTIONS]
             lines.append(f"| {METHODS[p['method']]} | {p['minutes']:g} | " + " | ".join(cells) + " |")
-    mean_text = "; the seeds' means" if len(args.seeds) > 1 else ""
-    for baseline, by_direction in crossings.items():
-        lines += ["", f"Where MicDiffRep's line crosses {METHODS[baseline]}'s (minutes, by linear interpolation between "
-                  f"the budgets measured{mean_text}):", ""]
+    mean_text = "; the seeds' means" if len(seeds) > 1 else ""
+    for baseline, by_direction in result["crossings"].items():
+        lines += ["", f"Where MicDiffRep's line crosses {METHODS[baseline]}'s (minutes, by linear interpolation "
+                  f"between the budgets measured{mean_text}):", ""]
         for direction, values in by_direction.items():
             for key, value in values.items():
                 text = f"{value:.1f} min" if isinstance(value, float) else value
                 lines.append(f"- {direction}, {'all test images' if key == 'accuracy' else 'de-duplicated'}: {text}")
-    lines += ["", f"Target: MicDiffRep-MS at least {TARGET_MARGIN:g} points above the best baseline measured "
-              f"({', '.join(METHODS[b] for b in baselines)}){mean_text}; points ahead (the best baseline):", "",
+    lines += ["", f"Target: MicDiffRep-MS at least {TARGET_MARGIN:g} points above the best baseline measured ("
+              f"{', '.join(METHODS[b] for b in result['crossings'])}); points ahead of the best one"
+              + (", on the seeds' means" if len(seeds) > 1 else "") + ":", "",
               "| minutes | " + " | ".join(f"{d}, {k}" for d, _ in DIRECTIONS for k in ("all", "dedup")) + " |",
               "|---|" + "---|" * 2 * len(DIRECTIONS)]
-    for minutes, by_direction in targets.items():
+    for minutes, by_direction in result["targets"].items():
         cells = [f"{g['points']:+.1f} ({METHODS[g['baseline']]}) {'met' if g['met'] else '**missed**'}"
                  for direction, _ in DIRECTIONS for g in (by_direction[direction][k] for k in KEYS)]
-        lines.append(f"| {minutes:g} | " + " | ".join(cells) + " |")
-    with open(args.output + ".md", "w") as f:
-        f.write("\n".join(lines) + "\n")
-    print("\n".join(lines))
+        lines.append(f"| {float(minutes):g} | " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
 
 
 if __name__ == "__main__":

@@ -1,5 +1,6 @@
 """The decision rules of the benchmark scripts (fast; the real-data runs are in test_benchmark_slow.py)."""
 
+import json
 import os
 import sys
 
@@ -198,3 +199,10 @@ def test_the_budget_curve_checks_the_target_against_the_best_baseline_on_the_mea
     assert gap["baseline"] == "byol" and gap["points"] == pytest.approx(2.0) and gap["met"]
     assert budget_curve.crossing(budget_curve.mean_points(points), "sartaj->other", "accuracy",
                                  "byol") == "MicDiffRep ahead at every budget measured"
+    result = dict(budget_curve.summarise(points), command="python benchmarks/budget_curve.py", note="",
+                  environment={"processor": "cpu", "cpu_count": 2, "torch": "2"}, image="seeds.png")
+    result = json.loads(json.dumps(result))  # re-rendered from the results file
+    text = budget_curve.markdown(result)
+    assert "![budget curve](seeds.png)" in text and "Means over seeds 0, 1" in text
+    # sartaj->other all: 0.88 against BYOL's 0.86 and MoCo v2's 0.85; other->sartaj the same numbers
+    assert "| 30 | +2.0 (BYOL) met | +2.0 (BYOL) met | +2.0 (BYOL) met | +2.0 (BYOL) met |" in text
