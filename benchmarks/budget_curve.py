@@ -77,29 +77,36 @@ def mean_points(points):
 
 
 def plot(points, path):
+    """Accuracy against minutes, one panel per direction; with a single budget, one column of points per method."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     means = mean_points(points)
+    methods = [m for m in METHODS if any(p["method"] == m for p in points)]
+    single = len({p["minutes"] for p in points}) == 1
+    x = (lambda p: methods.index(p["method"])) if single else (lambda p: p["minutes"])
     fig, axes = plt.subplots(1, len(DIRECTIONS), figsize=(5 * len(DIRECTIONS), 4), sharey=True)
     for ax, (direction, _) in zip(axes, DIRECTIONS):
-        for method, title in METHODS.items():
+        for method in methods:
             rows = sorted((p for p in means if p["method"] == method), key=lambda p: p["minutes"])
-            if not rows:
-                continue
             seeds = [p for p in points if p["method"] == method]
-            minutes = [p["minutes"] for p in rows]
-            line, = ax.plot(minutes, [p[direction]["accuracy"] for p in rows], "o-", label=f"{title}, all")
-            ax.plot(minutes, [p[direction]["accuracy_deduplicated"] for p in rows], "o--", color=line.get_color(),
-                    label=f"{title}, de-duplicated")
+            line, = ax.plot([x(p) for p in rows], [p[direction]["accuracy"] for p in rows], "o-",
+                            label=f"{METHODS[method]}, all")
+            ax.plot([x(p) for p in rows], [p[direction]["accuracy_deduplicated"] for p in rows], "v--",
+                    color=line.get_color(), label=f"{METHODS[method]}, de-duplicated")
             if any(len(p["seeds"]) > 1 for p in rows):
                 for key in KEYS:
-                    ax.plot([p["minutes"] for p in seeds], [p[direction][key] for p in seeds], ".",
+                    ax.plot([x(p) for p in seeds], [p[direction][key] for p in seeds], ".",
                             color=line.get_color(), alpha=0.5)
         ax.set_title(f"cross-source {direction}")
-        ax.set_xlabel("pretraining budget (minutes of this 2-core CPU)")
+        if single:
+            ax.set_xticks(range(len(methods)), [METHODS[m] for m in methods])
+            ax.set_xlim(-0.5, len(methods) - 0.5)
+            ax.set_xlabel(f"pretraining budget: {points[0]['minutes']:g} minutes of this 2-core CPU")
+        else:
+            ax.set_xlabel("pretraining budget (minutes of this 2-core CPU)")
         ax.grid(alpha=0.3)
     axes[0].set_ylabel("MSFA test accuracy" + (" (mean of seeds; dots: each seed)"
                                                if any(len(p["seeds"]) > 1 for p in means) else ""))

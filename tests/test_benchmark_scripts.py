@@ -184,7 +184,7 @@ def test_the_budget_curve_averages_seeds_and_crosses_on_the_means():
     assert budget_curve.crossing(means, "sartaj->other", "accuracy") == pytest.approx(10 + 20 * 0.03 / 0.13)
 
 
-def test_the_budget_curve_checks_the_target_against_the_best_baseline_on_the_means():
+def test_the_budget_curve_checks_the_target_against_the_best_baseline_on_the_means(tmp_path):
     budget_curve = pytest.importorskip("budget_curve")
 
     def point(method, seed, accuracy):
@@ -206,3 +206,6 @@ def test_the_budget_curve_checks_the_target_against_the_best_baseline_on_the_mea
     assert "![budget curve](seeds.png)" in text and "Means over seeds 0, 1" in text
     # sartaj->other all: 0.88 against BYOL's 0.86 and MoCo v2's 0.85; other->sartaj the same numbers
     assert "| 30 | +2.0 (BYOL) met | +2.0 (BYOL) met | +2.0 (BYOL) met | +2.0 (BYOL) met |" in text
+
+    budget_curve.plot(points, str(tmp_path / "seeds.png"))  # one budget: a column of points per method
+    assert (tmp_path / "seeds.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
