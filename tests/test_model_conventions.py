@@ -260,3 +260,22 @@ def test_exported_subset_model_reproduces_the_probe_exactly(mixed_precision, fli
     with torch.no_grad():
         features = loaded.extract_features(pixels_to_model_input(decoded.pixels))
     torch.testing.assert_close(features, subset, rtol=1e-5, atol=1e-6)  # float rounding of another kernel at most
+
+
+def test_a_bf16_cast_logs_no_empty_fp32_modules_warning():
+    """diffusers 0.42 warns of float32 modules to keep on every `.to(dtype)`, naming an empty list; mic_diffrep drops
+    that one message (the cast is exact) and lets a warning that names modules through."""
+    from mic_diffrep import create_unet
+
+    records = []
+    handler = logging.Handler()
+    handler.emit = records.append
+    diffusers_logger = logging.getLogger("diffusers.models.modeling_utils")
+    diffusers_logger.addHandler(handler)
+    try:
+        create_unet(16, "tiny").to(torch.bfloat16)
+        assert not [r for r in records if "float32" in r.getMessage()]
+        diffusers_logger.warning("There are modules in UNet2DModel that should be kept in float32: ['norm'].")
+        assert len(records) == 1
+    finally:
+        diffusers_logger.removeHandler(handler)

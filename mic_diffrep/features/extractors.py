@@ -136,9 +136,8 @@ class DiffusionFeatureExtractor:
         model.unet.load_state_dict({k: v.float() for k, v in pipeline.unet.state_dict().items()})
         if config.mixed_precision == "bf16":
             # As `from_pretrained(dtype=torch.bfloat16)` loads it: saved so, its config's `dtype` says bfloat16 and
-            # plain `from_pretrained` (dtype "auto") runs the UNet in the precision the head was trained on. Cast
-            # as `nn.Module.to` does: diffusers 0.42's `ModelMixin.to` warns of fp32 modules to keep though it has none.
-            nn.Module.to(model.unet, torch.bfloat16)
+            # plain `from_pretrained` (dtype "auto") runs the UNet in the precision the head was trained on.
+            model.unet.to(torch.bfloat16)
         model.head.load_state_dict(head.state_dict())
         model.feature_mean.copy_(mean)
         model.feature_std.copy_(std)

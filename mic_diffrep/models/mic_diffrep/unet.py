@@ -1,12 +1,26 @@
 """The UNet that MicDiffRep pretrains, and the noise schedule it is trained with."""
 
 import json
+import logging
 import os
 from typing import Optional
 
 from diffusers import DDPMScheduler, UNet2DModel
 
 from .preprocessing import check_resolution
+
+
+class _NoEmptyFp32ModulesWarning(logging.Filter):
+    """Drops diffusers 0.42's warning "There are modules in UNet2DModel that should be kept in float32: []" on
+    every `.to(dtype)` cast (`ModelMixin.to` tests `self._keep_in_fp32_modules or []` against None): with an empty
+    list nothing is kept apart, so the bf16 casts of the pipeline, the probe and the classifier are exact. A warning
+    naming modules still shows."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "should be kept in float32: []" not in record.getMessage()
+
+
+logging.getLogger("diffusers.models.modeling_utils").addFilter(_NoEmptyFp32ModulesWarning())
 
 
 # Grey-image UNets: four levels (e.g. 112 -> 56 -> 28 -> 14 px), one ResNet block per level, self-attention at the
