@@ -193,8 +193,9 @@ def main():
     plot(points, args.output + ".png")
     result = {"command": command_line(), "environment": environment_info(), "note": args.note,
               "image": os.path.basename(args.output) + ".png", **summarise(points)}
-    write_results(args.output, result, markdown(result))
-    print(markdown(result))
+    text = markdown(result)
+    write_results(args.output, result, text)
+    print(text)
 
 
 def summarise(points):

@@ -233,10 +233,9 @@ def pretrain_for_budget(method: str, minutes: float, work_dir: str, data_dir: st
     machine's speed drift between sessions, 15% here, into the comparison of seeds). A finished run (its
     `pretraining_summary.json` exists) is reused if it was made with the same settings (recorded in its
     `benchmark_settings.json`); one made with others is refused rather than reused."""
-    name = name or method
-    argv = common_argv(data_dir, work_dir, resolution, seed) + method_argv(method, recipe_argv)
-    calibration = calibrate(method, name, work_dir, common_argv(data_dir, work_dir, resolution, 0)
-                            + method_argv(method, recipe_argv))
+    name, recipe = name or method, method_argv(method, recipe_argv)
+    argv = common_argv(data_dir, work_dir, resolution, seed) + recipe
+    calibration = calibrate(method, name, work_dir, common_argv(data_dir, work_dir, resolution, 0) + recipe)
     steps = max(1, int(minutes * 60 * calibration["steps_per_second"]))
     output_dir = os.path.join(work_dir, name + (f"-seed{seed}" if seed else "") + f"-{minutes:g}min")
     summary_file = os.path.join(output_dir, "pretraining_summary.json")
