@@ -27,12 +27,14 @@ Search (greedy, decided by the script from the validation scores):
    crops), timesteps skewed further (power 3, tried in step 4 on the `base` UNet only). A lever that beats its
    starting point with seed 0 is pretrained again with seed 1 and kept only if the mean of its two seeds beats the
    starting point's (the rounds before decided differences of about one standard error on one seed);
-7. read-out on the chosen recipe: the timestep sweep, several noise draws per image, test-time flip averaging
+7. a fifth round the same way (two seeds for a winner) on step 6's choice: min-SNR-5 loss weighting (Hang et al.
+   2023, diffusers' `--snr_gamma`), which down-weights the low noise levels the timestep skew favours;
+8. read-out on the chosen recipe: the timestep sweep, several noise draws per image, test-time flip averaging
    (each image and its mirror image) and average + max pooling of each block (the benchmark would apply either to
    the baselines' encoders alike). Read-outs
    differ in cost (UNet forwards per image), so the cheapest one within `READOUT_TOLERANCE` of the best validation
    accuracy is chosen: a 4x slower extraction must earn more than a tie;
-8. a seed check, for information only: the chosen recipe pretrained again with seed 1 and read out with the chosen
+9. a seed check, for information only: the chosen recipe pretrained again with seed 1 and read out with the chosen
    read-out and with the sweep, to show how much of a difference between rows one seed can make.
 """
 
@@ -41,7 +43,7 @@ import json
 import logging
 import os
 import sys
-from typing import Dict, List
+from typing import Dict, List, Optional, Tuple
 
 import numpy as np
 import torch
@@ -87,11 +89,18 @@ FOURTH_ROUND = {
     "intensity-jitter": ["--intensity_jitter"],
     "t-power-3": ["--timestep_power", "3"],
 }
+FIFTH_ROUND = {
+    "min-snr-5": ["--snr_gamma", "5"],
+}
+# Levers that change the loss only, not the compute of a step: they train the steps of their starting recipe's
+# calibration (a calibration of their own would add the machine's speed noise, up to 12% here, to the comparison).
+SAME_COMPUTE = {"min-snr-5"}
 # The rounds after step 3, each on the recipe chosen before it: stage -> (its command-line flag, its levers, whether a
 # lever that wins with seed 0 must win again on the mean of seeds 0 and 1).
 ROUNDS = {"4 second round": ("second_round", SECOND_ROUND, False),
           "5 third round": ("third_round", THIRD_ROUND, False),
-          "6 fourth round": ("fourth_round", FOURTH_ROUND, True)}
+          "6 fourth round": ("fourth_round", FOURTH_ROUND, True),
+          "7 fifth round": ("fifth_round", FIFTH_ROUND, True)}
 EXCLUSIVE = [("t<300", "t-power-2")]  # the same lever twice: only the better one is combined
 SWEEP_TIMESTEPS = [10, 25, 50, 100, 250]
 # Every read-out spelled out from average pooling (as the recipes are from PAPER_FLAGS), so that a row means the same
@@ -185,7 +194,10 @@ class Ablation:
             if previous["proxy_minutes"] == args.proxy_minutes and previous["resolution"] == args.resolution:
                 self.previous = previous["rows"]
 
-    def evaluate(self, stage: str, name: str, recipe: List[str], readout: str = "sweep 10-250", seed: int = 0) -> Dict:
+    def evaluate(self, stage: str, name: str, recipe: List[str], readout: str = "sweep 10-250", seed: int = 0,
+                 calibrated_as: Optional[Tuple[str, List[str]]] = None) -> Dict:
+        """Pretrains recipe `name` (or reuses its run), extracts its features with `readout` and probes both
+        directions; `calibrated_as=(name, flags)`: the recipe of equal compute whose calibrated steps it trains."""
         key = (name, recipe, readout, seed)
         for row in self.rows:  # measured earlier in this search (e.g. a seed the seed check needs again)
             if (row["recipe"], row["flags"], row["readout"], row.get("seed", 0)) == key:
@@ -197,9 +209,9 @@ class Ablation:
                 self.rows.append(dict(row, stage=stage))
                 return self.rows[-1]
         run = pretrain_for_budget("micdiffrep", self.args.proxy_minutes, self.args.work_dir, self.args.data_dir,
-                                  self.args.resolution, seed=seed, recipe_argv=merge_flags(
-                                      PAPER_FLAGS, ["--model_config_name_or_path", self.args.unet], recipe),
-                                  name="ablation-" + slug(name))
+                                  self.args.resolution, seed=seed, recipe_argv=self.recipe_argv(recipe),
+                                  name="ablation-" + slug(name), calibrated_as=calibrated_as and (
+                                      "ablation-" + slug(calibrated_as[0]), self.recipe_argv(calibrated_as[1])))
         run_name = "ablation-" + slug(name) + (f"-seed{seed}" if seed else "")
         extractor = DiffusionFeatureExtractor.from_pretrained(run["output_dir"])
         extractor.pipeline.set_progress_bar_config(disable=True)
@@ -210,6 +222,8 @@ class Ablation:
                "images_per_second": run["calibration"]["images_per_second"],
                "train_minutes": run["summary"]["train_minutes"], "final_loss": run["summary"]["final_loss"],
                "feature_images_per_second": speed}
+        if calibrated_as:
+            row["calibrated_as"] = calibrated_as[0]
         for direction, split in self.splits.items():
             results = probe_protocol(features, self.bench, split, self.config)
             msfa = results["msfa"]
@@ -222,6 +236,9 @@ class Ablation:
         self.rows.append(row)
         self.save()
         return row
+
+    def recipe_argv(self, recipe: List[str]) -> List[str]:
+        return merge_flags(PAPER_FLAGS, ["--model_config_name_or_path", self.args.unet], recipe)
 
     def save(self, chosen: Dict = None) -> Dict:
         """Write the results file; called after every recipe so an interrupted search keeps what it measured."""
@@ -259,22 +276,22 @@ class Ablation:
             flags = base_flags + [flag for lever in winners for flag in LEVERS[lever]]
             candidates[name] = (flags, self.evaluate("3 combined", name, flags)["validation_accuracy"])
         chosen = max(candidates, key=lambda n: candidates[n][1])
-        # 4-5. Further rounds, each on top of the recipe chosen so far.
+        # 4-7. Further rounds, each on top of the recipe chosen so far.
         for stage, (flag, levers, confirm) in ROUNDS.items():
             wanted = getattr(self.args, flag)
             chosen, candidates = self.round(stage, chosen, candidates[chosen],
                                             {lever: flags for lever, flags in levers.items() if lever in wanted},
                                             confirm)
-        # 7. Read-out on the chosen recipe.
+        # 8. Read-out on the chosen recipe.
         readout_rows = {}
         for readout in READOUTS:
             existing = [r for r in self.rows if r["recipe"] == chosen and r["readout"] == readout]
-            readout_rows[readout] = existing[0] if existing else self.evaluate("7 read-out", chosen,
+            readout_rows[readout] = existing[0] if existing else self.evaluate("8 read-out", chosen,
                                                                                candidates[chosen][0], readout)
         readout = choose_readout({r: row["validation_accuracy"] for r, row in readout_rows.items()})
-        # 8. How much a second pretraining seed moves the chosen recipe's scores (for information; chooses nothing).
+        # 9. How much a second pretraining seed moves the chosen recipe's scores (for information; chooses nothing).
         for seed_readout in dict.fromkeys([readout, "sweep 10-250"]):
-            self.evaluate("8 seed check", chosen, candidates[chosen][0], seed_readout, seed=1)
+            self.evaluate("9 seed check", chosen, candidates[chosen][0], seed_readout, seed=1)
         return {"recipe": chosen, "flags": candidates[chosen][0], "readout": readout,
                 "readout_settings": {"timesteps": READOUTS[readout].timesteps,
                                      "num_noise_samples": READOUTS[readout].num_noise_samples,
@@ -288,12 +305,18 @@ class Ablation:
         a lever that wins with seed 0 is run again with seed 1 and scored by the mean of both seeds, against the
         mean of `start`'s two seeds."""
         base_flags, base_score = start_recipe
-        scores = {lever: self.evaluate(stage, f"{start} + {lever}", merge_flags(base_flags, flags))[
-            "validation_accuracy"] for lever, flags in levers.items()}
+
+        def calibrated_as(lever: str):
+            return (start, base_flags) if lever in SAME_COMPUTE else None
+
+        scores = {lever: self.evaluate(stage, f"{start} + {lever}", merge_flags(base_flags, flags),
+                                       calibrated_as=calibrated_as(lever))["validation_accuracy"]
+                  for lever, flags in levers.items()}
         if confirm and any(score > base_score for score in scores.values()):
             base_score = (base_score + self.evaluate(stage, start, base_flags, seed=1)["validation_accuracy"]) / 2
             for lever in [lever for lever, score in scores.items() if score > start_recipe[1]]:
-                again = self.evaluate(stage, f"{start} + {lever}", merge_flags(base_flags, levers[lever]), seed=1)
+                again = self.evaluate(stage, f"{start} + {lever}", merge_flags(base_flags, levers[lever]), seed=1,
+                                      calibrated_as=calibrated_as(lever))
                 scores[lever] = (scores[lever] + again["validation_accuracy"]) / 2
         winners = [lever for lever in scores if scores[lever] > base_score]
         candidates = {start: (base_flags, base_score)}
@@ -344,7 +367,8 @@ def markdown(result: Dict) -> str:
     lines += ["| stage | recipe | read-out | steps | images/s | val (mean) | val sartaj->other | val other->sartaj "
               "| *test s->o (dedup)* | *test o->s (dedup)* |", "|---|---|---|---|---|---|---|---|---|---|"]
     for r in result["rows"]:
-        recipe = r["recipe"] + (f" (seed {r['seed']})" if r.get("seed") else "")
+        recipe = r["recipe"] + (f" (seed {r['seed']})" if r.get("seed") else "") + (
+            " (its start's steps)" if r.get("calibrated_as") else "")
         cells = [r["stage"], recipe, r["readout"], str(r["steps"]), f"{r['images_per_second']:.1f}",
                  f"**{r['validation_accuracy']:.3f}**"]
         cells += [f"{r[d]['validation_accuracy']:.3f}" for d, _ in DIRECTIONS]

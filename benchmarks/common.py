@@ -127,10 +127,13 @@ def training_settings(method: str, argv: Sequence[str]) -> Dict:
 
 
 def check_settings(path: str, recorded: Optional[Dict], wanted: Dict) -> None:
-    """Refuses to reuse a calibration or run (`path`) recorded with other settings than `wanted`."""
-    if recorded is None or recorded == wanted:
+    """Refuses to reuse a calibration or run (`path`) recorded with other settings than `wanted`. A setting absent
+    from the record (added to the package since) matches when it is None now: an optional lever left off."""
+    if recorded is None:
         return
     changed = sorted(k for k in set(recorded) | set(wanted) if recorded.get(k) != wanted.get(k))
+    if not changed:
+        return
     details = ", ".join(f"{k}: {recorded.get(k)!r} there, {wanted.get(k)!r} now" for k in changed)
     raise ValueError(f"{path} was made with other pretraining settings ({details}). Give this recipe another run "
                      "name, or move the old one away.")
@@ -225,17 +228,23 @@ def baseline_recipe(method: str) -> Dict:
 
 
 def pretrain_for_budget(method: str, minutes: float, work_dir: str, data_dir: str, resolution: int = 64, seed: int = 0,
-                        recipe_argv: Sequence[str] = (), name: Optional[str] = None) -> Dict:
+                        recipe_argv: Sequence[str] = (), name: Optional[str] = None,
+                        calibrated_as: Optional[Tuple[str, Sequence[str]]] = None) -> Dict:
     """Pretrains `method` (a baseline, or `"micdiffrep"` with the pretraining flags `recipe_argv`) for `minutes` of
     its calibrated throughput; returns `{"output_dir", "summary", "calibration", "budget_minutes",
     "planned_steps"}`. A seed other than 0 gets its own run folder (`NAME-seedS-Mmin`) but seed 0's calibration: a
     seed changes no compute, so every seed trains the same number of steps (a calibration per seed would carry the
-    machine's speed drift between sessions, 15% here, into the comparison of seeds). A finished run (its
+    machine's speed drift between sessions, 15% here, into the comparison of seeds). For the same reason a recipe
+    whose compute per step is another's (it changes only the loss, say) shares that one's calibration:
+    `calibrated_as=(name, recipe_argv)` of the other. A finished run (its
     `pretraining_summary.json` exists) is reused if it was made with the same settings (recorded in its
     `benchmark_settings.json`); one made with others is refused rather than reused."""
     name, recipe = name or method, method_argv(method, recipe_argv)
     argv = common_argv(data_dir, work_dir, resolution, seed) + recipe
-    calibration = calibrate(method, name, work_dir, common_argv(data_dir, work_dir, resolution, 0) + recipe)
+    calibration_name, calibration_recipe = (calibrated_as[0], method_argv(method, calibrated_as[1])) if calibrated_as \
+        else (name, recipe)
+    calibration = calibrate(method, calibration_name, work_dir,
+                            common_argv(data_dir, work_dir, resolution, 0) + calibration_recipe)
     steps = max(1, int(minutes * 60 * calibration["steps_per_second"]))
     output_dir = os.path.join(work_dir, name + (f"-seed{seed}" if seed else "") + f"-{minutes:g}min")
     summary_file = os.path.join(output_dir, "pretraining_summary.json")

@@ -81,7 +81,7 @@ def test_a_round_combines_the_winning_levers_and_keeps_the_best():
     scores = {"start + wide": 0.91, "start + slow": 0.85, "start + fast": 0.92, "start + wide + fast": 0.93}
     evaluated = []
     ablation = object.__new__(ablations.Ablation)
-    ablation.evaluate = lambda stage, name, flags, seed=0: evaluated.append((stage, name, flags)) or {
+    ablation.evaluate = lambda stage, name, flags, seed=0, calibrated_as=None: evaluated.append((stage, name, flags)) or {
         "validation_accuracy": scores[name]}
     levers = {"wide": ["--width", "2"], "slow": ["--lr", "1"], "fast": ["--lr", "3"]}
     chosen, candidates = ablation.round("5 third round", "start", (["--lr", "2"], 0.90), levers)
@@ -96,7 +96,7 @@ def test_a_confirmed_round_keeps_a_lever_only_if_it_wins_on_two_seeds():
               ("start + real", 0): 0.915, ("start + real", 1): 0.93, ("start + worse", 0): 0.89}
     evaluated = []
     ablation = object.__new__(ablations.Ablation)
-    ablation.evaluate = lambda stage, name, flags, seed=0: evaluated.append((name, seed)) or {
+    ablation.evaluate = lambda stage, name, flags, seed=0, calibrated_as=None: evaluated.append((name, seed)) or {
         "validation_accuracy": scores[name, seed]}
     levers = {"lucky": ["--a"], "real": ["--b"], "worse": ["--c"]}
     chosen, candidates = ablation.round("6 fourth round", "start", (["--lr", "2"], 0.90), levers, confirm=True)
@@ -104,6 +104,22 @@ def test_a_confirmed_round_keeps_a_lever_only_if_it_wins_on_two_seeds():
     assert chosen == "start + real" and candidates[chosen][1] == pytest.approx(0.9225)
     assert candidates["start"][1] == pytest.approx(0.91) and "start + lucky" not in candidates
     assert ("start + worse", 1) not in evaluated and ("start", 1) in evaluated
+
+
+def test_a_lever_of_the_same_compute_trains_its_starting_recipes_steps(monkeypatch):
+    """min-SNR weighting changes the loss only: it shares the calibration of the recipe it starts from, on both seeds."""
+    assert "min-snr-5" in ablations.SAME_COMPUTE and set(ablations.SAME_COMPUTE) <= {
+        lever for _, levers, _ in ablations.ROUNDS.values() for lever in levers}
+    evaluated = []
+    ablation = object.__new__(ablations.Ablation)
+    ablation.evaluate = lambda stage, name, flags, seed=0, calibrated_as=None: evaluated.append(
+        (name, seed, calibrated_as)) or {"validation_accuracy": 0.95 if "+" in name else 0.90}
+    monkeypatch.setattr(ablations, "SAME_COMPUTE", {"weighted"})
+    levers = {"weighted": ["--snr_gamma", "5"], "wider": ["--width", "2"]}
+    ablation.round("7 fifth round", "start", (["--lr", "2"], 0.90), levers, confirm=True)
+    calibrations = {(name, seed): calibrated_as for name, seed, calibrated_as in evaluated}
+    assert calibrations["start + weighted", 0] == calibrations["start + weighted", 1] == ("start", ["--lr", "2"])
+    assert calibrations["start + wider", 0] is None and calibrations["start + wider", 1] is None
 
 
 def test_the_validation_noise_floor_shrinks_with_more_images():
@@ -164,6 +180,31 @@ def test_a_second_seed_gets_its_own_run_and_seed_0s_calibration(tmp_path, monkey
     run = common.pretrain_for_budget("mocov2", 1, str(tmp_path), "data")
     assert os.path.basename(run["output_dir"]) == "mocov2-1min"  # seed 0: the name runs have always had
     assert calibrated[1] == calibrated[0]
+
+
+def test_a_recipe_of_the_same_compute_shares_anothers_calibration(tmp_path, monkeypatch):
+    common = pytest.importorskip("common")
+    calibrated = []
+    monkeypatch.setattr(common, "calibrate", lambda method, name, work_dir, argv: calibrated.append((name, argv)) or {
+        "steps_per_second": 2.0, "settings": {}})
+    monkeypatch.setattr(common, "run_pretraining", lambda method, argv: {"global_step": 120})
+    run = common.pretrain_for_budget("micdiffrep", 1, str(tmp_path), "data", recipe_argv=["--snr_gamma", "5"],
+                                     name="weighted", calibrated_as=("plain", ["--timestep_power", "3"]))
+    assert os.path.basename(run["output_dir"]) == "weighted-1min" and run["planned_steps"] == 120
+    name, argv = calibrated[0]
+    assert name == "plain" and "--snr_gamma" not in argv and argv[argv.index("--timestep_power") + 1] == "3"
+    with open(os.path.join(run["output_dir"], "benchmark_settings.json")) as f:
+        assert common.json.load(f)["snr_gamma"] == 5.0  # the run records its own recipe
+
+
+def test_a_setting_added_since_a_run_was_recorded_matches_only_when_left_off():
+    common = pytest.importorskip("common")
+    recorded = {"learning_rate": 1e-3}
+    common.check_settings("run", recorded, {"learning_rate": 1e-3, "snr_gamma": None})
+    with pytest.raises(ValueError, match="snr_gamma: None there, 5.0 now"):
+        common.check_settings("run", recorded, {"learning_rate": 1e-3, "snr_gamma": 5.0})
+    with pytest.raises(ValueError, match="learning_rate"):
+        common.check_settings("run", recorded, {"learning_rate": 2e-3})
 
 
 def test_the_budget_curve_averages_seeds_and_crosses_on_the_means():

@@ -54,8 +54,8 @@ def test_ablations_smoke(tmp_path):
     with open(output + ".json") as f:
         result = json.load(f)
     stages = {row["stage"] for row in result["rows"]}
-    assert {"1 learning rate", "2 one lever", "4 second round", "5 third round", "6 fourth round", "7 read-out",
-            "8 seed check"} <= stages
+    assert {"1 learning rate", "2 one lever", "4 second round", "5 third round", "6 fourth round", "7 fifth round",
+            "8 read-out", "9 seed check"} <= stages
     assert result["chosen"]["recipe"] in {row["recipe"] for row in result["rows"]}
     for row in result["rows"]:
         assert 0 <= row["validation_accuracy"] <= 1

@@ -46,6 +46,36 @@ def test_loss_is_finite_and_falls_on_a_fixed_batch(unlabelled_folder, tmp_path):
     assert summary["global_step"] == 60 and summary["images_seen"] == 240
 
 
+def test_min_snr_weighting_down_weights_the_low_noise_levels_only():
+    from mic_diffrep.training.diffusion import min_snr_weights
+
+    scheduler = create_scheduler()
+    timesteps = torch.tensor([0, 10, 50, 100, 300, 999])
+    weights = min_snr_weights(scheduler, timesteps, 5.0, "epsilon")
+    assert weights[:4].tolist() == sorted(weights[:4].tolist()) and weights[0] < 1e-3  # rising with the noise
+    assert torch.allclose(weights[4:], torch.ones(2))  # SNR <= 5: unweighted
+    snr = scheduler.alphas_cumprod[timesteps] / (1 - scheduler.alphas_cumprod[timesteps])
+    assert torch.allclose(min_snr_weights(scheduler, timesteps, 5.0, "sample"), snr.clamp(max=5.0))
+    with pytest.raises(ValueError, match="snr_gamma"):
+        tiny_args("data", "out", "--snr_gamma", "0")
+
+
+def test_min_snr_loss_is_the_weighted_mean_of_the_per_image_losses():
+    from mic_diffrep.data.augmentations import PretrainingAugment
+    from mic_diffrep.training.diffusion import diffusion_loss
+
+    unet, scheduler, images = create_unet(16, "tiny"), create_scheduler(), torch.rand(4, 1, 16, 16) * 2 - 1
+    augment = PretrainingAugment(None, False)
+
+    def loss(*flags):
+        args = tiny_args("data", "out", "--timestep_power", "3", *flags)
+        return diffusion_loss(unet, scheduler, images, torch.Generator().manual_seed(0), args, augment).item()
+
+    plain = loss()
+    assert loss("--snr_gamma", "1e12") == pytest.approx(plain, rel=1e-5)  # every weight 1
+    assert loss("--snr_gamma", "5") < 0.5 * plain  # power 3 draws mostly low noise levels, weighted down
+
+
 def test_resume_from_checkpoint_gives_the_weights_of_an_uninterrupted_run(unlabelled_folder, tmp_path):
     # 24 images, batch 4: 6 batches an epoch; checkpoint-3 is in the middle of the first epoch.
     extra = ["--max_train_steps", "9", "--checkpointing_steps", "3", "--use_ema", "--seed", "7"]

@@ -148,6 +148,10 @@ class PretrainingArguments(CommonPretrainingArguments):
                 "over uniform in the ablation (0.900 vs 0.890), more than --max_train_timestep 300 (0.897); 3 "
                 "(default) tied 2 with the small UNet (mean of two seeds 0.925 vs 0.925, +0.04 points: chosen by "
                 "the ablation's rule, within noise)."})
+    snr_gamma: Optional[float] = field(default=None, metadata={
+        "help": "Min-SNR-gamma loss weighting (Hang et al., 2023; diffusers' --snr_gamma): each timestep's loss is "
+                "weighted by min(SNR, gamma) / SNR (epsilon prediction), which down-weights the low noise levels. "
+                "Default: none (unweighted, as in the paper)."})
     random_crop_scale: Optional[float] = field(default=None, metadata={
         "help": "Random resized crops covering at least this share of the image (e.g. 0.6), as the contrastive "
                 "baselines use; default: none (paper). With --intensity_jitter, 0.6 cost 0.7 points of MSFA validation "
@@ -193,6 +197,8 @@ class PretrainingArguments(CommonPretrainingArguments):
             raise ValueError(f"`max_train_timestep` must be in [1, {self.ddpm_num_steps}], got {self.max_train_timestep}.")
         if self.timestep_power <= 0:
             raise ValueError(f"`timestep_power` must be positive, got {self.timestep_power}.")
+        if self.snr_gamma is not None and self.snr_gamma <= 0:
+            raise ValueError(f"`snr_gamma` must be positive, got {self.snr_gamma}.")
         if self.random_crop_scale is not None and not 0 < self.random_crop_scale <= 1:
             raise ValueError(f"`random_crop_scale` must be in (0, 1], got {self.random_crop_scale}.")
 
@@ -249,7 +255,7 @@ class BaselinePretrainingArguments(CommonPretrainingArguments):
 
 # The fields that make up the pretraining recipe (what the ablation study chose; `--config paper` resets them).
 RECIPE_KEYS = ("learning_rate", "lr_scheduler", "lr_warmup_steps", "max_train_timestep", "timestep_power",
-               "random_crop_scale", "intensity_jitter", "use_ema")
+               "snr_gamma", "random_crop_scale", "intensity_jitter", "use_ema")
 
 
 def default_recipe() -> dict:

@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 from accelerate.utils import gather_object, set_seed
 from diffusers import DDIMScheduler
-from diffusers.training_utils import EMAModel
+from diffusers.training_utils import EMAModel, compute_snr
 
 from ..data.augmentations import PretrainingAugment
 from ..models.mic_diffrep.unet import create_scheduler, create_unet
@@ -66,7 +66,30 @@ def diffusion_loss(model, noise_scheduler, clean_images: torch.Tensor, generator
         target = clean_images
     else:
         target = noise_scheduler.get_velocity(clean_images, noise, timesteps)
-    return F.mse_loss(prediction.float(), target.float())
+    if args.snr_gamma is None:
+        return F.mse_loss(prediction.float(), target.float())
+    per_image = F.mse_loss(prediction.float(), target.float(), reduction="none").mean(dim=(1, 2, 3))
+    return (per_image * min_snr_weights(noise_scheduler, timesteps, args.snr_gamma, args.prediction_type)).mean()
+
+
+def min_snr_weights(noise_scheduler, timesteps: torch.Tensor, gamma: float, prediction_type: str) -> torch.Tensor:
+    """Min-SNR-gamma loss weights (Hang et al., 2023) of `timesteps`, for the loss of `prediction_type`: the weight of
+    the x0 loss is min(SNR, gamma), divided by SNR for epsilon prediction and by SNR + 1 for v-prediction.
+
+    ```python
+    >>> from mic_diffrep.models.mic_diffrep.unet import create_scheduler
+    >>> weights = min_snr_weights(create_scheduler(), torch.tensor([10, 500, 999]), 5.0, "epsilon")
+    >>> [round(w, 3) for w in weights.tolist()]
+    [0.011, 1.0, 1.0]
+    ```
+    """
+    snr = compute_snr(noise_scheduler, timesteps)
+    weights = snr.clamp(max=gamma)
+    if prediction_type == "epsilon":
+        return weights / snr
+    if prediction_type == "v_prediction":
+        return weights / (snr + 1)
+    return weights
 
 
 def save_sample_grid(pipeline: DiffusionFeaturePipeline, args: PretrainingArguments, accelerator,
