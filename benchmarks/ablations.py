@@ -28,7 +28,10 @@ Search (greedy, decided by the script from the validation scores):
    starting point with seed 0 is pretrained again with seed 1 and kept only if the mean of its two seeds beats the
    starting point's (the rounds before decided differences of about one standard error on one seed);
 7. a fifth round the same way (two seeds for a winner) on step 6's choice: min-SNR-5 loss weighting (Hang et al.
-   2023, diffusers' `--snr_gamma`), which down-weights the low noise levels the timestep skew favours;
+   2023, diffusers' `--snr_gamma`), which down-weights the low noise levels the timestep skew favours (it trains
+   its starting recipe's steps: same compute); self-conditioning (Chen et al. 2023; DDAE++), the UNet's own
+   clean-image estimate as a second input (about 1.2x the compute of a step, so fewer steps; twice the forwards
+   of a read-out);
 8. read-out on the chosen recipe: the timestep sweep, several noise draws per image, test-time flip averaging
    (each image and its mirror image) and average + max pooling of each block (the benchmark would apply either to
    the baselines' encoders alike). Read-outs
@@ -91,6 +94,7 @@ FOURTH_ROUND = {
 }
 FIFTH_ROUND = {
     "min-snr-5": ["--snr_gamma", "5"],
+    "self-conditioning": ["--self_conditioning"],
 }
 # Levers that change the loss only, not the compute of a step: they train the steps of their starting recipe's
 # calibration (a calibration of their own would add the machine's speed noise, up to 12% here, to the comparison).

@@ -22,7 +22,8 @@ from mic_diffrep.models.mic_diffrep.preprocessing import (INTENSITY_WINDOWS, RES
 from mic_diffrep.utils import progress_interval
 from mic_diffrep.models.mic_diffrep.unet_features import (DEFAULT_POOLING, DEFAULT_TIMESTEPS, POOLING_CHOICES,
                                                           block_names, check_layers, concatenate_features,
-                                                          feature_noise, noisy_block_features)
+                                                          feature_noise, is_self_conditioned,
+                                                          noisy_block_features)
 
 
 EXAMPLE_DOC_STRING = """
@@ -222,7 +223,8 @@ class DiffusionFeaturePipeline(DiffusionPipeline):
         pixels = self.prepare_pixels(images)
         seeds = self.prepare_noise_seeds(len(pixels), generator, noise_seeds)
         alphas_cumprod = self.scheduler.alphas_cumprod
-        shape = (self.unet.config.in_channels, self.resolution, self.resolution)
+        shape = (self.unet.config.out_channels, self.resolution, self.resolution)
+        prediction_type = self.scheduler.config.prediction_type
 
         # 3. One hooked UNet forward per batch and timestep
         collected = {(layer, t): [] for layer in layers for t in timesteps}
@@ -232,7 +234,7 @@ class DiffusionFeaturePipeline(DiffusionPipeline):
             for t in timesteps:
                 noise = feature_noise(batch_seeds, t, num_noise_samples, shape).to(self.device)
                 pooled = noisy_block_features(self.unet, alphas_cumprod, clean, noise, t, layers, pooling,
-                                              pooling_grid_size, flip_average)
+                                              pooling_grid_size, flip_average, prediction_type)
                 for layer in layers:
                     collected[(layer, t)].append(pooled[layer].float().cpu())
         features = {key: torch.cat(chunks) for key, chunks in collected.items()}
@@ -266,17 +268,23 @@ class DiffusionFeaturePipeline(DiffusionPipeline):
         check_choice(output_type, ("pil", "np", "pt"), "output_type")
 
         # 1. Sample Gaussian noise
-        shape = (batch_size, self.unet.config.in_channels, self.resolution, self.resolution)
+        shape = (batch_size, self.unet.config.out_channels, self.resolution, self.resolution)
         image = randn_tensor(shape, generator=generator, device=self.device, dtype=torch.float32)
+        # A self-conditioned UNet also sees its previous step's clean-image estimate (zeros at the first step).
+        clean_estimate = torch.zeros_like(image) if is_self_conditioned(self.unet) else None
 
         # 2. Set the timesteps
         self.scheduler.set_timesteps(num_inference_steps)
 
         for t in self.progress_bar(self.scheduler.timesteps, desc="Sampling"):
             # 3. Predict the noise (in the UNet's dtype; the scheduler step stays in float32)
-            model_output = self.unet(image.to(self.unet.dtype), t).sample.float()
+            model_input = image if clean_estimate is None else torch.cat([image, clean_estimate], dim=1)
+            model_output = self.unet(model_input.to(self.unet.dtype), t).sample.float()
             # 4. Compute the previous noisy sample x_t -> x_t-1
-            image = self.scheduler.step(model_output, t, image, generator=generator).prev_sample
+            step = self.scheduler.step(model_output, t, image, generator=generator)
+            image = step.prev_sample
+            if clean_estimate is not None:
+                clean_estimate = step.pred_original_sample.clamp(-1, 1)
 
         image = (image / 2 + 0.5).clamp(0, 1).float()
         if output_type == "pt":

@@ -57,7 +57,7 @@ RUN_PRESETS = {
         "resolution": 112, "model_config_name_or_path": "base", "pretrain_epochs": 200, "pretrain_batch_size": 32,
         "learning_rate": 1e-4,
         "lr_scheduler": "linear", "lr_warmup_steps": 0, "max_train_timestep": None, "timestep_power": 1.0,
-        "random_crop_scale": None, "intensity_jitter": False, "use_ema": False, "sample_scheduler": "ddpm",
+        "snr_gamma": None, "self_conditioning": False, "random_crop_scale": None, "intensity_jitter": False, "use_ema": False, "sample_scheduler": "ddpm",
         "sampling_steps": 1000, "mixed_precision": "no", "probe_epochs": 15, "probe_learning_rate": 0.01,
         "probe_batch_size": 128, "hidden_size": 512, "num_noise_samples": 1, "pooling": "avg",
         "flip_average": False,
@@ -96,11 +96,8 @@ def pretraining_arguments(config: dict) -> PretrainingArguments:
     return PretrainingArguments(
         train_data_dir=config["data_dir"], output_dir=os.path.join(config["output_dir"], "pretrain"),
         resolution=config["resolution"], model_config_name_or_path=config["model_config_name_or_path"],
-        num_epochs=epochs, train_batch_size=config["pretrain_batch_size"], learning_rate=config["learning_rate"],
-        lr_scheduler=config["lr_scheduler"], lr_warmup_steps=config["lr_warmup_steps"],
-        max_train_timestep=config["max_train_timestep"], timestep_power=config["timestep_power"],
-        random_crop_scale=config["random_crop_scale"], intensity_jitter=config["intensity_jitter"],
-        use_ema=config["use_ema"], mixed_precision=config["mixed_precision"], save_images_epochs=epochs,
+        num_epochs=epochs, train_batch_size=config["pretrain_batch_size"],
+        **{key: config[key] for key in RECIPE_KEYS}, mixed_precision=config["mixed_precision"], save_images_epochs=epochs,
         save_model_epochs=epochs, checkpointing_steps=1_000_000, eval_batch_size=config["num_samples"],
         sample_scheduler=config["sample_scheduler"], ddpm_num_inference_steps=config["sampling_steps"],
         seed=config["seed"], logger="tensorboard")
@@ -172,7 +169,7 @@ def register(subparsers) -> None:
     for name in RECIPE_KEYS:
         default = RUN_DEFAULTS[name]
         kind = {"learning_rate": float, "timestep_power": float, "random_crop_scale": float, "lr_warmup_steps": int,
-                "max_train_timestep": int, "lr_scheduler": str}.get(name)
+                "max_train_timestep": int, "lr_scheduler": str, "snr_gamma": float}.get(name)
         help_text = f"{recipe_help[name]} (default {default})"
         if kind is None:  # switches
             parser.add_argument(f"--{name}", action="store_const", const=True, default=None, help=help_text)

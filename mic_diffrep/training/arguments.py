@@ -152,6 +152,11 @@ class PretrainingArguments(CommonPretrainingArguments):
         "help": "Min-SNR-gamma loss weighting (Hang et al., 2023; diffusers' --snr_gamma): each timestep's loss is "
                 "weighted by min(SNR, gamma) / SNR (epsilon prediction), which down-weights the low noise levels. "
                 "Default: none (unweighted, as in the paper)."})
+    self_conditioning: bool = field(default=False, metadata={
+        "help": "Self-conditioning (Chen et al. 2023, 'Analog Bits'; DDAE++): the UNet also sees its own estimate of "
+                "the clean image (from a first forward without it, on half the batches), and features are read from "
+                "the forward that sees it. About 1.2x the compute of a training step and 2x that of a read-out. Off "
+                "by default (paper)."})
     random_crop_scale: Optional[float] = field(default=None, metadata={
         "help": "Random resized crops covering at least this share of the image (e.g. 0.6), as the contrastive "
                 "baselines use; default: none (paper). With --intensity_jitter, 0.6 cost 0.7 points of MSFA validation "
@@ -255,7 +260,7 @@ class BaselinePretrainingArguments(CommonPretrainingArguments):
 
 # The fields that make up the pretraining recipe (what the ablation study chose; `--config paper` resets them).
 RECIPE_KEYS = ("learning_rate", "lr_scheduler", "lr_warmup_steps", "max_train_timestep", "timestep_power",
-               "snr_gamma", "random_crop_scale", "intensity_jitter", "use_ema")
+               "snr_gamma", "self_conditioning", "random_crop_scale", "intensity_jitter", "use_ema")
 
 
 def default_recipe() -> dict:

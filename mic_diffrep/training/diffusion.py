@@ -24,6 +24,7 @@ from diffusers.training_utils import EMAModel, compute_snr
 
 from ..data.augmentations import PretrainingAugment
 from ..models.mic_diffrep.unet import create_scheduler, create_unet
+from ..models.mic_diffrep.unet_features import is_self_conditioned, predicted_clean
 from ..pipelines import DiffusionFeaturePipeline, save_image_grid
 from ..reporting.hub import push_pipeline_to_hub
 from ..utils import environment_info, output_folder, peak_memory_mb
@@ -59,6 +60,9 @@ def diffusion_loss(model, noise_scheduler, clean_images: torch.Tensor, generator
     timesteps = sample_timesteps(len(clean_images), noise_scheduler.config.num_train_timesteps, generator,
                                  args.max_train_timestep, args.timestep_power).to(clean_images.device)
     noisy_images = noise_scheduler.add_noise(clean_images, noise, timesteps)
+    if args.self_conditioning:
+        noisy_images = self_conditioning_input(model, noise_scheduler, noisy_images, timesteps, generator,
+                                               args.prediction_type)
     prediction = model(noisy_images, timesteps).sample
     if args.prediction_type == "epsilon":
         target = noise
@@ -70,6 +74,20 @@ def diffusion_loss(model, noise_scheduler, clean_images: torch.Tensor, generator
         return F.mse_loss(prediction.float(), target.float())
     per_image = F.mse_loss(prediction.float(), target.float(), reduction="none").mean(dim=(1, 2, 3))
     return (per_image * min_snr_weights(noise_scheduler, timesteps, args.snr_gamma, args.prediction_type)).mean()
+
+
+def self_conditioning_input(model, noise_scheduler, noisy_images: torch.Tensor, timesteps: torch.Tensor,
+                            generator: torch.Generator, prediction_type: str) -> torch.Tensor:
+    """The noisy images beside the clean-image estimate a self-conditioned UNet learns to use: on half the batches
+    (a coin drawn from `generator`) its own estimate from a first forward without one, with no gradient; zeros on the
+    others, which is what it sees first when sampling or reading features (Chen et al. 2023)."""
+    estimate = torch.zeros_like(noisy_images)
+    if torch.rand((), generator=generator) < 0.5:
+        with torch.no_grad():
+            first = model(torch.cat([noisy_images, estimate], dim=1), timesteps).sample
+        alpha_bar = noise_scheduler.alphas_cumprod.to(noisy_images.device)[timesteps].view(-1, 1, 1, 1)
+        estimate = predicted_clean(first, noisy_images, alpha_bar, prediction_type).to(noisy_images.dtype)
+    return torch.cat([noisy_images, estimate], dim=1)
 
 
 def min_snr_weights(noise_scheduler, timesteps: torch.Tensor, gamma: float, prediction_type: str) -> torch.Tensor:
@@ -128,7 +146,7 @@ def _pretrain(args: PretrainingArguments) -> dict:
     dataset, loader = make_dataloader(decoded, args)
 
     # 2. Model, noise schedule, optimizer, schedule.
-    model = create_unet(args.resolution, args.model_config_name_or_path)
+    model = create_unet(args.resolution, args.model_config_name_or_path, args.self_conditioning)
     if args.channels_last:
         model = model.to(memory_format=torch.channels_last)
     noise_scheduler = create_scheduler(args.ddpm_num_steps, args.ddpm_beta_schedule, args.prediction_type)
@@ -235,5 +253,8 @@ def denoising_loss(unet, scheduler, clean_images: torch.Tensor, seed: int = 0) -
     generator = torch.Generator().manual_seed(seed)
     noise = torch.randn(clean_images.shape, generator=generator)
     timesteps = torch.randint(0, scheduler.config.num_train_timesteps, (len(clean_images),), generator=generator)
-    prediction = unet(scheduler.add_noise(clean_images, noise, timesteps), timesteps).sample
+    noisy_images = scheduler.add_noise(clean_images, noise, timesteps)
+    if is_self_conditioned(unet):  # scored as it is first used: without an estimate of its own
+        noisy_images = torch.cat([noisy_images, torch.zeros_like(noisy_images)], dim=1)
+    prediction = unet(noisy_images, timesteps).sample
     return F.mse_loss(prediction.float(), noise).item()

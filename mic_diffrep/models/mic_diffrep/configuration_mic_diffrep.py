@@ -23,6 +23,8 @@ class MicDiffRepConfig(PretrainedConfig):
             (`"small"`, 1.1M parameters) at 112 px.
         num_train_timesteps (`int`, *optional*, defaults to 1000): length of the DDPM noise schedule.
         beta_schedule (`str`, *optional*, defaults to `"linear"`), beta_start, beta_end (`float`): the schedule's betas.
+        prediction_type (`str`, *optional*, defaults to `"epsilon"`): what the UNet predicts (`"epsilon"`,
+            `"sample"`, `"v_prediction"`); read only by a self-conditioned UNet, which first estimates the clean image.
         layers (`List[str]`, *optional*): UNet blocks whose features are used (`"down_blocks.1"`, `"mid_block"`, ...);
             defaults to all blocks.
         timesteps (`List[int]`, *optional*, defaults to `[10, 25, 50, 100, 250]`): noise levels at which features
@@ -65,6 +67,7 @@ class MicDiffRepConfig(PretrainedConfig):
         beta_schedule: str = "linear",
         beta_start: float = 0.0001,
         beta_end: float = 0.02,
+        prediction_type: str = "epsilon",
         layers: Optional[Sequence[str]] = None,
         timesteps: Sequence[int] = DEFAULT_TIMESTEPS,
         pooling: str = DEFAULT_POOLING,
@@ -87,6 +90,7 @@ class MicDiffRepConfig(PretrainedConfig):
         self.beta_schedule = beta_schedule
         self.beta_start = beta_start
         self.beta_end = beta_end
+        self.prediction_type = prediction_type
         valid_layers = block_names_from_config(self.unet_config)
         self.layers: List[str] = list(layers) if layers is not None else valid_layers
         self.timesteps: List[int] = [int(t) for t in timesteps]
@@ -117,6 +121,7 @@ class MicDiffRepConfig(PretrainedConfig):
         # so it imports from its own folder only.
         check_choice(mixed_precision, ("no", "fp16", "bf16"), "mixed_precision")
         check_choice(resize_mode, RESIZE_MODES, "resize_mode")
+        check_choice(prediction_type, ("epsilon", "sample", "v_prediction"), "prediction_type")
         check_choice(intensity_window, INTENSITY_WINDOWS, "intensity_window")
         super().__init__(**kwargs)
         if self.problem_type not in PROBLEM_TYPES:

@@ -138,7 +138,7 @@ class MicDiffRepForImageClassification(MicDiffRepPreTrainedModel):
             noise = feature_noise([config.noise_seed], t, config.num_noise_samples, pixel_values.shape[1:])
             noise = noise.to(clean.device).expand(batch, *noise.shape[1:])
             pooled = noisy_block_features(self.unet, schedule, clean, noise, t, config.layers, config.pooling,
-                                          config.pooling_grid_size, config.flip_average)
+                                          config.pooling_grid_size, config.flip_average, config.prediction_type)
             parts.extend(pooled[layer].float() for layer in config.layers)
         return torch.cat(parts, dim=1)
 
@@ -183,7 +183,7 @@ class MicDiffRepForImageClassification(MicDiffRepPreTrainedModel):
         """
         if pixel_values is None:
             raise ValueError("pixel_values is required.")
-        expected = (self.config.unet_config.get("in_channels", 1), self.config.resolution, self.config.resolution)
+        expected = (self.config.unet_config.get("out_channels", 1), self.config.resolution, self.config.resolution)
         if pixel_values.ndim != 4 or tuple(pixel_values.shape[1:]) != expected:
             raise ValueError(f"pixel_values must have shape (batch_size, {', '.join(map(str, expected))}), got "
                              f"{tuple(pixel_values.shape)}; use MicDiffRepImageProcessor to prepare images.")

@@ -59,7 +59,8 @@ UNET_PRESETS["mini"] = dict(UNET_PRESETS["base"], block_out_channels=(8, 16, 32,
 DEFAULT_UNET = "small"
 
 
-def create_unet(resolution: int, model_config_name_or_path: Optional[str] = None) -> UNet2DModel:
+def create_unet(resolution: int, model_config_name_or_path: Optional[str] = None,
+                self_conditioning: bool = False) -> UNet2DModel:
     """Builds a freshly initialised `UNet2DModel` for `resolution` x `resolution` grey images.
 
     Args:
@@ -67,6 +68,8 @@ def create_unet(resolution: int, model_config_name_or_path: Optional[str] = None
         model_config_name_or_path (`str`, *optional*):
             a preset name (`"small"`, `"base"`, `"mini"`, `"tiny"`), a UNet `config.json`, or a folder holding one (a
             pretrained pipeline folder's `unet/` works). Defaults to `DEFAULT_UNET` (`"small"`).
+        self_conditioning (`bool`, defaults to `False`): twice the input channels, for the UNet's own clean-image
+            estimate beside the noisy image (`--self_conditioning`).
 
     Example:
 
@@ -90,6 +93,8 @@ def create_unet(resolution: int, model_config_name_or_path: Optional[str] = None
         with open(path, encoding="utf-8") as f:
             config = {k: v for k, v in json.load(f).items() if not k.startswith("_")}
     config["sample_size"] = resolution
+    if self_conditioning:
+        config["in_channels"] = 2 * config["out_channels"]
     unet = UNet2DModel(**config)
     check_resolution(resolution, multiple_of=downsampling_factor(unet))
     return unet

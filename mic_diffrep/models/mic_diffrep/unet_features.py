@@ -133,6 +133,37 @@ def unet_block_features(unet, noisy_images: torch.Tensor, timestep, layers: Sequ
     return {name: captured[name] for name in layers}
 
 
+def is_self_conditioned(unet_config) -> bool:
+    """Whether a UNet (or its config dict) takes its own clean-image estimate beside the noisy image
+    (`--self_conditioning`): twice as many input channels as output channels."""
+    config = getattr(unet_config, "config", unet_config)
+    return config["in_channels"] == 2 * config["out_channels"]
+
+
+def predicted_clean(prediction: torch.Tensor, noisy: torch.Tensor, alpha_bar: torch.Tensor,
+                    prediction_type: str = "epsilon") -> torch.Tensor:
+    """The clean image `x_0` a UNet `prediction` of `prediction_type` implies for `noisy` images at noise level
+    `alpha_bar` (a scalar or `(B, 1, 1, 1)` tensor), in float32 and clipped to [-1, 1]."""
+    prediction, noisy, alpha_bar = prediction.float(), noisy.float(), alpha_bar.float()
+    if prediction_type == "epsilon":
+        clean = (noisy - (1 - alpha_bar).sqrt() * prediction) / alpha_bar.sqrt()
+    elif prediction_type == "sample":
+        clean = prediction
+    elif prediction_type == "v_prediction":
+        clean = alpha_bar.sqrt() * noisy - (1 - alpha_bar).sqrt() * prediction
+    else:
+        raise ValueError(f"prediction_type must be 'epsilon', 'sample' or 'v_prediction', got {prediction_type!r}.")
+    return clean.clamp(-1, 1)
+
+
+def self_conditioned_input(unet, noisy: torch.Tensor, timestep, alpha_bar: torch.Tensor,
+                           prediction_type: str = "epsilon") -> torch.Tensor:
+    """The input of a self-conditioned UNet: `noisy` beside the clean image the UNet estimates from `noisy` alone
+    (a first forward with zeros in the estimate's place), as it was trained and as it samples."""
+    first = unet(torch.cat([noisy, torch.zeros_like(noisy)], dim=1), timestep).sample
+    return torch.cat([noisy, predicted_clean(first, noisy, alpha_bar, prediction_type).to(noisy.dtype)], dim=1)
+
+
 def seed_for(*keys: int) -> int:
     """A 63-bit seed derived from integers, well mixed by `numpy.SeedSequence`."""
     state = np.random.SeedSequence([int(k) for k in keys]).generate_state(1, dtype=np.uint64)[0]
@@ -162,12 +193,14 @@ def add_noise(alphas_cumprod: torch.Tensor, clean: torch.Tensor, noise: torch.Te
 
 def noisy_block_features(unet, alphas_cumprod: torch.Tensor, clean: torch.Tensor, noise: torch.Tensor, timestep: int,
                          layers: Sequence[str], pooling: str = "avg", grid_size: int = 2,
-                         flip_average: bool = False) -> Dict[str, torch.Tensor]:
+                         flip_average: bool = False, prediction_type: str = "epsilon") -> Dict[str, torch.Tensor]:
     """Pooled features `(B, D)` of each block in `layers` for `clean` images `(B, C, R, R)` in [-1, 1], noised to
     `timestep` with `noise` `(B, K, C, R, R)`: the K draws are folded into one batch and their features averaged.
     With `flip_average`, each noised image is also seen mirrored left-right and the two features are averaged.
 
-    The noised images are cast to the UNet's dtype, so a bf16 UNet (`unet.to(torch.bfloat16)`) runs in bf16.
+    The noised images are cast to the UNet's dtype, so a bf16 UNet (`unet.to(torch.bfloat16)`) runs in bf16. A
+    self-conditioned UNet (`is_self_conditioned`) first estimates the clean images (its `prediction_type` says how
+    to read its output), and its features are those of the forward that sees that estimate: twice the forwards.
     """
     batch, draws = noise.shape[:2]
     clean = clean.repeat_interleave(draws, dim=0)
@@ -175,6 +208,10 @@ def noisy_block_features(unet, alphas_cumprod: torch.Tensor, clean: torch.Tensor
     views = 1
     if flip_average:
         noisy, views = torch.cat([noisy, noisy.flip(-1)]), 2
+    if is_self_conditioned(unet):
+        steps = torch.full((noisy.shape[0],), int(timestep), device=noisy.device, dtype=torch.long)
+        noisy = self_conditioned_input(unet, noisy, steps, alphas_cumprod[int(timestep)].to(noisy.device),
+                                       prediction_type)
     pooled = unet_block_features(unet, noisy, timestep, layers, pooling, grid_size)
     return {name: value.view(views, batch, draws, -1).mean(dim=(0, 2)) for name, value in pooled.items()}
 
