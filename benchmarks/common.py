@@ -128,10 +128,11 @@ def training_settings(method: str, argv: Sequence[str]) -> Dict:
 
 def check_settings(path: str, recorded: Optional[Dict], wanted: Dict) -> None:
     """Refuses to reuse a calibration or run (`path`) recorded with other settings than `wanted`. A setting absent
-    from the record (added to the package since) matches when it is None now: an optional lever left off."""
+    from the record (added to the package since) matches when it is None or False now: a lever left off."""
     if recorded is None:
         return
-    changed = sorted(k for k in set(recorded) | set(wanted) if recorded.get(k) != wanted.get(k))
+    changed = sorted(k for k in set(recorded) | set(wanted) if recorded.get(k) != wanted.get(k)
+                     and not (k not in recorded and wanted.get(k) in (None, False)))
     if not changed:
         return
     details = ", ".join(f"{k}: {recorded.get(k)!r} there, {wanted.get(k)!r} now" for k in changed)

@@ -200,7 +200,9 @@ def test_a_recipe_of_the_same_compute_shares_anothers_calibration(tmp_path, monk
 def test_a_setting_added_since_a_run_was_recorded_matches_only_when_left_off():
     common = pytest.importorskip("common")
     recorded = {"learning_rate": 1e-3}
-    common.check_settings("run", recorded, {"learning_rate": 1e-3, "snr_gamma": None})
+    common.check_settings("run", recorded, {"learning_rate": 1e-3, "snr_gamma": None, "self_conditioning": False})
+    with pytest.raises(ValueError, match="self_conditioning: None there, True now"):
+        common.check_settings("run", recorded, {"learning_rate": 1e-3, "self_conditioning": True})
     with pytest.raises(ValueError, match="snr_gamma: None there, 5.0 now"):
         common.check_settings("run", recorded, {"learning_rate": 1e-3, "snr_gamma": 5.0})
     with pytest.raises(ValueError, match="learning_rate"):

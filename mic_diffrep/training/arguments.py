@@ -151,12 +151,15 @@ class PretrainingArguments(CommonPretrainingArguments):
     snr_gamma: Optional[float] = field(default=None, metadata={
         "help": "Min-SNR-gamma loss weighting (Hang et al., 2023; diffusers' --snr_gamma): each timestep's loss is "
                 "weighted by min(SNR, gamma) / SNR (epsilon prediction), which down-weights the low noise levels. "
-                "Default: none (unweighted, as in the paper)."})
+                "Default: none (unweighted, as in the paper): 5 gave -2.9 points of MSFA validation accuracy in the "
+                "ablation (0.902 vs 0.931 at the same steps), as it all but switches off the low noise levels that "
+                "--timestep_power 3 trains on and features are read at (weight 0.011 at t = 10)."})
     self_conditioning: bool = field(default=False, metadata={
         "help": "Self-conditioning (Chen et al. 2023, 'Analog Bits'; DDAE++): the UNet also sees its own estimate of "
                 "the clean image (from a first forward without it, on half the batches), and features are read from "
-                "the forward that sees it. About 1.2x the compute of a training step and 2x that of a read-out. Off "
-                "by default (paper)."})
+                "the forward that sees it. About 1.15x the compute of a training step and 2x that of a read-out. Off "
+                "by default (paper): -2.0 points of MSFA validation accuracy in the ablation (0.911 vs 0.931 at an "
+                "equal 8-minute budget)."})
     random_crop_scale: Optional[float] = field(default=None, metadata={
         "help": "Random resized crops covering at least this share of the image (e.g. 0.6), as the contrastive "
                 "baselines use; default: none (paper). With --intensity_jitter, 0.6 cost 0.7 points of MSFA validation "
