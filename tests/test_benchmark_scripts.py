@@ -81,8 +81,8 @@ def test_a_round_combines_the_winning_levers_and_keeps_the_best():
     scores = {"start + wide": 0.91, "start + slow": 0.85, "start + fast": 0.92, "start + wide + fast": 0.93}
     evaluated = []
     ablation = object.__new__(ablations.Ablation)
-    ablation.evaluate = lambda stage, name, flags, seed=0, calibrated_as=None: evaluated.append((stage, name, flags)) or {
-        "validation_accuracy": scores[name]}
+    ablation.evaluate = lambda stage, name, flags, seed=0, calibrated_as=None: evaluated.append(
+        (stage, name, flags)) or {"validation_accuracy": scores[name]}
     levers = {"wide": ["--width", "2"], "slow": ["--lr", "1"], "fast": ["--lr", "3"]}
     chosen, candidates = ablation.round("5 third round", "start", (["--lr", "2"], 0.90), levers)
     assert chosen == "start + wide + fast"
@@ -96,7 +96,8 @@ def test_a_confirmed_round_keeps_a_lever_only_if_it_wins_on_two_seeds():
               ("start + real", 0): 0.915, ("start + real", 1): 0.93, ("start + worse", 0): 0.89}
     evaluated = []
     ablation = object.__new__(ablations.Ablation)
-    ablation.evaluate = lambda stage, name, flags, seed=0, calibrated_as=None: evaluated.append((name, seed)) or {
+    ablation.evaluate = lambda stage, name, flags, seed=0, calibrated_as=None: evaluated.append(
+        (name, seed)) or {
         "validation_accuracy": scores[name, seed]}
     levers = {"lucky": ["--a"], "real": ["--b"], "worse": ["--c"]}
     chosen, candidates = ablation.round("6 fourth round", "start", (["--lr", "2"], 0.90), levers, confirm=True)

@@ -124,8 +124,8 @@ class DiffusionFeatureExtractor:
         config = MicDiffRepConfig(
             unet_config=dict(pipeline.unet.config), num_train_timesteps=schedule.num_train_timesteps,
             beta_schedule=schedule.beta_schedule, beta_start=schedule.beta_start, beta_end=schedule.beta_end,
-            prediction_type=schedule.prediction_type, layers=list(layers), timesteps=list(timesteps), pooling=args.pooling,
-            pooling_grid_size=args.pooling_grid_size, num_noise_samples=args.num_noise_samples,
+            prediction_type=schedule.prediction_type, layers=list(layers), timesteps=list(timesteps),
+            pooling=args.pooling, pooling_grid_size=args.pooling_grid_size, num_noise_samples=args.num_noise_samples,
             flip_average=args.flip_average, noise_seed=args.noise_seed, hidden_size=hidden_size, classifier_dropout=dropout,
             mixed_precision={torch.bfloat16: "bf16", torch.float16: "fp16"}.get(pipeline.unet.dtype, "no"),
             resize_mode=pipeline.config.resize_mode, intensity_window=pipeline.config.intensity_window,
