@@ -63,7 +63,7 @@ KEYS = ("accuracy", "accuracy_deduplicated")
 
 def mean_points(points):
     """One point per (method, minutes): each direction's accuracies averaged over the seeds measured, with their
-    spread (`"range"`: max - min) and the seeds."""
+    spread (`"range"`: max - min), their sample standard deviation (`"std"`, None for one seed) and the seeds."""
     means = []
     for method, minutes in dict.fromkeys((p["method"], p["minutes"]) for p in points):
         group = [p for p in points if (p["method"], p["minutes"]) == (method, minutes)]
@@ -72,6 +72,8 @@ def mean_points(points):
         for direction, _ in DIRECTIONS:
             mean[direction] = {key: float(np.mean([p[direction][key] for p in group])) for key in KEYS}
             mean[direction]["range"] = {key: float(np.ptp([p[direction][key] for p in group])) for key in KEYS}
+            mean[direction]["std"] = {key: float(np.std([p[direction][key] for p in group], ddof=1))
+                                      if len(group) > 1 else None for key in KEYS}
         means.append(mean)
     return means
 
@@ -134,8 +136,10 @@ def crossing(points, direction, key, baseline="mocov2"):
 
 
 def target_gaps(points):
-    """Per budget, direction and key: MicDiffRep's accuracy minus the best baseline's, in points, and whether it
-    meets `TARGET_MARGIN`; `points` hold one point per method and budget (the seeds' means).
+    """Per budget, direction and key: MicDiffRep's accuracy minus the best baseline's, in points, whether it meets
+    `TARGET_MARGIN`, and the difference's standard error in points (`sqrt(s1^2/n1 + s2^2/n2)` from the seeds' sample
+    standard deviations; None unless both have two seeds or more); `points` hold one point per method and budget (the
+    seeds' means, `mean_points`).
 
     >>> scores = lambda a: {"accuracy": a, "accuracy_deduplicated": a}
     >>> points = [{"method": m, "minutes": 30, "sartaj->other": scores(a), "other->sartaj": scores(a)}
@@ -157,7 +161,9 @@ def target_gaps(points):
                 best = max(baselines, key=lambda m: here[m][direction][key])
                 points_ahead = 100 * (here["micdiffrep"][direction][key] - here[best][direction][key])
                 gaps[minutes][direction][key] = {"points": points_ahead, "baseline": best,
-                                                 "met": round(points_ahead, 6) >= TARGET_MARGIN}
+                                                 "met": round(points_ahead, 6) >= TARGET_MARGIN,
+                                                 "standard_error": difference_standard_error(
+                                                     here["micdiffrep"], here[best], direction, key)}
     return gaps
 
 
@@ -208,6 +214,19 @@ def summarise(points):
     return {"points": points, "means": means, "crossings": crossings, "targets": target_gaps(means)}
 
 
+def difference_standard_error(mine, theirs, direction, key):
+    """The standard error, in points, of the difference between two means of seeds (None without two seeds each).
+
+    >>> point = lambda seeds, std: {"seeds": seeds, "d": {"std": {"accuracy": std}}}
+    >>> round(difference_standard_error(point([0, 1, 2], 0.03), point([0, 1, 2], 0.04), "d", "accuracy"), 2)
+    2.89
+    """
+    stds = [p[direction].get("std", {}).get(key) for p in (mine, theirs)]
+    if any(std is None for std in stds):
+        return None
+    return float(100 * np.sqrt(sum(std ** 2 / len(p["seeds"]) for std, p in zip(stds, (mine, theirs)))))
+
+
 def markdown(result):
     """The results file's text from `result` (as written to the JSON file: `summarise`'s keys, command, machine,
     note and image)."""
@@ -248,9 +267,18 @@ def markdown(result):
               "| minutes | " + " | ".join(f"{d}, {k}" for d, _ in DIRECTIONS for k in ("all", "dedup")) + " |",
               "|---|" + "---|" * 2 * len(DIRECTIONS)]
     for minutes, by_direction in result["targets"].items():
-        cells = [f"{g['points']:+.1f} ({METHODS[g['baseline']]}) {'met' if g['met'] else '**missed**'}"
+        cells = [f"{g['points']:+.1f}" + (f" ±{g['standard_error']:.1f}" if g.get("standard_error") is not None
+                                          else "") + f" ({METHODS[g['baseline']]}) {'met' if g['met'] else '**missed**'}"
                  for direction, _ in DIRECTIONS for g in (by_direction[direction][k] for k in KEYS)]
         lines.append(f"| {float(minutes):g} | " + " | ".join(cells) + " |")
+    gaps = [g for by_direction in result["targets"].values() for by_key in by_direction.values()
+            for g in by_key.values()]
+    if any(g.get("standard_error") is not None for g in gaps):
+        lines += ["", "± the standard error of the difference of the two means, from the seeds' sample standard "
+                  "deviations: a gap within about twice it could go either way with other seeds."]
+    if not all(g["met"] for g in gaps):
+        lines += ["", "What was tried to meet the target (recipes and read-outs, chosen on validation): "
+                  "[ablations.md](ablations.md) and the README's ablation section."]
     return "\n".join(lines) + "\n"
 
 

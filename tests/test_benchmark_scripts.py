@@ -249,7 +249,11 @@ def test_the_budget_curve_checks_the_target_against_the_best_baseline_on_the_mea
     text = budget_curve.markdown(result)
     assert "![budget curve](seeds.png)" in text and "Means over seeds 0, 1" in text
     # sartaj->other all: 0.88 against BYOL's 0.86 and MoCo v2's 0.85; other->sartaj the same numbers
-    assert "| 30 | +2.0 (BYOL) met | +2.0 (BYOL) met | +2.0 (BYOL) met | +2.0 (BYOL) met |" in text
+    # ± sqrt(s1^2/2 + s2^2/2) with s1 = 0.04/sqrt(2), s2 = 0.06/sqrt(2): 3.6 points
+    assert "| 30 | +2.0 ±3.6 (BYOL) met | +2.0 ±3.6 (BYOL) met | +2.0 ±3.6 (BYOL) met | +2.0 ±3.6 (BYOL) met |" in text
+    assert "standard error of the difference" in text and "What was tried" not in text
+    result["targets"]["30"]["sartaj->other"]["accuracy"]["met"] = False
+    assert "What was tried to meet the target" in budget_curve.markdown(result)
 
     budget_curve.plot(points, str(tmp_path / "seeds.png"))  # one budget: a column of points per method
     assert (tmp_path / "seeds.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
