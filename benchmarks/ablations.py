@@ -30,7 +30,7 @@ Search (greedy, decided by the script from the validation scores):
 7. a fifth round the same way (two seeds for a winner) on step 6's choice: min-SNR-5 loss weighting (Hang et al.
    2023, diffusers' `--snr_gamma`), which down-weights the low noise levels the timestep skew favours (it trains
    its starting recipe's steps: same compute); self-conditioning (Chen et al. 2023; DDAE++), the UNet's own
-   clean-image estimate as a second input (about 1.2x the compute of a step, so fewer steps; twice the forwards
+   clean-image estimate as a second input (about 1.15x the compute of a step, so fewer steps; twice the forwards
    of a read-out);
 8. read-out on the chosen recipe: the timestep sweep, several noise draws per image, test-time flip averaging
    (each image and its mirror image) and average + max pooling of each block (the benchmark would apply either to

@@ -242,8 +242,9 @@ def pretrain_for_budget(method: str, minutes: float, work_dir: str, data_dir: st
     `benchmark_settings.json`); one made with others is refused rather than reused."""
     name, recipe = name or method, method_argv(method, recipe_argv)
     argv = common_argv(data_dir, work_dir, resolution, seed) + recipe
-    calibration_name, calibration_recipe = (calibrated_as[0], method_argv(method, calibrated_as[1])) if calibrated_as \
-        else (name, recipe)
+    calibration_name, calibration_recipe = name, recipe
+    if calibrated_as:
+        calibration_name, calibration_recipe = calibrated_as[0], method_argv(method, calibrated_as[1])
     calibration = calibrate(method, calibration_name, work_dir,
                             common_argv(data_dir, work_dir, resolution, 0) + calibration_recipe)
     steps = max(1, int(minutes * 60 * calibration["steps_per_second"]))

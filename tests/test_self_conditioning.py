@@ -13,7 +13,7 @@ from mic_diffrep.models.mic_diffrep import MicDiffRepMSFAHead
 from mic_diffrep.models.mic_diffrep.unet import create_scheduler, create_unet
 from mic_diffrep.models.mic_diffrep.unet_features import (add_noise, feature_noise, is_self_conditioned,
                                                           predicted_clean, unet_block_features)
-from mic_diffrep.training import pretrain
+from mic_diffrep.training import PretrainingArguments, pretrain
 
 from conftest import parse
 from test_pretraining import tiny_args
@@ -93,11 +93,7 @@ def test_pretraining_exports_a_classifier_with_the_probes_features(unlabelled_fo
 
 
 def test_the_flag_is_part_of_the_recipe():
-    args = parse_args_with("--self_conditioning")
-    assert args.self_conditioning and not parse_args_with().self_conditioning
+    def parse_args_with(*flags):
+        return parse(PretrainingArguments, ["--train_data_dir", "d", "--output_dir", "o", *flags])
 
-
-def parse_args_with(*flags):
-    from mic_diffrep.training import PretrainingArguments
-
-    return parse(PretrainingArguments, ["--train_data_dir", "d", "--output_dir", "o", *flags])
+    assert parse_args_with("--self_conditioning").self_conditioning and not parse_args_with().self_conditioning
