@@ -32,12 +32,17 @@ Search (greedy, decided by the script from the validation scores):
    its starting recipe's steps: same compute); self-conditioning (Chen et al. 2023; DDAE++), the UNet's own
    clean-image estimate as a second input (about 1.15x the compute of a step, so fewer steps; twice the forwards
    of a read-out);
-8. read-out on the chosen recipe: the timestep sweep, several noise draws per image, test-time flip averaging
+8. a sixth round the same way (two seeds for a winner) on step 7's choice, both of the same compute as their
+   starting recipe (so they train its steps): the cosine noise schedule (`--ddpm_beta_schedule squaredcos_cap_v2`,
+   far less noise than the linear one at every read-out timestep: alpha_bar 0.85 against 0.52 at t = 250; Chen et
+   al. 2024 gained from a schedule with more clean steps), and the loss weighted by each image's signal share
+   alpha_bar_t (`--signal_weighting`: towards clean steps, the opposite of min-SNR);
+9. read-out on the chosen recipe: the timestep sweep, several noise draws per image, test-time flip averaging
    (each image and its mirror image) and average + max pooling of each block (the benchmark would apply either to
    the baselines' encoders alike). Read-outs
    differ in cost (UNet forwards per image), so the cheapest one within `READOUT_TOLERANCE` of the best validation
    accuracy is chosen: a 4x slower extraction must earn more than a tie;
-9. a seed check, for information only: the chosen recipe pretrained again with seed 1 and read out with the chosen
+10. a seed check, for information only: the chosen recipe pretrained again with seed 1 and read out with the chosen
    read-out and with the sweep, to show how much of a difference between rows one seed can make.
 """
 
@@ -54,7 +59,8 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 from common import (DEFAULT_DATA_DIR, DIRECTIONS, REPO, Benchmark, cached_extract, command_line,  # noqa: E402
-                    environment_info, pretrain_for_budget, probe_protocol, slug, write_results)
+                    environment_info, pretrain_for_budget, probe_protocol, restore_calibration, slug,
+                    write_results)
 from mic_diffrep.features import DiffusionFeatureExtractor, FeatureArguments  # noqa: E402
 from mic_diffrep.probing import ProbeConfig  # noqa: E402
 
@@ -96,15 +102,21 @@ FIFTH_ROUND = {
     "min-snr-5": ["--snr_gamma", "5"],
     "self-conditioning": ["--self_conditioning"],
 }
-# Levers that change the loss only, not the compute of a step: they train the steps of their starting recipe's
-# calibration (a calibration of their own would add the machine's speed noise, up to 12% here, to the comparison).
-SAME_COMPUTE = {"min-snr-5"}
+SIXTH_ROUND = {
+    "cosine-schedule": ["--ddpm_beta_schedule", "squaredcos_cap_v2"],
+    "signal-weighting": ["--signal_weighting"],
+}
+# Levers that change the loss or noise levels only, not the compute of a step: they train the steps of their starting
+# recipe's calibration (a calibration of their own would add the machine's speed noise, up to 12% here, to the
+# comparison).
+SAME_COMPUTE = {"min-snr-5", "cosine-schedule", "signal-weighting"}
 # The rounds after step 3, each on the recipe chosen before it: stage -> (its command-line flag, its levers, whether a
 # lever that wins with seed 0 must win again on the mean of seeds 0 and 1).
 ROUNDS = {"4 second round": ("second_round", SECOND_ROUND, False),
           "5 third round": ("third_round", THIRD_ROUND, False),
           "6 fourth round": ("fourth_round", FOURTH_ROUND, True),
-          "7 fifth round": ("fifth_round", FIFTH_ROUND, True)}
+          "7 fifth round": ("fifth_round", FIFTH_ROUND, True),
+          "8 sixth round": ("sixth_round", SIXTH_ROUND, True)}
 EXCLUSIVE = [("t<300", "t-power-2")]  # the same lever twice: only the better one is combined
 SWEEP_TIMESTEPS = [10, 25, 50, 100, 250]
 # Every read-out spelled out from average pooling (as the recipes are from PAPER_FLAGS), so that a row means the same
@@ -212,6 +224,8 @@ class Ablation:
                             row["validation_accuracy"])
                 self.rows.append(dict(row, stage=stage))
                 return self.rows[-1]
+        if calibrated_as:
+            self.restore_calibration(*calibrated_as)
         run = pretrain_for_budget("micdiffrep", self.args.proxy_minutes, self.args.work_dir, self.args.data_dir,
                                   self.args.resolution, seed=seed, recipe_argv=self.recipe_argv(recipe),
                                   name="ablation-" + slug(name), calibrated_as=calibrated_as and (
@@ -240,6 +254,16 @@ class Ablation:
         self.rows.append(row)
         self.save()
         return row
+
+    def restore_calibration(self, name: str, recipe: List[str]) -> None:
+        """On a machine without the search's calibrations, restore recipe `name`'s from its recorded seed-0 row, so
+        that a lever of the same compute trains the steps that row did."""
+        recorded = [row for row in self.previous + self.rows
+                    if (row["recipe"], row["flags"], row.get("seed", 0)) == (name, recipe, 0)]
+        if recorded:
+            restore_calibration("micdiffrep", "ablation-" + slug(name), self.args.work_dir, self.args.data_dir,
+                                self.args.resolution, self.recipe_argv(recipe), recorded[0]["planned_steps"],
+                                self.args.proxy_minutes, recorded[0]["images_per_second"], self.args.output + ".json")
 
     def recipe_argv(self, recipe: List[str]) -> List[str]:
         return merge_flags(PAPER_FLAGS, ["--model_config_name_or_path", self.args.unet], recipe)
@@ -280,22 +304,22 @@ class Ablation:
             flags = base_flags + [flag for lever in winners for flag in LEVERS[lever]]
             candidates[name] = (flags, self.evaluate("3 combined", name, flags)["validation_accuracy"])
         chosen = max(candidates, key=lambda n: candidates[n][1])
-        # 4-7. Further rounds, each on top of the recipe chosen so far.
+        # 4-8. Further rounds, each on top of the recipe chosen so far.
         for stage, (flag, levers, confirm) in ROUNDS.items():
             wanted = getattr(self.args, flag)
             chosen, candidates = self.round(stage, chosen, candidates[chosen],
                                             {lever: flags for lever, flags in levers.items() if lever in wanted},
                                             confirm)
-        # 8. Read-out on the chosen recipe.
+        # 9. Read-out on the chosen recipe.
         readout_rows = {}
         for readout in READOUTS:
             existing = [r for r in self.rows if r["recipe"] == chosen and r["readout"] == readout]
-            readout_rows[readout] = existing[0] if existing else self.evaluate("8 read-out", chosen,
+            readout_rows[readout] = existing[0] if existing else self.evaluate("9 read-out", chosen,
                                                                                candidates[chosen][0], readout)
         readout = choose_readout({r: row["validation_accuracy"] for r, row in readout_rows.items()})
-        # 9. How much a second pretraining seed moves the chosen recipe's scores (for information; chooses nothing).
+        # 10. How much a second pretraining seed moves the chosen recipe's scores (for information; chooses nothing).
         for seed_readout in dict.fromkeys([readout, "sweep 10-250"]):
-            self.evaluate("9 seed check", chosen, candidates[chosen][0], seed_readout, seed=1)
+            self.evaluate("10 seed check", chosen, candidates[chosen][0], seed_readout, seed=1)
         return {"recipe": chosen, "flags": candidates[chosen][0], "readout": readout,
                 "readout_settings": {"timesteps": READOUTS[readout].timesteps,
                                      "num_noise_samples": READOUTS[readout].num_noise_samples,

@@ -178,6 +178,28 @@ def calibrate(method: str, name: str, work_dir: str, base_argv: List[str]) -> di
     return result
 
 
+def restore_calibration(method: str, name: str, work_dir: str, data_dir: str, resolution: int,
+                        recipe_argv: Sequence[str], planned_steps: int, minutes: float, images_per_second: float,
+                        source: str) -> None:
+    """Writes the calibration of recipe `name` back from a results file (`source`) that recorded what it gave:
+    `planned_steps` for a budget of `minutes`. For a machine whose calibration cache is gone (a fresh clone): a
+    recipe of the same compute (`pretrain_for_budget(..., calibrated_as=)`) then trains the steps the recorded run
+    did, not those of a new measurement (the machine's speed drifts up to 15% between sessions). A calibration
+    already cached is left alone."""
+    path = os.path.join(work_dir, "calibration", f"{name}.json")
+    if os.path.isfile(path):
+        return
+    argv = common_argv(data_dir, work_dir, resolution, 0) + method_argv(method, recipe_argv)
+    result = {"method": method, "name": name,
+              # half a step more, so that `int(minutes * 60 * steps_per_second)` gives `planned_steps` back exactly
+              "steps_per_second": (planned_steps + 0.5) / (minutes * 60), "images_per_second": images_per_second,
+              "argv": argv, "settings": training_settings(method, argv), "restored_from": source}
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    with open(path, "w") as f:
+        json.dump(result, f, indent=2)
+    logger.info("%s: calibration restored from %s (%d steps in %g minutes)", name, source, planned_steps, minutes)
+
+
 # The benchmarks' MicDiffRep runs train the package's default recipe and are named after it. A run or calibration made
 # under another recipe is refused (`check_settings`), so this name changes when the default recipe does.
 # The runs of the default recipe; "micdiffrep-small": timestep power 2, the default before; "micdiffrep": the 4.3M

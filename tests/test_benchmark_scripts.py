@@ -1,5 +1,6 @@
 """The decision rules of the benchmark scripts (fast; the real-data runs are in test_benchmark_slow.py)."""
 
+import argparse
 import json
 import os
 import sys
@@ -196,6 +197,44 @@ def test_a_recipe_of_the_same_compute_shares_anothers_calibration(tmp_path, monk
     assert name == "plain" and "--snr_gamma" not in argv and argv[argv.index("--timestep_power") + 1] == "3"
     with open(os.path.join(run["output_dir"], "benchmark_settings.json")) as f:
         assert common.json.load(f)["snr_gamma"] == 5.0  # the run records its own recipe
+
+
+def test_a_restored_calibration_trains_the_recorded_steps_and_never_replaces_a_measured_one(tmp_path, monkeypatch):
+    """On a fresh machine a lever of the same compute trains what its start's recorded row did, not a new
+    measurement's steps."""
+    common = pytest.importorskip("common")
+    monkeypatch.setattr(common, "run_pretraining", lambda method, argv: {"global_step": int(
+        argv[argv.index("--max_train_steps") + 1])})
+    recipe = ["--timestep_power", "3"]
+    for planned in [1742, 1741, 997]:
+        work_dir = str(tmp_path / str(planned))
+        common.restore_calibration("micdiffrep", "plain", work_dir, "data", 64, recipe, planned, 8, 116.1, "ab.json")
+        run = common.pretrain_for_budget("micdiffrep", 8, work_dir, "data", recipe_argv=["--snr_gamma", "5"],
+                                         name="weighted", calibrated_as=("plain", recipe))
+        assert run["planned_steps"] == planned and run["calibration"]["restored_from"] == "ab.json"
+    common.restore_calibration("micdiffrep", "plain", work_dir, "data", 64, recipe, 10, 8, 1.0, "other.json")
+    with open(os.path.join(work_dir, "calibration", "plain.json")) as f:
+        assert common.json.load(f)["restored_from"] == "ab.json"  # a cached calibration is left alone
+    with pytest.raises(ValueError, match="timestep_power"):  # and checked against the recipe as a measured one is
+        common.pretrain_for_budget("micdiffrep", 8, work_dir, "data", recipe_argv=["--snr_gamma", "5"],
+                                   name="other", calibrated_as=("plain", ["--timestep_power", "2"]))
+
+
+def test_the_ablation_restores_a_calibration_from_its_starts_seed_0_row(tmp_path, monkeypatch):
+    restored = []
+    monkeypatch.setattr(ablations, "restore_calibration", lambda *args: restored.append(args))
+    ablation = object.__new__(ablations.Ablation)
+    ablation.args = argparse.Namespace(work_dir=str(tmp_path), data_dir="data", resolution=64, proxy_minutes=8,
+                                       unet="base", output="results/ablations")
+    ablation.rows = [{"recipe": "start", "flags": ["--a"], "seed": 1, "planned_steps": 900, "images_per_second": 1}]
+    ablation.previous = [{"recipe": "start", "flags": ["--a"], "seed": 0, "planned_steps": 1742,
+                          "images_per_second": 116.1}]
+    ablation.restore_calibration("start", ["--a"])
+    ablation.restore_calibration("unrecorded", ["--b"])  # nothing to restore from: calibrated as before
+    assert len(restored) == 1
+    method, name, _, _, _, argv, steps, minutes, speed, source = restored[0]
+    assert (name, steps, minutes, speed, source) == ("ablation-start", 1742, 8, 116.1, "results/ablations.json")
+    assert argv[-1] == "--a" and "--learning_rate" in argv  # the recipe as the search trains it
 
 
 def test_a_setting_added_since_a_run_was_recorded_matches_only_when_left_off():

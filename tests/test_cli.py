@@ -91,7 +91,8 @@ def test_run_recipe_defaults_are_the_pretraining_and_feature_defaults():
             paper.resolution, paper.num_epochs, paper.model_config_name_or_path) == (
         1e-4, "linear", 0, 1.0, 112, 200, "base")
     assert set(RECIPE_KEYS) <= set(RUN_PRESETS["paper"])  # every recipe key has the paper's value
-    assert (paper.snr_gamma, paper.self_conditioning) == (None, False)
+    assert (paper.snr_gamma, paper.signal_weighting, paper.self_conditioning) == (None, False, False)
+    assert paper.ddpm_beta_schedule == "linear"
     assert probe_arguments({**RUN_DEFAULTS, **RUN_PRESETS["paper"]}).flip_average is False
 
 

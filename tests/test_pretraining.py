@@ -76,6 +76,26 @@ def test_min_snr_loss_is_the_weighted_mean_of_the_per_image_losses():
     assert loss("--snr_gamma", "5") < 0.5 * plain  # power 3 draws mostly low noise levels, weighted down
 
 
+def test_an_unknown_beta_schedule_is_refused_with_the_known_ones():
+    with pytest.raises(ValueError, match="ddpm_beta_schedule.*squaredcos_cap_v2.*'cosine'"):
+        tiny_args("data", "out", "--ddpm_beta_schedule", "cosine")
+    assert tiny_args("data", "out", "--ddpm_beta_schedule", "squaredcos_cap_v2").ddpm_beta_schedule == "squaredcos_cap_v2"
+
+
+def test_signal_weighting_weights_each_images_loss_by_its_alpha_bar():
+    from mic_diffrep.training.diffusion import loss_weights
+
+    scheduler, timesteps = create_scheduler(), torch.tensor([0, 250, 500, 999])
+    plain = tiny_args("data", "out")
+    assert loss_weights(scheduler, timesteps, plain) is None  # unweighted: the paper's loss
+    weights = loss_weights(scheduler, timesteps, tiny_args("data", "out", "--signal_weighting"))
+    assert torch.allclose(weights, scheduler.alphas_cumprod[timesteps])
+    assert weights[0] > 0.99 and weights[1] == pytest.approx(0.52, abs=0.01) and weights[3] < 1e-4
+    both = loss_weights(scheduler, timesteps, tiny_args("data", "out", "--signal_weighting", "--snr_gamma", "5"))
+    snr_only = loss_weights(scheduler, timesteps, tiny_args("data", "out", "--snr_gamma", "5"))
+    assert torch.allclose(both, snr_only * weights)  # the two weightings multiply
+
+
 def test_resume_from_checkpoint_gives_the_weights_of_an_uninterrupted_run(unlabelled_folder, tmp_path):
     # 24 images, batch 4: 6 batches an epoch; checkpoint-3 is in the middle of the first epoch.
     extra = ["--max_train_steps", "9", "--checkpointing_steps", "3", "--use_ema", "--seed", "7"]

@@ -56,8 +56,8 @@ RUN_PRESETS = {
     "paper": {
         "resolution": 112, "model_config_name_or_path": "base", "pretrain_epochs": 200, "pretrain_batch_size": 32,
         "learning_rate": 1e-4,
-        "lr_scheduler": "linear", "lr_warmup_steps": 0, "max_train_timestep": None, "timestep_power": 1.0,
-        "snr_gamma": None, "self_conditioning": False, "random_crop_scale": None, "intensity_jitter": False,
+        "lr_scheduler": "linear", "lr_warmup_steps": 0, "ddpm_beta_schedule": "linear", "max_train_timestep": None,
+        "timestep_power": 1.0, "snr_gamma": None, "signal_weighting": False, "self_conditioning": False, "random_crop_scale": None, "intensity_jitter": False,
         "use_ema": False, "sample_scheduler": "ddpm",
         "sampling_steps": 1000, "mixed_precision": "no", "probe_epochs": 15, "probe_learning_rate": 0.01,
         "probe_batch_size": 128, "hidden_size": 512, "num_noise_samples": 1, "pooling": "avg",
@@ -171,7 +171,8 @@ def register(subparsers) -> None:
     for name in RECIPE_KEYS:
         default = RUN_DEFAULTS[name]
         kind = {"learning_rate": float, "timestep_power": float, "random_crop_scale": float, "lr_warmup_steps": int,
-                "max_train_timestep": int, "lr_scheduler": str, "snr_gamma": float}.get(name)
+                "max_train_timestep": int, "lr_scheduler": str, "ddpm_beta_schedule": str,
+                "snr_gamma": float}.get(name)
         help_text = f"{recipe_help[name]} (default {default})"
         if kind is None:  # switches
             parser.add_argument(f"--{name}", action="store_const", const=True, default=None, help=help_text)

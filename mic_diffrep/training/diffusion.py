@@ -70,10 +70,22 @@ def diffusion_loss(model, noise_scheduler, clean_images: torch.Tensor, generator
         target = clean_images
     else:
         target = noise_scheduler.get_velocity(clean_images, noise, timesteps)
-    if args.snr_gamma is None:
+    weights = loss_weights(noise_scheduler, timesteps, args)
+    if weights is None:
         return F.mse_loss(prediction.float(), target.float())
     per_image = F.mse_loss(prediction.float(), target.float(), reduction="none").mean(dim=(1, 2, 3))
-    return (per_image * min_snr_weights(noise_scheduler, timesteps, args.snr_gamma, args.prediction_type)).mean()
+    return (per_image * weights).mean()
+
+
+def loss_weights(noise_scheduler, timesteps: torch.Tensor, args: PretrainingArguments) -> Optional[torch.Tensor]:
+    """Per-image loss weights of the recipe (`--snr_gamma`, `--signal_weighting`, multiplied), or None: unweighted."""
+    weights = None
+    if args.snr_gamma is not None:
+        weights = min_snr_weights(noise_scheduler, timesteps, args.snr_gamma, args.prediction_type)
+    if args.signal_weighting:
+        signal = noise_scheduler.alphas_cumprod.to(timesteps.device)[timesteps].float()
+        weights = signal if weights is None else weights * signal
+    return weights
 
 
 def self_conditioning_input(model, noise_scheduler, noisy_images: torch.Tensor, timesteps: torch.Tensor,

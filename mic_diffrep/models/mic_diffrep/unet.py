@@ -105,6 +105,10 @@ def downsampling_factor(unet: UNet2DModel) -> int:
     return 2 ** (len(unet.config.block_out_channels) - 1)
 
 
+# The beta schedules of diffusers' `DDPMScheduler`.
+BETA_SCHEDULES = ("linear", "scaled_linear", "squaredcos_cap_v2", "sigmoid")
+
+
 def create_scheduler(num_train_timesteps: int = 1000, beta_schedule: str = "linear", prediction_type: str = "epsilon"):
     """The paper's DDPM noise schedule: 1000 steps, linear betas, epsilon prediction."""
     return DDPMScheduler(
