@@ -74,6 +74,9 @@ def mean_points(points):
             mean[direction]["range"] = {key: float(np.ptp([p[direction][key] for p in group])) for key in KEYS}
             mean[direction]["std"] = {key: float(np.std([p[direction][key] for p in group], ddof=1))
                                       if len(group) > 1 else None for key in KEYS}
+            validation = [p[direction]["validation_accuracy"] for p in group if "validation_accuracy" in p[direction]]
+            if len(validation) == len(group):
+                mean[direction]["validation_accuracy"] = float(np.mean(validation))
         means.append(mean)
     return means
 
@@ -227,6 +230,23 @@ def difference_standard_error(mine, theirs, direction, key):
     return float(100 * np.sqrt(sum(std ** 2 / len(p["seeds"]) for std, p in zip(stds, (mine, theirs)))))
 
 
+def transfer_table(means, several_seeds: bool):
+    """How much of each method's in-source accuracy carries over to the other source: the MSFA validation accuracy
+    (the part carved from the training side, which chooses layers and timesteps) against the test accuracy on all
+    cross-source test images."""
+    if not all("validation_accuracy" in p[d] for p in means for d, _ in DIRECTIONS):
+        return []
+    lines = ["", "In-source validation against the cross-source test" + (" (the seeds' means)" if several_seeds else "")
+             + ": *drop* = validation - test accuracy, in points.", "",
+             "| method | minutes | " + " | ".join(f"{d} validation | test | drop" for d, _ in DIRECTIONS) + " |",
+             "|---|---|" + "---|---|---|" * len(DIRECTIONS)]
+    for p in sorted(means, key=lambda p: (list(METHODS).index(p["method"]), p["minutes"])):
+        cells = [f"{p[d]['validation_accuracy']:.3f} | {p[d]['accuracy']:.3f} | "
+                 f"{100 * (p[d]['validation_accuracy'] - p[d]['accuracy']):.1f}" for d, _ in DIRECTIONS]
+        lines.append(f"| {METHODS[p['method']]} | {p['minutes']:g} | " + " | ".join(cells) + " |")
+    return lines
+
+
 def markdown(result):
     """The results file's text from `result` (as written to the JSON file: `summarise`'s keys, command, machine,
     note and image)."""
@@ -253,6 +273,7 @@ def markdown(result):
                      f"({p[d]['accuracy_deduplicated']:.3f} ±{50 * p[d]['range']['accuracy_deduplicated']:.1f})"
                      for d, _ in DIRECTIONS]
             lines.append(f"| {METHODS[p['method']]} | {p['minutes']:g} | " + " | ".join(cells) + " |")
+    lines += transfer_table(means, len(seeds) > 1)
     mean_text = "; the seeds' means" if len(seeds) > 1 else ""
     for baseline, by_direction in result["crossings"].items():
         lines += ["", f"Where MicDiffRep's line crosses {METHODS[baseline]}'s (minutes, by linear interpolation "

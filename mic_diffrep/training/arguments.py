@@ -162,7 +162,9 @@ class PretrainingArguments(CommonPretrainingArguments):
         "help": "Weight each image's loss by the share of signal in its noisy input, alpha_bar_t (1 at t = 0, 0.52 at "
                 "t = 250, 0.08 at t = 500 on the linear schedule): the loss leans further towards the clean steps "
                 "features are read at (Chen et al. 2024 weight the loss towards clean data), the opposite of "
-                "--snr_gamma. Off by default (paper)."})
+                "--snr_gamma. Off by default (paper): -1.5 points of MSFA validation accuracy in the ablation (0.916 "
+                "vs 0.931 at the same steps); on top of --timestep_power 3 it mostly switches off the few high noise "
+                "levels left."})
     self_conditioning: bool = field(default=False, metadata={
         "help": "Self-conditioning (Chen et al. 2023, 'Analog Bits'; DDAE++): the UNet also sees its own estimate of "
                 "the clean image (from a first forward without it, on half the batches), and features are read from "
