@@ -16,6 +16,7 @@ directions, on all and on the de-duplicated test images (on the seeds' means).
 
 import argparse
 from dataclasses import replace
+import json
 import logging
 import os
 import sys
@@ -26,11 +27,13 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 from common import (DEFAULT_DATA_DIR, DIRECTIONS, REPO, Benchmark, baseline_recipe, cached_extract,  # noqa: E402
-                    command_line, environment_info, micdiffrep_run, pretrain_for_budget, probe_protocol,
-                    readout_arguments, run_feature_cache_name, write_results)
+                    command_line, environment_info, micdiffrep_recipe, pretrain_for_budget, probe_protocol,
+                    readout_arguments, restore_calibration, run_feature_cache_name, write_results)
 from mic_diffrep.features import DiffusionFeatureExtractor, EncoderFeatureExtractor  # noqa: E402
 from mic_diffrep.probing import ProbeConfig  # noqa: E402
 
+
+logger = logging.getLogger("benchmark")
 
 METHODS = {"micdiffrep": "MicDiffRep-MS", "mocov2": "MoCo v2", "byol": "BYOL"}
 # The benchmark's target (issue #12): MicDiffRep-MS at least this many points above the best baseline.
@@ -54,6 +57,11 @@ def parse_args():
     parser.add_argument("--pooling", default=None, choices=["avg", "avgmax"],
                         help="Feature pooling for both methods (default: the package's).")
     parser.add_argument("--max_images", type=int, default=None, help="Use a subset (smoke runs only).")
+    parser.add_argument("--reuse_results", action="store_true",
+                        help="Take the points already in OUTPUT.json (same method, minutes and seed; same run and "
+                             "read-out where the point records them) instead of pretraining and probing again, and "
+                             "on a machine without their calibrations restore them from the recorded seed-0 points, "
+                             "so that a new seed trains the steps the recorded ones did (e.g. add a seed).")
     parser.add_argument("--note", default="")
     return parser.parse_args()
 
@@ -177,34 +185,68 @@ def main():
     splits = {direction: bench.split(direction) for direction, _ in DIRECTIONS}
     feature_args = readout_arguments(args.flip_average, args.pooling)
 
+    readout = {"pooling": feature_args.pooling, "flip_average": feature_args.flip_average}
+    previous = []
+    if args.reuse_results and os.path.isfile(args.output + ".json"):
+        with open(args.output + ".json") as f:
+            previous = json.load(f)["points"]
+
     points = []
     for minutes in args.minutes:
         for seed in args.seeds:
             for method in dict.fromkeys(["micdiffrep", *args.methods]):
+                recipe = micdiffrep_recipe(args.unet) if method == "micdiffrep" else baseline_recipe(method)
+                run_name = recipe.get("name", method)
+                recorded = reusable_point(previous, method, minutes, seed, run_name, readout)
+                if recorded:
+                    logger.info("%s, %g min, seed %d: from %s.json", method, minutes, seed, args.output)
+                    points.append(recorded)
+                    continue
+                first_seed = reusable_point(previous, method, minutes, 0, run_name, readout)
+                if first_seed:  # a seed trains seed 0's steps: restore its calibration on a machine without it
+                    restore_calibration(method, run_name, args.work_dir, args.data_dir, args.resolution,
+                                        recipe.get("recipe_argv", []), first_seed["steps"], minutes, None,
+                                        args.output + ".json")
+                run = pretrain_for_budget(method, minutes, args.work_dir, args.data_dir, args.resolution, seed,
+                                          **recipe)
                 if method == "micdiffrep":
-                    run = micdiffrep_run(minutes, args.work_dir, args.data_dir, args.resolution, seed, args.unet)
                     extractor = DiffusionFeatureExtractor.from_pretrained(run["output_dir"]).to(dtype=torch.bfloat16)
                     features = cached_extract(extractor, bench, feature_args,
                                               run_feature_cache_name(run, feature_args))[0]
                 else:
-                    run = pretrain_for_budget(method, minutes, args.work_dir, args.data_dir, args.resolution, seed,
-                                              **baseline_recipe(method))
                     features = cached_extract(EncoderFeatureExtractor.from_pretrained(run["output_dir"]), bench,
                                               replace(feature_args, timesteps=[0]),
                                               run_feature_cache_name(run, feature_args))[0]
-                point = {"method": method, "minutes": minutes, "seed": seed, "steps": run["summary"]["global_step"]}
+                point = {"method": method, "minutes": minutes, "seed": seed, "steps": run["summary"]["global_step"],
+                         "run": run_name, "readout": readout}
                 for direction, split in splits.items():
                     msfa = probe_protocol(features, bench, split, ProbeConfig())["msfa"]
                     point[direction] = {"accuracy": msfa["test"]["all"]["accuracy"],
                                         "accuracy_deduplicated": msfa["test"]["deduplicated"]["accuracy"],
                                         "validation_accuracy": msfa["validation_accuracy"]}
                 points.append(point)
+                save(args, points)  # after every point: an interrupted curve keeps what it measured
+    print(save(args, points))
+
+
+def reusable_point(previous, method: str, minutes: float, seed: int, run: str, readout: dict):
+    """The recorded point of `method` at `minutes` with `seed`, if its run and read-out are `run` and `readout` (a
+    point recorded before points named them is taken as it is: its results file's command says how it was made)."""
+    for point in previous:
+        if (point["method"], point["minutes"], point["seed"]) == (method, minutes, seed) \
+                and point.get("run", run) == run and point.get("readout", readout) == readout:
+            return point
+    return None
+
+
+def save(args, points) -> str:
+    """Writes the plot and the results files of `points`; returns the markdown."""
     plot(points, args.output + ".png")
     result = {"command": command_line(), "environment": environment_info(), "note": args.note,
               "image": os.path.basename(args.output) + ".png", **summarise(points)}
     text = markdown(result)
     write_results(args.output, result, text)
-    print(text)
+    return text
 
 
 def summarise(points):

@@ -179,8 +179,8 @@ def calibrate(method: str, name: str, work_dir: str, base_argv: List[str]) -> di
 
 
 def restore_calibration(method: str, name: str, work_dir: str, data_dir: str, resolution: int,
-                        recipe_argv: Sequence[str], planned_steps: int, minutes: float, images_per_second: float,
-                        source: str) -> None:
+                        recipe_argv: Sequence[str], planned_steps: int, minutes: float,
+                        images_per_second: Optional[float], source: str) -> None:
     """Writes the calibration of recipe `name` back from a results file (`source`) that recorded what it gave:
     `planned_steps` for a budget of `minutes`. For a machine whose calibration cache is gone (a fresh clone): a
     recipe of the same compute (`pretrain_for_budget(..., calibrated_as=)`) then trains the steps the recorded run
@@ -207,15 +207,23 @@ def restore_calibration(method: str, name: str, work_dir: str, data_dir: str, re
 MICDIFFREP_RUN = "micdiffrep-small-power3"
 
 
+def micdiffrep_recipe(unet: Optional[str] = None) -> Dict:
+    """`pretrain_for_budget` keywords (`name`, `recipe_argv`) of the package's default recipe, with another UNet
+    preset or config if `unet` is given.
+
+    >>> micdiffrep_recipe("tiny")
+    {'name': 'micdiffrep-small-power3-tiny', 'recipe_argv': ['--model_config_name_or_path', 'tiny']}
+    """
+    if unet is None:
+        return {"name": MICDIFFREP_RUN, "recipe_argv": []}
+    return {"name": f"{MICDIFFREP_RUN}-{slug(unet)}", "recipe_argv": ["--model_config_name_or_path", unet]}
+
+
 def micdiffrep_run(minutes: float, work_dir: str, data_dir: str, resolution: int = 64, seed: int = 0,
                    unet: Optional[str] = None) -> Dict:
-    """`pretrain_for_budget` of the package's default recipe (with another UNet preset or config if `unet` is
-    given); the run folder is `WORK_DIR/MICDIFFREP_RUN[-UNET]-Mmin`."""
-    recipe, name = [], MICDIFFREP_RUN
-    if unet is not None:
-        recipe, name = ["--model_config_name_or_path", unet], f"{MICDIFFREP_RUN}-{slug(unet)}"
-    return pretrain_for_budget("micdiffrep", minutes, work_dir, data_dir, resolution, seed, recipe_argv=recipe,
-                               name=name)
+    """`pretrain_for_budget` of the package's default recipe (`micdiffrep_recipe`); the run folder is
+    `WORK_DIR/MICDIFFREP_RUN[-UNET]-Mmin`."""
+    return pretrain_for_budget("micdiffrep", minutes, work_dir, data_dir, resolution, seed, **micdiffrep_recipe(unet))
 
 
 def readout_arguments(flip_average: bool = False, pooling: Optional[str] = None,

@@ -267,6 +267,20 @@ def test_the_budget_curve_averages_seeds_and_crosses_on_the_means():
     assert budget_curve.crossing(means, "sartaj->other", "accuracy") == pytest.approx(10 + 20 * 0.03 / 0.13)
 
 
+def test_the_budget_curve_reuses_a_recorded_point_only_for_the_same_run_and_readout():
+    budget_curve = pytest.importorskip("budget_curve")
+    avgmax = {"pooling": "avgmax", "flip_average": False}
+    old = {"method": "micdiffrep", "minutes": 30.0, "seed": 0, "steps": 6884}  # recorded before points named them
+    new = {"method": "mocov2", "minutes": 30.0, "seed": 1, "steps": 5326, "run": "mocov2", "readout": avgmax}
+    previous = [old, new]
+    assert budget_curve.reusable_point(previous, "micdiffrep", 30.0, 0, "micdiffrep-small-power3", avgmax) is old
+    assert budget_curve.reusable_point(previous, "micdiffrep", 30.0, 1, "micdiffrep-small-power3", avgmax) is None
+    assert budget_curve.reusable_point(previous, "mocov2", 30.0, 1, "mocov2", avgmax) is new
+    assert budget_curve.reusable_point(previous, "mocov2", 30.0, 1, "mocov2-lr3e-3", avgmax) is None  # another recipe
+    assert budget_curve.reusable_point(previous, "mocov2", 30.0, 1, "mocov2", dict(avgmax, pooling="avg")) is None
+    assert budget_curve.reusable_point(previous, "mocov2", 10.0, 1, "mocov2", avgmax) is None
+
+
 def test_the_budget_curve_checks_the_target_against_the_best_baseline_on_the_means(tmp_path):
     budget_curve = pytest.importorskip("budget_curve")
 
