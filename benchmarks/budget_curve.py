@@ -306,15 +306,16 @@ def markdown(result):
         lines.append(f"| {METHODS[p['method']]} | {p['minutes']:g} | {p['seed']} | {p['steps']} | "
                      + " | ".join(cells) + " |")
     if len(seeds) > 1:
-        lines += ["", f"Means over seeds {', '.join(map(str, seeds))}, ± half their spread (max - min) in "
-                  "points:", "",
-                  "| method | minutes | " + " | ".join(f"{d} (dedup)" for d, _ in DIRECTIONS) + " |",
-                  "|---|---|" + "---|" * len(DIRECTIONS)]
+        lines += ["", f"Means over seeds {', '.join(map(str, seeds))} (those measured of each), ± half their spread "
+                  "(max - min) in points:", "",
+                  "| method | minutes | seeds | " + " | ".join(f"{d} (dedup)" for d, _ in DIRECTIONS) + " |",
+                  "|---|---|---|" + "---|" * len(DIRECTIONS)]
         for p in sorted(means, key=lambda p: (list(METHODS).index(p["method"]), p["minutes"])):
             cells = [f"{p[d]['accuracy']:.3f} ±{50 * p[d]['range']['accuracy']:.1f} "
                      f"({p[d]['accuracy_deduplicated']:.3f} ±{50 * p[d]['range']['accuracy_deduplicated']:.1f})"
                      for d, _ in DIRECTIONS]
-            lines.append(f"| {METHODS[p['method']]} | {p['minutes']:g} | " + " | ".join(cells) + " |")
+            lines.append(f"| {METHODS[p['method']]} | {p['minutes']:g} | {', '.join(map(str, p['seeds']))} | "
+                         + " | ".join(cells) + " |")
     lines += transfer_table(means, len(seeds) > 1)
     mean_text = "; the seeds' means" if len(seeds) > 1 else ""
     for baseline, by_direction in result["crossings"].items():

@@ -301,6 +301,7 @@ def test_the_budget_curve_checks_the_target_against_the_best_baseline_on_the_mea
     result = json.loads(json.dumps(result))  # re-rendered from the results file
     text = budget_curve.markdown(result)
     assert "![budget curve](seeds.png)" in text and "Means over seeds 0, 1" in text
+    assert "| MicDiffRep-MS | 30 | 0, 1 | 0.880 ±2.0 (0.780 ±2.0) |" in text
     # sartaj->other all: 0.88 against BYOL's 0.86 and MoCo v2's 0.85; other->sartaj the same numbers
     # ± sqrt(s1^2/2 + s2^2/2) with s1 = 0.04/sqrt(2), s2 = 0.06/sqrt(2): 3.6 points
     assert "| 30 | +2.0 ±3.6 (BYOL) met | +2.0 ±3.6 (BYOL) met | +2.0 ±3.6 (BYOL) met | +2.0 ±3.6 (BYOL) met |" in text
