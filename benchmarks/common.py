@@ -101,6 +101,13 @@ def method_argv(method: str, recipe_argv: Sequence[str] = ()) -> List[str]:
     return ["--save_images_epochs", "0", "--save_model_epochs", "1000000", *recipe_argv]
 
 
+def calibration_argv(method: str, data_dir: str, work_dir: str, resolution: int,
+                     recipe_argv: Sequence[str] = ()) -> List[str]:
+    """Flags a calibration of `method` with `recipe_argv` is measured (or restored) with: those of seed 0 (every seed
+    shares seed 0's calibration)."""
+    return common_argv(data_dir, work_dir, resolution, 0) + method_argv(method, recipe_argv)
+
+
 def run_pretraining(method: str, argv: List[str]) -> dict:
     """Pretrains from command-line flags in this process (as `training/pretrain*.py` would); returns the summary."""
     settings_class, function = ((BaselinePretrainingArguments, pretrain_baseline) if method in BASELINES
@@ -189,7 +196,7 @@ def restore_calibration(method: str, name: str, work_dir: str, data_dir: str, re
     path = os.path.join(work_dir, "calibration", f"{name}.json")
     if os.path.isfile(path):
         return
-    argv = common_argv(data_dir, work_dir, resolution, 0) + method_argv(method, recipe_argv)
+    argv = calibration_argv(method, data_dir, work_dir, resolution, recipe_argv)
     result = {"method": method, "name": name,
               # half a step more, so that `int(minutes * 60 * steps_per_second)` gives `planned_steps` back exactly
               "steps_per_second": (planned_steps + 0.5) / (minutes * 60), "images_per_second": images_per_second,
@@ -272,11 +279,9 @@ def pretrain_for_budget(method: str, minutes: float, work_dir: str, data_dir: st
     `benchmark_settings.json`); one made with others is refused rather than reused."""
     name, recipe = name or method, method_argv(method, recipe_argv)
     argv = common_argv(data_dir, work_dir, resolution, seed) + recipe
-    calibration_name, calibration_recipe = name, recipe
-    if calibrated_as:
-        calibration_name, calibration_recipe = calibrated_as[0], method_argv(method, calibrated_as[1])
+    calibration_name, calibration_recipe = calibrated_as or (name, recipe_argv)
     calibration = calibrate(method, calibration_name, work_dir,
-                            common_argv(data_dir, work_dir, resolution, 0) + calibration_recipe)
+                            calibration_argv(method, data_dir, work_dir, resolution, calibration_recipe))
     steps = max(1, int(minutes * 60 * calibration["steps_per_second"]))
     output_dir = os.path.join(work_dir, name + (f"-seed{seed}" if seed else "") + f"-{minutes:g}min")
     summary_file = os.path.join(output_dir, "pretraining_summary.json")

@@ -77,13 +77,18 @@ def diffusion_loss(model, noise_scheduler, clean_images: torch.Tensor, generator
     return (per_image * weights).mean()
 
 
+def signal_share(noise_scheduler, timesteps: torch.Tensor) -> torch.Tensor:
+    """alpha_bar_t of each of `timesteps`: the share of signal (variance) in a noisy image at that step."""
+    return noise_scheduler.alphas_cumprod.to(timesteps.device)[timesteps]
+
+
 def loss_weights(noise_scheduler, timesteps: torch.Tensor, args: PretrainingArguments) -> Optional[torch.Tensor]:
     """Per-image loss weights of the recipe (`--snr_gamma`, `--signal_weighting`, multiplied), or None: unweighted."""
     weights = None
     if args.snr_gamma is not None:
         weights = min_snr_weights(noise_scheduler, timesteps, args.snr_gamma, args.prediction_type)
     if args.signal_weighting:
-        signal = noise_scheduler.alphas_cumprod.to(timesteps.device)[timesteps].float()
+        signal = signal_share(noise_scheduler, timesteps).float()
         weights = signal if weights is None else weights * signal
     return weights
 
@@ -97,7 +102,7 @@ def self_conditioning_input(model, noise_scheduler, noisy_images: torch.Tensor, 
     if torch.rand((), generator=generator) < 0.5:
         with torch.no_grad():
             first = model(torch.cat([noisy_images, estimate], dim=1), timesteps).sample
-        alpha_bar = noise_scheduler.alphas_cumprod.to(noisy_images.device)[timesteps].view(-1, 1, 1, 1)
+        alpha_bar = signal_share(noise_scheduler, timesteps).view(-1, 1, 1, 1)
         estimate = predicted_clean(first, noisy_images, alpha_bar, prediction_type).to(noisy_images.dtype)
     return torch.cat([noisy_images, estimate], dim=1)
 
