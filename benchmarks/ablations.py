@@ -37,12 +37,18 @@ Search (greedy, decided by the script from the validation scores):
    far less noise than the linear one at every read-out timestep: alpha_bar 0.85 against 0.52 at t = 250; Chen et
    al. 2024 gained from a schedule with more clean steps), and the loss weighted by each image's signal share
    alpha_bar_t (`--signal_weighting`: towards clean steps, the opposite of min-SNR);
-9. read-out on the chosen recipe: the timestep sweep, several noise draws per image, test-time flip averaging
+9. a seventh round the same way (two seeds for a winner) on step 8's choice, aimed at what separates the sources'
+   near-duplicates (`benchmarks/results/mirror_invariance.md`: re-framed and mirrored copies of the same slices):
+   random resized crops alone (`--random_crop_scale 0.6`, as the contrastive baselines; step 2 tried them only with
+   intensity jitter, on the `base` UNet), and convolution kernels kept left-right symmetric
+   (`--mirror_symmetric_kernels`: the pooled features of an image and of its mirror image then nearly agree); both
+   train their starting recipe's steps (a batched resampling, a weight average after each step: negligible compute);
+10. read-out on the chosen recipe: the timestep sweep, several noise draws per image, test-time flip averaging
    (each image and its mirror image) and average + max pooling of each block (the benchmark would apply either to
    the baselines' encoders alike). Read-outs
    differ in cost (UNet forwards per image), so the cheapest one within `READOUT_TOLERANCE` of the best validation
    accuracy is chosen: a 4x slower extraction must earn more than a tie;
-10. a seed check, for information only: the chosen recipe pretrained again with seed 1 and read out with the chosen
+11. a seed check, for information only: the chosen recipe pretrained again with seed 1 and read out with the chosen
    read-out and with the sweep, to show how much of a difference between rows one seed can make.
 """
 
@@ -109,14 +115,19 @@ SIXTH_ROUND = {
 # Levers that change the loss or noise levels only, not the compute of a step: they train the steps of their starting
 # recipe's calibration (a calibration of their own would add the machine's speed noise, up to 12% here, to the
 # comparison).
-SAME_COMPUTE = {"min-snr-5", "cosine-schedule", "signal-weighting"}
+SEVENTH_ROUND = {
+    "random-crop": ["--random_crop_scale", "0.6"],
+    "mirror-symmetric": ["--mirror_symmetric_kernels"],
+}
+SAME_COMPUTE = {"min-snr-5", "cosine-schedule", "signal-weighting", "random-crop", "mirror-symmetric"}
 # The rounds after step 3, each on the recipe chosen before it: stage -> (its command-line flag, its levers, whether a
 # lever that wins with seed 0 must win again on the mean of seeds 0 and 1).
 ROUNDS = {"4 second round": ("second_round", SECOND_ROUND, False),
           "5 third round": ("third_round", THIRD_ROUND, False),
           "6 fourth round": ("fourth_round", FOURTH_ROUND, True),
           "7 fifth round": ("fifth_round", FIFTH_ROUND, True),
-          "8 sixth round": ("sixth_round", SIXTH_ROUND, True)}
+          "8 sixth round": ("sixth_round", SIXTH_ROUND, True),
+          "9 seventh round": ("seventh_round", SEVENTH_ROUND, True)}
 EXCLUSIVE = [("t<300", "t-power-2")]  # the same lever twice: only the better one is combined
 SWEEP_TIMESTEPS = [10, 25, 50, 100, 250]
 # Every read-out spelled out from average pooling (as the recipes are from PAPER_FLAGS), so that a row means the same
@@ -304,22 +315,22 @@ class Ablation:
             flags = base_flags + [flag for lever in winners for flag in LEVERS[lever]]
             candidates[name] = (flags, self.evaluate("3 combined", name, flags)["validation_accuracy"])
         chosen = max(candidates, key=lambda n: candidates[n][1])
-        # 4-8. Further rounds, each on top of the recipe chosen so far.
+        # 4-9. Further rounds, each on top of the recipe chosen so far.
         for stage, (flag, levers, confirm) in ROUNDS.items():
             wanted = getattr(self.args, flag)
             chosen, candidates = self.round(stage, chosen, candidates[chosen],
                                             {lever: flags for lever, flags in levers.items() if lever in wanted},
                                             confirm)
-        # 9. Read-out on the chosen recipe.
+        # 10. Read-out on the chosen recipe.
         readout_rows = {}
         for readout in READOUTS:
             existing = [r for r in self.rows if r["recipe"] == chosen and r["readout"] == readout]
-            readout_rows[readout] = existing[0] if existing else self.evaluate("9 read-out", chosen,
+            readout_rows[readout] = existing[0] if existing else self.evaluate("10 read-out", chosen,
                                                                                candidates[chosen][0], readout)
         readout = choose_readout({r: row["validation_accuracy"] for r, row in readout_rows.items()})
-        # 10. How much a second pretraining seed moves the chosen recipe's scores (for information; chooses nothing).
+        # 11. How much a second pretraining seed moves the chosen recipe's scores (for information; chooses nothing).
         for seed_readout in dict.fromkeys([readout, "sweep 10-250"]):
-            self.evaluate("10 seed check", chosen, candidates[chosen][0], seed_readout, seed=1)
+            self.evaluate("11 seed check", chosen, candidates[chosen][0], seed_readout, seed=1)
         return {"recipe": chosen, "flags": candidates[chosen][0], "readout": readout,
                 "readout_settings": {"timesteps": READOUTS[readout].timesteps,
                                      "num_noise_samples": READOUTS[readout].num_noise_samples,

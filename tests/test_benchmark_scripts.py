@@ -314,3 +314,31 @@ def test_the_budget_curve_checks_the_target_against_the_best_baseline_on_the_mea
 
     budget_curve.plot(points, str(tmp_path / "seeds.png"))  # one budget: a column of points per method
     assert (tmp_path / "seeds.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_all_test_images_split_into_the_duplicated_and_deduplicated_ones():
+    mirror_invariance = pytest.importorskip("mirror_invariance")
+
+    def point(method, seed, all_accuracy, dedup_accuracy):
+        scores = {"accuracy": all_accuracy, "accuracy_deduplicated": dedup_accuracy}
+        return {"method": method, "minutes": 30, "seed": seed, "sartaj->other": scores, "other->sartaj": scores}
+
+    sizes = {"test": 100, "duplicated": 80, "deduplicated": 20, "mirror_only": 70}
+    composition = {"sartaj->other": sizes, "other->sartaj": sizes}
+    # seed 0: 90 right of 100, 10 of the 20 de-duplicated -> 80 of the 80 duplicated; seed 1: 60 of 80
+    points = [point("micdiffrep", 0, 0.90, 0.5), point("micdiffrep", 1, 0.70, 0.5), point("mocov2", 0, 0.8, 0.0)]
+    table = mirror_invariance.split_recorded_points(points, composition)
+    mine = table["micdiffrep"]["other->sartaj"]
+    assert mine["duplicated_per_seed"] == pytest.approx([1.0, 0.75])
+    assert (mine["all"], mine["deduplicated"], mine["duplicated"]) == pytest.approx((0.8, 0.5, 0.875))
+    assert table["mocov2"]["sartaj->other"]["duplicated"] == pytest.approx(1.0) and "byol" not in table
+
+
+def test_the_mirror_check_trains_nothing_and_names_the_command_that_would(tmp_path):
+    mirror_invariance = pytest.importorskip("mirror_invariance")
+    with pytest.raises(FileNotFoundError, match=r"budget_curve.py --minutes 30 --seeds 3 --methods mocov2"):
+        mirror_invariance.run_folder("mocov2", 30.0, 3, str(tmp_path))
+    run = tmp_path / "micdiffrep-small-power3-30min"
+    run.mkdir()
+    (run / "pretraining_summary.json").write_text("{}")
+    assert mirror_invariance.run_folder("micdiffrep", 30.0, 0, str(tmp_path)) == str(run)

@@ -171,6 +171,12 @@ class PretrainingArguments(CommonPretrainingArguments):
                 "the forward that sees it. About 1.15x the compute of a training step and 2x that of a read-out. Off "
                 "by default (paper): -2.0 points of MSFA validation accuracy in the ablation (0.911 vs 0.931 at an "
                 "equal 8-minute budget)."})
+    mirror_symmetric_kernels: bool = field(default=False, metadata={
+        "help": "Keep every convolution kernel its own left-right mirror image (at initialisation and after every "
+                "optimizer step), so the pooled features of an image and of its mirror image nearly agree: MRI from "
+                "different sources can be mirrored (radiological / neurological convention) and the benchmark's "
+                "cross-source near-duplicates mostly are (benchmarks/results/mirror_invariance.md). Off by default "
+                "(paper)."})
     random_crop_scale: Optional[float] = field(default=None, metadata={
         "help": "Random resized crops covering at least this share of the image (e.g. 0.6), as the contrastive "
                 "baselines use; default: none (paper). With --intensity_jitter, 0.6 cost 0.7 points of MSFA validation "
@@ -277,8 +283,8 @@ class BaselinePretrainingArguments(CommonPretrainingArguments):
 
 # The fields that make up the pretraining recipe (what the ablation study chose; `--config paper` resets them).
 RECIPE_KEYS = ("learning_rate", "lr_scheduler", "lr_warmup_steps", "ddpm_beta_schedule", "max_train_timestep",
-               "timestep_power", "snr_gamma", "signal_weighting", "self_conditioning", "random_crop_scale",
-               "intensity_jitter", "use_ema")
+               "timestep_power", "snr_gamma", "signal_weighting", "self_conditioning", "mirror_symmetric_kernels",
+               "random_crop_scale", "intensity_jitter", "use_ema")
 
 
 def default_recipe() -> dict:

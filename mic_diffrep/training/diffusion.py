@@ -23,7 +23,7 @@ from diffusers import DDIMScheduler
 from diffusers.training_utils import EMAModel, compute_snr
 
 from ..data.augmentations import PretrainingAugment
-from ..models.mic_diffrep.unet import create_scheduler, create_unet
+from ..models.mic_diffrep.unet import create_scheduler, create_unet, mirror_symmetrize
 from ..models.mic_diffrep.unet_features import is_self_conditioned, predicted_clean
 from ..pipelines import DiffusionFeaturePipeline, save_image_grid
 from ..reporting.hub import push_pipeline_to_hub
@@ -164,6 +164,8 @@ def _pretrain(args: PretrainingArguments) -> dict:
 
     # 2. Model, noise schedule, optimizer, schedule.
     model = create_unet(args.resolution, args.model_config_name_or_path, args.self_conditioning)
+    if args.mirror_symmetric_kernels:
+        mirror_symmetrize(model)
     if args.channels_last:
         model = model.to(memory_format=torch.channels_last)
     noise_scheduler = create_scheduler(args.ddpm_num_steps, args.ddpm_beta_schedule, args.prediction_type)
@@ -203,6 +205,8 @@ def _pretrain(args: PretrainingArguments) -> dict:
             ema_model.restore(accelerator.unwrap_model(model).parameters())
 
     def after_step(state: TrainingState) -> Optional[dict]:
+        if args.mirror_symmetric_kernels:
+            mirror_symmetrize(model)
         if ema_model is not None:
             ema_model.step(model.parameters())
             return {"ema_decay": ema_model.cur_decay_value}

@@ -5,6 +5,7 @@ import logging
 import os
 from typing import Optional
 
+import torch
 from diffusers import DDPMScheduler, UNet2DModel
 
 from .preprocessing import check_resolution
@@ -98,6 +99,28 @@ def create_unet(resolution: int, model_config_name_or_path: Optional[str] = None
     unet = UNet2DModel(**config)
     check_resolution(resolution, multiple_of=downsampling_factor(unet))
     return unet
+
+
+@torch.no_grad()
+def mirror_symmetrize(unet: torch.nn.Module) -> None:
+    """Makes every convolution kernel of `unet` its own left-right mirror image, in place: `(w + w.flip(-1)) / 2`.
+
+    A UNet whose kernels are all so is left-right equivariant block by block (up to the one-pixel offset of its
+    stride-2 downsampling), so the pooled features of an image and of its mirror image nearly agree. Random flips
+    of the training images do not give that: a channel may learn a kernel and another its mirror image, and the
+    pooled features of a mirrored image then have the two swapped. `--mirror_symmetric_kernels` applies this at initialisation and after
+    every optimizer step (a projected gradient step).
+
+    ```python
+    >>> unet = create_unet(16, "tiny")
+    >>> mirror_symmetrize(unet)
+    >>> all(torch.equal(m.weight, m.weight.flip(-1)) for m in unet.modules() if isinstance(m, torch.nn.Conv2d))
+    True
+    ```
+    """
+    for module in unet.modules():
+        if isinstance(module, torch.nn.Conv2d) and module.kernel_size[-1] > 1:
+            module.weight.copy_((module.weight + module.weight.flip(-1)) / 2)
 
 
 def downsampling_factor(unet: UNet2DModel) -> int:

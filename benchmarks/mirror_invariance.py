@@ -1,0 +1,214 @@
+#!/usr/bin/env python
+"""Where the cross-source gap on all test images comes from: test images that are mirrored near-duplicates of
+training images, and how each method's features treat a left-right mirrored image.
+
+    python benchmarks/mirror_invariance.py --data_dir DATA_DIR --seed 3
+
+Writes `benchmarks/results/mirror_invariance.{json,md}`:
+
+1. **The test sets**: per cross-source direction, the test images with a near-duplicate in the training side
+   (`mic_diffrep.leakage`, as the benchmark's *dedup* column) and how many of them match it only as a mirror image.
+2. **All = duplicated + de-duplicated**: each method's accuracy on the test images with a near-duplicate in
+   training, worked out from the recorded points (`--points`, the budget curve's all and de-duplicated accuracies
+   and the two subsets' sizes), so the gap on all test images splits into its two parts.
+3. **Mirror invariance, on validation only**: for the `--seed` runs of `--minutes` (trained by `budget_curve.py` in
+   the same work folder; this script trains nothing), MSFA fitted on the fit part of the training side and scored
+   on the validation part as it is and mirrored left-right; and the same for test-time flip averaging (`--flip_average`
+   features: an image's and its mirror's averaged), which is mirror-invariant by construction. Test accuracies are
+   reported for information; nothing here chooses a read-out.
+"""
+
+import argparse
+import dataclasses
+import json
+import logging
+import os
+import sys
+
+import numpy as np
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+from budget_curve import METHODS  # noqa: E402
+from common import (DEFAULT_DATA_DIR, DIRECTIONS, REPO, Benchmark, baseline_recipe, cached_extract,  # noqa: E402
+                    command_line, environment_info, feature_cache_name, micdiffrep_recipe, probe_protocol,
+                    readout_arguments, write_results)
+from mic_diffrep.features import DiffusionFeatureExtractor, EncoderFeatureExtractor  # noqa: E402
+from mic_diffrep.leakage import check_leakage  # noqa: E402
+from mic_diffrep.models.mic_diffrep.unet_features import concatenate_features  # noqa: E402
+from mic_diffrep.probing import ProbeConfig  # noqa: E402
+from mic_diffrep.probing.heads import accuracy, train_heads  # noqa: E402
+
+
+logger = logging.getLogger("benchmark")
+
+
+def parse_args():
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--data_dir", default=DEFAULT_DATA_DIR)
+    parser.add_argument("--work_dir", default=os.path.join(REPO, "runs", "benchmark"))
+    parser.add_argument("--minutes", type=float, default=30.0, help="Budget of the runs probed (part 3).")
+    parser.add_argument("--seed", type=int, default=0, help="Pretraining seed of the runs probed (part 3).")
+    parser.add_argument("--methods", nargs="+", default=list(METHODS), choices=list(METHODS))
+    parser.add_argument("--points", default=os.path.join(REPO, "benchmarks", "results", "seeds_30min.json"),
+                        help="Results file of budget_curve.py whose recorded points part 2 splits.")
+    parser.add_argument("--output", default=os.path.join(REPO, "benchmarks", "results", "mirror_invariance"))
+    parser.add_argument("--note", default="")
+    return parser.parse_args()
+
+
+def test_composition(bench: Benchmark, splits) -> dict:
+    """Per direction: test images, those with a near-duplicate in the training side (mirrors included, as the
+    benchmark's dedup column), and those whose only near-duplicates are mirror images."""
+    composition = {}
+    for direction, split in splits.items():
+        train, test = (bench.decoded.subset(split[part].tolist()) for part in ("train", "test"))
+        direct = check_leakage(train, test, mirror=False)
+        leaked = int(split["leaked"].sum())
+        composition[direction] = {"test": len(test), "duplicated": leaked, "deduplicated": len(test) - leaked,
+                                  "mirror_only": leaked - direct.num_near}
+    return composition
+
+
+def split_recorded_points(points, composition) -> dict:
+    """Per method and direction, the seeds' mean accuracy on all, de-duplicated and duplicated test images (the
+    last from the first two: all = duplicated and de-duplicated images together)."""
+    table = {}
+    for method in METHODS:
+        mine = [p for p in points if p["method"] == method]
+        if not mine:
+            continue
+        table[method] = {"seeds": sorted(p["seed"] for p in mine)}
+        for direction, sizes in composition.items():
+            n, dedup = sizes["test"], sizes["deduplicated"]
+            all_acc = np.array([p[direction]["accuracy"] for p in mine])
+            dedup_acc = np.array([p[direction]["accuracy_deduplicated"] for p in mine])
+            dup_acc = (all_acc * n - dedup_acc * dedup) / (n - dedup)
+            table[method][direction] = {"all": float(all_acc.mean()), "deduplicated": float(dedup_acc.mean()),
+                                        "duplicated": float(dup_acc.mean()),
+                                        "duplicated_per_seed": [float(a) for a in dup_acc]}
+    return table
+
+
+def run_folder(method: str, minutes: float, seed: int, work_dir: str) -> str:
+    """The run folder `pretrain_for_budget` made for `method` (its chosen recipe) at this budget and seed."""
+    recipe = micdiffrep_recipe() if method == "micdiffrep" else baseline_recipe(method)
+    path = os.path.join(work_dir, recipe.get("name", method) + (f"-seed{seed}" if seed else "") + f"-{minutes:g}min")
+    if not os.path.isfile(os.path.join(path, "pretraining_summary.json")):
+        raise FileNotFoundError(
+            f"{path} is not a finished run: train it first with `python benchmarks/budget_curve.py --minutes "
+            f"{minutes:g} --seeds {seed} --methods {method} --work_dir {work_dir}` (this script trains nothing).")
+    return path
+
+
+def mirrored_validation(features, mirrored, bench: Benchmark, split, chosen) -> dict:
+    """The MSFA set chosen on validation, fitted on the fit part and scored on the validation images as they are and
+    mirrored left-right (one head: only the images it is scored on change)."""
+    train_idx, mask = split["train"], split["validation_mask"]
+    fit_rows, validation_rows = train_idx[~mask], train_idx[mask]
+    chosen = (tuple(chosen["layers"]), tuple(chosen["timesteps"]))
+    inputs, mirrored_inputs = concatenate_features(features, *chosen), concatenate_features(mirrored, *chosen)
+    config, labels = ProbeConfig(), bench.labels
+    head = train_heads({chosen: inputs[fit_rows]}, labels[fit_rows], len(bench.label_names), config,
+                       hidden_size=config.hidden_size)[chosen]
+    return {"validation": accuracy(head, inputs[validation_rows], labels[validation_rows]),
+            "validation_mirrored": accuracy(head, mirrored_inputs[validation_rows], labels[validation_rows])}
+
+
+def probe_mirrors(method: str, run_dir: str, bench: Benchmark, splits) -> dict:
+    """Part 3 for one run: MSFA validation accuracy on the validation images and on their mirror images, with the
+    package's read-out and with test-time flip averaging (test accuracy for information)."""
+    if method == "micdiffrep":
+        extractor = DiffusionFeatureExtractor.from_pretrained(run_dir).to(dtype=torch.bfloat16)
+    else:
+        extractor = EncoderFeatureExtractor.from_pretrained(run_dir)
+    mirrored_bench = dataclasses.replace(bench.decoded, pixels=bench.decoded.pixels.flip(-1))
+    view = type("MirroredBenchmark", (), {})()  # what `cached_extract` reads of a benchmark, with mirrored pixels
+    view.decoded, view.work_dir, view.labels, view.label_names = (mirrored_bench, bench.work_dir, bench.labels,
+                                                                   bench.label_names)
+    name = os.path.basename(run_dir)
+    rows = {}
+    for readout in ("default", "flip_average"):
+        args = readout_arguments(flip_average=readout == "flip_average")
+        if method != "micdiffrep":
+            args = dataclasses.replace(args, timesteps=[0])
+        features = cached_extract(extractor, bench, args, feature_cache_name(name, args))[0]
+        mirrored = cached_extract(extractor, view, args, feature_cache_name(name, args) + "-mirrored")[0]
+        rows[readout] = {}
+        for direction, split in splits.items():
+            msfa = probe_protocol(features, bench, split, ProbeConfig())["msfa"]
+            rows[readout][direction] = {
+                **mirrored_validation(features, mirrored, bench, split, msfa),
+                "test": msfa["test"]["all"]["accuracy"], "test_deduplicated": msfa["test"]["deduplicated"]["accuracy"]}
+            logger.info("%s, %s, %s: %s", method, readout, direction, rows[readout][direction])
+    return rows
+
+
+def markdown(result) -> str:
+    env, composition = result["environment"], result["composition"]
+    lines = ["# Mirrored near-duplicates and mirror invariance", "", f"Command: `{result['command']}`  ",
+             f"Machine: {env['processor']}, {env['cpu_count']} CPUs, no GPU; torch {env['torch']}", ""]
+    if result["note"]:
+        lines += [result["note"], ""]
+    lines += ["## The cross-source test sets", "",
+              "| direction | test images | with a near-duplicate in training | of them only as a mirror image | "
+              "de-duplicated |", "|---|---|---|---|---|"]
+    for direction, c in composition.items():
+        lines.append(f"| {direction} | {c['test']} | {c['duplicated']} ({100 * c['duplicated'] / c['test']:.0f}%) | "
+                     f"{c['mirror_only']} | {c['deduplicated']} |")
+    split = result["recorded"]
+    seeds = sorted({s for row in split.values() for s in row["seeds"]})
+    lines += ["", f"## All test images = duplicated + de-duplicated (the recorded points of "
+              f"`{result['points_file']}`, means of seeds {', '.join(map(str, seeds))})", "",
+              "Accuracy on the test images with a near-duplicate in training is worked out from the recorded all and "
+              "de-duplicated accuracies and the subsets' sizes above.", "",
+              "| method | " + " | ".join(f"{d}: all | dedup | duplicated" for d in composition) + " |",
+              "|---|" + "---|---|---|" * len(composition)]
+    for method, row in split.items():
+        lines.append(f"| {METHODS[method]} | " + " | ".join(
+            f"{row[d]['all']:.3f} | {row[d]['deduplicated']:.3f} | {row[d]['duplicated']:.3f}" for d in composition)
+            + " |")
+    probed = result["probed"]
+    if probed:
+        lines += ["", f"## Mirror invariance on validation ({result['minutes']:g}-minute runs, seed {result['seed']})",
+                  "", "MSFA (layers and timesteps chosen on the validation images as they are) fitted on the fit "
+                  "part; *val* scores it on the validation images, *val mirrored* on the same images mirrored "
+                  "left-right. *Flip average*: the features of an image and of its mirror averaged "
+                  "(`--flip_average`), the same for an image and its mirror by construction (for MicDiffRep nearly: "
+                  "its fixed noise is not mirrored with the image). *Test* columns are for information only; "
+                  "nothing here chooses a read-out.", "",
+                  "| method | read-out | " + " | ".join(
+                      f"{d}: val | val mirrored | *test (dedup)*" for d in composition) + " |",
+                  "|---|---|" + "---|---|---|" * len(composition)]
+        for method, rows in probed.items():
+            for readout, by_direction in rows.items():
+                cells = [f"{r['validation']:.3f} | {r['validation_mirrored']:.3f} | "
+                         f"*{r['test']:.3f} ({r['test_deduplicated']:.3f})*"
+                         for r in (by_direction[d] for d in composition)]
+                lines.append(f"| {METHODS[method]} | {readout.replace('_', ' ')} | " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def main():
+    args = parse_args()
+    logging.basicConfig(format="%(asctime)s - %(levelname)s - %(name)s - %(message)s", level=logging.INFO)
+    if not os.path.isfile(args.points):
+        raise FileNotFoundError(f"--points {args.points} does not exist: give a budget_curve.py results file.")
+    with open(args.points) as f:
+        points = [p for p in json.load(f)["points"] if p["minutes"] == args.minutes]
+    run_dirs = {method: run_folder(method, args.minutes, args.seed, args.work_dir) for method in args.methods}
+    bench = Benchmark(args.data_dir, args.work_dir)
+    splits = {direction: bench.split(direction) for direction, _ in DIRECTIONS}
+    composition = test_composition(bench, splits)
+    result = {"command": command_line(), "environment": environment_info(), "note": args.note,
+              "minutes": args.minutes, "seed": args.seed, "points_file": os.path.relpath(args.points, REPO),
+              "composition": composition, "recorded": split_recorded_points(points, composition), "probed": {}}
+    for method, run_dir in run_dirs.items():
+        result["probed"][method] = probe_mirrors(method, run_dir, bench, splits)
+        write_results(args.output, result, markdown(result))  # after every method
+    print(markdown(result))
+
+
+if __name__ == "__main__":
+    main()
