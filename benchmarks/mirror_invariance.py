@@ -24,6 +24,7 @@ import json
 import logging
 import os
 import sys
+from types import SimpleNamespace
 
 import numpy as np
 import torch
@@ -54,6 +55,9 @@ def parse_args():
     parser.add_argument("--points", default=os.path.join(REPO, "benchmarks", "results", "seeds_30min.json"),
                         help="Results file of budget_curve.py whose recorded points part 2 splits.")
     parser.add_argument("--output", default=os.path.join(REPO, "benchmarks", "results", "mirror_invariance"))
+    parser.add_argument("--reuse_results", action="store_true",
+                        help="Take the test sets' composition and the probed runs (same budget and seed) from "
+                             "OUTPUT.json: redo part 2 from --points, and only what is missing.")
     parser.add_argument("--note", default="")
     return parser.parse_args()
 
@@ -123,10 +127,10 @@ def probe_mirrors(method: str, run_dir: str, bench: Benchmark, splits) -> dict:
         extractor = DiffusionFeatureExtractor.from_pretrained(run_dir).to(dtype=torch.bfloat16)
     else:
         extractor = EncoderFeatureExtractor.from_pretrained(run_dir)
-    mirrored_bench = dataclasses.replace(bench.decoded, pixels=bench.decoded.pixels.flip(-1))
-    view = type("MirroredBenchmark", (), {})()  # what `cached_extract` reads of a benchmark, with mirrored pixels
-    view.decoded, view.work_dir, view.labels, view.label_names = (mirrored_bench, bench.work_dir, bench.labels,
-                                                                   bench.label_names)
+    # What `cached_extract` reads of a benchmark, with every image mirrored left-right.
+    mirrored_bench = SimpleNamespace(
+        decoded=dataclasses.replace(bench.decoded, pixels=bench.decoded.pixels.flip(-1)), work_dir=bench.work_dir,
+        labels=bench.labels, label_names=bench.label_names)
     name = os.path.basename(run_dir)
     rows = {}
     for readout in ("default", "flip_average"):
@@ -134,7 +138,7 @@ def probe_mirrors(method: str, run_dir: str, bench: Benchmark, splits) -> dict:
         if method != "micdiffrep":
             args = dataclasses.replace(args, timesteps=[0])
         features = cached_extract(extractor, bench, args, feature_cache_name(name, args))[0]
-        mirrored = cached_extract(extractor, view, args, feature_cache_name(name, args) + "-mirrored")[0]
+        mirrored = cached_extract(extractor, mirrored_bench, args, feature_cache_name(name, args) + "-mirrored")[0]
         rows[readout] = {}
         for direction, split in splits.items():
             msfa = probe_protocol(features, bench, split, ProbeConfig())["msfa"]
@@ -197,13 +201,24 @@ def main():
         raise FileNotFoundError(f"--points {args.points} does not exist: give a budget_curve.py results file.")
     with open(args.points) as f:
         points = [p for p in json.load(f)["points"] if p["minutes"] == args.minutes]
-    run_dirs = {method: run_folder(method, args.minutes, args.seed, args.work_dir) for method in args.methods}
-    bench = Benchmark(args.data_dir, args.work_dir)
-    splits = {direction: bench.split(direction) for direction, _ in DIRECTIONS}
-    composition = test_composition(bench, splits)
+    previous = {}
+    if args.reuse_results and os.path.isfile(args.output + ".json"):
+        with open(args.output + ".json") as f:
+            previous = json.load(f)
+        if (previous["minutes"], previous["seed"]) != (args.minutes, args.seed):
+            previous = {}
+    composition = previous.get("composition")
+    probed = {method: previous["probed"][method] for method in args.methods if method in previous.get("probed", {})}
+    run_dirs = {method: run_folder(method, args.minutes, args.seed, args.work_dir)
+                for method in args.methods if method not in probed}
+    if composition is None or run_dirs:
+        bench = Benchmark(args.data_dir, args.work_dir)
+        splits = {direction: bench.split(direction) for direction, _ in DIRECTIONS}
+        composition = composition or test_composition(bench, splits)
     result = {"command": command_line(), "environment": environment_info(), "note": args.note,
               "minutes": args.minutes, "seed": args.seed, "points_file": os.path.relpath(args.points, REPO),
-              "composition": composition, "recorded": split_recorded_points(points, composition), "probed": {}}
+              "composition": composition, "recorded": split_recorded_points(points, composition), "probed": probed}
+    write_results(args.output, result, markdown(result))
     for method, run_dir in run_dirs.items():
         result["probed"][method] = probe_mirrors(method, run_dir, bench, splits)
         write_results(args.output, result, markdown(result))  # after every method

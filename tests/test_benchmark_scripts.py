@@ -342,3 +342,25 @@ def test_the_mirror_check_trains_nothing_and_names_the_command_that_would(tmp_pa
     run.mkdir()
     (run / "pretraining_summary.json").write_text("{}")
     assert mirror_invariance.run_folder("micdiffrep", 30.0, 0, str(tmp_path)) == str(run)
+
+
+def test_the_mirror_check_reuses_its_probes_and_splits_new_points_without_the_data(tmp_path, monkeypatch):
+    mirror_invariance = pytest.importorskip("mirror_invariance")
+    sizes = {"test": 100, "duplicated": 80, "deduplicated": 20, "mirror_only": 70}
+    scores = {"validation": 0.9, "validation_mirrored": 0.85, "test": 0.8, "test_deduplicated": 0.6}
+    previous = {"minutes": 30.0, "seed": 3, "composition": {"sartaj->other": sizes, "other->sartaj": sizes},
+                "probed": {"mocov2": {"default": {"sartaj->other": scores, "other->sartaj": scores}}}}
+    (tmp_path / "mirror.json").write_text(json.dumps(previous))
+    accuracies = {"accuracy": 0.9, "accuracy_deduplicated": 0.5}
+    points = [{"method": "mocov2", "minutes": 30.0, "seed": seed, "sartaj->other": accuracies,
+               "other->sartaj": accuracies} for seed in (0, 4)]
+    (tmp_path / "points.json").write_text(json.dumps({"points": points}))
+    monkeypatch.setattr(mirror_invariance, "Benchmark", None)  # reading the data would fail
+    monkeypatch.setattr(sys, "argv", ["mirror_invariance.py", "--reuse_results", "--seed", "3", "--methods", "mocov2",
+                                      "--points", str(tmp_path / "points.json"), "--output", str(tmp_path / "mirror"),
+                                      "--work_dir", str(tmp_path / "nothing")])
+    mirror_invariance.main()
+    result = json.loads((tmp_path / "mirror.json").read_text())
+    assert result["probed"] == previous["probed"] and result["recorded"]["mocov2"]["seeds"] == [0, 4]
+    assert result["recorded"]["mocov2"]["other->sartaj"]["duplicated"] == pytest.approx(1.0)
+    assert "means of seeds 0, 4" in (tmp_path / "mirror.md").read_text()
