@@ -62,8 +62,14 @@ def parse_args():
                              "read-out where the point records them) instead of pretraining and probing again, and "
                              "on a machine without their calibrations restore them from the recorded seed-0 points, "
                              "so that a new seed trains the steps the recorded ones did (e.g. add a seed).")
+    parser.add_argument("--recorded_only", action="store_true",
+                        help="With --reuse_results: take the recorded points only, train and probe nothing (rewrites "
+                             "the results, e.g. with a new --note, after a run was stopped part-way).")
     parser.add_argument("--note", default="")
-    return parser.parse_args()
+    args = parser.parse_args()
+    if args.recorded_only and not args.reuse_results:
+        parser.error("--recorded_only takes the points of OUTPUT.json: give --reuse_results too.")
+    return args
 
 
 KEYS = ("accuracy", "accuracy_deduplicated")
@@ -181,8 +187,7 @@ def target_gaps(points):
 def main():
     args = parse_args()
     logging.basicConfig(format="%(asctime)s - %(levelname)s - %(name)s - %(message)s", level=logging.INFO)
-    bench = Benchmark(args.data_dir, args.work_dir, args.resolution, max_images=args.max_images)
-    splits = {direction: bench.split(direction) for direction, _ in DIRECTIONS}
+    bench = splits = None
     feature_args = readout_arguments(args.flip_average, args.pooling)
 
     readout = {"pooling": feature_args.pooling, "flip_average": feature_args.flip_average}
@@ -202,6 +207,12 @@ def main():
                     logger.info("%s, %g min, seed %d: from %s.json", method, minutes, seed, args.output)
                     points.append(recorded)
                     continue
+                if args.recorded_only:
+                    logger.info("%s, %g min, seed %d: not recorded, left out (--recorded_only)", method, minutes, seed)
+                    continue
+                if bench is None:  # the data, only once a point is measured
+                    bench = Benchmark(args.data_dir, args.work_dir, args.resolution, max_images=args.max_images)
+                    splits = {direction: bench.split(direction) for direction, _ in DIRECTIONS}
                 first_seed = reusable_point(previous, method, minutes, 0, run_name, readout)
                 if first_seed:  # a seed trains seed 0's steps: restore its calibration on a machine without it
                     restore_calibration(method, run_name, args.work_dir, args.data_dir, args.resolution,

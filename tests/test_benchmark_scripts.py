@@ -364,3 +364,24 @@ def test_the_mirror_check_reuses_its_probes_and_splits_new_points_without_the_da
     assert result["probed"] == previous["probed"] and result["recorded"]["mocov2"]["seeds"] == [0, 4]
     assert result["recorded"]["mocov2"]["other->sartaj"]["duplicated"] == pytest.approx(1.0)
     assert "means of seeds 0, 4" in (tmp_path / "mirror.md").read_text()
+
+
+def test_the_budget_curve_rewrites_recorded_points_only_without_the_data(tmp_path, monkeypatch):
+    budget_curve = pytest.importorskip("budget_curve")
+    avgmax = {"pooling": "avgmax", "flip_average": False}
+    scores = {"accuracy": 0.85, "accuracy_deduplicated": 0.7, "validation_accuracy": 0.9}
+    points = [{"method": method, "minutes": 30.0, "seed": seed, "steps": 10, "run": run, "readout": avgmax,
+               "sartaj->other": scores, "other->sartaj": scores}
+              for method, run in (("micdiffrep", "micdiffrep-small-power3"), ("mocov2", "mocov2")) for seed in (0, 1)]
+    output = tmp_path / "seeds"
+    (tmp_path / "seeds.json").write_text(json.dumps({"points": points[:3]}))  # MoCo v2's seed 1 was not run
+    monkeypatch.setattr(budget_curve, "Benchmark", None)  # reading the data would fail
+    monkeypatch.setattr(sys, "argv", ["budget_curve.py", "--reuse_results", "--recorded_only", "--minutes", "30",
+                                      "--seeds", "0", "1", "--output", str(output), "--note", "stopped part-way"])
+    budget_curve.main()
+    result = json.loads((tmp_path / "seeds.json").read_text())
+    assert [(p["method"], p["seed"]) for p in result["points"]] == [("micdiffrep", 0), ("mocov2", 0), ("micdiffrep", 1)]
+    assert result["note"] == "stopped part-way" and (tmp_path / "seeds.png").is_file()
+    monkeypatch.setattr(sys, "argv", ["budget_curve.py", "--recorded_only"])
+    with pytest.raises(SystemExit):
+        budget_curve.parse_args()
