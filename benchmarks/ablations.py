@@ -112,13 +112,13 @@ SIXTH_ROUND = {
     "cosine-schedule": ["--ddpm_beta_schedule", "squaredcos_cap_v2"],
     "signal-weighting": ["--signal_weighting"],
 }
-# Levers that change the loss or noise levels only, not the compute of a step: they train the steps of their starting
-# recipe's calibration (a calibration of their own would add the machine's speed noise, up to 12% here, to the
-# comparison).
 SEVENTH_ROUND = {
     "random-crop": ["--random_crop_scale", "0.6"],
     "mirror-symmetric": ["--mirror_symmetric_kernels"],
 }
+# Levers that change the loss, the noise levels, the training images or a constraint on the weights, not the compute
+# of a step (or by a negligible amount): they train the steps of their starting recipe's calibration (a calibration of
+# their own would add the machine's speed noise, up to 12% here, to the comparison).
 SAME_COMPUTE = {"min-snr-5", "cosine-schedule", "signal-weighting", "random-crop", "mirror-symmetric"}
 # The rounds after step 3, each on the recipe chosen before it: stage -> (its command-line flag, its levers, whether a
 # lever that wins with seed 0 must win again on the mean of seeds 0 and 1).

@@ -108,8 +108,8 @@ def mirror_symmetrize(unet: torch.nn.Module) -> None:
     A UNet whose kernels are all so is left-right equivariant block by block (up to the one-pixel offset of its
     stride-2 downsampling), so the pooled features of an image and of its mirror image nearly agree. Random flips
     of the training images do not give that: a channel may learn a kernel and another its mirror image, and the
-    pooled features of a mirrored image then have the two swapped. `--mirror_symmetric_kernels` applies this at initialisation and after
-    every optimizer step (a projected gradient step).
+    pooled features of a mirrored image then have the two swapped. `--mirror_symmetric_kernels` applies this at
+    initialisation and after every optimizer step (a projected gradient step).
 
     ```python
     >>> unet = create_unet(16, "tiny")
