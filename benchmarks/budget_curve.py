@@ -15,21 +15,18 @@ directions, on all and on the de-duplicated test images (on the seeds' means).
 """
 
 import argparse
-from dataclasses import replace
 import json
 import logging
 import os
 import sys
 
 import numpy as np
-import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-from common import (DEFAULT_DATA_DIR, DIRECTIONS, REPO, Benchmark, baseline_recipe, cached_extract,  # noqa: E402
-                    command_line, environment_info, micdiffrep_recipe, pretrain_for_budget, probe_protocol,
+from common import (DEFAULT_DATA_DIR, DIRECTIONS, REPO, Benchmark, cached_extract, command_line,  # noqa: E402
+                    environment_info, load_extractor, method_recipe, pretrain_for_budget, probe_protocol,
                     readout_arguments, restore_calibration, run_feature_cache_name, write_results)
-from mic_diffrep.features import DiffusionFeatureExtractor, EncoderFeatureExtractor  # noqa: E402
 from mic_diffrep.probing import ProbeConfig  # noqa: E402
 
 
@@ -200,7 +197,7 @@ def main():
     for minutes in args.minutes:
         for seed in args.seeds:
             for method in dict.fromkeys(["micdiffrep", *args.methods]):
-                recipe = micdiffrep_recipe(args.unet) if method == "micdiffrep" else baseline_recipe(method)
+                recipe = method_recipe(method, args.unet)
                 run_name = recipe.get("name", method)
                 recorded = reusable_point(previous, method, minutes, seed, run_name, readout)
                 if recorded:
@@ -220,14 +217,8 @@ def main():
                                         args.output + ".json")
                 run = pretrain_for_budget(method, minutes, args.work_dir, args.data_dir, args.resolution, seed,
                                           **recipe)
-                if method == "micdiffrep":
-                    extractor = DiffusionFeatureExtractor.from_pretrained(run["output_dir"]).to(dtype=torch.bfloat16)
-                    features = cached_extract(extractor, bench, feature_args,
-                                              run_feature_cache_name(run, feature_args))[0]
-                else:
-                    features = cached_extract(EncoderFeatureExtractor.from_pretrained(run["output_dir"]), bench,
-                                              replace(feature_args, timesteps=[0]),
-                                              run_feature_cache_name(run, feature_args))[0]
+                features = cached_extract(load_extractor(method, run["output_dir"]), bench, feature_args,
+                                          run_feature_cache_name(run, feature_args))[0]
                 point = {"method": method, "minutes": minutes, "seed": seed, "steps": run["summary"]["global_step"],
                          "run": run_name, "readout": readout}
                 for direction, split in splits.items():

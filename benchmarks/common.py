@@ -35,7 +35,8 @@ if REPO not in sys.path:
 
 from mic_diffrep.commands.base import settings_from  # noqa: E402
 from mic_diffrep.data import ImagePreprocessing, decode_images, load_image_folder  # noqa: E402
-from mic_diffrep.features import (FeatureArguments, FeatureExtractor, StaleFeatureCacheError, load_features,  # noqa: E402
+from mic_diffrep.features import (DiffusionFeatureExtractor, EncoderFeatureExtractor, FeatureArguments,  # noqa: E402
+                                  FeatureExtractor, StaleFeatureCacheError, load_features,
                                   save_features)
 from mic_diffrep.leakage import (DEFAULT_THRESHOLD, check_leakage, duplicate_groups, exact_keys,  # noqa: E402
                                  fingerprint_images, group_stratified_split)
@@ -265,6 +266,20 @@ def baseline_recipe(method: str) -> Dict:
     return {"name": name, "recipe_argv": list(flags)}
 
 
+def method_recipe(method: str, unet: Optional[str] = None) -> Dict:
+    """`pretrain_for_budget` keywords of `method`'s chosen recipe: `micdiffrep_recipe` or `baseline_recipe`."""
+    return micdiffrep_recipe(unet) if method == "micdiffrep" else baseline_recipe(method)
+
+
+def budget_run_dir(work_dir: str, name: str, minutes: float, seed: int = 0) -> str:
+    """The folder `pretrain_for_budget` trains run `name` in: `WORK_DIR/NAME[-seedS]-Mmin`.
+
+    >>> budget_run_dir("runs", "mocov2", 30.0, seed=3)
+    'runs/mocov2-seed3-30min'
+    """
+    return os.path.join(work_dir, name + (f"-seed{seed}" if seed else "") + f"-{minutes:g}min")
+
+
 def pretrain_for_budget(method: str, minutes: float, work_dir: str, data_dir: str, resolution: int = 64, seed: int = 0,
                         recipe_argv: Sequence[str] = (), name: Optional[str] = None,
                         calibrated_as: Optional[Tuple[str, Sequence[str]]] = None) -> Dict:
@@ -283,7 +298,7 @@ def pretrain_for_budget(method: str, minutes: float, work_dir: str, data_dir: st
     calibration = calibrate(method, calibration_name, work_dir,
                             calibration_argv(method, data_dir, work_dir, resolution, calibration_recipe))
     steps = max(1, int(minutes * 60 * calibration["steps_per_second"]))
-    output_dir = os.path.join(work_dir, name + (f"-seed{seed}" if seed else "") + f"-{minutes:g}min")
+    output_dir = budget_run_dir(work_dir, name, minutes, seed)
     summary_file = os.path.join(output_dir, "pretraining_summary.json")
     settings_file = os.path.join(output_dir, "benchmark_settings.json")
     settings = dict(training_settings(method, argv), max_train_steps=steps)
@@ -360,6 +375,14 @@ class Benchmark:
 # ------------------------------------------------------------------------------------------------------------------
 # Features and probes
 # ------------------------------------------------------------------------------------------------------------------
+
+
+def load_extractor(method: str, run_dir: str) -> FeatureExtractor:
+    """The frozen feature extractor of a `pretrain_for_budget` run: the diffusion pipeline in bf16, or a baseline's
+    encoder (whose `resolve` reads features at timestep 0 whatever the read-out asks)."""
+    if method == "micdiffrep":
+        return DiffusionFeatureExtractor.from_pretrained(run_dir).to(dtype=torch.bfloat16)
+    return EncoderFeatureExtractor.from_pretrained(run_dir)
 
 
 def cached_extract(extractor: FeatureExtractor, bench: Benchmark, args: FeatureArguments, name: str):

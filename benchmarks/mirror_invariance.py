@@ -27,15 +27,13 @@ import sys
 from types import SimpleNamespace
 
 import numpy as np
-import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 from budget_curve import METHODS  # noqa: E402
-from common import (DEFAULT_DATA_DIR, DIRECTIONS, REPO, Benchmark, baseline_recipe, cached_extract,  # noqa: E402
-                    command_line, environment_info, feature_cache_name, micdiffrep_recipe, probe_protocol,
-                    readout_arguments, write_results)
-from mic_diffrep.features import DiffusionFeatureExtractor, EncoderFeatureExtractor  # noqa: E402
+from common import (DEFAULT_DATA_DIR, DIRECTIONS, REPO, Benchmark, budget_run_dir, cached_extract,  # noqa: E402
+                    command_line, environment_info, feature_cache_name, load_extractor, method_recipe,
+                    probe_protocol, readout_arguments, write_results)
 from mic_diffrep.leakage import check_leakage  # noqa: E402
 from mic_diffrep.models.mic_diffrep.unet_features import concatenate_features  # noqa: E402
 from mic_diffrep.probing import ProbeConfig  # noqa: E402
@@ -97,8 +95,7 @@ def split_recorded_points(points, composition) -> dict:
 
 def run_folder(method: str, minutes: float, seed: int, work_dir: str) -> str:
     """The run folder `pretrain_for_budget` made for `method` (its chosen recipe) at this budget and seed."""
-    recipe = micdiffrep_recipe() if method == "micdiffrep" else baseline_recipe(method)
-    path = os.path.join(work_dir, recipe.get("name", method) + (f"-seed{seed}" if seed else "") + f"-{minutes:g}min")
+    path = budget_run_dir(work_dir, method_recipe(method).get("name", method), minutes, seed)
     if not os.path.isfile(os.path.join(path, "pretraining_summary.json")):
         raise FileNotFoundError(
             f"{path} is not a finished run: train it first with `python benchmarks/budget_curve.py --minutes "
@@ -123,10 +120,7 @@ def mirrored_validation(features, mirrored, bench: Benchmark, split, chosen) -> 
 def probe_mirrors(method: str, run_dir: str, bench: Benchmark, splits) -> dict:
     """Part 3 for one run: MSFA validation accuracy on the validation images and on their mirror images, with the
     package's read-out and with test-time flip averaging (test accuracy for information)."""
-    if method == "micdiffrep":
-        extractor = DiffusionFeatureExtractor.from_pretrained(run_dir).to(dtype=torch.bfloat16)
-    else:
-        extractor = EncoderFeatureExtractor.from_pretrained(run_dir)
+    extractor = load_extractor(method, run_dir)
     # What `cached_extract` reads of a benchmark, with every image mirrored left-right.
     mirrored_bench = SimpleNamespace(
         decoded=dataclasses.replace(bench.decoded, pixels=bench.decoded.pixels.flip(-1)), work_dir=bench.work_dir,
@@ -134,9 +128,7 @@ def probe_mirrors(method: str, run_dir: str, bench: Benchmark, splits) -> dict:
     name = os.path.basename(run_dir)
     rows = {}
     for readout in ("default", "flip_average"):
-        args = readout_arguments(flip_average=readout == "flip_average")
-        if method != "micdiffrep":
-            args = dataclasses.replace(args, timesteps=[0])
+        args = readout_arguments(flip_average=readout == "flip_average")  # a baseline's `resolve` drops timesteps
         features = cached_extract(extractor, bench, args, feature_cache_name(name, args))[0]
         mirrored = cached_extract(extractor, mirrored_bench, args, feature_cache_name(name, args) + "-mirrored")[0]
         rows[readout] = {}
