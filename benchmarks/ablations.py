@@ -203,8 +203,26 @@ def parse_args():
     parser.add_argument("--reuse_results", action="store_true",
                         help="Take the rows already in OUTPUT.json (same recipe, flags, read-out and budget) instead "
                              "of probing again: re-decides the search from what was measured.")
+    parser.add_argument("--remeasure", nargs="+", default=[], choices=list(READOUTS), metavar="READOUT",
+                        help="With --reuse_results: measure these read-outs' rows again instead of taking them from "
+                             "OUTPUT.json (after a change to how that read-out extracts features).")
     parser.add_argument("--note", default="", help="A sentence for the results file (e.g. what else ran).")
-    return parser.parse_args()
+    args = parser.parse_args()
+    if args.remeasure and not args.reuse_results:
+        parser.error("--remeasure drops rows of OUTPUT.json: give --reuse_results too.")
+    return args
+
+
+def reusable_rows(args) -> List[Dict]:
+    """With `--reuse_results`, the rows of OUTPUT.json measured at the same budget and resolution, less those of the
+    read-outs to `--remeasure`."""
+    if not (args.reuse_results and os.path.isfile(args.output + ".json")):
+        return []
+    with open(args.output + ".json") as f:
+        previous = json.load(f)
+    if (previous["proxy_minutes"], previous["resolution"]) != (args.proxy_minutes, args.resolution):
+        return []
+    return [row for row in previous["rows"] if row["readout"] not in args.remeasure]
 
 
 class Ablation:
@@ -214,12 +232,7 @@ class Ablation:
         self.splits = {direction: self.bench.split(direction) for direction, _ in DIRECTIONS}
         self.config = ProbeConfig()
         self.rows: List[Dict] = []
-        self.previous: List[Dict] = []
-        if args.reuse_results and os.path.isfile(args.output + ".json"):
-            with open(args.output + ".json") as f:
-                previous = json.load(f)
-            if previous["proxy_minutes"] == args.proxy_minutes and previous["resolution"] == args.resolution:
-                self.previous = previous["rows"]
+        self.previous = reusable_rows(args)
 
     def evaluate(self, stage: str, name: str, recipe: List[str], readout: str = "sweep 10-250", seed: int = 0,
                  calibrated_as: Optional[Tuple[str, List[str]]] = None) -> Dict:
@@ -242,9 +255,9 @@ class Ablation:
                                   name="ablation-" + slug(name), calibrated_as=calibrated_as and (
                                       "ablation-" + slug(calibrated_as[0]), self.recipe_argv(calibrated_as[1])))
         run_name = "ablation-" + slug(name) + (f"-seed{seed}" if seed else "")
-        extractor = DiffusionFeatureExtractor.from_pretrained(run["output_dir"])
+        extractor = DiffusionFeatureExtractor.from_pretrained(run["output_dir"], dtype=torch.bfloat16)
         extractor.pipeline.set_progress_bar_config(disable=True)
-        features, speed = cached_extract(extractor.to(dtype=torch.bfloat16), self.bench, READOUTS[readout],
+        features, speed = cached_extract(extractor, self.bench, READOUTS[readout],
                                          f"{run_name}-{slug(readout)}")
         row = {"stage": stage, "recipe": name, "flags": recipe, "readout": readout, "seed": seed,
                "steps": run["summary"]["global_step"], "planned_steps": run["planned_steps"],

@@ -306,7 +306,7 @@ def main():
             for name, run in runs.items()}
 
     # 2. A sample grid (DDIM-50) of the pretrained UNet.
-    pipeline = DiffusionFeaturePipeline.from_pretrained(runs["micdiffrep"]["output_dir"], torch_dtype=torch.bfloat16)
+    pipeline = DiffusionFeaturePipeline.from_pretrained(runs["micdiffrep"]["output_dir"], dtype=torch.bfloat16)
     sampler = DiffusionFeaturePipeline(pipeline.unet, DDIMScheduler.from_config(pipeline.scheduler.config))
     images = sampler(batch_size=16, num_inference_steps=50, generator=torch.Generator().manual_seed(args.seed),
                      output_type="np").images

@@ -381,7 +381,7 @@ def load_extractor(method: str, run_dir: str) -> FeatureExtractor:
     """The frozen feature extractor of a `pretrain_for_budget` run: the diffusion pipeline in bf16, or a baseline's
     encoder (whose `resolve` reads features at timestep 0 whatever the read-out asks)."""
     if method == "micdiffrep":
-        return DiffusionFeatureExtractor.from_pretrained(run_dir).to(dtype=torch.bfloat16)
+        return DiffusionFeatureExtractor.from_pretrained(run_dir, dtype=torch.bfloat16)
     return EncoderFeatureExtractor.from_pretrained(run_dir)
 
 

@@ -141,6 +141,16 @@ def probe_mirrors(method: str, run_dir: str, bench: Benchmark, splits) -> dict:
     return rows
 
 
+# How MicDiffRep's flip average noised the mirror image when the rows were measured (`flip_noise` of the results).
+FLIP_NOISE = {
+    "shared": "the same for an image and its mirror by construction (MicDiffRep noises both with its one fixed noise)",
+    "mirrored": "the same for an image and its mirror by construction, for MicDiffRep nearly: these rows were measured "
+                "when its mirror view was the noised image mirrored, noise and all (flip averaging shares the noise "
+                "since)",
+    "mixed": "rows measured in two ways: see the note",
+}
+
+
 def markdown(result) -> str:
     env, composition = result["environment"], result["composition"]
     lines = ["# Mirrored near-duplicates and mirror invariance", "", f"Command: `{result['command']}`  ",
@@ -171,9 +181,8 @@ def markdown(result) -> str:
                   "", "MSFA (layers and timesteps chosen on the validation images as they are) fitted on the fit "
                   "part; *val* scores it on the validation images, *val mirrored* on the same images mirrored "
                   "left-right. *Flip average*: the features of an image and of its mirror averaged "
-                  "(`--flip_average`), the same for an image and its mirror by construction (for MicDiffRep nearly: "
-                  "its fixed noise is not mirrored with the image). *Test* columns are for information only; "
-                  "nothing here chooses a read-out.", "",
+                  f"(`--flip_average`), {FLIP_NOISE[result.get('flip_noise', 'mirrored')]}. *Test* columns are for "
+                  "information only; nothing here chooses a read-out.", "",
                   "| method | read-out | " + " | ".join(
                       f"{d}: val | val mirrored | *test (dedup)*" for d in composition) + " |",
                   "|---|---|" + "---|---|---|" * len(composition)]
@@ -207,7 +216,11 @@ def main():
         bench = Benchmark(args.data_dir, args.work_dir)
         splits = {direction: bench.split(direction) for direction, _ in DIRECTIONS}
         composition = composition or test_composition(bench, splits)
+    flip_noise = previous.get("flip_noise", "mirrored") if probed else "shared"
+    if probed and run_dirs and flip_noise != "shared":
+        flip_noise = "mixed"
     result = {"command": command_line(), "environment": environment_info(), "note": args.note,
+              "flip_noise": flip_noise,
               "minutes": args.minutes, "seed": args.seed, "points_file": os.path.relpath(args.points, REPO),
               "composition": composition, "recorded": split_recorded_points(points, composition), "probed": probed}
     write_results(args.output, result, markdown(result))

@@ -34,7 +34,7 @@ EXAMPLE_DOC_STRING = """
         >>> from diffusers import DDIMScheduler
         >>> from mic_diffrep import DiffusionFeaturePipeline
 
-        >>> pipe = DiffusionFeaturePipeline.from_pretrained("runs/pretrain", torch_dtype=torch.bfloat16)
+        >>> pipe = DiffusionFeaturePipeline.from_pretrained("runs/pretrain", dtype=torch.bfloat16)
         >>> images = ["a.jpg", "b.jpg"]  # or PIL images, numpy arrays, tensors, DICOM / NIfTI files (a row per slice)
         >>> out = pipe.extract_features(images, timesteps=[10, 100], generator=torch.Generator().manual_seed(0))
         >>> out.features[("up_blocks.1", 100)].shape  # (N, C)
@@ -73,7 +73,7 @@ class DiffusionFeaturePipeline(DiffusionPipeline):
     `extract_features` noises images to chosen timesteps, runs the UNet once per timestep with forward hooks on the
     requested blocks, and pools their activations. `__call__` generates images with the pipeline's scheduler.
 
-    Precision follows the UNet, as in every diffusers pipeline: `from_pretrained(..., torch_dtype=torch.bfloat16)`
+    Precision follows the UNet, as in every diffusers pipeline: `from_pretrained(..., dtype=torch.bfloat16)`
     or `pipe.to(torch.bfloat16)` runs both in bf16 (about 2x faster on CPUs with AMX/AVX-512-BF16); features are
     returned in float32. Progress bars follow `set_progress_bar_config` (e.g. `disable=True`).
 
@@ -195,8 +195,9 @@ class DiffusionFeaturePipeline(DiffusionPipeline):
                 max, concatenated; chosen in the ablations) or `"grid"` (see `pool_features`).
             pooling_grid_size (`int`, defaults to 2): grid size for `pooling="grid"`.
             num_noise_samples (`int`, defaults to 1): noise draws per image, whose pooled features are averaged.
-            flip_average (`bool`, defaults to `False`): also run each noised image mirrored left-right and average
-                the two features (test-time flip averaging; twice the UNet forwards).
+            flip_average (`bool`, defaults to `False`): also run each image mirrored left-right, noised with the
+                same noise, and average the two features (test-time flip averaging; twice the UNet forwards). With
+                the fixed noise, an image and its mirror image get the same features.
             generator (`torch.Generator`, *optional*): random noise per image; `None` uses one fixed noise for all.
             noise_seeds (`Sequence[int]`, *optional*): one noise seed per image instead of `generator` (sharded
                 extraction passes each process its images' seeds).

@@ -130,6 +130,20 @@ def test_the_validation_noise_floor_shrinks_with_more_images():
     assert ablations.validation_standard_error({"a": 1600, "b": 1600}, 0.9) == pytest.approx(small / 2)
 
 
+def test_remeasured_readouts_are_dropped_from_the_reused_rows(tmp_path, monkeypatch):
+    rows = [{"recipe": "start", "readout": readout} for readout in ("sweep 10-250", "flip average")]
+    output = tmp_path / "ablations"
+    output.with_suffix(".json").write_text(json.dumps({"proxy_minutes": 8.0, "resolution": 64, "rows": rows}))
+    argv = ["ablations.py", "--output", str(output), "--reuse_results"]
+    monkeypatch.setattr(sys, "argv", argv + ["--remeasure", "flip average"])
+    assert [row["readout"] for row in ablations.reusable_rows(ablations.parse_args())] == ["sweep 10-250"]
+    monkeypatch.setattr(sys, "argv", argv + ["--proxy_minutes", "10"])  # another budget: nothing to reuse
+    assert ablations.reusable_rows(ablations.parse_args()) == []
+    monkeypatch.setattr(sys, "argv", ["ablations.py", "--remeasure", "flip average"])
+    with pytest.raises(SystemExit):
+        ablations.parse_args()
+
+
 def test_every_readout_but_the_pooling_one_is_average_pooled():
     """The rows were measured with average pooling: a new package default must not change what they mean."""
     pooling = {name: args.pooling for name, args in ablations.READOUTS.items()}
@@ -364,6 +378,8 @@ def test_the_mirror_check_reuses_its_probes_and_splits_new_points_without_the_da
     assert result["probed"] == previous["probed"] and result["recorded"]["mocov2"]["seeds"] == [0, 4]
     assert result["recorded"]["mocov2"]["other->sartaj"]["duplicated"] == pytest.approx(1.0)
     assert "means of seeds 0, 4" in (tmp_path / "mirror.md").read_text()
+    # probes recorded before flip averaging shared its noise keep saying how they were measured
+    assert result["flip_noise"] == "mirrored" and "noise and all" in (tmp_path / "mirror.md").read_text()
 
 
 def test_the_budget_curve_rewrites_recorded_points_only_without_the_data(tmp_path, monkeypatch):

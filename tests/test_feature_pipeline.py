@@ -55,18 +55,30 @@ def test_pooling_variants(pipe, images):
     torch.testing.assert_close(grid.view(5, 16, 4).mean(-1), avg, atol=1e-5, rtol=1e-5)
 
 
-def test_flip_average_is_the_mean_over_the_noised_image_and_its_mirror(pipe, images):
+def test_flip_average_is_the_mean_over_the_image_and_its_mirror_noised_alike(pipe, images):
     pixels = pipe.prepare_pixels(images)
     flipped = pipe.extract_features(pixels, timesteps=[50], pooling="avg", flip_average=True).features
     clean = pixels_to_model_input(pixels)
     noise = feature_noise([0] * len(pixels), 50, 1, clean.shape[1:])[:, 0]
-    noisy = add_noise(pipe.scheduler.alphas_cumprod, clean, noise, 50)
-    views = [unet_block_features(pipe.unet, x, 50, LAYERS) for x in (noisy, noisy.flip(-1))]
+    noisy = [add_noise(pipe.scheduler.alphas_cumprod, x, noise, 50) for x in (clean, clean.flip(-1))]
+    views = [unet_block_features(pipe.unet, x, 50, LAYERS) for x in noisy]
     for layer in LAYERS:
         torch.testing.assert_close(flipped[(layer, 50)], (views[0][layer] + views[1][layer]) / 2)
     plain = pipe.extract_features(pixels, timesteps=[50], pooling="avg").features
     torch.testing.assert_close(plain[("mid_block", 50)], views[0]["mid_block"])
     assert not torch.allclose(plain[("mid_block", 50)], flipped[("mid_block", 50)])
+
+
+def test_flip_averaged_features_are_mirror_invariant_with_the_fixed_noise(pipe, images):
+    pixels = pipe.prepare_pixels(images)
+    kwargs = {"timesteps": [10, 100], "flip_average": True}
+    features = pipe.extract_features(pixels, **kwargs).features
+    mirrored = pipe.extract_features(pixels.flip(-1), **kwargs).features
+    for key in features:
+        torch.testing.assert_close(mirrored[key], features[key], atol=1e-5, rtol=1e-5)
+    plain = pipe.extract_features(pixels, timesteps=[10]).features[("mid_block", 10)]
+    plain_mirrored = pipe.extract_features(pixels.flip(-1), timesteps=[10]).features[("mid_block", 10)]
+    assert not torch.allclose(plain, plain_mirrored, atol=1e-3)  # without it, a mirror image is another image
 
 
 def test_one_unet_forward_per_timestep(pipe, images):
@@ -235,3 +247,21 @@ def test_two_processes_gather_features_in_input_order(pipe, unlabelled_folder, t
     assert one.image_ids == two.image_ids and len(one.image_ids) == 24
     for key in one.features:
         torch.testing.assert_close(two.features[key], one.features[key], atol=1e-5, rtol=1e-5)
+
+
+def test_extractor_loads_in_bf16_as_the_cast_pipeline_extracts(pipe, images, tmp_path):
+    pipe.save_pretrained(tmp_path)
+    args = FeatureArguments(timesteps=[10, 100])
+    pixels = pipe.prepare_pixels(images)
+    loaded = DiffusionFeatureExtractor.from_pretrained(str(tmp_path), dtype=torch.bfloat16)
+    assert loaded.pipeline.unet.dtype == torch.bfloat16 and loaded.source == str(tmp_path)
+    cast = DiffusionFeatureExtractor(pipe).to(dtype=torch.bfloat16)
+    extracted = [extractor.extract(pixels, extractor.resolve(args), show_progress=False) for extractor in (loaded, cast)]
+    for key, value in extracted[0].items():
+        torch.testing.assert_close(value, extracted[1][key], rtol=0, atol=0)
+
+
+def test_flip_averaged_feature_caches_record_the_mirror_noise(pipe):
+    """Caches of the earlier flip read-out (noise mirrored with the image) lack the key, so they read as stale."""
+    assert extraction_settings(pipe, [5], None, flip_average=True)["mirror_noise"] == "shared"
+    assert "mirror_noise" not in extraction_settings(pipe, [5], None)

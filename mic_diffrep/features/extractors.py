@@ -83,8 +83,10 @@ class DiffusionFeatureExtractor:
         self.source = source
 
     @classmethod
-    def from_pretrained(cls, path: str) -> "DiffusionFeatureExtractor":
-        return cls(DiffusionFeaturePipeline.from_pretrained(path), source=path)
+    def from_pretrained(cls, path: str, **kwargs) -> "DiffusionFeatureExtractor":
+        """The pipeline folder at `path`; `kwargs` go to `DiffusionFeaturePipeline.from_pretrained` (e.g.
+        `dtype=torch.bfloat16`)."""
+        return cls(DiffusionFeaturePipeline.from_pretrained(path, **kwargs), source=path)
 
     @property
     def preprocessing(self) -> ImagePreprocessing:
@@ -104,9 +106,11 @@ class DiffusionFeatureExtractor:
         return args
 
     def cache_settings(self, args: FeatureArguments) -> dict:
+        # A flip-averaged mirror image is noised with its image's noise (before: the noised image was mirrored, noise
+        # and all); the key makes caches of the old read-out stale.
         return {"model_fingerprint": model_fingerprint(self.pipeline.unet), **_settings(self.preprocessing, args),
                 "timesteps": list(args.timesteps), "num_noise_samples": args.num_noise_samples,
-                "noise_seed": args.noise_seed}
+                "noise_seed": args.noise_seed, **({"mirror_noise": "shared"} if args.flip_average else {})}
 
     def extract(self, pixels: torch.Tensor, args: FeatureArguments, noise_seeds: Optional[torch.Tensor] = None,
                 show_progress: bool = True) -> Features:

@@ -196,7 +196,8 @@ def noisy_block_features(unet, alphas_cumprod: torch.Tensor, clean: torch.Tensor
                          flip_average: bool = False, prediction_type: str = "epsilon") -> Dict[str, torch.Tensor]:
     """Pooled features `(B, D)` of each block in `layers` for `clean` images `(B, C, R, R)` in [-1, 1], noised to
     `timestep` with `noise` `(B, K, C, R, R)`: the K draws are folded into one batch and their features averaged.
-    With `flip_average`, each noised image is also seen mirrored left-right and the two features are averaged.
+    With `flip_average`, each image is also mirrored left-right and noised with the same noise, and the two features
+    are averaged: with one noise for every image, an image and its mirror image get the same features.
 
     The noised images are cast to the UNet's dtype, so a bf16 UNet (`unet.to(torch.bfloat16)`) runs in bf16. A
     self-conditioned UNet (`is_self_conditioned`) first estimates the clean images (its `prediction_type` says how
@@ -204,10 +205,10 @@ def noisy_block_features(unet, alphas_cumprod: torch.Tensor, clean: torch.Tensor
     """
     batch, draws = noise.shape[:2]
     clean = clean.repeat_interleave(draws, dim=0)
-    noisy = add_noise(alphas_cumprod, clean, noise.flatten(0, 1).to(clean.device), timestep).to(unet.dtype)
-    views = 1
-    if flip_average:
-        noisy, views = torch.cat([noisy, noisy.flip(-1)]), 2
+    noise = noise.flatten(0, 1).to(clean.device)
+    mirrors = [clean, clean.flip(-1)] if flip_average else [clean]
+    noisy = torch.cat([add_noise(alphas_cumprod, image, noise, timestep) for image in mirrors]).to(unet.dtype)
+    views = len(mirrors)
     if is_self_conditioned(unet):
         steps = torch.full((noisy.shape[0],), int(timestep), device=noisy.device, dtype=torch.long)
         noisy = self_conditioned_input(unet, noisy, steps, alphas_cumprod[int(timestep)].to(noisy.device),
