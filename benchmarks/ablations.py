@@ -44,8 +44,10 @@ Search (greedy, decided by the script from the validation scores):
    (`--mirror_symmetric_kernels`: the pooled features of an image and of its mirror image then nearly agree); both
    train their starting recipe's steps (a batched resampling, a weight average after each step: negligible compute);
 10. read-out on the chosen recipe: the timestep sweep, several noise draws per image, test-time flip averaging
-   (each image and its mirror image) and average + max pooling of each block (the benchmark would apply either to
-   the baselines' encoders alike). Read-outs
+   (each image and its mirror image, noised alike), average + max pooling of each block, and that pooling with a
+   probe trained on randomly mirrored training images (`random_flip`, as in the linear evaluation of MoCo, BYOL and
+   SimCLR; aimed at the mirrored near-duplicates of `mirror_invariance.md`; inference unchanged) (the benchmark
+   would apply any of them to the baselines alike). Read-outs
    differ in cost (UNet forwards per image), so the cheapest one within `READOUT_TOLERANCE` of the best validation
    accuracy is chosen: a 4x slower extraction must earn more than a tie;
 11. a seed check, for information only: the chosen recipe pretrained again with seed 1 and read out with the chosen
@@ -53,6 +55,7 @@ Search (greedy, decided by the script from the validation scores):
 """
 
 import argparse
+import dataclasses
 import json
 import logging
 import os
@@ -138,7 +141,11 @@ READOUTS = {
     "4 noise draws": FeatureArguments(timesteps=SWEEP_TIMESTEPS, num_noise_samples=4, pooling="avg"),
     "flip average": FeatureArguments(timesteps=SWEEP_TIMESTEPS, flip_average=True, pooling="avg"),
     "avg+max pooling": FeatureArguments(timesteps=SWEEP_TIMESTEPS, pooling="avgmax"),
+    "avg+max pooling, probe flips": FeatureArguments(timesteps=SWEEP_TIMESTEPS, pooling="avgmax"),
 }
+# Read-outs whose probe trains on each training image or, at random, its mirror image (`ProbeConfig.random_flip`):
+# the read-out whose features (and their mirror images') they use. Inference is unchanged, so is their cost.
+PROBE_FLIPS = {"avg+max pooling, probe flips": "avg+max pooling"}
 
 # A read-out within this much mean validation accuracy of the best is as good: the cheapest such one is chosen.
 READOUT_TOLERANCE = 0.005
@@ -248,8 +255,8 @@ class Ablation:
                             row["validation_accuracy"])
                 self.rows.append(dict(row, stage=stage))
                 return self.rows[-1]
-        if calibrated_as:
-            self.restore_calibration(*calibrated_as)
+        # on a fresh machine, a recipe measured before (or the one whose steps it shares) trains the recorded steps
+        self.restore_calibration(*(calibrated_as or (name, recipe)))
         run = pretrain_for_budget("micdiffrep", self.args.proxy_minutes, self.args.work_dir, self.args.data_dir,
                                   self.args.resolution, seed=seed, recipe_argv=self.recipe_argv(recipe),
                                   name="ablation-" + slug(name), calibrated_as=calibrated_as and (
@@ -257,8 +264,12 @@ class Ablation:
         run_name = "ablation-" + slug(name) + (f"-seed{seed}" if seed else "")
         extractor = DiffusionFeatureExtractor.from_pretrained(run["output_dir"], dtype=torch.bfloat16)
         extractor.pipeline.set_progress_bar_config(disable=True)
-        features, speed = cached_extract(extractor, self.bench, READOUTS[readout],
-                                         f"{run_name}-{slug(readout)}")
+        cache_name = f"{run_name}-{slug(PROBE_FLIPS.get(readout, readout))}"
+        features, speed = cached_extract(extractor, self.bench, READOUTS[readout], cache_name)
+        mirrored, config = None, self.config
+        if readout in PROBE_FLIPS:
+            mirrored = cached_extract(extractor, self.bench, READOUTS[readout], cache_name, mirrored=True)[0]
+            config = dataclasses.replace(self.config, random_flip=True)
         row = {"stage": stage, "recipe": name, "flags": recipe, "readout": readout, "seed": seed,
                "steps": run["summary"]["global_step"], "planned_steps": run["planned_steps"],
                "images_per_second": run["calibration"]["images_per_second"],
@@ -267,7 +278,7 @@ class Ablation:
         if calibrated_as:
             row["calibrated_as"] = calibrated_as[0]
         for direction, split in self.splits.items():
-            results = probe_protocol(features, self.bench, split, self.config)
+            results = probe_protocol(features, self.bench, split, config, mirrored)
             msfa = results["msfa"]
             row[direction] = {"validation_accuracy": msfa["validation_accuracy"],
                               "test_accuracy": msfa["test"]["all"]["accuracy"],
@@ -348,7 +359,8 @@ class Ablation:
                 "readout_settings": {"timesteps": READOUTS[readout].timesteps,
                                      "num_noise_samples": READOUTS[readout].num_noise_samples,
                                      "flip_average": READOUTS[readout].flip_average,
-                                     "pooling": READOUTS[readout].pooling},
+                                     "pooling": READOUTS[readout].pooling,
+                                     "probe_random_flip": readout in PROBE_FLIPS},
                 "validation_accuracy": readout_rows[readout]["validation_accuracy"]}
 
     def round(self, stage: str, start: str, start_recipe, levers: Dict[str, List[str]], confirm: bool = False):
@@ -432,7 +444,9 @@ def markdown(result: Dict) -> str:
               f"read-out `{chosen['readout']}` (timesteps {chosen['readout_settings']['timesteps']}, "
               f"{chosen['readout_settings']['num_noise_samples']} noise draw(s)"
               f"{', flip-averaged' if chosen['readout_settings'].get('flip_average') else ''}, "
-              f"{chosen['readout_settings'].get('pooling', 'avg')} pooling); mean validation "
+              f"{chosen['readout_settings'].get('pooling', 'avg')} pooling"
+              f"{', probe trained on random mirror images' if chosen['readout_settings'].get('probe_random_flip') else ''}"
+              "); mean validation "
               "accuracy "
               f"{chosen['validation_accuracy']:.3f}. Read-outs: the cheapest (fewest UNet forwards per image) within "
               f"{100 * READOUT_TOLERANCE:g} points of the best validation accuracy.", ""]

@@ -385,12 +385,15 @@ def load_extractor(method: str, run_dir: str) -> FeatureExtractor:
     return EncoderFeatureExtractor.from_pretrained(run_dir)
 
 
-def cached_extract(extractor: FeatureExtractor, bench: Benchmark, args: FeatureArguments, name: str):
-    """Features of every benchmark image (the classifier's fixed noise), cached in `WORK_DIR/features/NAME`; returns
-    `(features, images_per_second)` (of the extraction that made them)."""
+def cached_extract(extractor: FeatureExtractor, bench: Benchmark, args: FeatureArguments, name: str,
+                   mirrored: bool = False):
+    """Features of every benchmark image (the classifier's fixed noise), or of its mirror image with `mirrored`,
+    cached in `WORK_DIR/features/NAME[-mirrored]`; returns `(features, images_per_second)` (of the extraction that
+    made them)."""
     args = extractor.resolve(args)
-    settings = {**extractor.cache_settings(args), "noise": "fixed"}
-    path = os.path.join(bench.work_dir, "features", f"{name}.safetensors")
+    settings = {**extractor.cache_settings(args), "noise": "fixed", **({"mirrored": True} if mirrored else {})}
+    path = os.path.join(bench.work_dir, "features", f"{name}{'-mirrored' if mirrored else ''}.safetensors")
+    decoded = bench.decoded.mirrored() if mirrored else bench.decoded
     speed_file = path.replace(".safetensors", "-speed.json")
     if os.path.isfile(path) and os.path.isfile(speed_file):
         try:
@@ -400,7 +403,7 @@ def cached_extract(extractor: FeatureExtractor, bench: Benchmark, args: FeatureA
         except StaleFeatureCacheError as error:
             logger.warning("%s", error)
     start = time.perf_counter()
-    features = extractor.extract(bench.decoded.pixels, args)
+    features = extractor.extract(decoded.pixels, args)
     speed = len(bench.decoded) / (time.perf_counter() - start)
     save_features(path, features, settings, bench.decoded.paths, bench.labels, bench.label_names)
     with open(speed_file, "w") as f:
@@ -418,13 +421,16 @@ def layer_order(features) -> List[str]:
 
 
 def probe_protocol(features: Dict[Tuple[str, int], torch.Tensor], bench: Benchmark, split: Dict,
-                   config: ProbeConfig) -> dict:
+                   config: ProbeConfig, mirrored: Optional[Dict[Tuple[str, int], torch.Tensor]] = None) -> dict:
     """SL sweep and MSFA on one protocol: chosen on the validation part, refit on the training side, test scored
-    once (all test images and the de-duplicated ones)."""
+    once (all test images and the de-duplicated ones). `mirrored`: every image's features mirrored left-right, for
+    `config.random_flip`."""
     train_idx, test_idx = split["train"], split["test"]
     labels = bench.labels
+    train_mirrored = None if mirrored is None else {k: v[train_idx] for k, v in mirrored.items()}
     results, _ = run_probes({k: v[train_idx] for k, v in features.items()}, labels[train_idx],
                             {k: v[test_idx] for k, v in features.items()}, labels[test_idx], bench.label_names,
                             split["validation_mask"], config, layer_order(features),
-                            sorted({key[1] for key in features}), test_subsets={"deduplicated": ~split["leaked"]})
+                            sorted({key[1] for key in features}), test_subsets={"deduplicated": ~split["leaked"]},
+                            train_features_mirrored=train_mirrored)
     return results

@@ -19,12 +19,10 @@ Writes `benchmarks/results/mirror_invariance.{json,md}`:
 """
 
 import argparse
-import dataclasses
 import json
 import logging
 import os
 import sys
-from types import SimpleNamespace
 
 import numpy as np
 
@@ -121,16 +119,12 @@ def probe_mirrors(method: str, run_dir: str, bench: Benchmark, splits) -> dict:
     """Part 3 for one run: MSFA validation accuracy on the validation images and on their mirror images, with the
     package's read-out and with test-time flip averaging (test accuracy for information)."""
     extractor = load_extractor(method, run_dir)
-    # What `cached_extract` reads of a benchmark, with every image mirrored left-right.
-    mirrored_bench = SimpleNamespace(
-        decoded=dataclasses.replace(bench.decoded, pixels=bench.decoded.pixels.flip(-1)), work_dir=bench.work_dir,
-        labels=bench.labels, label_names=bench.label_names)
     name = os.path.basename(run_dir)
     rows = {}
     for readout in ("default", "flip_average"):
         args = readout_arguments(flip_average=readout == "flip_average")  # a baseline's `resolve` drops timesteps
         features = cached_extract(extractor, bench, args, feature_cache_name(name, args))[0]
-        mirrored = cached_extract(extractor, mirrored_bench, args, feature_cache_name(name, args) + "-mirrored")[0]
+        mirrored = cached_extract(extractor, bench, args, feature_cache_name(name, args), mirrored=True)[0]
         rows[readout] = {}
         for direction, split in splits.items():
             msfa = probe_protocol(features, bench, split, ProbeConfig())["msfa"]

@@ -41,6 +41,13 @@ def test_decode_cache_round_trip(kaggle_folder, tmp_path):
     assert other.pixels.shape[-1] == 8  # other settings: another cache entry, not the stale one
 
 
+def test_mirrored_images_keep_their_ids_and_labels(kaggle_folder):
+    decoded = decode_images(load_image_folder(kaggle_folder)["train"], 16)
+    mirrored = decoded.mirrored()
+    assert torch.equal(mirrored.pixels, decoded.pixels.flip(-1)) and not torch.equal(mirrored.pixels, decoded.pixels)
+    assert mirrored.paths == decoded.paths and torch.equal(mirrored.labels, decoded.labels)
+
+
 def test_pretraining_dataset_order_is_seeded_per_epoch():
     pixels = torch.arange(10, dtype=torch.uint8).view(10, 1, 1, 1).expand(10, 1, 2, 2).contiguous()
     dataset = PretrainingDataset(pixels, seed=3)

@@ -13,6 +13,7 @@ from mic_diffrep import DiffusionFeaturePipeline
 from mic_diffrep.probing import ProbeArguments, run_probe as main
 from mic_diffrep.reporting.metrics import Accuracy, MacroF1, PerClassRecall, classification_report
 from mic_diffrep.probing import ProbeConfig, msfa_candidates, run_probes, train_heads
+from mic_diffrep.features import load_features
 from mic_diffrep.models.mic_diffrep.unet import create_scheduler, create_unet
 
 
@@ -66,6 +67,26 @@ def test_heads_trained_together_equal_heads_trained_alone():
     together = train_heads(features, labels, 3, config)
     alone = train_heads({("good", 10): features[("good", 10)]}, labels, 3, config)
     torch.testing.assert_close(together[("good", 10)].head.classifier.weight, alone[("good", 10)].head.classifier.weight)
+
+
+def test_random_flip_trains_on_the_mirror_images_half_the_time():
+    features, labels = synthetic_features(60, 0)
+    config = ProbeConfig(num_epochs=3, train_batch_size=16)
+    flipping = ProbeConfig(num_epochs=3, train_batch_size=16, random_flip=True)
+    plain = train_heads(features, labels, 3, config)[("good", 10)].head.classifier.weight
+    # mirror images with the same features: the same batches, the same heads
+    same = train_heads(features, labels, 3, flipping, mirrored=features)[("good", 10)].head.classifier.weight
+    torch.testing.assert_close(same, plain)
+    # mirror images that carry no class: the heads learn from about half the views
+    noise = {key: torch.randn_like(value) for key, value in features.items()}
+    mixed = train_heads(features, labels, 3, flipping, mirrored=noise)[("good", 10)]
+    assert not torch.allclose(mixed.head.classifier.weight, plain)
+    assert 0.6 < (mixed.predict(features[("good", 10)]) == labels).float().mean() <= 1.0
+    with pytest.raises(ValueError, match="random_flip"):
+        train_heads(features, labels, 3, flipping)
+    with pytest.raises(ValueError, match="train_features_mirrored"):
+        run_probes(features, labels, features, labels, ["x", "y", "z"], torch.arange(60) % 5 == 0, flipping,
+                   ["good", "noise"], [10, 20])
 
 
 def test_msfa_candidates_are_layer_by_timestep_products():
@@ -124,6 +145,20 @@ def test_linear_probe_one_feature_pass_cache_reuse_and_model_folder(probe_setup,
     for name in ("config.json", "model.safetensors", "preprocessor_config.json", "README.md", "results.json",
                  "results.md", "accuracy_vs_timestep.png", "confusion_matrix.png"):
         assert os.path.isfile(out / name), name
+
+
+def test_random_flip_probe_extracts_the_mirrored_training_images_once(probe_setup, monkeypatch):
+    calls, counting = count_unet_forwards()
+    monkeypatch.setattr(UNet2DModel, "forward", counting)
+    results = main(probe_args(probe_setup, "--random_flip"))
+    assert sum(calls) == 2 * (40 + 40 + 16)  # the training images, their mirror images and the test images, 2 timesteps
+    assert results["probe_config"]["random_flip"] is True
+    features = probe_setup / "out" / "features"
+    train, mirrored = (load_features(str(features / name)) for name in ("train.safetensors", "train-mirrored.safetensors"))
+    assert train.image_ids == mirrored.image_ids
+    assert not torch.allclose(train.features[("mid_block", 5)], mirrored.features[("mid_block", 5)])
+    calls.clear()
+    assert main(probe_args(probe_setup, "--random_flip"))["msfa"] == results["msfa"] and calls == []  # cached
 
 
 def test_exported_model_reproduces_the_probe_test_accuracy(probe_setup):

@@ -46,6 +46,7 @@ RUN_DEFAULTS = {
     "probe_epochs": 15,
     "probe_learning_rate": 0.01,
     "probe_batch_size": 128,
+    "probe_random_flip": ProbeArguments.random_flip,
     "hidden_size": 512,
     "seed": 0,
 }
@@ -61,8 +62,8 @@ RUN_PRESETS = {
         "mirror_symmetric_kernels": False, "random_crop_scale": None, "intensity_jitter": False, "use_ema": False,
         "sample_scheduler": "ddpm",
         "sampling_steps": 1000, "mixed_precision": "no", "probe_epochs": 15, "probe_learning_rate": 0.01,
-        "probe_batch_size": 128, "hidden_size": 512, "num_noise_samples": 1, "pooling": "avg",
-        "flip_average": False,
+        "probe_batch_size": 128, "probe_random_flip": False, "hidden_size": 512, "num_noise_samples": 1,
+        "pooling": "avg", "flip_average": False,
     },
 }
 
@@ -113,7 +114,7 @@ def probe_arguments(config: dict) -> ProbeArguments:
         pooling=config["pooling"], num_noise_samples=config["num_noise_samples"],
         flip_average=config["flip_average"], num_epochs=config["probe_epochs"],
         learning_rate=config["probe_learning_rate"], train_batch_size=config["probe_batch_size"],
-        hidden_size=config["hidden_size"], mixed_precision=config["mixed_precision"], seed=config["seed"])
+        random_flip=config["probe_random_flip"], hidden_size=config["hidden_size"], mixed_precision=config["mixed_precision"], seed=config["seed"])
 
 
 def run(namespace) -> dict:
@@ -195,6 +196,11 @@ def register(subparsers) -> None:
     parser.add_argument("--probe_epochs", type=int, default=None, help="Probe epochs (default 15).")
     parser.add_argument("--probe_learning_rate", type=float, default=None, help="Probe learning rate (default 0.01).")
     parser.add_argument("--probe_batch_size", type=int, default=None, help="Probe batch size (default 128).")
+    parser.add_argument("--probe_random_flip", action="store_const", const=True, default=None,
+                        help="Train the probe's heads on each training image or, at random, its mirror image "
+                             f"(`mic-diffrep probe --random_flip`; default {RUN_DEFAULTS['probe_random_flip']}).")
+    parser.add_argument("--no_probe_random_flip", dest="probe_random_flip", action="store_const", const=False,
+                        help="Train the probe's heads on the training images as they are.")
     parser.add_argument("--hidden_size", type=int, default=None, help="MSFA hidden size (default 512).")
     parser.add_argument("--seed", type=int, default=None, help="Seed (default 0).")
     parser.set_defaults(func=run)

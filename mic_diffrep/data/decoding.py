@@ -24,7 +24,7 @@ import io
 import json
 import logging
 import os
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Dict, List, Optional, Sequence, Union
 
 import PIL.Image
@@ -62,6 +62,10 @@ class DecodedImages:
 
     def __len__(self) -> int:
         return len(self.paths)
+
+    def mirrored(self) -> "DecodedImages":
+        """The same images mirrored left-right (same ids and labels)."""
+        return replace(self, pixels=self.pixels.flip(-1))
 
     def subset(self, indices: Sequence[int]) -> "DecodedImages":
         index = torch.as_tensor(list(indices), dtype=torch.long)

@@ -48,6 +48,10 @@ class ProbeArguments(FeatureArguments):
     hidden_size: int = field(default=512, metadata={"help": "MSFA aggregation width (eq. 5)."})
     dropout: float = field(default=0.0, metadata={"help": "Dropout on the aggregated features."})
     no_standardize: bool = field(default=False, metadata={"help": "Do not standardise features."})
+    random_flip: bool = field(default=False, metadata={
+        "help": "Train the heads on each training image or, at random, its mirror image (left-right; the mirror "
+                "images' features are extracted too, so twice the training side's extraction). Validation, test "
+                "and the exported classifier see images as they are."})
     seed: int = field(default=0, metadata={"help": "Seed of splits and probe training."})
     # Hub
     push_to_hub: bool = field(default=False, metadata={"help": "Upload the model folder to the Hub."})

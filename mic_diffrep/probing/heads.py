@@ -19,7 +19,12 @@ Key = Tuple[str, int]
 
 @dataclass
 class ProbeConfig:
-    """Training settings of every probe (paper: Adam 0.01, cosine annealing, batch 128, 15 epochs)."""
+    """Training settings of every probe (paper: Adam 0.01, cosine annealing, batch 128, 15 epochs).
+
+    `random_flip`: each training image is seen as it is or, at random (per image and epoch), mirrored left-right, as
+    in the linear evaluation of MoCo, BYOL and SimCLR; the heads then need the mirror images' features too
+    (`train_heads(..., mirrored=)`). Inference is unchanged.
+    """
 
     num_epochs: int = 15
     learning_rate: float = 0.01
@@ -28,6 +33,7 @@ class ProbeConfig:
     hidden_size: int = 512
     dropout: float = 0.0
     standardize: bool = True
+    random_flip: bool = False
     seed: int = 0
 
     def __post_init__(self):
@@ -62,19 +68,30 @@ class TrainedProbe(nn.Module):
 
 
 def train_heads(features: Dict[Key, torch.Tensor], labels: torch.Tensor, num_labels: int, config: ProbeConfig,
-                hidden_size: Optional[int] = None) -> Dict[Key, TrainedProbe]:
+                hidden_size: Optional[int] = None,
+                mirrored: Optional[Dict[Key, torch.Tensor]] = None) -> Dict[Key, TrainedProbe]:
     """Trains one head per entry of `features` (each `(N, D_k)`), all in one loop over shared mini-batches.
 
     `hidden_size=0` (the default for an SL sweep) makes linear heads; a positive size makes MSFA heads. The heads
     have separate parameters and Adam is per-parameter, so training them together equals training them one by one.
+    With `config.random_flip`, `mirrored` holds the features of the same images mirrored left-right (same keys and
+    shapes); each image of a batch is replaced by its mirror image with probability 1/2 (the order of the batches,
+    and the standardisation, are those of the images as they are).
     """
     hidden_size = 0 if hidden_size is None else hidden_size
     keys = list(features)
     num_examples = len(labels)
     generator = torch.Generator().manual_seed(config.seed)
+    flip_generator = torch.Generator().manual_seed(config.seed + 1)
     torch.manual_seed(config.seed)
     stats = {key: standardization(features[key], config.standardize) for key in keys}
     inputs = {key: (features[key] - stats[key][0]) / stats[key][1] for key in keys}
+    if config.random_flip:
+        if mirrored is None or any(mirrored.get(key) is None or mirrored[key].shape != features[key].shape
+                                   for key in keys):
+            raise ValueError("`random_flip` needs `mirrored`: the mirror images' features, with the keys and shapes "
+                             "of `features`.")
+        mirrored = {key: (mirrored[key] - stats[key][0]) / stats[key][1] for key in keys}
     heads = nn.ModuleDict({str(i): MicDiffRepMSFAHead(features[key].shape[1], hidden_size, num_labels, config.dropout)
                            for i, key in enumerate(keys)})
     optimizer = torch.optim.AdamW(heads.parameters(), lr=config.learning_rate, weight_decay=config.weight_decay)
@@ -85,7 +102,12 @@ def train_heads(features: Dict[Key, torch.Tensor], labels: torch.Tensor, num_lab
         order = torch.randperm(num_examples, generator=generator)
         for start in range(0, num_examples, config.train_batch_size):
             batch = order[start : start + config.train_batch_size]
-            loss = sum(nn.functional.cross_entropy(heads[str(i)](inputs[key][batch]), labels[batch])
+            if config.random_flip:
+                flip = (torch.rand(len(batch), generator=flip_generator) < 0.5)[:, None]
+                views = {key: torch.where(flip, mirrored[key][batch], inputs[key][batch]) for key in keys}
+            else:
+                views = {key: inputs[key][batch] for key in keys}
+            loss = sum(nn.functional.cross_entropy(heads[str(i)](views[key]), labels[batch])
                        for i, key in enumerate(keys))
             optimizer.zero_grad()
             loss.backward()

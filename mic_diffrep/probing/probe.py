@@ -39,10 +39,12 @@ logger = logging.getLogger(__name__)
 
 
 def cached_features(extractor: FeatureExtractor, decoded: DecodedImages, args: ProbeArguments, accelerator,
-                    name: str) -> Dict[Tuple[str, int], torch.Tensor]:
-    """Features of `decoded` (the classifier's fixed noise) from the cache in OUTPUT_DIR/features, recomputed when
-    missing or stale."""
-    settings = {**extractor.cache_settings(args), "noise": "fixed"}
+                    name: str, mirrored: bool = False) -> Dict[Tuple[str, int], torch.Tensor]:
+    """Features of `decoded` (the classifier's fixed noise), or of its mirror images with `mirrored`, from the cache
+    in OUTPUT_DIR/features, recomputed when missing or stale."""
+    settings = {**extractor.cache_settings(args), "noise": "fixed", **({"mirrored": True} if mirrored else {})}
+    if mirrored:
+        decoded, name = decoded.mirrored(), name + "-mirrored"
     path = os.path.join(args.output_dir, "features", f"{name}.safetensors")
     if os.path.isfile(path):
         try:
@@ -70,7 +72,7 @@ def _run_probe(args: ProbeArguments, extractor: Optional[FeatureExtractor]) -> d
     config = ProbeConfig(num_epochs=args.num_epochs, learning_rate=args.learning_rate,
                          train_batch_size=args.train_batch_size, weight_decay=args.weight_decay,
                          hidden_size=args.hidden_size, dropout=args.dropout, standardize=not args.no_standardize,
-                         seed=args.seed)
+                         random_flip=args.random_flip, seed=args.seed)
     accelerator = create_accelerator()
     extractor = extractor or load_feature_extractor(args.pretrained, args.resolution)
     extractor = prepare_extractor(extractor, args, accelerator)
@@ -80,6 +82,8 @@ def _run_probe(args: ProbeArguments, extractor: Optional[FeatureExtractor]) -> d
     train, test = splits.train, splits.test
     train_features = cached_features(extractor, train, args, accelerator, "train")
     test_features = cached_features(extractor, test, args, accelerator, "test")
+    train_mirrored = cached_features(extractor, train, args, accelerator, "train", mirrored=True) \
+        if args.random_flip else None
     test_labels, test_source = test.labels, splits.test_source
     subsets = {"deduplicated": ~splits.leaked}
     if args.exclude_leaked_test:
@@ -90,7 +94,8 @@ def _run_probe(args: ProbeArguments, extractor: Optional[FeatureExtractor]) -> d
         test_source += "; test images with a near-duplicate in the training images excluded"
 
     results, probes = run_probes(train_features, train.labels, test_features, test_labels, train.label_names,
-                                 splits.validation_mask, config, args.layers, args.timesteps, test_subsets=subsets)
+                                 splits.validation_mask, config, args.layers, args.timesteps, test_subsets=subsets,
+                                 train_features_mirrored=train_mirrored)
     results.update({
         "method": extractor.name, "command": " ".join(sys.argv), "environment": environment_info(),
         "pretrained": args.pretrained, "data_dir": args.data_dir, "test_split": test_source,

@@ -51,13 +51,16 @@ def msfa_candidates(sl_validation: Dict[Key, float], layers: Sequence[str], time
 def run_probes(train_features: Dict[Key, torch.Tensor], train_labels: torch.Tensor,
                test_features: Dict[Key, torch.Tensor], test_labels: torch.Tensor, label_names: List[str],
                validation_mask: torch.Tensor, config: ProbeConfig, layers: Sequence[str], timesteps: Sequence[int],
-               test_subsets: Optional[Dict[str, torch.Tensor]] = None) -> Tuple[dict, dict]:
+               test_subsets: Optional[Dict[str, torch.Tensor]] = None,
+               train_features_mirrored: Optional[Dict[Key, torch.Tensor]] = None) -> Tuple[dict, dict]:
     """The SL sweep and MSFA, selected on validation, refit on the whole training split, scored on test.
 
     Args:
         validation_mask (`torch.BoolTensor` of shape `(N_train,)`): which training images form the validation part.
         test_subsets (`Dict[str, torch.BoolTensor]`, *optional*): extra masks of the test split to report (e.g.
             `"deduplicated"`: test images without a near-duplicate in training).
+        train_features_mirrored (`Dict`, *optional*): the training images' features mirrored left-right, for
+            `config.random_flip` (heads train on either view; validation and test images are scored as they are).
 
     Returns:
         `(results, probes)`: a JSON-able results dict, and the refit `TrainedProbe`s under `"sl_best"` and `"msfa"`.
@@ -71,13 +74,21 @@ def run_probes(train_features: Dict[Key, torch.Tensor], train_labels: torch.Tens
     def subset(features, mask):
         return {key: features[key][mask] for key in keys}
 
+    if config.random_flip and train_features_mirrored is None:
+        raise ValueError("`random_flip` needs `train_features_mirrored`: the training images' features mirrored.")
+    mirrored = train_features_mirrored if config.random_flip else None
+
+    def fit_mirrored(sets):  # the mirror images' inputs of the fit part, per layer x timestep set
+        return mirrored and {c: concatenate(mirrored, *c)[fit] for c in sets}
+
     # 1. SL sweep: fit part -> validation accuracy (selection); whole training split -> test accuracy (Fig. 4).
     logger.info("SL sweep: %d linear heads", len(keys))
-    fit_heads = train_heads(subset(train_features, fit), train_labels[fit], num_labels, config, hidden_size=0)
+    fit_heads = train_heads(subset(train_features, fit), train_labels[fit], num_labels, config, hidden_size=0,
+                            mirrored=mirrored and subset(mirrored, fit))
     sl_validation = {key: accuracy(fit_heads[key], train_features[key][validation_mask], train_labels[validation_mask])
                      for key in keys}
     full_heads = train_heads({key: train_features[key] for key in keys}, train_labels, num_labels, config,
-                             hidden_size=0)
+                             hidden_size=0, mirrored=mirrored)
     sl_test = {key: accuracy(full_heads[key], test_features[key], test_labels) for key in keys}
 
     # 2. MSFA candidates on validation.
@@ -85,7 +96,7 @@ def run_probes(train_features: Dict[Key, torch.Tensor], train_labels: torch.Tens
     logger.info("MSFA: %d candidate layer x timestep sets", len(candidates))
     inputs = {c: concatenate(train_features, *c) for c in candidates}
     candidate_heads = train_heads({c: inputs[c][fit] for c in candidates}, train_labels[fit], num_labels, config,
-                                  hidden_size=config.hidden_size)
+                                  hidden_size=config.hidden_size, mirrored=fit_mirrored(candidates))
     msfa_validation = {c: accuracy(candidate_heads[c], inputs[c][validation_mask], train_labels[validation_mask])
                        for c in candidates}
     best_msfa = max(candidates, key=lambda c: (msfa_validation[c], -inputs[c].shape[1]))
@@ -94,7 +105,8 @@ def run_probes(train_features: Dict[Key, torch.Tensor], train_labels: torch.Tens
     per_timestep = [(tuple(layers), (t,)) for t in timesteps]
     refit_sets = list(dict.fromkeys(per_timestep + [best_msfa]))
     refit = train_heads({c: concatenate(train_features, *c) for c in refit_sets}, train_labels, num_labels, config,
-                        hidden_size=config.hidden_size)
+                        hidden_size=config.hidden_size,
+                        mirrored=mirrored and {c: concatenate(mirrored, *c) for c in refit_sets})
     msfa_test_curve = {c[1][0]: accuracy(refit[c], concatenate(test_features, *c), test_labels) for c in per_timestep}
 
     sl_best_key = max(keys, key=lambda k: sl_validation[k])
