@@ -161,8 +161,9 @@ def test_random_flip_probe_extracts_the_mirrored_training_images_once(probe_setu
     assert main(probe_args(probe_setup, "--random_flip"))["msfa"] == results["msfa"] and calls == []  # cached
 
 
-def test_exported_model_reproduces_the_probe_test_accuracy(probe_setup):
-    results = main(probe_args(probe_setup))
+@pytest.mark.parametrize("extra", [[], ["--random_flip"]])  # flips change the head's training, not its inference
+def test_exported_model_reproduces_the_probe_test_accuracy(probe_setup, extra):
+    results = main(probe_args(probe_setup, *extra))
     model = AutoModelForImageClassification.from_pretrained(probe_setup / "out")
     processor = AutoImageProcessor.from_pretrained(probe_setup / "out")
     correct = total = 0
