@@ -114,7 +114,8 @@ def probe_arguments(config: dict) -> ProbeArguments:
         pooling=config["pooling"], num_noise_samples=config["num_noise_samples"],
         flip_average=config["flip_average"], num_epochs=config["probe_epochs"],
         learning_rate=config["probe_learning_rate"], train_batch_size=config["probe_batch_size"],
-        random_flip=config["probe_random_flip"], hidden_size=config["hidden_size"], mixed_precision=config["mixed_precision"], seed=config["seed"])
+        random_flip=config["probe_random_flip"], hidden_size=config["hidden_size"],
+        mixed_precision=config["mixed_precision"], seed=config["seed"])
 
 
 def run(namespace) -> dict:

@@ -106,8 +106,8 @@ class DiffusionFeatureExtractor:
         return args
 
     def cache_settings(self, args: FeatureArguments) -> dict:
-        # A flip-averaged mirror image is noised with its image's noise (before: the noised image was mirrored, noise
-        # and all); the key makes caches of the old read-out stale.
+        # A flip-averaged mirror image is noised with its image's own noise; the key makes caches of the earlier
+        # read-out (the noised image mirrored, noise and all) stale.
         return {"model_fingerprint": model_fingerprint(self.pipeline.unet), **_settings(self.preprocessing, args),
                 "timesteps": list(args.timesteps), "num_noise_samples": args.num_noise_samples,
                 "noise_seed": args.noise_seed, **({"mirror_noise": "shared"} if args.flip_average else {})}

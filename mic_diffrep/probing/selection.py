@@ -78,13 +78,14 @@ def run_probes(train_features: Dict[Key, torch.Tensor], train_labels: torch.Tens
         raise ValueError("`random_flip` needs `train_features_mirrored`: the training images' features mirrored.")
     mirrored = train_features_mirrored if config.random_flip else None
 
-    def fit_mirrored(sets):  # the mirror images' inputs of the fit part, per layer x timestep set
-        return mirrored and {c: concatenate(mirrored, *c)[fit] for c in sets}
+    def mirrored_inputs(sets, rows=slice(None)):
+        """The mirror images' MSFA inputs of each layer x timestep set (on `rows`), for `random_flip`; else None."""
+        return None if mirrored is None else {c: concatenate(mirrored, *c)[rows] for c in sets}
 
     # 1. SL sweep: fit part -> validation accuracy (selection); whole training split -> test accuracy (Fig. 4).
     logger.info("SL sweep: %d linear heads", len(keys))
     fit_heads = train_heads(subset(train_features, fit), train_labels[fit], num_labels, config, hidden_size=0,
-                            mirrored=mirrored and subset(mirrored, fit))
+                            mirrored=None if mirrored is None else subset(mirrored, fit))
     sl_validation = {key: accuracy(fit_heads[key], train_features[key][validation_mask], train_labels[validation_mask])
                      for key in keys}
     full_heads = train_heads({key: train_features[key] for key in keys}, train_labels, num_labels, config,
@@ -96,7 +97,7 @@ def run_probes(train_features: Dict[Key, torch.Tensor], train_labels: torch.Tens
     logger.info("MSFA: %d candidate layer x timestep sets", len(candidates))
     inputs = {c: concatenate(train_features, *c) for c in candidates}
     candidate_heads = train_heads({c: inputs[c][fit] for c in candidates}, train_labels[fit], num_labels, config,
-                                  hidden_size=config.hidden_size, mirrored=fit_mirrored(candidates))
+                                  hidden_size=config.hidden_size, mirrored=mirrored_inputs(candidates, fit))
     msfa_validation = {c: accuracy(candidate_heads[c], inputs[c][validation_mask], train_labels[validation_mask])
                        for c in candidates}
     best_msfa = max(candidates, key=lambda c: (msfa_validation[c], -inputs[c].shape[1]))
@@ -105,8 +106,7 @@ def run_probes(train_features: Dict[Key, torch.Tensor], train_labels: torch.Tens
     per_timestep = [(tuple(layers), (t,)) for t in timesteps]
     refit_sets = list(dict.fromkeys(per_timestep + [best_msfa]))
     refit = train_heads({c: concatenate(train_features, *c) for c in refit_sets}, train_labels, num_labels, config,
-                        hidden_size=config.hidden_size,
-                        mirrored=mirrored and {c: concatenate(mirrored, *c) for c in refit_sets})
+                        hidden_size=config.hidden_size, mirrored=mirrored_inputs(refit_sets))
     msfa_test_curve = {c[1][0]: accuracy(refit[c], concatenate(test_features, *c), test_labels) for c in per_timestep}
 
     sl_best_key = max(keys, key=lambda k: sl_validation[k])
