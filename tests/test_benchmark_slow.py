@@ -45,16 +45,12 @@ def test_brain_tumor_mri_benchmark_smoke(tmp_path):
     assert "| CLIP | not run here" in table and "| MoCo v2 | 0." in table and "## Targets" in table
 
 
-def ablations_readouts():
-    sys.path.insert(0, os.path.join(REPO, "benchmarks"))
-    import ablations
-
-    return ablations.READOUTS
-
-
 @pytest.mark.slow
 @needs_data
-def test_ablations_smoke(tmp_path):
+def test_ablations_smoke(tmp_path, monkeypatch):
+    monkeypatch.syspath_prepend(os.path.join(REPO, "benchmarks"))
+    from ablations import READOUTS
+
     output = str(tmp_path / "ablations")
     _run("ablations.py", "--max_images", "200", "--proxy_minutes", "0.02", "--unet", "tiny",
          "--work_dir", str(tmp_path / "work"), "--output", output)
@@ -64,7 +60,7 @@ def test_ablations_smoke(tmp_path):
     assert {"1 learning rate", "2 one lever", "4 second round", "5 third round", "6 fourth round", "7 fifth round",
             "8 sixth round", "9 seventh round", "10 read-out", "11 seed check"} <= stages
     assert result["chosen"]["recipe"] in {row["recipe"] for row in result["rows"]}
-    assert set(ablations_readouts()) <= {row["readout"] for row in result["rows"]}  # the probe-flips row included
+    assert set(READOUTS) <= {row["readout"] for row in result["rows"]}  # the probe-flips row included
     for row in result["rows"]:
         assert 0 <= row["validation_accuracy"] <= 1
     # Re-deciding from the results file measures nothing again and reaches the same choice.
