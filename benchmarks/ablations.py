@@ -43,14 +43,20 @@ Search (greedy, decided by the script from the validation scores):
    intensity jitter, on the `base` UNet), and convolution kernels kept left-right symmetric
    (`--mirror_symmetric_kernels`: the pooled features of an image and of its mirror image then nearly agree); both
    train their starting recipe's steps (a batched resampling, a weight average after each step: negligible compute);
-10. read-out on the chosen recipe: the timestep sweep, several noise draws per image, test-time flip averaging
+10. an eighth round the same way (two seeds for a winner) on step 9's choice: a batch of 16 (about 1.8x the steps
+   per CPU-minute at about 0.9x the images; the batch of 64 lost 1.2 points in step 5 with half the steps). It is
+   of another compute than its start, whose calibration was measured in an earlier session on a machine about twice
+   as fast as later ones: it is measured back to back with its start on one machine and its steps scaled to the
+   start's recorded speed (`calibrate(reference=)` in `benchmarks/common.py`), so that it trains the steps its
+   start's machine would have given it;
+11. read-out on the chosen recipe: the timestep sweep, several noise draws per image, test-time flip averaging
    (each image and its mirror image, noised alike), average + max pooling of each block, and that pooling with a
    probe trained on randomly mirrored training images (`random_flip`, as in the linear evaluation of MoCo, BYOL and
    SimCLR; aimed at the mirrored near-duplicates of `mirror_invariance.md`; inference unchanged) (the benchmark
    would apply any of them to the baselines alike). Read-outs
    differ in cost (UNet forwards per image), so the cheapest one within `READOUT_TOLERANCE` of the best validation
    accuracy is chosen: a 4x slower extraction must earn more than a tie;
-11. a seed check, for information only: the chosen recipe pretrained again with seed 1 and read out with the chosen
+12. a seed check, for information only: the chosen recipe pretrained again with seed 1 and read out with the chosen
    read-out and with the sweep, to show how much of a difference between rows one seed can make.
 """
 
@@ -119,10 +125,16 @@ SEVENTH_ROUND = {
     "random-crop": ["--random_crop_scale", "0.6"],
     "mirror-symmetric": ["--mirror_symmetric_kernels"],
 }
+EIGHTH_ROUND = {
+    "batch-16": ["--train_batch_size", "16"],
+}
 # Levers that change the loss, the noise levels, the training images or a constraint on the weights, not the compute
 # of a step (or by a negligible amount): they train the steps of their starting recipe's calibration (a calibration of
 # their own would add the machine's speed noise, up to 12% here, to the comparison).
 SAME_COMPUTE = {"min-snr-5", "cosine-schedule", "signal-weighting", "random-crop", "mirror-symmetric"}
+# Levers of another compute per step, from the eighth round on: measured back to back with their starting recipe and
+# their steps scaled to its recorded calibration (it was measured in an earlier session, on a faster machine).
+MEASURED_AGAINST_START = {"batch-16"}
 # The rounds after step 3, each on the recipe chosen before it: stage -> (its command-line flag, its levers, whether a
 # lever that wins with seed 0 must win again on the mean of seeds 0 and 1).
 ROUNDS = {"4 second round": ("second_round", SECOND_ROUND, False),
@@ -130,7 +142,8 @@ ROUNDS = {"4 second round": ("second_round", SECOND_ROUND, False),
           "6 fourth round": ("fourth_round", FOURTH_ROUND, True),
           "7 fifth round": ("fifth_round", FIFTH_ROUND, True),
           "8 sixth round": ("sixth_round", SIXTH_ROUND, True),
-          "9 seventh round": ("seventh_round", SEVENTH_ROUND, True)}
+          "9 seventh round": ("seventh_round", SEVENTH_ROUND, True),
+          "10 eighth round": ("eighth_round", EIGHTH_ROUND, True)}
 EXCLUSIVE = [("t<300", "t-power-2")]  # the same lever twice: only the better one is combined
 SWEEP_TIMESTEPS = [10, 25, 50, 100, 250]
 # Every read-out spelled out from average pooling (as the recipes are from PAPER_FLAGS), so that a row means the same
@@ -242,9 +255,11 @@ class Ablation:
         self.previous = reusable_rows(args)
 
     def evaluate(self, stage: str, name: str, recipe: List[str], readout: str = "sweep 10-250", seed: int = 0,
-                 calibrated_as: Optional[Tuple[str, List[str]]] = None) -> Dict:
+                 calibrated_as: Optional[Tuple[str, List[str]]] = None,
+                 calibrated_against: Optional[Tuple[str, List[str]]] = None) -> Dict:
         """Pretrains recipe `name` (or reuses its run), extracts its features with `readout` and probes both
-        directions; `calibrated_as=(name, flags)`: the recipe of equal compute whose calibrated steps it trains."""
+        directions; `calibrated_as=(name, flags)`: the recipe of equal compute whose calibrated steps it trains;
+        `calibrated_against=(name, flags)`: the recipe of a recorded calibration it is measured against."""
         key = (name, recipe, readout, seed)
         for row in self.rows:  # measured earlier in this search (e.g. a seed the seed check needs again)
             if (row["recipe"], row["flags"], row["readout"], row.get("seed", 0)) == key:
@@ -257,10 +272,15 @@ class Ablation:
                 return self.rows[-1]
         # on a fresh machine, a recipe measured before (or the one whose steps it shares) trains the recorded steps
         self.restore_calibration(*(calibrated_as or (name, recipe)))
+        if calibrated_against:
+            self.restore_calibration(*calibrated_against)
         run = pretrain_for_budget("micdiffrep", self.args.proxy_minutes, self.args.work_dir, self.args.data_dir,
                                   self.args.resolution, seed=seed, recipe_argv=self.recipe_argv(recipe),
                                   name="ablation-" + slug(name), calibrated_as=calibrated_as and (
-                                      "ablation-" + slug(calibrated_as[0]), self.recipe_argv(calibrated_as[1])))
+                                      "ablation-" + slug(calibrated_as[0]), self.recipe_argv(calibrated_as[1])),
+                                  calibrated_against=calibrated_against and (
+                                      "ablation-" + slug(calibrated_against[0]),
+                                      self.recipe_argv(calibrated_against[1])))
         run_name = "ablation-" + slug(name) + (f"-seed{seed}" if seed else "")
         extractor = DiffusionFeatureExtractor.from_pretrained(run["output_dir"], dtype=torch.bfloat16)
         extractor.pipeline.set_progress_bar_config(disable=True)
@@ -277,6 +297,9 @@ class Ablation:
                "feature_images_per_second": speed}
         if calibrated_as:
             row["calibrated_as"] = calibrated_as[0]
+        if calibrated_against:
+            row["calibrated_against"] = calibrated_against[0]
+            row["machine_speed"] = run["calibration"].get("reference", {}).get("machine_speed")
         for direction, split in self.splits.items():
             results = probe_protocol(features, self.bench, split, config, mirrored)
             msfa = results["msfa"]
@@ -339,22 +362,22 @@ class Ablation:
             flags = base_flags + [flag for lever in winners for flag in LEVERS[lever]]
             candidates[name] = (flags, self.evaluate("3 combined", name, flags)["validation_accuracy"])
         chosen = max(candidates, key=lambda n: candidates[n][1])
-        # 4-9. Further rounds, each on top of the recipe chosen so far.
+        # 4-10. Further rounds, each on top of the recipe chosen so far.
         for stage, (flag, levers, confirm) in ROUNDS.items():
             wanted = getattr(self.args, flag)
             chosen, candidates = self.round(stage, chosen, candidates[chosen],
                                             {lever: flags for lever, flags in levers.items() if lever in wanted},
                                             confirm)
-        # 10. Read-out on the chosen recipe.
+        # 11. Read-out on the chosen recipe.
         readout_rows = {}
         for readout in READOUTS:
             existing = [r for r in self.rows if r["recipe"] == chosen and r["readout"] == readout]
-            readout_rows[readout] = existing[0] if existing else self.evaluate("10 read-out", chosen,
+            readout_rows[readout] = existing[0] if existing else self.evaluate("11 read-out", chosen,
                                                                                candidates[chosen][0], readout)
         readout = choose_readout({r: row["validation_accuracy"] for r, row in readout_rows.items()})
-        # 11. How much a second pretraining seed moves the chosen recipe's scores (for information; chooses nothing).
+        # 12. How much a second pretraining seed moves the chosen recipe's scores (for information; chooses nothing).
         for seed_readout in dict.fromkeys([readout, "sweep 10-250"]):
-            self.evaluate("11 seed check", chosen, candidates[chosen][0], seed_readout, seed=1)
+            self.evaluate("12 seed check", chosen, candidates[chosen][0], seed_readout, seed=1)
         return {"recipe": chosen, "flags": candidates[chosen][0], "readout": readout,
                 "readout_settings": {"timesteps": READOUTS[readout].timesteps,
                                      "num_noise_samples": READOUTS[readout].num_noise_samples,
@@ -370,17 +393,21 @@ class Ablation:
         mean of `start`'s two seeds."""
         base_flags, base_score = start_recipe
 
-        def calibrated_as(lever: str):
-            return (start, base_flags) if lever in SAME_COMPUTE else None
+        def calibration(lever: str) -> Dict:
+            if lever in SAME_COMPUTE:
+                return {"calibrated_as": (start, base_flags)}
+            if lever in MEASURED_AGAINST_START:
+                return {"calibrated_against": (start, base_flags)}
+            return {}
 
         scores = {lever: self.evaluate(stage, f"{start} + {lever}", merge_flags(base_flags, flags),
-                                       calibrated_as=calibrated_as(lever))["validation_accuracy"]
+                                       **calibration(lever))["validation_accuracy"]
                   for lever, flags in levers.items()}
         if confirm and any(score > base_score for score in scores.values()):
             base_score = (base_score + self.evaluate(stage, start, base_flags, seed=1)["validation_accuracy"]) / 2
             for lever in [lever for lever, score in scores.items() if score > start_recipe[1]]:
                 again = self.evaluate(stage, f"{start} + {lever}", merge_flags(base_flags, levers[lever]), seed=1,
-                                      calibrated_as=calibrated_as(lever))
+                                      **calibration(lever))
                 scores[lever] = (scores[lever] + again["validation_accuracy"]) / 2
         winners = [lever for lever in scores if scores[lever] > base_score]
         candidates = {start: (base_flags, base_score)}
@@ -432,7 +459,8 @@ def markdown(result: Dict) -> str:
               "| *test s->o (dedup)* | *test o->s (dedup)* |", "|---|---|---|---|---|---|---|---|---|---|"]
     for r in result["rows"]:
         recipe = r["recipe"] + (f" (seed {r['seed']})" if r.get("seed") else "") + (
-            " (its start's steps)" if r.get("calibrated_as") else "")
+            " (its start's steps)" if r.get("calibrated_as") else "") + (
+            " (steps scaled to its start's speed)" if r.get("calibrated_against") else "")
         cells = [r["stage"], recipe, r["readout"], str(r["steps"]), f"{r['images_per_second']:.1f}",
                  f"**{r['validation_accuracy']:.3f}**"]
         cells += [f"{r[d]['validation_accuracy']:.3f}" for d, _ in DIRECTIONS]
@@ -513,8 +541,8 @@ def seed_check(rows: List[Dict]) -> List[str]:
     if not lines:
         return []
     return ["**Seeds**: recipes pretrained again with another seed (initial weights, data order, noise and "
-            "timesteps), the rest unchanged (the fourth round's confirmations, and the seed check, which chooses "
-            "nothing):", "", *lines, ""]
+            "timesteps), the rest unchanged (the confirmations of the fourth round and after, and the seed check, "
+            "which chooses nothing):", "", *lines, ""]
 
 
 def main():

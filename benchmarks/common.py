@@ -5,7 +5,9 @@ steps/s is measured on two short runs of its own training code (10 and 60 steps;
 and kernel warm-up) and stored in `WORK_DIR/calibration/NAME.json`. A budget of M minutes is then `M * 60 * steps/s`
 steps, and the learning-rate schedule is laid over exactly those steps. Training stops on steps, never on the
 clock, so a run's result does not depend on what else the machine did meanwhile (the minutes it really took are
-recorded in its summary), and every budget of a method uses one calibration.
+recorded in its summary), and every budget of a method uses one calibration. A recipe compared with one calibrated in
+an earlier session, on a machine of another speed, is measured back to back with it and scaled (`calibrate`'s
+`reference`).
 
 **Protocols.** The 5,708 training images of the Brain Tumor MRI dataset come from two collections (`sources.csv`):
 SARTAJ and figshare/Br35H. *Cross-source*: train on one, test on the other, both directions. *In-split*: a stratified
@@ -148,9 +150,33 @@ def check_settings(path: str, recorded: Optional[Dict], wanted: Dict) -> None:
                      "name, or move the old one away.")
 
 
-def calibrate(method: str, name: str, work_dir: str, base_argv: List[str]) -> dict:
+def measure_throughput(method: str, name: str, work_dir: str, base_argv: List[str]) -> Dict:
+    """Steps/s and images/step of one method (and recipe `name`) on this machine now: two short runs of its own
+    training code (`CALIBRATION_STEPS`), the difference leaving out start-up and kernel warm-up."""
+    seconds, summaries = [], []
+    for steps in CALIBRATION_STEPS:
+        output_dir = os.path.join(work_dir, "calibration", f"{name}-{steps}")
+        shutil.rmtree(output_dir, ignore_errors=True)
+        summary = run_pretraining(method, base_argv + ["--output_dir", output_dir, "--max_train_steps", str(steps),
+                                                       "--checkpointing_steps", "1000000"])
+        seconds.append(60 * summary["train_minutes"])
+        summaries.append(summary)
+        shutil.rmtree(output_dir)
+    steps_per_second = (CALIBRATION_STEPS[1] - CALIBRATION_STEPS[0]) / max(seconds[1] - seconds[0], 1e-3)
+    return {"steps_per_second": steps_per_second,
+            "images_per_step": summaries[1]["images_seen"] / CALIBRATION_STEPS[1], "calibration_seconds": seconds}
+
+
+def calibrate(method: str, name: str, work_dir: str, base_argv: List[str],
+              reference: Optional[Tuple[str, List[str]]] = None) -> dict:
     """Steps/s of one method (and recipe `name`), measured once and cached in `WORK_DIR/calibration/NAME.json`
-    with the settings it was measured with (a cached one with other settings is refused: `check_settings`)."""
+    with the settings it was measured with (a cached one with other settings is refused: `check_settings`).
+
+    `reference=(name, argv)`: a recipe whose cached calibration (measured or restored) this one is measured against,
+    for a comparison of recipes of unequal compute across machines of unequal speed (the reference calibrated on one
+    twice as fast as a later session's): the reference is measured again before and after this recipe, back to back,
+    and this recipe's steps/s is its own measurement times the reference's cached steps/s over the mean of those two,
+    i.e. the steps it would train on the reference's machine."""
     path = os.path.join(work_dir, "calibration", f"{name}.json")
     settings = training_settings(method, base_argv)
     if os.path.isfile(path):
@@ -162,27 +188,30 @@ def calibrate(method: str, name: str, work_dir: str, base_argv: List[str]) -> di
             with open(path, "w") as f:
                 json.dump(result, f, indent=2)
         return result
-    seconds, summaries = [], []
-    for steps in CALIBRATION_STEPS:
-        output_dir = os.path.join(work_dir, "calibration", f"{name}-{steps}")
-        shutil.rmtree(output_dir, ignore_errors=True)
-        summary = run_pretraining(method, base_argv + ["--output_dir", output_dir, "--max_train_steps", str(steps),
-                                                       "--checkpointing_steps", "1000000"])
-        seconds.append(60 * summary["train_minutes"])
-        summaries.append(summary)
-        shutil.rmtree(output_dir)
-    steps_per_second = (CALIBRATION_STEPS[1] - CALIBRATION_STEPS[0]) / max(seconds[1] - seconds[0], 1e-3)
-    images_per_step = summaries[1]["images_seen"] / CALIBRATION_STEPS[1]
-    result = {"method": method, "name": name, "steps_per_second": steps_per_second,
-              "images_per_second": steps_per_second * images_per_step, "calibration_steps": list(CALIBRATION_STEPS),
-              "calibration_seconds": seconds, "argv": base_argv, "settings": settings,
-              "measured_at": time.strftime("%Y-%m-%d %H:%M:%S"),
-              "environment": environment_info()}
+    if reference is not None:
+        recorded = calibrate(method, reference[0], work_dir, reference[1])
+        before = measure_throughput(method, reference[0] + "-now", work_dir, reference[1])["steps_per_second"]
+    measured = measure_throughput(method, name, work_dir, base_argv)
+    steps_per_second = measured["steps_per_second"]
+    result = {"method": method, "name": name}
+    if reference is not None:
+        after = measure_throughput(method, reference[0] + "-now", work_dir, reference[1])["steps_per_second"]
+        speed = (before + after) / 2 / recorded["steps_per_second"]  # this machine's against the reference's
+        steps_per_second /= speed
+        result["reference"] = {"name": reference[0], "steps_per_second": recorded["steps_per_second"],
+                               "measured_steps_per_second": [before, after], "measured_steps_per_second_here":
+                               measured["steps_per_second"], "machine_speed": speed}
+    result.update({"steps_per_second": steps_per_second,
+                   "images_per_second": steps_per_second * measured["images_per_step"],
+                   "calibration_steps": list(CALIBRATION_STEPS), "calibration_seconds": measured["calibration_seconds"],
+                   "argv": base_argv, "settings": settings, "measured_at": time.strftime("%Y-%m-%d %H:%M:%S"),
+                   "environment": environment_info()})
     os.makedirs(os.path.dirname(path), exist_ok=True)
     with open(path, "w") as f:
         json.dump(result, f, indent=2)
-    logger.info("%s: %.3f steps/s (%.1f images/s) measured before pretraining", name, steps_per_second,
-                result["images_per_second"])
+    logger.info("%s: %.3f steps/s (%.1f images/s) measured before pretraining%s", name, steps_per_second,
+                result["images_per_second"], f" (scaled by {reference[0]}'s speed here, x{1 / speed:.2f})"
+                if reference is not None else "")
     return result
 
 
@@ -282,21 +311,30 @@ def budget_run_dir(work_dir: str, name: str, minutes: float, seed: int = 0) -> s
 
 def pretrain_for_budget(method: str, minutes: float, work_dir: str, data_dir: str, resolution: int = 64, seed: int = 0,
                         recipe_argv: Sequence[str] = (), name: Optional[str] = None,
-                        calibrated_as: Optional[Tuple[str, Sequence[str]]] = None) -> Dict:
+                        calibrated_as: Optional[Tuple[str, Sequence[str]]] = None,
+                        calibrated_against: Optional[Tuple[str, Sequence[str]]] = None) -> Dict:
     """Pretrains `method` (a baseline, or `"micdiffrep"` with the pretraining flags `recipe_argv`) for `minutes` of
     its calibrated throughput; returns `{"output_dir", "summary", "calibration", "budget_minutes",
     "planned_steps"}`. A seed other than 0 gets its own run folder (`NAME-seedS-Mmin`) but seed 0's calibration: a
     seed changes no compute, so every seed trains the same number of steps (a calibration per seed would carry the
     machine's speed drift between sessions, 15% here, into the comparison of seeds). For the same reason a recipe
     whose compute per step is another's (it changes only the loss, say) shares that one's calibration:
-    `calibrated_as=(name, recipe_argv)` of the other. A finished run (its
+    `calibrated_as=(name, recipe_argv)` of the other. A recipe of another compute per step measured against one of
+    a recorded budget (its calibration restored from a results file made on a faster machine, say):
+    `calibrated_against=(name, recipe_argv)` of that one (`calibrate(reference=)`). A finished run (its
     `pretraining_summary.json` exists) is reused if it was made with the same settings (recorded in its
     `benchmark_settings.json`); one made with others is refused rather than reused."""
     name, recipe = name or method, method_argv(method, recipe_argv)
     argv = common_argv(data_dir, work_dir, resolution, seed) + recipe
     calibration_name, calibration_recipe = calibrated_as or (name, recipe_argv)
+    if calibrated_as and calibrated_against:
+        raise ValueError("A recipe shares another's calibration (calibrated_as) or is measured against one "
+                         "(calibrated_against), not both.")
+    reference = calibrated_against and (calibrated_against[0], calibration_argv(
+        method, data_dir, work_dir, resolution, calibrated_against[1]))
     calibration = calibrate(method, calibration_name, work_dir,
-                            calibration_argv(method, data_dir, work_dir, resolution, calibration_recipe))
+                            calibration_argv(method, data_dir, work_dir, resolution, calibration_recipe),
+                            reference=reference)
     steps = max(1, int(minutes * 60 * calibration["steps_per_second"]))
     output_dir = budget_run_dir(work_dir, name, minutes, seed)
     summary_file = os.path.join(output_dir, "pretraining_summary.json")

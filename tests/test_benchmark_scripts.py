@@ -82,7 +82,7 @@ def test_a_round_combines_the_winning_levers_and_keeps_the_best():
     scores = {"start + wide": 0.91, "start + slow": 0.85, "start + fast": 0.92, "start + wide + fast": 0.93}
     evaluated = []
     ablation = object.__new__(ablations.Ablation)
-    ablation.evaluate = lambda stage, name, flags, seed=0, calibrated_as=None: evaluated.append(
+    ablation.evaluate = lambda stage, name, flags, seed=0, **calibration: evaluated.append(
         (stage, name, flags)) or {"validation_accuracy": scores[name]}
     levers = {"wide": ["--width", "2"], "slow": ["--lr", "1"], "fast": ["--lr", "3"]}
     chosen, candidates = ablation.round("5 third round", "start", (["--lr", "2"], 0.90), levers)
@@ -97,7 +97,7 @@ def test_a_confirmed_round_keeps_a_lever_only_if_it_wins_on_two_seeds():
               ("start + real", 0): 0.915, ("start + real", 1): 0.93, ("start + worse", 0): 0.89}
     evaluated = []
     ablation = object.__new__(ablations.Ablation)
-    ablation.evaluate = lambda stage, name, flags, seed=0, calibrated_as=None: evaluated.append(
+    ablation.evaluate = lambda stage, name, flags, seed=0, **calibration: evaluated.append(
         (name, seed)) or {
         "validation_accuracy": scores[name, seed]}
     levers = {"lucky": ["--a"], "real": ["--b"], "worse": ["--c"]}
@@ -112,16 +112,22 @@ def test_a_lever_of_the_same_compute_trains_its_starting_recipes_steps(monkeypat
     """min-SNR weighting changes the loss only: it shares the calibration of the recipe it starts from, on both seeds."""
     assert "min-snr-5" in ablations.SAME_COMPUTE and set(ablations.SAME_COMPUTE) <= {
         lever for _, levers, _ in ablations.ROUNDS.values() for lever in levers}
+    assert "batch-16" in ablations.MEASURED_AGAINST_START and set(ablations.MEASURED_AGAINST_START) <= {
+        lever for _, levers, _ in ablations.ROUNDS.values() for lever in levers}
     evaluated = []
     ablation = object.__new__(ablations.Ablation)
-    ablation.evaluate = lambda stage, name, flags, seed=0, calibrated_as=None: evaluated.append(
-        (name, seed, calibrated_as)) or {"validation_accuracy": 0.95 if "+" in name else 0.90}
+    ablation.evaluate = lambda stage, name, flags, seed=0, **calibration: evaluated.append(
+        (name, seed, calibration)) or {"validation_accuracy": 0.95 if "+" in name else 0.90}
     monkeypatch.setattr(ablations, "SAME_COMPUTE", {"weighted"})
-    levers = {"weighted": ["--snr_gamma", "5"], "wider": ["--width", "2"]}
+    monkeypatch.setattr(ablations, "MEASURED_AGAINST_START", {"smaller-batch"})
+    levers = {"weighted": ["--snr_gamma", "5"], "wider": ["--width", "2"], "smaller-batch": ["--batch", "16"]}
     ablation.round("7 fifth round", "start", (["--lr", "2"], 0.90), levers, confirm=True)
-    calibrations = {(name, seed): calibrated_as for name, seed, calibrated_as in evaluated}
-    assert calibrations["start + weighted", 0] == calibrations["start + weighted", 1] == ("start", ["--lr", "2"])
-    assert calibrations["start + wider", 0] is None and calibrations["start + wider", 1] is None
+    calibrations = {(name, seed): calibration for name, seed, calibration in evaluated}
+    start = ("start", ["--lr", "2"])
+    assert calibrations["start + weighted", 0] == calibrations["start + weighted", 1] == {"calibrated_as": start}
+    assert calibrations["start + wider", 0] == calibrations["start + wider", 1] == {}
+    assert calibrations["start + smaller-batch", 0] == calibrations["start + smaller-batch", 1] == {
+        "calibrated_against": start}
 
 
 def test_the_validation_noise_floor_shrinks_with_more_images():
@@ -186,7 +192,7 @@ def test_a_second_seed_gets_its_own_run_and_seed_0s_calibration(tmp_path, monkey
     """A seed changes no compute: seed 1 trains as many steps as seed 0, in its own folder, with its own seed."""
     common = pytest.importorskip("common")
     calibrated, trained = [], []
-    monkeypatch.setattr(common, "calibrate", lambda method, name, work_dir, argv: calibrated.append((name, argv)) or {
+    monkeypatch.setattr(common, "calibrate", lambda method, name, work_dir, argv, reference=None: calibrated.append((name, argv)) or {
         "steps_per_second": 1.0, "settings": {}})
     monkeypatch.setattr(common, "run_pretraining", lambda method, argv: trained.append(argv) or {"global_step": 60})
     run = common.pretrain_for_budget("mocov2", 1, str(tmp_path), "data", seed=1)
@@ -204,7 +210,7 @@ def test_a_second_seed_gets_its_own_run_and_seed_0s_calibration(tmp_path, monkey
 def test_a_recipe_of_the_same_compute_shares_anothers_calibration(tmp_path, monkeypatch):
     common = pytest.importorskip("common")
     calibrated = []
-    monkeypatch.setattr(common, "calibrate", lambda method, name, work_dir, argv: calibrated.append((name, argv)) or {
+    monkeypatch.setattr(common, "calibrate", lambda method, name, work_dir, argv, reference=None: calibrated.append((name, argv)) or {
         "steps_per_second": 2.0, "settings": {}})
     monkeypatch.setattr(common, "run_pretraining", lambda method, argv: {"global_step": 120})
     run = common.pretrain_for_budget("micdiffrep", 1, str(tmp_path), "data", recipe_argv=["--snr_gamma", "5"],
@@ -235,6 +241,34 @@ def test_a_restored_calibration_trains_the_recorded_steps_and_never_replaces_a_m
     with pytest.raises(ValueError, match="timestep_power"):  # and checked against the recipe as a measured one is
         common.pretrain_for_budget("micdiffrep", 8, work_dir, "data", recipe_argv=["--snr_gamma", "5"],
                                    name="other", calibrated_as=("plain", ["--timestep_power", "2"]))
+
+
+def test_a_recipe_measured_against_a_recorded_one_trains_the_steps_of_the_recorded_machine(tmp_path, monkeypatch):
+    """On a machine half as fast as the one the start's calibration was recorded on, a lever of another compute is
+    scaled back by the start's speed measured here, before and after it: it trains the steps the recorded machine
+    would have given it, not half as many."""
+    common = pytest.importorskip("common")
+    speeds = {"plain-now": iter([1.9, 2.1]), "smaller": iter([3.6])}  # the start measured 2.0 here, recorded 4.0
+    measured = []
+    monkeypatch.setattr(common, "measure_throughput", lambda method, name, work_dir, argv: measured.append(name) or {
+        "steps_per_second": next(speeds[name]), "images_per_step": 16.0, "calibration_seconds": [1.0, 2.0]})
+    monkeypatch.setattr(common, "run_pretraining", lambda method, argv: {"global_step": int(
+        argv[argv.index("--max_train_steps") + 1])})
+    common.restore_calibration("micdiffrep", "plain", str(tmp_path), "data", 64, [], 1920, 8, 128.0, "ab.json")
+    run = common.pretrain_for_budget("micdiffrep", 8, str(tmp_path), "data", recipe_argv=["--train_batch_size", "16"],
+                                     name="smaller", calibrated_against=("plain", []))
+    assert measured == ["plain-now", "smaller", "plain-now"]  # back to back, the start on either side
+    assert run["calibration"]["reference"]["machine_speed"] == pytest.approx(2.0 / 4.0, rel=1e-3)
+    recorded_speed = (1920 + 0.5) / (8 * 60)  # the restored calibration's steps/s
+    assert run["planned_steps"] == int(8 * 60 * 3.6 * recorded_speed / 2.0) == 3456  # not the 1728 of 3.6 steps/s
+    assert run["calibration"]["images_per_second"] == pytest.approx(16.0 * run["calibration"]["steps_per_second"])
+    # cached: a second seed (or a rerun) trains the same steps without measuring again
+    again = common.pretrain_for_budget("micdiffrep", 8, str(tmp_path), "data", recipe_argv=["--train_batch_size", "16"],
+                                       name="smaller", seed=1, calibrated_against=("plain", []))
+    assert again["planned_steps"] == run["planned_steps"] and len(measured) == 3
+    with pytest.raises(ValueError, match="not both"):
+        common.pretrain_for_budget("micdiffrep", 8, str(tmp_path), "data", name="x", calibrated_as=("plain", []),
+                                   calibrated_against=("plain", []))
 
 
 def test_the_ablation_restores_a_calibration_from_its_starts_seed_0_row(tmp_path, monkeypatch):
