@@ -115,6 +115,22 @@ def upload(page, path: str, attempts: int = 3) -> None:
                 raise
 
 
+def open_and_upload(browser, url: str, path: str, sync_api, attempts: int = 2):
+    """A fresh page at `url` with `path` uploaded. A page that took the file and never showed it (about 1 CI run in
+    20, for either upload) is replaced by another: a reloaded one sometimes dropped the upload's event."""
+    for attempt in range(attempts):
+        page = browser.new_page(viewport={"width": 1280, "height": 1000})
+        page.set_default_timeout(TIMEOUT_MS)
+        page.goto(url, wait_until="load")
+        try:
+            upload(page, path)
+            return page
+        except sync_api.TimeoutError:
+            page.close()
+            if attempt == attempts - 1:
+                raise
+
+
 def test_demo_page_in_headless_chromium(classifier_folder, sample_slice, tmp_path):
     if not os.path.exists(CHROMIUM):
         pytest.skip(f"{CHROMIUM} is missing (apt-get install chromium); Playwright's own browser download is not used.")
@@ -127,11 +143,8 @@ def test_demo_page_in_headless_chromium(classifier_folder, sample_slice, tmp_pat
         with sync_api.sync_playwright() as playwright:
             browser = playwright.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
             try:
-                page = browser.new_page(viewport={"width": 1280, "height": 1000})
-                page.set_default_timeout(TIMEOUT_MS)
-                page.goto(f"http://127.0.0.1:{port}/", wait_until="domcontentloaded")
-
-                upload(page, sample_slice)
+                url = f"http://127.0.0.1:{port}/"
+                page = open_and_upload(browser, url, sample_slice, sync_api)
                 page.locator("#classify").click()
                 top_label = page.locator("#probabilities [data-testid='label-output-value']")
                 sync_api.expect(top_label).to_have_text("pituitary", timeout=TIMEOUT_MS)
@@ -148,19 +161,8 @@ def test_demo_page_in_headless_chromium(classifier_folder, sample_slice, tmp_pat
 
                 bad = tmp_path / "not-an-image.png"
                 bad.write_text("this is a text file, not a PNG")
-                # A fresh page for the bad upload (a reloaded one sometimes dropped the upload's event); a page that
-                # took the file and never showed it (1 of about 20 CI runs) is replaced by another, once.
-                for attempt in range(2):
-                    page.close()
-                    page = browser.new_page(viewport={"width": 1280, "height": 1000})
-                    page.set_default_timeout(TIMEOUT_MS)
-                    page.goto(f"http://127.0.0.1:{port}/", wait_until="load")
-                    try:
-                        upload(page, str(bad))
-                        break
-                    except sync_api.TimeoutError:
-                        if attempt == 1:
-                            raise
+                page.close()
+                page = open_and_upload(browser, url, str(bad), sync_api)
                 page.locator("#classify").click()
                 sync_api.expect(page.locator("#status")).to_contain_text(
                     "not-an-image.png is not a readable JPEG or PNG image", timeout=TIMEOUT_MS)
