@@ -43,12 +43,12 @@ Search (greedy, decided by the script from the validation scores):
    intensity jitter, on the `base` UNet), and convolution kernels kept left-right symmetric
    (`--mirror_symmetric_kernels`: the pooled features of an image and of its mirror image then nearly agree); both
    train their starting recipe's steps (a batched resampling, a weight average after each step: negligible compute);
-10. an eighth round the same way (two seeds for a winner) on step 9's choice: a batch of 16 (about 1.8x the steps
-   per CPU-minute at about 0.9x the images; the batch of 64 lost 1.2 points in step 5 with half the steps). It is
-   of another compute than its start, whose calibration was measured in an earlier session on a machine about twice
-   as fast as later ones: it is measured back to back with its start on one machine and its steps scaled to the
-   start's recorded speed (`calibrate(reference=)` in `benchmarks/common.py`), so that it trains the steps its
-   start's machine would have given it;
+10. an eighth round the same way (two seeds for a winner) on step 9's choice: a batch of 16 (twice the steps per
+   CPU-minute at about the same images/s: 3,436 steps against 1,742; the batch of 64 lost 1.2 points in step 5
+   with half the steps). It is of another compute than its start, whose calibration was measured in an earlier
+   session on a machine about twice as fast as later ones: it is measured back to back with its start on one machine
+   and its steps scaled to the start's recorded speed (`calibrate(reference=)` in `benchmarks/common.py`), so that
+   it trains the steps its start's machine would have given it;
 11. read-out on the chosen recipe: the timestep sweep, several noise draws per image, test-time flip averaging
    (each image and its mirror image, noised alike), average + max pooling of each block, and that pooling with a
    probe trained on randomly mirrored training images (`random_flip`, as in the linear evaluation of MoCo, BYOL and
