@@ -188,19 +188,20 @@ def calibrate(method: str, name: str, work_dir: str, base_argv: List[str],
             with open(path, "w") as f:
                 json.dump(result, f, indent=2)
         return result
-    if reference is not None:
-        recorded = calibrate(method, reference[0], work_dir, reference[1])
-        before = measure_throughput(method, reference[0] + "-now", work_dir, reference[1])["steps_per_second"]
-    measured = measure_throughput(method, name, work_dir, base_argv)
-    steps_per_second = measured["steps_per_second"]
     result = {"method": method, "name": name}
-    if reference is not None:
-        after = measure_throughput(method, reference[0] + "-now", work_dir, reference[1])["steps_per_second"]
-        speed = (before + after) / 2 / recorded["steps_per_second"]  # this machine's against the reference's
-        steps_per_second /= speed
-        result["reference"] = {"name": reference[0], "steps_per_second": recorded["steps_per_second"],
-                               "measured_steps_per_second": [before, after], "measured_steps_per_second_here":
+    if reference is None:
+        measured, speed = measure_throughput(method, name, work_dir, base_argv), 1.0
+    else:
+        reference_name, reference_argv = reference
+        recorded = calibrate(method, reference_name, work_dir, reference_argv)
+        now = [measure_throughput(method, reference_name + "-now", work_dir, reference_argv)["steps_per_second"]]
+        measured = measure_throughput(method, name, work_dir, base_argv)
+        now.append(measure_throughput(method, reference_name + "-now", work_dir, reference_argv)["steps_per_second"])
+        speed = float(np.mean(now)) / recorded["steps_per_second"]  # this machine's against the reference's
+        result["reference"] = {"name": reference_name, "steps_per_second": recorded["steps_per_second"],
+                               "measured_steps_per_second": now, "measured_steps_per_second_here":
                                measured["steps_per_second"], "machine_speed": speed}
+    steps_per_second = measured["steps_per_second"] / speed
     result.update({"steps_per_second": steps_per_second,
                    "images_per_second": steps_per_second * measured["images_per_step"],
                    "calibration_steps": list(CALIBRATION_STEPS), "calibration_seconds": measured["calibration_seconds"],
@@ -211,7 +212,7 @@ def calibrate(method: str, name: str, work_dir: str, base_argv: List[str],
         json.dump(result, f, indent=2)
     logger.info("%s: %.3f steps/s (%.1f images/s) measured before pretraining%s", name, steps_per_second,
                 result["images_per_second"], f" (scaled by {reference[0]}'s speed here, x{1 / speed:.2f})"
-                if reference is not None else "")
+                if reference else "")
     return result
 
 

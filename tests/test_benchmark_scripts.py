@@ -192,7 +192,8 @@ def test_a_second_seed_gets_its_own_run_and_seed_0s_calibration(tmp_path, monkey
     """A seed changes no compute: seed 1 trains as many steps as seed 0, in its own folder, with its own seed."""
     common = pytest.importorskip("common")
     calibrated, trained = [], []
-    monkeypatch.setattr(common, "calibrate", lambda method, name, work_dir, argv, reference=None: calibrated.append((name, argv)) or {
+    monkeypatch.setattr(common, "calibrate", lambda method, name, work_dir, argv, reference=None: calibrated.append(
+        (name, argv)) or {
         "steps_per_second": 1.0, "settings": {}})
     monkeypatch.setattr(common, "run_pretraining", lambda method, argv: trained.append(argv) or {"global_step": 60})
     run = common.pretrain_for_budget("mocov2", 1, str(tmp_path), "data", seed=1)
@@ -210,7 +211,8 @@ def test_a_second_seed_gets_its_own_run_and_seed_0s_calibration(tmp_path, monkey
 def test_a_recipe_of_the_same_compute_shares_anothers_calibration(tmp_path, monkeypatch):
     common = pytest.importorskip("common")
     calibrated = []
-    monkeypatch.setattr(common, "calibrate", lambda method, name, work_dir, argv, reference=None: calibrated.append((name, argv)) or {
+    monkeypatch.setattr(common, "calibrate", lambda method, name, work_dir, argv, reference=None: calibrated.append(
+        (name, argv)) or {
         "steps_per_second": 2.0, "settings": {}})
     monkeypatch.setattr(common, "run_pretraining", lambda method, argv: {"global_step": 120})
     run = common.pretrain_for_budget("micdiffrep", 1, str(tmp_path), "data", recipe_argv=["--snr_gamma", "5"],

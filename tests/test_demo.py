@@ -115,9 +115,11 @@ def upload(page, path: str, attempts: int = 3) -> None:
                 raise
 
 
-def open_and_upload(browser, url: str, path: str, sync_api, attempts: int = 2):
+def open_and_upload(browser, url: str, path: str, attempts: int = 2):
     """A fresh page at `url` with `path` uploaded. A page that took the file and never showed it (about 1 CI run in
     20, for either upload) is replaced by another: a reloaded one sometimes dropped the upload's event."""
+    from playwright.sync_api import TimeoutError as PlaywrightTimeout  # reached only once the test found playwright
+
     for attempt in range(attempts):
         page = browser.new_page(viewport={"width": 1280, "height": 1000})
         page.set_default_timeout(TIMEOUT_MS)
@@ -125,7 +127,7 @@ def open_and_upload(browser, url: str, path: str, sync_api, attempts: int = 2):
         try:
             upload(page, path)
             return page
-        except sync_api.TimeoutError:
+        except PlaywrightTimeout:
             page.close()
             if attempt == attempts - 1:
                 raise
@@ -144,7 +146,7 @@ def test_demo_page_in_headless_chromium(classifier_folder, sample_slice, tmp_pat
             browser = playwright.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
             try:
                 url = f"http://127.0.0.1:{port}/"
-                page = open_and_upload(browser, url, sample_slice, sync_api)
+                page = open_and_upload(browser, url, sample_slice)
                 page.locator("#classify").click()
                 top_label = page.locator("#probabilities [data-testid='label-output-value']")
                 sync_api.expect(top_label).to_have_text("pituitary", timeout=TIMEOUT_MS)
@@ -162,7 +164,7 @@ def test_demo_page_in_headless_chromium(classifier_folder, sample_slice, tmp_pat
                 bad = tmp_path / "not-an-image.png"
                 bad.write_text("this is a text file, not a PNG")
                 page.close()
-                page = open_and_upload(browser, url, str(bad), sync_api)
+                page = open_and_upload(browser, url, str(bad))
                 page.locator("#classify").click()
                 sync_api.expect(page.locator("#status")).to_contain_text(
                     "not-an-image.png is not a readable JPEG or PNG image", timeout=TIMEOUT_MS)
