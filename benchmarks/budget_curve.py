@@ -59,6 +59,10 @@ def parse_args():
                              "read-out where the point records them) instead of pretraining and probing again, and "
                              "on a machine without their calibrations restore them from the recorded seed-0 points, "
                              "so that a new seed trains the steps the recorded ones did (e.g. add a seed).")
+    parser.add_argument("--reuse_from", nargs="+", default=[], metavar="JSON",
+                        help="With --reuse_results: also take the points recorded in these results files of this "
+                             "script (after those of OUTPUT.json), e.g. the 30-minute seeds of "
+                             "benchmarks/results/seeds_30min.json for a curve with more seeds.")
     parser.add_argument("--recorded_only", action="store_true",
                         help="With --reuse_results: take the recorded points only, train and probe nothing (rewrites "
                              "the results, e.g. with a new --note, after a run was stopped part-way).")
@@ -66,6 +70,11 @@ def parse_args():
     args = parser.parse_args()
     if args.recorded_only and not args.reuse_results:
         parser.error("--recorded_only takes the points of OUTPUT.json: give --reuse_results too.")
+    if args.reuse_from and not args.reuse_results:
+        parser.error("--reuse_from adds recorded points to those of OUTPUT.json: give --reuse_results too.")
+    for path in args.reuse_from:
+        if not os.path.isfile(path):
+            parser.error(f"--reuse_from: no results file at {path}.")
     return args
 
 
@@ -189,9 +198,11 @@ def main():
 
     readout = {"pooling": feature_args.pooling, "flip_average": feature_args.flip_average}
     previous = []
-    if args.reuse_results and os.path.isfile(args.output + ".json"):
-        with open(args.output + ".json") as f:
-            previous = json.load(f)["points"]
+    if args.reuse_results:
+        for path in [args.output + ".json", *args.reuse_from]:
+            if os.path.isfile(path):
+                with open(path) as f:
+                    previous += json.load(f)["points"]
 
     points = []
     for minutes in args.minutes:
@@ -201,7 +212,7 @@ def main():
                 run_name = recipe.get("name", method)
                 recorded = reusable_point(previous, method, minutes, seed, run_name, readout)
                 if recorded:
-                    logger.info("%s, %g min, seed %d: from %s.json", method, minutes, seed, args.output)
+                    logger.info("%s, %g min, seed %d: recorded point reused", method, minutes, seed)
                     points.append(recorded)
                     continue
                 if args.recorded_only:

@@ -334,6 +334,35 @@ def test_the_budget_curve_reuses_a_recorded_point_only_for_the_same_run_and_read
     assert budget_curve.reusable_point(previous, "mocov2", 10.0, 1, "mocov2", avgmax) is None
 
 
+def test_the_budget_curve_takes_points_recorded_in_another_results_file(tmp_path, monkeypatch):
+    """`--reuse_from`: a curve with more seeds takes the points another run of the script recorded (after those of
+    OUTPUT.json), and refuses a file that is not there by its flag."""
+    budget_curve = pytest.importorskip("budget_curve")
+
+    def point(method, minutes, seed, accuracy):
+        scores = {"accuracy": accuracy, "accuracy_deduplicated": accuracy - 0.1, "validation_accuracy": 0.95}
+        return {"method": method, "minutes": minutes, "seed": seed, "steps": 10,
+                "sartaj->other": scores, "other->sartaj": scores}
+
+    output, seeds = tmp_path / "budget_curve", tmp_path / "seeds_30min.json"
+    mine = [point(m, minutes, 0, 0.8) for m in ("micdiffrep", "mocov2") for minutes in (10.0, 30.0)]
+    (tmp_path / "budget_curve.json").write_text(json.dumps({"points": mine}))
+    theirs = [point("micdiffrep", 30.0, 0, 0.1), *(point(m, 30.0, 1, 0.7) for m in ("micdiffrep", "mocov2"))]
+    seeds.write_text(json.dumps({"points": theirs}))
+    argv = ["budget_curve.py", "--output", str(output), "--minutes", "10", "30", "--seeds", "0", "1",
+            "--reuse_results", "--recorded_only"]
+    monkeypatch.setattr(sys, "argv", argv + ["--reuse_from", str(seeds)])
+    budget_curve.main()
+    points = json.loads((tmp_path / "budget_curve.json").read_text())["points"]
+    assert [(p["method"], p["minutes"], p["seed"]) for p in points] == [
+        ("micdiffrep", 10.0, 0), ("mocov2", 10.0, 0), ("micdiffrep", 30.0, 0), ("mocov2", 30.0, 0),
+        ("micdiffrep", 30.0, 1), ("mocov2", 30.0, 1)]  # 10 min, seed 1: recorded nowhere, left out
+    assert points[2]["sartaj->other"]["accuracy"] == 0.8  # OUTPUT.json's own point first
+    monkeypatch.setattr(sys, "argv", argv + ["--reuse_from", str(tmp_path / "missing.json")])
+    with pytest.raises(SystemExit):
+        budget_curve.main()
+
+
 def test_the_budget_curve_checks_the_target_against_the_best_baseline_on_the_means(tmp_path):
     budget_curve = pytest.importorskip("budget_curve")
 
