@@ -54,10 +54,11 @@ def make_accelerator(args: CommonPretrainingArguments, log_with: Optional[str] =
 
 
 def load_training_images(args: CommonPretrainingArguments, accelerator):
-    """The unlabelled training images, decoded once (the main process writes the decode cache, the others read
-    it); returns `(decoded, splits)`."""
-    splits, dataset = select_splits(load_image_folder(args.train_data_dir), args.pretrain_splits)
+    """The unlabelled training images, decoded once; returns `(decoded, splits)`. The main process goes first: it
+    writes the `datasets` cache of the folder and the decode cache, which the other processes then read (several
+    processes preparing one new `datasets` cache at once contend for its file locks)."""
     with accelerator.main_process_first():
+        splits, dataset = select_splits(load_image_folder(args.train_data_dir), args.pretrain_splits)
         decoded = decode_images(dataset, args.preprocessing, skip_bad_images=args.skip_bad_images,
                                 num_workers=args.dataloader_num_workers,
                                 cache_dir=args.cache_dir or os.path.join(args.output_dir, ".cache"),
