@@ -191,7 +191,8 @@ def test_two_cpu_processes_train_on_different_shards(unlabelled_folder, tmp_path
     try:
         result = subprocess.run(command, capture_output=True, text=True, timeout=300, env=env)
     except subprocess.TimeoutExpired as hung:  # say where the two processes stopped (about 15 s when it works)
-        pytest.fail(f"2-process training hung for 300 s; its log ends with:\n{(hung.stderr or b'')[-3000:].decode()}")
+        log = (hung.stderr or b"")[-3000:].decode(errors="replace")
+        pytest.fail(f"2-process training hung for 300 s; its log ends with:\n{log}")
     assert result.returncode == 0, result.stderr[-3000:]
     with open(os.path.join(out, "pretraining_summary.json")) as f:
         summary = json.load(f)
