@@ -274,13 +274,14 @@ class Ablation:
         self.restore_calibration(*(calibrated_as or (name, recipe)))
         if calibrated_against:
             self.restore_calibration(*calibrated_against)
+
+        def as_run(other: Optional[Tuple[str, List[str]]]):  # (recipe, flags) -> (its run name, its training argv)
+            return other and ("ablation-" + slug(other[0]), self.recipe_argv(other[1]))
+
         run = pretrain_for_budget("micdiffrep", self.args.proxy_minutes, self.args.work_dir, self.args.data_dir,
                                   self.args.resolution, seed=seed, recipe_argv=self.recipe_argv(recipe),
-                                  name="ablation-" + slug(name), calibrated_as=calibrated_as and (
-                                      "ablation-" + slug(calibrated_as[0]), self.recipe_argv(calibrated_as[1])),
-                                  calibrated_against=calibrated_against and (
-                                      "ablation-" + slug(calibrated_against[0]),
-                                      self.recipe_argv(calibrated_against[1])))
+                                  name="ablation-" + slug(name), calibrated_as=as_run(calibrated_as),
+                                  calibrated_against=as_run(calibrated_against))
         run_name = "ablation-" + slug(name) + (f"-seed{seed}" if seed else "")
         extractor = DiffusionFeatureExtractor.from_pretrained(run["output_dir"], dtype=torch.bfloat16)
         extractor.pipeline.set_progress_bar_config(disable=True)

@@ -197,14 +197,13 @@ def main():
     feature_args = readout_arguments(args.flip_average, args.pooling)
 
     readout = {"pooling": feature_args.pooling, "flip_average": feature_args.flip_average}
-    previous, recorded_in = [], {}  # the recorded points, and the file of each (by id)
+    recorded = {}  # results file -> its points
     if args.reuse_results:
         for path in [args.output + ".json", *args.reuse_from]:
             if os.path.isfile(path):
                 with open(path) as f:
-                    points_there = json.load(f)["points"]
-                previous += points_there
-                recorded_in.update({id(point): path for point in points_there})
+                    recorded[path] = json.load(f)["points"]
+    previous = [point for points in recorded.values() for point in points]
 
     points = []
     for minutes in args.minutes:
@@ -227,7 +226,7 @@ def main():
                 if first_seed:  # a seed trains seed 0's steps: restore its calibration on a machine without it
                     restore_calibration(method, run_name, args.work_dir, args.data_dir, args.resolution,
                                         recipe.get("recipe_argv", []), first_seed["steps"], minutes, None,
-                                        recorded_in[id(first_seed)])
+                                        next(path for path, points in recorded.items() if first_seed in points))
                 run = pretrain_for_budget(method, minutes, args.work_dir, args.data_dir, args.resolution, seed,
                                           **recipe)
                 features = cached_extract(load_extractor(method, run["output_dir"]), bench, feature_args,
