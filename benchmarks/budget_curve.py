@@ -211,10 +211,10 @@ def main():
             for method in dict.fromkeys(["micdiffrep", *args.methods]):
                 recipe = method_recipe(method, args.unet)
                 run_name = recipe.get("name", method)
-                recorded = reusable_point(previous, method, minutes, seed, run_name, readout)
-                if recorded:
+                reused = reusable_point(previous, method, minutes, seed, run_name, readout)
+                if reused:
                     logger.info("%s, %g min, seed %d: recorded point reused", method, minutes, seed)
-                    points.append(recorded)
+                    points.append(reused)
                     continue
                 if args.recorded_only:
                     logger.info("%s, %g min, seed %d: not recorded, left out (--recorded_only)", method, minutes, seed)
@@ -226,7 +226,7 @@ def main():
                 if first_seed:  # a seed trains seed 0's steps: restore its calibration on a machine without it
                     restore_calibration(method, run_name, args.work_dir, args.data_dir, args.resolution,
                                         recipe.get("recipe_argv", []), first_seed["steps"], minutes, None,
-                                        next(path for path, points in recorded.items() if first_seed in points))
+                                        next(path for path, kept in recorded.items() if first_seed in kept))
                 run = pretrain_for_budget(method, minutes, args.work_dir, args.data_dir, args.resolution, seed,
                                           **recipe)
                 features = cached_extract(load_extractor(method, run["output_dir"]), bench, feature_args,

@@ -91,7 +91,8 @@ def command_line() -> str:
     return "python " + shlex.join([os.path.relpath(sys.argv[0], REPO)] + sys.argv[1:])
 
 def common_argv(data_dir: str, work_dir: str, resolution: int, seed: int) -> List[str]:
-    return ["--train_data_dir", os.path.join(data_dir, "Training"), "--resolution", str(resolution),
+    # the real path: a run or calibration is the same whichever way its folder was named (`../shared` or not)
+    return ["--train_data_dir", os.path.realpath(os.path.join(data_dir, "Training")), "--resolution", str(resolution),
             "--mixed_precision", "bf16", "--seed", str(seed), "--logger", "none",
             "--cache_dir", os.path.join(work_dir, "decoded")]
 

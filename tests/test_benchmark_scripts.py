@@ -363,6 +363,52 @@ def test_the_budget_curve_takes_points_recorded_in_another_results_file(tmp_path
         budget_curve.main()
 
 
+def test_a_new_seed_restores_the_calibration_of_the_file_its_seed_0_point_came_from(tmp_path, monkeypatch):
+    """The measuring path of `main`: a seed recorded nowhere is pretrained with seed 0's calibration, restored from
+    the results file (here a `--reuse_from` one) that recorded seed 0's point, and probed in both directions."""
+    budget_curve = pytest.importorskip("budget_curve")
+    avgmax = {"pooling": "avgmax", "flip_average": False}
+    scores = {"accuracy": 0.8, "accuracy_deduplicated": 0.7, "validation_accuracy": 0.9}
+    runs = {"micdiffrep": "micdiffrep-small-power3", "mocov2": "mocov2"}
+    theirs = [{"method": m, "minutes": 10.0, "seed": 0, "steps": 100 + i, "run": run, "readout": avgmax,
+               "sartaj->other": scores, "other->sartaj": scores} for i, (m, run) in enumerate(runs.items())]
+    (tmp_path / "seeds.json").write_text(json.dumps({"points": theirs}))
+    restored, pretrained = [], []
+
+    class Bench:
+        def __init__(self, *args, **kwargs):
+            pass
+
+        def split(self, direction):
+            return direction
+
+    def probe(features, bench, split, config):
+        accuracy = 0.6 if split == "sartaj->other" else 0.5
+        return {"msfa": {"test": {"all": {"accuracy": accuracy}, "deduplicated": {"accuracy": accuracy - 0.1}},
+                         "validation_accuracy": 0.9}}
+
+    monkeypatch.setattr(budget_curve, "Benchmark", Bench)
+    monkeypatch.setattr(budget_curve, "restore_calibration",
+                        lambda method, name, *args: restored.append((method, name, args[-4], args[-1])))
+    monkeypatch.setattr(budget_curve, "pretrain_for_budget", lambda method, minutes, work_dir, data_dir, resolution,
+                        seed, **recipe: pretrained.append((method, seed)) or {"output_dir": method,
+                                                                            "summary": {"global_step": 100}})
+    monkeypatch.setattr(budget_curve, "load_extractor", lambda method, output_dir: None)
+    monkeypatch.setattr(budget_curve, "cached_extract", lambda *args: ("features",))
+    monkeypatch.setattr(budget_curve, "probe_protocol", probe)
+    monkeypatch.setattr(sys, "argv", ["budget_curve.py", "--output", str(tmp_path / "curve"), "--minutes", "10",
+                                      "--seeds", "0", "1", "--reuse_results", "--reuse_from",
+                                      str(tmp_path / "seeds.json")])
+    budget_curve.main()
+    assert pretrained == [("micdiffrep", 1), ("mocov2", 1)]  # seed 0 reused, seed 1 measured
+    assert restored == [("micdiffrep", "micdiffrep-small-power3", 100, str(tmp_path / "seeds.json")),
+                        ("mocov2", "mocov2", 101, str(tmp_path / "seeds.json"))]
+    points = json.loads((tmp_path / "curve.json").read_text())["points"]
+    assert [(p["method"], p["seed"]) for p in points] == [("micdiffrep", 0), ("mocov2", 0), ("micdiffrep", 1),
+                                                          ("mocov2", 1)]
+    assert points[2]["other->sartaj"] == {"accuracy": 0.5, "accuracy_deduplicated": 0.4, "validation_accuracy": 0.9}
+
+
 def test_the_budget_curve_checks_the_target_against_the_best_baseline_on_the_means(tmp_path):
     budget_curve = pytest.importorskip("budget_curve")
 
