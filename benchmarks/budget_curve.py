@@ -190,6 +190,16 @@ def target_gaps(points):
     return gaps
 
 
+def format_gap(gap) -> str:
+    """Points ahead with one decimal, or two where one would round a missed target up to its margin.
+
+    >>> format_gap({"points": 1.968, "met": False}), format_gap({"points": 2.023, "met": True})
+    ('+1.97', '+2.0')
+    """
+    digits = 2 if not gap["met"] and round(gap["points"], 1) >= TARGET_MARGIN else 1
+    return f"{gap['points']:+.{digits}f}"
+
+
 def main():
     args = parse_args()
     logging.basicConfig(format="%(asctime)s - %(levelname)s - %(name)s - %(message)s", level=logging.INFO)
@@ -345,7 +355,7 @@ def markdown(result):
               "| minutes | " + " | ".join(f"{d}, {k}" for d, _ in DIRECTIONS for k in ("all", "dedup")) + " |",
               "|---|" + "---|" * 2 * len(DIRECTIONS)]
     for minutes, by_direction in result["targets"].items():
-        cells = [f"{g['points']:+.1f}" + (f" ±{g['standard_error']:.1f}" if g.get("standard_error") is not None
+        cells = [format_gap(g) + (f" ±{g['standard_error']:.1f}" if g.get("standard_error") is not None
                                           else "") + f" ({METHODS[g['baseline']]}) {'met' if g['met'] else '**missed**'}"
                  for direction, _ in DIRECTIONS for g in (by_direction[direction][k] for k in KEYS)]
         lines.append(f"| {float(minutes):g} | " + " | ".join(cells) + " |")

@@ -437,8 +437,9 @@ def test_the_budget_curve_checks_the_target_against_the_best_baseline_on_the_mea
     # validation 0.95 everywhere: MicDiffRep's test mean 0.88 drops 7.0 points from it, BYOL's 0.86 9.0
     assert "| MicDiffRep-MS | 30 | 0.950 | 0.880 | 7.0 | 0.950 | 0.880 | 7.0 |" in text
     assert "| BYOL | 30 | 0.950 | 0.860 | 9.0 |" in text
-    result["targets"]["30"]["sartaj->other"]["accuracy"]["met"] = False
-    assert "What was tried to meet the target" in budget_curve.markdown(result)
+    result["targets"]["30"]["sartaj->other"]["accuracy"].update(points=1.968, met=False)
+    text = budget_curve.markdown(result)  # a miss never reads as the margin: +1.97, not +2.0
+    assert "| 30 | +1.97 ±3.6 (BYOL) **missed** | +2.0 ±3.6 (BYOL) met |" in text and "What was tried" in text
 
     budget_curve.plot(points, str(tmp_path / "seeds.png"))  # one budget: a column of points per method
     assert (tmp_path / "seeds.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
