@@ -28,6 +28,17 @@ def test_an_ablation_recipe_means_the_same_whatever_the_package_defaults():
     assert common.training_settings("micdiffrep", ["--train_data_dir", "data", *second])["timestep_power"] == 3.0
 
 
+def test_a_run_names_its_data_by_the_real_path(tmp_path):
+    """`../shared/data` and the folder it resolves to are one data set: a run or calibration made with one is reused
+    with the other, not refused for other settings."""
+    common = pytest.importorskip("common")
+    (tmp_path / "shared" / "data" / "Training").mkdir(parents=True)
+    (tmp_path / "main").mkdir()
+    by_link = common.common_argv(str(tmp_path / "main" / ".." / "shared" / "data"), "work", 64, 0)
+    direct = common.common_argv(str(tmp_path / "shared" / "data"), "work", 64, 0)
+    assert by_link == direct and os.path.realpath(tmp_path / "shared" / "data" / "Training") in direct
+
+
 def test_a_run_made_with_other_settings_is_refused_not_reused(tmp_path, monkeypatch):
     common = pytest.importorskip("common")
     argv = ["--train_data_dir", "data", "--learning_rate", "2e-3"]
