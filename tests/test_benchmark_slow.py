@@ -70,3 +70,23 @@ def test_ablations_smoke(tmp_path, monkeypatch):
         again = json.load(f)
     assert again["chosen"] == result["chosen"]
     assert [row["validation_accuracy"] for row in again["rows"]] == [row["validation_accuracy"] for row in result["rows"]]
+
+
+@pytest.mark.slow
+@needs_data
+def test_budget_curve_smoke(tmp_path):
+    """A curve of one seed, then a second seed on a machine without its runs or calibrations (another work folder):
+    the second restores seed 0's calibration from the results file and trains seed 0's steps."""
+    output = str(tmp_path / "curve")
+    smoke = ["--max_images", "200", "--unet", "tiny", "--minutes", "0.02", "--output", output]
+    _run("budget_curve.py", *smoke, "--seeds", "0", "--work_dir", str(tmp_path / "work"))
+    _run("budget_curve.py", *smoke, "--seeds", "0", "1", "--reuse_results", "--work_dir", str(tmp_path / "fresh"))
+    with open(output + ".json") as f:
+        points = json.load(f)["points"]
+    assert [(p["method"], p["seed"]) for p in points] == [("micdiffrep", 0), ("mocov2", 0), ("micdiffrep", 1),
+                                                          ("mocov2", 1)]
+    for method in ("micdiffrep", "mocov2"):
+        seed_0, seed_1 = (p for p in points if p["method"] == method)
+        assert seed_1["steps"] == seed_0["steps"] > 0
+        assert 0 <= seed_1["other->sartaj"]["accuracy"] <= 1
+    assert os.path.isfile(output + ".png") and os.path.isfile(output + ".md")
