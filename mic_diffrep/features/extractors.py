@@ -6,7 +6,7 @@ needs to know which kind of model it holds:
 - `DiffusionFeatureExtractor`: pooled UNet block activations of noised images (`DiffusionFeaturePipeline`), one
   feature per `(layer, timestep)`; it can be exported as a `MicDiffRepForImageClassification`.
 - `EncoderFeatureExtractor`: the pooled output of a baseline's frozen encoder (MoCo v2 / BYOL ResNet: its last
-  feature map, pooled as the UNet blocks are; MAE: its patch tokens, averaged, or averaged and max-pooled), one layer
+  feature map, pooled as the UNet blocks are; MAE: its patch tokens on their grid, pooled the same way), one layer
   `"encoder"`; noise levels do not apply and features are keyed `t=0`.
 - `ClipFeatureExtractor`: a local `CLIPVisionModel` folder (nothing is downloaded), fed grey images as RGB.
 
@@ -177,17 +177,9 @@ class EncoderFeatureExtractor:
         self.model.to(*args, **kwargs)
         return self
 
-    # `--pooling` values this encoder supports (MAE's patch tokens come out shuffled, so they have no grid).
-    @property
-    def pooling_choices(self) -> Tuple[str, ...]:
-        return ("avg", "avgmax") if isinstance(self.model, MAE) else ("avg", "avgmax", "grid")
-
     def resolve(self, args: FeatureArguments) -> FeatureArguments:
         layers = list(args.layers or self.layer_names)
         check_layers(layers, self.layer_names)
-        if args.pooling not in self.pooling_choices:
-            raise ValueError(f"pooling={args.pooling!r} does not apply to {self.name}: choose one of "
-                             f"{', '.join(self.pooling_choices)}.")
         return replace(args, layers=layers, timesteps=[0], num_noise_samples=1)
 
     def cache_settings(self, args: FeatureArguments) -> dict:
@@ -198,14 +190,19 @@ class EncoderFeatureExtractor:
         """Pooled encoder output `(B, D)` of model inputs in [-1, 1] (one view; `extract` adds the mirrored one)."""
         if isinstance(self.model, MAE):
             vit = self.model.mae.vit
+            side = vit.config.image_size // vit.config.patch_size
+            # Every patch kept, in grid order: ViTMAE orders patches by `noise`, which is random unless passed (and
+            # then makes features depend on torch's global generator and draws from it).
+            order = torch.arange(side * side, dtype=torch.float32, device=images.device).expand(len(images), -1)
             ratio, vit.config.mask_ratio = vit.config.mask_ratio, 0.0
             try:
-                tokens = vit(pixel_values=images).last_hidden_state[:, 1:]
+                tokens = vit(pixel_values=images, noise=order).last_hidden_state[:, 1:]
             finally:
                 vit.config.mask_ratio = ratio
-            # The patch tokens as a (B, C, N, 1) map: their (shuffled) order matters to neither a mean nor a max.
-            return pool_features(tokens.transpose(1, 2).unsqueeze(-1), args.pooling)
-        return pool_features(self.model.encoder.feature_map(images), args.pooling, args.pooling_grid_size)
+            feature_map = tokens.transpose(1, 2).reshape(len(images), -1, side, side)
+        else:
+            feature_map = self.model.encoder.feature_map(images)
+        return pool_features(feature_map, args.pooling, args.pooling_grid_size)
 
     def extract(self, pixels: torch.Tensor, args: FeatureArguments, noise_seeds: Optional[torch.Tensor] = None,
                 show_progress: bool = True) -> Features:
