@@ -245,6 +245,11 @@ def reusable_rows(args) -> List[Dict]:
     return [row for row in previous["rows"] if row["readout"] not in args.remeasure]
 
 
+def run_name(recipe: str) -> str:
+    """The pretraining run (and calibration) name of an ablation recipe."""
+    return "ablation-" + slug(recipe)
+
+
 class Ablation:
     def __init__(self, args):
         self.args = args
@@ -276,16 +281,16 @@ class Ablation:
             self.restore_calibration(*calibrated_against)
 
         def as_run(other: Optional[Tuple[str, List[str]]]):  # (recipe, flags) -> (its run name, its training argv)
-            return other and ("ablation-" + slug(other[0]), self.recipe_argv(other[1]))
+            return other and (run_name(other[0]), self.recipe_argv(other[1]))
 
         run = pretrain_for_budget("micdiffrep", self.args.proxy_minutes, self.args.work_dir, self.args.data_dir,
                                   self.args.resolution, seed=seed, recipe_argv=self.recipe_argv(recipe),
-                                  name="ablation-" + slug(name), calibrated_as=as_run(calibrated_as),
+                                  name=run_name(name), calibrated_as=as_run(calibrated_as),
                                   calibrated_against=as_run(calibrated_against))
-        run_name = "ablation-" + slug(name) + (f"-seed{seed}" if seed else "")
+        seed_run = run_name(name) + (f"-seed{seed}" if seed else "")
         extractor = DiffusionFeatureExtractor.from_pretrained(run["output_dir"], dtype=torch.bfloat16)
         extractor.pipeline.set_progress_bar_config(disable=True)
-        cache_name = f"{run_name}-{slug(PROBE_FLIPS.get(readout, readout))}"
+        cache_name = f"{seed_run}-{slug(PROBE_FLIPS.get(readout, readout))}"
         features, speed = cached_extract(extractor, self.bench, READOUTS[readout], cache_name)
         mirrored, config = None, self.config
         if readout in PROBE_FLIPS:
@@ -320,7 +325,7 @@ class Ablation:
         recorded = [row for row in self.previous + self.rows
                     if (row["recipe"], row["flags"], row.get("seed", 0)) == (name, recipe, 0)]
         if recorded:
-            restore_calibration("micdiffrep", "ablation-" + slug(name), self.args.work_dir, self.args.data_dir,
+            restore_calibration("micdiffrep", run_name(name), self.args.work_dir, self.args.data_dir,
                                 self.args.resolution, self.recipe_argv(recipe), recorded[0]["planned_steps"],
                                 self.args.proxy_minutes, recorded[0]["images_per_second"], self.args.output + ".json")
 
