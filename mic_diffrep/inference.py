@@ -96,10 +96,10 @@ def evaluate_folder(model_dir: str, data_dir: str, splits: Optional[Sequence[str
     `splits` defaults to the `test` split when the folder has split folders with one, else every image. Each slice
     of a DICOM / NIfTI file (chosen by `slices`) counts as one example with its file's label.
     """
-    model, processor = load_classifier(model_dir, mixed_precision)
-    dataset_dict = load_image_folder(data_dir)
+    dataset_dict = load_image_folder(data_dir)  # a bad folder or split fails before the (slower) model load
     splits = list(splits) if splits else (["test"] if "test" in dataset_dict else ["all"])
     chosen, dataset = select_splits(dataset_dict, splits, "splits")
+    model, processor = load_classifier(model_dir, mixed_precision)
     decoded = decode_images(dataset, processor.preprocessing, skip_bad_images=skip_bad_images, slices=slices)
     if decoded.labels is None:
         raise ValueError(f"{data_dir} has no labels (class sub-folders) to evaluate against.")

@@ -112,6 +112,20 @@ def test_evaluate_a_plain_class_folder_tree(model_dir, tmp_path, capsys):
     assert os.path.isfile(tmp_path / "eval_confusion_matrix.png")
 
 
+def test_evaluate_checks_the_data_folder_before_loading_the_model(model_dir, tmp_path, capsys, monkeypatch):
+    def load_classifier(*args):
+        raise AssertionError("the model was loaded before the data folder was checked")
+
+    monkeypatch.setattr("mic_diffrep.inference.load_classifier", load_classifier)
+    with pytest.raises(SystemExit) as error:
+        cli(["evaluate", "--model", model_dir, "--data_dir", str(tmp_path / "missing")])
+    assert error.value.code == 2 and "missing" in capsys.readouterr().err
+    folder = write_class_folder(tmp_path / "labelled", per_class=1, seed=1, size=20, classes=("a", "b"))
+    with pytest.raises(SystemExit) as error:
+        cli(["evaluate", "--model", model_dir, "--data_dir", folder, "--splits", "validation"])
+    assert error.value.code == 2 and "validation" in capsys.readouterr().err
+
+
 def test_generate_on_a_baseline_folder_is_a_clear_error(tmp_path, capsys):
     save_baseline(create_baseline("byol", resolution=16), str(tmp_path / "byol"))
     with pytest.raises(SystemExit) as error:
