@@ -155,6 +155,7 @@ READOUTS = {
     "flip average": FeatureArguments(timesteps=SWEEP_TIMESTEPS, flip_average=True, pooling="avg"),
     "avg+max pooling": FeatureArguments(timesteps=SWEEP_TIMESTEPS, pooling="avgmax"),
     "avg+max pooling, probe flips": FeatureArguments(timesteps=SWEEP_TIMESTEPS, pooling="avgmax"),
+    "2x2 grid pooling": FeatureArguments(timesteps=SWEEP_TIMESTEPS, pooling="grid", pooling_grid_size=2),
 }
 # Read-outs whose probe trains on each training image or, at random, its mirror image (`ProbeConfig.random_flip`):
 # the read-out whose features (and their mirror images') they use. Inference is unchanged, so is their cost.

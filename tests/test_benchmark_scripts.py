@@ -165,6 +165,7 @@ def test_every_readout_but_the_pooling_ones_is_average_pooled():
     """The rows were measured with average pooling: a new package default must not change what they mean."""
     pooling = {name: args.pooling for name, args in ablations.READOUTS.items()}
     assert pooling.pop("avg+max pooling") == "avgmax"
+    assert pooling.pop("2x2 grid pooling") == "grid"
     for readout, features_of in ablations.PROBE_FLIPS.items():  # a probe variant reads out as the read-out it names
         assert pooling.pop(readout) == ablations.READOUTS[features_of].pooling
         assert ablations.readout_cost(readout) == ablations.readout_cost(features_of)
