@@ -3,6 +3,7 @@
 import argparse
 import json
 import os
+import re
 import sys
 
 import pytest
@@ -528,3 +529,48 @@ def test_the_budget_curve_rewrites_recorded_points_only_without_the_data(tmp_pat
     monkeypatch.setattr(sys, "argv", ["budget_curve.py", "--recorded_only"])
     with pytest.raises(SystemExit):
         budget_curve.parse_args()
+
+
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+README_METHODS = {"MicDiffRep-MS (default recipe)": "micdiffrep", "MoCo v2": "mocov2", "BYOL": "byol"}
+
+
+def readme_table_rows(heading_line: str):
+    """`{first cell: [(accuracy, dedup accuracy) per direction]}` of the README table right below `heading_line`."""
+    with open(os.path.join(REPO, "README.md")) as f:
+        lines = f.read().split(heading_line, 1)[1].splitlines()
+    start = next(i for i, line in enumerate(lines) if line.startswith("| method"))
+    rows = {}
+    for line in lines[start + 2 :]:
+        if not line.startswith("|"):
+            break
+        cells = [cell.strip() for cell in line.strip("|").split("|")]
+        pairs = [re.fullmatch(r"\**([\d.]+)\** \(\**([\d.]+)\**\)", cell) for cell in cells[1:3]]
+        rows[cells[0]] = [(float(m[1]), float(m[2])) if m else None for m in pairs]
+    return rows
+
+
+def test_the_readmes_six_seed_table_is_the_results_files():
+    with open(os.path.join(REPO, "benchmarks", "results", "seeds_30min.json")) as f:
+        means = {point["method"]: point for point in json.load(f)["means"] if point["minutes"] == 30}
+    rows = readme_table_rows("**On six seeds of each method**")
+    assert set(rows) == set(README_METHODS)
+    for name, method in README_METHODS.items():
+        assert len(means[method]["seeds"]) == 6
+        for cells, direction in zip(rows[name], ("sartaj->other", "other->sartaj")):
+            recorded = means[method][direction]
+            assert cells == (round(recorded["accuracy"], 3), round(recorded["accuracy_deduplicated"], 3)), name
+
+
+def test_the_readmes_one_seed_table_is_the_results_files():
+    with open(os.path.join(REPO, "benchmarks", "results", "brain_tumor_mri.json")) as f:
+        results = {(row["method"], row["direction"]): row for row in json.load(f)["results"]
+                   if row["protocol"] == "cross-source"}
+    rows = readme_table_rows("### Against the baselines at equal budget")
+    names = {"MicDiffRep-MS (default recipe)": "micdiffrep-ms", "MicDiffRep-SL-best": "micdiffrep-sl-best",
+             "MoCo v2": "baseline-mocov2", "BYOL": "baseline-byol", "MAE (its own optimiser)": "baseline-mae"}
+    for name, method in names.items():
+        for cells, direction in zip(rows[name], ("sartaj->other", "other->sartaj")):
+            row = results[(method, direction)]
+            assert cells == (round(row["accuracy"], 3), round(row["accuracy_deduplicated"], 3)), name
