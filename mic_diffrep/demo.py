@@ -216,10 +216,10 @@ def load_demo_model(model: Union[str, os.PathLike, MicDiffRepForImageClassificat
                 model = AutoModelForImageClassification.from_pretrained(name, local_files_only=local_files_only)
                 folder_processor = AutoImageProcessor.from_pretrained(name, local_files_only=local_files_only)
             except OSError as error:
-                hint = " (it is not in the local cache; pass local_files_only=False to download it)" \
-                    if local_files_only else ""
-                raise OSError(f"Cannot load a classifier from {name!r}: not a local folder, nor a Hub id that "
-                              f"loads{hint}.") from error
+                hint = (" (it is not in the local cache; to download it pass local_files_only=False, or "
+                        "--allow_download to `mic-diffrep demo`)") if local_files_only else ""
+                raise FileNotFoundError(f"Cannot load a classifier from {name!r}: not a local folder, nor a Hub id "
+                                        f"that loads{hint}.") from error
         processor = processor if processor is not None else folder_processor
     elif processor is None and isinstance(model, MicDiffRepForImageClassification):
         processor = MicDiffRepImageProcessor(resolution=model.config.resolution)

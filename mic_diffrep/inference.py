@@ -52,6 +52,11 @@ def predict_probabilities(model, pixel_values: torch.Tensor, batch_size: int = 1
     return torch.cat(chunks)
 
 
+def _check_batch_size(batch_size: int) -> None:
+    if batch_size < 1:
+        raise ValueError(f"`batch_size` must be at least 1, got {batch_size}.")
+
+
 def image_files(paths: Sequence[str]) -> List[str]:
     """The image files named by `paths`: files as given, folders searched recursively (sorted) for images, DICOM and
     NIfTI files (`SEARCHED_EXTENSIONS`)."""
@@ -78,8 +83,10 @@ def predict_files(model_dir: str, paths: Sequence[str], batch_size: int = 16, mi
     A DICOM / NIfTI file gives one dict per slice (chosen by `slices`, default `SliceSelection()`), whose `file` is
     `"<path>#slice=<k>"` for multi-slice files.
     """
+    _check_batch_size(batch_size)
+    files = image_files(paths)
     model, processor = load_classifier(model_dir, mixed_precision)
-    decoded = decode_images(image_files(paths), processor.preprocessing, skip_bad_images=skip_bad_images,
+    decoded = decode_images(files, processor.preprocessing, skip_bad_images=skip_bad_images,
                             show_progress=False, slices=slices)
     probabilities = predict_probabilities(model, pixels_to_model_input(decoded.pixels), batch_size)
     labels = [model.config.id2label[i] for i in range(probabilities.shape[1])]
@@ -96,13 +103,15 @@ def evaluate_folder(model_dir: str, data_dir: str, splits: Optional[Sequence[str
     `splits` defaults to the `test` split when the folder has split folders with one, else every image. Each slice
     of a DICOM / NIfTI file (chosen by `slices`) counts as one example with its file's label.
     """
-    dataset_dict = load_image_folder(data_dir)  # a bad folder or split fails before the (slower) model load
+    _check_batch_size(batch_size)
+    dataset_dict = load_image_folder(data_dir)  # a bad folder, split or label fails before the (slower) model load
     splits = list(splits) if splits else (["test"] if "test" in dataset_dict else ["all"])
     chosen, dataset = select_splits(dataset_dict, splits, "splits")
+    if "label" not in dataset.features:
+        raise ValueError(f"{data_dir} has no labels to evaluate against: it needs class sub-folders (at least two "
+                         f"classes, e.g. Testing/glioma/*.jpg and Testing/notumor/*.jpg).")
     model, processor = load_classifier(model_dir, mixed_precision)
     decoded = decode_images(dataset, processor.preprocessing, skip_bad_images=skip_bad_images, slices=slices)
-    if decoded.labels is None:
-        raise ValueError(f"{data_dir} has no labels (class sub-folders) to evaluate against.")
     names = [model.config.id2label[i] for i in range(model.config.num_labels)]
     unknown = sorted(set(decoded.label_names) - set(names))
     if unknown:

@@ -5,7 +5,10 @@ import os
 import platform
 import resource
 import sys
-from typing import Optional
+import dataclasses
+import numbers
+import typing
+from typing import Literal, Optional, Union
 
 import accelerate
 import datasets
@@ -16,6 +19,63 @@ from accelerate import Accelerator
 
 
 MIXED_PRECISION_CHOICES = ("no", "fp16", "bf16")
+
+
+def _matches(value, hint) -> bool:
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if origin is Union:
+        return any(_matches(value, arg) for arg in args)
+    if origin is Literal:
+        return value in args
+    if origin in (list, typing.List):
+        return isinstance(value, (list, tuple)) and all(_matches(item, args[0]) for item in value)
+    if hint is type(None):
+        return value is None
+    if hint is float:
+        return isinstance(value, numbers.Real) and not isinstance(value, bool)
+    if hint is int:
+        return isinstance(value, numbers.Integral) and not isinstance(value, bool)
+    if hint in (bool, str):
+        return isinstance(value, hint)
+    return True  # anything else is checked where it is used
+
+
+def check_settings(settings) -> None:
+    """Checks every field of a settings dataclass against its annotation (`int`, `float`, `bool`, `str`, `Literal`
+    choices, `List[...]`, `Optional[...]`): a value from a YAML file or Python fails here, naming the field, rather
+    than deep inside a run.
+
+    ```python
+    >>> from mic_diffrep.features import FeatureArguments
+    >>> FeatureArguments(pooling="max")
+    Traceback (most recent call last):
+    ...
+    ValueError: `pooling` must be one of 'avg', 'avgmax', 'grid', got 'max'.
+    ```
+    """
+    hints = typing.get_type_hints(type(settings))
+    for field in dataclasses.fields(settings):
+        check_value(f"`{field.name}`", getattr(settings, field.name), hints[field.name])
+
+
+def check_value(name: str, value, hint) -> None:
+    """Raises a `ValueError` naming `name` unless `value` fits the annotation `hint` (see `check_settings`)."""
+    if _matches(value, hint):
+        return
+    literal = next((arg for arg in (hint, *typing.get_args(hint)) if typing.get_origin(arg) is Literal), None)
+    if literal is not None:
+        raise ValueError(f"{name} must be one of {', '.join(map(repr, typing.get_args(literal)))}, got {value!r}.")
+    raise ValueError(f"{name} must be {_type_name(hint)}, got {value!r}.")
+
+
+def _type_name(hint) -> str:
+    args = [arg for arg in typing.get_args(hint) if arg is not type(None)]
+    if typing.get_origin(hint) is Union and len(args) == 1:
+        return f"{_type_name(args[0])} or null"
+    if typing.get_origin(hint) in (list, typing.List):
+        return f"a list of which each is {_type_name(args[0])}"
+    names = {int: "an integer", float: "a number", bool: "true or false", str: "a string"}
+    return names.get(hint, getattr(hint, "__name__", str(hint)))
 
 
 def check_mixed_precision(mixed_precision: Optional[str], device: torch.device) -> None:

@@ -167,7 +167,7 @@ class DiffusionFeaturePipeline(DiffusionPipeline):
     def extract_features(
         self,
         images,
-        timesteps: Sequence[int] = DEFAULT_TIMESTEPS,
+        timesteps: Union[int, Sequence[int]] = DEFAULT_TIMESTEPS,
         layers: Optional[Sequence[str]] = None,
         *,
         pooling: str = DEFAULT_POOLING,
@@ -187,7 +187,7 @@ class DiffusionFeaturePipeline(DiffusionPipeline):
                 `(N, 1, R, R)` tensor of already preprocessed pixels. DICOM (`.dcm`) and NIfTI (`.nii`, `.nii.gz`)
                 paths give one row per slice (every non-empty axial slice of a volume, every frame of a
                 multi-frame DICOM, in order), windowed with the file's own display window when it has one.
-            timesteps (`Sequence[int]`, defaults to `(10, 25, 50, 100, 250)`): noise levels, in
+            timesteps (`int` or `Sequence[int]`, defaults to `(10, 25, 50, 100, 250)`): noise levels, in
                 `[0, num_train_timesteps)`; the default is the read-out chosen in `benchmarks/results/ablations.md`.
             layers (`Sequence[str]`, *optional*): block names such as `"down_blocks.1"`, `"mid_block"`,
                 `"up_blocks.2"`; `None` means every block (`pipe.layer_names`).
@@ -214,6 +214,8 @@ class DiffusionFeaturePipeline(DiffusionPipeline):
             timesteps)` when `return_dict=False`.
         """
         # 1. Check inputs
+        if isinstance(timesteps, (int, np.integer)):
+            timesteps = [timesteps]
         timesteps = [int(t) if isinstance(t, (int, np.integer)) else t for t in timesteps]
         layers = self.layer_names if layers is None else list(layers)
         self.check_inputs(timesteps, layers, pooling, num_noise_samples, batch_size)

@@ -49,12 +49,23 @@ def test_run_predict_evaluate_end_to_end(tmp_path, capsys):
     predictions = json.loads(capsys.readouterr().out)
     assert predictions[0]["file"] == image and abs(sum(predictions[0]["probabilities"].values()) - 1) < 1e-4
 
-    main(["evaluate", "--model", str(out / "model"), "--data_dir", SAMPLE_DATA_DIR,
-          "--output", str(tmp_path / "eval.json")])
-    evaluation = json.loads((tmp_path / "eval.json").read_text())
+    capsys.readouterr()
+    main(["evaluate", "--model", str(out / "model"), "--data_dir", SAMPLE_DATA_DIR, "--json",
+          "--output", str(tmp_path / "new" / "eval.json")])  # the output's folder is made before the work
+    evaluation = json.loads((tmp_path / "new" / "eval.json").read_text())
+    printed = json.loads(capsys.readouterr().out.split("\nWrote ")[0], parse_constant=pytest.fail)  # strict JSON
+    assert printed == evaluation and evaluation["skipped_images"] == []
     assert evaluation["splits"] == ["test"] and evaluation["num_examples"] == 40
     assert evaluation["accuracy"] == pytest.approx(report["probe"]["msfa"]["test"]["all"]["accuracy"])
-    assert os.path.isfile(tmp_path / "eval_confusion_matrix.png")
+    assert os.path.isfile(tmp_path / "new" / "eval_confusion_matrix.png")
+
+    # A class without test images has no recall: null in the JSON, not NaN.
+    two_classes = tmp_path / "two_classes"
+    for name in ("glioma", "notumor"):
+        shutil.copytree(os.path.join(SAMPLE_DATA_DIR, "Testing", name), two_classes / name)
+    main(["evaluate", "--model", str(out / "model"), "--data_dir", str(two_classes), "--json"])
+    recall = json.loads(capsys.readouterr().out, parse_constant=pytest.fail)["per_class_recall"]
+    assert recall["meningioma"] is None and recall["glioma"] is not None
 
 
 def test_check_leakage_cli(tmp_path, capsys):
@@ -71,6 +82,39 @@ def test_bad_config_is_named(tmp_path, capsys):
         main(["run", "--config", str(config)])
     assert error.value.code == 2 and "resolutionn" in capsys.readouterr().err
     assert set(RUN_DEFAULTS) >= {"data_dir", "resolution", "timesteps"}
+
+
+@pytest.mark.parametrize("argv, named", [
+    (["run", "--config", "pretrain_epochs: two"], "`pretrain_epochs` must be an integer"),
+    (["run", "--config", "sample_scheduler: dpm"], "`sample_scheduler` must be one of 'ddim', 'ddpm'"),
+    (["run", "--config", "pooling: max"], "`pooling` must be one of"),
+    (["run", "--config", "timesteps: [10, 25"], "cannot be read"),
+    (["run", "--timesteps", "10", "1000"], "`timesteps` [1000]"),
+    (["run", "--probe_epochs", "0"], "--probe_epochs must be at least 1"),
+    (["run", "--data_dir", "UNLABELLED"], "has no labels"),
+    (["pretrain", "--train_data_dir", "UNLABELLED", "--lr_scheduler", "cosinee"], "`lr_scheduler` must be one of"),
+    (["pretrain", "--train_data_dir", "UNLABELLED", "--model_config_name_or_path", "huge"],
+     "`model_config_name_or_path` 'huge'"),
+    (["predict", "--model", "MISSING", "UNLABELLED", "--batch_size", "0"], "`batch_size` must be at least 1"),
+    (["evaluate", "--model", "MISSING", "--data_dir", "UNLABELLED"], "has no labels"),
+    (["generate", "--pretrained", "MISSING", "--num_images", "0"], "--num_images must be at least 1"),
+])
+def test_bad_settings_fail_before_any_work_and_name_the_setting(argv, named, unlabelled_folder, tmp_path, capsys):
+    """Checked before pretraining or any decoding: a mistake costs no compute and leaves no output folder."""
+    out = tmp_path / "out"
+    argv = [str(out / "MISSING") if arg == "MISSING" else unlabelled_folder if arg == "UNLABELLED" else arg
+            for arg in argv]
+    if argv[1] == "--config":
+        config = tmp_path / "settings.yaml"
+        config.write_text(argv[2] + "\n")
+        argv[2] = str(config)
+    command = argv[0]
+    argv += {"run": ["--output_dir", str(out)], "pretrain": ["--output_dir", str(out)]}.get(command, [])
+    with pytest.raises(SystemExit) as error:
+        main(argv)
+    message = capsys.readouterr().err.strip().splitlines()[-1]  # after any progress bars
+    assert error.value.code == 2 and message.startswith(f"mic-diffrep {command}: error: ") and named in message
+    assert not out.exists()
 
 
 def test_run_recipe_defaults_are_the_pretraining_and_feature_defaults():

@@ -72,7 +72,7 @@ def test_a_run_destroys_the_process_group_it_started(tmp_path):
 def test_help_shows_defaults():
     result = _script("pretrain.py", "--help")
     assert result.returncode == 0
-    assert "(default: 112)" in result.stdout and "--save_images_epochs" in result.stdout
+    assert "(default: 64)" in result.stdout and "--save_images_epochs" in result.stdout
     assert "(default: ddim)" in result.stdout
 
 

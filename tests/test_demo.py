@@ -87,8 +87,8 @@ def test_occlusion_saliency_shape_range_and_determinism(sample_slice):
 def test_load_demo_model_offline_errors(classifier_folder, tmp_path):
     model, processor = load_demo_model(classifier_folder)
     assert model.config.id2label[3] == "pituitary" and processor.resolution == RESOLUTION
-    with pytest.raises(OSError, match="local_files_only=False"):
-        load_demo_model(str(tmp_path / "no-such-model"))
+    with pytest.raises(FileNotFoundError, match="local_files_only=False, or --allow_download"):
+        load_demo_model(str(tmp_path / "no-such-model"))  # a user error: `mic-diffrep demo` prints one line
 
 
 def free_port() -> int:

@@ -1,6 +1,7 @@
 """`mic-diffrep evaluate`, `mic-diffrep predict` and `mic-diffrep generate`: using trained models."""
 
 import json
+import math
 import os
 
 import torch
@@ -29,11 +30,29 @@ def _slices(namespace):
     return slice_selection(namespace.slice_axis, namespace.slice_range, namespace.keep_empty_slices)
 
 
+def _json_value(value):
+    """`value` for strict JSON: NaN (the recall of a class with no images) becomes null."""
+    if isinstance(value, float) and math.isnan(value):
+        return None
+    if isinstance(value, dict):
+        return {key: _json_value(item) for key, item in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_json_value(item) for item in value]
+    return value
+
+
+def _output_folder(path: str) -> None:
+    """Creates the folder of an output file before the work, so that a typo'd folder does not waste it."""
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+
+
 def evaluate(namespace) -> dict:
+    if namespace.output:
+        _output_folder(namespace.output)
     report = evaluate_folder(namespace.model, namespace.data_dir, namespace.splits, namespace.batch_size,
                              namespace.mixed_precision, namespace.skip_bad_images, _slices(namespace))
     if namespace.json:
-        print(json.dumps({k: v for k, v in report.items() if k != "skipped_images"}, indent=2))
+        print(json.dumps(_json_value(report), indent=2))
     else:
         recall = ", ".join(f"{name} {value:.3f}" for name, value in report["per_class_recall"].items())
         print(f"{report['num_examples']} images ({', '.join(report['splits'])}) of {namespace.data_dir}: accuracy "
@@ -41,7 +60,7 @@ def evaluate(namespace) -> dict:
               + (f"; {len(report['skipped_images'])} unreadable images skipped" if report["skipped_images"] else ""))
     if namespace.output:
         with open(namespace.output, "w", encoding="utf-8") as f:
-            json.dump(report, f, indent=2)
+            json.dump(_json_value(report), f, indent=2)
         png = os.path.splitext(namespace.output)[0] + "_confusion_matrix.png"
         plot_confusion_matrix(report["confusion_matrix"], list(report["per_class_recall"]), png,
                               title=f"{os.path.basename(os.path.abspath(namespace.model))} on {namespace.data_dir}")
@@ -62,6 +81,11 @@ def predict(namespace) -> list:
 
 
 def generate(namespace) -> None:
+    if namespace.num_images < 1:
+        raise ValueError(f"--num_images must be at least 1, got {namespace.num_images}.")
+    if namespace.num_inference_steps is not None and namespace.num_inference_steps < 1:
+        raise ValueError(f"--num_inference_steps must be at least 1, got {namespace.num_inference_steps}.")
+    _output_folder(namespace.output)
     pipe = load_pipeline(namespace.pretrained)
     pipe.to(precision_dtype(namespace.mixed_precision))
     if namespace.scheduler == "ddim":

@@ -7,16 +7,19 @@ import argparse
 import json
 import os
 import sys
+import typing
 from dataclasses import fields
+from typing import Optional
 
 import yaml
 
+from ..data import load_image_folder
 from ..features import FeatureArguments
 from ..models.mic_diffrep.unet import UNET_PRESETS
 from ..probing import ProbeArguments, run_probe
 from ..reporting.results import run_report_markdown
 from ..training import RECIPE_KEYS, PretrainingArguments, default_recipe, pretrain
-from ..utils import MIXED_PRECISION_CHOICES
+from ..utils import MIXED_PRECISION_CHOICES, check_value
 
 
 SAMPLE_DATA_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "sample_data",
@@ -75,14 +78,57 @@ def load_config(path_or_preset: str) -> dict:
     if not os.path.isfile(path_or_preset):
         raise FileNotFoundError(f"--config {path_or_preset!r} is neither a preset ({', '.join(RUN_PRESETS)}) nor a file.")
     with open(path_or_preset, encoding="utf-8") as f:
-        config = yaml.safe_load(f) if path_or_preset.endswith((".yaml", ".yml")) else json.load(f)
+        try:
+            config = yaml.safe_load(f) if path_or_preset.endswith((".yaml", ".yml")) else json.load(f)
+        except (yaml.YAMLError, json.JSONDecodeError) as error:
+            raise ValueError(f"--config {path_or_preset} cannot be read: {' '.join(str(error).split())}") from None
     config = config or {}
     if not isinstance(config, dict):
         raise ValueError(f"--config {path_or_preset}: expected a mapping of settings, got {type(config).__name__}.")
     unknown = sorted(set(config) - set(RUN_DEFAULTS))
     if unknown:
         raise ValueError(f"--config {path_or_preset}: unknown key(s) {unknown}; known keys are {sorted(RUN_DEFAULTS)}.")
+    check_config(config, source=f"--config {path_or_preset}")
     return config
+
+
+# Settings of `mic-diffrep run` that are counts (at least 1).
+_COUNT_KEYS = ("pretrain_epochs", "pretrain_batch_size", "num_samples", "sampling_steps", "probe_epochs",
+               "probe_batch_size", "hidden_size", "num_noise_samples", "resolution")
+
+
+def _config_annotation(key: str):
+    """The type of run setting `key`: that of the `PretrainingArguments` or `ProbeArguments` field of its name,
+    else that of its default."""
+    for settings in (PretrainingArguments, ProbeArguments):
+        hints = typing.get_type_hints(settings)
+        if key in hints:
+            return hints[key]
+    return type(RUN_DEFAULTS[key])
+
+
+def check_config(config: dict, source: Optional[str] = None) -> None:
+    """Checks the types, choices and counts of run settings, naming each by its flag (`--key`) or, with `source`,
+    by the file it came from."""
+    for key, value in config.items():
+        name = f"{source}: `{key}`" if source else f"--{key}"
+        check_value(name, value, _config_annotation(key))
+        if key in _COUNT_KEYS and value < 1:
+            raise ValueError(f"{name} must be at least 1, got {value}.")
+        if key == "probe_learning_rate" and value <= 0:
+            raise ValueError(f"{name} must be positive, got {value}.")
+
+
+def check_run(config: dict, pretraining_args: PretrainingArguments, probe_args: ProbeArguments) -> None:
+    """What would otherwise fail only after pretraining: the probe's timesteps and the data's labels."""
+    bad = [t for t in probe_args.timesteps if not 0 <= t < pretraining_args.ddpm_num_steps]
+    if bad:
+        raise ValueError(f"`timesteps` {bad}: read-out timesteps must be in [0, {pretraining_args.ddpm_num_steps}).")
+    dataset = load_image_folder(config["data_dir"])
+    if any("label" not in split.features for split in dataset.values()):
+        raise ValueError(f"`data_dir` {config['data_dir']} has no labels: linear probing needs class sub-folders "
+                         f"(e.g. Training/glioma/*.jpg, at least two classes). Pretrain on unlabelled images with "
+                         f"`mic-diffrep pretrain`.")
 
 
 def run_config(namespace) -> dict:
@@ -90,7 +136,9 @@ def run_config(namespace) -> dict:
     config = dict(RUN_DEFAULTS)
     if namespace.config:
         config.update(load_config(namespace.config))
-    config.update({k: v for k, v in vars(namespace).items() if v is not None and k in RUN_DEFAULTS})
+    flags = {k: v for k, v in vars(namespace).items() if v is not None and k in RUN_DEFAULTS}
+    check_config(flags)
+    config.update(flags)
     return config
 
 
@@ -122,6 +170,7 @@ def run(namespace) -> dict:
     """The whole method: pretrain -> sample grid -> features -> SL sweep + MSFA -> evaluation -> model -> report."""
     config = run_config(namespace)
     pretraining_args, probe_args = pretraining_arguments(config), probe_arguments(config)
+    check_run(config, pretraining_args, probe_args)
     print(f"[1/2] Pretraining into {pretraining_args.output_dir}", flush=True)
     pretraining = pretrain(pretraining_args)
     print(f"[2/2] Linear probing into {probe_args.output_dir}", flush=True)
@@ -182,7 +231,10 @@ def register(subparsers) -> None:
         else:
             parser.add_argument(f"--{name}", type=kind, default=None, help=help_text)
     parser.add_argument("--num_samples", type=int, default=None, help="Images in the sample grid (default 16).")
-    parser.add_argument("--sampling_steps", type=int, default=None, help="Steps of the sample grid's sampler.")
+    parser.add_argument("--sample_scheduler", type=str, default=None, choices=["ddim", "ddpm"],
+                        help="Sampler of the sample grid (default ddim; the paper's: ddpm).")
+    parser.add_argument("--sampling_steps", type=int, default=None,
+                        help=f"Steps of the sample grid's sampler (default {RUN_DEFAULTS['sampling_steps']}).")
     parser.add_argument("--timesteps", type=int, nargs="+", default=None,
                         help="Timesteps of the probe sweep (default "
                              f"{' '.join(map(str, RUN_DEFAULTS['timesteps']))}).")

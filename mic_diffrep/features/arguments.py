@@ -8,6 +8,7 @@ from typing import List, Literal, Optional
 
 from ..data.medical import SLICE_FLAG_HELP, SliceSelection, slice_selection
 from ..models.mic_diffrep.unet_features import DEFAULT_POOLING, DEFAULT_TIMESTEPS
+from ..utils import check_settings
 
 
 @dataclass(kw_only=True)
@@ -38,6 +39,7 @@ class FeatureArguments:
                 "only)."})
 
     def __post_init__(self):
+        check_settings(self)
         if not self.timesteps:
             raise ValueError("`timesteps` must name at least one timestep.")
         for name in ("pooling_grid_size", "num_noise_samples", "batch_size"):

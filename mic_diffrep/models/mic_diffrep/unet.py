@@ -60,6 +60,26 @@ UNET_PRESETS["mini"] = dict(UNET_PRESETS["base"], block_out_channels=(8, 16, 32,
 DEFAULT_UNET = "small"
 
 
+def load_unet_config(model_config_name_or_path: Optional[str] = None) -> dict:
+    """The `UNet2DModel` settings of a preset name (`UNET_PRESETS`), a UNet `config.json`, or a folder holding one
+    (default: `DEFAULT_UNET`)."""
+    name = model_config_name_or_path or DEFAULT_UNET
+    if name in UNET_PRESETS:
+        return dict(UNET_PRESETS[name])
+    path = os.path.join(name, "config.json") if os.path.isdir(name) else name
+    if not os.path.isfile(path):
+        raise ValueError(f"`model_config_name_or_path` {name!r} is neither a preset ({', '.join(UNET_PRESETS)}) nor a "
+                         f"UNet config.json file or a folder containing one.")
+    try:
+        with open(path, encoding="utf-8") as f:
+            config = json.load(f)
+    except (UnicodeDecodeError, json.JSONDecodeError) as error:
+        raise ValueError(f"`model_config_name_or_path` {path!r} is not a JSON file: {error}") from None
+    if not isinstance(config, dict):
+        raise ValueError(f"`model_config_name_or_path` {path!r} does not hold a UNet config (a JSON object).")
+    return {k: v for k, v in config.items() if not k.startswith("_")}
+
+
 def create_unet(resolution: int, model_config_name_or_path: Optional[str] = None,
                 self_conditioning: bool = False) -> UNet2DModel:
     """Builds a freshly initialised `UNet2DModel` for `resolution` x `resolution` grey images.
@@ -81,18 +101,7 @@ def create_unet(resolution: int, model_config_name_or_path: Optional[str] = None
     (32, 1)
     ```
     """
-    name = model_config_name_or_path or DEFAULT_UNET
-    if name in UNET_PRESETS:
-        config = dict(UNET_PRESETS[name])
-    else:
-        path = os.path.join(name, "config.json") if os.path.isdir(name) else name
-        if not os.path.isfile(path):
-            raise ValueError(
-                f"`model_config_name_or_path` {name!r} is neither a preset ({', '.join(UNET_PRESETS)}) "
-                f"nor a UNet config.json file or a folder containing one."
-            )
-        with open(path, encoding="utf-8") as f:
-            config = {k: v for k, v in json.load(f).items() if not k.startswith("_")}
+    config = load_unet_config(model_config_name_or_path)
     config["sample_size"] = resolution
     if self_conditioning:
         config["in_channels"] = 2 * config["out_channels"]
