@@ -126,6 +126,18 @@ def test_evaluate_checks_the_data_folder_before_loading_the_model(model_dir, tmp
     assert error.value.code == 2 and "validation" in capsys.readouterr().err
 
 
+def test_probe_checks_for_labels_before_decoding(unlabelled_folder, tmp_path, capsys):
+    from mic_diffrep import DiffusionFeaturePipeline, create_scheduler, create_unet
+
+    DiffusionFeaturePipeline(create_unet(16, "tiny"), create_scheduler()).save_pretrained(tmp_path / "pipe")
+    out = tmp_path / "probe"
+    with pytest.raises(SystemExit) as error:
+        cli(["probe", "--pretrained", str(tmp_path / "pipe"), "--data_dir", unlabelled_folder, "--output_dir",
+             str(out), "--timesteps", "10"])
+    assert error.value.code == 2 and "has no labels" in capsys.readouterr().err
+    assert not out.exists()  # no decoded-image cache left behind
+
+
 def test_generate_on_a_baseline_folder_is_a_clear_error(tmp_path, capsys):
     save_baseline(create_baseline("byol", resolution=16), str(tmp_path / "byol"))
     with pytest.raises(SystemExit) as error:

@@ -34,10 +34,12 @@ class ProbeSplits:
     leakage: Optional[dict] = None  # the leakage report's counts
 
 
-def _labelled(decoded: DecodedImages, what: str) -> DecodedImages:
-    if decoded.labels is None:
-        raise ValueError(f"{what} has no labels: linear probing needs class sub-folders (e.g. Training/glioma/*.jpg).")
-    return decoded
+def _labelled(dataset, what: str):
+    """`dataset` (an image folder's split, not yet decoded), checked for labels before any decoding."""
+    if "label" not in dataset.features:
+        raise ValueError(f"{what} has no labels: linear probing needs class sub-folders (e.g. Training/glioma/*.jpg, "
+                         f"at least two classes).")
+    return dataset
 
 
 def _align_labels(test: DecodedImages, train_names: List[str], what: str) -> DecodedImages:
@@ -87,15 +89,17 @@ def _train_and_test(args: ProbeArguments, decode):
     if args.test_data_dir:
         _, train_set = select_splits(splits, train_splits)
         _, test_set = select_splits(load_image_folder(args.test_data_dir), ["all"], "test_data_dir")
-        train = _labelled(decode(train_set), args.data_dir)
-        test = _align_labels(_labelled(decode(test_set), args.test_data_dir), train.label_names, args.test_data_dir)
+        train_set, test_set = _labelled(train_set, args.data_dir), _labelled(test_set, args.test_data_dir)
+        train = decode(train_set)
+        test = _align_labels(decode(test_set), train.label_names, args.test_data_dir)
         return train, test, f"--test_data_dir {args.test_data_dir}"
     if "test" in splits and train_splits:
         _, train_set = select_splits(splits, train_splits)
-        train = _labelled(decode(train_set), args.data_dir)
-        test = _align_labels(_labelled(decode(splits["test"]), args.data_dir), train.label_names, args.data_dir)
+        train_set, test_set = _labelled(train_set, args.data_dir), _labelled(splits["test"], args.data_dir)
+        train = decode(train_set)
+        test = _align_labels(decode(test_set), train.label_names, args.data_dir)
         return train, test, f"the test split of {args.data_dir}"
-    everything = _labelled(decode(select_splits(splits, ["all"])[1]), args.data_dir)
+    everything = decode(_labelled(select_splits(splits, ["all"])[1], args.data_dir))
     threshold = args.duplicate_threshold or DEFAULT_THRESHOLD
     groups = _split_groups(everything, threshold)
     train_idx, test_idx = group_stratified_split(everything.labels, groups, args.test_split, seed=args.seed)
