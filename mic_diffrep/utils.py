@@ -1,12 +1,13 @@
 """Small helpers shared by training, feature extraction and benchmarks."""
 
 import contextlib
+import dataclasses
+import logging
+import numbers
 import os
 import platform
 import resource
 import sys
-import dataclasses
-import numbers
 import typing
 from typing import Literal, Optional, Union
 
@@ -115,7 +116,22 @@ def create_accelerator(**kwargs):
         check_mixed_precision(kwargs.get("mixed_precision") or os.environ.get("ACCELERATE_MIXED_PRECISION"), "cpu")
     accelerator = Accelerator(**kwargs)
     check_mixed_precision(accelerator.mixed_precision, accelerator.device)
+    if accelerator.device.type == "cpu":
+        _warn_unused_cores(accelerator.num_processes)
     return accelerator
+
+
+def _warn_unused_cores(num_processes: int) -> None:
+    """`accelerate launch` without `--num_cpu_threads_per_process` sets OMP_NUM_THREADS=1: on a CPU that leaves
+    cores idle (one process on 2 cores trains at about 0.57x)."""
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    per_process = max(cores // max(num_processes, 1), 1)
+    if torch.get_num_threads() < per_process and os.environ.get("OMP_NUM_THREADS"):
+        logging.getLogger(__name__).warning(
+            "Running on %d torch thread(s) per process with %d CPU cores for %d process(es): OMP_NUM_THREADS=%s "
+            "(which `accelerate launch` sets to 1 unless told otherwise). For full speed: `accelerate launch "
+            "--num_cpu_threads_per_process %d ...`.", torch.get_num_threads(), cores, num_processes,
+            os.environ["OMP_NUM_THREADS"], per_process)
 
 
 @contextlib.contextmanager

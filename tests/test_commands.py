@@ -138,6 +138,29 @@ def test_probe_checks_for_labels_before_decoding(unlabelled_folder, tmp_path, ca
     assert not out.exists()  # no decoded-image cache left behind
 
 
+def test_probe_refuses_push_to_hub_for_a_baseline_before_any_work(kaggle_folder, tmp_path, capsys):
+    save_baseline(create_baseline("byol", resolution=16), str(tmp_path / "byol"))
+    out = tmp_path / "probe"
+    with pytest.raises(SystemExit) as error:
+        cli(["probe", "--pretrained", str(tmp_path / "byol"), "--data_dir", kaggle_folder, "--output_dir", str(out),
+             "--push_to_hub", "--hub_model_id", "me/byol-probe"])
+    assert error.value.code == 2 and "scored only" in capsys.readouterr().err and not out.exists()
+
+
+def test_a_cpu_run_warns_when_accelerate_leaves_cores_idle(monkeypatch, caplog):
+    from mic_diffrep.utils import create_accelerator
+
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")  # what `accelerate launch` sets unless given a thread count
+    monkeypatch.setattr("os.sched_getaffinity", lambda pid: {0, 1})
+    monkeypatch.setattr("torch.get_num_threads", lambda: 1)
+    create_accelerator()
+    assert "--num_cpu_threads_per_process 2" in caplog.text
+    caplog.clear()
+    monkeypatch.setattr("torch.get_num_threads", lambda: 2)
+    create_accelerator()
+    assert "num_cpu_threads_per_process" not in caplog.text
+
+
 def test_generate_on_a_baseline_folder_is_a_clear_error(tmp_path, capsys):
     save_baseline(create_baseline("byol", resolution=16), str(tmp_path / "byol"))
     with pytest.raises(SystemExit) as error:

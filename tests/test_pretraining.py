@@ -220,3 +220,49 @@ def test_push_to_hub_uploads_the_pipeline_folder_without_checkpoints(unlabelled_
     assert uploaded["repo_id"] == "me/mri-ddpm"
     assert {"model_index.json", "unet", "scheduler"} <= set(uploaded["files"])
     assert "checkpoint-*" in uploaded["ignore_patterns"] and ".cache/*" in uploaded["ignore_patterns"]
+
+
+def test_push_to_hub_fails_before_training_when_the_repository_cannot_be_made(unlabelled_folder, tmp_path):
+    from unittest import mock
+
+    from mic_diffrep.reporting import HubError
+
+    out = tmp_path / "out"
+    with mock.patch("huggingface_hub.HfApi.create_repo", side_effect=ConnectionError("Name or service not known")):
+        with pytest.raises(HubError, match="cannot create the Hub repository 'me/mri-ddpm'.*Name or service"):
+            main(tiny_args(unlabelled_folder, str(out), "--max_train_steps", "2", "--push_to_hub",
+                           "--hub_model_id", "me/mri-ddpm"))
+    assert not out.exists()  # nothing trained, nothing decoded
+
+
+def test_a_failed_upload_keeps_the_trained_pipeline_and_says_how_to_upload_it(unlabelled_folder, tmp_path):
+    from unittest import mock
+
+    from mic_diffrep.reporting import HubError
+
+    out = str(tmp_path / "out")
+    with mock.patch("huggingface_hub.HfApi.create_repo", return_value=mock.Mock(repo_id="me/mri-ddpm")), \
+            mock.patch("huggingface_hub.HfApi.upload_folder", side_effect=ConnectionError("reset")):
+        with pytest.raises(HubError, match="huggingface-cli upload me/mri-ddpm"):
+            main(tiny_args(unlabelled_folder, out, "--max_train_steps", "2", "--push_to_hub",
+                           "--hub_model_id", "me/mri-ddpm"))
+    assert os.path.isfile(os.path.join(out, "model_index.json"))
+
+
+def test_a_time_budget_stop_saves_a_checkpoint_that_resumes(unlabelled_folder, tmp_path):
+    out = str(tmp_path / "out")
+    budget = ["--num_epochs", "1000", "--time_budget_minutes", "0.0001", "--checkpointing_steps", "1000"]
+    first = main(tiny_args(unlabelled_folder, out, *budget))
+    assert first["stop_reason"] == "time_budget_minutes"
+    assert os.path.isdir(os.path.join(out, f"checkpoint-{first['global_step']}"))
+    second = main(tiny_args(unlabelled_folder, out, *budget, "--resume_from_checkpoint", "latest"))
+    assert second["global_step"] > first["global_step"]  # continued, not started again
+
+
+def test_resuming_with_other_settings_is_a_clear_error_that_keeps_the_checkpoint(unlabelled_folder, tmp_path):
+    out = str(tmp_path / "out")
+    main(tiny_args(unlabelled_folder, out, "--max_train_steps", "2", "--checkpointing_steps", "2"))
+    with pytest.raises(ValueError, match="checkpoint-2.*other settings"):
+        main(tiny_args(unlabelled_folder, out, "--max_train_steps", "4", "--use_ema",
+                       "--resume_from_checkpoint", "latest"))
+    assert os.path.isdir(os.path.join(out, "checkpoint-2"))

@@ -51,6 +51,7 @@ class FeatureExtractor(Protocol):
     source: Optional[str]  # the folder it was loaded from
     preprocessing: ImagePreprocessing
     layer_names: List[str]
+    exportable: bool  # whether `classifier` makes a transformers model folder (baselines and CLIP: scored only)
 
     def to(self, *args, **kwargs) -> "FeatureExtractor":
         """Moves or casts the model like `nn.Module.to` (`.to(torch.bfloat16)` extracts in bf16)."""
@@ -77,6 +78,7 @@ class DiffusionFeatureExtractor:
     """`DiffusionFeaturePipeline.extract_features` behind the `FeatureExtractor` interface."""
 
     name = "micdiffrep"
+    exportable = True
 
     def __init__(self, pipeline: DiffusionFeaturePipeline, source: Optional[str] = None):
         self.pipeline = pipeline
@@ -153,6 +155,7 @@ class EncoderFeatureExtractor:
     `"encoder"`; noise levels do not apply, so features are keyed with timestep 0."""
 
     layer_names = ["encoder"]
+    exportable = False
 
     def __init__(self, model: nn.Module, source: Optional[str] = None):
         self.model = model.eval()

@@ -20,6 +20,7 @@ test split is scored once, at the end.
 import logging
 import os
 import sys
+from dataclasses import replace
 from typing import Dict, Optional, Tuple
 
 import torch
@@ -27,6 +28,7 @@ import torch
 from ..data import DecodedImages
 from ..features import (FeatureExtractor, StaleFeatureCacheError, extract_sharded, load_feature_extractor,
                         load_features, prepare_extractor, save_features)
+from ..reporting.hub import create_hub_repo
 from ..utils import create_accelerator, environment_info, output_folder
 from .arguments import ProbeArguments
 from .export import write_model_folder, write_results
@@ -75,6 +77,14 @@ def _run_probe(args: ProbeArguments, extractor: Optional[FeatureExtractor]) -> d
                          random_flip=args.random_flip, seed=args.seed)
     accelerator = create_accelerator()
     extractor = extractor or load_feature_extractor(args.pretrained, args.resolution)
+    if args.push_to_hub:  # checked before the work, not after it
+        if not extractor.exportable:
+            raise ValueError(f"--push_to_hub: {args.pretrained} is a {extractor.name} folder, which is scored only; "
+                             f"a classifier folder to upload is made from a diffusion pipeline.")
+        if accelerator.is_main_process:
+            args = replace(args, hub_model_id=create_hub_repo(
+                args.hub_model_id or os.path.basename(os.path.abspath(args.output_dir)), args.hub_token,
+                args.hub_private_repo))
     extractor = prepare_extractor(extractor, args, accelerator)
     args = extractor.resolve(args)
 

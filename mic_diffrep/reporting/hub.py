@@ -22,13 +22,34 @@ HUB_FILES = (".json", ".safetensors", ".py", ".md", ".png")
 PIPELINE_IGNORE_PATTERNS = ("checkpoint-*", ".cache/*", ".tmp-*", "logs/*")
 
 
+class HubError(ValueError):
+    """A Hub repository that cannot be created or uploaded to (no network, no login, no rights): one line, naming
+    the repository; the files written locally stay where they are."""
+
+
+def _one_line(error: Exception) -> str:
+    return " ".join(f"{type(error).__name__}: {error}".split())
+
+
+def create_hub_repo(repo_id: str, token: Optional[str] = None, private: bool = False) -> str:
+    """Creates `repo_id` if needed and returns its full id. Runs with `--push_to_hub` call it before their work (as
+    diffusers' training scripts do), so that a run that could not upload fails at once, not after training."""
+    try:
+        return HfApi(token=token).create_repo(repo_id, private=private, exist_ok=True).repo_id
+    except Exception as error:  # connection, login and HTTP errors alike
+        raise HubError(f"--push_to_hub: cannot create the Hub repository {repo_id!r} ({_one_line(error)}).") from error
+
+
 def push_folder(folder: str, repo_id: str, token: Optional[str] = None, private: bool = False,
                 commit_message: str = "Upload", ignore_patterns: Optional[Sequence[str]] = None) -> str:
     """Creates `repo_id` if needed and uploads `folder` into it; returns the repository id."""
-    api = HfApi(token=token)
-    repo_id = api.create_repo(repo_id, private=private, exist_ok=True).repo_id
-    api.upload_folder(repo_id=repo_id, folder_path=folder, commit_message=commit_message,
-                      ignore_patterns=list(ignore_patterns) if ignore_patterns else None)
+    repo_id = create_hub_repo(repo_id, token, private)
+    try:
+        HfApi(token=token).upload_folder(repo_id=repo_id, folder_path=folder, commit_message=commit_message,
+                                         ignore_patterns=list(ignore_patterns) if ignore_patterns else None)
+    except Exception as error:
+        raise HubError(f"--push_to_hub: the upload to {repo_id!r} failed ({_one_line(error)}); nothing local was "
+                       f"lost: upload the folder later with `huggingface-cli upload {repo_id} {folder}`.") from error
     return repo_id
 
 

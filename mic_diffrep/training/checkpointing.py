@@ -80,12 +80,18 @@ def resume_training_state(accelerator, output_dir: str, resume_from_checkpoint: 
         return 0, 0, 0
     path = _latest_checkpoint(output_dir) if resume_from_checkpoint == "latest" else resume_from_checkpoint
     if path is None:
-        logger.info("No checkpoint in %s: starting a new training run.", output_dir)
+        logger.warning("No checkpoint in %s: starting a new training run (its model files there will be replaced).",
+                       output_dir)
         return 0, 0, 0
     if not os.path.isdir(path):
         raise FileNotFoundError(f"`resume_from_checkpoint` {path!r} is not a checkpoint folder.")
     logger.info("Resuming from %s", path)
-    accelerator.load_state(path)
+    try:
+        accelerator.load_state(path)
+    except (RuntimeError, KeyError) as error:
+        first_line = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        raise ValueError(f"`resume_from_checkpoint` {path!r} was written by a run with other settings (model, "
+                         f"--use_ema, optimizer; it is left as it is): {first_line}") from error
     with open(os.path.join(path, "training_state.json"), encoding="utf-8") as f:
         state = json.load(f)
     return state["global_step"], state["epoch"], state["batches_done"]

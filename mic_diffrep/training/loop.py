@@ -174,6 +174,8 @@ def train_one_epoch(state: TrainingState, accelerator, model, loader, dataset, o
                                             args.time_budget_minutes)
         if interrupt.requested:
             state.stop_reason = "interrupted"
+        if state.stop_reason in ("interrupted", "time_budget_minutes") and \
+                state.global_step % args.checkpointing_steps:  # a run cut short can be resumed
             save_training_state(accelerator, args.output_dir, state.global_step, state.epoch, batch_index + 1,
                                 args.checkpoints_total_limit)
         if state.stop_reason:
