@@ -98,6 +98,15 @@ def test_baseline_pretraining_output_plugs_into_the_probe(method, kaggle_folder,
     assert not os.path.exists(tmp_path / "probe" / "model.safetensors")  # no UNet classifier for baselines
 
 
+def test_baseline_pretraining_logs_to_tensorboard_as_the_diffusion_one_does(kaggle_folder, tmp_path):
+    out = tmp_path / "byol"
+    pretrain_baseline(parse(BaselinePretrainingArguments, [
+        "--method", "byol", "--train_data_dir", kaggle_folder, "--output_dir", str(out), "--resolution", "16",
+        "--train_batch_size", "8", "--max_train_steps", "1"]))  # --logger tensorboard is the default
+    events = [name for _, _, names in os.walk(out / "logs") for name in names if name.startswith("events.out")]
+    assert events
+
+
 def test_local_clip_vision_model_plugs_into_the_probe(kaggle_folder, tmp_path):
     from transformers import CLIPVisionConfig, CLIPVisionModel
 

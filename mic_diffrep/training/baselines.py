@@ -33,7 +33,7 @@ def pretrain_baseline(args: BaselinePretrainingArguments) -> dict:
 
 
 def _pretrain_baseline(args: BaselinePretrainingArguments) -> dict:
-    accelerator = make_accelerator(args)
+    accelerator = make_accelerator(args, log_with=None if args.logger == "none" else args.logger)
     torch.manual_seed(args.seed)
 
     decoded, splits = load_training_images(args, accelerator)
@@ -45,6 +45,9 @@ def _pretrain_baseline(args: BaselinePretrainingArguments) -> dict:
                                   eps=args.adam_epsilon)
     max_train_steps, num_epochs, lr_scheduler = plan_schedule(args, loader, optimizer, accelerator)
     model, optimizer, loader, lr_scheduler = accelerator.prepare(model, optimizer, loader, lr_scheduler)
+    if accelerator.is_main_process and args.logger != "none":
+        accelerator.init_trackers(f"mic-diffrep-pretrain-{args.method}", config={
+            k: (v if isinstance(v, (int, float, str, bool)) else str(v)) for k, v in vars(args).items()})
     logger.info("Pretraining %s on %d images (%s), %d steps", args.method, len(decoded), splits, max_train_steps)
 
     def compute_loss(model, pixel_values, generator):
