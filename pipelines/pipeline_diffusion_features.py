@@ -18,7 +18,7 @@ from diffusers.utils.torch_utils import randn_tensor
 from tqdm.auto import tqdm
 
 from mic_diffrep.models.mic_diffrep.preprocessing import (INTENSITY_WINDOWS, RESIZE_MODES, ImagePreprocessing,
-                                                          as_image_list, check_choice, pixels_to_model_input)
+                                                          check_choice, image_list_with_ids, pixels_to_model_input)
 from mic_diffrep.utils import progress_interval
 from mic_diffrep.models.mic_diffrep.unet_features import (DEFAULT_POOLING, DEFAULT_TIMESTEPS, POOLING_CHOICES,
                                                           block_names, check_layers, concatenate_features,
@@ -54,11 +54,14 @@ class DiffusionFeaturesOutput(BaseOutput):
             pooled features of shape `(N, C)` (float32, on CPU) for every `(layer, timestep)`, images in input order.
         layers (`List[str]`): the layers, in UNet execution order.
         timesteps (`List[int]`): the timesteps, in the order asked for.
+        image_ids (`List[Optional[str]]`): one per row: the file an image came from (`"<path>#slice=<k>"` for slice
+            `k` of a multi-slice DICOM / NIfTI file, which gives several rows), `None` for an image given in memory.
     """
 
     features: Dict[Tuple[str, int], torch.Tensor]
     layers: List[str]
     timesteps: List[int]
+    image_ids: Optional[List[Optional[str]]] = None
 
     def concatenate(self, layers: Optional[Sequence[str]] = None, timesteps: Optional[Sequence[int]] = None):
         """Features of several layers and timesteps side by side, shape `(N, sum of C)`: the MSFA input (eq. 4)."""
@@ -129,20 +132,24 @@ class DiffusionFeaturePipeline(DiffusionPipeline):
         if num_noise_samples < 1 or batch_size < 1:
             raise ValueError("`num_noise_samples` and `batch_size` must be at least 1.")
 
-    def prepare_pixels(self, images) -> torch.Tensor:
+    def prepare_pixels(self, images, return_ids: bool = False):
         """Images (PIL / numpy / tensors / file paths, one or a list, or a batch tensor) to uint8 `(N, 1, R, R)`.
 
         Uses the shared preprocessing of pretraining; uint8 `(N, 1, R, R)` pixels (a decode cache) pass through. A
-        DICOM or NIfTI file path gives one row per slice (see `mic_diffrep.preprocessing.as_image_list`).
+        DICOM or NIfTI file path gives one row per slice (see `mic_diffrep.preprocessing.as_image_list`). With
+        `return_ids`, also the id of each row (`image_list_with_ids`: a file's path, `"<path>#slice=<k>"` for a
+        slice, `None` for an image given in memory).
         """
         resolution = self.resolution
         if (isinstance(images, torch.Tensor) and images.ndim == 4 and images.dtype == torch.uint8
                 and tuple(images.shape[1:]) == (1, resolution, resolution)):
-            return images.cpu()
-        pixels = [self.preprocessing(image) for image in as_image_list(images)]
-        if not pixels:
-            raise ValueError("No images given.")
-        return torch.stack(pixels)
+            pixels, ids = images.cpu(), [None] * len(images)
+        else:
+            image_list, ids = image_list_with_ids(images)
+            if not image_list:
+                raise ValueError("No images given.")
+            pixels = torch.stack([self.preprocessing(image) for image in image_list])
+        return (pixels, ids) if return_ids else pixels
 
     def prepare_noise_seeds(self, num_images: int, generator=None, noise_seeds=None) -> torch.Tensor:
         """One noise seed per image, fixed up front, so an image's noise does not depend on the batch size.
@@ -223,7 +230,7 @@ class DiffusionFeaturePipeline(DiffusionPipeline):
         layers = sorted(dict.fromkeys(layers), key=order.__getitem__)
 
         # 2. Preprocess images and fix each image's noise seed
-        pixels = self.prepare_pixels(images)
+        pixels, image_ids = self.prepare_pixels(images, return_ids=True)
         seeds = self.prepare_noise_seeds(len(pixels), generator, noise_seeds)
         alphas_cumprod = self.scheduler.alphas_cumprod
         shape = (self.unet.config.out_channels, self.resolution, self.resolution)
@@ -243,7 +250,7 @@ class DiffusionFeaturePipeline(DiffusionPipeline):
         features = {key: torch.cat(chunks) for key, chunks in collected.items()}
         if not return_dict:
             return features, layers, timesteps
-        return DiffusionFeaturesOutput(features=features, layers=layers, timesteps=timesteps)
+        return DiffusionFeaturesOutput(features=features, layers=layers, timesteps=timesteps, image_ids=image_ids)
 
     @torch.inference_mode()
     @replace_example_docstring(EXAMPLE_DOC_STRING)

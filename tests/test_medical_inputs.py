@@ -183,8 +183,10 @@ def test_pipeline_and_processor_take_nifti_paths(mixed_folder):
     pipe.set_progress_bar_config(disable=True)
     out = pipe.extract_features([volume, png], timesteps=[5], layers=["mid_block"])
     assert out.features[("mid_block", 5)].shape[0] == 5  # 4 slices + 1 image
-    expected = decode_images([volume, png], pipe.preprocessing, show_progress=False).pixels
-    assert torch.equal(pipe.prepare_pixels([volume, png]), expected)
+    decoded = decode_images([volume, png], pipe.preprocessing, show_progress=False)
+    assert torch.equal(pipe.prepare_pixels([volume, png]), decoded.pixels)
+    assert out.image_ids == decoded.paths and "vol.nii.gz#slice=" in out.image_ids[0]  # rows back to files
+    assert pipe.extract_features(decoded.pixels[:1], timesteps=[5], layers=["mid_block"]).image_ids == [None]
 
     processor = MicDiffRepImageProcessor(resolution=16)
     pixel_values = processor(volume, return_tensors="pt")["pixel_values"]

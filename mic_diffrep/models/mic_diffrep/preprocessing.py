@@ -289,17 +289,27 @@ def as_image_list(images, slices=None) -> list:
     """One image or a batch as a list of images; a 4-D tensor or array is a batch (`(N, C, H, W)` for tensors,
     `(N, H, W, C)` for arrays). A path to a DICOM or NIfTI file becomes its slices, one image each, in order
     (`slices`: a `mic_diffrep.data.medical.SliceSelection`; `None`: every non-empty axial slice)."""
+    return image_list_with_ids(images, slices)[0]
+
+
+def image_list_with_ids(images, slices=None) -> Tuple[list, List[Optional[str]]]:
+    """`as_image_list`, and one id per image: for an image given as a file path, the path (`"<path>#slice=<k>"` for
+    slice `k` of a multi-slice DICOM / NIfTI file, as `decode_images` names them); `None` for one given in memory."""
     if isinstance(images, (PIL.Image.Image, str, os.PathLike)) or is_medical_slice(images) or (
         isinstance(images, (np.ndarray, torch.Tensor)) and images.ndim <= 3
     ):
         images = [images]
-    expanded = []
+    expanded, ids = [], []
     for image in images:
         if is_medical_path(image):
-            expanded.extend(read_medical_file(image, slices))
+            file_slices = read_medical_file(image, slices)
+            expanded.extend(file_slices)
+            ids.extend(os.fspath(image) if item.slice_index is None else f"{os.fspath(image)}#slice={item.slice_index}"
+                       for item in file_slices)
         else:
             expanded.append(image)
-    return expanded
+            ids.append(os.fspath(image) if isinstance(image, (str, os.PathLike)) else None)
+    return expanded, ids
 
 
 def preprocess_images(
