@@ -202,6 +202,7 @@ def format_gap(gap) -> str:
 
 def main():
     args = parse_args()
+    os.makedirs(os.path.dirname(os.path.abspath(args.output)), exist_ok=True)  # before the work, not after it
     logging.basicConfig(format="%(asctime)s - %(levelname)s - %(name)s - %(message)s", level=logging.INFO)
     bench = splits = None
     feature_args = readout_arguments(args.flip_average, args.pooling)

@@ -90,6 +90,7 @@ def command_line() -> str:
     """The command that is running, quoted so that it can be pasted into a shell."""
     return "python " + shlex.join([os.path.relpath(sys.argv[0], REPO)] + sys.argv[1:])
 
+
 def common_argv(data_dir: str, work_dir: str, resolution: int, seed: int) -> List[str]:
     # the real path: a run or calibration is the same whichever way its folder was named (`../shared` or not)
     return ["--train_data_dir", os.path.realpath(os.path.join(data_dir, "Training")), "--resolution", str(resolution),

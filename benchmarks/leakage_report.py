@@ -84,7 +84,7 @@ def main():
         "label).",
         f"- {o['num_near']} of {o['num_test']} figshare_or_br35h images have a near-duplicate among the sartaj images "
         f"({o['num_mirrored']} mirrored, {o['num_exact']} exact; {o['num_different_label']} with a different label).",
-        "", "The duplicate groups are listed in `leakage_groups.csv`.", "",
+        "", f"The duplicate groups are listed in `{os.path.basename(args.output)}_groups.csv`.", "",
     ]
     with open(args.output + ".md", "w") as f:
         f.write("\n".join(lines))

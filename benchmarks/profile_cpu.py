@@ -19,7 +19,7 @@ from torch.profiler import ProfilerActivity, profile
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-from common import REPO, environment_info  # noqa: E402
+from common import REPO, command_line, environment_info  # noqa: E402
 from diffusers import DDIMScheduler  # noqa: E402
 from mic_diffrep import DiffusionFeaturePipeline  # noqa: E402
 from mic_diffrep.data.augmentations import PretrainingAugment  # noqa: E402
@@ -129,8 +129,9 @@ def main():
     parser.add_argument("--output_dir", default=os.path.join(REPO, "benchmarks", "results"))
     parser.add_argument("--iterations", type=int, default=5)
     args = parser.parse_args()
+    os.makedirs(args.output_dir, exist_ok=True)
     env = environment_info()
-    header = (f"Command: `python benchmarks/profile_cpu.py`  \nMachine: {env['processor']}, {env['cpu_count']} CPUs, "
+    header = (f"Command: `{command_line()}`  \nMachine: {env['processor']}, {env['cpu_count']} CPUs, "
               f"{env['torch_num_threads']} torch threads; torch {env['torch']}, diffusers {env['diffusers']}\n\n"
               f"UNet `{PRESET}` at 64 px (random weights: the time does not depend on them).\n\n")
     parts = {"pretraining": profile_pretraining(32, args.iterations),

@@ -209,6 +209,8 @@ def load_demo_model(model: Union[str, os.PathLike, MicDiffRepForImageClassificat
     `local_files_only=False`). A model given without a processor gets the default one at its resolution."""
     if isinstance(model, (str, os.PathLike)):
         name = os.fspath(model)
+        if os.path.isfile(name):
+            raise FileNotFoundError(f"{name!r} is a file; give the model folder (from `mic-diffrep probe` or `run`).")
         if os.path.isdir(name):
             model, folder_processor = load_classifier(name)
         else:

@@ -28,6 +28,8 @@ def load_classifier(model_dir: str, mixed_precision: Optional[str] = None):
     loads the UNet in bf16 (the head and the standardisation stay float32, as in the probe). By default the UNet runs
     in the precision its head was trained on (`config.mixed_precision`; a head trained on fp16 features, which a CPU
     cannot run, gets float32)."""
+    if os.path.isfile(model_dir):
+        raise FileNotFoundError(f"Model folder {model_dir!r} is a file; give the folder that holds its config.json.")
     if not os.path.isfile(os.path.join(model_dir, "config.json")):
         raise FileNotFoundError(f"Model folder {model_dir!r} has no config.json; train one with `mic-diffrep probe` "
                                 f"or `mic-diffrep run`.")

@@ -101,12 +101,19 @@ def test_bad_config_is_named(tmp_path, capsys):
     (["predict", "--model", "MISSING", "UNLABELLED", "--batch_size", "0"], "`batch_size` must be at least 1"),
     (["evaluate", "--model", "MISSING", "--data_dir", "UNLABELLED"], "has no labels"),
     (["generate", "--pretrained", "MISSING", "--num_images", "0"], "--num_images must be at least 1"),
+    (["check-leakage", "--within", "UNLABELLED", "--output", "MISSING.csv"], "give the JSON report's name"),
+    (["check-leakage", "--within", "UNLABELLED", "--output", "A_FOLDER"], "is a folder; give a file name"),
+    (["check-leakage", "--within", "A_FILE"], "is a file; give the folder"),
+    (["demo", "--model", "MISSING", "--port", "99999"], "--port must be in 0..65535"),
 ])
 def test_bad_settings_fail_before_any_work_and_name_the_setting(argv, named, unlabelled_folder, tmp_path, capsys):
     """Checked before pretraining or any decoding: a mistake costs no compute and leaves no output folder."""
     out = tmp_path / "out"
-    argv = [str(out / "MISSING") if arg == "MISSING" else unlabelled_folder if arg == "UNLABELLED" else arg
-            for arg in argv]
+    (tmp_path / "a_folder").mkdir()
+    (tmp_path / "a_file.png").write_bytes(b"")
+    tokens = {"MISSING": str(out / "MISSING"), "MISSING.csv": str(out / "report.csv"), "UNLABELLED": unlabelled_folder,
+              "A_FOLDER": str(tmp_path / "a_folder"), "A_FILE": str(tmp_path / "a_file.png")}
+    argv = [tokens.get(arg, arg) for arg in argv]
     if argv[1] == "--config":
         config = tmp_path / "settings.yaml"
         config.write_text(argv[2] + "\n")

@@ -89,6 +89,19 @@ def test_load_demo_model_offline_errors(classifier_folder, tmp_path):
     assert model.config.id2label[3] == "pituitary" and processor.resolution == RESOLUTION
     with pytest.raises(FileNotFoundError, match="local_files_only=False, or --allow_download"):
         load_demo_model(str(tmp_path / "no-such-model"))  # a user error: `mic-diffrep demo` prints one line
+    with pytest.raises(FileNotFoundError, match="is a file; give the model folder"):
+        load_demo_model(os.path.join(classifier_folder, "config.json"))
+
+
+def test_demo_checks_its_port_before_loading_the_model(tmp_path, capsys):
+    from mic_diffrep.commands import main
+
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        with pytest.raises(SystemExit) as error:
+            main(["demo", "--model", str(tmp_path / "no-such-model"), "--port", str(taken.getsockname()[1])])
+    assert error.value.code == 2 and "cannot be used" in capsys.readouterr().err
 
 
 def free_port() -> int:

@@ -3,6 +3,7 @@
 import argparse
 import dataclasses
 import logging
+import os
 import sys
 from typing import Callable, Optional, Sequence, Type, TypeVar
 
@@ -16,6 +17,16 @@ T = TypeVar("T")
 
 # Errors that mean "bad input": one line naming the file or setting, exit code 2 (as argparse does for bad flags).
 USER_ERRORS = (ValueError, FileNotFoundError, FloatingPointError, BadImageError, NotADirectoryError)
+
+
+def prepare_output_file(path: str, flag: str = "--output") -> None:
+    """Checks an output file's path and makes its folder before the work, so that a mistyped path costs nothing."""
+    if os.path.isdir(path):
+        raise ValueError(f"{flag} {path} is a folder; give a file name.")
+    try:
+        os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    except OSError as error:
+        raise ValueError(f"{flag} {path}: cannot make its folder ({error.strerror or error}).") from None
 
 
 def settings_from(cls: Type[T], namespace: argparse.Namespace) -> T:

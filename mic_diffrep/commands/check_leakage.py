@@ -6,6 +6,7 @@ from typing import Union
 from ..data import DecodedImages, ImagePreprocessing, decode_images, load_image_folder, select_splits
 from ..data.medical import add_slice_arguments, slice_selection
 from ..leakage import DEFAULT_THRESHOLD, DuplicateGroupsReport, LeakageReport, check_leakage, within_duplicates
+from .base import prepare_output_file
 
 
 def _decode_folder(folder: str, namespace) -> DecodedImages:
@@ -20,6 +21,11 @@ def check(namespace) -> Union[LeakageReport, DuplicateGroupsReport]:
     """Runs the check the flags describe, prints a summary and writes the report files."""
     if (namespace.train is None) != (namespace.test is None):
         raise ValueError("--train and --test go together (or use --within DIR).")
+    if namespace.output is not None:
+        if namespace.output.lower().endswith(".csv"):
+            raise ValueError(f"--output {namespace.output}: give the JSON report's name (e.g. report.json); the CSV of "
+                             f"pairs or groups is written beside it under the same name, ending in .csv.")
+        prepare_output_file(namespace.output)
     mirror = not namespace.no_mirror
     if namespace.within is not None:
         report = within_duplicates(_decode_folder(namespace.within, namespace), namespace.threshold, mirror=mirror)

@@ -1,9 +1,24 @@
 """`mic-diffrep demo`: a Gradio page for a trained classifier folder (or a Hub id)."""
 
+import socket
+
 from ..demo import launch_demo
 
 
+def _check_port(host: str, port: int) -> None:
+    """A port out of range or taken fails at once, naming --port, rather than after the model is loaded."""
+    if not 0 <= port <= 65535:
+        raise ValueError(f"--port must be in 0..65535, got {port}.")
+    with socket.socket() as sock:
+        try:
+            sock.bind((host, port))
+        except OSError as error:
+            raise ValueError(f"--port {port} on {host} cannot be used ({error.strerror or error}); pick another "
+                             f"with --port.") from None
+
+
 def demo(namespace) -> None:
+    _check_port(namespace.host, namespace.port)
     launch_demo(namespace.model, host=namespace.host, port=namespace.port, share=namespace.share,
                 local_files_only=not namespace.allow_download)
 

@@ -13,6 +13,7 @@ from ..inference import evaluate_folder, predict_files
 from ..pipelines import save_image_grid
 from ..reporting.plotting import plot_confusion_matrix
 from ..utils import MIXED_PRECISION_CHOICES, precision_dtype
+from .base import prepare_output_file
 
 
 def _add_model_args(parser) -> None:
@@ -41,14 +42,9 @@ def _json_value(value):
     return value
 
 
-def _output_folder(path: str) -> None:
-    """Creates the folder of an output file before the work, so that a typo'd folder does not waste it."""
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-
-
 def evaluate(namespace) -> dict:
     if namespace.output:
-        _output_folder(namespace.output)
+        prepare_output_file(namespace.output)
     report = evaluate_folder(namespace.model, namespace.data_dir, namespace.splits, namespace.batch_size,
                              namespace.mixed_precision, namespace.skip_bad_images, _slices(namespace))
     if namespace.json:
@@ -85,7 +81,7 @@ def generate(namespace) -> None:
         raise ValueError(f"--num_images must be at least 1, got {namespace.num_images}.")
     if namespace.num_inference_steps is not None and namespace.num_inference_steps < 1:
         raise ValueError(f"--num_inference_steps must be at least 1, got {namespace.num_inference_steps}.")
-    _output_folder(namespace.output)
+    prepare_output_file(namespace.output)
     pipe = load_pipeline(namespace.pretrained)
     pipe.to(precision_dtype(namespace.mixed_precision))
     if namespace.scheduler == "ddim":

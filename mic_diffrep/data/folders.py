@@ -92,6 +92,8 @@ def load_image_folder(data_dir: str):
     DICOM and NIfTI files count as images: a folder holding any is loaded from a file scan (see the module
     docstring) into the same columns, one row per file.
     """
+    if os.path.isfile(data_dir):
+        raise NotADirectoryError(f"Data folder {data_dir!r} is a file; give the folder that holds the images.")
     if not os.path.isdir(data_dir):
         raise FileNotFoundError(f"Data folder {data_dir!r} does not exist.")
     if not _has_images(data_dir):
