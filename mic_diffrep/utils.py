@@ -29,15 +29,17 @@ def _matches(value, hint) -> bool:
     if origin is Literal:
         return value in args
     if origin in (list, typing.List):
-        return isinstance(value, (list, tuple)) and all(_matches(item, args[0]) for item in value)
+        return isinstance(value, (list, tuple, range)) and all(_matches(item, args[0]) for item in value)
     if hint is type(None):
         return value is None
     if hint is float:
         return isinstance(value, numbers.Real) and not isinstance(value, bool)
     if hint is int:
         return isinstance(value, numbers.Integral) and not isinstance(value, bool)
-    if hint in (bool, str):
-        return isinstance(value, hint)
+    if hint is str:
+        return isinstance(value, (str, os.PathLike))
+    if hint is bool:
+        return isinstance(value, bool)
     return True  # anything else is checked where it is used
 
 

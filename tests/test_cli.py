@@ -127,6 +127,17 @@ def test_bad_settings_fail_before_any_work_and_name_the_setting(argv, named, unl
     assert not out.exists()
 
 
+def test_a_config_file_reads_as_a_user_writes_it(tmp_path):
+    from mic_diffrep.commands.run import load_config
+    from mic_diffrep.training import PretrainingArguments
+
+    config = tmp_path / "recipe.yaml"
+    config.write_text("learning_rate: 1e-3\nsnr_gamma: 5\npooling: avg\n")  # YAML reads `1e-3` as a string
+    assert load_config(str(config)) == {"learning_rate": 1e-3, "snr_gamma": 5, "pooling": "avg"}
+    # Paths may be pathlib.Path objects, as everywhere in Python.
+    assert PretrainingArguments(train_data_dir=tmp_path, output_dir=tmp_path / "out").train_data_dir == tmp_path
+
+
 def test_run_recipe_defaults_are_the_pretraining_and_feature_defaults():
     from mic_diffrep.commands.run import RECIPE_KEYS, RUN_PRESETS, pretraining_arguments, probe_arguments
     from mic_diffrep.features import FeatureArguments

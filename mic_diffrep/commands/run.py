@@ -88,8 +88,19 @@ def load_config(path_or_preset: str) -> dict:
     unknown = sorted(set(config) - set(RUN_DEFAULTS))
     if unknown:
         raise ValueError(f"--config {path_or_preset}: unknown key(s) {unknown}; known keys are {sorted(RUN_DEFAULTS)}.")
+    config = {key: _yaml_number(value, _config_annotation(key)) for key, value in config.items()}
     check_config(config, source=f"--config {path_or_preset}")
     return config
+
+
+def _yaml_number(value, hint):
+    """YAML reads `1e-3` (no dot) as a string: a number-typed setting takes it as the number it spells."""
+    if isinstance(value, str) and float in (hint, *typing.get_args(hint)):
+        try:
+            return float(value)
+        except ValueError:
+            return value
+    return value
 
 
 # Settings of `mic-diffrep run` that are counts (at least 1).
