@@ -197,3 +197,12 @@ def test_installed_executable_exits_zero_on_success(tmp_path):
                            "--output", str(tmp_path / "within.json")], capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-2000:]
     assert (tmp_path / "within.json").is_file()
+
+
+def test_check_leakage_lists_the_files_it_skipped(unlabelled_folder, tmp_path, capsys):
+    bad = os.path.join(unlabelled_folder, "broken.png")
+    with open(bad, "wb") as f:
+        f.write(b"not an image")
+    main(["check-leakage", "--within", unlabelled_folder, "--skip_bad_images", "--output", str(tmp_path / "r.json")])
+    report = json.loads((tmp_path / "r.json").read_text())
+    assert [item["path"] for item in report["skipped_images"]] == [bad] and report["num_images"] == 24

@@ -41,6 +41,10 @@ def check(namespace) -> Union[LeakageReport, DuplicateGroupsReport]:
         print(f"{report.num_near} of {report.num_test} test images ({report.leaked_fraction:.1%}) have a near-duplicate "
               f"in train at threshold {report.threshold} ({report.num_exact} exact, {report.num_mirrored} mirrored"
               f"{labels}).")
+    if report.skipped_images:
+        print(f"{len(report.skipped_images)} unreadable file(s) skipped: "
+              + ", ".join(item["path"] for item in report.skipped_images[:5])
+              + (", ..." if len(report.skipped_images) > 5 else ""))
     if namespace.output is not None:
         report.save(namespace.output)
         report.save_csv(os.path.splitext(namespace.output)[0] + ".csv")

@@ -54,6 +54,7 @@ class LeakageReport:
         pairs (`List[dict]`):
             one entry per leaked test image: `test_path`, `train_path`, `similarity`, `exact`, `mirrored`,
             `test_label`, `train_label` (the exact twin when there is one, else the most similar training image).
+        skipped_images (`List[dict]`): unreadable files left out with `skip_bad_images` (`path`, `error`).
     """
 
     threshold: float
@@ -66,6 +67,7 @@ class LeakageReport:
     num_mirrored: int = 0
     leaked_test_indices: List[int] = field(default_factory=list)
     pairs: List[Dict] = field(default_factory=list)
+    skipped_images: List[Dict] = field(default_factory=list)
 
     @property
     def leaked_fraction(self) -> float:
@@ -125,6 +127,7 @@ def check_leakage(
     report = LeakageReport(
         threshold=float(threshold), num_train=len(train), num_test=len(test), num_exact=0, num_near=0,
         num_same_label=0 if has_labels else None, num_different_label=0 if has_labels else None,
+        skipped_images=list(train.skipped) + list(test.skipped),
     )
     for index, key in enumerate(exact_keys(test.pixels)):
         twin = train_index.get(key)
@@ -166,6 +169,7 @@ class DuplicateGroupsReport:
         num_mixed_label_groups (`int`, *optional*): duplicate groups holding more than one label.
         group_ids (`List[int]`): group id of every image.
         groups (`List[dict]`): the duplicate groups, largest first: `group`, `size`, `labels`, `paths`.
+        skipped_images (`List[dict]`): unreadable files left out with `skip_bad_images` (`path`, `error`).
     """
 
     threshold: float
@@ -177,6 +181,7 @@ class DuplicateGroupsReport:
     num_mixed_label_groups: Optional[int] = None
     group_ids: List[int] = field(default_factory=list)
     groups: List[Dict] = field(default_factory=list)
+    skipped_images: List[Dict] = field(default_factory=list)
 
     def to_dict(self) -> Dict:
         return asdict(self)
@@ -238,4 +243,5 @@ def within_duplicates(
         num_mixed_label_groups=None if images.labels is None else sum(len(set(g["labels"])) > 1 for g in groups),
         group_ids=group_ids.tolist(),
         groups=groups,
+        skipped_images=list(images.skipped),
     )
