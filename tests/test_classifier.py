@@ -114,6 +114,16 @@ def test_save_load_identical_logits_auto_classes_and_pipeline(model, tmp_path):
     expected = model(processor(image)["pixel_values"]).logits.softmax(-1)[0]
     assert abs(predictions[0]["score"] - expected.max().item()) < 1e-5
 
+    # With the UNet in bf16 the pipeline (which casts inputs to `model.dtype`) still hands over float32 pixels, so it
+    # scores exactly as the model does on the processor's pixels.
+    bf16 = AutoModelForImageClassification.from_pretrained(tmp_path, dtype=torch.bfloat16)
+    assert bf16.unet.dtype == torch.bfloat16 and processor(image).to(torch.bfloat16)["pixel_values"].dtype == torch.float32
+    scores = {p["label"]: p["score"] for p in pipeline("image-classification", model=bf16, image_processor=processor)(
+        image, top_k=3)}
+    expected = bf16(processor(image)["pixel_values"]).logits.softmax(-1)[0]
+    for index, label in bf16.config.id2label.items():
+        assert scores[label] == pytest.approx(expected[index].item(), abs=1e-7)
+
 
 def test_push_to_hub_uploads_config_weights_code_and_card(model, tmp_path):
     folder = tmp_path / "model"

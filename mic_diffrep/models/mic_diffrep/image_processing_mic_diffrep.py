@@ -22,6 +22,18 @@ class MicDiffRepImageProcessorKwargs(ImagesKwargs, total=False):
     intensity_window: str
 
 
+class MicDiffRepBatchFeature(BatchFeature):
+    """The processor's output: `to()` moves `pixel_values` between devices but keeps them float32. The model noises
+    pixels in float32 whatever its UNet runs in, and `transformers.pipeline` casts inputs to `model.dtype` (bf16 for a
+    bf16 UNet), which would round the 8-bit intensities before the noising: its scores would then differ slightly
+    from the model's own on the same image."""
+
+    def to(self, *args, **kwargs) -> "MicDiffRepBatchFeature":
+        args = tuple(arg for arg in args if not isinstance(arg, torch.dtype))
+        kwargs.pop("dtype", None)
+        return super().to(*args, **kwargs) if args or kwargs else self
+
+
 class MicDiffRepImageProcessor(BaseImageProcessor):
     r"""
     Turns images (PIL, numpy or torch; grey or colour; any size) into `pixel_values` of shape `(N, 1, R, R)` in
@@ -130,7 +142,7 @@ class MicDiffRepImageProcessor(BaseImageProcessor):
             return BatchFeature({"pixel_values": pixel_values.numpy()}, tensor_type="np")
         if return_tensors not in (None, "pt", "torch"):
             raise ValueError(f"return_tensors must be 'pt' or 'np', got {return_tensors!r}.")
-        return BatchFeature({"pixel_values": pixel_values}, tensor_type="pt" if return_tensors else None)
+        return MicDiffRepBatchFeature({"pixel_values": pixel_values}, tensor_type="pt" if return_tensors else None)
 
     def __call__(self, images=None, **kwargs) -> BatchFeature:
         return self.preprocess(images, **kwargs)
