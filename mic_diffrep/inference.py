@@ -16,8 +16,8 @@ from typing import Dict, List, Optional, Sequence
 import torch
 from transformers import AutoConfig, AutoImageProcessor, AutoModelForImageClassification
 
-from .data import (SEARCHED_EXTENSIONS, SliceSelection, decode_images, is_image_file, load_image_folder,
-                   pixels_to_model_input, select_splits)
+from .data import (SEARCHED_EXTENSIONS, SliceSelection, check_labelled, decode_images, is_image_file,
+                   load_image_folder, pixels_to_model_input, select_splits)
 from .models.mic_diffrep import MicDiffRepForImageClassification, MicDiffRepImageProcessor
 from .reporting.metrics import classification_report
 from .utils import precision_dtype
@@ -109,9 +109,7 @@ def evaluate_folder(model_dir: str, data_dir: str, splits: Optional[Sequence[str
     dataset_dict = load_image_folder(data_dir)  # a bad folder, split or label fails before the (slower) model load
     splits = list(splits) if splits else (["test"] if "test" in dataset_dict else ["all"])
     chosen, dataset = select_splits(dataset_dict, splits, "splits")
-    if "label" not in dataset.features:
-        raise ValueError(f"{data_dir} has no labels to evaluate against: it needs class sub-folders (at least two "
-                         f"classes, e.g. Testing/glioma/*.jpg and Testing/notumor/*.jpg).")
+    check_labelled(dataset, data_dir, "evaluation")
     model, processor = load_classifier(model_dir, mixed_precision)
     decoded = decode_images(dataset, processor.preprocessing, skip_bad_images=skip_bad_images, slices=slices)
     names = [model.config.id2label[i] for i in range(model.config.num_labels)]

@@ -13,7 +13,7 @@ from typing import Optional
 
 import yaml
 
-from ..data import load_image_folder
+from ..data import check_labelled, load_image_folder
 from ..features import FeatureArguments
 from ..models.mic_diffrep.unet import UNET_PRESETS
 from ..probing import ProbeArguments, run_probe
@@ -135,11 +135,9 @@ def check_run(config: dict, pretraining_args: PretrainingArguments, probe_args: 
     bad = [t for t in probe_args.timesteps if not 0 <= t < pretraining_args.ddpm_num_steps]
     if bad:
         raise ValueError(f"`timesteps` {bad}: read-out timesteps must be in [0, {pretraining_args.ddpm_num_steps}).")
-    dataset = load_image_folder(config["data_dir"])
-    if any("label" not in split.features for split in dataset.values()):
-        raise ValueError(f"`data_dir` {config['data_dir']} has no labels: linear probing needs class sub-folders "
-                         f"(e.g. Training/glioma/*.jpg, at least two classes). Pretrain on unlabelled images with "
-                         f"`mic-diffrep pretrain`.")
+    for split in load_image_folder(config["data_dir"]).values():
+        check_labelled(split, f"`data_dir` {config['data_dir']}",
+                       "linear probing (to pretrain on unlabelled images: `mic-diffrep pretrain`)")
 
 
 def run_config(namespace) -> dict:

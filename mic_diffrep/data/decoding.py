@@ -33,7 +33,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from tqdm.auto import tqdm
 
-from ..models.mic_diffrep.preprocessing import ImagePreprocessing
+from ..models.mic_diffrep.preprocessing import ImagePreprocessing, slice_id
 from .medical import SliceSelection, is_medical_file
 
 
@@ -76,11 +76,6 @@ class DecodedImages:
             label_names=self.label_names,
             skipped=list(self.skipped),
         )
-
-
-def slice_id(path: str, slice_index: Optional[int]) -> str:
-    """The image id of a slice: `"<path>#slice=<k>"` for slice `k` of a multi-slice file, else `path`."""
-    return path if slice_index is None else f"{path}#slice={slice_index}"
 
 
 def source_file(image_id: str) -> str:

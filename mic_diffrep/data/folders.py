@@ -161,6 +161,14 @@ def _check_class_folders(data_dir: str, split_folders: Dict[str, str]) -> None:
             )
 
 
+def check_labelled(dataset, what: str, purpose: str = "linear probing") -> None:
+    """Raises a `ValueError` naming `what` unless `dataset` (a split of `load_image_folder`, not yet decoded) has
+    labels: a missing label fails before any image is decoded."""
+    if "label" not in dataset.features:
+        raise ValueError(f"{what} has no labels: {purpose} needs class sub-folders (at least two classes, e.g. "
+                         f"Training/glioma/*.jpg and Training/notumor/*.jpg).")
+
+
 def select_splits(dataset_dict, splits: Optional[Sequence[str]] = None, purpose: str = "pretrain_splits"):
     """Concatenates the chosen splits. `None` means every split except `test`; `["all"]` means every split."""
     available = list(dataset_dict.keys())

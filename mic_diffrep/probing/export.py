@@ -4,7 +4,7 @@ import json
 import os
 
 from ..models.mic_diffrep import MicDiffRepImageProcessor
-from ..reporting.hub import push_to_hub
+from ..reporting.hub import default_repo_id, push_to_hub
 from ..reporting.model_card import write_model_card
 from ..reporting.plotting import plot_accuracy_vs_timestep, plot_confusion_matrix
 from ..reporting.results import results_markdown
@@ -38,6 +38,6 @@ def write_model_folder(extractor, probe, results: dict, label_names, args: Probe
                              intensity_window=preprocessing.intensity_window).save_pretrained(args.output_dir)
     write_model_card(args.output_dir, results)
     if args.push_to_hub:
-        push_to_hub(args.output_dir, args.hub_model_id or os.path.basename(os.path.abspath(args.output_dir)),
+        push_to_hub(args.output_dir, default_repo_id(args.output_dir, args.hub_model_id),
                     token=args.hub_token, private=args.hub_private_repo)
     return True

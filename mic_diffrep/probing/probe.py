@@ -28,7 +28,7 @@ import torch
 from ..data import DecodedImages
 from ..features import (FeatureExtractor, StaleFeatureCacheError, extract_sharded, load_feature_extractor,
                         load_features, prepare_extractor, save_features)
-from ..reporting.hub import create_hub_repo
+from ..reporting.hub import create_hub_repo, default_repo_id
 from ..utils import create_accelerator, environment_info, output_folder
 from .arguments import ProbeArguments
 from .export import write_model_folder, write_results
@@ -83,8 +83,7 @@ def _run_probe(args: ProbeArguments, extractor: Optional[FeatureExtractor]) -> d
                              f"a classifier folder to upload is made from a diffusion pipeline.")
         if accelerator.is_main_process:
             args = replace(args, hub_model_id=create_hub_repo(
-                args.hub_model_id or os.path.basename(os.path.abspath(args.output_dir)), args.hub_token,
-                args.hub_private_repo))
+                default_repo_id(args.output_dir, args.hub_model_id), args.hub_token, args.hub_private_repo))
     extractor = prepare_extractor(extractor, args, accelerator)
     args = extractor.resolve(args)
 

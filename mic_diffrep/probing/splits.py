@@ -13,7 +13,8 @@ from typing import List, Optional, Sequence
 import numpy as np
 import torch
 
-from ..data import DecodedImages, ImagePreprocessing, decode_images, load_image_folder, select_splits
+from ..data import (DecodedImages, ImagePreprocessing, check_labelled, decode_images, load_image_folder,
+                    select_splits)
 from ..data.decoding import source_file
 from ..leakage import DEFAULT_THRESHOLD, check_leakage, duplicate_groups, fingerprint_images, group_stratified_split
 from .arguments import ProbeArguments
@@ -32,14 +33,6 @@ class ProbeSplits:
     validation_mask: Optional[torch.Tensor] = None  # (N_train,) bool: the validation part of `train`
     leaked: Optional[torch.Tensor] = None  # (N_test,) bool: test images with a near-duplicate in `train`
     leakage: Optional[dict] = None  # the leakage report's counts
-
-
-def _labelled(dataset, what: str):
-    """`dataset` (an image folder's split, not yet decoded), checked for labels before any decoding."""
-    if "label" not in dataset.features:
-        raise ValueError(f"{what} has no labels: linear probing needs class sub-folders (e.g. Training/glioma/*.jpg, "
-                         f"at least two classes).")
-    return dataset
 
 
 def _align_labels(test: DecodedImages, train_names: List[str], what: str) -> DecodedImages:
@@ -89,17 +82,21 @@ def _train_and_test(args: ProbeArguments, decode):
     if args.test_data_dir:
         _, train_set = select_splits(splits, train_splits)
         _, test_set = select_splits(load_image_folder(args.test_data_dir), ["all"], "test_data_dir")
-        train_set, test_set = _labelled(train_set, args.data_dir), _labelled(test_set, args.test_data_dir)
+        check_labelled(train_set, args.data_dir)
+        check_labelled(test_set, args.test_data_dir)
         train = decode(train_set)
         test = _align_labels(decode(test_set), train.label_names, args.test_data_dir)
         return train, test, f"--test_data_dir {args.test_data_dir}"
     if "test" in splits and train_splits:
         _, train_set = select_splits(splits, train_splits)
-        train_set, test_set = _labelled(train_set, args.data_dir), _labelled(splits["test"], args.data_dir)
+        check_labelled(train_set, args.data_dir)
+        check_labelled(splits["test"], args.data_dir)
         train = decode(train_set)
-        test = _align_labels(decode(test_set), train.label_names, args.data_dir)
+        test = _align_labels(decode(splits["test"]), train.label_names, args.data_dir)
         return train, test, f"the test split of {args.data_dir}"
-    everything = decode(_labelled(select_splits(splits, ["all"])[1], args.data_dir))
+    _, everything = select_splits(splits, ["all"])
+    check_labelled(everything, args.data_dir)
+    everything = decode(everything)
     threshold = args.duplicate_threshold or DEFAULT_THRESHOLD
     groups = _split_groups(everything, threshold)
     train_idx, test_idx = group_stratified_split(everything.labels, groups, args.test_split, seed=args.seed)

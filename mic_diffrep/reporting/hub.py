@@ -31,6 +31,11 @@ def _one_line(error: Exception) -> str:
     return " ".join(f"{type(error).__name__}: {error}".split())
 
 
+def default_repo_id(output_dir: str, hub_model_id: Optional[str] = None) -> str:
+    """`--hub_model_id`, or by default the output folder's name (as diffusers' and transformers' scripts do)."""
+    return hub_model_id or os.path.basename(os.path.abspath(output_dir))
+
+
 def create_hub_repo(repo_id: str, token: Optional[str] = None, private: bool = False) -> str:
     """Creates `repo_id` if needed and returns its full id. Runs with `--push_to_hub` call it before their work (as
     diffusers' training scripts do), so that a run that could not upload fails at once, not after training."""

@@ -26,7 +26,7 @@ from ..data.augmentations import PretrainingAugment
 from ..models.mic_diffrep.unet import create_scheduler, create_unet, mirror_symmetrize
 from ..models.mic_diffrep.unet_features import is_self_conditioned, predicted_clean
 from ..pipelines import DiffusionFeaturePipeline, save_image_grid
-from ..reporting.hub import create_hub_repo, push_pipeline_to_hub
+from ..reporting.hub import create_hub_repo, default_repo_id, push_pipeline_to_hub
 from ..utils import environment_info, output_folder, peak_memory_mb
 from .arguments import RECIPE_KEYS, PretrainingArguments
 from .checkpointing import save_pipeline
@@ -156,7 +156,7 @@ def _pretrain(args: PretrainingArguments) -> dict:
     accelerator = make_accelerator(args, log_with=None if args.logger == "none" else args.logger)
     logger.info(accelerator.state)
     set_seed(args.seed)
-    hub_repo_id = args.hub_model_id or os.path.basename(os.path.abspath(args.output_dir))
+    hub_repo_id = default_repo_id(args.output_dir, args.hub_model_id)
     if args.push_to_hub and accelerator.is_main_process:
         hub_repo_id = create_hub_repo(hub_repo_id, args.hub_token, args.hub_private_repo)  # fails before training
 

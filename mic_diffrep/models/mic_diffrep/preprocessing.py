@@ -292,6 +292,11 @@ def as_image_list(images, slices=None) -> list:
     return image_list_with_ids(images, slices)[0]
 
 
+def slice_id(path: str, slice_index: Optional[int]) -> str:
+    """The image id of a slice: `"<path>#slice=<k>"` for slice `k` of a multi-slice file, else `path`."""
+    return path if slice_index is None else f"{path}#slice={slice_index}"
+
+
 def image_list_with_ids(images, slices=None) -> Tuple[list, List[Optional[str]]]:
     """`as_image_list`, and one id per image: for an image given as a file path, the path (`"<path>#slice=<k>"` for
     slice `k` of a multi-slice DICOM / NIfTI file, as `decode_images` names them); `None` for one given in memory."""
@@ -304,8 +309,7 @@ def image_list_with_ids(images, slices=None) -> Tuple[list, List[Optional[str]]]
         if is_medical_path(image):
             file_slices = read_medical_file(image, slices)
             expanded.extend(file_slices)
-            ids.extend(os.fspath(image) if item.slice_index is None else f"{os.fspath(image)}#slice={item.slice_index}"
-                       for item in file_slices)
+            ids.extend(slice_id(os.fspath(image), item.slice_index) for item in file_slices)
         else:
             expanded.append(image)
             ids.append(os.fspath(image) if isinstance(image, (str, os.PathLike)) else None)
