@@ -401,6 +401,7 @@ def test_within_duplicates_report(base_images, tmp_path):
     with open(tmp_path / "groups.csv", newline="") as f:
         rows = list(csv.DictReader(f))
     assert len(rows) == 5 and rows[0] == {"group": "0", "size": "3", "path": "img_0.png", "label": "x"}
+    assert b"\r" not in (tmp_path / "groups.csv").read_bytes()  # Unix line ends, like every other file written
 
     unlabelled = within_duplicates(DecodedImages(labelled.pixels, labelled.paths))
     assert unlabelled.num_mixed_label_groups is None and unlabelled.groups[0]["labels"] is None
@@ -420,7 +421,7 @@ def test_command_line(base_images, tmp_path, capsys):
     report = cli(["check-leakage", "--within", str(train), "--output", str(tmp_path / "out" / "within.json")])
     assert report.num_duplicate_groups == 0 and report.num_groups == 4
     assert (tmp_path / "out" / "within.json").is_file() and (tmp_path / "out" / "within.csv").is_file()
-    assert "0 of 4 images are in 0 duplicate groups" in capsys.readouterr().out
+    assert "0 of 4 images are in 0 duplicate group(s)" in capsys.readouterr().out
 
     report = cli(["check-leakage", "--train", str(train), "--test", str(test), "--output", str(tmp_path / "out" / "leak.json")])
     assert (report.num_near, report.num_same_label, report.leaked_test_indices) == (1, 0, [0])

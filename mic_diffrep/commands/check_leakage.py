@@ -31,8 +31,8 @@ def check(namespace) -> Union[LeakageReport, DuplicateGroupsReport]:
         report = within_duplicates(_decode_folder(namespace.within, namespace), namespace.threshold, mirror=mirror)
         mixed = "" if report.num_mixed_label_groups is None else f", {report.num_mixed_label_groups} with mixed labels"
         print(f"{report.num_images_in_groups} of {report.num_images} images are in {report.num_duplicate_groups} "
-              f"duplicate groups at threshold {report.threshold} ({report.num_exact_duplicates} exact copies{mixed}); "
-              f"{report.num_groups} groups in all.")
+              f"duplicate group(s) at threshold {report.threshold} ({report.num_exact_duplicates} exact copies{mixed}); "
+              f"{report.num_groups} group(s) in all.")
     else:
         train, test = _decode_folder(namespace.train, namespace), _decode_folder(namespace.test, namespace)
         report = check_leakage(train, test, namespace.threshold, mirror=mirror)

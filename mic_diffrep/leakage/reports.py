@@ -26,7 +26,7 @@ def _label_name(images: DecodedImages, index: int) -> Optional[Union[str, int]]:
 def _write_csv(path: str, rows: List[Dict], columns: Sequence[str]) -> None:
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     with open(path, "w", newline="", encoding="utf-8") as f:
-        writer = csv.DictWriter(f, fieldnames=list(columns), extrasaction="ignore")
+        writer = csv.DictWriter(f, fieldnames=list(columns), extrasaction="ignore", lineterminator="\n")
         writer.writeheader()
         writer.writerows(rows)
 
