@@ -73,8 +73,8 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-from common import (DEFAULT_DATA_DIR, DIRECTIONS, REPO, Benchmark, cached_extract, command_line,  # noqa: E402
-                    environment_info, pretrain_for_budget, probe_protocol, restore_calibration, slug,
+from common import (DEFAULT_DATA_DIR, DIRECTIONS, MAX_IMAGES_HELP, REPO, Benchmark, cached_extract,  # noqa: E402
+                    command_line, environment_info, pretrain_for_budget, probe_protocol, restore_calibration, slug,
                     write_results)
 from mic_diffrep.features import DiffusionFeatureExtractor, FeatureArguments  # noqa: E402
 from mic_diffrep.probing import ProbeConfig  # noqa: E402
@@ -215,7 +215,7 @@ def parse_args():
     parser.add_argument("--resolution", type=int, default=64)
     parser.add_argument("--unet", default="base",
                         help="UNet preset or config of every recipe that does not set one ('tiny' for smoke runs).")
-    parser.add_argument("--max_images", type=int, default=None, help="Use a subset (smoke runs only).")
+    parser.add_argument("--max_images", type=int, default=None, help=MAX_IMAGES_HELP)
     parser.add_argument("--levers", nargs="+", default=list(LEVERS), choices=list(LEVERS),
                         help="The levers of step 2 (all by default; the results file lists those left out).")
     for stage, (flag, levers, _) in ROUNDS.items():

@@ -28,8 +28,8 @@ import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-from common import (DEFAULT_DATA_DIR, DIRECTIONS, REPO, Benchmark, cached_extract, command_line,  # noqa: E402
-                    environment_info, pretrain_for_budget, probe_protocol, slug, write_results)
+from common import (DEFAULT_DATA_DIR, DIRECTIONS, MAX_IMAGES_HELP, REPO, Benchmark, cached_extract,  # noqa: E402
+                    command_line, environment_info, pretrain_for_budget, probe_protocol, slug, write_results)
 from mic_diffrep.features import EncoderFeatureExtractor, FeatureArguments  # noqa: E402
 from mic_diffrep.probing import ProbeConfig  # noqa: E402
 
@@ -53,7 +53,7 @@ def parse_args():
     parser.add_argument("--method", default="mae", choices=sorted(CANDIDATES))
     parser.add_argument("--proxy_minutes", type=float, default=4.0, help="Pretraining budget of every candidate.")
     parser.add_argument("--resolution", type=int, default=64)
-    parser.add_argument("--max_images", type=int, default=None, help="Use a subset (smoke runs only).")
+    parser.add_argument("--max_images", type=int, default=None, help=MAX_IMAGES_HELP)
     parser.add_argument("--note", default="", help="A sentence for the results file (e.g. what else ran).")
     return parser.parse_args()
 

@@ -29,8 +29,8 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-from common import (BASELINE_RECIPES, BASELINES, DEFAULT_DATA_DIR, DIRECTIONS, REPO, Benchmark,  # noqa: E402
-                    baseline_recipe, cached_extract, command_line, environment_info, feature_cache_name,
+from common import (BASELINE_RECIPES, BASELINES, DEFAULT_DATA_DIR, DIRECTIONS, MAX_IMAGES_HELP, REPO,  # noqa: E402
+                    Benchmark, baseline_recipe, cached_extract, command_line, environment_info, feature_cache_name,
                     micdiffrep_run, pretrain_for_budget, probe_protocol, readout_arguments, run_feature_cache_name)
 from diffusers import DDIMScheduler, UNet2DModel  # noqa: E402
 from mic_diffrep import DiffusionFeaturePipeline, save_image_grid  # noqa: E402
@@ -65,7 +65,7 @@ def parse_args():
                         help="Feature pooling for every row alike (default: the package's, chosen by the ablations; "
                              "avgmax: the average and the max of each block's or encoder's output, concatenated; CLIP "
                              "gives its pooled output either way).")
-    parser.add_argument("--max_images", type=int, default=None, help="Use a subset (smoke runs only).")
+    parser.add_argument("--max_images", type=int, default=None, help=MAX_IMAGES_HELP)
     parser.add_argument("--note", default="", help="A sentence for the results file (e.g. what else ran).")
     parser.add_argument("--seed", type=int, default=0)
     return parser.parse_args()

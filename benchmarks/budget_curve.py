@@ -24,8 +24,8 @@ import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-from common import (DEFAULT_DATA_DIR, DIRECTIONS, REPO, Benchmark, cached_extract, command_line,  # noqa: E402
-                    environment_info, load_extractor, method_recipe, pretrain_for_budget, probe_protocol,
+from common import (DEFAULT_DATA_DIR, DIRECTIONS, MAX_IMAGES_HELP, REPO, Benchmark, cached_extract,  # noqa: E402
+                    command_line, environment_info, load_extractor, method_recipe, pretrain_for_budget, probe_protocol,
                     readout_arguments, restore_calibration, run_feature_cache_name, write_results)
 from mic_diffrep.probing import ProbeConfig  # noqa: E402
 
@@ -53,7 +53,7 @@ def parse_args():
     parser.add_argument("--flip_average", action="store_true", help="Test-time flip averaging for both methods.")
     parser.add_argument("--pooling", default=None, choices=["avg", "avgmax"],
                         help="Feature pooling for both methods (default: the package's).")
-    parser.add_argument("--max_images", type=int, default=None, help="Use a subset (smoke runs only).")
+    parser.add_argument("--max_images", type=int, default=None, help=MAX_IMAGES_HELP)
     parser.add_argument("--reuse_results", action="store_true",
                         help="Take the points already in OUTPUT.json (same method, minutes and seed; same run and "
                              "read-out where the point records them) instead of pretraining and probing again, and "

@@ -56,6 +56,9 @@ CALIBRATION_STEPS = (10, 60)
 BASELINES = ("mocov2", "byol", "mae")
 DEFAULT_DATA_DIR = os.path.join(REPO, "..", "shared", "data", "brain-tumor-mri")
 DIRECTIONS = (("sartaj->other", "sartaj"), ("other->sartaj", "figshare_or_br35h"))
+# The scripts' --max_images: `Benchmark(max_images=)` subsets the probes' images; pretraining reads Training/ itself.
+MAX_IMAGES_HELP = ("Probe a random subset of the images (smoke runs only): pretraining still sees every image of "
+                   "Training/, for the minutes it is given.")
 
 # Baselines trained with other flags than the shared settings of the first benchmark runs: run name and flags.
 # MAE: its own optimiser, chosen on validation (`benchmarks/baseline_recipes.py` -> `results/baseline_recipes.md`)
