@@ -155,6 +155,43 @@ def progress_interval() -> float:
     return 0.1 if sys.stderr.isatty() else 30.0
 
 
+# Settings never written to results files or trackers: those files are uploaded by --push_to_hub.
+SECRET_SETTINGS = ("hub_token",)
+
+
+def _is_secret_flag(name: str) -> bool:
+    # argparse also takes unambiguous prefixes (`--hub_tok`) and HfArgumentParser the dashed spelling (`--hub-token`)
+    key = name.lstrip("-").replace("-", "_")
+    return name.startswith("--") and any(len(key) >= 5 and secret.startswith(key) for secret in SECRET_SETTINGS)
+
+
+def command_line(argv=None) -> str:
+    """The command that ran (`sys.argv` by default), as results files record it, with the value of `--hub_token`
+    masked.
+
+    >>> command_line(["mic-diffrep", "probe", "--hub_token", "hf_abc", "--num_epochs=3", "--hub-token=hf_abc"])
+    'mic-diffrep probe --hub_token *** --num_epochs=3 --hub-token=***'
+    """
+    masked, hide_next = [], False
+    for arg in sys.argv if argv is None else argv:
+        name, equals, _ = str(arg).partition("=")
+        if hide_next:
+            masked.append("***")
+        elif _is_secret_flag(name) and equals:
+            masked.append(f"{name}=***")
+        else:
+            masked.append(str(arg))
+        hide_next = not hide_next and not equals and _is_secret_flag(name)
+    return " ".join(masked)
+
+
+def tracker_config(args) -> dict:
+    """A settings dataclass as tracker hyper-parameters (`accelerator.init_trackers(config=)`): scalars as they are,
+    the rest as strings, secrets left out."""
+    return {key: (value if isinstance(value, (int, float, str, bool)) else str(value))
+            for key, value in vars(args).items() if key not in SECRET_SETTINGS}
+
+
 def environment_info() -> dict:
     """Versions and machine, for results files."""
     info = {

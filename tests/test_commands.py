@@ -178,3 +178,23 @@ def test_a_16_bit_copy_of_an_8_bit_slice_gets_the_same_prediction(model_dir, tmp
     assert predictions[0]["label"] == predictions[1]["label"]
     for name in ("a", "b", "c"):
         assert abs(predictions[0]["probabilities"][name] - predictions[1]["probabilities"][name]) < 0.02
+
+
+def test_the_hub_token_is_written_nowhere(kaggle_folder, tmp_path, monkeypatch):
+    """Results files, the pretraining summary and tracker logs are uploaded by --push_to_hub: none may hold the
+    token given on the command line."""
+    secret = "hf_SECRETTOKEN123"
+    pipe, model = tmp_path / "pipe", tmp_path / "model"
+    argv = ["pretrain", "--train_data_dir", kaggle_folder, "--output_dir", str(pipe), "--resolution", "16",
+            "--model_config_name_or_path", "tiny", "--train_batch_size", "8", "--max_train_steps", "1",
+            "--save_images_epochs", "0", "--logger", "tensorboard", "--hub_token", secret]
+    monkeypatch.setattr(sys, "argv", ["mic-diffrep"] + argv)
+    cli(argv)
+    argv = ["probe", "--pretrained", str(pipe), "--data_dir", kaggle_folder, "--output_dir", str(model),
+            "--timesteps", "10", "--layers", "mid_block", "--num_epochs", "1", f"--hub-token={secret}"]
+    monkeypatch.setattr(sys, "argv", ["mic-diffrep"] + argv)
+    cli(argv)
+    written = [path for folder in (pipe, model) for path in folder.rglob("*") if path.is_file()]
+    assert any(path.name == "results.json" for path in written) and any("events" in path.name for path in written)
+    assert [str(path) for path in written if secret.encode() in path.read_bytes()] == []
+    assert "--hub-token=***" in json.loads((model / "results.json").read_text())["command"]

@@ -19,7 +19,7 @@ from ..models.mic_diffrep.unet import UNET_PRESETS
 from ..probing import ProbeArguments, run_probe
 from ..reporting.results import run_report_markdown
 from ..training import RECIPE_KEYS, PretrainingArguments, default_recipe, pretrain
-from ..utils import MIXED_PRECISION_CHOICES, check_value
+from ..utils import MIXED_PRECISION_CHOICES, check_value, command_line
 
 
 SAMPLE_DATA_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "sample_data",
@@ -187,7 +187,7 @@ def run(namespace) -> dict:
 
     samples_dir = os.path.join(pretraining_args.output_dir, "samples")
     samples = sorted(os.listdir(samples_dir)) if os.path.isdir(samples_dir) else []
-    report = {"command": "mic-diffrep " + " ".join(sys.argv[1:]), "config": config, "pretraining": pretraining,
+    report = {"command": command_line(["mic-diffrep"] + sys.argv[1:]), "config": config, "pretraining": pretraining,
               "probe": results,
               "files": {"pipeline": pretraining_args.output_dir, "model": probe_args.output_dir,
                         "sample_grid": os.path.join(samples_dir, samples[-1]) if samples else None,

@@ -19,7 +19,6 @@ test split is scored once, at the end.
 
 import logging
 import os
-import sys
 from dataclasses import replace
 from typing import Dict, Optional, Tuple
 
@@ -29,7 +28,7 @@ from ..data import DecodedImages
 from ..features import (FeatureExtractor, StaleFeatureCacheError, extract_sharded, load_feature_extractor,
                         load_features, prepare_extractor, save_features)
 from ..reporting.hub import create_hub_repo, default_repo_id
-from ..utils import create_accelerator, environment_info, output_folder
+from ..utils import command_line, create_accelerator, environment_info, output_folder
 from .arguments import ProbeArguments
 from .export import write_model_folder, write_results
 from .heads import ProbeConfig
@@ -106,7 +105,7 @@ def _run_probe(args: ProbeArguments, extractor: Optional[FeatureExtractor]) -> d
                                  splits.validation_mask, config, args.layers, args.timesteps, test_subsets=subsets,
                                  train_features_mirrored=train_mirrored)
     results.update({
-        "method": extractor.name, "command": " ".join(sys.argv), "environment": environment_info(),
+        "method": extractor.name, "command": command_line(), "environment": environment_info(),
         "pretrained": args.pretrained, "data_dir": args.data_dir, "test_split": test_source,
         "leakage": splits.leakage, "skipped_images": train.skipped + test.skipped,
         "features": {"pooling": args.pooling, "pooling_grid_size": args.pooling_grid_size,

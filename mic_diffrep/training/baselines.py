@@ -17,7 +17,7 @@ import os
 import torch
 
 from ..models.baselines import create_baseline, save_baseline
-from ..utils import environment_info, output_folder, peak_memory_mb
+from ..utils import environment_info, output_folder, peak_memory_mb, tracker_config
 from .arguments import BaselinePretrainingArguments
 from .loop import TrainingState, load_training_images, make_accelerator, make_dataloader, plan_schedule, train
 
@@ -46,8 +46,7 @@ def _pretrain_baseline(args: BaselinePretrainingArguments) -> dict:
     max_train_steps, num_epochs, lr_scheduler = plan_schedule(args, loader, optimizer, accelerator)
     model, optimizer, loader, lr_scheduler = accelerator.prepare(model, optimizer, loader, lr_scheduler)
     if accelerator.is_main_process and args.logger != "none":
-        accelerator.init_trackers(f"mic-diffrep-pretrain-{args.method}", config={
-            k: (v if isinstance(v, (int, float, str, bool)) else str(v)) for k, v in vars(args).items()})
+        accelerator.init_trackers(f"mic-diffrep-pretrain-{args.method}", config=tracker_config(args))
     logger.info("Pretraining %s on %d images (%s), %d steps", args.method, len(decoded), splits, max_train_steps)
 
     def compute_loss(model, pixel_values, generator):

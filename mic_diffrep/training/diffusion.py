@@ -13,7 +13,6 @@ or from Python with `pretrain(PretrainingArguments(...))`. The output folder is 
 import json
 import logging
 import os
-import sys
 from typing import Optional
 
 import torch
@@ -27,7 +26,7 @@ from ..models.mic_diffrep.unet import create_scheduler, create_unet, mirror_symm
 from ..models.mic_diffrep.unet_features import is_self_conditioned, predicted_clean
 from ..pipelines import DiffusionFeaturePipeline, save_image_grid
 from ..reporting.hub import create_hub_repo, default_repo_id, push_pipeline_to_hub
-from ..utils import environment_info, output_folder, peak_memory_mb
+from ..utils import command_line, environment_info, output_folder, peak_memory_mb, tracker_config
 from .arguments import RECIPE_KEYS, PretrainingArguments
 from .checkpointing import save_pipeline
 from .loop import TrainingState, load_training_images, make_accelerator, make_dataloader, plan_schedule, train
@@ -185,8 +184,7 @@ def _pretrain(args: PretrainingArguments) -> dict:
         ema_model.to(accelerator.device)
         accelerator.register_for_checkpointing(ema_model)
     if accelerator.is_main_process and args.logger != "none":
-        accelerator.init_trackers("mic-diffrep-pretrain", config={
-            k: (v if isinstance(v, (int, float, str, bool)) else str(v)) for k, v in vars(args).items()})
+        accelerator.init_trackers("mic-diffrep-pretrain", config=tracker_config(args))
     logger.info("***** Running pretraining *****")
     logger.info("  Num images = %d, resolution = %d, processes = %d", len(decoded), args.resolution,
                 accelerator.num_processes)
@@ -246,7 +244,7 @@ def training_summary(state: TrainingState, args, accelerator, decoded, splits, m
     """What a run did (images/s, steps, stop reason, versions, command), as written to `pretraining_summary.json`."""
     shards = gather_object([sorted(set(state.first_epoch_indices))])
     return {
-        "command": " ".join(sys.argv),
+        "command": command_line(),
         "train_data_dir": args.train_data_dir,
         "splits": splits,
         "num_images": len(decoded),
