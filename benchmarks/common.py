@@ -39,7 +39,7 @@ from mic_diffrep.commands.base import settings_from  # noqa: E402
 from mic_diffrep.data import ImagePreprocessing, decode_images, load_image_folder  # noqa: E402
 from mic_diffrep.features import (DiffusionFeatureExtractor, EncoderFeatureExtractor, FeatureArguments,  # noqa: E402
                                   FeatureExtractor, StaleFeatureCacheError, load_features,
-                                  save_features)
+                                  pixels_fingerprint, save_features)
 from mic_diffrep.leakage import (DEFAULT_THRESHOLD, check_leakage, duplicate_groups, exact_keys,  # noqa: E402
                                  fingerprint_images, group_stratified_split)
 from mic_diffrep.probing import ProbeConfig, run_probes  # noqa: E402
@@ -435,9 +435,10 @@ def cached_extract(extractor: FeatureExtractor, bench: Benchmark, args: FeatureA
     cached in `WORK_DIR/features/NAME[-mirrored]`; returns `(features, images_per_second)` (of the extraction that
     made them)."""
     args = extractor.resolve(args)
-    settings = {**extractor.cache_settings(args), "noise": "fixed", **({"mirrored": True} if mirrored else {})}
-    path = os.path.join(bench.work_dir, "features", f"{name}{'-mirrored' if mirrored else ''}.safetensors")
     decoded = bench.decoded.mirrored() if mirrored else bench.decoded
+    settings = {**extractor.cache_settings(args), "noise": "fixed", **({"mirrored": True} if mirrored else {}),
+                "pixels": pixels_fingerprint(decoded.pixels)}
+    path = os.path.join(bench.work_dir, "features", f"{name}{'-mirrored' if mirrored else ''}.safetensors")
     speed_file = path.replace(".safetensors", "-speed.json")
     if os.path.isfile(path) and os.path.isfile(speed_file):
         try:

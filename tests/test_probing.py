@@ -147,6 +147,23 @@ def test_linear_probe_one_feature_pass_cache_reuse_and_model_folder(probe_setup,
         assert os.path.isfile(out / name), name
 
 
+def test_feature_cache_serves_fewer_timesteps_and_notices_replaced_files(probe_setup, monkeypatch):
+    calls, counting = count_unet_forwards()
+    monkeypatch.setattr(UNet2DModel, "forward", counting)
+    main(probe_args(probe_setup))  # timesteps 5 and 50
+    calls.clear()
+    fewer = main(probe_args(probe_setup, "--timesteps", "50"))
+    assert calls == [] and {row["timestep"] for row in fewer["single_layer"]} == {50}  # served by the wider cache
+    assert load_features(str(probe_setup / "out" / "features" / "train.safetensors")).timesteps == [5, 50]  # kept
+
+    # Another image under the same file name (a file replaced, or other slices of a volume under the same ids)
+    first, second = sorted((probe_setup / "data" / "Testing").rglob("*.png"))[:2]
+    PIL.Image.open(second).save(first)
+    calls.clear()
+    main(probe_args(probe_setup))
+    assert sum(calls) == 2 * 16  # the test images' features were recomputed, the training images' reused
+
+
 def test_random_flip_probe_extracts_the_mirrored_training_images_once(probe_setup, monkeypatch):
     calls, counting = count_unet_forwards()
     monkeypatch.setattr(UNet2DModel, "forward", counting)

@@ -3,7 +3,8 @@ the feature cache (`cache`) and sharded extraction of a folder (`extraction`). T
 `mic_diffrep.models.mic_diffrep.unet_features`, shared with the exported classifier."""
 
 from .arguments import DEFAULT_TIMESTEPS, ExtractionArguments, FeatureArguments
-from .cache import CachedFeatures, StaleFeatureCacheError, load_features, model_fingerprint, save_features
+from .cache import (CachedFeatures, StaleFeatureCacheError, load_features, model_fingerprint, pixels_fingerprint,
+                    save_features)
 from .extraction import extract_folder, extract_sharded, noise_seeds_for, prepare_extractor
 from .extractors import (ClipFeatureExtractor, DiffusionFeatureExtractor, EncoderFeatureExtractor, FeatureExtractor,
                          load_feature_extractor, load_pipeline)
@@ -12,4 +13,5 @@ from .extractors import (ClipFeatureExtractor, DiffusionFeatureExtractor, Encode
 __all__ = ["CachedFeatures", "ClipFeatureExtractor", "DEFAULT_TIMESTEPS", "DiffusionFeatureExtractor",
            "EncoderFeatureExtractor", "ExtractionArguments", "FeatureArguments", "FeatureExtractor",
            "StaleFeatureCacheError", "extract_folder", "extract_sharded", "load_feature_extractor", "load_pipeline",
-           "load_features", "model_fingerprint", "noise_seeds_for", "prepare_extractor", "save_features"]
+           "load_features", "model_fingerprint", "noise_seeds_for", "pixels_fingerprint", "prepare_extractor",
+           "save_features"]

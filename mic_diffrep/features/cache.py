@@ -1,9 +1,10 @@
 """Extracted features on disk: one safetensors file with the settings that produced them.
 
 Probes train in seconds on cached features instead of re-running the UNet. A cache records the source model (a
-fingerprint of the UNet weights), the extraction settings and the image ids; `load_features` with the settings
-you are about to use raises `StaleFeatureCacheError` when any of them differ, so a cache of another model or other
-settings is never silently reused.
+fingerprint of the UNet weights), the extraction settings and the image ids (and the probe adds a fingerprint of the
+decoded pixels); `load_features` with the settings you are about to use raises `StaleFeatureCacheError` when any of
+them differ, so a cache of another model, other settings or other images is never silently reused. A cache of more
+layers or timesteps than asked for serves the ones asked for.
 
 ```python
 >>> from mic_diffrep.features.cache import save_features, load_features
@@ -27,6 +28,8 @@ from ..models.mic_diffrep.unet_features import concatenate_features
 
 
 FORMAT_VERSION = 2
+# Settings a cache holding more of them serves: it returns the ones asked for (each (layer, t) is extracted alone).
+SUBSET_SETTINGS = ("layers", "timesteps")
 
 
 class StaleFeatureCacheError(ValueError):
@@ -45,6 +48,22 @@ def model_fingerprint(model: torch.nn.Module) -> str:
         digest.update(name.encode())
         digest.update(tensor.detach().float().cpu().contiguous().numpy().tobytes())
     return digest.hexdigest()[:16]
+
+
+def pixels_fingerprint(pixels: torch.Tensor) -> str:
+    """A short hash of decoded images (`DecodedImages.pixels`) with their shape: a cache stays valid only for the
+    same pixels, not merely the same file names (a file replaced, or other slices of a volume under the same ids).
+
+    >>> pixels_fingerprint(torch.zeros(2, 1, 4, 4, dtype=torch.uint8)) == pixels_fingerprint(torch.zeros(2, 1, 4, 4))
+    False
+    """
+    digest = hashlib.sha256(f"{tuple(pixels.shape)} {pixels.dtype}".encode())
+    digest.update(pixels.detach().cpu().contiguous().numpy().tobytes())
+    return digest.hexdigest()[:16]
+
+
+def _serves(cached, wanted) -> bool:
+    return isinstance(cached, list) and isinstance(wanted, list) and set(wanted) <= set(cached)
 
 
 @dataclass
@@ -99,7 +118,8 @@ def save_features(path: str, features: Dict[Tuple[str, int], torch.Tensor], sett
 
 def load_features(path: str, expected_settings: Optional[dict] = None,
                   expected_image_ids: Optional[Sequence[str]] = None) -> CachedFeatures:
-    """Reads a feature cache. Raises `StaleFeatureCacheError` if it does not match the expected settings or ids."""
+    """Reads a feature cache. Raises `StaleFeatureCacheError` if it does not match the expected settings or ids; a
+    cache of more layers or timesteps than `expected_settings` names returns those it names."""
     if not os.path.isfile(path):
         raise FileNotFoundError(f"Feature cache {path!r} does not exist.")
     with safe_open(path, framework="pt") as f:
@@ -113,14 +133,18 @@ def load_features(path: str, expected_settings: Optional[dict] = None,
     image_ids = json.loads(metadata["image_ids"])
     if expected_settings is not None:
         expected = json.loads(json.dumps(expected_settings, sort_keys=True))
-        differences = {k: (settings.get(k), v) for k, v in expected.items() if settings.get(k) != v}
+        differences = {k: (settings.get(k), v) for k, v in expected.items()
+                       if settings.get(k) != v and not (k in SUBSET_SETTINGS and _serves(settings.get(k), v))}
         if differences:
             details = "; ".join(f"{k}: cache has {old!r}, wanted {new!r}" for k, (old, new) in differences.items())
-            raise StaleFeatureCacheError(f"Feature cache {path} is stale ({details}). Delete it to recompute.")
+            raise StaleFeatureCacheError(f"Feature cache {path} is stale ({details}).")
+        layers, timesteps = expected.get("layers", layers), expected.get("timesteps", timesteps)
+        features = {(layer, t): features[(layer, t)] for t in timesteps for layer in layers}
+        settings = {**settings, "layers": layers, "timesteps": timesteps}
     if expected_image_ids is not None and list(expected_image_ids) != image_ids:
         raise StaleFeatureCacheError(
             f"Feature cache {path} was extracted from other images ({len(image_ids)} cached, "
-            f"{len(expected_image_ids)} asked for, or in another order). Delete it to recompute."
+            f"{len(expected_image_ids)} asked for, or in another order)."
         )
     return CachedFeatures(
         features=features, layers=layers, timesteps=timesteps, image_ids=image_ids, labels=labels,

@@ -26,7 +26,7 @@ import torch
 
 from ..data import DecodedImages
 from ..features import (FeatureExtractor, StaleFeatureCacheError, extract_sharded, load_feature_extractor,
-                        load_features, prepare_extractor, save_features)
+                        load_features, pixels_fingerprint, prepare_extractor, save_features)
 from ..reporting.hub import create_hub_repo, default_repo_id
 from ..utils import command_line, create_accelerator, environment_info, output_folder
 from .arguments import ProbeArguments
@@ -42,10 +42,12 @@ logger = logging.getLogger(__name__)
 def cached_features(extractor: FeatureExtractor, decoded: DecodedImages, args: ProbeArguments, accelerator,
                     name: str, mirrored: bool = False) -> Dict[Tuple[str, int], torch.Tensor]:
     """Features of `decoded` (the classifier's fixed noise), or of its mirror images with `mirrored`, from the cache
-    in OUTPUT_DIR/features, recomputed when missing or stale."""
-    settings = {**extractor.cache_settings(args), "noise": "fixed", **({"mirrored": True} if mirrored else {})}
+    in OUTPUT_DIR/features, recomputed when missing or stale (another model, other settings or other pixels); a
+    cache of more layers or timesteps serves fewer."""
     if mirrored:
         decoded, name = decoded.mirrored(), name + "-mirrored"
+    settings = {**extractor.cache_settings(args), "noise": "fixed", **({"mirrored": True} if mirrored else {}),
+                "pixels": pixels_fingerprint(decoded.pixels)}  # a replaced file or other slices: other pixels
     path = os.path.join(args.output_dir, "features", f"{name}.safetensors")
     if os.path.isfile(path):
         try:
