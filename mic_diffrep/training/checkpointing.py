@@ -66,7 +66,8 @@ def save_training_state(accelerator, output_dir: str, global_step: int, epoch: i
     accelerator.save_state(tmp)
     if accelerator.is_main_process:
         with open(os.path.join(tmp, "training_state.json"), "w", encoding="utf-8") as f:
-            json.dump({"global_step": global_step, "epoch": epoch, "batches_done": batches_done}, f)
+            json.dump({"global_step": global_step, "epoch": epoch, "batches_done": batches_done,
+                       "num_processes": accelerator.num_processes}, f)
         _replace_dir(tmp, final)
         _prune_checkpoints(output_dir, total_limit)
         logger.info("Saved checkpoint %s", final)
@@ -85,6 +86,15 @@ def resume_training_state(accelerator, output_dir: str, resume_from_checkpoint: 
         return 0, 0, 0
     if not os.path.isdir(path):
         raise FileNotFoundError(f"`resume_from_checkpoint` {path!r} is not a checkpoint folder.")
+    with open(os.path.join(path, "training_state.json"), encoding="utf-8") as f:
+        state = json.load(f)
+    # The learning-rate schedule steps once per process and the data is sharded per process: resumed on another
+    # number of processes, the schedule would run past its end (or stop short) and the data order would not resume.
+    saved_processes = state.get("num_processes", accelerator.num_processes)  # not recorded by older checkpoints
+    if saved_processes != accelerator.num_processes:
+        raise ValueError(f"`resume_from_checkpoint` {path!r} was written by a run on {saved_processes} process(es); "
+                         f"resume it on {saved_processes} (this run has {accelerator.num_processes}), or start a new "
+                         f"run in another output folder. The checkpoint is left as it is.")
     logger.info("Resuming from %s", path)
     try:
         accelerator.load_state(path)
@@ -92,8 +102,6 @@ def resume_training_state(accelerator, output_dir: str, resume_from_checkpoint: 
         first_line = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
         raise ValueError(f"`resume_from_checkpoint` {path!r} was written by a run with other settings (model, "
                          f"--use_ema, optimizer; it is left as it is): {first_line}") from error
-    with open(os.path.join(path, "training_state.json"), encoding="utf-8") as f:
-        state = json.load(f)
     return state["global_step"], state["epoch"], state["batches_done"]
 
 
