@@ -15,12 +15,14 @@ preprocessing and hooked UNet forward; the baselines), `features/` (extractors, 
 __version__ = "0.1.0"
 
 from transformers import AutoConfig, AutoImageProcessor, AutoModelForImageClassification
+from transformers.pipelines import PIPELINE_REGISTRY
 
 from .data import DecodedImages, ImagePreprocessing, decode_images, load_image_folder, preprocess_images
 from .models.mic_diffrep import (MicDiffRepConfig, MicDiffRepForImageClassification, MicDiffRepImageProcessor,
                                  MicDiffRepPreTrainedModel)
 from .models.mic_diffrep.unet import create_scheduler, create_unet
-from .pipelines import DiffusionFeaturePipeline, DiffusionFeaturesOutput, save_image_grid
+from .pipelines import (DiffusionFeaturePipeline, DiffusionFeaturesOutput, MedicalImageClassificationPipeline,
+                        save_image_grid)
 
 
 AutoConfig.register(MicDiffRepConfig.model_type, MicDiffRepConfig, exist_ok=True)
@@ -31,12 +33,17 @@ AutoImageProcessor.register(MicDiffRepConfig, image_processor_classes={"pil": Mi
 # `mic_diffrep.reporting.hub.push_to_hub`: in a local folder it makes `transformers.pipeline` look for remote video
 # processor code and prompt for trust_remote_code.
 MicDiffRepConfig.register_for_auto_class()
+# `pipeline("medical-image-classification", model=...)`: images reach the image processor unconverted (16-bit, float,
+# DICOM, NIfTI), where transformers' "image-classification" pipeline first makes them 8-bit RGB.
+PIPELINE_REGISTRY.register_pipeline("medical-image-classification", pipeline_class=MedicalImageClassificationPipeline,
+                                    pt_model=AutoModelForImageClassification, type="image")
 MicDiffRepForImageClassification.register_for_auto_class("AutoModelForImageClassification")
 
 __all__ = [
     "DecodedImages",
     "DiffusionFeaturePipeline",
     "ImagePreprocessing",
+    "MedicalImageClassificationPipeline",
     "MicDiffRepConfig",
     "MicDiffRepForImageClassification",
     "MicDiffRepImageProcessor",

@@ -154,3 +154,27 @@ def test_push_to_hub_uploads_config_weights_code_and_card(model, tmp_path):
     assert "pipeline_tag: image-classification" in uploaded["card"] and "Limitations" in uploaded["card"]
     assert "accuracy **0.750**" in uploaded["card"]
     assert MicDiffRepImageProcessor._auto_class is None  # local folders keep loading without remote-code prompts
+
+
+def test_medical_image_classification_pipeline_reads_16_bit_and_float_images(model, tmp_path):
+    """transformers' image-classification pipeline makes every path or PIL image 8-bit RGB first: a 16-bit slice
+    saturates and a float one goes black. The medical-image-classification pipeline scores them as the 8-bit slice."""
+    model.save_pretrained(tmp_path / "model")
+    MicDiffRepImageProcessor(resolution=16).save_pretrained(tmp_path / "model")
+    rng = np.random.default_rng(0)
+    slice8 = (rng.random((24, 20)) * 200).astype(np.uint8)
+    PIL.Image.fromarray(slice8).save(tmp_path / "eight.png")
+    PIL.Image.fromarray(slice8.astype(np.uint16) * 257).save(tmp_path / "sixteen.png")
+    PIL.Image.fromarray(slice8.astype(np.float32) / 255).save(tmp_path / "float.tif")
+    files = [str(tmp_path / name) for name in ("eight.png", "sixteen.png", "float.tif")]
+
+    classify = pipeline("medical-image-classification", model=str(tmp_path / "model"))
+    assert type(classify).__name__ == "MedicalImageClassificationPipeline"
+    scores = [{p["label"]: p["score"] for p in prediction} for prediction in classify(files, top_k=3)]
+    for other in scores[1:]:
+        assert other == pytest.approx(scores[0], abs=1e-3)  # saturated to 8-bit RGB, the tiny model moves 4e-3
+    assert classify(PIL.Image.open(files[1]), top_k=3) == classify(files[1], top_k=3)  # a PIL image as its path
+    assert classify(files[0], top_k=1)[0]["label"] == max(scores[0], key=scores[0].get)
+
+    stock = pipeline("image-classification", model=str(tmp_path / "model"))
+    assert stock(files[0], top_k=3) == classify(files[0], top_k=3)  # 8-bit: the two agree

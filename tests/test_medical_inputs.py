@@ -232,6 +232,30 @@ def test_check_leakage_and_predict_commands(mixed_folder, tmp_path, capsys):
     assert json.loads(capsys.readouterr().out)["num_examples"] == 11
 
 
+def test_medical_image_classification_pipeline_takes_dicom_and_nifti(mixed_folder, tmp_path, capsys):
+    from transformers import pipeline
+
+    config = MicDiffRepConfig(unet_config=dict(UNET_PRESETS["tiny"], sample_size=16), timesteps=[5], hidden_size=8,
+                              num_labels=2, id2label={0: "a", 1: "b"}, label2id={"a": 0, "b": 1})
+    torch.manual_seed(0)
+    model_dir = str(tmp_path / "model")
+    MicDiffRepForImageClassification(config).save_pretrained(model_dir)
+    MicDiffRepImageProcessor(resolution=16).save_pretrained(model_dir)
+    single, volume = os.path.join(mixed_folder, "a", "single.dcm"), os.path.join(mixed_folder, "b", "vol.nii.gz")
+    predicted = {p["file"]: p["probabilities"] for p in cli(["predict", "--model", model_dir, single, volume])}
+    capsys.readouterr()
+
+    classify = pipeline("medical-image-classification", model=model_dir)
+    scores = classify(single, top_k=2)  # one slice: one list of scores, as the image-classification pipeline gives
+    assert {p["label"]: p["score"] for p in scores} == pytest.approx(predicted[single], abs=1e-5)
+    slices = classify(volume, top_k=2)  # a volume: one list per non-empty slice, in predict's order
+    assert len(slices) == 4
+    for k, scores in zip(range(1, 5), slices):
+        assert {p["label"]: p["score"] for p in scores} == pytest.approx(predicted[f"{volume}#slice={k}"], abs=1e-5)
+    with pytest.raises(ValueError, match="vol.nii.gz: a volume of 4 slices needs batch_size=1"):
+        classify([single, volume], batch_size=2)
+
+
 def test_pretraining_on_dicom_and_nifti_only(tmp_path):
     root = tmp_path / "scans"
     write_dicom(root / "multi.dcm", frames_of(0, 4))

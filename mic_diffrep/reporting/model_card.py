@@ -37,14 +37,16 @@ aggregation: concatenated pooled block features -> Linear -> ReLU -> Linear -> s
 ## Usage
 
 ```python
-import mic_diffrep  # registers the model with the Auto classes
+import mic_diffrep  # registers the model with the Auto classes and the medical-image-classification pipeline
 from transformers import pipeline
 
-classify = pipeline("image-classification", model="path/or/repo-id")
-classify("slice.jpg")
+classify = pipeline("medical-image-classification", model="path/or/repo-id")
+classify("slice.jpg")  # also 16-bit and float images, DICOM and NIfTI files (one list of scores per slice)
 ```
 
-Without mic-diffrep installed, load with `trust_remote_code=True` (the code files are in this repository).
+transformers' own `pipeline("image-classification", ...)` gives the same scores for 8-bit images (it converts
+every image to 8-bit RGB first). A copy on the Hub uploaded by mic-diffrep (`--push_to_hub`) holds the code files:
+where mic-diffrep is not installed, load it with `trust_remote_code=True`.
 
 ## Training and evaluation
 
