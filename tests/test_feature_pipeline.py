@@ -146,6 +146,20 @@ def test_input_kinds_and_bad_arguments(pipe, images, tmp_path):
         pipe.extract_features(images, pooling="median")
 
 
+def test_timesteps_as_tensors_and_repeated_timesteps(pipe, images):
+    once = pipe.extract_features(images[:3], timesteps=[10, 20], layers=["mid_block"])
+    for timesteps in (torch.tensor([10, 20]), [torch.tensor(10), torch.tensor(20)], np.array([10, 20]),
+                      [10, 20, 10], (10, 10, 20)):
+        out = pipe.extract_features(images[:3], timesteps=timesteps, layers=["mid_block"])
+        assert out.timesteps == [10, 20] and out.features[("mid_block", 10)].shape[0] == 3  # one row per image
+        torch.testing.assert_close(out.concatenate(), once.concatenate())
+    with pytest.raises(KeyError, match=r"No features for \[\('mid_block', 99\)\].*timesteps \[10, 20\]"):
+        once.concatenate(timesteps=[99])
+    with pytest.raises(ValueError, match="timesteps"):
+        pipe.extract_features(images[:1], timesteps=torch.tensor([0.5]))
+    assert FeatureArguments(timesteps=[10, 10, 5], layers=["mid_block", "mid_block"]).timesteps == [10, 5]
+
+
 def test_bf16_pipeline_features_are_close_to_fp32(pipe, images):
     fp32 = pipe.extract_features(images, timesteps=[50]).features[("up_blocks.1", 50)]
     pipe.to(torch.bfloat16)

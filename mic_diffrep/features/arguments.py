@@ -42,6 +42,9 @@ class FeatureArguments:
         check_settings(self)
         if not self.timesteps:
             raise ValueError("`timesteps` must name at least one timestep.")
+        self.timesteps = list(dict.fromkeys(self.timesteps))  # `--timesteps 10 10`: once (repeated rows broke caches)
+        if self.layers is not None:
+            self.layers = list(dict.fromkeys(self.layers))
         for name in ("pooling_grid_size", "num_noise_samples", "batch_size"):
             if getattr(self, name) < 1:
                 raise ValueError(f"`{name}` must be at least 1, got {getattr(self, name)}.")

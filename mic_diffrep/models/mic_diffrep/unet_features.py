@@ -221,4 +221,9 @@ def concatenate_features(features: Dict[tuple, torch.Tensor], layers: Sequence[s
                          timesteps: Sequence[int]) -> torch.Tensor:
     """The MSFA input F (paper eq. 4): per-`(layer, timestep)` features side by side, timestep-major, layers in the
     given order: the order `MicDiffRepForImageClassification` concatenates them in."""
+    missing = [(layer, int(t)) for t in timesteps for layer in layers if (layer, int(t)) not in features]
+    if missing:
+        raise KeyError(f"No features for {missing}: these features hold layers "
+                       f"{list(dict.fromkeys(key[0] for key in features))} at timesteps "
+                       f"{list(dict.fromkeys(key[1] for key in features))}.")
     return torch.cat([features[(layer, int(t))] for t in timesteps for layer in layers], dim=1)
