@@ -178,3 +178,34 @@ def test_medical_image_classification_pipeline_reads_16_bit_and_float_images(mod
 
     stock = pipeline("image-classification", model=str(tmp_path / "model"))
     assert stock(files[0], top_k=3) == classify(files[0], top_k=3)  # 8-bit: the two agree
+
+
+def test_loading_keeps_the_unet_frozen_and_the_head_float32(model, tmp_path):
+    model.save_pretrained(tmp_path)
+    loaded = AutoModelForImageClassification.from_pretrained(tmp_path)
+    assert not any(p.requires_grad for p in loaded.unet.parameters())
+    assert loaded.num_parameters(only_trainable=True) == sum(p.numel() for p in loaded.head.parameters())
+
+    # A new number of labels on a bf16 UNet: the re-initialised classifier is float32 like the rest of the head.
+    relabelled = AutoModelForImageClassification.from_pretrained(
+        tmp_path, dtype=torch.bfloat16, num_labels=2, id2label={0: "x", 1: "y"}, label2id={"x": 0, "y": 1},
+        ignore_mismatched_sizes=True)
+    assert relabelled.unet.dtype == torch.bfloat16
+    assert {p.dtype for p in relabelled.head.parameters()} == {torch.float32}
+    out = relabelled(pixel_values=torch.rand(2, 1, 16, 16) * 2 - 1, labels=torch.tensor([0, 1]))
+    assert out.logits.shape == (2, 2) and torch.isfinite(out.loss)
+
+
+def test_a_cast_to_bf16_and_back_keeps_the_exact_noise_schedule(model):
+    from mic_diffrep.models.mic_diffrep.modeling_mic_diffrep import ddpm_alphas_cumprod
+
+    exact = ddpm_alphas_cumprod(model.config)
+    pixel_values = torch.rand(2, 1, 16, 16) * 2 - 1
+    reference = model(pixel_values).logits
+    model.to(torch.bfloat16)
+    torch.testing.assert_close(model.noise_schedule(), exact, rtol=0, atol=0)
+    model.to(torch.float32)
+    assert model.alphas_cumprod[10] != exact[10]  # the buffer itself was rounded by the cast
+    torch.testing.assert_close(model.noise_schedule(), exact, rtol=0, atol=0)
+    # Only the weights' bf16 rounding is left
+    torch.testing.assert_close(model(pixel_values).logits, reference, rtol=0, atol=0.05)

@@ -32,9 +32,10 @@ class MicDiffRepMSFAHead(nn.Module):
             self.classifier = nn.Linear(in_features, num_labels)
 
     def forward(self, features: torch.Tensor) -> torch.Tensor:
+        # Each layer gets its own dtype: one re-initialised in another precision at loading still runs.
         if self.aggregate is not None:
-            features = self.activation(self.aggregate(features))
-        return self.classifier(self.dropout(features))
+            features = self.activation(self.aggregate(features.to(self.aggregate.weight.dtype)))
+        return self.classifier(self.dropout(features).to(self.classifier.weight.dtype))
 
 
 def ddpm_alphas_cumprod(config: MicDiffRepConfig, device=None) -> torch.Tensor:
@@ -89,8 +90,9 @@ class MicDiffRepForImageClassification(MicDiffRepPreTrainedModel):
     - The UNet is frozen: `forward` runs it under `torch.no_grad()`, so `hidden_states` (the concatenated UNet
       features `F`, before standardisation) carry no gradient and only the head trains.
     - The noise schedule is a non-persistent buffer (`alphas_cumprod`, rebuilt from the config, never saved). It
-      moves with `.to(device)` and is initialised after meta-device loading; after `.to(torch.bfloat16)` the exact
-      float32 values are recomputed from the config, since bf16 cannot hold them.
+      moves with `.to(device)` and is initialised after meta-device loading; the features always use the exact
+      float32 values recomputed from the config (bf16 cannot hold them, and a cast back to float32 keeps the
+      rounding).
 
     Example:
 
@@ -120,11 +122,26 @@ class MicDiffRepForImageClassification(MicDiffRepPreTrainedModel):
                                        config.classifier_dropout)
         self.post_init()
 
+    @classmethod
+    def from_pretrained(cls, *args, **kwargs):
+        """`PreTrainedModel.from_pretrained`, then the conventions loading does not keep: the UNet frozen (loaded
+        parameters require gradients) and the head in float32 (one re-initialised by `ignore_mismatched_sizes`, a
+        new `num_labels` say, would otherwise be in the loading dtype)."""
+        loaded = super().from_pretrained(*args, **kwargs)
+        model = loaded[0] if isinstance(loaded, tuple) else loaded
+        model.unet.requires_grad_(False)
+        if model.head.classifier.weight.device.type != "meta":
+            model.head.float()
+        return loaded
+
     def noise_schedule(self) -> torch.Tensor:
-        """`alphas_cumprod` in float32 on the model's device (recomputed from the config after a cast to bf16/fp16)."""
-        if self.alphas_cumprod.dtype in (torch.float32, torch.float64):
-            return self.alphas_cumprod
-        return ddpm_alphas_cumprod(self.config, self.alphas_cumprod.device)
+        """`alphas_cumprod` in float32 on the model's device, always the exact values from the config: a cast to
+        bf16 and back would otherwise leave a rounded schedule (0.9961 for 0.9978 at t=10) and move the logits."""
+        device = self.alphas_cumprod.device
+        cached = getattr(self, "_exact_noise_schedule", None)
+        if cached is None or cached.device != device:
+            cached = self._exact_noise_schedule = ddpm_alphas_cumprod(self.config, device)
+        return cached
 
     def extract_features(self, pixel_values: torch.Tensor) -> torch.Tensor:
         """Concatenated pooled UNet features `(B, feature_size)` in float32, before standardisation (the MSFA input
@@ -192,7 +209,7 @@ class MicDiffRepForImageClassification(MicDiffRepPreTrainedModel):
         with torch.no_grad():
             features = self.extract_features(pixel_values)
         standardized = (features.to(self.feature_mean.dtype) - self.feature_mean) / self.feature_std
-        logits = self.head(standardized.to(self.head.classifier.weight.dtype))
+        logits = self.head(standardized)
         loss = self.compute_loss(logits, labels) if labels is not None else None
         return ImageClassifierOutputWithNoAttention(
             loss=loss, logits=logits, hidden_states=(features,) if output_hidden_states else None)
