@@ -3,6 +3,7 @@ import os
 import pytest
 import torch
 
+from conftest import write_class_folder
 from mic_diffrep.data import PretrainingDataset, decode_images, find_split_folders, load_image_folder, select_splits
 
 
@@ -17,6 +18,24 @@ def test_kaggle_layout_becomes_train_and_test(kaggle_folder):
     dataset = load_image_folder(kaggle_folder)
     assert dataset["train"].num_rows == 24 and dataset["test"].num_rows == 8
     assert dataset["train"].features["label"].names == ["glioma", "meningioma", "notumor", "pituitary"]
+
+
+def test_class_folders_with_patient_sub_folders_keep_the_class_labels(tmp_path):
+    # imagefolder labels a file by its own folder: glioma/patient1/x.png became class "patient1"
+    for name in ("glioma", "notumor"):
+        for patient in ("patient1", "patient2"):
+            write_class_folder(tmp_path / "nested" / "Training" / name, per_class=2, seed=1, classes=[patient])
+    dataset = load_image_folder(str(tmp_path / "nested"))["train"]
+    assert dataset.features["label"].names == ["glioma", "notumor"] and dataset.num_rows == 8
+    for item, label in zip(dataset["image"], dataset["label"]):
+        assert os.path.relpath(item["path"], tmp_path / "nested" / "Training").split(os.sep)[0] == \
+            dataset.features["label"].names[label]
+
+    # One class with a sub-folder: still labelled by class folders (it had no labels at all)
+    write_class_folder(tmp_path / "one", per_class=2, seed=2, classes=["a", "b"])
+    write_class_folder(tmp_path / "one" / "b", per_class=2, seed=3, classes=["extra"])
+    dataset = load_image_folder(str(tmp_path / "one"))["train"]
+    assert dataset.features["label"].names == ["a", "b"] and sorted(dataset["label"]) == [0, 0, 1, 1, 1, 1]
 
 
 def test_pretrain_splits_never_take_test_unless_asked(kaggle_folder):

@@ -73,6 +73,12 @@ def _has_medical_files(folder: str) -> bool:
     return False
 
 
+def _has_nested_images(root: str) -> bool:
+    """Whether an image sits two or more folders below `root` (`glioma/patient1/slice.jpg`): `imagefolder` would
+    label it by its own folder (`patient1`), not by its class folder."""
+    return any(os.path.relpath(path, root).count(os.sep) >= 2 for path in _image_files(root))
+
+
 def _image_files(folder: str):
     """Sorted image files under `folder` (recursively; hidden files and folders left out, as `datasets` does)."""
     found = []
@@ -90,7 +96,9 @@ def load_image_folder(data_dir: str):
     `ClassLabel` column (names sorted, shared by all splits); a folder of loose images has no labels.
 
     DICOM and NIfTI files count as images: a folder holding any is loaded from a file scan (see the module
-    docstring) into the same columns, one row per file.
+    docstring) into the same columns, one row per file. So is a folder with deeper trees
+    (`glioma/patient1/slice.jpg`): a file's class is the folder right under the split folder (or `data_dir`), as a
+    medical dataset sorted by class and then patient expects; `imagefolder` would label it `patient1`.
     """
     if os.path.isfile(data_dir):
         raise NotADirectoryError(f"Data folder {data_dir!r} is a file; give the folder that holds the images.")
@@ -105,12 +113,13 @@ def load_image_folder(data_dir: str):
         if empty:
             raise ValueError(f"Split folder(s) {empty} in {data_dir!r} contain no images.")
         _check_class_folders(data_dir, split_folders)
-        if _has_medical_files(data_dir):
-            return _scan_image_folder({split: os.path.join(data_dir, folder) for split, folder in split_folders.items()})
+        roots = {split: os.path.join(data_dir, folder) for split, folder in split_folders.items()}
+        if _has_medical_files(data_dir) or any(_has_nested_images(root) for root in roots.values()):
+            return _scan_image_folder(roots)
         data_files = {split: os.path.join(data_dir, folder, "**") for split, folder in split_folders.items()}
         dataset = load_dataset("imagefolder", data_files=data_files)
     else:
-        if _has_medical_files(data_dir):
+        if _has_medical_files(data_dir) or _has_nested_images(data_dir):
             return _scan_image_folder({"train": os.path.abspath(data_dir)})
         dataset = load_dataset("imagefolder", data_dir=data_dir)
     return dataset.cast_column("image", Image(decode=False))
