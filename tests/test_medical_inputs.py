@@ -13,15 +13,15 @@ from conftest import parse, synthetic_slice
 from mic_diffrep import (DiffusionFeaturePipeline, MicDiffRepConfig, MicDiffRepForImageClassification,
                          MicDiffRepImageProcessor)
 from mic_diffrep.commands import main as cli
-from mic_diffrep.data import (BadImageError, ImagePreprocessing, SliceSelection, decode_images, image_to_pixels,
-                              load_image_folder, read_medical_slices, window_intensities)
+from mic_diffrep.data import (BadImageError, DecodedImages, ImagePreprocessing, SliceSelection, decode_images,
+                              image_to_pixels, load_image_folder, read_medical_slices, window_intensities)
 from mic_diffrep.data.decoding import source_file
 from mic_diffrep.features import ExtractionArguments
 from mic_diffrep.inference import image_files
 from mic_diffrep.models.mic_diffrep.preprocessing import as_image_list
 from mic_diffrep.models.mic_diffrep.unet import UNET_PRESETS, create_scheduler, create_unet
 from mic_diffrep.probing import ProbeArguments
-from mic_diffrep.probing.splits import _merge_groups
+from mic_diffrep.probing.splits import _merge_groups, _split_groups, patient_folder
 from mic_diffrep.training import PretrainingArguments, pretrain
 
 
@@ -289,6 +289,18 @@ def test_carved_splits_keep_the_slices_of_a_file_together():
     files = ["a.png", "v.nii#0", "v.nii#0", "b.png", "c.png"]  # images 1 and 2 are slices of one file
     assert _merge_groups(groups, files).tolist() == [0, 1, 1, 2, 1]
     assert _merge_groups(np.array([0, 1, 0]), ["x", "y", "z"]).tolist() == [0, 1, 0]
+
+
+def test_carved_splits_keep_a_patient_folder_together():
+    rng = np.random.default_rng(0)
+    paths = [f"/d/{c}/patient{p}/IM{k}.dcm" for c in ("a", "b") for p in range(3) for k in range(4)]
+    labels = torch.tensor([0] * 12 + [1] * 12)
+    decoded = DecodedImages(torch.from_numpy(rng.integers(0, 256, (24, 1, 16, 16), dtype=np.uint8)), paths, labels,
+                            ["a", "b"])
+    groups = _split_groups(decoded, 0.99)
+    assert len(set(groups.tolist())) == 6  # one group per patient (the random images are no near-duplicates)
+    assert all(groups[i] == groups[4 * (i // 4)] for i in range(24))
+    assert patient_folder("/d/a/vol.nii.gz#slice=2", "a") == "/d/a/vol.nii.gz"  # a file right in its class folder
 
 
 def test_nan_background_and_one_slice_paths(tmp_path):

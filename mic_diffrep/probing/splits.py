@@ -2,7 +2,7 @@
 
 Every carved split (a test hold-out when the data has none, and always the validation part) keeps near-duplicate
 groups (`mic_diffrep.leakage`) on one side, so selection and scores are not flattered by duplicates; the slices of
-one DICOM / NIfTI file stay on one side too.
+one DICOM / NIfTI file, and the images of one patient folder (`<class>/<patient>/...`), stay on one side too.
 """
 
 import logging
@@ -47,11 +47,33 @@ def _align_labels(test: DecodedImages, train_names: List[str], what: str) -> Dec
     return test
 
 
+def patient_folder(image_id: str, class_name: Optional[str]) -> str:
+    """What a carved split keeps on one side with an image: the folder right under its class folder when the image
+    sits deeper (`.../glioma/patient1/series2/IM0001.dcm` -> `.../glioma/patient1`: a patient's slices, one file
+    each as DICOM stores them), else its file (`source_file`: the slices of one volume).
+
+    >>> patient_folder("/data/glioma/patient1/series2/IM0001.dcm", "glioma")
+    '/data/glioma/patient1'
+    >>> patient_folder("/data/glioma/vol.nii.gz#slice=3", "glioma")
+    '/data/glioma/vol.nii.gz'
+    """
+    path = source_file(image_id)
+    folder = os.path.dirname(path)
+    while class_name is not None and os.path.dirname(folder) != folder:
+        if os.path.basename(os.path.dirname(folder)) == class_name:
+            return folder
+        folder = os.path.dirname(folder)
+    return path
+
+
 def _split_groups(decoded: DecodedImages, threshold: float) -> np.ndarray:
-    """Near-duplicate groups, merged so that the slices of one DICOM / NIfTI file (ids `<path>#slice=<k>`) share a
-    group: a carved split never puts neighbouring slices of one volume on both sides."""
+    """Near-duplicate groups, merged so that the slices of one DICOM / NIfTI file (ids `<path>#slice=<k>`) and the
+    images of one patient folder (`<class>/<patient>/...`) share a group: a carved split never puts neighbouring
+    slices of one volume, or two slices of one patient, on both sides."""
     groups = duplicate_groups(fingerprint_images(decoded.pixels), threshold)
-    return _merge_groups(groups, [source_file(path) for path in decoded.paths])
+    labels = decoded.labels.tolist() if decoded.labels is not None else [None] * len(decoded)
+    names = [None if label is None else decoded.label_names[label] for label in labels]
+    return _merge_groups(groups, [patient_folder(path, name) for path, name in zip(decoded.paths, names)])
 
 
 def _merge_groups(groups: np.ndarray, files: Sequence[str]) -> np.ndarray:
