@@ -16,7 +16,7 @@ from typing import Dict, List, Optional, Sequence
 import torch
 from transformers import AutoConfig, AutoImageProcessor, AutoModelForImageClassification
 
-from .data import (SEARCHED_EXTENSIONS, SliceSelection, check_labelled, decode_images, is_image_file,
+from .data import (SEARCHED_EXTENSIONS, SliceSelection, check_labelled, decode_images, find_image_files,
                    load_image_folder, pixels_to_model_input, select_splits)
 from .models.mic_diffrep import MicDiffRepForImageClassification, MicDiffRepImageProcessor
 from .reporting.metrics import classification_report
@@ -61,12 +61,11 @@ def _check_batch_size(batch_size: int) -> None:
 
 def image_files(paths: Sequence[str]) -> List[str]:
     """The image files named by `paths`: files as given, folders searched recursively (sorted) for images, DICOM and
-    NIfTI files (`SEARCHED_EXTENSIONS`)."""
+    NIfTI files (`SEARCHED_EXTENSIONS`), hidden files and folders left out as the folder loaders leave them out."""
     files = []
     for path in paths:
         if os.path.isdir(path):
-            found = sorted(os.path.join(root, name) for root, _, names in os.walk(path) for name in names
-                           if is_image_file(name))
+            found = find_image_files(path)
             if not found:
                 raise FileNotFoundError(f"No images in folder {path!r} (looked for {', '.join(SEARCHED_EXTENSIONS)}).")
             files.extend(found)

@@ -110,6 +110,19 @@ def test_evaluate_a_plain_class_folder_tree(model_dir, tmp_path, capsys):
     assert report["splits"] == ["all"] and report["num_examples"] == 6
     assert printed.startswith("6 images (all) of") and "accuracy" in printed and "{" not in printed
     assert os.path.isfile(tmp_path / "eval_confusion_matrix.png")
+    # --json with --output: stdout is the JSON alone (the note on the files written goes to stderr)
+    cli(["evaluate", "--model", model_dir, "--data_dir", folder, "--output", str(tmp_path / "again.json"), "--json"])
+    printed = capsys.readouterr()
+    assert json.loads(printed.out)["num_examples"] == 6 and "again.json" in printed.err
+
+
+def test_predict_leaves_out_hidden_files_as_evaluate_does(model_dir, tmp_path, capsys):
+    folder = write_class_folder(tmp_path / "images", per_class=2, seed=0, size=20, classes=("a", "b"))
+    (tmp_path / "images" / "a" / "._a_0_0.png").write_bytes(b"macOS resource fork")
+    write_class_folder(tmp_path / "images" / "a" / ".ipynb_checkpoints", per_class=1, seed=0, size=20, classes=("x",))
+    predictions = cli(["predict", "--model", model_dir, folder])
+    capsys.readouterr()
+    assert len(predictions) == 4 and not any("/." in p["file"] for p in predictions)
 
 
 def test_evaluate_checks_the_data_folder_before_loading_the_model(model_dir, tmp_path, capsys, monkeypatch):

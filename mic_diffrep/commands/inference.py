@@ -3,6 +3,7 @@
 import json
 import math
 import os
+import sys
 
 import torch
 from diffusers import DDIMScheduler
@@ -60,7 +61,7 @@ def evaluate(namespace) -> dict:
         png = os.path.splitext(namespace.output)[0] + "_confusion_matrix.png"
         plot_confusion_matrix(report["confusion_matrix"], list(report["per_class_recall"]), png,
                               title=f"{os.path.basename(os.path.abspath(namespace.model))} on {namespace.data_dir}")
-        print(f"Wrote {namespace.output} and {png}")
+        print(f"Wrote {namespace.output} and {png}", file=sys.stderr if namespace.json else sys.stdout)
     return report
 
 

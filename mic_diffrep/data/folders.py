@@ -18,7 +18,7 @@ stays one row, whatever number of slices it holds (`decode_images` expands it in
 
 import logging
 import os
-from typing import Dict, Optional, Sequence
+from typing import Dict, List, Optional, Sequence
 
 from datasets import ClassLabel, Dataset, DatasetDict, Features, Image, concatenate_datasets, load_dataset
 
@@ -76,11 +76,12 @@ def _has_medical_files(folder: str) -> bool:
 def _has_nested_images(root: str) -> bool:
     """Whether an image sits two or more folders below `root` (`glioma/patient1/slice.jpg`): `imagefolder` would
     label it by its own folder (`patient1`), not by its class folder."""
-    return any(os.path.relpath(path, root).count(os.sep) >= 2 for path in _image_files(root))
+    return any(os.path.relpath(path, root).count(os.sep) >= 2 for path in find_image_files(root))
 
 
-def _image_files(folder: str):
-    """Sorted image files under `folder` (recursively; hidden files and folders left out, as `datasets` does)."""
+def find_image_files(folder: str) -> List[str]:
+    """Sorted image files under `folder` (recursively; hidden files and folders, such as macOS `._*` files and
+    `.ipynb_checkpoints`, left out, as `datasets` does)."""
     found = []
     for root, dirs, files in os.walk(folder):
         dirs[:] = [d for d in dirs if not d.startswith((".", "__"))]
@@ -132,7 +133,7 @@ def _scan_image_folder(split_roots: Dict[str, str]) -> DatasetDict:
     column only when every file sits in a class folder and there are at least two classes (names sorted, shared by
     all splits).
     """
-    files = {split: _image_files(root) for split, root in split_roots.items()}
+    files = {split: find_image_files(root) for split, root in split_roots.items()}
     parts = {split: [os.path.relpath(path, split_roots[split]).split(os.sep) for path in paths]
              for split, paths in files.items()}
     classes = {split: [p[0] if len(p) > 1 else None for p in split_parts] for split, split_parts in parts.items()}
