@@ -175,6 +175,21 @@ def test_run_recipe_flags_override_the_defaults():
     assert config["num_noise_samples"] == 2 and config["learning_rate"] == RUN_DEFAULTS["learning_rate"]
 
 
+def test_run_takes_the_data_flags_of_pretrain_and_probe(tmp_path):
+    # The bad-image error tells a user to pass --skip_bad_images; a NIfTI user of run needs the slice flags.
+    from mic_diffrep.commands.run import pretraining_arguments, probe_arguments, run_config
+
+    config = run_config(build_parser().parse_args(["run", "--skip_bad_images", "--slice_axis", "0", "--slice_range",
+                                                   "2", "-2", "--keep_empty_slices"]))
+    for arguments in (pretraining_arguments(config), probe_arguments(config)):
+        assert arguments.skip_bad_images is True and arguments.keep_empty_slices is True
+        assert (arguments.slices.slice_axis, tuple(arguments.slices.slice_range)) == (0, (2, -2))
+    (tmp_path / "slices.yaml").write_text("slice_axis: 1\nskip_bad_images: true\n")
+    config = run_config(build_parser().parse_args(["run", "--config", str(tmp_path / "slices.yaml")]))
+    assert probe_arguments(config).slices.slice_axis == 1 and pretraining_arguments(config).skip_bad_images is True
+    assert pretraining_arguments(dict(RUN_DEFAULTS)).slices == probe_arguments(dict(RUN_DEFAULTS)).slices
+
+
 def test_baselines_train_with_their_own_optimiser_defaults_unless_given():
     from mic_diffrep.training import BaselinePretrainingArguments
 

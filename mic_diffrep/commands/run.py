@@ -14,6 +14,7 @@ from typing import Optional
 import yaml
 
 from ..data import check_labelled, load_image_folder
+from ..data.medical import SLICE_FLAG_HELP
 from ..features import FeatureArguments
 from ..models.mic_diffrep.unet import UNET_PRESETS
 from ..probing import ProbeArguments, run_probe
@@ -52,7 +53,13 @@ RUN_DEFAULTS = {
     "probe_random_flip": ProbeArguments.random_flip,
     "hidden_size": 512,
     "seed": 0,
+    "skip_bad_images": False,
+    "slice_axis": 2,
+    "slice_range": None,
+    "keep_empty_slices": False,
 }
+# Settings that pretraining and the probe both take, under the same names.
+_SHARED_DATA_KEYS = ("skip_bad_images", "slice_axis", "slice_range", "keep_empty_slices")
 
 # Named presets for `--config NAME`: "paper" is the paper's recipe exactly (112 px, 200 epochs of DDPM pretraining
 # with Adam 1e-4 and linear decay, batch 32, uniform timesteps, no augmentation, DDPM-1000 samples, fp32).
@@ -161,7 +168,7 @@ def pretraining_arguments(config: dict) -> PretrainingArguments:
         save_images_epochs=epochs,
         save_model_epochs=epochs, checkpointing_steps=1_000_000, eval_batch_size=config["num_samples"],
         sample_scheduler=config["sample_scheduler"], ddpm_num_inference_steps=config["sampling_steps"],
-        seed=config["seed"], logger="tensorboard")
+        seed=config["seed"], logger="tensorboard", **{key: config[key] for key in _SHARED_DATA_KEYS})
 
 
 def probe_arguments(config: dict) -> ProbeArguments:
@@ -172,7 +179,8 @@ def probe_arguments(config: dict) -> ProbeArguments:
         flip_average=config["flip_average"], num_epochs=config["probe_epochs"],
         learning_rate=config["probe_learning_rate"], train_batch_size=config["probe_batch_size"],
         random_flip=config["probe_random_flip"], hidden_size=config["hidden_size"],
-        mixed_precision=config["mixed_precision"], seed=config["seed"])
+        mixed_precision=config["mixed_precision"], seed=config["seed"],
+        **{key: config[key] for key in _SHARED_DATA_KEYS})
 
 
 def run(namespace) -> dict:
@@ -265,4 +273,12 @@ def register(subparsers) -> None:
                         help="Train the probe's heads on the training images as they are.")
     parser.add_argument("--hidden_size", type=int, default=None, help="MSFA hidden size (default 512).")
     parser.add_argument("--seed", type=int, default=None, help="Seed (default 0).")
+    parser.add_argument("--skip_bad_images", action="store_const", const=True, default=None,
+                        help="Skip unreadable images (listed in the results) instead of failing.")
+    parser.add_argument("--slice_axis", type=int, default=None, choices=(0, 1, 2),
+                        help=SLICE_FLAG_HELP["slice_axis"] + " (default 2)")
+    parser.add_argument("--slice_range", type=int, nargs=2, default=None, metavar=("START", "STOP"),
+                        help=SLICE_FLAG_HELP["slice_range"])
+    parser.add_argument("--keep_empty_slices", action="store_const", const=True, default=None,
+                        help=SLICE_FLAG_HELP["keep_empty_slices"])
     parser.set_defaults(func=run)
