@@ -82,3 +82,25 @@ def test_pretraining_dataset_order_is_seeded_per_epoch():
 def test_empty_folder_error_names_it(tmp_path):
     with pytest.raises(ValueError, match=str(tmp_path)):
         load_image_folder(str(tmp_path))
+
+
+def test_datasets_image_columns_decoded_or_not_are_read_alike(kaggle_folder):
+    from datasets import load_dataset
+
+    from mic_diffrep import DiffusionFeaturePipeline, MicDiffRepImageProcessor, create_scheduler, create_unet
+
+    ours = load_image_folder(kaggle_folder)["train"].select(range(5))  # image column not decoded: path dicts
+    theirs = load_dataset("imagefolder", data_dir=os.path.join(kaggle_folder, "Training"))["train"].select(range(5))
+    a, b = decode_images(ours, 16, show_progress=False), decode_images(theirs, 16, show_progress=False)
+    assert torch.equal(a.pixels, b.pixels) and a.paths == b.paths and a.label_names == b.label_names
+
+    processor = MicDiffRepImageProcessor(resolution=16)
+    expected = processor([item["path"] for item in ours["image"]])["pixel_values"]
+    assert torch.equal(processor(ours[:5]["image"])["pixel_values"], expected)
+    assert torch.equal(processor(theirs[:5]["image"])["pixel_values"], expected)  # decoded PIL images
+
+    pipe = DiffusionFeaturePipeline(create_unet(16, "tiny"), create_scheduler())
+    pipe.set_progress_bar_config(disable=True)
+    for dataset in (ours, theirs):
+        out = pipe.extract_features(dataset, timesteps=[5], layers=["mid_block"])
+        assert out.image_ids == a.paths and out.features[("mid_block", 5)].shape[0] == 5
