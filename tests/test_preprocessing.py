@@ -21,6 +21,16 @@ def test_inputs_of_every_kind_give_the_same_pixels():
     assert expected.min() >= -1 and expected.max() <= 1
 
 
+def test_float_images_outside_0_1_are_windowed_not_clipped():
+    # Raw MRI intensities or CT Hounsfield units as floats: clipped to [0, 1] they became a white or black image.
+    rng = np.random.default_rng(1)
+    unit = rng.random((20, 20)).astype(np.float32)
+    expected = preprocess_images(unit, resolution=16)
+    for image in (unit * 4000, unit * 255, unit * 2000 - 1000, torch.from_numpy(unit * 3000)):
+        torch.testing.assert_close(preprocess_images(image, resolution=16), expected, atol=1 / 127.5, rtol=0)
+    assert preprocess_images(unit * 4000, resolution=16).std() > 0.3
+
+
 def test_range_and_scaling():
     white = PIL.Image.new("L", (8, 8), 255)
     black = PIL.Image.new("L", (8, 8), 0)

@@ -135,7 +135,9 @@ def _grey_from_array(array: np.ndarray) -> np.ndarray:
     if np.issubdtype(array.dtype, np.floating):
         if not np.isfinite(array).all():
             raise ValueError("Image array contains NaN or inf values.")
-        array = np.clip(array.astype(np.float64), 0.0, 1.0) * 255.0
+        array = array.astype(np.float64)
+        if array.min() >= 0.0 and array.max() <= 1.0:  # [0, 1] images as 0..255; other ranges (raw MRI intensities,
+            array = array * 255.0  # CT in HU, 0..255 floats) stay as they are: the window maps them, nothing clips
     elif not np.issubdtype(array.dtype, np.integer):
         raise ValueError(f"Unsupported image array dtype {array.dtype}.")
     array = array.astype(np.float64)
@@ -144,7 +146,8 @@ def _grey_from_array(array: np.ndarray) -> np.ndarray:
 
 def to_grayscale(image: ImageInput) -> np.ndarray:
     """`image` as a 2-D grey numpy array at its own depth: uint8 for 8-bit and colour images, float64 for 16-bit,
-    32-bit and float ones (floats read as [0, 1], scaled to 0..255).
+    32-bit and float ones (floats in [0, 1] scaled to 0..255; floats in any other range, such as raw MRI
+    intensities or CT Hounsfield units, kept as they are for the intensity window, like 16-bit data).
 
     Tensors are `(C, H, W)` or `(H, W)`, numpy arrays `(H, W, C)` or `(H, W)`; file paths are opened with PIL. A
     DICOM / NIfTI slice (`.pixels`, `.window`) gives its float64 pixels in physical units (its window is applied by
