@@ -104,6 +104,7 @@ def test_save_load_identical_logits_auto_classes_and_pipeline(model, tmp_path):
 
     processor = AutoImageProcessor.from_pretrained(tmp_path)
     assert isinstance(processor, MicDiffRepImageProcessor)
+    assert processor.size == {"height": 16, "width": 16}  # where transformers' training scripts read the input size
     image = PIL.Image.fromarray((np.random.default_rng(0).random((30, 20, 3)) * 255).astype(np.uint8))
     torch.testing.assert_close(processor(image, return_tensors="pt")["pixel_values"], preprocess_images(image, 16))
 

@@ -95,6 +95,12 @@ class MicDiffRepImageProcessor(BaseImageProcessor):
         self._check(self.to_options())
 
     @property
+    def size(self) -> dict:
+        """`{"height": resolution, "width": resolution}`, where transformers' training scripts look for the input
+        size (read-only: set `resolution`)."""
+        return {"height": self.resolution, "width": self.resolution}
+
+    @property
     def preprocessing(self) -> ImagePreprocessing:
         """The processor's preprocessing settings (what decoding for this model must use)."""
         return ImagePreprocessing(self.resolution, self.resize_mode, self.intensity_window)
