@@ -1,3 +1,4 @@
+import json
 import os
 
 import evaluate
@@ -212,3 +213,14 @@ def test_unlabelled_data_is_refused(tmp_path, unlabelled_folder):
     with pytest.raises(ValueError, match="no labels"):
         main(parse(ProbeArguments, ["--pretrained", str(tmp_path / "pipe"), "--data_dir", unlabelled_folder,
                          "--output_dir", str(tmp_path / "out")]))
+
+
+def test_results_markdown_names_the_skipped_files():
+    from mic_diffrep.reporting.results import results_markdown
+
+    with open(os.path.join(os.path.dirname(__file__), "data", "probe_results.json")) as f:
+        results = json.load(f)
+    assert "skipped" not in results_markdown(dict(results, skipped_images=[]))
+    skipped = [{"path": f"data/bad_{i}.jpg", "error": "OSError: truncated"} for i in range(7)]
+    text = results_markdown(dict(results, skipped_images=skipped))
+    assert "7 unreadable file(s) skipped" in text and "`data/bad_4.jpg`, ..." in text and "bad_5" not in text

@@ -7,6 +7,14 @@ import os
 _PRECISION_NAMES = {"no": "fp32", "bf16": "bf16 autocast", "fp16": "fp16 autocast"}
 
 
+def _skipped_note(skipped) -> str:
+    """A sentence on the unreadable files `--skip_bad_images` left out (empty when none)."""
+    if not skipped:
+        return ""
+    names = ", ".join(f"`{item['path']}`" for item in skipped[:5]) + (", ..." if len(skipped) > 5 else "")
+    return f" {len(skipped)} unreadable file(s) skipped (`--skip_bad_images`; all in results.json): {names}."
+
+
 def results_markdown(results: dict) -> str:
     """The results as Markdown: SL accuracy for every layer x timestep, SL-best, MSFA, per-class recall."""
     timesteps = sorted({r["timestep"] for r in results["single_layer"]})
@@ -22,7 +30,8 @@ def results_markdown(results: dict) -> str:
         f"Test split: {results['test_split']}  ",
         f"Images: {results['num_train']} train, {results['num_validation']} validation (carved from the training "
         f"split, near-duplicate groups kept on one side), {results['num_test']} test; "
-        f"{results['leakage']['num_near']} test images have a near-duplicate in the training images.", "",
+        f"{results['leakage']['num_near']} test images have a near-duplicate in the training images."
+        + _skipped_note(results.get("skipped_images")), "",
         "| method | layers | timesteps | accuracy | macro F1 | accuracy (de-duplicated test) |", "|---|---|---|---|---|---|",
     ]
     ms_name, sl_name = ("MicDiffRep-MS", "MicDiffRep-SL-best") if results.get("method", "micdiffrep") == "micdiffrep" \
