@@ -208,3 +208,11 @@ def test_sigint_saves_a_checkpoint_before_exiting(unlabelled_folder, tmp_path):
         summary = json.load(f)
     assert summary["stop_reason"] == "interrupted"
     assert checkpoints[0] == f"checkpoint-{summary['global_step']}"
+
+
+def test_bad_image_messages_name_the_file_once():
+    from mic_diffrep.data.decoding import _bad_image_message
+
+    message = _bad_image_message("a/x.dcm", "MedicalImageError: a/x.dcm: no slice left (all pixels equal).")
+    assert message.count("a/x.dcm") == 1 and ".." not in message
+    assert message.startswith("Cannot read image a/x.dcm: MedicalImageError: no slice left (all pixels equal). Fix")

@@ -230,9 +230,13 @@ def decode_images(
 
 
 def _bad_image_message(path: str, error: str) -> str:
+    # The error often names the file itself (`MedicalImageError: path: ...`) and ends with a full stop already.
+    kind, _, detail = error.partition(": ")
+    if detail.startswith(f"{path}: "):
+        error = f"{kind}: {detail[len(path) + 2:]}"
     return (
-        f"Cannot read image {path}: {error}. Fix or remove the file, or pass --skip_bad_images to skip unreadable "
-        f"images (skipped files are listed in the run's log and results)."
+        f"Cannot read image {path}: {error.rstrip('.')}. Fix or remove the file, or pass --skip_bad_images to skip "
+        f"unreadable images (skipped files are listed in the run's log and results)."
     )
 
 
