@@ -58,7 +58,10 @@ def check_settings(settings) -> None:
     """
     hints = typing.get_type_hints(type(settings))
     for field in dataclasses.fields(settings):
-        check_value(f"`{field.name}`", getattr(settings, field.name), hints[field.name])
+        value = getattr(settings, field.name)
+        check_value(f"`{field.name}`", value, hints[field.name])
+        if (field.name == "seed" or field.name.endswith("_seed")) and isinstance(value, int) and not 0 <= value < 2**32:
+            raise ValueError(f"`{field.name}` must be in [0, 2**32) (numpy's seeds), got {value}.")
 
 
 def check_value(name: str, value, hint) -> None:
