@@ -271,6 +271,18 @@ def test_pretraining_on_dicom_and_nifti_only(tmp_path):
     assert os.path.isfile(tmp_path / "out" / "unet" / "diffusion_pytorch_model.safetensors")
 
 
+def test_run_says_before_pretraining_when_no_test_split_can_be_carved(tmp_path, capsys):
+    # Two volumes per class and no Testing/ folder: 4 groups, none of which can be 20% of the images.
+    for label, seeds in (("a", (1, 2)), ("b", (3, 4))):
+        for seed in seeds:
+            write_nifti(tmp_path / "vols" / label / f"vol{seed}.nii.gz", brain_volume(seed))
+    with pytest.raises(SystemExit) as error:
+        cli(["run", "--data_dir", str(tmp_path / "vols"), "--output_dir", str(tmp_path / "out"), "--resolution", "16"])
+    message = capsys.readouterr().err.strip().splitlines()[-1]
+    assert error.value.code == 2 and "Cannot split" in message and "a Testing/ folder beside Training/" in message
+    assert not (tmp_path / "out").exists()  # nothing pretrained
+
+
 def test_slice_flags_on_every_settings_class():
     for cls, required in ((PretrainingArguments, ["--train_data_dir", "D"]),
                           (ExtractionArguments, ["--pretrained", "P", "--data_dir", "D", "--output", "O"]),

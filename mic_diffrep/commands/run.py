@@ -13,11 +13,12 @@ from typing import Optional
 
 import yaml
 
-from ..data import check_labelled, load_image_folder
+from ..data import check_labelled, load_image_folder, select_splits
 from ..data.medical import SLICE_FLAG_HELP
 from ..features import FeatureArguments
 from ..models.mic_diffrep.unet import UNET_PRESETS
 from ..probing import ProbeArguments, run_probe
+from ..probing.splits import check_carvable
 from ..reporting.results import run_report_markdown
 from ..training import RECIPE_KEYS, PretrainingArguments, default_recipe, pretrain
 from ..utils import MIXED_PRECISION_CHOICES, check_value, command_line
@@ -138,13 +139,17 @@ def check_config(config: dict, source: Optional[str] = None) -> None:
 
 
 def check_run(config: dict, pretraining_args: PretrainingArguments, probe_args: ProbeArguments) -> None:
-    """What would otherwise fail only after pretraining: the probe's timesteps and the data's labels."""
+    """What would otherwise fail only after pretraining: the probe's timesteps, the data's labels, and whether a
+    test split can be carved from it."""
     bad = [t for t in probe_args.timesteps if not 0 <= t < pretraining_args.ddpm_num_steps]
     if bad:
         raise ValueError(f"`timesteps` {bad}: read-out timesteps must be in [0, {pretraining_args.ddpm_num_steps}).")
-    for split in load_image_folder(config["data_dir"]).values():
+    splits = load_image_folder(config["data_dir"])
+    for split in splits.values():
         check_labelled(split, f"`data_dir` {config['data_dir']}",
                        "linear probing (to pretrain on unlabelled images: `mic-diffrep pretrain`)")
+    if "test" not in splits:  # the probe carves a test split: too few files or patients fail here, not after
+        check_carvable(select_splits(splits, ["all"])[1], probe_args.test_split, probe_args.seed)
 
 
 def run_config(namespace) -> dict:

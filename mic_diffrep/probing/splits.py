@@ -98,6 +98,29 @@ def _merge_groups(groups: np.ndarray, files: Sequence[str]) -> np.ndarray:
     return merged.astype(np.int64)
 
 
+def _carve(labels, groups: np.ndarray, fraction: float, seed: int, flag: str):
+    """`group_stratified_split`, whose failure says what a user can change."""
+    try:
+        return group_stratified_split(labels, groups, fraction, seed=seed)
+    except ValueError as error:
+        if not str(error).startswith("Cannot split"):
+            raise
+        raise ValueError(f"{str(error).rstrip('.')}; near-duplicate images, the slices of one file and the files of "
+                         f"one patient folder count as one group. Give more images, a larger {flag}, or a test "
+                         f"split of your own (a Testing/ folder beside Training/, or --test_data_dir).") from None
+
+
+def check_carvable(dataset, test_split: float, seed: int = 0) -> None:
+    """Raises the probe's error early when a labelled, not yet decoded dataset (`load_image_folder`) cannot be split
+    into train and test even before near-duplicates are grouped (by its files and patient folders alone): `mic-diffrep
+    run` checks this before pretraining."""
+    names = dataset.features["label"].names
+    labels = list(dataset["label"])
+    folders = [patient_folder(item["path"] or "", names[label]) for item, label in zip(dataset["image"], labels)]
+    _, groups = np.unique(folders, return_inverse=True)
+    _carve(labels, groups.astype(np.int64), test_split, seed, "--test_split")
+
+
 def _train_and_test(args: ProbeArguments, decode):
     splits = load_image_folder(args.data_dir)
     train_splits = [s for s in splits if s != "test"]
@@ -121,7 +144,7 @@ def _train_and_test(args: ProbeArguments, decode):
     everything = decode(everything)
     threshold = args.duplicate_threshold or DEFAULT_THRESHOLD
     groups = _split_groups(everything, threshold)
-    train_idx, test_idx = group_stratified_split(everything.labels, groups, args.test_split, seed=args.seed)
+    train_idx, test_idx = _carve(everything.labels, groups, args.test_split, args.seed, "--test_split")
     source = (f"carved from {args.data_dir}: {len(test_idx)} of {len(everything)} images ({args.test_split:.0%} target), "
               f"stratified by class, near-duplicate groups (fingerprint similarity >= {threshold}) kept on one side")
     return everything.subset(train_idx), everything.subset(test_idx), source
@@ -146,7 +169,7 @@ def load_probe_splits(args: ProbeArguments, preprocessing: ImagePreprocessing, a
                          f"Add training images of these classes or remove them from the test data.")
     threshold = args.duplicate_threshold or DEFAULT_THRESHOLD
     groups = _split_groups(train, threshold)
-    _, validation_idx = group_stratified_split(train.labels, groups, args.validation_split, seed=args.seed)
+    _, validation_idx = _carve(train.labels, groups, args.validation_split, args.seed, "--validation_split")
     validation_mask = torch.zeros(len(train), dtype=torch.bool)
     validation_mask[torch.as_tensor(validation_idx, dtype=torch.long)] = True
     leakage = check_leakage(train, test, threshold)
