@@ -271,6 +271,23 @@ def test_pretraining_on_dicom_and_nifti_only(tmp_path):
     assert os.path.isfile(tmp_path / "out" / "unet" / "diffusion_pytorch_model.safetensors")
 
 
+def test_dicom_files_without_an_extension_are_images(tmp_path, capsys):
+    # PACS exports name files IM0000 or by UID; the class of such files disappeared without a word.
+    root = tmp_path / "noext"
+    write_dicom(root / "a" / "IM0000", frames_of(1, 1)[0])
+    write_dicom(root / "a" / "1.2.840.113619.2.55.3", frames_of(2, 1)[0])
+    write_dicom(root / "b" / "IM0000.DCM", frames_of(3, 1)[0])
+    (root / "a" / "DICOMDIR").write_bytes(b"\0" * 128 + b"DICM")  # an index, not an image
+    (root / "b" / "notes").write_text("not an image")
+    dataset = load_image_folder(str(root))["train"]
+    assert dataset.features["label"].names == ["a", "b"] and dataset.num_rows == 3
+    decoded = decode_images(dataset, 16, show_progress=False)
+    assert decoded.pixels.shape == (3, 1, 16, 16) and decoded.labels.tolist() == [0, 0, 1]
+    torch.testing.assert_close(MicDiffRepImageProcessor(resolution=16)(str(root / "a" / "IM0000"))["pixel_values"],
+                               decode_images([str(root / "a" / "IM0000")], 16, show_progress=False).pixels.float()
+                               / 127.5 - 1)
+
+
 def test_run_says_before_pretraining_when_no_test_split_can_be_carved(tmp_path, capsys):
     # Two volumes per class and no Testing/ folder: 4 groups, none of which can be 20% of the images.
     for label, seeds in (("a", (1, 2)), ("b", (3, 4))):

@@ -22,6 +22,7 @@ from typing import Dict, List, Optional, Sequence
 
 from datasets import ClassLabel, Dataset, DatasetDict, Features, Image, concatenate_datasets, load_dataset
 
+from ..models.mic_diffrep.preprocessing import has_dicom_preamble
 from .medical import MEDICAL_EXTENSIONS, is_medical_file
 
 
@@ -54,21 +55,22 @@ def find_split_folders(data_dir: str) -> Dict[str, str]:
     return found
 
 
-def is_image_file(name: str) -> bool:
-    """Whether a file name has one of `SEARCHED_EXTENSIONS` (an ordinary image, DICOM or NIfTI; any case)."""
-    return name.lower().endswith(SEARCHED_EXTENSIONS)
+def is_image_file(path: str) -> bool:
+    """Whether a file has one of `SEARCHED_EXTENSIONS` (an ordinary image, DICOM or NIfTI; any case), or is a DICOM
+    file named without an extension (`IM0001`: its preamble is read)."""
+    return path.lower().endswith(SEARCHED_EXTENSIONS) or has_dicom_preamble(path)
 
 
 def _has_images(folder: str) -> bool:
-    for _, _, files in os.walk(folder):
-        if any(is_image_file(name) for name in files):
+    for root, _, files in os.walk(folder):
+        if any(is_image_file(os.path.join(root, name)) for name in files):
             return True
     return False
 
 
 def _has_medical_files(folder: str) -> bool:
-    for _, _, files in os.walk(folder):
-        if any(is_medical_file(name) for name in files):
+    for root, _, files in os.walk(folder):
+        if any(is_medical_file(os.path.join(root, name)) for name in files):
             return True
     return False
 
@@ -85,7 +87,8 @@ def find_image_files(folder: str) -> List[str]:
     found = []
     for root, dirs, files in os.walk(folder):
         dirs[:] = [d for d in dirs if not d.startswith((".", "__"))]
-        found.extend(os.path.join(root, name) for name in files if not name.startswith(".") and is_image_file(name))
+        found.extend(os.path.join(root, name) for name in files
+                     if not name.startswith(".") and is_image_file(os.path.join(root, name)))
     return sorted(found)
 
 

@@ -76,6 +76,8 @@ from typing import Any, List, Optional, Sequence, Tuple, Union
 
 import numpy as np
 
+from ..models.mic_diffrep.preprocessing import has_dicom_preamble
+
 
 MEDICAL_EXTENSIONS = (".dcm", ".dicom", ".nii", ".nii.gz")
 DICOM_EXTENSIONS = (".dcm", ".dicom")
@@ -195,8 +197,9 @@ def add_slice_arguments(parser) -> None:
 
 
 def is_medical_file(path: PathLike) -> bool:
-    """Whether `path` has one of `MEDICAL_EXTENSIONS` (case-insensitive; `.nii.gz` included)."""
-    return str(os.fspath(path)).lower().endswith(MEDICAL_EXTENSIONS)
+    """Whether `path` has one of `MEDICAL_EXTENSIONS` (case-insensitive; `.nii.gz` included), or is a DICOM file
+    named without an extension (`IM0001`; see `has_dicom_preamble`)."""
+    return str(os.fspath(path)).lower().endswith(MEDICAL_EXTENSIONS) or has_dicom_preamble(path)
 
 
 def read_medical_slices(
@@ -205,7 +208,8 @@ def read_medical_slices(
     slice_range: Optional[Tuple[Optional[int], Optional[int]]] = None,
     skip_empty_slices: bool = True,
 ) -> List[MedicalSlice]:
-    """Reads a DICOM (`.dcm`, `.dicom`) or NIfTI (`.nii`, `.nii.gz`) file into slices, chosen by extension.
+    """Reads a DICOM (`.dcm`, `.dicom`, or no extension with a DICOM preamble) or NIfTI (`.nii`, `.nii.gz`) file
+    into slices, chosen by extension.
 
     `slice_axis`, `slice_range` and `skip_empty_slices` apply to NIfTI volumes (see [`read_nifti`]); a DICOM file
     gives all its frames (see [`read_dicom`]).
@@ -213,7 +217,7 @@ def read_medical_slices(
     name = str(os.fspath(path)).lower()
     if name.endswith(NIFTI_EXTENSIONS):
         return read_nifti(path, slice_axis=slice_axis, slice_range=slice_range, skip_empty_slices=skip_empty_slices)
-    if name.endswith(DICOM_EXTENSIONS):
+    if name.endswith(DICOM_EXTENSIONS) or has_dicom_preamble(path):
         return read_dicom(path)
     raise MedicalImageError(
         f"{os.fspath(path)}: not a recognised medical image file; expected one of the extensions "

@@ -58,9 +58,27 @@ _MEDICAL_EXTENSIONS = (".dcm", ".dicom", ".nii", ".nii.gz")
 _MEDICAL_INSTALL_HINT = "reading DICOM/NIfTI needs `pip install mic-diffrep pydicom nibabel`"
 
 
+def has_dicom_preamble(path) -> bool:
+    """Whether `path` is a DICOM file named without an extension, as PACS exports name them (`IM0001`, or a UID
+    such as `1.2.840.113619.2.55.3`): a 128-byte preamble, then `DICM`. Only such names are opened (`DICOMDIR`,
+    an index without pixels, is not an image).
+    """
+    name = os.path.basename(os.fspath(path))
+    suffix = os.path.splitext(name)[1]
+    if (suffix and not suffix[1:].isdigit()) or name.upper() == "DICOMDIR" or not os.path.isfile(path):
+        return False
+    try:
+        with open(path, "rb") as f:
+            return f.read(132)[128:] == b"DICM"
+    except OSError:
+        return False
+
+
 def is_medical_path(image) -> bool:
-    """Whether `image` is a file path (str or PathLike) to a DICOM or NIfTI file, by extension."""
-    return isinstance(image, (str, os.PathLike)) and os.fspath(image).lower().endswith(_MEDICAL_EXTENSIONS)
+    """Whether `image` is a file path (str or PathLike) to a DICOM or NIfTI file: by extension, or a DICOM file
+    without one (`has_dicom_preamble`)."""
+    return isinstance(image, (str, os.PathLike)) and (
+        os.fspath(image).lower().endswith(_MEDICAL_EXTENSIONS) or has_dicom_preamble(image))
 
 
 def is_medical_slice(image) -> bool:
