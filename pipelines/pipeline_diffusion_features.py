@@ -132,20 +132,20 @@ class DiffusionFeaturePipeline(DiffusionPipeline):
         if num_noise_samples < 1 or batch_size < 1:
             raise ValueError("`num_noise_samples` and `batch_size` must be at least 1.")
 
-    def prepare_pixels(self, images, return_ids: bool = False):
+    def prepare_pixels(self, images, return_ids: bool = False, slices=None):
         """Images (PIL / numpy / tensors / file paths, one or a list, or a batch tensor) to uint8 `(N, 1, R, R)`.
 
         Uses the shared preprocessing of pretraining; uint8 `(N, 1, R, R)` pixels (a decode cache) pass through. A
         DICOM or NIfTI file path gives one row per slice (see `mic_diffrep.preprocessing.as_image_list`). With
         `return_ids`, also the id of each row (`image_list_with_ids`: a file's path, `"<path>#slice=<k>"` for a
-        slice, `None` for an image given in memory).
+        slice, `None` for an image given in memory). `slices`: which slices of a NIfTI volume (`SliceSelection`).
         """
         resolution = self.resolution
         if (isinstance(images, torch.Tensor) and images.ndim == 4 and images.dtype == torch.uint8
                 and tuple(images.shape[1:]) == (1, resolution, resolution)):
             pixels, ids = images.cpu(), [None] * len(images)
         else:
-            image_list, ids = image_list_with_ids(images)
+            image_list, ids = image_list_with_ids(images, slices)
             if not image_list:
                 raise ValueError("No images given.")
             pixels = torch.stack([self.preprocessing(image) for image in image_list])
@@ -185,6 +185,7 @@ class DiffusionFeaturePipeline(DiffusionPipeline):
         noise_seeds: Optional[Sequence[int]] = None,
         batch_size: int = 16,
         return_dict: bool = True,
+        slices=None,
     ) -> Union[DiffusionFeaturesOutput, Tuple]:
         r"""
         Pooled activations of UNet blocks for noised images.
@@ -193,9 +194,11 @@ class DiffusionFeaturePipeline(DiffusionPipeline):
             images: PIL images, numpy arrays, tensors or file paths (grey or RGB, any size), or a uint8
                 `(N, 1, R, R)` tensor of already preprocessed pixels. DICOM (`.dcm`) and NIfTI (`.nii`, `.nii.gz`)
                 paths give one row per slice (every non-empty axial slice of a volume, every frame of a
-                multi-frame DICOM, in order), windowed with the file's own display window when it has one.
+                multi-frame DICOM, in order), windowed with the file's own display window when it has one; `slices`
+                chooses others.
             timesteps (`int` or `Sequence[int]`, defaults to `(10, 25, 50, 100, 250)`): noise levels, in
-                `[0, num_train_timesteps)` (a list, array or tensor; a repeated one is extracted once); the default is the read-out chosen in `benchmarks/results/ablations.md`.
+                `[0, num_train_timesteps)` (a list, array or tensor; a repeated one is extracted once); the default
+                is the read-out chosen in `benchmarks/results/ablations.md`.
             layers (`Sequence[str]`, *optional*): block names such as `"down_blocks.1"`, `"mid_block"`,
                 `"up_blocks.2"`; `None` means every block (`pipe.layer_names`).
             pooling (`str`, defaults to `"avgmax"`): `"avg"` (the paper's global average), `"avgmax"` (average and
@@ -212,6 +215,9 @@ class DiffusionFeaturePipeline(DiffusionPipeline):
                 stay in the CPU's caches: on 2 cores, 16 gives about twice the images/s of 128
                 (`benchmarks/results/throughput.md`); on a GPU use a few hundred.
             return_dict (`bool`, defaults to `True`): return a [`DiffusionFeaturesOutput`] rather than a tuple.
+            slices (`mic_diffrep.data.SliceSelection`, *optional*): which slices of NIfTI volumes are images (axis,
+                range, empty slices; as `--slice_axis`, `--slice_range`, `--keep_empty_slices`); default: every
+                non-empty axial slice.
 
         The noise of an image is a function of its noise seed, the timestep and the draw only (`feature_noise`), so
         a timestep gives the same features alone or within a sweep.
@@ -235,7 +241,7 @@ class DiffusionFeaturePipeline(DiffusionPipeline):
         layers = sorted(dict.fromkeys(layers), key=order.__getitem__)
 
         # 2. Preprocess images and fix each image's noise seed
-        pixels, image_ids = self.prepare_pixels(images, return_ids=True)
+        pixels, image_ids = self.prepare_pixels(images, return_ids=True, slices=slices)
         seeds = self.prepare_noise_seeds(len(pixels), generator, noise_seeds)
         alphas_cumprod = self.scheduler.alphas_cumprod
         shape = (self.unet.config.out_channels, self.resolution, self.resolution)

@@ -187,6 +187,11 @@ def test_pipeline_and_processor_take_nifti_paths(mixed_folder):
     assert torch.equal(pipe.prepare_pixels([volume, png]), decoded.pixels)
     assert out.image_ids == decoded.paths and "vol.nii.gz#slice=" in out.image_ids[0]  # rows back to files
     assert pipe.extract_features(decoded.pixels[:1], timesteps=[5], layers=["mid_block"]).image_ids == [None]
+    sagittal = SliceSelection(slice_axis=0, slice_range=(5, 8))
+    out = pipe.extract_features([volume], timesteps=[5], layers=["mid_block"], slices=sagittal)
+    assert out.image_ids == [f"{volume}#slice={k}" for k in (5, 6, 7)]
+    assert torch.equal(pipe.prepare_pixels([volume], slices=sagittal),
+                       decode_images([volume], pipe.preprocessing, show_progress=False, slices=sagittal).pixels)
 
     processor = MicDiffRepImageProcessor(resolution=16)
     pixel_values = processor(volume, return_tensors="pt")["pixel_values"]
