@@ -6,18 +6,20 @@
 [{'file': 'slice.jpg', 'label': 'glioma', 'probabilities': {'glioma': 0.91, ...}}, ...]
 ```
 
-DICOM (`.dcm`, `.dicom`) and NIfTI (`.nii`, `.nii.gz`) files are read slice by slice (`slices`, a `SliceSelection`):
-each slice gets its own prediction, named `"<path>#slice=<k>"` when the file holds several.
+DICOM (`.dcm`, `.dicom`) and NIfTI (`.nii`, `.nii.gz`) files are read slice by slice, by default the slices the
+model's probe was trained on (`model_slices`): each slice gets its own prediction, named `"<path>#slice=<k>"` when
+the file holds several.
 """
 
 import os
-from typing import Dict, List, Optional, Sequence
+from typing import Dict, List, Optional, Sequence, Union
 
 import torch
 from transformers import AutoConfig, AutoImageProcessor, AutoModelForImageClassification
 
 from .data import (SEARCHED_EXTENSIONS, SliceSelection, check_labelled, decode_images, find_image_files,
                    load_image_folder, pixels_to_model_input, select_splits)
+from .data.medical import slice_selection
 from .models.mic_diffrep import MicDiffRepForImageClassification, MicDiffRepImageProcessor
 from .reporting.metrics import classification_report
 from .utils import precision_dtype
@@ -54,6 +56,16 @@ def predict_probabilities(model, pixel_values: torch.Tensor, batch_size: int = 1
     return torch.cat(chunks)
 
 
+def model_slices(processor: MicDiffRepImageProcessor,
+                 slices: Optional[Union[SliceSelection, Dict]] = None) -> SliceSelection:
+    """The slices of DICOM / NIfTI files to read for a model: `slices` itself (a `SliceSelection`), else the model's
+    own (those its probe was trained on, in its image processor's config) with the settings a dict of `slices`
+    changes (`{"slice_axis": 0}`, as the command line's slice flags give them)."""
+    if isinstance(slices, SliceSelection):
+        return slices
+    return slice_selection(**{**processor.slice_settings, **(slices or {})})
+
+
 def _check_batch_size(batch_size: int) -> None:
     if batch_size < 1:
         raise ValueError(f"`batch_size` must be at least 1, got {batch_size}.")
@@ -77,18 +89,18 @@ def image_files(paths: Sequence[str]) -> List[str]:
 
 
 def predict_files(model_dir: str, paths: Sequence[str], batch_size: int = 16, mixed_precision: Optional[str] = None,
-                  skip_bad_images: bool = False, slices: Optional[SliceSelection] = None) -> List[Dict]:
+                  skip_bad_images: bool = False, slices: Optional[Union[SliceSelection, Dict]] = None) -> List[Dict]:
     """Class probabilities for image files and folders: one dict per image with its top `label` and all
     `probabilities`; unreadable files raise a `BadImageError` naming them, or are left out with `skip_bad_images`.
 
-    A DICOM / NIfTI file gives one dict per slice (chosen by `slices`, default `SliceSelection()`), whose `file` is
-    `"<path>#slice=<k>"` for multi-slice files.
+    A DICOM / NIfTI file gives one dict per slice (chosen by `slices`, default the model's: `model_slices`), whose
+    `file` is `"<path>#slice=<k>"` for multi-slice files.
     """
     _check_batch_size(batch_size)
     files = image_files(paths)
     model, processor = load_classifier(model_dir, mixed_precision)
     decoded = decode_images(files, processor.preprocessing, skip_bad_images=skip_bad_images,
-                            show_progress=False, slices=slices)
+                            show_progress=False, slices=model_slices(processor, slices))
     probabilities = predict_probabilities(model, pixels_to_model_input(decoded.pixels), batch_size)
     labels = [model.config.id2label[i] for i in range(probabilities.shape[1])]
     return [{"file": path, "label": labels[int(p.argmax())],
@@ -98,11 +110,12 @@ def predict_files(model_dir: str, paths: Sequence[str], batch_size: int = 16, mi
 
 def evaluate_folder(model_dir: str, data_dir: str, splits: Optional[Sequence[str]] = None, batch_size: int = 16,
                     mixed_precision: Optional[str] = None, skip_bad_images: bool = False,
-                    slices: Optional[SliceSelection] = None) -> Dict:
+                    slices: Optional[Union[SliceSelection, Dict]] = None) -> Dict:
     """Accuracy, macro F1, per-class recall and confusion matrix of a model folder on a labelled image folder.
 
     `splits` defaults to the `test` split when the folder has split folders with one, else every image. Each slice
-    of a DICOM / NIfTI file (chosen by `slices`) counts as one example with its file's label.
+    of a DICOM / NIfTI file (chosen by `slices`, default the model's: `model_slices`) counts as one example with its
+    file's label.
     """
     _check_batch_size(batch_size)
     dataset_dict = load_image_folder(data_dir)  # a bad folder, split or label fails before the (slower) model load
@@ -110,7 +123,8 @@ def evaluate_folder(model_dir: str, data_dir: str, splits: Optional[Sequence[str
     chosen, dataset = select_splits(dataset_dict, splits, "splits")
     check_labelled(dataset, data_dir, "evaluation")
     model, processor = load_classifier(model_dir, mixed_precision)
-    decoded = decode_images(dataset, processor.preprocessing, skip_bad_images=skip_bad_images, slices=slices)
+    decoded = decode_images(dataset, processor.preprocessing, skip_bad_images=skip_bad_images,
+                            slices=model_slices(processor, slices))
     names = [model.config.id2label[i] for i in range(model.config.num_labels)]
     unknown = sorted(set(decoded.label_names) - set(names))
     if unknown:

@@ -261,6 +261,38 @@ def test_medical_image_classification_pipeline_takes_dicom_and_nifti(mixed_folde
         classify([single, volume], batch_size=2)
 
 
+def test_a_model_reads_volumes_with_the_slices_it_was_probed_on(mixed_folder, tmp_path, capsys):
+    # A model probed on sagittal slices was scored on axial ones by predict, evaluate and the pipelines.
+    from mic_diffrep.probing.export import write_model_folder
+
+    volume = os.path.join(mixed_folder, "b", "vol.nii.gz")
+    args = parse(ProbeArguments, ["--pretrained", "P", "--data_dir", mixed_folder, "--output_dir", str(tmp_path / "m"),
+                                  "--slice_axis", "0", "--slice_range", "5", "8"])
+    config = MicDiffRepConfig(unet_config=dict(UNET_PRESETS["tiny"], sample_size=16), timesteps=[5], hidden_size=8,
+                              num_labels=2, id2label={0: "a", 1: "b"}, label2id={"a": 0, "b": 1})
+
+    class Extractor:  # the part of a feature extractor that write_model_folder uses
+        preprocessing = ImagePreprocessing(16)
+
+        def classifier(self, *args):
+            return MicDiffRepForImageClassification(config)
+
+    results = json.load(open(os.path.join(os.path.dirname(__file__), "data", "probe_results.json")))
+    probe = type("Probe", (), {"head": None, "mean": None, "std": None})
+    assert write_model_folder(Extractor(), probe, results, ["a", "b"], args)
+    processor = MicDiffRepImageProcessor.from_pretrained(tmp_path / "m")
+    assert processor.slice_settings == {"slice_axis": 0, "slice_range": [5, 8], "keep_empty_slices": False}
+    assert processor(volume)["pixel_values"].shape[0] == 3
+
+    sagittal = [f"{volume}#slice={k}" for k in (5, 6, 7)]
+    assert [p["file"] for p in cli(["predict", "--model", str(tmp_path / "m"), volume])] == sagittal
+    axial = cli(["predict", "--model", str(tmp_path / "m"), volume, "--slice_axis", "2", "--slice_range", "0", "6"])
+    assert [p["file"] for p in axial] == [f"{volume}#slice={k}" for k in (1, 2, 3, 4)]
+    assert cli(["evaluate", "--model", str(tmp_path / "m"), "--data_dir", mixed_folder, "--json"])[
+        "num_examples"] == 5 + 2 + 3  # folder a; b.png and one.dcm; 3 sagittal slices of vol.nii.gz
+    capsys.readouterr()
+
+
 def test_pretraining_on_dicom_and_nifti_only(tmp_path):
     root = tmp_path / "scans"
     write_dicom(root / "multi.dcm", frames_of(0, 4))

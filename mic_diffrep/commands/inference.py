@@ -8,7 +8,7 @@ import sys
 import torch
 from diffusers import DDIMScheduler
 
-from ..data.medical import add_slice_arguments, slice_selection
+from ..data.medical import add_slice_arguments
 from ..features import load_pipeline
 from ..inference import evaluate_folder, predict_files
 from ..pipelines import save_image_grid
@@ -25,11 +25,13 @@ def _add_model_args(parser) -> None:
                         help="'bf16' runs the UNet in bf16 (the head stays float32). Default: the precision the "
                              "model's head was trained on (its config's mixed_precision), which reproduces the probe.")
     parser.add_argument("--skip_bad_images", action="store_true", help="Skip unreadable images instead of failing.")
-    add_slice_arguments(parser)
+    add_slice_arguments(parser, model_defaults=True)
 
 
-def _slices(namespace):
-    return slice_selection(namespace.slice_axis, namespace.slice_range, namespace.keep_empty_slices)
+def _slices(namespace) -> dict:
+    """The slice flags given (the rest are the model's own: `mic_diffrep.inference.model_slices`)."""
+    return {name: getattr(namespace, name) for name in ("slice_axis", "slice_range", "keep_empty_slices")
+            if getattr(namespace, name) is not None}
 
 
 def _json_value(value):

@@ -188,12 +188,16 @@ def slice_selection(slice_axis: int = 2, slice_range: Optional[Sequence[int]] = 
                           skip_empty_slices=not keep_empty_slices)
 
 
-def add_slice_arguments(parser) -> None:
-    """Adds `--slice_axis`, `--slice_range START STOP` and `--keep_empty_slices` to an `argparse` parser."""
-    parser.add_argument("--slice_axis", type=int, default=2, choices=(0, 1, 2), help=SLICE_FLAG_HELP["slice_axis"])
+def add_slice_arguments(parser, model_defaults: bool = False) -> None:
+    """Adds `--slice_axis`, `--slice_range START STOP` and `--keep_empty_slices` to an `argparse` parser. With
+    `model_defaults` (commands that use a trained model) they default to `None`: the model's own settings."""
+    note = " Default: the slices the model was trained on (its preprocessor_config.json)." if model_defaults else ""
+    parser.add_argument("--slice_axis", type=int, default=None if model_defaults else 2, choices=(0, 1, 2),
+                        help=SLICE_FLAG_HELP["slice_axis"] + note)
     parser.add_argument("--slice_range", type=int, nargs=2, default=None, metavar=("START", "STOP"),
-                        help=SLICE_FLAG_HELP["slice_range"])
-    parser.add_argument("--keep_empty_slices", action="store_true", help=SLICE_FLAG_HELP["keep_empty_slices"])
+                        help=SLICE_FLAG_HELP["slice_range"] + note)
+    parser.add_argument("--keep_empty_slices", action="store_const", const=True,
+                        default=None if model_defaults else False, help=SLICE_FLAG_HELP["keep_empty_slices"] + note)
 
 
 def is_medical_file(path: PathLike) -> bool:

@@ -35,7 +35,9 @@ def write_model_folder(extractor, probe, results: dict, label_names, args: Probe
     model.save_pretrained(args.output_dir)
     preprocessing = extractor.preprocessing
     MicDiffRepImageProcessor(resolution=preprocessing.resolution, resize_mode=preprocessing.resize_mode,
-                             intensity_window=preprocessing.intensity_window).save_pretrained(args.output_dir)
+                             intensity_window=preprocessing.intensity_window, slice_axis=args.slice_axis,
+                             slice_range=None if args.slice_range is None else list(args.slice_range),
+                             keep_empty_slices=args.keep_empty_slices).save_pretrained(args.output_dir)
     write_model_card(args.output_dir, results)
     if args.push_to_hub:
         push_to_hub(args.output_dir, default_repo_id(args.output_dir, args.hub_model_id),

@@ -1,6 +1,6 @@
 """Image processor for MicDiffRep: the exact preprocessing of pretraining, as a transformers image processor."""
 
-from typing import Optional
+from typing import List, Optional
 
 import torch
 from transformers.image_processing_utils import BaseImageProcessor, BatchFeature
@@ -15,11 +15,16 @@ class MicDiffRepImageProcessorKwargs(ImagesKwargs, total=False):
 
     resolution (`int`): output size (square). resize_mode (`str`): `"pad"` or `"center_crop"`.
     intensity_window (`str`): `"percentile"` or `"none"` (see `mic_diffrep.models.mic_diffrep.preprocessing`).
+    slice_axis (`int`), slice_range (`[start, stop]` or `None`), keep_empty_slices (`bool`): which slices of a NIfTI
+    volume are images (as the command line's `--slice_axis`, `--slice_range`, `--keep_empty_slices`).
     """
 
     resolution: int
     resize_mode: str
     intensity_window: str
+    slice_axis: int
+    slice_range: Optional[List[int]]
+    keep_empty_slices: bool
 
 
 class MicDiffRepBatchFeature(BatchFeature):
@@ -56,6 +61,9 @@ class MicDiffRepImageProcessor(BaseImageProcessor):
             0..255 to 0..1.
         do_normalize (`bool`, *optional*, defaults to `True`), image_mean / image_std (defaults to 0.5): then
             `(x - mean) / std`, giving [-1, 1].
+        slice_axis (`int`, *optional*, defaults to 2), slice_range (`[start, stop]`, *optional*), keep_empty_slices
+            (`bool`, *optional*, defaults to `False`): the slices of a NIfTI volume that are images; a model folder
+            records those its probe was trained on, so `predict`, `evaluate` and pipelines read volumes alike.
 
     Every option can be overridden per call: `processor(images, resolution=64, return_tensors="pt")`.
 
@@ -82,9 +90,13 @@ class MicDiffRepImageProcessor(BaseImageProcessor):
     do_normalize = True
     image_mean = 0.5
     image_std = 0.5
+    slice_axis = 2
+    slice_range = None
+    keep_empty_slices = False
 
     OPTIONS = ("resolution", "resize_mode", "intensity_window", "do_resize", "do_rescale", "rescale_factor",
-               "do_normalize", "image_mean", "image_std")
+               "do_normalize", "image_mean", "image_std", "slice_axis", "slice_range", "keep_empty_slices")
+    SLICE_OPTIONS = ("slice_axis", "slice_range", "keep_empty_slices")
 
     def __init__(self, **kwargs):
         options = {key: kwargs.pop(key) for key in list(kwargs) if key in self.valid_kwargs.__annotations__}
@@ -117,6 +129,18 @@ class MicDiffRepImageProcessor(BaseImageProcessor):
         resolution = options["resolution"]
         if isinstance(resolution, bool) or not isinstance(resolution, int) or resolution <= 0:
             raise ValueError(f"`resolution` must be a positive integer, got {resolution!r}.")
+        if options["slice_axis"] not in (0, 1, 2) or isinstance(options["slice_axis"], bool):
+            raise ValueError(f"`slice_axis` must be 0, 1 or 2 (RAS+ axes), got {options['slice_axis']!r}.")
+        slice_range = options["slice_range"]
+        if slice_range is not None and (len(slice_range) != 2 or not all(
+                v is None or (isinstance(v, int) and not isinstance(v, bool)) for v in slice_range)):
+            raise ValueError(f"`slice_range` must be [start, stop] (integers or None), got {slice_range!r}.")
+
+    @property
+    def slice_settings(self) -> dict:
+        """The slices of NIfTI volumes that are images: `{"slice_axis", "slice_range", "keep_empty_slices"}` (the
+        keywords of `mic_diffrep.data.medical.slice_selection`)."""
+        return {name: getattr(self, name) for name in self.SLICE_OPTIONS}
 
     def _to_pixels(self, image, options: dict) -> torch.Tensor:
         if options["do_resize"]:
@@ -138,7 +162,8 @@ class MicDiffRepImageProcessor(BaseImageProcessor):
                             f"{', '.join(self.OPTIONS)} (the size is `resolution`).")
         options = self.to_options(**kwargs)
         self._check(options)
-        pixels = [self._to_pixels(image, options) for image in as_image_list(images)]
+        slices = {name: options[name] for name in self.SLICE_OPTIONS}
+        pixels = [self._to_pixels(image, options) for image in as_image_list(images, slices)]
         if not pixels:
             raise ValueError("No images to preprocess.")
         pixel_values = pixels_to_model_input(

@@ -89,16 +89,19 @@ def is_medical_slice(image) -> bool:
 
 
 def read_medical_file(path, slices=None) -> list:
-    """The slices of a DICOM or NIfTI file (`mic_diffrep.data.medical.read_medical_slices`), chosen by `slices`
-    (a `SliceSelection`; `None`: every non-empty axial slice).
+    """The slices of a DICOM or NIfTI file (`mic_diffrep.data.medical.read_medical_slices`), chosen by `slices`:
+    a `SliceSelection`, the slice settings of an image processor (`{"slice_axis", "slice_range",
+    "keep_empty_slices"}`), or `None` (every non-empty axial slice).
 
     Raises:
         `ImportError`: mic-diffrep's reader is not installed (this module runs as Hub remote code on its own).
     """
     try:
-        from mic_diffrep.data.medical import SliceSelection
+        from mic_diffrep.data.medical import SliceSelection, slice_selection
     except ImportError as error:
         raise ImportError(f"{os.fspath(path)}: {_MEDICAL_INSTALL_HINT}.") from error
+    if isinstance(slices, dict):
+        slices = slice_selection(**slices)
     return (SliceSelection() if slices is None else slices).read(path)
 
 
