@@ -227,14 +227,16 @@ def test_nifti_window_from_cal_min_max(tmp_path):
     assert all(s.window == (2.0, 20.0) for s in slices)
 
 
-def test_nifti_4d_uses_first_volume(tmp_path):
+def test_nifti_4d_uses_first_volume(tmp_path, caplog):
     series = np.zeros((2, 3, 2, 3), dtype=np.float32)
     series[..., 0] = 1.0
     series[0, 0, :, 0] = 7.0
     series[..., 1:] = 50.0
-    slices = read_nifti(write_nifti(tmp_path / "series.nii.gz", series))
+    with caplog.at_level("WARNING"):
+        slices = read_nifti(write_nifti(tmp_path / "series.nii.gz", series))
     assert len(slices) == 2
     assert all(s.pixels.max() == 7.0 for s in slices)
+    assert "a series of 3 volumes; only the first (t = 0) is read" in caplog.text  # said, not silent
 
 
 def test_nifti_orientation_independent_of_storage(tmp_path):

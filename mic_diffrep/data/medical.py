@@ -70,6 +70,7 @@ Example:
 ```
 """
 
+import logging
 import os
 from dataclasses import dataclass
 from typing import Any, List, Optional, Sequence, Tuple, Union
@@ -77,6 +78,9 @@ from typing import Any, List, Optional, Sequence, Tuple, Union
 import numpy as np
 
 from ..models.mic_diffrep.preprocessing import has_dicom_preamble
+
+
+logger = logging.getLogger(__name__)
 
 
 MEDICAL_EXTENSIONS = (".dcm", ".dicom", ".nii", ".nii.gz")
@@ -449,6 +453,8 @@ def read_nifti(
             data = np.asarray(image.get_fdata(dtype=np.float64))[..., None]
             image = nibabel.Nifti1Image(data, image.affine)
         elif len(shape) > 3:
+            if shape[3] > 1:
+                logger.warning("%s: a series of %d volumes; only the first (t = 0) is read.", filename, shape[3])
             image = image.slicer[(slice(None),) * 3 + (0,) * (len(shape) - 3)]  # the first volume (t = 0)
         canonical = nibabel.as_closest_canonical(image)
         volume = np.asarray(canonical.get_fdata(dtype=np.float64))
