@@ -46,6 +46,19 @@ def frames_of(seed: int, count: int, size: int = 20) -> np.ndarray:
     return np.stack([synthetic_slice(k % 4, rng, size).astype(np.uint16) * 16 for k in range(count)])
 
 
+def tiny_config() -> MicDiffRepConfig:
+    return MicDiffRepConfig(unet_config=dict(UNET_PRESETS["tiny"], sample_size=16), timesteps=[5], hidden_size=8,
+                            num_labels=2, id2label={0: "a", 1: "b"}, label2id={"a": 0, "b": 1})
+
+
+def tiny_model_folder(path) -> str:
+    """A two-class model folder ("a", "b") of a random tiny UNet at 16 px, with its image processor."""
+    torch.manual_seed(0)
+    MicDiffRepForImageClassification(tiny_config()).save_pretrained(path)
+    MicDiffRepImageProcessor(resolution=16).save_pretrained(path)
+    return str(path)
+
+
 @pytest.fixture
 def mixed_folder(tmp_path):
     """Two classes mixing a PNG, single-frame DICOMs (one with a window), a 3-frame DICOM and a NIfTI volume (4
@@ -217,12 +230,7 @@ def test_check_leakage_and_predict_commands(mixed_folder, tmp_path, capsys):
          "--slice_range", "0", "5"])
     assert "of 12 images" in capsys.readouterr().out  # vol.nii.gz: slices 0..4 instead of 1..4
 
-    config = MicDiffRepConfig(unet_config=dict(UNET_PRESETS["tiny"], sample_size=16), timesteps=[5], hidden_size=8,
-                              num_labels=2, id2label={0: "a", 1: "b"}, label2id={"a": 0, "b": 1})
-    torch.manual_seed(0)
-    model_dir = str(tmp_path / "model")
-    MicDiffRepForImageClassification(config).save_pretrained(model_dir)
-    MicDiffRepImageProcessor(resolution=16).save_pretrained(model_dir)
+    model_dir = tiny_model_folder(tmp_path / "model")
     assert len(image_files([mixed_folder])) == 6
     cli(["predict", "--model", model_dir, mixed_folder, "--json"])
     predictions = json.loads(capsys.readouterr().out)
@@ -240,12 +248,7 @@ def test_check_leakage_and_predict_commands(mixed_folder, tmp_path, capsys):
 def test_medical_image_classification_pipeline_takes_dicom_and_nifti(mixed_folder, tmp_path, capsys):
     from transformers import pipeline
 
-    config = MicDiffRepConfig(unet_config=dict(UNET_PRESETS["tiny"], sample_size=16), timesteps=[5], hidden_size=8,
-                              num_labels=2, id2label={0: "a", 1: "b"}, label2id={"a": 0, "b": 1})
-    torch.manual_seed(0)
-    model_dir = str(tmp_path / "model")
-    MicDiffRepForImageClassification(config).save_pretrained(model_dir)
-    MicDiffRepImageProcessor(resolution=16).save_pretrained(model_dir)
+    model_dir = tiny_model_folder(tmp_path / "model")
     single, volume = os.path.join(mixed_folder, "a", "single.dcm"), os.path.join(mixed_folder, "b", "vol.nii.gz")
     predicted = {p["file"]: p["probabilities"] for p in cli(["predict", "--model", model_dir, single, volume])}
     capsys.readouterr()
@@ -268,14 +271,12 @@ def test_a_model_reads_volumes_with_the_slices_it_was_probed_on(mixed_folder, tm
     volume = os.path.join(mixed_folder, "b", "vol.nii.gz")
     args = parse(ProbeArguments, ["--pretrained", "P", "--data_dir", mixed_folder, "--output_dir", str(tmp_path / "m"),
                                   "--slice_axis", "0", "--slice_range", "5", "8"])
-    config = MicDiffRepConfig(unet_config=dict(UNET_PRESETS["tiny"], sample_size=16), timesteps=[5], hidden_size=8,
-                              num_labels=2, id2label={0: "a", 1: "b"}, label2id={"a": 0, "b": 1})
 
     class Extractor:  # the part of a feature extractor that write_model_folder uses
         preprocessing = ImagePreprocessing(16)
 
         def classifier(self, *args):
-            return MicDiffRepForImageClassification(config)
+            return MicDiffRepForImageClassification(tiny_config())
 
     results = json.load(open(os.path.join(os.path.dirname(__file__), "data", "probe_results.json")))
     probe = type("Probe", (), {"head": None, "mean": None, "std": None})
