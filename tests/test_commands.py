@@ -211,3 +211,16 @@ def test_the_hub_token_is_written_nowhere(kaggle_folder, tmp_path, monkeypatch):
     assert any(path.name == "results.json" for path in written) and any("events" in path.name for path in written)
     assert [str(path) for path in written if secret.encode() in path.read_bytes()] == []
     assert "--hub-token=***" in json.loads((model / "results.json").read_text())["command"]
+
+
+def test_only_the_first_process_of_a_launch_logs_progress(monkeypatch):
+    import logging
+
+    from mic_diffrep.commands.base import log_level
+
+    monkeypatch.delenv("LOCAL_RANK", raising=False)
+    assert log_level() == logging.INFO
+    monkeypatch.setenv("LOCAL_RANK", "0")
+    assert log_level() == logging.INFO
+    monkeypatch.setenv("LOCAL_RANK", "1")  # torchrun's second process: warnings and errors only
+    assert log_level() == logging.WARNING

@@ -34,8 +34,14 @@ def settings_from(cls: Type[T], namespace: argparse.Namespace) -> T:
     return cls(**{f.name: getattr(namespace, f.name) for f in dataclasses.fields(cls) if f.init})
 
 
+def log_level() -> int:
+    """INFO on the first process of a machine; the other processes of a `torchrun` / `accelerate launch` run log
+    warnings and errors only (as diffusers' training scripts do), so each progress line is printed once."""
+    return logging.INFO if os.environ.get("LOCAL_RANK", "0") in ("", "0") else logging.WARNING
+
+
 def configure_logging() -> None:
-    logging.basicConfig(format="%(asctime)s - %(levelname)s - %(name)s - %(message)s", level=logging.INFO)
+    logging.basicConfig(format="%(asctime)s - %(levelname)s - %(name)s - %(message)s", level=log_level())
 
 
 def run_guarded(prog: str, function: Callable, *args):
