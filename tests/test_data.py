@@ -104,3 +104,14 @@ def test_datasets_image_columns_decoded_or_not_are_read_alike(kaggle_folder):
     for dataset in (ours, theirs):
         out = pipe.extract_features(dataset, timesteps=[5], layers=["mid_block"])
         assert out.image_ids == a.paths and out.features[("mid_block", 5)].shape[0] == 5
+
+
+def test_split_words_in_file_names_do_not_split_a_folder(tmp_path):
+    # imagefolder, given a data_dir, guesses splits from file names: one file named dupe_in_train.jpg became the
+    # folder's only image, and scan_test_7.jpg an unlabelled "test" split.
+    write_class_folder(tmp_path / "folder", per_class=4, seed=0, classes=["glioma", "notumor"])
+    os.rename(tmp_path / "folder" / "glioma" / "glioma_0_0.png", tmp_path / "folder" / "glioma" / "dupe_in_train.png")
+    os.rename(tmp_path / "folder" / "notumor" / "notumor_0_0.png", tmp_path / "folder" / "notumor" / "scan_test_7.png")
+    dataset = load_image_folder(str(tmp_path / "folder"))
+    assert list(dataset) == ["train"] and dataset["train"].num_rows == 8
+    assert dataset["train"].features["label"].names == ["glioma", "notumor"]

@@ -125,7 +125,9 @@ def load_image_folder(data_dir: str):
     else:
         if _has_medical_files(data_dir) or _has_nested_images(data_dir):
             return _scan_image_folder({"train": os.path.abspath(data_dir)})
-        dataset = load_dataset("imagefolder", data_dir=data_dir)
+        # Explicit data files: given `data_dir`, imagefolder guesses splits from keywords in file names too, and a
+        # file named `dupe_in_train.jpg` became the only image of the folder.
+        dataset = load_dataset("imagefolder", data_files={"train": os.path.join(os.path.abspath(data_dir), "**")})
     return dataset.cast_column("image", Image(decode=False))
 
 
