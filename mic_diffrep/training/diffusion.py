@@ -153,7 +153,6 @@ def pretrain(args: PretrainingArguments) -> dict:
 
 def _pretrain(args: PretrainingArguments) -> dict:
     accelerator = make_accelerator(args, log_with=None if args.logger == "none" else args.logger)
-    logger.info(accelerator.state)
     set_seed(args.seed)
     hub_repo_id = default_repo_id(args.output_dir, args.hub_model_id)
     if args.push_to_hub and accelerator.is_main_process:
@@ -161,6 +160,7 @@ def _pretrain(args: PretrainingArguments) -> dict:
 
     # 1. Data: decoded once.
     decoded, splits = load_training_images(args, accelerator)
+    logger.info(accelerator.state)  # after the checks of the input: a mistake is one line
     logger.info("Pretraining on %d images of split(s) %s of %s", len(decoded), splits, args.train_data_dir)
     dataset, loader = make_dataloader(decoded, args)
 
