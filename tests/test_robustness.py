@@ -208,6 +208,7 @@ def test_sigint_saves_a_checkpoint_before_exiting(unlabelled_folder, tmp_path):
         summary = json.load(f)
     assert summary["stop_reason"] == "interrupted"
     assert checkpoints[0] == f"checkpoint-{summary['global_step']}"
+    assert process.returncode == 130  # a calling script sees the run was cut short (it exited 0)
 
 
 def test_bad_image_messages_name_the_file_once():

@@ -45,14 +45,21 @@ def configure_logging() -> None:
 
 
 def run_guarded(prog: str, function: Callable, *args):
-    """Runs `function(*args)`; bad input ends the program with one line, `PROG: error: MESSAGE`, and exit code 2.
+    """Runs `function(*args)`; bad input ends the program with one line, `PROG: error: MESSAGE`, and exit code 2; a
+    training run stopped by Ctrl-C (its summary's `stop_reason` is `"interrupted"`) with exit code 130.
 
     A process group the run started (`torchrun`, `accelerate launch`) is destroyed before the program exits: left to
     interpreter shutdown, gloo's threads are torn down unjoined and a rank can abort ("terminate called without an
     active exception") after its work is done, which fails the whole launch.
     """
     try:
-        return function(*args)
+        result = function(*args)
+        if isinstance(result, dict) and result.get("stop_reason") == "interrupted":
+            # Ctrl-C saved a checkpoint and returned: a calling script still sees a run cut short (128 + SIGINT).
+            print(f"{prog}: interrupted; a checkpoint was saved: continue with --resume_from_checkpoint latest",
+                  file=sys.stderr)
+            sys.exit(130)
+        return result
     except USER_ERRORS as error:
         print(f"{prog}: error: {error}", file=sys.stderr)
         sys.exit(2)

@@ -195,6 +195,8 @@ def run(namespace) -> dict:
     check_run(config, pretraining_args, probe_args)
     print(f"[1/2] Pretraining into {pretraining_args.output_dir}", flush=True)
     pretraining = pretrain(pretraining_args)
+    if pretraining["stop_reason"] == "interrupted":  # Ctrl-C: no probe of a half-trained model
+        return pretraining
     print(f"[2/2] Linear probing into {probe_args.output_dir}", flush=True)
     results = run_probe(probe_args)
 
