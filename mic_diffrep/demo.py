@@ -276,7 +276,7 @@ def build_demo(model: Union[str, os.PathLike, MicDiffRepForImageClassification],
                 upload = gr.File(label="MRI slice", file_types=list(UPLOAD_EXTENSIONS), type="filepath",
                                  elem_id="upload")
                 button = gr.Button("Classify", variant="primary", elem_id="classify")
-                status = gr.Markdown("Upload a file and press Classify.", elem_id="status")
+                status = gr.Markdown("Upload a file and press Classify.", elem_id="status", label="Status")
             with gr.Column():
                 input_image = gr.Image(label="Model input", type="pil", format="png", interactive=False,
                                        elem_id="model-input")

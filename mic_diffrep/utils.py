@@ -172,11 +172,14 @@ def command_line(argv=None) -> str:
     """The command that ran (`sys.argv` by default), as results files record it, with the value of `--hub_token`
     masked.
 
-    >>> command_line(["mic-diffrep", "probe", "--hub_token", "hf_abc", "--num_epochs=3", "--hub-token=hf_abc"])
+    >>> command_line(["/venv/bin/mic-diffrep", "probe", "--hub_token", "hf_abc", "--num_epochs=3", "--hub-token=x"])
     'mic-diffrep probe --hub_token *** --num_epochs=3 --hub-token=***'
     """
+    argv = list(sys.argv if argv is None else argv)
+    if argv and os.path.basename(str(argv[0])) == "mic-diffrep":  # the console script, not its install path
+        argv[0] = "mic-diffrep"
     masked, hide_next = [], False
-    for arg in sys.argv if argv is None else argv:
+    for arg in argv:
         name, equals, _ = str(arg).partition("=")
         if hide_next:
             masked.append("***")

@@ -93,6 +93,13 @@ def test_load_demo_model_offline_errors(classifier_folder, tmp_path):
         load_demo_model(os.path.join(classifier_folder, "config.json"))
 
 
+def test_every_output_of_the_api_has_a_name(classifier_folder):
+    # Clients (gradio_client's view_api, the page's API docs) showed the status line as "value_6".
+    returns = build_demo(classifier_folder).get_api_info()["named_endpoints"]["/classify"]["returns"]
+    assert [item["label"] for item in returns] == ["Model input", "Class probabilities", "Occlusion saliency",
+                                                   "Status"]
+
+
 def test_demo_checks_its_port_before_loading_the_model(tmp_path, capsys):
     from mic_diffrep.commands import main
 

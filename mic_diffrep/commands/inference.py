@@ -93,7 +93,7 @@ def generate(namespace) -> None:
     images = pipe(batch_size=namespace.num_images, generator=torch.Generator().manual_seed(namespace.seed),
                   num_inference_steps=steps, output_type="np").images
     save_image_grid(images, namespace.output)
-    print(f"Saved {namespace.num_images} samples to {namespace.output}")
+    print(f"Saved {namespace.num_images} sample(s) to {namespace.output}")
 
 
 def register(subparsers) -> None:
@@ -127,5 +127,6 @@ def register(subparsers) -> None:
     parser.add_argument("--mixed_precision", type=str, default=None, choices=MIXED_PRECISION_CHOICES,
                         help="'bf16' runs the UNet in bf16.")
     parser.add_argument("--seed", type=int, default=0, help="Seed.")
-    parser.add_argument("--output", type=str, default="samples.png", help="PNG file to write.")
+    parser.add_argument("--output", type=str, default="samples.png",
+                        help="Image file to write: one grid (PNG; the extension chooses the format).")
     parser.set_defaults(func=generate)
