@@ -223,7 +223,8 @@ def run(namespace) -> dict:
 def register(subparsers) -> None:
     # Its flags default to None (= RUN_DEFAULTS / --config) and state their effective defaults in their help.
     parser = subparsers.add_parser(
-        "run", formatter_class=argparse.HelpFormatter, help="The whole method on a dataset (default: the bundled MRI sample, about 5 minutes on 2 CPU cores).",
+        "run", formatter_class=argparse.HelpFormatter,
+        help="The whole method on a dataset (default: the bundled MRI sample, about 1 minute on 2 CPU cores).",
         description="Pretrain -> sample grid -> features -> SL sweep + MSFA -> evaluation -> transformers model with "
                     "a model card -> report (Markdown, JSON, PNGs). Settings come from RUN_DEFAULTS, then --config "
                     "(a YAML/JSON file or a preset name: 'paper'), then the flags.")
