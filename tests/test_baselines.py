@@ -96,6 +96,7 @@ def test_baseline_pretraining_output_plugs_into_the_probe(method, kaggle_folder,
     assert 0 <= results["msfa"]["test"]["all"]["accuracy"] <= 1
     assert os.path.isfile(tmp_path / "probe" / "results.md")
     assert not os.path.exists(tmp_path / "probe" / "model.safetensors")  # no UNet classifier for baselines
+    assert not os.path.exists(tmp_path / "probe" / "accuracy_vs_timestep.png")  # no timesteps: it had one point
 
 
 def test_baseline_pretraining_logs_to_tensorboard_as_the_diffusion_one_does(kaggle_folder, tmp_path):

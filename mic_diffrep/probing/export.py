@@ -12,14 +12,16 @@ from .arguments import ProbeArguments
 
 
 def write_results(output_dir: str, results: dict, label_names) -> None:
-    """`results.json`, `results.md`, `accuracy_vs_timestep.png` and `confusion_matrix.png` in `output_dir`."""
+    """`results.json`, `results.md`, `accuracy_vs_timestep.png` (MicDiffRep only) and `confusion_matrix.png` in
+    `output_dir`."""
     os.makedirs(output_dir, exist_ok=True)
     with open(os.path.join(output_dir, "results.json"), "w", encoding="utf-8") as f:
         json.dump(results, f, indent=2)
     with open(os.path.join(output_dir, "results.md"), "w", encoding="utf-8") as f:
         f.write(results_markdown(results))
-    plot_accuracy_vs_timestep(results["single_layer"], results["msfa_per_timestep"],
-                              os.path.join(output_dir, "accuracy_vs_timestep.png"))
+    if results.get("method", "micdiffrep") == "micdiffrep":  # baselines read no timesteps: no curve to draw
+        plot_accuracy_vs_timestep(results["single_layer"], results["msfa_per_timestep"],
+                                  os.path.join(output_dir, "accuracy_vs_timestep.png"))
     plot_confusion_matrix(results["msfa"]["test"]["all"]["confusion_matrix"], label_names,
                           os.path.join(output_dir, "confusion_matrix.png"), title="MSFA, test split")
 

@@ -119,7 +119,9 @@ def _run_probe(args: ProbeArguments, extractor: Optional[FeatureExtractor]) -> d
         write_results(args.output_dir, results, train.label_names)
         write_model_folder(extractor, probes["msfa"], results, train.label_names, args)
         msfa, sl = results["msfa"]["test"]["all"], results["sl_best"]["test"]["all"]
-        logger.info("MSFA test accuracy %.3f (macro F1 %.3f); SL-best (%s, t=%d) %.3f", msfa["accuracy"],
-                    msfa["macro_f1"], results["sl_best"]["layer"], results["sl_best"]["timestep"], sl["accuracy"])
+        where = results["sl_best"]["layer"] + (f", t={results['sl_best']['timestep']}"
+                                               if extractor.name == "micdiffrep" else "")
+        logger.info("MSFA test accuracy %.3f (macro F1 %.3f); SL-best (%s) %.3f", msfa["accuracy"],
+                    msfa["macro_f1"], where, sl["accuracy"])
     accelerator.wait_for_everyone()
     return results
