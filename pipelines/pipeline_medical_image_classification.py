@@ -25,7 +25,7 @@ from transformers.pipelines import ImageClassificationPipeline
 
 class MedicalImageClassificationPipeline(ImageClassificationPipeline):
     """`ImageClassificationPipeline` that hands paths, PIL images, arrays and tensors to the image processor
-    unconverted (an `http(s)://` URL is still fetched by transformers). A DICOM series file or NIfTI volume gives one
+    unconverted (an `http(s)://` URL is still fetched by transformers). A multi-frame DICOM file or NIfTI volume gives one
     list of scores per slice, in the order `mic-diffrep predict` lists them; one slice gives one list, as the
     image-classification pipeline does. Takes the image-classification pipeline's arguments (`top_k`,
     `function_to_apply`, `batch_size` for 2-D images)."""
@@ -37,7 +37,7 @@ class MedicalImageClassificationPipeline(ImageClassificationPipeline):
             image = os.fspath(image)
         model_inputs = self.image_processor(images=image, return_tensors="pt")
         num_slices = len(model_inputs["pixel_values"])
-        if num_slices > 1 and self._volume_batch_size > 1:
+        if num_slices > 1 and getattr(self, "_volume_batch_size", 1) > 1:
             name = image if isinstance(image, str) else type(image).__name__
             raise ValueError(f"{name}: a volume of {num_slices} slices needs batch_size=1 (its slices are one batch "
                              f"already); or classify its slices one by one.")
