@@ -25,9 +25,9 @@ from transformers.pipelines import ImageClassificationPipeline
 
 class MedicalImageClassificationPipeline(ImageClassificationPipeline):
     """`ImageClassificationPipeline` that hands paths, PIL images, arrays and tensors to the image processor
-    unconverted (an `http(s)://` URL is still fetched by transformers). A multi-frame DICOM file or NIfTI volume gives one
-    list of scores per slice, in the order `mic-diffrep predict` lists them; one slice gives one list, as the
-    image-classification pipeline does. Takes the image-classification pipeline's arguments (`top_k`,
+    unconverted (an `http(s)://` URL is still fetched by transformers). A multi-frame DICOM file or NIfTI volume
+    gives one list of scores per slice, in the order `mic-diffrep predict` lists them; one slice gives one list, as
+    the image-classification pipeline does. Takes the image-classification pipeline's arguments (`top_k`,
     `function_to_apply`, `batch_size` for 2-D images)."""
 
     def preprocess(self, image, timeout=None) -> Dict[str, Any]:
