@@ -99,6 +99,8 @@ def test_bad_config_is_named(tmp_path, capsys):
     (["pretrain", "--train_data_dir", "UNLABELLED", "--model_config_name_or_path", "huge"],
      "`model_config_name_or_path` 'huge'"),
     (["pretrain", "--train_data_dir", "UNLABELLED", "--time_budget_minutes", "-1"], "`time_budget_minutes` must be"),
+    (["pretrain", "--train_data_dir", "UNLABELLED", "--checkpoints_total_limit", "0"],
+     "`checkpoints_total_limit` must be at least 1"),
     (["pretrain", "--train_data_dir", "UNLABELLED", "--resume_from_checkpoint", "MISSING"],
      "is not a checkpoint folder"),
     (["predict", "--model", "MISSING", "UNLABELLED", "--batch_size", "0"], "`batch_size` must be at least 1"),

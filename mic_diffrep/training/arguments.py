@@ -101,6 +101,9 @@ class CommonPretrainingArguments:
                 raise ValueError(f"`{name}` must be at least 1, got {getattr(self, name)}.")
         if self.max_train_steps is not None and self.max_train_steps < 1:
             raise ValueError(f"`max_train_steps` must be at least 1, got {self.max_train_steps}.")
+        if self.checkpoints_total_limit is not None and self.checkpoints_total_limit < 1:  # 0 deleted every one
+            raise ValueError(f"`checkpoints_total_limit` must be at least 1 (or unset: keep all), got "
+                             f"{self.checkpoints_total_limit}.")
         if self.learning_rate <= 0:
             raise ValueError(f"`learning_rate` must be positive, got {self.learning_rate}.")
         schedules = [schedule.value for schedule in SchedulerType]
