@@ -139,6 +139,8 @@ def test_a_config_file_reads_as_a_user_writes_it(tmp_path):
     config = tmp_path / "recipe.yaml"
     config.write_text("learning_rate: 1e-3\nsnr_gamma: 5\npooling: avg\n")  # YAML reads `1e-3` as a string
     assert load_config(str(config)) == {"learning_rate": 1e-3, "snr_gamma": 5, "pooling": "avg"}
+    config.write_text("mixed_precision: no\n")  # YAML reads `no` as False
+    assert load_config(str(config)) == {"mixed_precision": "no"}
     # Paths may be pathlib.Path objects, as everywhere in Python.
     assert PretrainingArguments(train_data_dir=tmp_path, output_dir=tmp_path / "out").train_data_dir == tmp_path
 
@@ -226,3 +228,26 @@ def test_check_leakage_lists_the_files_it_skipped(unlabelled_folder, tmp_path, c
     main(["check-leakage", "--within", unlabelled_folder, "--skip_bad_images", "--output", str(tmp_path / "r.json")])
     report = json.loads((tmp_path / "r.json").read_text())
     assert [item["path"] for item in report["skipped_images"]] == [bad] and report["num_images"] == 24
+
+
+def test_run_switches_turn_off_and_an_interrupted_run_resumes(tmp_path, monkeypatch, capsys):
+    from mic_diffrep.commands import run as run_module
+
+    (tmp_path / "on.yaml").write_text("use_ema: true\nintensity_jitter: true\n")
+    config = run_module.run_config(build_parser().parse_args(["run", "--config", str(tmp_path / "on.yaml"),
+                                                              "--no_use_ema"]))
+    assert config["use_ema"] is False and config["intensity_jitter"] is True  # flags override the file, both ways
+
+    seen = []
+
+    def interrupted_pretraining(args):
+        seen.append(args)
+        return {"stop_reason": "interrupted"}
+
+    monkeypatch.setattr(run_module, "pretrain", interrupted_pretraining)
+    monkeypatch.setattr(run_module, "run_probe", lambda args: pytest.fail("probed a half-trained model"))
+    with pytest.raises(SystemExit) as error:
+        main(["run", "--output_dir", str(tmp_path / "out"), "--resume_from_checkpoint", "latest"])
+    assert error.value.code == 130 and "--resume_from_checkpoint latest" in capsys.readouterr().err
+    assert seen[0].resume_from_checkpoint == "latest"
+    assert (seen[0].checkpointing_steps, seen[0].checkpoints_total_limit) == (run_module.RUN_CHECKPOINTING_STEPS, 1)

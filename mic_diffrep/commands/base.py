@@ -56,8 +56,8 @@ def run_guarded(prog: str, function: Callable, *args):
         result = function(*args)
         if isinstance(result, dict) and result.get("stop_reason") == "interrupted":
             # Ctrl-C saved a checkpoint and returned: a calling script still sees a run cut short (128 + SIGINT).
-            print(f"{prog}: interrupted; a checkpoint was saved: continue with --resume_from_checkpoint latest",
-                  file=sys.stderr)
+            print(f"{prog}: interrupted; a checkpoint was saved: run the same command with --resume_from_checkpoint "
+                  f"latest to continue", file=sys.stderr)
             sys.exit(130)
         return result
     except USER_ERRORS as error:

@@ -8,8 +8,8 @@ import json
 import os
 import sys
 import typing
-from dataclasses import fields
-from typing import Optional
+from dataclasses import fields, replace
+from typing import Literal, Optional
 
 import yaml
 
@@ -59,6 +59,8 @@ RUN_DEFAULTS = {
     "slice_range": None,
     "keep_empty_slices": False,
 }
+# A long run (`--config paper`: hours) keeps its last checkpoint of every this many steps (and Ctrl-C saves one).
+RUN_CHECKPOINTING_STEPS = 1000
 # Settings that pretraining and the probe both take, under the same names.
 _SHARED_DATA_KEYS = ("skip_bad_images", "slice_axis", "slice_range", "keep_empty_slices")
 
@@ -96,13 +98,18 @@ def load_config(path_or_preset: str) -> dict:
     unknown = sorted(set(config) - set(RUN_DEFAULTS))
     if unknown:
         raise ValueError(f"--config {path_or_preset}: unknown key(s) {unknown}; known keys are {sorted(RUN_DEFAULTS)}.")
-    config = {key: _yaml_number(value, _config_annotation(key)) for key, value in config.items()}
+    config = {key: _yaml_value(value, _config_annotation(key)) for key, value in config.items()}
     check_config(config, source=f"--config {path_or_preset}")
     return config
 
 
-def _yaml_number(value, hint):
-    """YAML reads `1e-3` (no dot) as a string: a number-typed setting takes it as the number it spells."""
+def _yaml_value(value, hint):
+    """What a YAML file's value spells, for a setting of type `hint`: `1e-3` (no dot) is a string to YAML and `no`
+    is `False`; a number-typed setting takes the number, a choice among 'no', ... takes 'no' (or 'yes')."""
+    choices = [arg for literal in (hint, *typing.get_args(hint)) if typing.get_origin(literal) is Literal
+               for arg in typing.get_args(literal)]
+    if isinstance(value, bool) and ("no" if value is False else "yes") in choices:
+        return "no" if value is False else "yes"
     if isinstance(value, str) and float in (hint, *typing.get_args(hint)):
         try:
             return float(value)
@@ -171,7 +178,8 @@ def pretraining_arguments(config: dict) -> PretrainingArguments:
         num_epochs=epochs, train_batch_size=config["pretrain_batch_size"],
         **{key: config[key] for key in RECIPE_KEYS}, mixed_precision=config["mixed_precision"],
         save_images_epochs=epochs,
-        save_model_epochs=epochs, checkpointing_steps=1_000_000, eval_batch_size=config["num_samples"],
+        save_model_epochs=epochs, checkpointing_steps=RUN_CHECKPOINTING_STEPS, checkpoints_total_limit=1,
+        eval_batch_size=config["num_samples"],
         sample_scheduler=config["sample_scheduler"], ddpm_num_inference_steps=config["sampling_steps"],
         seed=config["seed"], logger="tensorboard", **{key: config[key] for key in _SHARED_DATA_KEYS})
 
@@ -192,6 +200,8 @@ def run(namespace) -> dict:
     """The whole method: pretrain -> sample grid -> features -> SL sweep + MSFA -> evaluation -> model -> report."""
     config = run_config(namespace)
     pretraining_args, probe_args = pretraining_arguments(config), probe_arguments(config)
+    if namespace.resume_from_checkpoint:
+        pretraining_args = replace(pretraining_args, resume_from_checkpoint=namespace.resume_from_checkpoint)
     check_run(config, pretraining_args, probe_args)
     print(f"[1/2] Pretraining into {pretraining_args.output_dir}", flush=True)
     pretraining = pretrain(pretraining_args)
@@ -251,8 +261,10 @@ def register(subparsers) -> None:
                 "max_train_timestep": int, "lr_scheduler": str, "ddpm_beta_schedule": str,
                 "snr_gamma": float}.get(name)
         help_text = f"{recipe_help[name]} (default {default})"
-        if kind is None:  # switches
+        if kind is None:  # switches, each with its --no_ form (a --config file may turn it on)
             parser.add_argument(f"--{name}", action="store_const", const=True, default=None, help=help_text)
+            parser.add_argument(f"--no_{name}", dest=name, action="store_const", const=False,
+                                help=f"Turn --{name} off.")
         else:
             parser.add_argument(f"--{name}", type=kind, default=None, help=help_text)
     parser.add_argument("--num_samples", type=int, default=None, help="Images in the sample grid (default 16).")
@@ -283,10 +295,18 @@ def register(subparsers) -> None:
     parser.add_argument("--seed", type=int, default=None, help="Seed (default 0).")
     parser.add_argument("--skip_bad_images", action="store_const", const=True, default=None,
                         help="Skip unreadable images (listed in the results) instead of failing.")
+    parser.add_argument("--no_skip_bad_images", dest="skip_bad_images", action="store_const", const=False,
+                        help="Stop at the first unreadable image.")
     parser.add_argument("--slice_axis", type=int, default=None, choices=(0, 1, 2),
                         help=SLICE_FLAG_HELP["slice_axis"] + " (default 2)")
     parser.add_argument("--slice_range", type=int, nargs=2, default=None, metavar=("START", "STOP"),
                         help=SLICE_FLAG_HELP["slice_range"])
     parser.add_argument("--keep_empty_slices", action="store_const", const=True, default=None,
                         help=SLICE_FLAG_HELP["keep_empty_slices"])
+    parser.add_argument("--no_keep_empty_slices", dest="keep_empty_slices", action="store_const", const=False,
+                        help="Skip NIfTI slices whose pixels are all equal.")
+    parser.add_argument("--resume_from_checkpoint", type=str, default=None,
+                        help="Continue an interrupted run's pretraining: 'latest' (its last checkpoint, saved every "
+                             f"{RUN_CHECKPOINTING_STEPS} steps, by Ctrl-C and at a time-budget stop) or a "
+                             "checkpoint folder; give the run's other settings again.")
     parser.set_defaults(func=run)
