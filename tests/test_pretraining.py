@@ -249,11 +249,13 @@ def test_a_failed_upload_keeps_the_trained_pipeline_and_says_how_to_upload_it(un
     assert os.path.isfile(os.path.join(out, "model_index.json"))
 
 
-def test_a_time_budget_stop_saves_a_checkpoint_that_resumes(unlabelled_folder, tmp_path):
+def test_a_time_budget_stop_saves_a_checkpoint_that_resumes(unlabelled_folder, tmp_path, caplog):
     out = str(tmp_path / "out")
     budget = ["--num_epochs", "1000", "--time_budget_minutes", "0.0001", "--checkpointing_steps", "1000"]
-    first = main(tiny_args(unlabelled_folder, out, *budget))
+    with caplog.at_level("WARNING"):
+        first = main(tiny_args(unlabelled_folder, out, *budget))
     assert first["stop_reason"] == "time_budget_minutes"
+    assert "Stopped by --time_budget_minutes" in caplog.text  # said, not a progress bar left at 42%
     assert os.path.isdir(os.path.join(out, f"checkpoint-{first['global_step']}"))
     second = main(tiny_args(unlabelled_folder, out, *budget, "--resume_from_checkpoint", "latest"))
     assert second["global_step"] > first["global_step"]  # continued, not started again
