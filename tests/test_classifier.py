@@ -6,6 +6,7 @@ import numpy as np
 import PIL.Image
 import pytest
 import torch
+from huggingface_hub import ModelCard
 from transformers import AutoConfig, AutoImageProcessor, AutoModelForImageClassification, pipeline
 
 from mic_diffrep import (DiffusionFeaturePipeline, MicDiffRepConfig, MicDiffRepForImageClassification,
@@ -133,7 +134,9 @@ def test_push_to_hub_uploads_config_weights_code_and_card(model, tmp_path):
     os.makedirs(folder / "features")
     (folder / "features" / "train.safetensors").write_bytes(b"not uploaded")
     results = json.load(open(os.path.join(os.path.dirname(__file__), "data", "probe_results.json")))
+    results["data_dir"] = "/home/me/private/brain-mri"
     write_model_card(str(folder), results)
+    (folder / "results.json").write_text(json.dumps(results))  # as the probe writes them
 
     uploaded = {}
 
@@ -154,6 +157,16 @@ def test_push_to_hub_uploads_config_weights_code_and_card(model, tmp_path):
     assert uploaded["preprocessor"]["auto_map"]["AutoImageProcessor"].endswith("MicDiffRepImageProcessor")
     assert "pipeline_tag: image-classification" in uploaded["card"] and "Limitations" in uploaded["card"]
     assert "accuracy **0.750**" in uploaded["card"]
+    # The card loads from the repository and lists its test metrics for the Hub; no local paths are published.
+    assert 'model="me/mic-diffrep", trust_remote_code=True' in uploaded["card"] and "path/or/repo-id" not in \
+        uploaded["card"]
+    card = ModelCard(uploaded["card"])
+    results_index = card.data.eval_results
+    assert [(r.metric_type, r.metric_value) for r in results_index] == [
+        ("accuracy", round(results["msfa"]["test"]["all"]["accuracy"], 4)),
+        ("f1", round(results["msfa"]["test"]["all"]["macro_f1"], 4))]
+    assert "/home/me/private" not in uploaded["card"] and "`brain-mri`" in uploaded["card"]
+    assert 'model="path/to/this/folder"' in (folder / "README.md").read_text()  # the local card stays local
     assert MicDiffRepImageProcessor._auto_class is None  # local folders keep loading without remote-code prompts
 
 

@@ -216,10 +216,14 @@ def test_push_to_hub_uploads_the_pipeline_folder_without_checkpoints(unlabelled_
     with mock.patch("huggingface_hub.HfApi.create_repo", return_value=mock.Mock(repo_id="me/mri-ddpm")), \
             mock.patch("huggingface_hub.HfApi.upload_folder", side_effect=fake_upload_folder):
         main(tiny_args(unlabelled_folder, str(tmp_path / "out"), "--max_train_steps", "2", "--checkpointing_steps",
-                       "1", "--push_to_hub", "--hub_model_id", "me/mri-ddpm"))
+                       "1", "--push_to_hub", "--hub_model_id", "me/mri-ddpm", "--logging_dir", "tb",
+                       "--logger", "tensorboard"))
     assert uploaded["repo_id"] == "me/mri-ddpm"
-    assert {"model_index.json", "unet", "scheduler"} <= set(uploaded["files"])
+    assert {"model_index.json", "unet", "scheduler", "README.md"} <= set(uploaded["files"])
     assert "checkpoint-*" in uploaded["ignore_patterns"] and ".cache/*" in uploaded["ignore_patterns"]
+    assert "tb/*" in uploaded["ignore_patterns"]  # tracker logs (absolute paths in hparams) wherever they are
+    card = (tmp_path / "out" / "README.md").read_text()  # a model card, as diffusers' training scripts write
+    assert "library_name: diffusers" in card and 'DiffusionFeaturePipeline.from_pretrained("me/mri-ddpm"' in card
 
 
 def test_push_to_hub_fails_before_training_when_the_repository_cannot_be_made(unlabelled_folder, tmp_path):

@@ -6,6 +6,7 @@
 ```
 """
 
+import json
 import os
 import shutil
 import tempfile
@@ -14,6 +15,7 @@ from typing import Optional, Sequence
 from huggingface_hub import HfApi
 
 from ..models.mic_diffrep import MicDiffRepImageProcessor
+from .model_card import write_model_card
 
 
 # Files of a model folder that belong on the Hub (features, caches and checkpoints stay local).
@@ -58,9 +60,15 @@ def push_folder(folder: str, repo_id: str, token: Optional[str] = None, private:
     return repo_id
 
 
-def push_pipeline_to_hub(pipeline_dir: str, repo_id: str, token: Optional[str] = None, private: bool = False) -> str:
-    """Uploads a pretrained pipeline folder (weights, configs, sample grids; no checkpoints, caches or logs)."""
-    return push_folder(pipeline_dir, repo_id, token, private, "MicDiffRep pretraining", PIPELINE_IGNORE_PATTERNS)
+def push_pipeline_to_hub(pipeline_dir: str, repo_id: str, token: Optional[str] = None, private: bool = False,
+                         logging_dir: str = "logs") -> str:
+    """Uploads a pretrained pipeline folder (weights, configs, model card, sample grids; no checkpoints, caches or
+    tracker logs, wherever `logging_dir` put them inside the folder)."""
+    ignore = list(PIPELINE_IGNORE_PATTERNS)
+    logs = os.path.relpath(os.path.join(pipeline_dir, logging_dir), pipeline_dir)
+    if not logs.startswith(".."):
+        ignore.append(f"{logs.replace(os.sep, '/')}/*")
+    return push_folder(pipeline_dir, repo_id, token, private, "MicDiffRep pretraining", ignore)
 
 
 def push_to_hub(model_dir: str, repo_id: str, token: Optional[str] = None, private: bool = False,
@@ -77,6 +85,10 @@ def push_to_hub(model_dir: str, repo_id: str, token: Optional[str] = None, priva
         for name in sorted(os.listdir(model_dir)):
             if os.path.isfile(os.path.join(model_dir, name)) and name.endswith(HUB_FILES):
                 shutil.copy2(os.path.join(model_dir, name), os.path.join(staging, name))
+        results_file = os.path.join(model_dir, "results.json")
+        if os.path.isfile(results_file):  # the card's usage snippet loads from the repository
+            with open(results_file, encoding="utf-8") as f:
+                write_model_card(staging, json.load(f), repo_id)
         processor = MicDiffRepImageProcessor.from_pretrained(model_dir)
         MicDiffRepImageProcessor.register_for_auto_class("AutoImageProcessor")
         try:

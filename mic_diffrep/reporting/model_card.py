@@ -1,14 +1,54 @@
-"""Model cards of trained MicDiffRep classifiers (the `README.md` of a model folder)."""
+"""Model cards of trained MicDiffRep classifiers (the `README.md` of a model folder) and of pretrained pipelines."""
 
 import os
+from typing import Optional
 
-from huggingface_hub import ModelCard
+from huggingface_hub import EvalResult, ModelCard, ModelCardData
 
 from .. import __version__
 
 
-def model_card_text(results: dict) -> str:
-    """A model card: what the model is, how it was trained and evaluated, its metrics, intended use and limits."""
+TAGS = ["mic-diffrep", "medical-imaging", "diffusion", "self-supervised"]
+
+
+def _name(path: str) -> str:
+    """A folder's own name: cards are published, the local paths above it stay local."""
+    return os.path.basename(os.path.normpath(str(path))) or str(path)
+
+
+def _usage(repo_id: Optional[str]) -> str:
+    if repo_id is None:  # the local folder: mic-diffrep's own classes load it
+        return """```python
+import mic_diffrep  # registers the model with the Auto classes and the medical-image-classification pipeline
+from transformers import pipeline
+
+classify = pipeline("medical-image-classification", model="path/to/this/folder")
+classify("slice.jpg")  # also 16-bit and float images, DICOM and NIfTI files (one list of scores per slice)
+```
+
+transformers' own `pipeline("image-classification", ...)` gives the same scores for 8-bit images (it converts
+every image to 8-bit RGB first)."""
+    return f"""```python
+import mic_diffrep  # with mic-diffrep installed: 16-bit and float images, DICOM and NIfTI files
+from transformers import pipeline
+
+classify = pipeline("medical-image-classification", model="{repo_id}", trust_remote_code=True)
+classify("slice.jpg")  # a volume gives one list of scores per slice
+```
+
+Without mic-diffrep (8-bit images; needs `diffusers` for the UNet):
+
+```python
+from transformers import pipeline
+
+classify = pipeline("image-classification", model="{repo_id}", trust_remote_code=True)
+```"""
+
+
+def model_card_text(results: dict, repo_id: Optional[str] = None) -> str:
+    """A model card: what the model is, how it was trained and evaluated, its metrics, intended use and limits; its
+    metadata holds the test metrics (`model-index`). `repo_id`: the Hub repository it is uploaded to (its usage
+    snippet then loads from there)."""
     msfa, sl = results["msfa"], results["sl_best"]
     test = msfa["test"]["all"]
     recall = ", ".join(f"{name} {value:.3f}" for name, value in test["per_class_recall"].items())
@@ -16,47 +56,37 @@ def model_card_text(results: dict) -> str:
     dedup_line = (f"- accuracy on the {dedup['num_examples']} test images without a near-duplicate in the training "
                   f"images: **{dedup['accuracy']:.3f}**\n" if dedup else "")
     labels = ", ".join(results["label_names"])
+    dataset = _name(results["data_dir"])
+    metadata = ModelCardData(
+        library_name="transformers", pipeline_tag="image-classification", license="apache-2.0",
+        tags=TAGS + ["linear-probe"], metrics=["accuracy", "f1"], model_name=_name(repo_id or "mic-diffrep-classifier"),
+        eval_results=[EvalResult(task_type="image-classification", dataset_type="imagefolder", dataset_name=dataset,
+                                 metric_type=metric, metric_value=round(float(value), 4), metric_name=name)
+                      for metric, name, value in (("accuracy", "Accuracy", test["accuracy"]),
+                                                  ("f1", "Macro F1", test["macro_f1"]))])
     return f"""---
-library_name: transformers
-pipeline_tag: image-classification
-license: apache-2.0
-tags:
-- mic-diffrep
-- medical-imaging
-- diffusion
-- self-supervised
-- linear-probe
+{metadata.to_yaml()}
 ---
 
 # MicDiffRep classifier ({labels})
 
 A frozen DDPM-pretrained `UNet2DModel` used as a feature extractor, with an MSFA head (multi-scale feature
 aggregation: concatenated pooled block features -> Linear -> ReLU -> Linear -> softmax), following
-*MicDiffRep* (Zhu & Zhao, 2024). Made with mic-diffrep {__version__} (`pip install mic-diffrep`).
+*MicDiffRep* (Zhu & Zhao, 2024). Made with mic-diffrep {__version__}.
 
 ## Usage
 
-```python
-import mic_diffrep  # registers the model with the Auto classes and the medical-image-classification pipeline
-from transformers import pipeline
-
-classify = pipeline("medical-image-classification", model="path/or/repo-id")
-classify("slice.jpg")  # also 16-bit and float images, DICOM and NIfTI files (one list of scores per slice)
-```
-
-transformers' own `pipeline("image-classification", ...)` gives the same scores for 8-bit images (it converts
-every image to 8-bit RGB first). A copy on the Hub uploaded by mic-diffrep (`--push_to_hub`) holds the code files:
-where mic-diffrep is not installed, load it with `trust_remote_code=True`.
+{_usage(repo_id)}
 
 ## Training and evaluation
 
-- Pretrained pipeline: `{results['pretrained']}`; resolution {results['features']['resolution']} px, grey.
+- Pretrained pipeline: `{_name(results['pretrained'])}`; resolution {results['features']['resolution']} px, grey.
 - Features: blocks {', '.join(msfa['layers'])} at timesteps {', '.join(map(str, msfa['timesteps']))},
   {results['features']['pooling']} pooling, fixed noise (seed {results['features']['noise_seed']}), standardised.
   Layers and timesteps were chosen on a validation split carved from the training split.
 - Probe: {results['probe_config']['num_epochs']} epochs, Adam(W) lr {results['probe_config']['learning_rate']},
   cosine annealing, batch {results['probe_config']['train_batch_size']}, hidden size {results['probe_config']['hidden_size']}.
-- Data: `{results['data_dir']}`; {results['num_train']} train, {results['num_validation']} validation,
+- Data: `{dataset}`; {results['num_train']} train, {results['num_validation']} validation,
   {results['num_test']} test images. Test split: {results['test_split']}.
 
 ## Metrics (test split)
@@ -73,15 +103,64 @@ pretraining methods under a fixed linear-probe protocol.
 ## Limitations
 
 - **Not a medical device.** It was not validated clinically and must not be used for diagnosis or treatment.
-- Public brain-MRI datasets hold exact and near-duplicate slices across their official splits; accuracy on such
-  splits overstates generalisation. The de-duplicated figure above and cross-source evaluations are better guides.
-- Trained on {results['num_train'] + results['num_validation']} images of one public collection: performance on other
-  scanners, protocols, populations or pathologies is unknown.
+- Medical image collections often hold exact and near-duplicate slices, across their official splits too;
+  accuracy on such splits overstates generalisation. The de-duplicated figure above and evaluations on data from
+  other sources are better guides.
+- Trained on {results['num_train'] + results['num_validation']} images of `{dataset}`: performance on other scanners,
+  protocols, populations or pathologies is unknown.
 """
 
 
-def write_model_card(output_dir: str, results: dict) -> str:
+def write_model_card(output_dir: str, results: dict, repo_id: Optional[str] = None) -> str:
     """Writes `README.md` (the model card) into `output_dir`; returns its path."""
     path = os.path.join(output_dir, "README.md")
-    ModelCard(model_card_text(results)).save(path)
+    ModelCard(model_card_text(results, repo_id)).save(path)
+    return path
+
+
+def pipeline_card_text(summary: dict, repo_id: Optional[str] = None) -> str:
+    """The model card of a pretrained pipeline folder (from its `pretraining_summary.json`): what it is, how to load
+    it, how it was trained."""
+    recipe = ", ".join(f"{key} {value}" for key, value in summary.get("recipe", {}).items())
+    location = repo_id or "path/to/this/folder"
+    metadata = ModelCardData(library_name="diffusers", license="apache-2.0",
+                             tags=TAGS + ["unconditional-image-generation", "feature-extraction"])
+    return f"""---
+{metadata.to_yaml()}
+---
+
+# MicDiffRep pretrained pipeline
+
+A DDPM-pretrained diffusers `UNet2DModel` (with its `DDPMScheduler`) for *MicDiffRep* (Zhu & Zhao, 2024): its
+block activations at chosen noise levels are image features for medical image classification. Made with
+mic-diffrep {__version__}.
+
+## Usage
+
+```python
+import torch
+from mic_diffrep import DiffusionFeaturePipeline  # needs mic-diffrep installed
+
+pipe = DiffusionFeaturePipeline.from_pretrained("{location}", dtype=torch.bfloat16)
+features = pipe.extract_features(["slice.jpg"]).concatenate()    # the MSFA input
+samples = pipe(batch_size=4, num_inference_steps=1000).images    # DDPM sampling
+```
+
+Plain diffusers samples from it too: `diffusers.DDPMPipeline.from_pretrained("{location}")` (it warns that it
+ignores the preprocessing settings in `model_index.json`).
+
+## Training
+
+- {summary.get('num_images')} unlabelled images of `{_name(summary.get('train_data_dir', ''))}` at
+  {summary.get('resolution')} px, {summary.get('global_step')} optimisation steps ({summary.get('stop_reason')}),
+  {summary.get('num_parameters')} parameters, precision {summary.get('mixed_precision')}.
+- Recipe: {recipe}.
+- Sample grids: `samples/`.
+"""
+
+
+def write_pipeline_card(output_dir: str, summary: dict, repo_id: Optional[str] = None) -> str:
+    """Writes `README.md` (the model card) of a pretrained pipeline folder into `output_dir`; returns its path."""
+    path = os.path.join(output_dir, "README.md")
+    ModelCard(pipeline_card_text(summary, repo_id)).save(path)
     return path

@@ -26,6 +26,7 @@ from ..models.mic_diffrep.unet import create_scheduler, create_unet, mirror_symm
 from ..models.mic_diffrep.unet_features import is_self_conditioned, predicted_clean
 from ..pipelines import DiffusionFeaturePipeline, save_image_grid
 from ..reporting.hub import create_hub_repo, default_repo_id, push_pipeline_to_hub
+from ..reporting.model_card import write_pipeline_card
 from ..utils import command_line, environment_info, output_folder, peak_memory_mb, tracker_config
 from .arguments import RECIPE_KEYS, PretrainingArguments
 from .checkpointing import save_pipeline
@@ -234,8 +235,11 @@ def _pretrain(args: PretrainingArguments) -> dict:
     if accelerator.is_main_process:
         with open(os.path.join(args.output_dir, SUMMARY_FILE), "w", encoding="utf-8") as f:
             json.dump(summary, f, indent=2)
-        if args.push_to_hub and state.stop_reason != "interrupted":
-            push_pipeline_to_hub(args.output_dir, hub_repo_id, token=args.hub_token, private=args.hub_private_repo)
+        push = args.push_to_hub and state.stop_reason != "interrupted"
+        write_pipeline_card(args.output_dir, summary, hub_repo_id if push else None)
+        if push:
+            push_pipeline_to_hub(args.output_dir, hub_repo_id, token=args.hub_token, private=args.hub_private_repo,
+                                 logging_dir=args.logging_dir)
     accelerator.end_training()
     return summary
 
