@@ -65,7 +65,8 @@ RUN_CHECKPOINTING_STEPS = 1000
 _SHARED_DATA_KEYS = ("skip_bad_images", "slice_axis", "slice_range", "keep_empty_slices")
 
 # Named presets for `--config NAME`: "paper" is the paper's recipe exactly (112 px, 200 epochs of DDPM pretraining
-# with Adam 1e-4 and linear decay, batch 32, uniform timesteps, no augmentation, DDPM-1000 samples, fp32).
+# with Adam 1e-4 and linear decay, batch 32, uniform timesteps, horizontal flips only, DDPM-1000 samples, fp32);
+# what the paper does not state keeps the package's values (README: "Recipe: this package against the paper").
 RUN_PRESETS = {
     "paper": {
         "resolution": 112, "model_config_name_or_path": "base", "pretrain_epochs": 200, "pretrain_batch_size": 32,
