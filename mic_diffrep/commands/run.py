@@ -64,7 +64,7 @@ RUN_CHECKPOINTING_STEPS = 1000
 # Settings that pretraining and the probe both take, under the same names.
 _SHARED_DATA_KEYS = ("skip_bad_images", "slice_axis", "slice_range", "keep_empty_slices")
 
-# Named presets for `--config NAME`: "paper" is the paper's recipe exactly (112 px, 200 epochs of DDPM pretraining
+# Named presets for `--config NAME`: "paper" is the recipe the paper states (112 px, 200 epochs of DDPM pretraining
 # with Adam 1e-4 and linear decay, batch 32, uniform timesteps, horizontal flips only, DDPM-1000 samples, fp32);
 # what the paper does not state keeps the package's values (README: "Recipe: this package against the paper").
 RUN_PRESETS = {
