@@ -263,6 +263,8 @@ def test_a_time_budget_stop_saves_a_checkpoint_that_resumes(unlabelled_folder, t
     assert os.path.isdir(os.path.join(out, f"checkpoint-{first['global_step']}"))
     second = main(tiny_args(unlabelled_folder, out, *budget, "--resume_from_checkpoint", "latest"))
     assert second["global_step"] > first["global_step"]  # continued, not started again
+    # The summary counts the whole run, not only the part after the resume
+    assert second["images_seen"] == 4 * second["global_step"] and second["train_minutes"] > first["train_minutes"]
 
 
 def test_resuming_with_other_settings_is_a_clear_error_that_keeps_the_checkpoint(unlabelled_folder, tmp_path):

@@ -54,9 +54,10 @@ def _replace_dir(tmp_path: str, final_path: str) -> None:
 
 
 def save_training_state(accelerator, output_dir: str, global_step: int, epoch: int, batches_done: int,
-                        total_limit: Optional[int] = None) -> str:
+                        total_limit: Optional[int] = None, totals: Optional[dict] = None) -> str:
     """`accelerator.save_state` into `checkpoint-{global_step}`, written under a temporary name and renamed, so a run
-    killed at any moment leaves the previous checkpoint loadable. Also records where in the data the run was."""
+    killed at any moment leaves the previous checkpoint loadable. Also records where in the data the run was, and
+    `totals` (images seen and training seconds so far, which a resumed run's summary continues)."""
     final = os.path.join(output_dir, f"checkpoint-{global_step}")
     tmp = f"{final}.tmp"
     accelerator.wait_for_everyone()
@@ -67,7 +68,7 @@ def save_training_state(accelerator, output_dir: str, global_step: int, epoch: i
     if accelerator.is_main_process:
         with open(os.path.join(tmp, "training_state.json"), "w", encoding="utf-8") as f:
             json.dump({"global_step": global_step, "epoch": epoch, "batches_done": batches_done,
-                       "num_processes": accelerator.num_processes}, f)
+                       "num_processes": accelerator.num_processes, "totals": totals or {}}, f)
         _replace_dir(tmp, final)
         _prune_checkpoints(output_dir, total_limit)
         logger.info("Saved checkpoint %s", final)
@@ -76,14 +77,15 @@ def save_training_state(accelerator, output_dir: str, global_step: int, epoch: i
 
 
 def resume_training_state(accelerator, output_dir: str, resume_from_checkpoint: Optional[str]):
-    """Loads a checkpoint (a folder, or `"latest"` in `output_dir`); returns `(global_step, epoch, batches_done)`."""
+    """Loads a checkpoint (a folder, or `"latest"` in `output_dir`); returns `(global_step, epoch, batches_done,
+    totals)` (`totals`: what `save_training_state` recorded, empty for a new run or an older checkpoint)."""
     if not resume_from_checkpoint:
-        return 0, 0, 0
+        return 0, 0, 0, {}
     path = _latest_checkpoint(output_dir) if resume_from_checkpoint == "latest" else resume_from_checkpoint
     if path is None:
         logger.warning("No checkpoint in %s: starting a new training run (its model files there will be replaced).",
                        output_dir)
-        return 0, 0, 0
+        return 0, 0, 0, {}
     if not os.path.isdir(path):
         raise FileNotFoundError(f"`resume_from_checkpoint` {path!r} is not a checkpoint folder.")
     with open(os.path.join(path, "training_state.json"), encoding="utf-8") as f:
@@ -102,7 +104,7 @@ def resume_training_state(accelerator, output_dir: str, resume_from_checkpoint: 
         first_line = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
         raise ValueError(f"`resume_from_checkpoint` {path!r} was written by a run with other settings (model, "
                          f"--use_ema, optimizer; it is left as it is): {first_line}") from error
-    return state["global_step"], state["epoch"], state["batches_done"]
+    return state["global_step"], state["epoch"], state["batches_done"], state.get("totals", {})
 
 
 def save_pipeline(pipeline, output_dir: str) -> None:

@@ -167,9 +167,10 @@ def train_one_epoch(state: TrainingState, accelerator, model, loader, dataset, o
         progress.update(1)
         progress.set_postfix(loss=f"{state.last_loss:.4f}", lr=f"{logs['lr']:.2e}")
         accelerator.log(logs, step=state.global_step)
+        totals = {"images_seen": state.images_seen, "train_seconds": state.train_seconds + time.time() - epoch_start}
         if state.global_step % args.checkpointing_steps == 0:
             save_training_state(accelerator, args.output_dir, state.global_step, state.epoch, batch_index + 1,
-                                args.checkpoints_total_limit)
+                                args.checkpoints_total_limit, totals)
         state.stop_reason = stop_reason_for(accelerator, state.global_step, max_train_steps, start_time,
                                             args.time_budget_minutes)
         if interrupt.requested:
@@ -177,7 +178,7 @@ def train_one_epoch(state: TrainingState, accelerator, model, loader, dataset, o
         if state.stop_reason in ("interrupted", "time_budget_minutes") and \
                 state.global_step % args.checkpointing_steps:  # a run cut short can be resumed
             save_training_state(accelerator, args.output_dir, state.global_step, state.epoch, batch_index + 1,
-                                args.checkpoints_total_limit)
+                                args.checkpoints_total_limit, totals)
         if state.stop_reason == "time_budget_minutes":
             logger.warning("Stopped by --time_budget_minutes %g after %d of %d steps; checkpoint-%d was saved: add "
                            "--resume_from_checkpoint latest to continue.", args.time_budget_minutes,
@@ -201,9 +202,10 @@ def train(accelerator, model, loader, dataset, optimizer, lr_scheduler, args: Co
         end_of_epoch (`Callable[[TrainingState, bool], None]`): after each epoch but an interrupted one (sample
             grids, saving); the flag says whether it is the last one.
     """
-    global_step, first_epoch, resume_batches = resume_training_state(accelerator, args.output_dir,
-                                                                     args.resume_from_checkpoint)
-    state = TrainingState(global_step=global_step, epoch=first_epoch)
+    global_step, first_epoch, resume_batches, totals = resume_training_state(accelerator, args.output_dir,
+                                                                             args.resume_from_checkpoint)
+    state = TrainingState(global_step=global_step, epoch=first_epoch, images_seen=totals.get("images_seen", 0),
+                          train_seconds=totals.get("train_seconds", 0.0))
     progress = tqdm(total=max_train_steps, initial=global_step, disable=not accelerator.is_local_main_process,
                     desc=desc, unit="step", mininterval=progress_interval())
     start_time = time.time()
