@@ -115,3 +115,16 @@ def test_split_words_in_file_names_do_not_split_a_folder(tmp_path):
     dataset = load_image_folder(str(tmp_path / "folder"))
     assert list(dataset) == ["train"] and dataset["train"].num_rows == 8
     assert dataset["train"].features["label"].names == ["glioma", "notumor"]
+
+
+def test_a_wrapper_folder_is_read_through_and_deep_trees_say_how_they_are_labelled(tmp_path, caplog):
+    write_class_folder(tmp_path / "download" / "brain-mri", per_class=2, seed=0, classes=["glioma", "notumor"])
+    dataset = load_image_folder(str(tmp_path / "download"))["train"]  # it had no labels at all
+    assert dataset.features["label"].names == ["glioma", "notumor"] and dataset.num_rows == 4
+
+    for site in ("siteA", "siteB"):
+        write_class_folder(tmp_path / "sites" / site, per_class=2, seed=1, classes=["glioma", "notumor"])
+    with caplog.at_level("WARNING"):
+        dataset = load_image_folder(str(tmp_path / "sites"))["train"]
+    assert dataset.features["label"].names == ["siteA", "siteB"]  # the documented rule: the folder under the root
+    assert "give one of them as the data folder" in caplog.text  # and it says so

@@ -4,10 +4,12 @@
 folders such as `Training`/`Testing` or `train`/`val`/`test`, any case) through `datasets`' `imagefolder` builder,
 mapping the split folders explicitly (`imagefolder` alone merges `Training/` and `Testing/` into one split).
 
-Folders holding DICOM (`.dcm`, `.dicom`) or NIfTI (`.nii`, `.nii.gz`) files, alone or mixed with JPEG / PNG, which
-`imagefolder` ignores, are loaded from a file scan with the same rules and the same columns: the `label` is the
-class folder right under the split folder (files may sit deeper in it, e.g. in one folder per series), and a file
-stays one row, whatever number of slices it holds (`decode_images` expands it into its slices).
+Folders holding DICOM (`.dcm`, `.dicom`, or no extension with a DICOM preamble) or NIfTI (`.nii`, `.nii.gz`) files,
+alone or mixed with JPEG / PNG, which `imagefolder` ignores, and trees deeper than class folders (`imagefolder`
+labels a file by its own folder), are loaded from a file scan with the same columns: the `label` is the class
+folder right under the split folder (files may sit deeper in it, e.g. in one folder per patient or series; a
+warning says so), and a file stays one row, whatever number of slices it holds (`decode_images` expands it into its
+slices). A data folder that holds a single folder and nothing else is read through it.
 
 ```python
 >>> from mic_diffrep.data import load_image_folder, select_splits
@@ -110,6 +112,7 @@ def load_image_folder(data_dir: str):
         raise FileNotFoundError(f"Data folder {data_dir!r} does not exist.")
     if not _has_images(data_dir):
         raise ValueError(f"No images found in {data_dir!r} (looked for {', '.join(SEARCHED_EXTENSIONS)}).")
+    data_dir = _unwrap(data_dir)
     split_folders = find_split_folders(data_dir)
     if split_folders:
         data_dir = os.path.abspath(data_dir)
@@ -131,6 +134,19 @@ def load_image_folder(data_dir: str):
     return dataset.cast_column("image", Image(decode=False))
 
 
+def _unwrap(data_dir: str) -> str:
+    """`data_dir`, or the one folder it holds when it holds nothing else (`download/brain-mri/{glioma,...}`): its
+    classes are then the folders inside that one, as `imagefolder` found them."""
+    while not find_split_folders(data_dir):
+        entries = [e for e in os.listdir(data_dir) if not e.startswith((".", "__"))]
+        folders = [e for e in entries if os.path.isdir(os.path.join(data_dir, e))]
+        if len(folders) != 1 or len(entries) != 1:
+            break
+        logger.info("%s holds only the folder %s: reading that.", data_dir, folders[0])
+        data_dir = os.path.join(data_dir, folders[0])
+    return data_dir
+
+
 def _scan_image_folder(split_roots: Dict[str, str]) -> DatasetDict:
     """What `imagefolder` gives, built from a file scan (for folders with DICOM / NIfTI files, which it ignores).
 
@@ -145,6 +161,12 @@ def _scan_image_folder(split_roots: Dict[str, str]) -> DatasetDict:
     names = sorted({name for split_classes in classes.values() for name in split_classes if name is not None})
     loose = any(name is None for split_classes in classes.values() for name in split_classes)
     add_labels = not loose and len(names) > 1
+    deep = next((path for split, split_parts in parts.items() for path, p in zip(files[split], split_parts)
+                 if len(p) > 2), None)
+    if add_labels and deep is not None:
+        logger.warning("Images sit below their class folders (e.g. %s): each is labelled by the folder right under "
+                       "its split folder (%s), as class/patient/... trees need; for a tree of other folders first "
+                       "(site/class/...), give one of them as the data folder.", deep, ", ".join(names))
     if loose and names:
         logger.warning("Images sit both loose and in sub-folders of %s; as with `imagefolder`, no labels are "
                        "inferred.", sorted(split_roots.values()))
