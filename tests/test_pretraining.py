@@ -290,3 +290,13 @@ def test_resuming_on_another_number_of_processes_is_a_clear_error(unlabelled_fol
     with pytest.raises(ValueError, match="checkpoint-2.*2 process\\(es\\).*this run has 1"):
         main(tiny_args(unlabelled_folder, out, "--max_train_steps", "4", "--resume_from_checkpoint", "latest"))
     assert os.path.isdir(os.path.join(out, "checkpoint-2"))
+
+
+def test_a_new_checkpoint_is_kept_beside_an_earlier_runs_higher_one(unlabelled_folder, tmp_path):
+    # With --checkpoints_total_limit 1 the pruning kept the highest step: an earlier run's checkpoint-3000 left in the
+    # folder deleted each new checkpoint (the one Ctrl-C promises too), and "latest" resumed the earlier run.
+    out = tmp_path / "out"
+    (out / "checkpoint-3000").mkdir(parents=True)
+    main(tiny_args(unlabelled_folder, str(out), "--max_train_steps", "2", "--checkpointing_steps", "1",
+                   "--checkpoints_total_limit", "1"))
+    assert sorted(d for d in os.listdir(out) if d.startswith("checkpoint-")) == ["checkpoint-2"]

@@ -23,14 +23,18 @@ def _latest_checkpoint(output_dir: str) -> Optional[str]:
     return os.path.join(output_dir, max(names, key=lambda d: int(d.split("-", 1)[1])))
 
 
-def _prune_checkpoints(output_dir: str, limit: Optional[int]) -> None:
+def _prune_checkpoints(output_dir: str, limit: Optional[int], keep: Optional[str] = None) -> None:
+    """Keeps the `limit` checkpoints of the highest steps, and `keep` (the one just written) whatever its step: an
+    earlier run's checkpoint of a higher step left in the folder must not push out the new run's."""
     if limit is None:
         return
     names = sorted(
-        (d for d in os.listdir(output_dir) if d.startswith("checkpoint-") and d.split("-", 1)[1].isdigit()),
+        (d for d in os.listdir(output_dir) if d.startswith("checkpoint-") and d.split("-", 1)[1].isdigit()
+         and d != keep),
         key=lambda d: int(d.split("-", 1)[1]),
     )
-    for name in names[: max(0, len(names) - limit)]:
+    kept = limit - (1 if keep is not None else 0)
+    for name in names[: max(0, len(names) - kept)]:
         shutil.rmtree(os.path.join(output_dir, name), ignore_errors=True)
 
 
@@ -70,7 +74,7 @@ def save_training_state(accelerator, output_dir: str, global_step: int, epoch: i
             json.dump({"global_step": global_step, "epoch": epoch, "batches_done": batches_done,
                        "num_processes": accelerator.num_processes, "totals": totals or {}}, f)
         _replace_dir(tmp, final)
-        _prune_checkpoints(output_dir, total_limit)
+        _prune_checkpoints(output_dir, total_limit, keep=os.path.basename(final))
         logger.info("Saved checkpoint %s", final)
     accelerator.wait_for_everyone()
     return final
