@@ -128,3 +128,20 @@ def test_a_wrapper_folder_is_read_through_and_deep_trees_say_how_they_are_labell
         dataset = load_image_folder(str(tmp_path / "sites"))["train"]
     assert dataset.features["label"].names == ["siteA", "siteB"]  # the documented rule: the folder under the root
     assert "give one of them as the data folder" in caplog.text  # and it says so
+
+
+def test_hub_style_records_are_read_from_their_bytes(kaggle_folder, tmp_path):
+    # A dataset from the Hub holds the original file name (no such file here) and the image's bytes.
+    from datasets import Dataset, Features
+    from datasets import Image as ImageFeature
+
+    from mic_diffrep import MicDiffRepImageProcessor
+
+    local = load_image_folder(kaggle_folder)["train"].select(range(3))
+    records = [{"path": os.path.basename(item["path"]), "bytes": open(item["path"], "rb").read()}
+               for item in local["image"]]
+    hub = Dataset.from_dict({"image": records}, features=Features({"image": ImageFeature()}))
+    expected = decode_images(local, 16, show_progress=False).pixels
+    assert torch.equal(decode_images(hub, 16, show_progress=False, cache_dir=str(tmp_path / "c")).pixels, expected)
+    processed = MicDiffRepImageProcessor(resolution=16)(hub)["pixel_values"]
+    torch.testing.assert_close(processed, expected.float() / 127.5 - 1, atol=1e-6, rtol=0)

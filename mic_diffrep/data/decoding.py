@@ -34,7 +34,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from tqdm.auto import tqdm
 
-from ..models.mic_diffrep.preprocessing import ImagePreprocessing, slice_id
+from ..models.mic_diffrep.preprocessing import ImagePreprocessing, record_source, slice_id
 from .medical import SliceSelection, is_medical_file
 
 
@@ -123,7 +123,7 @@ def _sources_of(images) -> (List[Union[str, bytes]], List[str], Optional[List[in
     if getattr(images.features.get("image"), "decode", False):  # decoded PIL images: read their files instead
         images = images.cast_column("image", Image(decode=False))
     column = images["image"]
-    sources = [item["path"] if item.get("path") else item["bytes"] for item in column]
+    sources = [record_source(item) for item in column]
     paths = [item.get("path") or f"<bytes #{i}>" for i, item in enumerate(column)]
     labels = label_names = None
     if "label" in images.column_names:

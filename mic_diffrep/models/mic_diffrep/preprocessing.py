@@ -327,6 +327,15 @@ def _is_file_record(image) -> bool:
     return isinstance(image, dict) and set(image) <= {"path", "bytes"} and bool(image.get("path") or image.get("bytes"))
 
 
+def record_source(record: dict) -> Union[str, bytes]:
+    """Where to read a `datasets` image record from: its file when it exists (local folders), else its bytes (a Hub
+    dataset's records hold the original file name and the bytes), else the path, so that the error names it."""
+    path = record.get("path")
+    if path and os.path.isfile(path):
+        return path
+    return record["bytes"] if record.get("bytes") is not None else path
+
+
 def image_list_with_ids(images, slices=None) -> Tuple[list, List[Optional[str]]]:
     """`as_image_list`, and one id per image: for an image given as a file path, the path (`"<path>#slice=<k>"` for
     slice `k` of a multi-slice DICOM / NIfTI file, as `decode_images` names them); `None` for one given in memory."""
@@ -341,8 +350,8 @@ def image_list_with_ids(images, slices=None) -> Tuple[list, List[Optional[str]]]
     expanded, ids = [], []
     for image in images:
         if _is_file_record(image):  # `datasets.Image(decode=False)`: the file, else its bytes
-            path = image.get("path")
-            image = path if path and os.path.isfile(path) else PIL.Image.open(io.BytesIO(image["bytes"]))
+            image = record_source(image)
+            image = PIL.Image.open(io.BytesIO(image)) if isinstance(image, bytes) else image
         if is_medical_path(image):
             file_slices = read_medical_file(image, slices)
             expanded.extend(file_slices)
