@@ -60,10 +60,14 @@ def model_slices(processor: MicDiffRepImageProcessor,
                  slices: Optional[Union[SliceSelection, Dict]] = None) -> SliceSelection:
     """The slices of DICOM / NIfTI files to read for a model: `slices` itself (a `SliceSelection`), else the model's
     own (those its probe was trained on, in its image processor's config) with the settings a dict of `slices`
-    changes (`{"slice_axis": 0}`, as the command line's slice flags give them)."""
+    changes (`{"slice_axis": 0}`, as the command line's slice flags give them; another axis drops the model's
+    `slice_range`, which counts slices along its own)."""
     if isinstance(slices, SliceSelection):
         return slices
-    return slice_selection(**{**processor.slice_settings, **(slices or {})})
+    settings = {**processor.slice_settings, **(slices or {})}
+    if (slices or {}).get("slice_axis", settings["slice_axis"]) != processor.slice_axis and "slice_range" not in slices:
+        settings["slice_range"] = None  # the model's range counts slices along its own axis
+    return slice_selection(**settings)
 
 
 def _check_batch_size(batch_size: int) -> None:

@@ -289,6 +289,8 @@ def test_a_model_reads_volumes_with_the_slices_it_was_probed_on(mixed_folder, tm
     assert [p["file"] for p in cli(["predict", "--model", str(tmp_path / "m"), volume])] == sagittal
     axial = cli(["predict", "--model", str(tmp_path / "m"), volume, "--slice_axis", "2", "--slice_range", "0", "6"])
     assert [p["file"] for p in axial] == [f"{volume}#slice={k}" for k in (1, 2, 3, 4)]
+    axial = cli(["predict", "--model", str(tmp_path / "m"), volume, "--slice_axis", "2"])  # the sagittal range goes
+    assert [p["file"] for p in axial] == [f"{volume}#slice={k}" for k in (1, 2, 3, 4)]
     assert cli(["evaluate", "--model", str(tmp_path / "m"), "--data_dir", mixed_folder, "--json"])[
         "num_examples"] == 5 + 2 + 3  # folder a; b.png and one.dcm; 3 sagittal slices of vol.nii.gz
     capsys.readouterr()

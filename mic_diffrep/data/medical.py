@@ -194,14 +194,24 @@ def slice_selection(slice_axis: int = 2, slice_range: Optional[Sequence[int]] = 
 
 def add_slice_arguments(parser, model_defaults: bool = False) -> None:
     """Adds `--slice_axis`, `--slice_range START STOP` and `--keep_empty_slices` to an `argparse` parser. With
-    `model_defaults` (commands that use a trained model) they default to `None`: the model's own settings."""
-    note = " Default: the slices the model was trained on (its preprocessor_config.json)." if model_defaults else ""
-    parser.add_argument("--slice_axis", type=int, default=None if model_defaults else 2, choices=(0, 1, 2),
-                        help=SLICE_FLAG_HELP["slice_axis"] + note)
+    `model_defaults` (commands that use a trained model) they default to `None`, the model's own settings, and
+    `--no_keep_empty_slices` turns off a model's `keep_empty_slices`."""
+    if not model_defaults:
+        parser.add_argument("--slice_axis", type=int, default=2, choices=(0, 1, 2), help=SLICE_FLAG_HELP["slice_axis"])
+        parser.add_argument("--slice_range", type=int, nargs=2, default=None, metavar=("START", "STOP"),
+                            help=SLICE_FLAG_HELP["slice_range"])
+        parser.add_argument("--keep_empty_slices", action="store_true", help=SLICE_FLAG_HELP["keep_empty_slices"])
+        return
+    model = "the model's (the slices its probe was trained on, in its preprocessor_config.json)"
+    parser.add_argument("--slice_axis", type=int, default=None, choices=(0, 1, 2),
+                        help=f"DICOM / NIfTI: the RAS axis NIfTI volumes are cut along (0 sagittal, 1 coronal, 2 "
+                             f"axial). Default: {model}; another axis than the model's drops its --slice_range.")
     parser.add_argument("--slice_range", type=int, nargs=2, default=None, metavar=("START", "STOP"),
-                        help=SLICE_FLAG_HELP["slice_range"] + note)
-    parser.add_argument("--keep_empty_slices", action="store_const", const=True,
-                        default=None if model_defaults else False, help=SLICE_FLAG_HELP["keep_empty_slices"] + note)
+                        help=f"Keep slices START..STOP-1 of each NIfTI volume (Python slicing). Default: {model}.")
+    parser.add_argument("--keep_empty_slices", action="store_const", const=True, default=None,
+                        help=f"Keep NIfTI slices whose pixels are all equal. Default: {model}.")
+    parser.add_argument("--no_keep_empty_slices", dest="keep_empty_slices", action="store_const", const=False,
+                        help="Skip NIfTI slices whose pixels are all equal.")
 
 
 def is_medical_file(path: PathLike) -> bool:
