@@ -56,10 +56,14 @@ def patient_folder(image_id: str, class_name: Optional[str]) -> str:
     '/data/glioma/patient1'
     >>> patient_folder("/data/glioma/vol.nii.gz#slice=3", "glioma")
     '/data/glioma/vol.nii.gz'
+    >>> patient_folder("/mnt/glioma/Training/glioma/slice.jpg", "glioma")  # the class name higher up too
+    '/mnt/glioma/Training/glioma/slice.jpg'
     """
     path = source_file(image_id)
     folder = os.path.dirname(path)
-    while class_name is not None and os.path.dirname(folder) != folder:
+    if class_name is None or os.path.basename(folder) == class_name:  # right in its class folder
+        return path
+    while os.path.dirname(folder) != folder:
         if os.path.basename(os.path.dirname(folder)) == class_name:
             return folder
         folder = os.path.dirname(folder)
