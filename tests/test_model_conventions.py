@@ -163,7 +163,14 @@ def test_image_processor_options_are_declared_saved_and_overridable(tmp_path):
     with pytest.raises(ValueError, match="resize_mode"):
         MicDiffRepImageProcessor(resize_mode="stretch")
     with pytest.raises(TypeError, match="Unexpected keyword"):
-        processor(image, size=32)
+        processor(image, crop_size=32)
+    # transformers' `size` is the resolution, in the constructor, from_pretrained and per call alike (the constructor
+    # dropped it silently while a call refused it)
+    assert processor(image, size=32)["pixel_values"].shape == (1, 1, 32, 32)
+    assert MicDiffRepImageProcessor(size={"height": 48, "width": 48}).resolution == 48
+    assert AutoImageProcessor.from_pretrained(tmp_path, size={"shortest_edge": 40}).resolution == 40
+    with pytest.raises(ValueError, match="`size` must be square"):
+        MicDiffRepImageProcessor(size={"height": 48, "width": 32})
 
 
 # ---------------------------------------------------------------------------------------------------------------

@@ -27,6 +27,20 @@ class MicDiffRepImageProcessorKwargs(ImagesKwargs, total=False):
     keep_empty_slices: bool
 
 
+def _size_as_resolution(options: dict) -> dict:
+    """`options` with transformers' `size` (`{"height": r, "width": r}`, `{"shortest_edge": r}` or `r`) given as the
+    processor's `resolution` (its images are square); `size` wins over a `resolution` beside it."""
+    size = options.pop("size", None)
+    if size is None:
+        return options
+    sides = set(size.values()) if isinstance(size, dict) and set(size) in ({"height", "width"}, {"shortest_edge"}) \
+        else {size} if isinstance(size, int) and not isinstance(size, bool) else None
+    if sides is None or len(sides) != 1:
+        raise ValueError(f"`size` must be square ({{'height': r, 'width': r}}, {{'shortest_edge': r}} or r): this "
+                         f"processor makes r x r images (its `resolution`); got {size!r}.")
+    return {**options, "resolution": sides.pop()}  # wins: `from_pretrained(..., size=)` overrides a saved resolution
+
+
 class MicDiffRepBatchFeature(BatchFeature):
     """The processor's output: `to()` moves `pixel_values` between devices but keeps them float32. The model noises
     pixels in float32 whatever its UNet runs in, and `transformers.pipeline` casts inputs to `model.dtype` (bf16 for a
@@ -65,7 +79,9 @@ class MicDiffRepImageProcessor(BaseImageProcessor):
             (`bool`, *optional*, defaults to `False`): the slices of a NIfTI volume that are images; a model folder
             records those its probe was trained on, so `predict`, `evaluate` and pipelines read volumes alike.
 
-    Every option can be overridden per call: `processor(images, resolution=64, return_tensors="pt")`.
+    Every option can be overridden per call: `processor(images, resolution=64, return_tensors="pt")`. transformers'
+    `size` (`{"height": r, "width": r}`, `{"shortest_edge": r}`) is read as `resolution`, and the `size` property gives
+    it back in that form.
 
     Example:
 
@@ -100,6 +116,7 @@ class MicDiffRepImageProcessor(BaseImageProcessor):
 
     def __init__(self, **kwargs):
         options = {key: kwargs.pop(key) for key in list(kwargs) if key in self.valid_kwargs.__annotations__}
+        options = _size_as_resolution(options)
         super().__init__(**kwargs)
         # Every option is an instance attribute, so `to_dict` / `preprocessor_config.json` list them all.
         for key in self.OPTIONS:
@@ -152,6 +169,7 @@ class MicDiffRepImageProcessor(BaseImageProcessor):
         return torch.from_numpy(grey.copy()).unsqueeze(0)
 
     def preprocess(self, images, return_tensors: Optional[str] = "pt", **kwargs) -> BatchFeature:
+        kwargs = _size_as_resolution(kwargs)
         """Preprocesses one image or a list; any option of the processor can be overridden for this call.
 
         A DICOM or NIfTI file gives one row per slice, so `pixel_values` may have more rows than there are inputs.
@@ -159,7 +177,7 @@ class MicDiffRepImageProcessor(BaseImageProcessor):
         unknown = sorted(k for k, v in kwargs.items() if k not in self.OPTIONS and v is not None)
         if unknown:
             raise TypeError(f"Unexpected keyword argument(s) {unknown} for MicDiffRepImageProcessor; its options are "
-                            f"{', '.join(self.OPTIONS)} (the size is `resolution`).")
+                            f"{', '.join(self.OPTIONS)}, or `size` (the resolution).")
         options = self.to_options(**kwargs)
         self._check(options)
         slices = {name: options[name] for name in self.SLICE_OPTIONS}
