@@ -7,6 +7,7 @@ import numbers
 import os
 import platform
 import resource
+import shlex
 import sys
 import typing
 from typing import Literal, Optional, Union
@@ -172,23 +173,23 @@ def command_line(argv=None) -> str:
     """The command that ran (`sys.argv` by default), as results files record it, with the value of `--hub_token`
     masked.
 
-    >>> command_line(["/venv/bin/mic-diffrep", "probe", "--hub_token", "hf_abc", "--num_epochs=3", "--hub-token=x"])
-    'mic-diffrep probe --hub_token *** --num_epochs=3 --hub-token=***'
+    >>> command_line(["/venv/bin/mic-diffrep", "probe", "--hub_token", "hf_a", "--hub-token=x", "--data_dir", "my d"])
+    "mic-diffrep probe --hub_token '***' '--hub-token=***' --data_dir 'my d'"
     """
-    argv = list(sys.argv if argv is None else argv)
-    if argv and os.path.basename(str(argv[0])) == "mic-diffrep":  # the console script, not its install path
+    argv = [str(arg) for arg in (sys.argv if argv is None else argv)]
+    if argv and os.path.splitext(os.path.basename(argv[0]))[0] == "mic-diffrep":  # the script, not its install path
         argv[0] = "mic-diffrep"
     masked, hide_next = [], False
     for arg in argv:
-        name, equals, _ = str(arg).partition("=")
+        name, equals, _ = arg.partition("=")
         if hide_next:
             masked.append("***")
         elif _is_secret_flag(name) and equals:
             masked.append(f"{name}=***")
         else:
-            masked.append(str(arg))
+            masked.append(arg)
         hide_next = not hide_next and not equals and _is_secret_flag(name)
-    return " ".join(masked)
+    return shlex.join(masked)  # quoted as a shell reads it: paths with spaces paste back
 
 
 def tracker_config(args) -> dict:

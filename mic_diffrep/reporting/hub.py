@@ -65,8 +65,11 @@ def push_pipeline_to_hub(pipeline_dir: str, repo_id: str, token: Optional[str] =
     """Uploads a pretrained pipeline folder (weights, configs, model card, sample grids; no checkpoints, caches or
     tracker logs, wherever `logging_dir` put them inside the folder)."""
     ignore = list(PIPELINE_IGNORE_PATTERNS)
-    logs = os.path.relpath(os.path.join(pipeline_dir, logging_dir), pipeline_dir)
-    if not logs.startswith(".."):
+    try:
+        logs = os.path.relpath(os.path.join(pipeline_dir, logging_dir), pipeline_dir)
+    except ValueError:  # another drive (Windows): not inside the folder
+        logs = os.pardir
+    if not logs.startswith(os.pardir):
         ignore.append(f"{logs.replace(os.sep, '/')}/*")
     return push_folder(pipeline_dir, repo_id, token, private, "MicDiffRep pretraining", ignore)
 

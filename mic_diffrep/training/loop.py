@@ -179,7 +179,7 @@ def train_one_epoch(state: TrainingState, accelerator, model, loader, dataset, o
                 state.global_step % args.checkpointing_steps:  # a run cut short can be resumed
             save_training_state(accelerator, args.output_dir, state.global_step, state.epoch, batch_index + 1,
                                 args.checkpoints_total_limit, totals)
-        if state.stop_reason == "time_budget_minutes":
+        if state.stop_reason == "time_budget_minutes" and accelerator.is_main_process:
             logger.warning("Stopped by --time_budget_minutes %g after %d of %d steps; checkpoint-%d was saved: add "
                            "--resume_from_checkpoint latest to continue.", args.time_budget_minutes,
                            state.global_step, max_train_steps, state.global_step)
