@@ -236,7 +236,8 @@ def _pretrain(args: PretrainingArguments) -> dict:
         with open(os.path.join(args.output_dir, SUMMARY_FILE), "w", encoding="utf-8") as f:
             json.dump(summary, f, indent=2)
         push = args.push_to_hub and state.stop_reason != "interrupted"
-        write_pipeline_card(args.output_dir, summary, hub_repo_id if push else None)
+        if os.path.isfile(os.path.join(args.output_dir, "model_index.json")):  # not for a folder of checkpoints only
+            write_pipeline_card(args.output_dir, summary, hub_repo_id if push else None)
         if push:
             push_pipeline_to_hub(args.output_dir, hub_repo_id, token=args.hub_token, private=args.hub_private_repo,
                                  logging_dir=args.logging_dir)

@@ -167,7 +167,8 @@ def train_one_epoch(state: TrainingState, accelerator, model, loader, dataset, o
         progress.update(1)
         progress.set_postfix(loss=f"{state.last_loss:.4f}", lr=f"{logs['lr']:.2e}")
         accelerator.log(logs, step=state.global_step)
-        totals = {"images_seen": state.images_seen, "train_seconds": state.train_seconds + time.time() - epoch_start}
+        totals = {"images_seen": state.images_seen, "train_seconds": state.train_seconds + time.time() - epoch_start,
+                  "last_loss": state.last_loss}
         if state.global_step % args.checkpointing_steps == 0:
             save_training_state(accelerator, args.output_dir, state.global_step, state.epoch, batch_index + 1,
                                 args.checkpoints_total_limit, totals)
@@ -205,7 +206,8 @@ def train(accelerator, model, loader, dataset, optimizer, lr_scheduler, args: Co
     global_step, first_epoch, resume_batches, totals = resume_training_state(accelerator, args.output_dir,
                                                                              args.resume_from_checkpoint)
     state = TrainingState(global_step=global_step, epoch=first_epoch, images_seen=totals.get("images_seen", 0),
-                          train_seconds=totals.get("train_seconds", 0.0))
+                          train_seconds=totals.get("train_seconds", 0.0),
+                          last_loss=totals.get("last_loss", float("nan")))
     progress = tqdm(total=max_train_steps, initial=global_step, disable=not accelerator.is_local_main_process,
                     desc=desc, unit="step", mininterval=progress_interval())
     start_time = time.time()
