@@ -339,6 +339,15 @@ def test_run_says_before_pretraining_when_no_test_split_can_be_carved(tmp_path, 
     assert error.value.code == 2 and "Cannot split" in message and "a Testing/ folder beside Training/" in message
     assert not (tmp_path / "out").exists()  # nothing pretrained
 
+    # With a Testing/ folder, the validation part carved from Training/ needs enough volumes too
+    for label, seeds in (("a", (1, 2)), ("b", (3, 4))):
+        for split, seed in zip(("Training", "Testing"), seeds):
+            write_nifti(tmp_path / "split" / split / label / f"vol{seed}.nii.gz", brain_volume(seed))
+    with pytest.raises(SystemExit):
+        cli(["run", "--data_dir", str(tmp_path / "split"), "--output_dir", str(tmp_path / "out2"), "--resolution",
+             "16"])
+    assert "--validation_split" in capsys.readouterr().err and not (tmp_path / "out2").exists()
+
 
 def test_slice_flags_on_every_settings_class():
     for cls, required in ((PretrainingArguments, ["--train_data_dir", "D"]),

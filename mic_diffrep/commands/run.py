@@ -147,8 +147,8 @@ def check_config(config: dict, source: Optional[str] = None) -> None:
 
 
 def check_run(config: dict, pretraining_args: PretrainingArguments, probe_args: ProbeArguments) -> None:
-    """What would otherwise fail only after pretraining: the probe's timesteps, the data's labels, and whether a
-    test split can be carved from it."""
+    """What would otherwise fail only after pretraining: the probe's timesteps, the data's labels, and whether the
+    validation part (and a test split, when the data has none) can be carved from it."""
     bad = [t for t in probe_args.timesteps if not 0 <= t < pretraining_args.ddpm_num_steps]
     if bad:
         raise ValueError(f"`timesteps` {bad}: read-out timesteps must be in [0, {pretraining_args.ddpm_num_steps}).")
@@ -156,8 +156,11 @@ def check_run(config: dict, pretraining_args: PretrainingArguments, probe_args: 
     for split in splits.values():
         check_labelled(split, f"`data_dir` {config['data_dir']}",
                        "linear probing (to pretrain on unlabelled images: `mic-diffrep pretrain`)")
-    if "test" not in splits:  # the probe carves a test split: too few files or patients fail here, not after
+    # The probe carves a validation part from the training images (and a test split when there is none): too few
+    # files or patients for either fail here, not after pretraining.
+    if "test" not in splits:
         check_carvable(select_splits(splits, ["all"])[1], probe_args.test_split, probe_args.seed)
+    check_carvable(select_splits(splits, None)[1], probe_args.validation_split, probe_args.seed, "--validation_split")
 
 
 def run_config(namespace) -> dict:

@@ -114,15 +114,15 @@ def _carve(labels, groups: np.ndarray, fraction: float, seed: int, flag: str):
                          f"split of your own (a Testing/ folder beside Training/, or --test_data_dir).") from None
 
 
-def check_carvable(dataset, test_split: float, seed: int = 0) -> None:
+def check_carvable(dataset, fraction: float, seed: int = 0, flag: str = "--test_split") -> None:
     """Raises the probe's error early when a labelled, not yet decoded dataset (`load_image_folder`) cannot be split
-    into train and test even before near-duplicates are grouped (by its files and patient folders alone): `mic-diffrep
-    run` checks this before pretraining."""
+    into two parts (`fraction` of it apart: a test or validation part) even before near-duplicates are grouped (by
+    its files and patient folders alone): `mic-diffrep run` checks this before pretraining."""
     names = dataset.features["label"].names
     labels = list(dataset["label"])
     folders = [patient_folder(item["path"] or "", names[label]) for item, label in zip(dataset["image"], labels)]
     _, groups = np.unique(folders, return_inverse=True)
-    _carve(labels, groups.astype(np.int64), test_split, seed, "--test_split")
+    _carve(labels, groups.astype(np.int64), fraction, seed, flag)
 
 
 def _train_and_test(args: ProbeArguments, decode):
