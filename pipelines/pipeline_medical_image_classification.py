@@ -19,40 +19,55 @@ NIfTI file cannot be opened. `import mic_diffrep` registers this task.
 import os
 from typing import Any, Dict
 
+import torch
 from transformers.image_utils import load_image
 from transformers.pipelines import ImageClassificationPipeline
+
+from mic_diffrep.models.mic_diffrep.preprocessing import image_list_with_ids
 
 
 class MedicalImageClassificationPipeline(ImageClassificationPipeline):
     """`ImageClassificationPipeline` that hands paths, PIL images, arrays and tensors to the image processor
-    unconverted (an `http(s)://` URL is still fetched by transformers). A multi-frame DICOM file or NIfTI volume
-    gives one list of scores per slice, in the order `mic-diffrep predict` lists them; one slice gives one list, as
-    the image-classification pipeline does. Takes the image-classification pipeline's arguments (`top_k`,
-    `function_to_apply`, `batch_size` for 2-D images)."""
+    unconverted (an `http(s)://` URL is still fetched by transformers). A file of several slices (a multi-frame
+    DICOM file, a NIfTI volume) gives one list of scores per slice it keeps, in the order `mic-diffrep predict`
+    lists them, even when only one is kept; a 2-D image gives one list, as the image-classification pipeline does.
+    Takes the image-classification pipeline's arguments (`top_k`, `function_to_apply`, `batch_size`: volumes need
+    `batch_size=1` when several inputs are given)."""
 
     def preprocess(self, image, timeout=None) -> Dict[str, Any]:
         if isinstance(image, str) and image.startswith(("http://", "https://")):
             image = load_image(image, timeout=timeout)
         elif isinstance(image, os.PathLike):
             image = os.fspath(image)
-        model_inputs = self.image_processor(images=image, return_tensors="pt")
-        num_slices = len(model_inputs["pixel_values"])
-        if num_slices > 1 and getattr(self, "_volume_batch_size", 1) > 1:
+        slices = getattr(self.image_processor, "slice_settings", None)
+        images, ids = image_list_with_ids(image, slices)  # a file is read once, its slices handed on
+        volume = any(image_id is not None and "#slice=" in image_id for image_id in ids)
+        if volume and getattr(self, "_several_per_batch", False):
             name = image if isinstance(image, str) else type(image).__name__
-            raise ValueError(f"{name}: a volume of {num_slices} slices needs batch_size=1 (its slices are one batch "
+            raise ValueError(f"{name}: a file of {len(images)} slices needs batch_size=1 (its slices are one batch "
                              f"already); or classify its slices one by one.")
-        return model_inputs.to(self.dtype)
+        model_inputs = self.image_processor(images=images, return_tensors="pt").to(self.dtype)
+        model_inputs["volume"] = torch.tensor([volume])
+        return model_inputs
 
     def __call__(self, inputs=None, **kwargs):
         # Pipelines batch by splitting the model's output into one row per input; a volume's rows would be split
-        # into other inputs' results, so `preprocess` refuses volumes when batching.
-        self._volume_batch_size = kwargs.get("batch_size") or self._batch_size or 1
+        # into other inputs' results, so `preprocess` refuses volumes when several inputs share a batch.
+        batch_size = kwargs.get("batch_size") or self._batch_size or 1
+        several = isinstance(inputs, (list, tuple)) and len(inputs) > 1 or not isinstance(
+            inputs, (str, os.PathLike, list, tuple, dict)) and hasattr(inputs, "__iter__") and not hasattr(
+            inputs, "shape")
+        self._several_per_batch = batch_size > 1 and several
         return super().__call__(inputs, **kwargs)
+
+    def _forward(self, model_inputs):
+        volume = model_inputs.pop("volume")
+        return {"logits": super()._forward(model_inputs)["logits"], "volume": volume}
 
     def postprocess(self, model_outputs, function_to_apply=None, top_k=5):
         logits = model_outputs["logits"]
-        if len(logits) == 1:
-            return super().postprocess(model_outputs, function_to_apply=function_to_apply, top_k=top_k)
+        if not bool(model_outputs["volume"].reshape(-1)[0]):
+            return super().postprocess({"logits": logits}, function_to_apply=function_to_apply, top_k=top_k)
         return [super(MedicalImageClassificationPipeline, self).postprocess(
             {"logits": logits[i : i + 1]}, function_to_apply=function_to_apply, top_k=top_k)
             for i in range(len(logits))]

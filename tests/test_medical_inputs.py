@@ -260,8 +260,14 @@ def test_medical_image_classification_pipeline_takes_dicom_and_nifti(mixed_folde
     assert len(slices) == 4
     for k, scores in zip(range(1, 5), slices):
         assert {p["label"]: p["score"] for p in scores} == pytest.approx(predicted[f"{volume}#slice={k}"], abs=1e-5)
-    with pytest.raises(ValueError, match="vol.nii.gz: a volume of 4 slices needs batch_size=1"):
+    with pytest.raises(ValueError, match="vol.nii.gz: a file of 4 slices needs batch_size=1"):
         classify([single, volume], batch_size=2)
+    assert len(classify(volume, batch_size=2)) == 4  # one input: nothing to mix up
+    # A file of slices gives a list per slice even when one is kept, so the output's shape follows the input's kind
+    one = pipeline("medical-image-classification", model=model_dir,
+                   image_processor=MicDiffRepImageProcessor(resolution=16, slice_range=[2, 3]))
+    kept = one(volume, top_k=2)
+    assert len(kept) == 1 and isinstance(kept[0], list)
 
 
 def test_a_model_reads_volumes_with_the_slices_it_was_probed_on(mixed_folder, tmp_path, capsys):
