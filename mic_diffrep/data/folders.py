@@ -57,10 +57,10 @@ def find_split_folders(data_dir: str) -> Dict[str, str]:
     return found
 
 
-def is_image_file(path: str) -> bool:
-    """Whether a file has one of `SEARCHED_EXTENSIONS` (an ordinary image, DICOM or NIfTI; any case), or is a DICOM
-    file named without an extension (`IM0001`: its preamble is read)."""
-    return path.lower().endswith(SEARCHED_EXTENSIONS) or has_dicom_preamble(path)
+def is_image_file(name: str) -> bool:
+    """Whether a file name or path has one of `SEARCHED_EXTENSIONS` (an ordinary image, DICOM or NIfTI; any case),
+    or, given a path, is a DICOM file named without an extension (`IM0001`: its preamble is read)."""
+    return name.lower().endswith(SEARCHED_EXTENSIONS) or has_dicom_preamble(name)
 
 
 def _has_images(folder: str) -> bool:

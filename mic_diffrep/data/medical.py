@@ -77,7 +77,7 @@ from typing import Any, List, Optional, Sequence, Tuple, Union
 
 import numpy as np
 
-from ..models.mic_diffrep.preprocessing import has_dicom_preamble
+from ..models.mic_diffrep.preprocessing import has_dicom_preamble, is_medical_path
 
 
 logger = logging.getLogger(__name__)
@@ -216,8 +216,8 @@ def add_slice_arguments(parser, model_defaults: bool = False) -> None:
 
 def is_medical_file(path: PathLike) -> bool:
     """Whether `path` has one of `MEDICAL_EXTENSIONS` (case-insensitive; `.nii.gz` included), or is a DICOM file
-    named without an extension (`IM0001`; see `has_dicom_preamble`)."""
-    return str(os.fspath(path)).lower().endswith(MEDICAL_EXTENSIONS) or has_dicom_preamble(path)
+    named without an extension (`IM0001`; see `has_dicom_preamble`): `preprocessing.is_medical_path` for paths."""
+    return is_medical_path(path)
 
 
 def read_medical_slices(

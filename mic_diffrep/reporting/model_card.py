@@ -12,8 +12,12 @@ TAGS = ["mic-diffrep", "medical-imaging", "diffusion", "self-supervised"]
 
 
 def _name(path: str) -> str:
-    """A folder's own name: cards are published, the local paths above it stay local."""
-    return os.path.basename(os.path.normpath(str(path))) or str(path)
+    """A local folder's own name (cards are published: the local paths above it stay local); a Hub repository id
+    (`user/name`, no such folder here) stays whole."""
+    path = str(path)
+    if not os.path.exists(path) and not os.path.isabs(path) and path.count("/") == 1:
+        return path
+    return os.path.basename(os.path.normpath(path)) or path
 
 
 def _usage(repo_id: Optional[str]) -> str:
@@ -60,7 +64,7 @@ def model_card_text(results: dict, repo_id: Optional[str] = None) -> str:
     metadata = ModelCardData(
         library_name="transformers", pipeline_tag="image-classification", license="apache-2.0",
         tags=TAGS + ["linear-probe"], metrics=["accuracy", "f1"], model_name=_name(repo_id or "mic-diffrep-classifier"),
-        eval_results=[EvalResult(task_type="image-classification", dataset_type="imagefolder", dataset_name=dataset,
+        eval_results=[EvalResult(task_type="image-classification", dataset_type=dataset, dataset_name=dataset,
                                  metric_type=metric, metric_value=round(float(value), 4), metric_name=name)
                       for metric, name, value in (("accuracy", "Accuracy", test["accuracy"]),
                                                   ("f1", "Macro F1", test["macro_f1"]))])
