@@ -62,6 +62,31 @@ def test_sweep_and_msfa_select_on_validation_and_score_test():
     assert {r["timestep"] for r in results["msfa_per_timestep"]} == {10, 20}
 
 
+def test_validation_given_as_indices_and_bad_masks():
+    # ~indices trained on negative indices: num_train came out -1453 and every score was of the wrong images
+    train, train_labels = synthetic_features(150, 0)
+    test, test_labels = synthetic_features(60, 1)
+    config = ProbeConfig(num_epochs=2, train_batch_size=16, hidden_size=8)
+    mask = torch.arange(150) % 5 == 0
+    by_mask, _ = run_probes(train, train_labels, test, test_labels, ["x", "y", "z"], mask, config, ["good"], [10])
+    by_index, _ = run_probes(train, train_labels, test, test_labels, ["x", "y", "z"], torch.nonzero(mask)[:, 0].numpy(),
+                             config, ["good"], [10])
+    assert by_index == by_mask and by_mask["num_train"] == 120
+    with pytest.raises(ValueError, match="pass it as a bool mask"):
+        run_probes(train, train_labels, test, test_labels, ["x", "y", "z"], mask.long(), config, ["good"], [10])
+    with pytest.raises(ValueError, match="shape"):
+        run_probes(train, train_labels, test, test_labels, ["x", "y", "z"], mask[:100], config, ["good"], [10])
+
+
+def test_training_heads_leaves_the_callers_random_state_alone():
+    features, labels = synthetic_features(60, 0)
+    torch.manual_seed(123)
+    expected = torch.rand(1)
+    torch.manual_seed(123)
+    train_heads(features, labels, 3, ProbeConfig(num_epochs=1, train_batch_size=16))
+    assert torch.equal(torch.rand(1), expected)
+
+
 def test_heads_trained_together_equal_heads_trained_alone():
     features, labels = synthetic_features(60, 0)
     config = ProbeConfig(num_epochs=3, train_batch_size=16)

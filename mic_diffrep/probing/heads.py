@@ -73,12 +73,19 @@ def train_heads(features: Dict[Key, torch.Tensor], labels: torch.Tensor, num_lab
     """Trains one head per entry of `features` (each `(N, D_k)`), all in one loop over shared mini-batches.
 
     `hidden_size=0` (the default for an SL sweep) makes linear heads; a positive size makes MSFA heads. The heads
-    have separate parameters and Adam is per-parameter, so training them together equals training them one by one.
+    have separate parameters and Adam is per-parameter, so they do not interact while training; their initial
+    weights, though, are drawn one after another from `config.seed`, so a head's initialisation (and with few
+    epochs its scores) depends on its place in `features`. The caller's global torch random state is left as it was.
     With `config.random_flip`, `mirrored` holds the features of the same images mirrored left-right (same keys and
     shapes); each image of a batch is replaced by its mirror image with probability 1/2 (the order of the batches,
     and the standardisation, are those of the images as they are).
     """
     hidden_size = 0 if hidden_size is None else hidden_size
+    with torch.random.fork_rng(devices=[]):  # seeds the heads' initialisation, not the caller's random state
+        return _train_heads(features, labels, num_labels, config, hidden_size, mirrored)
+
+
+def _train_heads(features, labels, num_labels, config, hidden_size, mirrored):
     keys = list(features)
     num_examples = len(labels)
     generator = torch.Generator().manual_seed(config.seed)

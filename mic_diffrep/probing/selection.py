@@ -56,7 +56,8 @@ def run_probes(train_features: Dict[Key, torch.Tensor], train_labels: torch.Tens
     """The SL sweep and MSFA, selected on validation, refit on the whole training split, scored on test.
 
     Args:
-        validation_mask (`torch.BoolTensor` of shape `(N_train,)`): which training images form the validation part.
+        validation_mask (`torch.BoolTensor` of shape `(N_train,)`, or their indices, as `group_stratified_split`
+            gives them): which training images form the validation part.
         test_subsets (`Dict[str, torch.BoolTensor]`, *optional*): extra masks of the test split to report (e.g.
             `"deduplicated"`: test images without a near-duplicate in training).
         train_features_mirrored (`Dict`, *optional*): the training images' features mirrored left-right, for
@@ -66,6 +67,20 @@ def run_probes(train_features: Dict[Key, torch.Tensor], train_labels: torch.Tens
         `(results, probes)`: a JSON-able results dict, and the refit `TrainedProbe`s under `"sl_best"` and `"msfa"`.
     """
     num_labels = len(label_names)
+    validation_mask = torch.as_tensor(validation_mask)
+    num_train = len(train_labels)
+    if validation_mask.dtype != torch.bool:  # indices, as `group_stratified_split` returns them
+        indices = validation_mask.long().reshape(-1)
+        if len(indices) == num_train > 2 and set(indices.tolist()) <= {0, 1}:
+            raise ValueError("`validation_mask` holds 0s and 1s for every training image: pass it as a bool mask "
+                             "(`mask.bool()`), or pass the validation images' indices.")
+        if len(indices) and (indices.min() < 0 or indices.max() >= num_train):
+            raise ValueError(f"`validation_mask`: indices must be in [0, {num_train}), got {indices.tolist()[:5]}...")
+        validation_mask = torch.zeros(num_train, dtype=torch.bool)
+        validation_mask[indices] = True
+    if validation_mask.shape != (num_train,):
+        raise ValueError(f"`validation_mask` must be a bool mask of the {num_train} training images (or their "
+                         f"indices), got shape {tuple(validation_mask.shape)}.")
     fit = ~validation_mask
     if fit.sum() == 0 or validation_mask.sum() == 0:
         raise ValueError("The validation split and the rest of the training split must both be non-empty.")
