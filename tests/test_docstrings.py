@@ -19,15 +19,17 @@ class FencedDocTestParser(doctest.DocTestParser):
 
 
 BENCHMARKS = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "benchmarks")
-MODULES = sorted(info.name for info in pkgutil.walk_packages(mic_diffrep.__path__, "mic_diffrep.")
-                 if info.name != "mic_diffrep.__main__")
+# `mic_diffrep.pipelines` is installed from the top-level `pipelines/` folder: walked on its own.
+MODULES = sorted([info.name for info in pkgutil.walk_packages(mic_diffrep.__path__, "mic_diffrep.")
+                  if info.name != "mic_diffrep.__main__"]
+                 + [info.name for info in pkgutil.walk_packages(mic_diffrep.pipelines.__path__, "mic_diffrep.pipelines.")])
 # The benchmark scripts' helpers (imported as `test_benchmark_scripts.py` does; their `main` is not run).
 SCRIPTS = sorted(name[:-3] for name in os.listdir(BENCHMARKS) if name.endswith(".py"))
 
 
 def test_every_module_is_found():
-    assert {"mic_diffrep.data.augmentations", "mic_diffrep.reporting.metrics", "mic_diffrep.training.arguments"} <= set(
-        MODULES)
+    assert {"mic_diffrep.data.augmentations", "mic_diffrep.reporting.metrics", "mic_diffrep.training.arguments",
+            "mic_diffrep.pipelines.pipeline_medical_image_classification"} <= set(MODULES)
 
 
 @pytest.mark.parametrize("module", MODULES + [f"benchmarks/{name}" for name in SCRIPTS])

@@ -15,7 +15,7 @@ windowed with it, any other image by the preprocessing's intensity rule.
 >>> splits = load_image_folder("mic_diffrep/sample_data/brain-tumor-mri")  # doctest: +SKIP
 >>> decoded = decode_images(splits["train"], 64)  # doctest: +SKIP
 >>> decoded.pixels.shape, decoded.label_names  # doctest: +SKIP
-(torch.Size([160, 1, 64, 64]), ['glioma', 'meningioma', 'notumor', 'pituitary'])
+(torch.Size([120, 1, 64, 64]), ['glioma', 'meningioma', 'notumor', 'pituitary'])
 ```
 """
 
