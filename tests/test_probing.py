@@ -12,7 +12,7 @@ from transformers import AutoImageProcessor, AutoModelForImageClassification
 from conftest import parse, write_class_folder
 from mic_diffrep import DiffusionFeaturePipeline
 from mic_diffrep.probing import ProbeArguments, run_probe as main
-from mic_diffrep.reporting.metrics import Accuracy, MacroF1, PerClassRecall, classification_report
+from mic_diffrep.reporting import Accuracy, MacroF1, PerClassRecall, classification_report  # the public names
 from mic_diffrep.probing import ProbeConfig, msfa_candidates, run_probes, train_heads
 from mic_diffrep.features import load_features
 from mic_diffrep.models.mic_diffrep.unet import create_scheduler, create_unet

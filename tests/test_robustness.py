@@ -89,6 +89,7 @@ def test_bad_resolution_is_named(unlabelled_folder, tmp_path, capsys, resolution
     code, err = run_cli(["pretrain", "--train_data_dir", unlabelled_folder, "--output_dir", str(tmp_path / "o"),
                          "--resolution", resolution, "--logger", "none"], capsys)
     assert code == 2 and "resolution" in err and message in err
+    assert not (tmp_path / "o").exists()  # checked with the settings: no decoded-image cache left behind
 
 
 def test_bad_pretrained_dir_layers_and_timesteps_are_named(kaggle_folder, tmp_path, capsys):

@@ -16,12 +16,13 @@ import os
 from dataclasses import dataclass, field, fields
 from typing import List, Literal, Optional
 
+import torch
 from diffusers.optimization import SchedulerType
 
 from ..data.medical import SLICE_FLAG_HELP, SliceSelection, slice_selection
 from ..models.baselines import METHODS
 from ..models.mic_diffrep.preprocessing import ImagePreprocessing
-from ..models.mic_diffrep.unet import BETA_SCHEDULES, DEFAULT_UNET, load_unet_config
+from ..models.mic_diffrep.unet import BETA_SCHEDULES, DEFAULT_UNET, create_unet
 from ..utils import check_settings
 
 
@@ -253,7 +254,8 @@ class PretrainingArguments(CommonPretrainingArguments):
             raise ValueError(f"`snr_gamma` must be positive, got {self.snr_gamma}.")
         if self.random_crop_scale is not None and not 0 < self.random_crop_scale <= 1:
             raise ValueError(f"`random_crop_scale` must be in (0, 1], got {self.random_crop_scale}.")
-        load_unet_config(self.model_config_name_or_path)  # a preset or a readable config, before any image is decoded
+        with torch.device("meta"):  # the config and the resolution it divides, before any image is decoded
+            create_unet(self.resolution, self.model_config_name_or_path, self.self_conditioning)
 
 
 # Optimiser settings of each baseline unless given: AdamW 1e-3 without warm-up for the contrastive ones; MAE's own
