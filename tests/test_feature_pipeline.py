@@ -235,6 +235,19 @@ def test_feature_cache_round_trip_and_stale_detection(pipe, images, tmp_path):
         load_features(path, expected_settings=extraction_settings(other, [5, 50], None))
 
 
+def test_save_features_refuses_what_it_could_not_read_back(tmp_path):
+    import numpy as np
+
+    rows = torch.zeros(3, 4)
+    path = str(tmp_path / "f.safetensors")
+    with pytest.raises(ValueError, match="layer x timestep grid"):  # load_features failed on it with a SafetensorError
+        save_features(path, {("mid_block", 10): rows, ("up_blocks.0", 100): rows}, {}, image_ids=["a", "b", "c"])
+    with pytest.raises(ValueError, match="`image_ids` must name the 3 feature rows"):
+        save_features(path, {("mid_block", 10): rows}, {}, image_ids=None)
+    save_features(path, {("mid_block", np.int64(10)): rows}, {}, image_ids=["a", "b", "c"])  # numpy timesteps
+    assert load_features(path).timesteps == [10]
+
+
 def test_model_fingerprint_is_the_same_in_every_process():
     # diffusers keeps `_use_default_values` in the config in string-hash order, which changes with PYTHONHASHSEED
     code = ("import torch; from mic_diffrep.models.mic_diffrep.unet import create_unet; from mic_diffrep.features.cache import "

@@ -93,12 +93,18 @@ def save_features(path: str, features: Dict[Tuple[str, int], torch.Tensor], sett
                   image_ids: Sequence[str], labels=None, label_names=None, source_model: Optional[str] = None) -> None:
     """Writes `features` (`{(layer, t): (N, D)}`, e.g. `DiffusionFeaturesOutput.features`) to `path` atomically, with
     the settings that made them and the image ids."""
+    features = {(str(layer), int(t)): tensor for (layer, t), tensor in features.items()}  # numpy ints too
     layers = list(dict.fromkeys(layer for layer, _ in features))
     timesteps = list(dict.fromkeys(t for _, t in features))
+    missing = [(layer, t) for t in timesteps for layer in layers if (layer, t) not in features]
+    if missing:  # a cache is a layer x timestep grid: `load_features` reads every pair
+        raise ValueError(f"`features` must hold every layer at every timestep (a layer x timestep grid); missing "
+                         f"{missing}.")
     tensors = {_key(layer, t): tensor.contiguous() for (layer, t), tensor in features.items()}
     num_images = len(next(iter(tensors.values())))
-    if len(image_ids) != num_images:
-        raise ValueError(f"{len(image_ids)} image ids for {num_images} feature rows.")
+    if image_ids is None or len(image_ids) != num_images:
+        raise ValueError(f"`image_ids` must name the {num_images} feature rows (one id per image), got "
+                         f"{'None' if image_ids is None else len(image_ids)}.")
     if labels is not None:
         tensors["labels"] = torch.as_tensor(labels, dtype=torch.long)
     metadata = {

@@ -122,7 +122,8 @@ def group_stratified_split(
     groups = np.asarray(groups)
     if groups.ndim != 1 or len(groups) == 0 or not np.issubdtype(groups.dtype, np.integer):
         raise ValueError(f"`groups` must be a non-empty 1-D sequence of integer group ids, got shape {groups.shape}.")
-    if isinstance(test_fraction, bool) or not isinstance(test_fraction, (int, float)) or not 0 < test_fraction < 1:
+    if isinstance(test_fraction, (bool, np.bool_)) or not isinstance(test_fraction, (int, float, np.number)) or \
+            not 0 < test_fraction < 1:
         raise ValueError(f"`test_fraction` must be in (0, 1), got {test_fraction!r}.")
     if labels is None:
         label_codes = np.zeros(len(groups), dtype=np.int64)

@@ -87,6 +87,9 @@ def classification_report(predictions: Sequence[int], references: Sequence[int],
     """Accuracy, macro F1, per-class recall (by label name) and the confusion matrix, through the metric modules."""
     num_labels = len(label_names) if label_names else None
     predictions, references = [int(p) for p in predictions], [int(r) for r in references]
+    if num_labels is not None and any(not 0 <= v < num_labels for v in predictions + references):
+        raise ValueError(f"Predictions and references must be class indices in [0, {num_labels}) for the "
+                         f"{num_labels} `label_names`, got {sorted(set(predictions + references))}.")
     report = {}
     report.update(Accuracy(keep_in_memory=True).compute(predictions=predictions, references=references))
     for metric in (MacroF1, PerClassRecall, ConfusionMatrix):
