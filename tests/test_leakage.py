@@ -431,3 +431,8 @@ def test_command_line(base_images, tmp_path, capsys):
     with pytest.raises(SystemExit):
         cli(["check-leakage", "--train", str(train)])
     assert "--train and --test go together" in capsys.readouterr().err
+
+
+def test_group_stratified_split_takes_numpy_fractions():
+    train, test = group_stratified_split([0, 1] * 10, list(range(20)), np.float32(0.2))
+    assert len(test) == 4 and len(train) == 16  # "must be in (0, 1), got np.float32(0.2)" before

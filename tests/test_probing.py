@@ -249,3 +249,8 @@ def test_results_markdown_names_the_skipped_files():
     skipped = [{"path": f"data/bad_{i}.jpg", "error": "OSError: truncated"} for i in range(7)]
     text = results_markdown(dict(results, skipped_images=skipped))
     assert "7 unreadable file(s) skipped" in text and "`data/bad_4.jpg`, ..." in text and "bad_5" not in text
+
+
+def test_classification_report_names_labels_outside_label_names():
+    with pytest.raises(ValueError, match=r"class indices in \[0, 3\).*\[0, 1, 2, 5\]"):  # it was a bare IndexError
+        classification_report([0, 1, 5], [0, 1, 2], label_names=["a", "b", "c"])
