@@ -158,6 +158,7 @@ def test_timesteps_as_tensors_and_repeated_timesteps(pipe, images):
     with pytest.raises(ValueError, match="timesteps"):
         pipe.extract_features(images[:1], timesteps=torch.tensor([0.5]))
     assert FeatureArguments(timesteps=[10, 10, 5], layers=["mid_block", "mid_block"]).timesteps == [10, 5]
+    assert FeatureArguments(timesteps=np.array([10, 100])).timesteps == [10, 100]  # as extract_features takes them
 
 
 def test_bf16_pipeline_features_are_close_to_fp32(pipe, images):

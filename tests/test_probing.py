@@ -254,3 +254,10 @@ def test_results_markdown_names_the_skipped_files():
 def test_classification_report_names_labels_outside_label_names():
     with pytest.raises(ValueError, match=r"class indices in \[0, 3\).*\[0, 1, 2, 5\]"):  # it was a bare IndexError
         classification_report([0, 1, 5], [0, 1, 2], label_names=["a", "b", "c"])
+
+
+def test_probe_config_checks_its_settings():
+    with pytest.raises(ValueError, match="`train_batch_size` must be an integer"):
+        ProbeConfig(train_batch_size=1.5)
+    with pytest.raises(ValueError, match="weight_decay must be >= 0"):
+        ProbeConfig(weight_decay=-1)

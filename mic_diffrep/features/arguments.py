@@ -39,6 +39,8 @@ class FeatureArguments:
                 "only)."})
 
     def __post_init__(self):
+        if hasattr(self.timesteps, "tolist"):  # a numpy array or tensor, as `extract_features` takes them
+            self.timesteps = self.timesteps.tolist()
         check_settings(self)
         if not self.timesteps:
             raise ValueError("`timesteps` must name at least one timestep.")

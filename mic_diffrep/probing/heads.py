@@ -12,6 +12,7 @@ import torch
 from torch import nn
 
 from ..models.mic_diffrep import MicDiffRepMSFAHead
+from ..utils import check_settings
 
 
 Key = Tuple[str, int]
@@ -37,10 +38,13 @@ class ProbeConfig:
     seed: int = 0
 
     def __post_init__(self):
+        check_settings(self)  # types: a batch size of 1.5 is refused
         if self.num_epochs < 1 or self.train_batch_size < 1:
             raise ValueError("num_epochs and train_batch_size must be at least 1.")
         if self.learning_rate <= 0:
             raise ValueError(f"learning_rate must be positive, got {self.learning_rate}.")
+        if self.weight_decay < 0:
+            raise ValueError(f"weight_decay must be >= 0, got {self.weight_decay}.")
         if self.hidden_size < 0 or not 0 <= self.dropout < 1:
             raise ValueError("hidden_size must be >= 0 and dropout in [0, 1).")
 
