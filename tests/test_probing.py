@@ -14,7 +14,7 @@ from mic_diffrep import DiffusionFeaturePipeline
 from mic_diffrep.probing import ProbeArguments, run_probe as main
 from mic_diffrep.reporting import Accuracy, MacroF1, PerClassRecall, classification_report  # the public names
 from mic_diffrep.probing import ProbeConfig, msfa_candidates, run_probes, train_heads
-from mic_diffrep.features import load_features
+from mic_diffrep.features import DiffusionFeatureExtractor, load_features
 from mic_diffrep.models.mic_diffrep.unet import create_scheduler, create_unet
 
 
@@ -261,3 +261,13 @@ def test_probe_config_checks_its_settings():
         ProbeConfig(train_batch_size=1.5)
     with pytest.raises(ValueError, match="weight_decay must be >= 0"):
         ProbeConfig(weight_decay=-1)
+
+
+def test_a_given_extractor_keeps_its_precision_and_progress_settings(probe_setup):
+    # run_probe cast a bf16 extractor to float32 (mixed_precision unset) and replaced its progress-bar settings
+    extractor = DiffusionFeatureExtractor.from_pretrained(str(probe_setup / "pipe"), dtype=torch.bfloat16)
+    extractor.pipeline.set_progress_bar_config(leave=False)
+    results = main(probe_args(probe_setup), extractor=extractor)
+    assert extractor.pipeline.unet.dtype == torch.bfloat16
+    assert extractor.pipeline._progress_bar_config.get("leave") is False
+    assert results["msfa"]["test"]["all"]["num_examples"] == 16

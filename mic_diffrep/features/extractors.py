@@ -118,7 +118,8 @@ class DiffusionFeatureExtractor:
                 show_progress: bool = True) -> Features:
         if noise_seeds is None:
             noise_seeds = torch.full((len(pixels),), args.noise_seed, dtype=torch.long)
-        self.pipeline.set_progress_bar_config(disable=not show_progress)
+        self.pipeline.set_progress_bar_config(**{**getattr(self.pipeline, "_progress_bar_config", {}),
+                                                 "disable": not show_progress})  # the caller's other settings kept
         return self.pipeline.extract_features(
             pixels, args.timesteps, args.layers, pooling=args.pooling, pooling_grid_size=args.pooling_grid_size,
             num_noise_samples=args.num_noise_samples, flip_average=args.flip_average, noise_seeds=noise_seeds,

@@ -64,9 +64,17 @@ def cached_features(extractor: FeatureExtractor, decoded: DecodedImages, args: P
     return features
 
 
+def _precision_of(extractor: FeatureExtractor) -> str:
+    """The `mixed_precision` setting of the precision an extractor's model is in ("bf16", "fp16" or "no")."""
+    model = getattr(getattr(extractor, "pipeline", None), "unet", None) or getattr(extractor, "model", None)
+    dtype = next(model.parameters()).dtype if model is not None else torch.float32
+    return {torch.bfloat16: "bf16", torch.float16: "fp16"}.get(dtype, "no")
+
+
 def run_probe(args: ProbeArguments, extractor: Optional[FeatureExtractor] = None) -> dict:
-    """The SL sweep and MSFA of `args.pretrained` (or of `extractor`), written to `args.output_dir`; returns the
-    results (also in `results.json`)."""
+    """The SL sweep and MSFA of `args.pretrained` (or of `extractor`, which runs in its own precision unless
+    `args.mixed_precision` says otherwise), written to `args.output_dir`; returns the results (also in
+    `results.json`)."""
     with output_folder(args.output_dir):
         return _run_probe(args, extractor)
 
@@ -77,6 +85,8 @@ def _run_probe(args: ProbeArguments, extractor: Optional[FeatureExtractor]) -> d
                          hidden_size=args.hidden_size, dropout=args.dropout, standardize=not args.no_standardize,
                          random_flip=args.random_flip, seed=args.seed)
     accelerator = create_accelerator()
+    if extractor is not None and args.mixed_precision is None:  # a given extractor runs in its own precision
+        args = replace(args, mixed_precision=_precision_of(extractor))
     extractor = extractor or load_feature_extractor(args.pretrained, args.resolution)
     if args.push_to_hub:  # checked before the work, not after it
         if not extractor.exportable:
