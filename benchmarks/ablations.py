@@ -436,7 +436,7 @@ def markdown(result: Dict) -> str:
     lines = [
         "# Ablations: which recipe and read-out to ship", "",
         f"Command: `{result['command']}`  ",
-        f"Machine: {env['processor']}, {env['cpu_count']} CPUs, no GPU; torch {env['torch']}, diffusers {env['diffusers']}",
+        f"Machine: {env['processor']}, {env['cpu_count']} CPUs, {env.get('cuda') or 'no GPU'}; torch {env['torch']}, diffusers {env['diffusers']}",
         "",
         "Every recipe: the `base` UNet (4.3M parameters; `unet-small`: the 1.1M `small` one; `unet-mini`: the 0.27M "
         "`mini` one) at "

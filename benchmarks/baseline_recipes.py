@@ -84,7 +84,7 @@ def markdown(result: Dict) -> str:
     lines = [
         f"# Baseline recipes: {result['method']}", "",
         f"Command: `{result['command']}`  ",
-        f"Machine: {env['processor']}, {env['cpu_count']} CPUs, no GPU; torch {env['torch']}, "
+        f"Machine: {env['processor']}, {env['cpu_count']} CPUs, {env.get('cuda') or 'no GPU'}; torch {env['torch']}, "
         f"transformers {env['transformers']}", "",
         f"Every candidate: {result['method']} at {result['resolution']} px, bf16, pretrained on the 5,708 unlabelled "
         f"training images for {result['proxy_minutes']:g} minutes of its own calibrated throughput. Probe: the "

@@ -48,9 +48,10 @@ PROTOCOLS = [direction for direction, _ in DIRECTIONS] + ["in-split"]
 
 def parse_args():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--data_dir", default=DEFAULT_DATA_DIR)
+    parser.add_argument("--data_dir", default=DEFAULT_DATA_DIR, help="Folder holding Training/ and sources.csv.")
     parser.add_argument("--work_dir", default=os.path.join(REPO, "runs", "benchmark"), help="Models and caches.")
-    parser.add_argument("--output", default=os.path.join(REPO, "benchmarks", "results", "brain_tumor_mri"))
+    parser.add_argument("--output", default=os.path.join(REPO, "benchmarks", "results", "brain_tumor_mri"),
+                        help="Path prefix of the results: PREFIX.json, PREFIX.md and PREFIX_*.png.")
     parser.add_argument("--resolution", type=int, default=64)
     parser.add_argument("--pretrain_minutes", type=float, default=30.0, help="Pretraining budget of every method.")
     parser.add_argument("--timesteps", type=int, nargs="+", default=None,
@@ -235,7 +236,7 @@ def markdown(result, label_names):
     lines = [
         "# Brain tumour MRI benchmark", "",
         f"Command: `{result['command']}`  ",
-        f"Machine: {env['processor']}, {env['cpu_count']} CPUs, no GPU; torch {env['torch']}, diffusers "
+        f"Machine: {env['processor']}, {env['cpu_count']} CPUs, {env.get('cuda') or 'no GPU'}; torch {env['torch']}, diffusers "
         f"{env['diffusers']}, transformers {env['transformers']}", "",
         f"Data: the {result['num_images']:,} images of `Training/` (4 classes), decoded to {result['resolution']} px grey "
         "(percentile intensity window). MicDiffRep: the package's default recipe "

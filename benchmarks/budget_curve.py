@@ -320,7 +320,7 @@ def markdown(result):
     points, means, env = result["points"], result["means"], result["environment"]
     seeds = sorted({p["seed"] for p in points})
     lines = ["# Accuracy against pretraining budget", "", f"Command: `{result['command']}`  ",
-             f"Machine: {env['processor']}, {env['cpu_count']} CPUs, no GPU; torch {env['torch']}", "",
+             f"Machine: {env['processor']}, {env['cpu_count']} CPUs, {env.get('cuda') or 'no GPU'}; torch {env['torch']}", "",
              f"![budget curve]({result.get('image', 'budget_curve.png')})", ""]
     if result["note"]:
         lines += [result["note"], ""]

@@ -372,6 +372,24 @@ def pretrain_for_budget(method: str, minutes: float, work_dir: str, data_dir: st
 # ------------------------------------------------------------------------------------------------------------------
 
 
+def image_sources(data_dir: str, paths: Sequence[str]) -> np.ndarray:
+    """The source collection of each image (`DATA_DIR/sources.csv`: `file,label,source` rows, `file` relative to
+    DATA_DIR), which the cross-source protocols split by; a clear error where the file or a row is missing."""
+    path = os.path.join(data_dir, "sources.csv")
+    if not os.path.isfile(path):
+        raise FileNotFoundError(
+            f"{path} is missing: the benchmarks need each Training image's source collection (`file,label,source`, "
+            f"source `sartaj` or `figshare_or_br35h`; the Kaggle download does not hold it). See the README's "
+            f"Benchmarks section.")
+    with open(path, newline="") as f:
+        source_of = {row["file"]: row["source"] for row in csv.DictReader(f)}
+    relative = [os.path.relpath(p, data_dir).replace(os.sep, "/") for p in paths]
+    missing = [name for name in relative if name not in source_of]
+    if missing:
+        raise ValueError(f"{path} has no row for {len(missing)} image(s), e.g. {missing[:3]}.")
+    return np.array([source_of[name] for name in relative])
+
+
 class Benchmark:
     """The decoded training images with their sources, near-duplicate groups, and the protocols' splits."""
 
@@ -380,9 +398,7 @@ class Benchmark:
         self.data_dir, self.work_dir, self.seed = data_dir, work_dir, seed
         dataset = load_image_folder(os.path.join(data_dir, "Training"))["train"]
         self.decoded = decode_images(dataset, ImagePreprocessing(resolution), cache_dir=os.path.join(work_dir, "decoded"))
-        with open(os.path.join(data_dir, "sources.csv"), newline="") as f:
-            source_of = {row["file"]: row["source"] for row in csv.DictReader(f)}
-        self.sources = np.array([source_of[os.path.relpath(p, data_dir)] for p in self.decoded.paths])
+        self.sources = image_sources(data_dir, self.decoded.paths)
         if max_images:
             keep = np.sort(np.random.default_rng(seed).permutation(len(self.decoded))[:max_images])
             self.decoded, self.sources = self.decoded.subset(keep.tolist()), self.sources[keep]

@@ -8,7 +8,6 @@ Writes `benchmarks/results/leakage.{json,md}` (and the duplicate groups as CSV).
 """
 
 import argparse
-import csv
 import json
 import os
 import shlex
@@ -18,10 +17,12 @@ import numpy as np
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 from mic_diffrep.data import decode_images, load_image_folder  # noqa: E402
 from mic_diffrep.leakage import DEFAULT_THRESHOLD, check_leakage, within_duplicates  # noqa: E402
 from mic_diffrep.utils import environment_info  # noqa: E402
+from common import image_sources  # noqa: E402
 
 
 def main():
@@ -35,9 +36,7 @@ def main():
 
     images = decode_images(load_image_folder(os.path.join(args.data_dir, "Training"))["train"], args.resolution,
                            cache_dir=args.cache_dir)
-    with open(os.path.join(args.data_dir, "sources.csv"), newline="") as f:
-        source_of = {row["file"]: row["source"] for row in csv.DictReader(f)}
-    sources = np.array([source_of[os.path.relpath(p, args.data_dir)] for p in images.paths])
+    sources = image_sources(args.data_dir, images.paths)
 
     within = within_duplicates(images, args.threshold)
     within_plain = within_duplicates(images, args.threshold, mirror=False)

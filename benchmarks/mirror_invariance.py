@@ -148,7 +148,7 @@ FLIP_NOISE = {
 def markdown(result) -> str:
     env, composition = result["environment"], result["composition"]
     lines = ["# Mirrored near-duplicates and mirror invariance", "", f"Command: `{result['command']}`  ",
-             f"Machine: {env['processor']}, {env['cpu_count']} CPUs, no GPU; torch {env['torch']}", ""]
+             f"Machine: {env['processor']}, {env['cpu_count']} CPUs, {env.get('cuda') or 'no GPU'}; torch {env['torch']}", ""]
     if result["note"]:
         lines += [result["note"], ""]
     lines += ["## The cross-source test sets", "",

@@ -574,3 +574,16 @@ def test_the_readmes_one_seed_table_is_the_results_files():
         for cells, direction in zip(rows[name], ("sartaj->other", "other->sartaj")):
             row = results[(method, direction)]
             assert cells == (round(row["accuracy"], 3), round(row["accuracy_deduplicated"], 3)), name
+
+
+def test_image_sources_say_what_is_missing(tmp_path):
+    # The Kaggle download has no sources.csv: the scripts raised a bare FileNotFoundError / KeyError
+    common = pytest.importorskip("common")
+    image = str(tmp_path / "Training" / "glioma" / "a.jpg")
+    with pytest.raises(FileNotFoundError, match="the Kaggle download does not hold it"):
+        common.image_sources(str(tmp_path), [image])
+    (tmp_path / "sources.csv").write_text("file,label,source\nTraining/glioma/b.jpg,glioma,sartaj\n")
+    with pytest.raises(ValueError, match=r"no row for 1 image\(s\), e.g. \['Training/glioma/a.jpg'\]"):
+        common.image_sources(str(tmp_path), [image])
+    assert common.image_sources(str(tmp_path), [str(tmp_path / "Training" / "glioma" / "b.jpg")]).tolist() == [
+        "sartaj"]
