@@ -238,7 +238,10 @@ def markdown(result, label_names):
         f"Command: `{result['command']}`  ",
         f"Machine: {env['processor']}, {env['cpu_count']} CPUs, {env.get('cuda') or 'no GPU'}; torch {env['torch']}, diffusers "
         f"{env['diffusers']}, transformers {env['transformers']}", "",
-        f"Data: the {result['num_images']:,} images of `Training/` (4 classes), decoded to {result['resolution']} px grey "
+        (f"Data: a random {result['num_images']:,} of the images of `Training/` for the probes (`--max_images`; "
+         "pretraining read them all)" if result.get("max_images") else
+         f"Data: the {result['num_images']:,} images of `Training/`")
+        + f" (4 classes), decoded to {result['resolution']} px grey "
         "(percentile intensity window). MicDiffRep: the package's default recipe "
         f"(`{_flags(result['recipe'])}`), UNet `{result.get('unet', 'base')}` ({result['num_parameters'] / 1e6:.2f}M "
         f"parameters). Baselines: {result.get('baseline_optimiser', 'AdamW 1e-3, weight decay 0.05, cosine decay')}"
@@ -342,7 +345,8 @@ def main():
 
     summary = runs["micdiffrep"]["summary"]
     result = {"environment": environment_info(), "command": command, "data_dir": args.data_dir,
-              "num_images": len(bench.decoded), "resolution": args.resolution, "recipe": default_recipe(),
+              "num_images": len(bench.decoded), "max_images": args.max_images, "resolution": args.resolution,
+              "recipe": default_recipe(),
               "unet": args.unet or PretrainingArguments.model_config_name_or_path,
               "flip_average": args.flip_average, "pooling": feature_args.pooling,
               "baseline_optimiser": baseline_optimiser(),

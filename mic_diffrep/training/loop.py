@@ -131,7 +131,8 @@ class _Interrupt:
 
     def _handle(self, signum, frame):
         self.requested = True
-        logger.warning("Interrupted: saving a checkpoint after this step (press Ctrl-C again to abort).")
+        if os.environ.get("LOCAL_RANK", "0") in ("", "0", "-1"):  # once per machine, not once per process
+            logger.warning("Interrupted: saving a checkpoint after this step (press Ctrl-C again to abort).")
         signal.signal(signal.SIGINT, self.previous)
 
     def __exit__(self, *exc):
