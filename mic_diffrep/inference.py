@@ -64,8 +64,9 @@ def model_slices(processor: MicDiffRepImageProcessor,
     `slice_range`, which counts slices along its own)."""
     if isinstance(slices, SliceSelection):
         return slices
-    settings = {**processor.slice_settings, **(slices or {})}
-    if (slices or {}).get("slice_axis", settings["slice_axis"]) != processor.slice_axis and "slice_range" not in slices:
+    given = slices or {}
+    settings = {**processor.slice_settings, **given}
+    if settings["slice_axis"] != processor.slice_axis and "slice_range" not in given:
         settings["slice_range"] = None  # the model's range counts slices along its own axis
     return slice_selection(**settings)
 

@@ -105,6 +105,11 @@ def precision_dtype(mixed_precision: Optional[str], device="cpu") -> torch.dtype
     return {"bf16": torch.bfloat16, "fp16": torch.float16}.get(mixed_precision, torch.float32)
 
 
+def precision_name(dtype: torch.dtype) -> str:
+    """The `--mixed_precision` setting of a dtype, `precision_dtype`'s inverse: "bf16", "fp16" or "no"."""
+    return {torch.bfloat16: "bf16", torch.float16: "fp16"}.get(dtype, "no")
+
+
 def autocast(device: torch.device, mixed_precision: Optional[str] = None):
     """An autocast context for `mixed_precision` ("no", "fp16", "bf16") on `device`, or a no-op."""
     check_mixed_precision(mixed_precision, device)
@@ -152,6 +157,12 @@ def output_folder(path: str):
         if created and os.path.isdir(path) and not os.listdir(path):
             os.rmdir(path)
         raise
+
+
+def is_first_local_process() -> bool:
+    """Whether this is the first process of its machine under `torchrun` / `accelerate launch` (`LOCAL_RANK` 0),
+    or the only one (no launcher: unset, or -1): it alone logs progress and warnings meant once per machine."""
+    return os.environ.get("LOCAL_RANK", "0") in ("", "0", "-1")
 
 
 def progress_interval() -> float:

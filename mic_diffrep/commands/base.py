@@ -11,6 +11,7 @@ import torch.distributed
 from transformers import HfArgumentParser
 
 from ..data import BadImageError
+from ..utils import is_first_local_process
 
 
 T = TypeVar("T")
@@ -37,7 +38,7 @@ def settings_from(cls: Type[T], namespace: argparse.Namespace) -> T:
 def log_level() -> int:
     """INFO on the first process of a machine; the other processes of a `torchrun` / `accelerate launch` run log
     warnings and errors only (as diffusers' training scripts do), so each progress line is printed once."""
-    return logging.INFO if os.environ.get("LOCAL_RANK", "0") in ("", "0", "-1") else logging.WARNING  # -1: no launcher
+    return logging.INFO if is_first_local_process() else logging.WARNING
 
 
 def configure_logging() -> None:

@@ -25,7 +25,9 @@ def _add_model_args(parser) -> None:
                         help="'bf16' runs the UNet in bf16 (the head stays float32). Default: the precision the "
                              "model's head was trained on (its config's mixed_precision), which reproduces the probe.")
     parser.add_argument("--skip_bad_images", action="store_true", help="Skip unreadable images instead of failing.")
-    add_slice_arguments(parser, model_defaults=True)
+    add_slice_arguments(parser, unset="Default: the model's (the slices its probe was trained on, in its "
+                                      "preprocessor_config.json); another --slice_axis than the model's drops its "
+                                      "--slice_range.")
 
 
 def _slices(namespace) -> dict:

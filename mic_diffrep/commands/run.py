@@ -14,7 +14,7 @@ from typing import Literal, Optional
 import yaml
 
 from ..data import check_labelled, load_image_folder, select_splits
-from ..data.medical import SLICE_FLAG_HELP
+from ..data.medical import add_slice_arguments
 from ..features import FeatureArguments
 from ..models.mic_diffrep.unet import UNET_PRESETS
 from ..probing import ProbeArguments, run_probe
@@ -301,14 +301,7 @@ def register(subparsers) -> None:
                         help="Skip unreadable images (listed in the results) instead of failing.")
     parser.add_argument("--no_skip_bad_images", dest="skip_bad_images", action="store_const", const=False,
                         help="Stop at the first unreadable image.")
-    parser.add_argument("--slice_axis", type=int, default=None, choices=(0, 1, 2),
-                        help=SLICE_FLAG_HELP["slice_axis"] + " (default 2)")
-    parser.add_argument("--slice_range", type=int, nargs=2, default=None, metavar=("START", "STOP"),
-                        help=SLICE_FLAG_HELP["slice_range"])
-    parser.add_argument("--keep_empty_slices", action="store_const", const=True, default=None,
-                        help=SLICE_FLAG_HELP["keep_empty_slices"])
-    parser.add_argument("--no_keep_empty_slices", dest="keep_empty_slices", action="store_const", const=False,
-                        help="Skip NIfTI slices whose pixels are all equal.")
+    add_slice_arguments(parser, unset="Default: a --config's value, else axis 2, every slice, empty slices skipped.")
     parser.add_argument("--resume_from_checkpoint", type=str, default=None,
                         help="Continue an interrupted run's pretraining: 'latest' (its last checkpoint, saved every "
                              f"{RUN_CHECKPOINTING_STEPS} steps, by Ctrl-C and at a time-budget stop) or a "

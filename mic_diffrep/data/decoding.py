@@ -29,12 +29,11 @@ from typing import Dict, List, Optional, Sequence, Union
 
 import PIL.Image
 import torch
-from datasets import Image
 from safetensors import safe_open
 from safetensors.torch import save_file
 from tqdm.auto import tqdm
 
-from ..models.mic_diffrep.preprocessing import ImagePreprocessing, record_source, slice_id
+from ..models.mic_diffrep.preprocessing import ImagePreprocessing, record_source, slice_id, undecoded_images
 from .medical import SliceSelection, is_medical_file
 
 
@@ -120,8 +119,7 @@ def _sources_of(images) -> (List[Union[str, bytes]], List[str], Optional[List[in
     if isinstance(images, (list, tuple)):
         sources = [os.fspath(p) if isinstance(p, os.PathLike) else p for p in images]
         return sources, [str(p) for p in sources], None, None
-    if getattr(images.features.get("image"), "decode", False):  # decoded PIL images: read their files instead
-        images = images.cast_column("image", Image(decode=False))
+    images = undecoded_images(images)
     column = images["image"]
     sources = [record_source(item) for item in column]
     paths = [item.get("path") or f"<bytes #{i}>" for i, item in enumerate(column)]

@@ -70,17 +70,10 @@ def _has_images(folder: str) -> bool:
     return False
 
 
-def _has_medical_files(folder: str) -> bool:
-    for root, _, files in os.walk(folder):
-        if any(is_medical_file(os.path.join(root, name)) for name in files):
-            return True
-    return False
-
-
-def _has_nested_images(root: str) -> bool:
-    """Whether an image sits two or more folders below `root` (`glioma/patient1/slice.jpg`): `imagefolder` would
-    label it by its own folder (`patient1`), not by its class folder."""
-    return any(os.path.relpath(path, root).count(os.sep) >= 2 for path in find_image_files(root))
+def _needs_scan(root: str, files: Sequence[str]) -> bool:
+    """Whether `imagefolder` would misread the images `files` of `root`: it ignores DICOM / NIfTI files, and labels
+    an image two or more folders below `root` (`glioma/patient1/slice.jpg`) by its own folder (`patient1`)."""
+    return any(is_medical_file(path) or os.path.relpath(path, root).count(os.sep) >= 2 for path in files)
 
 
 def find_image_files(folder: str) -> List[str]:
@@ -121,13 +114,16 @@ def load_image_folder(data_dir: str):
             raise ValueError(f"Split folder(s) {empty} in {data_dir!r} contain no images.")
         _check_class_folders(data_dir, split_folders)
         roots = {split: os.path.join(data_dir, folder) for split, folder in split_folders.items()}
-        if _has_medical_files(data_dir) or any(_has_nested_images(root) for root in roots.values()):
-            return _scan_image_folder(roots)
+        files = {split: find_image_files(root) for split, root in roots.items()}  # one walk, used for both
+        if any(_needs_scan(roots[split], files[split]) for split in roots):
+            return _scan_image_folder(roots, files)
         data_files = {split: os.path.join(data_dir, folder, "**") for split, folder in split_folders.items()}
         dataset = load_dataset("imagefolder", data_files=data_files)
     else:
-        if _has_medical_files(data_dir) or _has_nested_images(data_dir):
-            return _scan_image_folder({"train": os.path.abspath(data_dir)})
+        root = os.path.abspath(data_dir)
+        files = find_image_files(root)
+        if _needs_scan(root, files):
+            return _scan_image_folder({"train": root}, {"train": files})
         # Explicit data files: given `data_dir`, imagefolder guesses splits from keywords in file names too, and a
         # file named `dupe_in_train.jpg` became the only image of the folder.
         dataset = load_dataset("imagefolder", data_files={"train": os.path.join(os.path.abspath(data_dir), "**")})
@@ -147,14 +143,14 @@ def _unwrap(data_dir: str) -> str:
     return data_dir
 
 
-def _scan_image_folder(split_roots: Dict[str, str]) -> DatasetDict:
-    """What `imagefolder` gives, built from a file scan (for folders with DICOM / NIfTI files, which it ignores).
+def _scan_image_folder(split_roots: Dict[str, str], files: Dict[str, List[str]]) -> DatasetDict:
+    """What `imagefolder` gives, built from the image `files` of each split root (for folders `imagefolder` would
+    misread: `_needs_scan`).
 
     A file's label is the class folder right under its split root. As with `imagefolder`, there is a `label`
     column only when every file sits in a class folder and there are at least two classes (names sorted, shared by
     all splits).
     """
-    files = {split: find_image_files(root) for split, root in split_roots.items()}
     parts = {split: [os.path.relpath(path, split_roots[split]).split(os.sep) for path in paths]
              for split, paths in files.items()}
     classes = {split: [p[0] if len(p) > 1 else None for p in split_parts] for split, split_parts in parts.items()}

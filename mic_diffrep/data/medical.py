@@ -175,13 +175,18 @@ class SliceSelection:
 
 # The command-line flags of a `SliceSelection`, one name everywhere: dataclass settings (`--slice_axis`,
 # `--slice_range START STOP`, `--keep_empty_slices`) and the plain argparse commands use these helps.
-SLICE_FLAG_HELP = {
+_SLICE_FLAG_WHAT = {
     "slice_axis": "DICOM / NIfTI: the RAS axis NIfTI volumes are cut along (0 sagittal, 1 coronal, 2 axial); every "
                   "slice (and every frame of a multi-frame DICOM) is one image.",
     "slice_range": "Two integers START STOP: keep slices START..STOP-1 of each NIfTI volume along --slice_axis "
-                   "(Python slicing: negative values count from the end). Default: every slice.",
+                   "(Python slicing: negative values count from the end).",
     "keep_empty_slices": "Keep NIfTI slices whose pixels are all equal (the empty slices around a skull-stripped "
-                         "brain); by default they are skipped.",
+                         "brain)",
+}
+SLICE_FLAG_HELP = {
+    "slice_axis": _SLICE_FLAG_WHAT["slice_axis"],
+    "slice_range": _SLICE_FLAG_WHAT["slice_range"] + " Default: every slice.",
+    "keep_empty_slices": _SLICE_FLAG_WHAT["keep_empty_slices"] + "; by default they are skipped.",
 }
 
 
@@ -192,24 +197,22 @@ def slice_selection(slice_axis: int = 2, slice_range: Optional[Sequence[int]] = 
                           skip_empty_slices=not keep_empty_slices)
 
 
-def add_slice_arguments(parser, model_defaults: bool = False) -> None:
+def add_slice_arguments(parser, unset: Optional[str] = None) -> None:
     """Adds `--slice_axis`, `--slice_range START STOP` and `--keep_empty_slices` to an `argparse` parser. With
-    `model_defaults` (commands that use a trained model) they default to `None`, the model's own settings, and
-    `--no_keep_empty_slices` turns off a model's `keep_empty_slices`."""
-    if not model_defaults:
+    `unset` (a sentence saying where an unset flag's value comes from: a trained model's settings, a `--config`),
+    the flags default to `None` and `--no_keep_empty_slices` turns the setting off."""
+    if unset is None:
         parser.add_argument("--slice_axis", type=int, default=2, choices=(0, 1, 2), help=SLICE_FLAG_HELP["slice_axis"])
         parser.add_argument("--slice_range", type=int, nargs=2, default=None, metavar=("START", "STOP"),
                             help=SLICE_FLAG_HELP["slice_range"])
         parser.add_argument("--keep_empty_slices", action="store_true", help=SLICE_FLAG_HELP["keep_empty_slices"])
         return
-    model = "the model's (the slices its probe was trained on, in its preprocessor_config.json)"
     parser.add_argument("--slice_axis", type=int, default=None, choices=(0, 1, 2),
-                        help=f"DICOM / NIfTI: the RAS axis NIfTI volumes are cut along (0 sagittal, 1 coronal, 2 "
-                             f"axial). Default: {model}; another axis than the model's drops its --slice_range.")
+                        help=f"{_SLICE_FLAG_WHAT['slice_axis']} {unset}")
     parser.add_argument("--slice_range", type=int, nargs=2, default=None, metavar=("START", "STOP"),
-                        help=f"Keep slices START..STOP-1 of each NIfTI volume (Python slicing). Default: {model}.")
+                        help=f"{_SLICE_FLAG_WHAT['slice_range']} {unset}")
     parser.add_argument("--keep_empty_slices", action="store_const", const=True, default=None,
-                        help=f"Keep NIfTI slices whose pixels are all equal. Default: {model}.")
+                        help=f"{_SLICE_FLAG_WHAT['keep_empty_slices']}. {unset}")
     parser.add_argument("--no_keep_empty_slices", dest="keep_empty_slices", action="store_const", const=False,
                         help="Skip NIfTI slices whose pixels are all equal.")
 

@@ -56,6 +56,10 @@ class FeatureExtractor(Protocol):
     def to(self, *args, **kwargs) -> "FeatureExtractor":
         """Moves or casts the model like `nn.Module.to` (`.to(torch.bfloat16)` extracts in bf16)."""
 
+    @property
+    def dtype(self) -> torch.dtype:
+        """The precision the model is in (what `to` last cast it to)."""
+
     def resolve(self, args: FeatureArguments) -> FeatureArguments:
         """`args` with the layers and timesteps this extractor will use filled in and checked."""
 
@@ -101,6 +105,10 @@ class DiffusionFeatureExtractor:
     def to(self, *args, **kwargs) -> "DiffusionFeatureExtractor":
         self.pipeline.to(*args, **kwargs)
         return self
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.pipeline.unet.dtype
 
     def resolve(self, args: FeatureArguments) -> FeatureArguments:
         args = replace(args, layers=list(args.layers or self.layer_names), timesteps=[int(t) for t in args.timesteps])

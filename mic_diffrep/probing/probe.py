@@ -28,7 +28,7 @@ from ..data import DecodedImages
 from ..features import (FeatureExtractor, StaleFeatureCacheError, extract_sharded, load_feature_extractor,
                         load_features, pixels_fingerprint, prepare_extractor, save_features)
 from ..reporting.hub import create_hub_repo, default_repo_id
-from ..utils import command_line, create_accelerator, environment_info, output_folder
+from ..utils import command_line, create_accelerator, environment_info, output_folder, precision_name
 from .arguments import ProbeArguments
 from .export import write_model_folder, write_results
 from .heads import ProbeConfig
@@ -64,13 +64,6 @@ def cached_features(extractor: FeatureExtractor, decoded: DecodedImages, args: P
     return features
 
 
-def _precision_of(extractor: FeatureExtractor) -> str:
-    """The `mixed_precision` setting of the precision an extractor's model is in ("bf16", "fp16" or "no")."""
-    model = getattr(getattr(extractor, "pipeline", None), "unet", None) or getattr(extractor, "model", None)
-    dtype = next(model.parameters()).dtype if model is not None else torch.float32
-    return {torch.bfloat16: "bf16", torch.float16: "fp16"}.get(dtype, "no")
-
-
 def run_probe(args: ProbeArguments, extractor: Optional[FeatureExtractor] = None) -> dict:
     """The SL sweep and MSFA of `args.pretrained` (or of `extractor`, which runs in its own precision unless
     `args.mixed_precision` says otherwise), written to `args.output_dir`; returns the results (also in
@@ -86,7 +79,7 @@ def _run_probe(args: ProbeArguments, extractor: Optional[FeatureExtractor]) -> d
                          random_flip=args.random_flip, seed=args.seed)
     accelerator = create_accelerator()
     if extractor is not None and args.mixed_precision is None:  # a given extractor runs in its own precision
-        args = replace(args, mixed_precision=_precision_of(extractor))
+        args = replace(args, mixed_precision=precision_name(extractor.dtype))
     extractor = extractor or load_feature_extractor(args.pretrained, args.resolution)
     if args.push_to_hub:  # checked before the work, not after it
         if not extractor.exportable:

@@ -24,7 +24,7 @@ from diffusers.optimization import get_scheduler
 from tqdm.auto import tqdm
 
 from ..data import DecodedImages, PretrainingDataset, decode_images, load_image_folder, seed_for, select_splits
-from ..utils import create_accelerator, progress_interval
+from ..utils import create_accelerator, is_first_local_process, progress_interval
 from .arguments import CommonPretrainingArguments
 from .checkpointing import resume_training_state, save_training_state
 
@@ -131,7 +131,7 @@ class _Interrupt:
 
     def _handle(self, signum, frame):
         self.requested = True
-        if os.environ.get("LOCAL_RANK", "0") in ("", "0", "-1"):  # once per machine, not once per process
+        if is_first_local_process():  # once per machine, not once per process
             logger.warning("Interrupted: saving a checkpoint after this step (press Ctrl-C again to abort).")
         signal.signal(signal.SIGINT, self.previous)
 

@@ -312,8 +312,9 @@ def pixels_to_model_input(pixels: torch.Tensor, rescale_factor: Optional[float] 
 
 def as_image_list(images, slices=None) -> list:
     """One image or a batch as a list of images; a 4-D tensor or array is a batch (`(N, C, H, W)` for tensors,
-    `(N, H, W, C)` for arrays), and so is a `datasets.Dataset` with an `image` column (decoded or not). A path to a DICOM or NIfTI file becomes its slices, one image each, in order
-    (`slices`: a `mic_diffrep.data.medical.SliceSelection`; `None`: every non-empty axial slice)."""
+    `(N, H, W, C)` for arrays), and so is a `datasets.Dataset` with an `image` column (decoded or not). A path to a
+    DICOM or NIfTI file becomes its slices, one image each, in order (`slices`: a
+    `mic_diffrep.data.medical.SliceSelection`; `None`: every non-empty axial slice)."""
     return image_list_with_ids(images, slices)[0]
 
 
@@ -325,6 +326,13 @@ def slice_id(path: str, slice_index: Optional[int]) -> str:
 def _is_file_record(image) -> bool:
     """A `datasets` image that is not decoded: `{"path": ..., "bytes": ...}` (as `load_image_folder` gives)."""
     return isinstance(image, dict) and set(image) <= {"path", "bytes"} and bool(image.get("path") or image.get("bytes"))
+
+
+def undecoded_images(dataset):
+    """`dataset` (a `datasets.Dataset` with an `image` column) reading its files rather than decoded copies, so ids,
+    DICOM / NIfTI files and 16-bit pixels stay intact: its `image` column cast to `Image(decode=False)` if need be."""
+    feature = dataset.features["image"]
+    return dataset.cast_column("image", type(feature)(decode=False)) if getattr(feature, "decode", False) else dataset
 
 
 def record_source(record: dict) -> Union[str, bytes]:
@@ -340,10 +348,7 @@ def image_list_with_ids(images, slices=None) -> Tuple[list, List[Optional[str]]]
     """`as_image_list`, and one id per image: for an image given as a file path, the path (`"<path>#slice=<k>"` for
     slice `k` of a multi-slice DICOM / NIfTI file, as `decode_images` names them); `None` for one given in memory."""
     if hasattr(images, "column_names") and "image" in images.column_names:  # a `datasets.Dataset`
-        feature = images.features["image"]
-        if getattr(feature, "decode", False):  # its files rather than decoded copies: ids, DICOM, 16-bit intact
-            images = images.cast_column("image", type(feature)(decode=False))
-        images = images["image"]
+        images = undecoded_images(images)["image"]
     if isinstance(images, (PIL.Image.Image, str, os.PathLike)) or is_medical_slice(images) or _is_file_record(
         images) or (isinstance(images, (np.ndarray, torch.Tensor)) and images.ndim <= 3):
         images = [images]
