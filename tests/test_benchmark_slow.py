@@ -58,7 +58,8 @@ def test_ablations_smoke(tmp_path, monkeypatch):
         result = json.load(f)
     stages = {row["stage"] for row in result["rows"]}
     assert {"1 learning rate", "2 one lever", "4 second round", "5 third round", "6 fourth round", "7 fifth round",
-            "8 sixth round", "9 seventh round", "10 eighth round", "11 read-out", "12 seed check"} <= stages
+            "8 sixth round", "9 seventh round", "10 eighth round", "11 ninth round", "12 read-out",
+            "13 seed check"} <= stages
     assert result["chosen"]["recipe"] in {row["recipe"] for row in result["rows"]}
     assert set(READOUTS) <= {row["readout"] for row in result["rows"]}  # the probe-flips row included
     for row in result["rows"]:

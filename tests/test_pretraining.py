@@ -300,3 +300,15 @@ def test_a_new_checkpoint_is_kept_beside_an_earlier_runs_higher_one(unlabelled_f
     main(tiny_args(unlabelled_folder, str(out), "--max_train_steps", "2", "--checkpointing_steps", "1",
                    "--checkpoints_total_limit", "1"))
     assert sorted(d for d in os.listdir(out) if d.startswith("checkpoint-")) == ["checkpoint-2"]
+
+
+def test_dropout_reaches_the_unet_and_is_recorded_in_the_recipe(unlabelled_folder, tmp_path):
+    assert create_unet(16, "tiny").config.dropout == 0.0
+    unet = create_unet(16, "tiny", dropout=0.1)
+    assert unet.config.dropout == 0.1 and unet.down_blocks[0].resnets[0].dropout.p == 0.1
+    with pytest.raises(ValueError, match="dropout.*\\[0, 1\\)"):
+        tiny_args(unlabelled_folder, str(tmp_path / "bad"), "--dropout", "1")
+    out = str(tmp_path / "out")
+    summary = main(tiny_args(unlabelled_folder, out, "--max_train_steps", "1", "--dropout", "0.1"))
+    assert summary["recipe"]["dropout"] == 0.1
+    assert UNet2DModel.from_pretrained(os.path.join(out, "unet")).config.dropout == 0.1

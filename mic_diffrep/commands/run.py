@@ -70,8 +70,8 @@ _SHARED_DATA_KEYS = ("skip_bad_images", "slice_axis", "slice_range", "keep_empty
 RUN_PRESETS = {
     "paper": {
         "resolution": 112, "model_config_name_or_path": "base", "pretrain_epochs": 200, "pretrain_batch_size": 32,
-        "learning_rate": 1e-4,
-        "lr_scheduler": "linear", "lr_warmup_steps": 0, "ddpm_beta_schedule": "linear", "max_train_timestep": None,
+        "learning_rate": 1e-4, "lr_scheduler": "linear", "lr_warmup_steps": 0, "dropout": 0.0,
+        "ddpm_beta_schedule": "linear", "max_train_timestep": None,
         "timestep_power": 1.0, "snr_gamma": None, "signal_weighting": False, "self_conditioning": False,
         "mirror_symmetric_kernels": False, "random_crop_scale": None, "intensity_jitter": False, "use_ema": False,
         "sample_scheduler": "ddpm",
@@ -261,7 +261,8 @@ def register(subparsers) -> None:
     recipe_help = {f.name: f.metadata["help"] for f in fields(PretrainingArguments) if f.name in RECIPE_KEYS}
     for name in RECIPE_KEYS:
         default = RUN_DEFAULTS[name]
-        kind = {"learning_rate": float, "timestep_power": float, "random_crop_scale": float, "lr_warmup_steps": int,
+        kind = {"learning_rate": float, "timestep_power": float, "random_crop_scale": float, "dropout": float,
+                "lr_warmup_steps": int,
                 "max_train_timestep": int, "lr_scheduler": str, "ddpm_beta_schedule": str,
                 "snr_gamma": float}.get(name)
         help_text = f"{recipe_help[name]} (default {default})"

@@ -81,7 +81,7 @@ def load_unet_config(model_config_name_or_path: Optional[str] = None) -> dict:
 
 
 def create_unet(resolution: int, model_config_name_or_path: Optional[str] = None,
-                self_conditioning: bool = False) -> UNet2DModel:
+                self_conditioning: bool = False, dropout: Optional[float] = None) -> UNet2DModel:
     """Builds a freshly initialised `UNet2DModel` for `resolution` x `resolution` grey images.
 
     Args:
@@ -91,6 +91,8 @@ def create_unet(resolution: int, model_config_name_or_path: Optional[str] = None
             pretrained pipeline folder's `unet/` works). Defaults to `DEFAULT_UNET` (`"small"`).
         self_conditioning (`bool`, defaults to `False`): twice the input channels, for the UNet's own clean-image
             estimate beside the noisy image (`--self_conditioning`).
+        dropout (`float`, *optional*): dropout probability in the UNet's ResNet blocks (`UNet2DModel`'s `dropout`),
+            replacing the config's (`--dropout`).
 
     Example:
 
@@ -105,6 +107,8 @@ def create_unet(resolution: int, model_config_name_or_path: Optional[str] = None
     config["sample_size"] = resolution
     if self_conditioning:
         config["in_channels"] = 2 * config["out_channels"]
+    if dropout is not None:
+        config["dropout"] = dropout
     unet = UNet2DModel(**config)
     check_resolution(resolution, multiple_of=downsampling_factor(unet))
     return unet
