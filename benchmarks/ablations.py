@@ -254,6 +254,11 @@ def reusable_rows(args) -> List[Dict]:
     return [row for row in previous["rows"] if row["readout"] not in args.remeasure]
 
 
+def row_key(row: Dict) -> Tuple:
+    """What identifies a measured row: its recipe (name and flags), read-out and pretraining seed."""
+    return row["recipe"], tuple(row["flags"]), row["readout"], row.get("seed", 0)
+
+
 def run_name(recipe: str) -> str:
     """The pretraining run (and calibration) name of an ablation recipe."""
     return "ablation-" + slug(recipe)
@@ -274,12 +279,12 @@ class Ablation:
         """Pretrains recipe `name` (or reuses its run), extracts its features with `readout` and probes both
         directions; `calibrated_as=(name, flags)`: the recipe of equal compute whose calibrated steps it trains;
         `calibrated_against=(name, flags)`: the recipe of a recorded calibration it is measured against."""
-        key = (name, recipe, readout, seed)
+        key = (name, tuple(recipe), readout, seed)
         for row in self.rows:  # measured earlier in this search (e.g. a seed the seed check needs again)
-            if (row["recipe"], row["flags"], row["readout"], row.get("seed", 0)) == key:
+            if row_key(row) == key:
                 return row
         for row in self.previous:
-            if (row["recipe"], row["flags"], row["readout"], row.get("seed", 0)) == key:
+            if row_key(row) == key:
                 logger.info("%s / %s / %s: validation %.4f (from the results file)", stage, name, readout,
                             row["validation_accuracy"])
                 self.rows.append(dict(row, stage=stage))
@@ -342,7 +347,12 @@ class Ablation:
         return merge_flags(PAPER_FLAGS, ["--model_config_name_or_path", self.args.unet], recipe)
 
     def save(self, chosen: Dict = None) -> Dict:
-        """Write the results file; called after every recipe so an interrupted search keeps what it measured."""
+        """Write the results file; called after every recipe so an interrupted search keeps what it measured, and the
+        reused rows it has not reached yet (the finished search writes only the rows it reached)."""
+        rows = self.rows
+        if chosen is None:
+            reached = {row_key(row) for row in self.rows}
+            rows = self.rows + [row for row in self.previous if row_key(row) not in reached]
         left_out = [lever for lever in LEVERS if lever not in self.args.levers]
         left_out += [lever for flag, levers, _ in ROUNDS.values() for lever in levers
                      if lever not in getattr(self.args, flag)]
@@ -350,7 +360,7 @@ class Ablation:
                   "environment": environment_info(), "resolution": self.args.resolution,
                   "proxy_minutes": self.args.proxy_minutes, "note": self.args.note, "levers_left_out": left_out,
                   "validation_images": {d: int(split["validation_mask"].sum()) for d, split in self.splits.items()},
-                  "rows": self.rows, "chosen": chosen}
+                  "rows": rows, "chosen": chosen}
         write_results(self.args.output, result, markdown(result))
         return result
 

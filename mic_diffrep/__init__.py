@@ -23,6 +23,7 @@ from .models.mic_diffrep import (MicDiffRepConfig, MicDiffRepForImageClassificat
 from .models.mic_diffrep.unet import create_scheduler, create_unet
 from .pipelines import (DiffusionFeaturePipeline, DiffusionFeaturesOutput, MedicalImageClassificationPipeline,
                         save_image_grid)
+from .pipelines.pipeline_medical_image_classification import NoDefaultModel
 
 
 AutoConfig.register(MicDiffRepConfig.model_type, MicDiffRepConfig, exist_ok=True)
@@ -37,6 +38,7 @@ MicDiffRepConfig.register_for_auto_class()
 # DICOM, NIfTI), where transformers' "image-classification" pipeline first makes them 8-bit RGB.
 PIPELINE_REGISTRY.register_pipeline("medical-image-classification", pipeline_class=MedicalImageClassificationPipeline,
                                     pt_model=AutoModelForImageClassification, type="image")
+PIPELINE_REGISTRY.supported_tasks["medical-image-classification"]["default"] = NoDefaultModel()
 MicDiffRepForImageClassification.register_for_auto_class("AutoModelForImageClassification")
 
 __all__ = [

@@ -26,6 +26,16 @@ from transformers.pipelines import ImageClassificationPipeline
 from mic_diffrep.models.mic_diffrep.preprocessing import image_list_with_ids
 
 
+class NoDefaultModel(dict):
+    """The registered task's `default`: transformers' `pipeline(task)` without `model=` looks a default model up in
+    it, and this task has none (nothing is downloaded), so the lookup says what to pass instead of `KeyError`."""
+
+    def __contains__(self, key) -> bool:
+        raise ValueError('pipeline("medical-image-classification") needs `model=`: a model folder written by '
+                         '`mic-diffrep probe` or `mic-diffrep run` (e.g. "runs/mic-diffrep/model"), or the Hub '
+                         "repository of one; the task has no default model.")
+
+
 class MedicalImageClassificationPipeline(ImageClassificationPipeline):
     """`ImageClassificationPipeline` that hands paths, PIL images, arrays and tensors to the image processor
     unconverted (an `http(s)://` URL is still fetched by transformers). A file of several slices (a multi-frame

@@ -162,6 +162,28 @@ def test_remeasured_readouts_are_dropped_from_the_reused_rows(tmp_path, monkeypa
         ablations.parse_args()
 
 
+def test_an_interrupted_search_keeps_the_reused_rows_it_has_not_reached(tmp_path, monkeypatch):
+    """A search reusing a results file rewrites it after every row: the rows it has not reached yet (later rounds,
+    read-outs) were dropped from the file when it was stopped."""
+    row = lambda recipe, readout="sweep 10-250": {"recipe": recipe, "flags": [f"--{recipe}"], "readout": readout,
+                                                  "seed": 0}
+    written = []
+    monkeypatch.setattr(ablations, "write_results", lambda output, result, markdown: written.append(result))
+    monkeypatch.setattr(ablations, "markdown", lambda result: "")
+    ablation = object.__new__(ablations.Ablation)
+    ablation.args = argparse.Namespace(levers=[], output=str(tmp_path / "ablations"), proxy_minutes=8.0, note="",
+                                       resolution=64, **{flag: [] for flag, _, _ in ablations.ROUNDS.values()})
+    ablation.splits = {}
+    ablation.previous = [row("start"), row("start", "flip average"), row("start + lever")]
+    ablation.rows = [dict(row("start"), stage="1 learning rate"), row("start + new")]
+    ablation.save()
+    assert [(r["recipe"], r["readout"]) for r in written[-1]["rows"]] == [
+        ("start", "sweep 10-250"), ("start + new", "sweep 10-250"), ("start", "flip average"),
+        ("start + lever", "sweep 10-250")]
+    ablation.save(chosen={"recipe": "start"})  # the finished search: the rows it reached
+    assert [r["recipe"] for r in written[-1]["rows"]] == ["start", "start + new"]
+
+
 def test_every_readout_but_the_pooling_ones_is_average_pooled():
     """The rows were measured with average pooling: a new package default must not change what they mean."""
     pooling = {name: args.pooling for name, args in ablations.READOUTS.items()}

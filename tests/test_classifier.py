@@ -223,3 +223,9 @@ def test_a_cast_to_bf16_and_back_keeps_the_exact_noise_schedule(model):
     torch.testing.assert_close(model.noise_schedule(), exact, rtol=0, atol=0)
     # Only the weights' bf16 rounding is left
     torch.testing.assert_close(model(pixel_values).logits, reference, rtol=0, atol=0.05)
+
+
+def test_the_medical_pipeline_without_a_model_says_what_to_pass():
+    # transformers looks up the task's default model: a KeyError 'default' before, as the task has none
+    with pytest.raises(ValueError, match="needs `model=`.*mic-diffrep probe"):
+        pipeline("medical-image-classification")
