@@ -2,10 +2,11 @@
 probabilities, and an occlusion saliency map.
 
 The page takes JPEG / PNG files, and DICOM (`.dcm`) and NIfTI (`.nii`, `.nii.gz`) files through
-`mic_diffrep.data.medical` (the middle slice, in the file's own display window when it has one). Saliency is occlusion:
-each patch of the model input is blacked out in turn and the drop of the top class's probability is recorded; the
-model's noise is fixed, so the map is deterministic. Gradio is imported only by [`build_demo`] and [`launch_demo`]
-(`pip install gradio`); [`read_upload`] and [`occlusion_saliency`] need only torch, numpy and PIL.
+`mic_diffrep.data.medical` (the middle of the slices the model reads, in the file's own display window when it has
+one). Saliency is occlusion: each patch of the model input is blacked out in turn and the drop of the top class's
+probability is recorded; the model's noise is fixed, so the map is deterministic. Gradio is imported only by
+[`build_demo`] and [`launch_demo`] (`pip install gradio`); [`read_upload`] and [`occlusion_saliency`] need only
+torch, numpy and PIL.
 
 Example:
 
@@ -30,8 +31,8 @@ import torch
 from transformers import AutoImageProcessor, AutoModelForImageClassification
 
 from .data import window_intensities
-from .data.medical import read_medical_slices
-from .inference import load_classifier
+from .data.medical import SliceSelection
+from .inference import load_classifier, model_slices
 from .models.mic_diffrep import MicDiffRepForImageClassification, MicDiffRepImageProcessor
 
 
@@ -51,24 +52,26 @@ class UploadError(ValueError):
     """An uploaded file that cannot be read as an image; the message is meant for the page."""
 
 
-def read_upload(path: Union[str, os.PathLike]) -> PIL.Image.Image:
+def read_upload(path: Union[str, os.PathLike], slices: Optional[SliceSelection] = None) -> PIL.Image.Image:
     """Reads an uploaded JPEG, PNG, DICOM or NIfTI file into a PIL image.
 
     JPEG / PNG files are opened with PIL as they are (the image processor makes them grey). For DICOM and NIfTI,
-    the middle slice of the file is windowed to 8 bits with the file's own display window (a percentile window
-    when it has none). Raises [`UploadError`] with a readable message for anything else.
+    the middle of the slices `slices` keeps (default: `SliceSelection()`, the non-empty axial slices; the demo
+    page passes the model's own, `mic_diffrep.inference.model_slices`) is windowed to 8 bits with the file's own
+    display window (a percentile window when it has none). Raises [`UploadError`] with a readable message for
+    anything else.
     """
     path = os.fspath(path)
     name = os.path.basename(path)
     lower = name.lower()
     if lower.endswith(MEDICAL_EXTENSIONS):
         try:
-            slices = read_medical_slices(path)
+            kept = (slices or SliceSelection()).read(path)
         except (ValueError, OSError) as error:  # MedicalImageError is a ValueError
             raise UploadError(str(error).replace(path, name)) from error  # no server paths on the page
-        if not slices:
-            raise UploadError(f"{name}: the file has no image slices.")
-        middle = slices[len(slices) // 2]
+        if not kept:
+            raise UploadError(f"{name}: the file has no image slices (among those the model reads).")
+        middle = kept[len(kept) // 2]
         return PIL.Image.fromarray(window_intensities(middle.pixels, window=middle.window))
     if not lower.endswith(IMAGE_EXTENSIONS):
         raise UploadError(f"{name}: unsupported file type; upload a JPEG, PNG, DICOM (.dcm) or NIfTI "
@@ -249,13 +252,15 @@ def build_demo(model: Union[str, os.PathLike, MicDiffRepForImageClassification],
     model, processor = load_demo_model(model, processor, local_files_only=local_files_only)
     labels = [model.config.id2label[i] for i in range(model.config.num_labels)]
     title = title or "MicDiffRep MRI slice classifier"
+    # a volume is read along the model's slice axis and range (those its probe was trained on)
+    slices = model_slices(processor) if isinstance(processor, MicDiffRepImageProcessor) else None
 
     def classify(path: Optional[str]):
         empty = (None, None, None)
         if not path:
             return *empty, "Upload a file first."
         try:
-            model_input, probabilities, overlay = explain(model, processor, read_upload(path), patch_size)
+            model_input, probabilities, overlay = explain(model, processor, read_upload(path, slices), patch_size)
         except UploadError as error:
             return *empty, f"**Could not read the upload.** {_escape_markdown(str(error))}"
         except Exception as error:  # shown as one line on the page; the traceback goes to the server log
@@ -268,9 +273,9 @@ def build_demo(model: Union[str, os.PathLike, MicDiffRepForImageClassification],
             f"regions whose occlusion lowers this probability the most.")
 
     with gr.Blocks(title=title) as demo:
-        gr.Markdown(f"# {title}\nUpload an MRI slice (JPEG, PNG, DICOM `.dcm` or NIfTI `.nii` / `.nii.gz`; the "
-                    f"middle slice of a volume). Classes: {', '.join(labels)}. A frozen diffusion UNet's features "
-                    f"with an MSFA head; a research demo, not a medical device.")
+        gr.Markdown(f"# {title}\nUpload an MRI slice (JPEG, PNG, DICOM `.dcm` or NIfTI `.nii` / `.nii.gz`; of a "
+                    f"volume, the middle of the slices the model reads). Classes: {', '.join(labels)}. A frozen "
+                    f"diffusion UNet's features with an MSFA head; a research demo, not a medical device.")
         with gr.Row():
             with gr.Column():
                 upload = gr.File(label="MRI slice", file_types=list(UPLOAD_EXTENSIONS), type="filepath",

@@ -11,18 +11,25 @@ model's probe was trained on (`model_slices`): each slice gets its own predictio
 the file holds several.
 """
 
+import json
+import logging
 import os
 from typing import Dict, List, Optional, Sequence, Union
 
 import torch
 from transformers import AutoConfig, AutoImageProcessor, AutoModelForImageClassification
 
-from .data import (SEARCHED_EXTENSIONS, SliceSelection, check_labelled, decode_images, find_image_files,
-                   load_image_folder, pixels_to_model_input, select_splits)
+from .data import (SEARCHED_EXTENSIONS, TEST_IMAGES_FILE, SliceSelection, check_labelled, decode_images,
+                   find_image_files, load_image_folder, pixels_to_model_input, read_image_list, relative_image_id,
+                   select_splits)
 from .data.medical import slice_selection
 from .models.mic_diffrep import MicDiffRepForImageClassification, MicDiffRepImageProcessor
+from .models.mic_diffrep.preprocessing import undecoded_images
 from .reporting.metrics import classification_report
 from .utils import precision_dtype
+
+
+logger = logging.getLogger(__name__)
 
 
 def load_classifier(model_dir: str, mixed_precision: Optional[str] = None):
@@ -115,21 +122,37 @@ def predict_files(model_dir: str, paths: Sequence[str], batch_size: int = 16, mi
 
 def evaluate_folder(model_dir: str, data_dir: str, splits: Optional[Sequence[str]] = None, batch_size: int = 16,
                     mixed_precision: Optional[str] = None, skip_bad_images: bool = False,
-                    slices: Optional[Union[SliceSelection, Dict]] = None) -> Dict:
+                    slices: Optional[Union[SliceSelection, Dict]] = None, image_list: Optional[str] = None) -> Dict:
     """Accuracy, macro F1, per-class recall and confusion matrix of a model folder on a labelled image folder.
 
     `splits` defaults to the `test` split when the folder has split folders with one, else every image. Each slice
     of a DICOM / NIfTI file (chosen by `slices`, default the model's: `model_slices`) counts as one example with its
-    file's label.
+    file's label. `image_list`: a file of image ids relative to `data_dir` (the `test_images.txt` a probe writes,
+    e.g. of the test split it carved from a folder without one): only those are scored, from every split unless
+    `splits` says otherwise.
     """
     _check_batch_size(batch_size)
     dataset_dict = load_image_folder(data_dir)  # a bad folder, split or label fails before the (slower) model load
-    splits = list(splits) if splits else (["test"] if "test" in dataset_dict else ["all"])
+    wanted = read_image_list(image_list) if image_list else None
+    splits = list(splits) if splits else (["test"] if "test" in dataset_dict and not wanted else ["all"])
     chosen, dataset = select_splits(dataset_dict, splits, "splits")
+    if wanted:
+        dataset = _listed_files(dataset, data_dir, wanted, image_list)
+    elif "test" not in dataset_dict:
+        _warn_if_probed_on(model_dir, data_dir)
     check_labelled(dataset, data_dir, "evaluation")
     model, processor = load_classifier(model_dir, mixed_precision)
     decoded = decode_images(dataset, processor.preprocessing, skip_bad_images=skip_bad_images,
                             slices=model_slices(processor, slices))
+    if wanted:
+        ids, wanted = [relative_image_id(path, data_dir) for path in decoded.paths], set(wanted)
+        skipped = {relative_image_id(item["path"], data_dir) for item in decoded.skipped}
+        missing = sorted(image_id for image_id in wanted - set(ids) if image_id.partition("#slice=")[0] not in skipped)
+        if missing:
+            raise ValueError(f"--image_list {image_list}: {len(missing)} listed slice(s) are not among the slices "
+                             f"read from their files (e.g. {missing[0]!r}); pass the slice flags the list was "
+                             f"made with.")
+        decoded = decoded.subset([i for i, image_id in enumerate(ids) if image_id in wanted])
     names = [model.config.id2label[i] for i in range(model.config.num_labels)]
     unknown = sorted(set(decoded.label_names) - set(names))
     if unknown:
@@ -138,5 +161,33 @@ def evaluate_folder(model_dir: str, data_dir: str, splits: Optional[Sequence[str
     probabilities = predict_probabilities(model, pixels_to_model_input(decoded.pixels), batch_size)
     report = classification_report(probabilities.argmax(dim=1).tolist(), references.tolist(), names)
     report.update({"model": model_dir, "data_dir": data_dir, "splits": ["all"] if splits == ["all"] else chosen,
-                   "skipped_images": decoded.skipped})
+                   "image_list": image_list, "skipped_images": decoded.skipped})
     return report
+
+
+def _listed_files(dataset, data_dir: str, wanted: Sequence[str], image_list: str):
+    """The rows of `dataset` whose file an image list names (relative to `data_dir`); every listed file must be
+    there."""
+    files = [relative_image_id(item["path"], data_dir) if item.get("path") else None
+             for item in undecoded_images(dataset)["image"]]
+    listed = {image_id.partition("#slice=")[0] for image_id in wanted}
+    missing = sorted(listed - set(files))
+    if missing:
+        raise ValueError(f"--image_list {image_list}: {len(missing)} listed file(s) are not in {data_dir} (e.g. "
+                         f"{missing[0]!r}); the list's paths are relative to the folder the probe read.")
+    return dataset.select([i for i, file in enumerate(files) if file in listed])
+
+
+def _warn_if_probed_on(model_dir: str, data_dir: str) -> None:
+    """Every image of a folder without a test split is scored: warn when the model's probe carved its test split from
+    this folder, so the score includes the images the head was trained on."""
+    results_file = os.path.join(model_dir, "results.json")
+    try:
+        with open(results_file, encoding="utf-8") as f:
+            probed_on = json.load(f).get("data_dir")
+    except (OSError, ValueError):
+        return
+    if probed_on and os.path.exists(probed_on) and os.path.samefile(probed_on, data_dir):
+        logger.warning("%s has no test split: scoring all of its images, including those %s was trained on. For the "
+                       "test split its probe carved, pass --image_list %s.", data_dir, model_dir,
+                       os.path.join(model_dir, TEST_IMAGES_FILE))

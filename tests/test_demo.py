@@ -2,6 +2,7 @@
 
 import glob
 import os
+import shutil
 import socket
 
 os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
@@ -12,6 +13,7 @@ import pytest
 import torch
 
 from mic_diffrep import MicDiffRepConfig, MicDiffRepForImageClassification, MicDiffRepImageProcessor
+from mic_diffrep.data import SliceSelection
 from mic_diffrep.demo import UploadError, build_demo, load_demo_model, occlusion_saliency, read_upload
 from mic_diffrep.models.mic_diffrep.unet import UNET_PRESETS
 
@@ -68,6 +70,27 @@ def test_read_upload_images_and_readable_errors(tmp_path, sample_slice):
     nifti.Nifti1Image(volume, np.eye(4)).to_filename(path)
     image = read_upload(path)  # the middle slice, windowed to 8 bits
     assert image.mode == "L" and image.size == (6, 5) and np.asarray(image).max() == 255
+
+
+def test_a_volume_is_read_along_the_models_slice_axis(classifier_folder, tmp_path, monkeypatch):
+    """The demo read the middle axial slice of every volume, whatever slices the model's probe was trained on."""
+    nifti = pytest.importorskip("nibabel")
+    volume = np.zeros((6, 5, 3), dtype=np.float32)
+    volume[1:5, 1:4, :] = 1
+    path = str(tmp_path / "volume.nii.gz")
+    nifti.Nifti1Image(volume, np.eye(4)).to_filename(path)
+    assert sorted(read_upload(path).size) == [5, 6]  # axial: 6 x 5
+    assert sorted(read_upload(path, SliceSelection(slice_axis=0)).size) == [3, 5]  # sagittal: 5 x 3
+    sagittal = tmp_path / "sagittal-model"
+    shutil.copytree(classifier_folder, sagittal)
+    MicDiffRepImageProcessor(resolution=RESOLUTION, slice_axis=0, slice_range=[1, 5]).save_pretrained(sagittal)
+    read = []
+    monkeypatch.setattr("mic_diffrep.demo.read_upload", lambda upload, slices=None: read.append(slices) or
+                        PIL.Image.new("L", (RESOLUTION, RESOLUTION)))
+    demo = build_demo(str(sagittal), patch_size=16)
+    classify = next(function.fn for function in demo.fns.values() if function.name == "classify")
+    assert classify(path)[-1].startswith("**Prediction: pituitary**")
+    assert read == [SliceSelection(slice_axis=0, slice_range=(1, 5))]
 
 
 def test_occlusion_saliency_shape_range_and_determinism(sample_slice):

@@ -53,6 +53,8 @@ def test_pooling_variants(pipe, images):
     torch.testing.assert_close(avgmax[:, :16], avg)
     # The average of the 2x2 grid cells is the global average.
     torch.testing.assert_close(grid.view(5, 16, 4).mean(-1), avg, atol=1e-5, rtol=1e-5)
+    with pytest.raises(ValueError, match="pooling_grid_size 64 is larger than a [0-9]+x[0-9]+ feature map"):
+        pipe.extract_features(images, pooling="grid", pooling_grid_size=64, **kwargs)  # was repeated positions
     one = pipe.extract_features(images, timesteps=10, layers=["mid_block"]).features  # one timestep as an int
     torch.testing.assert_close(one[("mid_block", 10)], avgmax)
 

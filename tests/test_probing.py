@@ -232,6 +232,36 @@ def test_without_a_test_folder_a_duplicate_aware_hold_out_is_carved(tmp_path):
     assert results["leakage"]["num_near"] == 0
 
 
+def test_the_carved_test_split_can_be_scored_again_from_its_image_list(tmp_path, caplog):
+    """A folder without a test split: the probe carves one, and `evaluate` scored every image of the folder (the
+    head's training images too); the model folder's test_images.txt names the carved split."""
+    from mic_diffrep.inference import evaluate_folder
+
+    flat = str(tmp_path / "flat")
+    write_class_folder(flat, per_class=12, seed=3)
+    torch.manual_seed(0)
+    DiffusionFeaturePipeline(create_unet(16, "tiny"), create_scheduler()).save_pretrained(tmp_path / "pipe")
+    out = str(tmp_path / "out")
+    results = main(parse(ProbeArguments, ["--pretrained", str(tmp_path / "pipe"), "--data_dir", flat,
+                                          "--output_dir", out, "--timesteps", "5", "--hidden_size", "8",
+                                          "--num_epochs", "2"]))
+    image_list = os.path.join(out, "test_images.txt")
+    with open(image_list) as f:
+        listed = [line.strip() for line in f if not line.startswith("#")]
+    assert len(listed) == results["num_test"] and all(not os.path.isabs(path) for path in listed)
+    report = evaluate_folder(out, flat, image_list=image_list)
+    assert report["num_examples"] == results["num_test"]
+    assert report["accuracy"] == pytest.approx(results["msfa"]["test"]["all"]["accuracy"])
+    assert report["confusion_matrix"] == results["msfa"]["test"]["all"]["confusion_matrix"]
+    with caplog.at_level("WARNING", logger="mic_diffrep.inference"):
+        assert evaluate_folder(out, flat)["num_examples"] == 48
+    assert "including those" in caplog.text and "--image_list" in caplog.text
+    with open(image_list, "a") as f:
+        f.write("glioma/not_there.png\n")
+    with pytest.raises(ValueError, match="1 listed file.*not_there.png"):
+        evaluate_folder(out, flat, image_list=image_list)
+
+
 def test_unlabelled_data_is_refused(tmp_path, unlabelled_folder):
     torch.manual_seed(0)
     DiffusionFeaturePipeline(create_unet(16, "tiny"), create_scheduler()).save_pretrained(tmp_path / "pipe")

@@ -51,12 +51,14 @@ def evaluate(namespace) -> dict:
     if namespace.output:
         prepare_output_file(namespace.output)
     report = evaluate_folder(namespace.model, namespace.data_dir, namespace.splits, namespace.batch_size,
-                             namespace.mixed_precision, namespace.skip_bad_images, _slices(namespace))
+                             namespace.mixed_precision, namespace.skip_bad_images, _slices(namespace),
+                             namespace.image_list)
     if namespace.json:
         print(json.dumps(_json_value(report), indent=2))
     else:
         recall = ", ".join(f"{name} {value:.3f}" for name, value in report["per_class_recall"].items())
-        print(f"{report['num_examples']} images ({', '.join(report['splits'])}) of {namespace.data_dir}: accuracy "
+        which = f"listed in {namespace.image_list}" if namespace.image_list else ", ".join(report["splits"])
+        print(f"{report['num_examples']} images ({which}) of {namespace.data_dir}: accuracy "
               f"{report['accuracy']:.3f}, macro F1 {report['macro_f1']:.3f}; recall: {recall}"
               + (f"; {len(report['skipped_images'])} unreadable images skipped" if report["skipped_images"] else ""))
     if namespace.output:
@@ -105,7 +107,11 @@ def register(subparsers) -> None:
     parser.add_argument("--data_dir", type=str, required=True, help="Labelled image folder.")
     parser.add_argument("--splits", type=str, nargs="+", default=None,
                         help="Splits to score (default: test if the folder has split folders with one, else all "
-                             "images).")
+                             "images; with --image_list, all).")
+    parser.add_argument("--image_list", type=str, default=None,
+                        help="Score only the images this file lists, one per line, relative to --data_dir: the "
+                             "test_images.txt a probe writes into its model folder (e.g. for the test split it "
+                             "carved from a folder without one).")
     parser.add_argument("--output", type=str, default=None, help="JSON file to write (a confusion-matrix PNG beside).")
     parser.add_argument("--json", action="store_true", help="Print the whole report as JSON.")
     parser.set_defaults(func=evaluate)

@@ -217,3 +217,39 @@ def select_splits(dataset_dict, splits: Optional[Sequence[str]] = None, purpose:
     if not chosen:
         raise ValueError(f"{purpose}: no split left to use; this dataset has {available}.")
     return chosen, concatenate_datasets([dataset_dict[s] for s in chosen])
+
+
+# The test images a probe scored, written beside its results: `mic-diffrep evaluate --image_list` scores them again.
+TEST_IMAGES_FILE = "test_images.txt"
+
+
+def relative_image_id(image_id: str, root: str) -> str:
+    """An image id (a file path, or `"<path>#slice=<k>"` for a slice of a DICOM / NIfTI file) relative to the folder
+    `root`, with `/` separators, as image lists hold them.
+
+    ```python
+    >>> relative_image_id("/data/brain/glioma/scan.nii.gz#slice=12", "/data/brain")
+    'glioma/scan.nii.gz#slice=12'
+    ```
+    """
+    path, marker, slice_index = image_id.partition("#slice=")
+    return os.path.relpath(path, root).replace(os.sep, "/") + marker + slice_index
+
+
+def write_image_list(path: str, image_ids: Sequence[str], root: str, comment: str) -> None:
+    """Writes image ids relative to `root`, one per line, after a `#` comment line."""
+    with open(path, "w", encoding="utf-8", newline="\n") as f:
+        f.write(f"# {comment}\n")
+        f.writelines(relative_image_id(image_id, root) + "\n" for image_id in image_ids)
+
+
+def read_image_list(path: str) -> List[str]:
+    """The image ids of an image list (`write_image_list`): one per line; blank lines and `#` comments skipped."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            ids = [line.strip() for line in f if line.strip() and not line.lstrip().startswith("#")]
+    except (OSError, UnicodeDecodeError) as error:
+        raise ValueError(f"--image_list {path} cannot be read: {error}") from None
+    if not ids:
+        raise ValueError(f"--image_list {path} lists no images.")
+    return ids

@@ -24,7 +24,7 @@ from typing import Dict, Optional, Tuple
 
 import torch
 
-from ..data import DecodedImages
+from ..data import TEST_IMAGES_FILE, DecodedImages, write_image_list
 from ..features import (FeatureExtractor, StaleFeatureCacheError, extract_sharded, load_feature_extractor,
                         load_features, pixels_fingerprint, prepare_extractor, save_features)
 from ..reporting.hub import create_hub_repo, default_repo_id
@@ -120,6 +120,11 @@ def _run_probe(args: ProbeArguments, extractor: Optional[FeatureExtractor]) -> d
     })
     if accelerator.is_main_process:
         write_results(args.output_dir, results, train.label_names)
+        scored = [path for path, leaked in zip(test.paths, splits.leaked.tolist())
+                  if not (leaked and args.exclude_leaked_test)]
+        write_image_list(os.path.join(args.output_dir, TEST_IMAGES_FILE), scored, args.test_data_dir or args.data_dir,
+                         f"The {len(scored)} test images of this probe, relative to the folder they came from: "
+                         f"mic-diffrep evaluate --model MODEL --data_dir FOLDER --image_list {TEST_IMAGES_FILE}")
         write_model_folder(extractor, probes["msfa"], results, train.label_names, args)
         msfa, sl = results["msfa"]["test"]["all"], results["sl_best"]["test"]["all"]
         where = results["sl_best"]["layer"] + (f", t={results['sl_best']['timestep']}"

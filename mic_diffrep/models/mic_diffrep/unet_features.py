@@ -77,6 +77,10 @@ def pool_features(hidden_states: torch.Tensor, pooling: str = "avg", grid_size: 
     if pooling == "avgmax":
         return torch.cat([hidden_states.mean(dim=(2, 3)), hidden_states.amax(dim=(2, 3))], dim=1)
     if pooling == "grid":
+        height, width = hidden_states.shape[-2:]
+        if grid_size > min(height, width):  # adaptive pooling would repeat positions, not pool regions
+            raise ValueError(f"pooling_grid_size {grid_size} is larger than a {height}x{width} feature map (the "
+                             f"UNet's deepest blocks at this resolution): use at most {min(height, width)}.")
         return F.adaptive_avg_pool2d(hidden_states, grid_size).flatten(1)
     raise ValueError(f"pooling must be one of {POOLING_CHOICES}, got {pooling!r}.")
 
