@@ -100,8 +100,9 @@ def image_files(paths: Sequence[str]) -> List[str]:
     return files
 
 
-def predict_files(model_dir: str, paths: Sequence[str], batch_size: int = 16, mixed_precision: Optional[str] = None,
-                  skip_bad_images: bool = False, slices: Optional[Union[SliceSelection, Dict]] = None) -> List[Dict]:
+def predict_files(model_dir: str, paths: Union[str, Sequence[str]], batch_size: int = 16,
+                  mixed_precision: Optional[str] = None, skip_bad_images: bool = False,
+                  slices: Optional[Union[SliceSelection, Dict]] = None) -> List[Dict]:
     """Class probabilities for image files and folders: one dict per image with its top `label` and all
     `probabilities`; unreadable files raise a `BadImageError` naming them, or are left out with `skip_bad_images`.
 
@@ -109,7 +110,7 @@ def predict_files(model_dir: str, paths: Sequence[str], batch_size: int = 16, mi
     `file` is `"<path>#slice=<k>"` for multi-slice files.
     """
     _check_batch_size(batch_size)
-    files = image_files(paths)
+    files = image_files([paths] if isinstance(paths, (str, os.PathLike)) else paths)
     model, processor = load_classifier(model_dir, mixed_precision)
     decoded = decode_images(files, processor.preprocessing, skip_bad_images=skip_bad_images,
                             show_progress=False, slices=model_slices(processor, slices))
@@ -120,8 +121,8 @@ def predict_files(model_dir: str, paths: Sequence[str], batch_size: int = 16, mi
             for path, p in zip(decoded.paths, probabilities)]
 
 
-def evaluate_folder(model_dir: str, data_dir: str, splits: Optional[Sequence[str]] = None, batch_size: int = 16,
-                    mixed_precision: Optional[str] = None, skip_bad_images: bool = False,
+def evaluate_folder(model_dir: str, data_dir: str, splits: Optional[Union[str, Sequence[str]]] = None,
+                    batch_size: int = 16, mixed_precision: Optional[str] = None, skip_bad_images: bool = False,
                     slices: Optional[Union[SliceSelection, Dict]] = None, image_list: Optional[str] = None) -> Dict:
     """Accuracy, macro F1, per-class recall and confusion matrix of a model folder on a labelled image folder.
 
@@ -134,6 +135,7 @@ def evaluate_folder(model_dir: str, data_dir: str, splits: Optional[Sequence[str
     _check_batch_size(batch_size)
     dataset_dict = load_image_folder(data_dir)  # a bad folder, split or label fails before the (slower) model load
     wanted = read_image_list(image_list) if image_list else None
+    splits = [splits] if isinstance(splits, str) else splits
     splits = list(splits) if splits else (["test"] if "test" in dataset_dict and not wanted else ["all"])
     chosen, dataset = select_splits(dataset_dict, splits, "splits")
     if wanted:

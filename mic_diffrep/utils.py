@@ -2,6 +2,7 @@
 
 import contextlib
 import dataclasses
+import json
 import logging
 import numbers
 import os
@@ -9,8 +10,9 @@ import platform
 import resource
 import shlex
 import sys
+import tempfile
 import typing
-from typing import Literal, Optional, Union
+from typing import Literal, Optional, Sequence, Union
 
 import accelerate
 import datasets
@@ -145,13 +147,65 @@ def _warn_unused_cores(num_processes: int) -> None:
             os.environ["OMP_NUM_THREADS"], per_process)
 
 
-@contextlib.contextmanager
-def output_folder(path: str):
-    """Creates `path` for a run's outputs; if the run fails before writing anything there, the empty folder it
-    created is removed again, so a failed run leaves nothing behind."""
-    created = not os.path.isdir(path)
-    os.makedirs(path, exist_ok=True)
+def check_writable(folder: str, flag: str, path: str) -> None:
+    """Fails with a `ValueError` naming `flag` when no file can be written into `folder` (before the work, not after
+    it)."""
     try:
+        with tempfile.NamedTemporaryFile(dir=folder, prefix=".write-check-"):
+            pass
+    except OSError as error:
+        raise ValueError(f"{flag} {path}: cannot write into {folder} ({error.strerror or error}).") from None
+
+
+def prepare_output_file(path: str, flag: str = "--output", extensions: Optional[Sequence[str]] = None) -> None:
+    """Checks an output file's path (not a folder, one of `extensions`, a folder that can be made and written) and
+    makes its folder before the work, so that a mistyped path costs nothing."""
+    if os.path.isdir(path):
+        raise ValueError(f"{flag} {path} is a folder; give a file name.")
+    if extensions and not path.lower().endswith(tuple(extensions)):
+        raise ValueError(f"{flag} {path}: give a file name ending in {', '.join(extensions)}.")
+    folder = os.path.dirname(os.path.abspath(path))
+    try:
+        os.makedirs(folder, exist_ok=True)
+    except OSError as error:
+        raise ValueError(f"{flag} {path}: cannot make its folder ({error.strerror or error}).") from None
+    check_writable(folder, flag, path)
+
+
+# What each kind of output folder must not already hold: a file of the other kind of model folder (a diffusers
+# pipeline's `model_index.json`; a transformers classifier's `config.json` with a `model_type`), which the run
+# would mix its own files into (and replace the model card of).
+_OTHER_KIND = {"pipeline": "a transformers classifier folder (config.json with a model_type)",
+               "model": "a diffusers pipeline folder (model_index.json)"}
+
+
+def _holds_other_kind(path: str, kind: str) -> bool:
+    if kind == "model":
+        return os.path.isfile(os.path.join(path, "model_index.json"))
+    try:
+        with open(os.path.join(path, "config.json"), encoding="utf-8") as f:
+            return "model_type" in json.load(f)
+    except (OSError, ValueError, TypeError):
+        return False
+
+
+@contextlib.contextmanager
+def output_folder(path: str, flag: str = "--output_dir", kind: Optional[str] = None):
+    """Creates `path` for a run's outputs, after checking it is a folder that can be written (and, with `kind`
+    `"pipeline"` or `"model"`, not a folder of the other kind of model); if the run fails before writing anything
+    there, the empty folder it created is removed again, so a failed run leaves nothing behind."""
+    if os.path.exists(path) and not os.path.isdir(path):
+        raise ValueError(f"{flag} {path} is a file; give a folder.")
+    if kind and os.path.isdir(path) and _holds_other_kind(path, kind):
+        raise ValueError(f"{flag} {path} holds {_OTHER_KIND[kind]}: give another folder (a {kind} folder would be "
+                         f"mixed into it).")
+    created = not os.path.isdir(path)
+    try:
+        os.makedirs(path, exist_ok=True)
+    except OSError as error:
+        raise ValueError(f"{flag} {path}: cannot make the folder ({error.strerror or error}).") from None
+    try:
+        check_writable(path, flag, path)
         yield path
     except BaseException:
         if created and os.path.isdir(path) and not os.listdir(path):

@@ -252,3 +252,22 @@ def test_run_switches_turn_off_and_an_interrupted_run_resumes(tmp_path, monkeypa
     assert error.value.code == 130 and "--resume_from_checkpoint latest" in capsys.readouterr().err
     assert seen[0].resume_from_checkpoint == "latest"
     assert (seen[0].checkpointing_steps, seen[0].checkpoints_total_limit) == (run_module.RUN_CHECKPOINTING_STEPS, 1)
+
+
+def test_run_checks_the_test_split_before_pretraining(kaggle_folder, tmp_path, capsys, monkeypatch):
+    """A test class without training images or an unreadable test image failed the probe, after pretraining."""
+    monkeypatch.setattr("mic_diffrep.commands.run.pretrain", lambda args: pytest.fail("pretrained before the check"))
+    data = tmp_path / "data"
+    shutil.copytree(kaggle_folder, data)
+    glioma = data / "Testing" / "glioma"
+    glioma.rename(data / "Testing" / "cats")
+    argv = ["run", "--data_dir", str(data), "--resolution", "16", "--output_dir", str(tmp_path / "out")]
+    with pytest.raises(SystemExit) as error:
+        main(argv)
+    assert error.value.code == 2 and "class(es) ['cats'] have no training images" in capsys.readouterr().err
+    (data / "Testing" / "cats").rename(glioma)
+    (glioma / "truncated.jpg").write_bytes(b"\xff\xd8\xff\xe0 not a whole JPEG")
+    with pytest.raises(SystemExit) as error:
+        main(argv)
+    assert error.value.code == 2 and "truncated.jpg" in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()

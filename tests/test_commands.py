@@ -225,3 +225,67 @@ def test_only_the_first_process_of_a_launch_logs_progress(monkeypatch):
     assert log_level() == logging.INFO
     monkeypatch.setenv("LOCAL_RANK", "1")  # torchrun's second process: warnings and errors only
     assert log_level() == logging.WARNING
+
+
+def test_output_paths_are_checked_before_the_work(model_dir, unlabelled_folder, tmp_path, capsys, monkeypatch):
+    """A file, a folder of the other kind of model, an unwritable folder or a file name PIL cannot write failed after
+    the work (a traceback), or mixed a pipeline into a classifier folder (its model card replaced)."""
+    from mic_diffrep import DiffusionFeaturePipeline, create_scheduler, create_unet
+
+    pipe = str(tmp_path / "pipe")
+    DiffusionFeaturePipeline(create_unet(16, "tiny"), create_scheduler()).save_pretrained(pipe)
+    labelled = write_class_folder(tmp_path / "labelled", per_class=2, seed=1, size=20, classes=("a", "b", "c"))
+    a_file = tmp_path / "a_file"
+    a_file.write_text("")
+    card = (tmp_path / "model" / "config.json").read_text()
+
+    def fails(argv, named):
+        with pytest.raises(SystemExit) as error:
+            cli(argv)
+        message = capsys.readouterr().err.strip().splitlines()[-1]
+        assert error.value.code == 2 and named in message, message
+
+    pretrain_flags = ["pretrain", "--train_data_dir", unlabelled_folder, "--resolution", "16",
+                      "--model_config_name_or_path", "tiny", "--max_train_steps", "1", "--logger", "none"]
+    fails(pretrain_flags + ["--output_dir", str(a_file)], f"--output_dir {a_file} is a file; give a folder")
+    fails(pretrain_flags + ["--output_dir", model_dir], "holds a transformers classifier folder")
+    assert (tmp_path / "model" / "config.json").read_text() == card and os.listdir(model_dir) == os.listdir(
+        tmp_path / "model")
+    fails(["probe", "--pretrained", pipe, "--data_dir", labelled, "--output_dir", pipe, "--timesteps", "5"],
+          "holds a diffusers pipeline folder (model_index.json)")
+    fails(["generate", "--pretrained", pipe, "--output", str(tmp_path / "samples.txt")],
+          "give a file name ending in .png")
+    fails(["extract", "--pretrained", pipe, "--data_dir", labelled, "--output", str(tmp_path)], "is a folder")
+    fails(["extract", "--pretrained", pipe, "--data_dir", labelled, "--output", str(tmp_path / "features.csv")],
+          "ending in .safetensors")
+
+    def read_only(*args, **kwargs):
+        raise PermissionError(13, "Permission denied")
+
+    monkeypatch.setattr("mic_diffrep.utils.tempfile.NamedTemporaryFile", read_only)
+    fails(pretrain_flags + ["--output_dir", str(tmp_path / "new")], "cannot write into")
+    assert not (tmp_path / "new").exists()
+    fails(["evaluate", "--model", model_dir, "--data_dir", labelled, "--output", str(tmp_path / "r.json")],
+          "cannot write into")
+
+
+def test_python_entry_points_take_one_path_or_split_as_a_string(model_dir, tmp_path, unlabelled_folder):
+    """A string was taken as a list of one-character paths ("Image file or folder not found: t") or splits."""
+    from mic_diffrep.inference import evaluate_folder, predict_files
+
+    folder = write_class_folder(tmp_path / "labelled", per_class=2, seed=1, size=20, classes=("a", "b", "c"))
+    one = os.path.join(folder, "a", sorted(os.listdir(os.path.join(folder, "a")))[0])
+    assert len(predict_files(model_dir, one)) == 1
+    assert evaluate_folder(model_dir, folder, splits="all")["num_examples"] == 6
+    # A classifier folder where a UNet config is expected: a TypeError from UNet2DModel before
+    with pytest.raises(ValueError, match="is the config of a 'mic_diffrep' model, not of a UNet2DModel"):
+        PretrainingArguments(train_data_dir=unlabelled_folder, model_config_name_or_path=model_dir)
+
+
+def test_ctrl_c_outside_training_is_one_line_and_exit_code_130(capsys):
+    def probe():  # Ctrl-C while features are extracted: a KeyboardInterrupt traceback before
+        raise KeyboardInterrupt
+
+    with pytest.raises(SystemExit) as error:
+        run_guarded("mic-diffrep probe", probe)
+    assert error.value.code == 130 and capsys.readouterr().err == "mic-diffrep probe: interrupted\n"

@@ -49,7 +49,7 @@ def test_pretrain_splits_never_take_test_unless_asked(kaggle_folder):
         select_splits(dataset, ["validation"])
 
 
-def test_decode_cache_round_trip(kaggle_folder, tmp_path):
+def test_decode_cache_round_trip(kaggle_folder, tmp_path, caplog):
     dataset = load_image_folder(kaggle_folder)["train"]
     first = decode_images(dataset, 16, cache_dir=str(tmp_path / "cache"))
     assert len(os.listdir(tmp_path / "cache")) == 1
@@ -58,6 +58,17 @@ def test_decode_cache_round_trip(kaggle_folder, tmp_path):
     assert first.paths == second.paths and first.label_names == second.label_names
     other = decode_images(dataset, 8, cache_dir=str(tmp_path / "cache"))
     assert other.pixels.shape[-1] == 8  # other settings: another cache entry, not the stale one
+    # A damaged cache file (a run killed while the disk was full, a truncated copy) failed every later run with a
+    # SafetensorError: it is decoded again and rewritten
+    for cache_file in (tmp_path / "cache").iterdir():
+        cache_file.write_bytes(cache_file.read_bytes()[:100])
+    with caplog.at_level("WARNING", logger="mic_diffrep.data.decoding"):
+        again = decode_images(dataset, 16, cache_dir=str(tmp_path / "cache"))
+    assert torch.equal(first.pixels, again.pixels) and "cannot be read" in caplog.text
+    caplog.clear()
+    with caplog.at_level("INFO", logger="mic_diffrep.data.decoding"):
+        assert torch.equal(decode_images(dataset, 16, cache_dir=str(tmp_path / "cache")).pixels, first.pixels)
+    assert "Loaded" in caplog.text  # rewritten
 
 
 def test_mirrored_images_keep_their_ids_and_labels(kaggle_folder):

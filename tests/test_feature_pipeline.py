@@ -236,6 +236,10 @@ def test_feature_cache_round_trip_and_stale_detection(pipe, images, tmp_path):
     assert model_fingerprint(other.unet) != model_fingerprint(pipe.unet)
     with pytest.raises(StaleFeatureCacheError, match="model_fingerprint"):
         load_features(path, expected_settings=extraction_settings(other, [5, 50], None))
+    with open(path, "r+b") as f:  # truncated: a stale cache (the probe recomputes it), not a SafetensorError
+        f.truncate(200)
+    with pytest.raises(StaleFeatureCacheError, match="cannot be read, it is damaged"):
+        load_features(path, expected_settings=settings)
 
 
 def test_save_features_refuses_what_it_could_not_read_back(tmp_path):

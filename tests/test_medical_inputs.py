@@ -366,6 +366,9 @@ def test_slice_flags_on_every_settings_class():
             parse(cls, [*required, "--slice_range", "2"])
         with pytest.raises(ValueError, match="slice_axis"):
             parse(cls, [*required, "--slice_axis", "5"])
+        with pytest.raises(ValueError, match="`slice_range` 5 2 keeps no slice"):  # was blamed on each file
+            parse(cls, [*required, "--slice_range", "5", "2"])
+    assert SliceSelection(slice_range=(-2, 5)).slice_range == (-2, 5)  # depends on the volume: allowed
 
 
 def test_carved_splits_keep_the_slices_of_a_file_together():

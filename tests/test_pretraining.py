@@ -1,5 +1,6 @@
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -312,3 +313,39 @@ def test_dropout_reaches_the_unet_and_is_recorded_in_the_recipe(unlabelled_folde
     summary = main(tiny_args(unlabelled_folder, out, "--max_train_steps", "1", "--dropout", "0.1"))
     assert summary["recipe"]["dropout"] == 0.1
     assert UNet2DModel.from_pretrained(os.path.join(out, "unet")).config.dropout == 0.1
+
+
+def test_resuming_with_changed_settings_or_a_damaged_checkpoint_fails_before_the_work(unlabelled_folder, tmp_path,
+                                                                                         monkeypatch):
+    """Resumed with another resolution, batch size, seed or learning rate, a run went on from the checkpoint and its
+    summary recorded only the new settings; a damaged checkpoint failed with a bare EOFError or SafetensorError."""
+    out = str(tmp_path / "out")
+    main(tiny_args(unlabelled_folder, out, "--max_train_steps", "2", "--checkpointing_steps", "2"))
+    with open(os.path.join(out, "checkpoint-2", "training_state.json")) as f:
+        assert json.load(f)["settings"]["resolution"] == 16
+
+    def decode(*args, **kwargs):
+        raise AssertionError("the images were decoded before the checkpoint was checked")
+
+    with monkeypatch.context() as patch:
+        patch.setattr("mic_diffrep.training.diffusion.load_training_images", decode)
+        for changed, named in [(["--resolution", "32"], "resolution 16 (this run: 32)"),
+                               (["--seed", "3"], "seed 0 (this run: 3)"),
+                               (["--learning_rate", "0.1"], "learning_rate 0.001 (this run: 0.1)")]:
+            with pytest.raises(ValueError, match=re.escape(named)):
+                main(tiny_args(unlabelled_folder, out, "--max_train_steps", "4", "--resume_from_checkpoint", "latest",
+                               *changed))
+    # What a resumed run may change: its length, checkpointing, sampling
+    resumed = main(tiny_args(unlabelled_folder, out, "--max_train_steps", "3", "--checkpointing_steps", "3",
+                             "--eval_batch_size", "1", "--resume_from_checkpoint", "latest"))
+    assert resumed["global_step"] == 3
+    optimizer = os.path.join(out, "checkpoint-3", "optimizer.bin")
+    open(optimizer, "w").close()  # truncated
+    with pytest.raises(ValueError, match="checkpoint-3.*cannot be loaded.*damaged"):
+        main(tiny_args(unlabelled_folder, out, "--max_train_steps", "4", "--resume_from_checkpoint", "latest"))
+    with open(os.path.join(out, "checkpoint-3", "training_state.json"), "w") as f:
+        f.write("{")
+    with pytest.raises(ValueError, match="training_state.json cannot be read"):
+        tiny_args(unlabelled_folder, out, "--resume_from_checkpoint", "latest")
+    with pytest.raises(FileNotFoundError, match="has no training_state.json"):
+        tiny_args(unlabelled_folder, out, "--resume_from_checkpoint", str(tmp_path))

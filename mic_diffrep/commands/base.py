@@ -3,7 +3,6 @@
 import argparse
 import dataclasses
 import logging
-import os
 import sys
 from typing import Callable, Optional, Sequence, Type, TypeVar
 
@@ -18,16 +17,6 @@ T = TypeVar("T")
 
 # Errors that mean "bad input": one line naming the file or setting, exit code 2 (as argparse does for bad flags).
 USER_ERRORS = (ValueError, FileNotFoundError, FloatingPointError, BadImageError, NotADirectoryError)
-
-
-def prepare_output_file(path: str, flag: str = "--output") -> None:
-    """Checks an output file's path and makes its folder before the work, so that a mistyped path costs nothing."""
-    if os.path.isdir(path):
-        raise ValueError(f"{flag} {path} is a folder; give a file name.")
-    try:
-        os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    except OSError as error:
-        raise ValueError(f"{flag} {path}: cannot make its folder ({error.strerror or error}).") from None
 
 
 def settings_from(cls: Type[T], namespace: argparse.Namespace) -> T:
@@ -47,7 +36,8 @@ def configure_logging() -> None:
 
 def run_guarded(prog: str, function: Callable, *args):
     """Runs `function(*args)`; bad input ends the program with one line, `PROG: error: MESSAGE`, and exit code 2; a
-    training run stopped by Ctrl-C (its summary's `stop_reason` is `"interrupted"`) with exit code 130.
+    training run stopped by Ctrl-C (its summary's `stop_reason` is `"interrupted"`), or any other work, with exit
+    code 130 and one line (no traceback).
 
     A process group the run started (`torchrun`, `accelerate launch`) is destroyed before the program exits: left to
     interpreter shutdown, gloo's threads are torn down unjoined and a rank can abort ("terminate called without an
@@ -64,6 +54,9 @@ def run_guarded(prog: str, function: Callable, *args):
     except USER_ERRORS as error:
         print(f"{prog}: error: {error}", file=sys.stderr)
         sys.exit(2)
+    except KeyboardInterrupt:  # Ctrl-C outside a training loop (which saves a checkpoint and returns instead)
+        print(f"{prog}: interrupted", file=sys.stderr)
+        sys.exit(130)
     finally:
         if torch.distributed.is_available() and torch.distributed.is_initialized():
             torch.distributed.destroy_process_group()

@@ -6,7 +6,7 @@ from typing import Union
 from ..data import DecodedImages, ImagePreprocessing, decode_images, load_image_folder, select_splits
 from ..data.medical import add_slice_arguments, slice_selection
 from ..leakage import DEFAULT_THRESHOLD, DuplicateGroupsReport, LeakageReport, check_leakage, within_duplicates
-from .base import prepare_output_file
+from ..utils import prepare_output_file
 
 
 def _decode_folder(folder: str, namespace) -> DecodedImages:

@@ -13,8 +13,11 @@ from ..features import load_pipeline
 from ..inference import evaluate_folder, predict_files
 from ..pipelines import save_image_grid
 from ..reporting.plotting import plot_confusion_matrix
-from ..utils import MIXED_PRECISION_CHOICES, precision_dtype
-from .base import prepare_output_file
+from ..utils import MIXED_PRECISION_CHOICES, precision_dtype, prepare_output_file
+
+
+# Sample grids are written by PIL: a file name it can save (it fails on another only after sampling).
+IMAGE_FILE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp", ".webp")
 
 
 def _add_model_args(parser) -> None:
@@ -88,7 +91,7 @@ def generate(namespace) -> None:
         raise ValueError(f"--num_images must be at least 1, got {namespace.num_images}.")
     if namespace.num_inference_steps is not None and namespace.num_inference_steps < 1:
         raise ValueError(f"--num_inference_steps must be at least 1, got {namespace.num_inference_steps}.")
-    prepare_output_file(namespace.output)
+    prepare_output_file(namespace.output, extensions=IMAGE_FILE_EXTENSIONS)
     pipe = load_pipeline(namespace.pretrained)
     pipe.to(precision_dtype(namespace.mixed_precision))
     if namespace.scheduler == "ddim":

@@ -13,12 +13,12 @@ from typing import Literal, Optional
 
 import yaml
 
-from ..data import check_labelled, load_image_folder, select_splits
+from ..data import check_labelled, decode_images, load_image_folder, select_splits
 from ..data.medical import add_slice_arguments
 from ..features import FeatureArguments
 from ..models.mic_diffrep.unet import UNET_PRESETS
 from ..probing import ProbeArguments, run_probe
-from ..probing.splits import check_carvable
+from ..probing.splits import check_carvable, check_test_classes
 from ..reporting.results import run_report_markdown
 from ..training import RECIPE_KEYS, PretrainingArguments, default_recipe, pretrain
 from ..utils import MIXED_PRECISION_CHOICES, check_value, command_line
@@ -147,8 +147,9 @@ def check_config(config: dict, source: Optional[str] = None) -> None:
 
 
 def check_run(config: dict, pretraining_args: PretrainingArguments, probe_args: ProbeArguments) -> None:
-    """What would otherwise fail only after pretraining: the probe's timesteps, the data's labels, and whether the
-    validation part (and a test split, when the data has none) can be carved from it."""
+    """What would otherwise fail only after pretraining: the probe's timesteps, the data's labels, whether the
+    validation part (and a test split, when the data has none) can be carved from it, and a test split's classes and
+    images (decoded into the probe's cache)."""
     bad = [t for t in probe_args.timesteps if not 0 <= t < pretraining_args.ddpm_num_steps]
     if bad:
         raise ValueError(f"`timesteps` {bad}: read-out timesteps must be in [0, {pretraining_args.ddpm_num_steps}).")
@@ -160,7 +161,14 @@ def check_run(config: dict, pretraining_args: PretrainingArguments, probe_args: 
     # files or patients for either fail here, not after pretraining.
     if "test" not in splits:
         check_carvable(select_splits(splits, ["all"])[1], probe_args.test_split, probe_args.seed)
-    check_carvable(select_splits(splits, None)[1], probe_args.validation_split, probe_args.seed, "--validation_split")
+    training = select_splits(splits, None)[1]
+    check_carvable(training, probe_args.validation_split, probe_args.seed, "--validation_split")
+    if "test" in splits:
+        names = splits["test"].features["label"].names
+        check_test_classes({names[i] for i in set(training["label"])}, {names[i] for i in set(splits["test"]["label"])})
+        if not probe_args.skip_bad_images:  # pretraining reads the training images first; the test ones only the probe
+            decode_images(splits["test"], pretraining_args.preprocessing, slices=probe_args.slices,
+                          cache_dir=os.path.join(probe_args.output_dir, ".cache"))
 
 
 def run_config(namespace) -> dict:
@@ -280,7 +288,9 @@ def register(subparsers) -> None:
     parser.add_argument("--timesteps", type=int, nargs="+", default=None,
                         help="Timesteps of the probe sweep (default "
                              f"{' '.join(map(str, RUN_DEFAULTS['timesteps']))}).")
-    parser.add_argument("--pooling", type=str, default=None, choices=["avg", "avgmax", "grid"], help="Feature pooling.")
+    parser.add_argument("--pooling", type=str, default=None, choices=["avg", "avgmax", "grid"],
+                        help=f"How block activations are pooled into vectors: average, average and max concatenated, "
+                             f"or average over a 2x2 grid of regions (default {RUN_DEFAULTS['pooling']}; paper: avg).")
     parser.add_argument("--num_noise_samples", type=int, default=None,
                         help=f"Noise draws averaged per image (default {RUN_DEFAULTS['num_noise_samples']}).")
     parser.add_argument("--flip_average", action="store_const", const=True, default=None,

@@ -29,7 +29,7 @@ from typing import Dict, List, Optional, Sequence, Union
 
 import PIL.Image
 import torch
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 from tqdm.auto import tqdm
 
@@ -183,8 +183,8 @@ def decode_images(
     cache_file = None
     if cache_dir is not None:
         cache_file = os.path.join(cache_dir, f"decoded-{_cache_key(paths, preprocessing, slices)}.safetensors")
-        if os.path.isfile(cache_file):
-            decoded = _load_decoded(cache_file)
+        decoded = _load_decoded(cache_file) if os.path.isfile(cache_file) else None
+        if decoded is not None:
             if decoded.skipped and not skip_bad_images:
                 bad = decoded.skipped[0]
                 raise BadImageError(_bad_image_message(bad["path"], bad["error"]))
@@ -253,16 +253,23 @@ def _save_decoded(decoded: DecodedImages, cache_file: str) -> None:
     os.replace(tmp, cache_file)
 
 
-def _load_decoded(cache_file: str) -> DecodedImages:
-    with safe_open(cache_file, framework="pt") as f:
-        metadata = f.metadata()
-        keys = set(f.keys())
-        pixels = f.get_tensor("pixels")
-        labels = f.get_tensor("labels") if "labels" in keys else None
-    return DecodedImages(
-        pixels=pixels,
-        paths=json.loads(metadata["paths"]),
-        labels=labels,
-        label_names=json.loads(metadata["label_names"]),
-        skipped=json.loads(metadata["skipped"]),
-    )
+def _load_decoded(cache_file: str) -> Optional[DecodedImages]:
+    """The decoded images of a cache file, or `None` (with a warning) when it cannot be read: they are decoded again
+    and the file rewritten."""
+    try:
+        with safe_open(cache_file, framework="pt") as f:
+            metadata = f.metadata()
+            keys = set(f.keys())
+            pixels = f.get_tensor("pixels")
+            labels = f.get_tensor("labels") if "labels" in keys else None
+        return DecodedImages(
+            pixels=pixels,
+            paths=json.loads(metadata["paths"]),
+            labels=labels,
+            label_names=json.loads(metadata["label_names"]),
+            skipped=json.loads(metadata["skipped"]),
+        )
+    except (SafetensorError, OSError, ValueError, KeyError, TypeError) as error:  # truncated, overwritten
+        logger.warning("Decoded-image cache %s cannot be read (%s: %s): decoding the images again.", cache_file,
+                       type(error).__name__, error)
+        return None

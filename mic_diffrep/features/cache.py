@@ -21,7 +21,7 @@ from dataclasses import asdict, dataclass, is_dataclass
 from typing import Dict, List, Optional, Sequence, Tuple
 
 import torch
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
 from ..models.mic_diffrep.unet_features import concatenate_features
@@ -128,15 +128,22 @@ def load_features(path: str, expected_settings: Optional[dict] = None,
     cache of more layers or timesteps than `expected_settings` names returns those it names."""
     if not os.path.isfile(path):
         raise FileNotFoundError(f"Feature cache {path!r} does not exist.")
-    with safe_open(path, framework="pt") as f:
-        metadata = f.metadata() or {}
-        if "settings" not in metadata:
-            raise StaleFeatureCacheError(f"{path} is not a mic-diffrep feature cache (no settings in its metadata).")
-        settings = json.loads(metadata["settings"])
-        layers, timesteps = json.loads(metadata["layers"]), json.loads(metadata["timesteps"])
-        features = {(layer, t): f.get_tensor(_key(layer, t)) for t in timesteps for layer in layers}
-        labels = f.get_tensor("labels") if "labels" in f.keys() else None
-    image_ids = json.loads(metadata["image_ids"])
+    try:
+        with safe_open(path, framework="pt") as f:
+            metadata = f.metadata() or {}
+            if "settings" not in metadata:
+                raise StaleFeatureCacheError(f"{path} is not a mic-diffrep feature cache (no settings in its "
+                                             f"metadata).")
+            settings = json.loads(metadata["settings"])
+            layers, timesteps = json.loads(metadata["layers"]), json.loads(metadata["timesteps"])
+            features = {(layer, t): f.get_tensor(_key(layer, t)) for t in timesteps for layer in layers}
+            labels = f.get_tensor("labels") if "labels" in f.keys() else None
+        image_ids = json.loads(metadata["image_ids"])
+    except StaleFeatureCacheError:
+        raise
+    except (SafetensorError, OSError, ValueError, KeyError, TypeError) as error:  # truncated, overwritten
+        raise StaleFeatureCacheError(f"Feature cache {path} cannot be read, it is damaged ({type(error).__name__}: "
+                                     f"{error}).") from None
     if expected_settings is not None:
         expected = json.loads(json.dumps(expected_settings, sort_keys=True))
         differences = {k: (settings.get(k), v) for k, v in expected.items()

@@ -20,7 +20,7 @@ from typing import Dict, Tuple
 import torch
 
 from ..data import decode_images, load_image_folder, select_splits
-from ..utils import create_accelerator, precision_dtype
+from ..utils import create_accelerator, precision_dtype, prepare_output_file
 from .arguments import ExtractionArguments
 from .cache import save_features
 from .extractors import FeatureExtractor, load_feature_extractor
@@ -67,6 +67,7 @@ def prepare_extractor(extractor: FeatureExtractor, args, accelerator) -> Feature
 
 def extract_folder(args: ExtractionArguments) -> Dict[Tuple[str, int], torch.Tensor]:
     """Features of the images of `args.data_dir` into the feature cache `args.output`; returns them."""
+    prepare_output_file(args.output, extensions=(".safetensors",))
     accelerator = create_accelerator()
     extractor = prepare_extractor(load_feature_extractor(args.pretrained), args, accelerator)
     args = extractor.resolve(args)

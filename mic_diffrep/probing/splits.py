@@ -8,7 +8,7 @@ one DICOM / NIfTI file, and the images of one patient folder (`<class>/<patient>
 import logging
 import os
 from dataclasses import dataclass
-from typing import List, Optional, Sequence
+from typing import Iterable, List, Optional, Sequence
 
 import numpy as np
 import torch
@@ -154,6 +154,14 @@ def _train_and_test(args: ProbeArguments, decode):
     return everything.subset(train_idx), everything.subset(test_idx), source
 
 
+def check_test_classes(train_classes: Iterable[str], test_classes: Iterable[str]) -> None:
+    """Fails naming the classes of test images that have no training images (a probe cannot learn them)."""
+    untrained = sorted(set(test_classes) - set(train_classes))
+    if untrained:
+        raise ValueError(f"Test images of class(es) {untrained} have no training images: a probe cannot learn them. "
+                         f"Add training images of these classes or remove them from the test data.")
+
+
 def load_probe_splits(args: ProbeArguments, preprocessing: ImagePreprocessing, accelerator) -> ProbeSplits:
     """Training and test images (test: `--test_data_dir`, else the data's test split, else a carved hold-out), the
     validation part of training, and which test images have a near-duplicate in training."""
@@ -166,11 +174,8 @@ def load_probe_splits(args: ProbeArguments, preprocessing: ImagePreprocessing, a
                                  show_progress=accelerator.is_local_main_process, slices=args.slices)
 
     train, test, source = _train_and_test(args, decode)
-    untrained = sorted({train.label_names[i] for i in test.labels.unique().tolist()} -
-                       {train.label_names[i] for i in train.labels.unique().tolist()})
-    if untrained:
-        raise ValueError(f"Test images of class(es) {untrained} have no training images: a probe cannot learn them. "
-                         f"Add training images of these classes or remove them from the test data.")
+    check_test_classes({train.label_names[i] for i in train.labels.unique().tolist()},
+                       {train.label_names[i] for i in test.labels.unique().tolist()})
     threshold = args.duplicate_threshold or DEFAULT_THRESHOLD
     groups = _split_groups(train, threshold)
     _, validation_idx = _carve(train.labels, groups, args.validation_split, args.seed, "--validation_split")

@@ -12,6 +12,7 @@ Flag names follow diffusers' `train_unconditional.py` where the meaning is the s
 """
 
 import importlib.util
+import json
 import os
 from dataclasses import dataclass, field, fields
 from typing import List, Literal, Optional
@@ -24,6 +25,17 @@ from ..models.baselines import METHODS
 from ..models.mic_diffrep.preprocessing import ImagePreprocessing
 from ..models.mic_diffrep.unet import BETA_SCHEDULES, DEFAULT_UNET, create_unet
 from ..utils import check_settings
+from .checkpointing import check_checkpoint, find_checkpoint
+
+
+# Settings a run resuming a checkpoint may change: where and how long it runs (a longer schedule continues the
+# checkpoint's), how it reads and logs, saves and samples. The others decide the model, the data, its order and the
+# optimisation, which the checkpoint continues: a checkpoint records them and is refused by a run with others.
+RESUMABLE_CHANGES = frozenset({
+    "output_dir", "resume_from_checkpoint", "cache_dir", "dataloader_num_workers", "skip_bad_images", "num_epochs",
+    "max_train_steps", "time_budget_minutes", "mixed_precision", "channels_last", "checkpointing_steps",
+    "checkpoints_total_limit", "logger", "logging_dir", "save_images_epochs", "save_model_epochs", "eval_batch_size",
+    "sample_scheduler", "ddpm_num_inference_steps", "push_to_hub", "hub_model_id", "hub_token", "hub_private_repo"})
 
 
 @dataclass(kw_only=True)
@@ -117,10 +129,26 @@ class CommonPretrainingArguments:
         if self.resume_from_checkpoint not in (None, "latest") and not os.path.isdir(self.resume_from_checkpoint):
             raise FileNotFoundError(f"`resume_from_checkpoint` {self.resume_from_checkpoint!r} is not a checkpoint "
                                     f"folder (give one, or 'latest' for the newest in --output_dir).")
+        checkpoint = find_checkpoint(self.output_dir, self.resume_from_checkpoint)
+        if checkpoint is not None:  # readable and of these settings: checked before the data is decoded
+            check_checkpoint(checkpoint, self.training_settings())
         if self.logger in ("tensorboard", "wandb") and importlib.util.find_spec(self.logger) is None:
             raise ValueError(f"`logger` {self.logger!r} is not installed: `pip install {self.logger}`, or --logger none.")
         ImagePreprocessing(self.resolution, self.resize_mode, self.intensity_window)  # checks them
         self.slices  # checks the slice flags
+
+    def training_settings(self) -> dict:
+        """The settings a checkpoint records and a run resuming it must share (JSON values; the data folder as an
+        absolute path): all but those in `RESUMABLE_CHANGES`."""
+        settings = {}
+        for f in fields(self):
+            if f.name in RESUMABLE_CHANGES:
+                continue
+            value = getattr(self, f.name)
+            if f.name == "train_data_dir":
+                value = os.path.abspath(os.fspath(value))
+            settings[f.name] = json.loads(json.dumps(value, default=str))
+        return settings
 
     @property
     def preprocessing(self) -> ImagePreprocessing:

@@ -7,8 +7,11 @@ checkpoint (and the previous model files) intact and loadable.
 import json
 import logging
 import os
+import pickle
 import shutil
 from typing import Optional
+
+from safetensors import SafetensorError
 
 
 logger = logging.getLogger(__name__)
@@ -58,10 +61,12 @@ def _replace_dir(tmp_path: str, final_path: str) -> None:
 
 
 def save_training_state(accelerator, output_dir: str, global_step: int, epoch: int, batches_done: int,
-                        total_limit: Optional[int] = None, totals: Optional[dict] = None) -> str:
+                        total_limit: Optional[int] = None, totals: Optional[dict] = None,
+                        settings: Optional[dict] = None) -> str:
     """`accelerator.save_state` into `checkpoint-{global_step}`, written under a temporary name and renamed, so a run
-    killed at any moment leaves the previous checkpoint loadable. Also records where in the data the run was, and
-    `totals` (images seen and training seconds so far, which a resumed run's summary continues)."""
+    killed at any moment leaves the previous checkpoint loadable. Also records where in the data the run was,
+    `totals` (images seen and training seconds so far, which a resumed run's summary continues) and the `settings` a
+    resumed run must have (`check_checkpoint`)."""
     final = os.path.join(output_dir, f"checkpoint-{global_step}")
     tmp = f"{final}.tmp"
     accelerator.wait_for_everyone()
@@ -72,7 +77,8 @@ def save_training_state(accelerator, output_dir: str, global_step: int, epoch: i
     if accelerator.is_main_process:
         with open(os.path.join(tmp, "training_state.json"), "w", encoding="utf-8") as f:
             json.dump({"global_step": global_step, "epoch": epoch, "batches_done": batches_done,
-                       "num_processes": accelerator.num_processes, "totals": totals or {}}, f)
+                       "num_processes": accelerator.num_processes, "totals": totals or {},
+                       "settings": settings or {}}, f)
         _replace_dir(tmp, final)
         _prune_checkpoints(output_dir, total_limit, keep=os.path.basename(final))
         logger.info("Saved checkpoint %s", final)
@@ -80,20 +86,52 @@ def save_training_state(accelerator, output_dir: str, global_step: int, epoch: i
     return final
 
 
-def resume_training_state(accelerator, output_dir: str, resume_from_checkpoint: Optional[str]):
+def find_checkpoint(output_dir: str, resume_from_checkpoint: Optional[str]) -> Optional[str]:
+    """The checkpoint folder `--resume_from_checkpoint` names (`"latest"`: the newest in `output_dir`), or `None`."""
+    if not resume_from_checkpoint:
+        return None
+    return _latest_checkpoint(output_dir) if resume_from_checkpoint == "latest" else resume_from_checkpoint
+
+
+def check_checkpoint(path: str, settings: Optional[dict] = None) -> dict:
+    """The training state of checkpoint `path`, after checking it can be read and, when it recorded them, that it was
+    written with `settings` (those a resumed run cannot change: model, data, data order, optimisation); a
+    `ValueError` names what differs, before any data is decoded."""
+    state_file = os.path.join(path, "training_state.json")
+    if not os.path.isfile(state_file):
+        raise FileNotFoundError(f"`resume_from_checkpoint` {path!r} is not a checkpoint folder (it has no "
+                                f"training_state.json).")
+    try:
+        with open(state_file, encoding="utf-8") as f:
+            state = json.load(f)
+        int(state["global_step"]), int(state["epoch"]), int(state["batches_done"])
+    except (OSError, ValueError, TypeError, KeyError) as error:
+        raise ValueError(f"`resume_from_checkpoint` {path!r}: its training_state.json cannot be read ({error}); the "
+                         f"checkpoint is damaged: resume from an earlier one or start a new run.") from None
+    saved = state.get("settings") or {}  # not recorded by older checkpoints
+    changed = [name for name in saved if settings is not None and name in settings and saved[name] != settings[name]]
+    if changed:
+        differences = ", ".join(f"{name} {saved[name]!r} (this run: {settings[name]!r})" for name in changed)
+        raise ValueError(f"`resume_from_checkpoint` {path!r} was written with other settings: {differences}. Resume "
+                         f"with the checkpoint's settings, or start a new run in another output folder; the checkpoint "
+                         f"is left as it is.")
+    return state
+
+
+def resume_training_state(accelerator, output_dir: str, resume_from_checkpoint: Optional[str],
+                          settings: Optional[dict] = None):
     """Loads a checkpoint (a folder, or `"latest"` in `output_dir`); returns `(global_step, epoch, batches_done,
     totals)` (`totals`: what `save_training_state` recorded, empty for a new run or an older checkpoint)."""
     if not resume_from_checkpoint:
         return 0, 0, 0, {}
-    path = _latest_checkpoint(output_dir) if resume_from_checkpoint == "latest" else resume_from_checkpoint
+    path = find_checkpoint(output_dir, resume_from_checkpoint)
     if path is None:
         logger.warning("No checkpoint in %s: starting a new training run (its model files there will be replaced).",
                        output_dir)
         return 0, 0, 0, {}
     if not os.path.isdir(path):
         raise FileNotFoundError(f"`resume_from_checkpoint` {path!r} is not a checkpoint folder.")
-    with open(os.path.join(path, "training_state.json"), encoding="utf-8") as f:
-        state = json.load(f)
+    state = check_checkpoint(path, settings)
     # The learning-rate schedule steps once per process and the data is sharded per process: resumed on another
     # number of processes, the schedule would run past its end (or stop short) and the data order would not resume.
     saved_processes = state.get("num_processes", accelerator.num_processes)  # not recorded by older checkpoints
@@ -108,6 +146,11 @@ def resume_training_state(accelerator, output_dir: str, resume_from_checkpoint: 
         first_line = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
         raise ValueError(f"`resume_from_checkpoint` {path!r} was written by a run with other settings (model, "
                          f"--use_ema, optimizer; it is left as it is): {first_line}") from error
+    except (OSError, EOFError, SafetensorError, pickle.UnpicklingError) as error:  # a truncated or missing file
+        first_line = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        raise ValueError(f"`resume_from_checkpoint` {path!r} cannot be loaded, a file of it is damaged or missing "
+                         f"({type(error).__name__}: {first_line}); resume from an earlier checkpoint or start a new "
+                         f"run.") from error
     return state["global_step"], state["epoch"], state["batches_done"], state.get("totals", {})
 
 

@@ -148,7 +148,7 @@ def save_sample_grid(pipeline: DiffusionFeaturePipeline, args: PretrainingArgume
 
 def pretrain(args: PretrainingArguments) -> dict:
     """Pretrains and writes the pipeline folder; returns the summary also written to `pretraining_summary.json`."""
-    with output_folder(args.output_dir):
+    with output_folder(args.output_dir, kind="pipeline"):
         return _pretrain(args)
 
 

@@ -77,6 +77,10 @@ def load_unet_config(model_config_name_or_path: Optional[str] = None) -> dict:
         raise ValueError(f"`model_config_name_or_path` {path!r} is not a JSON file: {error}") from None
     if not isinstance(config, dict):
         raise ValueError(f"`model_config_name_or_path` {path!r} does not hold a UNet config (a JSON object).")
+    kind = config.get("_class_name") or (config.get("model_type") and f"a {config['model_type']!r} model")
+    if kind not in (None, UNet2DModel.__name__):  # a classifier folder, a pipeline's other component
+        raise ValueError(f"`model_config_name_or_path` {path!r} is the config of {kind}, not of a UNet2DModel: give "
+                         f"a preset, a UNet config.json, or a pipeline's unet/ folder.")
     return {k: v for k, v in config.items() if not k.startswith("_")}
 
 
