@@ -17,6 +17,7 @@ import os
 from typing import Dict, List, Optional, Sequence, Union
 
 import torch
+from safetensors import SafetensorError
 from transformers import AutoConfig, AutoImageProcessor, AutoModelForImageClassification
 
 from .data import (SEARCHED_EXTENSIONS, TEST_IMAGES_FILE, SliceSelection, check_labelled, decode_images,
@@ -42,12 +43,17 @@ def load_classifier(model_dir: str, mixed_precision: Optional[str] = None):
     if not os.path.isfile(os.path.join(model_dir, "config.json")):
         raise FileNotFoundError(f"Model folder {model_dir!r} has no config.json; train one with `mic-diffrep probe` "
                                 f"or `mic-diffrep run`.")
-    if mixed_precision is None:
-        mixed_precision = getattr(AutoConfig.from_pretrained(model_dir), "mixed_precision", "no")
-        if mixed_precision == "fp16":
-            mixed_precision = "no"
-    model = AutoModelForImageClassification.from_pretrained(model_dir, dtype=precision_dtype(mixed_precision))
-    processor = AutoImageProcessor.from_pretrained(model_dir)
+    try:
+        if mixed_precision is None:
+            mixed_precision = getattr(AutoConfig.from_pretrained(model_dir), "mixed_precision", "no")
+            if mixed_precision == "fp16":
+                mixed_precision = "no"
+        model = AutoModelForImageClassification.from_pretrained(model_dir, dtype=precision_dtype(mixed_precision))
+        processor = AutoImageProcessor.from_pretrained(model_dir)
+    except (OSError, SafetensorError) as error:  # a missing, truncated or broken file of the folder
+        first_line = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        raise ValueError(f"Model folder {model_dir!r} cannot be loaded ({type(error).__name__}: {first_line}); "
+                         f"is it complete? Train it again with `mic-diffrep probe` or copy it anew.") from error
     if not isinstance(model, MicDiffRepForImageClassification) or not isinstance(processor, MicDiffRepImageProcessor):
         raise ValueError(f"{model_dir!r} is not a MicDiffRep classifier folder.")
     return model.eval(), processor

@@ -94,6 +94,8 @@ def test_bad_config_is_named(tmp_path, capsys):
     (["run", "--seed", "-1"], "`seed` must be in [0, 2**32)"),
     (["probe", "--pretrained", "MISSING", "--data_dir", "UNLABELLED", "--output_dir", "MISSING", "--seed", "-1"],
      "`seed` must be in [0, 2**32)"),
+    (["probe", "--pretrained", "MISSING", "--data_dir", "UNLABELLED", "--output_dir", "MISSING",
+      "--duplicate_threshold", "3"], "`duplicate_threshold` must be a cosine similarity in [-1, 1]"),
     (["run", "--data_dir", "UNLABELLED"], "has no labels"),
     (["pretrain", "--train_data_dir", "UNLABELLED", "--lr_scheduler", "cosinee"], "`lr_scheduler` must be one of"),
     (["pretrain", "--train_data_dir", "UNLABELLED", "--model_config_name_or_path", "huge"],

@@ -3,6 +3,7 @@ images for predict, and a readable evaluate."""
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 
@@ -289,3 +290,21 @@ def test_ctrl_c_outside_training_is_one_line_and_exit_code_130(capsys):
     with pytest.raises(SystemExit) as error:
         run_guarded("mic-diffrep probe", probe)
     assert error.value.code == 130 and capsys.readouterr().err == "mic-diffrep probe: interrupted\n"
+
+
+def test_a_damaged_model_folder_is_one_line_naming_it(model_dir, tmp_path, capsys):
+    broken = tmp_path / "broken"
+    shutil.copytree(model_dir, broken)
+    weights = broken / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:64])  # a truncated copy: a SafetensorError traceback before
+    image = str(tmp_path / "slice.png")
+    PIL.Image.fromarray(np.zeros((20, 20), dtype=np.uint8)).save(image)
+    with pytest.raises(SystemExit) as error:
+        cli(["predict", "--model", str(broken), image])
+    message = capsys.readouterr().err.strip().splitlines()[-1]
+    assert error.value.code == 2 and f"Model folder {str(broken)!r} cannot be loaded" in message
+    (broken / "preprocessor_config.json").unlink()  # an OSError traceback from transformers before
+    weights.write_bytes((tmp_path / "model" / "model.safetensors").read_bytes())
+    with pytest.raises(SystemExit) as error:
+        cli(["predict", "--model", str(broken), image])
+    assert error.value.code == 2 and "cannot be loaded" in capsys.readouterr().err

@@ -16,7 +16,8 @@ from ..utils import is_first_local_process
 T = TypeVar("T")
 
 # Errors that mean "bad input": one line naming the file or setting, exit code 2 (as argparse does for bad flags).
-USER_ERRORS = (ValueError, FileNotFoundError, FloatingPointError, BadImageError, NotADirectoryError)
+# OSError: a file that cannot be read or written (a full disk, a folder without permission; its message names it).
+USER_ERRORS = (ValueError, OSError, FloatingPointError, BadImageError)
 
 
 def settings_from(cls: Type[T], namespace: argparse.Namespace) -> T:
