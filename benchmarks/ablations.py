@@ -49,14 +49,18 @@ Search (greedy, decided by the script from the validation scores):
    session on a machine about twice as fast as later ones: it is measured back to back with its start on one machine
    and its steps scaled to the start's recorded speed (`calibrate(reference=)` in `benchmarks/common.py`), so that
    it trains the steps its start's machine would have given it;
-11. read-out on the chosen recipe: the timestep sweep, several noise draws per image, test-time flip averaging
+11. a ninth round the same way (two seeds for a winner) on step 10's choice, regularisers aimed at the cross-source
+   drop (in-source validation far above the cross-source test accuracy): AdamW weight decay 0.05, the contrastive
+   baselines' value (the same steps), and dropout 0.1 in the UNet's ResNet blocks (`--unet_dropout`, DDPM's value;
+   about 1.2x the time per step, so measured back to back with its start as in step 10);
+12. read-out on the chosen recipe: the timestep sweep, several noise draws per image, test-time flip averaging
    (each image and its mirror image, noised alike), average + max pooling of each block, and that pooling with a
    probe trained on randomly mirrored training images (`random_flip`, as in the linear evaluation of MoCo, BYOL and
    SimCLR; aimed at the mirrored near-duplicates of `mirror_invariance.md`; inference unchanged) (the benchmark
    would apply any of them to the baselines alike). Read-outs
    differ in cost (UNet forwards per image), so the cheapest one within `READOUT_TOLERANCE` of the best validation
    accuracy is chosen: a 4x slower extraction must earn more than a tie;
-12. a seed check, for information only: the chosen recipe pretrained again with seed 1 and read out with the chosen
+13. a seed check, for information only: the chosen recipe pretrained again with seed 1 and read out with the chosen
    read-out and with the sweep, to show how much of a difference between rows one seed can make.
 """
 
@@ -132,7 +136,7 @@ EIGHTH_ROUND = {
 # AdamW's decoupled weight decay at the contrastive baselines' value, and dropout in the ResNet blocks (DDPM's 0.1).
 NINTH_ROUND = {
     "weight-decay-0.05": ["--adam_weight_decay", "0.05"],
-    "dropout-0.1": ["--dropout", "0.1"],
+    "dropout-0.1": ["--unet_dropout", "0.1"],
 }
 # Levers that change the loss, the noise levels, the training images or a constraint on the weights, not the compute
 # of a step (or by a negligible amount): they train the steps of their starting recipe's calibration (a calibration of

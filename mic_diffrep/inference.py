@@ -192,10 +192,12 @@ def _warn_if_probed_on(model_dir: str, data_dir: str) -> None:
     results_file = os.path.join(model_dir, "results.json")
     try:
         with open(results_file, encoding="utf-8") as f:
-            probed_on = json.load(f).get("data_dir")
-    except (OSError, ValueError):
+            results = json.load(f)
+        probed_on = results.get("data_dir")
+    except (OSError, ValueError, AttributeError):
         return
-    if probed_on and os.path.exists(probed_on) and os.path.samefile(probed_on, data_dir):
+    carved = str(results.get("test_split", "")).startswith("carved")  # not a --test_data_dir or a test split
+    if carved and probed_on and os.path.exists(probed_on) and os.path.samefile(probed_on, data_dir):
         logger.warning("%s has no test split: scoring all of its images, including those %s was trained on. For the "
                        "test split its probe carved, pass --image_list %s.", data_dir, model_dir,
                        os.path.join(model_dir, TEST_IMAGES_FILE))

@@ -172,33 +172,40 @@ def prepare_output_file(path: str, flag: str = "--output", extensions: Optional[
     check_writable(folder, flag, path)
 
 
-# What each kind of output folder must not already hold: a file of the other kind of model folder (a diffusers
-# pipeline's `model_index.json`; a transformers classifier's `config.json` with a `model_type`), which the run
-# would mix its own files into (and replace the model card of).
-_OTHER_KIND = {"pipeline": "a transformers classifier folder (config.json with a model_type)",
-               "model": "a diffusers pipeline folder (model_index.json)"}
+# What each kind of output folder must not already hold: another kind of model folder, which the run would mix its
+# files into (replacing its model card, or its `model.safetensors`).
+_PIPELINE = "a diffusers pipeline folder (model_index.json)"
+_CLASSIFIER = "a transformers classifier folder (config.json with a model_type)"
+_BASELINE = "a baseline encoder folder (baseline_config.json)"
+_OTHER_KIND = {"pipeline": (_CLASSIFIER,), "model": (_PIPELINE, _BASELINE), "baseline": (_PIPELINE, _CLASSIFIER)}
 
 
-def _holds_other_kind(path: str, kind: str) -> bool:
-    if kind == "model":
-        return os.path.isfile(os.path.join(path, "model_index.json"))
-    try:
-        with open(os.path.join(path, "config.json"), encoding="utf-8") as f:
-            return "model_type" in json.load(f)
-    except (OSError, ValueError, TypeError):
-        return False
+def _other_kind_held(path: str, kind: str) -> Optional[str]:
+    """Which other kind of model folder `path` holds, of those a `kind` folder must not be mixed into."""
+    for other, marker in ((_PIPELINE, "model_index.json"), (_BASELINE, "baseline_config.json")):
+        if other in _OTHER_KIND[kind] and os.path.isfile(os.path.join(path, marker)):
+            return other
+    if _CLASSIFIER in _OTHER_KIND[kind]:
+        try:
+            with open(os.path.join(path, "config.json"), encoding="utf-8") as f:
+                if "model_type" in json.load(f):
+                    return _CLASSIFIER
+        except (OSError, ValueError, TypeError):
+            pass
+    return None
 
 
 @contextlib.contextmanager
 def output_folder(path: str, flag: str = "--output_dir", kind: Optional[str] = None):
     """Creates `path` for a run's outputs, after checking it is a folder that can be written (and, with `kind`
-    `"pipeline"` or `"model"`, not a folder of the other kind of model); if the run fails before writing anything
+    `"pipeline"`, `"model"` or `"baseline"`, not a folder of another kind of model); if the run fails before writing anything
     there, the empty folder it created is removed again, so a failed run leaves nothing behind."""
     if os.path.exists(path) and not os.path.isdir(path):
         raise ValueError(f"{flag} {path} is a file; give a folder.")
-    if kind and os.path.isdir(path) and _holds_other_kind(path, kind):
-        raise ValueError(f"{flag} {path} holds {_OTHER_KIND[kind]}: give another folder (a {kind} folder would be "
-                         f"mixed into it).")
+    held = kind and os.path.isdir(path) and _other_kind_held(path, kind)
+    if held:
+        raise ValueError(f"{flag} {path} holds {held}: give another folder (a {kind} folder would be mixed into "
+                         f"it).")
     created = not os.path.isdir(path)
     try:
         os.makedirs(path, exist_ok=True)

@@ -173,7 +173,7 @@ def test_run_recipe_defaults_are_the_pretraining_and_feature_defaults():
 def test_run_recipe_flags_override_the_defaults():
     from mic_diffrep.commands.run import pretraining_arguments, probe_arguments, run_config
 
-    namespace = build_parser().parse_args(["run", "--timestep_power", "1", "--intensity_jitter", "--dropout", "0.1",
+    namespace = build_parser().parse_args(["run", "--timestep_power", "1", "--intensity_jitter", "--unet_dropout", "0.1",
                                            "--lr_scheduler", "linear", "--num_noise_samples", "2",
                                            "--flip_average"])
     config = run_config(namespace)
@@ -181,7 +181,7 @@ def test_run_recipe_flags_override_the_defaults():
     assert probe_arguments(config).flip_average is True
     assert run_config(build_parser().parse_args(["run", "--no_flip_average"]))["flip_average"] is False
     assert (arguments.timestep_power, arguments.intensity_jitter, arguments.lr_scheduler) == (1.0, True, "linear")
-    assert arguments.dropout == 0.1
+    assert arguments.unet_dropout == 0.1
     assert config["num_noise_samples"] == 2 and config["learning_rate"] == RUN_DEFAULTS["learning_rate"]
 
 

@@ -255,10 +255,21 @@ def test_output_paths_are_checked_before_the_work(model_dir, unlabelled_folder, 
     fails(["probe", "--pretrained", pipe, "--data_dir", labelled, "--output_dir", pipe, "--timesteps", "5"],
           "holds a diffusers pipeline folder (model_index.json)")
     fails(["generate", "--pretrained", pipe, "--output", str(tmp_path / "samples.txt")],
-          "give a file name ending in .png")
+          "give the name of an image file PIL can write")
     fails(["extract", "--pretrained", pipe, "--data_dir", labelled, "--output", str(tmp_path)], "is a folder")
     fails(["extract", "--pretrained", pipe, "--data_dir", labelled, "--output", str(tmp_path / "features.csv")],
           "ending in .safetensors")
+
+    from mic_diffrep.utils import output_folder
+
+    (tmp_path / "byol").mkdir()
+    (tmp_path / "byol" / "baseline_config.json").write_text("{}")
+    for folder, kind, held in ((model_dir, "baseline", "a transformers classifier folder"),
+                               (pipe, "baseline", "a diffusers pipeline folder"),
+                               (str(tmp_path / "byol"), "model", "a baseline encoder folder")):
+        with pytest.raises(ValueError, match=f"holds {held}"):  # its model.safetensors would be replaced
+            with output_folder(folder, kind=kind):
+                pass
 
     def read_only(*args, **kwargs):
         raise PermissionError(13, "Permission denied")

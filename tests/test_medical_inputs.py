@@ -369,6 +369,8 @@ def test_slice_flags_on_every_settings_class():
         with pytest.raises(ValueError, match="`slice_range` 5 2 keeps no slice"):  # was blamed on each file
             parse(cls, [*required, "--slice_range", "5", "2"])
     assert SliceSelection(slice_range=(-2, 5)).slice_range == (-2, 5)  # depends on the volume: allowed
+    with pytest.raises(ValueError, match="keeps no slice"):
+        SliceSelection(slice_range=(-3, 0))
 
 
 def test_carved_splits_keep_the_slices_of_a_file_together():

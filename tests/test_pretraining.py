@@ -307,11 +307,11 @@ def test_dropout_reaches_the_unet_and_is_recorded_in_the_recipe(unlabelled_folde
     assert create_unet(16, "tiny").config.dropout == 0.0
     unet = create_unet(16, "tiny", dropout=0.1)
     assert unet.config.dropout == 0.1 and unet.down_blocks[0].resnets[0].dropout.p == 0.1
-    with pytest.raises(ValueError, match="dropout.*\\[0, 1\\)"):
-        tiny_args(unlabelled_folder, str(tmp_path / "bad"), "--dropout", "1")
+    with pytest.raises(ValueError, match="unet_dropout.*\\[0, 1\\)"):
+        tiny_args(unlabelled_folder, str(tmp_path / "bad"), "--unet_dropout", "1")
     out = str(tmp_path / "out")
-    summary = main(tiny_args(unlabelled_folder, out, "--max_train_steps", "1", "--dropout", "0.1"))
-    assert summary["recipe"]["dropout"] == 0.1
+    summary = main(tiny_args(unlabelled_folder, out, "--max_train_steps", "1", "--unet_dropout", "0.1"))
+    assert summary["recipe"]["unet_dropout"] == 0.1
     assert UNet2DModel.from_pretrained(os.path.join(out, "unet")).config.dropout == 0.1
 
 
@@ -335,14 +335,19 @@ def test_resuming_with_changed_settings_or_a_damaged_checkpoint_fails_before_the
             with pytest.raises(ValueError, match=re.escape(named)):
                 main(tiny_args(unlabelled_folder, out, "--max_train_steps", "4", "--resume_from_checkpoint", "latest",
                                *changed))
-    # What a resumed run may change: its length, checkpointing, sampling
-    resumed = main(tiny_args(unlabelled_folder, out, "--max_train_steps", "3", "--checkpointing_steps", "3",
+    # What a resumed run may change: its length, checkpointing, sampling, where its data is
+    moved = shutil.copytree(unlabelled_folder, tmp_path / "staged")
+    resumed = main(tiny_args(str(moved), out, "--max_train_steps", "3", "--checkpointing_steps", "3",
                              "--eval_batch_size", "1", "--resume_from_checkpoint", "latest"))
     assert resumed["global_step"] == 3
     optimizer = os.path.join(out, "checkpoint-3", "optimizer.bin")
-    open(optimizer, "w").close()  # truncated
-    with pytest.raises(ValueError, match="checkpoint-3.*cannot be loaded.*damaged"):
-        main(tiny_args(unlabelled_folder, out, "--max_train_steps", "4", "--resume_from_checkpoint", "latest"))
+    with open(optimizer, "rb") as f:
+        saved = f.read()
+    for truncated in (saved[: len(saved) // 2], b""):  # torch: a RuntimeError, then an EOFError
+        with open(optimizer, "wb") as f:
+            f.write(truncated)
+        with pytest.raises(ValueError, match="checkpoint-3.*cannot be loaded: a file of it is damaged"):
+            main(tiny_args(unlabelled_folder, out, "--max_train_steps", "4", "--resume_from_checkpoint", "latest"))
     with open(os.path.join(out, "checkpoint-3", "training_state.json"), "w") as f:
         f.write("{")
     with pytest.raises(ValueError, match="training_state.json cannot be read"):

@@ -16,8 +16,10 @@ from ..utils import is_first_local_process
 T = TypeVar("T")
 
 # Errors that mean "bad input": one line naming the file or setting, exit code 2 (as argparse does for bad flags).
-# OSError: a file that cannot be read or written (a full disk, a folder without permission; its message names it).
-USER_ERRORS = (ValueError, OSError, FloatingPointError, BadImageError)
+# Of the OSErrors, those of a path the user gave (their messages name it); others (a Hub server error, a full disk)
+# keep their traceback.
+USER_ERRORS = (ValueError, FileNotFoundError, NotADirectoryError, IsADirectoryError, PermissionError,
+               FloatingPointError, BadImageError)
 
 
 def settings_from(cls: Type[T], namespace: argparse.Namespace) -> T:

@@ -5,6 +5,7 @@ import math
 import os
 import sys
 
+import PIL.Image
 import torch
 from diffusers import DDIMScheduler
 
@@ -14,10 +15,6 @@ from ..inference import evaluate_folder, predict_files
 from ..pipelines import save_image_grid
 from ..reporting.plotting import plot_confusion_matrix
 from ..utils import MIXED_PRECISION_CHOICES, precision_dtype, prepare_output_file
-
-
-# Sample grids are written by PIL: a file name it can save (it fails on another only after sampling).
-IMAGE_FILE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp", ".webp")
 
 
 def _add_model_args(parser) -> None:
@@ -91,7 +88,11 @@ def generate(namespace) -> None:
         raise ValueError(f"--num_images must be at least 1, got {namespace.num_images}.")
     if namespace.num_inference_steps is not None and namespace.num_inference_steps < 1:
         raise ValueError(f"--num_inference_steps must be at least 1, got {namespace.num_inference_steps}.")
-    prepare_output_file(namespace.output, extensions=IMAGE_FILE_EXTENSIONS)
+    image_format = PIL.Image.registered_extensions().get(os.path.splitext(namespace.output)[1].lower())
+    if image_format not in PIL.Image.SAVE:  # PIL would fail on it only after sampling
+        raise ValueError(f"--output {namespace.output}: give the name of an image file PIL can write (.png, .jpg, "
+                         f".tif, ...).")
+    prepare_output_file(namespace.output)
     pipe = load_pipeline(namespace.pretrained)
     pipe.to(precision_dtype(namespace.mixed_precision))
     if namespace.scheduler == "ddim":

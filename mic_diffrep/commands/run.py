@@ -70,7 +70,7 @@ _SHARED_DATA_KEYS = ("skip_bad_images", "slice_axis", "slice_range", "keep_empty
 RUN_PRESETS = {
     "paper": {
         "resolution": 112, "model_config_name_or_path": "base", "pretrain_epochs": 200, "pretrain_batch_size": 32,
-        "learning_rate": 1e-4, "lr_scheduler": "linear", "lr_warmup_steps": 0, "dropout": 0.0,
+        "learning_rate": 1e-4, "lr_scheduler": "linear", "lr_warmup_steps": 0, "unet_dropout": 0.0,
         "ddpm_beta_schedule": "linear", "max_train_timestep": None,
         "timestep_power": 1.0, "snr_gamma": None, "signal_weighting": False, "self_conditioning": False,
         "mirror_symmetric_kernels": False, "random_crop_scale": None, "intensity_jitter": False, "use_ema": False,
@@ -149,7 +149,7 @@ def check_config(config: dict, source: Optional[str] = None) -> None:
 def check_run(config: dict, pretraining_args: PretrainingArguments, probe_args: ProbeArguments) -> None:
     """What would otherwise fail only after pretraining: the probe's timesteps, the data's labels, whether the
     validation part (and a test split, when the data has none) can be carved from it, and a test split's classes and
-    images (decoded into the probe's cache)."""
+    images."""
     bad = [t for t in probe_args.timesteps if not 0 <= t < pretraining_args.ddpm_num_steps]
     if bad:
         raise ValueError(f"`timesteps` {bad}: read-out timesteps must be in [0, {pretraining_args.ddpm_num_steps}).")
@@ -168,7 +168,7 @@ def check_run(config: dict, pretraining_args: PretrainingArguments, probe_args: 
         check_test_classes({names[i] for i in set(training["label"])}, {names[i] for i in set(splits["test"]["label"])})
         if not probe_args.skip_bad_images:  # pretraining reads the training images first; the test ones only the probe
             decode_images(splits["test"], pretraining_args.preprocessing, slices=probe_args.slices,
-                          cache_dir=os.path.join(probe_args.output_dir, ".cache"))
+                          show_progress=False)  # no cache: nothing is written before the run's own checks
 
 
 def run_config(namespace) -> dict:
@@ -269,7 +269,7 @@ def register(subparsers) -> None:
     recipe_help = {f.name: f.metadata["help"] for f in fields(PretrainingArguments) if f.name in RECIPE_KEYS}
     for name in RECIPE_KEYS:
         default = RUN_DEFAULTS[name]
-        kind = {"learning_rate": float, "timestep_power": float, "random_crop_scale": float, "dropout": float,
+        kind = {"learning_rate": float, "timestep_power": float, "random_crop_scale": float, "unet_dropout": float,
                 "lr_warmup_steps": int,
                 "max_train_timestep": int, "lr_scheduler": str, "ddpm_beta_schedule": str,
                 "snr_gamma": float}.get(name)

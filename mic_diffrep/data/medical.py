@@ -166,7 +166,7 @@ class SliceSelection:
                     v is None or (isinstance(v, int) and not isinstance(v, bool)) for v in slice_range):
                 raise ValueError(f"`slice_range` must be two integers START STOP, got {self.slice_range!r}.")
             start, stop = slice_range
-            if start is not None and stop is not None and (start < 0) == (stop < 0) and start >= stop:
+            if stop == 0 or (start is not None and stop is not None and (start < 0) == (stop < 0) and start >= stop):
                 raise ValueError(f"`slice_range` {start} {stop} keeps no slice of any volume: START must be below "
                                  f"STOP.")
             object.__setattr__(self, "slice_range", slice_range)

@@ -124,7 +124,7 @@ def _run_probe(args: ProbeArguments, extractor: Optional[FeatureExtractor]) -> d
                   if not (leaked and args.exclude_leaked_test)]
         write_image_list(os.path.join(args.output_dir, TEST_IMAGES_FILE), scored, args.test_data_dir or args.data_dir,
                          f"The {len(scored)} test images of this probe, relative to the folder they came from: "
-                         f"mic-diffrep evaluate --model MODEL --data_dir FOLDER --image_list {TEST_IMAGES_FILE}")
+                         f"mic-diffrep evaluate --model MODEL --data_dir FOLDER --image_list MODEL/{TEST_IMAGES_FILE}")
         write_model_folder(extractor, probes["msfa"], results, train.label_names, args)
         msfa, sl = results["msfa"]["test"]["all"], results["sl_best"]["test"]["all"]
         where = results["sl_best"]["layer"] + (f", t={results['sl_best']['timestep']}"

@@ -29,10 +29,11 @@ from .checkpointing import check_checkpoint, find_checkpoint
 
 
 # Settings a run resuming a checkpoint may change: where and how long it runs (a longer schedule continues the
-# checkpoint's), how it reads and logs, saves and samples. The others decide the model, the data, its order and the
-# optimisation, which the checkpoint continues: a checkpoint records them and is refused by a run with others.
+# checkpoint's), where its data is (staged to another disk or machine), how it reads and logs, saves and samples. The
+# others decide the model, the data, its order and the optimisation, which the checkpoint continues: a checkpoint
+# records them and is refused by a run with others.
 RESUMABLE_CHANGES = frozenset({
-    "output_dir", "resume_from_checkpoint", "cache_dir", "dataloader_num_workers", "skip_bad_images", "num_epochs",
+    "train_data_dir", "output_dir", "resume_from_checkpoint", "cache_dir", "dataloader_num_workers", "skip_bad_images", "num_epochs",
     "max_train_steps", "time_budget_minutes", "mixed_precision", "channels_last", "checkpointing_steps",
     "checkpoints_total_limit", "logger", "logging_dir", "save_images_epochs", "save_model_epochs", "eval_batch_size",
     "sample_scheduler", "ddpm_num_inference_steps", "push_to_hub", "hub_model_id", "hub_token", "hub_private_repo"})
@@ -131,22 +132,22 @@ class CommonPretrainingArguments:
                                     f"folder (give one, or 'latest' for the newest in --output_dir).")
         checkpoint = find_checkpoint(self.output_dir, self.resume_from_checkpoint)
         if checkpoint is not None:  # readable and of these settings: checked before the data is decoded
-            check_checkpoint(checkpoint, self.training_settings())
+            check_checkpoint(checkpoint, self.checkpoint_settings())
         if self.logger in ("tensorboard", "wandb") and importlib.util.find_spec(self.logger) is None:
             raise ValueError(f"`logger` {self.logger!r} is not installed: `pip install {self.logger}`, or --logger none.")
         ImagePreprocessing(self.resolution, self.resize_mode, self.intensity_window)  # checks them
         self.slices  # checks the slice flags
 
-    def training_settings(self) -> dict:
-        """The settings a checkpoint records and a run resuming it must share (JSON values; the data folder as an
+    def checkpoint_settings(self) -> dict:
+        """The settings a checkpoint records and a run resuming it must share (JSON values; a UNet config file as an
         absolute path): all but those in `RESUMABLE_CHANGES`."""
         settings = {}
         for f in fields(self):
             if f.name in RESUMABLE_CHANGES:
                 continue
             value = getattr(self, f.name)
-            if f.name == "train_data_dir":
-                value = os.path.abspath(os.fspath(value))
+            if f.name == "model_config_name_or_path" and os.path.exists(value):
+                value = os.path.abspath(value)
             settings[f.name] = json.loads(json.dumps(value, default=str))
         return settings
 
@@ -185,7 +186,7 @@ class PretrainingArguments(CommonPretrainingArguments):
                 "'tiny' for tests), a config.json, or a folder holding one. 'small' gave +1.5 points of MSFA "
                 "validation accuracy over 'base' in the ablation at an equal 8-minute budget (0.915 vs 0.900 at lr "
                 "5e-4: 2.2x the steps); 'mini' gave -2.3 under 'small' (0.907 vs 0.930 at lr 1e-3: 1.6x the steps)."})
-    dropout: float = field(default=0.0, metadata={
+    unet_dropout: float = field(default=0.0, metadata={
         "help": "Dropout probability in the UNet's ResNet blocks (UNet2DModel's `dropout`; Ho et al. 2020 used 0.1 "
                 "on CIFAR-10). Default: 0 (paper: not stated; diffusers' default): 0.1 gave -1.5 points of MSFA "
                 "validation accuracy in the ablation (0.916 vs 0.931 at an equal 8-minute budget; about 1.2x the "
@@ -287,12 +288,12 @@ class PretrainingArguments(CommonPretrainingArguments):
             raise ValueError(f"`timestep_power` must be positive, got {self.timestep_power}.")
         if self.snr_gamma is not None and self.snr_gamma <= 0:
             raise ValueError(f"`snr_gamma` must be positive, got {self.snr_gamma}.")
-        if not 0 <= self.dropout < 1:
-            raise ValueError(f"`dropout` must be in [0, 1), got {self.dropout}.")
+        if not 0 <= self.unet_dropout < 1:
+            raise ValueError(f"`unet_dropout` must be in [0, 1), got {self.unet_dropout}.")
         if self.random_crop_scale is not None and not 0 < self.random_crop_scale <= 1:
             raise ValueError(f"`random_crop_scale` must be in (0, 1], got {self.random_crop_scale}.")
         with torch.device("meta"):  # the config and the resolution it divides, before any image is decoded
-            create_unet(self.resolution, self.model_config_name_or_path, self.self_conditioning, self.dropout)
+            create_unet(self.resolution, self.model_config_name_or_path, self.self_conditioning, self.unet_dropout)
 
 
 # Optimiser settings of each baseline unless given: AdamW 1e-3 without warm-up for the contrastive ones; MAE's own
@@ -346,7 +347,7 @@ class BaselinePretrainingArguments(CommonPretrainingArguments):
 
 
 # The fields that make up the pretraining recipe (what the ablation study chose; `--config paper` resets them).
-RECIPE_KEYS = ("learning_rate", "lr_scheduler", "lr_warmup_steps", "dropout", "ddpm_beta_schedule",
+RECIPE_KEYS = ("learning_rate", "lr_scheduler", "lr_warmup_steps", "unet_dropout", "ddpm_beta_schedule",
                "max_train_timestep", "timestep_power", "snr_gamma", "signal_weighting", "self_conditioning",
                "mirror_symmetric_kernels", "random_crop_scale", "intensity_jitter", "use_ema")
 

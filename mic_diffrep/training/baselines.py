@@ -28,7 +28,7 @@ logger = logging.getLogger(__name__)
 def pretrain_baseline(args: BaselinePretrainingArguments) -> dict:
     """Pretrains `args.method` and writes its folder; returns the summary also written to
     `pretraining_summary.json`."""
-    with output_folder(args.output_dir):
+    with output_folder(args.output_dir, kind="baseline"):
         return _pretrain_baseline(args)
 
 

@@ -142,15 +142,14 @@ def resume_training_state(accelerator, output_dir: str, resume_from_checkpoint: 
     logger.info("Resuming from %s", path)
     try:
         accelerator.load_state(path)
-    except (RuntimeError, KeyError) as error:
+    except (RuntimeError, KeyError, OSError, EOFError, SafetensorError, pickle.UnpicklingError) as error:
+        # a truncated or missing file (torch: "PytorchStreamReader failed ..." is a RuntimeError), or, from a
+        # checkpoint that recorded no settings, another model or optimizer
         first_line = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
-        raise ValueError(f"`resume_from_checkpoint` {path!r} was written by a run with other settings (model, "
-                         f"--use_ema, optimizer; it is left as it is): {first_line}") from error
-    except (OSError, EOFError, SafetensorError, pickle.UnpicklingError) as error:  # a truncated or missing file
-        first_line = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
-        raise ValueError(f"`resume_from_checkpoint` {path!r} cannot be loaded, a file of it is damaged or missing "
-                         f"({type(error).__name__}: {first_line}); resume from an earlier checkpoint or start a new "
-                         f"run.") from error
+        raise ValueError(f"`resume_from_checkpoint` {path!r} cannot be loaded: a file of it is damaged or missing, "
+                         f"or it was written with other settings (model, --use_ema, optimizer) ({type(error).__name__}: "
+                         f"{first_line}). It is left as it is: resume from an earlier checkpoint or start a new run.") \
+            from error
     return state["global_step"], state["epoch"], state["batches_done"], state.get("totals", {})
 
 

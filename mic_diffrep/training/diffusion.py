@@ -166,7 +166,7 @@ def _pretrain(args: PretrainingArguments) -> dict:
     dataset, loader = make_dataloader(decoded, args)
 
     # 2. Model, noise schedule, optimizer, schedule.
-    model = create_unet(args.resolution, args.model_config_name_or_path, args.self_conditioning, args.dropout)
+    model = create_unet(args.resolution, args.model_config_name_or_path, args.self_conditioning, args.unet_dropout)
     if args.mirror_symmetric_kernels:
         mirror_symmetrize(model)
     if args.channels_last:

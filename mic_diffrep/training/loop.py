@@ -172,7 +172,7 @@ def train_one_epoch(state: TrainingState, accelerator, model, loader, dataset, o
                   "last_loss": state.last_loss}
         if state.global_step % args.checkpointing_steps == 0:
             save_training_state(accelerator, args.output_dir, state.global_step, state.epoch, batch_index + 1,
-                                args.checkpoints_total_limit, totals, args.training_settings())
+                                args.checkpoints_total_limit, totals, args.checkpoint_settings())
         state.stop_reason = stop_reason_for(accelerator, state.global_step, max_train_steps, start_time,
                                             args.time_budget_minutes)
         if interrupt.requested:
@@ -180,7 +180,7 @@ def train_one_epoch(state: TrainingState, accelerator, model, loader, dataset, o
         if state.stop_reason in ("interrupted", "time_budget_minutes") and \
                 state.global_step % args.checkpointing_steps:  # a run cut short can be resumed
             save_training_state(accelerator, args.output_dir, state.global_step, state.epoch, batch_index + 1,
-                                args.checkpoints_total_limit, totals, args.training_settings())
+                                args.checkpoints_total_limit, totals, args.checkpoint_settings())
         if state.stop_reason == "time_budget_minutes" and accelerator.is_main_process:
             logger.warning("Stopped by --time_budget_minutes %g after %d of %d steps; checkpoint-%d was saved: add "
                            "--resume_from_checkpoint latest to continue.", args.time_budget_minutes,
@@ -205,7 +205,7 @@ def train(accelerator, model, loader, dataset, optimizer, lr_scheduler, args: Co
             grids, saving); the flag says whether it is the last one.
     """
     global_step, first_epoch, resume_batches, totals = resume_training_state(
-        accelerator, args.output_dir, args.resume_from_checkpoint, args.training_settings())
+        accelerator, args.output_dir, args.resume_from_checkpoint, args.checkpoint_settings())
     state = TrainingState(global_step=global_step, epoch=first_epoch, images_seen=totals.get("images_seen", 0),
                           train_seconds=totals.get("train_seconds", 0.0),
                           last_loss=totals.get("last_loss", float("nan")))

@@ -96,7 +96,7 @@ def create_unet(resolution: int, model_config_name_or_path: Optional[str] = None
         self_conditioning (`bool`, defaults to `False`): twice the input channels, for the UNet's own clean-image
             estimate beside the noisy image (`--self_conditioning`).
         dropout (`float`, *optional*): dropout probability in the UNet's ResNet blocks (`UNet2DModel`'s `dropout`),
-            replacing the config's (`--dropout`).
+            replacing the config's (`--unet_dropout`).
 
     Example:
 
