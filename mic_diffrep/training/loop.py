@@ -118,25 +118,33 @@ def stop_reason_for(accelerator, global_step: int, max_train_steps: int, start_t
 
 
 class _Interrupt:
-    """Ctrl-C: finish the current step, save a checkpoint, exit (a second Ctrl-C aborts)."""
+    """Ctrl-C or SIGTERM (`accelerate launch` forwards Ctrl-C as SIGTERM; preemption, `timeout`, `docker stop`):
+    finish the current step, save a checkpoint, exit (a second signal aborts)."""
+
+    SIGNALS = (signal.SIGINT, signal.SIGTERM)
 
     def __init__(self):
         self.requested = False
-        self.previous = None
+        self.previous = {}
 
     def __enter__(self):
-        self.previous = signal.getsignal(signal.SIGINT)
-        signal.signal(signal.SIGINT, self._handle)
+        for signum in self.SIGNALS:
+            self.previous[signum] = signal.getsignal(signum)
+            signal.signal(signum, self._handle)
         return self
 
     def _handle(self, signum, frame):
         self.requested = True
         if is_first_local_process():  # once per machine, not once per process
             logger.warning("Interrupted: saving a checkpoint after this step (press Ctrl-C again to abort).")
-        signal.signal(signal.SIGINT, self.previous)
+        self._restore()
+
+    def _restore(self):
+        for signum, handler in self.previous.items():
+            signal.signal(signum, handler)
 
     def __exit__(self, *exc):
-        signal.signal(signal.SIGINT, self.previous)
+        self._restore()
 
 
 def train_one_epoch(state: TrainingState, accelerator, model, loader, dataset, optimizer, lr_scheduler,
@@ -212,6 +220,14 @@ def train(accelerator, model, loader, dataset, optimizer, lr_scheduler, args: Co
     progress = tqdm(total=max_train_steps, initial=global_step, disable=not accelerator.is_local_main_process,
                     desc=desc, unit="step", mininterval=progress_interval())
     start_time = time.time()
+    if global_step >= max_train_steps:  # a checkpoint of the last step (or past it): nothing left to train
+        logger.warning("The checkpoint resumed is at step %d and the run has %d steps: nothing left to train; saving "
+                       "its weights.", global_step, max_train_steps)
+        state.stop_reason = "max_train_steps"
+        progress.close()
+        end_of_epoch(state, True)
+        accelerator.wait_for_everyone()
+        return state
     try:
         with _Interrupt() as interrupt:
             for epoch in range(first_epoch, num_epochs):
