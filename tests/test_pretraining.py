@@ -390,3 +390,11 @@ def test_sigterm_saves_a_checkpoint_as_ctrl_c_does():
         signal.raise_signal(signal.SIGTERM)
         assert interrupt.requested and signal.getsignal(signal.SIGTERM) is before  # a second one aborts
     assert signal.getsignal(signal.SIGTERM) is before
+
+
+def test_a_new_run_into_a_folder_of_checkpoints_says_they_will_go(unlabelled_folder, tmp_path, caplog):
+    out = str(tmp_path / "out")
+    main(tiny_args(unlabelled_folder, out, "--max_train_steps", "2", "--checkpointing_steps", "2"))
+    with caplog.at_level("WARNING"):  # `run` keeps one checkpoint: a forgotten --resume_from_checkpoint lost it
+        main(tiny_args(unlabelled_folder, out, "--max_train_steps", "1", "--checkpointing_steps", "1"))
+    assert "holds checkpoints of an earlier run (the latest: checkpoint-2)" in caplog.text

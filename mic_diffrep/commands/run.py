@@ -315,6 +315,6 @@ def register(subparsers) -> None:
     add_slice_arguments(parser, unset="Default: a --config's value, else axis 2, every slice, empty slices skipped.")
     parser.add_argument("--resume_from_checkpoint", type=str, default=None,
                         help="Continue an interrupted run's pretraining: 'latest' (its last checkpoint, saved every "
-                             f"{RUN_CHECKPOINTING_STEPS} steps, by Ctrl-C and at a time-budget stop) or a "
+                             f"{RUN_CHECKPOINTING_STEPS} steps and by Ctrl-C or SIGTERM) or a "
                              "checkpoint folder; give the run's other settings again.")
     parser.set_defaults(func=run)

@@ -123,6 +123,12 @@ def resume_training_state(accelerator, output_dir: str, resume_from_checkpoint: 
     """Loads a checkpoint (a folder, or `"latest"` in `output_dir`); returns `(global_step, epoch, batches_done,
     totals)` (`totals`: what `save_training_state` recorded, empty for a new run or an older checkpoint)."""
     if not resume_from_checkpoint:
+        earlier = _latest_checkpoint(output_dir)
+        if earlier is not None:  # a forgotten --resume_from_checkpoint: say so before its work is pruned away
+            logger.warning("%s holds checkpoints of an earlier run (the latest: %s); this new run starts from step 0, "
+                           "replaces the model files there, and --checkpoints_total_limit prunes those checkpoints "
+                           "too. To continue the earlier run instead, stop and add --resume_from_checkpoint latest.",
+                           output_dir, os.path.basename(earlier))
         return 0, 0, 0, {}
     path = find_checkpoint(output_dir, resume_from_checkpoint)
     if path is None:
