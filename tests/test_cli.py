@@ -67,6 +67,21 @@ def test_run_predict_evaluate_end_to_end(tmp_path, capsys):
     recall = json.loads(capsys.readouterr().out, parse_constant=pytest.fail)["per_class_recall"]
     assert recall["meningioma"] is None and recall["glioma"] is not None
 
+    # Run again (as after a failure or Ctrl-C in the probe stage): the finished pretraining is reused, not redone
+    import mic_diffrep.commands.run as run_module
+
+    pretrain = run_module.pretrain
+    run_module.pretrain = lambda args: pytest.fail("pretrained again with the same data and settings")
+    try:
+        main(["run", "--config", str(config), "--output_dir", str(out)])
+    finally:
+        run_module.pretrain = pretrain
+    assert "reusing the finished run" in capsys.readouterr().out
+    again = json.loads((out / "report.json").read_text())
+    assert again["probe"]["msfa"]["test"]["all"] == report["probe"]["msfa"]["test"]["all"]
+    main(["run", "--config", str(config), "--output_dir", str(out), "--seed", "1"])  # other settings: pretrained
+    assert "Pretraining into" in capsys.readouterr().out
+
 
 def test_check_leakage_cli(tmp_path, capsys):
     main(["check-leakage", "--train", os.path.join(SAMPLE_DATA_DIR, "Training"),

@@ -20,7 +20,7 @@ from ..models.mic_diffrep.unet import UNET_PRESETS
 from ..probing import ProbeArguments, run_probe
 from ..probing.splits import check_carvable, check_test_classes
 from ..reporting.results import run_report_markdown
-from ..training import RECIPE_KEYS, PretrainingArguments, default_recipe, pretrain
+from ..training import RECIPE_KEYS, SUMMARY_FILE, PretrainingArguments, default_recipe, pretrain
 from ..utils import MIXED_PRECISION_CHOICES, check_value, command_line
 
 
@@ -208,6 +208,24 @@ def probe_arguments(config: dict) -> ProbeArguments:
         **{key: config[key] for key in _SHARED_DATA_KEYS})
 
 
+def finished_pretraining(args: PretrainingArguments) -> Optional[dict]:
+    """The summary of a finished pretraining run in `args.output_dir` made with the same data, settings and length
+    (which give the same weights), so that a `run` stopped or failed in its probe stage does not pretrain again;
+    else `None`."""
+    try:
+        with open(os.path.join(args.output_dir, SUMMARY_FILE), encoding="utf-8") as f:
+            summary = json.load(f)
+    except (OSError, ValueError):
+        return None
+    same = (os.path.isfile(os.path.join(args.output_dir, "model_index.json"))
+            and summary.get("stop_reason") in ("num_epochs", "max_train_steps")
+            and summary.get("settings") == args.checkpoint_settings()
+            and args.mixed_precision is not None and summary.get("mixed_precision") == args.mixed_precision
+            and (summary.get("num_epochs"), summary.get("max_train_steps")) == (args.num_epochs, args.max_train_steps)
+            and os.path.abspath(str(summary.get("train_data_dir"))) == os.path.abspath(args.train_data_dir))
+    return summary if same else None
+
+
 def run(namespace) -> dict:
     """The whole method: pretrain -> sample grid -> features -> SL sweep + MSFA -> evaluation -> model -> report."""
     config = run_config(namespace)
@@ -215,8 +233,13 @@ def run(namespace) -> dict:
     if namespace.resume_from_checkpoint:
         pretraining_args = replace(pretraining_args, resume_from_checkpoint=namespace.resume_from_checkpoint)
     check_run(config, pretraining_args, probe_args)
-    print(f"[1/2] Pretraining into {pretraining_args.output_dir}", flush=True)
-    pretraining = pretrain(pretraining_args)
+    pretraining = finished_pretraining(pretraining_args)
+    if pretraining is not None:
+        print(f"[1/2] Pretraining: reusing the finished run in {pretraining_args.output_dir} (the same data and "
+              f"settings give the same weights; another --output_dir pretrains anew)", flush=True)
+    else:
+        print(f"[1/2] Pretraining into {pretraining_args.output_dir}", flush=True)
+        pretraining = pretrain(pretraining_args)
     if pretraining["stop_reason"] == "interrupted":  # Ctrl-C: no probe of a half-trained model
         return pretraining
     print(f"[2/2] Linear probing into {probe_args.output_dir}", flush=True)

@@ -256,6 +256,9 @@ def training_summary(state: TrainingState, args, accelerator, decoded, splits, m
         "skipped_images": decoded.skipped,
         "resolution": args.resolution,
         "recipe": {key: getattr(args, key) for key in RECIPE_KEYS},
+        "settings": args.checkpoint_settings(),  # what decides the weights (with the data and the length)
+        "num_epochs": args.num_epochs,
+        "max_train_steps": args.max_train_steps,
         "num_parameters": sum(p.numel() for p in accelerator.unwrap_model(model).parameters()),
         "num_processes": accelerator.num_processes,
         "mixed_precision": accelerator.mixed_precision,
