@@ -398,3 +398,14 @@ def test_a_new_run_into_a_folder_of_checkpoints_says_they_will_go(unlabelled_fol
     with caplog.at_level("WARNING"):  # `run` keeps one checkpoint: a forgotten --resume_from_checkpoint lost it
         main(tiny_args(unlabelled_folder, out, "--max_train_steps", "1", "--checkpointing_steps", "1"))
     assert "holds checkpoints of an earlier run (the latest: checkpoint-2)" in caplog.text
+
+
+def test_latest_is_the_checkpoint_written_last_not_the_highest_step(unlabelled_folder, tmp_path):
+    """After a new run in a folder of an earlier run's checkpoints, "latest" resumed the earlier run (its higher
+    step), which a resume with the new run's settings then refused."""
+    out = str(tmp_path / "out")
+    main(tiny_args(unlabelled_folder, out, "--max_train_steps", "4", "--checkpointing_steps", "2"))
+    new_run = ["--max_train_steps", "4", "--learning_rate", "5e-4", "--checkpointing_steps", "1"]
+    main(tiny_args(unlabelled_folder, out, *new_run[:1], "1", *new_run[2:]))  # the new run stops at step 1
+    resumed = main(tiny_args(unlabelled_folder, out, *new_run, "--resume_from_checkpoint", "latest"))
+    assert resumed["global_step"] == 4 and resumed["recipe"]["learning_rate"] == 5e-4

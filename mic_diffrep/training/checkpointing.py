@@ -9,6 +9,7 @@ import logging
 import os
 import pickle
 import shutil
+import time
 from typing import Optional
 
 from safetensors import SafetensorError
@@ -17,13 +18,26 @@ from safetensors import SafetensorError
 logger = logging.getLogger(__name__)
 
 
+def _saved_at(checkpoint: str) -> float:
+    """When a checkpoint was written, as its training state records it (0 for older checkpoints; infinity for one
+    whose state cannot be read, so that resuming it reports the damage instead of passing over it)."""
+    try:
+        with open(os.path.join(checkpoint, "training_state.json"), encoding="utf-8") as f:
+            return float(json.load(f).get("saved_at", 0.0))
+    except (OSError, ValueError, TypeError, AttributeError):
+        return float("inf")
+
+
 def _latest_checkpoint(output_dir: str) -> Optional[str]:
+    """The checkpoint written last (`"latest"`): after a new run in a folder of an earlier run's checkpoints, the new
+    run's, whatever their steps; among older checkpoints that recorded no time, the highest step."""
     if not os.path.isdir(output_dir):
         return None
     names = [d for d in os.listdir(output_dir) if d.startswith("checkpoint-") and d.split("-", 1)[1].isdigit()]
     if not names:
         return None
-    return os.path.join(output_dir, max(names, key=lambda d: int(d.split("-", 1)[1])))
+    return max((os.path.join(output_dir, d) for d in names),
+               key=lambda path: (_saved_at(path), int(path.rsplit("-", 1)[1])))
 
 
 def _prune_checkpoints(output_dir: str, limit: Optional[int], keep: Optional[str] = None) -> None:
@@ -78,7 +92,7 @@ def save_training_state(accelerator, output_dir: str, global_step: int, epoch: i
         with open(os.path.join(tmp, "training_state.json"), "w", encoding="utf-8") as f:
             json.dump({"global_step": global_step, "epoch": epoch, "batches_done": batches_done,
                        "num_processes": accelerator.num_processes, "totals": totals or {},
-                       "settings": settings or {}}, f)
+                       "settings": settings or {}, "saved_at": time.time()}, f)
         _replace_dir(tmp, final)
         _prune_checkpoints(output_dir, total_limit, keep=os.path.basename(final))
         logger.info("Saved checkpoint %s", final)
