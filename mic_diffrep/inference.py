@@ -23,11 +23,12 @@ from transformers import AutoConfig, AutoImageProcessor, AutoModelForImageClassi
 from .data import (SEARCHED_EXTENSIONS, TEST_IMAGES_FILE, SliceSelection, check_labelled, decode_images,
                    find_image_files, load_image_folder, pixels_to_model_input, read_image_list, relative_image_id,
                    select_splits)
+from .data.decoding import source_file
 from .data.medical import slice_selection
 from .models.mic_diffrep import MicDiffRepForImageClassification, MicDiffRepImageProcessor
 from .models.mic_diffrep.preprocessing import undecoded_images
 from .reporting.metrics import classification_report
-from .utils import precision_dtype
+from .utils import error_summary, precision_dtype
 
 
 logger = logging.getLogger(__name__)
@@ -51,9 +52,8 @@ def load_classifier(model_dir: str, mixed_precision: Optional[str] = None):
         model = AutoModelForImageClassification.from_pretrained(model_dir, dtype=precision_dtype(mixed_precision))
         processor = AutoImageProcessor.from_pretrained(model_dir)
     except (OSError, SafetensorError) as error:  # a missing, truncated or broken file of the folder
-        first_line = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
-        raise ValueError(f"Model folder {model_dir!r} cannot be loaded ({type(error).__name__}: {first_line}); "
-                         f"is it complete? Train it again with `mic-diffrep probe` or copy it anew.") from error
+        raise ValueError(f"Model folder {model_dir!r} cannot be loaded ({error_summary(error)}); is it complete? "
+                         f"Train it again with `mic-diffrep probe` or copy it anew.") from error
     if not isinstance(model, MicDiffRepForImageClassification) or not isinstance(processor, MicDiffRepImageProcessor):
         raise ValueError(f"{model_dir!r} is not a MicDiffRep classifier folder.")
     return model.eval(), processor
@@ -155,7 +155,7 @@ def evaluate_folder(model_dir: str, data_dir: str, splits: Optional[Union[str, S
     if wanted:
         ids, wanted = [relative_image_id(path, data_dir) for path in decoded.paths], set(wanted)
         skipped = {relative_image_id(item["path"], data_dir) for item in decoded.skipped}
-        missing = sorted(image_id for image_id in wanted - set(ids) if image_id.partition("#slice=")[0] not in skipped)
+        missing = sorted(image_id for image_id in wanted - set(ids) if source_file(image_id) not in skipped)
         if missing:
             raise ValueError(f"--image_list {image_list}: {len(missing)} listed slice(s) are not among the slices "
                              f"read from their files (e.g. {missing[0]!r}); pass the slice flags the list was "
@@ -178,7 +178,7 @@ def _listed_files(dataset, data_dir: str, wanted: Sequence[str], image_list: str
     there."""
     files = [relative_image_id(item["path"], data_dir) if item.get("path") else None
              for item in undecoded_images(dataset)["image"]]
-    listed = {image_id.partition("#slice=")[0] for image_id in wanted}
+    listed = {source_file(image_id) for image_id in wanted}
     missing = sorted(listed - set(files))
     if missing:
         raise ValueError(f"--image_list {image_list}: {len(missing)} listed file(s) are not in {data_dir} (e.g. "

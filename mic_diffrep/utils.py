@@ -147,6 +147,12 @@ def _warn_unused_cores(num_processes: int) -> None:
             os.environ["OMP_NUM_THREADS"], per_process)
 
 
+def error_summary(error: BaseException) -> str:
+    """`"TypeName: first line of the message"`, for one-line errors that wrap another."""
+    lines = str(error).strip().splitlines()
+    return f"{type(error).__name__}: {lines[0]}" if lines else type(error).__name__
+
+
 def check_writable(folder: str, flag: str, path: str) -> None:
     """Fails with a `ValueError` naming `flag` when no file can be written into `folder` (before the work, not after
     it)."""
@@ -198,8 +204,8 @@ def _other_kind_held(path: str, kind: str) -> Optional[str]:
 @contextlib.contextmanager
 def output_folder(path: str, flag: str = "--output_dir", kind: Optional[str] = None):
     """Creates `path` for a run's outputs, after checking it is a folder that can be written (and, with `kind`
-    `"pipeline"`, `"model"` or `"baseline"`, not a folder of another kind of model); if the run fails before writing anything
-    there, the empty folder it created is removed again, so a failed run leaves nothing behind."""
+    `"pipeline"`, `"model"` or `"baseline"`, not a folder of another kind of model); if the run fails before writing
+    anything there, the empty folder it created is removed again, so a failed run leaves nothing behind."""
     if os.path.exists(path) and not os.path.isdir(path):
         raise ValueError(f"{flag} {path} is a file; give a folder.")
     held = kind and os.path.isdir(path) and _other_kind_held(path, kind)

@@ -188,7 +188,8 @@ def test_run_recipe_defaults_are_the_pretraining_and_feature_defaults():
 def test_run_recipe_flags_override_the_defaults():
     from mic_diffrep.commands.run import pretraining_arguments, probe_arguments, run_config
 
-    namespace = build_parser().parse_args(["run", "--timestep_power", "1", "--intensity_jitter", "--unet_dropout", "0.1",
+    namespace = build_parser().parse_args(["run", "--timestep_power", "1", "--intensity_jitter",
+                                           "--unet_dropout", "0.1",
                                            "--lr_scheduler", "linear", "--num_noise_samples", "2",
                                            "--flip_average"])
     config = run_config(namespace)

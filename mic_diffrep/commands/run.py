@@ -293,9 +293,8 @@ def register(subparsers) -> None:
     for name in RECIPE_KEYS:
         default = RUN_DEFAULTS[name]
         kind = {"learning_rate": float, "timestep_power": float, "random_crop_scale": float, "unet_dropout": float,
-                "lr_warmup_steps": int,
-                "max_train_timestep": int, "lr_scheduler": str, "ddpm_beta_schedule": str,
-                "snr_gamma": float}.get(name)
+                "snr_gamma": float, "lr_warmup_steps": int, "max_train_timestep": int, "lr_scheduler": str,
+                "ddpm_beta_schedule": str}.get(name)
         help_text = f"{recipe_help[name]} (default {default})"
         if kind is None:  # switches, each with its --no_ form (a --config file may turn it on)
             parser.add_argument(f"--{name}", action="store_const", const=True, default=None, help=help_text)

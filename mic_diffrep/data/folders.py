@@ -25,6 +25,7 @@ from typing import Dict, List, Optional, Sequence
 from datasets import ClassLabel, Dataset, DatasetDict, Features, Image, concatenate_datasets, load_dataset
 
 from ..models.mic_diffrep.preprocessing import has_dicom_preamble
+from .decoding import source_file
 from .medical import MEDICAL_EXTENSIONS, is_medical_file
 
 
@@ -232,8 +233,8 @@ def relative_image_id(image_id: str, root: str) -> str:
     'glioma/scan.nii.gz#slice=12'
     ```
     """
-    path, marker, slice_index = image_id.partition("#slice=")
-    return os.path.relpath(path, root).replace(os.sep, "/") + marker + slice_index
+    path = source_file(image_id)
+    return os.path.relpath(path, root).replace(os.sep, "/") + image_id[len(path):]
 
 
 def write_image_list(path: str, image_ids: Sequence[str], root: str, comment: str) -> None:

@@ -6,7 +6,7 @@ import numpy as np
 import torch
 
 from .fingerprints import DEFAULT_THRESHOLD, _check_fingerprints, mirror_fingerprints
-from .search import _check_block_size, _check_threshold, _similarity_block
+from .search import _check_block_size, _similarity_block, check_threshold
 
 
 def _compress(parent: np.ndarray) -> None:
@@ -74,7 +74,7 @@ def duplicate_groups(
         `np.ndarray` of int64 group ids, numbered 0, 1, ... in order of each group's first image.
     """
     fingerprints = _check_fingerprints(fingerprints, "fingerprints")
-    _check_threshold(threshold)
+    check_threshold(threshold)
     _check_block_size(block_size)
     num_images = len(fingerprints)
     if keys is not None and len(keys) != num_images:

@@ -11,7 +11,7 @@ import numpy as np
 from ..data.decoding import DecodedImages
 from .fingerprints import DEFAULT_THRESHOLD, exact_keys, fingerprint_images
 from .groups import duplicate_groups
-from .search import _check_threshold, find_near_duplicates, pair_similarity
+from .search import check_threshold, find_near_duplicates, pair_similarity
 
 
 def _label_name(images: DecodedImages, index: int) -> Optional[Union[str, int]]:
@@ -115,7 +115,7 @@ def check_leakage(
             f"`test` pixels have shape {tuple(test.pixels.shape[1:])} but `train` pixels have "
             f"{tuple(train.pixels.shape[1:])}; decode both at the same resolution so exact duplicates can be compared."
         )
-    _check_threshold(threshold)
+    check_threshold(threshold)
     train_fp, test_fp = fingerprint_images(train.pixels), fingerprint_images(test.pixels)
     train_index: Dict[str, int] = {}
     for index, key in enumerate(exact_keys(train.pixels)):
@@ -218,7 +218,7 @@ def within_duplicates(
         raise ValueError(f"`images` must be `DecodedImages` (from `decode_images`), got {type(images).__name__}.")
     if len(images) == 0:
         raise ValueError("`images` holds no images.")
-    _check_threshold(threshold)
+    check_threshold(threshold)
     keys = exact_keys(images.pixels)
     group_ids = duplicate_groups(
         fingerprint_images(images.pixels), threshold, block_size=block_size, keys=keys, mirror=mirror

@@ -8,11 +8,12 @@ import torch
 from .fingerprints import DEFAULT_THRESHOLD, _check_fingerprints, mirror_fingerprints
 
 
-def _check_threshold(threshold, allow_none: bool = False) -> None:
+def check_threshold(threshold, allow_none: bool = False, name: str = "threshold") -> None:
+    """Fails with a `ValueError` naming setting `name` unless `threshold` is a cosine similarity in [-1, 1]."""
     if threshold is None and allow_none:
         return
     if isinstance(threshold, bool) or not isinstance(threshold, (int, float)) or not -1.0 <= threshold <= 1.0:
-        raise ValueError(f"`threshold` must be a cosine similarity in [-1, 1], got {threshold!r}.")
+        raise ValueError(f"`{name}` must be a cosine similarity in [-1, 1], got {threshold!r}.")
 
 
 def _check_block_size(block_size) -> None:
@@ -72,7 +73,7 @@ def find_near_duplicates(
             f"`reference_fp` has {reference_fp.shape[1]} dimensions but `query_fp` has {query_fp.shape[1]}; "
             f"compute both with the same `fingerprint_images` settings."
         )
-    _check_threshold(threshold, allow_none=True)
+    check_threshold(threshold, allow_none=True)
     _check_block_size(block_size)
     mirrored_fp = mirror_fingerprints(query_fp) if mirror else None
     num_queries, num_refs = len(query_fp), len(reference_fp)

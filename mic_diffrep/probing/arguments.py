@@ -5,6 +5,7 @@ from typing import List, Optional
 
 from ..data.medical import SLICE_FLAG_HELP, SliceSelection, slice_selection
 from ..features.arguments import FeatureArguments
+from ..leakage.search import check_threshold
 
 
 @dataclass(kw_only=True)
@@ -63,9 +64,7 @@ class ProbeArguments(FeatureArguments):
         super().__post_init__()
         if not 0 < self.validation_split < 1 or not 0 < self.test_split < 1:
             raise ValueError("`validation_split` and `test_split` must be in (0, 1).")
-        if self.duplicate_threshold is not None and not -1 <= self.duplicate_threshold <= 1:  # before any decoding
-            raise ValueError(f"`duplicate_threshold` must be a cosine similarity in [-1, 1], got "
-                             f"{self.duplicate_threshold!r}.")
+        check_threshold(self.duplicate_threshold, allow_none=True, name="duplicate_threshold")  # before any decoding
         self.slices  # checks the slice flags
 
     @property

@@ -14,17 +14,30 @@ from typing import Optional
 
 from safetensors import SafetensorError
 
+from ..utils import error_summary
+
 
 logger = logging.getLogger(__name__)
+
+
+TRAINING_STATE_FILE = "training_state.json"
+
+
+def _read_training_state(checkpoint: str) -> dict:
+    """The `training_state.json` of a checkpoint; raises `OSError` / `ValueError` / `TypeError` / `KeyError` when it
+    cannot be read or lacks where the run was."""
+    with open(os.path.join(checkpoint, TRAINING_STATE_FILE), encoding="utf-8") as f:
+        state = json.load(f)
+    int(state["global_step"]), int(state["epoch"]), int(state["batches_done"])
+    return state
 
 
 def _saved_at(checkpoint: str) -> float:
     """When a checkpoint was written, as its training state records it (0 for older checkpoints; infinity for one
     whose state cannot be read, so that resuming it reports the damage instead of passing over it)."""
     try:
-        with open(os.path.join(checkpoint, "training_state.json"), encoding="utf-8") as f:
-            return float(json.load(f).get("saved_at", 0.0))
-    except (OSError, ValueError, TypeError, AttributeError):
+        return float(_read_training_state(checkpoint).get("saved_at", 0.0))
+    except (OSError, ValueError, TypeError, KeyError):
         return float("inf")
 
 
@@ -89,7 +102,7 @@ def save_training_state(accelerator, output_dir: str, global_step: int, epoch: i
     accelerator.wait_for_everyone()
     accelerator.save_state(tmp)
     if accelerator.is_main_process:
-        with open(os.path.join(tmp, "training_state.json"), "w", encoding="utf-8") as f:
+        with open(os.path.join(tmp, TRAINING_STATE_FILE), "w", encoding="utf-8") as f:
             json.dump({"global_step": global_step, "epoch": epoch, "batches_done": batches_done,
                        "num_processes": accelerator.num_processes, "totals": totals or {},
                        "settings": settings or {}, "saved_at": time.time()}, f)
@@ -111,14 +124,11 @@ def check_checkpoint(path: str, settings: Optional[dict] = None) -> dict:
     """The training state of checkpoint `path`, after checking it can be read and, when it recorded them, that it was
     written with `settings` (those a resumed run cannot change: model, data, data order, optimisation); a
     `ValueError` names what differs, before any data is decoded."""
-    state_file = os.path.join(path, "training_state.json")
-    if not os.path.isfile(state_file):
+    if not os.path.isfile(os.path.join(path, TRAINING_STATE_FILE)):
         raise FileNotFoundError(f"`resume_from_checkpoint` {path!r} is not a checkpoint folder (it has no "
-                                f"training_state.json).")
+                                f"{TRAINING_STATE_FILE}).")
     try:
-        with open(state_file, encoding="utf-8") as f:
-            state = json.load(f)
-        int(state["global_step"]), int(state["epoch"]), int(state["batches_done"])
+        state = _read_training_state(path)
     except (OSError, ValueError, TypeError, KeyError) as error:
         raise ValueError(f"`resume_from_checkpoint` {path!r}: its training_state.json cannot be read ({error}); the "
                          f"checkpoint is damaged: resume from an earlier one or start a new run.") from None
@@ -132,10 +142,11 @@ def check_checkpoint(path: str, settings: Optional[dict] = None) -> dict:
     return state
 
 
-def resume_training_state(accelerator, output_dir: str, resume_from_checkpoint: Optional[str],
-                          settings: Optional[dict] = None):
+def resume_training_state(accelerator, output_dir: str, resume_from_checkpoint: Optional[str]):
     """Loads a checkpoint (a folder, or `"latest"` in `output_dir`); returns `(global_step, epoch, batches_done,
-    totals)` (`totals`: what `save_training_state` recorded, empty for a new run or an older checkpoint)."""
+    totals)` (`totals`: what `save_training_state` recorded, empty for a new run or an older checkpoint). Its
+    settings were compared with the run's by the run's arguments (`CommonPretrainingArguments`), before any data was
+    decoded."""
     if not resume_from_checkpoint:
         earlier = _latest_checkpoint(output_dir)
         if earlier is not None:  # a forgotten --resume_from_checkpoint: say so before its work is pruned away
@@ -151,7 +162,7 @@ def resume_training_state(accelerator, output_dir: str, resume_from_checkpoint: 
         return 0, 0, 0, {}
     if not os.path.isdir(path):
         raise FileNotFoundError(f"`resume_from_checkpoint` {path!r} is not a checkpoint folder.")
-    state = check_checkpoint(path, settings)
+    state = check_checkpoint(path)
     # The learning-rate schedule steps once per process and the data is sharded per process: resumed on another
     # number of processes, the schedule would run past its end (or stop short) and the data order would not resume.
     saved_processes = state.get("num_processes", accelerator.num_processes)  # not recorded by older checkpoints
@@ -165,11 +176,10 @@ def resume_training_state(accelerator, output_dir: str, resume_from_checkpoint: 
     except (RuntimeError, KeyError, OSError, EOFError, SafetensorError, pickle.UnpicklingError) as error:
         # a truncated or missing file (torch: "PytorchStreamReader failed ..." is a RuntimeError), or, from a
         # checkpoint that recorded no settings, another model or optimizer
-        first_line = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
         raise ValueError(f"`resume_from_checkpoint` {path!r} cannot be loaded: a file of it is damaged or missing, "
-                         f"or it was written with other settings (model, --use_ema, optimizer) ({type(error).__name__}: "
-                         f"{first_line}). It is left as it is: resume from an earlier checkpoint or start a new run.") \
-            from error
+                         f"or it was written with other settings (model, --use_ema, optimizer) "
+                         f"({error_summary(error)}). It is left as it is: resume from an earlier checkpoint or start "
+                         f"a new run.") from error
     return state["global_step"], state["epoch"], state["batches_done"], state.get("totals", {})
 
 

@@ -212,8 +212,8 @@ def train(accelerator, model, loader, dataset, optimizer, lr_scheduler, args: Co
         end_of_epoch (`Callable[[TrainingState, bool], None]`): after each epoch but an interrupted one (sample
             grids, saving); the flag says whether it is the last one.
     """
-    global_step, first_epoch, resume_batches, totals = resume_training_state(
-        accelerator, args.output_dir, args.resume_from_checkpoint, args.checkpoint_settings())
+    global_step, first_epoch, resume_batches, totals = resume_training_state(accelerator, args.output_dir,
+                                                                             args.resume_from_checkpoint)
     state = TrainingState(global_step=global_step, epoch=first_epoch, images_seen=totals.get("images_seen", 0),
                           train_seconds=totals.get("train_seconds", 0.0),
                           last_loss=totals.get("last_loss", float("nan")))
@@ -224,10 +224,8 @@ def train(accelerator, model, loader, dataset, optimizer, lr_scheduler, args: Co
         logger.warning("The checkpoint resumed is at step %d and the run has %d steps: nothing left to train; saving "
                        "its weights.", global_step, max_train_steps)
         state.stop_reason = "max_train_steps"
-        progress.close()
+        first_epoch = num_epochs  # no epoch: the weights are saved as after the last one
         end_of_epoch(state, True)
-        accelerator.wait_for_everyone()
-        return state
     try:
         with _Interrupt() as interrupt:
             for epoch in range(first_epoch, num_epochs):
