@@ -126,9 +126,9 @@ def run_pretraining(method: str, argv: List[str]) -> dict:
 
 # Settings that say where a run writes or how long it runs, not what it learns: left out of `training_settings`.
 _OUTPUT_SETTINGS = {"output_dir", "cache_dir", "logger", "logging_dir", "save_images_epochs", "save_model_epochs",
-                    "checkpointing_steps", "checkpoints_total_limit", "resume_from_checkpoint", "max_train_steps",
-                    "dataloader_num_workers", "eval_batch_size", "sample_scheduler", "ddpm_num_inference_steps",
-                    "push_to_hub", "hub_model_id", "hub_token", "hub_private_repo"}
+                    "checkpointing_steps", "checkpoints_total_limit", "resume_from_checkpoint", "overwrite_output_dir",
+                    "max_train_steps", "dataloader_num_workers", "eval_batch_size", "sample_scheduler",
+                    "ddpm_num_inference_steps", "push_to_hub", "hub_model_id", "hub_token", "hub_private_repo"}
 
 
 def training_settings(method: str, argv: Sequence[str]) -> Dict:

@@ -272,6 +272,30 @@ def test_run_switches_turn_off_and_an_interrupted_run_resumes(tmp_path, monkeypa
     assert (seen[0].checkpointing_steps, seen[0].checkpoints_total_limit) == (run_module.RUN_CHECKPOINTING_STEPS, 1)
 
 
+def test_run_refuses_to_pretrain_anew_over_an_interrupted_runs_checkpoint(tmp_path, monkeypatch, capsys):
+    """Run again without --resume_from_checkpoint after Ctrl-C, `run` pretrained from step 0 and its checkpoint limit
+    of 1 deleted the interrupted run's checkpoint."""
+    from mic_diffrep.commands import run as run_module
+
+    checkpoint = tmp_path / "out" / "pretrain" / "checkpoint-1000"
+    checkpoint.mkdir(parents=True)
+    (checkpoint / "training_state.json").write_text(json.dumps({"global_step": 1000, "epoch": 5, "batches_done": 3}))
+    monkeypatch.setattr(run_module, "pretrain", lambda args: pytest.fail("pretrained over the checkpoint"))
+    monkeypatch.setattr(run_module, "check_run", lambda *args: pytest.fail("read the test images first"))
+    with pytest.raises(SystemExit) as error:
+        main(["run", "--output_dir", str(tmp_path / "out")])
+    message = capsys.readouterr().err
+    assert error.value.code == 2 and "checkpoint-1000" in message and "--overwrite_output_dir" in message
+    assert checkpoint.is_dir()
+
+    seen = []
+    monkeypatch.setattr(run_module, "check_run", lambda *args: None)
+    monkeypatch.setattr(run_module, "pretrain", lambda args: seen.append(args) or {"stop_reason": "interrupted"})
+    with pytest.raises(SystemExit):
+        main(["run", "--output_dir", str(tmp_path / "out"), "--overwrite_output_dir"])
+    assert seen[0].overwrite_output_dir and seen[0].resume_from_checkpoint is None
+
+
 def test_run_checks_the_test_split_before_pretraining(kaggle_folder, tmp_path, capsys, monkeypatch):
     """A test class without training images or an unreadable test image failed the probe, after pretraining."""
     monkeypatch.setattr("mic_diffrep.commands.run.pretrain", lambda args: pytest.fail("pretrained before the check"))

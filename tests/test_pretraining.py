@@ -300,7 +300,7 @@ def test_a_new_checkpoint_is_kept_beside_an_earlier_runs_higher_one(unlabelled_f
     out = tmp_path / "out"
     (out / "checkpoint-3000").mkdir(parents=True)
     main(tiny_args(unlabelled_folder, str(out), "--max_train_steps", "2", "--checkpointing_steps", "1",
-                   "--checkpoints_total_limit", "1"))
+                   "--checkpoints_total_limit", "1", "--overwrite_output_dir"))
     assert sorted(d for d in os.listdir(out) if d.startswith("checkpoint-")) == ["checkpoint-2"]
 
 
@@ -392,12 +392,33 @@ def test_sigterm_saves_a_checkpoint_as_ctrl_c_does():
     assert signal.getsignal(signal.SIGTERM) is before
 
 
-def test_a_new_run_into_a_folder_of_checkpoints_says_they_will_go(unlabelled_folder, tmp_path, caplog):
+def test_a_new_run_into_a_folder_of_checkpoints_is_refused_without_overwrite_output_dir(unlabelled_folder, tmp_path,
+                                                                                         caplog, monkeypatch):
+    """A new run into a folder of an earlier run's checkpoints only warned, then replaced its weights and pruned its
+    checkpoints (`run` keeps one): a forgotten --resume_from_checkpoint after Ctrl-C lost the interrupted run."""
     out = str(tmp_path / "out")
     main(tiny_args(unlabelled_folder, out, "--max_train_steps", "2", "--checkpointing_steps", "2"))
-    with caplog.at_level("WARNING"):  # `run` keeps one checkpoint: a forgotten --resume_from_checkpoint lost it
-        main(tiny_args(unlabelled_folder, out, "--max_train_steps", "1", "--checkpointing_steps", "1"))
-    assert "holds checkpoints of an earlier run (the latest: checkpoint-2)" in caplog.text
+    weights = os.path.join(out, "unet", "diffusion_pytorch_model.safetensors")
+    with open(weights, "rb") as f:
+        before = f.read()
+
+    def decode(*args, **kwargs):
+        raise AssertionError("the images were decoded before the output folder was checked")
+
+    with monkeypatch.context() as patch:
+        patch.setattr("mic_diffrep.training.diffusion.load_training_images", decode)
+        with pytest.raises(ValueError, match="holds checkpoints of an earlier run \\(the latest: checkpoint-2\\)"
+                                             ".*--resume_from_checkpoint latest.*--overwrite_output_dir"):
+            main(tiny_args(unlabelled_folder, out, "--max_train_steps", "1", "--checkpointing_steps", "1",
+                           "--checkpoints_total_limit", "1"))
+    with open(weights, "rb") as f:
+        assert f.read() == before
+    assert sorted(d for d in os.listdir(out) if d.startswith("checkpoint-")) == ["checkpoint-2"]
+    with caplog.at_level("WARNING"):
+        summary = main(tiny_args(unlabelled_folder, out, "--max_train_steps", "1", "--checkpointing_steps", "1",
+                                 "--checkpoints_total_limit", "1", "--overwrite_output_dir"))
+    assert summary["global_step"] == 1 and "with --overwrite_output_dir this new run starts from step 0" in caplog.text
+    assert sorted(d for d in os.listdir(out) if d.startswith("checkpoint-")) == ["checkpoint-1"]
 
 
 def test_latest_is_the_checkpoint_written_last_not_the_highest_step(unlabelled_folder, tmp_path):
@@ -406,6 +427,6 @@ def test_latest_is_the_checkpoint_written_last_not_the_highest_step(unlabelled_f
     out = str(tmp_path / "out")
     main(tiny_args(unlabelled_folder, out, "--max_train_steps", "4", "--checkpointing_steps", "2"))
     new_run = ["--max_train_steps", "4", "--learning_rate", "5e-4", "--checkpointing_steps", "1"]
-    main(tiny_args(unlabelled_folder, out, *new_run[:1], "1", *new_run[2:]))  # the new run stops at step 1
+    main(tiny_args(unlabelled_folder, out, *new_run[:1], "1", *new_run[2:], "--overwrite_output_dir"))  # stops at 1
     resumed = main(tiny_args(unlabelled_folder, out, *new_run, "--resume_from_checkpoint", "latest"))
     assert resumed["global_step"] == 4 and resumed["recipe"]["learning_rate"] == 5e-4

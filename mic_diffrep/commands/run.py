@@ -21,6 +21,7 @@ from ..probing import ProbeArguments, run_probe
 from ..probing.splits import check_carvable, check_test_classes
 from ..reporting.results import run_report_markdown
 from ..training import RECIPE_KEYS, SUMMARY_FILE, PretrainingArguments, default_recipe, pretrain
+from ..training.checkpointing import check_new_run
 from ..utils import MIXED_PRECISION_CHOICES, check_value, command_line
 
 
@@ -230,10 +231,14 @@ def run(namespace) -> dict:
     """The whole method: pretrain -> sample grid -> features -> SL sweep + MSFA -> evaluation -> model -> report."""
     config = run_config(namespace)
     pretraining_args, probe_args = pretraining_arguments(config), probe_arguments(config)
-    if namespace.resume_from_checkpoint:
-        pretraining_args = replace(pretraining_args, resume_from_checkpoint=namespace.resume_from_checkpoint)
-    check_run(config, pretraining_args, probe_args)
+    if namespace.resume_from_checkpoint or namespace.overwrite_output_dir:
+        pretraining_args = replace(pretraining_args, resume_from_checkpoint=namespace.resume_from_checkpoint,
+                                   overwrite_output_dir=namespace.overwrite_output_dir)
     pretraining = finished_pretraining(pretraining_args)
+    if pretraining is None:  # refused before the test images are read, not after
+        check_new_run(pretraining_args.output_dir, pretraining_args.resume_from_checkpoint,
+                      pretraining_args.overwrite_output_dir)
+    check_run(config, pretraining_args, probe_args)
     if pretraining is not None:
         print(f"[1/2] Pretraining: reusing the finished run in {pretraining_args.output_dir} (the same data and "
               f"settings give the same weights; another --output_dir pretrains anew)", flush=True)
@@ -339,4 +344,8 @@ def register(subparsers) -> None:
                         help="Continue an interrupted run's pretraining: 'latest' (its last checkpoint, saved every "
                              f"{RUN_CHECKPOINTING_STEPS} steps and by Ctrl-C or SIGTERM) or a "
                              "checkpoint folder; give the run's other settings again.")
+    parser.add_argument("--overwrite_output_dir", action="store_true",
+                        help="Pretrain anew in an --output_dir whose pretrain/ folder holds an earlier run's "
+                             "checkpoint (refused without it: add --resume_from_checkpoint latest to continue that "
+                             "run); a finished pretraining of the same settings is reused either way.")
     parser.set_defaults(func=run)

@@ -33,9 +33,9 @@ from .checkpointing import check_checkpoint, find_checkpoint
 # others decide the model, the data, its order and the optimisation, which the checkpoint continues: a checkpoint
 # records them and is refused by a run with others.
 RESUMABLE_CHANGES = frozenset({
-    "train_data_dir", "output_dir", "resume_from_checkpoint", "cache_dir", "dataloader_num_workers", "skip_bad_images",
-    "num_epochs", "max_train_steps", "time_budget_minutes", "mixed_precision", "channels_last", "checkpointing_steps",
-    "checkpoints_total_limit", "logger", "logging_dir", "save_images_epochs", "save_model_epochs", "eval_batch_size",
+    "train_data_dir", "output_dir", "resume_from_checkpoint", "overwrite_output_dir", "cache_dir",
+    "dataloader_num_workers", "skip_bad_images", "num_epochs", "max_train_steps", "time_budget_minutes",
+    "mixed_precision", "channels_last", "checkpointing_steps", "checkpoints_total_limit", "logger", "logging_dir", "save_images_epochs", "save_model_epochs", "eval_batch_size",
     "sample_scheduler", "ddpm_num_inference_steps", "push_to_hub", "hub_model_id", "hub_token", "hub_private_repo"})
 
 
@@ -106,6 +106,9 @@ class CommonPretrainingArguments:
     checkpoints_total_limit: Optional[int] = field(default=None, metadata={"help": "Keep at most this many checkpoints."})
     resume_from_checkpoint: Optional[str] = field(default=None, metadata={
         "help": 'Resume from a checkpoint folder, or "latest" for the newest one in --output_dir.'})
+    overwrite_output_dir: bool = field(default=False, metadata={
+        "help": "Start a new run in an --output_dir holding an earlier run's checkpoints (refused without it, so a "
+                "forgotten --resume_from_checkpoint loses nothing); the new run's checkpoints replace or prune them."})
     logger: Literal["tensorboard", "wandb", "none"] = field(default="tensorboard", metadata={
         "help": "Experiment tracker."})
     logging_dir: str = field(default="logs", metadata={"help": "Tracker folder, relative to --output_dir."})

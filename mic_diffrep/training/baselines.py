@@ -19,6 +19,7 @@ import torch
 from ..models.baselines import create_baseline, save_baseline
 from ..utils import environment_info, output_folder, peak_memory_mb, tracker_config
 from .arguments import BaselinePretrainingArguments
+from .checkpointing import check_new_run
 from .loop import TrainingState, load_training_images, make_accelerator, make_dataloader, plan_schedule, train
 
 
@@ -29,6 +30,7 @@ def pretrain_baseline(args: BaselinePretrainingArguments) -> dict:
     """Pretrains `args.method` and writes its folder; returns the summary also written to
     `pretraining_summary.json`."""
     with output_folder(args.output_dir, kind="baseline"):
+        check_new_run(args.output_dir, args.resume_from_checkpoint, args.overwrite_output_dir)
         return _pretrain_baseline(args)
 
 

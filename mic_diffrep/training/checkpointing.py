@@ -142,6 +142,18 @@ def check_checkpoint(path: str, settings: Optional[dict] = None) -> dict:
     return state
 
 
+def check_new_run(output_dir: str, resume_from_checkpoint: Optional[str], overwrite_output_dir: bool) -> None:
+    """Refuses a new run (no `--resume_from_checkpoint`) in an `output_dir` holding an earlier run's checkpoints,
+    unless `--overwrite_output_dir` says to start over: its checkpoints would be replaced or pruned, and a forgotten
+    `--resume_from_checkpoint` (after Ctrl-C, whose message asks for it) lost hours of training."""
+    earlier = None if resume_from_checkpoint or overwrite_output_dir else _latest_checkpoint(output_dir)
+    if earlier is not None:
+        raise ValueError(f"{output_dir} holds checkpoints of an earlier run (the latest: "
+                         f"{os.path.basename(earlier)}). Continue that run with --resume_from_checkpoint latest, start "
+                         f"over there with --overwrite_output_dir (its checkpoints are then replaced or pruned), or "
+                         f"give another --output_dir; nothing was changed.")
+
+
 def resume_training_state(accelerator, output_dir: str, resume_from_checkpoint: Optional[str]):
     """Loads a checkpoint (a folder, or `"latest"` in `output_dir`); returns `(global_step, epoch, batches_done,
     totals)` (`totals`: what `save_training_state` recorded, empty for a new run or an older checkpoint). Its
@@ -149,11 +161,10 @@ def resume_training_state(accelerator, output_dir: str, resume_from_checkpoint: 
     decoded."""
     if not resume_from_checkpoint:
         earlier = _latest_checkpoint(output_dir)
-        if earlier is not None:  # a forgotten --resume_from_checkpoint: say so before its work is pruned away
-            logger.warning("%s holds checkpoints of an earlier run (the latest: %s); this new run starts from step 0, "
-                           "replaces the model files there, and --checkpoints_total_limit prunes those checkpoints "
-                           "too. To continue the earlier run instead, stop and add --resume_from_checkpoint latest.",
-                           output_dir, os.path.basename(earlier))
+        if earlier is not None:  # --overwrite_output_dir (`check_new_run` refuses it otherwise)
+            logger.warning("%s holds checkpoints of an earlier run (the latest: %s); with --overwrite_output_dir this "
+                           "new run starts from step 0, replaces the model files there, and its checkpoints replace "
+                           "or prune those.", output_dir, os.path.basename(earlier))
         return 0, 0, 0, {}
     path = find_checkpoint(output_dir, resume_from_checkpoint)
     if path is None:

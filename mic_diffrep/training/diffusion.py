@@ -29,7 +29,7 @@ from ..reporting.hub import create_hub_repo, default_repo_id, push_pipeline_to_h
 from ..reporting.model_card import write_pipeline_card
 from ..utils import command_line, environment_info, output_folder, peak_memory_mb, tracker_config
 from .arguments import RECIPE_KEYS, PretrainingArguments
-from .checkpointing import save_pipeline
+from .checkpointing import check_new_run, save_pipeline
 from .loop import TrainingState, load_training_images, make_accelerator, make_dataloader, plan_schedule, train
 
 
@@ -149,6 +149,7 @@ def save_sample_grid(pipeline: DiffusionFeaturePipeline, args: PretrainingArgume
 def pretrain(args: PretrainingArguments) -> dict:
     """Pretrains and writes the pipeline folder; returns the summary also written to `pretraining_summary.json`."""
     with output_folder(args.output_dir, kind="pipeline"):
+        check_new_run(args.output_dir, args.resume_from_checkpoint, args.overwrite_output_dir)
         return _pretrain(args)
 
 
