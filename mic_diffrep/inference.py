@@ -21,8 +21,8 @@ from safetensors import SafetensorError
 from transformers import AutoConfig, AutoImageProcessor, AutoModelForImageClassification
 
 from .data import (SEARCHED_EXTENSIONS, TEST_IMAGES_FILE, SliceSelection, check_labelled, decode_images,
-                   find_image_files, load_image_folder, pixels_to_model_input, read_image_list, relative_image_id,
-                   select_splits)
+                   find_image_files, label_by_class_folder, load_image_folder, pixels_to_model_input, read_image_list,
+                   relative_image_id, select_splits)
 from .data.decoding import source_file
 from .data.medical import slice_selection
 from .models.mic_diffrep import MicDiffRepForImageClassification, MicDiffRepImageProcessor
@@ -148,8 +148,12 @@ def evaluate_folder(model_dir: str, data_dir: str, splits: Optional[Union[str, S
         dataset = _listed_files(dataset, data_dir, wanted, image_list)
     elif "test" not in dataset_dict:
         _warn_if_probed_on(model_dir, data_dir)
-    check_labelled(dataset, data_dir, "evaluation")
-    model, processor = load_classifier(model_dir, mixed_precision)
+    loaded = None
+    if "label" not in dataset.features:  # one class folder (`Testing/glioma/`) reads as unlabelled: the model's
+        loaded = load_classifier(model_dir, mixed_precision)  # class names tell it from a wrapper folder
+        dataset = label_by_class_folder(dataset, data_dir, list(loaded[0].config.label2id))
+    check_labelled(dataset, data_dir, "evaluation", "class sub-folders (or one, named as a class of the model")
+    model, processor = loaded or load_classifier(model_dir, mixed_precision)
     decoded = decode_images(dataset, processor.preprocessing, skip_bad_images=skip_bad_images,
                             slices=model_slices(processor, slices))
     if wanted:

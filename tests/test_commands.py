@@ -118,6 +118,21 @@ def test_evaluate_a_plain_class_folder_tree(model_dir, tmp_path, capsys):
     assert json.loads(printed.out)["num_examples"] == 6 and "again.json" in printed.err
 
 
+def test_evaluate_a_folder_of_one_class(model_dir, tmp_path, capsys, caplog):
+    """A folder holding one class folder (`Testing/a/`) read as unlabelled: "has no labels"."""
+    write_class_folder(tmp_path / "one" / "Testing", per_class=2, seed=1, size=20, classes=("a",))
+    for data_dir in (tmp_path / "one", tmp_path / "one" / "Testing" / "a"):
+        caplog.clear()
+        with caplog.at_level("WARNING"):
+            report = cli(["evaluate", "--model", model_dir, "--data_dir", str(data_dir), "--json"])
+        assert report["num_examples"] == 2 and report["per_class_recall"]["a"] == report["accuracy"]
+        assert "reading all its 2 image file(s) as class 'a'" in caplog.text
+    write_class_folder(tmp_path / "other", per_class=2, seed=1, size=20, classes=("x",))  # not a class of the model
+    with pytest.raises(SystemExit) as error:
+        cli(["evaluate", "--model", model_dir, "--data_dir", str(tmp_path / "other")])
+    assert error.value.code == 2 and "named as a class of the model" in capsys.readouterr().err
+
+
 def test_predict_leaves_out_hidden_files_as_evaluate_does(model_dir, tmp_path, capsys):
     folder = write_class_folder(tmp_path / "images", per_class=2, seed=0, size=20, classes=("a", "b"))
     (tmp_path / "images" / "a" / "._a_0_0.png").write_bytes(b"macOS resource fork")

@@ -195,12 +195,33 @@ def _check_class_folders(data_dir: str, split_folders: Dict[str, str]) -> None:
             )
 
 
-def check_labelled(dataset, what: str, purpose: str = "linear probing") -> None:
+def label_by_class_folder(dataset, data_dir: str, class_names: Sequence[str]):
+    """`dataset` (an unlabelled split of `load_image_folder`) labelled with the one class it holds, when every file
+    sits in a folder named after the same one of `class_names` (`data_dir` itself, or one folder inside it, as in
+    `Testing/glioma/`): a folder of one class reads as unlabelled, since its class folder cannot be told from a
+    wrapper folder without knowing the classes. Else `dataset` unchanged."""
+    if "label" in dataset.features or not len(dataset):
+        return dataset
+    root, names = os.path.abspath(data_dir), set(class_names)
+    found = set()
+    for item in dataset.cast_column("image", Image(decode=False))["image"]:
+        folders = [os.path.basename(root)] + os.path.relpath(item["path"], root).split(os.sep)[:-1]
+        found.add(tuple(folder for folder in folders if folder in names))
+    if len(found) != 1 or len(next(iter(found))) != 1:
+        return dataset
+    name = next(iter(found))[0]
+    logger.warning("%s holds one class folder: reading all its %d image file(s) as class %r.", data_dir,
+                   len(dataset), name)
+    return dataset.add_column("label", [0] * len(dataset), feature=ClassLabel(names=[name]))
+
+
+def check_labelled(dataset, what: str, purpose: str = "linear probing",
+                   needs: str = "class sub-folders (at least two classes") -> None:
     """Raises a `ValueError` naming `what` unless `dataset` (a split of `load_image_folder`, not yet decoded) has
     labels: a missing label fails before any image is decoded."""
     if "label" not in dataset.features:
-        raise ValueError(f"{what} has no labels: {purpose} needs class sub-folders (at least two classes, e.g. "
-                         f"Training/glioma/*.jpg and Training/notumor/*.jpg).")
+        raise ValueError(f"{what} has no labels: {purpose} needs {needs}, e.g. Training/glioma/*.jpg and "
+                         f"Training/notumor/*.jpg).")
 
 
 def select_splits(dataset_dict, splits: Optional[Sequence[str]] = None, purpose: str = "pretrain_splits"):
