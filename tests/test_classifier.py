@@ -229,3 +229,15 @@ def test_the_medical_pipeline_without_a_model_says_what_to_pass():
     # transformers looks up the task's default model: a KeyError 'default' before, as the task has none
     with pytest.raises(ValueError, match="needs `model=`.*mic-diffrep probe"):
         pipeline("medical-image-classification")
+
+
+def test_loading_a_pretrained_pipeline_as_a_classifier_says_what_it_is(tmp_path):
+    """The pipeline's `unet/` folder failed with "TypeError: '<' not supported between 'int' and 'NoneType'" (its
+    diffusers config read as a classifier config); the pipeline folder with transformers' "no model.safetensors"."""
+    from mic_diffrep import create_unet
+
+    DiffusionFeaturePipeline(create_unet(16, "tiny"), create_scheduler()).save_pretrained(tmp_path / "pipe")
+    with pytest.raises(ValueError, match="diffusers UNet2DModel .*DiffusionFeaturePipeline.from_pretrained"):
+        MicDiffRepForImageClassification.from_pretrained(tmp_path / "pipe" / "unet")
+    with pytest.raises(OSError, match="pretrained pipeline folder.*mic-diffrep probe --pretrained"):
+        MicDiffRepForImageClassification.from_pretrained(str(tmp_path / "pipe"))

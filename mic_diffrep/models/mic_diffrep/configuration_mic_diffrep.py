@@ -82,6 +82,11 @@ class MicDiffRepConfig(PretrainedConfig):
         intensity_window: str = "percentile",
         **kwargs,
     ):
+        if "_class_name" in kwargs:  # diffusers' config of a pretrained pipeline's `unet/` folder
+            raise ValueError(f"This is the config of a diffusers {kwargs['_class_name']} (the `unet/` folder of a "
+                             f"pretrained pipeline), not of a MicDiffRep classifier: load the pipeline folder with "
+                             f"`DiffusionFeaturePipeline.from_pretrained`, or make a classifier from it with "
+                             f"`mic-diffrep probe --pretrained PIPELINE_FOLDER`.")
         if unet_config is None:
             unet_config = dict(UNET_PRESETS[DEFAULT_UNET], sample_size=112)
         self.unet_config = {k: (list(v) if isinstance(v, tuple) else v) for k, v in dict(unet_config).items()

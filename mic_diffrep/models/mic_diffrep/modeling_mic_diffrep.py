@@ -1,6 +1,7 @@
 """MicDiffRep for image classification: a frozen DDPM UNet as feature extractor, with an MSFA head."""
 
 import math
+import os
 from typing import Optional, Tuple, Union
 
 import torch
@@ -127,6 +128,12 @@ class MicDiffRepForImageClassification(MicDiffRepPreTrainedModel):
         """`PreTrainedModel.from_pretrained`, then the conventions loading does not keep: the UNet frozen (loaded
         parameters require gradients) and the head in float32 (one re-initialised by `ignore_mismatched_sizes`, a
         new `num_labels` say, would otherwise be in the loading dtype)."""
+        path = args[0] if args else kwargs.get("pretrained_model_name_or_path")
+        if (isinstance(path, (str, os.PathLike)) and os.path.isfile(os.path.join(path, "model_index.json"))
+                and not os.path.isfile(os.path.join(path, "config.json"))):
+            raise OSError(f"{path} is a pretrained pipeline folder (diffusers' model_index.json), not a MicDiffRep "
+                          f"classifier: load it with `DiffusionFeaturePipeline.from_pretrained`, or make a classifier "
+                          f"from it with `mic-diffrep probe --pretrained {path}`.")
         loaded = super().from_pretrained(*args, **kwargs)
         model = loaded[0] if isinstance(loaded, tuple) else loaded
         model.unet.requires_grad_(False)
