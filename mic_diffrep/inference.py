@@ -148,12 +148,10 @@ def evaluate_folder(model_dir: str, data_dir: str, splits: Optional[Union[str, S
         dataset = _listed_files(dataset, data_dir, wanted, image_list)
     elif "test" not in dataset_dict:
         _warn_if_probed_on(model_dir, data_dir)
-    loaded = None
     if "label" not in dataset.features:  # one class folder (`Testing/glioma/`) reads as unlabelled: the model's
-        loaded = load_classifier(model_dir, mixed_precision)  # class names tell it from a wrapper folder
-        dataset = label_by_class_folder(dataset, data_dir, list(loaded[0].config.label2id))
+        dataset = label_by_class_folder(dataset, data_dir, _class_names(model_dir))  # classes tell it from a wrapper
     check_labelled(dataset, data_dir, "evaluation", "class sub-folders (or one, named as a class of the model")
-    model, processor = loaded or load_classifier(model_dir, mixed_precision)
+    model, processor = load_classifier(model_dir, mixed_precision)
     decoded = decode_images(dataset, processor.preprocessing, skip_bad_images=skip_bad_images,
                             slices=model_slices(processor, slices))
     if wanted:
@@ -175,6 +173,16 @@ def evaluate_folder(model_dir: str, data_dir: str, splits: Optional[Union[str, S
     report.update({"model": model_dir, "data_dir": data_dir, "splits": ["all"] if splits == ["all"] else chosen,
                    "image_list": image_list, "skipped_images": decoded.skipped})
     return report
+
+
+def _class_names(model_dir: str) -> List[str]:
+    """The class names in a model folder's `config.json`, read without loading the model (none when it cannot be
+    read: `load_classifier` reports that)."""
+    try:
+        with open(os.path.join(model_dir, "config.json"), encoding="utf-8") as f:
+            return [str(name) for name in json.load(f)["id2label"].values()]
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
+        return []
 
 
 def _listed_files(dataset, data_dir: str, wanted: Sequence[str], image_list: str):

@@ -4,8 +4,10 @@ pretrain -> sample grid -> features -> SL sweep + MSFA -> evaluation -> transfor
 """
 
 import argparse
+import contextlib
 import json
 import os
+import re
 import sys
 import typing
 from dataclasses import fields, replace
@@ -227,18 +229,35 @@ def finished_pretraining(args: PretrainingArguments) -> Optional[dict]:
     return summary if same else None
 
 
+@contextlib.contextmanager
+def naming_config_file(namespace):
+    """Prefixes a `ValueError` about a setting (named in backquotes, as the settings' checks write it) with the
+    `--config` file it came from, when a flag did not set it: the settings checked with the others (pretraining,
+    probe, data) would otherwise read as if given on the command line."""
+    try:
+        yield
+    except ValueError as error:
+        named = re.match(r"`(\w+)`", str(error))
+        given = {k for k, v in vars(namespace).items() if v is not None}
+        if (namespace.config and named and named.group(1) not in given
+                and named.group(1) in load_config(namespace.config)):
+            raise ValueError(f"--config {namespace.config}: {error}") from None
+        raise
+
+
 def run(namespace) -> dict:
     """The whole method: pretrain -> sample grid -> features -> SL sweep + MSFA -> evaluation -> model -> report."""
     config = run_config(namespace)
-    pretraining_args, probe_args = pretraining_arguments(config), probe_arguments(config)
-    if namespace.resume_from_checkpoint or namespace.overwrite_output_dir:
-        pretraining_args = replace(pretraining_args, resume_from_checkpoint=namespace.resume_from_checkpoint,
-                                   overwrite_output_dir=namespace.overwrite_output_dir)
-    pretraining = finished_pretraining(pretraining_args)
-    if pretraining is None:  # refused before the test images are read, not after
-        check_new_run(pretraining_args.output_dir, pretraining_args.resume_from_checkpoint,
-                      pretraining_args.overwrite_output_dir)
-    check_run(config, pretraining_args, probe_args)
+    with naming_config_file(namespace):
+        pretraining_args, probe_args = pretraining_arguments(config), probe_arguments(config)
+        if namespace.resume_from_checkpoint or namespace.overwrite_output_dir:
+            pretraining_args = replace(pretraining_args, resume_from_checkpoint=namespace.resume_from_checkpoint,
+                                       overwrite_output_dir=namespace.overwrite_output_dir)
+        pretraining = finished_pretraining(pretraining_args)
+        if pretraining is None:  # refused before the test images are read, not after
+            check_new_run(pretraining_args.output_dir, pretraining_args.resume_from_checkpoint,
+                          pretraining_args.overwrite_output_dir)
+        check_run(config, pretraining_args, probe_args)
     if pretraining is not None:
         print(f"[1/2] Pretraining: reusing the finished run in {pretraining_args.output_dir} (the same data and "
               f"settings give the same weights; another --output_dir pretrains anew)", flush=True)

@@ -248,10 +248,19 @@ def resize_image(image: PIL.Image.Image, resolution: int, resize_mode: str = "pa
     return canvas
 
 
+# Above any clinical slice matrix (MRI up to 512, CT 512): a larger `resolution` is a typo, whose decoded images
+# would not fit in memory (100000 px: 10 GB per image) long before anything says so.
+MAX_RESOLUTION = 2048
+
+
 def check_resolution(resolution, name: str = "resolution", multiple_of: int = 1) -> None:
-    """Raises a `ValueError` naming `name` unless `resolution` is a positive int divisible by `multiple_of`."""
+    """Raises a `ValueError` naming `name` unless `resolution` is a positive int up to `MAX_RESOLUTION`, divisible by
+    `multiple_of`."""
     if isinstance(resolution, bool) or not isinstance(resolution, int) or resolution <= 0:
         raise ValueError(f"`{name}` must be a positive integer, got {resolution!r}.")
+    if resolution > MAX_RESOLUTION:
+        raise ValueError(f"`{name}` {resolution} is above {MAX_RESOLUTION} px, larger than clinical slice matrices "
+                         f"(the paper uses 112): its decoded images would not fit in memory.")
     if resolution % multiple_of != 0:
         raise ValueError(
             f"`{name}`={resolution} is not divisible by {multiple_of}, the UNet's total downsampling factor; "
