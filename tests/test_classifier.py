@@ -134,7 +134,10 @@ def test_push_to_hub_uploads_config_weights_code_and_card(model, tmp_path):
     os.makedirs(folder / "features")
     (folder / "features" / "train.safetensors").write_bytes(b"not uploaded")
     results = json.load(open(os.path.join(os.path.dirname(__file__), "data", "probe_results.json")))
-    results["data_dir"] = "/home/me/private/brain-mri"
+    results.update(data_dir="/home/me/private/brain-mri", pretrained="/home/me/runs/pretrain",
+                   command="mic-diffrep probe --pretrained /home/me/runs/pretrain --data_dir=/home/me/private/brain-mri "
+                           "--output_dir runs/model", test_split="the test split of /home/me/private/brain-mri",
+                   skipped_images=[{"path": "/home/me/private/brain-mri/Testing/glioma/bad.jpg", "error": "broken"}])
     write_model_card(str(folder), results)
     (folder / "results.json").write_text(json.dumps(results))  # as the probe writes them
 
@@ -145,6 +148,8 @@ def test_push_to_hub_uploads_config_weights_code_and_card(model, tmp_path):
         uploaded["files"] = sorted(os.listdir(folder_path))
         uploaded["preprocessor"] = json.load(open(os.path.join(folder_path, "preprocessor_config.json")))
         uploaded["card"] = open(os.path.join(folder_path, "README.md")).read()
+        uploaded["results"] = json.load(open(os.path.join(folder_path, "results.json")))
+        uploaded["results.md"] = open(os.path.join(folder_path, "results.md")).read()
 
     with mock.patch("huggingface_hub.HfApi.create_repo", return_value=mock.Mock(repo_id="me/mic-diffrep")), \
             mock.patch("huggingface_hub.HfApi.upload_folder", fake_upload_folder):
@@ -166,6 +171,15 @@ def test_push_to_hub_uploads_config_weights_code_and_card(model, tmp_path):
         ("accuracy", round(results["msfa"]["test"]["all"]["accuracy"], 4)),
         ("f1", round(results["msfa"]["test"]["all"]["macro_f1"], 4))]
     assert "/home/me/private" not in uploaded["card"] and "`brain-mri`" in uploaded["card"]
+    # results.json and results.md were uploaded with the data folder's and runs' local paths and the command's
+    published = uploaded["results"]
+    assert "/home/me" not in json.dumps(published) and "/home/me" not in uploaded["results.md"]
+    assert (published["data_dir"], published["pretrained"]) == ("brain-mri", "pretrain")
+    assert published["command"] == ("mic-diffrep probe --pretrained pretrain --data_dir=brain-mri --output_dir "
+                                    "runs/model")
+    assert published["skipped_images"][0]["path"] == os.path.join("Testing", "glioma", "bad.jpg")
+    assert published["msfa"] == results["msfa"]
+    assert json.load(open(folder / "results.json"))["data_dir"] == "/home/me/private/brain-mri"  # kept locally
     assert 'model="path/to/this/folder"' in (folder / "README.md").read_text()  # the local card stays local
     assert MicDiffRepImageProcessor._auto_class is None  # local folders keep loading without remote-code prompts
 

@@ -213,7 +213,11 @@ def test_push_to_hub_uploads_the_pipeline_folder_without_checkpoints(unlabelled_
 
     def fake_upload_folder(**kwargs):
         uploaded.update(kwargs)
-        uploaded["files"] = sorted(os.listdir(kwargs["folder_path"]))
+        folder = kwargs["folder_path"]
+        uploaded["files"] = sorted(os.path.relpath(os.path.join(root, name), folder).replace(os.sep, "/")
+                                   for root, _, names in os.walk(folder) for name in names)
+        with open(os.path.join(folder, "pretraining_summary.json")) as f:
+            uploaded["summary"] = json.load(f)
 
     with mock.patch("huggingface_hub.HfApi.create_repo", return_value=mock.Mock(repo_id="me/mri-ddpm")), \
             mock.patch("huggingface_hub.HfApi.upload_folder", side_effect=fake_upload_folder):
@@ -221,9 +225,16 @@ def test_push_to_hub_uploads_the_pipeline_folder_without_checkpoints(unlabelled_
                        "1", "--push_to_hub", "--hub_model_id", "me/mri-ddpm", "--logging_dir", "tb",
                        "--logger", "tensorboard"))
     assert uploaded["repo_id"] == "me/mri-ddpm"
-    assert {"model_index.json", "unet", "scheduler", "README.md"} <= set(uploaded["files"])
-    assert "checkpoint-*" in uploaded["ignore_patterns"] and ".cache/*" in uploaded["ignore_patterns"]
-    assert "tb/*" in uploaded["ignore_patterns"]  # tracker logs (absolute paths in hparams) wherever they are
+    assert {"model_index.json", "unet/config.json", "scheduler/scheduler_config.json", "README.md",
+            "pretraining_summary.json"} <= set(uploaded["files"])
+    # no checkpoints, caches or tracker logs (absolute paths in hparams), wherever the logs are
+    assert not [f for f in uploaded["files"] if f.startswith(("checkpoint-", ".cache/", "tb/"))]
+    # the summary was uploaded with the data folder's local path (and the command's)
+    local = json.loads((tmp_path / "out" / "pretraining_summary.json").read_text())
+    assert local["train_data_dir"] == unlabelled_folder and uploaded["summary"]["train_data_dir"] == os.path.basename(
+        unlabelled_folder)
+    assert str(tmp_path) not in json.dumps(uploaded["summary"])
+    assert uploaded["summary"]["global_step"] == local["global_step"] == 2
     card = (tmp_path / "out" / "README.md").read_text()  # a model card, as diffusers' training scripts write
     assert "library_name: diffusers" in card and 'DiffusionFeaturePipeline.from_pretrained("me/mri-ddpm"' in card
 

@@ -6,6 +6,7 @@
 ```
 """
 
+import fnmatch
 import json
 import os
 import shutil
@@ -15,11 +16,14 @@ from typing import Optional, Sequence
 from huggingface_hub import HfApi
 
 from ..models.mic_diffrep import MicDiffRepImageProcessor
-from .model_card import write_model_card
+from .model_card import published_results, write_model_card
+from .results import results_markdown
 
 
 # Files of a model folder that belong on the Hub (features, caches and checkpoints stay local).
 HUB_FILES = (".json", ".safetensors", ".py", ".md", ".png")
+# The pretraining summary in a pipeline folder (written by `mic_diffrep.training.pretrain`).
+SUMMARY_FILE = "pretraining_summary.json"
 # What stays local when a pretrained pipeline folder is uploaded.
 PIPELINE_IGNORE_PATTERNS = ("checkpoint-*", ".cache/*", ".tmp-*", "logs/*")
 
@@ -62,8 +66,9 @@ def push_folder(folder: str, repo_id: str, token: Optional[str] = None, private:
 
 def push_pipeline_to_hub(pipeline_dir: str, repo_id: str, token: Optional[str] = None, private: bool = False,
                          logging_dir: str = "logs") -> str:
-    """Uploads a pretrained pipeline folder (weights, configs, model card, sample grids; no checkpoints, caches or
-    tracker logs, wherever `logging_dir` put them inside the folder)."""
+    """Uploads a pretrained pipeline folder (weights, configs, model card, sample grids, its summary with local paths
+    cut to their names; no checkpoints, caches or tracker logs, wherever `logging_dir` put them inside the
+    folder)."""
     ignore = list(PIPELINE_IGNORE_PATTERNS)
     try:
         logs = os.path.relpath(os.path.join(pipeline_dir, logging_dir), pipeline_dir)
@@ -71,15 +76,29 @@ def push_pipeline_to_hub(pipeline_dir: str, repo_id: str, token: Optional[str] =
         logs = os.pardir
     if not logs.startswith(os.pardir):
         ignore.append(f"{logs.replace(os.sep, '/')}/*")
-    return push_folder(pipeline_dir, repo_id, token, private, "MicDiffRep pretraining", ignore)
+    with tempfile.TemporaryDirectory() as staging:
+        for root, _, files in os.walk(pipeline_dir):
+            for name in files:
+                path = os.path.join(root, name)
+                relative = os.path.relpath(path, pipeline_dir).replace(os.sep, "/")
+                if not any(fnmatch.fnmatch(relative, pattern) for pattern in ignore):  # as upload_folder filters
+                    os.makedirs(os.path.dirname(os.path.join(staging, relative)), exist_ok=True)
+                    shutil.copy2(path, os.path.join(staging, relative))
+        summary_file = os.path.join(staging, SUMMARY_FILE)
+        if os.path.isfile(summary_file):  # local paths stay local
+            with open(summary_file, encoding="utf-8") as f:
+                summary = published_results(json.load(f))
+            with open(summary_file, "w", encoding="utf-8") as f:
+                json.dump(summary, f, indent=2)
+        return push_folder(staging, repo_id, token, private, "MicDiffRep pretraining")
 
 
 def push_to_hub(model_dir: str, repo_id: str, token: Optional[str] = None, private: bool = False,
                 commit_message: str = "Upload MicDiffRep classifier") -> str:
     """Uploads a model folder made by `training/linear_probe.py` to the Hub; returns the repository id.
 
-    The uploaded folder holds the config and weights, the image processor, the model card, results and plots, and
-    the code files with `auto_map` entries, so `AutoModelForImageClassification` / `AutoImageProcessor` load it with
+    The uploaded folder holds the config and weights, the image processor, the model card, results (local paths cut
+    to their names: `published_results`) and plots, and the code files with `auto_map` entries, so `AutoModelForImageClassification` / `AutoImageProcessor` load it with
     `trust_remote_code=True` where mic-diffrep is not installed.
     """
     if not os.path.isfile(os.path.join(model_dir, "config.json")):
@@ -91,7 +110,12 @@ def push_to_hub(model_dir: str, repo_id: str, token: Optional[str] = None, priva
         results_file = os.path.join(model_dir, "results.json")
         if os.path.isfile(results_file):  # the card's usage snippet loads from the repository
             with open(results_file, encoding="utf-8") as f:
-                write_model_card(staging, json.load(f), repo_id)
+                results = published_results(json.load(f))  # local paths stay local
+            with open(os.path.join(staging, "results.json"), "w", encoding="utf-8") as f:
+                json.dump(results, f, indent=2)
+            with open(os.path.join(staging, "results.md"), "w", encoding="utf-8") as f:
+                f.write(results_markdown(results))
+            write_model_card(staging, results, repo_id)
         processor = MicDiffRepImageProcessor.from_pretrained(model_dir)
         MicDiffRepImageProcessor.register_for_auto_class("AutoImageProcessor")
         try:

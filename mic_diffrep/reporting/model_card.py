@@ -1,6 +1,7 @@
 """Model cards of trained MicDiffRep classifiers (the `README.md` of a model folder) and of pretrained pipelines."""
 
 import os
+import shlex
 from typing import Optional
 
 from huggingface_hub import EvalResult, ModelCard, ModelCardData
@@ -18,6 +19,37 @@ def _name(path: str) -> str:
     if not os.path.exists(path) and not os.path.isabs(path) and path.count("/") == 1:
         return path
     return os.path.basename(os.path.normpath(path)) or path
+
+
+def _published_argument(argument: str) -> str:
+    """A command-line argument as published: a local path (absolute, or one that exists here) cut to its name, also
+    in `--flag=PATH`."""
+    flag, equals, value = argument.partition("=")
+    if equals and flag.startswith("-"):
+        return f"{flag}={_published_argument(value)}" if value else argument
+    is_path = os.path.isabs(argument) or (os.sep in argument and os.path.exists(argument))
+    return _name(argument) if is_path and not argument.startswith("-") else argument
+
+
+def published_results(results: dict) -> dict:
+    """`results` (a probe's `results.json`, or a pretraining's `pretraining_summary.json`) as uploaded: local paths
+    cut to their names, as the model cards give them (the data and pretrained folders, the command's arguments, the
+    test split's description, skipped files relative to their data folder); the local file keeps them whole."""
+    published = dict(results)
+    for key in ("data_dir", "train_data_dir", "pretrained"):
+        if results.get(key):
+            published[key] = _name(results[key])
+    if results.get("command"):
+        published["command"] = shlex.join(_published_argument(a) for a in shlex.split(results["command"]))
+    if results.get("test_split"):
+        published["test_split"] = " ".join(_published_argument(word) for word in str(results["test_split"]).split())
+    data_dir = str(results.get("data_dir") or results.get("train_data_dir") or "")
+    published["skipped_images"] = [
+        dict(item, path=os.path.relpath(item["path"], data_dir)
+             if data_dir and os.path.abspath(item["path"]).startswith(os.path.abspath(data_dir) + os.sep)
+             else _name(item["path"])) if isinstance(item, dict) and item.get("path") else item
+        for item in results.get("skipped_images") or []]
+    return published
 
 
 def _usage(repo_id: Optional[str]) -> str:

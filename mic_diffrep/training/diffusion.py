@@ -25,7 +25,7 @@ from ..data.augmentations import PretrainingAugment
 from ..models.mic_diffrep.unet import create_scheduler, create_unet, mirror_symmetrize
 from ..models.mic_diffrep.unet_features import is_self_conditioned, predicted_clean
 from ..pipelines import DiffusionFeaturePipeline, save_image_grid
-from ..reporting.hub import create_hub_repo, default_repo_id, push_pipeline_to_hub
+from ..reporting.hub import SUMMARY_FILE, create_hub_repo, default_repo_id, push_pipeline_to_hub
 from ..reporting.model_card import write_pipeline_card
 from ..utils import command_line, environment_info, output_folder, peak_memory_mb, tracker_config
 from .arguments import RECIPE_KEYS, PretrainingArguments
@@ -34,8 +34,6 @@ from .loop import TrainingState, load_training_images, make_accelerator, make_da
 
 
 logger = logging.getLogger(__name__)
-
-SUMMARY_FILE = "pretraining_summary.json"
 
 
 def sample_timesteps(batch_size: int, num_train_timesteps: int, generator: torch.Generator,
