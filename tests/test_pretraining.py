@@ -2,6 +2,7 @@ import json
 import os
 import re
 import shutil
+import signal
 import subprocess
 import sys
 
@@ -392,7 +393,6 @@ def test_resuming_the_last_checkpoint_trains_no_extra_step(unlabelled_folder, tm
 
 def test_sigterm_saves_a_checkpoint_as_ctrl_c_does():
     # `accelerate launch` turns Ctrl-C into SIGTERM for the training process (and kills it 5 s later)
-    import signal
 
     from mic_diffrep.training.loop import _Interrupt
 
@@ -441,3 +441,28 @@ def test_latest_is_the_checkpoint_written_last_not_the_highest_step(unlabelled_f
     main(tiny_args(unlabelled_folder, out, *new_run[:1], "1", *new_run[2:], "--overwrite_output_dir"))  # stops at 1
     resumed = main(tiny_args(unlabelled_folder, out, *new_run, "--resume_from_checkpoint", "latest"))
     assert resumed["global_step"] == 4 and resumed["recipe"]["learning_rate"] == 5e-4
+
+
+def test_an_interrupted_runs_card_gives_the_step_of_the_weights_in_the_folder(unlabelled_folder, tmp_path,
+                                                                              monkeypatch):
+    """Ctrl-C at step 8 wrote a card saying 8 steps over the weights saved at the end of epoch 1 (step 6)."""
+    from mic_diffrep.training import loop
+
+    stop_reason_for = loop.stop_reason_for
+
+    def interrupted_at_step_8(accelerator, global_step, *args):
+        if global_step == 8:
+            signal.raise_signal(signal.SIGINT)  # as Ctrl-C: the loop saves a checkpoint and stops
+        return stop_reason_for(accelerator, global_step, *args)
+
+    monkeypatch.setattr(loop, "stop_reason_for", interrupted_at_step_8)
+    out = tmp_path / "out"
+    summary = main(tiny_args(unlabelled_folder, str(out), "--num_epochs", "3", "--save_model_epochs", "1"))
+    assert (summary["stop_reason"], summary["global_step"], summary["weights_step"]) == ("interrupted", 8, 6)
+    card = (out / "README.md").read_text()
+    assert "6 optimisation steps (the weights saved last; the run was interrupted at step 8" in card
+    monkeypatch.setattr(loop, "stop_reason_for", stop_reason_for)
+    summary = main(tiny_args(unlabelled_folder, str(out), "--num_epochs", "3", "--save_model_epochs", "1",
+                             "--resume_from_checkpoint", "latest"))
+    assert summary["global_step"] == summary["weights_step"] == 18
+    assert "18 optimisation steps (max_train_steps)" in (out / "README.md").read_text()

@@ -159,6 +159,12 @@ def pipeline_card_text(summary: dict, repo_id: Optional[str] = None) -> str:
     it, how it was trained."""
     recipe = ", ".join(f"{key} {value}" for key, value in summary.get("recipe", {}).items())
     location = repo_id or "path/to/this/folder"
+    steps = summary.get("weights_step", summary.get("global_step"))
+    if steps == summary.get("global_step"):
+        steps = f"{steps} optimisation steps ({summary.get('stop_reason')})"
+    else:  # interrupted after the last save: the folder holds that save's weights
+        steps = (f"{steps} optimisation steps (the weights saved last; the run was {summary.get('stop_reason')} at "
+                 f"step {summary.get('global_step')}, which its checkpoint continues)")
     metadata = ModelCardData(library_name="diffusers", license="apache-2.0",
                              tags=TAGS + ["unconditional-image-generation", "feature-extraction"])
     return f"""---
@@ -188,7 +194,7 @@ ignores the preprocessing settings in `model_index.json`).
 ## Training
 
 - {summary.get('num_images')} unlabelled images of `{_name(summary.get('train_data_dir', ''))}` at
-  {summary.get('resolution')} px, {summary.get('global_step')} optimisation steps ({summary.get('stop_reason')}),
+  {summary.get('resolution')} px, {steps},
   {summary.get('num_parameters')} parameters, precision {summary.get('mixed_precision')}.
 - Recipe: {recipe}.
 - Sample grids: `samples/`.

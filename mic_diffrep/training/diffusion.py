@@ -222,7 +222,9 @@ def _pretrain(args: PretrainingArguments) -> dict:
         if (state.epoch + 1) % args.save_model_epochs == 0 or last_epoch:
             save_pipeline(build_pipeline(), args.output_dir)
             restore_weights()
+            weights_step[0] = state.global_step
 
+    weights_step = [None]  # the step of the weights this run saved into the folder last
     augment = PretrainingAugment(args.random_crop_scale, args.intensity_jitter)
     state = train(accelerator, model, loader, dataset, optimizer, lr_scheduler, args, max_train_steps, num_epochs,
                   lambda unet, pixels, generator: diffusion_loss(unet, noise_scheduler, pixels, generator, args,
@@ -231,11 +233,12 @@ def _pretrain(args: PretrainingArguments) -> dict:
 
     # 4. Summary.
     summary = training_summary(state, args, accelerator, decoded, splits, model)
+    summary["weights_step"] = weights_step[0]
     if accelerator.is_main_process:
         with open(os.path.join(args.output_dir, SUMMARY_FILE), "w", encoding="utf-8") as f:
             json.dump(summary, f, indent=2)
         push = args.push_to_hub and state.stop_reason != "interrupted"
-        if os.path.isfile(os.path.join(args.output_dir, "model_index.json")):  # not for a folder of checkpoints only
+        if weights_step[0] is not None:  # not for weights this run did not save (or a folder of checkpoints only)
             write_pipeline_card(args.output_dir, summary, hub_repo_id if push else None)
         if push:
             push_pipeline_to_hub(args.output_dir, hub_repo_id, token=args.hub_token, private=args.hub_private_repo,
