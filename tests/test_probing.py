@@ -232,9 +232,10 @@ def test_without_a_test_folder_a_duplicate_aware_hold_out_is_carved(tmp_path):
     assert results["leakage"]["num_near"] == 0
 
 
-def test_the_carved_test_split_can_be_scored_again_from_its_image_list(tmp_path, caplog):
+def test_the_carved_test_split_can_be_scored_again_from_its_image_list(tmp_path, caplog, monkeypatch):
     """A folder without a test split: the probe carves one, and `evaluate` scored every image of the folder (the
-    head's training images too); the model folder's test_images.txt names the carved split."""
+    head's training images too); the model folder's test_images.txt names the carved split. The warning needed the
+    probe's --data_dir to resolve from where `evaluate` runs (results.json kept it relative)."""
     from mic_diffrep.inference import evaluate_folder
 
     flat = str(tmp_path / "flat")
@@ -242,9 +243,13 @@ def test_the_carved_test_split_can_be_scored_again_from_its_image_list(tmp_path,
     torch.manual_seed(0)
     DiffusionFeaturePipeline(create_unet(16, "tiny"), create_scheduler()).save_pretrained(tmp_path / "pipe")
     out = str(tmp_path / "out")
-    results = main(parse(ProbeArguments, ["--pretrained", str(tmp_path / "pipe"), "--data_dir", flat,
+    monkeypatch.chdir(tmp_path)
+    results = main(parse(ProbeArguments, ["--pretrained", str(tmp_path / "pipe"), "--data_dir", "flat",
                                           "--output_dir", out, "--timesteps", "5", "--hidden_size", "8",
                                           "--num_epochs", "2"]))
+    assert results["data_dir"] == flat
+    (tmp_path / "elsewhere").mkdir()
+    monkeypatch.chdir(tmp_path / "elsewhere")
     image_list = os.path.join(out, "test_images.txt")
     with open(image_list) as f:
         listed = [line.strip() for line in f if not line.startswith("#")]
