@@ -290,7 +290,7 @@ def test_resuming_with_other_settings_is_a_clear_error_that_keeps_the_checkpoint
     assert os.path.isdir(os.path.join(out, "checkpoint-2"))
 
 
-def test_resuming_on_another_number_of_processes_is_a_clear_error(unlabelled_folder, tmp_path):
+def test_resuming_on_another_number_of_processes_is_a_clear_error(unlabelled_folder, tmp_path, monkeypatch):
     # The learning-rate schedule steps once per process: resumed on 1 process, a 2-process run's cosine schedule ran
     # past its end and the learning rate climbed back up.
     out = str(tmp_path / "out")
@@ -301,8 +301,14 @@ def test_resuming_on_another_number_of_processes_is_a_clear_error(unlabelled_fol
     assert state["num_processes"] == 1
     with open(state_file, "w") as f:
         json.dump(dict(state, num_processes=2), f)  # as a 2-process torchrun run writes it
-    with pytest.raises(ValueError, match="checkpoint-2.*2 process\\(es\\).*this run has 1"):
-        main(tiny_args(unlabelled_folder, out, "--max_train_steps", "4", "--resume_from_checkpoint", "latest"))
+
+    def decode(*args, **kwargs):
+        raise AssertionError("the images were decoded before the number of processes was checked")
+
+    with monkeypatch.context() as patch:
+        patch.setattr("mic_diffrep.training.diffusion.load_training_images", decode)
+        with pytest.raises(ValueError, match="checkpoint-2.*2 process\\(es\\).*this run has 1"):
+            main(tiny_args(unlabelled_folder, out, "--max_train_steps", "4", "--resume_from_checkpoint", "latest"))
     assert os.path.isdir(os.path.join(out, "checkpoint-2"))
 
 

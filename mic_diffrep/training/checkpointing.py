@@ -120,10 +120,10 @@ def find_checkpoint(output_dir: str, resume_from_checkpoint: Optional[str]) -> O
     return _latest_checkpoint(output_dir) if resume_from_checkpoint == "latest" else resume_from_checkpoint
 
 
-def check_checkpoint(path: str, settings: Optional[dict] = None) -> dict:
+def check_checkpoint(path: str, settings: Optional[dict] = None, num_processes: Optional[int] = None) -> dict:
     """The training state of checkpoint `path`, after checking it can be read and, when it recorded them, that it was
-    written with `settings` (those a resumed run cannot change: model, data, data order, optimisation); a
-    `ValueError` names what differs, before any data is decoded."""
+    written with `settings` (those a resumed run cannot change: model, data, data order, optimisation) and on
+    `num_processes` processes; a `ValueError` names what differs, before any data is decoded."""
     if not os.path.isfile(os.path.join(path, TRAINING_STATE_FILE)):
         raise FileNotFoundError(f"`resume_from_checkpoint` {path!r} is not a checkpoint folder (it has no "
                                 f"{TRAINING_STATE_FILE}).")
@@ -139,6 +139,13 @@ def check_checkpoint(path: str, settings: Optional[dict] = None) -> dict:
         raise ValueError(f"`resume_from_checkpoint` {path!r} was written with other settings: {differences}. Resume "
                          f"with the checkpoint's settings, or start a new run in another output folder; the checkpoint "
                          f"is left as it is.")
+    # The learning-rate schedule steps once per process and the data is sharded per process: resumed on another
+    # number of processes, the schedule would run past its end (or stop short) and the data order would not resume.
+    saved_processes = state.get("num_processes", num_processes)  # not recorded by older checkpoints
+    if num_processes is not None and saved_processes != num_processes:
+        raise ValueError(f"`resume_from_checkpoint` {path!r} was written by a run on {saved_processes} process(es); "
+                         f"resume it on {saved_processes} (this run has {num_processes}), or start a new run in "
+                         f"another output folder. The checkpoint is left as it is.")
     return state
 
 
@@ -173,14 +180,7 @@ def resume_training_state(accelerator, output_dir: str, resume_from_checkpoint: 
         return 0, 0, 0, {}
     if not os.path.isdir(path):
         raise FileNotFoundError(f"`resume_from_checkpoint` {path!r} is not a checkpoint folder.")
-    state = check_checkpoint(path)
-    # The learning-rate schedule steps once per process and the data is sharded per process: resumed on another
-    # number of processes, the schedule would run past its end (or stop short) and the data order would not resume.
-    saved_processes = state.get("num_processes", accelerator.num_processes)  # not recorded by older checkpoints
-    if saved_processes != accelerator.num_processes:
-        raise ValueError(f"`resume_from_checkpoint` {path!r} was written by a run on {saved_processes} process(es); "
-                         f"resume it on {saved_processes} (this run has {accelerator.num_processes}), or start a new "
-                         f"run in another output folder. The checkpoint is left as it is.")
+    state = check_checkpoint(path, num_processes=accelerator.num_processes)
     logger.info("Resuming from %s", path)
     try:
         accelerator.load_state(path)

@@ -26,7 +26,7 @@ from tqdm.auto import tqdm
 from ..data import DecodedImages, PretrainingDataset, decode_images, load_image_folder, seed_for, select_splits
 from ..utils import create_accelerator, is_first_local_process, progress_interval
 from .arguments import CommonPretrainingArguments
-from .checkpointing import resume_training_state, save_training_state
+from .checkpointing import check_checkpoint, find_checkpoint, resume_training_state, save_training_state
 
 
 logger = logging.getLogger(__name__)
@@ -46,11 +46,17 @@ class TrainingState:
 
 
 def make_accelerator(args: CommonPretrainingArguments, log_with: Optional[str] = None):
-    return create_accelerator(
+    """The run's `Accelerator`; a checkpoint to resume is checked against its number of processes here, before any
+    data is decoded (its settings were checked with the arguments)."""
+    accelerator = create_accelerator(
         gradient_accumulation_steps=args.gradient_accumulation_steps, mixed_precision=args.mixed_precision,
         log_with=log_with,
         project_config=ProjectConfiguration(project_dir=args.output_dir,
                                             logging_dir=os.path.join(args.output_dir, args.logging_dir)))
+    checkpoint = find_checkpoint(args.output_dir, args.resume_from_checkpoint)
+    if checkpoint is not None and os.path.isdir(checkpoint):
+        check_checkpoint(checkpoint, num_processes=accelerator.num_processes)
+    return accelerator
 
 
 def load_training_images(args: CommonPretrainingArguments, accelerator):
