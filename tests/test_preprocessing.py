@@ -120,3 +120,21 @@ def test_image_preprocessing_settings():
         ImagePreprocessing(16, "stretch")
     with pytest.raises(ValueError, match="resolution"):
         ImagePreprocessing(0)
+
+
+def test_colour_arrays_are_read_as_pil_reads_colour_at_every_depth():
+    """Red as 8-bit RGB was 76 (PIL's luma) but 85 as float or 16-bit RGB (a channel mean); transparent pixels of a
+    PIL image went black but kept their colour as an array or tensor."""
+    red = np.zeros((4, 4, 3), np.uint8)
+    red[..., 0] = 255
+    assert to_grayscale(red)[0, 0] == 76
+    assert to_grayscale(red.astype(np.float32) / 255)[0, 0] == pytest.approx(76, abs=0.5)
+    assert to_grayscale(red.astype(np.uint16) * 257)[0, 0] == pytest.approx(76 * 257, rel=0.01)
+    transparent = np.full((4, 4, 4), 200, np.uint8)
+    transparent[..., 3] = 255
+    transparent[:2, ..., 3] = 0
+    expected = to_grayscale(PIL.Image.fromarray(transparent))
+    assert expected[0, 0] == 0 and expected[3, 3] == 200
+    for image in (transparent, torch.from_numpy(transparent).permute(2, 0, 1), transparent.astype(np.float32) / 255):
+        grey = to_grayscale(image)
+        assert grey[0, 0] == 0 and grey[3, 3] == pytest.approx(200, abs=0.5)

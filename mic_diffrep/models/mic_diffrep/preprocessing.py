@@ -141,6 +141,10 @@ def check_choice(value, choices, name: str) -> None:
         raise ValueError(f"`{name}` must be one of {choices}, got {value!r}.")
 
 
+# ITU-R 601-2 luma, the weights of PIL's colour-to-"L" conversion: colour arrays at any depth are read the same way.
+LUMA_WEIGHTS = np.array([0.299, 0.587, 0.114])
+
+
 def _grey_from_array(array: np.ndarray) -> np.ndarray:
     """Numpy HW / HWC array to a 2-D grey array: uint8 for 8-bit data, float64 at full depth otherwise."""
     if array.ndim == 3 and array.shape[-1] == 1:
@@ -151,18 +155,27 @@ def _grey_from_array(array: np.ndarray) -> np.ndarray:
         )
     if array.dtype == np.bool_:
         array = array.astype(np.uint8) * 255
-    if array.dtype == np.uint8:
-        return np.asarray(PIL.Image.fromarray(array).convert("L")) if array.ndim == 3 else array
+    if array.dtype == np.uint8:  # colour as a PIL image of its pixels is read: luma, alpha composited onto black
+        return to_grayscale(PIL.Image.fromarray(array)) if array.ndim == 3 else array
+    opaque = None
     if np.issubdtype(array.dtype, np.floating):
         if not np.isfinite(array).all():
             raise ValueError("Image array contains NaN or inf values.")
         array = array.astype(np.float64)
         if array.min() >= 0.0 and array.max() <= 1.0:  # [0, 1] images as 0..255; other ranges (raw MRI intensities,
-            array = array * 255.0  # CT in HU, 0..255 floats) stay as they are: the window maps them, nothing clips
-    elif not np.issubdtype(array.dtype, np.integer):
+            array, opaque = array * 255.0, 255.0  # CT in HU, 0..255 floats) stay: the window maps them, nothing clips
+    elif np.issubdtype(array.dtype, np.integer):
+        opaque = float(np.iinfo(array.dtype).max)
+    else:
         raise ValueError(f"Unsupported image array dtype {array.dtype}.")
     array = array.astype(np.float64)
-    return array[..., :3].mean(axis=-1) if array.ndim == 3 else array
+    if array.ndim == 2:
+        return array
+    grey = array[..., :3] @ LUMA_WEIGHTS  # as PIL's "L" of 8-bit colour
+    if array.shape[-1] == 4:  # transparent pixels onto black, as for a PIL image
+        alpha = array[..., 3]
+        grey = grey * (alpha / (opaque or max(float(alpha.max()), 1e-12)))
+    return grey
 
 
 def to_grayscale(image: ImageInput) -> np.ndarray:
