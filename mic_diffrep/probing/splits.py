@@ -109,9 +109,13 @@ def _carve(labels, groups: np.ndarray, fraction: float, seed: int, flag: str):
     except ValueError as error:
         if not str(error).startswith("Cannot split"):
             raise
-        raise ValueError(f"{str(error).rstrip('.')}; near-duplicate images, the slices of one file and the files of "
-                         f"one patient folder count as one group. Give more images, a larger {flag}, or a test "
-                         f"split of your own (a Testing/ folder beside Training/, or --test_data_dir).") from None
+        remedy = (f"Give more training images or a larger {flag} (the validation part is always carved from the "
+                  f"training images)" if flag == "--validation_split" else
+                  f"Give more images, a larger {flag}, or a test split of your own (a Testing/ folder beside "
+                  f"Training/, or --test_data_dir)")
+        raise ValueError(f"Cannot carve {flag} {fraction} from {len(labels)} images in {len(np.unique(groups))} "
+                         f"group(s): one side would be empty; near-duplicate images, the slices of one file and the "
+                         f"files of one patient folder count as one group. {remedy}.") from None
 
 
 def check_carvable(dataset, fraction: float, seed: int = 0, flag: str = "--test_split") -> None:
