@@ -199,7 +199,7 @@ class DiffusionFeaturePipeline(DiffusionPipeline):
             timesteps (`int` or `Sequence[int]`, defaults to `(10, 25, 50, 100, 250)`): noise levels, in
                 `[0, num_train_timesteps)` (a list, array or tensor; a repeated one is extracted once); the default
                 is the read-out chosen in `benchmarks/results/ablations.md`.
-            layers (`Sequence[str]`, *optional*): block names such as `"down_blocks.1"`, `"mid_block"`,
+            layers (`str` or `Sequence[str]`, *optional*): block names such as `"down_blocks.1"`, `"mid_block"`,
                 `"up_blocks.2"`; `None` means every block (`pipe.layer_names`).
             pooling (`str`, defaults to `"avgmax"`): `"avg"` (the paper's global average), `"avgmax"` (average and
                 max, concatenated; chosen in the ablations) or `"grid"` (see `pool_features`).
@@ -234,7 +234,7 @@ class DiffusionFeaturePipeline(DiffusionPipeline):
         timesteps = [t.item() if isinstance(t, torch.Tensor) and t.ndim == 0 and not t.is_floating_point() else t
                      for t in timesteps]
         timesteps = [int(t) if isinstance(t, (int, np.integer)) else t for t in timesteps]
-        layers = self.layer_names if layers is None else list(layers)
+        layers = self.layer_names if layers is None else [layers] if isinstance(layers, str) else list(layers)
         self.check_inputs(timesteps, layers, pooling, num_noise_samples, batch_size)
         timesteps = list(dict.fromkeys(timesteps))  # a repeated timestep is extracted once, as a repeated layer
         order = {name: i for i, name in enumerate(self.layer_names)}

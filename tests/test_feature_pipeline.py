@@ -44,6 +44,14 @@ def test_shapes_and_keys_for_every_layer(pipe, images):
     assert out.concatenate().shape == (5, 2 * sum(channels.values()))
 
 
+def test_one_layer_and_one_timestep_may_be_given_bare(pipe, images):
+    """`layers="mid_block"` was split into letters: "Unknown layer name(s) ['m', 'i', 'd', ...]"."""
+    bare = pipe.extract_features(images, 10, "mid_block")
+    listed = pipe.extract_features(images, [10], ["mid_block"])
+    assert bare.layers == ["mid_block"] and set(bare.features) == {("mid_block", 10)}
+    torch.testing.assert_close(bare.features[("mid_block", 10)], listed.features[("mid_block", 10)])
+
+
 def test_pooling_variants(pipe, images):
     kwargs = dict(timesteps=[10], layers=["mid_block"])
     avg = pipe.extract_features(images, pooling="avg", **kwargs).features[("mid_block", 10)]
