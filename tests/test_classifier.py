@@ -60,6 +60,11 @@ def test_forward_shapes_loss_and_tuple_output(model):
     torch.testing.assert_close(model(pixel_values).logits, output.logits)  # deterministic (fixed noise)
     with pytest.raises(ValueError, match="MicDiffRepImageProcessor"):
         model(torch.rand(2, 3, 16, 16))
+    # uint8 pixels and 0..255 floats were scored (every image predicted as one class)
+    with pytest.raises(ValueError, match="floats in \\[-1, 1\\], got torch.uint8"):
+        model(torch.randint(0, 256, (2, 1, 16, 16), dtype=torch.uint8))
+    with pytest.raises(ValueError, match="floats in \\[-1, 1\\], got torch.float32 values in \\[0, 255\\]"):
+        model(torch.cat([torch.zeros(1, 1, 16, 16), torch.full((1, 1, 16, 16), 255.0)]))
 
 
 @pytest.mark.parametrize("flip_average", [False, True])

@@ -211,6 +211,12 @@ class MicDiffRepForImageClassification(MicDiffRepPreTrainedModel):
         if pixel_values.ndim != 4 or tuple(pixel_values.shape[1:]) != expected:
             raise ValueError(f"pixel_values must have shape (batch_size, {', '.join(map(str, expected))}), got "
                              f"{tuple(pixel_values.shape)}; use MicDiffRepImageProcessor to prepare images.")
+        # uint8 pixels or 0..255 floats gave confident nonsense (every image one class): refused, not scored
+        if not pixel_values.is_floating_point() or (
+                pixel_values.numel() and pixel_values.detach().abs().amax().item() > 1.0 + 1e-3):
+            raise ValueError(f"pixel_values must be floats in [-1, 1], got {pixel_values.dtype} values in "
+                             f"[{pixel_values.min().item():g}, {pixel_values.max().item():g}]; use "
+                             f"MicDiffRepImageProcessor to prepare images.")
         output_hidden_states = (output_hidden_states if output_hidden_states is not None
                                 else self.config.output_hidden_states)
         with torch.no_grad():
