@@ -87,7 +87,7 @@ class DiffusionFeaturePipeline(DiffusionPipeline):
         resize_mode (`str`, *optional*, defaults to `"pad"`): how images of another aspect ratio are made square
             (`"pad"` or `"center_crop"`); stored in `model_index.json` so features use pretraining's preprocessing.
         intensity_window (`str`, *optional*, defaults to `"percentile"`): the intensity rule of pretraining
-            (`"percentile"` or `"none"`, see `mic_diffrep.preprocessing`).
+            (`"percentile"` or `"none"`, see `mic_diffrep.models.mic_diffrep.preprocessing`).
     """
 
     model_cpu_offload_seq = "unet"
@@ -136,7 +136,7 @@ class DiffusionFeaturePipeline(DiffusionPipeline):
         """Images (PIL / numpy / tensors / file paths, one or a list, or a batch tensor) to uint8 `(N, 1, R, R)`.
 
         Uses the shared preprocessing of pretraining; uint8 `(N, 1, R, R)` pixels (a decode cache) pass through. A
-        DICOM or NIfTI file path gives one row per slice (see `mic_diffrep.preprocessing.as_image_list`). With
+        DICOM or NIfTI file path gives one row per slice (see `mic_diffrep.models.mic_diffrep.preprocessing.as_image_list`). With
         `return_ids`, also the id of each row (`image_list_with_ids`: a file's path, `"<path>#slice=<k>"` for a
         slice, `None` for an image given in memory). `slices`: which slices of a NIfTI volume (`SliceSelection`).
         """

@@ -7,8 +7,12 @@ them differ, so a cache of another model, other settings or other images is neve
 layers or timesteps than asked for serves the ones asked for.
 
 ```python
+>>> from mic_diffrep import DiffusionFeaturePipeline
 >>> from mic_diffrep.features.cache import save_features, load_features
->>> save_features("feats.safetensors", out.features, settings, image_ids=paths, labels=labels)  # doctest: +SKIP
+>>> pipe = DiffusionFeaturePipeline.from_pretrained("runs/mic-diffrep/pretrain")  # doctest: +SKIP
+>>> paths, settings = ["slice0.jpg", "slice1.jpg"], {"timesteps": [100], "pooling": "avg"}
+>>> out = pipe.extract_features(paths, timesteps=[100], pooling="avg")  # doctest: +SKIP
+>>> save_features("feats.safetensors", out.features, settings, image_ids=paths)  # doctest: +SKIP
 >>> cached = load_features("feats.safetensors", expected_settings=settings)  # doctest: +SKIP
 >>> cached.features[("mid_block", 100)].shape  # doctest: +SKIP
 ```

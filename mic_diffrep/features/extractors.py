@@ -11,8 +11,10 @@ needs to know which kind of model it holds:
 - `ClipFeatureExtractor`: a local `CLIPVisionModel` folder (nothing is downloaded), fed grey images as RGB.
 
 ```python
+>>> from mic_diffrep.data import decode_images
 >>> from mic_diffrep.features import FeatureArguments, load_feature_extractor
->>> extractor = load_feature_extractor("runs/pretrain")  # doctest: +SKIP
+>>> extractor = load_feature_extractor("runs/mic-diffrep/pretrain")  # doctest: +SKIP
+>>> decoded = decode_images(["slice0.jpg", "slice1.jpg"], extractor.preprocessing)  # doctest: +SKIP
 >>> args = extractor.resolve(FeatureArguments(timesteps=[10, 100]))  # doctest: +SKIP
 >>> features = extractor.extract(decoded.pixels, args)  # {(layer, t): (N, C)}  # doctest: +SKIP
 ```

@@ -169,11 +169,11 @@ class MicDiffRepImageProcessor(BaseImageProcessor):
         return torch.from_numpy(grey.copy()).unsqueeze(0)
 
     def preprocess(self, images, return_tensors: Optional[str] = "pt", **kwargs) -> BatchFeature:
-        kwargs = _size_as_resolution(kwargs)
         """Preprocesses one image or a list; any option of the processor can be overridden for this call.
 
         A DICOM or NIfTI file gives one row per slice, so `pixel_values` may have more rows than there are inputs.
         """
+        kwargs = _size_as_resolution(kwargs)
         unknown = sorted(k for k, v in kwargs.items() if k not in self.OPTIONS and v is not None)
         if unknown:
             raise TypeError(f"Unexpected keyword argument(s) {unknown} for MicDiffRepImageProcessor; its options are "

@@ -83,9 +83,9 @@ class MicDiffRepForImageClassification(MicDiffRepPreTrainedModel):
     concatenated, feed an MSFA head.
 
     Inference is deterministic: the noise added to an image at timestep t is drawn from `config.noise_seed`, t and the
-    draw index (`mic_diffrep.unet_features.feature_noise`), exactly as `DiffusionFeaturePipeline.extract_features(...,
-    generator=None)` draws it, so a head trained on the pipeline's features gives the same predictions here, for any
-    subset of the timesteps and layers it was trained on.
+    draw index (`unet_features.feature_noise` in this folder), exactly as
+    `DiffusionFeaturePipeline.extract_features(..., generator=None)` draws it, so a head trained on the pipeline's
+    features gives the same predictions here, for any subset of the timesteps and layers it was trained on.
 
     Conventions that differ from other image classifiers:
     - The UNet is frozen: `forward` runs it under `torch.no_grad()`, so `hidden_states` (the concatenated UNet
@@ -98,10 +98,11 @@ class MicDiffRepForImageClassification(MicDiffRepPreTrainedModel):
     Example:
 
     ```python
+    >>> import PIL.Image
     >>> from transformers import AutoModelForImageClassification, pipeline
     >>> import mic_diffrep  # registers the Auto classes
-    >>> model = AutoModelForImageClassification.from_pretrained("runs/probe")  # doctest: +SKIP
-    >>> classify = pipeline("image-classification", model="runs/probe")  # doctest: +SKIP
+    >>> model = AutoModelForImageClassification.from_pretrained("runs/mic-diffrep/model")  # doctest: +SKIP
+    >>> classify = pipeline("image-classification", model="runs/mic-diffrep/model")  # doctest: +SKIP
     >>> classify(PIL.Image.open("slice.jpg"))  # doctest: +SKIP
     [{'label': 'glioma', 'score': 0.91}, ...]
     ```
