@@ -77,11 +77,7 @@ def model_slices(processor: MicDiffRepImageProcessor,
     `slice_range`, which counts slices along its own)."""
     if isinstance(slices, SliceSelection):
         return slices
-    given = slices or {}
-    settings = {**processor.slice_settings, **given}
-    if settings["slice_axis"] != processor.slice_axis and "slice_range" not in given:
-        settings["slice_range"] = None  # the model's range counts slices along its own axis
-    return slice_selection(**settings)
+    return slice_selection(**processor.slice_settings_for(**(slices or {})))
 
 
 def _check_batch_size(batch_size: int) -> None:

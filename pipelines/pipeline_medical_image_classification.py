@@ -42,14 +42,27 @@ class MedicalImageClassificationPipeline(ImageClassificationPipeline):
     DICOM file, a NIfTI volume) gives one list of scores per slice it keeps, in the order `mic-diffrep predict`
     lists them, even when only one is kept; a 2-D image gives one list, as the image-classification pipeline does.
     Takes the image-classification pipeline's arguments (`top_k`, `function_to_apply`, `batch_size`: volumes need
-    `batch_size=1` when several inputs are given)."""
+    `batch_size=1` when several inputs are given), and the image processor's slice options for one call
+    (`slice_axis`, `slice_range`, `keep_empty_slices`; another axis drops the model's range, as in `predict`)."""
 
-    def preprocess(self, image, timeout=None) -> Dict[str, Any]:
+    def _sanitize_parameters(self, slice_axis=None, slice_range=None, keep_empty_slices=None, **kwargs):
+        preprocess_params, forward_params, postprocess_params = super()._sanitize_parameters(**kwargs)
+        slices = {name: value for name, value in (("slice_axis", slice_axis), ("slice_range", slice_range),
+                                                  ("keep_empty_slices", keep_empty_slices)) if value is not None}
+        if slices:
+            preprocess_params["slices"] = slices
+        return preprocess_params, forward_params, postprocess_params
+
+    def preprocess(self, image, timeout=None, slices=None) -> Dict[str, Any]:
         if isinstance(image, str) and image.startswith(("http://", "https://")):
             image = load_image(image, timeout=timeout)
         elif isinstance(image, os.PathLike):
             image = os.fspath(image)
-        slices = getattr(self.image_processor, "slice_settings", None)
+        if hasattr(self.image_processor, "slice_settings_for"):  # the model's slices, with this call's changes
+            slices = self.image_processor.slice_settings_for(**(slices or {}))
+        elif slices:
+            raise ValueError(f"{type(self.image_processor).__name__} has no slice options: {sorted(slices)} apply "
+                             f"to a MicDiffRepImageProcessor only.")
         images, ids = image_list_with_ids(image, slices)  # a file is read once, its slices handed on
         volume = any(image_id is not None and "#slice=" in image_id for image_id in ids)
         if volume and getattr(self, "_several_per_batch", False):

@@ -301,6 +301,19 @@ def test_a_model_reads_volumes_with_the_slices_it_was_probed_on(mixed_folder, tm
         "num_examples"] == 5 + 2 + 3  # folder a; b.png and one.dcm; 3 sagittal slices of vol.nii.gz
     capsys.readouterr()
 
+    # The image processor and the medical pipeline take one call's slice options as predict does: another axis
+    # dropped the range only in predict (the processor kept the sagittal range on the axial axis: 2 slices), and
+    # the pipeline refused them (TypeError: unexpected keyword argument 'slice_range')
+    assert processor(volume, slice_axis=2)["pixel_values"].shape[0] == 4
+    assert processor(volume, slice_range=(None, None))["pixel_values"].shape[0] == len(
+        cli(["predict", "--model", str(tmp_path / "m"), volume, "--slice_range", "0", "1000"]))
+    capsys.readouterr()
+    from transformers import pipeline
+
+    classify = pipeline("medical-image-classification", model=str(tmp_path / "m"))
+    assert len(classify(volume)) == 3
+    assert len(classify(volume, slice_axis=2)) == 4 and len(classify(volume, slice_axis=2, slice_range=(2, 4))) == 2
+
 
 def test_pretraining_on_dicom_and_nifti_only(tmp_path):
     root = tmp_path / "scans"

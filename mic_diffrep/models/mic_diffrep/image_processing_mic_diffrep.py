@@ -135,9 +135,12 @@ class MicDiffRepImageProcessor(BaseImageProcessor):
         return ImagePreprocessing(self.resolution, self.resize_mode, self.intensity_window)
 
     def to_options(self, **overrides) -> dict:
-        """The processor's options, with per-call `overrides` (`None` means: keep the processor's own)."""
-        return {name: overrides[name] if overrides.get(name) is not None else getattr(self, name)
-                for name in self.OPTIONS}
+        """The processor's options, with per-call `overrides` (`None` means: keep the processor's own; the slice
+        options as `slice_settings_for` combines them)."""
+        options = {name: overrides[name] if overrides.get(name) is not None else getattr(self, name)
+                   for name in self.OPTIONS}
+        options.update(self.slice_settings_for(**{name: overrides.get(name) for name in self.SLICE_OPTIONS}))
+        return options
 
     @staticmethod
     def _check(options: dict) -> None:
@@ -158,6 +161,18 @@ class MicDiffRepImageProcessor(BaseImageProcessor):
         """The slices of NIfTI volumes that are images: `{"slice_axis", "slice_range", "keep_empty_slices"}` (the
         keywords of `mic_diffrep.data.medical.slice_selection`)."""
         return {name: getattr(self, name) for name in self.SLICE_OPTIONS}
+
+    def slice_settings_for(self, slice_axis: Optional[int] = None, slice_range=None,
+                           keep_empty_slices: Optional[bool] = None) -> dict:
+        """`slice_settings` with one call's changes (`None`: keep the processor's own). Another `slice_axis` drops the
+        processor's `slice_range`, which counts slices along its own axis, unless a range is given too;
+        `slice_range=(None, None)` reads every slice."""
+        given = {name: value for name, value in (("slice_axis", slice_axis), ("slice_range", slice_range),
+                                                 ("keep_empty_slices", keep_empty_slices)) if value is not None}
+        settings = {**self.slice_settings, **given}
+        if settings["slice_axis"] != self.slice_axis and "slice_range" not in given:
+            settings["slice_range"] = None
+        return settings
 
     def _to_pixels(self, image, options: dict) -> torch.Tensor:
         if options["do_resize"]:
