@@ -6,6 +6,7 @@ This file is also a diffusers custom pipeline: copy it next to a pretrained fold
 (it needs `pip install mic-diffrep` for the shared preprocessing).
 """
 
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Dict, List, Optional, Sequence, Tuple, Union
 
@@ -135,14 +136,27 @@ class DiffusionFeaturePipeline(DiffusionPipeline):
     def prepare_pixels(self, images, return_ids: bool = False, slices=None):
         """Images (PIL / numpy / tensors / file paths, one or a list, or a batch tensor) to uint8 `(N, 1, R, R)`.
 
-        Uses the shared preprocessing of pretraining; uint8 `(N, 1, R, R)` pixels (a decode cache) pass through. A
-        DICOM or NIfTI file path gives one row per slice (see `mic_diffrep.models.mic_diffrep.preprocessing.as_image_list`). With
-        `return_ids`, also the id of each row (`image_list_with_ids`: a file's path, `"<path>#slice=<k>"` for a
-        slice, `None` for an image given in memory). `slices`: which slices of a NIfTI volume (`SliceSelection`).
+        Uses the shared preprocessing of pretraining; uint8 `(N, 1, R, R)` pixels (a decode cache) pass through, and
+        so does the image processor's output (`MicDiffRepImageProcessor`: its `BatchFeature`, or its `pixel_values`,
+        float `(N, 1, R, R)` in [-1, 1]), mapped back to its pixels: windowed again, preprocessed pixels would be
+        stretched. A DICOM or NIfTI file path gives one row per slice (see
+        `mic_diffrep.models.mic_diffrep.preprocessing.as_image_list`). With `return_ids`, also the id of each row
+        (`image_list_with_ids`: a file's path, `"<path>#slice=<k>"` for a slice, `None` for an image given in
+        memory). `slices`: which slices of a NIfTI volume (`SliceSelection`).
         """
         resolution = self.resolution
-        if (isinstance(images, torch.Tensor) and images.ndim == 4 and images.dtype == torch.uint8
-                and tuple(images.shape[1:]) == (1, resolution, resolution)):
+        processed = isinstance(images, Mapping) and "pixel_values" in images  # a BatchFeature
+        if processed:
+            images = torch.as_tensor(images["pixel_values"])
+        batch = (isinstance(images, torch.Tensor) and images.ndim == 4
+                 and tuple(images.shape[1:]) == (1, resolution, resolution))
+        if batch and images.is_floating_point() and images.numel() and (processed or (
+                images.min() < 0 and images.min() >= -1 and images.max() <= 1)):  # no image, raw or [0, 1], is so
+            images = ((images.detach().float().cpu() + 1) * 127.5).round().clamp(0, 255).to(torch.uint8)
+        elif processed:
+            raise ValueError(f"`pixel_values` must have shape (N, 1, {resolution}, {resolution}) (this pipeline's "
+                             f"resolution), got {tuple(images.shape)}.")
+        if batch and images.dtype == torch.uint8:
             pixels, ids = images.cpu(), [None] * len(images)
         else:
             image_list, ids = image_list_with_ids(images, slices)
@@ -191,8 +205,9 @@ class DiffusionFeaturePipeline(DiffusionPipeline):
         Pooled activations of UNet blocks for noised images.
 
         Args:
-            images: PIL images, numpy arrays, tensors or file paths (grey or RGB, any size), or a uint8
-                `(N, 1, R, R)` tensor of already preprocessed pixels. DICOM (`.dcm`) and NIfTI (`.nii`, `.nii.gz`)
+            images: PIL images, numpy arrays, tensors or file paths (grey or RGB, any size), a uint8
+                `(N, 1, R, R)` tensor of already preprocessed pixels, or the image processor's output (its
+                `BatchFeature`, or `pixel_values` in [-1, 1]), which is not preprocessed again. DICOM (`.dcm`) and NIfTI (`.nii`, `.nii.gz`)
                 paths give one row per slice (every non-empty axial slice of a volume, every frame of a
                 multi-frame DICOM, in order), windowed with the file's own display window when it has one; `slices`
                 chooses others.

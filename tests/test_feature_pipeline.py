@@ -309,3 +309,18 @@ def test_flip_averaged_feature_caches_record_the_mirror_noise(pipe):
     """Caches of the earlier flip read-out (noise mirrored with the image) lack the key, so they read as stale."""
     assert extraction_settings(pipe, [5], None, flip_average=True)["mirror_noise"] == "shared"
     assert "mirror_noise" not in extraction_settings(pipe, [5], None)
+
+
+def test_the_image_processors_output_is_not_preprocessed_again(pipe, images):
+    """Its `pixel_values` (floats in [-1, 1]) were windowed and resized again: features 31% off."""
+    from mic_diffrep import MicDiffRepImageProcessor
+
+    processed = MicDiffRepImageProcessor(resolution=16)(images)
+    expected = pipe.extract_features(images, 10, "mid_block").features[("mid_block", 10)]
+    for given in (processed, processed["pixel_values"], processed["pixel_values"].numpy()):
+        if isinstance(given, np.ndarray):
+            given = {"pixel_values": given}
+        torch.testing.assert_close(pipe.extract_features(given, 10, "mid_block").features[("mid_block", 10)],
+                                   expected, rtol=0, atol=0)
+    with pytest.raises(ValueError, match="pixel_values.*\\(N, 1, 16, 16\\).*got \\(5, 1, 32, 32\\)"):
+        pipe.extract_features(MicDiffRepImageProcessor(resolution=32)(images), 10, "mid_block")
