@@ -1,3 +1,4 @@
+import re
 
 import numpy as np
 import PIL.Image
@@ -138,3 +139,10 @@ def test_colour_arrays_are_read_as_pil_reads_colour_at_every_depth():
     for image in (transparent, torch.from_numpy(transparent).permute(2, 0, 1), transparent.astype(np.float32) / 255):
         grey = to_grayscale(image)
         assert grey[0, 0] == 0 and grey[3, 3] == pytest.approx(200, abs=0.5)
+
+
+def test_a_tensor_of_another_shape_is_named_as_given():
+    # A (64, 3, 64) tensor was reported as "got (64, 64, 3)... (H, W, C)": the shape after an internal permute.
+    for shape in ((5, 20, 20), (20, 3, 20)):
+        with pytest.raises(ValueError, match=re.escape(f"got {shape}; a batch of grey slices is (N, 1, H, W)")):
+            to_grayscale(torch.zeros(shape))

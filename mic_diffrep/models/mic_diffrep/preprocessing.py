@@ -196,6 +196,9 @@ def to_grayscale(image: ImageInput) -> np.ndarray:
             return to_grayscale(opened)
     if isinstance(image, torch.Tensor):
         tensor = image.detach().cpu()
+        if tensor.ndim not in (2, 3) or (tensor.ndim == 3 and tensor.shape[0] not in (1, 3, 4)):
+            raise ValueError(f"Expected an image tensor of shape (H, W) or (C, H, W) with C 1, 3 or 4, got "
+                             f"{tuple(tensor.shape)}; a batch of grey slices is (N, 1, H, W).")
         if tensor.ndim == 3:
             tensor = tensor.permute(1, 2, 0)
         image = tensor.float().numpy() if tensor.dtype in (torch.bfloat16, torch.float16) else tensor.numpy()
