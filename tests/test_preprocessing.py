@@ -146,3 +146,24 @@ def test_a_tensor_of_another_shape_is_named_as_given():
     for shape in ((5, 20, 20), (20, 3, 20)):
         with pytest.raises(ValueError, match=re.escape(f"got {shape}; a batch of grey slices is (N, 1, H, W)")):
             to_grayscale(torch.zeros(shape))
+
+
+def test_encoded_bytes_are_an_image_and_other_inputs_say_what_is_wrong():
+    """bytes gave "got int" (iterated byte by byte), a dict "No such file: 'image'" (iterated by key), a dataset
+    without an `image` column "got dict"."""
+    import io
+
+    import datasets
+
+    from mic_diffrep.models.mic_diffrep.preprocessing import as_image_list
+
+    buffer = io.BytesIO()
+    PIL.Image.fromarray(np.arange(400, dtype=np.uint8).reshape(20, 20)).save(buffer, "PNG")
+    png = buffer.getvalue()
+    expected = image_to_pixels(PIL.Image.open(io.BytesIO(png)), 16)
+    assert torch.equal(preprocess_images(png, 16), preprocess_images([png, png], 16)[:1])
+    assert torch.equal(preprocess_images(png, 16)[0], pixels_to_model_input(expected[None])[0])
+    with pytest.raises(TypeError, match="got a dict with keys \\['label', 'picture'\\]"):
+        as_image_list({"picture": png, "label": 0})
+    with pytest.raises(ValueError, match="needs an `image` column, got \\['picture'\\].*rename_column"):
+        as_image_list(datasets.Dataset.from_dict({"picture": [png]}))

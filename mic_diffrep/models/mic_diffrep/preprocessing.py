@@ -372,16 +372,23 @@ def record_source(record: dict) -> Union[str, bytes]:
 def image_list_with_ids(images, slices=None) -> Tuple[list, List[Optional[str]]]:
     """`as_image_list`, and one id per image: for an image given as a file path, the path (`"<path>#slice=<k>"` for
     slice `k` of a multi-slice DICOM / NIfTI file, as `decode_images` names them); `None` for one given in memory."""
-    if hasattr(images, "column_names") and "image" in images.column_names:  # a `datasets.Dataset`
+    if hasattr(images, "column_names"):  # a `datasets.Dataset`
+        if "image" not in images.column_names:
+            raise ValueError(f"A datasets.Dataset of images needs an `image` column, got {images.column_names}: "
+                             f"`dataset.rename_column(name, 'image')`.")
         images = undecoded_images(images)["image"]
-    if isinstance(images, (PIL.Image.Image, str, os.PathLike)) or is_medical_slice(images) or _is_file_record(
-        images) or (isinstance(images, (np.ndarray, torch.Tensor)) and images.ndim <= 3):
+    if isinstance(images, (PIL.Image.Image, str, os.PathLike, bytes, dict)) or is_medical_slice(images) or \
+            _is_file_record(images) or (isinstance(images, (np.ndarray, torch.Tensor)) and images.ndim <= 3):
         images = [images]
     expanded, ids = [], []
     for image in images:
         if _is_file_record(image):  # `datasets.Image(decode=False)`: the file, else its bytes
             image = record_source(image)
-            image = PIL.Image.open(io.BytesIO(image)) if isinstance(image, bytes) else image
+        if isinstance(image, bytes):  # an encoded image file's contents, as `datasets` keeps them
+            image = PIL.Image.open(io.BytesIO(image))
+        elif isinstance(image, dict):
+            raise TypeError(f"Expected images, got a dict with keys {sorted(image)}: pass its image (a dataset row's "
+                            f"`row['image']`; the image processor's output goes to the model as `pixel_values`).")
         if is_medical_path(image):
             file_slices = read_medical_file(image, slices)
             expanded.extend(file_slices)
