@@ -20,5 +20,5 @@ __all__ = ["BadImageError", "DecodedImages", "IMAGE_EXTENSIONS", "INTENSITY_WIND
            "SEARCHED_EXTENSIONS", "SPLIT_ALIASES", "SliceSelection", "check_labelled",
            "decode_images", "find_image_files", "find_split_folders",
            "image_to_pixels", "is_image_file", "is_medical_file", "label_by_class_folder", "load_image_folder",
-           "pixels_to_model_input", "preprocess_images", "read_image_list", "read_medical_slices", "relative_image_id", "seed_for",
-           "select_splits", "TEST_IMAGES_FILE", "to_grayscale", "window_intensities", "write_image_list"]
+           "pixels_to_model_input", "preprocess_images", "read_image_list", "read_medical_slices", "relative_image_id",
+           "seed_for", "select_splits", "TEST_IMAGES_FILE", "to_grayscale", "window_intensities", "write_image_list"]

@@ -98,8 +98,9 @@ def push_to_hub(model_dir: str, repo_id: str, token: Optional[str] = None, priva
     """Uploads a model folder made by `training/linear_probe.py` to the Hub; returns the repository id.
 
     The uploaded folder holds the config and weights, the image processor, the model card, results (local paths cut
-    to their names: `published_results`) and plots, and the code files with `auto_map` entries, so `AutoModelForImageClassification` / `AutoImageProcessor` load it with
-    `trust_remote_code=True` where mic-diffrep is not installed.
+    to their names: `published_results`) and plots, and the code files with `auto_map` entries, so
+    `AutoModelForImageClassification` / `AutoImageProcessor` load it with `trust_remote_code=True` where mic-diffrep
+    is not installed.
     """
     if not os.path.isfile(os.path.join(model_dir, "config.json")):
         raise FileNotFoundError(f"{model_dir} is not a model folder (no config.json).")

@@ -35,8 +35,9 @@ from .checkpointing import check_checkpoint, find_checkpoint
 RESUMABLE_CHANGES = frozenset({
     "train_data_dir", "output_dir", "resume_from_checkpoint", "overwrite_output_dir", "cache_dir",
     "dataloader_num_workers", "skip_bad_images", "num_epochs", "max_train_steps", "time_budget_minutes",
-    "mixed_precision", "channels_last", "checkpointing_steps", "checkpoints_total_limit", "logger", "logging_dir", "save_images_epochs", "save_model_epochs", "eval_batch_size",
-    "sample_scheduler", "ddpm_num_inference_steps", "push_to_hub", "hub_model_id", "hub_token", "hub_private_repo"})
+    "mixed_precision", "channels_last", "checkpointing_steps", "checkpoints_total_limit", "logger", "logging_dir",
+    "save_images_epochs", "save_model_epochs", "eval_batch_size", "sample_scheduler", "ddpm_num_inference_steps",
+    "push_to_hub", "hub_model_id", "hub_token", "hub_private_repo"})
 
 
 @dataclass(kw_only=True)
