@@ -207,10 +207,10 @@ class DiffusionFeaturePipeline(DiffusionPipeline):
         Args:
             images: PIL images, numpy arrays, tensors or file paths (grey or RGB, any size), a uint8
                 `(N, 1, R, R)` tensor of already preprocessed pixels, or the image processor's output (its
-                `BatchFeature`, or `pixel_values` in [-1, 1]), which is not preprocessed again. DICOM (`.dcm`) and NIfTI (`.nii`, `.nii.gz`)
-                paths give one row per slice (every non-empty axial slice of a volume, every frame of a
-                multi-frame DICOM, in order), windowed with the file's own display window when it has one; `slices`
-                chooses others.
+                `BatchFeature`, or `pixel_values` in [-1, 1]), which is not preprocessed again. DICOM (`.dcm`) and
+                NIfTI (`.nii`, `.nii.gz`) paths give one row per slice (every non-empty axial slice of a volume,
+                every frame of a multi-frame DICOM, in order), windowed with the file's own display window when it
+                has one; `slices` chooses others.
             timesteps (`int` or `Sequence[int]`, defaults to `(10, 25, 50, 100, 250)`): noise levels, in
                 `[0, num_train_timesteps)` (a list, array or tensor; a repeated one is extracted once); the default
                 is the read-out chosen in `benchmarks/results/ablations.md`.

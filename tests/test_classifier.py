@@ -140,8 +140,8 @@ def test_push_to_hub_uploads_config_weights_code_and_card(model, tmp_path):
     (folder / "features" / "train.safetensors").write_bytes(b"not uploaded")
     results = json.load(open(os.path.join(os.path.dirname(__file__), "data", "probe_results.json")))
     results.update(data_dir="/home/me/private/brain-mri", pretrained="/home/me/runs/pretrain",
-                   command="mic-diffrep probe --pretrained /home/me/runs/pretrain --data_dir=/home/me/private/brain-mri "
-                           "--output_dir runs/model", test_split="the test split of /home/me/private/brain-mri",
+                   command="mic-diffrep probe --pretrained /home/me/runs/pretrain "
+                           "--data_dir=/home/me/private/brain-mri --output_dir runs/model", test_split="the test split of /home/me/private/brain-mri",
                    skipped_images=[{"path": "/home/me/private/brain-mri/Testing/glioma/bad.jpg", "error": "broken"}])
     write_model_card(str(folder), results)
     (folder / "results.json").write_text(json.dumps(results))  # as the probe writes them
