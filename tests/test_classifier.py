@@ -142,7 +142,8 @@ def test_push_to_hub_uploads_config_weights_code_and_card(model, tmp_path):
     results.update(data_dir="/home/me/private/brain-mri", pretrained="/home/me/runs/pretrain",
                    command="mic-diffrep probe --pretrained /home/me/runs/pretrain "
                            "--data_dir=/home/me/private/brain-mri --output_dir runs/model", test_split="the test split of /home/me/private/brain-mri",
-                   skipped_images=[{"path": "/home/me/private/brain-mri/Testing/glioma/bad.jpg", "error": "broken"}])
+                   skipped_images=[{"path": "/home/me/private/brain-mri/Testing/glioma/bad.jpg",
+                                    "error": "/home/me/private/brain-mri/Testing/glioma/bad.jpg: truncated"}])
     write_model_card(str(folder), results)
     (folder / "results.json").write_text(json.dumps(results))  # as the probe writes them
 
@@ -182,7 +183,8 @@ def test_push_to_hub_uploads_config_weights_code_and_card(model, tmp_path):
     assert (published["data_dir"], published["pretrained"]) == ("brain-mri", "pretrain")
     assert published["command"] == ("mic-diffrep probe --pretrained pretrain --data_dir=brain-mri --output_dir "
                                     "runs/model")
-    assert published["skipped_images"][0]["path"] == os.path.join("Testing", "glioma", "bad.jpg")
+    assert published["skipped_images"] == [{"path": "brain-mri/Testing/glioma/bad.jpg",
+                                            "error": "brain-mri/Testing/glioma/bad.jpg: truncated"}]
     assert published["msfa"] == results["msfa"]
     assert json.load(open(folder / "results.json"))["data_dir"] == "/home/me/private/brain-mri"  # kept locally
     assert 'model="path/to/this/folder"' in (folder / "README.md").read_text()  # the local card stays local

@@ -33,22 +33,29 @@ def _published_argument(argument: str) -> str:
 
 def published_results(results: dict) -> dict:
     """`results` (a probe's `results.json`, or a pretraining's `pretraining_summary.json`) as uploaded: local paths
-    cut to their names, as the model cards give them (the data and pretrained folders, the command's arguments, the
-    test split's description, skipped files relative to their data folder); the local file keeps them whole."""
-    published = dict(results)
+    cut to their names, as the model cards give them (the data and pretrained folders wherever they appear, skipped
+    files and their errors included, and every path among the command's arguments and in the test split's
+    description); the local file keeps them whole."""
+    folders = {}  # a local folder, as given and absolute -> its name
     for key in ("data_dir", "train_data_dir", "pretrained"):
-        if results.get(key):
-            published[key] = _name(results[key])
+        if results.get(key) and os.sep in os.path.normpath(str(results[key])):
+            folders[str(results[key])] = folders[os.path.abspath(str(results[key]))] = _name(results[key])
+
+    def publish(value):
+        if isinstance(value, dict):
+            return {key: publish(item) for key, item in value.items()}
+        if isinstance(value, list):
+            return [publish(item) for item in value]
+        if isinstance(value, str):
+            for folder in sorted(folders, key=len, reverse=True):  # the longest first: a folder inside another
+                value = value.replace(folder, folders[folder])
+        return value
+
+    published = publish(results)
     if results.get("command"):
         published["command"] = shlex.join(_published_argument(a) for a in shlex.split(results["command"]))
-    if results.get("test_split"):
-        published["test_split"] = " ".join(_published_argument(word) for word in str(results["test_split"]).split())
-    data_dir = str(results.get("data_dir") or results.get("train_data_dir") or "")
-    published["skipped_images"] = [
-        dict(item, path=os.path.relpath(item["path"], data_dir)
-             if data_dir and os.path.abspath(item["path"]).startswith(os.path.abspath(data_dir) + os.sep)
-             else _name(item["path"])) if isinstance(item, dict) and item.get("path") else item
-        for item in results.get("skipped_images") or []]
+    if results.get("test_split"):  # e.g. "--test_data_dir /abs/site-b"
+        published["test_split"] = " ".join(_published_argument(word) for word in str(published["test_split"]).split())
     return published
 
 
