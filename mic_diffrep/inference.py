@@ -146,7 +146,7 @@ def evaluate_folder(model_dir: str, data_dir: str, splits: Optional[Union[str, S
         _warn_if_probed_on(model_dir, data_dir)
     if "label" not in dataset.features:  # one class folder (`Testing/glioma/`) reads as unlabelled: the model's
         dataset = label_by_class_folder(dataset, data_dir, _class_names(model_dir))  # classes tell it from a wrapper
-    check_labelled(dataset, data_dir, "evaluation", "class sub-folders (or one, named as a class of the model")
+    check_labelled(dataset, data_dir, "evaluation", "class sub-folders, or one named as a class of the model")
     model, processor = load_classifier(model_dir, mixed_precision)
     decoded = decode_images(dataset, processor.preprocessing, skip_bad_images=skip_bad_images,
                             slices=model_slices(processor, slices))

@@ -216,11 +216,11 @@ def label_by_class_folder(dataset, data_dir: str, class_names: Sequence[str]):
 
 
 def check_labelled(dataset, what: str, purpose: str = "linear probing",
-                   needs: str = "class sub-folders (at least two classes") -> None:
+                   needs: str = "class sub-folders of at least two classes") -> None:
     """Raises a `ValueError` naming `what` unless `dataset` (a split of `load_image_folder`, not yet decoded) has
     labels: a missing label fails before any image is decoded."""
     if "label" not in dataset.features:
-        raise ValueError(f"{what} has no labels: {purpose} needs {needs}, e.g. Training/glioma/*.jpg and "
+        raise ValueError(f"{what} has no labels: {purpose} needs {needs} (e.g. Training/glioma/*.jpg and "
                          f"Training/notumor/*.jpg).")
 
 
