@@ -31,7 +31,7 @@ import torch
 from transformers import AutoImageProcessor, AutoModelForImageClassification
 
 from .data import window_intensities
-from .data.medical import SliceSelection
+from .data.medical import SliceSelection, is_medical_file
 from .inference import load_classifier, model_slices
 from .models.mic_diffrep import MicDiffRepForImageClassification, MicDiffRepImageProcessor
 
@@ -43,8 +43,6 @@ if TYPE_CHECKING:
 logger = logging.getLogger(__name__)
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png")
-MEDICAL_EXTENSIONS = (".dcm", ".nii", ".nii.gz")
-UPLOAD_EXTENSIONS = IMAGE_EXTENSIONS + MEDICAL_EXTENSIONS
 DISPLAY_SIZE = 256
 
 
@@ -64,7 +62,7 @@ def read_upload(path: Union[str, os.PathLike], slices: Optional[SliceSelection] 
     path = os.fspath(path)
     name = os.path.basename(path)
     lower = name.lower()
-    if lower.endswith(MEDICAL_EXTENSIONS):
+    if is_medical_file(path):  # `.dcm`, `.dicom`, `.nii`, `.nii.gz`, or a DICOM file without an extension
         try:
             kept = (slices or SliceSelection()).read(path)
         except (ValueError, OSError) as error:  # MedicalImageError is a ValueError
@@ -74,8 +72,8 @@ def read_upload(path: Union[str, os.PathLike], slices: Optional[SliceSelection] 
         middle = kept[len(kept) // 2]
         return PIL.Image.fromarray(window_intensities(middle.pixels, window=middle.window))
     if not lower.endswith(IMAGE_EXTENSIONS):
-        raise UploadError(f"{name}: unsupported file type; upload a JPEG, PNG, DICOM (.dcm) or NIfTI "
-                          f"(.nii, .nii.gz) file.")
+        raise UploadError(f"{name}: unsupported file type; upload a JPEG, PNG, DICOM (.dcm, .dicom, or a DICOM "
+                          f"file without an extension) or NIfTI (.nii, .nii.gz) file.")
     try:
         with PIL.Image.open(path) as image:
             image.load()
@@ -273,13 +271,13 @@ def build_demo(model: Union[str, os.PathLike, MicDiffRepForImageClassification],
             f"regions whose occlusion lowers this probability the most.")
 
     with gr.Blocks(title=title) as demo:
-        gr.Markdown(f"# {title}\nUpload an MRI slice (JPEG, PNG, DICOM `.dcm` or NIfTI `.nii` / `.nii.gz`; of a "
-                    f"volume, the middle of the slices the model reads). Classes: {', '.join(labels)}. A frozen "
+        gr.Markdown(f"# {title}\nUpload an MRI slice (JPEG, PNG, DICOM `.dcm` / `.dicom` or NIfTI `.nii` / "
+                    f"`.nii.gz`; of a volume, the middle of the slices the model reads). Classes: {', '.join(labels)}. A frozen "
                     f"diffusion UNet's features with an MSFA head; a research demo, not a medical device.")
         with gr.Row():
             with gr.Column():
-                upload = gr.File(label="MRI slice", file_types=list(UPLOAD_EXTENSIONS), type="filepath",
-                                 elem_id="upload")
+                # no file_types: a DICOM file without an extension (IM0001) could not be chosen; read_upload checks
+                upload = gr.File(label="MRI slice", type="filepath", elem_id="upload")
                 button = gr.Button("Classify", variant="primary", elem_id="classify")
                 status = gr.Markdown("Upload a file and press Classify.", elem_id="status", label="Status")
             with gr.Column():

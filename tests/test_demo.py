@@ -4,6 +4,7 @@ import glob
 import os
 import shutil
 import socket
+import sys
 
 os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
 
@@ -216,3 +217,19 @@ def test_demo_page_in_headless_chromium(classifier_folder, sample_slice, tmp_pat
                 browser.close()
     finally:
         demo.close()
+
+
+def test_dicom_uploads_named_dicom_or_without_an_extension(tmp_path):
+    """`.dicom` files and DICOM files without an extension (`IM0001`), which predict reads, were refused by the demo:
+    "unsupported file type"."""
+    sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+    from medical_files import write_dicom
+
+    frame = (np.arange(64, dtype=np.uint16).reshape(8, 8) * 64)[None]
+    expected = None
+    for name in ("slice.dcm", "slice.dicom", "IM0001"):
+        write_dicom(tmp_path / name, frame)
+        image = np.asarray(read_upload(tmp_path / name))
+        assert image.shape == (8, 8)
+        expected = image if expected is None else expected
+        assert np.array_equal(image, expected)
