@@ -183,7 +183,7 @@ def prepare_output_file(path: str, flag: str = "--output", extensions: Optional[
 _PIPELINE = "a diffusers pipeline folder (model_index.json)"
 _CLASSIFIER = "a transformers classifier folder (config.json with a model_type)"
 _BASELINE = "a baseline encoder folder (baseline_config.json)"
-_OTHER_KIND = {"pipeline": (_CLASSIFIER,), "model": (_PIPELINE, _BASELINE), "baseline": (_PIPELINE, _CLASSIFIER)}
+_OTHER_KIND = {"pipeline": (_CLASSIFIER, _BASELINE), "model": (_PIPELINE, _BASELINE), "baseline": (_PIPELINE, _CLASSIFIER)}
 
 
 def _other_kind_held(path: str, kind: str) -> Optional[str]:

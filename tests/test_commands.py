@@ -281,7 +281,8 @@ def test_output_paths_are_checked_before_the_work(model_dir, unlabelled_folder, 
     (tmp_path / "byol" / "baseline_config.json").write_text("{}")
     for folder, kind, held in ((model_dir, "baseline", "a transformers classifier folder"),
                                (pipe, "baseline", "a diffusers pipeline folder"),
-                               (str(tmp_path / "byol"), "model", "a baseline encoder folder")):
+                               (str(tmp_path / "byol"), "model", "a baseline encoder folder"),
+                               (str(tmp_path / "byol"), "pipeline", "a baseline encoder folder")):  # was mixed
         with pytest.raises(ValueError, match=f"holds {held}"):  # its model.safetensors would be replaced
             with output_folder(folder, kind=kind):
                 pass
