@@ -79,7 +79,11 @@ def test_run_predict_evaluate_end_to_end(tmp_path, capsys):
     assert "reusing the finished run" in capsys.readouterr().out
     again = json.loads((out / "report.json").read_text())
     assert again["probe"]["msfa"]["test"]["all"] == report["probe"]["msfa"]["test"]["all"]
-    main(["run", "--config", str(config), "--output_dir", str(out), "--seed", "1"])  # other settings: pretrained
+    # Other settings: the finished pretraining was replaced without a word; now only with --overwrite_output_dir
+    with pytest.raises(SystemExit) as error:
+        main(["run", "--config", str(config), "--output_dir", str(out), "--seed", "1"])
+    assert error.value.code == 2 and "--overwrite_output_dir" in capsys.readouterr().err
+    main(["run", "--config", str(config), "--output_dir", str(out), "--seed", "1", "--overwrite_output_dir"])
     assert "Pretraining into" in capsys.readouterr().out
 
 

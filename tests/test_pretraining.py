@@ -436,6 +436,11 @@ def test_a_new_run_into_a_folder_of_checkpoints_is_refused_without_overwrite_out
                                  "--checkpoints_total_limit", "1", "--overwrite_output_dir"))
     assert summary["global_step"] == 1 and "with --overwrite_output_dir this new run starts from step 0" in caplog.text
     assert sorted(d for d in os.listdir(out) if d.startswith("checkpoint-")) == ["checkpoint-1"]
+    # A finished run without checkpoints was replaced silently too
+    shutil.rmtree(os.path.join(out, "checkpoint-1"))
+    with pytest.raises(ValueError, match="holds an earlier run's outputs \\(pretraining_summary.json, "
+                                         "model_index.json\\).*--overwrite_output_dir"):
+        main(tiny_args(unlabelled_folder, out, "--max_train_steps", "1"))
 
 
 def test_latest_is_the_checkpoint_written_last_not_the_highest_step(unlabelled_folder, tmp_path):

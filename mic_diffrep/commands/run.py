@@ -365,6 +365,7 @@ def register(subparsers) -> None:
                              "checkpoint folder; give the run's other settings again.")
     parser.add_argument("--overwrite_output_dir", action="store_true",
                         help="Pretrain anew in an --output_dir whose pretrain/ folder holds an earlier run's "
-                             "checkpoint (refused without it: add --resume_from_checkpoint latest to continue that "
-                             "run); a finished pretraining of the same settings is reused either way.")
+                             "checkpoint or weights of other settings (refused without it; add "
+                             "--resume_from_checkpoint latest to continue an interrupted run); a finished pretraining "
+                             "of the same settings is reused either way.")
     parser.set_defaults(func=run)

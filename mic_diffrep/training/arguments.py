@@ -108,8 +108,8 @@ class CommonPretrainingArguments:
     resume_from_checkpoint: Optional[str] = field(default=None, metadata={
         "help": 'Resume from a checkpoint folder, or "latest" for the newest one in --output_dir.'})
     overwrite_output_dir: bool = field(default=False, metadata={
-        "help": "Start a new run in an --output_dir holding an earlier run's checkpoints (refused without it, so a "
-                "forgotten --resume_from_checkpoint loses nothing); the new run's checkpoints replace or prune them."})
+        "help": "Start a new run in an --output_dir holding an earlier run's checkpoints or weights (refused without "
+                "it, so a forgotten --resume_from_checkpoint loses nothing); the new run replaces or prunes them."})
     logger: Literal["tensorboard", "wandb", "none"] = field(default="tensorboard", metadata={
         "help": "Experiment tracker."})
     logging_dir: str = field(default="logs", metadata={"help": "Tracker folder, relative to --output_dir."})

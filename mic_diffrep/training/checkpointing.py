@@ -149,16 +149,28 @@ def check_checkpoint(path: str, settings: Optional[dict] = None, num_processes: 
     return state
 
 
+# Files a pretraining run leaves in its output folder besides checkpoints: its summary (written at the end, also of
+# an interrupted run) and its weights (saved after some epochs).
+RUN_FILES = ("pretraining_summary.json", "model_index.json", "baseline_config.json")
+
+
 def check_new_run(output_dir: str, resume_from_checkpoint: Optional[str], overwrite_output_dir: bool) -> None:
-    """Refuses a new run (no `--resume_from_checkpoint`) in an `output_dir` holding an earlier run's checkpoints,
-    unless `--overwrite_output_dir` says to start over: its checkpoints would be replaced or pruned, and a forgotten
+    """Refuses a new run (no `--resume_from_checkpoint`) in an `output_dir` holding an earlier run's checkpoints or
+    weights, unless `--overwrite_output_dir` says to start over: they would be replaced or pruned, and a forgotten
     `--resume_from_checkpoint` (after Ctrl-C, whose message asks for it) lost hours of training."""
-    earlier = None if resume_from_checkpoint or overwrite_output_dir else _latest_checkpoint(output_dir)
+    if resume_from_checkpoint or overwrite_output_dir:
+        return
+    earlier = _latest_checkpoint(output_dir)
     if earlier is not None:
         raise ValueError(f"{output_dir} holds checkpoints of an earlier run (the latest: "
                          f"{os.path.basename(earlier)}). Continue that run with --resume_from_checkpoint latest, start "
                          f"over there with --overwrite_output_dir (its checkpoints are then replaced or pruned), or "
                          f"give another --output_dir; nothing was changed.")
+    held = [name for name in RUN_FILES if os.path.isfile(os.path.join(output_dir, name))]
+    if held:
+        raise ValueError(f"{output_dir} holds an earlier run's outputs ({', '.join(held)}). Start over there with "
+                         f"--overwrite_output_dir (they are then replaced), or give another --output_dir; nothing was "
+                         f"changed.")
 
 
 def resume_training_state(accelerator, output_dir: str, resume_from_checkpoint: Optional[str]):
