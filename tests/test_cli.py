@@ -136,6 +136,8 @@ def test_bad_config_is_named(tmp_path, capsys):
     (["check-leakage", "--within", "UNLABELLED", "--output", "A_FOLDER"], "is a folder; give a file name"),
     (["check-leakage", "--within", "A_FILE"], "is a file; give the folder"),
     (["demo", "--model", "MISSING", "--port", "99999"], "--port must be in 0..65535"),
+    (["demo", "--model", "MISSING", "--host", "no-such-host.invalid"], "--host no-such-host.invalid cannot be"),
+    (["demo", "--model", "MISSING", "--host", "192.0.2.1"], "--host 192.0.2.1 is not an address of this machine"),
 ])
 def test_bad_settings_fail_before_any_work_and_name_the_setting(argv, named, unlabelled_folder, tmp_path, capsys):
     """Checked before pretraining or any decoding: a mistake costs no compute and leaves no output folder."""

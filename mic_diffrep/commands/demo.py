@@ -1,18 +1,27 @@
 """`mic-diffrep demo`: a Gradio page for a trained classifier folder (or a Hub id)."""
 
+import errno
 import socket
 
 from ..demo import launch_demo
 
 
 def _check_port(host: str, port: int) -> None:
-    """A port out of range or taken fails at once, naming --port, rather than after the model is loaded."""
+    """A port out of range or taken, or a host that is not an address of this machine, fails at once, naming the
+    flag, rather than after the model is loaded."""
     if not 0 <= port <= 65535:
         raise ValueError(f"--port must be in 0..65535, got {port}.")
-    with socket.socket() as sock:
+    try:
+        address = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0]
+    except (OSError, UnicodeError) as error:
+        raise ValueError(f"--host {host} cannot be resolved ({getattr(error, 'strerror', None) or error}).") from None
+    with socket.socket(address[0], socket.SOCK_STREAM) as sock:
         try:
-            sock.bind((host, port))
+            sock.bind(address[4])
         except OSError as error:
+            if error.errno == errno.EADDRNOTAVAIL:
+                raise ValueError(f"--host {host} is not an address of this machine ({error.strerror}); serve on "
+                                 f"127.0.0.1 or 0.0.0.0.") from None
             raise ValueError(f"--port {port} on {host} cannot be used ({error.strerror or error}); pick another "
                              f"with --port.") from None
 
