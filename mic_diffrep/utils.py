@@ -65,6 +65,8 @@ def check_settings(settings) -> None:
         check_value(f"`{field.name}`", value, hints[field.name])
         if (field.name == "seed" or field.name.endswith("_seed")) and isinstance(value, int) and not 0 <= value < 2**32:
             raise ValueError(f"`{field.name}` must be in [0, 2**32) (numpy's seeds), got {value}.")
+        if field.name == "mixed_precision" and value == "fp16" and not torch.cuda.is_available():
+            check_mixed_precision(value, "cpu")  # runs go to the CPU without CUDA (`create_accelerator`)
 
 
 def check_value(name: str, value, hint) -> None:
@@ -95,7 +97,7 @@ def check_mixed_precision(mixed_precision: Optional[str], device: torch.device) 
         raise ValueError(f"`mixed_precision` must be one of {MIXED_PRECISION_CHOICES}, got {mixed_precision!r}.")
     if mixed_precision == "fp16" and torch.device(device).type == "cpu":
         raise ValueError(
-            "mixed precision fp16 is not supported on CPU (it would silently run in fp32). "
+            "`mixed_precision` fp16 is not supported on CPU (it would silently run in fp32). "
             "Use bf16, which is fast on CPUs with AMX/AVX-512-BF16, or 'no'."
         )
 

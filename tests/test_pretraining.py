@@ -172,6 +172,21 @@ def test_bf16_runs_on_cpu_and_fp16_is_refused(unlabelled_folder, tmp_path):
     assert summary["mixed_precision"] == "bf16"
     with pytest.raises(ValueError, match="fp16 is not supported on CPU"):
         main(tiny_args(unlabelled_folder, str(tmp_path / "fp16"), "--max_train_steps", "2", "--mixed_precision", "fp16"))
+    assert not (tmp_path / "fp16").exists()
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="fp16 is refused on CPU only")
+def test_run_refuses_fp16_on_cpu_before_any_work_naming_the_config_file(tmp_path, capsys):
+    """It failed after printing "[1/2] Pretraining into ...", left an empty output folder and did not name the
+    --config file that asked for fp16."""
+    from mic_diffrep.commands import main as cli
+
+    (tmp_path / "fp16.yaml").write_text("mixed_precision: fp16\n")
+    with pytest.raises(SystemExit) as error:
+        cli(["run", "--config", str(tmp_path / "fp16.yaml"), "--output_dir", str(tmp_path / "out")])
+    captured = capsys.readouterr()
+    assert error.value.code == 2 and "fp16.yaml: `mixed_precision` fp16 is not supported on CPU" in captured.err
+    assert "Pretraining into" not in captured.out and not (tmp_path / "out").exists()
 
 
 def test_pretrain_splits_exclude_test_by_default(kaggle_folder, tmp_path):
