@@ -41,7 +41,13 @@ def load_classifier(model_dir: str, mixed_precision: Optional[str] = None):
     cannot run, gets float32)."""
     if os.path.isfile(model_dir):
         raise FileNotFoundError(f"Model folder {model_dir!r} is a file; give the folder that holds its config.json.")
+    if not os.path.exists(model_dir):
+        raise FileNotFoundError(f"Model folder {model_dir!r} does not exist; train one with `mic-diffrep probe` or "
+                                f"`mic-diffrep run`.")
     if not os.path.isfile(os.path.join(model_dir, "config.json")):
+        if os.path.isfile(os.path.join(model_dir, "results.json")):  # a baseline's probe: scored, not exported
+            raise FileNotFoundError(f"{model_dir!r} holds a probe's results but no model (config.json): a baseline "
+                                    f"encoder's probe is scored only; a MicDiffRep probe writes a classifier.")
         raise FileNotFoundError(f"Model folder {model_dir!r} has no config.json; train one with `mic-diffrep probe` "
                                 f"or `mic-diffrep run`.")
     try:

@@ -118,6 +118,17 @@ def test_evaluate_a_plain_class_folder_tree(model_dir, tmp_path, capsys):
     assert json.loads(printed.out)["num_examples"] == 6 and "again.json" in printed.err
 
 
+def test_a_missing_or_baseline_model_folder_is_named_for_what_it_is(tmp_path):
+    from mic_diffrep.inference import load_classifier
+
+    with pytest.raises(FileNotFoundError, match="'.*nope' does not exist"):  # it said "has no config.json"
+        load_classifier(str(tmp_path / "nope"))
+    (tmp_path / "byol-probe").mkdir()
+    (tmp_path / "byol-probe" / "results.json").write_text("{}")
+    with pytest.raises(FileNotFoundError, match="a baseline encoder's probe is scored only"):  # "train one with probe"
+        load_classifier(str(tmp_path / "byol-probe"))
+
+
 def test_evaluate_a_folder_of_one_class(model_dir, tmp_path, capsys, caplog):
     """A folder holding one class folder (`Testing/a/`) read as unlabelled: "has no labels"."""
     write_class_folder(tmp_path / "one" / "Testing", per_class=2, seed=1, size=20, classes=("a",))
