@@ -110,6 +110,8 @@ def test_bad_config_is_named(tmp_path, capsys):
     (["run", "--config", "timesteps: [10, 25"], "cannot be read"),
     (["run", "--timesteps", "10", "1000"], "`timesteps` [1000]"),
     (["run", "--probe_epochs", "0"], "--probe_epochs must be at least 1"),
+    (["run", "--hidden_size", "-1"], "--hidden_size must be at least 0 (0: a single linear layer)"),
+    (["pretrain", "--train_data_dir", "UNLABELLED", "--lr_warmup_steps", "-5"], "`lr_warmup_steps` must be at least 0"),
     (["run", "--seed", "-1"], "`seed` must be in [0, 2**32)"),
     (["run", "--config", "lr_scheduler: cosinee"], "settings.yaml: `lr_scheduler` must be one of"),
     (["run", "--config", "slice_range: [5, 2]"], "settings.yaml: `slice_range` 5 2 keeps no slice"),
@@ -267,6 +269,8 @@ def test_run_switches_turn_off_and_an_interrupted_run_resumes(tmp_path, monkeypa
     config = run_module.run_config(build_parser().parse_args(["run", "--config", str(tmp_path / "on.yaml"),
                                                               "--no_use_ema"]))
     assert config["use_ema"] is False and config["intensity_jitter"] is True  # flags override the file, both ways
+    # a linear head, which probe takes, was refused by run ("must be at least 1")
+    assert run_module.run_config(build_parser().parse_args(["run", "--hidden_size", "0"]))["hidden_size"] == 0
 
     seen = []
 

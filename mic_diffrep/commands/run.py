@@ -124,7 +124,7 @@ def _yaml_value(value, hint):
 
 # Settings of `mic-diffrep run` that are counts (at least 1).
 _COUNT_KEYS = ("pretrain_epochs", "pretrain_batch_size", "num_samples", "sampling_steps", "probe_epochs",
-               "probe_batch_size", "hidden_size", "num_noise_samples", "resolution")
+               "probe_batch_size", "num_noise_samples", "resolution")
 
 
 def _config_annotation(key: str):
@@ -147,6 +147,8 @@ def check_config(config: dict, source: Optional[str] = None) -> None:
             raise ValueError(f"{name} must be at least 1, got {value}.")
         if key == "probe_learning_rate" and value <= 0:
             raise ValueError(f"{name} must be positive, got {value}.")
+        if key == "hidden_size" and value < 0:  # 0: a linear head on the concatenated features, as the probe takes
+            raise ValueError(f"{name} must be at least 0 (0: a single linear layer), got {value}.")
 
 
 def check_run(config: dict, pretraining_args: PretrainingArguments, probe_args: ProbeArguments) -> None:
@@ -352,7 +354,7 @@ def register(subparsers) -> None:
                              f"(`mic-diffrep probe --random_flip`; default {RUN_DEFAULTS['probe_random_flip']}).")
     parser.add_argument("--no_probe_random_flip", dest="probe_random_flip", action="store_const", const=False,
                         help="Train the probe's heads on the training images as they are.")
-    parser.add_argument("--hidden_size", type=int, default=None, help="MSFA hidden size (default 512).")
+    parser.add_argument("--hidden_size", type=int, default=None, help="MSFA hidden size (default 512; 0: a single linear layer, not the paper's MSFA).")
     parser.add_argument("--seed", type=int, default=None, help="Seed (default 0).")
     parser.add_argument("--skip_bad_images", action="store_const", const=True, default=None,
                         help="Skip unreadable images (listed in the results) instead of failing.")

@@ -46,7 +46,9 @@ class ProbeArguments(FeatureArguments):
     learning_rate: float = field(default=0.01, metadata={"help": "Initial learning rate (paper: 0.01)."})
     train_batch_size: int = field(default=128, metadata={"help": "Probe batch size (paper: 128)."})
     weight_decay: float = field(default=0.0, metadata={"help": "Decoupled weight decay."})
-    hidden_size: int = field(default=512, metadata={"help": "MSFA aggregation width (eq. 5)."})
+    hidden_size: int = field(default=512, metadata={
+        "help": "MSFA aggregation width (eq. 5); 0: a single linear layer on the concatenated features (not the "
+                "paper's MSFA)."})
     dropout: float = field(default=0.0, metadata={"help": "Dropout on the aggregated features."})
     no_standardize: bool = field(default=False, metadata={"help": "Do not standardise features."})
     random_flip: bool = field(default=False, metadata={

@@ -126,6 +126,8 @@ class CommonPretrainingArguments:
                              f"{self.checkpoints_total_limit}.")
         if self.learning_rate <= 0:
             raise ValueError(f"`learning_rate` must be positive, got {self.learning_rate}.")
+        if self.lr_warmup_steps < 0:  # a negative warm-up started the schedule part-way up
+            raise ValueError(f"`lr_warmup_steps` must be at least 0, got {self.lr_warmup_steps}.")
         schedules = [schedule.value for schedule in SchedulerType]
         if self.lr_scheduler not in schedules:
             raise ValueError(f"`lr_scheduler` must be one of {', '.join(schedules)}, got {self.lr_scheduler!r}.")
