@@ -306,3 +306,20 @@ def test_a_given_extractor_keeps_its_precision_and_progress_settings(probe_setup
     assert extractor.pipeline.unet.dtype == torch.bfloat16
     assert extractor.pipeline._progress_bar_config.get("leave") is False
     assert results["msfa"]["test"]["all"]["num_examples"] == 16
+
+
+def test_probing_an_interrupted_pretraining_warns(tmp_path, caplog):
+    """`run` does not probe a half-trained model, but probe and extract used one without a word."""
+    import json
+
+    from mic_diffrep.features import load_feature_extractor
+
+    DiffusionFeaturePipeline(create_unet(16, "tiny"), create_scheduler()).save_pretrained(tmp_path / "pipe")
+    with caplog.at_level("WARNING"):
+        load_feature_extractor(str(tmp_path / "pipe"))
+    assert "interrupted" not in caplog.text
+    (tmp_path / "pipe" / "pretraining_summary.json").write_text(json.dumps({"stop_reason": "interrupted",
+                                                                            "global_step": 267}))
+    with caplog.at_level("WARNING"):
+        load_feature_extractor(str(tmp_path / "pipe"))
+    assert "interrupted pretraining (stopped at step 267" in caplog.text and "--resume_from_checkpoint" in caplog.text

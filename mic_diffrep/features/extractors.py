@@ -21,6 +21,7 @@ needs to know which kind of model it holds:
 """
 
 import json
+import logging
 import os
 from dataclasses import replace
 from typing import Dict, List, Optional, Protocol, Sequence, Tuple, runtime_checkable
@@ -37,9 +38,13 @@ from ..models.mic_diffrep import MicDiffRepConfig, MicDiffRepForImageClassificat
 from ..models.mic_diffrep.preprocessing import ImagePreprocessing, pixels_to_model_input
 from ..models.mic_diffrep.unet_features import check_layers, pool_features
 from ..pipelines import DiffusionFeaturePipeline
+from ..reporting.hub import SUMMARY_FILE
 from ..utils import progress_interval
 from .arguments import FeatureArguments
 from .cache import model_fingerprint
+
+
+logger = logging.getLogger(__name__)
 
 
 Features = Dict[Tuple[str, int], torch.Tensor]
@@ -302,11 +307,26 @@ def load_pipeline(path: str) -> DiffusionFeaturePipeline:
     return DiffusionFeaturePipeline.from_pretrained(path)
 
 
+def _warn_if_interrupted(path: str) -> None:
+    """Warns when the pretraining that wrote `path` was interrupted (Ctrl-C, SIGTERM): its weights are those saved
+    before it stopped, and `mic-diffrep run` would not probe them."""
+    try:
+        with open(os.path.join(path, SUMMARY_FILE), encoding="utf-8") as f:
+            summary = json.load(f)
+    except (OSError, ValueError):
+        return
+    if isinstance(summary, dict) and summary.get("stop_reason") == "interrupted":
+        logger.warning("%s is from an interrupted pretraining (stopped at step %s; the weights are those saved "
+                       "before): continue it with --resume_from_checkpoint latest to use the finished model.", path,
+                       summary.get("global_step"))
+
+
 def load_feature_extractor(path: str, resolution: Optional[int] = None) -> FeatureExtractor:
     """The frozen feature extractor in `path`: a pretrained diffusion pipeline, a baseline's folder (from
     `training/pretrain_baseline.py`), or a local `CLIPVisionModel` (fed `resolution` px images, default 112)."""
     if not os.path.isdir(path):
         raise FileNotFoundError(f"Pretrained folder {path!r} does not exist.")
+    _warn_if_interrupted(path)
     if is_baseline_dir(path):
         return EncoderFeatureExtractor.from_pretrained(path)
     if is_clip_vision_dir(path):
