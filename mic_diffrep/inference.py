@@ -147,7 +147,8 @@ def evaluate_folder(model_dir: str, data_dir: str, splits: Optional[Union[str, S
     splits = list(splits) if splits else (["test"] if "test" in dataset_dict and not wanted else ["all"])
     chosen, dataset = select_splits(dataset_dict, splits, "splits")
     if wanted:
-        dataset = _listed_files(dataset, data_dir, wanted, image_list)
+        dataset = _listed_files(dataset, data_dir, wanted, image_list,
+                                None if splits == ["all"] or set(chosen) == set(dataset_dict) else chosen)
     elif "test" not in dataset_dict:
         _warn_if_probed_on(model_dir, data_dir)
     if "label" not in dataset.features:  # one class folder (`Testing/glioma/`) reads as unlabelled: the model's
@@ -187,13 +188,18 @@ def _class_names(model_dir: str) -> List[str]:
         return []
 
 
-def _listed_files(dataset, data_dir: str, wanted: Sequence[str], image_list: str):
-    """The rows of `dataset` whose file an image list names (relative to `data_dir`); every listed file must be
-    there."""
+def _listed_files(dataset, data_dir: str, wanted: Sequence[str], image_list: str,
+                  splits: Optional[Sequence[str]] = None):
+    """The rows of `dataset` (of `data_dir`, or of its `splits` only) whose file an image list names (relative to
+    `data_dir`); every listed file must be there."""
     files = [relative_image_id(item["path"], data_dir) if item.get("path") else None
              for item in undecoded_images(dataset)["image"]]
     listed = {source_file(image_id) for image_id in wanted}
     missing = sorted(listed - set(files))
+    if missing and splits:
+        raise ValueError(f"--image_list {image_list}: {len(missing)} listed file(s) are not in the split(s) "
+                         f"{', '.join(splits)} of {data_dir} (e.g. {missing[0]!r}); leave --splits out to look in "
+                         f"every split.")
     if missing:
         raise ValueError(f"--image_list {image_list}: {len(missing)} listed file(s) are not in {data_dir} (e.g. "
                          f"{missing[0]!r}); the list's paths are relative to the folder the probe read.")

@@ -323,3 +323,15 @@ def test_probing_an_interrupted_pretraining_warns(tmp_path, caplog):
     with caplog.at_level("WARNING"):
         load_feature_extractor(str(tmp_path / "pipe"))
     assert "interrupted pretraining (stopped at step 267" in caplog.text and "--resume_from_checkpoint" in caplog.text
+
+
+def test_an_image_list_outside_the_chosen_splits_says_so(kaggle_folder, tmp_path):
+    from mic_diffrep.inference import evaluate_folder
+
+    testing = os.path.join(kaggle_folder, "Testing")
+    listed = sorted(os.path.relpath(os.path.join(root, name), kaggle_folder)
+                    for root, _, names in os.walk(testing) for name in names)
+    (tmp_path / "list.txt").write_text("\n".join(listed) + "\n")
+    with pytest.raises(ValueError, match=f"{len(listed)} listed file.*not in the split\\(s\\) train of"):
+        evaluate_folder(str(tmp_path / "no-model"), kaggle_folder, splits="train",
+                        image_list=str(tmp_path / "list.txt"))  # it said: not in the folder
