@@ -94,6 +94,18 @@ def test_check_leakage_cli(tmp_path, capsys):
     assert report["num_test"] == 40 and report["num_near"] == 0  # the sample was built without duplicates
 
 
+def test_unknown_flags_are_named_by_their_subcommand_and_dashed_flags_work_everywhere(capsys):
+    """`predict --bogus` printed the top-level usage ("mic-diffrep: error"); `run --probe-epochs` was refused while
+    `pretrain --train-data-dir` (a settings dataclass) was taken."""
+    with pytest.raises(SystemExit) as error:
+        main(["predict", "--model", "m", "a.jpg", "--bogus"])
+    err = capsys.readouterr().err
+    assert error.value.code == 2 and "mic-diffrep predict: error: unrecognized arguments: --bogus" in err
+    assert "usage: mic-diffrep predict" in err
+    namespace = build_parser().parse_args(["run", "--probe-epochs", "3", "--hidden-size", "8"])
+    assert (namespace.probe_epochs, namespace.hidden_size) == (3, 8)
+
+
 def test_bad_config_is_named(tmp_path, capsys):
     config = tmp_path / "bad.json"
     config.write_text(json.dumps({"resolutionn": 64}))

@@ -24,20 +24,33 @@ from .base import configure_logging, run_guarded
 from .run import RUN_DEFAULTS, RUN_PRESETS, SAMPLE_DATA_DIR
 
 
+class SubcommandParser(HfArgumentParser):
+    """A subcommand's parser: every `--flag_name` also answers to `--flag-name`, as the flags `HfArgumentParser`
+    makes from settings dataclasses (`pretrain`, `extract`, `probe`) do."""
+
+    def add_argument(self, *names, **kwargs):
+        dashed = [name.replace("_", "-") for name in names if name.startswith("--") and "_" in name]
+        return super().add_argument(*names, *(name for name in dashed if name not in names), **kwargs)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="mic-diffrep", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     subparsers = parser.add_subparsers(dest="command", required=True, metavar="SUBCOMMAND",
-                                       parser_class=HfArgumentParser)
+                                       parser_class=SubcommandParser)
     for module in (run, pretrain, extract, probe, inference, check_leakage, demo):
         module.register(subparsers)
+    parser.subcommands = subparsers.choices
     return parser
 
 
 def main(argv: Optional[List[str]] = None):
     """Runs a subcommand; returns what it returns (a summary, results, predictions), for use from Python."""
     configure_logging()
-    namespace = build_parser().parse_args(argv)
+    parser = build_parser()
+    namespace, unknown = parser.parse_known_args(argv)
+    if unknown:  # named by the subcommand, with its usage (the top-level parser's said "mic-diffrep SUBCOMMAND ...")
+        parser.subcommands[namespace.command].error(f"unrecognized arguments: {' '.join(unknown)}")
     return run_guarded(f"mic-diffrep {namespace.command}", namespace.func, namespace)
 
 
