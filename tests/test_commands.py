@@ -346,3 +346,16 @@ def test_a_damaged_model_folder_is_one_line_naming_it(model_dir, tmp_path, capsy
     with pytest.raises(SystemExit) as error:
         cli(["predict", "--model", str(broken), image])
     assert error.value.code == 2 and "cannot be loaded" in capsys.readouterr().err
+
+
+def test_an_interrupted_launch_says_so_once(monkeypatch, capsys):
+    """Every process of a 2-process launch printed the "interrupted; a checkpoint was saved" line, and lines of two
+    processes ran into each other (print writes the newline apart)."""
+    from mic_diffrep.commands.base import run_guarded
+
+    for rank, said in (("0", True), ("1", False)):
+        monkeypatch.setenv("RANK", rank)
+        with pytest.raises(SystemExit) as error:
+            run_guarded("prog", lambda: {"stop_reason": "interrupted"})
+        assert error.value.code == 130 and ("prog: interrupted; a checkpoint was saved" in capsys.readouterr().err) \
+            == said

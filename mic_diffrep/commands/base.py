@@ -3,6 +3,7 @@
 import argparse
 import dataclasses
 import logging
+import os
 import sys
 from typing import Callable, Optional, Sequence, Type, TypeVar
 
@@ -37,6 +38,13 @@ def configure_logging() -> None:
     logging.basicConfig(format="%(asctime)s - %(levelname)s - %(name)s - %(message)s", level=log_level())
 
 
+def _say(line: str) -> None:
+    """One line to stderr in one write: the processes of a launch share the terminal, and `print`'s separate write
+    of the newline let their lines run into each other."""
+    sys.stderr.write(line + "\n")
+    sys.stderr.flush()
+
+
 def run_guarded(prog: str, function: Callable, *args):
     """Runs `function(*args)`; bad input ends the program with one line, `PROG: error: MESSAGE`, and exit code 2; a
     training run stopped by Ctrl-C (its summary's `stop_reason` is `"interrupted"`), or any other work, with exit
@@ -50,15 +58,16 @@ def run_guarded(prog: str, function: Callable, *args):
         result = function(*args)
         if isinstance(result, dict) and result.get("stop_reason") == "interrupted":
             # Ctrl-C saved a checkpoint and returned: a calling script still sees a run cut short (128 + SIGINT).
-            print(f"{prog}: interrupted; a checkpoint was saved: run the same command with --resume_from_checkpoint "
-                  f"latest to continue", file=sys.stderr)
+            if os.environ.get("RANK", "0") in ("", "0"):  # said once, not by every process of a launch
+                _say(f"{prog}: interrupted; a checkpoint was saved: run the same command with "
+                     f"--resume_from_checkpoint latest to continue")
             sys.exit(130)
         return result
     except USER_ERRORS as error:
-        print(f"{prog}: error: {error}", file=sys.stderr)
+        _say(f"{prog}: error: {error}")
         sys.exit(2)
     except KeyboardInterrupt:  # Ctrl-C outside a training loop (which saves a checkpoint and returns instead)
-        print(f"{prog}: interrupted", file=sys.stderr)
+        _say(f"{prog}: interrupted")
         sys.exit(130)
     finally:
         if torch.distributed.is_available() and torch.distributed.is_initialized():
