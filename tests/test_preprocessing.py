@@ -167,3 +167,10 @@ def test_encoded_bytes_are_an_image_and_other_inputs_say_what_is_wrong():
         as_image_list({"picture": png, "label": 0})
     with pytest.raises(ValueError, match="needs an `image` column, got \\['picture'\\].*rename_column"):
         as_image_list(datasets.Dataset.from_dict({"picture": [png]}))
+
+
+def test_the_image_processor_checks_its_resolution_as_the_settings_do():
+    from mic_diffrep import MicDiffRepImageProcessor
+
+    with pytest.raises(ValueError, match="`resolution` 100000 is above 2048 px"):  # it was taken
+        MicDiffRepImageProcessor(resolution=100000)

@@ -7,7 +7,7 @@ from transformers.image_processing_utils import BaseImageProcessor, BatchFeature
 from transformers.processing_utils import ImagesKwargs
 
 from .preprocessing import (INTENSITY_WINDOWS, RESIZE_MODES, ImagePreprocessing, as_image_list, check_choice,
-                            image_to_pixels, image_window, pixels_to_model_input, to_grayscale, window_intensities)
+                            check_resolution, image_to_pixels, image_window, pixels_to_model_input, to_grayscale, window_intensities)
 
 
 class MicDiffRepImageProcessorKwargs(ImagesKwargs, total=False):
@@ -146,9 +146,7 @@ class MicDiffRepImageProcessor(BaseImageProcessor):
     def _check(options: dict) -> None:
         check_choice(options["resize_mode"], RESIZE_MODES, "resize_mode")
         check_choice(options["intensity_window"], INTENSITY_WINDOWS, "intensity_window")
-        resolution = options["resolution"]
-        if isinstance(resolution, bool) or not isinstance(resolution, int) or resolution <= 0:
-            raise ValueError(f"`resolution` must be a positive integer, got {resolution!r}.")
+        check_resolution(options["resolution"])
         if options["slice_axis"] not in (0, 1, 2) or isinstance(options["slice_axis"], bool):
             raise ValueError(f"`slice_axis` must be 0, 1 or 2 (RAS+ axes), got {options['slice_axis']!r}.")
         slice_range = options["slice_range"]
