@@ -182,9 +182,8 @@ def _class_names(model_dir: str) -> List[str]:
     """The class names in a model folder's `config.json`, read without loading the model (none when it cannot be
     read: `load_classifier` reports that)."""
     try:
-        with open(os.path.join(model_dir, "config.json"), encoding="utf-8") as f:
-            return [str(name) for name in json.load(f)["id2label"].values()]
-    except (OSError, ValueError, KeyError, TypeError, AttributeError):
+        return [str(name) for name in AutoConfig.from_pretrained(model_dir).id2label.values()]
+    except (OSError, ValueError, KeyError, TypeError):
         return []
 
 

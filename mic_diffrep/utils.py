@@ -239,6 +239,10 @@ def progress_interval() -> float:
     return 0.1 if sys.stderr.isatty() else 30.0
 
 
+# The summary a pretraining run (diffusion or baseline) writes into its output folder.
+SUMMARY_FILE = "pretraining_summary.json"
+
+
 # Settings never written to results files or trackers: those files are uploaded by --push_to_hub.
 SECRET_SETTINGS = ("hub_token",)
 

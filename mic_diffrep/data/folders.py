@@ -24,7 +24,7 @@ from typing import Dict, List, Optional, Sequence
 
 from datasets import ClassLabel, Dataset, DatasetDict, Features, Image, concatenate_datasets, load_dataset
 
-from ..models.mic_diffrep.preprocessing import has_dicom_preamble
+from ..models.mic_diffrep.preprocessing import has_dicom_preamble, undecoded_images
 from .decoding import source_file
 from .medical import MEDICAL_EXTENSIONS, is_medical_file
 
@@ -204,7 +204,7 @@ def label_by_class_folder(dataset, data_dir: str, class_names: Sequence[str]):
         return dataset
     root, names = os.path.abspath(data_dir), set(class_names)
     found = set()
-    for item in dataset.cast_column("image", Image(decode=False))["image"]:
+    for item in undecoded_images(dataset)["image"]:
         folders = [os.path.basename(root)] + os.path.relpath(item["path"], root).split(os.sep)[:-1]
         found.add(tuple(folder for folder in folders if folder in names))
     if len(found) != 1 or len(next(iter(found))) != 1:

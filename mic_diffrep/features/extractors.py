@@ -38,8 +38,7 @@ from ..models.mic_diffrep import MicDiffRepConfig, MicDiffRepForImageClassificat
 from ..models.mic_diffrep.preprocessing import ImagePreprocessing, pixels_to_model_input
 from ..models.mic_diffrep.unet_features import check_layers, pool_features
 from ..pipelines import DiffusionFeaturePipeline
-from ..reporting.hub import SUMMARY_FILE
-from ..utils import progress_interval
+from ..utils import SUMMARY_FILE, progress_interval
 from .arguments import FeatureArguments
 from .cache import model_fingerprint
 

@@ -16,14 +16,13 @@ from typing import Optional, Sequence
 from huggingface_hub import HfApi
 
 from ..models.mic_diffrep import MicDiffRepImageProcessor
+from ..utils import SUMMARY_FILE
 from .model_card import published_results, write_model_card
 from .results import results_markdown
 
 
 # Files of a model folder that belong on the Hub (features, caches and checkpoints stay local).
 HUB_FILES = (".json", ".safetensors", ".py", ".md", ".png")
-# The pretraining summary in a pipeline folder (written by `mic_diffrep.training.pretrain`).
-SUMMARY_FILE = "pretraining_summary.json"
 # What stays local when a pretrained pipeline folder is uploaded.
 PIPELINE_IGNORE_PATTERNS = ("checkpoint-*", ".cache/*", ".tmp-*", "logs/*")
 

@@ -17,7 +17,7 @@ import os
 import torch
 
 from ..models.baselines import create_baseline, save_baseline
-from ..utils import environment_info, output_folder, peak_memory_mb, tracker_config
+from ..utils import SUMMARY_FILE, environment_info, output_folder, peak_memory_mb, tracker_config
 from .arguments import BaselinePretrainingArguments
 from .checkpointing import check_new_run
 from .loop import TrainingState, load_training_images, make_accelerator, make_dataloader, plan_schedule, train
@@ -70,7 +70,7 @@ def _pretrain_baseline(args: BaselinePretrainingArguments) -> dict:
                "peak_memory_mb": peak_memory_mb(), "environment": environment_info()}
     if accelerator.is_main_process:
         save_baseline(accelerator.unwrap_model(model), args.output_dir)
-        with open(os.path.join(args.output_dir, "pretraining_summary.json"), "w", encoding="utf-8") as f:
+        with open(os.path.join(args.output_dir, SUMMARY_FILE), "w", encoding="utf-8") as f:
             json.dump(summary, f, indent=2)
     accelerator.end_training()
     return summary

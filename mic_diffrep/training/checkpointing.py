@@ -12,9 +12,11 @@ import shutil
 import time
 from typing import Optional
 
+from diffusers import DiffusionPipeline
 from safetensors import SafetensorError
 
-from ..utils import error_summary
+from ..models.baselines.configuration import CONFIG_NAME as BASELINE_CONFIG_NAME
+from ..utils import SUMMARY_FILE, error_summary
 
 
 logger = logging.getLogger(__name__)
@@ -151,7 +153,7 @@ def check_checkpoint(path: str, settings: Optional[dict] = None, num_processes: 
 
 # Files a pretraining run leaves in its output folder besides checkpoints: its summary (written at the end, also of
 # an interrupted run) and its weights (saved after some epochs).
-RUN_FILES = ("pretraining_summary.json", "model_index.json", "baseline_config.json")
+RUN_FILES = (SUMMARY_FILE, DiffusionPipeline.config_name, BASELINE_CONFIG_NAME)
 
 
 def check_new_run(output_dir: str, resume_from_checkpoint: Optional[str], overwrite_output_dir: bool) -> None:
@@ -192,7 +194,7 @@ def resume_training_state(accelerator, output_dir: str, resume_from_checkpoint: 
         return 0, 0, 0, {}
     if not os.path.isdir(path):
         raise FileNotFoundError(f"`resume_from_checkpoint` {path!r} is not a checkpoint folder.")
-    state = check_checkpoint(path, num_processes=accelerator.num_processes)
+    state = check_checkpoint(path)  # its number of processes was checked when the accelerator was made
     logger.info("Resuming from %s", path)
     try:
         accelerator.load_state(path)

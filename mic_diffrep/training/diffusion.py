@@ -25,9 +25,9 @@ from ..data.augmentations import PretrainingAugment
 from ..models.mic_diffrep.unet import create_scheduler, create_unet, mirror_symmetrize
 from ..models.mic_diffrep.unet_features import is_self_conditioned, predicted_clean
 from ..pipelines import DiffusionFeaturePipeline, save_image_grid
-from ..reporting.hub import SUMMARY_FILE, create_hub_repo, default_repo_id, push_pipeline_to_hub
+from ..reporting.hub import create_hub_repo, default_repo_id, push_pipeline_to_hub
 from ..reporting.model_card import write_pipeline_card
-from ..utils import command_line, environment_info, output_folder, peak_memory_mb, tracker_config
+from ..utils import SUMMARY_FILE, command_line, environment_info, output_folder, peak_memory_mb, tracker_config
 from .arguments import RECIPE_KEYS, PretrainingArguments
 from .checkpointing import check_new_run, save_pipeline
 from .loop import TrainingState, load_training_images, make_accelerator, make_dataloader, plan_schedule, train
@@ -213,7 +213,10 @@ def _pretrain(args: PretrainingArguments) -> dict:
             return {"ema_decay": ema_model.cur_decay_value}
         return None
 
+    weights_step = None  # the step of the weights this run saved into the folder last
+
     def end_of_epoch(state: TrainingState, last_epoch: bool) -> None:
+        nonlocal weights_step
         if not accelerator.is_main_process:
             return
         if args.save_images_epochs > 0 and ((state.epoch + 1) % args.save_images_epochs == 0 or last_epoch):
@@ -222,9 +225,8 @@ def _pretrain(args: PretrainingArguments) -> dict:
         if (state.epoch + 1) % args.save_model_epochs == 0 or last_epoch:
             save_pipeline(build_pipeline(), args.output_dir)
             restore_weights()
-            weights_step[0] = state.global_step
+            weights_step = state.global_step
 
-    weights_step = [None]  # the step of the weights this run saved into the folder last
     augment = PretrainingAugment(args.random_crop_scale, args.intensity_jitter)
     state = train(accelerator, model, loader, dataset, optimizer, lr_scheduler, args, max_train_steps, num_epochs,
                   lambda unet, pixels, generator: diffusion_loss(unet, noise_scheduler, pixels, generator, args,
@@ -233,12 +235,12 @@ def _pretrain(args: PretrainingArguments) -> dict:
 
     # 4. Summary.
     summary = training_summary(state, args, accelerator, decoded, splits, model)
-    summary["weights_step"] = weights_step[0]
+    summary["weights_step"] = weights_step
     if accelerator.is_main_process:
         with open(os.path.join(args.output_dir, SUMMARY_FILE), "w", encoding="utf-8") as f:
             json.dump(summary, f, indent=2)
         push = args.push_to_hub and state.stop_reason != "interrupted"
-        if weights_step[0] is not None:  # not for weights this run did not save (or a folder of checkpoints only)
+        if weights_step is not None:  # not for weights this run did not save (or a folder of checkpoints only)
             write_pipeline_card(args.output_dir, summary, hub_repo_id if push else None)
         if push:
             push_pipeline_to_hub(args.output_dir, hub_repo_id, token=args.hub_token, private=args.hub_private_repo,
