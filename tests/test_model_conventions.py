@@ -134,6 +134,41 @@ def test_regression_and_invalid_problem_type(pixel_values):
         tiny_config(problem_type="ranking")
 
 
+@pytest.mark.parametrize("accumulation", [2, 4])
+def test_trainer_gradient_accumulation_matches_one_big_batch(accumulation, pixel_values, tmp_path):
+    # transformers' Trainer infers from `**kwargs` in `forward` that the loss is summed over `num_items_in_batch`;
+    # a mean loss then grew k-fold with k accumulation steps (and its gradients too).
+    from transformers import Trainer, TrainingArguments
+
+    rows = [{"pixel_values": image, "labels": label} for image, label in zip(pixel_values, [0, 2, 1, 0])]
+    results = []
+    for batch_size, steps in ((4, 1), (4 // accumulation, accumulation)):
+        torch.manual_seed(0)
+        model = MicDiffRepForImageClassification(tiny_config(hidden_size=0))
+        args = TrainingArguments(str(tmp_path / f"trainer-{steps}"), per_device_train_batch_size=batch_size,
+                                 gradient_accumulation_steps=steps, max_steps=1, learning_rate=0.1,
+                                 max_grad_norm=1e9, use_cpu=True, report_to=[], save_strategy="no", seed=0,
+                                 dataloader_drop_last=False, logging_steps=1)
+        trainer = Trainer(model=model, args=args, train_dataset=rows)
+        trainer.train()
+        results.append((trainer.state.log_history[0]["loss"], model.head.classifier.weight.detach().clone()))
+    (loss_one, weight_one), (loss_accumulated, weight_accumulated) = results
+    assert loss_accumulated == pytest.approx(loss_one, rel=1e-4)
+    torch.testing.assert_close(weight_accumulated, weight_one)
+
+
+def test_train_mode_keeps_the_frozen_unet_deterministic(pixel_values):
+    torch.manual_seed(0)
+    model = MicDiffRepForImageClassification(tiny_config(unet_config=dict(UNET_PRESETS["tiny"], sample_size=16,
+                                                                          dropout=0.5)))
+    model.train()
+    assert model.training and model.head.training and not model.unet.training
+    torch.testing.assert_close(model.extract_features(pixel_values),
+                               model.extract_features(pixel_values))
+    assert set(model.dummy_inputs) == {"pixel_values"}
+    assert model(**model.dummy_inputs).logits.shape == (1, 3)
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # Image processor
 # ---------------------------------------------------------------------------------------------------------------

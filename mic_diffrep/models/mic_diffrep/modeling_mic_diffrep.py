@@ -55,6 +55,9 @@ class MicDiffRepPreTrainedModel(PreTrainedModel):
     # `from_pretrained(..., dtype=torch.bfloat16)` runs the UNet in bf16; the head, the standardisation and the noise
     # schedule stay float32, so predictions match the probe that trained the head on bf16 UNet features.
     _keep_in_fp32_modules_strict = ["head", "feature_mean", "feature_std", "alphas_cumprod"]
+    # The loss is a mean over the batch: `Trainer` must scale it for gradient accumulation itself (with `True`, which
+    # it infers from `**kwargs` in `forward`, it expects a sum over `num_items_in_batch` and the loss grows k-fold).
+    accepts_loss_kwargs = False
 
     @torch.no_grad()
     def _init_weights(self, module):
@@ -89,7 +92,8 @@ class MicDiffRepForImageClassification(MicDiffRepPreTrainedModel):
 
     Conventions that differ from other image classifiers:
     - The UNet is frozen: `forward` runs it under `torch.no_grad()`, so `hidden_states` (the concatenated UNet
-      features `F`, before standardisation) carry no gradient and only the head trains.
+      features `F`, before standardisation) carry no gradient and only the head trains; `model.train()` leaves the
+      UNet in eval mode (no dropout), so the head trains on the features it is evaluated on.
     - The noise schedule is a non-persistent buffer (`alphas_cumprod`, rebuilt from the config, never saved). It
       moves with `.to(device)` and is initialised after meta-device loading; the features always use the exact
       float32 values recomputed from the config (bf16 cannot hold them, and a cast back to float32 keeps the
@@ -141,6 +145,20 @@ class MicDiffRepForImageClassification(MicDiffRepPreTrainedModel):
         if model.head.classifier.weight.device.type != "meta":
             model.head.float()
         return loaded
+
+    def train(self, mode: bool = True):
+        """`nn.Module.train`, with the frozen UNet kept in eval mode: its dropout (`--unet_dropout` pretrainings)
+        would make the features the head trains on differ from those it is evaluated on."""
+        super().train(mode)
+        self.unet.eval()
+        return self
+
+    @property
+    def dummy_inputs(self) -> dict:
+        """A batch of one blank image, `{"pixel_values": (1, channels, resolution, resolution)}`."""
+        channels = self.config.unet_config.get("out_channels", 1)
+        return {"pixel_values": torch.zeros(1, channels, self.config.resolution, self.config.resolution,
+                                            device=self.device)}
 
     def noise_schedule(self) -> torch.Tensor:
         """`alphas_cumprod` in float32 on the model's device, always the exact values from the config: a cast to
