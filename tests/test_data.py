@@ -1,4 +1,5 @@
 import os
+import shutil
 
 import pytest
 import torch
@@ -141,7 +142,7 @@ def test_a_wrapper_folder_is_read_through_and_deep_trees_say_how_they_are_labell
     assert "give one of them as the data folder" in caplog.text  # and it says so
 
 
-def test_hub_style_records_are_read_from_their_bytes(kaggle_folder, tmp_path):
+def test_hub_style_records_are_read_from_their_bytes(kaggle_folder, tmp_path, monkeypatch):
     # A dataset from the Hub holds the original file name (no such file here) and the image's bytes.
     from datasets import Dataset, Features
     from datasets import Image as ImageFeature
@@ -154,5 +155,22 @@ def test_hub_style_records_are_read_from_their_bytes(kaggle_folder, tmp_path):
     hub = Dataset.from_dict({"image": records}, features=Features({"image": ImageFeature()}))
     expected = decode_images(local, 16, show_progress=False).pixels
     assert torch.equal(decode_images(hub, 16, show_progress=False, cache_dir=str(tmp_path / "c")).pixels, expected)
+    processed = MicDiffRepImageProcessor(resolution=16)(hub)["pixel_values"]
+    torch.testing.assert_close(processed, expected.float() / 127.5 - 1, atol=1e-6, rtol=0)
+
+    # Two datasets whose records share names but not bytes do not share the decoded-image cache ...
+    other = load_image_folder(kaggle_folder)["train"].select(range(3, 6))
+    expected_other = decode_images(other, 16, show_progress=False).pixels
+    renamed = [{"path": record["path"], "bytes": open(item["path"], "rb").read()}
+               for record, item in zip(records, other["image"])]
+    hub_other = Dataset.from_dict({"image": renamed}, features=Features({"image": ImageFeature()}))
+    assert torch.equal(decode_images(hub_other, 16, show_progress=False, cache_dir=str(tmp_path / "c")).pixels,
+                       expected_other)
+    # ... and a local file that happens to bear a record's name is not read in place of its bytes (datasets decodes
+    # the bytes too).
+    monkeypatch.chdir(tmp_path)
+    for record, item in zip(records, other["image"]):
+        shutil.copy(item["path"], tmp_path / record["path"])
+    assert torch.equal(decode_images(hub, 16, show_progress=False).pixels, expected)
     processed = MicDiffRepImageProcessor(resolution=16)(hub)["pixel_values"]
     torch.testing.assert_close(processed, expected.float() / 127.5 - 1, atol=1e-6, rtol=0)

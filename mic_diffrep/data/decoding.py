@@ -130,12 +130,17 @@ def _sources_of(images) -> (List[Union[str, bytes]], List[str], Optional[List[in
     return sources, paths, labels, label_names
 
 
-def _cache_key(paths: List[str], preprocessing: ImagePreprocessing, slices: SliceSelection) -> str:
+def _cache_key(sources: List[Union[str, bytes]], paths: List[str], preprocessing: ImagePreprocessing,
+               slices: SliceSelection) -> str:
+    """The decoded images' cache key: the settings and each file (path, size, mtime), or the bytes read instead."""
     key = f"{_DECODE_CACHE_VERSION}|{preprocessing}"
     if any(is_medical_file(path) for path in paths):  # the slice selection only changes DICOM / NIfTI files
         key += f"|{slices}"
     digest = hashlib.sha256(key.encode())
-    for path in paths:
+    for source, path in zip(sources, paths):
+        if isinstance(source, bytes):  # a record's bytes, whatever its file name says
+            digest.update(f"{path}|bytes|{hashlib.sha256(source).hexdigest()}\n".encode())
+            continue
         try:
             stat = os.stat(path)
             digest.update(f"{os.path.abspath(path)}|{stat.st_size}|{stat.st_mtime_ns}\n".encode())
@@ -182,7 +187,7 @@ def decode_images(
         raise ValueError("No images to decode.")
     cache_file = None
     if cache_dir is not None:
-        cache_file = os.path.join(cache_dir, f"decoded-{_cache_key(paths, preprocessing, slices)}.safetensors")
+        cache_file = os.path.join(cache_dir, f"decoded-{_cache_key(sources, paths, preprocessing, slices)}.safetensors")
         decoded = _load_decoded(cache_file) if os.path.isfile(cache_file) else None
         if decoded is not None:
             if decoded.skipped and not skip_bad_images:

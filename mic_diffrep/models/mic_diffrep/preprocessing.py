@@ -361,12 +361,14 @@ def undecoded_images(dataset):
 
 
 def record_source(record: dict) -> Union[str, bytes]:
-    """Where to read a `datasets` image record from: its file when it exists (local folders), else its bytes (a Hub
-    dataset's records hold the original file name and the bytes), else the path, so that the error names it."""
+    """Where to read a `datasets` image record from: its bytes when it has them, as `datasets.Image` decodes it (a
+    Hub dataset's records hold the bytes and the original file name, which may name an unrelated local file), else
+    its file (local folders). A DICOM / NIfTI file is read from its path when that file exists: slices are read
+    from files."""
     path = record.get("path")
-    if path and os.path.isfile(path):
-        return path
-    return record["bytes"] if record.get("bytes") is not None else path
+    if record.get("bytes") is not None and not (path and is_medical_path(path) and os.path.isfile(path)):
+        return record["bytes"]
+    return path
 
 
 def image_list_with_ids(images, slices=None) -> Tuple[list, List[Optional[str]]]:
