@@ -19,11 +19,12 @@ NIfTI file cannot be opened. `import mic_diffrep` registers this task.
 import os
 from typing import Any, Dict
 
+import numpy as np
 import torch
 from transformers.image_utils import load_image
 from transformers.pipelines import ImageClassificationPipeline
 
-from mic_diffrep.models.mic_diffrep.preprocessing import image_list_with_ids
+from mic_diffrep.models.mic_diffrep.preprocessing import dataset_image_records, image_list_with_ids
 
 
 class NoDefaultModel(dict):
@@ -40,9 +41,11 @@ class MedicalImageClassificationPipeline(ImageClassificationPipeline):
     """`ImageClassificationPipeline` that hands paths, PIL images, arrays and tensors to the image processor
     unconverted (an `http(s)://` URL is still fetched by transformers). A file of several slices (a multi-frame
     DICOM file, a NIfTI volume) gives one list of scores per slice it keeps, in the order `mic-diffrep predict`
-    lists them, even when only one is kept; a 2-D image gives one list, as the image-classification pipeline does.
-    Takes the image-classification pipeline's arguments (`top_k`, `function_to_apply`, `batch_size`: volumes need
-    `batch_size=1` when several inputs are given), and the image processor's slice options for one call
+    lists them, even when only one is kept; so does a batch given as one 4-D array or tensor, one list per image.
+    A 2-D image gives one list, as the image-classification pipeline does, and a list of images or a
+    `datasets.Dataset` (its `image` column) one list per image. Takes the image-classification pipeline's arguments
+    (`top_k`, `function_to_apply`, `batch_size`: volumes and 4-D batches need `batch_size=1` when several inputs are
+    given), and the image processor's slice options for one call
     (`slice_axis`, `slice_range`, `keep_empty_slices`; another axis drops the model's range, as in `predict`)."""
 
     def _sanitize_parameters(self, slice_axis=None, slice_range=None, keep_empty_slices=None, **kwargs):
@@ -65,17 +68,23 @@ class MedicalImageClassificationPipeline(ImageClassificationPipeline):
                              f"to a MicDiffRepImageProcessor only.")
         images, ids = image_list_with_ids(image, slices)  # a file is read once, its slices handed on
         volume = any(image_id is not None and "#slice=" in image_id for image_id in ids)
-        if volume and getattr(self, "_several_per_batch", False):
+        stacked = isinstance(image, (np.ndarray, torch.Tensor)) and image.ndim == 4  # a batch in one array
+        if (volume or stacked) and getattr(self, "_several_per_batch", False):
             name = image if isinstance(image, str) else type(image).__name__
-            raise ValueError(f"{name}: a file of {len(images)} slices needs batch_size=1 (its slices are one batch "
-                             f"already); or classify its slices one by one.")
+            what = f"a file of {len(images)} slices" if volume else f"a batch of {len(images)} images"
+            raise ValueError(f"{name}: {what} needs batch_size=1 (its images are one batch already); or classify "
+                             f"them one by one.")
         model_inputs = self.image_processor(images=images, return_tensors="pt").to(self.dtype)
-        model_inputs["volume"] = torch.tensor([volume])
+        model_inputs["several"] = torch.tensor([volume or stacked])
         return model_inputs
 
     def __call__(self, inputs=None, **kwargs):
         # Pipelines batch by splitting the model's output into one row per input; a volume's rows would be split
         # into other inputs' results, so `preprocess` refuses volumes when several inputs share a batch.
+        if "images" in kwargs:
+            inputs = kwargs.pop("images")
+        if hasattr(inputs, "column_names"):  # a `datasets.Dataset`: one input per row (its records, undecoded)
+            inputs = list(dataset_image_records(inputs))
         batch_size = kwargs.get("batch_size") or self._batch_size or 1
         several = isinstance(inputs, (list, tuple)) and len(inputs) > 1 or not isinstance(
             inputs, (str, os.PathLike, list, tuple, dict)) and hasattr(inputs, "__iter__") and not hasattr(
@@ -84,12 +93,12 @@ class MedicalImageClassificationPipeline(ImageClassificationPipeline):
         return super().__call__(inputs, **kwargs)
 
     def _forward(self, model_inputs):
-        volume = model_inputs.pop("volume")
-        return {"logits": super()._forward(model_inputs)["logits"], "volume": volume}
+        several = model_inputs.pop("several")
+        return {"logits": super()._forward(model_inputs)["logits"], "several": several}
 
     def postprocess(self, model_outputs, function_to_apply=None, top_k=5):
         logits = model_outputs["logits"]
-        if not bool(model_outputs["volume"].reshape(-1)[0]):
+        if not bool(model_outputs["several"].reshape(-1)[0]):
             return super().postprocess({"logits": logits}, function_to_apply=function_to_apply, top_k=top_k)
         return [super(MedicalImageClassificationPipeline, self).postprocess(
             {"logits": logits[i : i + 1]}, function_to_apply=function_to_apply, top_k=top_k)

@@ -270,6 +270,36 @@ def test_medical_image_classification_pipeline_takes_dicom_and_nifti(mixed_folde
     assert len(kept) == 1 and isinstance(kept[0], list)
 
 
+def test_medical_pipeline_scores_every_image_of_a_batch_input(tmp_path):
+    # A datasets.Dataset, a 4-D tensor or a 4-D array reached `preprocess` as one input: every image was scored,
+    # then only the first one's scores were returned.
+    from datasets import Dataset, Features
+    from datasets import Image as ImageFeature
+    from transformers import pipeline
+
+    model_dir = tiny_model_folder(tmp_path / "model")
+    rng = np.random.default_rng(0)
+    grey = [synthetic_slice(k % 2, rng, size=16) for k in range(4)]
+    files = []
+    for k, image in enumerate(grey):
+        files.append(str(tmp_path / f"{k}.png"))
+        PIL.Image.fromarray(image).save(files[-1])
+    classify = pipeline("medical-image-classification", model=model_dir)
+    expected = [{p["label"]: p["score"] for p in classify(f, top_k=2)} for f in files]
+    dataset = Dataset.from_dict({"image": files}, features=Features({"image": ImageFeature()}))
+    batches = {"dataset": classify(dataset, top_k=2), "dataset, batch_size 3": classify(dataset, top_k=2, batch_size=3),
+               "tensor": classify(torch.from_numpy(np.stack(grey))[:, None], top_k=2),
+               "array": classify(np.stack(grey)[..., None], top_k=2)}
+    for name, scores in batches.items():
+        assert len(scores) == 4, name
+        for one, want in zip(scores, expected):
+            assert {p["label"]: p["score"] for p in one} == pytest.approx(want, abs=1e-5), name
+    with pytest.raises(ValueError, match="a batch of 4 images needs batch_size=1"):
+        classify([np.stack(grey)[..., None], grey[0]], batch_size=2)
+    with pytest.raises(ValueError, match="needs an `image` column"):
+        classify(dataset.rename_column("image", "scan"))
+
+
 def test_a_model_reads_volumes_with_the_slices_it_was_probed_on(mixed_folder, tmp_path, capsys):
     # A model probed on sagittal slices was scored on axial ones by predict, evaluate and the pipelines.
     from mic_diffrep.probing.export import write_model_folder

@@ -371,14 +371,19 @@ def record_source(record: dict) -> Union[str, bytes]:
     return path
 
 
+def dataset_image_records(dataset) -> list:
+    """The `image` column of a `datasets.Dataset`, undecoded (`{"path", "bytes"}` records, see `record_source`)."""
+    if "image" not in dataset.column_names:
+        raise ValueError(f"A datasets.Dataset of images needs an `image` column, got {dataset.column_names}: "
+                         f"`dataset.rename_column(name, 'image')`.")
+    return undecoded_images(dataset)["image"]
+
+
 def image_list_with_ids(images, slices=None) -> Tuple[list, List[Optional[str]]]:
     """`as_image_list`, and one id per image: for an image given as a file path, the path (`"<path>#slice=<k>"` for
     slice `k` of a multi-slice DICOM / NIfTI file, as `decode_images` names them); `None` for one given in memory."""
     if hasattr(images, "column_names"):  # a `datasets.Dataset`
-        if "image" not in images.column_names:
-            raise ValueError(f"A datasets.Dataset of images needs an `image` column, got {images.column_names}: "
-                             f"`dataset.rename_column(name, 'image')`.")
-        images = undecoded_images(images)["image"]
+        images = dataset_image_records(images)
     if isinstance(images, (PIL.Image.Image, str, os.PathLike, bytes, dict)) or is_medical_slice(images) or \
             _is_file_record(images) or (isinstance(images, (np.ndarray, torch.Tensor)) and images.ndim <= 3):
         images = [images]
