@@ -31,6 +31,14 @@ def test_metric_modules_work_offline(monkeypatch):
     assert combined.compute(predictions=predictions, references=references)["accuracy"] == pytest.approx(4 / 6)
     assert np.isnan(PerClassRecall(keep_in_memory=True).compute(predictions=[0], references=[0], num_labels=2)
                     ["per_class_recall"][1])
+    # -1 (datasets' missing label) was counted as the last class, and a perfect score came out
+    from mic_diffrep.reporting.metrics import ConfusionMatrix
+
+    for metric in (MacroF1, PerClassRecall, ConfusionMatrix):
+        with pytest.raises(ValueError, match=r"class indices 0 or above, got \[-1\]"):
+            metric(keep_in_memory=True).compute(predictions=[0, 1, 2, 2], references=[0, 1, 2, -1])
+        with pytest.raises(ValueError, match=r"class indices \[0, 2\), got \[3\]"):
+            metric(keep_in_memory=True).compute(predictions=[0, 3], references=[0, 1], num_labels=2)
 
 
 def synthetic_features(num, seed):

@@ -24,7 +24,16 @@ def _confusion(predictions, references, num_labels: int) -> np.ndarray:
 
 
 def _num_labels(predictions, references, num_labels: Optional[int]) -> int:
-    seen = int(max(np.max(predictions, initial=-1), np.max(references, initial=-1))) + 1
+    """The number of classes: `num_labels`, or one past the largest index seen. Indices must lie in [0, num_labels):
+    numpy would count a -1 (`datasets.ClassLabel`'s missing label) as the last class."""
+    values = np.concatenate([np.asarray(predictions, dtype=np.int64).ravel(),
+                             np.asarray(references, dtype=np.int64).ravel()])
+    seen = int(values.max(initial=-1)) + 1
+    if (values < 0).any() or (num_labels is not None and seen > num_labels):
+        bad = sorted({int(v) for v in values if v < 0 or (num_labels is not None and v >= num_labels)})
+        bound = f"[0, {num_labels})" if num_labels is not None else "0 or above"
+        raise ValueError(f"Predictions and references must be class indices {bound}, got {bad}; drop the examples "
+                         f"without a label (-1 in datasets, -100 as an ignore index) first.")
     return max(seen, num_labels or 0)
 
 
