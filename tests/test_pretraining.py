@@ -276,10 +276,18 @@ def test_a_failed_upload_keeps_the_trained_pipeline_and_says_how_to_upload_it(un
     out = str(tmp_path / "out")
     with mock.patch("huggingface_hub.HfApi.create_repo", return_value=mock.Mock(repo_id="me/mri-ddpm")), \
             mock.patch("huggingface_hub.HfApi.upload_folder", side_effect=ConnectionError("reset")):
-        with pytest.raises(HubError, match="huggingface-cli upload me/mri-ddpm"):
+        with pytest.raises(HubError, match="upload it again later with") as failure:
             main(tiny_args(unlabelled_folder, out, "--max_train_steps", "2", "--push_to_hub",
                            "--hub_model_id", "me/mri-ddpm"))
     assert os.path.isfile(os.path.join(out, "model_index.json"))
+    # The command it gives works: it named a staging folder already deleted, and a CLI that no longer exists
+    retry = re.search(r'`python -c "(.*)"`', str(failure.value)).group(1)
+    with mock.patch("huggingface_hub.HfApi.create_repo", return_value=mock.Mock(repo_id="me/mri-ddpm")), \
+            mock.patch("huggingface_hub.HfApi.upload_folder",
+                       side_effect=lambda **kwargs: uploaded.update(kwargs, files=os.listdir(kwargs["folder_path"]))):
+        uploaded = {}
+        exec(retry, {})
+    assert uploaded["repo_id"] == "me/mri-ddpm" and {"README.md", "model_index.json"} <= set(uploaded["files"])
 
 
 def test_a_time_budget_stop_saves_a_checkpoint_that_resumes(unlabelled_folder, tmp_path, caplog):

@@ -51,16 +51,24 @@ def create_hub_repo(repo_id: str, token: Optional[str] = None, private: bool = F
 
 
 def push_folder(folder: str, repo_id: str, token: Optional[str] = None, private: bool = False,
-                commit_message: str = "Upload", ignore_patterns: Optional[Sequence[str]] = None) -> str:
-    """Creates `repo_id` if needed and uploads `folder` into it; returns the repository id."""
+                commit_message: str = "Upload", ignore_patterns: Optional[Sequence[str]] = None,
+                retry: Optional[str] = None) -> str:
+    """Creates `repo_id` if needed and uploads `folder` into it; returns the repository id. A failed upload's error
+    says how to upload again: `retry` (a call), by default `hf upload` of `folder`."""
     repo_id = create_hub_repo(repo_id, token, private)
     try:
         HfApi(token=token).upload_folder(repo_id=repo_id, folder_path=folder, commit_message=commit_message,
                                          ignore_patterns=list(ignore_patterns) if ignore_patterns else None)
     except Exception as error:
+        retry = retry or f"hf upload {repo_id} {folder}"
         raise HubError(f"--push_to_hub: the upload to {repo_id!r} failed ({_one_line(error)}); nothing local was "
-                       f"lost: upload the folder later with `huggingface-cli upload {repo_id} {folder}`.") from error
+                       f"lost: upload it again later with `{retry}`.") from error
     return repo_id
+
+
+def _python_retry(function: str, folder: str, repo_id: str) -> str:
+    """How to upload `folder` again from a shell: the staged upload (`function`), not a copy of the folder."""
+    return f"python -c \"from mic_diffrep.reporting import {function}; {function}({folder!r}, {repo_id!r})\""
 
 
 def push_pipeline_to_hub(pipeline_dir: str, repo_id: str, token: Optional[str] = None, private: bool = False,
@@ -89,7 +97,8 @@ def push_pipeline_to_hub(pipeline_dir: str, repo_id: str, token: Optional[str] =
                 summary = published_results(json.load(f))
             with open(summary_file, "w", encoding="utf-8") as f:
                 json.dump(summary, f, indent=2)
-        return push_folder(staging, repo_id, token, private, "MicDiffRep pretraining")
+        return push_folder(staging, repo_id, token, private, "MicDiffRep pretraining",
+                           retry=_python_retry("push_pipeline_to_hub", pipeline_dir, repo_id))
 
 
 def push_to_hub(model_dir: str, repo_id: str, token: Optional[str] = None, private: bool = False,
@@ -122,4 +131,5 @@ def push_to_hub(model_dir: str, repo_id: str, token: Optional[str] = None, priva
             processor.save_pretrained(staging)  # writes its auto_map and copies its code file
         finally:
             MicDiffRepImageProcessor._auto_class = None
-        return push_folder(staging, repo_id, token, private, commit_message)
+        return push_folder(staging, repo_id, token, private, commit_message,
+                           retry=_python_retry("push_to_hub", model_dir, repo_id))
