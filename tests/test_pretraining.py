@@ -271,7 +271,7 @@ def test_push_to_hub_fails_before_training_when_the_repository_cannot_be_made(un
 def test_a_failed_upload_keeps_the_trained_pipeline_and_says_how_to_upload_it(unlabelled_folder, tmp_path):
     from unittest import mock
 
-    from mic_diffrep.reporting import HubError
+    from mic_diffrep.reporting import HubError, push_pipeline_to_hub
 
     out = str(tmp_path / "out")
     with mock.patch("huggingface_hub.HfApi.create_repo", return_value=mock.Mock(repo_id="me/mri-ddpm")), \
@@ -284,10 +284,20 @@ def test_a_failed_upload_keeps_the_trained_pipeline_and_says_how_to_upload_it(un
     retry = re.search(r'`python -c "(.*)"`', str(failure.value)).group(1)
     with mock.patch("huggingface_hub.HfApi.create_repo", return_value=mock.Mock(repo_id="me/mri-ddpm")), \
             mock.patch("huggingface_hub.HfApi.upload_folder",
-                       side_effect=lambda **kwargs: uploaded.update(kwargs, files=os.listdir(kwargs["folder_path"]))):
+                       side_effect=lambda **kwargs: uploaded.update(
+                           kwargs, files=os.listdir(kwargs["folder_path"]),
+                           card=open(os.path.join(kwargs["folder_path"], "README.md")).read())):
         uploaded = {}
         exec(retry, {})
     assert uploaded["repo_id"] == "me/mri-ddpm" and {"README.md", "model_index.json"} <= set(uploaded["files"])
+    # the card uploaded from Python loads from the repository, as the training run's does
+    assert 'DiffusionFeaturePipeline.from_pretrained("me/mri-ddpm"' in uploaded["card"]
+    with mock.patch("huggingface_hub.HfApi.create_repo", return_value=mock.Mock(repo_id="me/other")), \
+            mock.patch("huggingface_hub.HfApi.upload_folder",
+                       side_effect=lambda **kwargs: uploaded.update(
+                           card=open(os.path.join(kwargs["folder_path"], "README.md")).read())):
+        push_pipeline_to_hub(out, "me/other")
+    assert 'from_pretrained("me/other"' in uploaded["card"] and "me/mri-ddpm" not in uploaded["card"]
 
 
 def test_a_time_budget_stop_saves_a_checkpoint_that_resumes(unlabelled_folder, tmp_path, caplog):

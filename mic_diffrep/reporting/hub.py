@@ -17,7 +17,7 @@ from huggingface_hub import HfApi
 
 from ..models.mic_diffrep import MicDiffRepImageProcessor
 from ..utils import SUMMARY_FILE
-from .model_card import published_results, write_model_card
+from .model_card import published_results, write_model_card, write_pipeline_card
 from .results import results_markdown
 
 
@@ -73,9 +73,9 @@ def _python_retry(function: str, folder: str, repo_id: str) -> str:
 
 def push_pipeline_to_hub(pipeline_dir: str, repo_id: str, token: Optional[str] = None, private: bool = False,
                          logging_dir: str = "logs") -> str:
-    """Uploads a pretrained pipeline folder (weights, configs, model card, sample grids, its summary with local paths
-    cut to their names; no checkpoints, caches or tracker logs, wherever `logging_dir` put them inside the
-    folder)."""
+    """Uploads a pretrained pipeline folder (weights, configs, sample grids, its summary with local paths cut to their
+    names and a model card that loads from `repo_id`; no checkpoints, caches or tracker logs, wherever
+    `logging_dir` put them inside the folder)."""
     ignore = list(PIPELINE_IGNORE_PATTERNS)
     try:
         logs = os.path.relpath(os.path.join(pipeline_dir, logging_dir), pipeline_dir)
@@ -97,6 +97,7 @@ def push_pipeline_to_hub(pipeline_dir: str, repo_id: str, token: Optional[str] =
                 summary = published_results(json.load(f))
             with open(summary_file, "w", encoding="utf-8") as f:
                 json.dump(summary, f, indent=2)
+            write_pipeline_card(staging, summary, repo_id)  # its usage snippet loads from the repository
         return push_folder(staging, repo_id, token, private, "MicDiffRep pretraining",
                            retry=_python_retry("push_pipeline_to_hub", pipeline_dir, repo_id))
 
