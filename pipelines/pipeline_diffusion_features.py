@@ -6,6 +6,8 @@ This file is also a diffusers custom pipeline: copy it next to a pretrained fold
 (it needs `pip install mic-diffrep` for the shared preprocessing).
 """
 
+import json
+import os
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Dict, List, Optional, Sequence, Tuple, Union
@@ -100,6 +102,28 @@ class DiffusionFeaturePipeline(DiffusionPipeline):
         check_choice(intensity_window, INTENSITY_WINDOWS, "intensity_window")
         self.register_modules(unet=unet, scheduler=scheduler)
         self.register_to_config(resize_mode=resize_mode, intensity_window=intensity_window)
+
+    @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path, **kwargs):
+        """`DiffusionPipeline.from_pretrained`, with a clear error for a local folder that is not a pipeline but a
+        MicDiffRep classifier or a pipeline's `unet/` (diffusers would say only that `model_index.json` is missing)."""
+        path = pretrained_model_name_or_path
+        config_file = os.path.join(path, "config.json") if isinstance(path, (str, os.PathLike)) else None
+        if (config_file and os.path.isfile(config_file)
+                and not os.path.isfile(os.path.join(path, cls.config_name))):
+            try:
+                with open(config_file, encoding="utf-8") as f:
+                    config = json.load(f)
+            except (OSError, ValueError):
+                config = {}
+            if config.get("model_type") == "mic_diffrep":
+                raise OSError(f"{path} is a MicDiffRep classifier folder (transformers' config.json), not a pretrained "
+                              f"pipeline: load it with `MicDiffRepForImageClassification.from_pretrained`, or load "
+                              f"the pipeline folder its probe was given (`--pretrained`).")
+            if config.get("_class_name") == UNet2DModel.__name__:
+                raise OSError(f"{path} is the UNet of a pretrained pipeline: load the folder that holds it "
+                              f"({os.path.dirname(os.path.abspath(path))}).")
+        return super().from_pretrained(pretrained_model_name_or_path, **kwargs)
 
     @property
     def resolution(self) -> int:

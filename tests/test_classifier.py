@@ -262,3 +262,16 @@ def test_loading_a_pretrained_pipeline_as_a_classifier_says_what_it_is(tmp_path)
         MicDiffRepForImageClassification.from_pretrained(tmp_path / "pipe" / "unet")
     with pytest.raises(OSError, match="pretrained pipeline folder.*mic-diffrep probe --pretrained"):
         MicDiffRepForImageClassification.from_pretrained(str(tmp_path / "pipe"))
+
+
+def test_loading_a_classifier_or_a_unet_as_a_pipeline_says_what_it_is(model, tmp_path):
+    """diffusers said only "no file named model_index.json" for both."""
+    from mic_diffrep import create_unet
+
+    model.save_pretrained(tmp_path / "model")
+    with pytest.raises(OSError, match="is a MicDiffRep classifier folder.*MicDiffRepForImageClassification"):
+        DiffusionFeaturePipeline.from_pretrained(tmp_path / "model")
+    DiffusionFeaturePipeline(create_unet(16, "tiny"), create_scheduler()).save_pretrained(tmp_path / "pipe")
+    with pytest.raises(OSError, match=f"the UNet of a pretrained pipeline: load .*{tmp_path / 'pipe'}"):
+        DiffusionFeaturePipeline.from_pretrained(str(tmp_path / "pipe" / "unet"))
+    assert DiffusionFeaturePipeline.from_pretrained(tmp_path / "pipe").resolution == 16
