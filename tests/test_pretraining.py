@@ -12,7 +12,7 @@ from diffusers import DDPMPipeline, UNet2DModel
 from safetensors.torch import load_file
 
 from mic_diffrep import DiffusionFeaturePipeline, decode_images, load_image_folder
-from mic_diffrep.training import PretrainingArguments, denoising_loss, pretrain as main
+from mic_diffrep.training import SUMMARY_FILE, PretrainingArguments, denoising_loss, pretrain as main
 from mic_diffrep.models.mic_diffrep.unet import create_scheduler, create_unet
 
 from conftest import parse
@@ -474,6 +474,15 @@ def test_a_new_run_into_a_folder_of_checkpoints_is_refused_without_overwrite_out
     with pytest.raises(ValueError, match="holds an earlier run's outputs \\(pretraining_summary.json, "
                                          "model_index.json\\).*--overwrite_output_dir"):
         main(tiny_args(unlabelled_folder, out, "--max_train_steps", "1"))
+    # ... and so was it by --resume_from_checkpoint latest, which found no checkpoint and started a new run
+    with pytest.raises(ValueError, match="holds an earlier run's outputs .* but no checkpoint for "
+                                         "--resume_from_checkpoint latest to continue.*--overwrite_output_dir"):
+        main(tiny_args(unlabelled_folder, out, "--max_train_steps", "3", "--resume_from_checkpoint", "latest"))
+    with open(os.path.join(out, SUMMARY_FILE)) as f:
+        assert json.load(f)["global_step"] == 1
+    fresh = main(tiny_args(unlabelled_folder, str(tmp_path / "fresh"), "--max_train_steps", "1",
+                           "--resume_from_checkpoint", "latest"))  # a script that always passes it still starts
+    assert fresh["global_step"] == 1
 
 
 def test_latest_is_the_checkpoint_written_last_not_the_highest_step(unlabelled_folder, tmp_path):

@@ -159,10 +159,13 @@ RUN_FILES = (SUMMARY_FILE, DiffusionPipeline.config_name, BASELINE_CONFIG_NAME)
 def check_new_run(output_dir: str, resume_from_checkpoint: Optional[str], overwrite_output_dir: bool) -> None:
     """Refuses a new run (no `--resume_from_checkpoint`) in an `output_dir` holding an earlier run's checkpoints or
     weights, unless `--overwrite_output_dir` says to start over: they would be replaced or pruned, and a forgotten
-    `--resume_from_checkpoint` (after Ctrl-C, whose message asks for it) lost hours of training."""
-    if resume_from_checkpoint or overwrite_output_dir:
+    `--resume_from_checkpoint` (after Ctrl-C, whose message asks for it) lost hours of training. A
+    `--resume_from_checkpoint latest` that finds no checkpoint starts a new run, so it is refused there too."""
+    if overwrite_output_dir:
         return
     earlier = _latest_checkpoint(output_dir)
+    if resume_from_checkpoint and (resume_from_checkpoint != "latest" or earlier is not None):
+        return
     if earlier is not None:
         raise ValueError(f"{output_dir} holds checkpoints of an earlier run (the latest: "
                          f"{os.path.basename(earlier)}). Continue that run with --resume_from_checkpoint latest, start "
@@ -170,9 +173,11 @@ def check_new_run(output_dir: str, resume_from_checkpoint: Optional[str], overwr
                          f"give another --output_dir; nothing was changed.")
     held = [name for name in RUN_FILES if os.path.isfile(os.path.join(output_dir, name))]
     if held:
-        raise ValueError(f"{output_dir} holds an earlier run's outputs ({', '.join(held)}). Start over there with "
-                         f"--overwrite_output_dir (they are then replaced), or give another --output_dir; nothing was "
-                         f"changed.")
+        resuming = (" but no checkpoint for --resume_from_checkpoint latest to continue (a run saves one every "
+                    "--checkpointing_steps steps and when stopped)" if resume_from_checkpoint else "")
+        raise ValueError(f"{output_dir} holds an earlier run's outputs ({', '.join(held)}){resuming}. Start over "
+                         f"there with --overwrite_output_dir (they are then replaced), or give another --output_dir; "
+                         f"nothing was changed.")
 
 
 def resume_training_state(accelerator, output_dir: str, resume_from_checkpoint: Optional[str]):
