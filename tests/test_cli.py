@@ -67,7 +67,14 @@ def test_run_predict_evaluate_end_to_end(tmp_path, capsys):
     recall = json.loads(capsys.readouterr().out, parse_constant=pytest.fail)["per_class_recall"]
     assert recall["meningioma"] is None and recall["glioma"] is not None
 
-    # Run again (as after a failure or Ctrl-C in the probe stage): the finished pretraining is reused, not redone
+    # Run again: the earlier probe's results and model are not replaced without --overwrite_output_dir ...
+    with pytest.raises(SystemExit) as error:
+        main(["run", "--config", str(config), "--output_dir", str(out)])
+    assert error.value.code == 2 and "model holds an earlier probe's outputs" in capsys.readouterr().err
+    # ... and after a failure or Ctrl-C in the probe stage (no results written yet), the finished pretraining is
+    # reused, not redone
+    for name in ("results.json", "config.json", "model.safetensors"):
+        (out / "model" / name).unlink()
     import mic_diffrep.commands.run as run_module
 
     pretrain = run_module.pretrain

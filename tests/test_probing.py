@@ -140,10 +140,47 @@ def probe_setup(tmp_path):
     return tmp_path
 
 
-def probe_args(root, *extra):
+def probe_args(root, *extra, overwrite=True):
+    """A probe of `root`'s pipeline into `root / "out"`, replacing an earlier probe there (its caches are reused)."""
     return parse(ProbeArguments, ["--pretrained", str(root / "pipe"), "--data_dir", str(root / "data"), "--output_dir",
                        str(root / "out"), "--timesteps", "5", "50", "--hidden_size", "16", "--num_epochs", "5",
-                       "--batch_size", "16", *extra])
+                       "--batch_size", "16", *extra] + (["--overwrite_output_dir"] if overwrite else []))
+
+
+def test_a_probe_into_an_earlier_probes_folder_is_refused_and_never_mixes_them(probe_setup, monkeypatch):
+    """A second probe overwrote the first one's files one by one: a baseline's probe (results only) left the earlier
+    diffusion classifier beside its results, and `evaluate` scored that classifier."""
+    from mic_diffrep.training import BaselinePretrainingArguments, pretrain_baseline
+
+    out = probe_setup / "out"
+    first = main(probe_args(probe_setup, overwrite=False))
+    written = {name: (out / name).read_bytes() for name in ("results.json", "config.json", "model.safetensors")}
+    with pytest.raises(ValueError, match="holds an earlier probe's outputs \\(results.json, config.json, "
+                                         "model.safetensors\\).*--overwrite_output_dir"):
+        main(probe_args(probe_setup, "--seed", "1", overwrite=False))
+
+    def failing(*args, **kwargs):
+        raise RuntimeError("probe training failed")
+
+    with monkeypatch.context() as patch:  # a replacing probe that fails leaves the earlier one whole
+        patch.setattr("mic_diffrep.probing.probe.run_probes", failing)
+        with pytest.raises(RuntimeError):
+            main(probe_args(probe_setup, "--seed", "1"))
+    assert {name: (out / name).read_bytes() for name in written} == written
+
+    baseline = str(probe_setup / "byol")
+    pretrain_baseline(parse(BaselinePretrainingArguments, [
+        "--method", "byol", "--train_data_dir", str(probe_setup / "data"), "--output_dir", baseline, "--resolution",
+        "16", "--train_batch_size", "8", "--max_train_steps", "1", "--logger", "none"]))
+    replaced = main(parse(ProbeArguments, ["--pretrained", baseline, "--data_dir", str(probe_setup / "data"),
+                                           "--output_dir", str(out), "--num_epochs", "2", "--hidden_size", "8",
+                                           "--overwrite_output_dir"]))
+    assert replaced["method"] == "baseline-byol" and first["method"] == "micdiffrep"
+    assert json.loads((out / "results.json").read_text())["method"] == "baseline-byol"
+    left = set(os.listdir(out))
+    assert not left & {"config.json", "model.safetensors", "preprocessor_config.json", "README.md",
+                       "accuracy_vs_timestep.png", "modeling_mic_diffrep.py", "configuration_mic_diffrep.py"}
+    assert {"results.json", "results.md", "confusion_matrix.png", "features"} <= left
 
 
 def count_unet_forwards():

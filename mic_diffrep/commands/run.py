@@ -23,6 +23,7 @@ from ..probing import ProbeArguments, run_probe
 from ..probing.splits import check_carvable, check_test_classes
 from ..reporting.results import run_report_markdown
 from ..training import RECIPE_KEYS, SUMMARY_FILE, PretrainingArguments, default_recipe, pretrain
+from ..probing.export import check_new_probe
 from ..training.checkpointing import check_new_run
 from ..utils import MIXED_PRECISION_CHOICES, check_value, command_line
 
@@ -255,10 +256,12 @@ def run(namespace) -> dict:
         if namespace.resume_from_checkpoint or namespace.overwrite_output_dir:
             pretraining_args = replace(pretraining_args, resume_from_checkpoint=namespace.resume_from_checkpoint,
                                        overwrite_output_dir=namespace.overwrite_output_dir)
+            probe_args = replace(probe_args, overwrite_output_dir=namespace.overwrite_output_dir)
         pretraining = finished_pretraining(pretraining_args)
         if pretraining is None:  # refused before the test images are read, not after
             check_new_run(pretraining_args.output_dir, pretraining_args.resume_from_checkpoint,
                           pretraining_args.overwrite_output_dir)
+        check_new_probe(probe_args.output_dir, probe_args.overwrite_output_dir)  # not after pretraining
         check_run(config, pretraining_args, probe_args)
     if pretraining is not None:
         print(f"[1/2] Pretraining: reusing the finished run in {pretraining_args.output_dir} (the same data and "
@@ -366,8 +369,9 @@ def register(subparsers) -> None:
                              f"{RUN_CHECKPOINTING_STEPS} steps and by Ctrl-C or SIGTERM) or a "
                              "checkpoint folder; give the run's other settings again.")
     parser.add_argument("--overwrite_output_dir", action="store_true",
-                        help="Pretrain anew in an --output_dir whose pretrain/ folder holds an earlier run's "
-                             "checkpoint or weights of other settings (refused without it; add "
-                             "--resume_from_checkpoint latest to continue an interrupted run); a finished pretraining "
-                             "of the same settings is reused either way.")
+                        help="Run again in an --output_dir holding an earlier run: replace its model/ folder's "
+                             "results and model, and pretrain anew when its pretrain/ folder holds a checkpoint or "
+                             "weights of other settings (both refused without it; add --resume_from_checkpoint latest "
+                             "to continue an interrupted run); a finished pretraining of the same settings is reused "
+                             "either way.")
     parser.set_defaults(func=run)

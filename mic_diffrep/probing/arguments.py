@@ -25,6 +25,9 @@ class ProbeArguments(FeatureArguments):
         "help": "Labelled test images (default: the test split of --data_dir, else a carved hold-out)."})
     output_dir: str = field(default="runs/probe", metadata={
         "help": "Model folder to write (config, weights, processor, card, results, plots)."})
+    overwrite_output_dir: bool = field(default=False, metadata={
+        "help": "Replace an earlier probe's results and model in --output_dir (refused without it; they are replaced "
+                "only once the new results are ready, and its feature caches are reused)."})
     validation_split: float = field(default=0.2, metadata={
         "help": "Share of the training images held out for choosing layers and timesteps."})
     test_split: float = field(default=0.2, metadata={

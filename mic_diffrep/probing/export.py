@@ -3,12 +3,43 @@
 import json
 import os
 
-from ..models.mic_diffrep import MicDiffRepImageProcessor
+from transformers.utils import CONFIG_NAME, SAFE_WEIGHTS_NAME
+
+from ..data import TEST_IMAGES_FILE
+from ..models.mic_diffrep import MicDiffRepImageProcessor, modeling_mic_diffrep
 from ..reporting.hub import default_repo_id, push_to_hub
 from ..reporting.model_card import write_model_card
 from ..reporting.plotting import plot_accuracy_vs_timestep, plot_confusion_matrix
 from ..reporting.results import results_markdown
 from .arguments import ProbeArguments
+
+
+# What a probe writes into its output folder besides its feature caches (which a later probe reuses): results, plots,
+# the test images' list and, for a diffusion model, the model folder (with the model's code files for the Hub).
+PROBE_FILES = ("results.json", "results.md", "accuracy_vs_timestep.png", "confusion_matrix.png", TEST_IMAGES_FILE,
+               CONFIG_NAME, SAFE_WEIGHTS_NAME, "preprocessor_config.json", "README.md")
+_MODEL_CODE_FILES = tuple(sorted(name for name in os.listdir(os.path.dirname(modeling_mic_diffrep.__file__))
+                                 if name.endswith(".py") and name != "__init__.py"))
+
+
+def check_new_probe(output_dir: str, overwrite_output_dir: bool) -> None:
+    """Refuses a probe into an `output_dir` holding an earlier probe's results or model, unless
+    `--overwrite_output_dir`: they were overwritten file by file, and a baseline's probe (results only) left the
+    earlier classifier beside its results."""
+    held = [name for name in ("results.json", CONFIG_NAME, SAFE_WEIGHTS_NAME)
+            if os.path.isfile(os.path.join(output_dir, name))]
+    if held and not overwrite_output_dir:
+        raise ValueError(f"{output_dir} holds an earlier probe's outputs ({', '.join(held)}). Replace them with "
+                         f"--overwrite_output_dir, or give another --output_dir; nothing was changed.")
+
+
+def remove_earlier_probe(output_dir: str) -> None:
+    """Removes an earlier probe's results and model from `output_dir` (`--overwrite_output_dir`), so that the new
+    probe's files are not mixed with them; feature caches stay."""
+    for name in PROBE_FILES + _MODEL_CODE_FILES:
+        path = os.path.join(output_dir, name)
+        if os.path.isfile(path):
+            os.remove(path)
 
 
 def write_results(output_dir: str, results: dict, label_names) -> None:
