@@ -20,13 +20,17 @@ from typing import List, Optional
 from transformers import HfArgumentParser
 
 from . import check_leakage, demo, extract, inference, pretrain, probe, run
-from .base import configure_logging, run_guarded
+from .base import HelpFormatter, configure_logging, run_guarded
 from .run import RUN_DEFAULTS, RUN_PRESETS, SAMPLE_DATA_DIR
 
 
 class SubcommandParser(HfArgumentParser):
     """A subcommand's parser: every `--flag_name` also answers to `--flag-name`, as the flags `HfArgumentParser`
     makes from settings dataclasses (`pretrain`, `extract`, `probe`) do."""
+
+    def __init__(self, *args, **kwargs):
+        kwargs.setdefault("formatter_class", HelpFormatter)
+        super().__init__(*args, **kwargs)
 
     def add_argument(self, *names, **kwargs):
         dashed = [name.replace("_", "-") for name in names if name.startswith("--") and "_" in name]

@@ -23,6 +23,17 @@ USER_ERRORS = (ValueError, FileNotFoundError, NotADirectoryError, IsADirectoryEr
                FloatingPointError, BadImageError)
 
 
+class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """`HfArgumentParser`'s formatter, which appends "(default: ...)" to every flag's help, but not to a help that
+    states its default already, to a required flag, or as "(default: None)", which says nothing."""
+
+    def _get_help_string(self, action):
+        help_text = action.help or ""
+        if action.required or action.default is None or "default" in help_text.lower():
+            return help_text
+        return super()._get_help_string(action)
+
+
 def settings_from(cls: Type[T], namespace: argparse.Namespace) -> T:
     """The `cls` dataclass built from the parsed flags of its fields."""
     return cls(**{f.name: getattr(namespace, f.name) for f in dataclasses.fields(cls) if f.init})
@@ -79,7 +90,7 @@ def script_main(prog: str, settings_class: Type[T], function: Callable[[T], obje
     """The body of a `training/*.py` script: flags of `settings_class` -> settings -> `function(settings)`, with the
     same messages and exit codes as the `mic-diffrep` subcommand."""
     configure_logging()
-    parser = HfArgumentParser(settings_class, prog=prog, description=description)
+    parser = HfArgumentParser(settings_class, prog=prog, description=description, formatter_class=HelpFormatter)
     namespace = parser.parse_args(argv)
     settings = run_guarded(prog, settings_from, settings_class, namespace)
     return run_guarded(prog, function, settings)

@@ -69,7 +69,7 @@ def register(subparsers) -> None:
     parser.add_argument("--intensity_window", default="percentile", choices=("percentile", "none"),
                         help="As for training.")
     parser.add_argument("--num_workers", type=int, default=0, help="Decoding processes.")
-    parser.add_argument("--cache_dir", default=None, help="Where to cache the decoded images.")
+    parser.add_argument("--cache_dir", default=None, help="Where to cache the decoded images (default: no cache).")
     parser.add_argument("--skip_bad_images", action="store_true", help="Skip unreadable images instead of failing.")
     add_slice_arguments(parser)
     parser.add_argument("--output", default=None,
