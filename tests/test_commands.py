@@ -3,6 +3,7 @@ images for predict, and a readable evaluate."""
 
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -74,8 +75,11 @@ def test_a_run_destroys_the_process_group_it_started(tmp_path):
 def test_help_shows_defaults():
     result = _script("pretrain.py", "--help")
     assert result.returncode == 0
-    assert "(default: 64)" in result.stdout and "--save_images_epochs" in result.stdout
+    assert "(default: 32)" in result.stdout and "--save_images_epochs" in result.stdout
     assert "(default: ddim)" in result.stdout
+    # ... once: not after a help that states its default, nor as "(default: None)"
+    assert "(default: None)" not in result.stdout
+    assert re.search(r"every split except test,\s+so test\s+images are never used unless asked for\.\n", result.stdout)
 
 
 def test_resume_leaves_no_old_files(unlabelled_folder, tmp_path):
