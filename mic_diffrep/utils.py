@@ -243,6 +243,31 @@ def progress_interval() -> float:
 SUMMARY_FILE = "pretraining_summary.json"
 
 
+def share_as_umask_allows(path: str) -> None:
+    """Gives `path` (a file, or every `.safetensors` file under a folder) the mode a new file gets from the umask
+    (`0o666 & ~umask`): safetensors >= 0.8 writes its files 0600 whatever the umask (safetensors#782), so the weights
+    of a model folder shared with other users or a serving account were the one file they could not read."""
+    if os.name != "posix":
+        return
+    umask = os.umask(0o022)  # reading the umask sets it: put it back at once
+    os.umask(umask)
+    files = [path] if os.path.isfile(path) else [
+        os.path.join(root, name) for root, _, names in os.walk(path) for name in names if name.endswith(".safetensors")]
+    for file in files:
+        os.chmod(file, 0o666 & ~umask)
+
+
+def save_safetensors(tensors: dict, path: str, metadata: Optional[dict] = None) -> None:
+    """`safetensors.torch.save_file`, atomically (a temporary name, then renamed) and readable as the umask allows
+    (`share_as_umask_allows`)."""
+    from safetensors.torch import save_file
+
+    tmp = f"{path}.tmp-{os.getpid()}"
+    save_file(tensors, tmp, metadata=metadata)
+    share_as_umask_allows(tmp)
+    os.replace(tmp, path)
+
+
 # Settings never written to results files or trackers: those files are uploaded by --push_to_hub.
 SECRET_SETTINGS = ("hub_token",)
 

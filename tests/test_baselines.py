@@ -89,6 +89,8 @@ def test_baseline_pretraining_output_plugs_into_the_probe(method, kaggle_folder,
         "--train_batch_size", "8", "--max_train_steps", "2", "--logger", "none", "--checkpointing_steps", "1"]))
     assert summary["global_step"] == 2 and summary["splits"] == ["train"]
     assert {"baseline_config.json", "model.safetensors", "checkpoint-2"} <= set(os.listdir(out))
+    modes = {os.stat(os.path.join(out, name)).st_mode & 0o777 for name in ("baseline_config.json", "model.safetensors")}
+    assert len(modes) == 1  # the weights as readable as the config (safetensors 0.8 writes 0600)
     assert isinstance(load_baseline(out), (BYOL, MoCoV2)) or method == "mae"
     results = probe(parse(ProbeArguments, ["--pretrained", out, "--data_dir", kaggle_folder, "--output_dir",
                                 str(tmp_path / "probe"), "--num_epochs", "2", "--hidden_size", "8"]))

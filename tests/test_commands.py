@@ -90,6 +90,8 @@ def test_resume_leaves_no_old_files(unlabelled_folder, tmp_path):
     pretrain(parse(PretrainingArguments, argv + ["--max_train_steps", "4", "--resume_from_checkpoint", "latest"]))
     names = os.listdir(tmp_path / "out")
     assert "model_index.json" in names and not [n for n in names if ".old-" in n or n.startswith(".tmp")]
+    mode = lambda name: os.stat(tmp_path / "out" / name).st_mode & 0o777  # noqa: E731
+    assert mode("unet/diffusion_pytorch_model.safetensors") == mode("model_index.json")  # not 0600 (safetensors 0.8)
     assert "samples" not in names  # --save_images_epochs 0: no sample grid
 
 

@@ -218,6 +218,22 @@ def test_linear_probe_one_feature_pass_cache_reuse_and_model_folder(probe_setup,
         assert os.path.isfile(out / name), name
 
 
+@pytest.mark.skipif(os.name != "posix", reason="file modes are POSIX")
+def test_weights_and_caches_are_readable_as_the_umask_allows(probe_setup):
+    """safetensors >= 0.8 writes its files 0600 whatever the umask: the weights of a shared model folder were the one
+    file other users (or a serving account) could not read."""
+    umask = os.umask(0o022)
+    try:
+        main(probe_args(probe_setup))
+    finally:
+        os.umask(umask)
+    files = [probe_setup / "out" / "model.safetensors"] + sorted((probe_setup / "out" / "features").glob("*.safetensors"))
+    files += sorted((probe_setup / "out" / ".cache").glob("*.safetensors"))
+    assert len(files) >= 4  # the model, two feature caches, a decoded-image cache
+    assert {oct(os.stat(f).st_mode & 0o777) for f in files} == {oct(0o644)}
+    assert oct(os.stat(probe_setup / "out" / "config.json").st_mode & 0o777) == oct(0o644)
+
+
 def test_feature_cache_serves_fewer_timesteps_and_notices_replaced_files(probe_setup, monkeypatch):
     calls, counting = count_unet_forwards()
     monkeypatch.setattr(UNet2DModel, "forward", counting)

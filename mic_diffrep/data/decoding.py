@@ -30,10 +30,10 @@ from typing import Dict, List, Optional, Sequence, Union
 import PIL.Image
 import torch
 from safetensors import SafetensorError, safe_open
-from safetensors.torch import save_file
 from tqdm.auto import tqdm
 
 from ..models.mic_diffrep.preprocessing import ImagePreprocessing, record_source, slice_id, undecoded_images
+from ..utils import save_safetensors
 from .medical import SliceSelection, is_medical_file
 
 
@@ -256,9 +256,7 @@ def _save_decoded(decoded: DecodedImages, cache_file: str) -> None:
         "label_names": json.dumps(decoded.label_names),
         "skipped": json.dumps(decoded.skipped),
     }
-    tmp = f"{cache_file}.tmp-{os.getpid()}"
-    save_file(tensors, tmp, metadata=metadata)
-    os.replace(tmp, cache_file)
+    save_safetensors(tensors, cache_file, metadata=metadata)
 
 
 def _load_decoded(cache_file: str) -> Optional[DecodedImages]:

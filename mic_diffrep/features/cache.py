@@ -26,9 +26,9 @@ from typing import Dict, List, Optional, Sequence, Tuple
 
 import torch
 from safetensors import SafetensorError, safe_open
-from safetensors.torch import save_file
 
 from ..models.mic_diffrep.unet_features import concatenate_features
+from ..utils import save_safetensors
 
 
 FORMAT_VERSION = 2
@@ -121,9 +121,7 @@ def save_features(path: str, features: Dict[Tuple[str, int], torch.Tensor], sett
         "source_model": json.dumps(source_model),
     }
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    tmp = f"{path}.tmp-{os.getpid()}"
-    save_file(tensors, tmp, metadata=metadata)
-    os.replace(tmp, path)
+    save_safetensors(tensors, path, metadata=metadata)
 
 
 def load_features(path: str, expected_settings: Optional[dict] = None,

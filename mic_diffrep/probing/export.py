@@ -11,6 +11,7 @@ from ..reporting.hub import default_repo_id, push_to_hub
 from ..reporting.model_card import write_model_card
 from ..reporting.plotting import plot_accuracy_vs_timestep, plot_confusion_matrix
 from ..reporting.results import results_markdown
+from ..utils import share_as_umask_allows
 from .arguments import ProbeArguments
 
 
@@ -66,6 +67,7 @@ def write_model_folder(extractor, probe, results: dict, label_names, args: Probe
     if model is None:
         return False
     model.save_pretrained(args.output_dir)
+    share_as_umask_allows(os.path.join(args.output_dir, SAFE_WEIGHTS_NAME))
     preprocessing = extractor.preprocessing
     MicDiffRepImageProcessor(resolution=preprocessing.resolution, resize_mode=preprocessing.resize_mode,
                              intensity_window=preprocessing.intensity_window, slice_axis=args.slice_axis,

@@ -16,7 +16,7 @@ from diffusers import DiffusionPipeline
 from safetensors import SafetensorError
 
 from ..models.baselines.configuration import CONFIG_NAME as BASELINE_CONFIG_NAME
-from ..utils import SUMMARY_FILE, error_summary
+from ..utils import SUMMARY_FILE, error_summary, share_as_umask_allows
 
 
 logger = logging.getLogger(__name__)
@@ -219,6 +219,7 @@ def save_pipeline(pipeline, output_dir: str) -> None:
     tmp = os.path.join(output_dir, f".tmp-pipeline-{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
     pipeline.save_pretrained(tmp, safe_serialization=True)
+    share_as_umask_allows(tmp)
     for name in sorted(os.listdir(tmp)):
         _replace_dir(os.path.join(tmp, name), os.path.join(output_dir, name))
     shutil.rmtree(tmp, ignore_errors=True)

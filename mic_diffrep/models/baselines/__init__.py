@@ -16,9 +16,10 @@ import json
 import os
 from dataclasses import asdict
 
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 from torch import nn
 
+from ...utils import save_safetensors
 from .byol import BYOL
 from .configuration import CONFIG_NAME, METHODS, WEIGHTS_NAME, BaselineConfig
 from .mae import MAE
@@ -39,9 +40,7 @@ def save_baseline(model: nn.Module, output_dir: str) -> None:
     """Writes `baseline_config.json` and `model.safetensors` (weights only) into `output_dir`, atomically."""
     os.makedirs(output_dir, exist_ok=True)
     state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
-    tmp = os.path.join(output_dir, f".{WEIGHTS_NAME}.tmp")
-    save_file(state, tmp, metadata={"format": "pt"})
-    os.replace(tmp, os.path.join(output_dir, WEIGHTS_NAME))
+    save_safetensors(state, os.path.join(output_dir, WEIGHTS_NAME), metadata={"format": "pt"})
     with open(os.path.join(output_dir, CONFIG_NAME), "w", encoding="utf-8") as f:
         json.dump(asdict(model.config), f, indent=2)
 
