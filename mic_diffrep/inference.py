@@ -112,7 +112,8 @@ def predict_files(model_dir: str, paths: Union[str, Sequence[str]], batch_size: 
                   mixed_precision: Optional[str] = None, skip_bad_images: bool = False,
                   slices: Optional[Union[SliceSelection, Dict]] = None) -> List[Dict]:
     """Class probabilities for image files and folders: one dict per image with its top `label` and all
-    `probabilities`; unreadable files raise a `BadImageError` naming them, or are left out with `skip_bad_images`.
+    `probabilities`, in file order; an unreadable file raises a `BadImageError` naming it, or with `skip_bad_images`
+    gets a dict with its `error` (and `label` / `probabilities` `None`), so every file given is accounted for.
 
     A DICOM / NIfTI file gives one dict per slice (chosen by `slices`, default the model's: `model_slices`), whose
     `file` is `"<path>#slice=<k>"` for multi-slice files.
@@ -124,9 +125,15 @@ def predict_files(model_dir: str, paths: Union[str, Sequence[str]], batch_size: 
                             show_progress=False, slices=model_slices(processor, slices))
     probabilities = predict_probabilities(model, pixels_to_model_input(decoded.pixels), batch_size)
     labels = [model.config.id2label[i] for i in range(probabilities.shape[1])]
-    return [{"file": path, "label": labels[int(p.argmax())],
-             "probabilities": {label: round(float(v), 6) for label, v in zip(labels, p)}}
-            for path, p in zip(decoded.paths, probabilities)]
+    rows = {}  # by file: its slices' rows, or its error
+    for path, p in zip(decoded.paths, probabilities):
+        rows.setdefault(source_file(path), []).append({"file": path, "label": labels[int(p.argmax())],
+                                        "probabilities": {label: round(float(v), 6) for label, v in zip(labels, p)}})
+    for item in decoded.skipped:
+        rows.setdefault(item["path"], []).append(
+            {"file": item["path"], "label": None, "probabilities": None, "error": item["error"]})
+    ordered = [row for path in files for row in rows.pop(path, [])]
+    return ordered + [row for remaining in rows.values() for row in remaining]
 
 
 def evaluate_folder(model_dir: str, data_dir: str, splits: Optional[Union[str, Sequence[str]]] = None,

@@ -104,8 +104,14 @@ def test_predict_takes_folders_and_skips_bad_images(model_dir, tmp_path, capsys)
     assert error.value.code == 2 and "broken.png" in message and "--skip_bad_images" in message
     predictions = cli(["predict", "--model", model_dir, folder, "--skip_bad_images", "--json"])
     printed = json.loads(capsys.readouterr().out)
-    assert len(predictions) == len(printed) == 4
-    assert all(abs(sum(p["probabilities"].values()) - 1) < 1e-4 for p in printed)
+    # every file is accounted for, in file order: the skipped one with its error (the JSON left it out)
+    assert len(predictions) == len(printed) == 5
+    assert [os.path.basename(p["file"]) for p in printed][:3] == ["a_0_0.png", "a_0_1.png", "broken.png"]
+    skipped = printed[2]
+    assert skipped["label"] is None and skipped["probabilities"] is None and skipped["error"]
+    assert all(abs(sum(p["probabilities"].values()) - 1) < 1e-4 for p in printed if p["probabilities"])
+    cli(["predict", "--model", model_dir, folder, "--skip_bad_images"])
+    assert re.search(r"broken\.png: skipped \(.+\)", capsys.readouterr().out)
     with pytest.raises(SystemExit):
         cli(["predict", "--model", model_dir, str(tmp_path / "nothing.png")])
     assert "not found" in capsys.readouterr().err

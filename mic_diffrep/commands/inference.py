@@ -78,6 +78,9 @@ def predict(namespace) -> list:
         print(json.dumps(predictions, indent=2))
         return predictions
     for prediction in predictions:
+        if prediction["probabilities"] is None:  # --skip_bad_images
+            print(f"{prediction['file']}: skipped ({prediction['error']})")
+            continue
         ranked = sorted(prediction["probabilities"].items(), key=lambda item: -item[1])
         print(f"{prediction['file']}: " + ", ".join(f"{label} {p:.3f}" for label, p in ranked))
     return predictions
