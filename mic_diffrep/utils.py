@@ -207,14 +207,19 @@ def _other_kind_held(path: str, kind: str) -> Optional[str]:
 def output_folder(path: str, flag: str = "--output_dir", kind: Optional[str] = None):
     """Creates `path` for a run's outputs, after checking it is a folder that can be written (and, with `kind`
     `"pipeline"`, `"model"` or `"baseline"`, not a folder of another kind of model); if the run fails before writing
-    anything there, the empty folder it created is removed again, so a failed run leaves nothing behind."""
+    anything there, the empty folders it created (its parents too) are removed again, so a failed run leaves nothing
+    behind."""
     if os.path.exists(path) and not os.path.isdir(path):
         raise ValueError(f"{flag} {path} is a file; give a folder.")
     held = kind and os.path.isdir(path) and _other_kind_held(path, kind)
     if held:
         raise ValueError(f"{flag} {path} holds {held}: give another folder (a {kind} folder would be mixed into "
                          f"it).")
-    created = not os.path.isdir(path)
+    created = []  # the folders `makedirs` makes: `path` and the missing parents above it
+    missing = os.path.abspath(path)
+    while not os.path.isdir(missing):
+        created.append(missing)
+        missing = os.path.dirname(missing)
     try:
         os.makedirs(path, exist_ok=True)
     except OSError as error:
@@ -223,8 +228,10 @@ def output_folder(path: str, flag: str = "--output_dir", kind: Optional[str] = N
         check_writable(path, flag, path)
         yield path
     except BaseException:
-        if created and os.path.isdir(path) and not os.listdir(path):
-            os.rmdir(path)
+        for folder in created:  # innermost first, while empty
+            if not os.path.isdir(folder) or os.listdir(folder):
+                break
+            os.rmdir(folder)
         raise
 
 

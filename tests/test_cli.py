@@ -156,6 +156,8 @@ def test_bad_config_is_named(tmp_path, capsys):
     (["check-leakage", "--within", "UNLABELLED", "--output", "MISSING.csv"], "give the JSON report's name"),
     (["check-leakage", "--within", "UNLABELLED", "--output", "A_FOLDER"], "is a folder; give a file name"),
     (["check-leakage", "--within", "A_FILE"], "is a file; give the folder"),
+    (["probe", "--pretrained", "A_FILE", "--data_dir", "UNLABELLED", "--output_dir", "MISSING"],
+     "a_file.png' is a file; give the folder a pretraining wrote"),
     (["demo", "--model", "MISSING", "--port", "99999"], "--port must be in 0..65535"),
     (["demo", "--model", "MISSING", "--host", "no-such-host.invalid"], "--host no-such-host.invalid cannot be"),
     (["demo", "--model", "MISSING", "--host", "192.0.2.1"], "--host 192.0.2.1 is not an address of this machine"),

@@ -292,10 +292,16 @@ def is_pipeline_dir(path: str) -> bool:
     return all(os.path.exists(os.path.join(path, name)) for name in ("model_index.json", "unet", "scheduler"))
 
 
-def load_pipeline(path: str) -> DiffusionFeaturePipeline:
-    """The `DiffusionFeaturePipeline` in a pretraining output folder, with a clear error for anything else."""
+def _check_pretrained_folder(path: str) -> None:
+    if os.path.isfile(path):
+        raise NotADirectoryError(f"Pretrained folder {path!r} is a file; give the folder a pretraining wrote.")
     if not os.path.isdir(path):
         raise FileNotFoundError(f"Pretrained folder {path!r} does not exist.")
+
+
+def load_pipeline(path: str) -> DiffusionFeaturePipeline:
+    """The `DiffusionFeaturePipeline` in a pretraining output folder, with a clear error for anything else."""
+    _check_pretrained_folder(path)
     if is_baseline_dir(path) or is_clip_vision_dir(path):
         raise ValueError(f"{path!r} holds a baseline encoder, not a diffusion pipeline: it extracts features but "
                          f"cannot generate images. Pass the output folder of `mic-diffrep pretrain`.")
@@ -323,8 +329,7 @@ def _warn_if_interrupted(path: str) -> None:
 def load_feature_extractor(path: str, resolution: Optional[int] = None) -> FeatureExtractor:
     """The frozen feature extractor in `path`: a pretrained diffusion pipeline, a baseline's folder (from
     `training/pretrain_baseline.py`), or a local `CLIPVisionModel` (fed `resolution` px images, default 112)."""
-    if not os.path.isdir(path):
-        raise FileNotFoundError(f"Pretrained folder {path!r} does not exist.")
+    _check_pretrained_folder(path)
     _warn_if_interrupted(path)
     if is_baseline_dir(path):
         return EncoderFeatureExtractor.from_pretrained(path)
