@@ -155,6 +155,9 @@ def test_a_probe_into_an_earlier_probes_folder_is_refused_and_never_mixes_them(p
     out = probe_setup / "out"
     first = main(probe_args(probe_setup, overwrite=False))
     written = {name: (out / name).read_bytes() for name in ("results.json", "config.json", "model.safetensors")}
+    # --resolution sets a CLIP model's input size: another one for a diffusion pipeline was silently ignored
+    with pytest.raises(ValueError, match="--resolution 32: .*pipe was pretrained at 16 px"):
+        main(probe_args(probe_setup, "--resolution", "32"))
     with pytest.raises(ValueError, match="holds an earlier probe's outputs \\(results.json, config.json, "
                                          "model.safetensors\\).*--overwrite_output_dir"):
         main(probe_args(probe_setup, "--seed", "1", overwrite=False))

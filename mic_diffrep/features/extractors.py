@@ -328,11 +328,15 @@ def _warn_if_interrupted(path: str) -> None:
 
 def load_feature_extractor(path: str, resolution: Optional[int] = None) -> FeatureExtractor:
     """The frozen feature extractor in `path`: a pretrained diffusion pipeline, a baseline's folder (from
-    `training/pretrain_baseline.py`), or a local `CLIPVisionModel` (fed `resolution` px images, default 112)."""
+    `training/pretrain_baseline.py`), or a local `CLIPVisionModel` (fed `resolution` px images, default 112). The
+    others read images at the resolution they were pretrained at: another `resolution` is refused, not ignored."""
     _check_pretrained_folder(path)
     _warn_if_interrupted(path)
-    if is_baseline_dir(path):
-        return EncoderFeatureExtractor.from_pretrained(path)
     if is_clip_vision_dir(path):
         return ClipFeatureExtractor.from_pretrained(path, resolution=resolution or 112)
-    return DiffusionFeatureExtractor(load_pipeline(path), source=path)
+    extractor = EncoderFeatureExtractor.from_pretrained(path) if is_baseline_dir(path) else DiffusionFeatureExtractor(
+        load_pipeline(path), source=path)
+    if resolution is not None and resolution != extractor.preprocessing.resolution:
+        raise ValueError(f"--resolution {resolution}: {path} was pretrained at {extractor.preprocessing.resolution} "
+                         f"px and reads images at that size (--resolution sets a CLIP model's input size only).")
+    return extractor

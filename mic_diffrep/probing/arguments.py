@@ -20,7 +20,8 @@ class ProbeArguments(FeatureArguments):
         "help": "Labelled images: class sub-folders, optionally inside split folders (Training/Testing, "
                 "train/val/test)."})
     resolution: Optional[int] = field(default=None, metadata={
-        "help": "Image size fed to a CLIP baseline (diffusion and other baselines use their own)."})
+        "help": "Image size fed to a CLIP baseline (default 112). Diffusion pipelines and other baselines read images "
+                "at the size they were pretrained at; another size is refused."})
     test_data_dir: Optional[str] = field(default=None, metadata={
         "help": "Labelled test images (default: the test split of --data_dir, else a carved hold-out)."})
     output_dir: str = field(default="runs/probe", metadata={
