@@ -156,6 +156,8 @@ def test_bad_config_is_named(tmp_path, capsys):
     (["check-leakage", "--within", "UNLABELLED", "--output", "MISSING.csv"], "give the JSON report's name"),
     (["check-leakage", "--within", "UNLABELLED", "--output", "A_FOLDER"], "is a folder; give a file name"),
     (["check-leakage", "--within", "A_FILE"], "is a file; give the folder"),
+    (["check-leakage", "--within", "UNLABELLED", "--test", "A_FOLDER"], "--test goes with --train"),
+    (["check-leakage", "--train", "TMP", "--test", "A_FOLDER"], "lies inside --train"),  # every image matched itself
     (["probe", "--pretrained", "A_FILE", "--data_dir", "UNLABELLED", "--output_dir", "MISSING"],
      "a_file.png' is a file; give the folder a pretraining wrote"),
     (["demo", "--model", "MISSING", "--port", "99999"], "--port must be in 0..65535"),
@@ -168,7 +170,7 @@ def test_bad_settings_fail_before_any_work_and_name_the_setting(argv, named, unl
     (tmp_path / "a_folder").mkdir()
     (tmp_path / "a_file.png").write_bytes(b"")
     tokens = {"MISSING": str(out / "MISSING"), "MISSING.csv": str(out / "report.csv"), "UNLABELLED": unlabelled_folder,
-              "A_FOLDER": str(tmp_path / "a_folder"), "A_FILE": str(tmp_path / "a_file.png")}
+              "A_FOLDER": str(tmp_path / "a_folder"), "A_FILE": str(tmp_path / "a_file.png"), "TMP": str(tmp_path)}
     argv = [tokens.get(arg, arg) for arg in argv]
     if argv[1] == "--config":
         config = tmp_path / "settings.yaml"

@@ -19,8 +19,17 @@ def _decode_folder(folder: str, namespace) -> DecodedImages:
 
 def check(namespace) -> Union[LeakageReport, DuplicateGroupsReport]:
     """Runs the check the flags describe, prints a summary and writes the report files."""
+    if namespace.within is not None and namespace.test is not None:
+        raise ValueError("--test goes with --train (test images against training ones); --within DIR groups the "
+                         "duplicates inside one folder.")
     if (namespace.train is None) != (namespace.test is None):
         raise ValueError("--train and --test go together (or use --within DIR).")
+    if namespace.train is not None:
+        train, test = os.path.abspath(namespace.train), os.path.abspath(namespace.test)
+        if os.path.commonpath([train, test]) == train:
+            raise ValueError(f"--test {namespace.test} lies inside --train {namespace.train}, whose every split is "
+                             f"read as training images: each test image would match itself. Give the training split "
+                             f"as --train (e.g. {os.path.join(namespace.train, 'Training')}).")
     if namespace.output is not None:
         if namespace.output.lower().endswith(".csv"):
             raise ValueError(f"--output {namespace.output}: give the JSON report's name (e.g. report.json); the CSV of "
