@@ -117,11 +117,16 @@ def calibration_argv(method: str, data_dir: str, work_dir: str, resolution: int,
 
 
 def run_pretraining(method: str, argv: List[str]) -> dict:
-    """Pretrains from command-line flags in this process (as `training/pretrain*.py` would); returns the summary."""
+    """Pretrains from command-line flags in this process (as `training/pretrain*.py` would); returns the summary. A
+    run stopped by Ctrl-C or SIGTERM (it saved a checkpoint and returned) raises `KeyboardInterrupt`: the script
+    stops there, records nothing of it, and continues it when run again."""
     settings_class, function = ((BaselinePretrainingArguments, pretrain_baseline) if method in BASELINES
                                 else (PretrainingArguments, pretrain))
     logger.info("Pretraining %s: %s", method, " ".join(argv))
-    return function(settings_from(settings_class, HfArgumentParser(settings_class).parse_args(argv)))
+    summary = function(settings_from(settings_class, HfArgumentParser(settings_class).parse_args(argv)))
+    if summary.get("stop_reason") == "interrupted":
+        raise KeyboardInterrupt(f"{method} pretraining interrupted at step {summary.get('global_step')}")
+    return summary
 
 
 # Settings that say where a run writes or how long it runs, not what it learns: left out of `training_settings`.
@@ -349,11 +354,15 @@ def pretrain_for_budget(method: str, minutes: float, work_dir: str, data_dir: st
     if os.path.isfile(settings_file):
         with open(settings_file) as f:
             check_settings(output_dir, json.load(f), settings)
+    summary = None
     if os.path.isfile(summary_file):
-        logger.info("Reusing %s", output_dir)
         with open(summary_file) as f:
             summary = json.load(f)
-    else:
+        if summary.get("stop_reason") == "interrupted":  # continued from its checkpoint below, not reused
+            summary = None
+        else:
+            logger.info("Reusing %s", output_dir)
+    if summary is None:
         os.makedirs(output_dir, exist_ok=True)
         with open(settings_file, "w") as f:  # before training, so a resumed run is checked too
             json.dump(settings, f, indent=2)

@@ -65,6 +65,30 @@ def test_a_run_made_with_other_settings_is_refused_not_reused(tmp_path, monkeypa
         common.pretrain_for_budget("micdiffrep", 1, str(tmp_path), "data", name="recipe")
 
 
+def test_an_interrupted_run_stops_the_script_and_is_continued_not_reused(tmp_path, monkeypatch):
+    """Ctrl-C / SIGTERM stopped the pretraining (which saved a checkpoint and returned), and the script went on:
+    a cut-short calibration was recorded, and the interrupted run's summary was reused as a finished run's."""
+    common = pytest.importorskip("common")
+    monkeypatch.setattr(common, "pretrain", lambda args: {"stop_reason": "interrupted", "global_step": 57})
+    with pytest.raises(KeyboardInterrupt, match="interrupted at step 57"):
+        common.run_pretraining("micdiffrep", ["--train_data_dir", "data", "--output_dir", str(tmp_path / "x")])
+
+    argv = ["--train_data_dir", "data"]
+    calibration = {"steps_per_second": 1.0, "images_per_second": 32.0,
+                   "settings": common.training_settings("micdiffrep", argv)}
+    (tmp_path / "calibration").mkdir()
+    (tmp_path / "calibration" / "recipe.json").write_text(common.json.dumps(calibration))
+    (tmp_path / "recipe-1min").mkdir()
+    (tmp_path / "recipe-1min" / "pretraining_summary.json").write_text(
+        '{"global_step": 30, "stop_reason": "interrupted"}')
+    trained = []
+    monkeypatch.setattr(common, "run_pretraining",
+                        lambda method, argv: trained.append(argv) or {"global_step": 60, "stop_reason": "max_train_steps"})
+    monkeypatch.setattr(common, "common_argv", lambda *args: ["--train_data_dir", "data"])
+    run = common.pretrain_for_budget("micdiffrep", 1, str(tmp_path), "data", name="recipe")
+    assert len(trained) == 1 and "--resume_from_checkpoint" in trained[0] and run["summary"]["global_step"] == 60
+
+
 @pytest.mark.parametrize("scores, chosen", [
     ({"sweep 10-250": 0.900, "sweep 0-250": 0.895, "4 noise draws": 0.901}, "sweep 10-250"),  # a tie: the cheapest
     ({"sweep 10-250": 0.880, "sweep 0-250": 0.897, "4 noise draws": 0.901}, "sweep 0-250"),   # cheaper and close
