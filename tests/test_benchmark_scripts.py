@@ -622,6 +622,18 @@ def test_the_readmes_one_seed_table_is_the_results_files():
             assert cells == (round(row["accuracy"], 3), round(row["accuracy_deduplicated"], 3)), name
 
 
+def test_the_readmes_validation_test_agreement_is_the_results_files():
+    """The README quoted the Spearman agreement of 25 recipe rows after the results file had 27."""
+    with open(os.path.join(REPO, "benchmarks", "results", "ablations.json")) as f:
+        rows = json.load(f)["rows"]
+    recipes = next(line for line in ablations.validation_test_agreement(rows) if line.startswith("| recipes"))
+    n, so, so_dedup, os_, os_dedup = [cell.strip() for cell in recipes.strip("|").split("|")][1:]
+    with open(os.path.join(REPO, "README.md")) as f:
+        readme = " ".join(f.read().split())
+    assert (f"over the {n} recipe rows (one read-out) it does, {so} / {os_} on all test images sartaj->other / "
+            f"other->sartaj ({so_dedup} / {os_dedup} de-duplicated)") in readme
+
+
 def test_image_sources_say_what_is_missing(tmp_path):
     # The Kaggle download has no sources.csv: the scripts raised a bare FileNotFoundError / KeyError
     common = pytest.importorskip("common")
