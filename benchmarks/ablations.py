@@ -78,8 +78,8 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 from common import (DEFAULT_DATA_DIR, DIRECTIONS, MAX_IMAGES_HELP, REPO, Benchmark, cached_extract,  # noqa: E402
-                    command_line, environment_info, pretrain_for_budget, probe_protocol, restore_calibration, slug,
-                    write_results)
+                    command_line, environment_info, machine_line, pretrain_for_budget, probe_protocol,
+                    restore_calibration, slug, write_results)
 from mic_diffrep.features import DiffusionFeatureExtractor, FeatureArguments  # noqa: E402
 from mic_diffrep.probing import ProbeConfig  # noqa: E402
 
@@ -458,7 +458,7 @@ def markdown(result: Dict) -> str:
     lines = [
         "# Ablations: which recipe and read-out to ship", "",
         f"Command: `{result['command']}`  ",
-        f"Machine: {env['processor']}, {env['cpu_count']} CPUs, {env.get('cuda') or 'no GPU'}; torch {env['torch']}, diffusers {env['diffusers']}",
+        machine_line(env, ("torch", "diffusers")),
         "",
         "Every recipe: the `base` UNet (4.3M parameters; `unet-small`: the 1.1M `small` one; `unet-mini`: the 0.27M "
         "`mini` one) at "

@@ -29,7 +29,8 @@ import numpy as np
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 from common import (DEFAULT_DATA_DIR, DIRECTIONS, MAX_IMAGES_HELP, REPO, Benchmark, cached_extract,  # noqa: E402
-                    command_line, environment_info, pretrain_for_budget, probe_protocol, slug, write_results)
+                    command_line, environment_info, machine_line, pretrain_for_budget, probe_protocol, slug,
+                    write_results)
 from mic_diffrep.features import EncoderFeatureExtractor, FeatureArguments  # noqa: E402
 from mic_diffrep.probing import ProbeConfig  # noqa: E402
 
@@ -84,8 +85,7 @@ def markdown(result: Dict) -> str:
     lines = [
         f"# Baseline recipes: {result['method']}", "",
         f"Command: `{result['command']}`  ",
-        f"Machine: {env['processor']}, {env['cpu_count']} CPUs, {env.get('cuda') or 'no GPU'}; torch {env['torch']}, "
-        f"transformers {env['transformers']}", "",
+        machine_line(env, ("torch", "transformers")), "",
         f"Every candidate: {result['method']} at {result['resolution']} px, bf16, pretrained on the 5,708 unlabelled "
         f"training images for {result['proxy_minutes']:g} minutes of its own calibrated throughput. Probe: the "
         "benchmark's MSFA head on the pooled encoder output. **val** = accuracy on the validation part carved from "

@@ -31,7 +31,8 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 from common import (BASELINE_RECIPES, BASELINES, DEFAULT_DATA_DIR, DIRECTIONS, MAX_IMAGES_HELP, REPO,  # noqa: E402
                     Benchmark, baseline_recipe, cached_extract, command_line, environment_info, feature_cache_name,
-                    micdiffrep_run, pretrain_for_budget, probe_protocol, readout_arguments, run_feature_cache_name)
+                    machine_line, micdiffrep_run, pretrain_for_budget, probe_protocol, readout_arguments,
+                    run_feature_cache_name)
 from diffusers import DDIMScheduler, UNet2DModel  # noqa: E402
 from mic_diffrep import DiffusionFeaturePipeline, save_image_grid  # noqa: E402
 from mic_diffrep.data import pixels_to_model_input  # noqa: E402
@@ -236,8 +237,7 @@ def markdown(result, label_names):
     lines = [
         "# Brain tumour MRI benchmark", "",
         f"Command: `{result['command']}`  ",
-        f"Machine: {env['processor']}, {env['cpu_count']} CPUs, {env.get('cuda') or 'no GPU'}; torch {env['torch']}, diffusers "
-        f"{env['diffusers']}, transformers {env['transformers']}", "",
+        machine_line(env, ("torch", "diffusers", "transformers")), "",
         (f"Data: a random {result['num_images']:,} of the images of `Training/` for the probes (`--max_images`; "
          "pretraining read them all)" if result.get("max_images") else
          f"Data: the {result['num_images']:,} images of `Training/`")

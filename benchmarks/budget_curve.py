@@ -25,8 +25,8 @@ import numpy as np
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 from common import (DEFAULT_DATA_DIR, DIRECTIONS, MAX_IMAGES_HELP, REPO, Benchmark, cached_extract,  # noqa: E402
-                    command_line, environment_info, load_extractor, method_recipe, pretrain_for_budget, probe_protocol,
-                    readout_arguments, restore_calibration, run_feature_cache_name, write_results)
+                    command_line, environment_info, load_extractor, machine_line, method_recipe, pretrain_for_budget,
+                    probe_protocol, readout_arguments, restore_calibration, run_feature_cache_name, write_results)
 from mic_diffrep.probing import ProbeConfig  # noqa: E402
 
 
@@ -320,7 +320,7 @@ def markdown(result):
     points, means, env = result["points"], result["means"], result["environment"]
     seeds = sorted({p["seed"] for p in points})
     lines = ["# Accuracy against pretraining budget", "", f"Command: `{result['command']}`  ",
-             f"Machine: {env['processor']}, {env['cpu_count']} CPUs, {env.get('cuda') or 'no GPU'}; torch {env['torch']}", "",
+             machine_line(env), "",
              f"![budget curve]({result.get('image', 'budget_curve.png')})", ""]
     if result["note"]:
         lines += [result["note"], ""]

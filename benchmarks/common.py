@@ -89,6 +89,13 @@ def write_results(output: str, result: Dict, markdown: str) -> None:
         f.write(markdown)
 
 
+def machine_line(env: Dict, libraries: Sequence[str] = ("torch",)) -> str:
+    """A results file's `Machine:` line from its recorded `environment`: processor, CPUs, GPU, and the versions of
+    `libraries`."""
+    versions = ", ".join(f"{name} {env[name]}" for name in libraries)
+    return f"Machine: {env['processor']}, {env['cpu_count']} CPUs, {env.get('cuda') or 'no GPU'}; {versions}"
+
+
 def command_line() -> str:
     """The command that is running, quoted so that it can be pasted into a shell."""
     return "python " + shlex.join([os.path.relpath(sys.argv[0], REPO)] + sys.argv[1:])

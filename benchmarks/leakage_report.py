@@ -10,7 +10,6 @@ Writes `benchmarks/results/leakage.{json,md}` (and the duplicate groups as CSV).
 import argparse
 import json
 import os
-import shlex
 import sys
 
 import numpy as np
@@ -22,7 +21,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from mic_diffrep.data import decode_images, load_image_folder  # noqa: E402
 from mic_diffrep.leakage import DEFAULT_THRESHOLD, check_leakage, within_duplicates  # noqa: E402
 from mic_diffrep.utils import environment_info  # noqa: E402
-from common import image_sources  # noqa: E402
+from common import command_line, image_sources, machine_line  # noqa: E402
 
 
 def main():
@@ -49,7 +48,7 @@ def main():
     cross = {"sartaj_in_other": check_leakage(other, sartaj, args.threshold),
              "other_in_sartaj": check_leakage(sartaj, other, args.threshold)}
 
-    command = "python " + shlex.join([os.path.relpath(sys.argv[0], REPO)] + sys.argv[1:])
+    command = command_line()
     result = {
         "command": command, "environment": environment_info(), "threshold": args.threshold,
         "resolution": args.resolution, "num_images": len(images),
@@ -70,6 +69,7 @@ def main():
     lines = [
         "# Duplicates in the Brain Tumor MRI training folder", "",
         f"Command: `{command}`  ",
+        machine_line(result["environment"], ("torch", "datasets")), "",
         f"Fingerprints of {args.resolution} px decoded images (`mic_diffrep.leakage`: foreground-aligned 16x16, "
         f"cosine similarity >= {args.threshold}, left-right mirrored copies included unless stated).", "",
         f"- {w['num_images_in_groups']} of {w['num_images']} images have at least one near-duplicate in the folder "

@@ -30,7 +30,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 from budget_curve import METHODS  # noqa: E402
 from common import (DEFAULT_DATA_DIR, DIRECTIONS, REPO, Benchmark, budget_run_dir, cached_extract,  # noqa: E402
-                    command_line, environment_info, feature_cache_name, load_extractor, method_recipe,
+                    command_line, environment_info, feature_cache_name, load_extractor, machine_line, method_recipe,
                     probe_protocol, readout_arguments, write_results)
 from mic_diffrep.leakage import check_leakage  # noqa: E402
 from mic_diffrep.models.mic_diffrep.unet_features import concatenate_features  # noqa: E402
@@ -148,7 +148,7 @@ FLIP_NOISE = {
 def markdown(result) -> str:
     env, composition = result["environment"], result["composition"]
     lines = ["# Mirrored near-duplicates and mirror invariance", "", f"Command: `{result['command']}`  ",
-             f"Machine: {env['processor']}, {env['cpu_count']} CPUs, {env.get('cuda') or 'no GPU'}; torch {env['torch']}", ""]
+             machine_line(env), ""]
     if result["note"]:
         lines += [result["note"], ""]
     lines += ["## The cross-source test sets", "",

@@ -56,7 +56,7 @@ def table(prof, title: str, seconds: float, iterations: int, unit: str) -> str:
     for event in events:
         by_category[category(event.key)] = by_category.get(category(event.key), 0) + event.self_cpu_time_total
     lines = [f"## {title}", "", f"{iterations} {unit} profiled, {seconds:.2f} s wall in all "
-             f"({seconds / iterations:.3f} s per {unit.rstrip('s')}).", "",
+             f"({seconds / iterations:.3f} s per {unit[:-2] if unit.endswith('ches') else unit.rstrip('s')}).", "",
              "| category | share of self CPU time |", "|---|---|"]
     for label, value in sorted(by_category.items(), key=lambda item: -item[1]):
         lines.append(f"| {label} | {100 * value / total:.1f}% |")
