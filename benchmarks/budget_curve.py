@@ -65,7 +65,8 @@ def parse_args():
                              "benchmarks/results/seeds_30min.json for a curve with more seeds.")
     parser.add_argument("--recorded_only", action="store_true",
                         help="With --reuse_results: take the recorded points only, train and probe nothing (rewrites "
-                             "the results, e.g. with a new --note, after a run was stopped part-way).")
+                             "the results, e.g. with a new --note, after a run was stopped part-way; the recorded "
+                             "environment is kept).")
     parser.add_argument("--note", default="")
     args = parser.parse_args()
     if args.recorded_only and not args.reuse_results:
@@ -265,9 +266,14 @@ def reusable_point(previous, method: str, minutes: float, seed: int, run: str, r
 
 
 def save(args, points) -> str:
-    """Writes the plot and the results files of `points`; returns the markdown."""
+    """Writes the plot and the results files of `points`; returns the markdown. With `--recorded_only` (nothing
+    measured) the results keep the environment OUTPUT.json recorded, the one its points were measured in."""
     plot(points, args.output + ".png")
-    result = {"command": command_line(), "environment": environment_info(), "note": args.note,
+    environment = environment_info()
+    if args.recorded_only and os.path.isfile(args.output + ".json"):
+        with open(args.output + ".json") as f:
+            environment = json.load(f).get("environment", environment)
+    result = {"command": command_line(), "environment": environment, "note": args.note,
               "image": os.path.basename(args.output) + ".png", **summarise(points)}
     text = markdown(result)
     write_results(args.output, result, text)

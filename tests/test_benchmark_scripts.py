@@ -564,7 +564,9 @@ def test_the_budget_curve_rewrites_recorded_points_only_without_the_data(tmp_pat
                "sartaj->other": scores, "other->sartaj": scores}
               for method, run in (("micdiffrep", "micdiffrep-small-power3"), ("mocov2", "mocov2")) for seed in (0, 1)]
     output = tmp_path / "seeds"
-    (tmp_path / "seeds.json").write_text(json.dumps({"points": points[:3]}))  # MoCo v2's seed 1 was not run
+    measured_on = {"processor": "the measuring machine", "cpu_count": 2, "torch": "2.0"}
+    (tmp_path / "seeds.json").write_text(json.dumps({"points": points[:3], "environment": measured_on}))  # MoCo v2's
+    # seed 1 was not run
     monkeypatch.setattr(budget_curve, "Benchmark", None)  # reading the data would fail
     monkeypatch.setattr(sys, "argv", ["budget_curve.py", "--reuse_results", "--recorded_only", "--minutes", "30",
                                       "--seeds", "0", "1", "--output", str(output), "--note", "stopped part-way"])
@@ -572,6 +574,9 @@ def test_the_budget_curve_rewrites_recorded_points_only_without_the_data(tmp_pat
     result = json.loads((tmp_path / "seeds.json").read_text())
     assert [(p["method"], p["seed"]) for p in result["points"]] == [("micdiffrep", 0), ("mocov2", 0), ("micdiffrep", 1)]
     assert result["note"] == "stopped part-way" and (tmp_path / "seeds.png").is_file()
+    # nothing was measured here: the results keep the machine and versions the points were measured with
+    assert result["environment"] == measured_on
+    assert "Machine: the measuring machine, 2 CPUs, no GPU; torch 2.0" in (tmp_path / "seeds.md").read_text()
     monkeypatch.setattr(sys, "argv", ["budget_curve.py", "--recorded_only"])
     with pytest.raises(SystemExit):
         budget_curve.parse_args()
