@@ -371,3 +371,16 @@ def test_an_interrupted_launch_says_so_once(monkeypatch, capsys):
             run_guarded("prog", lambda: {"stop_reason": "interrupted"})
         assert error.value.code == 130 and ("prog: interrupted; a checkpoint was saved" in capsys.readouterr().err) \
             == said
+
+
+def test_extract_seed_is_a_deprecated_name_of_noise_seed():
+    """`extract --seed` was the noise seed, `probe --seed` the split and training seed: one name, two ideas."""
+    from mic_diffrep.features import ExtractionArguments
+
+    base = ["--pretrained", "P", "--data_dir", "D", "--output", "f.safetensors"]
+    with pytest.warns(FutureWarning, match="`seed` of extract is deprecated.*noise_seed"):
+        args = parse(ExtractionArguments, base + ["--seed", "3"])
+    assert args.noise_seed == 3 and args.seed is None
+    assert parse(ExtractionArguments, base + ["--noise_seed", "3"]).noise_seed == 3
+    with pytest.raises(ValueError, match="give --noise_seed only"):
+        parse(ExtractionArguments, base + ["--seed", "3", "--noise_seed", "4"])

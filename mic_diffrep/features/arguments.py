@@ -3,6 +3,7 @@
 The dataclasses are the flags: `HfArgumentParser` turns every field into a `--field` flag with its `help`.
 """
 
+import warnings
 from dataclasses import dataclass, field
 from typing import List, Literal, Optional
 
@@ -61,7 +62,9 @@ class ExtractionArguments(FeatureArguments):
     output: str = field(metadata={"help": "Feature cache file to write (.safetensors)."})
     splits: List[str] = field(default_factory=lambda: ["all"], metadata={
         "help": "Splits to extract (train, validation, test, or 'all')."})
-    noise_seed: int = field(default=0, metadata={"aliases": ["--seed"], "help": "Seed of the noise."})
+    noise_seed: int = field(default=0, metadata={"help": "Seed of the noise."})
+    seed: Optional[int] = field(default=None, metadata={
+        "help": "Deprecated: --noise_seed (in `probe`, --seed seeds the splits and the probe's training)."})
     noise: Literal["fixed", "per_image"] = field(default="fixed", metadata={
         "help": "'fixed': every image gets the same noise (features are a function of the image alone, as in the "
                 "classifier); 'per_image': independent noise per image, drawn from --noise_seed."})
@@ -75,6 +78,12 @@ class ExtractionArguments(FeatureArguments):
 
     def __post_init__(self):
         super().__post_init__()
+        if self.seed is not None:  # one name per idea: `--seed` is the probe's split and training seed
+            if self.noise_seed not in (0, self.seed):
+                raise ValueError(f"`seed` {self.seed} and `noise_seed` {self.noise_seed}: give --noise_seed only.")
+            warnings.warn("`seed` of extract is deprecated and will be removed: it is `noise_seed` (--noise_seed), "
+                          "while `probe`'s --seed seeds its splits and training.", FutureWarning, stacklevel=2)
+            self.noise_seed, self.seed = self.seed, None
         self.slices  # checks the slice flags
 
     @property
