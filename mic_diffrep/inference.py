@@ -127,8 +127,9 @@ def predict_files(model_dir: str, paths: Union[str, Sequence[str]], batch_size: 
     labels = [model.config.id2label[i] for i in range(probabilities.shape[1])]
     rows = {}  # by file: its slices' rows, or its error
     for path, p in zip(decoded.paths, probabilities):
-        rows.setdefault(source_file(path), []).append({"file": path, "label": labels[int(p.argmax())],
-                                        "probabilities": {label: round(float(v), 6) for label, v in zip(labels, p)}})
+        rows.setdefault(source_file(path), []).append(
+            {"file": path, "label": labels[int(p.argmax())],
+             "probabilities": {label: round(float(v), 6) for label, v in zip(labels, p)}})
     for item in decoded.skipped:
         rows.setdefault(item["path"], []).append(
             {"file": item["path"], "label": None, "probabilities": None, "error": item["error"]})

@@ -20,10 +20,10 @@ from ..data.medical import add_slice_arguments
 from ..features import FeatureArguments
 from ..models.mic_diffrep.unet import UNET_PRESETS
 from ..probing import ProbeArguments, run_probe
+from ..probing.export import check_new_probe
 from ..probing.splits import check_carvable, check_test_classes
 from ..reporting.results import run_report_markdown
 from ..training import RECIPE_KEYS, SUMMARY_FILE, PretrainingArguments, default_recipe, pretrain
-from ..probing.export import check_new_probe
 from ..training.checkpointing import check_new_run
 from ..utils import MIXED_PRECISION_CHOICES, check_value, command_line
 
