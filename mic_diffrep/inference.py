@@ -11,9 +11,11 @@ model's probe was trained on (`model_slices`): each slice gets its own predictio
 the file holds several.
 """
 
+import itertools
 import json
 import logging
 import os
+from collections import Counter
 from typing import Dict, List, Optional, Sequence, Union
 
 import torch
@@ -125,16 +127,19 @@ def predict_files(model_dir: str, paths: Union[str, Sequence[str]], batch_size: 
                             show_progress=False, slices=model_slices(processor, slices))
     probabilities = predict_probabilities(model, pixels_to_model_input(decoded.pixels), batch_size)
     labels = [model.config.id2label[i] for i in range(probabilities.shape[1])]
-    rows = {}  # by file: its slices' rows, or its error
-    for path, p in zip(decoded.paths, probabilities):
-        rows.setdefault(source_file(path), []).append(
-            {"file": path, "label": labels[int(p.argmax())],
-             "probabilities": {label: round(float(v), 6) for label, v in zip(labels, p)}})
-    for item in decoded.skipped:
-        rows.setdefault(item["path"], []).append(
-            {"file": item["path"], "label": None, "probabilities": None, "error": item["error"]})
-    ordered = [row for path in files for row in rows.pop(path, [])]
-    return ordered + [row for remaining in rows.values() for row in remaining]
+    predicted = iter(zip(decoded.paths, probabilities))  # in file order, then slice order
+    errors = {item["path"]: item["error"] for item in decoded.skipped}
+    rows_per_file = Counter(source_file(path) for path in decoded.paths)  # a file given twice: twice its slices
+    times_given = Counter(files)
+    rows = []
+    for file in files:  # as given, a file given twice twice
+        if file in errors:
+            rows.append({"file": file, "label": None, "probabilities": None, "error": errors[file]})
+            continue
+        for path, p in itertools.islice(predicted, rows_per_file[file] // times_given[file]):
+            rows.append({"file": path, "label": labels[int(p.argmax())],
+                         "probabilities": {label: round(float(v), 6) for label, v in zip(labels, p)}})
+    return rows
 
 
 def evaluate_folder(model_dir: str, data_dir: str, splits: Optional[Union[str, Sequence[str]]] = None,

@@ -112,6 +112,11 @@ def test_predict_takes_folders_and_skips_bad_images(model_dir, tmp_path, capsys)
     assert all(abs(sum(p["probabilities"].values()) - 1) < 1e-4 for p in printed if p["probabilities"])
     cli(["predict", "--model", model_dir, folder, "--skip_bad_images"])
     assert re.search(r"broken\.png: skipped \(.+\)", capsys.readouterr().out)
+    # in the order given, a file given twice twice (a first version grouped the rows by file)
+    a, b = sorted(p["file"] for p in printed if p["probabilities"])[:2]
+    broken = str(tmp_path / "images" / "a" / "broken.png")
+    again = cli(["predict", "--model", model_dir, a, broken, b, a, "--skip_bad_images", "--json"])
+    assert [p["file"] for p in again] == [a, broken, b, a] and again[0]["probabilities"] == again[3]["probabilities"]
     with pytest.raises(SystemExit):
         cli(["predict", "--model", model_dir, str(tmp_path / "nothing.png")])
     assert "not found" in capsys.readouterr().err

@@ -175,6 +175,13 @@ def test_a_probe_into_an_earlier_probes_folder_is_refused_and_never_mixes_them(p
     pretrain_baseline(parse(BaselinePretrainingArguments, [
         "--method", "byol", "--train_data_dir", str(probe_setup / "data"), "--output_dir", baseline, "--resolution",
         "16", "--train_batch_size", "8", "--max_train_steps", "1", "--logger", "none"]))
+    notes = probe_setup / "notes"  # a folder without an earlier probe: its files are not the probe's to remove
+    notes.mkdir()
+    (notes / "README.md").write_text("my notes")
+    (notes / "unet.py").write_text("# mine")
+    main(parse(ProbeArguments, ["--pretrained", baseline, "--data_dir", str(probe_setup / "data"), "--output_dir",
+                                str(notes), "--num_epochs", "2", "--hidden_size", "8"]))
+    assert (notes / "README.md").read_text() == "my notes" and (notes / "unet.py").is_file()
     replaced = main(parse(ProbeArguments, ["--pretrained", baseline, "--data_dir", str(probe_setup / "data"),
                                            "--output_dir", str(out), "--num_epochs", "2", "--hidden_size", "8",
                                            "--overwrite_output_dir"]))

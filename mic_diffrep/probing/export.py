@@ -23,15 +23,16 @@ _MODEL_CODE_FILES = tuple(sorted(name for name in os.listdir(os.path.dirname(mod
                                  if name.endswith(".py") and name != "__init__.py"))
 
 
-def check_new_probe(output_dir: str, overwrite_output_dir: bool) -> None:
+def check_new_probe(output_dir: str, overwrite_output_dir: bool) -> bool:
     """Refuses a probe into an `output_dir` holding an earlier probe's results or model, unless
     `--overwrite_output_dir`: they were overwritten file by file, and a baseline's probe (results only) left the
-    earlier classifier beside its results."""
+    earlier classifier beside its results. Returns whether there is an earlier probe to replace."""
     held = [name for name in ("results.json", CONFIG_NAME, SAFE_WEIGHTS_NAME)
             if os.path.isfile(os.path.join(output_dir, name))]
     if held and not overwrite_output_dir:
         raise ValueError(f"{output_dir} holds an earlier probe's outputs ({', '.join(held)}). Replace them with "
                          f"--overwrite_output_dir, or give another --output_dir; nothing was changed.")
+    return bool(held)
 
 
 def remove_earlier_probe(output_dir: str) -> None:

@@ -77,7 +77,7 @@ def _run_probe(args: ProbeArguments, extractor: Optional[FeatureExtractor]) -> d
                          train_batch_size=args.train_batch_size, weight_decay=args.weight_decay,
                          hidden_size=args.hidden_size, dropout=args.dropout, standardize=not args.no_standardize,
                          random_flip=args.random_flip, seed=args.seed)
-    check_new_probe(args.output_dir, args.overwrite_output_dir)  # before any work
+    replacing = check_new_probe(args.output_dir, args.overwrite_output_dir)  # before any work
     accelerator = create_accelerator()
     if extractor is not None and args.mixed_precision is None:  # a given extractor runs in its own precision
         args = replace(args, mixed_precision=precision_name(extractor.dtype))
@@ -120,7 +120,8 @@ def _run_probe(args: ProbeArguments, extractor: Optional[FeatureExtractor]) -> d
                      "resolution": extractor.preprocessing.resolution},
     })
     if accelerator.is_main_process:
-        remove_earlier_probe(args.output_dir)  # --overwrite_output_dir: replaced once the new results are ready
+        if replacing:  # --overwrite_output_dir: the earlier probe is replaced once the new results are ready
+            remove_earlier_probe(args.output_dir)
         write_results(args.output_dir, results, train.label_names)
         scored = [path for path, leaked in zip(test.paths, splits.leaked.tolist())
                   if not (leaked and args.exclude_leaked_test)]
