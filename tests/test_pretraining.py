@@ -296,8 +296,16 @@ def test_a_failed_upload_keeps_the_trained_pipeline_and_says_how_to_upload_it(un
             mock.patch("huggingface_hub.HfApi.upload_folder",
                        side_effect=lambda **kwargs: uploaded.update(
                            card=open(os.path.join(kwargs["folder_path"], "README.md")).read())):
-        push_pipeline_to_hub(out, "me/other")
+        push_pipeline_to_hub(out, "other")  # a short id: the card names the full one
     assert 'from_pretrained("me/other"' in uploaded["card"] and "me/mri-ddpm" not in uploaded["card"]
+    # The retry names the folder from anywhere and keeps a --logging_dir, whose logs stay local
+    with mock.patch("huggingface_hub.HfApi.create_repo", return_value=mock.Mock(repo_id="me/other")), \
+            mock.patch("huggingface_hub.HfApi.upload_folder", side_effect=ConnectionError("reset")):
+        with pytest.raises(HubError, match=re.escape(f"push_pipeline_to_hub({os.path.abspath(out)!r}, 'me/other', "
+                                                     f"logging_dir='tb')")):
+            push_pipeline_to_hub(os.path.relpath(out), "other", logging_dir="tb")
+    with pytest.raises(FileNotFoundError, match="not a pretrained pipeline folder"):
+        push_pipeline_to_hub(str(tmp_path / "nothing"), "me/other")
 
 
 def test_a_time_budget_stop_saves_a_checkpoint_that_resumes(unlabelled_folder, tmp_path, caplog):

@@ -66,9 +66,11 @@ def push_folder(folder: str, repo_id: str, token: Optional[str] = None, private:
     return repo_id
 
 
-def _python_retry(function: str, folder: str, repo_id: str) -> str:
-    """How to upload `folder` again from a shell: the staged upload (`function`), not a copy of the folder."""
-    return f"python -c \"from mic_diffrep.reporting import {function}; {function}({folder!r}, {repo_id!r})\""
+def _python_retry(function: str, folder: str, repo_id: str, **kwargs) -> str:
+    """How to upload `folder` again from a shell, from any directory: the staged upload (`function`), not a copy of
+    the folder."""
+    arguments = ", ".join([repr(os.path.abspath(folder)), repr(repo_id)] + [f"{k}={v!r}" for k, v in kwargs.items()])
+    return f"python -c \"from mic_diffrep.reporting import {function}; {function}({arguments})\""
 
 
 def push_pipeline_to_hub(pipeline_dir: str, repo_id: str, token: Optional[str] = None, private: bool = False,
@@ -76,6 +78,9 @@ def push_pipeline_to_hub(pipeline_dir: str, repo_id: str, token: Optional[str] =
     """Uploads a pretrained pipeline folder (weights, configs, sample grids, its summary with local paths cut to their
     names and a model card that loads from `repo_id`; no checkpoints, caches or tracker logs, wherever
     `logging_dir` put them inside the folder)."""
+    if not os.path.isfile(os.path.join(pipeline_dir, "model_index.json")):
+        raise FileNotFoundError(f"{pipeline_dir} is not a pretrained pipeline folder (no model_index.json).")
+    repo_id = create_hub_repo(repo_id, token, private)  # the full id (`user/name`), which the model card loads
     ignore = list(PIPELINE_IGNORE_PATTERNS)
     try:
         logs = os.path.relpath(os.path.join(pipeline_dir, logging_dir), pipeline_dir)
@@ -99,7 +104,8 @@ def push_pipeline_to_hub(pipeline_dir: str, repo_id: str, token: Optional[str] =
                 json.dump(summary, f, indent=2)
             write_pipeline_card(staging, summary, repo_id)  # its usage snippet loads from the repository
         return push_folder(staging, repo_id, token, private, "MicDiffRep pretraining",
-                           retry=_python_retry("push_pipeline_to_hub", pipeline_dir, repo_id))
+                           retry=_python_retry("push_pipeline_to_hub", pipeline_dir, repo_id,
+                                               **({"logging_dir": logging_dir} if logging_dir != "logs" else {})))
 
 
 def push_to_hub(model_dir: str, repo_id: str, token: Optional[str] = None, private: bool = False,
@@ -113,6 +119,7 @@ def push_to_hub(model_dir: str, repo_id: str, token: Optional[str] = None, priva
     """
     if not os.path.isfile(os.path.join(model_dir, "config.json")):
         raise FileNotFoundError(f"{model_dir} is not a model folder (no config.json).")
+    repo_id = create_hub_repo(repo_id, token, private)  # the full id (`user/name`), which the model card loads
     with tempfile.TemporaryDirectory() as staging:
         for name in sorted(os.listdir(model_dir)):
             if os.path.isfile(os.path.join(model_dir, name)) and name.endswith(HUB_FILES):
