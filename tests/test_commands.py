@@ -79,6 +79,11 @@ def test_help_shows_defaults():
     assert "(default: ddim)" in result.stdout
     # ... once: not after a help that states its default, nor as "(default: None)"
     assert "(default: None)" not in result.stdout
+    from mic_diffrep.commands import build_parser
+
+    run_help = " ".join(build_parser().subcommands["run"].format_help().split())
+    assert "(default None)" not in run_help and "(default cosine)" not in run_help  # `run` writes its own
+    assert "Warm-up steps of the schedule (paper: 0). (default 100)" in run_help
     assert re.search(r"every split except test,\s+so test\s+images are never used unless asked for\.\n", result.stdout)
 
 

@@ -324,7 +324,9 @@ def register(subparsers) -> None:
         kind = {"learning_rate": float, "timestep_power": float, "random_crop_scale": float, "unet_dropout": float,
                 "snr_gamma": float, "lr_warmup_steps": int, "max_train_timestep": int, "lr_scheduler": str,
                 "ddpm_beta_schedule": str}.get(name)
-        help_text = f"{recipe_help[name]} (default {default})"
+        help_text = recipe_help[name]  # with its default, unless it states it already (or it is None: unset)
+        if default is not None and "default" not in help_text.lower():
+            help_text += f" (default {default})"
         if kind is None:  # switches, each with its --no_ form (a --config file may turn it on)
             parser.add_argument(f"--{name}", action="store_const", const=True, default=None, help=help_text)
             parser.add_argument(f"--no_{name}", dest=name, action="store_const", const=False,

@@ -215,7 +215,7 @@ class PretrainingArguments(CommonPretrainingArguments):
         "help": "Timesteps are drawn as floor(T * u ** power), u uniform in [0, 1): 1 is uniform (paper); > 1 "
                 "favours the low noise levels features are read at. 2 gave +1.1 points of MSFA validation accuracy "
                 "over uniform in the ablation (0.900 vs 0.890), more than --max_train_timestep 300 (0.897); 3 "
-                "(default) tied 2 with the small UNet (mean of two seeds 0.925 vs 0.925, +0.04 points: chosen by "
+                "(default) tied 2 with the small UNet (mean of two seeds 0.925 vs 0.925, +0.03 points: chosen by "
                 "the ablation's rule, within noise)."})
     snr_gamma: Optional[float] = field(default=None, metadata={
         "help": "Min-SNR-gamma loss weighting (Hang et al., 2023; diffusers' --snr_gamma): each timestep's loss is "
