@@ -70,7 +70,8 @@ class MedicalImageClassificationPipeline(ImageClassificationPipeline):
         volume = any(image_id is not None and "#slice=" in image_id for image_id in ids)
         stacked = isinstance(image, (np.ndarray, torch.Tensor)) and image.ndim == 4  # a batch in one array
         if (volume or stacked) and getattr(self, "_several_per_batch", False):
-            name = image if isinstance(image, str) else type(image).__name__
+            name = image if isinstance(image, str) else (
+                image.get("path") if isinstance(image, dict) and image.get("path") else type(image).__name__)
             what = f"a file of {len(images)} slices" if volume else f"a batch of {len(images)} images"
             raise ValueError(f"{name}: {what} needs batch_size=1 (its images are one batch already); or classify "
                              f"them one by one.")
@@ -85,6 +86,8 @@ class MedicalImageClassificationPipeline(ImageClassificationPipeline):
             inputs = kwargs.pop("images")
         if hasattr(inputs, "column_names"):  # a `datasets.Dataset`: one input per row (its records, undecoded)
             inputs = list(dataset_image_records(inputs))
+            if not inputs:
+                raise ValueError("The datasets.Dataset holds no images to classify.")
         batch_size = kwargs.get("batch_size") or self._batch_size or 1
         several = isinstance(inputs, (list, tuple)) and len(inputs) > 1 or not isinstance(
             inputs, (str, os.PathLike, list, tuple, dict)) and hasattr(inputs, "__iter__") and not hasattr(

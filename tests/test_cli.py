@@ -157,7 +157,8 @@ def test_bad_config_is_named(tmp_path, capsys):
     (["check-leakage", "--within", "UNLABELLED", "--output", "A_FOLDER"], "is a folder; give a file name"),
     (["check-leakage", "--within", "A_FILE"], "is a file; give the folder"),
     (["check-leakage", "--within", "UNLABELLED", "--test", "A_FOLDER"], "--test goes with --train"),
-    (["check-leakage", "--train", "TMP", "--test", "A_FOLDER"], "lies inside --train"),  # every image matched itself
+    (["check-leakage", "--train", "TMP", "--test", "A_FOLDER"], "share images"),  # every image matched itself
+    (["check-leakage", "--train", "A_FOLDER", "--test", "TMP"], "share images"),
     (["probe", "--pretrained", "A_FILE", "--data_dir", "UNLABELLED", "--output_dir", "MISSING"],
      "a_file.png' is a file; give the folder a pretraining wrote"),
     (["demo", "--model", "MISSING", "--port", "99999"], "--port must be in 0..65535"),
@@ -351,3 +352,11 @@ def test_run_checks_the_test_split_before_pretraining(kaggle_folder, tmp_path, c
         main(argv)
     assert error.value.code == 2 and "truncated.jpg" in capsys.readouterr().err
     assert not (tmp_path / "out").exists()
+
+
+def test_extract_with_a_bad_pretrained_folder_leaves_no_output_folder(tmp_path, unlabelled_folder, capsys):
+    (tmp_path / "a_file.json").write_text("{}")
+    with pytest.raises(SystemExit):
+        main(["extract", "--pretrained", str(tmp_path / "a_file.json"), "--data_dir", unlabelled_folder,
+              "--output", str(tmp_path / "x" / "y" / "f.safetensors")])
+    assert "is a file" in capsys.readouterr().err and not (tmp_path / "x").exists()

@@ -97,6 +97,9 @@ def test_resume_leaves_no_old_files(unlabelled_folder, tmp_path):
     assert "model_index.json" in names and not [n for n in names if ".old-" in n or n.startswith(".tmp")]
     mode = lambda name: os.stat(tmp_path / "out" / name).st_mode & 0o777  # noqa: E731
     assert mode("unet/diffusion_pytorch_model.safetensors") == mode("model_index.json")  # not 0600 (safetensors 0.8)
+    weights = [f"checkpoint-4/{name}" for name in os.listdir(tmp_path / "out" / "checkpoint-4")
+               if name.endswith(".safetensors")]
+    assert weights and {mode(name) for name in weights} == {mode("model_index.json")}  # the checkpoint's too
     assert "samples" not in names  # --save_images_epochs 0: no sample grid
 
 

@@ -298,6 +298,8 @@ def test_medical_pipeline_scores_every_image_of_a_batch_input(tmp_path):
         classify([np.stack(grey)[..., None], grey[0]], batch_size=2)
     with pytest.raises(ValueError, match="needs an `image` column"):
         classify(dataset.rename_column("image", "scan"))
+    with pytest.raises(ValueError, match="holds no images"):  # transformers' IndexError before
+        classify(dataset.select([]))
 
 
 def test_a_model_reads_volumes_with_the_slices_it_was_probed_on(mixed_folder, tmp_path, capsys):

@@ -34,6 +34,8 @@ def test_metric_modules_work_offline(monkeypatch):
     # -1 (datasets' missing label) was counted as the last class, and a perfect score came out
     from mic_diffrep.reporting.metrics import ConfusionMatrix
 
+    with pytest.raises(ValueError, match=r"class indices 0 or above, got \[-1\]"):
+        Accuracy(keep_in_memory=True).compute(predictions=[0, 1], references=[0, -1])
     for metric in (MacroF1, PerClassRecall, ConfusionMatrix):
         with pytest.raises(ValueError, match=r"class indices 0 or above, got \[-1\]"):
             metric(keep_in_memory=True).compute(predictions=[0, 1, 2, 2], references=[0, 1, 2, -1])

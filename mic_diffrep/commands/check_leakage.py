@@ -24,12 +24,12 @@ def check(namespace) -> Union[LeakageReport, DuplicateGroupsReport]:
                          "duplicates inside one folder.")
     if (namespace.train is None) != (namespace.test is None):
         raise ValueError("--train and --test go together (or use --within DIR).")
-    if namespace.train is not None:
-        train, test = os.path.abspath(namespace.train), os.path.abspath(namespace.test)
-        if os.path.commonpath([train, test]) == train:
-            raise ValueError(f"--test {namespace.test} lies inside --train {namespace.train}, whose every split is "
-                             f"read as training images: each test image would match itself. Give the training split "
-                             f"as --train (e.g. {os.path.join(namespace.train, 'Training')}).")
+    if namespace.train is not None:  # (real paths: a link to a folder is that folder)
+        train, test = os.path.realpath(namespace.train), os.path.realpath(namespace.test)
+        if os.path.commonpath([train, test]) in (train, test):
+            raise ValueError(f"--train {namespace.train} and --test {namespace.test} share images (one folder holds "
+                             f"the other, and every split of a folder is read): each shared image would match itself. "
+                             f"Give folders apart, e.g. --train DATA_DIR/Training --test DATA_DIR/Testing.")
     if namespace.output is not None:
         if namespace.output.lower().endswith(".csv"):
             raise ValueError(f"--output {namespace.output}: give the JSON report's name (e.g. report.json); the CSV of "

@@ -82,7 +82,7 @@ class ExtractionArguments(FeatureArguments):
             if self.noise_seed not in (0, self.seed):
                 raise ValueError(f"`seed` {self.seed} and `noise_seed` {self.noise_seed}: give --noise_seed only.")
             warnings.warn("`seed` of extract is deprecated and will be removed: it is `noise_seed` (--noise_seed), "
-                          "while `probe`'s --seed seeds its splits and training.", FutureWarning, stacklevel=2)
+                          "while `probe`'s --seed seeds its splits and training.", FutureWarning, stacklevel=3)
             self.noise_seed, self.seed = self.seed, None
         self.slices  # checks the slice flags
 

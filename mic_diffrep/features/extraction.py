@@ -67,11 +67,13 @@ def prepare_extractor(extractor: FeatureExtractor, args, accelerator) -> Feature
 
 def extract_folder(args: ExtractionArguments) -> Dict[Tuple[str, int], torch.Tensor]:
     """Features of the images of `args.data_dir` into the feature cache `args.output`; returns them."""
-    prepare_output_file(args.output, extensions=(".safetensors",))
     accelerator = create_accelerator()
     extractor = prepare_extractor(load_feature_extractor(args.pretrained), args, accelerator)
     args = extractor.resolve(args)
     splits, dataset = select_splits(load_image_folder(args.data_dir), args.splits, "splits")
+    # Its folder is made once the model and the images are found (a bad --pretrained or --data_dir leaves none),
+    # and before the decoding and extraction, so that an unwritable path costs nothing.
+    prepare_output_file(args.output, extensions=(".safetensors",))
     with accelerator.main_process_first():
         decoded = decode_images(
             dataset, extractor.preprocessing, skip_bad_images=args.skip_bad_images,

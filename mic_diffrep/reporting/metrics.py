@@ -45,6 +45,7 @@ class Accuracy(evaluate.Metric):
                                    features=_FEATURES)
 
     def _compute(self, predictions, references):
+        _num_labels(predictions, references, None)  # class indices, as the other metrics take them
         return {"accuracy": float(np.mean(np.asarray(predictions) == np.asarray(references)))}
 
 

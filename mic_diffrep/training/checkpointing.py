@@ -108,6 +108,7 @@ def save_training_state(accelerator, output_dir: str, global_step: int, epoch: i
             json.dump({"global_step": global_step, "epoch": epoch, "batches_done": batches_done,
                        "num_processes": accelerator.num_processes, "totals": totals or {},
                        "settings": settings or {}, "saved_at": time.time()}, f)
+        share_as_umask_allows(tmp)  # accelerate writes its weights with safetensors: 0600 whatever the umask
         _replace_dir(tmp, final)
         _prune_checkpoints(output_dir, total_limit, keep=os.path.basename(final))
         logger.info("Saved checkpoint %s", final)
