@@ -55,7 +55,12 @@ def push_folder(folder: str, repo_id: str, token: Optional[str] = None, private:
                 retry: Optional[str] = None) -> str:
     """Creates `repo_id` if needed and uploads `folder` into it; returns the repository id. A failed upload's error
     says how to upload again: `retry` (a call), by default `hf upload` of `folder`."""
-    repo_id = create_hub_repo(repo_id, token, private)
+    return _upload(folder, create_hub_repo(repo_id, token, private), token, commit_message, ignore_patterns, retry)
+
+
+def _upload(folder: str, repo_id: str, token: Optional[str], commit_message: str,
+            ignore_patterns: Optional[Sequence[str]] = None, retry: Optional[str] = None) -> str:
+    """`push_folder` into `repo_id`, a repository already created (its full id)."""
     try:
         HfApi(token=token).upload_folder(repo_id=repo_id, folder_path=folder, commit_message=commit_message,
                                          ignore_patterns=list(ignore_patterns) if ignore_patterns else None)
@@ -103,9 +108,9 @@ def push_pipeline_to_hub(pipeline_dir: str, repo_id: str, token: Optional[str] =
             with open(summary_file, "w", encoding="utf-8") as f:
                 json.dump(summary, f, indent=2)
             write_pipeline_card(staging, summary, repo_id)  # its usage snippet loads from the repository
-        return push_folder(staging, repo_id, token, private, "MicDiffRep pretraining",
-                           retry=_python_retry("push_pipeline_to_hub", pipeline_dir, repo_id,
-                                               **({"logging_dir": logging_dir} if logging_dir != "logs" else {})))
+        return _upload(staging, repo_id, token, "MicDiffRep pretraining",
+                       retry=_python_retry("push_pipeline_to_hub", pipeline_dir, repo_id,
+                                           **({"logging_dir": logging_dir} if logging_dir != "logs" else {})))
 
 
 def push_to_hub(model_dir: str, repo_id: str, token: Optional[str] = None, private: bool = False,
@@ -139,5 +144,4 @@ def push_to_hub(model_dir: str, repo_id: str, token: Optional[str] = None, priva
             processor.save_pretrained(staging)  # writes its auto_map and copies its code file
         finally:
             MicDiffRepImageProcessor._auto_class = None
-        return push_folder(staging, repo_id, token, private, commit_message,
-                           retry=_python_retry("push_to_hub", model_dir, repo_id))
+        return _upload(staging, repo_id, token, commit_message, retry=_python_retry("push_to_hub", model_dir, repo_id))
