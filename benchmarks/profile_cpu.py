@@ -1,18 +1,21 @@
 #!/usr/bin/env python
 """Where the time goes: `torch.profiler` op tables of pretraining, feature extraction and DDIM generation.
 
-    python benchmarks/profile_cpu.py          # writes benchmarks/results/profile_{pretraining,extraction,generation}.md
+    python benchmarks/profile_cpu.py   # writes benchmarks/results/profile_{pretraining,extraction,generation}.md
+                                       # and profile.json, which benchmarks/throughput.py summarises
 
-Each part runs the package's own code path on the default UNet at 64 px, bf16 (autocast for training, bf16 weights
+Each part runs the package's own code path on the `base` UNet (`--unet`) at 64 px, bf16 (autocast for training, bf16 weights
 for extraction and generation), warms up, then profiles a few iterations. Tables are sorted by self CPU time and
 grouped into the categories the optimisation work asks about (convolutions, GroupNorm, SiLU, attention, dtype
 casts, optimizer, pooling, other).
 """
 
 import argparse
+import json
 import os
 import sys
 import time
+from typing import Dict
 
 import torch
 from torch.profiler import ProfilerActivity, profile
@@ -49,31 +52,41 @@ def category(name: str) -> str:
     return "other (elementwise, autograd bookkeeping, ...)"
 
 
-def table(prof, title: str, seconds: float, iterations: int, unit: str) -> str:
+def summarise(prof, title: str, seconds: float, iterations: int, unit: str) -> Dict:
+    """The profile of one workload: its categories' and its top ops' shares of the self CPU time (in %)."""
     events = [e for e in prof.key_averages() if e.self_cpu_time_total > 0]
     total = sum(e.self_cpu_time_total for e in events)
     by_category = {}
     for event in events:
         by_category[category(event.key)] = by_category.get(category(event.key), 0) + event.self_cpu_time_total
-    lines = [f"## {title}", "", f"{iterations} {unit} profiled, {seconds:.2f} s wall in all "
+    return {"title": title, "seconds": seconds, "iterations": iterations, "unit": unit,
+            "categories": {label: 100 * value / total
+                           for label, value in sorted(by_category.items(), key=lambda item: -item[1])},
+            "ops": [{"name": e.key, "calls": e.count, "self_cpu_ms": e.self_cpu_time_total / 1000,
+                     "share": 100 * e.self_cpu_time_total / total}
+                    for e in sorted(events, key=lambda e: -e.self_cpu_time_total)[:25]]}
+
+
+def table(part: Dict) -> str:
+    """One workload's profile (`summarise`) as markdown tables."""
+    unit, seconds, iterations = part["unit"], part["seconds"], part["iterations"]
+    lines = [f"## {part['title']}", "", f"{iterations} {unit} profiled, {seconds:.2f} s wall in all "
              f"({seconds / iterations:.3f} s per {unit[:-2] if unit.endswith('ches') else unit.rstrip('s')}).", "",
              "| category | share of self CPU time |", "|---|---|"]
-    for label, value in sorted(by_category.items(), key=lambda item: -item[1]):
-        lines.append(f"| {label} | {100 * value / total:.1f}% |")
+    lines += [f"| {label} | {share:.1f}% |" for label, share in part["categories"].items()]
     lines += ["", "| op | calls | self CPU ms | share |", "|---|---|---|---|"]
-    for event in sorted(events, key=lambda e: -e.self_cpu_time_total)[:25]:
-        lines.append(f"| `{event.key}` | {event.count} | {event.self_cpu_time_total / 1000:.1f} | "
-                     f"{100 * event.self_cpu_time_total / total:.1f}% |")
+    lines += [f"| `{op['name']}` | {op['calls']} | {op['self_cpu_ms']:.1f} | {op['share']:.1f}% |"
+              for op in part["ops"]]
     return "\n".join(lines) + "\n"
 
 
-# The UNet profiled in the results files: the 4.3M-parameter "base" preset (the default when they were measured).
+# The UNet profiled by default: the 4.3M-parameter "base" preset, which `benchmarks/throughput.py` measures too.
 PRESET = "base"
 
 
-def profile_pretraining(batch_size: int, iterations: int) -> str:
+def profile_pretraining(batch_size: int, iterations: int, preset: str = PRESET) -> Dict:
     torch.manual_seed(0)
-    unet, scheduler = create_unet(64, PRESET), create_scheduler()
+    unet, scheduler = create_unet(64, preset), create_scheduler()
     optimizer = torch.optim.AdamW(unet.parameters(), lr=1e-4)
     args = PretrainingArguments(train_data_dir=".", resolution=64)
     images = torch.rand(batch_size, 1, 64, 64) * 2 - 1
@@ -93,13 +106,13 @@ def profile_pretraining(batch_size: int, iterations: int) -> str:
     with profile(activities=[ProfilerActivity.CPU]) as prof:
         for seed in range(iterations):
             step(seed)
-    return table(prof, f"Pretraining step (batch {batch_size}, 64 px, bf16 autocast, AdamW)",
+    return summarise(prof, f"Pretraining step (batch {batch_size}, 64 px, bf16 autocast, AdamW)",
                  time.perf_counter() - start, iterations, "steps")
 
 
-def profile_extraction(batch_size: int, iterations: int) -> str:
+def profile_extraction(batch_size: int, iterations: int, preset: str = PRESET) -> Dict:
     torch.manual_seed(0)
-    pipe = DiffusionFeaturePipeline(create_unet(64, PRESET), create_scheduler()).to(torch.bfloat16)
+    pipe = DiffusionFeaturePipeline(create_unet(64, preset), create_scheduler()).to(torch.bfloat16)
     pipe.set_progress_bar_config(disable=True)
     pixels = torch.randint(0, 256, (batch_size, 1, 64, 64), dtype=torch.uint8)
     pipe.extract_features(pixels, [100], batch_size=batch_size)
@@ -107,20 +120,20 @@ def profile_extraction(batch_size: int, iterations: int) -> str:
     with profile(activities=[ProfilerActivity.CPU]) as prof:
         for _ in range(iterations):
             pipe.extract_features(pixels, [100], batch_size=batch_size)
-    return table(prof, f"Feature extraction (all blocks, one timestep, batch {batch_size}, 64 px, bf16 weights)",
+    return summarise(prof, f"Feature extraction (all blocks, one timestep, batch {batch_size}, 64 px, bf16 weights)",
                  time.perf_counter() - start, iterations, "batches")
 
 
-def profile_generation(batch_size: int, steps: int) -> str:
+def profile_generation(batch_size: int, steps: int, preset: str = PRESET) -> Dict:
     torch.manual_seed(0)
-    unet = create_unet(64, PRESET).to(torch.bfloat16)
+    unet = create_unet(64, preset).to(torch.bfloat16)
     pipe = DiffusionFeaturePipeline(unet, DDIMScheduler.from_config(create_scheduler().config))
     pipe.set_progress_bar_config(disable=True)
     pipe(batch_size=batch_size, num_inference_steps=3)
     start = time.perf_counter()
     with profile(activities=[ProfilerActivity.CPU]) as prof:
         pipe(batch_size=batch_size, num_inference_steps=steps, output_type="np")
-    return table(prof, f"DDIM generation ({steps} steps, batch {batch_size}, 64 px, bf16 weights)",
+    return summarise(prof, f"DDIM generation ({steps} steps, batch {batch_size}, 64 px, bf16 weights)",
                  time.perf_counter() - start, steps, "steps")
 
 
@@ -128,20 +141,23 @@ def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--output_dir", default=os.path.join(REPO, "benchmarks", "results"))
     parser.add_argument("--iterations", type=int, default=5)
+    parser.add_argument("--unet", default=PRESET, help="UNet preset profiled.")
     args = parser.parse_args()
     os.makedirs(args.output_dir, exist_ok=True)
     env = environment_info()
-    header = (f"Command: `{command_line()}`  \nMachine: {env['processor']}, {env['cpu_count']} CPUs, "
+    parts = {"pretraining": profile_pretraining(32, args.iterations, args.unet),
+             "extraction": profile_extraction(16, 8 * args.iterations, args.unet),
+             "generation": profile_generation(16, 20, args.unet)}
+    result = {"command": command_line(), "environment": env, "unet": args.unet, "parts": parts}
+    with open(os.path.join(args.output_dir, "profile.json"), "w") as f:  # what `throughput.py` summarises
+        json.dump(result, f, indent=2)
+    header = (f"Command: `{result['command']}`  \nMachine: {env['processor']}, {env['cpu_count']} CPUs, "
               f"{env['torch_num_threads']} torch threads; torch {env['torch']}, diffusers {env['diffusers']}\n\n"
-              f"UNet `{PRESET}` at 64 px (random weights: the time does not depend on them).\n\n")
-    parts = {"pretraining": profile_pretraining(32, args.iterations),
-             "extraction": profile_extraction(16, 8 * args.iterations),
-             "generation": profile_generation(16, 20)}
-    for name, text in parts.items():
-        path = os.path.join(args.output_dir, f"profile_{name}.md")
-        with open(path, "w") as f:
-            f.write(f"# Profile: {name}\n\n" + header + text)
-        print(text)
+              f"UNet `{args.unet}` at 64 px (random weights: the time does not depend on them).\n\n")
+    for name, part in parts.items():
+        with open(os.path.join(args.output_dir, f"profile_{name}.md"), "w") as f:
+            f.write(f"# Profile: {name}\n\n" + header + table(part))
+        print(table(part))
 
 
 if __name__ == "__main__":

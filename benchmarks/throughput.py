@@ -2,7 +2,7 @@
 """Pretraining, feature-extraction and generation speed on this machine, side by side in one run, against the
 CPU's measured bf16 matmul peak.
 
-    python benchmarks/throughput.py          # writes benchmarks/results/throughput.{json,md}
+    python benchmarks/throughput.py   # writes benchmarks/results/throughput.{json,md}; run profile_cpu.py first
 
 - **Peak**: a 2048 x 2048 bf16 (and fp32) matmul, repeated; FLOP/s = 2 n^3 / time.
 - **Pretraining**: the package's training loop (`mic_diffrep.training.pretrain`: decoded images, bf16 autocast,
@@ -16,10 +16,12 @@ CPU's measured bf16 matmul peak.
 """
 
 import argparse
+import json
 import os
 import sys
 import tempfile
 import time
+from typing import List, Optional
 
 import PIL.Image
 import torch
@@ -179,7 +181,47 @@ def generation(batch_size: int, preset: str, steps: int = 50):
     return seconds, flops
 
 
-def markdown(result: dict) -> str:
+def _range(values) -> str:
+    low, high = min(values), max(values)
+    return f"{low:.0f}%" if round(low) == round(high) else f"{low:.0f}-{high:.0f}%"
+
+
+def limits(result: dict, profile: Optional[dict]) -> List[str]:
+    """The "what limits it" part of the results file: the CPU-time shares of `profile` (`profile_cpu.py`'s
+    `profile.json`) by workload, and what the measured speeds say about the 2.5x target and `torch.compile`."""
+    rows = {row["name"].split(" (")[0]: row for row in result["rows"]}
+    peak = result["peak_flops"]["bf16"]
+    ours, plain = rows["pretraining, mic-diffrep loop"], rows["pretraining, plain fp32 loop"]
+    eager, compiled = rows["bare training step, eager"], rows["bare training step, torch.compile"]
+    lines = ["## What limits it", ""]
+    if profile:
+        parts = profile["parts"]
+        lines += [f"Shares of the self CPU time in `torch.profiler` (`{profile['command']}`, UNet "
+                  f"`{profile['unet']}`; op tables in `benchmarks/results/profile_*.md`):", "",
+                  "| category | " + " | ".join(parts) + " |", "|---|" + "---|" * len(parts)]
+        labels = list(dict.fromkeys(label for part in parts.values() for label in part["categories"]))
+        lines += [f"| {label} | " + " | ".join(f"{part['categories'].get(label, 0):.1f}%" for part in parts.values())
+                  + " |" for label in labels]
+        convolution = [part["categories"].get("convolution", 0) for part in parts.values()]
+        backward = sum(op["share"] for op in parts["pretraining"]["ops"] if op["name"] == "aten::convolution_backward")
+        lines += ["", f"Convolutions (oneDNN) take {_range(convolution)} of the CPU time in all {len(parts)} "
+                  f"workloads; their backward alone {backward:.0f}% of a training step."]
+        if profile["unet"] != result.get("unet", "base"):
+            lines += [f"The profile is of UNet `{profile['unet']}`, the speeds above of `{result.get('unet', 'base')}`."]
+    else:
+        lines += ["No profile (`python benchmarks/profile_cpu.py` writes one)."]
+    needed = 2.5 * plain["flops_per_second"] / peak
+    lines += ["", f"The mic-diffrep loop runs at {100 * ours['flops_per_second'] / peak:.0f}% of the bf16 matmul peak; "
+              f"the 2.5x target over the plain fp32 loop would need {100 * needed:.0f}% of it"
+              + (" (more than the peak)." if needed > 1 else "."),
+              f"`torch.compile` (inductor) made the bare training step "
+              f"{'slower' if compiled['images_per_second'] < eager['images_per_second'] else 'faster'} "
+              f"({compiled['images_per_second']:.1f} vs {eager['images_per_second']:.1f} images/s eager)"
+              + (", so it is not offered." if compiled["images_per_second"] < eager["images_per_second"] else "."), ""]
+    return lines
+
+
+def markdown(result: dict, profile: Optional[dict] = None) -> str:
     env, peak = result["environment"], result["peak_flops"]
     rows = result["rows"]
 
@@ -191,8 +233,9 @@ def markdown(result: dict) -> str:
         f"Command: `{result['command']}`  ",
         f"Machine: {env['processor']}, {env['cpu_count']} CPUs, {env['torch_num_threads']} torch threads; torch "
         f"{env['torch']}, diffusers {env['diffusers']}", "",
-        f"UNet `{result.get('unet', 'base')}` ({result.get('num_parameters', 4.33e6) / 1e6:.2f}M parameters) at 64 px. "
-        "Measured in one run, one after the other, with nothing else running. "
+        f"UNet `{result.get('unet', 'base')}`"
+        + (f" ({result['num_parameters'] / 1e6:.2f}M parameters)" if "num_parameters" in result else "") + " at 64 px. "
+        "Measured in one run, one after the other. "
         "FLOPs counted with `torch.utils.flop_counter.FlopCounterMode`.", "",
         f"Matmul peak (2048 x 2048, this run): bf16 {peak['bf16'] / 1e12:.2f} TFLOP/s, fp32 "
         f"{peak['fp32'] / 1e12:.2f} TFLOP/s.", "",
@@ -204,12 +247,7 @@ def markdown(result: dict) -> str:
                      f"{share(row['flops_per_second'])} | {row.get('target', '')} | {row.get('verdict', '')} |")
     lines += ["", f"Pretraining speed-up over the plain fp32 loop: **{result['pretraining_speedup']:.2f}x** "
               f"(target 2.5x: {'met' if result['pretraining_speedup'] >= 2.5 else 'NOT met'}).", ""]
-    lines += ["What limits it (`benchmarks/results/profile_*.md`, `python benchmarks/profile_cpu.py`): oneDNN "
-              "convolutions take 68-73% of the CPU time in all three workloads (their backward alone half of a training "
-              "step); dtype copies/reorders 4-9%, SiLU about 6%, GroupNorm 4-5%, attention 2-6%, the optimizer about "
-              "1%, pooling in the hooks 0.1%. The loop runs at about half the bf16 matmul peak, so the 2.5x target "
-              "over the fp32 loop would need about 70% of peak from convolutions of 32-128 channels on 64-8 px maps; "
-              "`torch.compile` (inductor) made the training step slower, not faster, and is therefore not offered.", ""]
+    lines += limits(result, profile)
     if result.get("notes"):
         lines += [f"- {note}" for note in result["notes"]] + [""]
     return "\n".join(lines)
@@ -223,7 +261,23 @@ def main():
     parser.add_argument("--note", action="append", default=[], help="A sentence for the results file.")
     parser.add_argument("--unet", default="base", help="UNet preset measured (the results file: 'base', the default "
                                                        "of the first benchmarks; the package default is 'small').")
+    parser.add_argument("--profile", default=os.path.join(REPO, "benchmarks", "results", "profile.json"),
+                        help="`benchmarks/profile_cpu.py`'s profile.json, summarised under \"What limits it\".")
+    parser.add_argument("--recorded_only", action="store_true",
+                        help="Measure nothing: render OUTPUT.md again from OUTPUT.json and --profile.")
     args = parser.parse_args()
+    profile = None
+    if os.path.isfile(args.profile):
+        with open(args.profile) as f:
+            profile = json.load(f)
+    if args.recorded_only:
+        if not os.path.isfile(args.output + ".json"):
+            parser.error(f"--recorded_only renders {args.output}.json, which does not exist.")
+        with open(args.output + ".json") as f:
+            result = json.load(f)
+        write_results(args.output, result, markdown(result, profile))
+        print(markdown(result, profile))
+        return
 
     peak = {"bf16": matmul_peak(torch.bfloat16), "fp32": matmul_peak(torch.float32)}
     paths = image_files([args.data_dir])
@@ -259,8 +313,8 @@ def main():
               "environment": environment_info(), "peak_flops": peak, "rows": rows,
               "pretraining_speedup": ours / plain, "notes": args.note, "unet": preset,
               "num_parameters": sum(p.numel() for p in create_unet(64, preset).parameters())}
-    write_results(args.output, result, markdown(result))
-    print(markdown(result))
+    write_results(args.output, result, markdown(result, profile))
+    print(markdown(result, profile))
 
 
 if __name__ == "__main__":

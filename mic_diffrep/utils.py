@@ -203,6 +203,44 @@ def _other_kind_held(path: str, kind: str) -> Optional[str]:
     return None
 
 
+def not_a_pipeline(path: str) -> Optional[str]:
+    """What a local folder that is not a pretrained pipeline holds instead, and which folder to load, as a sentence;
+    `None` where it is not one of the folders people mistake for one (a run's classifier, `unet/`, checkpoint or
+    root, or a baseline's folder)."""
+    if not isinstance(path, (str, os.PathLike)) or not os.path.isdir(path):
+        return None
+    path = os.fspath(path)
+    if os.path.isfile(os.path.join(path, "model_index.json")):
+        return None
+    parent = os.path.dirname(os.path.abspath(path))
+    if os.path.isfile(os.path.join(path, "training_state.json")):  # `checkpoint-N`: accelerate state of a run
+        if os.path.isfile(os.path.join(parent, "model_index.json")):
+            return (f"{path} is a training checkpoint (for --resume_from_checkpoint), not a pretrained pipeline: load "
+                    f"the folder of the run that wrote it ({parent}).")
+        return (f"{path} is a training checkpoint (for --resume_from_checkpoint) of a run that has not finished: "
+                f"continue it with `--output_dir {parent} --resume_from_checkpoint latest`, then load {parent}.")
+    if os.path.isfile(os.path.join(path, "pretrain", "model_index.json")):
+        return (f"{path} is a `mic-diffrep run` folder: its pretrained pipeline is {os.path.join(path, 'pretrain')} "
+                f"(and its classifier {os.path.join(path, 'model')}).")
+    if os.path.isfile(os.path.join(path, "baseline_config.json")):
+        return (f"{path} holds a baseline encoder (baseline_config.json), not a diffusion pipeline: it extracts "
+                f"features (`mic-diffrep extract --pretrained`) but cannot generate images.")
+    try:
+        with open(os.path.join(path, "config.json"), encoding="utf-8") as f:
+            config = json.load(f)
+    except (OSError, ValueError):
+        return None
+    if not isinstance(config, dict):
+        return None
+    if config.get("model_type") == "mic_diffrep":
+        return (f"{path} is a MicDiffRep classifier folder (transformers' config.json), not a pretrained pipeline: "
+                f"load it with `MicDiffRepForImageClassification.from_pretrained`, or load the pipeline folder its "
+                f"probe was given (`--pretrained`).")
+    if config.get("_class_name") == "UNet2DModel":
+        return f"{path} is the UNet of a pretrained pipeline: load the folder that holds it ({parent})."
+    return None
+
+
 @contextlib.contextmanager
 def output_folder(path: str, flag: str = "--output_dir", kind: Optional[str] = None):
     """Creates `path` for a run's outputs, after checking it is a folder that can be written (and, with `kind`

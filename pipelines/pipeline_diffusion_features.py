@@ -6,8 +6,6 @@ This file is also a diffusers custom pipeline: copy it next to a pretrained fold
 (it needs `pip install mic-diffrep` for the shared preprocessing).
 """
 
-import json
-import os
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Dict, List, Optional, Sequence, Tuple, Union
@@ -22,7 +20,7 @@ from tqdm.auto import tqdm
 
 from mic_diffrep.models.mic_diffrep.preprocessing import (INTENSITY_WINDOWS, RESIZE_MODES, ImagePreprocessing,
                                                           check_choice, image_list_with_ids, pixels_to_model_input)
-from mic_diffrep.utils import progress_interval
+from mic_diffrep.utils import not_a_pipeline, progress_interval
 from mic_diffrep.models.mic_diffrep.unet_features import (DEFAULT_POOLING, DEFAULT_TIMESTEPS, POOLING_CHOICES,
                                                           block_names, check_layers, concatenate_features,
                                                           feature_noise, is_self_conditioned,
@@ -105,24 +103,12 @@ class DiffusionFeaturePipeline(DiffusionPipeline):
 
     @classmethod
     def from_pretrained(cls, pretrained_model_name_or_path, **kwargs):
-        """`DiffusionPipeline.from_pretrained`, with a clear error for a local folder that is not a pipeline but a
-        MicDiffRep classifier or a pipeline's `unet/` (diffusers would say only that `model_index.json` is missing)."""
-        path = pretrained_model_name_or_path
-        config_file = os.path.join(path, "config.json") if isinstance(path, (str, os.PathLike)) else None
-        if (config_file and os.path.isfile(config_file)
-                and not os.path.isfile(os.path.join(path, cls.config_name))):
-            try:
-                with open(config_file, encoding="utf-8") as f:
-                    config = json.load(f)
-            except (OSError, ValueError):
-                config = {}
-            if config.get("model_type") == "mic_diffrep":
-                raise OSError(f"{path} is a MicDiffRep classifier folder (transformers' config.json), not a pretrained "
-                              f"pipeline: load it with `MicDiffRepForImageClassification.from_pretrained`, or load "
-                              f"the pipeline folder its probe was given (`--pretrained`).")
-            if config.get("_class_name") == UNet2DModel.__name__:
-                raise OSError(f"{path} is the UNet of a pretrained pipeline: load the folder that holds it "
-                              f"({os.path.dirname(os.path.abspath(path))}).")
+        """`DiffusionPipeline.from_pretrained`, with a clear error for a local folder that is not a pipeline but one
+        people mistake for it (a MicDiffRep classifier, a pipeline's `unet/`, a training checkpoint, a `mic-diffrep
+        run` folder, a baseline's folder), where diffusers would say only that `model_index.json` is missing."""
+        mistaken = not_a_pipeline(pretrained_model_name_or_path)
+        if mistaken:
+            raise OSError(mistaken)
         return super().from_pretrained(pretrained_model_name_or_path, **kwargs)
 
     @property

@@ -639,6 +639,40 @@ def test_the_readmes_validation_test_agreement_is_the_results_files():
             f"other->sartaj ({so_dedup} / {os_dedup} de-duplicated)") in readme
 
 
+def test_the_readmes_speed_figures_are_the_throughput_and_profile_files():
+    """The throughput figures and the profile shares were typed into the README and `throughput.py`."""
+    results = os.path.join(REPO, "benchmarks", "results")
+    with open(os.path.join(results, "throughput.json")) as f:
+        result = json.load(f)
+    with open(os.path.join(results, "profile.json")) as f:
+        profile = json.load(f)
+    rows = {row["name"].split(" (")[0]: row for row in result["rows"]}
+    ours = rows["pretraining, mic-diffrep loop"]["images_per_second"]
+    ours_flops = rows["pretraining, mic-diffrep loop"]["flops_per_second"]
+    plain = rows["pretraining, plain fp32 loop"]["images_per_second"]
+    extraction = {row["batch_size"]: row["images_per_second"] for row in result["rows"] if "batch_size" in row}
+    generation = rows["DDIM-50 generation"]["seconds_per_image"]
+    eager = rows["bare training step, eager"]["images_per_second"]
+    compiled = rows["bare training step, torch.compile"]["images_per_second"]
+    convolution = [part["categories"]["convolution"] for part in profile["parts"].values()]
+    paper_images = 200 * 5708 * (112 / 64) ** 2  # the paper's schedule in 64 px images
+    with open(os.path.join(REPO, "README.md")) as f:
+        readme = " ".join(f.read().split())
+    for quoted in [f"{ours:.1f} images/s ({ours / plain:.2f}x a plain fp32 loop decoding JPEGs on the fly, {plain:.1f})",
+                   f"{extraction[16]:.0f} images/s, all blocks, one timestep ({extraction[128]:.0f} at batch 128)",
+                   f"{generation:.2f} s per image",
+                   f"Convolutions take {min(convolution):.0f}-{max(convolution):.0f}% of the time in all three",
+                   f"the loop runs at {100 * ours_flops / result['peak_flops']['bf16']:.0f}% of the CPU's bf16 matmul peak",
+                   f"({compiled:.1f} vs {eager:.1f} images/s)",
+                   f"`base` UNet (`--model_config_name_or_path base`) about {ours:.0f} images/s",
+                   f"about {paper_images / plain / 3600:.0f} hours in fp32 on 2 CPU cores "
+                   f"({paper_images / ours / 3600:.0f} hours in bf16)"]:
+        assert quoted in readme
+    throughput = pytest.importorskip("throughput")
+    with open(os.path.join(results, "throughput.md")) as f:
+        assert f.read() == throughput.markdown(result, profile)  # rendered from the two files, nothing typed
+
+
 def test_image_sources_say_what_is_missing(tmp_path):
     # The Kaggle download has no sources.csv: the scripts raised a bare FileNotFoundError / KeyError
     common = pytest.importorskip("common")

@@ -275,3 +275,31 @@ def test_loading_a_classifier_or_a_unet_as_a_pipeline_says_what_it_is(model, tmp
     with pytest.raises(OSError, match=f"the UNet of a pretrained pipeline: load .*{tmp_path / 'pipe'}"):
         DiffusionFeaturePipeline.from_pretrained(str(tmp_path / "pipe" / "unet"))
     assert DiffusionFeaturePipeline.from_pretrained(tmp_path / "pipe").resolution == 16
+
+
+def test_loading_a_checkpoint_a_run_folder_or_a_baseline_as_a_pipeline_names_the_folder_to_load(tmp_path):
+    """diffusers said only "no file named model_index.json" for each of the folders beside a pipeline."""
+    from mic_diffrep import create_unet
+    from mic_diffrep.features.extractors import load_pipeline
+
+    run = tmp_path / "run"
+    DiffusionFeaturePipeline(create_unet(16, "tiny"), create_scheduler()).save_pretrained(run / "pretrain")
+    unfinished = tmp_path / "unfinished" / "checkpoint-20"
+    for checkpoint in (run / "pretrain" / "checkpoint-10", unfinished):
+        checkpoint.mkdir(parents=True)
+        (checkpoint / "training_state.json").write_text('{"global_step": 10}')
+    (tmp_path / "byol").mkdir()
+    (tmp_path / "byol" / "baseline_config.json").write_text('{"method": "byol"}')
+    cases = {run / "pretrain" / "checkpoint-10": f"training checkpoint .*load the folder of the run that wrote it "
+                                                 f"\\({run / 'pretrain'}\\)",
+             unfinished: f"has not finished: continue it with `--output_dir {unfinished.parent} "
+                         f"--resume_from_checkpoint latest`",
+             run: f"`mic-diffrep run` folder: its pretrained pipeline is {run / 'pretrain'}",
+             tmp_path / "byol": "baseline encoder .*cannot generate images"}
+    for folder, message in cases.items():
+        with pytest.raises(OSError, match=message):
+            DiffusionFeaturePipeline.from_pretrained(str(folder))
+    for folder in (run / "pretrain" / "checkpoint-10", run):  # `extract --pretrained` / `generate --pretrained`
+        with pytest.raises(ValueError, match=cases[folder]):
+            load_pipeline(str(folder))
+    assert DiffusionFeaturePipeline.from_pretrained(run / "pretrain").resolution == 16

@@ -101,6 +101,26 @@ def test_check_leakage_cli(tmp_path, capsys):
     assert report["num_test"] == 40 and report["num_near"] == 0  # the sample was built without duplicates
 
 
+def test_check_leakage_takes_the_flag_names_of_the_other_commands_and_its_old_ones_with_a_warning(capsys):
+    """`check-leakage --threshold` / `--num_workers` were `probe --duplicate_threshold` / `--dataloader_num_workers`
+    elsewhere: one idea, two names."""
+    parser = build_parser()
+    base = ["check-leakage", "--within", "DIR"]
+    namespace = parser.parse_args(base + ["--duplicate_threshold", "0.9", "--dataloader_num_workers", "2"])
+    assert (namespace.duplicate_threshold, namespace.dataloader_num_workers) == (0.9, 2)
+    with pytest.warns(FutureWarning) as warned:
+        namespace = parser.parse_args(base + ["--threshold", "0.8", "--num_workers", "1"])
+    assert (namespace.duplicate_threshold, namespace.dataloader_num_workers) == (0.8, 1)
+    assert [str(w.message) for w in warned] == [
+        "--threshold is deprecated and will be removed: use --duplicate_threshold.",
+        "--num_workers is deprecated and will be removed: use --dataloader_num_workers."]
+    with pytest.raises(SystemExit):
+        parser.parse_args(["check-leakage", "--help"])
+    help_text = capsys.readouterr().out
+    assert "--duplicate_threshold" in help_text and "--threshold" not in help_text.replace("_threshold", "")
+    assert "--dataloader_num_workers" in help_text and " --num_workers" not in help_text
+
+
 def test_unknown_flags_are_named_by_their_subcommand_and_dashed_flags_work_everywhere(capsys):
     """`predict --bogus` printed the top-level usage ("mic-diffrep: error"); `run --probe-epochs` was refused while
     `pretrain --train-data-dir` (a settings dataclass) was taken."""

@@ -397,3 +397,6 @@ def test_extract_seed_is_a_deprecated_name_of_noise_seed():
     assert parse(ExtractionArguments, base + ["--noise_seed", "3"]).noise_seed == 3
     with pytest.raises(ValueError, match="give --noise_seed only"):
         parse(ExtractionArguments, base + ["--seed", "3", "--noise_seed", "4"])
+    with pytest.raises(ValueError, match="give --noise_seed only"):  # an explicit 0 is not the default: 5 was taken
+        parse(ExtractionArguments, base + ["--seed", "5", "--noise_seed", "0"])
+    assert parse(ExtractionArguments, base).noise_seed == 0

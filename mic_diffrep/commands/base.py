@@ -5,6 +5,7 @@ import dataclasses
 import logging
 import os
 import sys
+import warnings
 from typing import Callable, Optional, Sequence, Type, TypeVar
 
 import torch.distributed
@@ -32,6 +33,31 @@ class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
         if action.required or action.default is None or "default" in help_text.lower():
             return help_text
         return super()._get_help_string(action)
+
+
+class DeprecatedFlag(argparse.Action):
+    """An old name of a flag, hidden from `--help`: it sets the new flag's value and warns that it will be removed.
+
+    ```python
+    >>> parser = argparse.ArgumentParser()
+    >>> _ = parser.add_argument("--dataloader_num_workers", type=int, default=0)
+    >>> _ = parser.add_argument("--num_workers", type=int, dest="dataloader_num_workers", action=DeprecatedFlag,
+    ...                         new_flag="--dataloader_num_workers")
+    >>> import warnings
+    >>> with warnings.catch_warnings(record=True):
+    ...     parser.parse_args(["--num_workers", "2"]).dataloader_num_workers
+    2
+    ```
+    """
+
+    def __init__(self, option_strings, dest, new_flag: str, help=argparse.SUPPRESS, **kwargs):
+        self.new_flag = new_flag
+        super().__init__(option_strings, dest, help=help, **kwargs)
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        warnings.warn(f"{option_string} is deprecated and will be removed: use {self.new_flag}.", FutureWarning,
+                      stacklevel=2)
+        setattr(namespace, self.dest, values)
 
 
 def settings_from(cls: Type[T], namespace: argparse.Namespace) -> T:

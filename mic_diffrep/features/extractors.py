@@ -38,7 +38,7 @@ from ..models.mic_diffrep import MicDiffRepConfig, MicDiffRepForImageClassificat
 from ..models.mic_diffrep.preprocessing import ImagePreprocessing, pixels_to_model_input
 from ..models.mic_diffrep.unet_features import check_layers, pool_features
 from ..pipelines import DiffusionFeaturePipeline
-from ..utils import SUMMARY_FILE, progress_interval
+from ..utils import SUMMARY_FILE, not_a_pipeline, progress_interval
 from .arguments import FeatureArguments
 from .cache import model_fingerprint
 
@@ -305,6 +305,9 @@ def load_pipeline(path: str) -> DiffusionFeaturePipeline:
     if is_baseline_dir(path) or is_clip_vision_dir(path):
         raise ValueError(f"{path!r} holds a baseline encoder, not a diffusion pipeline: it extracts features but "
                          f"cannot generate images. Pass the output folder of `mic-diffrep pretrain`.")
+    mistaken = not_a_pipeline(path)
+    if mistaken:
+        raise ValueError(mistaken)
     if not is_pipeline_dir(path):
         missing = [n for n in ("model_index.json", "unet", "scheduler") if not os.path.exists(os.path.join(path, n))]
         raise ValueError(f"{path!r} is not a pretrained pipeline folder (missing {', '.join(missing)}); pass the "
