@@ -29,7 +29,7 @@ def test_bundled_sample_is_there():
 def test_run_predict_evaluate_end_to_end(tmp_path, capsys):
     config = tmp_path / "tiny.yaml"
     config.write_text(
-        "resolution: 16\nmodel_config_name_or_path: tiny\npretrain_epochs: 1\nnum_samples: 4\nsampling_steps: 2\n"
+        "resolution: 16\nmodel_config_name_or_path: tiny\npretrain_epochs: 1\nnum_images: 4\nnum_inference_steps: 2\n"
         "timesteps: [5, 100]\nprobe_epochs: 2\nhidden_size: 8\nmixed_precision: 'no'\n")
     out = tmp_path / "run"
     main(["run", "--config", str(config), "--output_dir", str(out)])
@@ -119,6 +119,27 @@ def test_check_leakage_takes_the_flag_names_of_the_other_commands_and_its_old_on
     help_text = capsys.readouterr().out
     assert "--duplicate_threshold" in help_text and "--threshold" not in help_text.replace("_threshold", "")
     assert "--dataloader_num_workers" in help_text and " --num_workers" not in help_text
+
+
+def test_run_names_its_sample_grid_settings_as_generate_does_and_takes_the_old_names_with_a_warning(tmp_path):
+    """`run --num_samples / --sampling_steps` were `generate --num_images / --num_inference_steps`."""
+    from mic_diffrep.commands.run import pretraining_arguments, run_config
+
+    parser = build_parser()
+    namespace = parser.parse_args(["run", "--num_images", "4", "--num_inference_steps", "7"])
+    args = pretraining_arguments(run_config(namespace))
+    assert (args.eval_batch_size, args.ddpm_num_inference_steps) == (4, 7)
+    with pytest.warns(FutureWarning, match="--num_samples is deprecated and will be removed: use --num_images"):
+        assert parser.parse_args(["run", "--num_samples", "3"]).num_images == 3
+    old = tmp_path / "old.yaml"
+    old.write_text("num_samples: 5\nsampling_steps: 9\n")
+    with pytest.warns(FutureWarning, match="`sampling_steps` is deprecated and will be removed: rename it "
+                                           "`num_inference_steps`"):
+        args = pretraining_arguments(run_config(parser.parse_args(["run", "--config", str(old)])))
+    assert (args.eval_batch_size, args.ddpm_num_inference_steps) == (5, 9)
+    old.write_text("num_samples: 5\nnum_images: 6\n")
+    with pytest.raises(ValueError, match="`num_samples` is the old name of `num_images`; give `num_images` only"):
+        run_config(parser.parse_args(["run", "--config", str(old)]))
 
 
 def test_unknown_flags_are_named_by_their_subcommand_and_dashed_flags_work_everywhere(capsys):

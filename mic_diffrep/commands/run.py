@@ -10,6 +10,7 @@ import os
 import re
 import sys
 import typing
+import warnings
 from dataclasses import fields, replace
 from typing import Literal, Optional
 
@@ -26,6 +27,7 @@ from ..reporting.results import run_report_markdown
 from ..training import RECIPE_KEYS, SUMMARY_FILE, PretrainingArguments, default_recipe, pretrain
 from ..training.checkpointing import check_new_run
 from ..utils import MIXED_PRECISION_CHOICES, check_value, command_line
+from .base import DeprecatedFlag
 
 
 SAMPLE_DATA_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "sample_data",
@@ -45,9 +47,9 @@ RUN_DEFAULTS = {
     "pretrain_epochs": 40,
     "pretrain_batch_size": 32,
     **default_recipe(),
-    "num_samples": 16,
+    "num_images": 16,
     "sample_scheduler": "ddim",
-    "sampling_steps": 50,
+    "num_inference_steps": 50,
     "timesteps": list(_FEATURE_DEFAULTS.timesteps),
     "pooling": _FEATURE_DEFAULTS.pooling,
     "num_noise_samples": _FEATURE_DEFAULTS.num_noise_samples,
@@ -79,11 +81,15 @@ RUN_PRESETS = {
         "timestep_power": 1.0, "snr_gamma": None, "signal_weighting": False, "self_conditioning": False,
         "mirror_symmetric_kernels": False, "random_crop_scale": None, "intensity_jitter": False, "use_ema": False,
         "sample_scheduler": "ddpm",
-        "sampling_steps": 1000, "mixed_precision": "no", "probe_epochs": 15, "probe_learning_rate": 0.01,
+        "num_inference_steps": 1000, "mixed_precision": "no", "probe_epochs": 15, "probe_learning_rate": 0.01,
         "probe_batch_size": 128, "probe_random_flip": False, "hidden_size": 512, "num_noise_samples": 1,
         "pooling": "avg", "flip_average": False,
     },
 }
+
+
+# Settings renamed since, by their old names: a --config file that uses one still runs, with a FutureWarning.
+RENAMED_KEYS = {"num_samples": "num_images", "sampling_steps": "num_inference_steps"}
 
 
 def load_config(path_or_preset: str) -> dict:
@@ -100,6 +106,13 @@ def load_config(path_or_preset: str) -> dict:
     config = config or {}
     if not isinstance(config, dict):
         raise ValueError(f"--config {path_or_preset}: expected a mapping of settings, got {type(config).__name__}.")
+    for old, new in RENAMED_KEYS.items():
+        if old in config:
+            if new in config:
+                raise ValueError(f"--config {path_or_preset}: `{old}` is the old name of `{new}`; give `{new}` only.")
+            warnings.warn(f"--config {path_or_preset}: `{old}` is deprecated and will be removed: rename it "
+                          f"`{new}`.", FutureWarning, stacklevel=2)
+            config[new] = config.pop(old)
     unknown = sorted(set(config) - set(RUN_DEFAULTS))
     if unknown:
         raise ValueError(f"--config {path_or_preset}: unknown key(s) {unknown}; known keys are {sorted(RUN_DEFAULTS)}.")
@@ -124,7 +137,7 @@ def _yaml_value(value, hint):
 
 
 # Settings of `mic-diffrep run` that are counts (at least 1).
-_COUNT_KEYS = ("pretrain_epochs", "pretrain_batch_size", "num_samples", "sampling_steps", "probe_epochs",
+_COUNT_KEYS = ("pretrain_epochs", "pretrain_batch_size", "num_images", "num_inference_steps", "probe_epochs",
                "probe_batch_size", "num_noise_samples", "resolution")
 
 
@@ -197,8 +210,8 @@ def pretraining_arguments(config: dict) -> PretrainingArguments:
         **{key: config[key] for key in RECIPE_KEYS}, mixed_precision=config["mixed_precision"],
         save_images_epochs=epochs,
         save_model_epochs=epochs, checkpointing_steps=RUN_CHECKPOINTING_STEPS, checkpoints_total_limit=1,
-        eval_batch_size=config["num_samples"],
-        sample_scheduler=config["sample_scheduler"], ddpm_num_inference_steps=config["sampling_steps"],
+        eval_batch_size=config["num_images"],
+        sample_scheduler=config["sample_scheduler"], ddpm_num_inference_steps=config["num_inference_steps"],
         seed=config["seed"], logger="tensorboard", **{key: config[key] for key in _SHARED_DATA_KEYS})
 
 
@@ -333,11 +346,17 @@ def register(subparsers) -> None:
                                 help=f"Turn --{name} off.")
         else:
             parser.add_argument(f"--{name}", type=kind, default=None, help=help_text)
-    parser.add_argument("--num_samples", type=int, default=None, help="Images in the sample grid (default 16).")
+    parser.add_argument("--num_images", type=int, default=None,
+                        help=f"Images in the sample grid (default {RUN_DEFAULTS['num_images']}; as `generate "
+                             f"--num_images`, `pretrain --eval_batch_size`).")
+    parser.add_argument("--num_samples", type=int, dest="num_images", action=DeprecatedFlag, new_flag="--num_images")
     parser.add_argument("--sample_scheduler", type=str, default=None, choices=["ddim", "ddpm"],
                         help="Sampler of the sample grid (default ddim; the paper's: ddpm).")
-    parser.add_argument("--sampling_steps", type=int, default=None,
-                        help=f"Steps of the sample grid's sampler (default {RUN_DEFAULTS['sampling_steps']}).")
+    parser.add_argument("--num_inference_steps", type=int, default=None,
+                        help=f"Steps of the sample grid's sampler (default {RUN_DEFAULTS['num_inference_steps']}; as "
+                             f"`generate --num_inference_steps`, `pretrain --ddpm_num_inference_steps`).")
+    parser.add_argument("--sampling_steps", type=int, dest="num_inference_steps", action=DeprecatedFlag,
+                        new_flag="--num_inference_steps")
     parser.add_argument("--timesteps", type=int, nargs="+", default=None,
                         help="Timesteps of the probe sweep (default "
                              f"{' '.join(map(str, RUN_DEFAULTS['timesteps']))}).")
