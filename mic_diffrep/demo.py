@@ -34,6 +34,7 @@ from .data import window_intensities
 from .data.medical import SliceSelection, is_medical_file
 from .inference import load_classifier, model_slices
 from .models.mic_diffrep import MicDiffRepForImageClassification, MicDiffRepImageProcessor
+from .utils import check_folder
 
 
 if TYPE_CHECKING:
@@ -211,7 +212,7 @@ def load_demo_model(model: Union[str, os.PathLike, MicDiffRepForImageClassificat
     if isinstance(model, (str, os.PathLike)):
         name = os.fspath(model)
         if os.path.isfile(name):
-            raise FileNotFoundError(f"{name!r} is a file; give the model folder (from `mic-diffrep probe` or `run`).")
+            check_folder(name, "Model folder", "the model folder (from `mic-diffrep probe` or `run`)")
         if os.path.isdir(name):
             model, folder_processor = load_classifier(name)
         else:

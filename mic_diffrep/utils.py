@@ -203,6 +203,15 @@ def _other_kind_held(path: str, kind: str) -> Optional[str]:
     return None
 
 
+def check_folder(path: str, name: str, give: str, missing: str = "") -> None:
+    """Refuses a `path` that should be an existing folder: "{name} 'path' is a file; give {give}."
+    (`NotADirectoryError`) or "{name} 'path' does not exist{missing}." (`FileNotFoundError`)."""
+    if os.path.isfile(path):
+        raise NotADirectoryError(f"{name} {os.fspath(path)!r} is a file; give {give}.")
+    if not os.path.isdir(path):
+        raise FileNotFoundError(f"{name} {os.fspath(path)!r} does not exist{missing}.")
+
+
 def not_a_pipeline(path: str) -> Optional[str]:
     """What a local folder that is not a pretrained pipeline holds instead, and which folder to load, as a sentence;
     `None` where it is not one of the folders people mistake for one (a run's classifier, `unet/`, checkpoint or

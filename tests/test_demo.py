@@ -113,7 +113,7 @@ def test_load_demo_model_offline_errors(classifier_folder, tmp_path):
     assert model.config.id2label[3] == "pituitary" and processor.resolution == RESOLUTION
     with pytest.raises(FileNotFoundError, match="local_files_only=False, or --allow_download"):
         load_demo_model(str(tmp_path / "no-such-model"))  # a user error: `mic-diffrep demo` prints one line
-    with pytest.raises(FileNotFoundError, match="is a file; give the model folder"):
+    with pytest.raises(NotADirectoryError, match="is a file; give the model folder"):
         load_demo_model(os.path.join(classifier_folder, "config.json"))
 
 

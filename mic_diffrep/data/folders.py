@@ -25,6 +25,7 @@ from typing import Dict, List, Optional, Sequence
 from datasets import ClassLabel, Dataset, DatasetDict, Features, Image, concatenate_datasets, load_dataset
 
 from ..models.mic_diffrep.preprocessing import has_dicom_preamble, undecoded_images
+from ..utils import check_folder
 from .decoding import source_file
 from .medical import MEDICAL_EXTENSIONS, is_medical_file
 
@@ -100,10 +101,7 @@ def load_image_folder(data_dir: str):
     (`glioma/patient1/slice.jpg`): a file's class is the folder right under the split folder (or `data_dir`), as a
     medical dataset sorted by class and then patient expects; `imagefolder` would label it `patient1`.
     """
-    if os.path.isfile(data_dir):
-        raise NotADirectoryError(f"Data folder {data_dir!r} is a file; give the folder that holds the images.")
-    if not os.path.isdir(data_dir):
-        raise FileNotFoundError(f"Data folder {data_dir!r} does not exist.")
+    check_folder(data_dir, "Data folder", "the folder that holds the images")
     if not _has_images(data_dir):
         raise ValueError(f"No images found in {data_dir!r} (looked for {', '.join(SEARCHED_EXTENSIONS)}).")
     data_dir = _unwrap(data_dir)

@@ -38,7 +38,7 @@ from ..models.mic_diffrep import MicDiffRepConfig, MicDiffRepForImageClassificat
 from ..models.mic_diffrep.preprocessing import ImagePreprocessing, pixels_to_model_input
 from ..models.mic_diffrep.unet_features import check_layers, pool_features
 from ..pipelines import DiffusionFeaturePipeline
-from ..utils import SUMMARY_FILE, not_a_pipeline, progress_interval
+from ..utils import SUMMARY_FILE, check_folder, not_a_pipeline, progress_interval
 from .arguments import FeatureArguments
 from .cache import model_fingerprint
 
@@ -293,10 +293,7 @@ def is_pipeline_dir(path: str) -> bool:
 
 
 def _check_pretrained_folder(path: str) -> None:
-    if os.path.isfile(path):
-        raise NotADirectoryError(f"Pretrained folder {path!r} is a file; give the folder a pretraining wrote.")
-    if not os.path.isdir(path):
-        raise FileNotFoundError(f"Pretrained folder {path!r} does not exist.")
+    check_folder(path, "Pretrained folder", "the folder a pretraining wrote")
 
 
 def load_pipeline(path: str) -> DiffusionFeaturePipeline:
