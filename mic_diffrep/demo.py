@@ -30,8 +30,7 @@ import PIL.Image
 import torch
 from transformers import AutoImageProcessor, AutoModelForImageClassification
 
-from .data import window_intensities
-from .data.medical import SliceSelection, is_medical_file
+from .data.medical import MedicalSlice, SliceSelection, is_medical_file
 from .inference import load_classifier, model_slices
 from .models.mic_diffrep import MicDiffRepForImageClassification, MicDiffRepImageProcessor
 from .utils import check_folder
@@ -51,14 +50,15 @@ class UploadError(ValueError):
     """An uploaded file that cannot be read as an image; the message is meant for the page."""
 
 
-def read_upload(path: Union[str, os.PathLike], slices: Optional[SliceSelection] = None) -> PIL.Image.Image:
-    """Reads an uploaded JPEG, PNG, DICOM or NIfTI file into a PIL image.
+def read_upload(path: Union[str, os.PathLike], slices: Optional[SliceSelection] = None
+                ) -> Union[PIL.Image.Image, MedicalSlice]:
+    """Reads an uploaded JPEG, PNG, DICOM or NIfTI file into what the image processor takes.
 
     JPEG / PNG files are opened with PIL as they are (the image processor makes them grey). For DICOM and NIfTI,
     the middle of the slices `slices` keeps (default: `SliceSelection()`, the non-empty axial slices; the demo
-    page passes the model's own, `mic_diffrep.inference.model_slices`) is windowed to 8 bits with the file's own
-    display window (a percentile window when it has none). Raises [`UploadError`] with a readable message for
-    anything else.
+    page passes the model's own, `mic_diffrep.inference.model_slices`), as a [`MedicalSlice`] in the file's own
+    units: the image processor windows it with the model's `intensity_window`, as `predict` does. Raises
+    [`UploadError`] with a readable message for anything else.
     """
     path = os.fspath(path)
     name = os.path.basename(path)
@@ -70,8 +70,7 @@ def read_upload(path: Union[str, os.PathLike], slices: Optional[SliceSelection] 
             raise UploadError(str(error).replace(path, name)) from error  # no server paths on the page
         if not kept:
             raise UploadError(f"{name}: the file has no image slices (among those the model reads).")
-        middle = kept[len(kept) // 2]
-        return PIL.Image.fromarray(window_intensities(middle.pixels, window=middle.window))
+        return kept[len(kept) // 2]  # windowed once, by the processor (an 8-bit copy here was windowed twice)
     if not lower.endswith(IMAGE_EXTENSIONS):
         raise UploadError(f"{name}: unsupported file type; upload a JPEG, PNG, DICOM (.dcm, .dicom, or a DICOM "
                           f"file without an extension) or NIfTI (.nii, .nii.gz) file.")

@@ -69,8 +69,22 @@ def test_read_upload_images_and_readable_errors(tmp_path, sample_slice):
     volume[1:4, 1:4, :] = np.arange(3, dtype=np.float32) + 1  # three non-empty axial slices: 1, 2, 3
     path = str(tmp_path / "volume.nii.gz")
     nifti.Nifti1Image(volume, np.eye(4)).to_filename(path)
-    image = read_upload(path)  # the middle slice, windowed to 8 bits
-    assert image.mode == "L" and image.size == (6, 5) and np.asarray(image).max() == 255
+    middle = read_upload(path)  # the middle slice, in the file's units (the processor windows it)
+    assert middle.pixels.shape == (5, 6) and middle.pixels.max() == 2 and middle.slice_index == 1
+
+
+@pytest.mark.parametrize("intensity_window", ["percentile", "none"])
+def test_the_demo_feeds_the_model_the_pixels_predict_does(tmp_path, intensity_window):
+    """The demo windowed a volume's slice to 8 bits and the processor windowed it again: with
+    `intensity_window="none"` 252 of 256 pixels differed from predict's, by up to 34 grey levels."""
+    nifti = pytest.importorskip("nibabel")
+    volume = np.random.default_rng(0).normal(100, 30, (16, 16, 3)).astype(np.float32)
+    path = str(tmp_path / "volume.nii.gz")
+    nifti.Nifti1Image(volume, np.eye(4)).to_filename(path)
+    processor = MicDiffRepImageProcessor(resolution=16, intensity_window=intensity_window)
+    predicted = processor(path, return_tensors="pt")["pixel_values"]  # one row per slice, as predict reads it
+    shown = processor(read_upload(path), return_tensors="pt")["pixel_values"]
+    assert torch.equal(shown[0], predicted[1])
 
 
 def test_a_volume_is_read_along_the_models_slice_axis(classifier_folder, tmp_path, monkeypatch):
@@ -80,8 +94,8 @@ def test_a_volume_is_read_along_the_models_slice_axis(classifier_folder, tmp_pat
     volume[1:5, 1:4, :] = 1
     path = str(tmp_path / "volume.nii.gz")
     nifti.Nifti1Image(volume, np.eye(4)).to_filename(path)
-    assert sorted(read_upload(path).size) == [5, 6]  # axial: 6 x 5
-    assert sorted(read_upload(path, SliceSelection(slice_axis=0)).size) == [3, 5]  # sagittal: 5 x 3
+    assert sorted(read_upload(path).pixels.shape) == [5, 6]  # axial: 6 x 5
+    assert sorted(read_upload(path, SliceSelection(slice_axis=0)).pixels.shape) == [3, 5]  # sagittal: 5 x 3
     sagittal = tmp_path / "sagittal-model"
     shutil.copytree(classifier_folder, sagittal)
     MicDiffRepImageProcessor(resolution=RESOLUTION, slice_axis=0, slice_range=[1, 5]).save_pretrained(sagittal)
@@ -229,7 +243,7 @@ def test_dicom_uploads_named_dicom_or_without_an_extension(tmp_path):
     expected = None
     for name in ("slice.dcm", "slice.dicom", "IM0001"):
         write_dicom(tmp_path / name, frame)
-        image = np.asarray(read_upload(tmp_path / name))
+        image = read_upload(tmp_path / name).pixels
         assert image.shape == (8, 8)
         expected = image if expected is None else expected
         assert np.array_equal(image, expected)
