@@ -161,9 +161,14 @@ def evaluate_folder(model_dir: str, data_dir: str, splits: Optional[Union[str, S
                                 None if splits == ["all"] or set(chosen) == set(dataset_dict) else chosen)
     elif "test" not in dataset_dict:
         _warn_if_probed_on(model_dir, data_dir)
-    if "label" not in dataset.features:  # one class folder (`Testing/glioma/`) reads as unlabelled: the model's
-        dataset = label_by_class_folder(dataset, data_dir, _class_names(model_dir))  # classes tell it from a wrapper
+    # One class folder reads as unlabelled (`Testing/glioma/`) or as labelled by its patients' folders
+    # (`Testing/glioma/patient1/`): the model's classes tell which.
+    class_names = _class_names(model_dir)
+    dataset = label_by_class_folder(dataset, data_dir, class_names)
     check_labelled(dataset, data_dir, "evaluation", "class sub-folders, or one named as a class of the model")
+    unknown = sorted(set(dataset.features["label"].names) - set(class_names)) if class_names else []
+    if unknown:  # before the model is loaded and the images decoded
+        raise ValueError(f"{data_dir} has classes {unknown} the model does not know ({class_names}).")
     model, processor = load_classifier(model_dir, mixed_precision)
     decoded = decode_images(dataset, processor.preprocessing, skip_bad_images=skip_bad_images,
                             slices=model_slices(processor, slices))

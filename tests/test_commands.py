@@ -169,6 +169,24 @@ def test_evaluate_a_folder_of_one_class(model_dir, tmp_path, capsys, caplog):
     assert error.value.code == 2 and "named as a class of the model" in capsys.readouterr().err
 
 
+def test_evaluate_a_folder_of_one_class_sorted_by_patient(model_dir, tmp_path, capsys, monkeypatch):
+    """`evaluate --data_dir Testing/a` with `a/patient1/`, `a/patient2/` read the patients as classes: "has classes
+    ['patient1', 'patient2'] the model does not know", after loading the model and decoding every image."""
+    for patient in ("patient1", "patient2"):
+        write_class_folder(tmp_path / "Testing" / "a", per_class=1, seed=1, size=20, classes=(patient,))
+    report = cli(["evaluate", "--model", model_dir, "--data_dir", str(tmp_path / "Testing" / "a"), "--json"])
+    assert report["num_examples"] == 2 and report["per_class_recall"]["a"] == report["accuracy"]
+    write_class_folder(tmp_path / "unknown", per_class=1, seed=1, size=20, classes=("a", "x"))
+
+    def load_classifier(*args):
+        raise AssertionError("the model was loaded before the classes were checked")
+
+    monkeypatch.setattr("mic_diffrep.inference.load_classifier", load_classifier)
+    with pytest.raises(SystemExit):
+        cli(["evaluate", "--model", model_dir, "--data_dir", str(tmp_path / "unknown")])
+    assert "has classes ['x'] the model does not know" in capsys.readouterr().err
+
+
 def test_predict_leaves_out_hidden_files_as_evaluate_does(model_dir, tmp_path, capsys):
     folder = write_class_folder(tmp_path / "images", per_class=2, seed=0, size=20, classes=("a", "b"))
     (tmp_path / "images" / "a" / "._a_0_0.png").write_bytes(b"macOS resource fork")

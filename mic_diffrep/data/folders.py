@@ -194,19 +194,26 @@ def _check_class_folders(data_dir: str, split_folders: Dict[str, str]) -> None:
 
 
 def label_by_class_folder(dataset, data_dir: str, class_names: Sequence[str]):
-    """`dataset` (an unlabelled split of `load_image_folder`) labelled with the one class it holds, when every file
-    sits in a folder named after the same one of `class_names` (`data_dir` itself, or one folder inside it, as in
+    """`dataset` (a split of `load_image_folder`) labelled with the one class it holds, when every file sits in a
+    folder named after the same one of `class_names` (`data_dir` itself, or one folder inside it, as in
     `Testing/glioma/`): a folder of one class reads as unlabelled, since its class folder cannot be told from a
-    wrapper folder without knowing the classes. Else `dataset` unchanged."""
-    if "label" in dataset.features or not len(dataset):
+    wrapper folder without knowing the classes, or as labelled by the folders inside it when it holds one folder per
+    patient (`Testing/glioma/patient1/`), whose names are none of `class_names`. Else `dataset` unchanged."""
+    if not len(dataset):
         return dataset
     root, names = os.path.abspath(data_dir), set(class_names)
+    if "label" in dataset.features:
+        if set(dataset.features["label"].names) & names:  # class folders (of the classes, or some of them)
+            return dataset
+        labelled, dataset = dataset, dataset.remove_columns("label")  # folders of patients, not of classes
+    else:
+        labelled = dataset
     found = set()
     for item in undecoded_images(dataset)["image"]:
         folders = [os.path.basename(root)] + os.path.relpath(item["path"], root).split(os.sep)[:-1]
         found.add(tuple(folder for folder in folders if folder in names))
     if len(found) != 1 or len(next(iter(found))) != 1:
-        return dataset
+        return labelled
     name = next(iter(found))[0]
     logger.warning("%s holds one class folder: reading all its %d image file(s) as class %r.", data_dir,
                    len(dataset), name)
