@@ -201,6 +201,16 @@ def test_nifti_2d_is_one_slice(tmp_path):
     np.testing.assert_array_equal(item.pixels, np.fliplr(np.flipud(array.T)))
 
 
+def test_a_single_slice_nifti_keeps_its_slice_whatever_the_slice_range(tmp_path):
+    """A model probed with `--slice_range 1 3` refused every 2-D NIfTI ("no slice left"), while a 2-D DICOM of the
+    same slice was read."""
+    array = np.arange(12, dtype=np.float32).reshape(3, 4) + 1
+    for name, data in (("flat.nii", array), ("one.nii.gz", array[:, :, None])):
+        (item,) = read_medical_slices(write_nifti(tmp_path / name, data), slice_range=(1, 3))
+        assert item.slice_index is None
+        np.testing.assert_array_equal(item.pixels, np.fliplr(np.flipud(array.T)))
+
+
 def test_nifti_3d_slices_range_and_empty(tmp_path):
     volume = np.zeros((3, 4, 5), dtype=np.int16)
     for z in (1, 2, 3):

@@ -42,7 +42,8 @@ NIfTI ([`read_nifti`], `.nii` / `.nii.gz`):
   right on the image's left and left on the right. Coronal: superior at the top, patient right -> left.
   Sagittal: superior at the top, anterior -> posterior.
 - A single-slice image (a 2-D file, or a 3-D one with one spatial axis of length 1 after reorientation) gives
-  exactly one slice cut across that axis, whatever `slice_axis` says, with `slice_index=None`.
+  exactly one slice cut across that axis, whatever `slice_axis` and `slice_range` say, with `slice_index=None`
+  (a range chosen for volumes would otherwise leave nothing of a 2-D file).
 - `skip_empty_slices=True` drops slices whose finite pixels are all equal (e.g. the all-zero slices around a
   skull-stripped brain; all-NaN slices too). `num_slices` counts the slices along the axis before `slice_range`
   and `skip_empty_slices`. No slice left: [`MedicalImageError`].
@@ -183,7 +184,7 @@ _SLICE_FLAG_WHAT = {
     "slice_axis": "DICOM / NIfTI: the RAS axis NIfTI volumes are cut along (0 sagittal, 1 coronal, 2 axial); every "
                   "slice (and every frame of a multi-frame DICOM) is one image.",
     "slice_range": "Two integers START STOP: keep slices START..STOP-1 of each NIfTI volume along --slice_axis "
-                   "(Python slicing: negative values count from the end).",
+                   "(Python slicing: negative values count from the end); a 2-D NIfTI keeps its one slice.",
     "keep_empty_slices": "Keep NIfTI slices whose pixels are all equal (the empty slices around a skull-stripped "
                          "brain)",
 }
@@ -430,7 +431,7 @@ def read_nifti(
         slice_axis (`int`, defaults to 2): RAS+ axis to slice along after `nibabel.as_closest_canonical`
             (0 = sagittal, 1 = coronal, 2 = axial).
         slice_range (`Tuple[int, int]`, *optional*): `(start, stop)`; keeps `range(n)[start:stop]` of the slice
-            indices along `slice_axis` (after reorientation).
+            indices along `slice_axis` (after reorientation). A single-slice image keeps its one slice.
         skip_empty_slices (`bool`, defaults to `True`): drop slices whose finite pixels are all equal.
 
     Each slice is displayed as `np.fliplr(np.flipud(slice.T))`, the radiological convention of DICOM: axial
@@ -489,7 +490,7 @@ def read_nifti(
     else:
         axis, single_image = slice_axis, False
     num_slices = int(volume.shape[axis])
-    start, stop = tuple(slice_range) if slice_range is not None else (None, None)
+    start, stop = tuple(slice_range) if slice_range is not None and not single_image else (None, None)
     indices = range(num_slices)[slice(start, stop)]
 
     slices, skipped = [], 0
