@@ -18,6 +18,7 @@ from diffusers.utils import BaseOutput, make_image_grid, replace_example_docstri
 from diffusers.utils.torch_utils import randn_tensor
 from tqdm.auto import tqdm
 
+from mic_diffrep.data.medical import SliceSelection, slice_selection
 from mic_diffrep.models.mic_diffrep.preprocessing import (INTENSITY_WINDOWS, RESIZE_MODES, ImagePreprocessing,
                                                           check_choice, image_list_with_ids, pixels_to_model_input)
 from mic_diffrep.utils import not_a_pipeline, progress_interval
@@ -89,17 +90,25 @@ class DiffusionFeaturePipeline(DiffusionPipeline):
             (`"pad"` or `"center_crop"`); stored in `model_index.json` so features use pretraining's preprocessing.
         intensity_window (`str`, *optional*, defaults to `"percentile"`): the intensity rule of pretraining
             (`"percentile"` or `"none"`, see `mic_diffrep.models.mic_diffrep.preprocessing`).
+        slice_axis (`int`, *optional*, defaults to 2), slice_range (`[start, stop]`, *optional*), keep_empty_slices
+            (`bool`, *optional*, defaults to `False`): the slices of NIfTI volumes pretraining read (as its
+            `--slice_axis`, `--slice_range`, `--keep_empty_slices`); stored in `model_index.json`, they are the
+            default of `extract_features` and of `mic-diffrep extract` / `probe` on this folder (`pipe.slices`).
     """
 
     model_cpu_offload_seq = "unet"
 
     def __init__(self, unet: UNet2DModel, scheduler: SchedulerMixin, resize_mode: str = "pad",
-                 intensity_window: str = "percentile"):
+                 intensity_window: str = "percentile", slice_axis: int = 2, slice_range: Optional[List[int]] = None,
+                 keep_empty_slices: bool = False):
         super().__init__()
         check_choice(resize_mode, RESIZE_MODES, "resize_mode")
         check_choice(intensity_window, INTENSITY_WINDOWS, "intensity_window")
+        slice_selection(slice_axis, slice_range, keep_empty_slices)  # checks them
         self.register_modules(unet=unet, scheduler=scheduler)
-        self.register_to_config(resize_mode=resize_mode, intensity_window=intensity_window)
+        self.register_to_config(resize_mode=resize_mode, intensity_window=intensity_window, slice_axis=slice_axis,
+                                slice_range=None if slice_range is None else list(slice_range),
+                                keep_empty_slices=bool(keep_empty_slices))
 
     @classmethod
     def from_pretrained(cls, pretrained_model_name_or_path, **kwargs):
@@ -120,6 +129,16 @@ class DiffusionFeaturePipeline(DiffusionPipeline):
     def preprocessing(self) -> ImagePreprocessing:
         """The preprocessing of pretraining (resolution, resize mode, intensity window)."""
         return ImagePreprocessing(self.resolution, self.config.resize_mode, self.config.intensity_window)
+
+    @property
+    def slice_settings(self) -> Dict:
+        """The slices of NIfTI volumes pretraining read: `{"slice_axis", "slice_range", "keep_empty_slices"}`."""
+        return {name: self.config[name] for name in ("slice_axis", "slice_range", "keep_empty_slices")}
+
+    @property
+    def slices(self) -> SliceSelection:
+        """The slices of NIfTI volumes pretraining read, as a `SliceSelection` (the default of `extract_features`)."""
+        return slice_selection(**self.slice_settings)
 
     @property
     def layer_names(self) -> List[str]:
@@ -152,7 +171,7 @@ class DiffusionFeaturePipeline(DiffusionPipeline):
         stretched. A DICOM or NIfTI file path gives one row per slice (see
         `mic_diffrep.models.mic_diffrep.preprocessing.as_image_list`). With `return_ids`, also the id of each row
         (`image_list_with_ids`: a file's path, `"<path>#slice=<k>"` for a slice, `None` for an image given in
-        memory). `slices`: which slices of a NIfTI volume (`SliceSelection`).
+        memory). `slices`: which slices of a NIfTI volume (`SliceSelection`; default: `self.slices`, pretraining's).
         """
         resolution = self.resolution
         processed = isinstance(images, Mapping) and "pixel_values" in images  # a BatchFeature
@@ -169,7 +188,7 @@ class DiffusionFeaturePipeline(DiffusionPipeline):
         if batch and images.dtype == torch.uint8:
             pixels, ids = images.cpu(), [None] * len(images)
         else:
-            image_list, ids = image_list_with_ids(images, slices)
+            image_list, ids = image_list_with_ids(images, self.slices if slices is None else slices)
             if not image_list:
                 raise ValueError("No images given.")
             pixels = torch.stack([self.preprocessing(image) for image in image_list])
@@ -219,8 +238,8 @@ class DiffusionFeaturePipeline(DiffusionPipeline):
                 `(N, 1, R, R)` tensor of already preprocessed pixels, or the image processor's output (its
                 `BatchFeature`, or `pixel_values` in [-1, 1]), which is not preprocessed again. DICOM (`.dcm`) and
                 NIfTI (`.nii`, `.nii.gz`) paths give one row per slice (every non-empty axial slice of a volume,
-                every frame of a multi-frame DICOM, in order), windowed with the file's own display window when it
-                has one; `slices` chooses others.
+                every frame of a multi-frame DICOM, in order; the slices pretraining read, see `slices`), windowed
+                with the file's own display window when it has one.
             timesteps (`int` or `Sequence[int]`, defaults to `(10, 25, 50, 100, 250)`): noise levels, in
                 `[0, num_train_timesteps)` (a list, array or tensor; a repeated one is extracted once); the default
                 is the read-out chosen in `benchmarks/results/ablations.md`.
@@ -241,8 +260,8 @@ class DiffusionFeaturePipeline(DiffusionPipeline):
                 (`benchmarks/results/throughput.md`); on a GPU use a few hundred.
             return_dict (`bool`, defaults to `True`): return a [`DiffusionFeaturesOutput`] rather than a tuple.
             slices (`mic_diffrep.data.SliceSelection`, *optional*): which slices of NIfTI volumes are images (axis,
-                range, empty slices; as `--slice_axis`, `--slice_range`, `--keep_empty_slices`); default: every
-                non-empty axial slice.
+                range, empty slices; as `--slice_axis`, `--slice_range`, `--keep_empty_slices`); default: those
+                pretraining read (`pipe.slices`; every non-empty axial slice unless it was told otherwise).
 
         The noise of an image is a function of its noise seed, the timestep and the draw only (`feature_noise`), so
         a timestep gives the same features alone or within a sweep.

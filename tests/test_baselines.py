@@ -3,7 +3,7 @@ import os
 import pytest
 import torch
 
-from mic_diffrep.features import EncoderFeatureExtractor, FeatureArguments
+from mic_diffrep.features import EncoderFeatureExtractor, FeatureArguments, load_feature_extractor
 from mic_diffrep.data.augmentations import GreyAugment, gaussian_blur, intensity_jitter, random_flip, random_resized_crop
 from mic_diffrep.training import BaselinePretrainingArguments, pretrain_baseline
 from mic_diffrep.models.baselines import BYOL, MoCoV2, create_baseline, load_baseline, momentum_update
@@ -86,8 +86,11 @@ def test_baseline_pretraining_output_plugs_into_the_probe(method, kaggle_folder,
     out = str(tmp_path / method)
     summary = pretrain_baseline(parse(BaselinePretrainingArguments, [
         "--method", method, "--train_data_dir", kaggle_folder, "--output_dir", out, "--resolution", "16",
-        "--train_batch_size", "8", "--max_train_steps", "2", "--logger", "none", "--checkpointing_steps", "1"]))
+        "--train_batch_size", "8", "--max_train_steps", "2", "--logger", "none", "--checkpointing_steps", "1",
+        "--slice_axis", "1"]))
     assert summary["global_step"] == 2 and summary["splits"] == ["train"]
+    assert load_feature_extractor(out).slice_settings == {  # what extract and probe read volumes with by default
+        "slice_axis": 1, "slice_range": None, "keep_empty_slices": False}
     assert {"baseline_config.json", "model.safetensors", "checkpoint-2"} <= set(os.listdir(out))
     modes = {os.stat(os.path.join(out, name)).st_mode & 0o777 for name in ("baseline_config.json", "model.safetensors")}
     assert len(modes) == 1  # the weights as readable as the config (safetensors 0.8 writes 0600)

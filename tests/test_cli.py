@@ -133,9 +133,11 @@ def test_run_names_its_sample_grid_settings_as_generate_does_and_takes_the_old_n
         assert parser.parse_args(["run", "--num_samples", "3"]).num_images == 3
     old = tmp_path / "old.yaml"
     old.write_text("num_samples: 5\nsampling_steps: 9\n")
-    with pytest.warns(FutureWarning, match="`sampling_steps` is deprecated and will be removed: rename it "
-                                           "`num_inference_steps`"):
+    with pytest.warns(FutureWarning) as warned:
         args = pretraining_arguments(run_config(parser.parse_args(["run", "--config", str(old)])))
+    assert [str(w.message).split(": ", 1)[1] for w in warned] == [
+        "`num_samples` is deprecated and will be removed: rename it `num_images`.",
+        "`sampling_steps` is deprecated and will be removed: rename it `num_inference_steps`."]
     assert (args.eval_batch_size, args.ddpm_num_inference_steps) == (5, 9)
     old.write_text("num_samples: 5\nnum_images: 6\n")
     with pytest.raises(ValueError, match="`num_samples` is the old name of `num_images`; give `num_images` only"):

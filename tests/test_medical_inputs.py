@@ -450,3 +450,35 @@ def test_nan_background_and_one_slice_paths(tmp_path):
     flat = write_nifti(tmp_path / "flat.nii", brain_volume(0, depth=3)[:, :, 1])  # a 2-D file: plain path
     assert decode_images([flat], 16, show_progress=False).paths == [flat]
     assert torch.equal(image_to_pixels(flat, 16), decode_images([flat], 16, show_progress=False).pixels[0])
+
+
+def test_extract_and_probe_slice_volumes_as_pretraining_did_unless_told_otherwise(tmp_path):
+    """`pretrain --slice_axis 0 --slice_range 4 12` then `probe` without slice flags read axial slices (axis 2,
+    every one) and exported a classifier slicing them so: the pipeline folder did not record its slices."""
+    for label, seeds in (("a", (1, 2, 3)), ("b", (4, 5, 6))):
+        for seed in seeds:  # no slice empty, none a near-duplicate of another
+            volume = np.random.default_rng(seed).random((16, 16, 6)).astype(np.float32) * 100 + 1
+            write_nifti(tmp_path / "vols" / label / f"vol{seed}.nii.gz", volume)
+    pretrained = tmp_path / "pretrained"
+    pretrain(parse(PretrainingArguments, [
+        "--train_data_dir", str(tmp_path / "vols"), "--output_dir", str(pretrained), "--resolution", "16",
+        "--model_config_name_or_path", "tiny", "--train_batch_size", "4", "--logger", "none", "--max_train_steps",
+        "1", "--save_images_epochs", "100", "--slice_axis", "0", "--slice_range", "4", "12"]))
+    pipe = DiffusionFeaturePipeline.from_pretrained(pretrained)
+    assert pipe.slices == SliceSelection(slice_axis=0, slice_range=(4, 12))
+    volume = str(tmp_path / "vols" / "a" / "vol1.nii.gz")
+    assert len(pipe.extract_features([volume], timesteps=[5]).image_ids) == 8  # sagittal slices 4..11
+
+    def extracted(*flags):
+        output = tmp_path / f"features{len(flags)}.safetensors"
+        cli(["extract", "--pretrained", str(pretrained), "--data_dir", str(tmp_path / "vols"), "--output",
+             str(output), "--timesteps", "5", *flags])
+        return json.loads(__import__("safetensors").safe_open(str(output), "pt").metadata()["image_ids"])
+
+    assert len(extracted()) == 6 * 8
+    assert len(extracted("--slice_axis", "2")) == 6 * 6  # another axis: the pretraining's range left out
+    cli(["probe", "--pretrained", str(pretrained), "--data_dir", str(tmp_path / "vols"), "--output_dir",
+         str(tmp_path / "model"), "--timesteps", "5", "--num_epochs", "1", "--hidden_size", "8", "--test_split",
+         "0.34", "--validation_split", "0.5"])
+    processor = MicDiffRepImageProcessor.from_pretrained(tmp_path / "model")
+    assert processor.slice_settings == {"slice_axis": 0, "slice_range": [4, 12], "keep_empty_slices": False}

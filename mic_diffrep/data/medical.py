@@ -74,7 +74,7 @@ Example:
 import logging
 import os
 from dataclasses import dataclass
-from typing import Any, List, Optional, Sequence, Tuple, Union
+from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple, Union
 
 import numpy as np
 
@@ -193,6 +193,31 @@ SLICE_FLAG_HELP = {
     "slice_range": _SLICE_FLAG_WHAT["slice_range"] + " Default: every slice.",
     "keep_empty_slices": _SLICE_FLAG_WHAT["keep_empty_slices"] + "; by default they are skipped.",
 }
+
+
+# The settings of the commands that read images with a pretrained model (`extract`, `probe`): unset, they are the
+# model's own, as it was pretrained (`inherit_slice_settings`).
+PRETRAINED_SLICE_HELP = {
+    "slice_axis": _SLICE_FLAG_WHAT["slice_axis"] + " Default: the axis the --pretrained model was pretrained on "
+                                                   "(2 when it does not say).",
+    "slice_range": _SLICE_FLAG_WHAT["slice_range"] + " Default: the --pretrained model's range, when the axis is its "
+                                                     "own; else every slice.",
+    "keep_empty_slices": _SLICE_FLAG_WHAT["keep_empty_slices"] + "; by default they are skipped, unless the "
+                                                                 "--pretrained model was pretrained on them.",
+}
+
+
+def inherit_slice_settings(slice_axis: Optional[int], slice_range: Optional[Sequence[int]], keep_empty_slices: bool,
+                           recorded: Mapping) -> Dict:
+    """The slice settings of a command that reads images with a pretrained model: those given (`None`: unset),
+    else those the model was pretrained with (`recorded`: `slice_axis`, `slice_range`, `keep_empty_slices`, as
+    its folder records them). Another axis than the model's leaves its range out, as the image processor does."""
+    recorded_axis = recorded.get("slice_axis", 2)
+    axis = recorded_axis if slice_axis is None else slice_axis
+    if slice_range is None and axis == recorded_axis:
+        slice_range = recorded.get("slice_range")
+    return {"slice_axis": axis, "slice_range": None if slice_range is None else list(slice_range),
+            "keep_empty_slices": bool(keep_empty_slices or recorded.get("keep_empty_slices", False))}
 
 
 def slice_selection(slice_axis: int = 2, slice_range: Optional[Sequence[int]] = None,

@@ -7,7 +7,7 @@ import warnings
 from dataclasses import dataclass, field
 from typing import List, Literal, Optional
 
-from ..data.medical import SLICE_FLAG_HELP, SliceSelection, slice_selection
+from ..data.medical import PRETRAINED_SLICE_HELP, SliceSelection, slice_selection
 from ..models.mic_diffrep.unet_features import DEFAULT_POOLING, DEFAULT_TIMESTEPS
 from ..utils import check_settings
 
@@ -72,9 +72,9 @@ class ExtractionArguments(FeatureArguments):
     cache_dir: Optional[str] = field(default=None, metadata={
         "help": "Decoded-image cache folder (default: .cache beside --output)."})
     dataloader_num_workers: int = field(default=0, metadata={"help": "Processes decoding images."})
-    slice_axis: int = field(default=2, metadata={"help": SLICE_FLAG_HELP["slice_axis"]})
-    slice_range: Optional[List[int]] = field(default=None, metadata={"help": SLICE_FLAG_HELP["slice_range"]})
-    keep_empty_slices: bool = field(default=False, metadata={"help": SLICE_FLAG_HELP["keep_empty_slices"]})
+    slice_axis: Optional[int] = field(default=None, metadata={"help": PRETRAINED_SLICE_HELP["slice_axis"]})
+    slice_range: Optional[List[int]] = field(default=None, metadata={"help": PRETRAINED_SLICE_HELP["slice_range"]})
+    keep_empty_slices: bool = field(default=False, metadata={"help": PRETRAINED_SLICE_HELP["keep_empty_slices"]})
 
     def __post_init__(self):
         super().__post_init__()
@@ -90,5 +90,7 @@ class ExtractionArguments(FeatureArguments):
 
     @property
     def slices(self) -> SliceSelection:
-        """Which slices of DICOM / NIfTI files are images (`--slice_axis`, `--slice_range`, `--keep_empty_slices`)."""
-        return slice_selection(self.slice_axis, self.slice_range, self.keep_empty_slices)
+        """Which slices of DICOM / NIfTI files are images (`--slice_axis`, `--slice_range`, `--keep_empty_slices`;
+        those the pretrained model read, `inherit_pretrained_slices`, once its folder is loaded)."""
+        return slice_selection(2 if self.slice_axis is None else self.slice_axis, self.slice_range,
+                               self.keep_empty_slices)

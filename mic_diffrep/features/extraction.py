@@ -15,11 +15,13 @@ processes or the batch size.
 
 import logging
 import os
+from dataclasses import replace
 from typing import Dict, Tuple
 
 import torch
 
 from ..data import decode_images, load_image_folder, select_splits
+from ..data.medical import inherit_slice_settings
 from ..utils import create_accelerator, precision_dtype, prepare_output_file
 from .arguments import ExtractionArguments
 from .cache import save_features
@@ -65,11 +67,18 @@ def prepare_extractor(extractor: FeatureExtractor, args, accelerator) -> Feature
     return extractor.to(precision_dtype(args.mixed_precision, accelerator.device))
 
 
+def inherit_pretrained_slices(args, extractor: FeatureExtractor):
+    """`args` (extract's or the probe's) with the slice settings it leaves unset taken from those `extractor`'s
+    pretraining read (`inherit_slice_settings`), so that volumes are sliced as they were in pretraining."""
+    return replace(args, **inherit_slice_settings(args.slice_axis, args.slice_range, args.keep_empty_slices,
+                                                  extractor.slice_settings))
+
+
 def extract_folder(args: ExtractionArguments) -> Dict[Tuple[str, int], torch.Tensor]:
     """Features of the images of `args.data_dir` into the feature cache `args.output`; returns them."""
     accelerator = create_accelerator()
     extractor = prepare_extractor(load_feature_extractor(args.pretrained), args, accelerator)
-    args = extractor.resolve(args)
+    args = inherit_pretrained_slices(extractor.resolve(args), extractor)
     splits, dataset = select_splits(load_image_folder(args.data_dir), args.splits, "splits")
     # Its folder is made once the model and the images are found (a bad --pretrained or --data_dir leaves none),
     # and before the decoding and extraction, so that an unwritable path costs nothing.

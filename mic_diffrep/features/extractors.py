@@ -56,6 +56,7 @@ class FeatureExtractor(Protocol):
     name: str  # "micdiffrep", "baseline-mocov2", "baseline-byol", "baseline-mae", "baseline-clip"
     source: Optional[str]  # the folder it was loaded from
     preprocessing: ImagePreprocessing
+    slice_settings: Dict  # the slices of NIfTI volumes its pretraining read ({} when its folder does not say)
     layer_names: List[str]
     exportable: bool  # whether `classifier` makes a transformers model folder (baselines and CLIP: scored only)
 
@@ -103,6 +104,10 @@ class DiffusionFeatureExtractor:
     @property
     def preprocessing(self) -> ImagePreprocessing:
         return self.pipeline.preprocessing
+
+    @property
+    def slice_settings(self) -> Dict:
+        return self.pipeline.slice_settings
 
     @property
     def layer_names(self) -> List[str]:
@@ -178,6 +183,8 @@ class EncoderFeatureExtractor:
         self.name = f"baseline-{model.config.method}"
         config = model.config
         self.preprocessing = ImagePreprocessing(config.resolution, config.resize_mode, config.intensity_window)
+        self.slice_settings = {"slice_axis": config.slice_axis, "slice_range": config.slice_range,
+                               "keep_empty_slices": config.keep_empty_slices}
 
     @classmethod
     def from_pretrained(cls, path: str) -> "EncoderFeatureExtractor":
@@ -253,6 +260,7 @@ class ClipFeatureExtractor(EncoderFeatureExtractor):
         self.source = source
         self.name = "baseline-clip"
         self.preprocessing = ImagePreprocessing(resolution)
+        self.slice_settings = {}
 
     @classmethod
     def from_pretrained(cls, path: str, resolution: int = 112) -> "ClipFeatureExtractor":

@@ -3,7 +3,7 @@
 from dataclasses import dataclass, field
 from typing import List, Optional
 
-from ..data.medical import SLICE_FLAG_HELP, SliceSelection, slice_selection
+from ..data.medical import PRETRAINED_SLICE_HELP, SliceSelection, slice_selection
 from ..features.arguments import FeatureArguments
 from ..leakage.search import check_threshold
 
@@ -42,9 +42,9 @@ class ProbeArguments(FeatureArguments):
     skip_bad_images: bool = field(default=False, metadata={"help": "Skip unreadable images instead of failing."})
     cache_dir: Optional[str] = field(default=None, metadata={"help": "Decoded-image cache (default OUTPUT_DIR/.cache)."})
     dataloader_num_workers: int = field(default=0, metadata={"help": "Processes decoding images."})
-    slice_axis: int = field(default=2, metadata={"help": SLICE_FLAG_HELP["slice_axis"]})
-    slice_range: Optional[List[int]] = field(default=None, metadata={"help": SLICE_FLAG_HELP["slice_range"]})
-    keep_empty_slices: bool = field(default=False, metadata={"help": SLICE_FLAG_HELP["keep_empty_slices"]})
+    slice_axis: Optional[int] = field(default=None, metadata={"help": PRETRAINED_SLICE_HELP["slice_axis"]})
+    slice_range: Optional[List[int]] = field(default=None, metadata={"help": PRETRAINED_SLICE_HELP["slice_range"]})
+    keep_empty_slices: bool = field(default=False, metadata={"help": PRETRAINED_SLICE_HELP["keep_empty_slices"]})
     # Probe training (paper: Adam 0.01, cosine annealing, batch 128, 15 epochs)
     num_epochs: int = field(default=15, metadata={"help": "Probe epochs (paper: 15)."})
     learning_rate: float = field(default=0.01, metadata={"help": "Initial learning rate (paper: 0.01)."})
@@ -75,5 +75,7 @@ class ProbeArguments(FeatureArguments):
 
     @property
     def slices(self) -> SliceSelection:
-        """Which slices of DICOM / NIfTI files are images (`--slice_axis`, `--slice_range`, `--keep_empty_slices`)."""
-        return slice_selection(self.slice_axis, self.slice_range, self.keep_empty_slices)
+        """Which slices of DICOM / NIfTI files are images (`--slice_axis`, `--slice_range`, `--keep_empty_slices`;
+        those the pretrained model read, `inherit_pretrained_slices`, once its folder is loaded)."""
+        return slice_selection(2 if self.slice_axis is None else self.slice_axis, self.slice_range,
+                               self.keep_empty_slices)

@@ -25,8 +25,8 @@ from typing import Dict, Optional, Tuple
 import torch
 
 from ..data import TEST_IMAGES_FILE, DecodedImages, write_image_list
-from ..features import (FeatureExtractor, StaleFeatureCacheError, extract_sharded, load_feature_extractor,
-                        load_features, pixels_fingerprint, prepare_extractor, save_features)
+from ..features import (FeatureExtractor, StaleFeatureCacheError, extract_sharded, inherit_pretrained_slices,
+                        load_feature_extractor, load_features, pixels_fingerprint, prepare_extractor, save_features)
 from ..reporting.hub import create_hub_repo, default_repo_id
 from ..utils import command_line, create_accelerator, environment_info, output_folder, precision_name
 from .arguments import ProbeArguments
@@ -90,7 +90,7 @@ def _run_probe(args: ProbeArguments, extractor: Optional[FeatureExtractor]) -> d
             args = replace(args, hub_model_id=create_hub_repo(
                 default_repo_id(args.output_dir, args.hub_model_id), args.hub_token, args.hub_private_repo))
     extractor = prepare_extractor(extractor, args, accelerator)
-    args = extractor.resolve(args)
+    args = inherit_pretrained_slices(extractor.resolve(args), extractor)
 
     splits = load_probe_splits(args, extractor.preprocessing, accelerator)
     train, test = splits.train, splits.test

@@ -162,6 +162,12 @@ class CommonPretrainingArguments:
         return ImagePreprocessing(self.resolution, self.resize_mode, self.intensity_window)
 
     @property
+    def slice_settings(self) -> dict:
+        """The slice flags, as a pretrained folder records them (`model_index.json`, `baseline_config.json`)."""
+        return {"slice_axis": self.slice_axis, "keep_empty_slices": self.keep_empty_slices,
+                "slice_range": None if self.slice_range is None else list(self.slice_range)}
+
+    @property
     def slices(self) -> SliceSelection:
         """Which slices of DICOM / NIfTI files are images (`--slice_axis`, `--slice_range`, `--keep_empty_slices`)."""
         return slice_selection(self.slice_axis, self.slice_range, self.keep_empty_slices)

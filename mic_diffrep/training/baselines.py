@@ -41,7 +41,7 @@ def _pretrain_baseline(args: BaselinePretrainingArguments) -> dict:
     decoded, splits = load_training_images(args, accelerator)
     dataset, loader = make_dataloader(decoded, args, drop_last=True)
     model = create_baseline(args.method, args.resolution, resize_mode=args.resize_mode,
-                            intensity_window=args.intensity_window)
+                            intensity_window=args.intensity_window, **args.slice_settings)
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=args.learning_rate,
                                   betas=(args.adam_beta1, args.adam_beta2), weight_decay=args.adam_weight_decay,
                                   eps=args.adam_epsilon)

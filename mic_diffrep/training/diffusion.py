@@ -199,7 +199,7 @@ def _pretrain(args: PretrainingArguments) -> dict:
             ema_model.store(unet.parameters())
             ema_model.copy_to(unet.parameters())
         return DiffusionFeaturePipeline(unet=unet, scheduler=noise_scheduler, resize_mode=args.resize_mode,
-                                        intensity_window=args.intensity_window)
+                                        intensity_window=args.intensity_window, **args.slice_settings)
 
     def restore_weights() -> None:
         if ema_model is not None:

@@ -1,7 +1,7 @@
 """Configuration of the self-supervised baselines (saved as `baseline_config.json` beside the weights)."""
 
 from dataclasses import dataclass, field
-from typing import List
+from typing import List, Optional
 
 
 METHODS = ("mocov2", "byol", "mae")
@@ -17,6 +17,10 @@ class BaselineConfig:
     resolution: int = 64
     resize_mode: str = "pad"
     intensity_window: str = "percentile"
+    # The slices of NIfTI volumes pretraining read (`--slice_axis`, `--slice_range`, `--keep_empty_slices`).
+    slice_axis: int = 2
+    slice_range: Optional[List[int]] = None
+    keep_empty_slices: bool = False
     encoder_widths: List[int] = field(default_factory=lambda: [32, 64, 128, 256])
     projection_dim: int = 128
     hidden_dim: int = 1024
