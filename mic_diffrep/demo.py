@@ -63,7 +63,7 @@ def read_upload(path: Union[str, os.PathLike], slices: Optional[SliceSelection] 
     path = os.fspath(path)
     name = os.path.basename(path)
     lower = name.lower()
-    if is_medical_file(path):  # `.dcm`, `.dicom`, `.nii`, `.nii.gz`, or a DICOM file without an extension
+    if is_medical_file(path):  # `.dcm`, `.dicom`, `.ima`, `.nii`, `.nii.gz`, or a DICOM file without an extension
         try:
             kept = (slices or SliceSelection()).read(path)
         except (ValueError, OSError) as error:  # MedicalImageError is a ValueError
@@ -72,7 +72,7 @@ def read_upload(path: Union[str, os.PathLike], slices: Optional[SliceSelection] 
             raise UploadError(f"{name}: the file has no image slices (among those the model reads).")
         return kept[len(kept) // 2]  # windowed once, by the processor (an 8-bit copy here was windowed twice)
     if not lower.endswith(IMAGE_EXTENSIONS):
-        raise UploadError(f"{name}: unsupported file type; upload a JPEG, PNG, DICOM (.dcm, .dicom, or a DICOM "
+        raise UploadError(f"{name}: unsupported file type; upload a JPEG, PNG, DICOM (.dcm, .dicom, .ima, or a DICOM "
                           f"file without an extension) or NIfTI (.nii, .nii.gz) file.")
     try:
         with PIL.Image.open(path) as image:

@@ -37,7 +37,7 @@ STORED = np.arange(12, dtype=np.uint16).reshape(3, 4) * 100  # 0 .. 1100, within
 
 
 def test_is_medical_file_by_extension():
-    assert MEDICAL_EXTENSIONS == (".dcm", ".dicom", ".nii", ".nii.gz")
+    assert MEDICAL_EXTENSIONS == (".dcm", ".dicom", ".ima", ".nii", ".nii.gz")
     for name in ("a.dcm", "B.DCM", "c.dicom", "d.nii", "e.NII.GZ", "dir.x/f.nii.gz"):
         assert is_medical_file(name), name
     for name in ("a.png", "b.gz", "c.tar.gz", "d.nii.bak", "dcm"):
@@ -178,6 +178,33 @@ def test_not_dicom_names_file(tmp_path):
     path = tmp_path / "text.dcm"
     path.write_text("hello, not DICOM")
     with pytest.raises(MedicalImageError, match=r"text\.dcm"):
+        read_medical_slices(path)
+
+
+def test_dicom_named_so_without_the_part_10_header_and_siemens_ima_files_are_read(tmp_path):
+    """A `.dcm` of an older export (no preamble or file meta) failed with pydicom's "Use force=True to force
+    reading", which a command-line user cannot act on; Siemens `.IMA` files were left out of folders."""
+    full = pydicom.dcmread(write_dicom(tmp_path / "full.dcm", STORED))
+    del full.file_meta
+    full.preamble = None
+    for name in ("old.dcm", "SCAN.0001.IMA"):
+        pydicom.dcmwrite(tmp_path / name, full, enforce_file_format=False, implicit_vr=True, little_endian=True)
+        assert open(tmp_path / name, "rb").read(132)[128:] != b"DICM" and is_medical_file(tmp_path / name)
+        (item,) = read_medical_slices(tmp_path / name)
+        np.testing.assert_array_equal(item.pixels, STORED)
+    (tmp_path / "notes.ima").write_text("hello, not DICOM")
+    with pytest.raises(MedicalImageError, match=r"notes\.ima: not a readable DICOM file .*no DICOM header"):
+        read_medical_slices(tmp_path / "notes.ima")
+
+
+@pytest.mark.parametrize("dtype, what", [(np.complex64, "complex-valued"),
+                                         (np.dtype([("R", "u1"), ("G", "u1"), ("B", "u1")]), r"colour \(RGB\)")])
+def test_complex_and_colour_nifti_are_refused_by_name(tmp_path, dtype, what):
+    """A complex NIfTI lost its imaginary part with only numpy's ComplexWarning; an RGB24 one failed with "The
+    DTypes VoidDType and Float64DType..."."""
+    path = tmp_path / "odd.nii.gz"
+    nib.Nifti1Image(np.ones((4, 4, 2), dtype=dtype), np.eye(4)).to_filename(path)
+    with pytest.raises(MedicalImageError, match=rf"odd\.nii\.gz: {what} NIfTI data .* not supported"):
         read_medical_slices(path)
 
 

@@ -482,3 +482,10 @@ def test_extract_and_probe_slice_volumes_as_pretraining_did_unless_told_otherwis
          "0.34", "--validation_split", "0.5"])
     processor = MicDiffRepImageProcessor.from_pretrained(tmp_path / "model")
     assert processor.slice_settings == {"slice_axis": 0, "slice_range": [4, 12], "keep_empty_slices": False}
+
+
+def test_slices_of_another_type_are_named(tmp_path):
+    """`extract_features(paths, slices=(2, 4))` raised "AttributeError: 'tuple' object has no attribute 'read'"."""
+    path = write_nifti(tmp_path / "vol.nii.gz", brain_volume(1))
+    with pytest.raises(TypeError, match=r"`slices` must be a `mic_diffrep.data.SliceSelection` .* got \(2, 4\)"):
+        DiffusionFeaturePipeline(create_unet(16, "tiny"), create_scheduler()).extract_features([path], slices=(2, 4))

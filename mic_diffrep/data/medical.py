@@ -84,8 +84,8 @@ from ..models.mic_diffrep.preprocessing import has_dicom_preamble, is_medical_pa
 logger = logging.getLogger(__name__)
 
 
-MEDICAL_EXTENSIONS = (".dcm", ".dicom", ".nii", ".nii.gz")
-DICOM_EXTENSIONS = (".dcm", ".dicom")
+MEDICAL_EXTENSIONS = (".dcm", ".dicom", ".ima", ".nii", ".nii.gz")
+DICOM_EXTENSIONS = (".dcm", ".dicom", ".ima")  # `.ima`: Siemens' name for its DICOM files
 NIFTI_EXTENSIONS = (".nii", ".nii.gz")
 
 PathLike = Union[str, "os.PathLike[str]"]
@@ -300,8 +300,24 @@ def read_dicom(path: PathLike) -> List[MedicalSlice]:
         raise MedicalImageError(f"{filename}: reading DICOM files needs pydicom: `pip install pydicom`.") from err
 
     try:
-        ds = pydicom.dcmread(filename)
-    except FileNotFoundError:
+        try:
+            ds = pydicom.dcmread(filename)
+        except pydicom.errors.InvalidDicomError:
+            if not filename.lower().endswith(DICOM_EXTENSIONS):
+                raise
+            # Named as DICOM but without the preamble and file meta of DICOM Part 10 (older exports): read its
+            # data elements as they are; a file that is not DICOM at all has no pixel data (refused below).
+            ds = pydicom.dcmread(filename, force=True)
+            if not any(keyword in ds for keyword in _PIXEL_DATA_KEYWORDS):
+                raise MedicalImageError(f"{filename}: not a readable DICOM file (truncated, corrupt or not DICOM): "
+                                        f"no DICOM header ('DICM' prefix) and no pixel data.")
+            if "TransferSyntaxUID" not in getattr(ds, "file_meta", {}):  # the encoding it was read in
+                implicit_vr, little_endian = ds.original_encoding
+                ds.file_meta = pydicom.dataset.FileMetaDataset()
+                ds.file_meta.TransferSyntaxUID = (
+                    pydicom.uid.ImplicitVRLittleEndian if implicit_vr
+                    else pydicom.uid.ExplicitVRLittleEndian if little_endian else pydicom.uid.ExplicitVRBigEndian)
+    except (FileNotFoundError, MedicalImageError):
         raise
     except Exception as err:
         raise MedicalImageError(
@@ -485,6 +501,12 @@ def read_nifti(
         raise MedicalImageError(f"{filename}: not a readable NIfTI file (truncated or corrupt?): {err}") from err
 
     window = _nifti_window(image.header)
+    dtype = image.get_data_dtype()
+    if dtype.kind == "c" or dtype.fields is not None:
+        raise MedicalImageError(
+            f"{filename}: {'complex-valued' if dtype.kind == 'c' else 'colour (RGB)'} NIfTI data ({dtype}) is not "
+            f"supported; save one grey value per voxel (e.g. the magnitude image)."
+        )
     shape = tuple(int(n) for n in image.shape)
     if len(shape) < 2 or (len(shape) > 4 and any(n != 1 for n in shape[4:])):
         raise MedicalImageError(

@@ -59,8 +59,9 @@ class CommonPretrainingArguments:
                 "the centre."})
     intensity_window: Literal["percentile", "none"] = field(default="percentile", metadata={
         "help": "Intensity rule: 'percentile' maps each image's 0.5-99.5th percentiles to 0..255 (the same for 8- and "
-                "16-bit files); 'none' keeps 8-bit images as they are and min-max scales deeper ones. Stored with the "
-                "model and applied again at inference."})
+                "16-bit files); 'none' keeps 8-bit JPEG/PNG images as they are and min-max scales deeper ones and "
+                "DICOM/NIfTI slices (physical values; a file's own display window wins in either case). Stored "
+                "with the model and applied again at inference."})
     slice_axis: int = field(default=2, metadata={"help": SLICE_FLAG_HELP["slice_axis"]})
     slice_range: Optional[List[int]] = field(default=None, metadata={"help": SLICE_FLAG_HELP["slice_range"]})
     keep_empty_slices: bool = field(default=False, metadata={"help": SLICE_FLAG_HELP["keep_empty_slices"]})

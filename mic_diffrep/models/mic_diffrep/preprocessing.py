@@ -10,7 +10,8 @@ is windowed to 8 bits, resized to `resolution` x `resolution` keeping its aspect
    - `"percentile"` (default): the image's 0.5th..99.5th intensity percentiles are mapped linearly to 0..255 and
      values outside are clipped. This is the usual MRI display window, and it is invariant to the bit depth and
      linear scaling of the file: an 8-bit slice and a 16-bit copy of it (values x 257) give the same pixels.
-   - `"none"`: 8-bit images are kept as they are; deeper images are min-max scaled to 0..255.
+   - `"none"`: 8-bit images (JPEG, PNG) are kept as they are; deeper images, and DICOM / NIfTI slices (physical
+     values, whatever their dtype on disk), are min-max scaled to 0..255.
    A constant image stays as it is (8-bit) or becomes black.
 3. `resize_image`: `resize_mode="pad"` (default) scales the longer side to `resolution` and pads the shorter
    one with black (the MRI background) so no anatomy is cut; `"center_crop"` scales the shorter side and
@@ -54,7 +55,7 @@ ImageInput = Union[PIL.Image.Image, np.ndarray, torch.Tensor, str, os.PathLike]
 
 _DEEP_MODES = ("I", "I;16", "I;16B", "I;16L", "I;16N", "F")
 # As `mic_diffrep.data.medical.MEDICAL_EXTENSIONS` (repeated: this module must import without mic_diffrep.data).
-_MEDICAL_EXTENSIONS = (".dcm", ".dicom", ".nii", ".nii.gz")
+_MEDICAL_EXTENSIONS = (".dcm", ".dicom", ".ima", ".nii", ".nii.gz")
 _MEDICAL_INSTALL_HINT = "reading DICOM/NIfTI needs `pip install mic-diffrep pydicom nibabel`"
 
 
@@ -102,6 +103,9 @@ def read_medical_file(path, slices=None) -> list:
         raise ImportError(f"{os.fspath(path)}: {_MEDICAL_INSTALL_HINT}.") from error
     if isinstance(slices, dict):
         slices = slice_selection(**slices)
+    elif slices is not None and not isinstance(slices, SliceSelection):
+        raise TypeError(f"`slices` must be a `mic_diffrep.data.SliceSelection` (e.g. SliceSelection(slice_axis=2, "
+                        f"slice_range=(40, 90))) or a dict of slice settings, got {slices!r}.")
     return (SliceSelection() if slices is None else slices).read(path)
 
 
