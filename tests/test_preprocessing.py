@@ -141,6 +141,17 @@ def test_colour_arrays_are_read_as_pil_reads_colour_at_every_depth():
         assert grey[0, 0] == 0 and grey[3, 3] == pytest.approx(200, abs=0.5)
 
 
+def test_a_few_slices_of_a_ct_volume_are_not_read_as_one_colour_image():
+    """`processor(nib.load(f).dataobj)` of a (16, 16, 4) HU volume gave one RGBA image, alpha from the 4th slice."""
+    volume = np.full((16, 16, 4), -1000, np.int16)
+    volume[4:12, 4:12] = 40
+    for array in (volume, volume.astype(np.float32)):
+        with pytest.raises(ValueError, match=r"shape \(16, 16, 4\) with negative values is not a colour .*"
+                                             r"volume\[\.\.\., k\]"):
+            to_grayscale(array)
+    assert to_grayscale(volume[..., 0]).min() == -1000  # one slice is an image
+
+
 def test_a_tensor_of_another_shape_is_named_as_given():
     # A (64, 3, 64) tensor was reported as "got (64, 64, 3)... (H, W, C)": the shape after an internal permute.
     for shape in ((5, 20, 20), (20, 3, 20)):

@@ -172,6 +172,9 @@ def _grey_from_array(array: np.ndarray) -> np.ndarray:
         opaque = float(np.iinfo(array.dtype).max)
     else:
         raise ValueError(f"Unsupported image array dtype {array.dtype}.")
+    if array.ndim == 3 and array.min() < 0:  # no colour image is negative: a few slices of a volume (CT in HU, say)
+        raise ValueError(f"An array of shape {array.shape} with negative values is not a colour (H, W, C) image: pass "
+                         f"a volume's slices one at a time (`volume[..., k]`), or its DICOM / NIfTI file.")
     array = array.astype(np.float64)
     if array.ndim == 2:
         return array
