@@ -4,10 +4,10 @@
     python benchmarks/profile_cpu.py   # writes benchmarks/results/profile_{pretraining,extraction,generation}.md
                                        # and profile.json, which benchmarks/throughput.py summarises
 
-Each part runs the package's own code path on the `base` UNet (`--unet`) at 64 px, bf16 (autocast for training, bf16 weights
-for extraction and generation), warms up, then profiles a few iterations. Tables are sorted by self CPU time and
-grouped into the categories the optimisation work asks about (convolutions, GroupNorm, SiLU, attention, dtype
-casts, optimizer, pooling, other).
+Each part runs the package's own code path on the `base` UNet (`--unet`) at 64 px, bf16 (autocast for training,
+bf16 weights for extraction and generation), warms up, then profiles a few iterations. Tables are sorted by self CPU
+time and grouped into the categories the optimisation work asks about (convolutions, GroupNorm, SiLU, attention,
+dtype casts, optimizer, pooling, other).
 """
 
 import argparse

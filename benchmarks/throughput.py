@@ -207,7 +207,8 @@ def limits(result: dict, profile: Optional[dict]) -> List[str]:
         lines += ["", f"Convolutions (oneDNN) take {_range(convolution)} of the CPU time in all {len(parts)} "
                   f"workloads; their backward alone {backward:.0f}% of a training step."]
         if profile["unet"] != result.get("unet", "base"):
-            lines += [f"The profile is of UNet `{profile['unet']}`, the speeds above of `{result.get('unet', 'base')}`."]
+            lines += [f"The profile is of UNet `{profile['unet']}`, the speeds above of "
+                      f"`{result.get('unet', 'base')}`."]
     else:
         lines += ["No profile (`python benchmarks/profile_cpu.py` writes one)."]
     needed = 2.5 * plain["flops_per_second"] / peak

@@ -38,7 +38,8 @@ def check(namespace) -> Union[LeakageReport, DuplicateGroupsReport]:
         prepare_output_file(namespace.output)
     mirror = not namespace.no_mirror
     if namespace.within is not None:
-        report = within_duplicates(_decode_folder(namespace.within, namespace), namespace.duplicate_threshold, mirror=mirror)
+        report = within_duplicates(_decode_folder(namespace.within, namespace), namespace.duplicate_threshold,
+                                   mirror=mirror)
         mixed = "" if report.num_mixed_label_groups is None else f", {report.num_mixed_label_groups} with mixed labels"
         print(f"{report.num_images_in_groups} of {report.num_images} images are in {report.num_duplicate_groups} "
               f"duplicate group(s) at threshold {report.threshold} ({report.num_exact_duplicates} exact copies{mixed}); "
