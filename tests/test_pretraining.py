@@ -5,6 +5,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import time
 
 import pytest
 import torch
@@ -438,16 +439,37 @@ def test_resuming_the_last_checkpoint_trains_no_extra_step(unlabelled_folder, tm
         torch.testing.assert_close(unet_weights(out)[name], tensor, rtol=0, atol=0)
 
 
-def test_sigterm_saves_a_checkpoint_as_ctrl_c_does():
-    # `accelerate launch` turns Ctrl-C into SIGTERM for the training process (and kills it 5 s later)
-
+def test_a_signal_saves_a_checkpoint_and_only_a_second_ctrl_c_aborts():
+    """A Ctrl-C in a terminal reaches the training process and `accelerate launch`, which then sends the process
+    SIGTERM: that SIGTERM counted as the second signal and killed the run before its checkpoint was saved."""
     from mic_diffrep.training.loop import _Interrupt
 
-    before = signal.getsignal(signal.SIGTERM)
-    with _Interrupt() as interrupt:
-        signal.raise_signal(signal.SIGTERM)
-        assert interrupt.requested and signal.getsignal(signal.SIGTERM) is before  # a second one aborts
-    assert signal.getsignal(signal.SIGTERM) is before
+    before = {signum: signal.getsignal(signum) for signum in (signal.SIGINT, signal.SIGTERM)}
+    for first in (signal.SIGINT, signal.SIGTERM):  # Ctrl-C, or SIGTERM alone (preemption, `docker stop`)
+        with _Interrupt() as interrupt:
+            signal.raise_signal(first)
+            signal.raise_signal(signal.SIGTERM)  # the launcher's, or the scheduler's again: the save goes on
+            assert interrupt.requested
+            with pytest.raises(KeyboardInterrupt):  # the user's second Ctrl-C
+                signal.raise_signal(signal.SIGINT)
+        assert {signum: signal.getsignal(signum) for signum in before} == before
+
+
+def test_processes_signalled_apart_stop_at_the_same_step():
+    """Two ranks given SIGTERM a few milliseconds apart deadlocked: one waited in the checkpoint's barrier, the
+    other in the next step's gradient all-reduce."""
+    from mic_diffrep.training.loop import stop_reason_for
+
+    class TwoProcesses:  # this rank was not signalled; the other rank was, and has the longer elapsed time
+        num_processes, device = 2, "cpu"
+
+        @staticmethod
+        def reduce(tensor, reduction):
+            assert reduction == "max"
+            return torch.maximum(tensor, torch.tensor([1.0, 0.0]))
+
+    assert stop_reason_for(TwoProcesses(), 5, 10, time.time(), None, interrupted=False) == "interrupted"
+    assert stop_reason_for(TwoProcesses(), 10, 10, time.time(), None) == "interrupted"
 
 
 def test_a_new_run_into_a_folder_of_checkpoints_is_refused_without_overwrite_output_dir(unlabelled_folder, tmp_path,
@@ -514,6 +536,7 @@ def test_an_interrupted_runs_card_gives_the_step_of_the_weights_in_the_folder(un
     def interrupted_at_step_8(accelerator, global_step, *args):
         if global_step == 8:
             signal.raise_signal(signal.SIGINT)  # as Ctrl-C: the loop saves a checkpoint and stops
+            args = (*args[:-1], True)  # what the loop reads after the signal
         return stop_reason_for(accelerator, global_step, *args)
 
     monkeypatch.setattr(loop, "stop_reason_for", interrupted_at_step_8)

@@ -111,21 +111,29 @@ def optimization_step(accelerator, model, loss, optimizer, lr_scheduler, max_gra
 
 
 def stop_reason_for(accelerator, global_step: int, max_train_steps: int, start_time: float,
-                    time_budget_minutes: Optional[float]) -> Optional[str]:
-    """`"max_train_steps"` or `"time_budget_minutes"` when training should stop, else `None`; every process agrees
-    (the slowest process's elapsed time decides)."""
+                    time_budget_minutes: Optional[float], interrupted: bool = False) -> Optional[str]:
+    """`"interrupted"`, `"max_train_steps"` or `"time_budget_minutes"` when training should stop, else `None`; every
+    process agrees: a signal one process received stops them all at the same step (ranks signalled a little apart
+    would otherwise wait for each other, one in the checkpoint's barrier, the other in the next step), and the
+    slowest process's elapsed time decides the budget."""
+    elapsed = time.time() - start_time
+    if accelerator.num_processes > 1:  # one collective for both
+        agreed = accelerator.reduce(torch.tensor([float(interrupted), elapsed], device=accelerator.device),
+                                    reduction="max")
+        interrupted, elapsed = bool(agreed[0].item()), agreed[1].item()
+    if interrupted:
+        return "interrupted"
     if global_step >= max_train_steps:
         return "max_train_steps"
-    if time_budget_minutes is not None:
-        elapsed = torch.tensor(time.time() - start_time, device=accelerator.device)
-        if accelerator.reduce(elapsed, reduction="max").item() >= 60 * time_budget_minutes:
-            return "time_budget_minutes"
+    if time_budget_minutes is not None and elapsed >= 60 * time_budget_minutes:
+        return "time_budget_minutes"
     return None
 
 
 class _Interrupt:
     """Ctrl-C or SIGTERM (`accelerate launch` forwards Ctrl-C as SIGTERM; preemption, `timeout`, `docker stop`):
-    finish the current step, save a checkpoint, exit (a second signal aborts)."""
+    finish the current step, save a checkpoint, exit. A second Ctrl-C aborts; a SIGTERM after the first signal does
+    not: a Ctrl-C in a terminal reaches the process and `accelerate launch`, which then sends it SIGTERM."""
 
     SIGNALS = (signal.SIGINT, signal.SIGTERM)
 
@@ -140,10 +148,14 @@ class _Interrupt:
         return self
 
     def _handle(self, signum, frame):
+        if self.requested:
+            if signum == signal.SIGINT:  # the user's second Ctrl-C
+                self._restore()
+                raise KeyboardInterrupt
+            return  # the launcher's SIGTERM after the Ctrl-C both received: the checkpoint is on its way
         self.requested = True
         if is_first_local_process():  # once per machine, not once per process
             logger.warning("Interrupted: saving a checkpoint after this step (press Ctrl-C again to abort).")
-        self._restore()
 
     def _restore(self):
         for signum, handler in self.previous.items():
@@ -188,9 +200,7 @@ def train_one_epoch(state: TrainingState, accelerator, model, loader, dataset, o
             save_training_state(accelerator, args.output_dir, state.global_step, state.epoch, batch_index + 1,
                                 args.checkpoints_total_limit, totals, args.checkpoint_settings())
         state.stop_reason = stop_reason_for(accelerator, state.global_step, max_train_steps, start_time,
-                                            args.time_budget_minutes)
-        if interrupt.requested:
-            state.stop_reason = "interrupted"
+                                            args.time_budget_minutes, interrupt.requested)
         if state.stop_reason in ("interrupted", "time_budget_minutes") and \
                 state.global_step % args.checkpointing_steps:  # a run cut short can be resumed
             save_training_state(accelerator, args.output_dir, state.global_step, state.epoch, batch_index + 1,
