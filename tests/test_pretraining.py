@@ -167,6 +167,28 @@ def test_output_is_a_pipeline_folder_diffusers_loads(unlabelled_folder, tmp_path
     assert ddpm(batch_size=1, num_inference_steps=2, output_type="np").images.shape == (1, 16, 16, 1)
 
 
+def test_the_sample_grid_is_what_the_saved_pipeline_generates_with_unet_dropout_too(unlabelled_folder, tmp_path):
+    """With --unet_dropout the grid was drawn with dropout on (the UNet in training mode): up to 220 grey levels away
+    from what the saved pipeline generates; the model card listed `samples/` when no grid was saved."""
+    import numpy as np
+    import PIL.Image
+    from diffusers import DDIMScheduler
+
+    out = str(tmp_path / "out")
+    main(tiny_args(unlabelled_folder, out, "--num_epochs", "1", "--save_images_epochs", "1", "--unet_dropout", "0.5",
+                   "--mixed_precision", "no"))
+    grid = np.asarray(PIL.Image.open(os.path.join(out, "samples", "epoch-0001.png")).convert("L"))
+    pipe = DiffusionFeaturePipeline.from_pretrained(out)
+    pipe.scheduler = DDIMScheduler.from_config(pipe.scheduler.config)
+    images = pipe(batch_size=2, num_inference_steps=2, output_type="np",
+                  generator=torch.Generator().manual_seed(0)).images
+    regenerated = (images * 255).round().astype(np.uint8)[..., 0]
+    assert np.abs(np.concatenate(list(regenerated), axis=1).astype(int) - grid.astype(int)).max() <= 1
+    assert "Sample grids" in open(os.path.join(out, "README.md")).read()
+    main(tiny_args(unlabelled_folder, str(tmp_path / "none"), "--max_train_steps", "1", "--save_images_epochs", "0"))
+    assert "Sample grids" not in open(os.path.join(tmp_path, "none", "README.md")).read()
+
+
 def test_bf16_runs_on_cpu_and_fp16_is_refused(unlabelled_folder, tmp_path):
     summary = main(tiny_args(unlabelled_folder, str(tmp_path / "bf16"), "--max_train_steps", "2",
                              "--mixed_precision", "bf16"))

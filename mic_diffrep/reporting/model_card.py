@@ -161,9 +161,9 @@ def write_model_card(output_dir: str, results: dict, repo_id: Optional[str] = No
     return path
 
 
-def pipeline_card_text(summary: dict, repo_id: Optional[str] = None) -> str:
+def pipeline_card_text(summary: dict, repo_id: Optional[str] = None, samples: bool = True) -> str:
     """The model card of a pretrained pipeline folder (from its `pretraining_summary.json`): what it is, how to load
-    it, how it was trained."""
+    it, how it was trained; `samples`: whether the folder holds sample grids (`samples/`)."""
     recipe = ", ".join(f"{key} {value}" for key, value in summary.get("recipe", {}).items())
     location = repo_id or "path/to/this/folder"
     steps = summary.get("weights_step", summary.get("global_step"))
@@ -204,12 +204,12 @@ ignores the preprocessing settings in `model_index.json`).
   {summary.get('resolution')} px, {steps},
   {summary.get('num_parameters')} parameters, precision {summary.get('mixed_precision')}.
 - Recipe: {recipe}.
-- Sample grids: `samples/`.
-"""
+""" + ("- Sample grids: `samples/`.\n" if samples else "")
 
 
 def write_pipeline_card(output_dir: str, summary: dict, repo_id: Optional[str] = None) -> str:
     """Writes `README.md` (the model card) of a pretrained pipeline folder into `output_dir`; returns its path."""
     path = os.path.join(output_dir, "README.md")
-    ModelCard(pipeline_card_text(summary, repo_id)).save(path)
+    samples = os.path.isdir(os.path.join(output_dir, "samples"))
+    ModelCard(pipeline_card_text(summary, repo_id, samples)).save(path)
     return path
