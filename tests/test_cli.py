@@ -5,6 +5,7 @@ import subprocess
 import sys
 
 import pytest
+import torch
 
 from mic_diffrep.commands import RUN_DEFAULTS, SAMPLE_DATA_DIR, build_parser, main
 
@@ -403,3 +404,20 @@ def test_extract_with_a_bad_pretrained_folder_leaves_no_output_folder(tmp_path, 
         main(["extract", "--pretrained", str(tmp_path / "a_file.json"), "--data_dir", unlabelled_folder,
               "--output", str(tmp_path / "x" / "y" / "f.safetensors")])
     assert "is a file" in capsys.readouterr().err and not (tmp_path / "x").exists()
+
+
+@pytest.mark.skipif(not torch.distributed.is_available(), reason="needs torch.distributed")
+def test_run_on_two_cpu_processes_pretrains_probes_and_reports_once(tmp_path):
+    """Under torchrun, `run` failed in its probe ("Default process group has not been initialized": pretraining's
+    `end_training` had destroyed it), and every process wrote the report and printed the summary."""
+    out = tmp_path / "run"
+    done = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "-m", "mic_diffrep",
+         "run", "--resolution", "16", "--model_config_name_or_path", "tiny", "--pretrain_epochs", "1",
+         "--pretrain_batch_size", "8", "--num_inference_steps", "2", "--num_images", "2", "--timesteps", "10",
+         "--probe_epochs", "2", "--hidden_size", "8", "--mixed_precision", "no", "--output_dir", str(out)],
+        capture_output=True, text=True, timeout=600, env=dict(os.environ, OMP_NUM_THREADS="1"))
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert done.stdout.count("MicDiffRep-MS test accuracy") == 1 and done.stdout.count("[1/2] Pretraining") == 1
+    report = json.loads((out / "report.json").read_text())
+    assert report["pretraining"]["num_processes"] == 2 and report["probe"]["num_test"] == 40

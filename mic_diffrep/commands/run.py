@@ -276,15 +276,19 @@ def run(namespace) -> dict:
                           pretraining_args.overwrite_output_dir)
         check_new_probe(probe_args.output_dir, probe_args.overwrite_output_dir)  # not after pretraining
         check_run(config, pretraining_args, probe_args)
+    # Said and written by the first process only (`PartialState()` here, before pretraining's `Accelerator(cpu=True)`,
+    # would set up every process of a CPU launch as a run of its own).
+    main_process = os.environ.get("RANK", "0") in ("", "0")
+    say = print if main_process else (lambda *args, **kwargs: None)
     if pretraining is not None:
-        print(f"[1/2] Pretraining: reusing the finished run in {pretraining_args.output_dir} (the same data and "
+        say(f"[1/2] Pretraining: reusing the finished run in {pretraining_args.output_dir} (the same data and "
               f"settings give the same weights; another --output_dir pretrains anew)", flush=True)
     else:
-        print(f"[1/2] Pretraining into {pretraining_args.output_dir}", flush=True)
+        say(f"[1/2] Pretraining into {pretraining_args.output_dir}", flush=True)
         pretraining = pretrain(pretraining_args)
     if pretraining["stop_reason"] == "interrupted":  # Ctrl-C: no probe of a half-trained model
         return pretraining
-    print(f"[2/2] Linear probing into {probe_args.output_dir}", flush=True)
+    say(f"[2/2] Linear probing into {probe_args.output_dir}", flush=True)
     results = run_probe(probe_args)
 
     samples_dir = os.path.join(pretraining_args.output_dir, "samples")
@@ -295,6 +299,8 @@ def run(namespace) -> dict:
                         "sample_grid": os.path.join(samples_dir, samples[-1]) if samples else None,
                         "accuracy_vs_timestep": os.path.join(probe_args.output_dir, "accuracy_vs_timestep.png"),
                         "confusion_matrix": os.path.join(probe_args.output_dir, "confusion_matrix.png")}}
+    if not main_process:
+        return report
     with open(os.path.join(config["output_dir"], "report.json"), "w", encoding="utf-8") as f:
         json.dump(report, f, indent=2)
     with open(os.path.join(config["output_dir"], "report.md"), "w", encoding="utf-8") as f:

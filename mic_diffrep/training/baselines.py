@@ -20,7 +20,8 @@ from ..models.baselines import create_baseline, save_baseline
 from ..utils import SUMMARY_FILE, environment_info, output_folder, peak_memory_mb, tracker_config
 from .arguments import BaselinePretrainingArguments
 from .checkpointing import check_new_run
-from .loop import TrainingState, load_training_images, make_accelerator, make_dataloader, plan_schedule, train
+from .loop import (TrainingState, end_trackers, load_training_images, make_accelerator, make_dataloader,
+                   plan_schedule, train)
 
 
 logger = logging.getLogger(__name__)
@@ -72,5 +73,5 @@ def _pretrain_baseline(args: BaselinePretrainingArguments) -> dict:
         save_baseline(accelerator.unwrap_model(model), args.output_dir)
         with open(os.path.join(args.output_dir, SUMMARY_FILE), "w", encoding="utf-8") as f:
             json.dump(summary, f, indent=2)
-    accelerator.end_training()
+    end_trackers(accelerator)
     return summary

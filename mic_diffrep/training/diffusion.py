@@ -30,7 +30,8 @@ from ..reporting.model_card import write_pipeline_card
 from ..utils import SUMMARY_FILE, command_line, environment_info, output_folder, peak_memory_mb, tracker_config
 from .arguments import RECIPE_KEYS, PretrainingArguments
 from .checkpointing import check_new_run, save_pipeline
-from .loop import TrainingState, load_training_images, make_accelerator, make_dataloader, plan_schedule, train
+from .loop import (TrainingState, end_trackers, load_training_images, make_accelerator, make_dataloader,
+                   plan_schedule, train)
 
 
 logger = logging.getLogger(__name__)
@@ -250,7 +251,7 @@ def _pretrain(args: PretrainingArguments) -> dict:
         if push:
             push_pipeline_to_hub(args.output_dir, hub_repo_id, token=args.hub_token, private=args.hub_private_repo,
                                  logging_dir=args.logging_dir)
-    accelerator.end_training()
+    end_trackers(accelerator)
     return summary
 
 

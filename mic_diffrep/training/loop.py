@@ -95,6 +95,14 @@ def plan_schedule(args: CommonPretrainingArguments, loader, optimizer, accelerat
     return max_train_steps, num_epochs, lr_scheduler
 
 
+def end_trackers(accelerator) -> None:
+    """`accelerator.end_training()` but for the process group, which it destroys: the caller may go on with
+    collective work (`mic-diffrep run` probes after pretraining, in the same processes); the commands destroy it
+    before the program exits (`mic_diffrep.commands.base.run_guarded`)."""
+    for tracker in accelerator.trackers:
+        tracker.finish()
+
+
 def optimization_step(accelerator, model, loss, optimizer, lr_scheduler, max_grad_norm: float, where: str) -> None:
     """Stops on a NaN or infinite loss (naming `where`), else backpropagates, clips and steps optimizer and schedule."""
     if not torch.isfinite(loss):
