@@ -231,6 +231,30 @@ def test_probe_refuses_push_to_hub_for_a_baseline_before_any_work(kaggle_folder,
     assert error.value.code == 2 and "scored only" in capsys.readouterr().err and not out.exists()
 
 
+def test_probe_push_to_hub_creates_the_repository_once_and_uploads_into_it(kaggle_folder, tmp_path):
+    """The repository was created at the start and again at the upload: a network lost by then was reported as
+    "cannot create the Hub repository" instead of the failed upload's "upload it again" message."""
+    from unittest import mock
+
+    from mic_diffrep import DiffusionFeaturePipeline, create_scheduler, create_unet
+    from mic_diffrep.probing import ProbeArguments, run_probe
+    from mic_diffrep.reporting import HubError
+
+    DiffusionFeaturePipeline(create_unet(16, "tiny"), create_scheduler()).save_pretrained(tmp_path / "pipe")
+    probe = ["probe", "--pretrained", str(tmp_path / "pipe"), "--data_dir", kaggle_folder, "--timesteps", "10",
+             "--num_epochs", "1", "--hidden_size", "8", "--push_to_hub", "--hub_model_id", "mri-classifier"]
+    with mock.patch("huggingface_hub.HfApi.create_repo", return_value=mock.Mock(repo_id="me/mri-classifier")) as \
+            create, mock.patch("huggingface_hub.HfApi.upload_folder") as upload:
+        cli(probe + ["--output_dir", str(tmp_path / "probe")])
+    assert create.call_count == 1 and upload.call_args.kwargs["repo_id"] == "me/mri-classifier"
+    with mock.patch("huggingface_hub.HfApi.create_repo", side_effect=[mock.Mock(repo_id="me/mri-classifier"),
+                                                                      ConnectionError("network lost")]), \
+            mock.patch("huggingface_hub.HfApi.upload_folder", side_effect=ConnectionError("network lost")):
+        with pytest.raises(HubError, match="the upload to 'me/mri-classifier' failed .* upload it again later"):
+            run_probe(parse(ProbeArguments, probe[1:] + ["--output_dir", str(tmp_path / "again")]))
+    assert (tmp_path / "again" / "model.safetensors").is_file()
+
+
 def test_a_cpu_run_warns_when_accelerate_leaves_cores_idle(monkeypatch, caplog):
     from mic_diffrep.utils import create_accelerator
 

@@ -258,12 +258,13 @@ def test_push_to_hub_uploads_the_pipeline_folder_without_checkpoints(unlabelled_
         with open(os.path.join(folder, "pretraining_summary.json")) as f:
             uploaded["summary"] = json.load(f)
 
-    with mock.patch("huggingface_hub.HfApi.create_repo", return_value=mock.Mock(repo_id="me/mri-ddpm")), \
+    with mock.patch("huggingface_hub.HfApi.create_repo", return_value=mock.Mock(repo_id="me/mri-ddpm")) as create, \
             mock.patch("huggingface_hub.HfApi.upload_folder", side_effect=fake_upload_folder):
         main(tiny_args(unlabelled_folder, str(tmp_path / "out"), "--max_train_steps", "2", "--checkpointing_steps",
                        "1", "--push_to_hub", "--hub_model_id", "me/mri-ddpm", "--logging_dir", "tb",
                        "--logger", "tensorboard"))
     assert uploaded["repo_id"] == "me/mri-ddpm"
+    assert create.call_count == 1  # at the start; a network lost by the end was blamed on creating it again
     assert {"model_index.json", "unet/config.json", "scheduler/scheduler_config.json", "README.md",
             "pretraining_summary.json"} <= set(uploaded["files"])
     # no checkpoints, caches or tracker logs (absolute paths in hparams), wherever the logs are

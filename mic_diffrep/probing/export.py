@@ -7,7 +7,7 @@ from transformers.utils import CONFIG_NAME, SAFE_WEIGHTS_NAME
 
 from ..data import TEST_IMAGES_FILE
 from ..models.mic_diffrep import MicDiffRepImageProcessor, modeling_mic_diffrep
-from ..reporting.hub import default_repo_id, push_to_hub
+from ..reporting.hub import push_to_hub
 from ..reporting.model_card import write_model_card
 from ..reporting.plotting import plot_accuracy_vs_timestep, plot_confusion_matrix
 from ..reporting.results import results_markdown
@@ -76,6 +76,5 @@ def write_model_folder(extractor, probe, results: dict, label_names, args: Probe
                              keep_empty_slices=args.keep_empty_slices).save_pretrained(args.output_dir)
     write_model_card(args.output_dir, results)
     if args.push_to_hub:
-        push_to_hub(args.output_dir, default_repo_id(args.output_dir, args.hub_model_id),
-                    token=args.hub_token, private=args.hub_private_repo)
+        push_to_hub(args.output_dir, args.hub_model_id, token=args.hub_token, create_repo=False)
     return True

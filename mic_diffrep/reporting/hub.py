@@ -79,13 +79,15 @@ def _python_retry(function: str, folder: str, repo_id: str, **kwargs) -> str:
 
 
 def push_pipeline_to_hub(pipeline_dir: str, repo_id: str, token: Optional[str] = None, private: bool = False,
-                         logging_dir: str = "logs") -> str:
+                         logging_dir: str = "logs", create_repo: bool = True) -> str:
     """Uploads a pretrained pipeline folder (weights, configs, sample grids, its summary with local paths cut to their
     names and a model card that loads from `repo_id`; no checkpoints, caches or tracker logs, wherever
-    `logging_dir` put them inside the folder)."""
+    `logging_dir` put them inside the folder). `create_repo=False`: `repo_id` is the full id of a repository
+    created before (by a run, at its start), uploaded to as it is."""
     if not os.path.isfile(os.path.join(pipeline_dir, "model_index.json")):
         raise FileNotFoundError(f"{pipeline_dir} is not a pretrained pipeline folder (no model_index.json).")
-    repo_id = create_hub_repo(repo_id, token, private)  # the full id (`user/name`), which the model card loads
+    if create_repo:
+        repo_id = create_hub_repo(repo_id, token, private)  # the full id (`user/name`), which the model card loads
     ignore = list(PIPELINE_IGNORE_PATTERNS)
     try:
         logs = os.path.relpath(os.path.join(pipeline_dir, logging_dir), pipeline_dir)
@@ -114,17 +116,19 @@ def push_pipeline_to_hub(pipeline_dir: str, repo_id: str, token: Optional[str] =
 
 
 def push_to_hub(model_dir: str, repo_id: str, token: Optional[str] = None, private: bool = False,
-                commit_message: str = "Upload MicDiffRep classifier") -> str:
+                commit_message: str = "Upload MicDiffRep classifier", create_repo: bool = True) -> str:
     """Uploads a model folder made by `training/linear_probe.py` to the Hub; returns the repository id.
 
     The uploaded folder holds the config and weights, the image processor, the model card, results (local paths cut
     to their names: `published_results`) and plots, and the code files with `auto_map` entries, so
     `AutoModelForImageClassification` / `AutoImageProcessor` load it with `trust_remote_code=True` where mic-diffrep
-    is not installed.
+    is not installed. `create_repo=False`: `repo_id` is the full id of a repository created before (by a run, at
+    its start), uploaded to as it is.
     """
     if not os.path.isfile(os.path.join(model_dir, "config.json")):
         raise FileNotFoundError(f"{model_dir} is not a model folder (no config.json).")
-    repo_id = create_hub_repo(repo_id, token, private)  # the full id (`user/name`), which the model card loads
+    if create_repo:
+        repo_id = create_hub_repo(repo_id, token, private)  # the full id (`user/name`), which the model card loads
     with tempfile.TemporaryDirectory() as staging:
         for name in sorted(os.listdir(model_dir)):
             if os.path.isfile(os.path.join(model_dir, name)) and name.endswith(HUB_FILES):

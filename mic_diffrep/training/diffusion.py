@@ -249,7 +249,7 @@ def _pretrain(args: PretrainingArguments) -> dict:
         if weights_step is not None:  # not for weights this run did not save (or a folder of checkpoints only)
             write_pipeline_card(args.output_dir, summary, hub_repo_id if push else None)
         if push:
-            push_pipeline_to_hub(args.output_dir, hub_repo_id, token=args.hub_token, private=args.hub_private_repo,
+            push_pipeline_to_hub(args.output_dir, hub_repo_id, token=args.hub_token, create_repo=False,
                                  logging_dir=args.logging_dir)
     end_trackers(accelerator)
     return summary
