@@ -138,6 +138,13 @@ def test_resume_from_checkpoint_gives_the_weights_of_an_uninterrupted_run(unlabe
     assert expected.keys() == actual.keys()
     for name in expected:
         torch.testing.assert_close(actual[name], expected[name], rtol=0, atol=0, msg=name)
+    # by its name in --output_dir, as diffusers' scripts take it (it was refused: "not a checkpoint folder")
+    named = str(tmp_path / "named")
+    shutil.copytree(os.path.join(full, "checkpoint-6"), os.path.join(named, "checkpoint-6"))
+    assert main(tiny_args(unlabelled_folder, named, *extra, "--resume_from_checkpoint", "checkpoint-6"))[
+        "global_step"] == 9
+    for name in expected:
+        torch.testing.assert_close(unet_weights(named)[name], expected[name], rtol=0, atol=0, msg=name)
 
 
 def test_gradient_accumulation_and_checkpoint_limit(unlabelled_folder, tmp_path):

@@ -107,7 +107,8 @@ class CommonPretrainingArguments:
         "help": "Save a resumable checkpoint (accelerator.save_state) every this many steps."})
     checkpoints_total_limit: Optional[int] = field(default=None, metadata={"help": "Keep at most this many checkpoints."})
     resume_from_checkpoint: Optional[str] = field(default=None, metadata={
-        "help": 'Resume from a checkpoint folder, or "latest" for the newest one in --output_dir.'})
+        "help": 'Resume from a checkpoint folder, the name of one in --output_dir (checkpoint-500), or "latest" for '
+                'the newest one there.'})
     overwrite_output_dir: bool = field(default=False, metadata={
         "help": "Start a new run in an --output_dir holding an earlier run's checkpoints or weights (refused without "
                 "it, so a forgotten --resume_from_checkpoint loses nothing); the new run replaces or prunes them."})
@@ -134,10 +135,11 @@ class CommonPretrainingArguments:
             raise ValueError(f"`lr_scheduler` must be one of {', '.join(schedules)}, got {self.lr_scheduler!r}.")
         if self.time_budget_minutes is not None and self.time_budget_minutes <= 0:
             raise ValueError(f"`time_budget_minutes` must be positive, got {self.time_budget_minutes}.")
-        if self.resume_from_checkpoint not in (None, "latest") and not os.path.isdir(self.resume_from_checkpoint):
-            raise FileNotFoundError(f"`resume_from_checkpoint` {self.resume_from_checkpoint!r} is not a checkpoint "
-                                    f"folder (give one, or 'latest' for the newest in --output_dir).")
         checkpoint = find_checkpoint(self.output_dir, self.resume_from_checkpoint)
+        if self.resume_from_checkpoint not in (None, "latest") and not os.path.isdir(checkpoint):
+            raise FileNotFoundError(f"`resume_from_checkpoint` {self.resume_from_checkpoint!r} is not a checkpoint "
+                                    f"folder (give one, the name of one in --output_dir, or 'latest' for the newest "
+                                    f"there).")
         if checkpoint is not None:  # readable and of these settings: checked before the data is decoded
             check_checkpoint(checkpoint, self.checkpoint_settings())
         if self.logger in ("tensorboard", "wandb") and importlib.util.find_spec(self.logger) is None:

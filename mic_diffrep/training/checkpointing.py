@@ -117,10 +117,18 @@ def save_training_state(accelerator, output_dir: str, global_step: int, epoch: i
 
 
 def find_checkpoint(output_dir: str, resume_from_checkpoint: Optional[str]) -> Optional[str]:
-    """The checkpoint folder `--resume_from_checkpoint` names (`"latest"`: the newest in `output_dir`), or `None`."""
+    """The checkpoint folder `--resume_from_checkpoint` names (`"latest"`: the newest in `output_dir`; a name such as
+    `checkpoint-500` that is not a folder here: that checkpoint of `output_dir`, as diffusers' scripts read it), or
+    `None`."""
     if not resume_from_checkpoint:
         return None
-    return _latest_checkpoint(output_dir) if resume_from_checkpoint == "latest" else resume_from_checkpoint
+    if resume_from_checkpoint == "latest":
+        return _latest_checkpoint(output_dir)
+    inside = os.path.join(output_dir, resume_from_checkpoint)
+    if not os.path.isdir(resume_from_checkpoint) and os.sep not in resume_from_checkpoint.rstrip(os.sep) \
+            and os.path.isdir(inside):
+        return inside
+    return resume_from_checkpoint
 
 
 def check_checkpoint(path: str, settings: Optional[dict] = None, num_processes: Optional[int] = None) -> dict:
