@@ -442,3 +442,21 @@ def test_extract_seed_is_a_deprecated_name_of_noise_seed():
     with pytest.raises(ValueError, match="give --noise_seed only"):  # an explicit 0 is not the default: 5 was taken
         parse(ExtractionArguments, base + ["--seed", "5", "--noise_seed", "0"])
     assert parse(ExtractionArguments, base).noise_seed == 0
+
+
+def test_extract_and_probe_follow_accelerate_launchs_precision_when_not_given(kaggle_folder, tmp_path, monkeypatch):
+    """`accelerate launch --mixed_precision bf16` (or the accelerate config) was ignored by extract and probe,
+    which ran in float32 unless given --mixed_precision, while pretraining followed it."""
+    from safetensors import safe_open
+
+    from mic_diffrep import DiffusionFeaturePipeline, create_scheduler, create_unet
+
+    DiffusionFeaturePipeline(create_unet(16, "tiny"), create_scheduler()).save_pretrained(tmp_path / "pipe")
+    monkeypatch.setenv("ACCELERATE_MIXED_PRECISION", "bf16")  # what the launcher passes its processes
+    cli(["extract", "--pretrained", str(tmp_path / "pipe"), "--data_dir", kaggle_folder, "--output",
+         str(tmp_path / "f.safetensors"), "--timesteps", "10"])
+    settings = json.loads(safe_open(str(tmp_path / "f.safetensors"), "pt").metadata()["settings"])
+    assert settings["mixed_precision"] == "bf16"
+    cli(["probe", "--pretrained", str(tmp_path / "pipe"), "--data_dir", kaggle_folder, "--output_dir",
+         str(tmp_path / "probe"), "--timesteps", "10", "--num_epochs", "1", "--hidden_size", "8"])
+    assert json.loads((tmp_path / "probe" / "config.json").read_text())["mixed_precision"] == "bf16"

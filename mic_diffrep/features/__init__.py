@@ -5,15 +5,15 @@ the feature cache (`cache`) and sharded extraction of a folder (`extraction`). T
 from .arguments import DEFAULT_TIMESTEPS, ExtractionArguments, FeatureArguments
 from .cache import (CachedFeatures, StaleFeatureCacheError, load_features, model_fingerprint, pixels_fingerprint,
                     save_features)
-from .extraction import (extract_folder, extract_sharded, inherit_pretrained_slices, noise_seeds_for,
-                         prepare_extractor)
+from .extraction import (extract_folder, extract_sharded, inherit_pretrained_slices, launch_precision,
+                         noise_seeds_for, prepare_extractor)
 from .extractors import (ClipFeatureExtractor, DiffusionFeatureExtractor, EncoderFeatureExtractor, FeatureExtractor,
                          load_feature_extractor, load_pipeline)
 
 
 __all__ = ["CachedFeatures", "ClipFeatureExtractor", "DEFAULT_TIMESTEPS", "DiffusionFeatureExtractor",
            "EncoderFeatureExtractor", "ExtractionArguments", "FeatureArguments", "FeatureExtractor",
-           "StaleFeatureCacheError", "extract_folder", "extract_sharded", "inherit_pretrained_slices",
+           "StaleFeatureCacheError", "extract_folder", "extract_sharded", "inherit_pretrained_slices", "launch_precision",
            "load_feature_extractor", "load_pipeline",
            "load_features", "model_fingerprint", "noise_seeds_for", "pixels_fingerprint", "prepare_extractor",
            "save_features"]

@@ -37,7 +37,8 @@ class FeatureArguments:
                 "images/s of 128); on a GPU use a few hundred."})
     mixed_precision: Optional[Literal["no", "fp16", "bf16"]] = field(default=None, metadata={
         "help": "'bf16' runs the frozen model in bf16 (about 2x faster on CPUs with AMX/AVX-512-BF16; fp16 is GPU "
-                "only). Default: float32 ('no')."})
+                "only). Default: the accelerate config (`accelerate launch --mixed_precision`), else float32 "
+                "('no')."})
 
     def __post_init__(self):
         if hasattr(self.timesteps, "tolist"):  # a numpy array or tensor, as `extract_features` takes them

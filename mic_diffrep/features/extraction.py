@@ -62,9 +62,16 @@ def extract_sharded(extractor: FeatureExtractor, pixels: torch.Tensor, args, acc
 
 
 def prepare_extractor(extractor: FeatureExtractor, args, accelerator) -> FeatureExtractor:
-    """Moves `extractor` to the accelerator's device and to the precision `args.mixed_precision` asks for."""
+    """Moves `extractor` to the accelerator's device and to the precision `args.mixed_precision` asks for (see
+    `launch_precision`)."""
     extractor.to(accelerator.device)
     return extractor.to(precision_dtype(args.mixed_precision, accelerator.device))
+
+
+def launch_precision(args, accelerator):
+    """`args` with an unset `mixed_precision` taken from the accelerator: that of `accelerate launch
+    --mixed_precision` or of the accelerate config ('no' without either), as pretraining takes it."""
+    return args if args.mixed_precision is not None else replace(args, mixed_precision=accelerator.mixed_precision)
 
 
 def inherit_pretrained_slices(args, extractor: FeatureExtractor):
@@ -77,6 +84,7 @@ def inherit_pretrained_slices(args, extractor: FeatureExtractor):
 def extract_folder(args: ExtractionArguments) -> Dict[Tuple[str, int], torch.Tensor]:
     """Features of the images of `args.data_dir` into the feature cache `args.output`; returns them."""
     accelerator = create_accelerator()
+    args = launch_precision(args, accelerator)
     extractor = prepare_extractor(load_feature_extractor(args.pretrained), args, accelerator)
     args = inherit_pretrained_slices(extractor.resolve(args), extractor)
     splits, dataset = select_splits(load_image_folder(args.data_dir), args.splits, "splits")

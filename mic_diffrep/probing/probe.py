@@ -26,7 +26,8 @@ import torch
 
 from ..data import TEST_IMAGES_FILE, DecodedImages, write_image_list
 from ..features import (FeatureExtractor, StaleFeatureCacheError, extract_sharded, inherit_pretrained_slices,
-                        load_feature_extractor, load_features, pixels_fingerprint, prepare_extractor, save_features)
+                        launch_precision, load_feature_extractor, load_features, pixels_fingerprint,
+                        prepare_extractor, save_features)
 from ..reporting.hub import create_hub_repo, default_repo_id
 from ..utils import command_line, create_accelerator, environment_info, output_folder, precision_name
 from .arguments import ProbeArguments
@@ -81,6 +82,7 @@ def _run_probe(args: ProbeArguments, extractor: Optional[FeatureExtractor]) -> d
     accelerator = create_accelerator()
     if extractor is not None and args.mixed_precision is None:  # a given extractor runs in its own precision
         args = replace(args, mixed_precision=precision_name(extractor.dtype))
+    args = launch_precision(args, accelerator)
     extractor = extractor or load_feature_extractor(args.pretrained, args.resolution)
     if args.push_to_hub:  # checked before the work, not after it
         if not extractor.exportable:
