@@ -88,7 +88,8 @@ def test_baseline_pretraining_output_plugs_into_the_probe(method, kaggle_folder,
         "--method", method, "--train_data_dir", kaggle_folder, "--output_dir", out, "--resolution", "16",
         "--train_batch_size", "8", "--max_train_steps", "2", "--logger", "none", "--checkpointing_steps", "1",
         "--slice_axis", "1"]))
-    assert summary["global_step"] == 2 and summary["splits"] == ["train"]
+    assert summary["global_step"] == 2 and summary["splits"] == ["train"] and summary["stop_reason"] == "max_train_steps"
+    assert summary["num_processes"] == 1 and summary["mixed_precision"] == "no" and summary["command"]
     assert load_feature_extractor(out).slice_settings == {  # what extract and probe read volumes with by default
         "slice_axis": 1, "slice_range": None, "keep_empty_slices": False}
     assert {"baseline_config.json", "model.safetensors", "checkpoint-2"} <= set(os.listdir(out))

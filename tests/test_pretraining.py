@@ -161,6 +161,7 @@ def test_output_is_a_pipeline_folder_diffusers_loads(unlabelled_folder, tmp_path
                              "--timestep_power", "1"))
     assert {"model_index.json", "unet", "scheduler", "samples", "pretraining_summary.json"} <= set(os.listdir(out))
     assert summary["recipe"]["timestep_power"] == 1.0 and summary["recipe"]["learning_rate"] == 1e-3
+    assert summary["stop_reason"] == "num_epochs"  # it ran its epoch (was "max_train_steps", the steps it made)
     assert os.path.isfile(os.path.join(out, "unet", "diffusion_pytorch_model.safetensors"))
     assert not any(name.endswith(".bin") for name in os.listdir(os.path.join(out, "unet")))
     assert os.listdir(os.path.join(out, "samples")) == ["epoch-0001.png"]
@@ -579,4 +580,4 @@ def test_an_interrupted_runs_card_gives_the_step_of_the_weights_in_the_folder(un
     summary = main(tiny_args(unlabelled_folder, str(out), "--num_epochs", "3", "--save_model_epochs", "1",
                              "--resume_from_checkpoint", "latest"))
     assert summary["global_step"] == summary["weights_step"] == 18
-    assert "18 optimisation steps (max_train_steps)" in (out / "README.md").read_text()
+    assert "18 optimisation steps (num_epochs)" in (out / "README.md").read_text()  # it ran its 3 epochs

@@ -17,11 +17,11 @@ import os
 import torch
 
 from ..models.baselines import create_baseline, save_baseline
-from ..utils import SUMMARY_FILE, environment_info, output_folder, peak_memory_mb, tracker_config
+from ..utils import SUMMARY_FILE, command_line, environment_info, output_folder, peak_memory_mb, tracker_config
 from .arguments import BaselinePretrainingArguments
 from .checkpointing import check_new_run
 from .loop import (TrainingState, end_trackers, load_training_images, make_accelerator, make_dataloader,
-                   plan_schedule, train)
+                   plan_schedule, summary_stop_reason, train)
 
 
 logger = logging.getLogger(__name__)
@@ -63,8 +63,10 @@ def _pretrain_baseline(args: BaselinePretrainingArguments) -> dict:
     state = train(accelerator, model, loader, dataset, optimizer, lr_scheduler, args, max_train_steps, num_epochs,
                   compute_loss, after_step, desc=f"Pretraining {args.method}")
     minutes = state.train_seconds / 60
-    summary = {"method": args.method, "num_images": len(decoded), "splits": splits, "resolution": args.resolution,
-               "global_step": state.global_step, "stop_reason": state.stop_reason or "num_epochs",
+    summary = {"command": command_line(), "method": args.method, "num_images": len(decoded), "splits": splits,
+               "resolution": args.resolution, "num_processes": accelerator.num_processes,
+               "mixed_precision": accelerator.mixed_precision,
+               "global_step": state.global_step, "stop_reason": summary_stop_reason(state, args),
                "final_loss": state.last_loss, "train_minutes": minutes, "images_seen": state.images_seen,
                "images_per_second": state.images_seen / (60 * minutes) if minutes > 0 else None,
                "num_parameters": sum(p.numel() for p in accelerator.unwrap_model(model).parameters()),

@@ -31,7 +31,7 @@ from ..utils import SUMMARY_FILE, command_line, environment_info, output_folder,
 from .arguments import RECIPE_KEYS, PretrainingArguments
 from .checkpointing import check_new_run, save_pipeline
 from .loop import (TrainingState, end_trackers, load_training_images, make_accelerator, make_dataloader,
-                   plan_schedule, train)
+                   plan_schedule, summary_stop_reason, train)
 
 
 logger = logging.getLogger(__name__)
@@ -274,7 +274,7 @@ def training_summary(state: TrainingState, args, accelerator, decoded, splits, m
         "mixed_precision": accelerator.mixed_precision,
         "global_step": state.global_step,
         "epochs_completed": state.epoch + (0 if state.stop_reason == "interrupted" else 1),
-        "stop_reason": state.stop_reason or "num_epochs",
+        "stop_reason": summary_stop_reason(state, args),
         "final_loss": state.last_loss,
         "train_minutes": state.train_seconds / 60,
         "images_seen": state.images_seen,

@@ -95,6 +95,14 @@ def plan_schedule(args: CommonPretrainingArguments, loader, optimizer, accelerat
     return max_train_steps, num_epochs, lr_scheduler
 
 
+def summary_stop_reason(state: TrainingState, args: CommonPretrainingArguments) -> str:
+    """Why the run stopped, for its summary: `"num_epochs"` when it ran the epochs it was given (its last step is
+    also the planned step count, which it reached), else `state.stop_reason`."""
+    if state.stop_reason is None or (state.stop_reason == "max_train_steps" and args.max_train_steps is None):
+        return "num_epochs"
+    return state.stop_reason
+
+
 def end_trackers(accelerator) -> None:
     """`accelerator.end_training()` but for the process group, which it destroys: the caller may go on with
     collective work (`mic-diffrep run` probes after pretraining, in the same processes); the commands destroy it
