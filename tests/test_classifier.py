@@ -303,3 +303,20 @@ def test_loading_a_checkpoint_a_run_folder_or_a_baseline_as_a_pipeline_names_the
         with pytest.raises(ValueError, match=cases[folder]):
             load_pipeline(str(folder))
     assert DiffusionFeaturePipeline.from_pretrained(run / "pretrain").resolution == 16
+
+
+def test_published_results_cut_the_test_folder_to_its_name_wherever_it_appears():
+    """A probe's `--test_data_dir` was uploaded whole in its skipped files ("/home/alice/site b/glioma/bad.jpg"), and
+    its description was split at spaces ("--test_data_dir home alice/site b")."""
+    from mic_diffrep.reporting.model_card import published_results
+
+    test_dir = "/home/alice/site b"
+    results = {"data_dir": "/home/alice/data", "test_data_dir": test_dir, "test_split": f"--test_data_dir {test_dir}",
+               "skipped_images": [{"path": f"{test_dir}/glioma/bad.jpg",
+                                   "error": f"OSError: {test_dir}/glioma/bad.jpg"}],
+               "leakage": {"skipped_images": [{"path": f"{test_dir}/glioma/bad.jpg"}]},
+               "command": f"mic-diffrep probe --data_dir /home/alice/data --test_data_dir '{test_dir}'"}
+    published = published_results(results)
+    assert "alice" not in json.dumps(published)
+    assert published["test_split"] == "--test_data_dir site b"
+    assert published["skipped_images"][0]["path"] == "site b/glioma/bad.jpg"

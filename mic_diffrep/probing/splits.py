@@ -139,7 +139,7 @@ def _train_and_test(args: ProbeArguments, decode):
         check_labelled(test_set, args.test_data_dir)
         train = decode(train_set)
         test = _align_labels(decode(test_set), train.label_names, args.test_data_dir)
-        return train, test, f"--test_data_dir {args.test_data_dir}"
+        return train, test, f"--test_data_dir {os.path.abspath(args.test_data_dir)}"
     if "test" in splits and train_splits:
         _, train_set = select_splits(splits, train_splits)
         check_labelled(train_set, args.data_dir)

@@ -37,7 +37,7 @@ def published_results(results: dict) -> dict:
     files and their errors included, and every path among the command's arguments and in the test split's
     description); the local file keeps them whole."""
     folders = {}  # a local folder, as given and absolute -> its name
-    for key in ("data_dir", "train_data_dir", "pretrained"):
+    for key in ("data_dir", "train_data_dir", "test_data_dir", "pretrained"):
         if results.get(key) and os.sep in os.path.normpath(str(results[key])):
             folders[str(results[key])] = folders[os.path.abspath(str(results[key]))] = _name(results[key])
 
@@ -54,7 +54,7 @@ def published_results(results: dict) -> dict:
     published = publish(results)
     if results.get("command"):
         published["command"] = shlex.join(_published_argument(a) for a in shlex.split(results["command"]))
-    if results.get("test_split"):  # e.g. "--test_data_dir /abs/site-b"
+    if results.get("test_split") and "test_data_dir" not in results:  # results written before it was recorded
         published["test_split"] = " ".join(_published_argument(word) for word in str(published["test_split"]).split())
     return published
 
