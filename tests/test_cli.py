@@ -95,6 +95,26 @@ def test_run_predict_evaluate_end_to_end(tmp_path, capsys):
     assert "Pretraining into" in capsys.readouterr().out
 
 
+def test_run_pretrains_again_when_its_images_changed(tmp_path, capsys):
+    """A finished pretraining was reused after images were removed from (or replaced in) the data folder: the
+    report paired a model of the old images with a probe of the new ones."""
+    data = tmp_path / "data"
+    shutil.copytree(SAMPLE_DATA_DIR, data)
+    tiny = ["run", "--data_dir", str(data), "--output_dir", str(tmp_path / "run"), "--resolution", "16",
+            "--model_config_name_or_path", "tiny", "--pretrain_epochs", "1", "--num_images", "2",
+            "--num_inference_steps", "2", "--timesteps", "10", "--probe_epochs", "1", "--hidden_size", "8",
+            "--mixed_precision", "no"]
+    main(tiny)
+    main(tiny + ["--overwrite_output_dir"])
+    assert "reusing the finished run" in capsys.readouterr().out  # the same images
+    for name in ("glioma", "meningioma", "notumor", "pituitary"):
+        for image in sorted((data / "Training" / name).iterdir())[:10]:
+            image.unlink()
+    main(tiny + ["--overwrite_output_dir"])
+    assert "Pretraining into" in capsys.readouterr().out
+    assert json.loads((tmp_path / "run" / "report.json").read_text())["pretraining"]["num_images"] == 80
+
+
 def test_check_leakage_cli(tmp_path, capsys):
     main(["check-leakage", "--train", os.path.join(SAMPLE_DATA_DIR, "Training"),
           "--test", os.path.join(SAMPLE_DATA_DIR, "Testing"), "--output", str(tmp_path / "leak.json")])

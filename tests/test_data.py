@@ -72,6 +72,27 @@ def test_decode_cache_round_trip(kaggle_folder, tmp_path, caplog):
     assert "Loaded" in caplog.text  # rewritten
 
 
+def test_a_file_replaced_with_the_same_size_and_time_is_decoded_anew(tmp_path):
+    """The decode cache was keyed by each file's size and modification time: an image replaced in place by one of the
+    same size, its time kept (`cp -p`, `rsync -a`, a corrected release unpacked), was read stale from the cache."""
+    import numpy as np
+    import PIL.Image
+
+    from mic_diffrep.data import images_fingerprint
+
+    path = tmp_path / "a.bmp"  # uncompressed: every 16 x 16 grey image has the same size
+    PIL.Image.fromarray(np.tile(np.arange(16, dtype=np.uint8) * 16, (16, 1))).save(path)
+    first = decode_images([str(path)], 16, cache_dir=str(tmp_path / "cache"), show_progress=False)
+    assert first.fingerprint == images_fingerprint([str(path)], 16)
+    stat = os.stat(path)
+    PIL.Image.fromarray(255 - np.asarray(PIL.Image.open(path))).save(path)
+    os.utime(path, ns=(stat.st_atime_ns, stat.st_mtime_ns))
+    assert os.stat(path).st_size == stat.st_size
+    again = decode_images([str(path)], 16, cache_dir=str(tmp_path / "cache"), show_progress=False)
+    assert not torch.equal(first.pixels, again.pixels) and again.fingerprint != first.fingerprint
+    assert torch.equal(again.pixels, decode_images([str(path)], 16, show_progress=False).pixels)
+
+
 def test_mirrored_images_keep_their_ids_and_labels(kaggle_folder):
     decoded = decode_images(load_image_folder(kaggle_folder)["train"], 16)
     mirrored = decoded.mirrored()

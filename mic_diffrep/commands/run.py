@@ -16,7 +16,7 @@ from typing import Literal, Optional
 
 import yaml
 
-from ..data import check_labelled, decode_images, load_image_folder, select_splits
+from ..data import check_labelled, decode_images, images_fingerprint, load_image_folder, select_splits
 from ..data.medical import add_slice_arguments
 from ..features import FeatureArguments
 from ..models.mic_diffrep.unet import UNET_PRESETS
@@ -228,9 +228,9 @@ def probe_arguments(config: dict) -> ProbeArguments:
 
 
 def finished_pretraining(args: PretrainingArguments) -> Optional[dict]:
-    """The summary of a finished pretraining run in `args.output_dir` made with the same data, settings and length
-    (which give the same weights), so that a `run` stopped or failed in its probe stage does not pretrain again;
-    else `None`."""
+    """The summary of a finished pretraining run in `args.output_dir` made with the same data (the same files, with
+    the same contents), settings and length (which give the same weights), so that a `run` stopped or failed in its
+    probe stage does not pretrain again; else `None`."""
     try:
         with open(os.path.join(args.output_dir, SUMMARY_FILE), encoding="utf-8") as f:
             summary = json.load(f)
@@ -242,6 +242,9 @@ def finished_pretraining(args: PretrainingArguments) -> Optional[dict]:
             and args.mixed_precision is not None and summary.get("mixed_precision") == args.mixed_precision
             and (summary.get("num_epochs"), summary.get("max_train_steps")) == (args.num_epochs, args.max_train_steps)
             and os.path.abspath(str(summary.get("train_data_dir"))) == os.path.abspath(args.train_data_dir))
+    if same:  # images added, removed or replaced since give other weights (a summary without the record: unknown)
+        images = select_splits(load_image_folder(args.train_data_dir), args.pretrain_splits)[1]
+        same = summary.get("data_fingerprint") == images_fingerprint(images, args.preprocessing, args.slices)
     return summary if same else None
 
 

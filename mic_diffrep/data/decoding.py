@@ -39,7 +39,7 @@ from .medical import SliceSelection, is_medical_file
 
 logger = logging.getLogger(__name__)
 
-_DECODE_CACHE_VERSION = "2"
+_DECODE_CACHE_VERSION = "3"  # 3: files keyed by their contents (2: by size and modification time)
 
 
 class BadImageError(ValueError):
@@ -51,7 +51,8 @@ class DecodedImages:
     """Decoded, preprocessed images: uint8 `pixels` of shape `(N, 1, R, R)` with their ids and labels.
 
     `paths` holds one id per image: the file path, or `"<path>#slice=<k>"` for slice `k` of a multi-slice DICOM /
-    NIfTI file. `skipped` lists the unreadable files (`{"path", "error"}`).
+    NIfTI file. `skipped` lists the unreadable files (`{"path", "error"}`). `fingerprint`: the images'
+    `images_fingerprint` (files and settings) when `decode_images` made them, `None` for a subset or a copy.
     """
 
     pixels: torch.Tensor
@@ -59,13 +60,14 @@ class DecodedImages:
     labels: Optional[torch.Tensor] = None
     label_names: Optional[List[str]] = None
     skipped: List[Dict[str, str]] = field(default_factory=list)
+    fingerprint: Optional[str] = None
 
     def __len__(self) -> int:
         return len(self.paths)
 
     def mirrored(self) -> "DecodedImages":
         """The same images mirrored left-right (same ids and labels)."""
-        return replace(self, pixels=self.pixels.flip(-1))
+        return replace(self, pixels=self.pixels.flip(-1), fingerprint=None)
 
     def subset(self, indices: Sequence[int]) -> "DecodedImages":
         index = torch.as_tensor(list(indices), dtype=torch.long)
@@ -130,9 +132,28 @@ def _sources_of(images) -> (List[Union[str, bytes]], List[str], Optional[List[in
     return sources, paths, labels, label_names
 
 
+def _file_digest(path: str) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def images_fingerprint(images, preprocessing: Union[ImagePreprocessing, int],
+                       slices: Optional[SliceSelection] = None) -> str:
+    """What the decoded images of `images` (as `decode_images` takes them) depend on, hashed: the settings and
+    each file (its path and contents). It keys the decode cache, and a pretraining's summary records it."""
+    sources, paths, _, _ = _sources_of(images)
+    return _cache_key(sources, paths, ImagePreprocessing.of(preprocessing),
+                      SliceSelection() if slices is None else slices)
+
+
 def _cache_key(sources: List[Union[str, bytes]], paths: List[str], preprocessing: ImagePreprocessing,
                slices: SliceSelection) -> str:
-    """The decoded images' cache key: the settings and each file (path, size, mtime), or the bytes read instead."""
+    """The decoded images' cache key: the settings and each file (path and contents; a file replaced by another of
+    the same size and modification time, as `cp -p` or `rsync -a` leave it, is read anew), or the bytes read
+    instead."""
     key = f"{_DECODE_CACHE_VERSION}|{preprocessing}"
     if any(is_medical_file(path) for path in paths):  # the slice selection only changes DICOM / NIfTI files
         key += f"|{slices}"
@@ -142,8 +163,7 @@ def _cache_key(sources: List[Union[str, bytes]], paths: List[str], preprocessing
             digest.update(f"{path}|bytes|{hashlib.sha256(source).hexdigest()}\n".encode())
             continue
         try:
-            stat = os.stat(path)
-            digest.update(f"{os.path.abspath(path)}|{stat.st_size}|{stat.st_mtime_ns}\n".encode())
+            digest.update(f"{os.path.abspath(path)}|{_file_digest(path)}\n".encode())
         except OSError:
             digest.update(f"{path}|missing\n".encode())
     return digest.hexdigest()[:24]
@@ -169,7 +189,7 @@ def decode_images(
             naming it; with `True` it is skipped and listed in `DecodedImages.skipped`.
         num_workers (`int`): decoding processes (a `torch.utils.data.DataLoader` does the work).
         cache_dir (`str`, *optional*):
-            where to keep the decoded tensors as safetensors, keyed by the files (path, size, mtime) and settings.
+            where to keep the decoded tensors as safetensors, keyed by the files (path and contents) and settings.
             The cache file is written only once every file is decoded.
         slices (`SliceSelection`, *optional*): which slices of NIfTI volumes become images (slicing axis, range,
             empty slices); defaults to `SliceSelection()`: every non-empty axial slice.
@@ -185,11 +205,12 @@ def decode_images(
     sources, paths, labels, label_names = _sources_of(images)
     if not sources:
         raise ValueError("No images to decode.")
-    cache_file = None
+    key, cache_file = _cache_key(sources, paths, preprocessing, slices), None
     if cache_dir is not None:
-        cache_file = os.path.join(cache_dir, f"decoded-{_cache_key(sources, paths, preprocessing, slices)}.safetensors")
+        cache_file = os.path.join(cache_dir, f"decoded-{key}.safetensors")
         decoded = _load_decoded(cache_file) if os.path.isfile(cache_file) else None
         if decoded is not None:
+            decoded.fingerprint = key
             if decoded.skipped and not skip_bad_images:
                 bad = decoded.skipped[0]
                 raise BadImageError(_bad_image_message(bad["path"], bad["error"]))
@@ -229,6 +250,7 @@ def decode_images(
         labels=None if labels is None else torch.tensor(kept_labels, dtype=torch.long),
         label_names=label_names,
         skipped=skipped,
+        fingerprint=key,
     )
     if cache_file is not None:
         _save_decoded(decoded, cache_file)

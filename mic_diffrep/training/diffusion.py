@@ -263,6 +263,7 @@ def training_summary(state: TrainingState, args, accelerator, decoded, splits, m
         "train_data_dir": args.train_data_dir,
         "splits": splits,
         "num_images": len(decoded),
+        "data_fingerprint": decoded.fingerprint,  # the images' files and preprocessing (`images_fingerprint`)
         "skipped_images": decoded.skipped,
         "resolution": args.resolution,
         "recipe": {key: getattr(args, key) for key in RECIPE_KEYS},
