@@ -195,6 +195,11 @@ def test_the_sample_grid_is_what_the_saved_pipeline_generates_with_unet_dropout_
     assert "Sample grids" in open(os.path.join(out, "README.md")).read()
     main(tiny_args(unlabelled_folder, str(tmp_path / "none"), "--max_train_steps", "1", "--save_images_epochs", "0"))
     assert "Sample grids" not in open(os.path.join(tmp_path, "none", "README.md")).read()
+    # a new run over it leaves none of the earlier run's grids (its card listed them, `run`'s report showed them)
+    main(tiny_args(unlabelled_folder, out, "--max_train_steps", "1", "--save_images_epochs", "0",
+                   "--overwrite_output_dir"))
+    assert not os.path.exists(os.path.join(out, "samples")) and "Sample grids" not in open(
+        os.path.join(out, "README.md")).read()
 
 
 def test_bf16_runs_on_cpu_and_fp16_is_refused(unlabelled_folder, tmp_path):

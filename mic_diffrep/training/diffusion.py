@@ -13,6 +13,7 @@ or from Python with `pretrain(PretrainingArguments(...))`. The output folder is 
 import json
 import logging
 import os
+import shutil
 from typing import Optional
 
 import torch
@@ -29,7 +30,7 @@ from ..reporting.hub import create_hub_repo, default_repo_id, push_pipeline_to_h
 from ..reporting.model_card import write_pipeline_card
 from ..utils import SUMMARY_FILE, command_line, environment_info, output_folder, peak_memory_mb, tracker_config
 from .arguments import RECIPE_KEYS, PretrainingArguments
-from .checkpointing import check_new_run, save_pipeline
+from .checkpointing import check_new_run, find_checkpoint, save_pipeline
 from .loop import (TrainingState, end_trackers, load_training_images, make_accelerator, make_dataloader,
                    plan_schedule, summary_stop_reason, train)
 
@@ -163,6 +164,12 @@ def _pretrain(args: PretrainingArguments) -> dict:
     hub_repo_id = default_repo_id(args.output_dir, args.hub_model_id)
     if args.push_to_hub and accelerator.is_main_process:
         hub_repo_id = create_hub_repo(hub_repo_id, args.hub_token, args.hub_private_repo)  # fails before training
+
+    samples = os.path.join(args.output_dir, "samples")
+    if find_checkpoint(args.output_dir, args.resume_from_checkpoint) is None and os.path.isdir(samples) \
+            and accelerator.is_main_process:  # a new run (--overwrite_output_dir): not the earlier run's grids
+        logger.warning("Removing the earlier run's sample grids from %s.", samples)
+        shutil.rmtree(samples)
 
     # 1. Data: decoded once.
     decoded, splits = load_training_images(args, accelerator)
