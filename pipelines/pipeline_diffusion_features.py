@@ -114,10 +114,12 @@ class DiffusionFeaturePipeline(DiffusionPipeline):
     def from_pretrained(cls, pretrained_model_name_or_path, **kwargs):
         """`DiffusionPipeline.from_pretrained`, with a clear error for a local folder that is not a pipeline but one
         people mistake for it (a MicDiffRep classifier, a pipeline's `unet/`, a training checkpoint, a `mic-diffrep
-        run` folder, a baseline's folder), where diffusers would say only that `model_index.json` is missing."""
+        run` folder, a baseline's folder), where diffusers would say only that `model_index.json` is missing. Weights are
+        read as safetensors only, unless `use_safetensors=False` is passed."""
         mistaken = not_a_pipeline(pretrained_model_name_or_path)
         if mistaken:
             raise OSError(mistaken)
+        kwargs.setdefault("use_safetensors", True)  # weights as safetensors only (a `.bin` is a pickle)
         return super().from_pretrained(pretrained_model_name_or_path, **kwargs)
 
     @property

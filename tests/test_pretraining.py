@@ -138,6 +138,11 @@ def test_resume_from_checkpoint_gives_the_weights_of_an_uninterrupted_run(unlabe
     assert expected.keys() == actual.keys()
     for name in expected:
         torch.testing.assert_close(actual[name], expected[name], rtol=0, atol=0, msg=name)
+    # The EMA weights are a safetensors model folder in the checkpoint, as diffusers' scripts save them: they were
+    # pickled (`register_for_checkpointing`), and resuming unpickled the file with weights_only=False.
+    checkpoint = os.path.join(full, "checkpoint-3")
+    assert os.path.isfile(os.path.join(checkpoint, "unet_ema", "diffusion_pytorch_model.safetensors"))
+    assert not os.path.exists(os.path.join(checkpoint, "custom_checkpoint_0.pkl"))
     # by its name in --output_dir, as diffusers' scripts take it (it was refused: "not a checkpoint folder")
     named = str(tmp_path / "named")
     shutil.copytree(os.path.join(full, "checkpoint-6"), os.path.join(named, "checkpoint-6"))
@@ -473,6 +478,31 @@ def test_resuming_the_last_checkpoint_trains_no_extra_step(unlabelled_folder, tm
     assert again["global_step"] == 4 and not os.path.isdir(os.path.join(out, "checkpoint-5"))  # it trained a 5th
     for name, tensor in finished.items():
         torch.testing.assert_close(unet_weights(out)[name], tensor, rtol=0, atol=0)
+
+
+class _Pwn:
+    def __reduce__(self):
+        return (os.system, ("touch pwned",))
+
+
+def test_a_checkpoint_pickle_of_ema_weights_is_read_as_weights_only(unlabelled_folder, tmp_path, monkeypatch):
+    """Checkpoints written before the EMA weights were safetensors hold them as `custom_checkpoint_0.pkl`: such a
+    checkpoint resumes, and a pickle carrying code is refused, not run."""
+    from diffusers.training_utils import EMAModel
+
+    from mic_diffrep import create_unet
+
+    monkeypatch.chdir(tmp_path)
+    extra = ["--max_train_steps", "4", "--checkpointing_steps", "2", "--use_ema"]
+    main(tiny_args(unlabelled_folder, "first", *extra))
+    for name, pickled in (("old", EMAModel(create_unet(16, "tiny").parameters()).state_dict()), ("bad", _Pwn())):
+        shutil.copytree(os.path.join("first", "checkpoint-2"), os.path.join(name, "checkpoint-2"))
+        shutil.rmtree(os.path.join(name, "checkpoint-2", "unet_ema"))
+        torch.save(pickled, os.path.join(name, "checkpoint-2", "custom_checkpoint_0.pkl"))
+    assert main(tiny_args(unlabelled_folder, "old", *extra, "--resume_from_checkpoint", "latest"))["global_step"] == 4
+    with pytest.raises(ValueError, match="holds a pickle of more than weights .* not loaded"):
+        main(tiny_args(unlabelled_folder, "bad", *extra, "--resume_from_checkpoint", "latest"))
+    assert not os.path.exists("pwned")
 
 
 def test_a_signal_saves_a_checkpoint_and_only_a_second_ctrl_c_aborts():

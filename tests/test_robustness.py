@@ -218,3 +218,30 @@ def test_bad_image_messages_name_the_file_once():
     message = _bad_image_message("a/x.dcm", "MedicalImageError: a/x.dcm: no slice left (all pixels equal).")
     assert message.count("a/x.dcm") == 1 and ".." not in message
     assert message.startswith("Cannot read image a/x.dcm: MedicalImageError: no slice left (all pixels equal). Fix")
+
+
+def test_weights_are_read_as_safetensors_only_and_a_broken_file_is_one_line(kaggle_folder, tmp_path, capsys):
+    """A `.bin` pickle beside (or instead of) the safetensors weights was read by generate and predict, and a
+    truncated weights file or a `.bin` carrying code ended in a traceback."""
+    from mic_diffrep import MicDiffRepConfig, MicDiffRepForImageClassification, MicDiffRepImageProcessor
+    from mic_diffrep.models.mic_diffrep.unet import UNET_PRESETS
+
+    pipe = tmp_path / "pipe"
+    DiffusionFeaturePipeline(create_unet(16, "tiny"), create_scheduler()).save_pretrained(pipe)
+    weights = pipe / "unet" / "diffusion_pytorch_model.safetensors"
+    torch.save(load_file(weights), pipe / "unet" / "diffusion_pytorch_model.bin")
+    weights.unlink()
+    model = tmp_path / "model"
+    config = MicDiffRepConfig(unet_config=dict(UNET_PRESETS["tiny"], sample_size=16), timesteps=[5], hidden_size=8,
+                              num_labels=2, id2label={0: "a", 1: "b"}, label2id={"a": 0, "b": 1})
+    MicDiffRepForImageClassification(config).save_pretrained(model)
+    MicDiffRepImageProcessor(resolution=16).save_pretrained(model)
+    (model / "model.safetensors").write_bytes((model / "model.safetensors").read_bytes()[:1000])  # truncated
+    image = next((tmp_path / "kaggle" / "Testing").rglob("*.png"))
+    for command, message in ((["generate", "--pretrained", str(pipe), "--output", str(tmp_path / "g.png")],
+                              "no file named diffusion_pytorch_model.safetensors"),
+                             (["predict", "--model", str(model), str(image)], "cannot be loaded")):
+        with pytest.raises(SystemExit) as error:
+            cli(command)
+        err = capsys.readouterr().err.strip()
+        assert error.value.code == 2 and message in err.splitlines()[-1] and "Traceback" not in err

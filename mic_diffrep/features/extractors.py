@@ -28,6 +28,7 @@ from typing import Dict, List, Optional, Protocol, Sequence, Tuple, runtime_chec
 
 import torch
 import torch.nn.functional as F
+from safetensors import SafetensorError
 from torch import nn
 from tqdm.auto import tqdm
 from transformers import CLIPVisionModel
@@ -38,7 +39,7 @@ from ..models.mic_diffrep import MicDiffRepConfig, MicDiffRepForImageClassificat
 from ..models.mic_diffrep.preprocessing import ImagePreprocessing, pixels_to_model_input
 from ..models.mic_diffrep.unet_features import check_layers, pool_features
 from ..pipelines import DiffusionFeaturePipeline
-from ..utils import SUMMARY_FILE, check_folder, not_a_pipeline, progress_interval
+from ..utils import SUMMARY_FILE, check_folder, error_summary, not_a_pipeline, progress_interval
 from .arguments import FeatureArguments
 from .cache import model_fingerprint
 
@@ -317,7 +318,11 @@ def load_pipeline(path: str) -> DiffusionFeaturePipeline:
         missing = [n for n in ("model_index.json", "unet", "scheduler") if not os.path.exists(os.path.join(path, n))]
         raise ValueError(f"{path!r} is not a pretrained pipeline folder (missing {', '.join(missing)}); pass the "
                          f"output folder of `mic-diffrep pretrain` / training/pretrain.py.")
-    return DiffusionFeaturePipeline.from_pretrained(path)
+    try:
+        return DiffusionFeaturePipeline.from_pretrained(path)
+    except (OSError, SafetensorError) as error:  # a missing, truncated or broken file of the folder (or a `.bin`)
+        raise ValueError(f"Pretrained folder {path!r} cannot be loaded ({error_summary(error)}); is it complete? "
+                         f"Its weights are read as safetensors only.") from error
 
 
 def _warn_if_interrupted(path: str) -> None:

@@ -212,7 +212,15 @@ def resume_training_state(accelerator, output_dir: str, resume_from_checkpoint: 
     logger.info("Resuming from %s", path)
     try:
         accelerator.load_state(path)
-    except (RuntimeError, KeyError, OSError, EOFError, SafetensorError, pickle.UnpicklingError) as error:
+    except pickle.UnpicklingError as error:
+        if "Unsupported global" not in str(error) and "unsupported GLOBAL" not in str(error):
+            raise ValueError(f"`resume_from_checkpoint` {path!r} cannot be loaded: a pickle of it is damaged "
+                             f"(UnpicklingError). It is left as it is: resume from an earlier checkpoint or start a new "
+                             f"run.") from error
+        raise ValueError(f"`resume_from_checkpoint` {path!r} holds a pickle of more than weights (code or other "
+                         f"objects), which is not loaded: resume only from checkpoints your own runs wrote. It is "
+                         f"left as it is.") from error
+    except (RuntimeError, KeyError, OSError, EOFError, SafetensorError) as error:
         # a truncated or missing file (torch: "PytorchStreamReader failed ..." is a RuntimeError), or, from a
         # checkpoint that recorded no settings, another model or optimizer
         raise ValueError(f"`resume_from_checkpoint` {path!r} cannot be loaded: a file of it is damaged or missing, "

@@ -21,6 +21,8 @@ import torch.nn.functional as F
 from accelerate.utils import gather_object, set_seed
 from diffusers import DDIMScheduler
 from diffusers.training_utils import EMAModel, compute_snr
+from diffusers.utils import SAFETENSORS_WEIGHTS_NAME
+from safetensors.torch import load_file
 
 from ..data.augmentations import PretrainingAugment
 from ..models.mic_diffrep.unet import create_scheduler, create_unet, mirror_symmetrize
@@ -151,6 +153,42 @@ def save_sample_grid(pipeline: DiffusionFeaturePipeline, args: PretrainingArgume
     return grid_path
 
 
+EMA_FOLDER = "unet_ema"
+
+
+# The pickle of the EMA weights in checkpoints written before they were a safetensors folder.
+LEGACY_EMA_FILE = "custom_checkpoint_0.pkl"
+
+
+def register_ema_for_checkpointing(accelerator, ema_model: EMAModel, checkpoint: Optional[str] = None) -> None:
+    """Checkpoints hold the EMA weights as a diffusers model folder (`unet_ema/`, safetensors, its decay state in the
+    config), as diffusers' training scripts save them: `register_for_checkpointing` pickles them, and accelerate
+    unpickles the file with `weights_only=False` when it resumes. A `checkpoint` to resume that holds that pickle
+    (written before) is resumed as it was written, once the pickle has been read with `weights_only=True`: a file
+    carrying code fails there, before accelerate reads it."""
+
+    def save(models, weights, output_dir):
+        if accelerator.is_main_process:
+            ema_model.save_pretrained(os.path.join(output_dir, EMA_FOLDER))
+
+    def load(models, input_dir):
+        folder, legacy = os.path.join(input_dir, EMA_FOLDER), os.path.join(input_dir, LEGACY_EMA_FILE)
+        if os.path.isfile(legacy):
+            ema_model.load_state_dict(torch.load(legacy, map_location="cpu", weights_only=True))
+        elif os.path.isdir(folder):  # what `EMAModel.from_pretrained` reads, into this run's EMA
+            config = ema_model.model_cls.load_config(folder)
+            state = {key: config[key] for key in ema_model.state_dict() if key != "shadow_params"}
+            weights = ema_model.model_cls.from_config(ema_model.model_config)
+            weights.load_state_dict(load_file(os.path.join(folder, SAFETENSORS_WEIGHTS_NAME)))
+            ema_model.load_state_dict({**state, "shadow_params": [p.detach() for p in weights.parameters()]})
+        ema_model.to(accelerator.device)
+
+    accelerator.register_save_state_pre_hook(save)
+    accelerator.register_load_state_pre_hook(load)
+    if checkpoint is not None and os.path.isfile(os.path.join(checkpoint, LEGACY_EMA_FILE)):
+        accelerator.register_for_checkpointing(ema_model)  # accelerate counts the pickles against its objects
+
+
 def pretrain(args: PretrainingArguments) -> dict:
     """Pretrains and writes the pipeline folder; returns the summary also written to `pretraining_summary.json`."""
     with output_folder(args.output_dir, kind="pipeline"):
@@ -195,7 +233,8 @@ def _pretrain(args: PretrainingArguments) -> dict:
     model, optimizer, loader, lr_scheduler = accelerator.prepare(model, optimizer, loader, lr_scheduler)
     if ema_model is not None:
         ema_model.to(accelerator.device)
-        accelerator.register_for_checkpointing(ema_model)
+        register_ema_for_checkpointing(accelerator, ema_model,
+                                       find_checkpoint(args.output_dir, args.resume_from_checkpoint))
     if accelerator.is_main_process and args.logger != "none":
         accelerator.init_trackers("mic-diffrep-pretrain", config=tracker_config(args))
     logger.info("***** Running pretraining *****")

@@ -132,7 +132,9 @@ class MicDiffRepForImageClassification(MicDiffRepPreTrainedModel):
     def from_pretrained(cls, *args, **kwargs):
         """`PreTrainedModel.from_pretrained`, then the conventions loading does not keep: the UNet frozen (loaded
         parameters require gradients) and the head in float32 (one re-initialised by `ignore_mismatched_sizes`, a
-        new `num_labels` say, would otherwise be in the loading dtype)."""
+        new `num_labels` say, would otherwise be in the loading dtype). Weights are read as safetensors only, unless
+        `use_safetensors=False` is passed (a `pytorch_model.bin` is a pickle)."""
+        kwargs.setdefault("use_safetensors", True)
         path = args[0] if args else kwargs.get("pretrained_model_name_or_path")
         if (isinstance(path, (str, os.PathLike)) and os.path.isfile(os.path.join(path, "model_index.json"))
                 and not os.path.isfile(os.path.join(path, "config.json"))):
