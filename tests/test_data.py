@@ -93,6 +93,15 @@ def test_a_file_replaced_with_the_same_size_and_time_is_decoded_anew(tmp_path):
     assert torch.equal(again.pixels, decode_images([str(path)], 16, show_progress=False).pixels)
 
 
+def test_a_file_name_with_a_line_break_is_refused_by_name(kaggle_folder):
+    """`glioma/new\\nline.png` was written across two lines of the probe's test_images.txt, which `evaluate
+    --image_list` then could not find."""
+    glioma = os.path.join(kaggle_folder, "Testing", "glioma")
+    shutil.copy(os.path.join(glioma, sorted(os.listdir(glioma))[0]), os.path.join(glioma, "new\nline.png"))
+    with pytest.raises(ValueError, match=r"new\\nline.png': a file or folder name with a line break .* rename it"):
+        load_image_folder(kaggle_folder)
+
+
 def test_mirrored_images_keep_their_ids_and_labels(kaggle_folder):
     decoded = decode_images(load_image_folder(kaggle_folder)["train"], 16)
     mirrored = decoded.mirrored()

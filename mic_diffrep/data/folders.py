@@ -86,6 +86,10 @@ def find_image_files(folder: str) -> List[str]:
         dirs[:] = [d for d in dirs if not d.startswith((".", "__"))]
         found.extend(os.path.join(root, name) for name in files
                      if not name.startswith(".") and is_image_file(os.path.join(root, name)))
+    broken = next((path for path in found if "\n" in path or "\r" in path), None)
+    if broken is not None:  # an image list (`test_images.txt`) holds one file per line
+        raise ValueError(f"{broken!r}: a file or folder name with a line break cannot be listed one per line (the "
+                         f"probe's test_images.txt); rename it.")
     return sorted(found)
 
 
