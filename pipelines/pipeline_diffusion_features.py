@@ -152,7 +152,7 @@ class DiffusionFeaturePipeline(DiffusionPipeline):
         config = {"desc": desc, "mininterval": progress_interval(), **getattr(self, "_progress_bar_config", {})}
         return tqdm(iterable, total=total, **config)
 
-    def check_inputs(self, timesteps, layers, pooling, num_noise_samples, batch_size):
+    def check_inputs(self, timesteps, layers, pooling, num_noise_samples, batch_size, pooling_grid_size: int = 2):
         num_train_timesteps = self.scheduler.config.num_train_timesteps
         bad = [t for t in timesteps if not isinstance(t, (int, np.integer)) or not 0 <= int(t) < num_train_timesteps]
         if not timesteps or bad:
@@ -163,6 +163,8 @@ class DiffusionFeaturePipeline(DiffusionPipeline):
         check_choice(pooling, POOLING_CHOICES, "pooling")
         if num_noise_samples < 1 or batch_size < 1:
             raise ValueError("`num_noise_samples` and `batch_size` must be at least 1.")
+        if pooling == "grid" and pooling_grid_size < 1:  # 0 pooled every block into empty vectors
+            raise ValueError(f"`pooling_grid_size` must be at least 1, got {pooling_grid_size}.")
 
     def prepare_pixels(self, images, return_ids: bool = False, slices=None):
         """Images (PIL / numpy / tensors / file paths, one or a list, or a batch tensor) to uint8 `(N, 1, R, R)`.
@@ -215,7 +217,7 @@ class DiffusionFeaturePipeline(DiffusionPipeline):
             raise ValueError("`extract_features` takes one torch.Generator, not a list.")
         return torch.randint(0, 2**62, (num_images,), generator=generator, device=generator.device).cpu()
 
-    @torch.inference_mode()
+    @torch.no_grad()
     def extract_features(
         self,
         images,
@@ -281,7 +283,7 @@ class DiffusionFeaturePipeline(DiffusionPipeline):
                      for t in timesteps]
         timesteps = [int(t) if isinstance(t, (int, np.integer)) else t for t in timesteps]
         layers = self.layer_names if layers is None else [layers] if isinstance(layers, str) else list(layers)
-        self.check_inputs(timesteps, layers, pooling, num_noise_samples, batch_size)
+        self.check_inputs(timesteps, layers, pooling, num_noise_samples, batch_size, pooling_grid_size)
         timesteps = list(dict.fromkeys(timesteps))  # a repeated timestep is extracted once, as a repeated layer
         order = {name: i for i, name in enumerate(self.layer_names)}
         layers = sorted(dict.fromkeys(layers), key=order.__getitem__)
@@ -309,7 +311,7 @@ class DiffusionFeaturePipeline(DiffusionPipeline):
             return features, layers, timesteps
         return DiffusionFeaturesOutput(features=features, layers=layers, timesteps=timesteps, image_ids=image_ids)
 
-    @torch.inference_mode()
+    @torch.no_grad()
     @replace_example_docstring(EXAMPLE_DOC_STRING)
     def __call__(
         self,
@@ -333,6 +335,12 @@ class DiffusionFeaturePipeline(DiffusionPipeline):
         Examples:
         """
         check_choice(output_type, ("pil", "np", "pt"), "output_type")
+        if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+            raise ValueError(f"`batch_size` must be a positive integer, got {batch_size!r}.")
+        if isinstance(generator, list) and len(generator) != batch_size:
+            raise ValueError(f"You have passed a list of generators of length {len(generator)}, but requested an "
+                             f"effective batch size of {batch_size}. Make sure the batch size matches the length of "
+                             f"the generators.")  # as diffusers' pipelines say it
 
         # 1. Sample Gaussian noise
         shape = (batch_size, self.unet.config.out_channels, self.resolution, self.resolution)
@@ -373,6 +381,8 @@ def save_image_grid(images, path: str, rows: Optional[int] = None) -> PIL.Image.
     if isinstance(images, np.ndarray):
         images = DiffusionPipeline.numpy_to_pil(images)
     images = list(images)
+    if not images:
+        raise ValueError("No images to save in a grid.")
     rows = rows or max(1, int(np.floor(np.sqrt(len(images)))))
     cols = int(np.ceil(len(images) / rows))
     images = images + [PIL.Image.new(images[0].mode, images[0].size)] * (rows * cols - len(images))

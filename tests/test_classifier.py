@@ -320,3 +320,24 @@ def test_published_results_cut_the_test_folder_to_its_name_wherever_it_appears()
     assert "alice" not in json.dumps(published)
     assert published["test_split"] == "--test_data_dir site b"
     assert published["skipped_images"][0]["path"] == "site b/glioma/bad.jpg"
+
+
+def test_config_and_processor_take_the_forms_transformers_users_write():
+    """`MicDiffRepConfig(layers="mid_block", timesteps=10)` split the name into letters / failed on the int; an
+    unknown beta_schedule surfaced as diffusers' NotImplementedError when the model was built; `image_mean=[0.5]`
+    (transformers' list form) crashed the processor."""
+    import numpy as np
+
+    from mic_diffrep.data import decode_images
+
+    config = MicDiffRepConfig(layers="mid_block", timesteps=10)
+    assert (config.layers, config.timesteps) == (["mid_block"], [10])
+    with pytest.raises(ValueError, match="beta_schedule must be one of .* got 'cosine'"):
+        MicDiffRepConfig(beta_schedule="cosine")
+    processor = MicDiffRepImageProcessor(resolution=16, image_mean=[0.5], image_std=[0.5])
+    assert torch.equal(processor(np.zeros((20, 20)))["pixel_values"],
+                       MicDiffRepImageProcessor(resolution=16)(np.zeros((20, 20)))["pixel_values"])
+    with pytest.raises(ValueError, match="`image_mean` must be a number, or a list of one"):
+        MicDiffRepImageProcessor(image_mean=[0.5, 0.5, 0.5])
+    with pytest.raises(TypeError, match="decode_images takes file paths .* got a Image"):
+        decode_images([PIL.Image.new("L", (8, 8))], 16)

@@ -204,3 +204,16 @@ def test_hub_style_records_are_read_from_their_bytes(kaggle_folder, tmp_path, mo
     assert torch.equal(decode_images(hub, 16, show_progress=False).pixels, expected)
     processed = MicDiffRepImageProcessor(resolution=16)(hub)["pixel_values"]
     torch.testing.assert_close(processed, expected.float() / 127.5 - 1, atol=1e-6, rtol=0)
+
+
+def test_a_dataset_with_plain_integer_labels_decodes(kaggle_folder):
+    """`decode_images` assumed a ClassLabel: "'Value' object has no attribute 'names'"."""
+    import pathlib
+
+    import datasets
+
+    files = sorted(str(p) for p in pathlib.Path(kaggle_folder, "Testing").rglob("*.png"))[:2]
+    dataset = datasets.Dataset.from_dict({"image": files, "label": [0, 1]}).cast_column("image", datasets.Image())
+    decoded = decode_images(dataset, 16, show_progress=False)
+    assert decoded.labels.tolist() == [0, 1] and decoded.label_names == ["0", "1"]
+    assert torch.equal(decode_images(files[0], 16, show_progress=False).pixels, decoded.pixels[:1])  # one path

@@ -324,3 +324,27 @@ def test_the_image_processors_output_is_not_preprocessed_again(pipe, images):
                                    expected, rtol=0, atol=0)
     with pytest.raises(ValueError, match="pixel_values.*\\(N, 1, 16, 16\\).*got \\(5, 1, 32, 32\\)"):
         pipe.extract_features(MicDiffRepImageProcessor(resolution=32)(images), 10, "mid_block")
+
+
+def test_features_train_a_probe_and_misuse_is_named(pipe, images):
+    """From an API walkthrough: features were inference-mode tensors (a probe could not backpropagate through them);
+    `pooling_grid_size=0` gave empty features; `concatenate(layers="mid_block")` split the name into letters; a zero
+    batch, a generator list of another length, no images and no layers failed deep inside torch."""
+    out = pipe.extract_features(images, timesteps=[100], layers=["mid_block"])
+    x = out.features[("mid_block", 100)]
+    x -= x.mean(0)  # in place, as standardisation does
+    logits = torch.nn.Linear(x.shape[1], 2)(x)
+    torch.nn.functional.cross_entropy(logits, torch.arange(len(x)) % 2).backward()
+    assert torch.equal(out.concatenate(layers="mid_block", timesteps=100), out.concatenate())
+    for kwargs, message in (({"pooling": "grid", "pooling_grid_size": 0}, "pooling_grid_size` must be at least 1"),
+                            ({"layers": []}, "`layers` is empty")):
+        with pytest.raises(ValueError, match=message):
+            pipe.extract_features(images, timesteps=[100], **kwargs)
+    with pytest.raises(TypeError, match="got None"):
+        pipe.extract_features(None)
+    with pytest.raises(ValueError, match="`batch_size` must be a positive integer, got 0"):
+        pipe(batch_size=0, num_inference_steps=2)
+    with pytest.raises(ValueError, match="list of generators of length 2"):
+        pipe(batch_size=3, num_inference_steps=2, generator=[torch.Generator(), torch.Generator()])
+    with pytest.raises(ValueError, match="No images"):
+        save_image_grid([], "grid.png")

@@ -117,10 +117,16 @@ def _collate(items):
 
 
 def _sources_of(images) -> (List[Union[str, bytes]], List[str], Optional[List[int]], Optional[List[str]]):
-    """File sources, display paths, labels and label names of a `datasets.Dataset` or a list of paths."""
+    """File sources, display paths, labels and label names of a `datasets.Dataset`, a list of paths or one path."""
+    if isinstance(images, (str, os.PathLike)):
+        images = [images]
     if isinstance(images, (list, tuple)):
-        sources = [os.fspath(p) if isinstance(p, os.PathLike) else p for p in images]
-        return sources, [str(p) for p in sources], None, None
+        other = next((p for p in images if not isinstance(p, (str, os.PathLike))), None)
+        if other is not None:
+            raise TypeError(f"decode_images takes file paths or a datasets.Dataset, got a {type(other).__name__} in "
+                            f"the list; images in memory: `mic_diffrep.data.preprocess_images`.")
+        sources = [os.fspath(p) for p in images]
+        return sources, sources, None, None
     images = undecoded_images(images)
     column = images["image"]
     sources = [record_source(item) for item in column]
@@ -128,7 +134,8 @@ def _sources_of(images) -> (List[Union[str, bytes]], List[str], Optional[List[in
     labels = label_names = None
     if "label" in images.column_names:
         labels = list(images["label"])
-        label_names = list(images.features["label"].names)
+        names = getattr(images.features["label"], "names", None)  # a ClassLabel; plain integers name themselves
+        label_names = list(names) if names is not None else [str(i) for i in range(max(labels, default=-1) + 1)]
     return sources, paths, labels, label_names
 
 

@@ -12,6 +12,10 @@ from .unet_features import DEFAULT_POOLING, DEFAULT_TIMESTEPS, POOLING_CHOICES, 
 PROBLEM_TYPES = (None, "single_label_classification", "multi_label_classification", "regression")
 
 
+# The noise schedules diffusers' `DDPMScheduler` implements.
+BETA_SCHEDULES = ("linear", "scaled_linear", "squaredcos_cap_v2", "sigmoid")
+
+
 class MicDiffRepConfig(PretrainedConfig):
     r"""
     Configuration of a [`MicDiffRepForImageClassification`]: a frozen DDPM-pretrained UNet, the noise schedule, which
@@ -97,8 +101,9 @@ class MicDiffRepConfig(PretrainedConfig):
         self.beta_end = beta_end
         self.prediction_type = prediction_type
         valid_layers = block_names_from_config(self.unet_config)
+        layers = [layers] if isinstance(layers, str) else layers  # one block, by name
         self.layers: List[str] = list(layers) if layers is not None else valid_layers
-        self.timesteps: List[int] = [int(t) for t in timesteps]
+        self.timesteps: List[int] = [int(t) for t in ([timesteps] if isinstance(timesteps, int) else timesteps)]
         self.pooling = pooling
         self.pooling_grid_size = pooling_grid_size
         self.num_noise_samples = num_noise_samples
@@ -114,6 +119,8 @@ class MicDiffRepConfig(PretrainedConfig):
         bad = [t for t in self.timesteps if not 0 <= t < num_train_timesteps]
         if not self.timesteps or bad:
             raise ValueError(f"timesteps must be integers in [0, {num_train_timesteps}), got {self.timesteps}.")
+        if beta_schedule not in BETA_SCHEDULES:
+            raise ValueError(f"beta_schedule must be one of {BETA_SCHEDULES}, got {beta_schedule!r}.")
         if pooling not in POOLING_CHOICES:
             raise ValueError(f"pooling must be one of {POOLING_CHOICES}, got {pooling!r}.")
         if pooling_grid_size < 1 or num_noise_samples < 1:

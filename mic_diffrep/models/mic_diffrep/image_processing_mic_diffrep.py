@@ -10,6 +10,16 @@ from .preprocessing import (INTENSITY_WINDOWS, RESIZE_MODES, ImagePreprocessing,
                             check_resolution, image_to_pixels, image_window, pixels_to_model_input, to_grayscale, window_intensities)
 
 
+def _grey_value(value, name: str) -> float:
+    """`image_mean` / `image_std` of the one grey channel: a number, or a list of one (transformers' list form)."""
+    if isinstance(value, (list, tuple)) and len(value) == 1:
+        value = value[0]
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise ValueError(f"`{name}` must be a number, or a list of one (the model takes one grey channel), got "
+                         f"{value!r}.")
+    return float(value)
+
+
 class MicDiffRepImageProcessorKwargs(ImagesKwargs, total=False):
     """The processor's own options, beside transformers' `ImagesKwargs` (`do_resize`, `do_rescale`, ...).
 
@@ -144,6 +154,8 @@ class MicDiffRepImageProcessor(BaseImageProcessor):
 
     @staticmethod
     def _check(options: dict) -> None:
+        _grey_value(options["image_mean"], "image_mean")
+        _grey_value(options["image_std"], "image_std")
         check_choice(options["resize_mode"], RESIZE_MODES, "resize_mode")
         check_choice(options["intensity_window"], INTENSITY_WINDOWS, "intensity_window")
         check_resolution(options["resolution"])
@@ -199,7 +211,8 @@ class MicDiffRepImageProcessor(BaseImageProcessor):
             raise ValueError("No images to preprocess.")
         pixel_values = pixels_to_model_input(
             torch.stack(pixels), options["rescale_factor"] if options["do_rescale"] else None,
-            (options["image_mean"], options["image_std"]) if options["do_normalize"] else None)
+            (_grey_value(options["image_mean"], "image_mean"), _grey_value(options["image_std"], "image_std"))
+            if options["do_normalize"] else None)
         if return_tensors in ("np", "numpy"):
             return BatchFeature({"pixel_values": pixel_values.numpy()}, tensor_type="np")
         if return_tensors not in (None, "pt", "torch"):

@@ -389,6 +389,8 @@ def dataset_image_records(dataset) -> list:
 def image_list_with_ids(images, slices=None) -> Tuple[list, List[Optional[str]]]:
     """`as_image_list`, and one id per image: for an image given as a file path, the path (`"<path>#slice=<k>"` for
     slice `k` of a multi-slice DICOM / NIfTI file, as `decode_images` names them); `None` for one given in memory."""
+    if images is None:
+        raise TypeError("Expected images (PIL, numpy, tensors, file paths, or a datasets.Dataset), got None.")
     if hasattr(images, "column_names"):  # a `datasets.Dataset`
         images = dataset_image_records(images)
     if isinstance(images, (PIL.Image.Image, str, os.PathLike, bytes, dict)) or is_medical_slice(images) or \

@@ -60,9 +60,11 @@ def block_names_from_config(unet_config: dict) -> List[str]:
 
 
 def check_layers(layers: Sequence[str], valid: Sequence[str]) -> None:
+    if not layers:
+        raise ValueError(f"`layers` is empty: name at least one of {', '.join(valid)} (or None for all of them).")
     unknown = [name for name in layers if name not in valid]
-    if unknown or not layers:
-        raise ValueError(f"Unknown layer name(s) {unknown or list(layers)}. Valid layers are: {', '.join(valid)}.")
+    if unknown:
+        raise ValueError(f"Unknown layer name(s) {unknown}. Valid layers are: {', '.join(valid)}.")
 
 
 def pool_features(hidden_states: torch.Tensor, pooling: str = "avg", grid_size: int = 2) -> torch.Tensor:
@@ -224,7 +226,10 @@ def noisy_block_features(unet, alphas_cumprod: torch.Tensor, clean: torch.Tensor
 def concatenate_features(features: Dict[tuple, torch.Tensor], layers: Sequence[str],
                          timesteps: Sequence[int]) -> torch.Tensor:
     """The MSFA input F (paper eq. 4): per-`(layer, timestep)` features side by side, timestep-major, layers in the
-    given order: the order `MicDiffRepForImageClassification` concatenates them in."""
+    given order: the order `MicDiffRepForImageClassification` concatenates them in. One layer may be given as a
+    name, one timestep as an integer."""
+    layers = [layers] if isinstance(layers, str) else layers
+    timesteps = [timesteps] if isinstance(timesteps, int) or getattr(timesteps, "ndim", None) == 0 else timesteps
     missing = [(layer, int(t)) for t in timesteps for layer in layers if (layer, int(t)) not in features]
     if missing:
         raise KeyError(f"No features for {missing}: these features hold layers "
