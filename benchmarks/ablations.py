@@ -433,7 +433,10 @@ class Ablation:
                                        **calibration(lever))["validation_accuracy"]
                   for lever, flags in levers.items()}
         if confirm and any(score > base_score for score in scores.values()):
-            base_score = (base_score + self.evaluate(stage, start, base_flags, seed=1)["validation_accuracy"]) / 2
+            # the mean of `start`'s seed-0 and seed-1 rows (recorded ones reused): `base_score` may be that mean
+            # already (a start chosen in a confirmed round), which averaged with seed 1 again counted it twice
+            base_score = (self.evaluate(stage, start, base_flags)["validation_accuracy"]
+                          + self.evaluate(stage, start, base_flags, seed=1)["validation_accuracy"]) / 2
             for lever in [lever for lever, score in scores.items() if score > start_recipe[1]]:
                 again = self.evaluate(stage, f"{start} + {lever}", merge_flags(base_flags, levers[lever]), seed=1,
                                       **calibration(lever))
