@@ -246,14 +246,25 @@ def parse_args():
     return args
 
 
+def measured_on(args) -> Dict:
+    """What the rows of a run depend on beside their recipes (a results file written before recorded them as the
+    defaults: the base UNet, every image)."""
+    return {"unet": args.unet, "max_images": args.max_images}
+
+
 def reusable_rows(args) -> List[Dict]:
-    """With `--reuse_results`, the rows of OUTPUT.json measured at the same budget and resolution, less those of the
-    read-outs to `--remeasure`."""
+    """With `--reuse_results`, the rows of OUTPUT.json measured at the same budget, resolution, UNet and images (a
+    smoke run's `--max_images` rows are not reused as the real ones), less those of the read-outs to
+    `--remeasure`."""
     if not (args.reuse_results and os.path.isfile(args.output + ".json")):
         return []
     with open(args.output + ".json") as f:
         previous = json.load(f)
-    if (previous["proxy_minutes"], previous["resolution"]) != (args.proxy_minutes, args.resolution):
+    recorded = {"unet": previous.get("unet", "base"), "max_images": previous.get("max_images")}
+    if (previous["proxy_minutes"], previous["resolution"], recorded) != (args.proxy_minutes, args.resolution,
+                                                                         measured_on(args)):
+        logger.warning("%s.json was measured with other settings (proxy minutes, resolution, UNet or --max_images): "
+                       "none of its rows is reused.", args.output)
         return []
     return [row for row in previous["rows"] if row["readout"] not in args.remeasure]
 
@@ -362,7 +373,8 @@ class Ablation:
                      if lever not in getattr(self.args, flag)]
         result = {"command": command_line(),
                   "environment": environment_info(), "resolution": self.args.resolution,
-                  "proxy_minutes": self.args.proxy_minutes, "note": self.args.note, "levers_left_out": left_out,
+                  "proxy_minutes": self.args.proxy_minutes, **measured_on(self.args), "note": self.args.note,
+                  "levers_left_out": left_out,
                   "validation_images": {d: int(split["validation_mask"].sum()) for d, split in self.splits.items()},
                   "rows": rows, "chosen": chosen}
         write_results(self.args.output, result, markdown(result))
@@ -458,19 +470,22 @@ class Ablation:
 
 def markdown(result: Dict) -> str:
     env, chosen = result["environment"], result["chosen"]
+    unet = ("Every recipe: the `base` UNet (4.3M parameters; `unet-small`: the 1.1M `small` one; `unet-mini`: the "
+            "0.27M `mini` one) at " if result.get("unet", "base") == "base" else
+            f"Every recipe that sets no UNet: the `{result['unet']}` UNet, at ")
+    smoke = (f" **Smoke run**: probed on a random subset of {result['max_images']} images (`--max_images`)."
+             if result.get("max_images") else "")
     lines = [
         "# Ablations: which recipe and read-out to ship", "",
         f"Command: `{result['command']}`  ",
         machine_line(env, ("torch", "diffusers")),
         "",
-        "Every recipe: the `base` UNet (4.3M parameters; `unet-small`: the 1.1M `small` one; `unet-mini`: the 0.27M "
-        "`mini` one) at "
-        f"{result['resolution']} px, bf16, pretrained on the 5,708 unlabelled training "
+        unet + f"{result['resolution']} px, bf16, pretrained on the 5,708 unlabelled training "
         f"images for {result['proxy_minutes']:g} minutes of its own calibrated throughput (steps fixed before "
         "training; `benchmarks/common.py`). Features: all blocks, fixed noise, bf16. Probe: the paper's MSFA protocol. "
         "**val** = MSFA accuracy on the validation part carved from the training side of each cross-source "
         "direction (near-duplicate groups on one side), the only number used to choose; *test* and *dedup* are "
-        "reported for information only.", "",
+        "reported for information only." + smoke, "",
     ]
     if result.get("note"):
         lines += [result["note"], ""]

@@ -19,6 +19,7 @@ import json
 import logging
 import os
 import sys
+from typing import Optional
 
 import numpy as np
 
@@ -223,7 +224,7 @@ def main():
             for method in dict.fromkeys(["micdiffrep", *args.methods]):
                 recipe = method_recipe(method, args.unet)
                 run_name = recipe.get("name", method)
-                reused = reusable_point(previous, method, minutes, seed, run_name, readout)
+                reused = reusable_point(previous, method, minutes, seed, run_name, readout, args.max_images)
                 if reused:
                     logger.info("%s, %g min, seed %d: recorded point reused", method, minutes, seed)
                     points.append(reused)
@@ -234,7 +235,7 @@ def main():
                 if bench is None:  # the data, only once a point is measured
                     bench = Benchmark(args.data_dir, args.work_dir, args.resolution, max_images=args.max_images)
                     splits = {direction: bench.split(direction) for direction, _ in DIRECTIONS}
-                first_seed = reusable_point(previous, method, minutes, 0, run_name, readout)
+                first_seed = reusable_point(previous, method, minutes, 0, run_name, readout, args.max_images)
                 if first_seed:  # a seed trains seed 0's steps: restore its calibration on a machine without it
                     restore_calibration(method, run_name, args.work_dir, args.data_dir, args.resolution,
                                         recipe.get("recipe_argv", []), first_seed["steps"], minutes, None,
@@ -244,7 +245,8 @@ def main():
                 features = cached_extract(load_extractor(method, run["output_dir"]), bench, feature_args,
                                           run_feature_cache_name(run, feature_args))[0]
                 point = {"method": method, "minutes": minutes, "seed": seed, "steps": run["summary"]["global_step"],
-                         "run": run_name, "readout": readout}
+                         "run": run_name, "readout": readout,
+                         **({"max_images": args.max_images} if args.max_images else {})}
                 for direction, split in splits.items():
                     msfa = probe_protocol(features, bench, split, ProbeConfig())["msfa"]
                     point[direction] = {"accuracy": msfa["test"]["all"]["accuracy"],
@@ -252,15 +254,25 @@ def main():
                                         "validation_accuracy": msfa["validation_accuracy"]}
                 points.append(point)
                 save(args, points)  # after every point: an interrupted curve keeps what it measured
+    if args.recorded_only:  # re-rendering must not shrink the only record of hours of runs
+        dropped = [p for p in recorded.get(args.output + ".json", []) if p not in points]
+        if dropped:
+            raise SystemExit(f"budget_curve.py: error: --recorded_only would drop {len(dropped)} recorded point(s) of "
+                             f"{args.output}.json outside --minutes / --seeds / --methods or of another read-out "
+                             f"(e.g. {dropped[0]['method']}, {dropped[0]['minutes']:g} min, seed "
+                             f"{dropped[0]['seed']}): give them, or another --output; nothing was written.")
     print(save(args, points))
 
 
-def reusable_point(previous, method: str, minutes: float, seed: int, run: str, readout: dict):
-    """The recorded point of `method` at `minutes` with `seed`, if its run and read-out are `run` and `readout` (a
-    point recorded before points named them is taken as it is: its results file's command says how it was made)."""
+def reusable_point(previous, method: str, minutes: float, seed: int, run: str, readout: dict,
+                   max_images: Optional[int] = None):
+    """The recorded point of `method` at `minutes` with `seed`, if its run, read-out and `--max_images` are `run`,
+    `readout` and `max_images` (a smoke run's point is not the real one; a point recorded before points named
+    them is taken as it is: its results file's command says how it was made)."""
     for point in previous:
         if (point["method"], point["minutes"], point["seed"]) == (method, minutes, seed) \
-                and point.get("run", run) == run and point.get("readout", readout) == readout:
+                and point.get("run", run) == run and point.get("readout", readout) == readout \
+                and point.get("max_images") == max_images:
             return point
     return None
 

@@ -207,7 +207,8 @@ def test_an_interrupted_search_keeps_the_reused_rows_it_has_not_reached(tmp_path
     monkeypatch.setattr(ablations, "markdown", lambda result: "")
     ablation = object.__new__(ablations.Ablation)
     ablation.args = argparse.Namespace(levers=[], output=str(tmp_path / "ablations"), proxy_minutes=8.0, note="",
-                                       resolution=64, **{flag: [] for flag, _, _ in ablations.ROUNDS.values()})
+                                       resolution=64, unet="base", max_images=None,
+                                       **{flag: [] for flag, _, _ in ablations.ROUNDS.values()})
     ablation.splits = {}
     ablation.previous = [row("start"), row("start", "flip average"), row("start + lever")]
     ablation.rows = [dict(row("start"), stage="1 learning rate"), row("start + new")]
@@ -591,6 +592,28 @@ def test_the_budget_curve_rewrites_recorded_points_only_without_the_data(tmp_pat
     monkeypatch.setattr(sys, "argv", ["budget_curve.py", "--recorded_only"])
     with pytest.raises(SystemExit):
         budget_curve.parse_args()
+    # A re-render with a smaller grid deleted the points outside it from the only record of them
+    monkeypatch.setattr(sys, "argv", ["budget_curve.py", "--reuse_results", "--recorded_only", "--minutes", "30",
+                                      "--output", str(output), "--note", "again"])
+    with pytest.raises(SystemExit, match=r"would drop 1 recorded point\(s\) .* \(e.g. micdiffrep, 30 min, seed 1\)"):
+        budget_curve.main()
+    assert json.loads((tmp_path / "seeds.json").read_text()) == result
+
+
+def test_a_smoke_runs_points_and_rows_are_not_reused_as_the_real_ones(tmp_path):
+    """`--max_images` points of the budget curve, and `--unet tiny --max_images` rows of the ablations, were reused by
+    the full run with --reuse_results."""
+    budget_curve = pytest.importorskip("budget_curve")
+    avgmax = {"pooling": "avgmax", "flip_average": False}
+    smoke = {"method": "mocov2", "minutes": 1.0, "seed": 0, "run": "mocov2", "readout": avgmax, "max_images": 200}
+    assert budget_curve.reusable_point([smoke], "mocov2", 1.0, 0, "mocov2", avgmax) is None
+    assert budget_curve.reusable_point([smoke], "mocov2", 1.0, 0, "mocov2", avgmax, 200) is smoke
+    recorded = {"proxy_minutes": 8.0, "resolution": 64, "rows": [{"readout": "sweep 10-250"}]}  # written before
+    (tmp_path / "abl.json").write_text(json.dumps(recorded))  # the UNet and images were recorded: the defaults
+    args = argparse.Namespace(reuse_results=True, output=str(tmp_path / "abl"), proxy_minutes=8.0, resolution=64,
+                              unet="base", max_images=None, remeasure=[])
+    assert ablations.reusable_rows(args) == recorded["rows"]
+    assert ablations.reusable_rows(argparse.Namespace(**{**vars(args), "unet": "tiny", "max_images": 200})) == []
 
 
 
