@@ -94,10 +94,16 @@ def split_recorded_points(points, composition) -> dict:
 def run_folder(method: str, minutes: float, seed: int, work_dir: str) -> str:
     """The run folder `pretrain_for_budget` made for `method` (its chosen recipe) at this budget and seed."""
     path = budget_run_dir(work_dir, method_recipe(method).get("name", method), minutes, seed)
-    if not os.path.isfile(os.path.join(path, "pretraining_summary.json")):
+    try:
+        with open(os.path.join(path, "pretraining_summary.json")) as f:
+            finished = json.load(f).get("stop_reason") != "interrupted"  # an interrupted one saved part of its steps
+    except (OSError, ValueError):
+        finished = False
+    if not finished:
         raise FileNotFoundError(
-            f"{path} is not a finished run: train it first with `python benchmarks/budget_curve.py --minutes "
-            f"{minutes:g} --seeds {seed} --methods {method} --work_dir {work_dir}` (this script trains nothing).")
+            f"{path} is not a finished run: train it (or finish it) first with `python benchmarks/budget_curve.py "
+            f"--minutes {minutes:g} --seeds {seed} --methods {method} --work_dir {work_dir}` (this script trains "
+            f"nothing).")
     return path
 
 
@@ -213,7 +219,9 @@ def main():
     flip_noise = previous.get("flip_noise", "mirrored") if probed else "shared"
     if probed and run_dirs and flip_noise != "shared":
         flip_noise = "mixed"
-    result = {"command": command_line(), "environment": environment_info(), "note": args.note,
+    # nothing measured here (every probe reused): the machine and versions the results were measured with
+    environment = previous["environment"] if previous.get("environment") and not run_dirs else environment_info()
+    result = {"command": command_line(), "environment": environment, "note": args.note,
               "flip_noise": flip_noise,
               "minutes": args.minutes, "seed": args.seed, "points_file": os.path.relpath(args.points, REPO),
               "composition": composition, "recorded": split_recorded_points(points, composition), "probed": probed}

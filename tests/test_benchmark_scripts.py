@@ -540,7 +540,10 @@ def test_the_mirror_check_trains_nothing_and_names_the_command_that_would(tmp_pa
         mirror_invariance.run_folder("mocov2", 30.0, 3, str(tmp_path))
     run = tmp_path / "micdiffrep-small-power3-30min"
     run.mkdir()
-    (run / "pretraining_summary.json").write_text("{}")
+    (run / "pretraining_summary.json").write_text('{"stop_reason": "interrupted", "global_step": 24}')
+    with pytest.raises(FileNotFoundError, match="not a finished run: train it \\(or finish it\\)"):  # was used
+        mirror_invariance.run_folder("micdiffrep", 30.0, 0, str(tmp_path))
+    (run / "pretraining_summary.json").write_text('{"stop_reason": "max_train_steps"}')
     assert mirror_invariance.run_folder("micdiffrep", 30.0, 0, str(tmp_path)) == str(run)
 
 
@@ -548,8 +551,10 @@ def test_the_mirror_check_reuses_its_probes_and_splits_new_points_without_the_da
     mirror_invariance = pytest.importorskip("mirror_invariance")
     sizes = {"test": 100, "duplicated": 80, "deduplicated": 20, "mirror_only": 70}
     scores = {"validation": 0.9, "validation_mirrored": 0.85, "test": 0.8, "test_deduplicated": 0.6}
+    measured_on = {"processor": "the measuring machine", "cpu_count": 2, "torch": "2.0"}
     previous = {"minutes": 30.0, "seed": 3, "composition": {"sartaj->other": sizes, "other->sartaj": sizes},
-                "probed": {"mocov2": {"default": {"sartaj->other": scores, "other->sartaj": scores}}}}
+                "probed": {"mocov2": {"default": {"sartaj->other": scores, "other->sartaj": scores}}},
+                "environment": measured_on}
     (tmp_path / "mirror.json").write_text(json.dumps(previous))
     accuracies = {"accuracy": 0.9, "accuracy_deduplicated": 0.5}
     points = [{"method": "mocov2", "minutes": 30.0, "seed": seed, "sartaj->other": accuracies,
@@ -566,6 +571,7 @@ def test_the_mirror_check_reuses_its_probes_and_splits_new_points_without_the_da
     assert "means of seeds 0, 4" in (tmp_path / "mirror.md").read_text()
     # probes recorded before flip averaging shared its noise keep saying how they were measured
     assert result["flip_noise"] == "mirrored" and "noise and all" in (tmp_path / "mirror.md").read_text()
+    assert result["environment"] == measured_on  # nothing measured here: not this machine's versions
 
 
 def test_the_budget_curve_rewrites_recorded_points_only_without_the_data(tmp_path, monkeypatch):
