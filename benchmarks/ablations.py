@@ -78,8 +78,9 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 from common import (DEFAULT_DATA_DIR, DIRECTIONS, MAX_IMAGES_HELP, REPO, Benchmark, cached_extract,  # noqa: E402
-                    command_line, environment_info, machine_line, pretrain_for_budget, probe_protocol,
-                    restore_calibration, slug, write_results)
+                    command_line, environment_info, machine_line, positive_float, positive_int,
+                    pretrain_for_budget, probe_protocol, restore_calibration, run_main, slug,
+                    write_results)
 from mic_diffrep.features import DiffusionFeatureExtractor, FeatureArguments  # noqa: E402
 from mic_diffrep.probing import ProbeConfig  # noqa: E402
 
@@ -223,11 +224,11 @@ def parse_args():
     parser.add_argument("--data_dir", default=DEFAULT_DATA_DIR)
     parser.add_argument("--work_dir", default=os.path.join(REPO, "runs", "benchmark"), help="Models and caches.")
     parser.add_argument("--output", default=os.path.join(REPO, "benchmarks", "results", "ablations"))
-    parser.add_argument("--proxy_minutes", type=float, default=8.0, help="Pretraining budget of every recipe.")
+    parser.add_argument("--proxy_minutes", type=positive_float, default=8.0, help="Pretraining budget of every recipe.")
     parser.add_argument("--resolution", type=int, default=64)
     parser.add_argument("--unet", default="base",
                         help="UNet preset or config of every recipe that does not set one ('tiny' for smoke runs).")
-    parser.add_argument("--max_images", type=int, default=None, help=MAX_IMAGES_HELP)
+    parser.add_argument("--max_images", type=positive_int, default=None, help=MAX_IMAGES_HELP)
     parser.add_argument("--levers", nargs="+", default=list(LEVERS), choices=list(LEVERS),
                         help="The levers of step 2 (all by default; the results file lists those left out).")
     for stage, (flag, levers, _) in ROUNDS.items():
@@ -602,4 +603,4 @@ def main():
 
 
 if __name__ == "__main__":
-    main()
+    run_main(main)

@@ -29,10 +29,11 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-from common import (BASELINE_RECIPES, BASELINES, DEFAULT_DATA_DIR, DIRECTIONS, MAX_IMAGES_HELP, REPO,  # noqa: E402
-                    Benchmark, baseline_recipe, cached_extract, command_line, environment_info, feature_cache_name,
-                    machine_line, micdiffrep_run, pretrain_for_budget, probe_protocol, readout_arguments,
-                    run_feature_cache_name)
+from common import (BASELINES, BASELINE_RECIPES, DEFAULT_DATA_DIR, DIRECTIONS, MAX_IMAGES_HELP, REPO,  # noqa: E402
+                    Benchmark, baseline_recipe, cached_extract, command_line, environment_info,
+                    feature_cache_name, machine_line, micdiffrep_run, positive_float, positive_int,
+                    pretrain_for_budget, probe_protocol, readout_arguments, run_feature_cache_name,
+                    run_main)
 from diffusers import DDIMScheduler, UNet2DModel  # noqa: E402
 from mic_diffrep import DiffusionFeaturePipeline, save_image_grid  # noqa: E402
 from mic_diffrep.data import pixels_to_model_input  # noqa: E402
@@ -54,7 +55,7 @@ def parse_args():
     parser.add_argument("--output", default=os.path.join(REPO, "benchmarks", "results", "brain_tumor_mri"),
                         help="Path prefix of the results: PREFIX.json, PREFIX.md and PREFIX_*.png.")
     parser.add_argument("--resolution", type=int, default=64)
-    parser.add_argument("--pretrain_minutes", type=float, default=30.0, help="Pretraining budget of every method.")
+    parser.add_argument("--pretrain_minutes", type=positive_float, default=30.0, help="Pretraining budget of every method.")
     parser.add_argument("--timesteps", type=int, nargs="+", default=None,
                         help="Read-out timesteps (default: the probe's defaults, chosen by the ablations).")
     parser.add_argument("--baselines", nargs="*", default=list(BASELINES), choices=list(BASELINES))
@@ -67,7 +68,7 @@ def parse_args():
                         help="Feature pooling for every row alike (default: the package's, chosen by the ablations; "
                              "avgmax: the average and the max of each block's or encoder's output, concatenated; CLIP "
                              "gives its pooled output either way).")
-    parser.add_argument("--max_images", type=int, default=None, help=MAX_IMAGES_HELP)
+    parser.add_argument("--max_images", type=positive_int, default=None, help=MAX_IMAGES_HELP)
     parser.add_argument("--note", default="", help="A sentence for the results file (e.g. what else ran).")
     parser.add_argument("--seed", type=int, default=0)
     return parser.parse_args()
@@ -376,4 +377,4 @@ def main():
 
 
 if __name__ == "__main__":
-    main()
+    run_main(main)

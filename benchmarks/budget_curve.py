@@ -26,8 +26,10 @@ import numpy as np
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 from common import (DEFAULT_DATA_DIR, DIRECTIONS, MAX_IMAGES_HELP, REPO, Benchmark, cached_extract,  # noqa: E402
-                    command_line, environment_info, load_extractor, machine_line, method_recipe, pretrain_for_budget,
-                    probe_protocol, readout_arguments, restore_calibration, run_feature_cache_name, write_results)
+                    command_line, environment_info, load_extractor, machine_line, method_recipe,
+                    positive_float, positive_int, pretrain_for_budget, probe_protocol,
+                    readout_arguments, restore_calibration, run_feature_cache_name, run_main,
+                    write_results)
 from mic_diffrep.probing import ProbeConfig  # noqa: E402
 
 
@@ -43,7 +45,7 @@ def parse_args():
     parser.add_argument("--data_dir", default=DEFAULT_DATA_DIR)
     parser.add_argument("--work_dir", default=os.path.join(REPO, "runs", "benchmark"))
     parser.add_argument("--output", default=os.path.join(REPO, "benchmarks", "results", "budget_curve"))
-    parser.add_argument("--minutes", type=float, nargs="+", default=[10.0, 30.0])
+    parser.add_argument("--minutes", type=positive_float, nargs="+", default=[10.0, 30.0])
     parser.add_argument("--seeds", type=int, nargs="+", default=[0],
                         help="Pretraining seeds of every point (seed 0: the runs `brain_tumor_mri.py` shares).")
     parser.add_argument("--methods", nargs="+", default=["micdiffrep", "mocov2"], choices=list(METHODS),
@@ -54,7 +56,7 @@ def parse_args():
     parser.add_argument("--flip_average", action="store_true", help="Test-time flip averaging for both methods.")
     parser.add_argument("--pooling", default=None, choices=["avg", "avgmax"],
                         help="Feature pooling for both methods (default: the package's).")
-    parser.add_argument("--max_images", type=int, default=None, help=MAX_IMAGES_HELP)
+    parser.add_argument("--max_images", type=positive_int, default=None, help=MAX_IMAGES_HELP)
     parser.add_argument("--reuse_results", action="store_true",
                         help="Take the points already in OUTPUT.json (same method, minutes and seed; same run and "
                              "read-out where the point records them) instead of pretraining and probing again, and "
@@ -70,6 +72,8 @@ def parse_args():
                              "environment is kept).")
     parser.add_argument("--note", default="")
     args = parser.parse_args()
+    if len(set(args.seeds)) < len(args.seeds):  # three 0s counted as three seeds, with a standard error of 0
+        parser.error(f"--seeds {' '.join(map(str, args.seeds))}: each seed once.")
     if args.recorded_only and not args.reuse_results:
         parser.error("--recorded_only takes the points of OUTPUT.json: give --reuse_results too.")
     if args.reuse_from and not args.reuse_results:
@@ -390,4 +394,4 @@ def markdown(result):
 
 
 if __name__ == "__main__":
-    main()
+    run_main(main)

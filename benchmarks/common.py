@@ -17,6 +17,7 @@ test accuracy is reported, never used to choose. *dedup*: accuracy on the test i
 training side.
 """
 
+import argparse
 import csv
 import dataclasses
 import json
@@ -73,6 +74,31 @@ BASELINE_RECIPES: Dict[str, Tuple[str, List[str]]] = {
 # Budgets
 # ------------------------------------------------------------------------------------------------------------------
 
+
+
+def positive_int(text: str) -> int:
+    """An argparse type: an integer of at least 1 (`--max_images 0` took every image, `-5` all but five)."""
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    return value
+
+
+def positive_float(text: str) -> float:
+    """An argparse type: a number above 0 (a budget of 0 or fewer minutes trained one step)."""
+    value = float(text)
+    if not value > 0:
+        raise argparse.ArgumentTypeError(f"must be above 0, got {text}")
+    return value
+
+
+def run_main(main) -> None:
+    """Runs a script's `main`, a missing or mistyped data or work folder ending it with one line naming it (exit 2),
+    as the package's commands do."""
+    try:
+        main()
+    except (FileNotFoundError, NotADirectoryError) as error:
+        raise SystemExit(f"{os.path.basename(sys.argv[0])}: error: {error}") from None
 
 
 def slug(text: str) -> str:

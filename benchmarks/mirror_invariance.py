@@ -30,8 +30,9 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 from budget_curve import METHODS  # noqa: E402
 from common import (DEFAULT_DATA_DIR, DIRECTIONS, REPO, Benchmark, budget_run_dir, cached_extract,  # noqa: E402
-                    command_line, environment_info, feature_cache_name, load_extractor, machine_line, method_recipe,
-                    probe_protocol, readout_arguments, write_results)
+                    command_line, environment_info, feature_cache_name, load_extractor, machine_line,
+                    method_recipe, positive_float, probe_protocol, readout_arguments, run_main,
+                    write_results)
 from mic_diffrep.leakage import check_leakage  # noqa: E402
 from mic_diffrep.models.mic_diffrep.unet_features import concatenate_features  # noqa: E402
 from mic_diffrep.probing import ProbeConfig  # noqa: E402
@@ -45,7 +46,7 @@ def parse_args():
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--data_dir", default=DEFAULT_DATA_DIR)
     parser.add_argument("--work_dir", default=os.path.join(REPO, "runs", "benchmark"))
-    parser.add_argument("--minutes", type=float, default=30.0, help="Budget of the runs probed (part 3).")
+    parser.add_argument("--minutes", type=positive_float, default=30.0, help="Budget of the runs probed (part 3).")
     parser.add_argument("--seed", type=int, default=0, help="Pretraining seed of the runs probed (part 3).")
     parser.add_argument("--methods", nargs="+", default=list(METHODS), choices=list(METHODS))
     parser.add_argument("--points", default=os.path.join(REPO, "benchmarks", "results", "seeds_30min.json"),
@@ -233,4 +234,4 @@ def main():
 
 
 if __name__ == "__main__":
-    main()
+    run_main(main)

@@ -724,3 +724,25 @@ def test_image_sources_say_what_is_missing(tmp_path):
         common.image_sources(str(tmp_path), [image])
     assert common.image_sources(str(tmp_path), [str(tmp_path / "Training" / "glioma" / "b.jpg")]).tolist() == [
         "sartaj"]
+
+
+def test_benchmark_flags_refuse_what_would_run_something_else(monkeypatch, capsys):
+    """`--max_images 0` took every image and `-5` all but five, `--minutes 0` trained one step, `--seeds 0 0 0`
+    counted three seeds; a missing data folder ended in a 14-line traceback."""
+    common = pytest.importorskip("common")
+    budget_curve = pytest.importorskip("budget_curve")
+    for argv, message in ((["--max_images", "0"], "--max_images: must be at least 1"),
+                          (["--max_images", "-5"], "--max_images: must be at least 1"),
+                          (["--minutes", "0"], "--minutes: must be above 0"),
+                          (["--seeds", "0", "0"], "--seeds 0 0: each seed once")):
+        monkeypatch.setattr(sys, "argv", ["budget_curve.py", *argv])
+        with pytest.raises(SystemExit):
+            budget_curve.parse_args()
+        assert message in capsys.readouterr().err
+
+    def missing():
+        raise FileNotFoundError("Data folder '/nowhere/Training' does not exist.")
+
+    monkeypatch.setattr(sys, "argv", ["benchmarks/budget_curve.py"])
+    with pytest.raises(SystemExit, match=r"^budget_curve.py: error: Data folder '/nowhere/Training' does not exist.$"):
+        common.run_main(missing)
