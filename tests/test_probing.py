@@ -36,7 +36,7 @@ def test_metric_modules_work_offline(monkeypatch):
 
     with pytest.raises(ValueError, match=r"class indices 0 or above, got \[-1\]"):
         Accuracy(keep_in_memory=True).compute(predictions=[0, 1], references=[0, -1])
-    for metric in (MacroF1, PerClassRecall, ConfusionMatrix):
+    for metric in (Accuracy, MacroF1, PerClassRecall, ConfusionMatrix):  # Accuracy took no num_labels
         with pytest.raises(ValueError, match=r"class indices 0 or above, got \[-1\]"):
             metric(keep_in_memory=True).compute(predictions=[0, 1, 2, 2], references=[0, 1, 2, -1])
         with pytest.raises(ValueError, match=r"class indices \[0, 2\), got \[3\]"):

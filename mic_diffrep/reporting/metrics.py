@@ -44,8 +44,8 @@ class Accuracy(evaluate.Metric):
         return evaluate.MetricInfo(description="Accuracy", citation="", inputs_description="class indices",
                                    features=_FEATURES)
 
-    def _compute(self, predictions, references):
-        _num_labels(predictions, references, None)  # class indices, as the other metrics take them
+    def _compute(self, predictions, references, num_labels: Optional[int] = None):
+        _num_labels(predictions, references, num_labels)  # class indices, checked as the other metrics check them
         return {"accuracy": float(np.mean(np.asarray(predictions) == np.asarray(references)))}
 
 
