@@ -288,6 +288,13 @@ def is_first_local_process() -> bool:
     return os.environ.get("LOCAL_RANK", "0") in ("", "0", "-1")
 
 
+def is_first_process() -> bool:
+    """Whether this is the first process of a launch (`RANK` 0), or the only one, read from the launcher's
+    environment: it alone says and writes what is meant once per run, also before any `Accelerator` exists (one
+    made early, without `cpu=True`, would set every process of a CPU launch up as a run of its own)."""
+    return os.environ.get("RANK", "0") in ("", "0")
+
+
 def progress_interval() -> float:
     """tqdm's `mininterval`: smooth in a terminal, one line every 30 s at most in a log file."""
     return 0.1 if sys.stderr.isatty() else 30.0

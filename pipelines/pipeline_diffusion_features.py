@@ -18,7 +18,7 @@ from diffusers.utils import BaseOutput, make_image_grid, replace_example_docstri
 from diffusers.utils.torch_utils import randn_tensor
 from tqdm.auto import tqdm
 
-from mic_diffrep.data.medical import SliceSelection, slice_selection
+from mic_diffrep.data.medical import SLICE_SETTINGS, SliceSelection, slice_selection
 from mic_diffrep.models.mic_diffrep.preprocessing import (INTENSITY_WINDOWS, RESIZE_MODES, ImagePreprocessing,
                                                           check_choice, image_list_with_ids, pixels_to_model_input)
 from mic_diffrep.utils import not_a_pipeline, progress_interval
@@ -135,7 +135,7 @@ class DiffusionFeaturePipeline(DiffusionPipeline):
     @property
     def slice_settings(self) -> Dict:
         """The slices of NIfTI volumes pretraining read: `{"slice_axis", "slice_range", "keep_empty_slices"}`."""
-        return {name: self.config[name] for name in ("slice_axis", "slice_range", "keep_empty_slices")}
+        return {name: self.config[name] for name in SLICE_SETTINGS}
 
     @property
     def slices(self) -> SliceSelection:

@@ -3,7 +3,6 @@
 import argparse
 import dataclasses
 import logging
-import os
 import sys
 import warnings
 from typing import Callable, Optional, Sequence, Type, TypeVar
@@ -12,7 +11,7 @@ import torch.distributed
 from transformers import HfArgumentParser
 
 from ..data import BadImageError
-from ..utils import is_first_local_process
+from ..utils import is_first_local_process, is_first_process
 
 
 T = TypeVar("T")
@@ -95,7 +94,7 @@ def run_guarded(prog: str, function: Callable, *args):
         result = function(*args)
         if isinstance(result, dict) and result.get("stop_reason") == "interrupted":
             # Ctrl-C saved a checkpoint and returned: a calling script still sees a run cut short (128 + SIGINT).
-            if os.environ.get("RANK", "0") in ("", "0"):  # said once, not by every process of a launch
+            if is_first_process():  # said once, not by every process of a launch
                 _say(f"{prog}: interrupted; a checkpoint was saved: run the same command with "
                      f"--resume_from_checkpoint latest to continue")
             sys.exit(130)

@@ -26,7 +26,7 @@ from ..probing.splits import check_carvable, check_test_classes
 from ..reporting.results import run_report_markdown
 from ..training import RECIPE_KEYS, SUMMARY_FILE, PretrainingArguments, default_recipe, pretrain
 from ..training.checkpointing import check_new_run
-from ..utils import MIXED_PRECISION_CHOICES, check_value, command_line
+from ..utils import MIXED_PRECISION_CHOICES, check_value, command_line, is_first_process
 from .base import DeprecatedFlag
 
 
@@ -279,9 +279,7 @@ def run(namespace) -> dict:
                           pretraining_args.overwrite_output_dir)
         check_new_probe(probe_args.output_dir, probe_args.overwrite_output_dir)  # not after pretraining
         check_run(config, pretraining_args, probe_args)
-    # Said and written by the first process only (`PartialState()` here, before pretraining's `Accelerator(cpu=True)`,
-    # would set up every process of a CPU launch as a run of its own).
-    main_process = os.environ.get("RANK", "0") in ("", "0")
+    main_process = is_first_process()  # says and writes the report, once
     say = print if main_process else (lambda *args, **kwargs: None)
     if pretraining is not None:
         say(f"[1/2] Pretraining: reusing the finished run in {pretraining_args.output_dir} (the same data and "

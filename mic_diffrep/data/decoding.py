@@ -52,7 +52,8 @@ class DecodedImages:
 
     `paths` holds one id per image: the file path, or `"<path>#slice=<k>"` for slice `k` of a multi-slice DICOM /
     NIfTI file. `skipped` lists the unreadable files (`{"path", "error"}`). `fingerprint`: the images'
-    `images_fingerprint` (files and settings) when `decode_images` made them, `None` for a subset or a copy.
+    `images_fingerprint` (files and settings) when `decode_images` kept them in a cache (`cache_dir`; the files are
+    read once more to hash them), `None` otherwise and for a subset or a copy.
     """
 
     pixels: torch.Tensor
@@ -212,8 +213,9 @@ def decode_images(
     sources, paths, labels, label_names = _sources_of(images)
     if not sources:
         raise ValueError("No images to decode.")
-    key, cache_file = _cache_key(sources, paths, preprocessing, slices), None
-    if cache_dir is not None:
+    key = cache_file = None
+    if cache_dir is not None:  # hashing every file is the cache's cost, not every decode's
+        key = _cache_key(sources, paths, preprocessing, slices)
         cache_file = os.path.join(cache_dir, f"decoded-{key}.safetensors")
         decoded = _load_decoded(cache_file) if os.path.isfile(cache_file) else None
         if decoded is not None:

@@ -195,6 +195,9 @@ SLICE_FLAG_HELP = {
 }
 
 
+# The slice settings as pretrained folders and image processors record them (`slice_selection`'s keywords).
+SLICE_SETTINGS = ("slice_axis", "slice_range", "keep_empty_slices")
+
 # The settings of the commands that read images with a pretrained model (`extract`, `probe`): unset, they are the
 # model's own, as it was pretrained (`inherit_slice_settings`).
 PRETRAINED_SLICE_HELP = {

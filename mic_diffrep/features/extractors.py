@@ -33,6 +33,7 @@ from torch import nn
 from tqdm.auto import tqdm
 from transformers import CLIPVisionModel
 
+from ..data.medical import SLICE_SETTINGS
 from ..models.baselines import is_baseline_dir, load_baseline
 from ..models.baselines.mae import MAE
 from ..models.mic_diffrep import MicDiffRepConfig, MicDiffRepForImageClassification
@@ -184,8 +185,7 @@ class EncoderFeatureExtractor:
         self.name = f"baseline-{model.config.method}"
         config = model.config
         self.preprocessing = ImagePreprocessing(config.resolution, config.resize_mode, config.intensity_window)
-        self.slice_settings = {"slice_axis": config.slice_axis, "slice_range": config.slice_range,
-                               "keep_empty_slices": config.keep_empty_slices}
+        self.slice_settings = {name: getattr(config, name) for name in SLICE_SETTINGS}
 
     @classmethod
     def from_pretrained(cls, path: str) -> "EncoderFeatureExtractor":
