@@ -1,11 +1,14 @@
 # Copyright 2026 The mic-diffrep authors. Licensed under the Apache License, Version 2.0.
 """`DiffusionFeaturePipeline`: pooled UNet block activations of noised images, and DDPM image generation.
 
-This file is also a diffusers custom pipeline: copy it next to a pretrained folder (or to the Hub) and load it with
-`DiffusionPipeline.from_pretrained(folder, custom_pipeline="pipeline_diffusion_features.py", trust_remote_code=True)`
+This file is also a diffusers custom pipeline: `save_pretrained` (and so `push_to_hub` and `mic-diffrep pretrain`)
+copies it into the pipeline's folder, which plain diffusers then loads with
+`DiffusionPipeline.from_pretrained(folder_or_repo, custom_pipeline="pipeline_diffusion_features", trust_remote_code=True)`
 (it needs `pip install mic-diffrep` for the shared preprocessing).
 """
 
+import os
+import shutil
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Dict, List, Optional, Sequence, Tuple, Union
@@ -27,6 +30,9 @@ from mic_diffrep.models.mic_diffrep.unet_features import (DEFAULT_POOLING, DEFAU
                                                           feature_noise, is_self_conditioned,
                                                           noisy_block_features)
 
+
+# The name of this file where `save_pretrained` copies it (diffusers' `custom_pipeline=` takes it without ".py").
+CUSTOM_PIPELINE_FILE = "pipeline_diffusion_features.py"
 
 EXAMPLE_DOC_STRING = """
     Examples:
@@ -121,6 +127,15 @@ class DiffusionFeaturePipeline(DiffusionPipeline):
             raise OSError(mistaken)
         kwargs.setdefault("use_safetensors", True)  # weights as safetensors only (a `.bin` is a pickle)
         return super().from_pretrained(pretrained_model_name_or_path, **kwargs)
+
+    def save_pretrained(self, save_directory, **kwargs):
+        """`DiffusionPipeline.save_pretrained`, plus a copy of this file (`pipeline_diffusion_features.py`), so the
+        folder, and a Hub repository made from it by `push_to_hub`, also loads in plain diffusers with
+        `DiffusionPipeline.from_pretrained(folder, custom_pipeline="pipeline_diffusion_features",
+        trust_remote_code=True)`, as transformers copies a custom model's code next to its weights."""
+        os.makedirs(save_directory, exist_ok=True)  # the copy first: `push_to_hub=True` uploads inside the call
+        shutil.copyfile(os.path.abspath(__file__), os.path.join(save_directory, CUSTOM_PIPELINE_FILE))
+        super().save_pretrained(save_directory, **kwargs)
 
     @property
     def resolution(self) -> int:

@@ -196,13 +196,22 @@ def test_save_load_round_trip_gives_identical_features_and_images(pipe, images, 
     torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
 
 
-def test_loads_as_a_diffusers_custom_pipeline(pipe, images, tmp_path):
+@pytest.mark.parametrize("custom_pipeline", ["the saved copy", "the repository's file"])
+def test_loads_as_a_diffusers_custom_pipeline(pipe, images, tmp_path, custom_pipeline):
     pipe.save_pretrained(tmp_path / "pipe")
-    custom = DiffusionPipeline.from_pretrained(tmp_path / "pipe", custom_pipeline=PIPELINE_FILE, trust_remote_code=True)
+    # `save_pretrained` copies the pipeline's code into the folder (as it would be on the Hub), so the folder loads
+    # in plain diffusers by the file's name alone; the repository's file works too.
+    with open(tmp_path / "pipe" / "pipeline_diffusion_features.py", encoding="utf-8") as f, \
+            open(PIPELINE_FILE, encoding="utf-8") as g:
+        assert f.read() == g.read()
+    name = "pipeline_diffusion_features" if custom_pipeline == "the saved copy" else PIPELINE_FILE
+    custom = DiffusionPipeline.from_pretrained(tmp_path / "pipe", custom_pipeline=name, trust_remote_code=True)
     assert type(custom).__name__ == "DiffusionFeaturePipeline"
     expected = pipe.extract_features(images, timesteps=[5]).features[("mid_block", 5)]
     torch.testing.assert_close(custom.extract_features(images, timesteps=[5])
                                .features[("mid_block", 5)], expected)
+    # It does not change how the package itself loads the folder: the class, not a copy of it, and no remote code.
+    assert type(DiffusionFeaturePipeline.from_pretrained(tmp_path / "pipe")) is DiffusionFeaturePipeline
 
 
 def test_generation_shapes_ranges_and_ddim(pipe, tmp_path):

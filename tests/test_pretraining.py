@@ -332,8 +332,12 @@ def test_a_failed_upload_keeps_the_trained_pipeline_and_says_how_to_upload_it(un
         uploaded = {}
         exec(retry, {})
     assert uploaded["repo_id"] == "me/mri-ddpm" and {"README.md", "model_index.json"} <= set(uploaded["files"])
-    # the card uploaded from Python loads from the repository, as the training run's does
+    # the card uploaded from Python loads from the repository, as the training run's does, in plain diffusers too,
+    # whose custom pipeline file is uploaded with the weights
     assert 'DiffusionFeaturePipeline.from_pretrained("me/mri-ddpm"' in uploaded["card"]
+    assert ('DiffusionPipeline.from_pretrained("me/mri-ddpm", custom_pipeline="pipeline_diffusion_features", '
+            'trust_remote_code=True)') in uploaded["card"]
+    assert "pipeline_diffusion_features.py" in uploaded["files"]
     with mock.patch("huggingface_hub.HfApi.create_repo", return_value=mock.Mock(repo_id="me/other")), \
             mock.patch("huggingface_hub.HfApi.upload_folder",
                        side_effect=lambda **kwargs: uploaded.update(

@@ -195,8 +195,17 @@ features = pipe.extract_features(["slice.jpg"]).concatenate()    # the MSFA inpu
 samples = pipe(batch_size=4, num_inference_steps=1000).images    # DDPM sampling
 ```
 
-Plain diffusers samples from it too: `diffusers.DDPMPipeline.from_pretrained("{location}")` (it warns that it
-ignores the preprocessing settings in `model_index.json`).
+Plain diffusers loads it as a custom pipeline (its code, `pipeline_diffusion_features.py`, is in this folder;
+mic-diffrep must be installed):
+
+```python
+from diffusers import DiffusionPipeline
+
+pipe = DiffusionPipeline.from_pretrained("{location}", custom_pipeline="pipeline_diffusion_features", trust_remote_code=True)
+```
+
+`diffusers.DDPMPipeline.from_pretrained("{location}")` samples from it too (it warns that it ignores the
+preprocessing settings in `model_index.json`).
 
 ## Training
 
