@@ -78,8 +78,8 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 from common import (DEFAULT_DATA_DIR, DIRECTIONS, MAX_IMAGES_HELP, REPO, Benchmark, cached_extract,  # noqa: E402
-                    command_line, environment_info, machine_line, positive_float, positive_int,
-                    pretrain_for_budget, probe_protocol, restore_calibration, run_main, slug,
+                    command_line, environment_info, machine_line, output_prefix, positive_float, positive_int,
+                    pretrain_for_budget, probe_protocol, restore_calibration, run_main, slug, writable_folder,
                     write_results)
 from mic_diffrep.features import DiffusionFeatureExtractor, FeatureArguments  # noqa: E402
 from mic_diffrep.probing import ProbeConfig  # noqa: E402
@@ -222,8 +222,10 @@ def validation_standard_error(sizes: Dict[str, int], accuracy: float) -> float:
 def parse_args():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--data_dir", default=DEFAULT_DATA_DIR)
-    parser.add_argument("--work_dir", default=os.path.join(REPO, "runs", "benchmark"), help="Models and caches.")
-    parser.add_argument("--output", default=os.path.join(REPO, "benchmarks", "results", "ablations"))
+    parser.add_argument("--work_dir", type=writable_folder,
+                        default=os.path.join(REPO, "runs", "benchmark"), help="Models and caches.")
+    parser.add_argument("--output", type=output_prefix,
+                        default=os.path.join(REPO, "benchmarks", "results", "ablations"))
     parser.add_argument("--proxy_minutes", type=positive_float, default=8.0, help="Pretraining budget of every recipe.")
     parser.add_argument("--resolution", type=int, default=64)
     parser.add_argument("--unet", default="base",

@@ -30,10 +30,9 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 from common import (BASELINES, BASELINE_RECIPES, DEFAULT_DATA_DIR, DIRECTIONS, MAX_IMAGES_HELP, REPO,  # noqa: E402
-                    Benchmark, baseline_recipe, cached_extract, command_line, environment_info,
-                    feature_cache_name, machine_line, micdiffrep_run, positive_float, positive_int,
-                    pretrain_for_budget, probe_protocol, readout_arguments, run_feature_cache_name,
-                    run_main)
+                    Benchmark, baseline_recipe, cached_extract, command_line, environment_info, feature_cache_name,
+                    machine_line, micdiffrep_run, output_prefix, positive_float, positive_int, pretrain_for_budget,
+                    probe_protocol, readout_arguments, run_feature_cache_name, run_main, writable_folder)
 from diffusers import DDIMScheduler, UNet2DModel  # noqa: E402
 from mic_diffrep import DiffusionFeaturePipeline, save_image_grid  # noqa: E402
 from mic_diffrep.data import pixels_to_model_input  # noqa: E402
@@ -51,8 +50,10 @@ PROTOCOLS = [direction for direction, _ in DIRECTIONS] + ["in-split"]
 def parse_args():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--data_dir", default=DEFAULT_DATA_DIR, help="Folder holding Training/ and sources.csv.")
-    parser.add_argument("--work_dir", default=os.path.join(REPO, "runs", "benchmark"), help="Models and caches.")
-    parser.add_argument("--output", default=os.path.join(REPO, "benchmarks", "results", "brain_tumor_mri"),
+    parser.add_argument("--work_dir", type=writable_folder,
+                        default=os.path.join(REPO, "runs", "benchmark"), help="Models and caches.")
+    parser.add_argument("--output", type=output_prefix,
+                        default=os.path.join(REPO, "benchmarks", "results", "brain_tumor_mri"),
                         help="Path prefix of the results: PREFIX.json, PREFIX.md and PREFIX_*.png.")
     parser.add_argument("--resolution", type=int, default=64)
     parser.add_argument("--pretrain_minutes", type=positive_float, default=30.0, help="Pretraining budget of every method.")

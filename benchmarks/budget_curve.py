@@ -26,10 +26,9 @@ import numpy as np
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 from common import (DEFAULT_DATA_DIR, DIRECTIONS, MAX_IMAGES_HELP, REPO, Benchmark, cached_extract,  # noqa: E402
-                    command_line, environment_info, load_extractor, machine_line, method_recipe,
-                    positive_float, positive_int, pretrain_for_budget, probe_protocol,
-                    readout_arguments, restore_calibration, run_feature_cache_name, run_main,
-                    write_results)
+                    command_line, environment_info, load_extractor, machine_line, method_recipe, output_prefix,
+                    positive_float, positive_int, pretrain_for_budget, probe_protocol, readout_arguments,
+                    restore_calibration, run_feature_cache_name, run_main, writable_folder, write_results)
 from mic_diffrep.probing import ProbeConfig  # noqa: E402
 
 
@@ -43,8 +42,9 @@ TARGET_MARGIN = 2.0
 def parse_args():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--data_dir", default=DEFAULT_DATA_DIR)
-    parser.add_argument("--work_dir", default=os.path.join(REPO, "runs", "benchmark"))
-    parser.add_argument("--output", default=os.path.join(REPO, "benchmarks", "results", "budget_curve"))
+    parser.add_argument("--work_dir", type=writable_folder, default=os.path.join(REPO, "runs", "benchmark"))
+    parser.add_argument("--output", type=output_prefix,
+                        default=os.path.join(REPO, "benchmarks", "results", "budget_curve"))
     parser.add_argument("--minutes", type=positive_float, nargs="+", default=[10.0, 30.0])
     parser.add_argument("--seeds", type=int, nargs="+", default=[0],
                         help="Pretraining seeds of every point (seed 0: the runs `brain_tumor_mri.py` shares).")

@@ -26,6 +26,7 @@ import os
 import shlex
 import shutil
 import sys
+import tempfile
 import time
 from typing import Dict, List, Optional, Sequence, Tuple
 
@@ -90,6 +91,28 @@ def positive_float(text: str) -> float:
     if not value > 0:
         raise argparse.ArgumentTypeError(f"must be above 0, got {text}")
     return value
+
+
+def output_prefix(text: str) -> str:
+    """An argparse type for `--output`, the path prefix of a script's results (`OUTPUT.json`, `OUTPUT.md`, ...): its
+    folder is made and written to now, so that a run of hours does not fail at its end."""
+    if os.path.isdir(text):
+        raise argparse.ArgumentTypeError(f"{text} is a folder; give the results' path prefix, e.g. "
+                                         f"{os.path.join(text, 'results')}")
+    writable_folder(os.path.dirname(os.path.abspath(text)))
+    return text
+
+
+def writable_folder(text: str) -> str:
+    """An argparse type for a folder a script writes into (`--work_dir`, `--output_dir`): made if needed and written
+    to now, not hours later."""
+    try:
+        os.makedirs(text, exist_ok=True)
+        with tempfile.TemporaryFile(dir=text):
+            pass
+    except OSError as error:
+        raise argparse.ArgumentTypeError(f"cannot write into {text} ({error.strerror or error})") from None
+    return text
 
 
 def run_main(main) -> None:

@@ -21,7 +21,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from mic_diffrep.data import decode_images, load_image_folder  # noqa: E402
 from mic_diffrep.leakage import DEFAULT_THRESHOLD, check_leakage, within_duplicates  # noqa: E402
 from mic_diffrep.utils import environment_info  # noqa: E402
-from common import command_line, image_sources, machine_line  # noqa: E402
+from common import command_line, image_sources, machine_line, output_prefix  # noqa: E402
 
 
 def main():
@@ -30,7 +30,7 @@ def main():
     parser.add_argument("--resolution", type=int, default=64)
     parser.add_argument("--threshold", type=float, default=DEFAULT_THRESHOLD)
     parser.add_argument("--cache_dir", default=os.path.join(REPO, "runs", "benchmark", "decoded"))
-    parser.add_argument("--output", default=os.path.join(REPO, "benchmarks", "results", "leakage"))
+    parser.add_argument("--output", type=output_prefix, default=os.path.join(REPO, "benchmarks", "results", "leakage"))
     args = parser.parse_args()
 
     images = decode_images(load_image_folder(os.path.join(args.data_dir, "Training"))["train"], args.resolution,

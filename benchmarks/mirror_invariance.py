@@ -30,8 +30,8 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 from budget_curve import METHODS  # noqa: E402
 from common import (DEFAULT_DATA_DIR, DIRECTIONS, REPO, Benchmark, budget_run_dir, cached_extract,  # noqa: E402
-                    command_line, environment_info, feature_cache_name, load_extractor, machine_line,
-                    method_recipe, positive_float, probe_protocol, readout_arguments, run_main,
+                    command_line, environment_info, feature_cache_name, load_extractor, machine_line, method_recipe,
+                    output_prefix, positive_float, probe_protocol, readout_arguments, run_main, writable_folder,
                     write_results)
 from mic_diffrep.leakage import check_leakage  # noqa: E402
 from mic_diffrep.models.mic_diffrep.unet_features import concatenate_features  # noqa: E402
@@ -45,13 +45,14 @@ logger = logging.getLogger("benchmark")
 def parse_args():
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--data_dir", default=DEFAULT_DATA_DIR)
-    parser.add_argument("--work_dir", default=os.path.join(REPO, "runs", "benchmark"))
+    parser.add_argument("--work_dir", type=writable_folder, default=os.path.join(REPO, "runs", "benchmark"))
     parser.add_argument("--minutes", type=positive_float, default=30.0, help="Budget of the runs probed (part 3).")
     parser.add_argument("--seed", type=int, default=0, help="Pretraining seed of the runs probed (part 3).")
     parser.add_argument("--methods", nargs="+", default=list(METHODS), choices=list(METHODS))
     parser.add_argument("--points", default=os.path.join(REPO, "benchmarks", "results", "seeds_30min.json"),
                         help="Results file of budget_curve.py whose recorded points part 2 splits.")
-    parser.add_argument("--output", default=os.path.join(REPO, "benchmarks", "results", "mirror_invariance"))
+    parser.add_argument("--output", type=output_prefix,
+                        default=os.path.join(REPO, "benchmarks", "results", "mirror_invariance"))
     parser.add_argument("--reuse_results", action="store_true",
                         help="Take the test sets' composition and the probed runs (same budget and seed) from "
                              "OUTPUT.json: redo part 2 from --points, and only what is missing.")

@@ -22,7 +22,7 @@ from torch.profiler import ProfilerActivity, profile
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-from common import REPO, command_line, environment_info  # noqa: E402
+from common import REPO, command_line, environment_info, writable_folder  # noqa: E402
 from diffusers import DDIMScheduler  # noqa: E402
 from mic_diffrep import DiffusionFeaturePipeline  # noqa: E402
 from mic_diffrep.data.augmentations import PretrainingAugment  # noqa: E402
@@ -139,7 +139,7 @@ def profile_generation(batch_size: int, steps: int, preset: str = PRESET) -> Dic
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--output_dir", default=os.path.join(REPO, "benchmarks", "results"))
+    parser.add_argument("--output_dir", type=writable_folder, default=os.path.join(REPO, "benchmarks", "results"))
     parser.add_argument("--iterations", type=int, default=5)
     parser.add_argument("--unet", default=PRESET, help="UNet preset profiled.")
     args = parser.parse_args()

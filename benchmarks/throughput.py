@@ -30,7 +30,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-from common import REPO, command_line, environment_info, write_results  # noqa: E402
+from common import REPO, command_line, environment_info, output_prefix, write_results  # noqa: E402
 from diffusers import DDIMScheduler  # noqa: E402
 from mic_diffrep import DiffusionFeaturePipeline  # noqa: E402
 from mic_diffrep.commands import SAMPLE_DATA_DIR  # noqa: E402
@@ -257,7 +257,8 @@ def markdown(result: dict, profile: Optional[dict] = None) -> str:
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--data_dir", default=SAMPLE_DATA_DIR, help="JPEGs to train on (content does not matter).")
-    parser.add_argument("--output", default=os.path.join(REPO, "benchmarks", "results", "throughput"))
+    parser.add_argument("--output", type=output_prefix,
+                        default=os.path.join(REPO, "benchmarks", "results", "throughput"))
     parser.add_argument("--extraction_batch_sizes", type=int, nargs="+", default=[16, 128])
     parser.add_argument("--note", action="append", default=[], help="A sentence for the results file.")
     parser.add_argument("--unet", default="base", help="UNet preset measured (the results file: 'base', the default "

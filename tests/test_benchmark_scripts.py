@@ -726,9 +726,10 @@ def test_image_sources_say_what_is_missing(tmp_path):
         "sartaj"]
 
 
-def test_benchmark_flags_refuse_what_would_run_something_else(monkeypatch, capsys):
+def test_benchmark_flags_refuse_what_would_run_something_else(monkeypatch, capsys, tmp_path):
     """`--max_images 0` took every image and `-5` all but five, `--minutes 0` trained one step, `--seeds 0 0 0`
-    counted three seeds; a missing data folder ended in a 14-line traceback."""
+    counted three seeds; a missing data folder ended in a 14-line traceback; an unwritable `--output` failed only
+    when the results were written, at the end."""
     common = pytest.importorskip("common")
     budget_curve = pytest.importorskip("budget_curve")
     for argv, message in ((["--max_images", "0"], "--max_images: must be at least 1"),
@@ -739,6 +740,22 @@ def test_benchmark_flags_refuse_what_would_run_something_else(monkeypatch, capsy
         with pytest.raises(SystemExit):
             budget_curve.parse_args()
         assert message in capsys.readouterr().err
+
+    # Where the results go is checked before hours of work, not when they are written at the end.
+    blocker = tmp_path / "a-file"
+    blocker.write_text("")
+    for argv, message in ((["--output", str(blocker / "curve")], f"--output: cannot write into {blocker}"),
+                          (["--output", str(tmp_path)], f"--output: {tmp_path} is a folder"),
+                          (["--work_dir", str(blocker / "runs")], f"--work_dir: cannot write into {blocker / 'runs'}")):
+        monkeypatch.setattr(sys, "argv", ["budget_curve.py", *argv])
+        with pytest.raises(SystemExit):
+            budget_curve.parse_args()
+        assert message in capsys.readouterr().err
+    monkeypatch.setattr(sys, "argv", ["budget_curve.py", "--output", str(tmp_path / "new" / "curve"),
+                                      "--work_dir", str(tmp_path / "runs")])
+    args = budget_curve.parse_args()
+    assert (args.output, args.work_dir) == (str(tmp_path / "new" / "curve"), str(tmp_path / "runs"))
+    assert os.listdir(tmp_path / "new") == [] and os.listdir(tmp_path / "runs") == []  # made, and left empty
 
     def missing():
         raise FileNotFoundError("Data folder '/nowhere/Training' does not exist.")
