@@ -159,6 +159,19 @@ def test_a_tensor_of_another_shape_is_named_as_given():
             to_grayscale(torch.zeros(shape))
 
 
+def test_a_grey_numpy_batch_is_refused_with_the_shapes_that_are_read():
+    """A (N, H, W) array, as `np.stack` of grey slices gives, said only which shapes are images; what to pass instead
+    (and, for 3 or 4 rows, how a channels-first colour image is read) was left to guess."""
+    for shape, channels_first in (((8, 20, 20), False), ((3, 20, 20), True)):
+        message = re.escape(f"got {shape}; a batch of grey images is (N, H, W, 1)")
+        with pytest.raises(ValueError, match=message) as error:
+            to_grayscale(np.zeros(shape, np.uint8))
+        assert ("array.transpose(1, 2, 0)" in str(error.value)) == channels_first
+    batch = np.zeros((8, 20, 20), np.uint8)
+    assert preprocess_images(batch[..., None], 16).shape == (8, 1, 16, 16)  # the hint's shape is read as a batch
+    assert preprocess_images(list(batch), 16).shape == (8, 1, 16, 16)
+
+
 def test_encoded_bytes_are_an_image_and_other_inputs_say_what_is_wrong():
     """bytes gave "got int" (iterated byte by byte), a dict "No such file: 'image'" (iterated by key), a dataset
     without an `image` column "got dict"."""

@@ -154,8 +154,13 @@ def _grey_from_array(array: np.ndarray) -> np.ndarray:
     if array.ndim == 3 and array.shape[-1] == 1:
         array = array[..., 0]
     if array.ndim not in (2, 3) or (array.ndim == 3 and array.shape[-1] not in (3, 4)):
+        hint = ""
+        if array.ndim == 3:  # (N, H, W) or (C, H, W): which one cannot be told apart for 3 or 4 rows, so neither is read
+            hint = "; a batch of grey images is (N, H, W, 1) (`array[..., None]`) or a list"
+            if array.shape[0] in (3, 4):
+                hint += ", and a channels-first colour image is read as `array.transpose(1, 2, 0)`"
         raise ValueError(
-            f"Expected an image array of shape (H, W), (H, W, 1), (H, W, 3) or (H, W, 4), got {array.shape}."
+            f"Expected an image array of shape (H, W), (H, W, 1), (H, W, 3) or (H, W, 4), got {array.shape}{hint}."
         )
     if array.dtype == np.bool_:
         array = array.astype(np.uint8) * 255
