@@ -484,6 +484,31 @@ def test_extract_and_probe_slice_volumes_as_pretraining_did_unless_told_otherwis
     assert processor.slice_settings == {"slice_axis": 0, "slice_range": [4, 12], "keep_empty_slices": False}
 
 
+def test_a_pretrainings_empty_slices_can_be_turned_off_in_extract(tmp_path):
+    """A model pretrained with `--keep_empty_slices` kept them in `extract` and `probe` for good: the flag was a plain
+    bool, which could only turn the setting on."""
+    for label, seed in (("a", 1), ("b", 2)):
+        write_nifti(tmp_path / "vols" / label / f"vol{seed}.nii.gz", brain_volume(seed))
+    pretrained = tmp_path / "pretrained"
+    pretrain(parse(PretrainingArguments, [
+        "--train_data_dir", str(tmp_path / "vols"), "--output_dir", str(pretrained), "--resolution", "16",
+        "--model_config_name_or_path", "tiny", "--train_batch_size", "4", "--logger", "none", "--max_train_steps",
+        "1", "--save_images_epochs", "100", "--keep_empty_slices"]))
+
+    def extracted(*flags):
+        output = tmp_path / f"features{len(flags)}.safetensors"
+        cli(["extract", "--pretrained", str(pretrained), "--data_dir", str(tmp_path / "vols"), "--output",
+             str(output), "--timesteps", "5", *flags])
+        return json.loads(__import__("safetensors").safe_open(str(output), "pt").metadata()["image_ids"])
+
+    every_slice, non_empty = extracted(), extracted("--keep_empty_slices", "false")
+    assert len(every_slice) == 2 * 6 and 0 < len(non_empty) < len(every_slice)  # brain_volume has empty slices
+    assert extracted("--keep_empty_slices") == every_slice
+    args = parse(ProbeArguments, ["--pretrained", "P", "--data_dir", "D", "--keep_empty_slices", "false"])
+    assert args.keep_empty_slices is False and parse(ProbeArguments, ["--pretrained", "P", "--data_dir", "D"]
+                                                      ).keep_empty_slices is None  # unset: the model's
+
+
 def test_slices_of_another_type_are_named(tmp_path):
     """`extract_features(paths, slices=(2, 4))` raised "AttributeError: 'tuple' object has no attribute 'read'"."""
     path = write_nifti(tmp_path / "vol.nii.gz", brain_volume(1))

@@ -206,12 +206,13 @@ PRETRAINED_SLICE_HELP = {
     "slice_range": _SLICE_FLAG_WHAT["slice_range"] + " Default: the --pretrained model's range, when the axis is its "
                                                      "own; else every slice.",
     "keep_empty_slices": _SLICE_FLAG_WHAT["keep_empty_slices"] + "; by default they are skipped, unless the "
-                                                                 "--pretrained model was pretrained on them.",
+                                                                 "--pretrained model was pretrained on them "
+                                                                 "(`--keep_empty_slices false` skips them then).",
 }
 
 
-def inherit_slice_settings(slice_axis: Optional[int], slice_range: Optional[Sequence[int]], keep_empty_slices: bool,
-                           recorded: Mapping) -> Dict:
+def inherit_slice_settings(slice_axis: Optional[int], slice_range: Optional[Sequence[int]],
+                           keep_empty_slices: Optional[bool], recorded: Mapping) -> Dict:
     """The slice settings of a command that reads images with a pretrained model: those given (`None`: unset),
     else those the model was pretrained with (`recorded`: `slice_axis`, `slice_range`, `keep_empty_slices`, as
     its folder records them). Another axis than the model's leaves its range out, as the image processor does."""
@@ -220,7 +221,8 @@ def inherit_slice_settings(slice_axis: Optional[int], slice_range: Optional[Sequ
     if slice_range is None and axis == recorded_axis:
         slice_range = recorded.get("slice_range")
     return {"slice_axis": axis, "slice_range": None if slice_range is None else list(slice_range),
-            "keep_empty_slices": bool(keep_empty_slices or recorded.get("keep_empty_slices", False))}
+            "keep_empty_slices": bool(recorded.get("keep_empty_slices", False) if keep_empty_slices is None
+                                      else keep_empty_slices)}
 
 
 def slice_selection(slice_axis: int = 2, slice_range: Optional[Sequence[int]] = None,

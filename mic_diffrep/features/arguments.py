@@ -75,7 +75,9 @@ class ExtractionArguments(FeatureArguments):
     dataloader_num_workers: int = field(default=0, metadata={"help": "Processes decoding images."})
     slice_axis: Optional[int] = field(default=None, metadata={"help": PRETRAINED_SLICE_HELP["slice_axis"]})
     slice_range: Optional[List[int]] = field(default=None, metadata={"help": PRETRAINED_SLICE_HELP["slice_range"]})
-    keep_empty_slices: bool = field(default=False, metadata={"help": PRETRAINED_SLICE_HELP["keep_empty_slices"]})
+    # Unset (None): the pretrained model's setting; bare `--keep_empty_slices` is true, `--keep_empty_slices false` off.
+    keep_empty_slices: Optional[bool] = field(default=None, metadata={
+        "help": PRETRAINED_SLICE_HELP["keep_empty_slices"], "nargs": "?", "const": True})
 
     def __post_init__(self):
         super().__post_init__()
@@ -94,4 +96,4 @@ class ExtractionArguments(FeatureArguments):
         """Which slices of DICOM / NIfTI files are images (`--slice_axis`, `--slice_range`, `--keep_empty_slices`;
         those the pretrained model read, `inherit_pretrained_slices`, once its folder is loaded)."""
         return slice_selection(2 if self.slice_axis is None else self.slice_axis, self.slice_range,
-                               self.keep_empty_slices)
+                               bool(self.keep_empty_slices))

@@ -44,7 +44,9 @@ class ProbeArguments(FeatureArguments):
     dataloader_num_workers: int = field(default=0, metadata={"help": "Processes decoding images."})
     slice_axis: Optional[int] = field(default=None, metadata={"help": PRETRAINED_SLICE_HELP["slice_axis"]})
     slice_range: Optional[List[int]] = field(default=None, metadata={"help": PRETRAINED_SLICE_HELP["slice_range"]})
-    keep_empty_slices: bool = field(default=False, metadata={"help": PRETRAINED_SLICE_HELP["keep_empty_slices"]})
+    # Unset (None): the pretrained model's setting; bare `--keep_empty_slices` is true, `--keep_empty_slices false` off.
+    keep_empty_slices: Optional[bool] = field(default=None, metadata={
+        "help": PRETRAINED_SLICE_HELP["keep_empty_slices"], "nargs": "?", "const": True})
     # Probe training (paper: Adam 0.01, cosine annealing, batch 128, 15 epochs)
     num_epochs: int = field(default=15, metadata={"help": "Probe epochs (paper: 15)."})
     learning_rate: float = field(default=0.01, metadata={"help": "Initial learning rate (paper: 0.01)."})
@@ -78,4 +80,4 @@ class ProbeArguments(FeatureArguments):
         """Which slices of DICOM / NIfTI files are images (`--slice_axis`, `--slice_range`, `--keep_empty_slices`;
         those the pretrained model read, `inherit_pretrained_slices`, once its folder is loaded)."""
         return slice_selection(2 if self.slice_axis is None else self.slice_axis, self.slice_range,
-                               self.keep_empty_slices)
+                               bool(self.keep_empty_slices))
