@@ -41,6 +41,13 @@ def test_metric_modules_work_offline(monkeypatch):
             metric(keep_in_memory=True).compute(predictions=[0, 1, 2, 2], references=[0, 1, 2, -1])
         with pytest.raises(ValueError, match=r"class indices \[0, 2\), got \[3\]"):
             metric(keep_in_memory=True).compute(predictions=[0, 3], references=[0, 1], num_labels=2)
+    # Without examples a score is undefined: macro F1 said 0.0 (a real score) where accuracy said NaN
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", RuntimeWarning)  # and accuracy's NaN came with numpy's "Mean of empty slice"
+        empty = classification_report([], [], ["a", "b"])
+    assert np.isnan(empty["accuracy"]) and np.isnan(empty["macro_f1"]) and empty["num_examples"] == 0
 
 
 def synthetic_features(num, seed):

@@ -38,7 +38,7 @@ def _num_labels(predictions, references, num_labels: Optional[int]) -> int:
 
 
 class Accuracy(evaluate.Metric):
-    """Fraction of predictions equal to the references."""
+    """Fraction of predictions equal to the references (NaN without examples, as every metric here)."""
 
     def _info(self):
         return evaluate.MetricInfo(description="Accuracy", citation="", inputs_description="class indices",
@@ -46,11 +46,14 @@ class Accuracy(evaluate.Metric):
 
     def _compute(self, predictions, references, num_labels: Optional[int] = None):
         _num_labels(predictions, references, num_labels)  # class indices, checked as the other metrics check them
+        if len(references) == 0:  # undefined, as every score here without examples (not numpy's warning)
+            return {"accuracy": float("nan")}
         return {"accuracy": float(np.mean(np.asarray(predictions) == np.asarray(references)))}
 
 
 class MacroF1(evaluate.Metric):
-    """F1 score averaged over classes with equal weight (classes absent from both inputs are ignored)."""
+    """F1 score averaged over classes with equal weight (classes absent from both inputs are ignored; NaN without
+    examples)."""
 
     def _info(self):
         return evaluate.MetricInfo(description="Macro-averaged F1", citation="", inputs_description="class indices",
@@ -63,7 +66,7 @@ class MacroF1(evaluate.Metric):
         present = (support + predicted) > 0
         denominator = support + predicted
         f1 = np.divide(2 * true_positive, denominator, out=np.zeros_like(true_positive), where=denominator > 0)
-        return {"macro_f1": float(f1[present].mean()) if present.any() else 0.0}
+        return {"macro_f1": float(f1[present].mean()) if present.any() else float("nan")}  # no examples: undefined
 
 
 class PerClassRecall(evaluate.Metric):
