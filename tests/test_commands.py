@@ -250,7 +250,7 @@ def test_probe_push_to_hub_creates_the_repository_once_and_uploads_into_it(kaggl
     with mock.patch("huggingface_hub.HfApi.create_repo", side_effect=[mock.Mock(repo_id="me/mri-classifier"),
                                                                       ConnectionError("network lost")]), \
             mock.patch("huggingface_hub.HfApi.upload_folder", side_effect=ConnectionError("network lost")):
-        with pytest.raises(HubError, match="the upload to 'me/mri-classifier' failed .* upload it again later"):
+        with pytest.raises(HubError, match="^The upload to 'me/mri-classifier' failed .* upload it again later"):
             run_probe(parse(ProbeArguments, probe[1:] + ["--output_dir", str(tmp_path / "again")]))
     assert (tmp_path / "again" / "model.safetensors").is_file()
 

@@ -304,7 +304,7 @@ def test_push_to_hub_fails_before_training_when_the_repository_cannot_be_made(un
 
     out = tmp_path / "out"
     with mock.patch("huggingface_hub.HfApi.create_repo", side_effect=ConnectionError("Name or service not known")):
-        with pytest.raises(HubError, match="cannot create the Hub repository 'me/mri-ddpm'.*Name or service"):
+        with pytest.raises(HubError, match="^Cannot create the Hub repository 'me/mri-ddpm'.*Name or service"):
             main(tiny_args(unlabelled_folder, str(out), "--max_train_steps", "2", "--push_to_hub",
                            "--hub_model_id", "me/mri-ddpm"))
     assert not out.exists()  # nothing trained, nothing decoded

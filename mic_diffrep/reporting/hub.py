@@ -47,7 +47,7 @@ def create_hub_repo(repo_id: str, token: Optional[str] = None, private: bool = F
     try:
         return HfApi(token=token).create_repo(repo_id, private=private, exist_ok=True).repo_id
     except Exception as error:  # connection, login and HTTP errors alike
-        raise HubError(f"--push_to_hub: cannot create the Hub repository {repo_id!r} ({_one_line(error)}).") from error
+        raise HubError(f"Cannot create the Hub repository {repo_id!r} ({_one_line(error)}).") from error
 
 
 def push_folder(folder: str, repo_id: str, token: Optional[str] = None, private: bool = False,
@@ -66,7 +66,7 @@ def _upload(folder: str, repo_id: str, token: Optional[str], commit_message: str
                                          ignore_patterns=list(ignore_patterns) if ignore_patterns else None)
     except Exception as error:
         retry = retry or f"hf upload {repo_id} {folder}"
-        raise HubError(f"--push_to_hub: the upload to {repo_id!r} failed ({_one_line(error)}); nothing local was "
+        raise HubError(f"The upload to {repo_id!r} failed ({_one_line(error)}); nothing local was "
                        f"lost: upload it again later with `{retry}`.") from error
     return repo_id
 
