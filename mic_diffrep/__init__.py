@@ -14,6 +14,7 @@ preprocessing and hooked UNet forward; the baselines), `features/` (extractors, 
 
 __version__ = "0.1.0"
 
+import diffusers
 from transformers import AutoConfig, AutoImageProcessor, AutoModelForImageClassification
 from transformers.pipelines import PIPELINE_REGISTRY
 
@@ -40,6 +41,9 @@ PIPELINE_REGISTRY.register_pipeline("medical-image-classification", pipeline_cla
                                     pt_model=AutoModelForImageClassification, type="image")
 PIPELINE_REGISTRY.supported_tasks["medical-image-classification"]["default"] = NoDefaultModel()
 MicDiffRepForImageClassification.register_for_auto_class("AutoModelForImageClassification")
+# `DiffusionPipeline.from_pretrained(folder_or_repo)` looks the class named in `model_index.json` up in the diffusers
+# module (diffusers has no registry like `AutoConfig.register`): after `import mic_diffrep` it finds this one.
+diffusers.DiffusionFeaturePipeline = DiffusionFeaturePipeline
 
 __all__ = [
     "DecodedImages",

@@ -21,14 +21,24 @@ from diffusers.utils import BaseOutput, make_image_grid, replace_example_docstri
 from diffusers.utils.torch_utils import randn_tensor
 from tqdm.auto import tqdm
 
-from mic_diffrep.data.medical import SLICE_SETTINGS, SliceSelection, slice_selection
-from mic_diffrep.models.mic_diffrep.preprocessing import (INTENSITY_WINDOWS, RESIZE_MODES, ImagePreprocessing,
-                                                          check_choice, image_list_with_ids, pixels_to_model_input)
-from mic_diffrep.utils import not_a_pipeline, progress_interval
-from mic_diffrep.models.mic_diffrep.unet_features import (DEFAULT_POOLING, DEFAULT_TIMESTEPS, POOLING_CHOICES,
-                                                          block_names, check_layers, concatenate_features,
-                                                          feature_noise, is_self_conditioned,
-                                                          noisy_block_features)
+try:
+    from mic_diffrep.data.medical import SLICE_SETTINGS, SliceSelection, slice_selection
+    from mic_diffrep.models.mic_diffrep.preprocessing import (INTENSITY_WINDOWS, RESIZE_MODES, ImagePreprocessing,
+                                                              check_choice, image_list_with_ids,
+                                                              pixels_to_model_input)
+    from mic_diffrep.models.mic_diffrep.unet_features import (DEFAULT_POOLING, DEFAULT_TIMESTEPS, POOLING_CHOICES,
+                                                              block_names, check_layers, concatenate_features,
+                                                              feature_noise, is_self_conditioned,
+                                                              noisy_block_features)
+    from mic_diffrep.utils import not_a_pipeline, progress_interval
+except ModuleNotFoundError as error:  # loaded as a custom pipeline (a Hub repository's copy) without the package
+    if error.name == "mic_diffrep":
+        raise ModuleNotFoundError("DiffusionFeaturePipeline needs the mic-diffrep package (its preprocessing and "
+                                  "hooked UNet forward): `pip install mic-diffrep`.", name=error.name) from error
+    if (error.name or "").startswith("mic_diffrep."):  # a copy newer than the package installed
+        raise ModuleNotFoundError(f"This DiffusionFeaturePipeline needs a newer mic-diffrep (no module "
+                                  f"{error.name!r}): `pip install -U mic-diffrep`.", name=error.name) from error
+    raise
 
 
 # The name of this file where `save_pretrained` copies it (diffusers' `custom_pipeline=` takes it without ".py").

@@ -214,6 +214,43 @@ def test_loads_as_a_diffusers_custom_pipeline(pipe, images, tmp_path, custom_pip
     assert type(DiffusionFeaturePipeline.from_pretrained(tmp_path / "pipe")) is DiffusionFeaturePipeline
 
 
+def test_the_custom_pipeline_file_says_what_to_install_where_mic_diffrep_is_missing():
+    """A Hub repository's copy of the pipeline loaded where mic-diffrep is not installed said only "No module named
+    'mic_diffrep'" (and the package's pip name is mic-diffrep)."""
+    def load_without(missing):
+        code = ("import importlib.util, sys\n"
+                "class NotInstalled:\n"
+                "    def find_spec(self, name, path=None, target=None):\n"
+                f"        if name == {missing!r}:\n"
+                "            raise ModuleNotFoundError(f'No module named {name!r}', name=name)\n"
+                "sys.meta_path.insert(0, NotInstalled())\n"
+                f"spec = importlib.util.spec_from_file_location('pipeline_diffusion_features', {PIPELINE_FILE!r})\n"
+                "spec.loader.exec_module(importlib.util.module_from_spec(spec))\n")
+        result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+        assert result.returncode == 1
+        return result.stderr.strip().splitlines()[-1]
+
+    assert load_without("mic_diffrep") == (
+        "ModuleNotFoundError: DiffusionFeaturePipeline needs the mic-diffrep package (its preprocessing and hooked "
+        "UNet forward): `pip install mic-diffrep`.")
+    assert load_without("mic_diffrep.utils") == (  # an older mic-diffrep than the copy
+        "ModuleNotFoundError: This DiffusionFeaturePipeline needs a newer mic-diffrep (no module "
+        "'mic_diffrep.utils'): `pip install -U mic-diffrep`.")
+    assert load_without("diffusers").endswith("No module named 'diffusers'")  # the rest as Python says it
+
+
+def test_plain_diffusion_pipeline_loads_a_saved_folder_once_mic_diffrep_is_imported(pipe, images, tmp_path):
+    """The Hub's snippet for a diffusers repository, `DiffusionPipeline.from_pretrained(repo)`, said "module diffusers
+    has no attribute DiffusionFeaturePipeline" even after `import mic_diffrep`."""
+    pipe = DiffusionFeaturePipeline(pipe.unet, pipe.scheduler, resize_mode="center_crop", slice_axis=1)
+    pipe.save_pretrained(tmp_path / "pipe")
+    loaded = DiffusionPipeline.from_pretrained(tmp_path / "pipe")
+    assert type(loaded) is DiffusionFeaturePipeline
+    assert loaded.config.resize_mode == "center_crop" and loaded.slices.slice_axis == 1
+    torch.testing.assert_close(loaded.extract_features(images, timesteps=[5]).features[("mid_block", 5)],
+                               pipe.extract_features(images, timesteps=[5]).features[("mid_block", 5)])
+
+
 def test_generation_shapes_ranges_and_ddim(pipe, tmp_path):
     pil = pipe(batch_size=3, num_inference_steps=4).images
     assert len(pil) == 3 and pil[0].mode == "L" and pil[0].size == (16, 16)

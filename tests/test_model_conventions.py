@@ -321,3 +321,18 @@ def test_a_bf16_cast_logs_no_empty_fp32_modules_warning():
         assert len(records) == 1
     finally:
         diffusers_logger.removeHandler(handler)
+
+
+def test_the_pipeline_card_promises_ddpm_sampling_only_where_diffusers_can_do_it():
+    """The card of a self-conditioned pipeline said `DDPMPipeline` samples from it: it runs and returns two-channel
+    noise (its UNet takes a second channel only `DiffusionFeaturePipeline` feeds)."""
+    from mic_diffrep.reporting.model_card import pipeline_card_text
+
+    summary = {"recipe": {"self_conditioning": False}, "global_step": 3, "stop_reason": "max_train_steps"}
+    plain = pipeline_card_text(summary, "me/ddpm")
+    assert 'DDPMPipeline.from_pretrained("me/ddpm")` samples from it too' in plain
+    assert ('DiffusionPipeline.from_pretrained("me/ddpm", custom_pipeline="pipeline_diffusion_features", '
+            'trust_remote_code=True)') in plain
+    self_conditioned = pipeline_card_text({**summary, "recipe": {"self_conditioning": True}}, "me/ddpm")
+    assert "samples from it too" not in self_conditioned
+    assert "`diffusers.DDPMPipeline` cannot sample from it: its UNet is self-conditioned" in self_conditioned

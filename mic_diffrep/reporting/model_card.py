@@ -172,6 +172,12 @@ def pipeline_card_text(summary: dict, repo_id: Optional[str] = None, samples: bo
     else:  # interrupted after the last save: the folder holds that save's weights
         steps = (f"{steps} optimisation steps (the weights saved last; the run was {summary.get('stop_reason')} at "
                  f"step {summary.get('global_step')}, which its checkpoint continues)")
+    if summary.get("recipe", {}).get("self_conditioning"):
+        ddpm = ("`diffusers.DDPMPipeline` cannot sample from it: its UNet is self-conditioned (a second input channel "
+                "that only `DiffusionFeaturePipeline` feeds).")
+    else:
+        ddpm = (f"`diffusers.DDPMPipeline.from_pretrained(\"{location}\")` samples from it too (it warns that it "
+                f"ignores the preprocessing settings in `model_index.json`).")
     metadata = ModelCardData(library_name="diffusers", license="apache-2.0",
                              tags=TAGS + ["unconditional-image-generation", "feature-extraction"])
     return f"""---
@@ -196,7 +202,7 @@ samples = pipe(batch_size=4, num_inference_steps=1000).images    # DDPM sampling
 ```
 
 Plain diffusers loads it as a custom pipeline (its code, `pipeline_diffusion_features.py`, is in this folder;
-mic-diffrep must be installed):
+mic-diffrep must be installed), or as itself once mic-diffrep is imported:
 
 ```python
 from diffusers import DiffusionPipeline
@@ -204,8 +210,7 @@ from diffusers import DiffusionPipeline
 pipe = DiffusionPipeline.from_pretrained("{location}", custom_pipeline="pipeline_diffusion_features", trust_remote_code=True)
 ```
 
-`diffusers.DDPMPipeline.from_pretrained("{location}")` samples from it too (it warns that it ignores the
-preprocessing settings in `model_index.json`).
+{ddpm}
 
 ## Training
 
