@@ -14,7 +14,8 @@ import pytest
 import torch
 
 from conftest import parse, write_class_folder
-from mic_diffrep import MicDiffRepConfig, MicDiffRepForImageClassification, MicDiffRepImageProcessor
+from mic_diffrep import (DiffusionFeaturePipeline, MicDiffRepConfig, MicDiffRepForImageClassification,
+                         MicDiffRepImageProcessor, create_scheduler, create_unet)
 from mic_diffrep.commands import main as cli
 from mic_diffrep.commands.base import run_guarded
 from mic_diffrep.models.baselines import create_baseline, save_baseline
@@ -306,6 +307,26 @@ def test_the_hub_token_is_written_nowhere(kaggle_folder, tmp_path, monkeypatch):
     assert any(path.name == "results.json" for path in written) and any("events" in path.name for path in written)
     assert [str(path) for path in written if secret.encode() in path.read_bytes()] == []
     assert "--hub-token=***" in json.loads((model / "results.json").read_text())["command"]
+
+
+def test_a_relative_data_folder_is_published_by_its_name(kaggle_folder, tmp_path, monkeypatch):
+    """`probe --data_dir ../data/kaggle` uploaded "Test split: the test split of ../data/kaggle" in its card and
+    results: the results record the folder as an absolute path, which publishing cuts, while the split's description
+    kept it as typed."""
+    from mic_diffrep.reporting.model_card import model_card_text, published_results
+
+    pipe, model = tmp_path / "pipe", tmp_path / "model"
+    DiffusionFeaturePipeline(create_unet(16, "tiny"), create_scheduler()).save_pretrained(pipe)
+    (tmp_path / "elsewhere").mkdir()
+    monkeypatch.chdir(tmp_path / "elsewhere")
+    relative = os.path.relpath(kaggle_folder)
+    assert relative.startswith("..")
+    cli(["probe", "--pretrained", str(pipe), "--data_dir", relative, "--output_dir", str(model),
+         "--timesteps", "10", "--layers", "mid_block", "--num_epochs", "1"])
+    results = json.loads((model / "results.json").read_text())
+    published = published_results(results)
+    assert published["test_split"] == "the test split of kaggle"
+    assert relative not in json.dumps(published) and relative not in model_card_text(published, "me/model")
 
 
 def test_only_the_first_process_of_a_launch_logs_progress(monkeypatch):

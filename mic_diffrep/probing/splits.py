@@ -146,14 +146,14 @@ def _train_and_test(args: ProbeArguments, decode):
         check_labelled(splits["test"], args.data_dir)
         train = decode(train_set)
         test = _align_labels(decode(splits["test"]), train.label_names, args.data_dir)
-        return train, test, f"the test split of {args.data_dir}"
+        return train, test, f"the test split of {os.path.abspath(args.data_dir)}"  # as results record data_dir
     _, everything = select_splits(splits, ["all"])
     check_labelled(everything, args.data_dir)
     everything = decode(everything)
     threshold = args.duplicate_threshold or DEFAULT_THRESHOLD
     groups = _split_groups(everything, threshold)
     train_idx, test_idx = _carve(everything.labels, groups, args.test_split, args.seed, "--test_split")
-    source = (f"carved from {args.data_dir}: {len(test_idx)} of {len(everything)} images ({args.test_split:.0%} target), "
+    source = (f"carved from {os.path.abspath(args.data_dir)}: {len(test_idx)} of {len(everything)} images ({args.test_split:.0%} target), "
               f"stratified by class, near-duplicate groups (fingerprint similarity >= {threshold}) kept on one side")
     return everything.subset(train_idx), everything.subset(test_idx), source
 
