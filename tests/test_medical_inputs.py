@@ -178,7 +178,7 @@ def test_bad_dicom_named_or_skipped(mixed_folder, tmp_path):
     cache = str(tmp_path / "cache")
     with pytest.raises(BadImageError, match=r"broken\.dcm.*--skip_bad_images"):
         decode_images(train, 16, cache_dir=cache, show_progress=False)
-    assert not os.path.isdir(cache) or not os.listdir(cache)  # nothing written half
+    assert len(os.listdir(cache)) == 1  # the whole decode, its unreadable files listed: the rerun below reads it
     decoded = decode_images(train, 16, skip_bad_images=True, cache_dir=cache, show_progress=False)
     assert sorted(item["path"] for item in decoded.skipped) == [bad, empty]  # zero slices left: a bad file
     assert "no slice left" in next(item["error"] for item in decoded.skipped if item["path"] == empty)

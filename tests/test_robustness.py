@@ -58,6 +58,32 @@ def test_skip_bad_images_lists_them(unlabelled_folder, tmp_path):
                                                                                       "truncated.jpg"]
 
 
+def test_every_unreadable_file_is_named_at_once_and_listed_once(tmp_path):
+    """Three bad files took three rounds of fix-and-rerun (only the first was named); a probe with a carved test split
+    listed each skipped file twice (the train and test parts of one decode share its list)."""
+    folder = tmp_path / "labelled"
+    write_class_folder(folder, per_class=8, seed=3, size=20, classes=("a", "b"))
+    write_bad_files(folder / "a")
+    with pytest.raises(BadImageError) as error:
+        decode_images(sorted(str(p) for p in folder.rglob("*.*")), 16, cache_dir=str(tmp_path / "cache"))
+    message = str(error.value)
+    assert message.startswith("Cannot read 3 images: ") and "--skip_bad_images" in message
+    assert all(name in message for name in ("truncated.jpg", "empty.png", "notes.jpg"))
+    assert os.listdir(tmp_path / "cache")  # decoded once: the rerun with --skip_bad_images reads the cache
+    with pytest.raises(BadImageError, match="^Cannot read 3 images: "):  # and so does one without it
+        decode_images(sorted(str(p) for p in folder.rglob("*.*")), 16, cache_dir=str(tmp_path / "cache"))
+
+    pipe = tmp_path / "pipe"
+    DiffusionFeaturePipeline(create_unet(16, "tiny"), create_scheduler()).save_pretrained(pipe)
+    cli(["probe", "--pretrained", str(pipe), "--data_dir", str(folder), "--output_dir", str(tmp_path / "model"),
+         "--timesteps", "5", "--layers", "mid_block", "--num_epochs", "1", "--skip_bad_images", "--test_split",
+         "0.25"])
+    results = json.loads((tmp_path / "model" / "results.json").read_text())
+    assert sorted(os.path.basename(item["path"]) for item in results["skipped_images"]) == [
+        "empty.png", "notes.jpg", "truncated.jpg"]
+    assert "3 unreadable file(s) skipped" in (tmp_path / "model" / "results.md").read_text()
+
+
 def test_odd_images_decode(tmp_path):
     rng = np.random.default_rng(0)
     images = {

@@ -81,6 +81,16 @@ class DecodedImages:
         )
 
 
+def merge_skipped(*parts: DecodedImages) -> List[Dict[str, str]]:
+    """The unreadable files of several decoded sets, each once: subsets of one decode (a carved train and test split)
+    share its list."""
+    merged = {}
+    for part in parts:
+        for item in part.skipped:
+            merged.setdefault(item["path"], item)
+    return list(merged.values())
+
+
 def source_file(image_id: str) -> str:
     """The file an image id comes from: `path` for `"<path>#slice=<k>"`, the id itself otherwise."""
     path, marker, index = image_id.rpartition("#slice=")
@@ -221,8 +231,7 @@ def decode_images(
         if decoded is not None:
             decoded.fingerprint = key
             if decoded.skipped and not skip_bad_images:
-                bad = decoded.skipped[0]
-                raise BadImageError(_bad_image_message(bad["path"], bad["error"]))
+                raise BadImageError(_bad_images_message(decoded.skipped))
             logger.info("Loaded %d decoded images from %s", len(decoded), cache_file)
             return decoded
 
@@ -239,10 +248,9 @@ def decode_images(
     with tqdm(total=len(sources), desc="Decoding images", unit="img", disable=not show_progress) as progress:
         for batch in loader:
             for index, tensor, slice_indices, error in batch:
-                if error is not None:
-                    if not skip_bad_images:
-                        raise BadImageError(_bad_image_message(paths[index], error))
-                    logger.warning("Skipping unreadable image %s (%s)", paths[index], error)
+                if error is not None:  # every unreadable file is found (and named) in one pass
+                    if skip_bad_images:
+                        logger.warning("Skipping unreadable image %s (%s)", paths[index], error)
                     skipped.append({"path": paths[index], "error": error})
                     continue
                 # A copy out of the worker's shared memory, so that no file descriptor stays open per file.
@@ -252,6 +260,8 @@ def decode_images(
                     kept_labels.extend([labels[index]] * len(slice_indices))
             progress.update(len(batch))
     if not chunks:
+        if not skip_bad_images:
+            raise BadImageError(_bad_images_message(skipped))
         raise ValueError(f"None of the {len(sources)} images could be decoded (first error: {skipped[0]['error']}).")
     decoded = DecodedImages(
         pixels=torch.cat(chunks),
@@ -261,8 +271,10 @@ def decode_images(
         skipped=skipped,
         fingerprint=key,
     )
-    if cache_file is not None:
+    if cache_file is not None:  # with the unreadable files too: `--skip_bad_images` then decodes nothing again
         _save_decoded(decoded, cache_file)
+    if skipped and not skip_bad_images:
+        raise BadImageError(_bad_images_message(skipped))
     return decoded
 
 
@@ -275,6 +287,16 @@ def _bad_image_message(path: str, error: str) -> str:
         f"Cannot read image {path}: {error.rstrip('.')}. Fix or remove the file, or pass --skip_bad_images to skip "
         f"unreadable images (skipped files are listed in the run's log and results)."
     )
+
+
+def _bad_images_message(bad: List[Dict[str, str]], shown: int = 5) -> str:
+    """One line naming every unreadable file (the first `shown` with their errors), so that one round of fixes does."""
+    if len(bad) == 1:
+        return _bad_image_message(bad[0]["path"], bad[0]["error"])
+    listed = "; ".join(f"{item['path']} ({item['error'].rstrip('.')})" for item in bad[:shown])
+    more = f"; and {len(bad) - shown} more" if len(bad) > shown else ""
+    return (f"Cannot read {len(bad)} images: {listed}{more}. Fix or remove the files, or pass --skip_bad_images to "
+            f"skip unreadable images (skipped files are listed in the run's log and results).")
 
 
 def _save_decoded(decoded: DecodedImages, cache_file: str) -> None:

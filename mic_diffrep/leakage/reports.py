@@ -8,7 +8,7 @@ from typing import Dict, List, Optional, Sequence, Union
 
 import numpy as np
 
-from ..data.decoding import DecodedImages
+from ..data.decoding import DecodedImages, merge_skipped
 from .fingerprints import DEFAULT_THRESHOLD, exact_keys, fingerprint_images
 from .groups import duplicate_groups
 from .search import check_threshold, find_near_duplicates, pair_similarity
@@ -127,7 +127,7 @@ def check_leakage(
     report = LeakageReport(
         threshold=float(threshold), num_train=len(train), num_test=len(test), num_exact=0, num_near=0,
         num_same_label=0 if has_labels else None, num_different_label=0 if has_labels else None,
-        skipped_images=list(train.skipped) + list(test.skipped),
+        skipped_images=merge_skipped(train, test),
     )
     for index, key in enumerate(exact_keys(test.pixels)):
         twin = train_index.get(key)
