@@ -4,6 +4,7 @@ import contextlib
 import dataclasses
 import json
 import logging
+import math
 import numbers
 import os
 import platform
@@ -147,6 +148,29 @@ def _warn_unused_cores(num_processes: int) -> None:
             "(which `accelerate launch` sets to 1 unless told otherwise). For full speed: `accelerate launch "
             "--num_cpu_threads_per_process %d ...`.", torch.get_num_threads(), cores, num_processes,
             os.environ["OMP_NUM_THREADS"], per_process)
+
+
+def json_safe(value):
+    """`value` for strict JSON: NaN and infinities (the recall of a class without test images, a diverged loss) become
+    `null`, which every JSON reader takes; Python's `json` would write `NaN`, which is not JSON."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {key: json_safe(item) for key, item in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [json_safe(item) for item in value]
+    return value
+
+
+def write_json(path: str, data) -> None:
+    """`data` as strict JSON (`json_safe`), indented, into `path`."""
+    with open(path, "w", encoding="utf-8") as f:
+        json.dump(json_safe(data), f, indent=2, allow_nan=False)
+
+
+def format_score(value) -> str:
+    """A score with three decimals; "n/a" where it is undefined (`None` in a results file, or NaN)."""
+    return "n/a" if value is None or (isinstance(value, float) and math.isnan(value)) else f"{value:.3f}"
 
 
 def error_summary(error: BaseException) -> str:

@@ -2,11 +2,13 @@
 images for predict, and a readable evaluate."""
 
 import json
+import pathlib
 import os
 import re
 import shutil
 import subprocess
 import sys
+from unittest import mock
 
 import numpy as np
 import PIL.Image
@@ -327,6 +329,36 @@ def test_a_relative_data_folder_is_published_by_its_name(kaggle_folder, tmp_path
     published = published_results(results)
     assert published["test_split"] == "the test split of kaggle"
     assert relative not in json.dumps(published) and relative not in model_card_text(published, "me/model")
+
+
+def test_results_of_a_class_without_test_images_are_strict_json(tmp_path, monkeypatch):
+    """A class missing from Testing/ has no recall: results.json held `NaN`, which is not JSON (JavaScript's and
+    most other readers refuse it), while `evaluate --json` wrote null; the card and results.md then failed on it."""
+    from mic_diffrep.reporting import push_to_hub
+    from mic_diffrep.reporting.model_card import model_card_text
+    from mic_diffrep.reporting.results import results_markdown
+
+    root = tmp_path / "data"
+    write_class_folder(root / "Training", per_class=6, seed=1, size=20, classes=("a", "b", "c"))
+    write_class_folder(root / "Testing", per_class=3, seed=2, size=20, classes=("a", "b"))
+    pipe, model = tmp_path / "pipe", tmp_path / "model"
+    DiffusionFeaturePipeline(create_unet(16, "tiny"), create_scheduler()).save_pretrained(pipe)
+    cli(["probe", "--pretrained", str(pipe), "--data_dir", str(root), "--output_dir", str(model),
+         "--timesteps", "10", "--layers", "mid_block", "--num_epochs", "1"])
+
+    def strict(path):
+        return json.loads(path.read_text(), parse_constant=lambda name: pytest.fail(f"{path.name} holds {name}"))
+
+    results = strict(model / "results.json")
+    assert results["msfa"]["test"]["all"]["per_class_recall"]["c"] is None
+    assert "| n/a |" in results_markdown(results) and "c n/a" in model_card_text(results, "me/model")
+    uploaded = {}
+    with mock.patch("huggingface_hub.HfApi.create_repo", return_value=mock.Mock(repo_id="me/model")), \
+            mock.patch("huggingface_hub.HfApi.upload_folder",
+                       side_effect=lambda **kwargs: uploaded.update(results=strict(
+                           pathlib.Path(kwargs["folder_path"]) / "results.json"))):
+        push_to_hub(str(model), "me/model")  # reads the results file back: null, not NaN
+    assert uploaded["results"]["msfa"]["test"]["all"]["per_class_recall"]["c"] is None
 
 
 def test_only_the_first_process_of_a_launch_logs_progress(monkeypatch):

@@ -1,7 +1,6 @@
 """`mic-diffrep evaluate`, `mic-diffrep predict` and `mic-diffrep generate`: using trained models."""
 
 import json
-import math
 import os
 import sys
 
@@ -14,7 +13,8 @@ from ..features import load_pipeline
 from ..inference import evaluate_folder, predict_files
 from ..pipelines import save_image_grid
 from ..reporting.plotting import plot_confusion_matrix
-from ..utils import MIXED_PRECISION_CHOICES, precision_dtype, prepare_output_file
+from ..utils import (MIXED_PRECISION_CHOICES, format_score, json_safe, precision_dtype, prepare_output_file,
+                     write_json)
 
 
 def _add_model_args(parser) -> None:
@@ -36,17 +36,6 @@ def _slices(namespace) -> dict:
             if getattr(namespace, name) is not None}
 
 
-def _json_value(value):
-    """`value` for strict JSON: NaN (the recall of a class with no images) becomes null."""
-    if isinstance(value, float) and math.isnan(value):
-        return None
-    if isinstance(value, dict):
-        return {key: _json_value(item) for key, item in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_json_value(item) for item in value]
-    return value
-
-
 def evaluate(namespace) -> dict:
     if namespace.output:
         prepare_output_file(namespace.output)
@@ -54,16 +43,15 @@ def evaluate(namespace) -> dict:
                              namespace.mixed_precision, namespace.skip_bad_images, _slices(namespace),
                              namespace.image_list)
     if namespace.json:
-        print(json.dumps(_json_value(report), indent=2))
+        print(json.dumps(json_safe(report), indent=2, allow_nan=False))
     else:
-        recall = ", ".join(f"{name} {value:.3f}" for name, value in report["per_class_recall"].items())
+        recall = ", ".join(f"{name} {format_score(value)}" for name, value in report["per_class_recall"].items())
         which = f"listed in {namespace.image_list}" if namespace.image_list else ", ".join(report["splits"])
         print(f"{report['num_examples']} images ({which}) of {namespace.data_dir}: accuracy "
               f"{report['accuracy']:.3f}, macro F1 {report['macro_f1']:.3f}; recall: {recall}"
               + (f"; {len(report['skipped_images'])} unreadable images skipped" if report["skipped_images"] else ""))
     if namespace.output:
-        with open(namespace.output, "w", encoding="utf-8") as f:
-            json.dump(_json_value(report), f, indent=2)
+        write_json(namespace.output, report)
         png = os.path.splitext(namespace.output)[0] + "_confusion_matrix.png"
         plot_confusion_matrix(report["confusion_matrix"], list(report["per_class_recall"]), png,
                               title=f"{os.path.basename(os.path.abspath(namespace.model))} on {namespace.data_dir}")

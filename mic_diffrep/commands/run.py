@@ -26,7 +26,7 @@ from ..probing.splits import check_carvable, check_test_classes
 from ..reporting.results import run_report_markdown
 from ..training import RECIPE_KEYS, SUMMARY_FILE, PretrainingArguments, default_recipe, pretrain
 from ..training.checkpointing import check_new_run
-from ..utils import MIXED_PRECISION_CHOICES, check_value, command_line, is_first_process
+from ..utils import MIXED_PRECISION_CHOICES, check_value, command_line, is_first_process, write_json
 from .base import DeprecatedFlag
 
 
@@ -302,8 +302,7 @@ def run(namespace) -> dict:
                         "confusion_matrix": os.path.join(probe_args.output_dir, "confusion_matrix.png")}}
     if not main_process:
         return report
-    with open(os.path.join(config["output_dir"], "report.json"), "w", encoding="utf-8") as f:
-        json.dump(report, f, indent=2)
+    write_json(os.path.join(config["output_dir"], "report.json"), report)
     with open(os.path.join(config["output_dir"], "report.md"), "w", encoding="utf-8") as f:
         f.write(run_report_markdown(report))
     msfa, sl = results["msfa"]["test"]["all"], results["sl_best"]["test"]["all"]

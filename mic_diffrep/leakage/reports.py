@@ -1,7 +1,6 @@
 """Leakage reports: test images with a twin in the training images, and duplicate groups within one set."""
 
 import csv
-import json
 import os
 from dataclasses import asdict, dataclass, field
 from typing import Dict, List, Optional, Sequence, Union
@@ -9,6 +8,7 @@ from typing import Dict, List, Optional, Sequence, Union
 import numpy as np
 
 from ..data.decoding import DecodedImages, merge_skipped
+from ..utils import write_json
 from .fingerprints import DEFAULT_THRESHOLD, exact_keys, fingerprint_images
 from .groups import duplicate_groups
 from .search import check_threshold, find_near_duplicates, pair_similarity
@@ -33,8 +33,8 @@ def _write_csv(path: str, rows: List[Dict], columns: Sequence[str]) -> None:
 
 def _write_json(path: str, data: Dict) -> None:
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    with open(path, "w", encoding="utf-8") as f:
-        json.dump(data, f, indent=2)
+    write_json(path, data)
+    with open(path, "a", encoding="utf-8") as f:
         f.write("\n")
 
 

@@ -1,6 +1,5 @@
 """The probe's outputs on disk: results, plots, and (for a diffusion model) the transformers model folder."""
 
-import json
 import os
 
 from transformers.utils import CONFIG_NAME, SAFE_WEIGHTS_NAME
@@ -11,7 +10,7 @@ from ..reporting.hub import push_to_hub
 from ..reporting.model_card import write_model_card
 from ..reporting.plotting import plot_accuracy_vs_timestep, plot_confusion_matrix
 from ..reporting.results import results_markdown
-from ..utils import share_as_umask_allows
+from ..utils import share_as_umask_allows, write_json
 from .arguments import ProbeArguments
 
 
@@ -48,8 +47,7 @@ def write_results(output_dir: str, results: dict, label_names) -> None:
     """`results.json`, `results.md`, `accuracy_vs_timestep.png` (MicDiffRep only) and `confusion_matrix.png` in
     `output_dir`."""
     os.makedirs(output_dir, exist_ok=True)
-    with open(os.path.join(output_dir, "results.json"), "w", encoding="utf-8") as f:
-        json.dump(results, f, indent=2)
+    write_json(os.path.join(output_dir, "results.json"), results)
     with open(os.path.join(output_dir, "results.md"), "w", encoding="utf-8") as f:
         f.write(results_markdown(results))
     if results.get("method", "micdiffrep") == "micdiffrep":  # baselines read no timesteps: no curve to draw

@@ -16,7 +16,7 @@ from typing import Optional, Sequence
 from huggingface_hub import HfApi
 
 from ..models.mic_diffrep import MicDiffRepImageProcessor
-from ..utils import SUMMARY_FILE
+from ..utils import SUMMARY_FILE, write_json
 from .model_card import published_results, write_model_card, write_pipeline_card
 from .results import results_markdown
 
@@ -107,8 +107,7 @@ def push_pipeline_to_hub(pipeline_dir: str, repo_id: str, token: Optional[str] =
         if os.path.isfile(summary_file):  # local paths stay local
             with open(summary_file, encoding="utf-8") as f:
                 summary = published_results(json.load(f))
-            with open(summary_file, "w", encoding="utf-8") as f:
-                json.dump(summary, f, indent=2)
+            write_json(summary_file, summary)
             write_pipeline_card(staging, summary, repo_id)  # its usage snippet loads from the repository
         return _upload(staging, repo_id, token, "MicDiffRep pretraining",
                        retry=_python_retry("push_pipeline_to_hub", pipeline_dir, repo_id,
@@ -137,8 +136,7 @@ def push_to_hub(model_dir: str, repo_id: str, token: Optional[str] = None, priva
         if os.path.isfile(results_file):  # the card's usage snippet loads from the repository
             with open(results_file, encoding="utf-8") as f:
                 results = published_results(json.load(f))  # local paths stay local
-            with open(os.path.join(staging, "results.json"), "w", encoding="utf-8") as f:
-                json.dump(results, f, indent=2)
+            write_json(os.path.join(staging, "results.json"), results)
             with open(os.path.join(staging, "results.md"), "w", encoding="utf-8") as f:
                 f.write(results_markdown(results))
             write_model_card(staging, results, repo_id)

@@ -7,6 +7,7 @@ from typing import Optional
 from huggingface_hub import EvalResult, ModelCard, ModelCardData
 
 from .. import __version__
+from ..utils import format_score
 
 
 TAGS = ["mic-diffrep", "medical-imaging", "diffusion", "self-supervised"]
@@ -94,10 +95,10 @@ def model_card_text(results: dict, repo_id: Optional[str] = None) -> str:
     snippet then loads from there)."""
     msfa, sl = results["msfa"], results["sl_best"]
     test = msfa["test"]["all"]
-    recall = ", ".join(f"{name} {value:.3f}" for name, value in test["per_class_recall"].items())
+    recall = ", ".join(f"{name} {format_score(value)}" for name, value in test["per_class_recall"].items())
     dedup = msfa["test"].get("deduplicated")
     dedup_line = (f"- accuracy on the {dedup['num_examples']} test images without a near-duplicate in the training "
-                  f"images: **{dedup['accuracy']:.3f}**\n" if dedup else "")
+                  f"images: **{format_score(dedup['accuracy'])}**\n" if dedup else "")
     labels = ", ".join(results["label_names"])
     dataset = _name(results["data_dir"])
     metadata = ModelCardData(

@@ -2,6 +2,8 @@
 
 import os
 
+from ..utils import format_score
+
 
 # How a run's `mixed_precision` setting reads in a report.
 _PRECISION_NAMES = {"no": "fp32", "bf16": "bf16 autocast", "fp16": "fp16 autocast"}
@@ -42,13 +44,13 @@ def results_markdown(results: dict) -> str:
     ):
         dedup = row["test"].get("deduplicated", {}).get("accuracy")
         lines.append(f"| {name} | {layer_text} | {t_text} | {row['test']['all']['accuracy']:.3f} | "
-                     f"{row['test']['all']['macro_f1']:.3f} | {'n/a' if dedup is None else f'{dedup:.3f}'} |")
+                     f"{row['test']['all']['macro_f1']:.3f} | {format_score(dedup)} |")
     names = results["label_names"]
     lines += ["", "Per-class recall (test):", "", "| method | " + " | ".join(names) + " |",
               "|---|" + "---|" * len(names)]
     for name, row in ((ms_name, msfa), (sl_name, sl)):
         recall = row["test"]["all"]["per_class_recall"]
-        lines.append(f"| {name} | " + " | ".join(f"{recall[n]:.3f}" for n in names) + " |")
+        lines.append(f"| {name} | " + " | ".join(format_score(recall[n]) for n in names) + " |")
     lines += ["", "Single-layer probes, test accuracy (SL-best is chosen on validation accuracy):", "",
               "| layer | " + " | ".join(f"t={t}" for t in timesteps) + " |", "|---|" + "---|" * len(timesteps)]
     for layer in layers:

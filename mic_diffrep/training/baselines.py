@@ -10,14 +10,14 @@ resolution, padding, intensity window), budget flags (`--max_train_steps`, `--ti
 is scored by the same probe.
 """
 
-import json
 import logging
 import os
 
 import torch
 
 from ..models.baselines import create_baseline, save_baseline
-from ..utils import SUMMARY_FILE, command_line, environment_info, output_folder, peak_memory_mb, tracker_config
+from ..utils import (SUMMARY_FILE, command_line, environment_info, output_folder, peak_memory_mb, tracker_config,
+                     write_json)
 from .arguments import BaselinePretrainingArguments
 from .checkpointing import check_new_run
 from .loop import (TrainingState, end_trackers, load_training_images, make_accelerator, make_dataloader,
@@ -73,7 +73,6 @@ def _pretrain_baseline(args: BaselinePretrainingArguments) -> dict:
                "peak_memory_mb": peak_memory_mb(), "environment": environment_info()}
     if accelerator.is_main_process:
         save_baseline(accelerator.unwrap_model(model), args.output_dir)
-        with open(os.path.join(args.output_dir, SUMMARY_FILE), "w", encoding="utf-8") as f:
-            json.dump(summary, f, indent=2)
+        write_json(os.path.join(args.output_dir, SUMMARY_FILE), summary)
     end_trackers(accelerator)
     return summary

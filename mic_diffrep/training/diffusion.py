@@ -10,7 +10,6 @@ or from Python with `pretrain(PretrainingArguments(...))`. The output folder is 
 ```
 """
 
-import json
 import logging
 import os
 import shutil
@@ -30,7 +29,8 @@ from ..models.mic_diffrep.unet_features import is_self_conditioned, predicted_cl
 from ..pipelines import DiffusionFeaturePipeline, save_image_grid
 from ..reporting.hub import create_hub_repo, default_repo_id, push_pipeline_to_hub
 from ..reporting.model_card import write_pipeline_card
-from ..utils import SUMMARY_FILE, command_line, environment_info, output_folder, peak_memory_mb, tracker_config
+from ..utils import (SUMMARY_FILE, command_line, environment_info, output_folder, peak_memory_mb, tracker_config,
+                     write_json)
 from .arguments import RECIPE_KEYS, PretrainingArguments
 from .checkpointing import check_new_run, find_checkpoint, save_pipeline
 from .loop import (TrainingState, end_trackers, load_training_images, make_accelerator, make_dataloader,
@@ -289,8 +289,7 @@ def _pretrain(args: PretrainingArguments) -> dict:
     summary = training_summary(state, args, accelerator, decoded, splits, model)
     summary["weights_step"] = weights_step
     if accelerator.is_main_process:
-        with open(os.path.join(args.output_dir, SUMMARY_FILE), "w", encoding="utf-8") as f:
-            json.dump(summary, f, indent=2)
+        write_json(os.path.join(args.output_dir, SUMMARY_FILE), summary)
         push = args.push_to_hub and state.stop_reason != "interrupted"
         if weights_step is not None:  # not for weights this run did not save (or a folder of checkpoints only)
             write_pipeline_card(args.output_dir, summary, hub_repo_id if push else None)
