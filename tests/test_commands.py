@@ -331,6 +331,21 @@ def test_a_relative_data_folder_is_published_by_its_name(kaggle_folder, tmp_path
     assert relative not in json.dumps(published) and relative not in model_card_text(published, "me/model")
 
 
+def test_a_test_folder_of_one_class_is_read_as_that_class(kaggle_folder, tmp_path):
+    """`probe --test_data_dir site2` with only `site2/meningioma/` (another site's cases of one diagnosis) said "has
+    no labels", where `evaluate` reads the same folder as that class."""
+    write_class_folder(tmp_path / "site2", per_class=3, seed=5, size=20, classes=("meningioma",))
+    pipe, model = tmp_path / "pipe", tmp_path / "model"
+    DiffusionFeaturePipeline(create_unet(16, "tiny"), create_scheduler()).save_pretrained(pipe)
+    cli(["probe", "--pretrained", str(pipe), "--data_dir", os.path.join(kaggle_folder, "Training"),
+         "--test_data_dir", str(tmp_path / "site2"), "--output_dir", str(model), "--timesteps", "10", "--layers",
+         "mid_block", "--num_epochs", "1"])
+    results = json.loads((model / "results.json").read_text())
+    assert results["num_test"] == 3
+    matrix = results["msfa"]["test"]["all"]["confusion_matrix"]
+    assert [sum(row) for row in matrix] == [0, 3, 0, 0]  # all three are meningioma
+
+
 def test_results_of_a_class_without_test_images_are_strict_json(tmp_path, monkeypatch):
     """A class missing from Testing/ has no recall: results.json held `NaN`, which is not JSON (JavaScript's and
     most other readers refuse it), while `evaluate --json` wrote null; the card and results.md then failed on it."""

@@ -217,3 +217,54 @@ def test_a_dataset_with_plain_integer_labels_decodes(kaggle_folder):
     decoded = decode_images(dataset, 16, show_progress=False)
     assert decoded.labels.tolist() == [0, 1] and decoded.label_names == ["0", "1"]
     assert torch.equal(decode_images(files[0], 16, show_progress=False).pixels, decoded.pixels[:1])  # one path
+
+
+def test_class_folders_that_are_links_are_read(tmp_path):
+    """Class folders made as symbolic links (a split built from links) gave "No images found": neither the walk nor
+    `imagefolder` follows links to folders. A link to a folder above it is read once, not forever."""
+    write_class_folder(tmp_path / "real", per_class=3, seed=0, size=20, classes=("a", "b"))
+    (tmp_path / "linked").mkdir()
+    for name in ("a", "b"):
+        os.symlink(tmp_path / "real" / name, tmp_path / "linked" / name)
+    os.symlink(tmp_path / "linked", tmp_path / "real" / "a" / "loop")
+    dataset = load_image_folder(str(tmp_path / "linked"))["train"]
+    assert dataset.features["label"].names == ["a", "b"] and dataset.num_rows == 6
+    assert sorted(os.path.basename(item["path"]) for item in dataset["image"]) == sorted(
+        name for name in os.listdir(tmp_path / "real" / "a") + os.listdir(tmp_path / "real" / "b")
+        if name.endswith(".png"))  # each once, the loop link's folder not again
+
+
+def test_images_beside_split_folders_are_named_not_left_out(tmp_path):
+    """`normal/` and `abnormal/` beside a `test/` folder were left out without a word: the probe trained on the few
+    test images and reported accuracy 1.000 on two of them."""
+    write_class_folder(tmp_path / "data", per_class=4, seed=0, size=20, classes=("normal", "abnormal"))
+    write_class_folder(tmp_path / "data" / "test", per_class=2, seed=1, size=20, classes=("normal", "abnormal"))
+    (tmp_path / "data" / "README.md").write_text("not an image")  # the rest of a dataset's files do not count
+    with pytest.raises(ValueError, match=r"has split folders \(test\) and images beside them \(abnormal, normal\), "
+                                         r"which would be left out"):
+        load_image_folder(str(tmp_path / "data"))
+
+
+def test_a_loose_image_beside_class_folders_is_named_when_labels_are_needed(tmp_path):
+    """One stray image at the root leaves the folder unlabelled (as `imagefolder` reads it); the probe then said
+    only "has no labels", though the class folders were there."""
+    from mic_diffrep.data import check_labelled
+
+    write_class_folder(tmp_path / "data", per_class=3, seed=0, size=20, classes=("a", "b"))
+    shutil.copy(tmp_path / "data" / "a" / "a_0_0.png", tmp_path / "data" / "overview.png")
+    dataset = load_image_folder(str(tmp_path / "data"))["train"]
+    with pytest.raises(ValueError, match="Image files sit loose beside the class folders.* move .*overview.png into "
+                                         "a class folder"):
+        check_labelled(dataset, "data")
+    with pytest.raises(ValueError, match=r"has no labels: .*notumor/\*.jpg\).$"):  # loose images only: no hint
+        check_labelled(load_image_folder(str(tmp_path / "data" / "a"))["train"], "a")
+
+
+def test_hidden_folders_in_split_folders_are_not_missing_classes(tmp_path, caplog):
+    """`train/.ipynb_checkpoints/` was warned about, three times, as a class missing from the test split."""
+    write_class_folder(tmp_path / "data" / "train", per_class=2, seed=0, size=20, classes=("a", "b"))
+    write_class_folder(tmp_path / "data" / "test", per_class=1, seed=1, size=20, classes=("a", "b"))
+    (tmp_path / "data" / "train" / ".ipynb_checkpoints").mkdir()
+    with caplog.at_level("WARNING"):
+        dataset = load_image_folder(str(tmp_path / "data"))
+    assert dataset["train"].features["label"].names == ["a", "b"] and "missing from" not in caplog.text

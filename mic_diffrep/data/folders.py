@@ -65,24 +65,48 @@ def is_image_file(name: str) -> bool:
     return name.lower().endswith(SEARCHED_EXTENSIONS) or has_dicom_preamble(name)
 
 
+def _walk(folder: str):
+    """`os.walk` that follows symbolic links to folders (splits and classes built from links), each real folder once
+    (a link to a folder above it is not a loop). Pruning the yielded `dirs` in place prunes the walk, as in
+    `os.walk`."""
+    seen = set()
+    for root, dirs, files in os.walk(folder, followlinks=True):
+        real = os.path.realpath(root)
+        if real in seen:
+            dirs[:] = []
+            continue
+        seen.add(real)
+        yield root, dirs, files
+
+
 def _has_images(folder: str) -> bool:
-    for root, _, files in os.walk(folder):
+    for root, _, files in _walk(folder):
         if any(is_image_file(os.path.join(root, name)) for name in files):
             return True
     return False
 
 
+def _holds_images(path: str) -> bool:
+    """Whether `path` is an image file, or a folder with images in it."""
+    return _has_images(path) if os.path.isdir(path) else is_image_file(path)
+
+
 def _needs_scan(root: str, files: Sequence[str]) -> bool:
-    """Whether `imagefolder` would misread the images `files` of `root`: it ignores DICOM / NIfTI files, and labels
-    an image two or more folders below `root` (`glioma/patient1/slice.jpg`) by its own folder (`patient1`)."""
-    return any(is_medical_file(path) or os.path.relpath(path, root).count(os.sep) >= 2 for path in files)
+    """Whether `imagefolder` would misread the images `files` of `root`: it ignores DICOM / NIfTI files, labels an
+    image two or more folders below `root` (`glioma/patient1/slice.jpg`) by its own folder (`patient1`), and does
+    not follow symbolic links to folders (it found no image in a class folder that is a link)."""
+    if any(is_medical_file(path) or os.path.relpath(path, root).count(os.sep) >= 2 for path in files):
+        return True
+    real_root = os.path.realpath(root)
+    return any(os.path.realpath(folder) != os.path.normpath(os.path.join(real_root, os.path.relpath(folder, root)))
+               for folder in {os.path.dirname(path) for path in files})
 
 
 def find_image_files(folder: str) -> List[str]:
     """Sorted image files under `folder` (recursively; hidden files and folders, such as macOS `._*` files and
     `.ipynb_checkpoints`, left out, as `datasets` does)."""
     found = []
-    for root, dirs, files in os.walk(folder):
+    for root, dirs, files in _walk(folder):
         dirs[:] = [d for d in dirs if not d.startswith((".", "__"))]
         found.extend(os.path.join(root, name) for name in files
                      if not name.startswith(".") and is_image_file(os.path.join(root, name)))
@@ -115,6 +139,13 @@ def load_image_folder(data_dir: str):
         empty = [folder for folder in split_folders.values() if not _has_images(os.path.join(data_dir, folder))]
         if empty:
             raise ValueError(f"Split folder(s) {empty} in {data_dir!r} contain no images.")
+        beside = [entry for entry in sorted(os.listdir(data_dir))
+                  if not entry.startswith((".", "__")) and entry not in split_folders.values()
+                  and _holds_images(os.path.join(data_dir, entry))]
+        if beside:  # `class/` beside `test/`: the class folders were left out without a word
+            raise ValueError(f"{data_dir!r} has split folders ({', '.join(split_folders.values())}) and images beside "
+                             f"them ({', '.join(beside)}), which would be left out: move them into a split folder "
+                             f"(e.g. train/) or out of the data folder.")
         _check_class_folders(data_dir, split_folders)
         roots = {split: os.path.join(data_dir, folder) for split, folder in split_folders.items()}
         files = {split: find_image_files(root) for split, root in roots.items()}  # one walk, used for both
@@ -184,7 +215,8 @@ def _scan_image_folder(split_roots: Dict[str, str], files: Dict[str, List[str]])
 def _check_class_folders(data_dir: str, split_folders: Dict[str, str]) -> None:
     """Warns when a class folder exists in one split but not in another (labels stay consistent regardless)."""
     classes = {
-        split: {d for d in os.listdir(os.path.join(data_dir, folder)) if os.path.isdir(os.path.join(data_dir, folder, d))}
+        split: {d for d in os.listdir(os.path.join(data_dir, folder))
+                if os.path.isdir(os.path.join(data_dir, folder, d)) and not d.startswith((".", "__"))}  # not read
         for split, folder in split_folders.items()
     }
     union = set().union(*classes.values())
@@ -229,8 +261,21 @@ def check_labelled(dataset, what: str, purpose: str = "linear probing",
     """Raises a `ValueError` naming `what` unless `dataset` (a split of `load_image_folder`, not yet decoded) has
     labels: a missing label fails before any image is decoded."""
     if "label" not in dataset.features:
+        loose = _loose_beside_folders([item["path"] for item in undecoded_images(dataset)["image"]
+                                       if item.get("path")])
+        hint = (f" Image files sit loose beside the class folders, which leaves every image unlabelled (as "
+                f"`imagefolder` reads it): move {', '.join(loose[:3])}{' and others' if len(loose) > 3 else ''} into "
+                f"a class folder or out of the data folder." if loose else "")
         raise ValueError(f"{what} has no labels: {purpose} needs {needs} (e.g. Training/glioma/*.jpg and "
-                         f"Training/notumor/*.jpg).")
+                         f"Training/notumor/*.jpg).{hint}")
+
+
+def _loose_beside_folders(paths: Sequence[str]) -> List[str]:
+    """The image files of `paths` that sit in a folder whose sub-folders hold images too (`data/overview.png` beside
+    `data/glioma/*.jpg`)."""
+    folders = {os.path.dirname(path) for path in paths}
+    parents = {folder for folder in folders if any(other.startswith(folder + os.sep) for other in folders)}
+    return sorted(path for path in paths if os.path.dirname(path) in parents)
 
 
 def select_splits(dataset_dict, splits: Optional[Sequence[str]] = None, purpose: str = "pretrain_splits"):

@@ -13,8 +13,8 @@ from typing import Iterable, List, Optional, Sequence
 import numpy as np
 import torch
 
-from ..data import (DecodedImages, ImagePreprocessing, check_labelled, decode_images, load_image_folder,
-                    select_splits)
+from ..data import (DecodedImages, ImagePreprocessing, check_labelled, decode_images, label_by_class_folder,
+                    load_image_folder, select_splits)
 from ..data.decoding import source_file
 from ..leakage import DEFAULT_THRESHOLD, check_leakage, duplicate_groups, fingerprint_images, group_stratified_split
 from .arguments import ProbeArguments
@@ -136,6 +136,8 @@ def _train_and_test(args: ProbeArguments, decode):
         _, train_set = select_splits(splits, train_splits)
         _, test_set = select_splits(load_image_folder(args.test_data_dir), ["all"], "test_data_dir")
         check_labelled(train_set, args.data_dir)
+        # A test folder of one class (another site's glioma cases) reads as that class, as `evaluate` reads it
+        test_set = label_by_class_folder(test_set, args.test_data_dir, train_set.features["label"].names)
         check_labelled(test_set, args.test_data_dir)
         train = decode(train_set)
         test = _align_labels(decode(test_set), train.label_names, args.test_data_dir)
