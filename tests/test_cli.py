@@ -317,6 +317,54 @@ def test_run_takes_the_data_flags_of_pretrain_and_probe(tmp_path):
     assert pretraining_arguments(dict(RUN_DEFAULTS)).slices == probe_arguments(dict(RUN_DEFAULTS)).slices
 
 
+def test_run_takes_the_probes_split_flags_its_errors_name(tmp_path, capsys):
+    """A probe error after pretraining told `run` users to give --test_split, --validation_split, --test_data_dir or
+    --duplicate_threshold, flags `run` refused ("unrecognized arguments")."""
+    import numpy as np
+    import PIL.Image
+
+    from conftest import write_class_folder
+    from mic_diffrep.commands.run import check_run, pretraining_arguments, probe_arguments, run_config
+
+    config = run_config(build_parser().parse_args([
+        "run", "--test_split", "0.3", "--validation_split", "0.25", "--duplicate_threshold", "0.999",
+        "--test_data_dir", "site2"]))
+    arguments = probe_arguments(config)
+    assert (arguments.test_split, arguments.validation_split, arguments.duplicate_threshold,
+            arguments.test_data_dir) == (0.3, 0.25, 0.999, "site2")
+    with pytest.raises(SystemExit):
+        main(["run", "--validation_split", "1.5", "--output_dir", str(tmp_path / "never")])
+    assert "`validation_split` and `test_split` must be in (0, 1)" in capsys.readouterr().err
+    assert not (tmp_path / "never").exists()
+
+    # --test_data_dir is checked before pretraining, one class folder read as that class (as the probe reads it)
+    write_class_folder(tmp_path / "train", per_class=6, seed=0, size=20, classes=("a", "b"))
+    write_class_folder(tmp_path / "site2", per_class=2, seed=1, size=20, classes=("b",))
+    write_class_folder(tmp_path / "site3", per_class=2, seed=1, size=20, classes=("b", "c"))
+    config = run_config(build_parser().parse_args(["run", "--data_dir", str(tmp_path / "train"), "--resolution", "16",
+                                                   "--test_data_dir", str(tmp_path / "site2")]))
+    check_run(config, pretraining_arguments(config), probe_arguments(config))
+    config["test_data_dir"] = str(tmp_path / "site3")
+    with pytest.raises(ValueError, match=r"\['c'\]"):
+        check_run(config, pretraining_arguments(config), probe_arguments(config))
+
+    # Images alike enough to chain into one near-duplicate group: the probe's error says how to see and split them
+    alike = tmp_path / "alike"
+    base = np.random.default_rng(0).integers(0, 255, (20, 20)).astype(np.uint8)
+    for name in ("a", "b"):
+        (alike / name).mkdir(parents=True)
+        for i in range(6):
+            PIL.Image.fromarray(np.clip(base.astype(int) + i, 0, 255).astype(np.uint8)).save(alike / name / f"{i}.png")
+    from mic_diffrep import DiffusionFeaturePipeline, create_scheduler, create_unet
+
+    DiffusionFeaturePipeline(create_unet(16, "tiny"), create_scheduler()).save_pretrained(tmp_path / "pipe")
+    with pytest.raises(SystemExit):
+        main(["probe", "--pretrained", str(tmp_path / "pipe"), "--data_dir", str(alike), "--output_dir",
+              str(tmp_path / "model"), "--timesteps", "5"])
+    message = capsys.readouterr().err.strip().splitlines()[-1]
+    assert "in 1 group(s)" in message and "check-leakage --within" in message and "--duplicate_threshold" in message
+
+
 def test_baselines_train_with_their_own_optimiser_defaults_unless_given():
     from mic_diffrep.training import BaselinePretrainingArguments
 

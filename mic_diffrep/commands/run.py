@@ -16,7 +16,8 @@ from typing import Literal, Optional
 
 import yaml
 
-from ..data import check_labelled, decode_images, images_fingerprint, load_image_folder, select_splits
+from ..data import (check_labelled, decode_images, images_fingerprint, label_by_class_folder, load_image_folder,
+                    select_splits)
 from ..data.medical import add_slice_arguments
 from ..features import FeatureArguments
 from ..models.mic_diffrep.unet import UNET_PRESETS
@@ -59,6 +60,10 @@ RUN_DEFAULTS = {
     "probe_batch_size": 128,
     "probe_random_flip": ProbeArguments.random_flip,
     "hidden_size": 512,
+    "test_data_dir": None,
+    "test_split": ProbeArguments.test_split,
+    "validation_split": ProbeArguments.validation_split,
+    "duplicate_threshold": None,
     "seed": 0,
     "skip_bad_images": False,
     "slice_axis": 2,
@@ -178,15 +183,22 @@ def check_run(config: dict, pretraining_args: PretrainingArguments, probe_args: 
                        "linear probing (to pretrain on unlabelled images: `mic-diffrep pretrain`)")
     # The probe carves a validation part from the training images (and a test split when there is none): too few
     # files or patients for either fail here, not after pretraining.
-    if "test" not in splits:
-        check_carvable(select_splits(splits, ["all"])[1], probe_args.test_split, probe_args.seed)
     training = select_splits(splits, None)[1]
+    train_names = training.features["label"].names
+    test_set = splits.get("test")
+    if probe_args.test_data_dir:
+        test_set = select_splits(load_image_folder(probe_args.test_data_dir), ["all"], "test_data_dir")[1]
+        test_set = label_by_class_folder(test_set, probe_args.test_data_dir, train_names)
+        check_labelled(test_set, f"`test_data_dir` {probe_args.test_data_dir}")
+    elif test_set is None:
+        check_carvable(select_splits(splits, ["all"])[1], probe_args.test_split, probe_args.seed)
     check_carvable(training, probe_args.validation_split, probe_args.seed, "--validation_split")
-    if "test" in splits:
-        names = splits["test"].features["label"].names
-        check_test_classes({names[i] for i in set(training["label"])}, {names[i] for i in set(splits["test"]["label"])})
+    if test_set is not None:
+        test_names = test_set.features["label"].names
+        check_test_classes({train_names[i] for i in set(training["label"])},
+                           {test_names[i] for i in set(test_set["label"])})
         if not probe_args.skip_bad_images:  # pretraining reads the training images first; the test ones only the probe
-            decode_images(splits["test"], pretraining_args.preprocessing, slices=probe_args.slices,
+            decode_images(test_set, pretraining_args.preprocessing, slices=probe_args.slices,
                           show_progress=False)  # no cache: nothing is written before the run's own checks
 
 
@@ -223,6 +235,8 @@ def probe_arguments(config: dict) -> ProbeArguments:
         flip_average=config["flip_average"], num_epochs=config["probe_epochs"],
         learning_rate=config["probe_learning_rate"], train_batch_size=config["probe_batch_size"],
         random_flip=config["probe_random_flip"], hidden_size=config["hidden_size"],
+        test_data_dir=config["test_data_dir"], test_split=config["test_split"],
+        validation_split=config["validation_split"], duplicate_threshold=config["duplicate_threshold"],
         mixed_precision=config["mixed_precision"], seed=config["seed"],
         **{key: config[key] for key in _SHARED_DATA_KEYS})
 
@@ -385,11 +399,23 @@ def register(subparsers) -> None:
     parser.add_argument("--no_probe_random_flip", dest="probe_random_flip", action="store_const", const=False,
                         help="Train the probe's heads on the training images as they are.")
     parser.add_argument("--hidden_size", type=int, default=None, help="MSFA hidden size (default 512; 0: a single linear layer, not the paper's MSFA).")
+    # The probe's splits, under `mic-diffrep probe`'s names (its errors name these flags)
+    parser.add_argument("--test_data_dir", type=str, default=None,
+                        help="Labelled test images (default: the test split of --data_dir, else a carved hold-out).")
+    parser.add_argument("--test_split", type=float, default=None,
+                        help=f"Share of images held out for testing when there is no test split (default "
+                             f"{RUN_DEFAULTS['test_split']}).")
+    parser.add_argument("--validation_split", type=float, default=None,
+                        help=f"Share of the training images held out for choosing layers and timesteps (default "
+                             f"{RUN_DEFAULTS['validation_split']}).")
+    parser.add_argument("--duplicate_threshold", type=float, default=None,
+                        help="Fingerprint similarity above which images are near-duplicates, kept on one side of "
+                             "every carved split (default: mic_diffrep.leakage.DEFAULT_THRESHOLD).")
     parser.add_argument("--seed", type=int, default=None, help="Seed (default 0).")
     parser.add_argument("--skip_bad_images", action="store_const", const=True, default=None,
                         help="Skip unreadable images (listed in the results) instead of failing.")
     parser.add_argument("--no_skip_bad_images", dest="skip_bad_images", action="store_const", const=False,
-                        help="Stop at the first unreadable image.")
+                        help="Stop with an error naming the unreadable images.")
     add_slice_arguments(parser, unset="Default: a --config's value, else axis 2, every slice, empty slices skipped.")
     parser.add_argument("--resume_from_checkpoint", type=str, default=None,
                         help="Continue an interrupted run's pretraining: 'latest' (its last checkpoint, saved every "

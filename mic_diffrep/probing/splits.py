@@ -113,6 +113,9 @@ def _carve(labels, groups: np.ndarray, fraction: float, seed: int, flag: str):
                   f"training images)" if flag == "--validation_split" else
                   f"Give more images, a larger {flag}, or a test split of your own (a Testing/ folder beside "
                   f"Training/, or --test_data_dir)")
+        if np.bincount(groups).max() > len(labels) / 2:  # alike images chained into one group (a homogeneous set)
+            remedy += (". One group holds most of the images: `mic-diffrep check-leakage --within DATA_DIR` shows "
+                       "the near-duplicate groups, and a higher --duplicate_threshold joins fewer images")
         raise ValueError(f"Cannot carve {flag} {fraction} from {len(labels)} images in {len(np.unique(groups))} "
                          f"group(s): one side would be empty; near-duplicate images, the slices of one file and the "
                          f"files of one patient folder count as one group. {remedy}.") from None
