@@ -311,6 +311,35 @@ def test_the_hub_token_is_written_nowhere(kaggle_folder, tmp_path, monkeypatch):
     assert "--hub-token=***" in json.loads((model / "results.json").read_text())["command"]
 
 
+def test_push_folder_leaves_the_training_images_and_checkpoints_local(tmp_path):
+    """`push_folder` (public) uploaded a folder whole: the decode cache (every training image as pixels), feature
+    caches, checkpoints and tracker logs; its retry command (`hf upload`) would have too."""
+    from huggingface_hub.utils import filter_repo_objects
+
+    from mic_diffrep.reporting import HubError, push_folder
+
+    for name in (".cache/decoded-1.safetensors", "features/train.safetensors", "checkpoint-2/model.safetensors",
+                 "logs/events", "model.safetensors", "config.json"):
+        (tmp_path / "out" / name).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / "out" / name).write_text("x")
+    uploaded = {}
+
+    def upload_folder(**kwargs):
+        files = [str(p.relative_to(kwargs["folder_path"])) for p in pathlib.Path(kwargs["folder_path"]).rglob("*")
+                 if p.is_file()]
+        uploaded["files"] = sorted(filter_repo_objects(files, ignore_patterns=kwargs["ignore_patterns"]))
+
+    with mock.patch("huggingface_hub.HfApi.create_repo", return_value=mock.Mock(repo_id="me/out")), \
+            mock.patch("huggingface_hub.HfApi.upload_folder", side_effect=upload_folder):
+        push_folder(str(tmp_path / "out"), "me/out")
+    assert uploaded["files"] == ["config.json", "model.safetensors"]
+    with mock.patch("huggingface_hub.HfApi.create_repo", return_value=mock.Mock(repo_id="me/out")), \
+            mock.patch("huggingface_hub.HfApi.upload_folder", side_effect=ConnectionError("reset")):
+        with pytest.raises(HubError, match=r"upload it again later with `hf upload me/out .*/out --exclude "
+                                           r"'checkpoint-\*' --exclude '.cache/\*'"):
+            push_folder(str(tmp_path / "out"), "me/out")
+
+
 def test_a_relative_data_folder_is_published_by_its_name(kaggle_folder, tmp_path, monkeypatch):
     """`probe --data_dir ../data/kaggle` uploaded "Test split: the test split of ../data/kaggle" in its card and
     results: the results record the folder as an absolute path, which publishing cuts, while the split's description

@@ -9,6 +9,7 @@
 import fnmatch
 import json
 import os
+import shlex
 import shutil
 import tempfile
 from typing import Optional, Sequence
@@ -25,6 +26,9 @@ from .results import results_markdown
 HUB_FILES = (".json", ".safetensors", ".py", ".md", ".png")
 # What stays local when a pretrained pipeline folder is uploaded.
 PIPELINE_IGNORE_PATTERNS = ("checkpoint-*", ".cache/*", ".tmp-*", "logs/*")
+# What `push_folder` leaves local unless told otherwise: the above (the decode cache holds every training image as
+# pixels), and a probe's feature caches.
+LOCAL_ONLY_PATTERNS = PIPELINE_IGNORE_PATTERNS + ("features/*",)
 
 
 class HubError(ValueError):
@@ -51,10 +55,12 @@ def create_hub_repo(repo_id: str, token: Optional[str] = None, private: bool = F
 
 
 def push_folder(folder: str, repo_id: str, token: Optional[str] = None, private: bool = False,
-                commit_message: str = "Upload", ignore_patterns: Optional[Sequence[str]] = None,
+                commit_message: str = "Upload", ignore_patterns: Optional[Sequence[str]] = LOCAL_ONLY_PATTERNS,
                 retry: Optional[str] = None) -> str:
-    """Creates `repo_id` if needed and uploads `folder` into it; returns the repository id. A failed upload's error
-    says how to upload again: `retry` (a call), by default `hf upload` of `folder`."""
+    """Creates `repo_id` if needed and uploads `folder` into it, without what stays local (`ignore_patterns`: by
+    default checkpoints, tracker logs and the decode and feature caches, which hold the training images and their
+    features); returns the repository id. A failed upload's error says how to upload again: `retry` (a call), by
+    default `hf upload` of `folder`."""
     return _upload(folder, create_hub_repo(repo_id, token, private), token, commit_message, ignore_patterns, retry)
 
 
@@ -65,7 +71,8 @@ def _upload(folder: str, repo_id: str, token: Optional[str], commit_message: str
         HfApi(token=token).upload_folder(repo_id=repo_id, folder_path=folder, commit_message=commit_message,
                                          ignore_patterns=list(ignore_patterns) if ignore_patterns else None)
     except Exception as error:
-        retry = retry or f"hf upload {repo_id} {folder}"
+        retry = retry or shlex.join(["hf", "upload", repo_id, folder]
+                                    + [arg for pattern in ignore_patterns or () for arg in ("--exclude", pattern)])
         raise HubError(f"The upload to {repo_id!r} failed ({_one_line(error)}); nothing local was "
                        f"lost: upload it again later with `{retry}`.") from error
     return repo_id
