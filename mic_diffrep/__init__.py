@@ -31,9 +31,9 @@ AutoConfig.register(MicDiffRepConfig.model_type, MicDiffRepConfig, exist_ok=True
 AutoModelForImageClassification.register(MicDiffRepConfig, MicDiffRepForImageClassification, exist_ok=True)
 AutoImageProcessor.register(MicDiffRepConfig, image_processor_classes={"pil": MicDiffRepImageProcessor}, exist_ok=True)
 # `save_pretrained` / `push_to_hub` then write `auto_map` and copy the code files, so a Hub repo loads with
-# `trust_remote_code=True` where mic-diffrep is not installed. The image processor gets its `auto_map` only in
-# `mic_diffrep.reporting.hub.push_to_hub`: in a local folder it makes `transformers.pipeline` look for remote video
-# processor code and prompt for trust_remote_code.
+# `trust_remote_code=True` where mic-diffrep is not installed. The image processor gets its `auto_map` only when it
+# is uploaded (its `push_to_hub`, `mic_diffrep.reporting.push_to_hub`): in a local folder it makes
+# `transformers.pipeline` look for remote video processor code and prompt for trust_remote_code.
 MicDiffRepConfig.register_for_auto_class()
 # `pipeline("medical-image-classification", model=...)`: images reach the image processor unconverted (16-bit, float,
 # DICOM, NIfTI), where transformers' "image-classification" pipeline first makes them 8-bit RGB.

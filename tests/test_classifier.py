@@ -322,6 +322,28 @@ def test_published_results_cut_the_test_folder_to_its_name_wherever_it_appears()
     assert published["skipped_images"][0]["path"] == "site b/glioma/bad.jpg"
 
 
+def test_the_processors_own_push_to_hub_uploads_its_code(tmp_path):
+    """`model.push_to_hub(repo); processor.push_to_hub(repo)`, the transformers way, uploaded a processor without
+    `auto_map` or code: where mic-diffrep is not installed the repository failed with "Unrecognized image
+    processor". A local folder still gets neither (`transformers.pipeline` would prompt for trust_remote_code)."""
+    processor = MicDiffRepImageProcessor(resolution=16)
+    uploaded = {}
+
+    def upload(self, working_dir, repo_id, files_timestamps, **kwargs):
+        uploaded["files"] = sorted(os.listdir(working_dir))
+        uploaded["config"] = json.load(open(os.path.join(working_dir, "preprocessor_config.json")))
+
+    with mock.patch("huggingface_hub.HfApi.create_repo", return_value=mock.Mock(repo_id="me/cls")), \
+            mock.patch("transformers.utils.hub.create_and_tag_model_card", return_value=mock.Mock()), \
+            mock.patch("transformers.utils.hub.PushToHubMixin._upload_modified_files", upload):
+        processor.push_to_hub("me/cls")
+    assert "image_processing_mic_diffrep.py" in uploaded["files"]
+    assert uploaded["config"]["auto_map"]["AutoImageProcessor"].endswith("MicDiffRepImageProcessor")
+    processor.save_pretrained(tmp_path / "local")
+    assert "auto_map" not in json.loads((tmp_path / "local" / "preprocessor_config.json").read_text())
+    assert MicDiffRepImageProcessor._auto_class is None
+
+
 def test_config_and_processor_take_the_forms_transformers_users_write():
     """`MicDiffRepConfig(layers="mid_block", timesteps=10)` split the name into letters / failed on the int; an
     unknown beta_schedule surfaced as diffusers' NotImplementedError when the model was built; `image_mean=[0.5]`

@@ -148,9 +148,6 @@ def push_to_hub(model_dir: str, repo_id: str, token: Optional[str] = None, priva
                 f.write(results_markdown(results))
             write_model_card(staging, results, repo_id)
         processor = MicDiffRepImageProcessor.from_pretrained(model_dir)
-        MicDiffRepImageProcessor.register_for_auto_class("AutoImageProcessor")
-        try:
+        with processor._with_auto_map():
             processor.save_pretrained(staging)  # writes its auto_map and copies its code file
-        finally:
-            MicDiffRepImageProcessor._auto_class = None
         return _upload(staging, repo_id, token, commit_message, retry=_python_retry("push_to_hub", model_dir, repo_id))

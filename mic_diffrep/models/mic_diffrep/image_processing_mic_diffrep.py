@@ -1,5 +1,6 @@
 """Image processor for MicDiffRep: the exact preprocessing of pretraining, as a transformers image processor."""
 
+import contextlib
 from typing import List, Optional
 
 import torch
@@ -221,3 +222,31 @@ class MicDiffRepImageProcessor(BaseImageProcessor):
 
     def __call__(self, images=None, **kwargs) -> BatchFeature:
         return self.preprocess(images, **kwargs)
+
+    @contextlib.contextmanager
+    def _with_auto_map(self):
+        """Within it, `save_pretrained` writes the processor's `auto_map` and copies its code file, so an uploaded
+        folder loads with `AutoImageProcessor.from_pretrained(repo, trust_remote_code=True)` where mic-diffrep is not
+        installed. Outside it a local folder gets neither: there they make `transformers.pipeline` look for remote
+        video-processor code and prompt for `trust_remote_code`."""
+        cls, before, auto_map = type(self), type(self)._auto_class, self.__dict__.get("auto_map")
+        cls._auto_class = "AutoImageProcessor"
+        try:
+            yield self
+        finally:
+            cls._auto_class = before
+            if auto_map is None:  # transformers keeps the `auto_map` it wrote on the object: a later local save had it
+                self.__dict__.pop("auto_map", None)
+
+    def push_to_hub(self, *args, **kwargs):
+        """`ImageProcessingMixin.push_to_hub`, with the processor's code (`_with_auto_map`), as
+        `MicDiffRepForImageClassification.push_to_hub` uploads the model's."""
+        with self._with_auto_map():
+            return super().push_to_hub(*args, **kwargs)
+
+    def save_pretrained(self, save_directory, push_to_hub: bool = False, **kwargs):
+        """`ImageProcessingMixin.save_pretrained`; with `push_to_hub=True` the upload has the processor's code."""
+        if not push_to_hub:
+            return super().save_pretrained(save_directory, **kwargs)
+        with self._with_auto_map():
+            return super().save_pretrained(save_directory, push_to_hub=True, **kwargs)
