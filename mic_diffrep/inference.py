@@ -30,7 +30,7 @@ from .data.medical import slice_selection
 from .models.mic_diffrep import MicDiffRepForImageClassification, MicDiffRepImageProcessor
 from .models.mic_diffrep.preprocessing import undecoded_images
 from .reporting.metrics import classification_report
-from .utils import check_folder, error_summary, precision_dtype
+from .utils import error_summary, model_folder, precision_dtype
 
 
 logger = logging.getLogger(__name__)
@@ -41,8 +41,8 @@ def load_classifier(model_dir: str, mixed_precision: Optional[str] = None):
     loads the UNet in bf16 (the head and the standardisation stay float32, as in the probe). By default the UNet runs
     in the precision its head was trained on (`config.mixed_precision`; a head trained on fp16 features, which a CPU
     cannot run, gets float32)."""
-    check_folder(model_dir, "Model folder", "the folder that holds its config.json",
-                 "; train one with `mic-diffrep probe` or `mic-diffrep run`")
+    model_dir = model_folder(model_dir, "Model folder", "the folder that holds its config.json",
+                             "; train one with `mic-diffrep probe` or `mic-diffrep run`")
     if not os.path.isfile(os.path.join(model_dir, "config.json")):
         if os.path.isfile(os.path.join(model_dir, "results.json")):  # a baseline's probe: scored, not exported
             raise FileNotFoundError(f"{model_dir!r} holds a probe's results but no model (config.json): a baseline "

@@ -8,6 +8,7 @@ import math
 import numbers
 import os
 import platform
+import re
 import resource
 import shlex
 import sys
@@ -18,6 +19,7 @@ from typing import Literal, Optional, Sequence, Union
 import accelerate
 import datasets
 import diffusers
+import huggingface_hub
 import torch
 import transformers
 from accelerate import Accelerator
@@ -234,6 +236,30 @@ def check_folder(path: str, name: str, give: str, missing: str = "") -> None:
         raise NotADirectoryError(f"{name} {os.fspath(path)!r} is a file; give {give}.")
     if not os.path.isdir(path):
         raise FileNotFoundError(f"{name} {os.fspath(path)!r} does not exist{missing}.")
+
+
+# A Hub repository id (`user/name`, `name`-less forms excluded): what `from_pretrained` takes besides a folder.
+_REPO_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[A-Za-z0-9][\w.-]*")
+
+
+def model_folder(path: str, name: str, give: str, missing: str = "") -> str:
+    """The local folder of `path`, as `from_pretrained` takes it: `path` itself when it exists, else, for a Hub
+    repository id (`user/name`), its snapshot (from the local cache, downloaded first unless `HF_HUB_OFFLINE=1`).
+    Anything else fails as `check_folder` says, naming `path`."""
+    path = os.fspath(path)
+    if os.path.exists(path) or not _REPO_ID.fullmatch(path):
+        check_folder(path, name, give, missing)
+        return path
+    try:
+        return huggingface_hub.snapshot_download(path)
+    except Exception as error:  # not found, offline and not cached, no access
+        raise FileNotFoundError(f"{name} {path!r} is neither a local folder nor a Hub repository that can be loaded "
+                                f"({error_summary(error)}){missing}.") from None
+
+
+def model_source(path: str) -> str:
+    """How a file records the model it was made with: a local folder's absolute path, a Hub repository id as given."""
+    return os.path.abspath(path) if os.path.exists(path) else os.fspath(path)
 
 
 def not_a_pipeline(path: str) -> Optional[str]:

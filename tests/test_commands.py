@@ -340,6 +340,41 @@ def test_push_folder_leaves_the_training_images_and_checkpoints_local(tmp_path):
             push_folder(str(tmp_path / "out"), "me/out")
 
 
+def test_commands_take_hub_repository_ids_as_from_pretrained_does(model_dir, kaggle_folder, tmp_path, monkeypatch,
+                                                                  capsys):
+    """`--pretrained user/repo` and `--model user/repo`, the ids the model cards give, were refused: "Pretrained
+    folder 'user/repo' does not exist" / "Model folder ... train one with mic-diffrep probe"."""
+    import huggingface_hub
+
+    def cache(repo_id, folder):  # a repository as a download leaves it in the Hub cache
+        root = tmp_path / "hub" / f"models--{repo_id.replace('/', '--')}"
+        shutil.copytree(folder, root / "snapshots" / ("0" * 40))
+        (root / "refs").mkdir()
+        (root / "refs" / "main").write_text("0" * 40)
+
+    pipe = tmp_path / "pipe"
+    DiffusionFeaturePipeline(create_unet(16, "tiny"), create_scheduler()).save_pretrained(pipe)
+    cache("me/pre", pipe)
+    cache("me/cls", model_dir)
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)  # nothing is downloaded in the tests
+    image = os.path.join(kaggle_folder, "Testing", "glioma", os.listdir(os.path.join(kaggle_folder, "Testing",
+                                                                                      "glioma"))[0])
+    by_id, by_folder = (cli(["predict", "--model", model, image, "--json"]) for model in ("me/cls", model_dir))
+    assert by_id[0]["probabilities"] == by_folder[0]["probabilities"]
+    cli(["extract", "--pretrained", "me/pre", "--data_dir", kaggle_folder, "--output",
+         str(tmp_path / "features.safetensors"), "--timesteps", "5", "--layers", "mid_block"])
+    from safetensors import safe_open
+
+    with safe_open(str(tmp_path / "features.safetensors"), "pt") as f:
+        assert json.loads(f.metadata()["source_model"]) == "me/pre"  # as given, not a cache path
+    capsys.readouterr()
+    with pytest.raises(SystemExit):
+        cli(["predict", "--model", "me/missing", image])
+    message = capsys.readouterr().err.strip().splitlines()[-1]
+    assert "Model folder 'me/missing' is neither a local folder nor a Hub repository that can be loaded" in message
+
+
 def test_a_relative_data_folder_is_published_by_its_name(kaggle_folder, tmp_path, monkeypatch):
     """`probe --data_dir ../data/kaggle` uploaded "Test split: the test split of ../data/kaggle" in its card and
     results: the results record the folder as an absolute path, which publishing cuts, while the split's description

@@ -22,7 +22,7 @@ import torch
 
 from ..data import decode_images, load_image_folder, select_splits
 from ..data.medical import inherit_slice_settings
-from ..utils import create_accelerator, precision_dtype, prepare_output_file
+from ..utils import create_accelerator, model_source, precision_dtype, prepare_output_file
 from .arguments import ExtractionArguments
 from .cache import save_features
 from .extractors import FeatureExtractor, load_feature_extractor
@@ -103,7 +103,7 @@ def extract_folder(args: ExtractionArguments) -> Dict[Tuple[str, int], torch.Ten
     if accelerator.is_main_process:
         settings = {**extractor.cache_settings(args), "noise": args.noise}
         save_features(args.output, features, settings, image_ids=decoded.paths, labels=decoded.labels,
-                      label_names=decoded.label_names, source_model=os.path.abspath(args.pretrained))
+                      label_names=decoded.label_names, source_model=model_source(args.pretrained))
         logger.info("Wrote features of %d images (%s) to %s", len(decoded), splits, args.output)
     accelerator.wait_for_everyone()
     return features

@@ -40,7 +40,7 @@ from ..models.mic_diffrep import MicDiffRepConfig, MicDiffRepForImageClassificat
 from ..models.mic_diffrep.preprocessing import ImagePreprocessing, pixels_to_model_input
 from ..models.mic_diffrep.unet_features import check_layers, pool_features
 from ..pipelines import DiffusionFeaturePipeline
-from ..utils import SUMMARY_FILE, check_folder, error_summary, not_a_pipeline, progress_interval
+from ..utils import SUMMARY_FILE, error_summary, model_folder, not_a_pipeline, progress_interval
 from .arguments import FeatureArguments
 from .cache import model_fingerprint
 
@@ -301,13 +301,15 @@ def is_pipeline_dir(path: str) -> bool:
     return all(os.path.exists(os.path.join(path, name)) for name in ("model_index.json", "unet", "scheduler"))
 
 
-def _check_pretrained_folder(path: str) -> None:
-    check_folder(path, "Pretrained folder", "the folder a pretraining wrote")
+def _pretrained_folder(path: str) -> str:
+    """The local folder of a pretrained folder or Hub repository id (`model_folder`)."""
+    return model_folder(path, "Pretrained folder", "the folder a pretraining wrote")
 
 
 def load_pipeline(path: str) -> DiffusionFeaturePipeline:
-    """The `DiffusionFeaturePipeline` in a pretraining output folder, with a clear error for anything else."""
-    _check_pretrained_folder(path)
+    """The `DiffusionFeaturePipeline` in a pretraining output folder (or a Hub repository of one), with a clear
+    error for anything else."""
+    path = _pretrained_folder(path)
     if is_baseline_dir(path) or is_clip_vision_dir(path):
         raise ValueError(f"{path!r} holds a baseline encoder, not a diffusion pipeline: it extracts features but "
                          f"cannot generate images. Pass the output folder of `mic-diffrep pretrain`.")
@@ -341,14 +343,15 @@ def _warn_if_interrupted(path: str) -> None:
 
 def load_feature_extractor(path: str, resolution: Optional[int] = None) -> FeatureExtractor:
     """The frozen feature extractor in `path`: a pretrained diffusion pipeline, a baseline's folder (from
-    `training/pretrain_baseline.py`), or a local `CLIPVisionModel` (fed `resolution` px images, default 112). The
-    others read images at the resolution they were pretrained at: another `resolution` is refused, not ignored."""
-    _check_pretrained_folder(path)
+    `training/pretrain_baseline.py`), or a local `CLIPVisionModel` (fed `resolution` px images, default 112); a
+    folder, or a Hub repository id of one. The others read images at the resolution they were pretrained at: another
+    `resolution` is refused, not ignored."""
+    source, path = path, _pretrained_folder(path)
     _warn_if_interrupted(path)
     if is_clip_vision_dir(path):
         return ClipFeatureExtractor.from_pretrained(path, resolution=resolution or 112)
     extractor = EncoderFeatureExtractor.from_pretrained(path) if is_baseline_dir(path) else DiffusionFeatureExtractor(
-        load_pipeline(path), source=path)
+        load_pipeline(path), source=source)
     if resolution is not None and resolution != extractor.preprocessing.resolution:
         raise ValueError(f"--resolution {resolution}: {path} was pretrained at {extractor.preprocessing.resolution} "
                          f"px and reads images at that size (--resolution sets a CLIP model's input size only).")

@@ -30,7 +30,7 @@ from ..features import (FeatureExtractor, StaleFeatureCacheError, extract_sharde
                         launch_precision, load_feature_extractor, load_features, pixels_fingerprint,
                         prepare_extractor, save_features)
 from ..reporting.hub import create_hub_repo, default_repo_id
-from ..utils import command_line, create_accelerator, environment_info, output_folder, precision_name
+from ..utils import command_line, create_accelerator, environment_info, model_source, output_folder, precision_name
 from .arguments import ProbeArguments
 from .export import check_new_probe, remove_earlier_probe, write_model_folder, write_results
 from .heads import ProbeConfig
@@ -62,7 +62,7 @@ def cached_features(extractor: FeatureExtractor, decoded: DecodedImages, args: P
     features = extract_sharded(extractor, decoded.pixels, args, accelerator, noise_seeds)
     if accelerator.is_main_process:
         save_features(path, features, settings, decoded.paths, decoded.labels, decoded.label_names,
-                      source_model=os.path.abspath(args.pretrained))
+                      source_model=model_source(args.pretrained))
     return features
 
 
