@@ -9,6 +9,7 @@ copies it into the pipeline's folder, which plain diffusers then loads with
 
 import os
 import shutil
+import tempfile
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Dict, List, Optional, Sequence, Tuple, Union
@@ -138,14 +139,39 @@ class DiffusionFeaturePipeline(DiffusionPipeline):
         kwargs.setdefault("use_safetensors", True)  # weights as safetensors only (a `.bin` is a pickle)
         return super().from_pretrained(pretrained_model_name_or_path, **kwargs)
 
-    def save_pretrained(self, save_directory, **kwargs):
+    def save_pretrained(self, save_directory, push_to_hub: bool = False, **kwargs):
         """`DiffusionPipeline.save_pretrained`, plus a copy of this file (`pipeline_diffusion_features.py`), so the
         folder, and a Hub repository made from it by `push_to_hub`, also loads in plain diffusers with
         `DiffusionPipeline.from_pretrained(folder, custom_pipeline="pipeline_diffusion_features",
-        trust_remote_code=True)`, as transformers copies a custom model's code next to its weights."""
-        os.makedirs(save_directory, exist_ok=True)  # the copy first: `push_to_hub=True` uploads inside the call
-        shutil.copyfile(os.path.abspath(__file__), os.path.join(save_directory, CUSTOM_PIPELINE_FILE))
+        trust_remote_code=True)`, as transformers copies a custom model's code next to its weights. With
+        `push_to_hub=True` the upload gets a MicDiffRep model card (see `push_to_hub`)."""
+        hub = {key: kwargs.pop(key) for key in ("repo_id", "commit_message", "private", "create_pr", "token")
+               if key in kwargs}
         super().save_pretrained(save_directory, **kwargs)
+        shutil.copyfile(os.path.abspath(__file__), os.path.join(save_directory, CUSTOM_PIPELINE_FILE))
+        if push_to_hub:
+            self._upload_with_card(save_directory, hub.pop("repo_id", os.path.basename(os.path.normpath(
+                save_directory))), **hub)
+
+    def push_to_hub(self, repo_id: str, commit_message: Optional[str] = None, private: Optional[bool] = None,
+                    token: Optional[str] = None, create_pr: bool = False, safe_serialization: bool = True,
+                    variant: Optional[str] = None):
+        """`DiffusionPipeline.push_to_hub`, with a MicDiffRep model card (how to load and use it) where diffusers
+        writes an empty template, and this file. A pipeline pushed from memory records no training; `mic-diffrep
+        pretrain --push_to_hub` (or `mic_diffrep.reporting.push_pipeline_to_hub` of its folder) uploads its
+        summary and sample grids too."""
+        with tempfile.TemporaryDirectory() as folder:
+            self.save_pretrained(folder, safe_serialization=safe_serialization, variant=variant)
+            return self._upload_with_card(folder, repo_id, commit_message, private, create_pr, token)
+
+    def _upload_with_card(self, folder: str, repo_id: str, commit_message: Optional[str] = None,
+                          private: Optional[bool] = None, create_pr: bool = False, token: Optional[str] = None):
+        """`mic_diffrep.reporting.push_pipeline_to_hub` of `folder`: a model card, and no caches, checkpoints or
+        logs of a pretraining's folder saved over, where diffusers would upload the folder whole."""
+        from mic_diffrep.reporting import push_pipeline_to_hub  # (the reporting package imports this module)
+
+        return push_pipeline_to_hub(folder, repo_id, token=token, private=bool(private), create_pr=create_pr,
+                                    commit_message=commit_message or "Upload MicDiffRep pipeline")
 
     @property
     def resolution(self) -> int:

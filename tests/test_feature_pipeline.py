@@ -1,3 +1,4 @@
+import json
 import os
 import subprocess
 import sys
@@ -212,6 +213,49 @@ def test_loads_as_a_diffusers_custom_pipeline(pipe, images, tmp_path, custom_pip
                                .features[("mid_block", 5)], expected)
     # It does not change how the package itself loads the folder: the class, not a copy of it, and no remote code.
     assert type(DiffusionFeaturePipeline.from_pretrained(tmp_path / "pipe")) is DiffusionFeaturePipeline
+
+
+def test_diffusers_push_to_hub_uploads_a_mic_diffrep_card_and_no_caches(pipe, tmp_path):
+    """`pipe.push_to_hub(repo)` uploaded diffusers' empty template card ("[More Information Needed]"), and
+    `save_pretrained(folder, push_to_hub=True)` over a pretraining's folder uploaded it whole: its decode cache (every
+    training image), checkpoints and the summary with local paths."""
+    from unittest import mock
+
+    from mic_diffrep.models.mic_diffrep.unet import create_unet
+
+    uploads = []
+
+    def upload_folder(self, repo_id, folder_path, ignore_patterns=None, **kwargs):
+        files = sorted(os.path.relpath(os.path.join(root, name), folder_path)
+                       for root, _, names in os.walk(folder_path) for name in names)
+        uploads.append({"repo_id": repo_id, "files": files, "create_pr": kwargs.get("create_pr", False),
+                        "card": open(os.path.join(folder_path, "README.md")).read()})
+
+    with mock.patch("huggingface_hub.HfApi.create_repo", side_effect=lambda repo_id, **kw: mock.Mock(
+            repo_id=repo_id if "/" in repo_id else f"me/{repo_id}")), \
+            mock.patch("huggingface_hub.HfApi.upload_folder", upload_folder):
+        pipe.push_to_hub("me/ddpm", create_pr=True)
+        folder = tmp_path / "pretrain"
+        pipe.save_pretrained(folder)
+        (folder / ".cache").mkdir()
+        (folder / ".cache" / "decoded-1.safetensors").write_text("patient pixels")
+        (folder / "checkpoint-5").mkdir()
+        (folder / "checkpoint-5" / "training_state.json").write_text("{}")
+        (folder / "pretraining_summary.json").write_text(json.dumps({
+            "num_images": 24, "train_data_dir": "/home/me/private/scans", "resolution": 16, "global_step": 5,
+            "stop_reason": "max_train_steps", "mixed_precision": "bf16", "recipe": {"self_conditioning": False}}))
+        pipe.save_pretrained(folder, push_to_hub=True, repo_id="me/ddpm2")
+        conditioned = DiffusionFeaturePipeline(create_unet(16, "tiny", self_conditioning=True), pipe.scheduler)
+        conditioned.push_to_hub("me/ddpm3")
+    memory, saved, self_conditioned = uploads
+    assert (memory["repo_id"], memory["create_pr"]) == ("me/ddpm", True)
+    assert "# MicDiffRep pretrained pipeline" in memory["card"] and "More Information Needed" not in memory["card"]
+    assert 'DiffusionFeaturePipeline.from_pretrained("me/ddpm"' in memory["card"] and "Not recorded" in memory["card"]
+    assert {"model_index.json", "pipeline_diffusion_features.py", "README.md"} <= set(memory["files"])
+    assert saved["repo_id"] == "me/ddpm2" and "24 unlabelled images of `scans`" in saved["card"]
+    assert not any(name.startswith((".cache", "checkpoint-")) for name in saved["files"])
+    assert not (folder / "README.md").exists()  # the local folder keeps what it had
+    assert "`diffusers.DDPMPipeline` cannot sample from it" in self_conditioned["card"]
 
 
 def test_the_custom_pipeline_file_says_what_to_install_where_mic_diffrep_is_missing():

@@ -65,11 +65,13 @@ def push_folder(folder: str, repo_id: str, token: Optional[str] = None, private:
 
 
 def _upload(folder: str, repo_id: str, token: Optional[str], commit_message: str,
-            ignore_patterns: Optional[Sequence[str]] = None, retry: Optional[str] = None) -> str:
+            ignore_patterns: Optional[Sequence[str]] = None, retry: Optional[str] = None, create_pr: bool = False
+            ) -> str:
     """`push_folder` into `repo_id`, a repository already created (its full id)."""
     try:
         HfApi(token=token).upload_folder(repo_id=repo_id, folder_path=folder, commit_message=commit_message,
-                                         ignore_patterns=list(ignore_patterns) if ignore_patterns else None)
+                                         ignore_patterns=list(ignore_patterns) if ignore_patterns else None,
+                                         **({"create_pr": True} if create_pr else {}))
     except Exception as error:
         retry = retry or shlex.join(["hf", "upload", repo_id, folder]
                                     + [arg for pattern in ignore_patterns or () for arg in ("--exclude", pattern)])
@@ -85,12 +87,24 @@ def _python_retry(function: str, folder: str, repo_id: str, **kwargs) -> str:
     return f"python -c \"from mic_diffrep.reporting import {function}; {function}({arguments})\""
 
 
+def _self_conditioned(pipeline_dir: str) -> bool:
+    """Whether the UNet of a pipeline folder takes a second (self-conditioning) input channel."""
+    try:
+        with open(os.path.join(pipeline_dir, "unet", "config.json"), encoding="utf-8") as f:
+            config = json.load(f)
+    except (OSError, ValueError):
+        return False
+    return config.get("in_channels", 1) == 2 * config.get("out_channels", 1)
+
+
 def push_pipeline_to_hub(pipeline_dir: str, repo_id: str, token: Optional[str] = None, private: bool = False,
-                         logging_dir: str = "logs", create_repo: bool = True) -> str:
-    """Uploads a pretrained pipeline folder (weights, configs, sample grids, its summary with local paths cut to their
-    names and a model card that loads from `repo_id`; no checkpoints, caches or tracker logs, wherever
-    `logging_dir` put them inside the folder). `create_repo=False`: `repo_id` is the full id of a repository
-    created before (by a run, at its start), uploaded to as it is."""
+                         logging_dir: str = "logs", create_repo: bool = True,
+                         commit_message: str = "MicDiffRep pretraining", create_pr: bool = False) -> str:
+    """Uploads a pretrained pipeline folder (weights, configs, code, sample grids, its summary with local paths cut
+    to their names and a model card that loads from `repo_id`; no checkpoints, caches or tracker logs, wherever
+    `logging_dir` put them inside the folder). A folder without a pretraining summary (`save_pretrained`) gets a
+    card that says how to use it. `create_repo=False`: `repo_id` is the full id of a repository created before (by a
+    run, at its start), uploaded to as it is."""
     if not os.path.isfile(os.path.join(pipeline_dir, "model_index.json")):
         raise FileNotFoundError(f"{pipeline_dir} is not a pretrained pipeline folder (no model_index.json).")
     if create_repo:
@@ -110,13 +124,14 @@ def push_pipeline_to_hub(pipeline_dir: str, repo_id: str, token: Optional[str] =
                 if not any(fnmatch.fnmatch(relative, pattern) for pattern in ignore):  # as upload_folder filters
                     os.makedirs(os.path.dirname(os.path.join(staging, relative)), exist_ok=True)
                     shutil.copy2(path, os.path.join(staging, relative))
-        summary_file = os.path.join(staging, SUMMARY_FILE)
+        summary_file, summary = os.path.join(staging, SUMMARY_FILE), {}
         if os.path.isfile(summary_file):  # local paths stay local
             with open(summary_file, encoding="utf-8") as f:
                 summary = published_results(json.load(f))
             write_json(summary_file, summary)
-            write_pipeline_card(staging, summary, repo_id)  # its usage snippet loads from the repository
-        return _upload(staging, repo_id, token, "MicDiffRep pretraining",
+        # its usage snippet loads from the repository
+        write_pipeline_card(staging, summary, repo_id, self_conditioned=_self_conditioned(pipeline_dir))
+        return _upload(staging, repo_id, token, commit_message, create_pr=create_pr,
                        retry=_python_retry("push_pipeline_to_hub", pipeline_dir, repo_id,
                                            **({"logging_dir": logging_dir} if logging_dir != "logs" else {})))
 

@@ -8,6 +8,7 @@ from huggingface_hub import EvalResult, ModelCard, ModelCardData
 
 from .. import __version__
 from ..utils import format_score
+from .results import PRECISION_NAMES
 
 
 TAGS = ["mic-diffrep", "medical-imaging", "diffusion", "self-supervised"]
@@ -162,9 +163,14 @@ def write_model_card(output_dir: str, results: dict, repo_id: Optional[str] = No
     return path
 
 
-def pipeline_card_text(summary: dict, repo_id: Optional[str] = None, samples: bool = True) -> str:
-    """The model card of a pretrained pipeline folder (from its `pretraining_summary.json`): what it is, how to load
-    it, how it was trained; `samples`: whether the folder holds sample grids (`samples/`)."""
+def pipeline_card_text(summary: dict, repo_id: Optional[str] = None, samples: bool = True,
+                       self_conditioned: Optional[bool] = None) -> str:
+    """The model card of a pretrained pipeline folder (from its `pretraining_summary.json`; an empty `summary` for
+    a pipeline saved without one): what it is, how to load it, how it was trained; `samples`: whether the folder
+    holds sample grids (`samples/`); `self_conditioned`: whether its UNet is (default: as the summary's recipe
+    says)."""
+    if self_conditioned is None:
+        self_conditioned = bool(summary.get("recipe", {}).get("self_conditioning"))
     recipe = ", ".join(f"{key} {value}" for key, value in summary.get("recipe", {}).items())
     location = repo_id or "path/to/this/folder"
     steps = summary.get("weights_step", summary.get("global_step"))
@@ -173,7 +179,7 @@ def pipeline_card_text(summary: dict, repo_id: Optional[str] = None, samples: bo
     else:  # interrupted after the last save: the folder holds that save's weights
         steps = (f"{steps} optimisation steps (the weights saved last; the run was {summary.get('stop_reason')} at "
                  f"step {summary.get('global_step')}, which its checkpoint continues)")
-    if summary.get("recipe", {}).get("self_conditioning"):
+    if self_conditioned:
         ddpm = ("`diffusers.DDPMPipeline` cannot sample from it: its UNet is self-conditioned (a second input channel "
                 "that only `DiffusionFeaturePipeline` feeds).")
     else:
@@ -215,16 +221,20 @@ pipe = DiffusionPipeline.from_pretrained("{location}", custom_pipeline="pipeline
 
 ## Training
 
-- {summary.get('num_images')} unlabelled images of `{_name(summary.get('train_data_dir', ''))}` at
+""" + (f"""- {summary.get('num_images')} unlabelled images of `{_name(summary.get('train_data_dir', ''))}` at
   {summary.get('resolution')} px, {steps},
-  {summary.get('num_parameters')} parameters, precision {summary.get('mixed_precision')}.
+  {summary.get('num_parameters')} parameters, precision {PRECISION_NAMES.get(summary.get('mixed_precision'),
+                                                                              summary.get('mixed_precision'))}.
 - Recipe: {recipe}.
-""" + ("- Sample grids: `samples/`.\n" if samples else "")
+""" if summary.get("num_images") is not None else
+       "Not recorded: the pipeline was saved without the summary `mic-diffrep pretrain` writes.\n") + (
+        "- Sample grids: `samples/`.\n" if samples else "")
 
 
-def write_pipeline_card(output_dir: str, summary: dict, repo_id: Optional[str] = None) -> str:
+def write_pipeline_card(output_dir: str, summary: dict, repo_id: Optional[str] = None,
+                        self_conditioned: Optional[bool] = None) -> str:
     """Writes `README.md` (the model card) of a pretrained pipeline folder into `output_dir`; returns its path."""
     path = os.path.join(output_dir, "README.md")
     samples = os.path.isdir(os.path.join(output_dir, "samples"))
-    ModelCard(pipeline_card_text(summary, repo_id, samples)).save(path)
+    ModelCard(pipeline_card_text(summary, repo_id, samples, self_conditioned)).save(path)
     return path

@@ -6,7 +6,7 @@ from ..utils import format_score
 
 
 # How a run's `mixed_precision` setting reads in a report.
-_PRECISION_NAMES = {"no": "fp32", "bf16": "bf16 autocast", "fp16": "fp16 autocast"}
+PRECISION_NAMES = {"no": "fp32", "bf16": "bf16 autocast", "fp16": "fp16 autocast"}
 
 
 def _skipped_note(skipped) -> str:
@@ -71,7 +71,7 @@ def run_report_markdown(report: dict) -> str:
         f"{pre['num_images']} images ({', '.join(pre['splits'])}) of `{pre['train_data_dir']}` at {pre['resolution']} px, "
         f"{pre['num_parameters'] / 1e6:.2f}M-parameter UNet, {pre['global_step']} steps in {pre['train_minutes']:.1f} "
         f"minutes ({pre['images_per_second']:.1f} images/s, "
-        f"{_PRECISION_NAMES.get(pre['mixed_precision'], pre['mixed_precision'])}), final loss {pre['final_loss']:.4f}.",
+        f"{PRECISION_NAMES.get(pre['mixed_precision'], pre['mixed_precision'])}), final loss {pre['final_loss']:.4f}.",
         "",
     ]
     if "sample_grid" in rel:
