@@ -410,6 +410,33 @@ def test_a_test_folder_of_one_class_is_read_as_that_class(kaggle_folder, tmp_pat
     assert [sum(row) for row in matrix] == [0, 3, 0, 0]  # all three are meningioma
 
 
+def test_the_datas_own_validation_split_chooses_layers_and_timesteps(tmp_path):
+    """A train/ val/ test/ layout merged val/ into the training images and carved a validation part of its own: the
+    user's split was not the one layers and timesteps were chosen on."""
+    pipe = tmp_path / "pipe"
+    DiffusionFeaturePipeline(create_unet(16, "tiny"), create_scheduler()).save_pretrained(pipe)
+    for split, per_class, seed in (("train", 6, 0), ("val", 3, 1), ("test", 2, 2)):
+        write_class_folder(tmp_path / "data" / split, per_class=per_class, seed=seed, size=20, classes=("a", "b"))
+
+    def probe(data, out):
+        cli(["probe", "--pretrained", str(pipe), "--data_dir", str(data), "--output_dir", str(out), "--timesteps",
+             "10", "--layers", "mid_block", "--num_epochs", "1"])
+        return json.loads((out / "results.json").read_text())
+
+    results = probe(tmp_path / "data", tmp_path / "model")
+    assert (results["num_train"], results["num_validation"], results["num_test"]) == (12, 6, 4)
+    assert results["validation_split"] == f"the validation split of {tmp_path / 'data'}"
+    assert f"6 validation (the validation split of {tmp_path / 'data'})" in (tmp_path / "model" / "results.md"
+                                                                              ).read_text()
+    # Without a test split, the test images are carved from train/ only; val/ stays the validation part
+    shutil.rmtree(tmp_path / "data" / "test")
+    results = probe(tmp_path / "data", tmp_path / "model2")
+    assert results["num_validation"] == 6 and results["num_train"] + results["num_test"] == 12
+    tested = (tmp_path / "model2" / "test_images.txt").read_text().split()
+    assert tested and not any("/val/" in path or path.startswith("val/") for path in tested)
+    assert "of its training images" in results["test_split"]
+
+
 def test_results_of_a_class_without_test_images_are_strict_json(tmp_path, monkeypatch):
     """A class missing from Testing/ has no recall: results.json held `NaN`, which is not JSON (JavaScript's and
     most other readers refuse it), while `evaluate --json` wrote null; the card and results.md then failed on it."""

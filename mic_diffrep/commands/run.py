@@ -192,7 +192,8 @@ def check_run(config: dict, pretraining_args: PretrainingArguments, probe_args: 
         check_labelled(test_set, f"`test_data_dir` {probe_args.test_data_dir}")
     elif test_set is None:
         check_carvable(select_splits(splits, ["all"])[1], probe_args.test_split, probe_args.seed)
-    check_carvable(training, probe_args.validation_split, probe_args.seed, "--validation_split")
+    if "validation" not in splits:  # a validation split of the data's own is used as it is
+        check_carvable(training, probe_args.validation_split, probe_args.seed, "--validation_split")
     if test_set is not None:
         test_names = test_set.features["label"].names
         check_test_classes({train_names[i] for i in set(training["label"])},
@@ -406,8 +407,8 @@ def register(subparsers) -> None:
                         help=f"Share of images held out for testing when there is no test split (default "
                              f"{RUN_DEFAULTS['test_split']}).")
     parser.add_argument("--validation_split", type=float, default=None,
-                        help=f"Share of the training images held out for choosing layers and timesteps (default "
-                             f"{RUN_DEFAULTS['validation_split']}).")
+                        help=f"Share of the training images held out for choosing layers and timesteps when the "
+                             f"data has no val/ folder (default {RUN_DEFAULTS['validation_split']}).")
     parser.add_argument("--duplicate_threshold", type=float, default=None,
                         help="Fingerprint similarity above which images are near-duplicates, kept on one side of "
                              "every carved split (default: mic_diffrep.leakage.DEFAULT_THRESHOLD).")

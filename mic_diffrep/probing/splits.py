@@ -16,6 +16,7 @@ import torch
 from ..data import (DecodedImages, ImagePreprocessing, check_labelled, decode_images, label_by_class_folder,
                     load_image_folder, select_splits)
 from ..data.decoding import source_file
+from ..models.mic_diffrep.preprocessing import undecoded_images
 from ..leakage import DEFAULT_THRESHOLD, check_leakage, duplicate_groups, fingerprint_images, group_stratified_split
 from .arguments import ProbeArguments
 
@@ -31,6 +32,7 @@ class ProbeSplits:
     test: DecodedImages
     test_source: str
     validation_mask: Optional[torch.Tensor] = None  # (N_train,) bool: the validation part of `train`
+    validation_source: Optional[str] = None  # where the validation part came from
     leaked: Optional[torch.Tensor] = None  # (N_test,) bool: test images with a near-duplicate in `train`
     leakage: Optional[dict] = None  # the leakage report's counts
 
@@ -132,9 +134,22 @@ def check_carvable(dataset, fraction: float, seed: int = 0, flag: str = "--test_
     _carve(labels, groups.astype(np.int64), fraction, seed, flag)
 
 
+def _validation_files(splits) -> Optional[set]:
+    """The files of the data's own validation split (`val/`, `validation/`, ...), or `None` without one."""
+    if "validation" not in splits:
+        return None
+    return {item["path"] for item in undecoded_images(splits["validation"])["image"]}
+
+
+def _in_files(images: DecodedImages, files: set) -> np.ndarray:
+    """Which rows of `images` come from `files` (a slice from its volume's file)."""
+    return np.array([source_file(path) in files for path in images.paths], dtype=bool)
+
+
 def _train_and_test(args: ProbeArguments, decode):
     splits = load_image_folder(args.data_dir)
     train_splits = [s for s in splits if s != "test"]
+    validation_files = _validation_files(splits)
     if args.test_data_dir:
         _, train_set = select_splits(splits, train_splits)
         _, test_set = select_splits(load_image_folder(args.test_data_dir), ["all"], "test_data_dir")
@@ -144,23 +159,33 @@ def _train_and_test(args: ProbeArguments, decode):
         check_labelled(test_set, args.test_data_dir)
         train = decode(train_set)
         test = _align_labels(decode(test_set), train.label_names, args.test_data_dir)
-        return train, test, f"--test_data_dir {os.path.abspath(args.test_data_dir)}"
+        return train, test, f"--test_data_dir {os.path.abspath(args.test_data_dir)}", validation_files
     if "test" in splits and train_splits:
         _, train_set = select_splits(splits, train_splits)
         check_labelled(train_set, args.data_dir)
         check_labelled(splits["test"], args.data_dir)
         train = decode(train_set)
         test = _align_labels(decode(splits["test"]), train.label_names, args.data_dir)
-        return train, test, f"the test split of {os.path.abspath(args.data_dir)}"  # as results record data_dir
+        # as results record data_dir
+        return train, test, f"the test split of {os.path.abspath(args.data_dir)}", validation_files
     _, everything = select_splits(splits, ["all"])
     check_labelled(everything, args.data_dir)
     everything = decode(everything)
     threshold = args.duplicate_threshold or DEFAULT_THRESHOLD
     groups = _split_groups(everything, threshold)
-    train_idx, test_idx = _carve(everything.labels, groups, args.test_split, args.seed, "--test_split")
-    source = (f"carved from {os.path.abspath(args.data_dir)}: {len(test_idx)} of {len(everything)} images ({args.test_split:.0%} target), "
-              f"stratified by class, near-duplicate groups (fingerprint similarity >= {threshold}) kept on one side")
-    return everything.subset(train_idx), everything.subset(test_idx), source
+    # The data's own validation images stay on the training side, and so does every image grouped with one
+    candidates = np.arange(len(everything))
+    if validation_files:
+        candidates = np.flatnonzero(~np.isin(groups, groups[_in_files(everything, validation_files)]))
+    _, test_part = _carve(everything.labels[torch.as_tensor(candidates)], groups[candidates], args.test_split,
+                          args.seed, "--test_split")
+    test_idx = candidates[test_part]
+    train_idx = np.setdiff1d(np.arange(len(everything)), test_idx)
+    what = "its training images" if validation_files else f"{len(everything)} images"
+    source = (f"carved from {os.path.abspath(args.data_dir)}: {len(test_idx)} of {what} ({args.test_split:.0%} "
+              f"target), stratified by class, near-duplicate groups (fingerprint similarity >= {threshold}) kept on "
+              f"one side")
+    return everything.subset(train_idx), everything.subset(test_idx), source, validation_files
 
 
 def check_test_classes(train_classes: Iterable[str], test_classes: Iterable[str]) -> None:
@@ -182,17 +207,27 @@ def load_probe_splits(args: ProbeArguments, preprocessing: ImagePreprocessing, a
                                  num_workers=args.dataloader_num_workers, cache_dir=cache_dir,
                                  show_progress=accelerator.is_local_main_process, slices=args.slices)
 
-    train, test, source = _train_and_test(args, decode)
+    train, test, source, validation_files = _train_and_test(args, decode)
     check_test_classes({train.label_names[i] for i in train.labels.unique().tolist()},
                        {train.label_names[i] for i in test.labels.unique().tolist()})
     threshold = args.duplicate_threshold or DEFAULT_THRESHOLD
-    groups = _split_groups(train, threshold)
-    _, validation_idx = _carve(train.labels, groups, args.validation_split, args.seed, "--validation_split")
-    validation_mask = torch.zeros(len(train), dtype=torch.bool)
-    validation_mask[torch.as_tensor(validation_idx, dtype=torch.long)] = True
+    if validation_files:  # the data's own validation split, as the user made it
+        validation_mask = torch.from_numpy(_in_files(train, validation_files))
+        if validation_mask.all():
+            raise ValueError(f"{args.data_dir} has a validation split but no training images beside it: put the "
+                             f"training images in a train/ (or Training/) folder.")
+        validation_source = f"the validation split of {os.path.abspath(args.data_dir)}"
+    else:
+        groups = _split_groups(train, threshold)
+        _, validation_idx = _carve(train.labels, groups, args.validation_split, args.seed, "--validation_split")
+        validation_mask = torch.zeros(len(train), dtype=torch.bool)
+        validation_mask[torch.as_tensor(validation_idx, dtype=torch.long)] = True
+        validation_source = (f"carved from the training images ({args.validation_split:.0%} target), near-duplicate "
+                             f"groups kept on one side")
     leakage = check_leakage(train, test, threshold)
     leaked = torch.zeros(len(test), dtype=torch.bool)
     leaked[torch.as_tensor(leakage.leaked_test_indices, dtype=torch.long)] = True
     logger.info("%d of %d test images have a near-duplicate in the training images", int(leaked.sum()), len(test))
     counts = {k: v for k, v in leakage.to_dict().items() if k not in ("pairs", "leaked_test_indices")}
-    return ProbeSplits(train, test, source, validation_mask, leaked, counts)
+    return ProbeSplits(train, test, source, validation_mask=validation_mask, validation_source=validation_source,
+                       leaked=leaked, leakage=counts)

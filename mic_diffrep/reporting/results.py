@@ -30,8 +30,9 @@ def results_markdown(results: dict) -> str:
         f"torch {results['environment']['torch']}", "",
         f"Pretrained model: `{results['pretrained']}`  ",
         f"Test split: {results['test_split']}  ",
-        f"Images: {results['num_train']} train, {results['num_validation']} validation (carved from the training "
-        f"split, near-duplicate groups kept on one side), {results['num_test']} test; "
+        f"Images: {results['num_train']} train, {results['num_validation']} validation ("
+        f"{results.get('validation_split') or 'carved from the training split, near-duplicate groups kept on one side'}"
+        f"), {results['num_test']} test; "
         f"{results['leakage']['num_near']} test images have a near-duplicate in the training images."
         + _skipped_note(results.get("skipped_images")), "",
         "| method | layers | timesteps | accuracy | macro F1 | accuracy (de-duplicated test) |", "|---|---|---|---|---|---|",
