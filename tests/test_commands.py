@@ -457,6 +457,9 @@ def test_results_of_a_class_without_test_images_are_strict_json(tmp_path, monkey
 
     results = strict(model / "results.json")
     assert results["msfa"]["test"]["all"]["per_class_recall"]["c"] is None
+    # and the results say so, where the headline accuracy does not
+    warning = "Class(es) without test images: c; they have no recall, and the accuracy says nothing of them."
+    assert warning in results["class_warnings"] and warning in (model / "results.md").read_text()
     assert "| n/a |" in results_markdown(results) and "c n/a" in model_card_text(results, "me/model")
     uploaded = {}
     with mock.patch("huggingface_hub.HfApi.create_repo", return_value=mock.Mock(repo_id="me/model")), \

@@ -415,3 +415,27 @@ def test_an_image_list_outside_the_chosen_splits_says_so(kaggle_folder, tmp_path
     with pytest.raises(ValueError, match=f"{len(listed)} listed file.*not in the split\\(s\\) train of"):
         evaluate_folder(str(tmp_path / "no-model"), kaggle_folder, splits="train",
                         image_list=str(tmp_path / "list.txt"))  # it said: not in the folder
+
+
+def test_classes_the_scores_say_little_about_are_named():
+    """A class of 1 image among 24 (or none in validation or test) went unmentioned behind "accuracy 1.000"."""
+    from mic_diffrep.data import DecodedImages
+    from mic_diffrep.probing.splits import ProbeSplits, class_warnings
+
+    def images(labels, names=("common", "rare", "lone")):
+        return DecodedImages(pixels=torch.zeros(len(labels), 1, 4, 4, dtype=torch.uint8),
+                             paths=[str(i) for i in range(len(labels))], labels=torch.tensor(labels),
+                             label_names=list(names))
+
+    validation = torch.zeros(12, dtype=torch.bool)
+    validation[[0, 1, 9]] = True
+    warnings = class_warnings(ProbeSplits(images([0] * 8 + [1] * 3 + [2]), images([0, 0, 1]), "x",
+                                          validation_mask=validation))
+    assert warnings == [
+        "Class(es) with fewer than 5 training images: rare (2), lone (1); their scores mean little.",
+        "Class(es) without validation images: lone; layers and timesteps are chosen without them.",
+        "Class(es) without test images: lone; they have no recall, and the accuracy says nothing of them."]
+    validation = torch.zeros(12, dtype=torch.bool)
+    validation[[0, 6]] = True
+    assert class_warnings(ProbeSplits(images([0] * 6 + [1] * 6, "ab"), images([0, 1], "ab"), "x",
+                                      validation_mask=validation)) == []

@@ -229,5 +229,31 @@ def load_probe_splits(args: ProbeArguments, preprocessing: ImagePreprocessing, a
     leaked[torch.as_tensor(leakage.leaked_test_indices, dtype=torch.long)] = True
     logger.info("%d of %d test images have a near-duplicate in the training images", int(leaked.sum()), len(test))
     counts = {k: v for k, v in leakage.to_dict().items() if k not in ("pairs", "leaked_test_indices")}
-    return ProbeSplits(train, test, source, validation_mask=validation_mask, validation_source=validation_source,
-                       leaked=leaked, leakage=counts)
+    splits = ProbeSplits(train, test, source, validation_mask=validation_mask, validation_source=validation_source,
+                         leaked=leaked, leakage=counts)
+    for warning in class_warnings(splits):
+        logger.warning(warning)
+    return splits
+
+
+# Fewer training images of a class than this: its probe is a guess, whatever the headline accuracy says.
+FEW_IMAGES = 5
+
+
+def class_warnings(splits: ProbeSplits) -> List[str]:
+    """What the scores cannot say about some classes: those with fewer than `FEW_IMAGES` training images, none in the
+    validation part (layers and timesteps are chosen without them) or none among the test images (no recall)."""
+    names, warnings = splits.train.label_names, []
+    parts = {"training": splits.train.labels[~splits.validation_mask], "validation": splits.train.labels[
+        splits.validation_mask], "test": splits.test.labels}
+    counts = {part: torch.bincount(labels, minlength=len(names)).tolist() for part, labels in parts.items()}
+    few = [f"{name} ({count})" for name, count in zip(names, counts["training"]) if count < FEW_IMAGES]
+    if few:
+        warnings.append(f"Class(es) with fewer than {FEW_IMAGES} training images: {', '.join(few)}; their scores "
+                        f"mean little.")
+    for part, what in (("validation", "layers and timesteps are chosen without them"),
+                       ("test", "they have no recall, and the accuracy says nothing of them")):
+        missing = [name for name, count in zip(names, counts[part]) if count == 0]
+        if missing:
+            warnings.append(f"Class(es) without {part} images: {', '.join(missing)}; {what}.")
+    return warnings

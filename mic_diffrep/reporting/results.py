@@ -34,7 +34,8 @@ def results_markdown(results: dict) -> str:
         f"{results.get('validation_split') or 'carved from the training split, near-duplicate groups kept on one side'}"
         f"), {results['num_test']} test; "
         f"{results['leakage']['num_near']} test images have a near-duplicate in the training images."
-        + _skipped_note(results.get("skipped_images")), "",
+        + _skipped_note(results.get("skipped_images"))
+        + "".join(f" **{warning}**" for warning in results.get("class_warnings", [])), "",
         "| method | layers | timesteps | accuracy | macro F1 | accuracy (de-duplicated test) |", "|---|---|---|---|---|---|",
     ]
     ms_name, sl_name = ("MicDiffRep-MS", "MicDiffRep-SL-best") if results.get("method", "micdiffrep") == "micdiffrep" \
