@@ -268,3 +268,22 @@ def test_hidden_folders_in_split_folders_are_not_missing_classes(tmp_path, caplo
     with caplog.at_level("WARNING"):
         dataset = load_image_folder(str(tmp_path / "data"))
     assert dataset["train"].features["label"].names == ["a", "b"] and "missing from" not in caplog.text
+
+
+def test_class_names_from_a_mac_match_and_numbered_classes_say_their_order(tmp_path, caplog):
+    """A test folder copied from a Mac (folder names decomposed, NFD) had classes "the model does not know" that
+    look the same as its own; numbered class folders 0, 1, 10, 2 made label 2 class "10" without a word."""
+    import unicodedata
+
+    name = "mälignant 腫瘍"
+    write_class_folder(tmp_path / "data" / "Training", per_class=2, seed=0, size=20, classes=("benign", name))
+    write_class_folder(tmp_path / "data" / "Testing", per_class=1, seed=1, size=20,
+                       classes=("benign", unicodedata.normalize("NFD", name)))
+    splits = load_image_folder(str(tmp_path / "data"))
+    assert splits["test"].features["label"].names == splits["train"].features["label"].names == ["benign", name]
+
+    write_class_folder(tmp_path / "graded", per_class=1, seed=0, size=20, classes=("0", "1", "10", "2"))
+    with caplog.at_level("WARNING"):
+        names = load_image_folder(str(tmp_path / "graded"))["train"].features["label"].names
+    assert names == ["0", "1", "10", "2"]  # as datasets and torchvision order them
+    assert "label 2 is class '10', not '2'. Leading zeros (00, 01, 02, 10)" in caplog.text

@@ -20,6 +20,7 @@ slices). A data folder that holds a single folder and nothing else is read throu
 
 import logging
 import os
+import unicodedata
 from typing import Dict, List, Optional, Sequence
 
 from datasets import ClassLabel, Dataset, DatasetDict, Features, Image, concatenate_datasets, load_dataset
@@ -150,18 +151,44 @@ def load_image_folder(data_dir: str):
         roots = {split: os.path.join(data_dir, folder) for split, folder in split_folders.items()}
         files = {split: find_image_files(root) for split, root in roots.items()}  # one walk, used for both
         if any(_needs_scan(roots[split], files[split]) for split in roots):
-            return _scan_image_folder(roots, files)
+            return _checked_class_names(_scan_image_folder(roots, files))
         data_files = {split: os.path.join(data_dir, folder, "**") for split, folder in split_folders.items()}
         dataset = load_dataset("imagefolder", data_files=data_files)
     else:
         root = os.path.abspath(data_dir)
         files = find_image_files(root)
         if _needs_scan(root, files):
-            return _scan_image_folder({"train": root}, {"train": files})
+            return _checked_class_names(_scan_image_folder({"train": root}, {"train": files}))
         # Explicit data files: given `data_dir`, imagefolder guesses splits from keywords in file names too, and a
         # file named `dupe_in_train.jpg` became the only image of the folder.
         dataset = load_dataset("imagefolder", data_files={"train": os.path.join(os.path.abspath(data_dir), "**")})
-    return dataset.cast_column("image", Image(decode=False))
+    return _checked_class_names(dataset.cast_column("image", Image(decode=False)))
+
+
+def _checked_class_names(dataset: DatasetDict) -> DatasetDict:
+    """`dataset` with its class names in Unicode NFC (macOS writes folder names decomposed, so a class folder copied
+    from a Mac and the same class made elsewhere had two names that look alike), warning when numbered classes
+    (`0`, `1`, `10`, `2`) are ordered as text, as `datasets` orders them: label 2 is then class `10`."""
+    split = next(iter(dataset.values()))
+    if "label" not in split.features:
+        return dataset
+    names = split.features["label"].names
+    numeric = sorted(names, key=int) if all(name.isdigit() for name in names) else names
+    first = next((i for i, (name, number) in enumerate(zip(names, numeric)) if name != number), None)
+    if first is not None:
+        width = max(map(len, names))
+        logger.warning("Class folders %s are ordered as text, as `datasets` orders them: label %d is class %r, not %r. "
+                       "Leading zeros (%s) make both orders agree.", ", ".join(names), first, names[first],
+                       numeric[first], ", ".join(name.zfill(width) for name in numeric))
+    normalised = [unicodedata.normalize("NFC", name) for name in names]
+    if normalised == names:
+        return dataset
+    merged = sorted(set(normalised))  # one class for a name written both ways (two folders on Linux)
+    index = [merged.index(name) for name in normalised]
+    features = split.features.copy()
+    features["label"] = ClassLabel(names=merged)
+    return dataset.map(lambda batch: {"label": [index[label] for label in batch["label"]]}, batched=True,
+                       features=features)
 
 
 def _unwrap(data_dir: str) -> str:
@@ -247,6 +274,7 @@ def label_by_class_folder(dataset, data_dir: str, class_names: Sequence[str]):
     found = set()
     for item in undecoded_images(dataset)["image"]:
         folders = [os.path.basename(root)] + os.path.relpath(item["path"], root).split(os.sep)[:-1]
+        folders = [unicodedata.normalize("NFC", folder) for folder in folders]  # as class names are (a Mac's NFD)
         found.add(tuple(folder for folder in folders if folder in names))
     if len(found) != 1 or len(next(iter(found))) != 1:
         return labelled
