@@ -317,6 +317,20 @@ def test_run_takes_the_data_flags_of_pretrain_and_probe(tmp_path):
     assert pretraining_arguments(dict(RUN_DEFAULTS)).slices == probe_arguments(dict(RUN_DEFAULTS)).slices
 
 
+def test_run_takes_the_preprocessing_flags_of_pretrain(tmp_path):
+    """Centre-cropping wide images (or keeping raw intensities) needed `pretrain`: `run` had no --resize_mode or
+    --intensity_window."""
+    from mic_diffrep.commands.run import pretraining_arguments, run_config
+
+    config = run_config(build_parser().parse_args(["run", "--resize_mode", "center_crop", "--intensity_window",
+                                                   "none"]))
+    preprocessing = pretraining_arguments(config).preprocessing
+    assert (preprocessing.resize_mode, preprocessing.intensity_window) == ("center_crop", "none")
+    (tmp_path / "bad.yaml").write_text("resize_mode: stretch\n")
+    with pytest.raises(ValueError, match="resize_mode"):
+        run_config(build_parser().parse_args(["run", "--config", str(tmp_path / "bad.yaml")]))
+
+
 def test_run_takes_the_probes_split_flags_its_errors_name(tmp_path, capsys):
     """A probe error after pretraining told `run` users to give --test_split, --validation_split, --test_data_dir or
     --duplicate_threshold, flags `run` refused ("unrecognized arguments")."""

@@ -43,6 +43,8 @@ RUN_DEFAULTS = {
     "data_dir": SAMPLE_DATA_DIR,
     "output_dir": "runs/mic-diffrep",
     "resolution": 64,
+    "resize_mode": PretrainingArguments.resize_mode,
+    "intensity_window": PretrainingArguments.intensity_window,
     "model_config_name_or_path": PretrainingArguments.model_config_name_or_path,
     "mixed_precision": "bf16",
     "pretrain_epochs": 40,
@@ -218,7 +220,8 @@ def pretraining_arguments(config: dict) -> PretrainingArguments:
     epochs = config["pretrain_epochs"]
     return PretrainingArguments(
         train_data_dir=config["data_dir"], output_dir=os.path.join(config["output_dir"], "pretrain"),
-        resolution=config["resolution"], model_config_name_or_path=config["model_config_name_or_path"],
+        resolution=config["resolution"], resize_mode=config["resize_mode"],
+        intensity_window=config["intensity_window"], model_config_name_or_path=config["model_config_name_or_path"],
         num_epochs=epochs, train_batch_size=config["pretrain_batch_size"],
         **{key: config[key] for key in RECIPE_KEYS}, mixed_precision=config["mixed_precision"],
         save_images_epochs=epochs,
@@ -344,6 +347,12 @@ def register(subparsers) -> None:
                         help=f"A preset ({', '.join(RUN_PRESETS)}) or a YAML/JSON file with any of the keys "
                              f"{sorted(RUN_DEFAULTS)}; flags override it.")
     parser.add_argument("--resolution", type=int, default=None, help="Image size (default 64).")
+    parser.add_argument("--resize_mode", type=str, default=None, choices=["pad", "center_crop"],
+                        help="How non-square images become square: pad the short side with black (keeps the whole "
+                             "image) or crop the centre (default pad). The pipeline and classifier keep it.")
+    parser.add_argument("--intensity_window", type=str, default=None, choices=["percentile", "none"],
+                        help="Intensity rule (default percentile; see `mic-diffrep pretrain --help`). The pipeline and "
+                             "classifier keep it.")
     parser.add_argument("--model_config_name_or_path", type=str, default=None,
                         help=f"UNet preset ({', '.join(UNET_PRESETS)}) or config (default "
                              f"{RUN_DEFAULTS['model_config_name_or_path']!r}).")
