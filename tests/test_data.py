@@ -287,3 +287,14 @@ def test_class_names_from_a_mac_match_and_numbered_classes_say_their_order(tmp_p
         names = load_image_folder(str(tmp_path / "graded"))["train"].features["label"].names
     assert names == ["0", "1", "10", "2"]  # as datasets and torchvision order them
     assert "label 2 is class '10', not '2'. Leading zeros (00, 01, 02, 10)" in caplog.text
+
+
+def test_reading_a_folder_writes_nothing_to_the_datasets_cache(kaggle_folder, tmp_path, monkeypatch):
+    """Every folder read through `imagefolder` left an Arrow cache and a lock file in the `datasets` cache (7,573 of
+    them on the machine this was found on), never removed."""
+    import datasets
+
+    monkeypatch.setattr(datasets.config, "HF_DATASETS_CACHE", str(tmp_path / "datasets-cache"))
+    splits = load_image_folder(kaggle_folder)
+    assert set(splits) == {"train", "test"} and splits["train"].features["label"].names[0] == "glioma"
+    assert not (tmp_path / "datasets-cache").exists() or not any((tmp_path / "datasets-cache").rglob("*"))

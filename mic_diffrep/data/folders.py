@@ -1,15 +1,15 @@
 """Image folders as `datasets` splits: loose images, class sub-folders, or split folders holding class sub-folders.
 
 `load_image_folder` reads an unlabelled folder of images or a labelled tree (`<split>/<class>/*.jpg`, with split
-folders such as `Training`/`Testing` or `train`/`val`/`test`, any case) through `datasets`' `imagefolder` builder,
-mapping the split folders explicitly (`imagefolder` alone merges `Training/` and `Testing/` into one split).
-
-Folders holding DICOM (`.dcm`, `.dicom`, or no extension with a DICOM preamble) or NIfTI (`.nii`, `.nii.gz`) files,
-alone or mixed with JPEG / PNG, which `imagefolder` ignores, and trees deeper than class folders (`imagefolder`
-labels a file by its own folder), are loaded from a file scan with the same columns: the `label` is the class
-folder right under the split folder (files may sit deeper in it, e.g. in one folder per patient or series; a
-warning says so), and a file stays one row, whatever number of slices it holds (`decode_images` expands it into its
-slices). A data folder that holds a single folder and nothing else is read through it.
+folders such as `Training`/`Testing` or `train`/`val`/`test`, any case) into the columns `datasets`' `imagefolder`
+builder gives (`image`, undecoded, and a `label` `ClassLabel`), from a scan of the files: no Arrow cache is written
+(`imagefolder` left one, and a lock file, in the `datasets` cache for every folder it read), split folders are
+mapped explicitly (`imagefolder` alone merges `Training/` and `Testing/` into one split), and so are DICOM (`.dcm`,
+`.dicom`, or no extension with a DICOM preamble) and NIfTI (`.nii`, `.nii.gz`) files, which `imagefolder` ignores,
+and folders that are symbolic links, which it does not follow. The `label` is the class folder right under the
+split folder (files may sit deeper in it, e.g. in one folder per patient or series, which `imagefolder` would take
+as the classes; a warning says so), and a file stays one row, whatever number of slices it holds (`decode_images`
+expands it into its slices). A data folder that holds a single folder and nothing else is read through it.
 
 ```python
 >>> from mic_diffrep.data import load_image_folder, select_splits
@@ -23,12 +23,12 @@ import os
 import unicodedata
 from typing import Dict, List, Optional, Sequence
 
-from datasets import ClassLabel, Dataset, DatasetDict, Features, Image, concatenate_datasets, load_dataset
+from datasets import ClassLabel, Dataset, DatasetDict, Features, Image, concatenate_datasets
 
 from ..models.mic_diffrep.preprocessing import has_dicom_preamble, undecoded_images
 from ..utils import check_folder
 from .decoding import source_file
-from .medical import MEDICAL_EXTENSIONS, is_medical_file
+from .medical import MEDICAL_EXTENSIONS
 
 
 logger = logging.getLogger(__name__)
@@ -92,17 +92,6 @@ def _holds_images(path: str) -> bool:
     return _has_images(path) if os.path.isdir(path) else is_image_file(path)
 
 
-def _needs_scan(root: str, files: Sequence[str]) -> bool:
-    """Whether `imagefolder` would misread the images `files` of `root`: it ignores DICOM / NIfTI files, labels an
-    image two or more folders below `root` (`glioma/patient1/slice.jpg`) by its own folder (`patient1`), and does
-    not follow symbolic links to folders (it found no image in a class folder that is a link)."""
-    if any(is_medical_file(path) or os.path.relpath(path, root).count(os.sep) >= 2 for path in files):
-        return True
-    real_root = os.path.realpath(root)
-    return any(os.path.realpath(folder) != os.path.normpath(os.path.join(real_root, os.path.relpath(folder, root)))
-               for folder in {os.path.dirname(path) for path in files})
-
-
 def find_image_files(folder: str) -> List[str]:
     """Sorted image files under `folder` (recursively; hidden files and folders, such as macOS `._*` files and
     `.ipynb_checkpoints`, left out, as `datasets` does)."""
@@ -125,10 +114,9 @@ def load_image_folder(data_dir: str):
     `validation` and `test`; a folder without them is one `train` split. Class sub-folders become a `label`
     `ClassLabel` column (names sorted, shared by all splits); a folder of loose images has no labels.
 
-    DICOM and NIfTI files count as images: a folder holding any is loaded from a file scan (see the module
-    docstring) into the same columns, one row per file. So is a folder with deeper trees
-    (`glioma/patient1/slice.jpg`): a file's class is the folder right under the split folder (or `data_dir`), as a
-    medical dataset sorted by class and then patient expects; `imagefolder` would label it `patient1`.
+    DICOM and NIfTI files count as images, one row per file. In deeper trees (`glioma/patient1/slice.jpg`) a file's
+    class is the folder right under the split folder (or `data_dir`), as a medical dataset sorted by class and then
+    patient expects; `imagefolder` would label it `patient1`.
     """
     check_folder(data_dir, "Data folder", "the folder that holds the images")
     if not _has_images(data_dir):
@@ -149,20 +137,10 @@ def load_image_folder(data_dir: str):
                              f"(e.g. train/) or out of the data folder.")
         _check_class_folders(data_dir, split_folders)
         roots = {split: os.path.join(data_dir, folder) for split, folder in split_folders.items()}
-        files = {split: find_image_files(root) for split, root in roots.items()}  # one walk, used for both
-        if any(_needs_scan(roots[split], files[split]) for split in roots):
-            return _checked_class_names(_scan_image_folder(roots, files))
-        data_files = {split: os.path.join(data_dir, folder, "**") for split, folder in split_folders.items()}
-        dataset = load_dataset("imagefolder", data_files=data_files)
     else:
-        root = os.path.abspath(data_dir)
-        files = find_image_files(root)
-        if _needs_scan(root, files):
-            return _checked_class_names(_scan_image_folder({"train": root}, {"train": files}))
-        # Explicit data files: given `data_dir`, imagefolder guesses splits from keywords in file names too, and a
-        # file named `dupe_in_train.jpg` became the only image of the folder.
-        dataset = load_dataset("imagefolder", data_files={"train": os.path.join(os.path.abspath(data_dir), "**")})
-    return _checked_class_names(dataset.cast_column("image", Image(decode=False)))
+        roots = {"train": os.path.abspath(data_dir)}
+    files = {split: find_image_files(root) for split, root in roots.items()}
+    return _checked_class_names(_scan_image_folder(roots, files))
 
 
 def _checked_class_names(dataset: DatasetDict) -> DatasetDict:
@@ -205,8 +183,7 @@ def _unwrap(data_dir: str) -> str:
 
 
 def _scan_image_folder(split_roots: Dict[str, str], files: Dict[str, List[str]]) -> DatasetDict:
-    """What `imagefolder` gives, built from the image `files` of each split root (for folders `imagefolder` would
-    misread: `_needs_scan`).
+    """What `imagefolder` gives, built from the image `files` of each split root (see the module docstring).
 
     A file's label is the class folder right under its split root. As with `imagefolder`, there is a `label`
     column only when every file sits in a class folder and there are at least two classes (names sorted, shared by
