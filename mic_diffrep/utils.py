@@ -23,6 +23,7 @@ import huggingface_hub
 import torch
 import transformers
 from accelerate import Accelerator
+from accelerate.state import AcceleratorState
 
 
 MIXED_PRECISION_CHOICES = ("no", "fp16", "bf16")
@@ -130,6 +131,11 @@ def create_accelerator(**kwargs):
     """An `accelerate.Accelerator`; on a machine without CUDA, `cpu=True`, so that `torchrun --nproc_per_node N` runs
     N gloo DDP processes. fp16 on a CPU is refused rather than silently run in fp32."""
     kwargs.setdefault("cpu", not torch.cuda.is_available())
+    # Each run its own settings: accelerate keeps the first Accelerator's state (its precision above all) for the
+    # whole process, so in one notebook a probe after a bf16 pretraining ran in bf16, and a second pretraining in
+    # another precision failed ("AcceleratorState has already been initialized"). The process state (devices, the
+    # process group of a launch) stays.
+    AcceleratorState._reset_state(reset_partial_state=False)
     if kwargs["cpu"] or not torch.cuda.is_available():
         check_mixed_precision(kwargs.get("mixed_precision") or os.environ.get("ACCELERATE_MIXED_PRECISION"), "cpu")
     accelerator = Accelerator(**kwargs)
@@ -284,6 +290,10 @@ def not_a_pipeline(path: str) -> Optional[str]:
     if os.path.isfile(os.path.join(path, "baseline_config.json")):
         return (f"{path} holds a baseline encoder (baseline_config.json), not a diffusion pipeline: it extracts "
                 f"features (`mic-diffrep extract --pretrained`) but cannot generate images.")
+    if any(name.startswith("checkpoint-") and os.path.isfile(os.path.join(path, name, "training_state.json"))
+           for name in os.listdir(path)):  # a pretraining stopped (Ctrl-C, SIGTERM) before it saved its weights
+        return (f"{path} holds only the checkpoints of a pretraining stopped before it saved its weights: continue it "
+                f"(`resume_from_checkpoint=\"latest\"`, `--resume_from_checkpoint latest`), then load {path}.")
     try:
         with open(os.path.join(path, "config.json"), encoding="utf-8") as f:
             config = json.load(f)

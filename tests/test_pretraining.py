@@ -620,3 +620,33 @@ def test_an_interrupted_runs_card_gives_the_step_of_the_weights_in_the_folder(un
                              "--resume_from_checkpoint", "latest"))
     assert summary["global_step"] == summary["weights_step"] == 18
     assert "18 optimisation steps (num_epochs)" in (out / "README.md").read_text()  # it ran its 3 epochs
+
+
+def test_each_call_in_one_process_runs_in_its_own_precision(unlabelled_folder, kaggle_folder, tmp_path):
+    """In one notebook, a second pretraining in another precision failed ("AcceleratorState has already been
+    initialized and cannot be changed, restart your runtime"), and a probe given no precision after a bf16
+    pretraining ran in bf16 and exported a bf16 classifier (a fresh process gives fp32)."""
+    from mic_diffrep.probing import ProbeArguments
+    from mic_diffrep.probing.probe import run_probe
+
+    assert main(tiny_args(unlabelled_folder, str(tmp_path / "a"), "--max_train_steps", "1",
+                              "--mixed_precision", "bf16"))["mixed_precision"] == "bf16"
+    assert main(tiny_args(unlabelled_folder, str(tmp_path / "b"), "--max_train_steps", "1",
+                              "--mixed_precision", "no"))["mixed_precision"] == "no"
+    run_probe(ProbeArguments(pretrained=str(tmp_path / "a"), data_dir=kaggle_folder, output_dir=str(tmp_path / "m"),
+                             timesteps=[5], layers=["mid_block"], num_epochs=1))
+    assert json.loads((tmp_path / "m" / "config.json").read_text())["mixed_precision"] == "no"
+
+
+def test_pretraining_runs_outside_the_main_thread(unlabelled_folder, tmp_path):
+    """`threading.Thread(target=pretrain, ...)` (a notebook's background job) failed after decoding every image:
+    "signal only works in main thread of the main interpreter"."""
+    import threading
+
+    outcome = {}
+    thread = threading.Thread(target=lambda: outcome.update(summary=main(tiny_args(
+        unlabelled_folder, str(tmp_path / "out"), "--max_train_steps", "1"))))
+    thread.start()
+    thread.join(timeout=300)
+    assert outcome["summary"]["global_step"] == 1
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # the main thread's handlers untouched

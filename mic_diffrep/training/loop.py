@@ -14,6 +14,7 @@ import logging
 import math
 import os
 import signal
+import threading
 import time
 from dataclasses import dataclass, field
 from typing import Callable, List, Optional
@@ -61,8 +62,7 @@ def make_accelerator(args: CommonPretrainingArguments, log_with: Optional[str] =
 
 def load_training_images(args: CommonPretrainingArguments, accelerator):
     """The unlabelled training images, decoded once; returns `(decoded, splits)`. The main process goes first: it
-    writes the `datasets` cache of the folder and the decode cache, which the other processes then read (several
-    processes preparing one new `datasets` cache at once contend for its file locks)."""
+    writes the decode cache, which the other processes then read."""
     with accelerator.main_process_first():
         splits, dataset = select_splits(load_image_folder(args.train_data_dir), args.pretrain_splits)
         decoded = decode_images(dataset, args.preprocessing, skip_bad_images=args.skip_bad_images,
@@ -158,6 +158,8 @@ class _Interrupt:
         self.previous = {}
 
     def __enter__(self):
+        if threading.current_thread() is not threading.main_thread():  # only the main thread can take signals: a
+            return self  # run in another thread (a notebook's background job) trains without the handlers
         for signum in self.SIGNALS:
             self.previous[signum] = signal.getsignal(signum)
             signal.signal(signum, self._handle)
