@@ -356,8 +356,11 @@ def is_first_process() -> bool:
 
 
 def progress_interval() -> float:
-    """tqdm's `mininterval`: smooth in a terminal, one line every 30 s at most in a log file."""
-    return 0.1 if sys.stderr.isatty() else 30.0
+    """tqdm's `mininterval`: one line every 30 s at most where stderr is a file or a pipe (a log, a batch job's
+    output); smooth in a terminal and in Jupyter, whose stderr is no terminal but shows one updating bar."""
+    if sys.stderr.isatty() or "ipykernel" in sys.modules:
+        return 0.1
+    return 30.0
 
 
 # The summary a pretraining run (diffusion or baseline) writes into its output folder.

@@ -650,3 +650,22 @@ def test_pretraining_runs_outside_the_main_thread(unlabelled_folder, tmp_path):
     thread.join(timeout=300)
     assert outcome["summary"]["global_step"] == 1
     assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # the main thread's handlers untouched
+
+
+def test_progress_into_a_log_file_is_a_few_lines_and_jupyter_gets_a_live_bar(unlabelled_folder, tmp_path,
+                                                                              monkeypatch):
+    """The loss shown on the bar redrew it on every step, so a run logging to a file wrote one line per step (6,600
+    for a 30-minute run) where the README promises one every 30 s; in Jupyter, whose stderr is no terminal, the bars
+    moved once every 30 s."""
+    from mic_diffrep.utils import progress_interval
+
+    result = subprocess.run([sys.executable, os.path.join(REPO, "training", "pretrain.py"), "--train_data_dir",
+                             unlabelled_folder, "--output_dir", str(tmp_path / "out"), "--resolution", "16",
+                             "--model_config_name_or_path", "tiny", "--train_batch_size", "2", "--max_train_steps",
+                             "12", "--logger", "none", "--save_images_epochs", "100", "--checkpointing_steps", "100"],
+                            capture_output=True, text=True, timeout=300, env=dict(os.environ, OMP_NUM_THREADS="1"))
+    assert result.returncode == 0, result.stderr[-2000:]
+    updates = [line for line in re.split(r"[\r\n]", result.stderr) if line.startswith("Pretraining:")]
+    assert 1 <= len(updates) <= 3, updates  # the start, the end (a run of seconds: nothing between)
+    monkeypatch.setitem(sys.modules, "ipykernel", object())
+    assert progress_interval() < 1

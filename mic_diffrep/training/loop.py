@@ -210,7 +210,8 @@ def train_one_epoch(state: TrainingState, accelerator, model, loader, dataset, o
         logs = {"loss": state.last_loss, "lr": lr_scheduler.get_last_lr()[0], "step": state.global_step,
                 **(after_step(state) or {})}
         progress.update(1)
-        progress.set_postfix(loss=f"{state.last_loss:.4f}", lr=f"{logs['lr']:.2e}")
+        # refresh=False: the bar redraws at its own pace (once every 30 s into a log file), not on every step
+        progress.set_postfix(loss=f"{state.last_loss:.4f}", lr=f"{logs['lr']:.2e}", refresh=False)
         accelerator.log(logs, step=state.global_step)
         totals = {"images_seen": state.images_seen, "train_seconds": state.train_seconds + time.time() - epoch_start,
                   "last_loss": state.last_loss}
