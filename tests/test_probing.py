@@ -439,3 +439,33 @@ def test_classes_the_scores_say_little_about_are_named():
     validation[[0, 6]] = True
     assert class_warnings(ProbeSplits(images([0] * 6 + [1] * 6, "ab"), images([0, 1], "ab"), "x",
                                       validation_mask=validation)) == []
+
+
+def test_run_probes_takes_arrays_and_lists_and_names_what_is_wrong():
+    """From a notebook, numpy labels, list labels and numpy features failed deep in torch ("cross_entropy_loss():
+    argument 'target'", "_mean() got an unexpected keyword argument 'dim'"), too few label names as "Target 3 is out
+    of bounds", a timestep missing from the features as a bare KeyError, and 30 labels for 40 rows blamed the
+    validation mask; `layers`, `timesteps` and `config` had no defaults."""
+    import numpy as np
+
+    train, train_labels = synthetic_features(150, 0)
+    test, test_labels = synthetic_features(60, 1)
+    validation = torch.arange(150) % 5 == 0
+    config = ProbeConfig(num_epochs=2, train_batch_size=16, hidden_size=8)
+    expected, _ = run_probes(train, train_labels, test, test_labels, ["x", "y", "z"], validation, config,
+                             ["good", "noise"], [10, 20])
+    as_arrays, _ = run_probes({k: v.numpy() for k, v in train.items()}, train_labels.numpy().astype(np.int32),
+                              {k: v.numpy() for k, v in test.items()}, test_labels.tolist(), ["x", "y", "z"],
+                              validation.numpy(), config)  # every layer and timestep of the features
+    assert as_arrays["msfa"] == expected["msfa"] and as_arrays["single_layer"] == expected["single_layer"]
+    for kwargs, message in (
+            ({"label_names": ["x", "y"]}, r"`train_labels` holds class 2, but `label_names` names 2 class\(es\)"),
+            ({"timesteps": [10, 250]}, r"`train_features` has no features for \[\('good', 250\)"),
+            ({"train_labels": train_labels[:140]}, r"`train_features`\[\('good', 10\)\] must be one row per label, "
+                                                   r"\(N=140, C\), got shape \(150, 6\)"),
+            ({"test_labels": test_labels.float()}, "`test_labels` must be a 1-D sequence of class indices")):
+        arguments = dict(train_features=train, train_labels=train_labels, test_features=test,
+                         test_labels=test_labels, label_names=["x", "y", "z"], validation_mask=validation,
+                         config=config)
+        with pytest.raises(ValueError, match=message):
+            run_probes(**{**arguments, **kwargs})

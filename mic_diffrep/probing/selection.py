@@ -11,6 +11,7 @@ import logging
 from dataclasses import asdict
 from typing import Dict, List, Optional, Sequence, Tuple
 
+import numpy as np
 import torch
 
 from ..models.mic_diffrep.unet_features import concatenate_features as concatenate
@@ -48,14 +49,48 @@ def msfa_candidates(sl_validation: Dict[Key, float], layers: Sequence[str], time
     return list(dict.fromkeys(candidates))
 
 
+def _class_indices(labels, name: str) -> torch.Tensor:
+    """`labels` (a tensor, array or list of class indices) as a 1-D int64 tensor, or an error naming `name`."""
+    labels = torch.as_tensor(np.asarray(labels) if not isinstance(labels, torch.Tensor) else labels)
+    if labels.ndim != 1 or labels.is_floating_point() or labels.dtype == torch.bool:
+        raise ValueError(f"`{name}` must be a 1-D sequence of class indices, got {labels.dtype} of shape "
+                         f"{tuple(labels.shape)}.")
+    if len(labels) and labels.min() < 0:
+        raise ValueError(f"`{name}` must hold class indices 0 or above, got {int(labels.min())}.")
+    return labels.long()
+
+
+def _checked_features(features, labels: torch.Tensor, layers, timesteps, name: str) -> Dict[Key, torch.Tensor]:
+    """The `layers` x `timesteps` features of `features` as float tensors of one row per label, or an error naming
+    `name` and what is missing."""
+    missing = [(layer, t) for t in timesteps for layer in layers if (layer, t) not in features]
+    if missing:
+        raise ValueError(f"`{name}` has no features for {missing[:3]}{' ...' if len(missing) > 3 else ''}; it holds "
+                         f"{sorted(features)[:6]}{' ...' if len(features) > 6 else ''}.")
+    checked = {}
+    for key in ((layer, t) for t in timesteps for layer in layers):
+        value = torch.as_tensor(features[key]).float()
+        if value.ndim != 2 or len(value) != len(labels):
+            raise ValueError(f"`{name}`[{key}] must be one row per label, (N={len(labels)}, C), got shape "
+                             f"{tuple(value.shape)}.")
+        checked[key] = value
+    return checked
+
+
 def run_probes(train_features: Dict[Key, torch.Tensor], train_labels: torch.Tensor,
                test_features: Dict[Key, torch.Tensor], test_labels: torch.Tensor, label_names: List[str],
-               validation_mask: torch.Tensor, config: ProbeConfig, layers: Sequence[str], timesteps: Sequence[int],
+               validation_mask: torch.Tensor, config: Optional[ProbeConfig] = None,
+               layers: Optional[Sequence[str]] = None, timesteps: Optional[Sequence[int]] = None,
                test_subsets: Optional[Dict[str, torch.Tensor]] = None,
                train_features_mirrored: Optional[Dict[Key, torch.Tensor]] = None) -> Tuple[dict, dict]:
     """The SL sweep and MSFA, selected on validation, refit on the whole training split, scored on test.
 
     Args:
+        train_features, test_features (`Dict[(layer, timestep), Tensor]`): pooled features `(N, C)` (tensors or
+            arrays), as `DiffusionFeaturePipeline.extract_features` gives them (`.features`).
+        train_labels, test_labels: class indices in `[0, len(label_names))` (tensors, arrays or lists).
+        config (`ProbeConfig`, *optional*): the heads' training (default: the paper's protocol, `ProbeConfig()`).
+        layers, timesteps (*optional*): which of the features' layers and timesteps to probe (default: all).
         validation_mask (`torch.BoolTensor` of shape `(N_train,)`, or their indices, as `group_stratified_split`
             gives them): which training images form the validation part.
         test_subsets (`Dict[str, torch.BoolTensor]`, *optional*): extra masks of the test split to report (e.g.
@@ -66,7 +101,22 @@ def run_probes(train_features: Dict[Key, torch.Tensor], train_labels: torch.Tens
     Returns:
         `(results, probes)`: a JSON-able results dict, and the refit `TrainedProbe`s under `"sl_best"` and `"msfa"`.
     """
+    config = ProbeConfig() if config is None else config
+    train_labels, test_labels = _class_indices(train_labels, "train_labels"), _class_indices(test_labels, "test_labels")
+    layers = list(dict.fromkeys(k[0] for k in train_features)) if layers is None else [layers] if isinstance(
+        layers, str) else list(layers)
+    timesteps = list(dict.fromkeys(k[1] for k in train_features)) if timesteps is None else [timesteps] if isinstance(
+        timesteps, int) else list(timesteps)
+    train_features = _checked_features(train_features, train_labels, layers, timesteps, "train_features")
+    test_features = _checked_features(test_features, test_labels, layers, timesteps, "test_features")
+    if train_features_mirrored is not None:
+        train_features_mirrored = _checked_features(train_features_mirrored, train_labels, layers, timesteps,
+                                                    "train_features_mirrored")
     num_labels = len(label_names)
+    for name, labels in (("train_labels", train_labels), ("test_labels", test_labels)):
+        if len(labels) and labels.max() >= num_labels:
+            raise ValueError(f"`{name}` holds class {int(labels.max())}, but `label_names` names {num_labels} "
+                             f"class(es): {list(label_names)}.")
     validation_mask = torch.as_tensor(validation_mask)
     num_train = len(train_labels)
     if validation_mask.dtype != torch.bool:  # indices, as `group_stratified_split` returns them
