@@ -220,10 +220,10 @@ class DiffusionFeaturePipeline(DiffusionPipeline):
     def prepare_pixels(self, images, return_ids: bool = False, slices=None):
         """Images (PIL / numpy / tensors / file paths, one or a list, or a batch tensor) to uint8 `(N, 1, R, R)`.
 
-        Uses the shared preprocessing of pretraining; uint8 `(N, 1, R, R)` pixels (a decode cache) pass through, and
-        so does the image processor's output (`MicDiffRepImageProcessor`: its `BatchFeature`, or its `pixel_values`,
-        float `(N, 1, R, R)` in [-1, 1]), mapped back to its pixels: windowed again, preprocessed pixels would be
-        stretched. A DICOM or NIfTI file path gives one row per slice (see
+        Uses the shared preprocessing of pretraining; uint8 `(N, 1, R, R)` pixels (a decode cache; a tensor or an
+        array) pass through, and so does the image processor's output (`MicDiffRepImageProcessor`: its
+        `BatchFeature`, or its `pixel_values`, float `(N, 1, R, R)` in [-1, 1]), mapped back to its pixels: windowed
+        again, preprocessed pixels would be stretched. A DICOM or NIfTI file path gives one row per slice (see
         `mic_diffrep.models.mic_diffrep.preprocessing.as_image_list`). With `return_ids`, also the id of each row
         (`image_list_with_ids`: a file's path, `"<path>#slice=<k>"` for a slice, `None` for an image given in
         memory). `slices`: which slices of a NIfTI volume (`SliceSelection`; default: `self.slices`, pretraining's).
@@ -232,6 +232,8 @@ class DiffusionFeaturePipeline(DiffusionPipeline):
         processed = isinstance(images, Mapping) and "pixel_values" in images  # a BatchFeature
         if processed:
             images = torch.as_tensor(images["pixel_values"])
+        elif isinstance(images, np.ndarray) and images.ndim == 4 and images.shape[1] == 1:  # as the tensors
+            images = torch.from_numpy(images)
         batch = (isinstance(images, torch.Tensor) and images.ndim == 4
                  and tuple(images.shape[1:]) == (1, resolution, resolution))
         if batch and images.is_floating_point() and images.numel() and (processed or (

@@ -283,6 +283,19 @@ def test_the_custom_pipeline_file_says_what_to_install_where_mic_diffrep_is_miss
     assert load_without("diffusers").endswith("No module named 'diffusers'")  # the rest as Python says it
 
 
+def test_decoded_pixels_as_an_array_pass_through_as_the_tensor_does(pipe, images):
+    """`extract_features(decoded.pixels.numpy())` was refused, and the processor's `pixel_values` as an array too;
+    the form the error then suggested was windowed again (12% feature difference)."""
+    from mic_diffrep import MicDiffRepImageProcessor
+
+    pixels = pipe.prepare_pixels(images)
+    expected = pipe.extract_features(pixels, timesteps=[5]).features[("mid_block", 5)]
+    torch.testing.assert_close(pipe.extract_features(pixels.numpy(), timesteps=[5]).features[("mid_block", 5)],
+                               expected)
+    values = MicDiffRepImageProcessor(resolution=pipe.resolution)(images, return_tensors="np")["pixel_values"]
+    torch.testing.assert_close(pipe.extract_features(values, timesteps=[5]).features[("mid_block", 5)], expected)
+
+
 def test_plain_diffusion_pipeline_loads_a_saved_folder_once_mic_diffrep_is_imported(pipe, images, tmp_path):
     """The Hub's snippet for a diffusers repository, `DiffusionPipeline.from_pretrained(repo)`, said "module diffusers
     has no attribute DiffusionFeaturePipeline" even after `import mic_diffrep`."""
