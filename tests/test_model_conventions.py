@@ -336,3 +336,30 @@ def test_the_pipeline_card_promises_ddpm_sampling_only_where_diffusers_can_do_it
     self_conditioned = pipeline_card_text({**summary, "recipe": {"self_conditioning": True}}, "me/ddpm")
     assert "samples from it too" not in self_conditioned
     assert "`diffusers.DDPMPipeline` cannot sample from it: its UNet is self-conditioned" in self_conditioned
+
+
+def test_a_classifier_from_a_probe_trained_in_python_predicts_as_the_probe(tmp_path):
+    """`run_probes` returned trained heads, but only an internal method of nine arguments turned one into a
+    transformers model."""
+    from transformers import pipeline
+
+    from mic_diffrep.probing import probe_classifier, run_probes
+
+    torch.manual_seed(0)
+    pipe = DiffusionFeaturePipeline(create_unet(16, "tiny"), create_scheduler())
+    pipe.set_progress_bar_config(disable=True)
+    rng = np.random.default_rng(0)
+    images = [PIL.Image.fromarray((rng.random((20, 20)) * 255).astype(np.uint8)) for _ in range(24)]
+    labels = torch.arange(24) % 3
+    out = pipe.extract_features(images, timesteps=[5, 10])
+    results, probes = run_probes(out.features, labels, out.features, labels, ["a", "b", "c"],
+                                 torch.arange(24) % 4 == 0, ProbeConfig(num_epochs=2, hidden_size=8))
+    layers, timesteps = results["msfa"]["layers"], results["msfa"]["timesteps"]
+    model, processor = probe_classifier(pipe, probes["msfa"], layers, timesteps, ["a", "b", "c"])
+    expected = probes["msfa"].predict(out.concatenate(layers, timesteps))
+    with torch.no_grad():
+        assert torch.equal(model(**processor(images)).logits.argmax(-1), expected)
+    model.save_pretrained(tmp_path / "model")
+    processor.save_pretrained(tmp_path / "model")
+    classify = pipeline("medical-image-classification", model=str(tmp_path / "model"))
+    assert [result[0]["label"] for result in classify(images[:4])] == [["a", "b", "c"][i] for i in expected[:4]]

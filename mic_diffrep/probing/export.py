@@ -1,6 +1,7 @@
 """The probe's outputs on disk: results, plots, and (for a diffusion model) the transformers model folder."""
 
 import os
+from typing import Optional, Sequence
 
 from transformers.utils import CONFIG_NAME, SAFE_WEIGHTS_NAME
 
@@ -11,7 +12,9 @@ from ..reporting.model_card import write_model_card
 from ..reporting.plotting import plot_accuracy_vs_timestep, plot_confusion_matrix
 from ..reporting.results import results_markdown
 from ..utils import share_as_umask_allows, write_json
+from ..features import DiffusionFeatureExtractor, FeatureArguments
 from .arguments import ProbeArguments
+from .heads import TrainedProbe
 
 
 # What a probe writes into its output folder besides its feature caches (which a later probe reuses): results, plots,
@@ -55,6 +58,32 @@ def write_results(output_dir: str, results: dict, label_names) -> None:
                                   os.path.join(output_dir, "accuracy_vs_timestep.png"))
     plot_confusion_matrix(results["msfa"]["test"]["all"]["confusion_matrix"], label_names,
                           os.path.join(output_dir, "confusion_matrix.png"), title="MSFA, test split")
+
+
+def probe_classifier(pipeline, probe: TrainedProbe, layers: Sequence[str], timesteps: Sequence[int],
+                     label_names: Sequence[str], features: Optional[FeatureArguments] = None):
+    """The classifier of a pipeline and a trained MSFA probe, as `mic-diffrep probe` exports it: a
+    `MicDiffRepForImageClassification` in eval mode and its `MicDiffRepImageProcessor`, to `save_pretrained` into one
+    folder (which `from_pretrained` and `transformers.pipeline` then load). `probe`, `layers` and `timesteps` are
+    those `run_probes` chose; `features`: the read-out the features were extracted with (pooling, noise draws, flip
+    averaging; default: `extract_features`' defaults). Its predictions are `probe.predict` of those features.
+
+    ```py
+    >>> results, probes = run_probes(train, train_labels, test, test_labels, names, validation)  # doctest: +SKIP
+    >>> model, processor = probe_classifier(pipe, probes["msfa"], results["msfa"]["layers"],
+    ...                                     results["msfa"]["timesteps"], names)  # doctest: +SKIP
+    >>> model.save_pretrained("runs/model"); processor.save_pretrained("runs/model")  # doctest: +SKIP
+    ```
+    """
+    head = probe.head
+    hidden_size = head.aggregate.out_features if head.aggregate is not None else 0
+    model = DiffusionFeatureExtractor(pipeline).classifier(head, probe.mean, probe.std, layers, timesteps,
+                                                           list(label_names), features or FeatureArguments(),
+                                                           hidden_size, head.dropout.p)
+    preprocessing = pipeline.preprocessing
+    processor = MicDiffRepImageProcessor(resolution=preprocessing.resolution, resize_mode=preprocessing.resize_mode,
+                                         intensity_window=preprocessing.intensity_window, **pipeline.slice_settings)
+    return model, processor
 
 
 def write_model_folder(extractor, probe, results: dict, label_names, args: ProbeArguments) -> bool:
