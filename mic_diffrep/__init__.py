@@ -4,6 +4,7 @@
 >>> from mic_diffrep import DiffusionFeaturePipeline
 >>> pipe = DiffusionFeaturePipeline.from_pretrained("runs/pretrain")  # doctest: +SKIP
 >>> out = pipe.extract_features(["slice.jpg"], timesteps=[10, 100])  # doctest: +SKIP
+
 ```
 
 Layout: `data/` (folders, decoding, augmentations), `models/` (the MicDiffRep transformers model with its

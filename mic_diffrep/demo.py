@@ -15,6 +15,7 @@ Example:
 >>> demo = build_demo("runs/mic-diffrep/model")  # doctest: +SKIP
 >>> demo.launch()  # doctest: +SKIP
 >>> launch_demo("runs/mic-diffrep/model", port=7861)  # the same, in one call  # doctest: +SKIP
+
 ```
 """
 

@@ -4,6 +4,7 @@
 >>> from mic_diffrep.inference import predict_files
 >>> predict_files("runs/mic-diffrep/model", ["slice.jpg", "more_slices/"])  # doctest: +SKIP
 [{'file': 'slice.jpg', 'label': 'glioma', 'probabilities': {'glioma': 0.91, ...}}, ...]
+
 ```
 
 DICOM (`.dcm`, `.dicom`) and NIfTI (`.nii`, `.nii.gz`) files are read slice by slice, by default the slices the

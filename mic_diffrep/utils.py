@@ -61,6 +61,7 @@ def check_settings(settings) -> None:
     Traceback (most recent call last):
     ...
     ValueError: `pooling` must be one of 'avg', 'avgmax', 'grid', got 'max'.
+
     ```
     """
     hints = typing.get_type_hints(type(settings))

@@ -60,6 +60,7 @@ EXAMPLE_DOC_STRING = """
         >>> samples = pipe(batch_size=4, num_inference_steps=1000).images  # DDPM, as in the paper  # doctest: +SKIP
         >>> pipe.scheduler = DDIMScheduler.from_config(pipe.scheduler.config)  # doctest: +SKIP
         >>> samples = pipe(batch_size=4, num_inference_steps=50).images  # DDIM, 20x faster  # doctest: +SKIP
+
         ```
 """
 

@@ -13,6 +13,7 @@ NIfTI file cannot be opened. `import mic_diffrep` registers this task.
 >>> classify("slice_16bit.png", top_k=2)  # doctest: +SKIP
 [{'label': 'glioma', 'score': 0.97}, {'label': 'meningioma', 'score': 0.02}]
 >>> per_slice = classify("scan.nii.gz")  # a volume: one list of scores per non-empty slice  # doctest: +SKIP
+
 ```
 """
 

@@ -1,21 +1,15 @@
-"""The examples in the package's docstrings run and print what they say (fenced as in transformers' docstrings)."""
+"""The examples in the package's docstrings run and print what they say, as plain `doctest` (and so
+`pytest --doctest-modules`) reads them: fenced as in transformers' docstrings, with a blank line before the closing
+fence, which doctest would otherwise take as expected output."""
 
 import doctest
 import importlib
 import os
 import pkgutil
-import re
 
 import pytest
 
 import mic_diffrep
-
-
-class FencedDocTestParser(doctest.DocTestParser):
-    """`doctest`'s parser, with the Markdown fences (```python ... ```) around examples left out of the output."""
-
-    def parse(self, string, name="<string>"):
-        return super().parse(re.sub(r"^[ \t]*```\w*[ \t]*$", "", string, flags=re.M), name)
 
 
 BENCHMARKS = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "benchmarks")
@@ -39,8 +33,8 @@ def test_docstring_examples(module, monkeypatch):
         module = pytest.importorskip(module.split("/")[1])
     else:
         module = importlib.import_module(module)
-    tests = [t for t in doctest.DocTestFinder(parser=FencedDocTestParser()).find(module) if t.examples]
-    runner = doctest.DocTestRunner(optionflags=doctest.ELLIPSIS | doctest.NORMALIZE_WHITESPACE)
+    tests = [t for t in doctest.DocTestFinder().find(module) if t.examples]
+    runner = doctest.DocTestRunner()  # doctest's defaults, as `pytest --doctest-modules` runs them
     report = []
     for test in tests:
         runner.run(test, out=report.append)

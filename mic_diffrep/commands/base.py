@@ -46,6 +46,7 @@ class DeprecatedFlag(argparse.Action):
     >>> with warnings.catch_warnings(record=True):
     ...     parser.parse_args(["--num_workers", "2"]).dataloader_num_workers
     2
+
     ```
     """
 

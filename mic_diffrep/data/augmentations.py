@@ -6,6 +6,7 @@
 >>> views = GreyAugment()(torch.rand(8, 1, 32, 32) * 2 - 1, generator=torch.Generator().manual_seed(0))
 >>> views.shape, bool(views.min() >= -1), bool(views.max() <= 1)
 (torch.Size([8, 1, 32, 32]), True, True)
+
 ```
 """
 

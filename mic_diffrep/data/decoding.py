@@ -16,6 +16,7 @@ windowed with it, any other image by the preprocessing's intensity rule.
 >>> decoded = decode_images(splits["train"], 64)  # doctest: +SKIP
 >>> decoded.pixels.shape, decoded.label_names  # doctest: +SKIP
 (torch.Size([120, 1, 64, 64]), ['glioma', 'meningioma', 'notumor', 'pituitary'])
+
 ```
 """
 

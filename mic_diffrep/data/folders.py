@@ -15,6 +15,7 @@ expands it into its slices). A data folder that holds a single folder and nothin
 >>> from mic_diffrep.data import load_image_folder, select_splits
 >>> splits = load_image_folder("mic_diffrep/sample_data/brain-tumor-mri")  # doctest: +SKIP
 >>> names, train = select_splits(splits)  # every split except test  # doctest: +SKIP
+
 ```
 """
 
@@ -311,6 +312,7 @@ def relative_image_id(image_id: str, root: str) -> str:
     ```python
     >>> relative_image_id("/data/brain/glioma/scan.nii.gz#slice=12", "/data/brain")
     'glioma/scan.nii.gz#slice=12'
+
     ```
     """
     path = source_file(image_id)

@@ -15,6 +15,7 @@ layers or timesteps than asked for serves the ones asked for.
 >>> save_features("feats.safetensors", out.features, settings, image_ids=paths)  # doctest: +SKIP
 >>> cached = load_features("feats.safetensors", expected_settings=settings)  # doctest: +SKIP
 >>> cached.features[("mid_block", 100)].shape  # doctest: +SKIP
+
 ```
 """
 

@@ -10,6 +10,7 @@ processes or the batch size.
 ```python
 >>> from mic_diffrep.features import ExtractionArguments, extract_folder
 >>> extract_folder(ExtractionArguments(pretrained="runs/pretrain", data_dir="DIR", output="f.safetensors"))  # doctest: +SKIP
+
 ```
 """
 

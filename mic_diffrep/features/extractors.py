@@ -17,6 +17,7 @@ needs to know which kind of model it holds:
 >>> decoded = decode_images(["slice0.jpg", "slice1.jpg"], extractor.preprocessing)  # doctest: +SKIP
 >>> args = extractor.resolve(FeatureArguments(timesteps=[10, 100]))  # doctest: +SKIP
 >>> features = extractor.extract(decoded.pixels, args)  # {(layer, t): (N, C)}  # doctest: +SKIP
+
 ```
 """
 

@@ -73,6 +73,7 @@ def probe_classifier(pipeline, probe: TrainedProbe, layers: Sequence[str], times
     >>> model, processor = probe_classifier(pipe, probes["msfa"], results["msfa"]["layers"],
     ...                                     results["msfa"]["timesteps"], names)  # doctest: +SKIP
     >>> model.save_pretrained("runs/model"); processor.save_pretrained("runs/model")  # doctest: +SKIP
+
     ```
     """
     head = probe.head

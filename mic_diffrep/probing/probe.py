@@ -14,6 +14,7 @@ test split is scored once, at the end.
 ```python
 >>> from mic_diffrep.probing import ProbeArguments, run_probe
 >>> results = run_probe(ProbeArguments(pretrained="runs/pretrain", data_dir="DATA_DIR", timesteps=[10, 100]))  # doctest: +SKIP
+
 ```
 """
 

@@ -3,6 +3,7 @@
 ```python
 >>> from mic_diffrep.reporting.hub import push_to_hub
 >>> push_to_hub("runs/model", "user/mri-classifier")  # doctest: +SKIP
+
 ```
 """
 

@@ -4,6 +4,7 @@
 >>> from mic_diffrep.reporting import classification_report
 >>> classification_report([0, 1, 1, 2], [0, 1, 2, 2], label_names=["a", "b", "c"])["accuracy"]
 0.75
+
 ```
 """
 

@@ -8,6 +8,7 @@ Flag names follow diffusers' `train_unconditional.py` where the meaning is the s
 >>> args = PretrainingArguments(train_data_dir="DATA_DIR", resolution=64, max_train_steps=100)
 >>> args.learning_rate, args.timestep_power
 (0.001, 3.0)
+
 ```
 """
 
@@ -337,6 +338,7 @@ class BaselinePretrainingArguments(CommonPretrainingArguments):
     >>> args = BaselinePretrainingArguments(method="mae", train_data_dir="data")
     >>> args.learning_rate, args.adam_beta2
     (0.00015, 0.95)
+
     ```
     """
 
@@ -373,6 +375,7 @@ def default_recipe() -> dict:
     ```python
     >>> default_recipe()["timestep_power"]
     3.0
+
     ```
     """
     return {f.name: f.default for f in fields(PretrainingArguments) if f.name in RECIPE_KEYS}

@@ -7,6 +7,7 @@ or from Python with `pretrain(PretrainingArguments(...))`. The output folder is 
 ```python
 >>> from mic_diffrep.training import PretrainingArguments, pretrain
 >>> summary = pretrain(PretrainingArguments(train_data_dir="DATA_DIR", resolution=64, max_train_steps=100))  # doctest: +SKIP
+
 ```
 """
 
@@ -118,6 +119,7 @@ def min_snr_weights(noise_scheduler, timesteps: torch.Tensor, gamma: float, pred
     >>> weights = min_snr_weights(create_scheduler(), torch.tensor([10, 500, 999]), 5.0, "epsilon")
     >>> [round(w, 3) for w in weights.tolist()]
     [0.011, 1.0, 1.0]
+
     ```
     """
     snr = compute_snr(noise_scheduler, timesteps)

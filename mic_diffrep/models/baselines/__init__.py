@@ -9,6 +9,7 @@ encoders into feature extractors for the probe.
 >>> loss = model(torch.rand(4, 1, 32, 32) * 2 - 1, generator=torch.Generator().manual_seed(0))
 >>> bool(torch.isfinite(loss))
 True
+
 ```
 """
 

@@ -59,6 +59,7 @@ class MicDiffRepConfig(PretrainedConfig):
     >>> config = MicDiffRepConfig(timesteps=[10, 100], layers=["mid_block", "up_blocks.1"], num_labels=4)
     >>> config.resolution
     112
+
     ```
     """
 

@@ -102,6 +102,7 @@ class MicDiffRepImageProcessor(BaseImageProcessor):
     >>> processor = MicDiffRepImageProcessor(resolution=64)
     >>> processor(PIL.Image.new("RGB", (100, 80)), return_tensors="pt")["pixel_values"].shape
     torch.Size([1, 1, 64, 64])
+
     ```
     """
 

@@ -109,6 +109,7 @@ class MicDiffRepForImageClassification(MicDiffRepPreTrainedModel):
     >>> classify = pipeline("image-classification", model="runs/mic-diffrep/model")  # doctest: +SKIP
     >>> classify(PIL.Image.open("slice.jpg"))  # doctest: +SKIP
     [{'label': 'glioma', 'score': 0.91}, ...]
+
     ```
     """
 

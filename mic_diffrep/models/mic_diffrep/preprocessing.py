@@ -33,6 +33,7 @@ Example:
 >>> from mic_diffrep.data import preprocess_images
 >>> preprocess_images([np.zeros((30, 40, 3), dtype=np.uint8)], resolution=16).shape
 torch.Size([1, 1, 16, 16])
+
 ```
 """
 

@@ -105,6 +105,7 @@ def create_unet(resolution: int, model_config_name_or_path: Optional[str] = None
     >>> unet = create_unet(32, "tiny")
     >>> unet.config.sample_size, unet.config.in_channels
     (32, 1)
+
     ```
     """
     config = load_unet_config(model_config_name_or_path)
@@ -133,6 +134,7 @@ def mirror_symmetrize(unet: torch.nn.Module) -> None:
     >>> mirror_symmetrize(unet)
     >>> all(torch.equal(m.weight, m.weight.flip(-1)) for m in unet.modules() if isinstance(m, torch.nn.Conv2d))
     True
+
     ```
     """
     for module in unet.modules():

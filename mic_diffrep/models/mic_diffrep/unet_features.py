@@ -19,6 +19,7 @@ classifier features are the same computation:
 >>> features = unet_block_features(unet, torch.randn(2, 1, 16, 16), 100, ["mid_block"])
 >>> features["mid_block"].shape
 torch.Size([2, 16])
+
 ```
 """
 
