@@ -436,3 +436,15 @@ def test_command_line(base_images, tmp_path, capsys):
 def test_group_stratified_split_takes_numpy_fractions():
     train, test = group_stratified_split([0, 1] * 10, list(range(20)), np.float32(0.2))
     assert len(test) == 4 and len(train) == 16  # "must be in (0, 1), got np.float32(0.2)" before
+
+
+def test_fingerprints_and_exact_keys_take_arrays():
+    """`fingerprint_images(array)` was refused ("must be a torch.Tensor"), where the rest of the leakage tools take
+    arrays."""
+    from mic_diffrep.leakage import exact_keys, fingerprint_images
+
+    pixels = np.random.default_rng(0).integers(0, 256, (5, 1, 20, 20), dtype=np.uint8)
+    torch.testing.assert_close(fingerprint_images(pixels), fingerprint_images(torch.from_numpy(pixels)))
+    assert exact_keys(pixels) == exact_keys(torch.from_numpy(pixels))
+    with pytest.raises(ValueError, match="must be a tensor or array of shape"):
+        fingerprint_images([[1, 2], [3, 4]])

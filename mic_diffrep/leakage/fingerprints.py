@@ -11,6 +11,7 @@ import hashlib
 import math
 from typing import List
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
@@ -28,8 +29,10 @@ _WINDOW = 1.6  # half-width of the aligned window, in radii of gyration of the f
 
 
 def _check_pixels(pixels, name: str = "pixels") -> torch.Tensor:
+    if isinstance(pixels, np.ndarray):  # a notebook's arrays, as the tensors
+        pixels = torch.from_numpy(pixels)
     if not isinstance(pixels, torch.Tensor):
-        raise ValueError(f"`{name}` must be a torch.Tensor of shape (N, 1, H, W), got {type(pixels).__name__}.")
+        raise ValueError(f"`{name}` must be a tensor or array of shape (N, 1, H, W), got {type(pixels).__name__}.")
     if pixels.ndim == 3:
         pixels = pixels.unsqueeze(1)
     if pixels.ndim != 4 or pixels.shape[1] != 1:
