@@ -124,7 +124,7 @@ def test_exact_keys(base_images):
 @pytest.mark.parametrize(
     "call, name",
     [
-        (lambda: fingerprint_images(np.zeros((2, 1, 8, 8))), "pixels"),
+        (lambda: fingerprint_images([[0.0] * 8] * 8), "pixels"),
         (lambda: fingerprint_images(torch.zeros(2, 3, 8, 8)), "pixels"),
         (lambda: fingerprint_images(torch.zeros(2, 1, 8, 8), size=10), "size"),
         (lambda: fingerprint_images(torch.zeros(2, 1, 8, 8), batch_size=0), "batch_size"),
