@@ -271,3 +271,27 @@ def test_weights_are_read_as_safetensors_only_and_a_broken_file_is_one_line(kagg
             cli(command)
         err = capsys.readouterr().err.strip()
         assert error.value.code == 2 and message in err.splitlines()[-1] and "Traceback" not in err
+
+
+def test_a_multi_page_tiff_is_one_image_per_page_everywhere(tmp_path):
+    """A TIFF stack (microscopy, some scanners' exports) was read as its first page alone, in training and at
+    inference alike, without a word."""
+    from mic_diffrep.models.mic_diffrep.preprocessing import image_to_pixels
+
+    rng = np.random.default_rng(0)
+    pages = [PIL.Image.fromarray(synthetic_slice(k, rng)) for k in range(3)]
+    path = str(tmp_path / "stack.tif")
+    pages[0].save(path, save_all=True, append_images=pages[1:])
+    decoded = decode_images([path], 16)
+    assert decoded.paths == [f"{path}#slice={k}" for k in range(3)]
+    for k, page in enumerate(pages):
+        assert torch.equal(decoded.pixels[k], image_to_pixels(page, 16))
+    pipe = DiffusionFeaturePipeline(create_unet(16, "tiny"), create_scheduler())
+    pipe.set_progress_bar_config(disable=True)
+    out = pipe.extract_features([path], timesteps=[5], layers=["mid_block"])
+    assert out.image_ids == decoded.paths
+    torch.testing.assert_close(out.features[("mid_block", 5)],
+                               pipe.extract_features(decoded.pixels, timesteps=[5], layers=["mid_block"])
+                               .features[("mid_block", 5)])
+    pages[0].save(tmp_path / "one.tif")  # a one-page TIFF stays one image, named by its path
+    assert decode_images([str(tmp_path / "one.tif")], 16).paths == [str(tmp_path / "one.tif")]

@@ -33,7 +33,8 @@ import torch
 from safetensors import SafetensorError, safe_open
 from tqdm.auto import tqdm
 
-from ..models.mic_diffrep.preprocessing import ImagePreprocessing, record_source, slice_id, undecoded_images
+from ..models.mic_diffrep.preprocessing import (ImagePreprocessing, image_pages, record_source, slice_id,
+                                                undecoded_images)
 from ..utils import save_safetensors
 from .medical import SliceSelection, is_medical_file
 
@@ -100,7 +101,8 @@ def source_file(image_id: str) -> str:
 
 class _DecodeFiles(torch.utils.data.Dataset):
     """Decodes file `index` into `(index, pixels (S, 1, R, R), slice indices (S entries, `None` for a 2-D image),
-    error)`: one slice for an ordinary image, every selected slice of a DICOM / NIfTI file."""
+    error)`: one slice for an ordinary image, every selected slice of a DICOM / NIfTI file, every page of a
+    multi-page TIFF."""
 
     def __init__(self, sources: List[Union[str, bytes]], preprocessing: ImagePreprocessing, slices: SliceSelection):
         self.sources, self.preprocessing, self.slices = sources, preprocessing, slices
@@ -117,6 +119,9 @@ class _DecodeFiles(torch.utils.data.Dataset):
                     raise ValueError("the file holds no image slices")
                 pixels = torch.stack([self.preprocessing(item) for item in items])
                 return index, pixels, [item.slice_index for item in items], None
+            pages = image_pages(source) if isinstance(source, str) else None
+            if pages:  # a multi-page TIFF: one image per page, as a multi-frame DICOM
+                return index, torch.stack([self.preprocessing(page) for page in pages]), list(range(len(pages))), None
             with PIL.Image.open(source if isinstance(source, str) else io.BytesIO(source)) as image:
                 image.load()
                 return index, self.preprocessing(image).unsqueeze(0), [None], None

@@ -90,6 +90,22 @@ def is_medical_slice(image) -> bool:
         image, (PIL.Image.Image, np.ndarray, torch.Tensor, str, os.PathLike))
 
 
+def image_pages(path) -> Optional[List[PIL.Image.Image]]:
+    """The pages of a multi-page TIFF file (a stack of slices, as microscopes and some scanners export them), each
+    one image, as the frames of a multi-frame DICOM file are; `None` for any other file. Only the first page was read
+    before."""
+    if not isinstance(path, (str, os.PathLike)) or not os.fspath(path).lower().endswith((".tif", ".tiff")):
+        return None
+    with PIL.Image.open(path) as image:
+        if getattr(image, "n_frames", 1) < 2:
+            return None
+        pages = []
+        for index in range(image.n_frames):
+            image.seek(index)
+            pages.append(image.copy())
+    return pages
+
+
 def read_medical_file(path, slices=None) -> list:
     """The slices of a DICOM or NIfTI file (`mic_diffrep.data.medical.read_medical_slices`), chosen by `slices`:
     a `SliceSelection`, the slice settings of an image processor (`{"slice_axis", "slice_range",
@@ -411,10 +427,14 @@ def image_list_with_ids(images, slices=None) -> Tuple[list, List[Optional[str]]]
         elif isinstance(image, dict):
             raise TypeError(f"Expected images, got a dict with keys {sorted(image)}: pass its image (a dataset row's "
                             f"`row['image']`; the image processor's output goes to the model as `pixel_values`).")
+        pages = None if is_medical_path(image) else image_pages(image)
         if is_medical_path(image):
             file_slices = read_medical_file(image, slices)
             expanded.extend(file_slices)
             ids.extend(slice_id(os.fspath(image), item.slice_index) for item in file_slices)
+        elif pages:
+            expanded.extend(pages)
+            ids.extend(slice_id(os.fspath(image), index) for index in range(len(pages)))
         else:
             expanded.append(image)
             ids.append(os.fspath(image) if isinstance(image, (str, os.PathLike)) else None)
