@@ -548,7 +548,9 @@ def read_nifti(
     slices, skipped = [], 0
     for index in indices:
         # Rows: +b at the top; columns: +a on the left (radiological, as DICOM's LPS display).
-        pixels = np.ascontiguousarray(np.fliplr(np.flipud(np.take(volume, index, axis=axis).T)))
+        # A view of the slice (basic indexing): `np.take` copied the whole volume for each slice (nibabel's arrays
+        # are Fortran-ordered), so reading a volume took time quadratic in its number of slices.
+        pixels = np.ascontiguousarray(np.fliplr(np.flipud(volume[(slice(None),) * axis + (index,)].T)))
         if skip_empty_slices and _is_constant(pixels):
             skipped += 1
             continue
