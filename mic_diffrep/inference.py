@@ -21,6 +21,7 @@ from typing import Dict, List, Optional, Sequence, Union
 
 import torch
 from safetensors import SafetensorError
+from tqdm.auto import tqdm
 from transformers import AutoConfig, AutoImageProcessor, AutoModelForImageClassification
 
 from .data import (SEARCHED_EXTENSIONS, TEST_IMAGES_FILE, SliceSelection, check_labelled, decode_images,
@@ -31,7 +32,7 @@ from .data.medical import slice_selection
 from .models.mic_diffrep import MicDiffRepForImageClassification, MicDiffRepImageProcessor
 from .models.mic_diffrep.preprocessing import undecoded_images
 from .reporting.metrics import classification_report
-from .utils import error_summary, model_folder, precision_dtype
+from .utils import error_summary, model_folder, precision_dtype, progress_interval
 
 
 logger = logging.getLogger(__name__)
@@ -66,12 +67,18 @@ def load_classifier(model_dir: str, mixed_precision: Optional[str] = None):
 
 
 @torch.no_grad()
-def predict_probabilities(model, pixel_values: torch.Tensor, batch_size: int = 16) -> torch.Tensor:
-    """Softmax probabilities `(N, num_labels)` for preprocessed `pixel_values`, in batches."""
+def predict_probabilities(model, pixel_values: torch.Tensor, batch_size: int = 16,
+                          show_progress: bool = False) -> torch.Tensor:
+    """Softmax probabilities `(N, num_labels)` for preprocessed `pixel_values` (float in [-1, 1], or the uint8
+    pixels of `decode_images`, converted a batch at a time: as float32 all at once they took 4x their memory), in
+    batches."""
     chunks = []
-    for start in range(0, len(pixel_values), batch_size):
-        logits = model(pixel_values[start : start + batch_size].to(model.device)).logits
-        chunks.append(logits.float().softmax(dim=-1).cpu())
+    for start in tqdm(range(0, len(pixel_values), batch_size), desc="Classifying", unit="batch",
+                      disable=not show_progress, mininterval=progress_interval()):
+        batch = pixel_values[start : start + batch_size]
+        if batch.dtype == torch.uint8:
+            batch = pixels_to_model_input(batch)
+        chunks.append(model(batch.to(model.device)).logits.float().softmax(dim=-1).cpu())
     return torch.cat(chunks)
 
 
@@ -121,9 +128,10 @@ def predict_files(model_dir: str, paths: Union[str, Sequence[str]], batch_size: 
     _check_batch_size(batch_size)
     files = image_files([paths] if isinstance(paths, (str, os.PathLike)) else paths)
     model, processor = load_classifier(model_dir, mixed_precision)
+    show_progress = len(files) > batch_size  # one batch of files is done before a bar would say anything
     decoded = decode_images(files, processor.preprocessing, skip_bad_images=skip_bad_images,
-                            show_progress=False, slices=model_slices(processor, slices))
-    probabilities = predict_probabilities(model, pixels_to_model_input(decoded.pixels), batch_size)
+                            show_progress=show_progress, slices=model_slices(processor, slices))
+    probabilities = predict_probabilities(model, decoded.pixels, batch_size, show_progress=show_progress)
     labels = [model.config.id2label[i] for i in range(probabilities.shape[1])]
     predicted = iter(zip(decoded.paths, probabilities))  # in file order, then slice order
     errors = {item["path"]: item["error"] for item in decoded.skipped}
@@ -187,7 +195,7 @@ def evaluate_folder(model_dir: str, data_dir: str, splits: Optional[Union[str, S
     if unknown:
         raise ValueError(f"{data_dir} has classes {unknown} the model does not know ({names}).")
     references = torch.tensor([names.index(decoded.label_names[i]) for i in decoded.labels.tolist()])
-    probabilities = predict_probabilities(model, pixels_to_model_input(decoded.pixels), batch_size)
+    probabilities = predict_probabilities(model, decoded.pixels, batch_size, show_progress=True)
     report = classification_report(probabilities.argmax(dim=1).tolist(), references.tolist(), names)
     report.update({"model": model_dir, "data_dir": data_dir, "splits": ["all"] if splits == ["all"] else chosen,
                    "image_list": image_list, "skipped_images": decoded.skipped})
