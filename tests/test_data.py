@@ -1,4 +1,5 @@
 import os
+import pathlib
 import shutil
 
 import pytest
@@ -298,3 +299,22 @@ def test_reading_a_folder_writes_nothing_to_the_datasets_cache(kaggle_folder, tm
     splits = load_image_folder(kaggle_folder)
     assert set(splits) == {"train", "test"} and splits["train"].features["label"].names[0] == "glioma"
     assert not (tmp_path / "datasets-cache").exists() or not any((tmp_path / "datasets-cache").rglob("*"))
+
+
+def test_reading_every_file_for_the_decode_cache_shows_progress_when_it_takes_a_while(kaggle_folder, tmp_path,
+                                                                                        monkeypatch, capsys):
+    """The decode cache's key reads every byte of every file (100 GB for 200,000 DICOM files) before anything else,
+    with no progress shown."""
+    import time
+
+    from mic_diffrep.data import decoding
+
+    digest = decoding._file_digest
+    monkeypatch.setattr(decoding, "_file_digest", lambda path: time.sleep(0.1) or digest(path))  # a slow disk
+    monkeypatch.setattr(decoding, "progress_interval", lambda: 0.1)  # as in a terminal
+    paths = [str(path) for path in sorted(pathlib.Path(kaggle_folder).rglob("*.png"))]  # 32 files: over 3 s
+    decode_images(paths, 16, cache_dir=str(tmp_path / "cache"))
+    assert "Checking the decode cache" in capsys.readouterr().err
+    monkeypatch.setattr(decoding, "_file_digest", digest)
+    decode_images(paths[:3], 16, cache_dir=str(tmp_path / "cache"))  # quick: no bar
+    assert "Checking the decode cache" not in capsys.readouterr().err

@@ -35,7 +35,7 @@ from tqdm.auto import tqdm
 
 from ..models.mic_diffrep.preprocessing import (ImagePreprocessing, image_pages, record_source, slice_id,
                                                 undecoded_images)
-from ..utils import save_safetensors
+from ..utils import progress_interval, save_safetensors
 from .medical import SliceSelection, is_medical_file
 
 
@@ -174,15 +174,16 @@ def images_fingerprint(images, preprocessing: Union[ImagePreprocessing, int],
 
 
 def _cache_key(sources: List[Union[str, bytes]], paths: List[str], preprocessing: ImagePreprocessing,
-               slices: SliceSelection) -> str:
+               slices: SliceSelection, show_progress: bool = False) -> str:
     """The decoded images' cache key: the settings and each file (path and contents; a file replaced by another of
     the same size and modification time, as `cp -p` or `rsync -a` leave it, is read anew), or the bytes read
-    instead."""
+    instead. Reading every file takes a while for a big dataset: `show_progress` shows it."""
     key = f"{_DECODE_CACHE_VERSION}|{preprocessing}"
     if any(is_medical_file(path) for path in paths):  # the slice selection only changes DICOM / NIfTI files
         key += f"|{slices}"
     digest = hashlib.sha256(key.encode())
-    for source, path in zip(sources, paths):
+    for source, path in tqdm(zip(sources, paths), total=len(paths), desc="Checking the decode cache", unit="img",
+                             disable=not show_progress, mininterval=progress_interval(), delay=2):
         if isinstance(source, bytes):  # a record's bytes, whatever its file name says
             digest.update(f"{path}|bytes|{hashlib.sha256(source).hexdigest()}\n".encode())
             continue
@@ -231,7 +232,7 @@ def decode_images(
         raise ValueError("No images to decode.")
     key = cache_file = None
     if cache_dir is not None:  # hashing every file is the cache's cost, not every decode's
-        key = _cache_key(sources, paths, preprocessing, slices)
+        key = _cache_key(sources, paths, preprocessing, slices, show_progress)
         cache_file = os.path.join(cache_dir, f"decoded-{key}.safetensors")
         decoded = _load_decoded(cache_file) if os.path.isfile(cache_file) else None
         if decoded is not None:
@@ -251,7 +252,8 @@ def decode_images(
         _DecodeFiles(sources, preprocessing, slices), batch_size=32, num_workers=num_workers, collate_fn=_collate,
         generator=torch.Generator().manual_seed(0),
     )
-    with tqdm(total=len(sources), desc="Decoding images", unit="img", disable=not show_progress) as progress:
+    with tqdm(total=len(sources), desc="Decoding images", unit="img", disable=not show_progress,
+              mininterval=progress_interval()) as progress:
         for batch in loader:
             for index, tensor, slice_indices, error in batch:
                 if error is not None:  # every unreadable file is found (and named) in one pass
