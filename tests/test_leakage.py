@@ -448,3 +448,20 @@ def test_fingerprints_and_exact_keys_take_arrays():
     assert exact_keys(pixels) == exact_keys(torch.from_numpy(pixels))
     with pytest.raises(ValueError, match="must be a tensor or array of shape"):
         fingerprint_images([[1, 2], [3, 4]])
+
+
+def test_a_long_near_duplicate_search_shows_its_progress(monkeypatch, capsys):
+    """Grouping 100,000 images took minutes, three times per probe, with nothing shown."""
+    import time
+
+    from mic_diffrep.leakage import duplicate_groups, fingerprint_images, groups, search
+
+    fingerprints = fingerprint_images(torch.rand(40, 1, 16, 16))
+    block = groups._similarity_block
+    monkeypatch.setattr(groups, "_similarity_block", lambda *args: time.sleep(0.3) or block(*args))  # slow blocks
+    monkeypatch.setattr(search, "progress_interval", lambda: 0.1)  # as in a terminal
+    assert len(duplicate_groups(fingerprints, block_size=8)) == 40  # 15 blocks
+    assert "Grouping near-duplicates" in capsys.readouterr().err
+    monkeypatch.setattr(groups, "_similarity_block", block)
+    duplicate_groups(fingerprints, block_size=8)  # quick: no bar
+    assert "Grouping near-duplicates" not in capsys.readouterr().err

@@ -6,7 +6,7 @@ import numpy as np
 import torch
 
 from .fingerprints import DEFAULT_THRESHOLD, _check_fingerprints, mirror_fingerprints
-from .search import _check_block_size, _similarity_block, check_threshold
+from .search import _check_block_size, _similarity_block, block_progress, check_threshold
 
 
 def _compress(parent: np.ndarray) -> None:
@@ -83,6 +83,8 @@ def duplicate_groups(
     parent = np.arange(num_images, dtype=np.int64)
     if keys is not None:
         _union(parent, *_exact_pairs(keys))
+    num_blocks = -(-num_images // block_size)
+    progress = block_progress(num_blocks * (num_blocks + 1) // 2, "Grouping near-duplicates")
     for start in range(0, num_images, block_size):
         rows = fingerprints[start : start + block_size]
         mirrored_rows = None if mirrored_fp is None else mirrored_fp[start : start + block_size]
@@ -95,6 +97,8 @@ def duplicate_groups(
             pairs = above.nonzero().numpy()
             if len(pairs):
                 _union(parent, pairs[:, 0] + start, pairs[:, 1] + other)
+            progress.update()
+    progress.close()
     return _groups_from_parent(parent)
 
 

@@ -5,6 +5,9 @@ from typing import Optional, Tuple
 import numpy as np
 import torch
 
+from tqdm.auto import tqdm
+
+from ..utils import progress_interval
 from .fingerprints import DEFAULT_THRESHOLD, _check_fingerprints, mirror_fingerprints
 
 
@@ -19,6 +22,12 @@ def check_threshold(threshold, allow_none: bool = False, name: str = "threshold"
 def _check_block_size(block_size) -> None:
     if isinstance(block_size, bool) or not isinstance(block_size, int) or block_size <= 0:
         raise ValueError(f"`block_size` must be a positive integer, got {block_size!r}.")
+
+
+def block_progress(num_blocks: int, desc: str) -> tqdm:
+    """A bar over the blocks of a similarity search (quadratic in the images: minutes for 100,000 of them), shown
+    only when the search takes more than 2 s."""
+    return tqdm(total=num_blocks, desc=desc, unit="block", delay=2, mininterval=progress_interval())
 
 
 def _similarity_block(rows: torch.Tensor, mirrored_rows: Optional[torch.Tensor], columns: torch.Tensor) -> torch.Tensor:
@@ -79,6 +88,7 @@ def find_near_duplicates(
     num_queries, num_refs = len(query_fp), len(reference_fp)
     best_sim = torch.full((num_queries,), -float("inf"))
     best_idx = torch.full((num_queries,), -1, dtype=torch.long)
+    progress = block_progress(-(-num_queries // block_size) * -(-num_refs // block_size), "Searching near-duplicates")
     for q_start in range(0, num_queries, block_size):
         q_end = min(q_start + block_size, num_queries)
         q_mirrored = None if mirrored_fp is None else mirrored_fp[q_start:q_end]
@@ -94,8 +104,10 @@ def find_near_duplicates(
             better = values > block_best  # strict: earlier (lower) reference indices win ties
             block_best = torch.where(better, values, block_best)
             block_idx = torch.where(better, indices + r_start, block_idx)
+            progress.update()
         best_sim[q_start:q_end] = block_best
         best_idx[q_start:q_end] = block_idx
+    progress.close()
     keep = best_idx >= 0
     if threshold is not None:
         keep &= best_sim >= threshold
