@@ -40,6 +40,9 @@ def test_run_predict_evaluate_end_to_end(tmp_path, capsys):
                  "model/model.safetensors", "model/README.md", "model/accuracy_vs_timestep.png",
                  "model/confusion_matrix.png"):
         assert os.path.isfile(out / path), path
+    # the training images decoded once, for pretraining and probe alike (they were cached twice), the test images once
+    assert len(os.listdir(out / ".cache")) == 2 and not (out / "pretrain" / ".cache").exists() \
+        and not (out / "model" / ".cache").exists()
     report = json.loads((out / "report.json").read_text())
     assert report["config"]["resolution"] == 16 and report["config"]["data_dir"] == SAMPLE_DATA_DIR
     assert report["probe"]["num_test"] == 40 and os.path.isfile(report["files"]["sample_grid"])

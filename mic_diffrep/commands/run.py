@@ -228,7 +228,14 @@ def pretraining_arguments(config: dict) -> PretrainingArguments:
         save_model_epochs=epochs, checkpointing_steps=RUN_CHECKPOINTING_STEPS, checkpoints_total_limit=1,
         eval_batch_size=config["num_images"],
         sample_scheduler=config["sample_scheduler"], ddpm_num_inference_steps=config["num_inference_steps"],
-        seed=config["seed"], logger="tensorboard", **{key: config[key] for key in _SHARED_DATA_KEYS})
+        seed=config["seed"], logger="tensorboard", cache_dir=_decode_cache(config),
+        **{key: config[key] for key in _SHARED_DATA_KEYS})
+
+
+def _decode_cache(config: dict) -> str:
+    """One decode cache for the run's pretraining and probe, which decode the same training images (two caches held
+    them twice)."""
+    return os.path.join(config["output_dir"], ".cache")
 
 
 def probe_arguments(config: dict) -> ProbeArguments:
@@ -241,7 +248,7 @@ def probe_arguments(config: dict) -> ProbeArguments:
         random_flip=config["probe_random_flip"], hidden_size=config["hidden_size"],
         test_data_dir=config["test_data_dir"], test_split=config["test_split"],
         validation_split=config["validation_split"], duplicate_threshold=config["duplicate_threshold"],
-        mixed_precision=config["mixed_precision"], seed=config["seed"],
+        mixed_precision=config["mixed_precision"], seed=config["seed"], cache_dir=_decode_cache(config),
         **{key: config[key] for key in _SHARED_DATA_KEYS})
 
 
