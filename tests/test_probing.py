@@ -469,3 +469,19 @@ def test_run_probes_takes_arrays_and_lists_and_names_what_is_wrong():
                          config=config)
         with pytest.raises(ValueError, match=message):
             run_probes(**{**arguments, **kwargs})
+
+
+def test_long_probe_training_shows_its_progress(monkeypatch, capsys):
+    """Training the heads took minutes for tens of thousands of images (four trainings per probe), with nothing
+    shown between "extracting" and the results."""
+    import time
+
+    from mic_diffrep.probing import heads
+
+    features, labels = synthetic_features(64, 0)
+    cross_entropy = torch.nn.functional.cross_entropy
+    monkeypatch.setattr(torch.nn.functional, "cross_entropy",
+                        lambda *args, **kwargs: time.sleep(0.05) or cross_entropy(*args, **kwargs))  # a slow machine
+    monkeypatch.setattr(heads, "progress_interval", lambda: 0.1)  # as in a terminal
+    train_heads(features, labels, 3, ProbeConfig(num_epochs=4, train_batch_size=8))  # 32 steps x 4 heads
+    assert "Training 4 probe head(s)" in capsys.readouterr().err

@@ -10,9 +10,10 @@ from typing import Dict, Optional, Tuple
 
 import torch
 from torch import nn
+from tqdm.auto import tqdm
 
 from ..models.mic_diffrep import MicDiffRepMSFAHead
-from ..utils import check_settings
+from ..utils import check_settings, progress_interval
 
 
 Key = Tuple[str, int]
@@ -109,6 +110,9 @@ def _train_heads(features, labels, num_labels, config, hidden_size, mirrored):
     steps_per_epoch = math.ceil(num_examples / config.train_batch_size)
     scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=config.num_epochs * steps_per_epoch)
     heads.train()
+    # Minutes for tens of thousands of images: shown when it takes more than 2 s
+    progress = tqdm(total=config.num_epochs * steps_per_epoch, desc=f"Training {len(heads)} probe head(s)",
+                    unit="step", delay=2, mininterval=progress_interval())
     for _ in range(config.num_epochs):
         order = torch.randperm(num_examples, generator=generator)
         for start in range(0, num_examples, config.train_batch_size):
@@ -124,6 +128,8 @@ def _train_heads(features, labels, num_labels, config, hidden_size, mirrored):
             loss.backward()
             optimizer.step()
             scheduler.step()
+            progress.update()
+    progress.close()
     return {key: TrainedProbe(heads[str(i)], *stats[key]) for i, key in enumerate(keys)}
 
 
