@@ -97,13 +97,16 @@ def _train_heads(features, labels, num_labels, config, hidden_size, mirrored):
     flip_generator = torch.Generator().manual_seed(config.seed + 1)
     torch.manual_seed(config.seed)
     stats = {key: standardization(features[key], config.standardize) for key in keys}
-    inputs = {key: (features[key] - stats[key][0]) / stats[key][1] for key in keys}
+
+    def standardized(source, key, batch):
+        # A batch at a time (the same values as the whole set standardised first, without its copy in memory)
+        return (source[key][batch] - stats[key][0]) / stats[key][1]
+
     if config.random_flip:
         if mirrored is None or any(mirrored.get(key) is None or mirrored[key].shape != features[key].shape
                                    for key in keys):
             raise ValueError("`random_flip` needs `mirrored`: the mirror images' features, with the keys and shapes "
                              "of `features`.")
-        mirrored = {key: (mirrored[key] - stats[key][0]) / stats[key][1] for key in keys}
     heads = nn.ModuleDict({str(i): MicDiffRepMSFAHead(features[key].shape[1], hidden_size, num_labels, config.dropout)
                            for i, key in enumerate(keys)})
     optimizer = torch.optim.AdamW(heads.parameters(), lr=config.learning_rate, weight_decay=config.weight_decay)
@@ -119,9 +122,10 @@ def _train_heads(features, labels, num_labels, config, hidden_size, mirrored):
             batch = order[start : start + config.train_batch_size]
             if config.random_flip:
                 flip = (torch.rand(len(batch), generator=flip_generator) < 0.5)[:, None]
-                views = {key: torch.where(flip, mirrored[key][batch], inputs[key][batch]) for key in keys}
+                views = {key: torch.where(flip, standardized(mirrored, key, batch), standardized(features, key, batch))
+                         for key in keys}
             else:
-                views = {key: inputs[key][batch] for key in keys}
+                views = {key: standardized(features, key, batch) for key in keys}
             loss = sum(nn.functional.cross_entropy(heads[str(i)](views[key]), labels[batch])
                        for i, key in enumerate(keys))
             optimizer.zero_grad()

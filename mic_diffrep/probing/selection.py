@@ -143,15 +143,19 @@ def run_probes(train_features: Dict[Key, torch.Tensor], train_labels: torch.Tens
         raise ValueError("`random_flip` needs `train_features_mirrored`: the training images' features mirrored.")
     mirrored = train_features_mirrored if config.random_flip else None
 
-    def mirrored_inputs(sets, rows=slice(None)):
-        """The mirror images' MSFA inputs of each layer x timestep set (on `rows`), for `random_flip`; else None."""
-        return None if mirrored is None else {c: concatenate(mirrored, *c)[rows] for c in sets}
+    def mirrored_inputs(sets):
+        """The mirror images' MSFA inputs of each layer x timestep set, for `random_flip`; else None."""
+        return None if mirrored is None else {c: concatenate(mirrored, *c) for c in sets}
+
+    # The fit and validation parts, copied once for the sweep and the MSFA candidates (each candidate's inputs are
+    # concatenated from them, never from every training image: those were all in memory at once, with their copies)
+    fit_features, validation_features = subset(train_features, fit), subset(train_features, validation_mask)
+    fit_mirrored = None if mirrored is None else subset(mirrored, fit)
 
     # 1. SL sweep: fit part -> validation accuracy (selection); whole training split -> test accuracy (Fig. 4).
     logger.info("SL sweep: %d linear heads", len(keys))
-    fit_heads = train_heads(subset(train_features, fit), train_labels[fit], num_labels, config, hidden_size=0,
-                            mirrored=None if mirrored is None else subset(mirrored, fit))
-    sl_validation = {key: accuracy(fit_heads[key], train_features[key][validation_mask], train_labels[validation_mask])
+    fit_heads = train_heads(fit_features, train_labels[fit], num_labels, config, hidden_size=0, mirrored=fit_mirrored)
+    sl_validation = {key: accuracy(fit_heads[key], validation_features[key], train_labels[validation_mask])
                      for key in keys}
     full_heads = train_heads({key: train_features[key] for key in keys}, train_labels, num_labels, config,
                              hidden_size=0, mirrored=mirrored)
@@ -160,12 +164,15 @@ def run_probes(train_features: Dict[Key, torch.Tensor], train_labels: torch.Tens
     # 2. MSFA candidates on validation.
     candidates = msfa_candidates(sl_validation, layers, timesteps)
     logger.info("MSFA: %d candidate layer x timestep sets", len(candidates))
-    inputs = {c: concatenate(train_features, *c) for c in candidates}
-    candidate_heads = train_heads({c: inputs[c][fit] for c in candidates}, train_labels[fit], num_labels, config,
-                                  hidden_size=config.hidden_size, mirrored=mirrored_inputs(candidates, fit))
-    msfa_validation = {c: accuracy(candidate_heads[c], inputs[c][validation_mask], train_labels[validation_mask])
-                       for c in candidates}
-    best_msfa = max(candidates, key=lambda c: (msfa_validation[c], -inputs[c].shape[1]))
+    candidate_heads = train_heads(
+        {c: concatenate(fit_features, *c) for c in candidates}, train_labels[fit], num_labels, config,
+        hidden_size=config.hidden_size,
+        mirrored=None if fit_mirrored is None else {c: concatenate(fit_mirrored, *c) for c in candidates})
+    msfa_validation = {c: accuracy(candidate_heads[c], concatenate(validation_features, *c),
+                                   train_labels[validation_mask]) for c in candidates}
+    width = {c: sum(train_features[(layer, t)].shape[1] for t in c[1] for layer in c[0]) for c in candidates}
+    best_msfa = max(candidates, key=lambda c: (msfa_validation[c], -width[c]))
+    del fit_features, validation_features, fit_mirrored
 
     # 3. Refit on the whole training split: the chosen MSFA set, and the per-timestep MSFA curve of Fig. 4.
     per_timestep = [(tuple(layers), (t,)) for t in timesteps]
