@@ -25,7 +25,7 @@ from tqdm.auto import tqdm
 try:
     from mic_diffrep.data.medical import SLICE_SETTINGS, SliceSelection, slice_selection
     from mic_diffrep.models.mic_diffrep.preprocessing import (INTENSITY_WINDOWS, RESIZE_MODES, ImagePreprocessing,
-                                                              check_choice, image_list_with_ids,
+                                                              check_choice, iter_images_with_ids,
                                                               pixels_to_model_input)
     from mic_diffrep.models.mic_diffrep.unet_features import (DEFAULT_POOLING, DEFAULT_TIMESTEPS, POOLING_CHOICES,
                                                               block_names, check_layers, concatenate_features,
@@ -246,10 +246,13 @@ class DiffusionFeaturePipeline(DiffusionPipeline):
         if batch and images.dtype == torch.uint8:
             pixels, ids = images.cpu(), [None] * len(images)
         else:
-            image_list, ids = image_list_with_ids(images, self.slices if slices is None else slices)
-            if not image_list:
+            pixels, ids = [], []
+            for image, image_id in iter_images_with_ids(images, self.slices if slices is None else slices):
+                pixels.append(self.preprocessing(image))  # a file's slices are preprocessed before the next is read
+                ids.append(image_id)
+            if not pixels:
                 raise ValueError("No images given.")
-            pixels = torch.stack([self.preprocessing(image) for image in image_list])
+            pixels = torch.stack(pixels)
         return (pixels, ids) if return_ids else pixels
 
     def prepare_noise_seeds(self, num_images: int, generator=None, noise_seeds=None) -> torch.Tensor:

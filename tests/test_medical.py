@@ -359,17 +359,17 @@ def test_nifti_bad_slice_axis(tmp_path):
 
 def test_reading_a_volume_takes_time_linear_in_its_slices(tmp_path):
     """Each slice was cut with `np.take`, which copied the whole (Fortran-ordered) volume: 4x the slices took about 23x
-    the time (a 512 x 512 x 300 CT about 8 minutes)."""
+    the time (a 512 x 512 x 300 CT about 8 minutes); 8x the slices take less than 24x the time now."""
     import time
 
     def seconds(num_slices):
         volume = (np.random.default_rng(0).random((320, 320, num_slices)) * 1000).astype(np.float32)
         path = write_nifti(tmp_path / f"v{num_slices}.nii", volume)
         best = float("inf")
-        for _ in range(3):  # the best of three: other work on the machine only slows a run down
+        for _ in range(5):  # the best of five: other work on the machine only slows a run down
             start = time.perf_counter()
             assert len(read_medical_slices(path, skip_empty_slices=False)) == num_slices
             best = min(best, time.perf_counter() - start)
         return best
 
-    assert seconds(96) < 10 * seconds(24)  # linear: about 4x; quadratic: about 16x (measured 23x)
+    assert seconds(128) < 24 * seconds(16)  # linear: about 8x; quadratic: about 64x

@@ -411,6 +411,17 @@ def dataset_image_records(dataset) -> list:
 def image_list_with_ids(images, slices=None) -> Tuple[list, List[Optional[str]]]:
     """`as_image_list`, and one id per image: for an image given as a file path, the path (`"<path>#slice=<k>"` for
     slice `k` of a multi-slice DICOM / NIfTI file, as `decode_images` names them); `None` for one given in memory."""
+    expanded, ids = [], []
+    for image, image_id in iter_images_with_ids(images, slices):
+        expanded.append(image)
+        ids.append(image_id)
+    return expanded, ids
+
+
+def iter_images_with_ids(images, slices=None):
+    """`image_list_with_ids`, an image (and its id) at a time: the slices of one file are read when the images before
+    them were used, so that a caller preprocessing each image holds one volume's slices at a time, not every
+    slice of every volume at full resolution."""
     if images is None:
         raise TypeError("Expected images (PIL, numpy, tensors, file paths, or a datasets.Dataset), got None.")
     if hasattr(images, "column_names"):  # a `datasets.Dataset`
@@ -418,7 +429,6 @@ def image_list_with_ids(images, slices=None) -> Tuple[list, List[Optional[str]]]
     if isinstance(images, (PIL.Image.Image, str, os.PathLike, bytes, dict)) or is_medical_slice(images) or \
             _is_file_record(images) or (isinstance(images, (np.ndarray, torch.Tensor)) and images.ndim <= 3):
         images = [images]
-    expanded, ids = [], []
     for image in images:
         if _is_file_record(image):  # `datasets.Image(decode=False)`: the file, else its bytes
             image = record_source(image)
@@ -429,16 +439,13 @@ def image_list_with_ids(images, slices=None) -> Tuple[list, List[Optional[str]]]
                             f"`row['image']`; the image processor's output goes to the model as `pixel_values`).")
         pages = None if is_medical_path(image) else image_pages(image)
         if is_medical_path(image):
-            file_slices = read_medical_file(image, slices)
-            expanded.extend(file_slices)
-            ids.extend(slice_id(os.fspath(image), item.slice_index) for item in file_slices)
+            for item in read_medical_file(image, slices):
+                yield item, slice_id(os.fspath(image), item.slice_index)
         elif pages:
-            expanded.extend(pages)
-            ids.extend(slice_id(os.fspath(image), index) for index in range(len(pages)))
+            for index, page in enumerate(pages):
+                yield page, slice_id(os.fspath(image), index)
         else:
-            expanded.append(image)
-            ids.append(os.fspath(image) if isinstance(image, (str, os.PathLike)) else None)
-    return expanded, ids
+            yield image, os.fspath(image) if isinstance(image, (str, os.PathLike)) else None
 
 
 def preprocess_images(
