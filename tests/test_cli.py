@@ -360,7 +360,9 @@ def test_run_takes_the_probes_split_flags_its_errors_name(tmp_path, capsys):
     write_class_folder(tmp_path / "site3", per_class=2, seed=1, size=20, classes=("b", "c"))
     config = run_config(build_parser().parse_args(["run", "--data_dir", str(tmp_path / "train"), "--resolution", "16",
                                                    "--test_data_dir", str(tmp_path / "site2")]))
+    capsys.readouterr()
     check_run(config, pretraining_arguments(config), probe_arguments(config))
+    assert "Decoding images" in capsys.readouterr().err  # the test images are read before pretraining: shown
     config["test_data_dir"] = str(tmp_path / "site3")
     with pytest.raises(ValueError, match=r"\['c'\]"):
         check_run(config, pretraining_arguments(config), probe_arguments(config))

@@ -201,8 +201,8 @@ def check_run(config: dict, pretraining_args: PretrainingArguments, probe_args: 
         check_test_classes({train_names[i] for i in set(training["label"])},
                            {test_names[i] for i in set(test_set["label"])})
         if not probe_args.skip_bad_images:  # pretraining reads the training images first; the test ones only the probe
-            decode_images(test_set, pretraining_args.preprocessing, slices=probe_args.slices,
-                          show_progress=False)  # no cache: nothing is written before the run's own checks
+            # no cache: nothing is written before the run's own checks; a big test folder takes a while: shown
+            decode_images(test_set, pretraining_args.preprocessing, slices=probe_args.slices)
 
 
 def run_config(namespace) -> dict:
