@@ -24,7 +24,7 @@ from safetensors import SafetensorError
 from tqdm.auto import tqdm
 from transformers import AutoConfig, AutoImageProcessor, AutoModelForImageClassification
 
-from .data import (SEARCHED_EXTENSIONS, TEST_IMAGES_FILE, SliceSelection, check_labelled, decode_images,
+from .data import (SEARCHED_WHAT, TEST_IMAGES_FILE, SliceSelection, check_labelled, decode_images,
                    find_image_files, label_by_class_folder, load_image_folder, pixels_to_model_input, read_image_list,
                    relative_image_id, select_splits)
 from .data.decoding import source_file
@@ -106,7 +106,7 @@ def image_files(paths: Sequence[str]) -> List[str]:
         if os.path.isdir(path):
             found = find_image_files(path)
             if not found:
-                raise FileNotFoundError(f"No images in folder {path!r} (looked for {', '.join(SEARCHED_EXTENSIONS)}).")
+                raise FileNotFoundError(f"No images in folder {path!r} (looked for {SEARCHED_WHAT}).")
             files.extend(found)
         elif os.path.isfile(path):
             files.append(path)

@@ -132,13 +132,16 @@ def create_accelerator(**kwargs):
     """An `accelerate.Accelerator`; on a machine without CUDA, `cpu=True`, so that `torchrun --nproc_per_node N` runs
     N gloo DDP processes. fp16 on a CPU is refused rather than silently run in fp32."""
     kwargs.setdefault("cpu", not torch.cuda.is_available())
-    # Each run its own settings: accelerate keeps the first Accelerator's state (its precision above all) for the
-    # whole process, so in one notebook a probe after a bf16 pretraining ran in bf16, and a second pretraining in
-    # another precision failed ("AcceleratorState has already been initialized"). The process state (devices, the
-    # process group of a launch) stays.
-    AcceleratorState._reset_state(reset_partial_state=False)
+    requested = kwargs.get("mixed_precision") or os.environ.get("ACCELERATE_MIXED_PRECISION") or "no"
     if kwargs["cpu"] or not torch.cuda.is_available():
-        check_mixed_precision(kwargs.get("mixed_precision") or os.environ.get("ACCELERATE_MIXED_PRECISION"), "cpu")
+        check_mixed_precision(requested, "cpu")  # before any state is touched
+    # Each run its own precision: accelerate keeps the first Accelerator's state for the whole process (shared by
+    # every Accelerator), so in one notebook a probe after a bf16 pretraining ran in bf16, and a second pretraining
+    # in another precision failed ("AcceleratorState has already been initialized"). Only a state in another
+    # precision is reset (an Accelerator of the same settings still in use keeps its state); the process state
+    # (devices, the process group of a launch) stays.
+    if AcceleratorState._shared_state.get("_mixed_precision", requested) != requested:
+        AcceleratorState._reset_state(reset_partial_state=False)
     accelerator = Accelerator(**kwargs)
     check_mixed_precision(accelerator.mixed_precision, accelerator.device)
     if accelerator.device.type == "cpu":
@@ -177,9 +180,12 @@ def write_json(path: str, data) -> None:
         json.dump(json_safe(data), f, indent=2, allow_nan=False)
 
 
-def format_score(value) -> str:
-    """A score with three decimals; "n/a" where it is undefined (`None` in a results file, or NaN)."""
-    return "n/a" if value is None or (isinstance(value, float) and math.isnan(value)) else f"{value:.3f}"
+def format_score(value, digits: int = 3) -> str:
+    """A number with `digits` decimals; "n/a" where it is undefined (`None` in a JSON file, where `write_json` puts
+    NaN and infinities: a class without test images, a diverged loss)."""
+    if value is None or (isinstance(value, float) and not math.isfinite(value)):
+        return "n/a"
+    return f"{value:.{digits}f}"
 
 
 def error_summary(error: BaseException) -> str:
@@ -254,13 +260,14 @@ def model_folder(path: str, name: str, give: str, missing: str = "") -> str:
     repository id (`user/name`), its snapshot (from the local cache, downloaded first unless `HF_HUB_OFFLINE=1`).
     Anything else fails as `check_folder` says, naming `path`."""
     path = os.fspath(path)
-    if os.path.exists(path) or not _REPO_ID.fullmatch(path):
+    # A path whose first folder is here (`runs/pretrian`) is a local path with a typo, not a repository id
+    if os.path.exists(path) or not _REPO_ID.fullmatch(path) or os.path.isdir(path.split("/")[0]):
         check_folder(path, name, give, missing)
         return path
     try:
         return huggingface_hub.snapshot_download(path)
     except Exception as error:  # not found, offline and not cached, no access
-        raise FileNotFoundError(f"{name} {path!r} is neither a local folder nor a Hub repository that can be loaded "
+        raise FileNotFoundError(f"{name} {path!r} does not exist here, and no Hub repository {path!r} could be loaded "
                                 f"({error_summary(error)}){missing}.") from None
 
 

@@ -32,13 +32,13 @@ try:
                                                               feature_noise, is_self_conditioned,
                                                               noisy_block_features)
     from mic_diffrep.utils import not_a_pipeline, progress_interval
-except ModuleNotFoundError as error:  # loaded as a custom pipeline (a Hub repository's copy) without the package
-    if error.name == "mic_diffrep":
+except ImportError as error:  # loaded as a custom pipeline (a Hub repository's copy) without the package
+    if isinstance(error, ModuleNotFoundError) and error.name == "mic_diffrep":
         raise ModuleNotFoundError("DiffusionFeaturePipeline needs the mic-diffrep package (its preprocessing and "
                                   "hooked UNet forward): `pip install mic-diffrep`.", name=error.name) from error
-    if (error.name or "").startswith("mic_diffrep."):  # a copy newer than the package installed
-        raise ModuleNotFoundError(f"This DiffusionFeaturePipeline needs a newer mic-diffrep (no module "
-                                  f"{error.name!r}): `pip install -U mic-diffrep`.", name=error.name) from error
+    if (error.name or "").startswith("mic_diffrep"):  # a copy newer than the package installed: a module or a name
+        raise ImportError(f"This DiffusionFeaturePipeline needs a newer mic-diffrep ({error}): "
+                          f"`pip install -U mic-diffrep`.", name=error.name) from error
     raise
 
 
@@ -163,16 +163,19 @@ class DiffusionFeaturePipeline(DiffusionPipeline):
         summary and sample grids too."""
         with tempfile.TemporaryDirectory() as folder:
             self.save_pretrained(folder, safe_serialization=safe_serialization, variant=variant)
-            return self._upload_with_card(folder, repo_id, commit_message, private, create_pr, token)
+            # a failed upload is done again from the pipeline, not from this folder, which will be gone
+            return self._upload_with_card(folder, repo_id, commit_message, private, create_pr, token,
+                                          retry=f"pipe.push_to_hub({repo_id!r})")
 
     def _upload_with_card(self, folder: str, repo_id: str, commit_message: Optional[str] = None,
-                          private: Optional[bool] = None, create_pr: bool = False, token: Optional[str] = None):
+                          private: Optional[bool] = None, create_pr: bool = False, token: Optional[str] = None,
+                          retry: Optional[str] = None):
         """`mic_diffrep.reporting.push_pipeline_to_hub` of `folder`: a model card, and no caches, checkpoints or
         logs of a pretraining's folder saved over, where diffusers would upload the folder whole."""
         from mic_diffrep.reporting import push_pipeline_to_hub  # (the reporting package imports this module)
 
-        return push_pipeline_to_hub(folder, repo_id, token=token, private=bool(private), create_pr=create_pr,
-                                    commit_message=commit_message or "Upload MicDiffRep pipeline")
+        return push_pipeline_to_hub(folder, repo_id, token=token, private=private, create_pr=create_pr,
+                                    commit_message=commit_message or "Upload MicDiffRep pipeline", retry=retry)
 
     @property
     def resolution(self) -> int:

@@ -45,6 +45,11 @@ def test_run_predict_evaluate_end_to_end(tmp_path, capsys):
         and not (out / "model" / ".cache").exists()
     report = json.loads((out / "report.json").read_text())
     assert report["config"]["resolution"] == 16 and report["config"]["data_dir"] == SAMPLE_DATA_DIR
+    # a diverged loss is null in the JSON files (not NaN, which is no JSON): the report still renders
+    from mic_diffrep.reporting.results import run_report_markdown
+
+    report["pretraining"]["final_loss"] = None
+    assert "final loss n/a." in run_report_markdown(report)
     assert report["probe"]["num_test"] == 40 and os.path.isfile(report["files"]["sample_grid"])
 
     image = os.path.join(SAMPLE_DATA_DIR, "Testing", "glioma", sorted(os.listdir(
@@ -365,6 +370,14 @@ def test_run_takes_the_probes_split_flags_its_errors_name(tmp_path, capsys):
     assert "Decoding images" in capsys.readouterr().err  # the test images are read before pretraining: shown
     config["test_data_dir"] = str(tmp_path / "site3")
     with pytest.raises(ValueError, match=r"\['c'\]"):
+        check_run(config, pretraining_arguments(config), probe_arguments(config))
+
+    # train/ beside val/ and no test/: the test images are carved from train/ alone, checked so before pretraining
+    for name in ("a", "b"):  # one patient folder per class: nothing to carve from train/ (val/ has plenty)
+        write_class_folder(tmp_path / "tv" / "train" / name, per_class=3, seed=5, size=20, classes=("patient1",))
+    write_class_folder(tmp_path / "tv" / "val", per_class=4, seed=6, size=20, classes=("a", "b"))
+    config = run_config(build_parser().parse_args(["run", "--data_dir", str(tmp_path / "tv"), "--resolution", "16"]))
+    with pytest.raises(ValueError, match=r"Cannot carve --test_split 0.2 from 6 images in 2 group\(s\)"):
         check_run(config, pretraining_arguments(config), probe_arguments(config))
 
     # Images alike enough to chain into one near-duplicate group: the probe's error says how to see and split them

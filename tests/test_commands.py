@@ -372,7 +372,15 @@ def test_commands_take_hub_repository_ids_as_from_pretrained_does(model_dir, kag
     with pytest.raises(SystemExit):
         cli(["predict", "--model", "me/missing", image])
     message = capsys.readouterr().err.strip().splitlines()[-1]
-    assert "Model folder 'me/missing' is neither a local folder nor a Hub repository that can be loaded" in message
+    assert "Model folder 'me/missing' does not exist here, and no Hub repository 'me/missing' could be loaded" in message
+    # a local path with a typo (its first folder is here) is not looked up on the Hub
+    (tmp_path / "runs").mkdir()
+    monkeypatch.chdir(tmp_path)
+    with mock.patch("huggingface_hub.snapshot_download") as download, pytest.raises(SystemExit):
+        cli(["predict", "--model", "runs/modle", image])
+    assert not download.called
+    assert capsys.readouterr().err.strip().splitlines()[-1].endswith(
+        "Model folder 'runs/modle' does not exist; train one with `mic-diffrep probe` or `mic-diffrep run`.")
 
 
 def test_a_relative_data_folder_is_published_by_its_name(kaggle_folder, tmp_path, monkeypatch):
@@ -435,6 +443,13 @@ def test_the_datas_own_validation_split_chooses_layers_and_timesteps(tmp_path):
     tested = (tmp_path / "model2" / "test_images.txt").read_text().split()
     assert tested and not any("/val/" in path or path.startswith("val/") for path in tested)
     assert "of its training images" in results["test_split"]
+    assert "chosen on the validation images: the validation split of" in (tmp_path / "model" / "README.md").read_text()
+    # val/ without train/ is training images, as before validation splits were used (it failed after pretraining)
+    shutil.move(str(tmp_path / "data" / "train"), str(tmp_path / "train-aside"))
+    write_class_folder(tmp_path / "data" / "test", per_class=2, seed=2, size=20, classes=("a", "b"))
+    results = probe(tmp_path / "data", tmp_path / "model3")
+    assert results["num_train"] + results["num_validation"] == 6 and results["num_test"] == 4
+    assert "carved from the training images" in results["validation_split"]
 
 
 def test_results_of_a_class_without_test_images_are_strict_json(tmp_path, monkeypatch):

@@ -233,6 +233,15 @@ def test_class_folders_that_are_links_are_read(tmp_path):
     assert sorted(os.path.basename(item["path"]) for item in dataset["image"]) == sorted(
         name for name in os.listdir(tmp_path / "real" / "a") + os.listdir(tmp_path / "real" / "b")
         if name.endswith(".png"))  # each once, the loop link's folder not again
+    # two class folders linking to one folder: both classes read (one vanished), a loop through two links ends
+    (tmp_path / "same").mkdir()
+    for name in ("a", "b"):
+        os.symlink(tmp_path / "real" / "a", tmp_path / "same" / name)
+    os.symlink(tmp_path / "real" / "b", tmp_path / "real" / "a" / "to_b")
+    os.symlink(tmp_path / "real" / "a", tmp_path / "real" / "b" / "to_a")
+    dataset = load_image_folder(str(tmp_path / "same"))["train"]
+    assert dataset.features["label"].names == ["a", "b"] and sorted(dataset["label"]).count(0) == sorted(
+        dataset["label"]).count(1) > 0
 
 
 def test_images_beside_split_folders_are_named_not_left_out(tmp_path):
@@ -318,3 +327,17 @@ def test_reading_every_file_for_the_decode_cache_shows_progress_when_it_takes_a_
     monkeypatch.setattr(decoding, "_file_digest", digest)
     decode_images(paths[:3], 16, cache_dir=str(tmp_path / "cache"))  # quick: no bar
     assert "Checking the decode cache" not in capsys.readouterr().err
+
+
+def test_every_image_format_imagefolder_read_is_read(tmp_path):
+    """.jfif, .jpe, .tga, ... files (web-scraped datasets have them), which `imagefolder` read, were left out without
+    a word once folders were scanned."""
+    import PIL.Image
+
+    write_class_folder(tmp_path / "data", per_class=1, seed=0, size=20, classes=("a", "b"))
+    for name, fmt in (("x.jfif", "JPEG"), ("y.tga", "TGA"), ("z.jpe", "JPEG")):
+        PIL.Image.new("L", (20, 20), 100).save(tmp_path / "data" / "a" / name, format=fmt)
+    dataset = load_image_folder(str(tmp_path / "data"))["train"]
+    assert sorted(os.path.basename(item["path"]) for item in dataset["image"]) == [
+        "a_0_0.png", "b_0_0.png", "x.jfif", "y.tga", "z.jpe"]
+    assert decode_images(dataset, 16).pixels.shape[0] == 5

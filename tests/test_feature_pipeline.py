@@ -256,6 +256,15 @@ def test_diffusers_push_to_hub_uploads_a_mic_diffrep_card_and_no_caches(pipe, tm
     assert not any(name.startswith((".cache", "checkpoint-")) for name in saved["files"])
     assert not (folder / "README.md").exists()  # the local folder keeps what it had
     assert "`diffusers.DDPMPipeline` cannot sample from it" in self_conditioned["card"]
+    # a failed upload from memory says to push the pipeline again, not a temporary folder that is gone; `private`
+    # left unset is the Hub's default for the namespace (an organisation's may be private)
+    from mic_diffrep.reporting import HubError
+
+    with mock.patch("huggingface_hub.HfApi.create_repo", return_value=mock.Mock(repo_id="me/ddpm")) as create, \
+            mock.patch("huggingface_hub.HfApi.upload_folder", side_effect=ConnectionError("reset")):
+        with pytest.raises(HubError, match=r"upload it again later with `pipe.push_to_hub\('me/ddpm'\)`"):
+            pipe.push_to_hub("me/ddpm")
+    assert create.call_args.kwargs["private"] is None
 
 
 def test_the_custom_pipeline_file_says_what_to_install_where_mic_diffrep_is_missing():
@@ -277,9 +286,18 @@ def test_the_custom_pipeline_file_says_what_to_install_where_mic_diffrep_is_miss
     assert load_without("mic_diffrep") == (
         "ModuleNotFoundError: DiffusionFeaturePipeline needs the mic-diffrep package (its preprocessing and hooked "
         "UNet forward): `pip install mic-diffrep`.")
-    assert load_without("mic_diffrep.utils") == (  # an older mic-diffrep than the copy
-        "ModuleNotFoundError: This DiffusionFeaturePipeline needs a newer mic-diffrep (no module "
-        "'mic_diffrep.utils'): `pip install -U mic-diffrep`.")
+    assert load_without("mic_diffrep.utils") == (  # an older mic-diffrep than the copy: a module missing,
+        "ImportError: This DiffusionFeaturePipeline needs a newer mic-diffrep (No module named 'mic_diffrep.utils'): "
+        "`pip install -U mic-diffrep`.")
+    # or, more often, a name: the copy imports what the package's module does not have yet
+    code = ("import importlib.util, mic_diffrep.utils\n"
+            "del mic_diffrep.utils.progress_interval\n"
+            f"spec = importlib.util.spec_from_file_location('pipeline_diffusion_features', {PIPELINE_FILE!r})\n"
+            "spec.loader.exec_module(importlib.util.module_from_spec(spec))\n")
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert result.stderr.strip().splitlines()[-1].startswith(
+        "ImportError: This DiffusionFeaturePipeline needs a newer mic-diffrep (cannot import name "
+        "'progress_interval' from 'mic_diffrep.utils'")
     assert load_without("diffusers").endswith("No module named 'diffusers'")  # the rest as Python says it
 
 

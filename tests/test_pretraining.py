@@ -636,6 +636,19 @@ def test_each_call_in_one_process_runs_in_its_own_precision(unlabelled_folder, k
     run_probe(ProbeArguments(pretrained=str(tmp_path / "a"), data_dir=kaggle_folder, output_dir=str(tmp_path / "m"),
                              timesteps=[5], layers=["mid_block"], num_epochs=1))
     assert json.loads((tmp_path / "m" / "config.json").read_text())["mixed_precision"] == "no"
+    # A state of the same precision is left as it is (a user's Accelerator still in use keeps it), and a refused
+    # precision touches nothing (it left the state empty: "no attribute 'mixed_precision'")
+    from accelerate import Accelerator
+    from accelerate.state import AcceleratorState
+
+    from mic_diffrep.utils import create_accelerator
+
+    AcceleratorState._reset_state(reset_partial_state=False)  # as in a new notebook
+    users = Accelerator(cpu=True, mixed_precision="bf16")
+    create_accelerator(mixed_precision="bf16")
+    with pytest.raises(ValueError, match="fp16 is not supported on CPU"):
+        create_accelerator(mixed_precision="fp16")
+    assert users.mixed_precision == "bf16"
 
 
 def test_pretraining_runs_outside_the_main_thread(unlabelled_folder, tmp_path):

@@ -508,3 +508,15 @@ print((resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before) / (n * 104 *
                             env=dict(os.environ, OMP_NUM_THREADS="1"))
     assert result.returncode == 0, result.stderr[-2000:]
     assert float(result.stdout.split()[-1]) < 9  # 6.1x measured (12.6x before)
+
+
+def test_a_patients_slices_stay_together_under_a_class_folder_named_on_a_mac():
+    """Class names are NFC, a Mac's folder names decomposed (NFD): the patient folder under such a class folder was
+    not found, and a patient's slices could land on both sides of a carved split."""
+    import unicodedata
+
+    from mic_diffrep.probing.splits import patient_folder
+
+    name = unicodedata.normalize("NFC", "méningiome")
+    path = f"/data/{unicodedata.normalize('NFD', name)}/p1/0.png"
+    assert patient_folder(path, name) == f"/data/{unicodedata.normalize('NFD', name)}/p1"

@@ -23,7 +23,7 @@ from ..features import FeatureArguments
 from ..models.mic_diffrep.unet import UNET_PRESETS
 from ..probing import ProbeArguments, run_probe
 from ..probing.export import check_new_probe
-from ..probing.splits import check_carvable, check_test_classes
+from ..probing.splits import check_carvable, check_test_classes, own_validation_split
 from ..reporting.results import run_report_markdown
 from ..training import RECIPE_KEYS, SUMMARY_FILE, PretrainingArguments, default_recipe, pretrain
 from ..training.checkpointing import check_new_run
@@ -192,9 +192,10 @@ def check_run(config: dict, pretraining_args: PretrainingArguments, probe_args: 
         test_set = select_splits(load_image_folder(probe_args.test_data_dir), ["all"], "test_data_dir")[1]
         test_set = label_by_class_folder(test_set, probe_args.test_data_dir, train_names)
         check_labelled(test_set, f"`test_data_dir` {probe_args.test_data_dir}")
-    elif test_set is None:
-        check_carvable(select_splits(splits, ["all"])[1], probe_args.test_split, probe_args.seed)
-    if "validation" not in splits:  # a validation split of the data's own is used as it is
+    elif test_set is None:  # carved from every image, or from the training split beside a validation split
+        check_carvable(select_splits(splits, ["train"] if own_validation_split(splits) else ["all"])[1],
+                       probe_args.test_split, probe_args.seed)
+    if not own_validation_split(splits):  # a validation split of the data's own is used as it is
         check_carvable(training, probe_args.validation_split, probe_args.seed, "--validation_split")
     if test_set is not None:
         test_names = test_set.features["label"].names
@@ -424,7 +425,7 @@ def register(subparsers) -> None:
                              f"{RUN_DEFAULTS['test_split']}).")
     parser.add_argument("--validation_split", type=float, default=None,
                         help=f"Share of the training images held out for choosing layers and timesteps when the "
-                             f"data has no val/ folder (default {RUN_DEFAULTS['validation_split']}).")
+                             f"data has no val/ folder beside train/ (default {RUN_DEFAULTS['validation_split']}).")
     parser.add_argument("--duplicate_threshold", type=float, default=None,
                         help="Fingerprint similarity above which images are near-duplicates, kept on one side of "
                              "every carved split (default: mic_diffrep.leakage.DEFAULT_THRESHOLD).")

@@ -181,6 +181,8 @@ def _cache_key(sources: List[Union[str, bytes]], paths: List[str], preprocessing
     key = f"{_DECODE_CACHE_VERSION}|{preprocessing}"
     if any(is_medical_file(path) for path in paths):  # the slice selection only changes DICOM / NIfTI files
         key += f"|{slices}"
+    if any(path.lower().endswith((".tif", ".tiff")) for path in paths):  # caches that read a TIFF's first page only
+        key += "|tiff-pages"
     digest = hashlib.sha256(key.encode())
     for source, path in tqdm(zip(sources, paths), total=len(paths), desc="Checking the decode cache", unit="img",
                              disable=not show_progress, mininterval=progress_interval(), delay=2):

@@ -25,6 +25,7 @@ import unicodedata
 from typing import Dict, List, Optional, Sequence
 
 from datasets import ClassLabel, Dataset, DatasetDict, Features, Image, concatenate_datasets
+from datasets.packaged_modules.imagefolder.imagefolder import ImageFolder
 
 from ..models.mic_diffrep.preprocessing import has_dicom_preamble, undecoded_images
 from ..utils import check_folder
@@ -40,9 +41,11 @@ SPLIT_ALIASES = {
     "validation": ("validation", "valid", "val", "dev"),
     "test": ("test", "testing", "eval"),
 }
-IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp", ".gif", ".pgm", ".ppm")
+# The image files `datasets`' `imagefolder` reads (what PIL opens: .jfif, .jp2, .tga, ... as well as JPEG and PNG)
+IMAGE_EXTENSIONS = tuple(sorted(ImageFolder.EXTENSIONS))
 # What folders are searched for: ordinary images and clinical files (DICOM, NIfTI).
 SEARCHED_EXTENSIONS = IMAGE_EXTENSIONS + MEDICAL_EXTENSIONS
+SEARCHED_WHAT = f"the image files PIL reads (.jpg, .png, .tif, ...), and {', '.join(MEDICAL_EXTENSIONS)} files"
 
 
 def find_split_folders(data_dir: str) -> Dict[str, str]:
@@ -68,16 +71,19 @@ def is_image_file(name: str) -> bool:
 
 
 def _walk(folder: str):
-    """`os.walk` that follows symbolic links to folders (splits and classes built from links), each real folder once
-    (a link to a folder above it is not a loop). Pruning the yielded `dirs` in place prunes the walk, as in
-    `os.walk`."""
-    seen = set()
+    """`os.walk` that follows symbolic links to folders (splits and classes built from links; two class folders may
+    link to one folder), without going round a loop (a link to a folder it is in). Pruning the yielded `dirs` in
+    place prunes the walk, as in `os.walk`."""
+    within = {folder: {os.path.realpath(folder)}}  # each folder walked: the real folders it is in
     for root, dirs, files in os.walk(folder, followlinks=True):
-        real = os.path.realpath(root)
-        if real in seen:
-            dirs[:] = []
-            continue
-        seen.add(real)
+        chain = within.pop(root)
+        kept = []
+        for name in dirs:
+            real = os.path.realpath(os.path.join(root, name))
+            if real not in chain:
+                kept.append(name)
+                within[os.path.join(root, name)] = chain | {real}
+        dirs[:] = kept
         yield root, dirs, files
 
 
@@ -121,7 +127,7 @@ def load_image_folder(data_dir: str):
     """
     check_folder(data_dir, "Data folder", "the folder that holds the images")
     if not _has_images(data_dir):
-        raise ValueError(f"No images found in {data_dir!r} (looked for {', '.join(SEARCHED_EXTENSIONS)}).")
+        raise ValueError(f"No images found in {data_dir!r} (looked for {SEARCHED_WHAT}).")
     data_dir = _unwrap(data_dir)
     split_folders = find_split_folders(data_dir)
     if split_folders:

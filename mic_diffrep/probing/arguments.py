@@ -31,7 +31,7 @@ class ProbeArguments(FeatureArguments):
                 "only once the new results are ready, and its feature caches are reused)."})
     validation_split: float = field(default=0.2, metadata={
         "help": "Share of the training images held out for choosing layers and timesteps, when the data has no "
-                "validation split of its own (a val/ folder, which is used as it is)."})
+                "validation split of its own (a val/ folder beside train/, which is used as it is)."})
     test_split: float = field(default=0.2, metadata={
         "help": "Share of images held out for testing when there is no test split."})
     duplicate_threshold: Optional[float] = field(default=None, metadata={

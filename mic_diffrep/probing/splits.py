@@ -7,6 +7,7 @@ one DICOM / NIfTI file, and the images of one patient folder (`<class>/<patient>
 
 import logging
 import os
+import unicodedata
 from dataclasses import dataclass
 from typing import Iterable, List, Optional, Sequence
 
@@ -32,9 +33,9 @@ class ProbeSplits:
     test: DecodedImages
     test_source: str
     validation_mask: Optional[torch.Tensor] = None  # (N_train,) bool: the validation part of `train`
-    validation_source: Optional[str] = None  # where the validation part came from
     leaked: Optional[torch.Tensor] = None  # (N_test,) bool: test images with a near-duplicate in `train`
     leakage: Optional[dict] = None  # the leakage report's counts
+    validation_source: Optional[str] = None  # where the validation part came from
 
 
 def _align_labels(test: DecodedImages, train_names: List[str], what: str) -> DecodedImages:
@@ -63,10 +64,14 @@ def patient_folder(image_id: str, class_name: Optional[str]) -> str:
     """
     path = source_file(image_id)
     folder = os.path.dirname(path)
-    if class_name is None or os.path.basename(folder) == class_name:  # right in its class folder
+
+    def named(folder):  # class names are NFC (`load_image_folder`); a Mac's folder names are decomposed
+        return unicodedata.normalize("NFC", os.path.basename(folder)) == class_name
+
+    if class_name is None or named(folder):  # right in its class folder
         return path
     while os.path.dirname(folder) != folder:
-        if os.path.basename(os.path.dirname(folder)) == class_name:
+        if named(os.path.dirname(folder)):
             return folder
         folder = os.path.dirname(folder)
     return path
@@ -134,9 +139,16 @@ def check_carvable(dataset, fraction: float, seed: int = 0, flag: str = "--test_
     _carve(labels, groups.astype(np.int64), fraction, seed, flag)
 
 
+def own_validation_split(splits) -> bool:
+    """Whether the data has a validation split of its own (`val/`, `validation/`, ...) beside its training split, the
+    validation part a probe uses as it is. Without a training split (`val/` and `test/` alone) its images are
+    training images, as they were before validation splits were used."""
+    return "validation" in splits and "train" in splits
+
+
 def _validation_files(splits) -> Optional[set]:
-    """The files of the data's own validation split (`val/`, `validation/`, ...), or `None` without one."""
-    if "validation" not in splits:
+    """The files of the data's own validation split (`own_validation_split`), or `None` without one."""
+    if not own_validation_split(splits):
         return None
     return {item["path"] for item in undecoded_images(splits["validation"])["image"]}
 
@@ -177,6 +189,11 @@ def _train_and_test(args: ProbeArguments, decode):
     candidates = np.arange(len(everything))
     if validation_files:
         candidates = np.flatnonzero(~np.isin(groups, groups[_in_files(everything, validation_files)]))
+        if not len(candidates):
+            raise ValueError(f"Cannot carve --test_split {args.test_split} from the training images of "
+                             f"{args.data_dir}: every one is a near-duplicate of a validation image (val/), or in a "
+                             f"patient folder with one. Give a test split of your own (a test/ folder, or "
+                             f"--test_data_dir).")
     _, test_part = _carve(everything.labels[torch.as_tensor(candidates)], groups[candidates], args.test_split,
                           args.seed, "--test_split")
     test_idx = candidates[test_part]

@@ -46,7 +46,7 @@ def default_repo_id(output_dir: str, hub_model_id: Optional[str] = None) -> str:
     return hub_model_id or os.path.basename(os.path.abspath(output_dir))
 
 
-def create_hub_repo(repo_id: str, token: Optional[str] = None, private: bool = False) -> str:
+def create_hub_repo(repo_id: str, token: Optional[str] = None, private: Optional[bool] = False) -> str:
     """Creates `repo_id` if needed and returns its full id. Runs with `--push_to_hub` call it before their work (as
     diffusers' training scripts do), so that a run that could not upload fails at once, not after training."""
     try:
@@ -98,14 +98,16 @@ def _self_conditioned(pipeline_dir: str) -> bool:
     return config.get("in_channels", 1) == 2 * config.get("out_channels", 1)
 
 
-def push_pipeline_to_hub(pipeline_dir: str, repo_id: str, token: Optional[str] = None, private: bool = False,
+def push_pipeline_to_hub(pipeline_dir: str, repo_id: str, token: Optional[str] = None, private: Optional[bool] = False,
                          logging_dir: str = "logs", create_repo: bool = True,
-                         commit_message: str = "MicDiffRep pretraining", create_pr: bool = False) -> str:
+                         commit_message: str = "MicDiffRep pretraining", create_pr: bool = False,
+                         retry: Optional[str] = None) -> str:
     """Uploads a pretrained pipeline folder (weights, configs, code, sample grids, its summary with local paths cut
     to their names and a model card that loads from `repo_id`; no checkpoints, caches or tracker logs, wherever
     `logging_dir` put them inside the folder). A folder without a pretraining summary (`save_pretrained`) gets a
     card that says how to use it. `create_repo=False`: `repo_id` is the full id of a repository created before (by a
-    run, at its start), uploaded to as it is."""
+    run, at its start), uploaded to as it is. `private=None`: the Hub's default for the namespace. `retry`: how a
+    failed upload is done again (default: this call), for a `pipeline_dir` that will not be there."""
     if not os.path.isfile(os.path.join(pipeline_dir, "model_index.json")):
         raise FileNotFoundError(f"{pipeline_dir} is not a pretrained pipeline folder (no model_index.json).")
     if create_repo:
@@ -133,8 +135,8 @@ def push_pipeline_to_hub(pipeline_dir: str, repo_id: str, token: Optional[str] =
         # its usage snippet loads from the repository
         write_pipeline_card(staging, summary, repo_id, self_conditioned=_self_conditioned(pipeline_dir))
         return _upload(staging, repo_id, token, commit_message, create_pr=create_pr,
-                       retry=_python_retry("push_pipeline_to_hub", pipeline_dir, repo_id,
-                                           **({"logging_dir": logging_dir} if logging_dir != "logs" else {})))
+                       retry=retry or _python_retry("push_pipeline_to_hub", pipeline_dir, repo_id,
+                                                    **({"logging_dir": logging_dir} if logging_dir != "logs" else {})))
 
 
 def push_to_hub(model_dir: str, repo_id: str, token: Optional[str] = None, private: bool = False,

@@ -128,7 +128,7 @@ aggregation: concatenated pooled block features -> Linear -> ReLU -> Linear -> s
 - Pretrained pipeline: `{_name(results['pretrained'])}`; resolution {results['features']['resolution']} px, grey.
 - Features: blocks {', '.join(msfa['layers'])} at timesteps {', '.join(map(str, msfa['timesteps']))},
   {results['features']['pooling']} pooling, fixed noise (seed {results['features']['noise_seed']}), standardised.
-  Layers and timesteps were chosen on a validation split carved from the training split.
+  Layers and timesteps were chosen on the validation images: {results.get('validation_split') or 'carved from the training split'}.
 - Probe: {results['probe_config']['num_epochs']} epochs, Adam(W) lr {results['probe_config']['learning_rate']},
   cosine annealing, batch {results['probe_config']['train_batch_size']}, hidden size {results['probe_config']['hidden_size']}.
 - Data: `{dataset}`; {results['num_train']} train, {results['num_validation']} validation,

@@ -71,9 +71,10 @@ def run_report_markdown(report: dict) -> str:
         f"Command: `{report['command']}`", "",
         "## Pretraining", "",
         f"{pre['num_images']} images ({', '.join(pre['splits'])}) of `{pre['train_data_dir']}` at {pre['resolution']} px, "
-        f"{pre['num_parameters'] / 1e6:.2f}M-parameter UNet, {pre['global_step']} steps in {pre['train_minutes']:.1f} "
-        f"minutes ({pre['images_per_second']:.1f} images/s, "
-        f"{PRECISION_NAMES.get(pre['mixed_precision'], pre['mixed_precision'])}), final loss {pre['final_loss']:.4f}.",
+        f"{pre['num_parameters'] / 1e6:.2f}M-parameter UNet, {pre['global_step']} steps in "
+        f"{format_score(pre['train_minutes'], 1)} minutes ({format_score(pre['images_per_second'], 1)} images/s, "
+        f"{PRECISION_NAMES.get(pre['mixed_precision'], pre['mixed_precision'])}), final loss "
+        f"{format_score(pre['final_loss'], 4)}.",
         "",
     ]
     if "sample_grid" in rel:
