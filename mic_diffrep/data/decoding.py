@@ -119,10 +119,11 @@ class _DecodeFiles(torch.utils.data.Dataset):
                     raise ValueError("the file holds no image slices")
                 pixels = torch.stack([self.preprocessing(item) for item in items])
                 return index, pixels, [item.slice_index for item in items], None
-            pages = image_pages(source) if isinstance(source, str) else None
-            if pages:  # a multi-page TIFF: one image per page, as a multi-frame DICOM
-                return index, torch.stack([self.preprocessing(page) for page in pages]), list(range(len(pages))), None
             with PIL.Image.open(source if isinstance(source, str) else io.BytesIO(source)) as image:
+                pages = image_pages(image) if isinstance(source, str) else None
+                if pages:  # a multi-page TIFF: one image per page, as a multi-frame DICOM
+                    return (index, torch.stack([self.preprocessing(page) for page in pages]),
+                            list(range(len(pages))), None)
                 image.load()
                 return index, self.preprocessing(image).unsqueeze(0), [None], None
         except Exception as error:  # noqa: BLE001 - every decoding failure is reported with its file

@@ -126,13 +126,16 @@ def load_image_folder(data_dir: str):
     patient expects; `imagefolder` would label it `patient1`.
     """
     check_folder(data_dir, "Data folder", "the folder that holds the images")
-    if not _has_images(data_dir):
-        raise ValueError(f"No images found in {data_dir!r} (looked for {SEARCHED_WHAT}).")
-    data_dir = _unwrap(data_dir)
+    given, data_dir = data_dir, _unwrap(data_dir)
     split_folders = find_split_folders(data_dir)
+    data_dir = os.path.abspath(data_dir)
+    roots = ({split: os.path.join(data_dir, folder) for split, folder in split_folders.items()} if split_folders
+             else {"train": data_dir})
+    files = {split: find_image_files(root) for split, root in roots.items()}  # one walk, for the checks and the rows
+    if not any(files.values()):
+        raise ValueError(f"No images found in {given!r} (looked for {SEARCHED_WHAT}).")
     if split_folders:
-        data_dir = os.path.abspath(data_dir)
-        empty = [folder for folder in split_folders.values() if not _has_images(os.path.join(data_dir, folder))]
+        empty = [split_folders[split] for split in roots if not files[split]]
         if empty:
             raise ValueError(f"Split folder(s) {empty} in {data_dir!r} contain no images.")
         beside = [entry for entry in sorted(os.listdir(data_dir))
@@ -143,10 +146,6 @@ def load_image_folder(data_dir: str):
                              f"them ({', '.join(beside)}), which would be left out: move them into a split folder "
                              f"(e.g. train/) or out of the data folder.")
         _check_class_folders(data_dir, split_folders)
-        roots = {split: os.path.join(data_dir, folder) for split, folder in split_folders.items()}
-    else:
-        roots = {"train": os.path.abspath(data_dir)}
-    files = {split: find_image_files(root) for split, root in roots.items()}
     return _checked_class_names(_scan_image_folder(roots, files))
 
 

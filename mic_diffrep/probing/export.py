@@ -81,10 +81,13 @@ def probe_classifier(pipeline, probe: TrainedProbe, layers: Sequence[str], times
     model = DiffusionFeatureExtractor(pipeline).classifier(head, probe.mean, probe.std, layers, timesteps,
                                                            list(label_names), features or FeatureArguments(),
                                                            hidden_size, head.dropout.p)
-    preprocessing = pipeline.preprocessing
-    processor = MicDiffRepImageProcessor(resolution=preprocessing.resolution, resize_mode=preprocessing.resize_mode,
-                                         intensity_window=preprocessing.intensity_window, **pipeline.slice_settings)
-    return model, processor
+    return model, _image_processor(pipeline.preprocessing, pipeline.slice_settings)
+
+
+def _image_processor(preprocessing, slice_settings: dict) -> MicDiffRepImageProcessor:
+    """The classifier's image processor: the pretraining's preprocessing, and the slices of volumes it reads."""
+    return MicDiffRepImageProcessor(resolution=preprocessing.resolution, resize_mode=preprocessing.resize_mode,
+                                    intensity_window=preprocessing.intensity_window, **slice_settings)
 
 
 def write_model_folder(extractor, probe, results: dict, label_names, args: ProbeArguments) -> bool:
@@ -97,11 +100,9 @@ def write_model_folder(extractor, probe, results: dict, label_names, args: Probe
         return False
     model.save_pretrained(args.output_dir)
     share_as_umask_allows(os.path.join(args.output_dir, SAFE_WEIGHTS_NAME))
-    preprocessing = extractor.preprocessing
-    MicDiffRepImageProcessor(resolution=preprocessing.resolution, resize_mode=preprocessing.resize_mode,
-                             intensity_window=preprocessing.intensity_window, slice_axis=args.slice_axis,
-                             slice_range=None if args.slice_range is None else list(args.slice_range),
-                             keep_empty_slices=args.keep_empty_slices).save_pretrained(args.output_dir)
+    _image_processor(extractor.preprocessing, {
+        "slice_axis": args.slice_axis, "slice_range": None if args.slice_range is None else list(args.slice_range),
+        "keep_empty_slices": args.keep_empty_slices}).save_pretrained(args.output_dir)
     write_model_card(args.output_dir, results)
     if args.push_to_hub:
         push_to_hub(args.output_dir, args.hub_model_id, token=args.hub_token, create_repo=False)

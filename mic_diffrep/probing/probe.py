@@ -36,7 +36,7 @@ from .arguments import ProbeArguments
 from .export import check_new_probe, remove_earlier_probe, write_model_folder, write_results
 from .heads import ProbeConfig
 from .selection import run_probes
-from .splits import class_warnings, load_probe_splits
+from .splits import load_probe_splits
 
 
 logger = logging.getLogger(__name__)
@@ -118,7 +118,7 @@ def _run_probe(args: ProbeArguments, extractor: Optional[FeatureExtractor]) -> d
         "method": extractor.name, "command": command_line(), "environment": environment_info(),
         "pretrained": args.pretrained, "data_dir": os.path.abspath(args.data_dir),
         "test_data_dir": args.test_data_dir and os.path.abspath(args.test_data_dir), "test_split": test_source,
-        "validation_split": splits.validation_source, "class_warnings": class_warnings(splits),
+        "validation_split": splits.validation_source, "class_warnings": splits.class_warnings,
         "leakage": splits.leakage, "skipped_images": merge_skipped(train, test),
         "features": {"pooling": args.pooling, "pooling_grid_size": args.pooling_grid_size,
                      "num_noise_samples": args.num_noise_samples, "flip_average": args.flip_average,

@@ -8,7 +8,7 @@ one DICOM / NIfTI file, and the images of one patient folder (`<class>/<patient>
 import logging
 import os
 import unicodedata
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Iterable, List, Optional, Sequence
 
 import numpy as np
@@ -36,6 +36,7 @@ class ProbeSplits:
     leaked: Optional[torch.Tensor] = None  # (N_test,) bool: test images with a near-duplicate in `train`
     leakage: Optional[dict] = None  # the leakage report's counts
     validation_source: Optional[str] = None  # where the validation part came from
+    class_warnings: List[str] = field(default_factory=list)  # classes the scores say little about
 
 
 def _align_labels(test: DecodedImages, train_names: List[str], what: str) -> DecodedImages:
@@ -248,7 +249,8 @@ def load_probe_splits(args: ProbeArguments, preprocessing: ImagePreprocessing, a
     counts = {k: v for k, v in leakage.to_dict().items() if k not in ("pairs", "leaked_test_indices")}
     splits = ProbeSplits(train, test, source, validation_mask=validation_mask, validation_source=validation_source,
                          leaked=leaked, leakage=counts)
-    for warning in class_warnings(splits):
+    splits.class_warnings = class_warnings(splits)
+    for warning in splits.class_warnings:
         logger.warning(warning)
     return splits
 

@@ -18,6 +18,7 @@ from typing import Optional, Sequence
 from huggingface_hub import HfApi
 
 from ..models.mic_diffrep import MicDiffRepImageProcessor
+from ..models.mic_diffrep.unet_features import is_self_conditioned
 from ..utils import SUMMARY_FILE, write_json
 from .model_card import published_results, write_model_card, write_pipeline_card
 from .results import results_markdown
@@ -89,13 +90,12 @@ def _python_retry(function: str, folder: str, repo_id: str, **kwargs) -> str:
 
 
 def _self_conditioned(pipeline_dir: str) -> bool:
-    """Whether the UNet of a pipeline folder takes a second (self-conditioning) input channel."""
+    """Whether the UNet of a pipeline folder is self-conditioned (`is_self_conditioned` of its config)."""
     try:
         with open(os.path.join(pipeline_dir, "unet", "config.json"), encoding="utf-8") as f:
-            config = json.load(f)
-    except (OSError, ValueError):
+            return is_self_conditioned(json.load(f))
+    except (OSError, ValueError, KeyError):
         return False
-    return config.get("in_channels", 1) == 2 * config.get("out_channels", 1)
 
 
 def push_pipeline_to_hub(pipeline_dir: str, repo_id: str, token: Optional[str] = None, private: Optional[bool] = False,

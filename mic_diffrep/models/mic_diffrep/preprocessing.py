@@ -90,20 +90,22 @@ def is_medical_slice(image) -> bool:
         image, (PIL.Image.Image, np.ndarray, torch.Tensor, str, os.PathLike))
 
 
-def image_pages(path) -> Optional[List[PIL.Image.Image]]:
+def image_pages(image) -> Optional[List[PIL.Image.Image]]:
     """The pages of a multi-page TIFF file (a stack of slices, as microscopes and some scanners export them), each
-    one image, as the frames of a multi-frame DICOM file are; `None` for any other file. Only the first page was read
-    before."""
-    if not isinstance(path, (str, os.PathLike)) or not os.fspath(path).lower().endswith((".tif", ".tiff")):
-        return None
-    with PIL.Image.open(path) as image:
-        if getattr(image, "n_frames", 1) < 2:
+    one image, as the frames of a multi-frame DICOM file are; `None` for any other file. `image`: a path, or the
+    file opened with PIL (so that a caller reading it anyway opens it once). Only the first page was read before."""
+    if isinstance(image, PIL.Image.Image):
+        if image.format != "TIFF" or getattr(image, "n_frames", 1) < 2:
             return None
         pages = []
         for index in range(image.n_frames):
             image.seek(index)
             pages.append(image.copy())
-    return pages
+        return pages
+    if not isinstance(image, (str, os.PathLike)) or not os.fspath(image).lower().endswith((".tif", ".tiff")):
+        return None
+    with PIL.Image.open(image) as opened:
+        return image_pages(opened)
 
 
 def read_medical_file(path, slices=None) -> list:
