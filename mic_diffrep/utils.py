@@ -255,13 +255,19 @@ def check_folder(path: str, name: str, give: str, missing: str = "") -> None:
 _REPO_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[A-Za-z0-9][\w.-]*")
 
 
+def is_repo_id(path: str) -> bool:
+    """Whether `path` names a Hub repository (`user/name`) rather than a local path: it is no path here, and its
+    first folder is not here either (`runs/pretrian` is a local path with a typo)."""
+    path = os.fspath(path)
+    return not os.path.exists(path) and bool(_REPO_ID.fullmatch(path)) and not os.path.isdir(path.split("/")[0])
+
+
 def model_folder(path: str, name: str, give: str, missing: str = "") -> str:
     """The local folder of `path`, as `from_pretrained` takes it: `path` itself when it exists, else, for a Hub
     repository id (`user/name`), its snapshot (from the local cache, downloaded first unless `HF_HUB_OFFLINE=1`).
     Anything else fails as `check_folder` says, naming `path`."""
     path = os.fspath(path)
-    # A path whose first folder is here (`runs/pretrian`) is a local path with a typo, not a repository id
-    if os.path.exists(path) or not _REPO_ID.fullmatch(path) or os.path.isdir(path.split("/")[0]):
+    if os.path.exists(path) or not is_repo_id(path):
         check_folder(path, name, give, missing)
         return path
     try:

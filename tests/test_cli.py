@@ -3,6 +3,7 @@ import os
 import shutil
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -101,6 +102,50 @@ def test_run_predict_evaluate_end_to_end(tmp_path, capsys):
     assert error.value.code == 2 and "--overwrite_output_dir" in capsys.readouterr().err
     main(["run", "--config", str(config), "--output_dir", str(out), "--seed", "1", "--overwrite_output_dir"])
     assert "Pretraining into" in capsys.readouterr().out
+
+
+def test_run_push_to_hub_uploads_the_pipeline_and_the_classifier_that_names_it_as_base_model(tmp_path, capsys):
+    """`mic-diffrep run` had no --push_to_hub: its pipeline and classifier were uploaded one by one, and the
+    classifier's card did not link to the pipeline it was made from."""
+    from unittest import mock
+
+    created, uploaded = [], {}
+
+    def create_repo(repo_id, **kwargs):
+        created.append(repo_id)
+        return mock.Mock(repo_id=repo_id if "/" in repo_id else f"me/{repo_id}")
+
+    def upload_folder(repo_id, folder_path, **kwargs):
+        assert len(created) >= 2, "a repository was created only after the work"
+        uploaded.setdefault(repo_id, []).append((Path(folder_path) / "README.md").read_text())
+
+    tiny = ["run", "--output_dir", str(tmp_path / "brain-mri"), "--resolution", "16", "--model_config_name_or_path",
+            "tiny", "--pretrain_epochs", "1", "--num_images", "2", "--num_inference_steps", "2", "--timesteps", "10",
+            "--probe_epochs", "1", "--hidden_size", "8", "--mixed_precision", "no", "--push_to_hub",
+            "--hub_token", "hf_secret"]
+    with mock.patch("huggingface_hub.HfApi.create_repo", side_effect=create_repo), \
+            mock.patch("huggingface_hub.HfApi.upload_folder", side_effect=upload_folder):
+        main(tiny)
+    assert created[:2] == ["brain-mri-pretrain", "brain-mri"]  # the output folder's name, as pretrain and probe
+    assert set(uploaded) == {"me/brain-mri-pretrain", "me/brain-mri"}
+    assert "library_name: diffusers" in uploaded["me/brain-mri-pretrain"][0]
+    card = uploaded["me/brain-mri"][0]
+    assert "base_model: me/brain-mri-pretrain" in card and "https://huggingface.co/me/brain-mri-pretrain" in card
+    report = json.loads((tmp_path / "brain-mri" / "report.json").read_text())
+    assert report["hub"] == {"model": "me/brain-mri", "pipeline": "me/brain-mri-pretrain"}
+    assert "hf_secret" not in (tmp_path / "brain-mri" / "report.json").read_text()
+    assert "https://huggingface.co/me/brain-mri" in (tmp_path / "brain-mri" / "report.md").read_text()
+    assert json.loads((tmp_path / "brain-mri" / "pretrain" / "pretraining_summary.json").read_text())[
+        "hub_repo_id"] == "me/brain-mri-pretrain"
+    assert "Hub: https://huggingface.co/me/brain-mri" in capsys.readouterr().out
+
+    # A finished pretraining that is reused is uploaded too, to the repository of --hub_model_id
+    uploaded.clear()
+    with mock.patch("huggingface_hub.HfApi.create_repo", side_effect=create_repo), \
+            mock.patch("huggingface_hub.HfApi.upload_folder", side_effect=upload_folder):
+        main(tiny + ["--overwrite_output_dir", "--hub_model_id", "lab/mri"])
+    assert "reusing the finished run" in capsys.readouterr().out
+    assert set(uploaded) == {"lab/mri-pretrain", "lab/mri"} and "base_model: lab/mri-pretrain" in uploaded["lab/mri"][0]
 
 
 def test_run_pretrains_again_when_its_images_changed(tmp_path, capsys):

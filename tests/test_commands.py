@@ -368,6 +368,11 @@ def test_commands_take_hub_repository_ids_as_from_pretrained_does(model_dir, kag
 
     with safe_open(str(tmp_path / "features.safetensors"), "pt") as f:
         assert json.loads(f.metadata()["source_model"]) == "me/pre"  # as given, not a cache path
+    # a classifier probed from a Hub pipeline names it as its base_model (the Hub's model tree)
+    cli(["probe", "--pretrained", "me/pre", "--data_dir", kaggle_folder, "--output_dir", str(tmp_path / "probe"),
+         "--timesteps", "5", "--layers", "mid_block", "--num_epochs", "1"])
+    card = (tmp_path / "probe" / "README.md").read_text()
+    assert "base_model: me/pre" in card and "[`me/pre`](https://huggingface.co/me/pre)" in card
     capsys.readouterr()
     with pytest.raises(SystemExit):
         cli(["predict", "--model", "me/missing", image])

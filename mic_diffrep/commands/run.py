@@ -24,6 +24,7 @@ from ..models.mic_diffrep.unet import UNET_PRESETS
 from ..probing import ProbeArguments, run_probe
 from ..probing.export import check_new_probe
 from ..probing.splits import check_carvable, check_test_classes, own_validation_split
+from ..reporting.hub import create_hub_repo, default_repo_id, push_pipeline_to_hub
 from ..reporting.results import run_report_markdown
 from ..training import RECIPE_KEYS, SUMMARY_FILE, PretrainingArguments, default_recipe, pretrain
 from ..training.checkpointing import check_new_run
@@ -307,9 +308,16 @@ def run(namespace) -> dict:
         check_run(config, pretraining_args, probe_args)
     main_process = is_first_process()  # says and writes the report, once
     say = print if main_process else (lambda *args, **kwargs: None)
+    hub = None
+    if namespace.push_to_hub:  # both repositories made before the work: a run that cannot upload fails at once
+        pretraining_args, probe_args, hub = hub_arguments(namespace, config, pretraining_args, probe_args,
+                                                          main_process)
     if pretraining is not None:
         say(f"[1/2] Pretraining: reusing the finished run in {pretraining_args.output_dir} (the same data and "
               f"settings give the same weights; another --output_dir pretrains anew)", flush=True)
+        if hub and main_process:  # pretraining uploads its folder at its end; a reused one is uploaded here
+            push_pipeline_to_hub(pretraining_args.output_dir, hub["pipeline"], token=namespace.hub_token,
+                                 create_repo=False, logging_dir=pretraining_args.logging_dir)
     else:
         say(f"[1/2] Pretraining into {pretraining_args.output_dir}", flush=True)
         pretraining = pretrain(pretraining_args)
@@ -325,7 +333,8 @@ def run(namespace) -> dict:
               "files": {"pipeline": pretraining_args.output_dir, "model": probe_args.output_dir,
                         "sample_grid": os.path.join(samples_dir, samples[-1]) if samples else None,
                         "accuracy_vs_timestep": os.path.join(probe_args.output_dir, "accuracy_vs_timestep.png"),
-                        "confusion_matrix": os.path.join(probe_args.output_dir, "confusion_matrix.png")}}
+                        "confusion_matrix": os.path.join(probe_args.output_dir, "confusion_matrix.png")},
+              "hub": hub}
     if not main_process:
         return report
     write_json(os.path.join(config["output_dir"], "report.json"), report)
@@ -336,7 +345,26 @@ def run(namespace) -> dict:
           f"SL-best {sl['accuracy']:.3f} ({results['sl_best']['layer']}, t={results['sl_best']['timestep']}).")
     print(f"Report: {os.path.join(config['output_dir'], 'report.md')}\nModel: {probe_args.output_dir}  "
           f"(mic-diffrep predict --model {probe_args.output_dir} IMAGE)")
+    if hub:
+        print(f"Hub: https://huggingface.co/{hub['model']} (classifier), https://huggingface.co/{hub['pipeline']} "
+              f"(pretrained pipeline)")
     return report
+
+
+def hub_arguments(namespace, config: dict, pretraining_args: PretrainingArguments, probe_args: ProbeArguments,
+                  main_process: bool):
+    """`--push_to_hub`: the classifier goes to `--hub_model_id` (default: the output folder's name) and the pretrained
+    pipeline to the same name with `-pretrain` (its folder's name), whose repository the classifier's card names as
+    its `base_model`. Both repositories are created here, before the work; returns the settings of pretraining and
+    probe that upload into them, and the repositories' full ids."""
+    model_repo = default_repo_id(config["output_dir"], namespace.hub_model_id)
+    pipeline_repo = f"{model_repo}-{os.path.basename(pretraining_args.output_dir)}"
+    if main_process:
+        pipeline_repo = create_hub_repo(pipeline_repo, namespace.hub_token, namespace.hub_private_repo)
+        model_repo = create_hub_repo(model_repo, namespace.hub_token, namespace.hub_private_repo)
+    pushing = {"push_to_hub": True, "hub_token": namespace.hub_token, "hub_private_repo": namespace.hub_private_repo}
+    return (replace(pretraining_args, hub_model_id=pipeline_repo, **pushing),
+            replace(probe_args, hub_model_id=model_repo, **pushing), {"model": model_repo, "pipeline": pipeline_repo})
 
 
 def register(subparsers) -> None:
@@ -445,4 +473,12 @@ def register(subparsers) -> None:
                              "weights of other settings (both refused without it; add --resume_from_checkpoint latest "
                              "to continue an interrupted run); a finished pretraining of the same settings is reused "
                              "either way.")
+    parser.add_argument("--push_to_hub", action="store_true",
+                        help="Upload the classifier to --hub_model_id and the pretrained pipeline to the same name "
+                             "with -pretrain, which the classifier's model card names as its base_model (both "
+                             "repositories are created before the work).")
+    parser.add_argument("--hub_model_id", type=str, default=None,
+                        help="Hub repository of the classifier (default: the --output_dir folder's name).")
+    parser.add_argument("--hub_token", type=str, default=None, help="Hub token (default: the stored login).")
+    parser.add_argument("--hub_private_repo", action="store_true", help="Create the Hub repositories as private.")
     parser.set_defaults(func=run)

@@ -30,7 +30,7 @@ from ..data.decoding import merge_skipped
 from ..features import (FeatureExtractor, StaleFeatureCacheError, extract_sharded, inherit_pretrained_slices,
                         launch_precision, load_feature_extractor, load_features, pixels_fingerprint,
                         prepare_extractor, save_features)
-from ..reporting.hub import create_hub_repo, default_repo_id
+from ..reporting.hub import create_hub_repo, default_repo_id, published_pipeline
 from ..utils import command_line, create_accelerator, environment_info, model_source, output_folder, precision_name
 from .arguments import ProbeArguments
 from .export import check_new_probe, remove_earlier_probe, write_model_folder, write_results
@@ -117,6 +117,8 @@ def _run_probe(args: ProbeArguments, extractor: Optional[FeatureExtractor]) -> d
     results.update({
         "method": extractor.name, "command": command_line(), "environment": environment_info(),
         "pretrained": args.pretrained, "data_dir": os.path.abspath(args.data_dir),
+        # the pipeline's Hub repository, which the model card links to (a Hub id, or where the folder was uploaded)
+        "base_model": published_pipeline(args.pretrained) if extractor.exportable and args.pretrained else None,
         "test_data_dir": args.test_data_dir and os.path.abspath(args.test_data_dir), "test_split": test_source,
         "validation_split": splits.validation_source, "class_warnings": splits.class_warnings,
         "leakage": splits.leakage, "skipped_images": merge_skipped(train, test),

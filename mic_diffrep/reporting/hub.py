@@ -19,7 +19,7 @@ from huggingface_hub import HfApi
 
 from ..models.mic_diffrep import MicDiffRepImageProcessor
 from ..models.mic_diffrep.unet_features import is_self_conditioned
-from ..utils import SUMMARY_FILE, write_json
+from ..utils import SUMMARY_FILE, is_repo_id, write_json
 from .model_card import published_results, write_model_card, write_pipeline_card
 from .results import results_markdown
 
@@ -134,9 +134,47 @@ def push_pipeline_to_hub(pipeline_dir: str, repo_id: str, token: Optional[str] =
             write_json(summary_file, summary)
         # its usage snippet loads from the repository
         write_pipeline_card(staging, summary, repo_id, self_conditioned=_self_conditioned(pipeline_dir))
-        return _upload(staging, repo_id, token, commit_message, create_pr=create_pr,
-                       retry=retry or _python_retry("push_pipeline_to_hub", pipeline_dir, repo_id,
-                                                    **({"logging_dir": logging_dir} if logging_dir != "logs" else {})))
+        _upload(staging, repo_id, token, commit_message, create_pr=create_pr,
+                retry=retry or _python_retry("push_pipeline_to_hub", pipeline_dir, repo_id,
+                                             **({"logging_dir": logging_dir} if logging_dir != "logs" else {})))
+    if not create_pr:
+        _record_hub_repo(pipeline_dir, repo_id)
+    return repo_id
+
+
+def _record_hub_repo(pipeline_dir: str, repo_id: str) -> None:
+    """Records in a pipeline folder's summary the repository it was uploaded to (`hub_repo_id`), which the model card
+    of a classifier probed from the folder links to as its `base_model`."""
+    path = os.path.join(pipeline_dir, SUMMARY_FILE)
+    try:
+        with open(path, encoding="utf-8") as f:
+            summary = json.load(f)
+    except (OSError, ValueError):  # a folder without a summary (`save_pretrained`) records nothing
+        return
+    if isinstance(summary, dict) and summary.get("hub_repo_id") != repo_id:
+        write_json(path, {**summary, "hub_repo_id": repo_id})
+
+
+def published_pipeline(pretrained: str) -> Optional[str]:
+    """The Hub repository of a pretrained pipeline: `pretrained` itself when it is a repository id (no such path
+    here), else the repository the local folder was uploaded to (`push_pipeline_to_hub`, `--push_to_hub`), else
+    `None`.
+
+    ```py
+    >>> published_pipeline("me/mri-ddpm")
+    'me/mri-ddpm'
+
+    ```
+    """
+    pretrained = os.fspath(pretrained)
+    if not os.path.exists(pretrained):
+        return pretrained if is_repo_id(pretrained) else None
+    try:
+        with open(os.path.join(pretrained, SUMMARY_FILE), encoding="utf-8") as f:
+            repo_id = json.load(f).get("hub_repo_id")
+    except (OSError, ValueError, AttributeError):
+        return None
+    return repo_id if isinstance(repo_id, str) and is_repo_id(repo_id) else None
 
 
 def push_to_hub(model_dir: str, repo_id: str, token: Optional[str] = None, private: bool = False,

@@ -102,8 +102,11 @@ def model_card_text(results: dict, repo_id: Optional[str] = None) -> str:
                   f"images: **{format_score(dedup['accuracy'])}**\n" if dedup else "")
     labels = ", ".join(results["label_names"])
     dataset = _name(results["data_dir"])
+    base_model = results.get("base_model")  # the pipeline's Hub repository, where known
+    pipeline = (f"[`{base_model}`](https://huggingface.co/{base_model})" if base_model
+                else f"`{_name(results['pretrained'])}`")
     metadata = ModelCardData(
-        library_name="transformers", pipeline_tag="image-classification", license="apache-2.0",
+        base_model=base_model, library_name="transformers", pipeline_tag="image-classification", license="apache-2.0",
         tags=TAGS + ["linear-probe"], metrics=["accuracy", "f1"], model_name=_name(repo_id or "mic-diffrep-classifier"),
         eval_results=[EvalResult(task_type="image-classification", dataset_type=dataset, dataset_name=dataset,
                                  metric_type=metric, metric_value=round(float(value), 4), metric_name=name)
@@ -125,7 +128,7 @@ aggregation: concatenated pooled block features -> Linear -> ReLU -> Linear -> s
 
 ## Training and evaluation
 
-- Pretrained pipeline: `{_name(results['pretrained'])}`; resolution {results['features']['resolution']} px, grey.
+- Pretrained pipeline: {pipeline}; resolution {results['features']['resolution']} px, grey.
 - Features: blocks {', '.join(msfa['layers'])} at timesteps {', '.join(map(str, msfa['timesteps']))},
   {results['features']['pooling']} pooling, fixed noise (seed {results['features']['noise_seed']}), standardised.
   Layers and timesteps were chosen on the validation images: {results.get('validation_split') or 'carved from the training split'}.

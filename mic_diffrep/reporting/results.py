@@ -85,4 +85,9 @@ def run_report_markdown(report: dict) -> str:
         f"![accuracy vs timestep]({rel['accuracy_vs_timestep']})", "",
         f"![confusion matrix]({rel['confusion_matrix']})", "",
     ]
+    if report.get("hub"):  # `--push_to_hub`
+        lines += ["## On the Hub", "",
+                  f"- classifier: [{report['hub']['model']}](https://huggingface.co/{report['hub']['model']})",
+                  f"- pretrained pipeline: [{report['hub']['pipeline']}](https://huggingface.co/{report['hub']['pipeline']})",
+                  ""]
     return "\n".join(lines)
