@@ -2,6 +2,7 @@
 images for predict, and a readable evaluate."""
 
 import json
+import logging
 import pathlib
 import os
 import re
@@ -423,7 +424,7 @@ def test_a_test_folder_of_one_class_is_read_as_that_class(kaggle_folder, tmp_pat
     assert [sum(row) for row in matrix] == [0, 3, 0, 0]  # all three are meningioma
 
 
-def test_the_datas_own_validation_split_chooses_layers_and_timesteps(tmp_path):
+def test_the_datas_own_validation_split_chooses_layers_and_timesteps(tmp_path, caplog):
     """A train/ val/ test/ layout merged val/ into the training images and carved a validation part of its own: the
     user's split was not the one layers and timesteps were chosen on."""
     pipe = tmp_path / "pipe"
@@ -441,6 +442,20 @@ def test_the_datas_own_validation_split_chooses_layers_and_timesteps(tmp_path):
     assert results["validation_split"] == f"the validation split of {tmp_path / 'data'}"
     assert f"6 validation (the validation split of {tmp_path / 'data'})" in (tmp_path / "model" / "results.md"
                                                                               ).read_text()
+    # Validation images with a near-duplicate in train/ (a copy, a mirror image) are counted and warned about: their
+    # scores flatter what is chosen on them (val/ was not checked against train/)
+    from PIL import Image, ImageOps
+
+    train_a = sorted((tmp_path / "data" / "train" / "a").iterdir())
+    shutil.copy(train_a[0], tmp_path / "data" / "val" / "a" / "copy.png")
+    ImageOps.mirror(Image.open(train_a[1])).save(tmp_path / "data" / "val" / "a" / "mirror.png")
+    with caplog.at_level(logging.WARNING):
+        results = probe(tmp_path / "data", tmp_path / "leaky")
+    assert results["validation_split"] == (f"the validation split of {tmp_path / 'data'} (2 of its 8 images have a "
+                                           f"near-duplicate among the training images)")
+    assert "2 of the 8 validation images" in caplog.text
+    for name in ("copy.png", "mirror.png"):
+        (tmp_path / "data" / "val" / "a" / name).unlink()
     # Without a test split, the test images are carved from train/ only; val/ stays the validation part
     shutil.rmtree(tmp_path / "data" / "test")
     results = probe(tmp_path / "data", tmp_path / "model2")

@@ -206,6 +206,21 @@ def _train_and_test(args: ProbeArguments, decode):
     return everything.subset(train_idx), everything.subset(test_idx), source, validation_files
 
 
+def _validation_leakage(train: DecodedImages, validation_mask: torch.Tensor, threshold: float, data_dir: str) -> str:
+    """The data's own validation split is used as it is; those of its images with a near-duplicate among the training
+    images (a carved validation part has none) flatter the validation scores that choose layers and timesteps, so
+    they are counted, warned about and recorded with the split (`validation_split` in the results and card)."""
+    mask = validation_mask.numpy()
+    report = check_leakage(train.subset(np.flatnonzero(~mask)), train.subset(np.flatnonzero(mask)), threshold)
+    leaked = len(report.leaked_test_indices)
+    if not leaked:
+        return ""
+    logger.warning("%d of the %d validation images of %s have a near-duplicate among its training images: their "
+                   "scores flatter the layers and timesteps chosen on them (`mic-diffrep check-leakage --train "
+                   "TRAIN_FOLDER --test VALIDATION_FOLDER` lists them).", leaked, int(mask.sum()), data_dir)
+    return f" ({leaked} of its {int(mask.sum())} images have a near-duplicate among the training images)"
+
+
 def check_test_classes(train_classes: Iterable[str], test_classes: Iterable[str]) -> None:
     """Fails naming the classes of test images that have no training images (a probe cannot learn them)."""
     untrained = sorted(set(test_classes) - set(train_classes))
@@ -235,6 +250,7 @@ def load_probe_splits(args: ProbeArguments, preprocessing: ImagePreprocessing, a
             raise ValueError(f"{args.data_dir} has a validation split but no training images beside it: put the "
                              f"training images in a train/ (or Training/) folder.")
         validation_source = f"the validation split of {os.path.abspath(args.data_dir)}"
+        validation_source += _validation_leakage(train, validation_mask, threshold, args.data_dir)
     else:
         groups = _split_groups(train, threshold)
         _, validation_idx = _carve(train.labels, groups, args.validation_split, args.seed, "--validation_split")
