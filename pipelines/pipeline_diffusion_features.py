@@ -7,6 +7,7 @@ copies it into the pipeline's folder, which plain diffusers then loads with
 (it needs `pip install mic-diffrep` for the shared preprocessing).
 """
 
+import contextlib
 import os
 import shutil
 import tempfile
@@ -355,17 +356,18 @@ class DiffusionFeaturePipeline(DiffusionPipeline):
         shape = (self.unet.config.out_channels, self.resolution, self.resolution)
         prediction_type = self.scheduler.config.prediction_type
 
-        # 3. One hooked UNet forward per batch and timestep
+        # 3. One hooked UNet forward per batch and timestep (without dropout, as the saved pipeline reads them)
         collected = {(layer, t): [] for layer in layers for t in timesteps}
-        for start in self.progress_bar(range(0, len(pixels), batch_size), desc="Extracting features"):
-            clean = pixels_to_model_input(pixels[start : start + batch_size]).to(self.device)
-            batch_seeds = seeds[start : start + batch_size].tolist()
-            for t in timesteps:
-                noise = feature_noise(batch_seeds, t, num_noise_samples, shape).to(self.device)
-                pooled = noisy_block_features(self.unet, alphas_cumprod, clean, noise, t, layers, pooling,
-                                              pooling_grid_size, flip_average, prediction_type)
-                for layer in layers:
-                    collected[(layer, t)].append(pooled[layer].float().cpu())
+        with eval_mode(self.unet):
+            for start in self.progress_bar(range(0, len(pixels), batch_size), desc="Extracting features"):
+                clean = pixels_to_model_input(pixels[start : start + batch_size]).to(self.device)
+                batch_seeds = seeds[start : start + batch_size].tolist()
+                for t in timesteps:
+                    noise = feature_noise(batch_seeds, t, num_noise_samples, shape).to(self.device)
+                    pooled = noisy_block_features(self.unet, alphas_cumprod, clean, noise, t, layers, pooling,
+                                                  pooling_grid_size, flip_average, prediction_type)
+                    for layer in layers:
+                        collected[(layer, t)].append(pooled[layer].float().cpu())
         features = {key: torch.cat(chunks) for key, chunks in collected.items()}
         if not return_dict:
             return features, layers, timesteps
@@ -411,15 +413,16 @@ class DiffusionFeaturePipeline(DiffusionPipeline):
         # 2. Set the timesteps
         self.scheduler.set_timesteps(num_inference_steps)
 
-        for t in self.progress_bar(self.scheduler.timesteps, desc="Sampling"):
-            # 3. Predict the noise (in the UNet's dtype; the scheduler step stays in float32)
-            model_input = image if clean_estimate is None else torch.cat([image, clean_estimate], dim=1)
-            model_output = self.unet(model_input.to(self.unet.dtype), t).sample.float()
-            # 4. Compute the previous noisy sample x_t -> x_t-1
-            step = self.scheduler.step(model_output, t, image, generator=generator)
-            image = step.prev_sample
-            if clean_estimate is not None:
-                clean_estimate = step.pred_original_sample.clamp(-1, 1)
+        with eval_mode(self.unet):  # without dropout, as the saved pipeline samples
+            for t in self.progress_bar(self.scheduler.timesteps, desc="Sampling"):
+                # 3. Predict the noise (in the UNet's dtype; the scheduler step stays in float32)
+                model_input = image if clean_estimate is None else torch.cat([image, clean_estimate], dim=1)
+                model_output = self.unet(model_input.to(self.unet.dtype), t).sample.float()
+                # 4. Compute the previous noisy sample x_t -> x_t-1
+                step = self.scheduler.step(model_output, t, image, generator=generator)
+                image = step.prev_sample
+                if clean_estimate is not None:
+                    clean_estimate = step.pred_original_sample.clamp(-1, 1)
 
         image = (image / 2 + 0.5).clamp(0, 1).float()
         if output_type == "pt":
@@ -432,6 +435,20 @@ class DiffusionFeaturePipeline(DiffusionPipeline):
         if not return_dict:
             return (images,)
         return ImagePipelineOutput(images=images)
+
+
+@contextlib.contextmanager
+def eval_mode(module: torch.nn.Module):
+    """`module` in eval mode (no dropout) for the duration, then each of its sub-modules back in its own mode: a
+    pipeline built around a UNet in training (`DiffusionFeaturePipeline(unet, scheduler)`; `from_pretrained` loads
+    it in eval mode) reads the features and samples the images the saved pipeline would."""
+    modes = [(part, part.training) for part in module.modules()]
+    module.eval()
+    try:
+        yield module
+    finally:
+        for part, training in modes:
+            part.training = training
 
 
 def save_image_grid(images, path: str, rows: Optional[int] = None) -> PIL.Image.Image:

@@ -183,6 +183,25 @@ def test_bf16_pipeline_features_are_close_to_fp32(pipe, images):
     assert images.dtype == torch.float32 and torch.isfinite(images).all()
 
 
+def test_a_pipeline_around_a_unet_in_training_reads_and_samples_without_dropout(images):
+    """`DiffusionFeaturePipeline(unet, scheduler)` with a UNet fresh from `create_unet` (or a training loop) ran it in
+    training mode: with dropout, two extractions of the same images differed (by up to 2.0 here) and samples were
+    drawn with dropout on. Both now run as the saved pipeline does, and the UNet is left in the mode it was in."""
+    unet = create_unet(16, "tiny", dropout=0.5)
+    unet.mid_block.eval()  # a part the caller keeps in eval mode stays so
+    pipe = DiffusionFeaturePipeline(unet, create_scheduler())
+    first, again = (pipe.extract_features(images, timesteps=[10], layers=["up_blocks.0"]).features[("up_blocks.0", 10)]
+                    for _ in range(2))
+    assert torch.equal(first, again)
+    samples = [pipe(batch_size=2, num_inference_steps=3, output_type="pt",
+                    generator=torch.Generator().manual_seed(0)).images for _ in range(2)]
+    assert torch.equal(samples[0], samples[1])
+    assert unet.training and unet.up_blocks[0].training and not unet.mid_block.training
+    unet.eval()
+    assert torch.equal(first, pipe.extract_features(images, timesteps=[10], layers=["up_blocks.0"]).features[
+        ("up_blocks.0", 10)])
+
+
 def test_save_load_round_trip_gives_identical_features_and_images(pipe, images, tmp_path):
     pipe.save_pretrained(tmp_path / "pipe")
     loaded = DiffusionFeaturePipeline.from_pretrained(tmp_path / "pipe")

@@ -137,14 +137,9 @@ def save_sample_grid(pipeline: DiffusionFeaturePipeline, args: PretrainingArgume
     if args.sample_scheduler == "ddim":
         pipeline.scheduler = DDIMScheduler.from_config(pipeline.scheduler.config)
     steps = args.ddpm_num_inference_steps or (50 if args.sample_scheduler == "ddim" else 1000)
-    training = pipeline.unet.training
-    pipeline.unet.eval()  # as the saved pipeline generates: no --unet_dropout
-    try:
-        with accelerator.autocast():
-            images = pipeline(batch_size=args.eval_batch_size, num_inference_steps=steps, output_type="np",
-                              generator=torch.Generator(device="cpu").manual_seed(args.seed)).images
-    finally:
-        pipeline.unet.train(training)
+    with accelerator.autocast():  # the pipeline samples in eval mode (no --unet_dropout), as the saved one does
+        images = pipeline(batch_size=args.eval_batch_size, num_inference_steps=steps, output_type="np",
+                          generator=torch.Generator(device="cpu").manual_seed(args.seed)).images
     os.makedirs(os.path.join(args.output_dir, "samples"), exist_ok=True)
     grid_path = os.path.join(args.output_dir, "samples", f"epoch-{state.epoch + 1:04d}.png")
     save_image_grid(images, grid_path)
