@@ -1,4 +1,5 @@
 import json
+import logging
 import os
 import subprocess
 import sys
@@ -411,6 +412,54 @@ def test_model_fingerprint_is_the_same_in_every_process():
                              env={**os.environ, "PYTHONHASHSEED": seed, "OMP_NUM_THREADS": "1"}).stdout.split()[-1]
               for seed in ("1", "2", "3")}
     assert len(prints) == 1
+
+
+def test_a_stopped_extraction_continues_from_its_saved_parts(pipe, unlabelled_folder, tmp_path, monkeypatch, caplog):
+    """An extraction was all or nothing: its features were written once at the end, so hours of extraction stopped
+    by Ctrl-C, a crash or a lost machine started over. Parts are saved as they are extracted; a rerun of the same
+    settings extracts only the rest and gives the same features, and parts of other settings are not used."""
+    import mic_diffrep.features.extraction as extraction
+    from mic_diffrep.commands import main
+
+    pipe.save_pretrained(tmp_path / "pipe")
+    common = ["extract", "--pretrained", str(tmp_path / "pipe"), "--data_dir", unlabelled_folder, "--timesteps", "5",
+              "--noise", "per_image", "--batch_size", "5", "--mixed_precision", "no"]
+    main(common + ["--output", str(tmp_path / "whole.safetensors")])  # 24 images, in one part
+    whole = load_features(str(tmp_path / "whole.safetensors"))
+
+    monkeypatch.setattr(extraction, "PART_SIZE", 5)  # 5 parts: 5, 5, 5, 5, 4 images
+    calls, extract = [], DiffusionFeatureExtractor.extract
+
+    def stopped_after(parts):
+        def counted(self, pixels, *args, **kwargs):
+            calls.append(len(pixels))
+            if len(calls) > parts:
+                raise KeyboardInterrupt
+            return extract(self, pixels, *args, **kwargs)
+        return counted
+
+    out = tmp_path / "features.safetensors"
+    monkeypatch.setattr(DiffusionFeatureExtractor, "extract", stopped_after(2))
+    with caplog.at_level(logging.WARNING), pytest.raises(SystemExit):  # Ctrl-C
+        main(common + ["--output", str(out)])
+    assert not out.exists() and len(os.listdir(f"{out}.parts")) == 2
+    assert "The features of 10 images are saved in" in caplog.text
+    calls.clear()
+    monkeypatch.setattr(DiffusionFeatureExtractor, "extract", stopped_after(99))
+    main(common + ["--output", str(out), "--timesteps", "6"])  # other settings: the saved parts are not theirs
+    assert len(calls) == 5 and not os.path.exists(f"{out}.parts")
+    with pytest.raises(SystemExit):
+        monkeypatch.setattr(DiffusionFeatureExtractor, "extract", stopped_after(3))
+        calls.clear()
+        main(common + ["--output", str(out)])
+    calls.clear()
+    monkeypatch.setattr(DiffusionFeatureExtractor, "extract", stopped_after(99))
+    main(common + ["--output", str(out)])
+    assert calls == [5, 4] and not os.path.exists(f"{out}.parts")  # the three saved parts are not extracted again
+    resumed = load_features(str(out))
+    assert resumed.image_ids == whole.image_ids
+    for key, value in whole.features.items():
+        assert torch.equal(resumed.features[key], value)
 
 
 def test_two_processes_gather_features_in_input_order(pipe, unlabelled_folder, tmp_path):

@@ -6,7 +6,7 @@ from .arguments import DEFAULT_TIMESTEPS, ExtractionArguments, FeatureArguments
 from .cache import (CachedFeatures, StaleFeatureCacheError, load_features, model_fingerprint, pixels_fingerprint,
                     save_features)
 from .extraction import (extract_folder, extract_sharded, inherit_pretrained_slices, launch_precision,
-                         noise_seeds_for, prepare_extractor)
+                         noise_seeds_for, prepare_extractor, remove_parts)
 from .extractors import (ClipFeatureExtractor, DiffusionFeatureExtractor, EncoderFeatureExtractor, FeatureExtractor,
                          load_feature_extractor, load_pipeline)
 
@@ -16,4 +16,4 @@ __all__ = ["CachedFeatures", "ClipFeatureExtractor", "DEFAULT_TIMESTEPS", "Diffu
            "StaleFeatureCacheError", "extract_folder", "extract_sharded", "inherit_pretrained_slices", "launch_precision",
            "load_feature_extractor", "load_pipeline",
            "load_features", "model_fingerprint", "noise_seeds_for", "pixels_fingerprint", "prepare_extractor",
-           "save_features"]
+           "remove_parts", "save_features"]

@@ -5,7 +5,8 @@
 
 Each process extracts a contiguous shard of the images; features are gathered back in input order and written by
 the main process. Noise seeds are fixed per image before sharding, so the result does not depend on the number of
-processes or the batch size.
+processes or the batch size. Parts of `PART_SIZE` images are saved as they are extracted (`OUTPUT.parts/`), so that a
+stopped extraction continues from them.
 
 ```python
 >>> from mic_diffrep.features import ExtractionArguments, extract_folder
@@ -14,18 +15,24 @@ processes or the batch size.
 ```
 """
 
+import hashlib
+import json
 import logging
 import os
+import shutil
 from dataclasses import replace
-from typing import Dict, Tuple
+from typing import Dict, Optional, Tuple
 
 import torch
+from safetensors import SafetensorError, safe_open
+from tqdm.auto import tqdm
 
 from ..data import decode_images, load_image_folder, select_splits
 from ..data.medical import inherit_slice_settings
-from ..utils import create_accelerator, model_source, precision_dtype, prepare_output_file
+from ..utils import (create_accelerator, model_source, precision_dtype, prepare_output_file, progress_interval,
+                     save_safetensors)
 from .arguments import ExtractionArguments
-from .cache import save_features
+from .cache import pixels_fingerprint, save_features
 from .extractors import FeatureExtractor, load_feature_extractor
 
 
@@ -41,14 +48,28 @@ def noise_seeds_for(num_images: int, noise: str, seed: int) -> torch.Tensor:
     raise ValueError(f"`noise` must be 'fixed' or 'per_image', got {noise!r}.")
 
 
-def extract_sharded(extractor: FeatureExtractor, pixels: torch.Tensor, args, accelerator,
-                    noise_seeds: torch.Tensor) -> Dict[Tuple[str, int], torch.Tensor]:
-    """`extractor.extract` over `pixels`, split across the processes of `accelerator`, gathered in input order."""
-    indices = list(range(len(pixels)))
-    with accelerator.split_between_processes(indices) as shard:
-        shard = torch.as_tensor(shard, dtype=torch.long)
-        features = extractor.extract(pixels[shard], args, noise_seeds[shard],
-                                     show_progress=accelerator.is_local_main_process)
+# Images per part of a resumable extraction: a part is saved once extracted, and a run stopped by then continues
+# from the parts saved (a multiple of the extraction batch sizes: parts are batched as the whole would be).
+PART_SIZE = 1024
+
+
+def extract_sharded(extractor: FeatureExtractor, pixels: torch.Tensor, args, accelerator, noise_seeds: torch.Tensor,
+                    parts_dir: Optional[str] = None, settings: Optional[dict] = None
+                    ) -> Dict[Tuple[str, int], torch.Tensor]:
+    """`extractor.extract` over `pixels`, split across the processes of `accelerator`, gathered in input order.
+
+    With `parts_dir`, every `PART_SIZE` images extracted are saved there, under a key of `settings` (what determines
+    the features), the pixels and the noise seeds; a run stopped by Ctrl-C, a crash or a lost machine continues from
+    the parts of the same key, with the same features. The caller removes the folder (`remove_parts`) once the
+    whole is saved."""
+    if parts_dir is None:
+        indices = list(range(len(pixels)))
+        with accelerator.split_between_processes(indices) as shard:
+            shard = torch.as_tensor(shard, dtype=torch.long)
+            features = extractor.extract(pixels[shard], args, noise_seeds[shard],
+                                         show_progress=accelerator.is_local_main_process)
+    else:
+        features, shard = _extract_parts(extractor, pixels, args, accelerator, noise_seeds, parts_dir, settings)
     if accelerator.num_processes == 1:
         return features
     sizes = accelerator.gather(torch.tensor([len(shard)], device=accelerator.device)).cpu().tolist()
@@ -60,6 +81,73 @@ def extract_sharded(extractor: FeatureExtractor, pixels: torch.Tensor, args, acc
         gathered = accelerator.gather(padded.to(accelerator.device)).cpu().view(len(sizes), longest, -1)
         gathered_features[key] = torch.cat([gathered[rank, :size] for rank, size in enumerate(sizes)])
     return gathered_features
+
+
+def _parts_key(settings: Optional[dict], pixels: torch.Tensor, noise_seeds: torch.Tensor) -> str:
+    digest = hashlib.sha256(json.dumps(settings or {}, sort_keys=True, default=str).encode())
+    digest.update(pixels_fingerprint(pixels).encode())
+    digest.update(noise_seeds.cpu().numpy().tobytes())
+    return digest.hexdigest()[:16]
+
+
+def _extract_parts(extractor, pixels, args, accelerator, noise_seeds, parts_dir, settings):
+    """This process's parts of the images (whole parts per process), loaded where a part of the same key was saved,
+    else extracted and saved; returns their features and the indices of their images."""
+    key = _parts_key(settings, pixels, noise_seeds)
+    # Fewer images than a part per process: one part each, as the images would be split without parts
+    size = max(1, min(PART_SIZE, -(-len(pixels) // accelerator.num_processes)))
+    parts = [(start, min(start + size, len(pixels))) for start in range(0, len(pixels), size)]
+    with accelerator.split_between_processes(parts) as mine:
+        mine = list(mine)
+    if not mine:  # fewer images than processes
+        shard = torch.zeros(0, dtype=torch.long)
+        return extractor.extract(pixels[shard], args, noise_seeds[shard], show_progress=False), shard
+    os.makedirs(parts_dir, exist_ok=True)
+    paths = {part: os.path.join(parts_dir, f"part-{part[0]:09d}-{part[1]:09d}.safetensors") for part in mine}
+    saved = [part for part in mine if _part_key(paths[part]) == key]
+    if saved and accelerator.is_local_main_process:
+        logger.info("Continuing a stopped extraction: %d of this process's %d parts are saved in %s", len(saved),
+                    len(mine), parts_dir)
+    features = []
+    with tqdm(total=mine[-1][1] - mine[0][0], desc="Extracting features", unit="image", delay=2,
+              disable=not accelerator.is_local_main_process, mininterval=progress_interval()) as progress:
+        for start, stop in mine:
+            if (start, stop) in saved:
+                with safe_open(paths[(start, stop)], "pt") as f:
+                    part = {_feature_key(name): f.get_tensor(name) for name in f.keys()}
+            else:
+                try:
+                    part = extractor.extract(pixels[start:stop], args, noise_seeds[start:stop], show_progress=False)
+                except KeyboardInterrupt:
+                    if features:
+                        logger.warning("The features of %d images are saved in %s: the same command continues "
+                                       "from them.", progress.n, parts_dir)
+                    raise
+                save_safetensors({f"{layer}@{t}": value.contiguous() for (layer, t), value in part.items()},
+                                 paths[(start, stop)], metadata={"key": key})
+            features.append(part)
+            progress.update(stop - start)
+    shard = torch.arange(mine[0][0], mine[-1][1])
+    return {name: torch.cat([part[name] for part in features]) for name in features[0]}, shard
+
+
+def _part_key(path: str) -> Optional[str]:
+    """The key of a saved part (`None`: none there, or unreadable, which is extracted again)."""
+    try:
+        with safe_open(path, "pt") as f:
+            return (f.metadata() or {}).get("key")
+    except (OSError, SafetensorError):
+        return None
+
+
+def _feature_key(name: str) -> Tuple[str, int]:
+    layer, _, t = name.rpartition("@")
+    return layer, int(t)
+
+
+def remove_parts(parts_dir: str) -> None:
+    """Removes the saved parts of an extraction whose whole is saved."""
+    shutil.rmtree(parts_dir, ignore_errors=True)
 
 
 def prepare_extractor(extractor: FeatureExtractor, args, accelerator) -> FeatureExtractor:
@@ -100,11 +188,13 @@ def extract_folder(args: ExtractionArguments) -> Dict[Tuple[str, int], torch.Ten
             show_progress=accelerator.is_local_main_process, slices=args.slices,
         )
     noise_seeds = noise_seeds_for(len(decoded), args.noise, args.noise_seed)
-    features = extract_sharded(extractor, decoded.pixels, args, accelerator, noise_seeds)
+    settings = {**extractor.cache_settings(args), "noise": args.noise}
+    parts_dir = f"{args.output}.parts"  # a stopped extraction continues from these
+    features = extract_sharded(extractor, decoded.pixels, args, accelerator, noise_seeds, parts_dir, settings)
     if accelerator.is_main_process:
-        settings = {**extractor.cache_settings(args), "noise": args.noise}
         save_features(args.output, features, settings, image_ids=decoded.paths, labels=decoded.labels,
                       label_names=decoded.label_names, source_model=model_source(args.pretrained))
+        remove_parts(parts_dir)
         logger.info("Wrote features of %d images (%s) to %s", len(decoded), splits, args.output)
     accelerator.wait_for_everyone()
     return features

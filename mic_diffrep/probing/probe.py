@@ -29,7 +29,7 @@ from ..data import TEST_IMAGES_FILE, DecodedImages, write_image_list
 from ..data.decoding import merge_skipped
 from ..features import (FeatureExtractor, StaleFeatureCacheError, extract_sharded, inherit_pretrained_slices,
                         launch_precision, load_feature_extractor, load_features, pixels_fingerprint,
-                        prepare_extractor, save_features)
+                        prepare_extractor, remove_parts, save_features)
 from ..reporting.hub import create_hub_repo, default_repo_id, published_pipeline
 from ..utils import command_line, create_accelerator, environment_info, model_source, output_folder, precision_name
 from .arguments import ProbeArguments
@@ -60,10 +60,12 @@ def cached_features(extractor: FeatureExtractor, decoded: DecodedImages, args: P
         except StaleFeatureCacheError as error:
             logger.warning("%s Recomputing.", error)
     noise_seeds = torch.full((len(decoded),), args.noise_seed, dtype=torch.long)
-    features = extract_sharded(extractor, decoded.pixels, args, accelerator, noise_seeds)
+    parts_dir = f"{path}.parts"  # a stopped probe continues its extraction from these
+    features = extract_sharded(extractor, decoded.pixels, args, accelerator, noise_seeds, parts_dir, settings)
     if accelerator.is_main_process:
         save_features(path, features, settings, decoded.paths, decoded.labels, decoded.label_names,
                       source_model=model_source(args.pretrained))
+        remove_parts(parts_dir)
     return features
 
 
