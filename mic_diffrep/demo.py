@@ -1,9 +1,9 @@
 """A Gradio demo page for a trained MicDiffRep classifier: upload a slice, see what the model sees, its class
 probabilities, and an occlusion saliency map.
 
-The page takes JPEG / PNG files, and DICOM (`.dcm`) and NIfTI (`.nii`, `.nii.gz`) files through
-`mic_diffrep.data.medical` (the middle of the slices the model reads, in the file's own display window when it has
-one). Saliency is occlusion: each patch of the model input is blacked out in turn and the drop of the top class's
+The page takes the image files PIL reads (JPEG, PNG, TIFF, ...), and DICOM (`.dcm`) and NIfTI (`.nii`, `.nii.gz`)
+files through `mic_diffrep.data.medical` (the middle of the slices the model reads, in the file's own display window
+when it has one). Uploads are deleted from the server after 10 minutes and when it stops (`DELETE_CACHE`). Saliency is occlusion: each patch of the model input is blacked out in turn and the drop of the top class's
 probability is recorded; the model's noise is fixed, so the map is deterministic. Gradio is imported only by
 [`build_demo`] and [`launch_demo`] (`pip install gradio`); [`read_upload`] and [`occlusion_saliency`] need only
 torch, numpy and PIL.
@@ -31,10 +31,12 @@ import PIL.Image
 import torch
 from transformers import AutoImageProcessor, AutoModelForImageClassification
 
+from .data.folders import IMAGE_EXTENSIONS
 from .data.medical import MedicalSlice, SliceSelection, is_medical_file
 from .inference import load_classifier, model_slices
 from .models.mic_diffrep import MicDiffRepForImageClassification, MicDiffRepImageProcessor
-from .utils import check_folder
+from .models.mic_diffrep.preprocessing import image_pages
+from .utils import check_folder, error_summary
 
 
 if TYPE_CHECKING:
@@ -43,8 +45,10 @@ if TYPE_CHECKING:
 
 logger = logging.getLogger(__name__)
 
-IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png")
 DISPLAY_SIZE = 256
+# Uploads (a DICOM file holds the patient's name) and the images shown are deleted from the server's disk once older
+# than this many seconds, checked as often, and all of them when the server stops: gradio's `delete_cache`.
+DELETE_CACHE = (600, 600)
 
 
 class UploadError(ValueError):
@@ -55,7 +59,8 @@ def read_upload(path: Union[str, os.PathLike], slices: Optional[SliceSelection] 
                 ) -> Union[PIL.Image.Image, MedicalSlice]:
     """Reads an uploaded JPEG, PNG, DICOM or NIfTI file into what the image processor takes.
 
-    JPEG / PNG files are opened with PIL as they are (the image processor makes them grey). For DICOM and NIfTI,
+    JPEG / PNG / TIFF / ... files are opened with PIL as they are (the image processor makes them grey; of a
+    multi-page TIFF, the middle page). For DICOM and NIfTI,
     the middle of the slices `slices` keeps (default: `SliceSelection()`, the non-empty axial slices; the demo
     page passes the model's own, `mic_diffrep.inference.model_slices`), as a [`MedicalSlice`] in the file's own
     units: the image processor windows it with the model's `intensity_window`, as `predict` does. Raises
@@ -73,16 +78,19 @@ def read_upload(path: Union[str, os.PathLike], slices: Optional[SliceSelection] 
             raise UploadError(f"{name}: the file has no image slices (among those the model reads).")
         return kept[len(kept) // 2]  # windowed once, by the processor (an 8-bit copy here was windowed twice)
     if not lower.endswith(IMAGE_EXTENSIONS):
-        raise UploadError(f"{name}: unsupported file type; upload a JPEG, PNG, DICOM (.dcm, .dicom, .ima, or a DICOM "
-                          f"file without an extension) or NIfTI (.nii, .nii.gz) file.")
+        raise UploadError(f"{name}: unsupported file type; upload an image (JPEG, PNG, TIFF, ...), a DICOM (.dcm, "
+                          f".dicom, .ima, or a DICOM file without an extension) or NIfTI (.nii, .nii.gz) file.")
     try:
         with PIL.Image.open(path) as image:
+            pages = image_pages(image)  # a stack of slices: the middle one, as of a volume
+            if pages:
+                return pages[len(pages) // 2]
             image.load()
             return image.copy()
     except PIL.Image.DecompressionBombError as error:
         raise UploadError(f"{name}: the image is too large to open ({error}).") from error
     except (PIL.UnidentifiedImageError, OSError, ValueError, SyntaxError) as error:
-        raise UploadError(f"{name} is not a readable JPEG or PNG image (it may be corrupt or truncated).") from error
+        raise UploadError(f"{name} is not a readable image (it may be corrupt or truncated).") from error
 
 
 def _patch_positions(size: int, patch_size: int, stride: int) -> List[int]:
@@ -223,7 +231,7 @@ def load_demo_model(model: Union[str, os.PathLike, MicDiffRepForImageClassificat
                 hint = (" (it is not in the local cache; to download it pass local_files_only=False, or "
                         "--allow_download to `mic-diffrep demo`)") if local_files_only else ""
                 raise FileNotFoundError(f"Cannot load a classifier from {name!r}: not a local folder, nor a Hub id "
-                                        f"that loads{hint}.") from error
+                                        f"that loads ({error_summary(error)}){hint}.") from error
         processor = processor if processor is not None else folder_processor
     elif processor is None and isinstance(model, MicDiffRepForImageClassification):
         processor = MicDiffRepImageProcessor(resolution=model.config.resolution)
@@ -237,14 +245,49 @@ def _escape_markdown(text: str) -> str:
     return re.sub(r"([\\`*_{}\[\]<>#|~])", r"\\\1", text)
 
 
+class _CollectWarnings(logging.Handler):
+    """The warnings mic-diffrep logs while a file is read (a 4-D NIfTI's volumes beyond the first, ...), for the page."""
+
+    def __init__(self):
+        super().__init__(logging.WARNING)
+        self.messages = []
+
+    def emit(self, record):
+        self.messages.append(record.getMessage())
+
+    def __enter__(self):
+        logging.getLogger("mic_diffrep").addHandler(self)
+        return self
+
+    def __exit__(self, *exc):
+        logging.getLogger("mic_diffrep").removeHandler(self)
+
+
+def _what_was_read(image, path: str, notes: List[str], model_input: PIL.Image.Image) -> str:
+    """What the status line says besides the prediction: which slice of a file was classified, the warnings of
+    reading it (server paths cut to the file's name), and a blank image (one grey level) that says nothing."""
+    name = os.path.basename(path)
+    lines = [note.replace(path, name) for note in notes]
+    if isinstance(image, MedicalSlice) and image.slice_index is not None:
+        lines.insert(0, f"Classified slice index {image.slice_index} of the file's {image.num_slices} (the middle of "
+                        f"the slices the model reads).")
+    low, high = model_input.getextrema()
+    if low == high:
+        lines.append("The model input is blank (one grey level): its prediction says nothing about the image.")
+    return "".join(f"\n\n{_escape_markdown(line)}" for line in lines)
+
+
 def build_demo(model: Union[str, os.PathLike, MicDiffRepForImageClassification],
                processor: Optional[MicDiffRepImageProcessor] = None, title: Optional[str] = None,
-               local_files_only: bool = True, patch_size: Optional[int] = None) -> "gradio.Blocks":
+               local_files_only: bool = True, patch_size: Optional[int] = None,
+               delete_cache: Optional[Tuple[int, int]] = DELETE_CACHE) -> "gradio.Blocks":
     """The demo page for a classifier (a model, a local folder or a Hub id, see [`load_demo_model`]).
 
     Layout: the upload ("MRI slice"), a "Classify" button and a status line on the left; "Model input",
     "Class probabilities" and "Occlusion saliency" on the right. Unreadable uploads show their problem in the status
-    line. `patch_size` is the occlusion patch (default: an eighth of the model's resolution).
+    line. `patch_size` is the occlusion patch (default: an eighth of the model's resolution). `delete_cache`:
+    gradio's `(frequency, age)` in seconds: uploads and shown images older than `age` are deleted from the server
+    every `frequency`, and all of them when it stops (default `DELETE_CACHE`, 10 minutes; `None` keeps them).
     """
     import gradio as gr
 
@@ -259,7 +302,9 @@ def build_demo(model: Union[str, os.PathLike, MicDiffRepForImageClassification],
         if not path:
             return *empty, "Upload a file first."
         try:
-            model_input, probabilities, overlay = explain(model, processor, read_upload(path, slices), patch_size)
+            with _CollectWarnings() as read_warnings:
+                image = read_upload(path, slices)
+            model_input, probabilities, overlay = explain(model, processor, image, patch_size)
         except UploadError as error:
             return *empty, f"**Could not read the upload.** {_escape_markdown(str(error))}"
         except Exception as error:  # shown as one line on the page; the traceback goes to the server log
@@ -269,12 +314,16 @@ def build_demo(model: Union[str, os.PathLike, MicDiffRepForImageClassification],
         top = max(probabilities, key=probabilities.get)
         return model_input, probabilities, overlay, (
             f"**Prediction: {_escape_markdown(top)}** ({probabilities[top]:.1%}). Red in the saliency map: the "
-            f"regions whose occlusion lowers this probability the most.")
+            f"regions whose occlusion lowers this probability the most."
+            f"{_what_was_read(image, path, read_warnings.messages, model_input)}")
 
-    with gr.Blocks(title=title) as demo:
-        gr.Markdown(f"# {title}\nUpload an MRI slice (JPEG, PNG, DICOM `.dcm` / `.dicom` or NIfTI `.nii` / "
-                    f"`.nii.gz`; of a volume, the middle of the slices the model reads). Classes: {', '.join(labels)}. A frozen "
-                    f"diffusion UNet's features with an MSFA head; a research demo, not a medical device.")
+    retention = (f" Uploads are deleted from the server after {delete_cache[1] // 60 or 1} minute(s), and when it "
+                 f"stops." if delete_cache else "")
+    with gr.Blocks(title=title, delete_cache=delete_cache) as demo:
+        gr.Markdown(f"# {title}\nUpload an MRI slice (JPEG, PNG, TIFF, DICOM `.dcm` / `.dicom` or NIfTI `.nii` / "
+                    f"`.nii.gz`; of a volume, the middle of the slices the model reads). Classes: "
+                    f"{', '.join(labels)}. A frozen diffusion UNet's features with an MSFA head; a research demo, not "
+                    f"a medical device.{retention}")
         with gr.Row():
             with gr.Column():
                 # no file_types: a DICOM file without an extension (IM0001) could not be chosen; read_upload checks

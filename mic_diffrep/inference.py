@@ -38,6 +38,23 @@ from .utils import error_summary, model_folder, precision_dtype, progress_interv
 logger = logging.getLogger(__name__)
 
 
+def not_a_classifier(path: str) -> Optional[str]:
+    """What a folder people mistake for a classifier folder is, and which folder to give instead, as a sentence (a
+    `mic-diffrep run` folder, or a pretrained pipeline); `None` for any other folder."""
+    run_model = os.path.join(path, "model")
+    if os.path.isfile(os.path.join(path, "pretrain", "model_index.json")):
+        return (f"{path!r} is a `mic-diffrep run` folder: its classifier is {run_model!r}"
+                + ("." if os.path.isfile(os.path.join(run_model, "config.json")) else
+                   ", which its probe has not written yet (run the same command again to finish it)."))
+    if os.path.isfile(os.path.join(path, "model_index.json")):
+        beside = os.path.join(os.path.dirname(os.path.abspath(path)), "model")
+        if os.path.isfile(os.path.join(beside, "config.json")):
+            return f"{path!r} is a pretrained pipeline, not a classifier: the classifier of its run is {beside!r}."
+        return (f"{path!r} is a pretrained pipeline, not a classifier: make one from it with `mic-diffrep probe "
+                f"--pretrained {path} --data_dir DATA_DIR --output_dir runs/model`.")
+    return None
+
+
 def load_classifier(model_dir: str, mixed_precision: Optional[str] = None):
     """The model and image processor of a folder written by `mic-diffrep probe` / `run`; `mixed_precision="bf16"`
     loads the UNet in bf16 (the head and the standardisation stay float32, as in the probe). By default the UNet runs
@@ -49,8 +66,8 @@ def load_classifier(model_dir: str, mixed_precision: Optional[str] = None):
         if os.path.isfile(os.path.join(model_dir, "results.json")):  # a baseline's probe: scored, not exported
             raise FileNotFoundError(f"{model_dir!r} holds a probe's results but no model (config.json): a baseline "
                                     f"encoder's probe is scored only; a MicDiffRep probe writes a classifier.")
-        raise FileNotFoundError(f"Model folder {model_dir!r} has no config.json; train one with `mic-diffrep probe` "
-                                f"or `mic-diffrep run`.")
+        raise FileNotFoundError(not_a_classifier(model_dir) or f"Model folder {model_dir!r} has no config.json; "
+                                f"train one with `mic-diffrep probe` or `mic-diffrep run`.")
     try:
         if mixed_precision is None:
             mixed_precision = getattr(AutoConfig.from_pretrained(model_dir), "mixed_precision", "no")

@@ -389,6 +389,30 @@ def test_commands_take_hub_repository_ids_as_from_pretrained_does(model_dir, kag
         "Model folder 'runs/modle' does not exist; train one with `mic-diffrep probe` or `mic-diffrep run`.")
 
 
+def test_a_run_or_pipeline_folder_given_as_the_model_names_the_classifier_folder(model_dir, tmp_path, capsys):
+    """`predict`, `evaluate` and `demo --model runs/mic-diffrep` (or its pretrain/) said "has no config.json; train one
+    with `mic-diffrep probe` or `mic-diffrep run`" to a user who had just run `run`; `generate` names the folder."""
+    run = tmp_path / "run"
+    DiffusionFeaturePipeline(create_unet(16, "tiny"), create_scheduler()).save_pretrained(run / "pretrain")
+    image = tmp_path / "slice.png"
+    PIL.Image.new("L", (16, 16), 50).save(image)
+
+    def error(model):
+        with pytest.raises(SystemExit):
+            cli(["predict", "--model", str(model), str(image)])
+        return capsys.readouterr().err.strip().splitlines()[-1]
+
+    assert "is a `mic-diffrep run` folder: its classifier is" in error(run) and "not written yet" in error(run)
+    assert f"make one from it with `mic-diffrep probe --pretrained {run / 'pretrain'}" in error(run / "pretrain")
+    shutil.copytree(model_dir, run / "model")
+    assert error(run).endswith(f"its classifier is {str(run / 'model')!r}.")
+    assert error(run / "pretrain").endswith(f"the classifier of its run is {str(run / 'model')!r}.")
+    from mic_diffrep.demo import load_demo_model
+
+    with pytest.raises(FileNotFoundError, match="is a `mic-diffrep run` folder"):
+        load_demo_model(str(run))
+
+
 def test_a_relative_data_folder_is_published_by_its_name(kaggle_folder, tmp_path, monkeypatch):
     """`probe --data_dir ../data/kaggle` uploaded "Test split: the test split of ../data/kaggle" in its card and
     results: the results record the folder as an absolute path, which publishing cuts, while the split's description

@@ -60,7 +60,7 @@ def test_read_upload_images_and_readable_errors(tmp_path, sample_slice):
     assert read_upload(sample_slice).size == PIL.Image.open(sample_slice).size
     bad = tmp_path / "notes.png"
     bad.write_text("not an image")
-    with pytest.raises(UploadError, match="notes.png is not a readable JPEG or PNG"):
+    with pytest.raises(UploadError, match="notes.png is not a readable image"):
         read_upload(bad)
     with pytest.raises(UploadError, match="unsupported file type"):
         read_upload(tmp_path / "notes.txt")
@@ -225,12 +225,42 @@ def test_demo_page_in_headless_chromium(classifier_folder, sample_slice, tmp_pat
                 page = open_and_upload(browser, url, str(bad))
                 page.locator("#classify").click()
                 sync_api.expect(page.locator("#status")).to_contain_text(
-                    "not-an-image.png is not a readable JPEG or PNG image", timeout=TIMEOUT_MS)
+                    "not-an-image.png is not a readable image", timeout=TIMEOUT_MS)
                 assert "Traceback" not in page.locator("body").inner_text()
             finally:
                 browser.close()
     finally:
         demo.close()
+
+
+def test_tiff_uploads_and_what_the_status_line_says(classifier_folder, tmp_path, sample_slice, caplog):
+    """The page refused TIFF (and .jpe) files, which predict reads; it did not say which slice of a volume it
+    classified, nor what reading the file warned about, and called a blank image glioma at 99% without a word."""
+    stack = [PIL.Image.new("L", (RESOLUTION, RESOLUTION), value) for value in (10, 200, 30)]
+    stack[0].save(tmp_path / "stack.tif", save_all=True, append_images=stack[1:])
+    assert read_upload(tmp_path / "stack.tif").getextrema() == (200, 200)  # the middle page, as of a volume
+    shutil.copy(sample_slice, tmp_path / "slice.jpe")
+    assert read_upload(tmp_path / "slice.jpe").size == PIL.Image.open(sample_slice).size
+
+    demo = build_demo(classifier_folder, patch_size=16)
+    classify = next(function.fn for function in demo.fns.values() if function.name == "classify")
+    assert "blank (one grey level)" in classify(str(tmp_path / "stack.tif"))[-1]
+    assert "blank" not in classify(sample_slice)[-1]
+    nifti = pytest.importorskip("nibabel")
+    volume = np.random.default_rng(0).normal(100, 30, (16, 16, 5, 2)).astype(np.float32)  # two volumes in time
+    path = tmp_path / "series.nii.gz"
+    nifti.Nifti1Image(volume, np.eye(4)).to_filename(str(path))
+    status = classify(str(path))[-1]
+    assert "Classified slice index 2 of the file's 5" in status
+    assert "series.nii.gz: a series of 2 volumes; only the first (t = 0) is read" in status
+    assert str(tmp_path) not in status  # no server paths on the page
+
+
+def test_uploads_are_deleted_from_the_server(classifier_folder):
+    """Uploads (a DICOM file holds the patient's name) stayed in gradio's cache on the server's disk, also after it
+    stopped."""
+    assert build_demo(classifier_folder).delete_cache == (600, 600)
+    assert build_demo(classifier_folder, delete_cache=None).delete_cache is None
 
 
 def test_dicom_uploads_named_dicom_or_without_an_extension(tmp_path):
