@@ -8,6 +8,8 @@ copies it into the pipeline's folder, which plain diffusers then loads with
 """
 
 import contextlib
+import inspect
+import numbers
 import os
 import shutil
 import tempfile
@@ -382,6 +384,7 @@ class DiffusionFeaturePipeline(DiffusionPipeline):
         num_inference_steps: int = 1000,
         output_type: str = "pil",
         return_dict: bool = True,
+        eta: float = 0.0,
     ) -> Union[ImagePipelineOutput, Tuple]:
         r"""
         Generates images by reverse diffusion with the pipeline's scheduler (DDPM, 1000 steps, as in the paper).
@@ -393,12 +396,26 @@ class DiffusionFeaturePipeline(DiffusionPipeline):
             output_type (`str`, defaults to `"pil"`): `"pil"` (grey PIL images), `"np"` (`(N, H, W, 1)` in [0, 1])
                 or `"pt"` (`(N, 1, H, W)` in [0, 1]).
             return_dict (`bool`, defaults to `True`): return an [`ImagePipelineOutput`] rather than a tuple.
+            eta (`float`, defaults to 0.0): the DDIM paper's eta (0: deterministic DDIM) for a scheduler that takes
+                one (`DDIMScheduler`), as `DDIMPipeline` takes it.
 
         Examples:
         """
         check_choice(output_type, ("pil", "np", "pt"), "output_type")
-        if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+        if isinstance(batch_size, bool) or not isinstance(batch_size, numbers.Integral) or batch_size < 1:
             raise ValueError(f"`batch_size` must be a positive integer, got {batch_size!r}.")
+        batch_size = int(batch_size)
+        num_train_timesteps = self.scheduler.config.num_train_timesteps
+        if (isinstance(num_inference_steps, bool) or not isinstance(num_inference_steps, numbers.Integral)
+                or not 1 <= num_inference_steps <= num_train_timesteps):
+            raise ValueError(f"`num_inference_steps` must be an integer in [1, {num_train_timesteps}] (the timesteps "
+                             f"the pipeline was trained on), got {num_inference_steps!r}.")
+        step_kwargs = {"generator": generator}
+        if "eta" in inspect.signature(self.scheduler.step).parameters:
+            step_kwargs["eta"] = eta
+        elif eta:
+            raise ValueError(f"`eta` is taken by DDIM sampling; the pipeline's {type(self.scheduler).__name__} has "
+                             f"none (`pipe.scheduler = DDIMScheduler.from_config(pipe.scheduler.config)`).")
         if isinstance(generator, list) and len(generator) != batch_size:
             raise ValueError(f"You have passed a list of generators of length {len(generator)}, but requested an "
                              f"effective batch size of {batch_size}. Make sure the batch size matches the length of "
@@ -411,7 +428,7 @@ class DiffusionFeaturePipeline(DiffusionPipeline):
         clean_estimate = torch.zeros_like(image) if is_self_conditioned(self.unet) else None
 
         # 2. Set the timesteps
-        self.scheduler.set_timesteps(num_inference_steps)
+        self.scheduler.set_timesteps(int(num_inference_steps))
 
         with eval_mode(self.unet):  # without dropout, as the saved pipeline samples
             for t in self.progress_bar(self.scheduler.timesteps, desc="Sampling"):
@@ -419,7 +436,7 @@ class DiffusionFeaturePipeline(DiffusionPipeline):
                 model_input = image if clean_estimate is None else torch.cat([image, clean_estimate], dim=1)
                 model_output = self.unet(model_input.to(self.unet.dtype), t).sample.float()
                 # 4. Compute the previous noisy sample x_t -> x_t-1
-                step = self.scheduler.step(model_output, t, image, generator=generator)
+                step = self.scheduler.step(model_output, t, image, **step_kwargs)
                 image = step.prev_sample
                 if clean_estimate is not None:
                     clean_estimate = step.pred_original_sample.clamp(-1, 1)

@@ -18,7 +18,7 @@ import torch
 
 from conftest import parse, write_class_folder
 from mic_diffrep import (DiffusionFeaturePipeline, MicDiffRepConfig, MicDiffRepForImageClassification,
-                         MicDiffRepImageProcessor, create_scheduler, create_unet)
+                         MicDiffRepImageProcessor, create_scheduler, create_unet, save_image_grid)
 from mic_diffrep.commands import main as cli
 from mic_diffrep.commands.base import run_guarded
 from mic_diffrep.models.baselines import create_baseline, save_baseline
@@ -540,6 +540,26 @@ def test_only_the_first_process_of_a_launch_logs_progress(monkeypatch):
     assert log_level() == logging.INFO
     monkeypatch.setenv("LOCAL_RANK", "1")  # torchrun's second process: warnings and errors only
     assert log_level() == logging.WARNING
+
+
+def test_generate_samples_with_ddpm_as_it_says_and_names_its_flag(tmp_path, capsys):
+    """`generate` (--scheduler ddpm, "the pipeline's own") sampled with DDIM from a pipeline saved with a
+    DDIMScheduler; too many steps failed in diffusers' words, without the flag."""
+    from diffusers import DDIMScheduler
+
+    pipe = DiffusionFeaturePipeline(create_unet(16, "tiny"), create_scheduler())
+    ddpm = pipe(batch_size=2, num_inference_steps=3, output_type="np",
+                generator=torch.Generator().manual_seed(0)).images
+    pipe.scheduler = DDIMScheduler.from_config(pipe.scheduler.config)
+    pipe.save_pretrained(tmp_path / "pipe")
+    generate = ["generate", "--pretrained", str(tmp_path / "pipe"), "--num_images", "2", "--seed", "0",
+                "--mixed_precision", "no", "--output", str(tmp_path / "grid.png")]
+    cli(generate + ["--num_inference_steps", "3"])
+    grid = np.asarray(PIL.Image.open(tmp_path / "grid.png"))
+    assert np.array_equal(grid, np.asarray(save_image_grid(ddpm, str(tmp_path / "ddpm.png"))))
+    with pytest.raises(SystemExit):
+        cli(generate + ["--num_inference_steps", "2000"])
+    assert "--num_inference_steps 2000: the pipeline was trained on 1000 timesteps" in capsys.readouterr().err
 
 
 def test_output_paths_are_checked_before_the_work(model_dir, unlabelled_folder, tmp_path, capsys, monkeypatch):

@@ -358,6 +358,23 @@ def test_generation_shapes_ranges_and_ddim(pipe, tmp_path):
     assert grid.size == (16 * 3, 16) and os.path.isfile(tmp_path / "grid.png")
 
 
+def test_sampling_arguments_as_diffusers_pipelines_take_them(pipe):
+    """`num_inference_steps=0` failed with a bare ZeroDivisionError and 2000 in diffusers' words; a numpy batch
+    size, which DDPMPipeline takes, was refused; DDIM sampling had no `eta`, as DDIMPipeline has."""
+    for steps in (0, 2000):
+        with pytest.raises(ValueError, match=rf"`num_inference_steps` must be an integer in \[1, 1000\].*got {steps}"):
+            pipe(num_inference_steps=steps)
+    assert len(pipe(batch_size=np.int64(2), num_inference_steps=2).images) == 2
+    with pytest.raises(ValueError, match="`eta` is taken by DDIM sampling; the pipeline's DDPMScheduler has none"):
+        pipe(num_inference_steps=2, eta=1.0)
+    pipe.scheduler = DDIMScheduler.from_config(pipe.scheduler.config)
+    deterministic, stochastic = (pipe(num_inference_steps=5, output_type="pt", eta=eta,
+                                      generator=torch.Generator().manual_seed(0)).images for eta in (0.0, 1.0))
+    assert not torch.equal(deterministic, stochastic)  # eta reaches the scheduler
+    assert torch.equal(deterministic, pipe(num_inference_steps=5, output_type="pt",
+                                           generator=torch.Generator().manual_seed(0)).images)
+
+
 def extraction_settings(pipe, timesteps, layers, **kwargs):
     extractor = DiffusionFeatureExtractor(pipe)
     return extractor.cache_settings(extractor.resolve(FeatureArguments(timesteps=timesteps, layers=layers, **kwargs)))

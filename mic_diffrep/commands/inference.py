@@ -6,7 +6,7 @@ import sys
 
 import PIL.Image
 import torch
-from diffusers import DDIMScheduler
+from diffusers import DDIMScheduler, DDPMScheduler
 
 from ..data.medical import add_slice_arguments
 from ..features import load_pipeline
@@ -88,7 +88,12 @@ def generate(namespace) -> None:
     pipe.to(precision_dtype(namespace.mixed_precision))
     if namespace.scheduler == "ddim":
         pipe.scheduler = DDIMScheduler.from_config(pipe.scheduler.config)
+    elif not isinstance(pipe.scheduler, DDPMScheduler):  # a pipeline saved with another sampler: DDPM, as it says
+        pipe.scheduler = DDPMScheduler.from_config(pipe.scheduler.config)
     steps = namespace.num_inference_steps or (50 if namespace.scheduler == "ddim" else 1000)
+    if steps > pipe.scheduler.config.num_train_timesteps:
+        raise ValueError(f"--num_inference_steps {steps}: the pipeline was trained on "
+                         f"{pipe.scheduler.config.num_train_timesteps} timesteps, the most it can take.")
     images = pipe(batch_size=namespace.num_images, generator=torch.Generator().manual_seed(namespace.seed),
                   num_inference_steps=steps, output_type="np").images
     save_image_grid(images, namespace.output)
