@@ -145,16 +145,22 @@ def create_accelerator(**kwargs):
     accelerator = Accelerator(**kwargs)
     check_mixed_precision(accelerator.mixed_precision, accelerator.device)
     if accelerator.device.type == "cpu":
-        _warn_unused_cores(accelerator.num_processes)
+        _check_cpu_threads(accelerator.num_processes)
     return accelerator
 
 
-def _warn_unused_cores(num_processes: int) -> None:
-    """`accelerate launch` without `--num_cpu_threads_per_process` sets OMP_NUM_THREADS=1: on a CPU that leaves
-    cores idle (one process on 2 cores trains at about 0.57x)."""
+def _check_cpu_threads(num_processes: int) -> None:
+    """Warns about torch threads that do not fit the CPU cores: `accelerate launch` without
+    `--num_cpu_threads_per_process` sets OMP_NUM_THREADS=1, which leaves cores idle (one process on 2 cores trains at
+    about 0.57x), and more threads than cores over all processes spin against each other (up to 10x slower)."""
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
     per_process = max(cores // max(num_processes, 1), 1)
-    if torch.get_num_threads() < per_process and os.environ.get("OMP_NUM_THREADS"):
+    if torch.get_num_threads() * num_processes > cores:
+        logging.getLogger(__name__).warning(
+            "Running %d process(es) x %d torch thread(s) on %d CPU cores: threads beyond the cores spin against each "
+            "other (up to 10x slower). For full speed: `accelerate launch --num_cpu_threads_per_process %d ...` "
+            "(or OMP_NUM_THREADS=%d).", num_processes, torch.get_num_threads(), cores, per_process, per_process)
+    elif torch.get_num_threads() < per_process and os.environ.get("OMP_NUM_THREADS"):
         logging.getLogger(__name__).warning(
             "Running on %d torch thread(s) per process with %d CPU cores for %d process(es): OMP_NUM_THREADS=%s "
             "(which `accelerate launch` sets to 1 unless told otherwise). For full speed: `accelerate launch "

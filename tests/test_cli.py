@@ -228,6 +228,15 @@ def test_unknown_flags_are_named_by_their_subcommand_and_dashed_flags_work_every
     assert "usage: mic-diffrep predict" in err
     namespace = build_parser().parse_args(["run", "--probe-epochs", "3", "--hidden-size", "8"])
     assert (namespace.probe_epochs, namespace.hidden_size) == (3, 8)
+    # Flags of diffusers' train_unconditional.py spelled otherwise here say what to give instead
+    with pytest.raises(SystemExit):
+        main(["pretrain", "--train_data_dir", "x", "--center_crop", "--random_flip"])
+    assert ("--center_crop -> --resize_mode center_crop; --random_flip -> nothing (random flips are on by default"
+            in capsys.readouterr().err)
+    repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    script = subprocess.run([sys.executable, os.path.join(repo, "training", "pretrain.py"), "--train_data_dir", "x",
+                             "--dataset_name", "me/mri"], capture_output=True, text=True)
+    assert script.returncode == 2 and "--dataset_name -> --train_data_dir (a local image folder" in script.stderr
 
 
 def test_bad_config_is_named(tmp_path, capsys):

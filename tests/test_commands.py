@@ -271,6 +271,12 @@ def test_a_cpu_run_warns_when_accelerate_leaves_cores_idle(monkeypatch, caplog):
     monkeypatch.setattr("torch.get_num_threads", lambda: 2)
     create_accelerator()
     assert "num_cpu_threads_per_process" not in caplog.text
+    # Two processes of 2 threads each on 2 cores: the threads spin against each other (nothing was said)
+    from mic_diffrep.utils import _check_cpu_threads
+
+    _check_cpu_threads(2)
+    assert "2 process(es) x 2 torch thread(s) on 2 CPU cores" in caplog.text
+    assert "--num_cpu_threads_per_process 1" in caplog.text
 
 
 def test_generate_on_a_baseline_folder_is_a_clear_error(tmp_path, capsys):

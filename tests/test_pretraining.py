@@ -377,6 +377,65 @@ def test_resuming_with_other_settings_is_a_clear_error_that_keeps_the_checkpoint
     assert os.path.isdir(os.path.join(out, "checkpoint-2"))
 
 
+def test_resuming_on_other_images_is_refused_and_the_same_images_elsewhere_resume(unlabelled_folder, tmp_path):
+    """A checkpoint resumed with another --train_data_dir trained its last steps on other images without a word (and
+    a finished run resumed that way replaced its weights by an earlier checkpoint's); the data was not recorded."""
+    out = str(tmp_path / "out")
+    main(tiny_args(unlabelled_folder, out, "--max_train_steps", "2", "--checkpointing_steps", "2"))
+    fewer = tmp_path / "fewer"
+    shutil.copytree(unlabelled_folder, fewer)
+    for name in sorted(os.listdir(fewer))[:4]:
+        os.remove(fewer / name)
+    weights = unet_weights(out)
+    with pytest.raises(ValueError, match=r"checkpoint-2' was trained on other images \(24 then, 20 now"):
+        main(tiny_args(str(fewer), out, "--max_train_steps", "4", "--resume_from_checkpoint", "latest"))
+    assert all(torch.equal(weights[k], v) for k, v in unet_weights(out).items())  # nothing was changed
+    moved = tmp_path / "moved"  # the same images staged elsewhere resume as they are
+    shutil.copytree(unlabelled_folder, moved)
+    assert main(tiny_args(str(moved), out, "--max_train_steps", "4", "--resume_from_checkpoint",
+                          "latest"))["global_step"] == 4
+
+
+def test_a_second_ctrl_c_while_saving_leaves_no_half_written_checkpoint(unlabelled_folder, tmp_path, caplog,
+                                                                      monkeypatch):
+    """Two Ctrl-C in a row (the second during the checkpoint's save) left `checkpoint-N.tmp`, which later runs kept,
+    and said only "interrupted", not which checkpoint there is to resume from."""
+    from accelerate import Accelerator
+
+    out = tmp_path / "out"
+    save_state = Accelerator.save_state
+
+    def interrupted_at_step_2(self, folder, *args, **kwargs):
+        if folder.endswith("checkpoint-2.tmp"):
+            os.makedirs(folder)
+            raise KeyboardInterrupt
+        return save_state(self, folder, *args, **kwargs)
+
+    monkeypatch.setattr(Accelerator, "save_state", interrupted_at_step_2)
+    with caplog.at_level("WARNING"), pytest.raises(KeyboardInterrupt):
+        main(tiny_args(unlabelled_folder, str(out), "--max_train_steps", "3", "--checkpointing_steps", "1"))
+    assert sorted(os.listdir(out / "checkpoint-1")) and not (out / "checkpoint-2.tmp").exists()
+    assert "Stopped while saving checkpoint-2, which was not saved; the latest checkpoint is checkpoint-1" in caplog.text
+    monkeypatch.setattr(Accelerator, "save_state", save_state)
+    (out / "checkpoint-7.tmp").mkdir()  # what a run killed while saving leaves
+    main(tiny_args(unlabelled_folder, str(out), "--max_train_steps", "3", "--checkpointing_steps", "1",
+                   "--resume_from_checkpoint", "latest"))
+    assert not (out / "checkpoint-7.tmp").exists()
+
+
+def test_epochs_completed_counts_whole_epochs(unlabelled_folder, tmp_path, caplog):
+    """A run stopped within an epoch (--max_train_steps, a time budget) counted it as completed. A warm-up longer
+    than the run left the learning rate below the one the card states, without a word."""
+    for steps, epochs in (("5", 0), ("6", 1), ("14", 2)):  # 24 images in batches of 4: 6 steps an epoch
+        with caplog.at_level("WARNING"):
+            summary = main(tiny_args(unlabelled_folder, str(tmp_path / steps), "--max_train_steps", steps,
+                                     "--lr_warmup_steps", "10", "--learning_rate", "0.001"))
+        assert summary["epochs_completed"] == epochs, steps
+        assert ("--lr_warmup_steps 10 is longer than the run's 5 steps: the learning rate ends its warm-up at 0.0005"
+                in caplog.text) == (steps == "5")
+        caplog.clear()
+
+
 def test_resuming_on_another_number_of_processes_is_a_clear_error(unlabelled_folder, tmp_path, monkeypatch):
     # The learning-rate schedule steps once per process: resumed on 1 process, a 2-process run's cosine schedule ran
     # past its end and the learning rate climbed back up.

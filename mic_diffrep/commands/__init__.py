@@ -20,7 +20,7 @@ from typing import List, Optional
 from transformers import HfArgumentParser
 
 from . import check_leakage, demo, extract, inference, pretrain, probe, run
-from .base import HelpFormatter, configure_logging, run_guarded
+from .base import HelpFormatter, configure_logging, run_guarded, unrecognized
 from .run import RUN_DEFAULTS, RUN_PRESETS, SAMPLE_DATA_DIR
 
 
@@ -54,7 +54,7 @@ def main(argv: Optional[List[str]] = None):
     parser = build_parser()
     namespace, unknown = parser.parse_known_args(argv)
     if unknown:  # named by the subcommand, with its usage (the top-level parser's said "mic-diffrep SUBCOMMAND ...")
-        parser.subcommands[namespace.command].error(f"unrecognized arguments: {' '.join(unknown)}")
+        parser.subcommands[namespace.command].error(unrecognized(unknown))
     return run_guarded(f"mic-diffrep {namespace.command}", namespace.func, namespace)
 
 

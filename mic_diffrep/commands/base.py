@@ -5,7 +5,7 @@ import dataclasses
 import logging
 import sys
 import warnings
-from typing import Callable, Optional, Sequence, Type, TypeVar
+from typing import Callable, List, Optional, Sequence, Type, TypeVar
 
 import torch.distributed
 from transformers import HfArgumentParser
@@ -58,6 +58,25 @@ class DeprecatedFlag(argparse.Action):
         warnings.warn(f"{option_string} is deprecated and will be removed: use {self.new_flag}.", FutureWarning,
                       stacklevel=2)
         setattr(namespace, self.dest, values)
+
+
+# Flags of diffusers' `train_unconditional.py` spelled otherwise here: what to give instead.
+FOREIGN_FLAGS = {
+    "--center_crop": "--resize_mode center_crop",
+    "--random_flip": "nothing (random flips are on by default; --no_random_flip turns them off)",
+    "--dataset_name": "--train_data_dir (a local image folder; Hub datasets are not downloaded)",
+}
+
+
+def unrecognized(unknown: List[str]) -> str:
+    """argparse's "unrecognized arguments" message, with what to give instead of a flag of diffusers' scripts.
+
+    >>> unrecognized(["--center_crop", "--epochs", "3"])
+    'unrecognized arguments: --center_crop --epochs 3 (here: --center_crop -> --resize_mode center_crop)'
+    """
+    hints = [f"{flag} -> {FOREIGN_FLAGS[flag]}" for flag in dict.fromkeys(arg.split("=")[0] for arg in unknown)
+             if flag in FOREIGN_FLAGS]
+    return f"unrecognized arguments: {' '.join(unknown)}" + (f" (here: {'; '.join(hints)})" if hints else "")
 
 
 def settings_from(cls: Type[T], namespace: argparse.Namespace) -> T:
@@ -117,6 +136,8 @@ def script_main(prog: str, settings_class: Type[T], function: Callable[[T], obje
     same messages and exit codes as the `mic-diffrep` subcommand."""
     configure_logging()
     parser = HfArgumentParser(settings_class, prog=prog, description=description, formatter_class=HelpFormatter)
-    namespace = parser.parse_args(argv)
+    namespace, unknown = parser.parse_known_args(argv)
+    if unknown:
+        parser.error(unrecognized(unknown))
     settings = run_guarded(prog, settings_from, settings_class, namespace)
     return run_guarded(prog, function, settings)

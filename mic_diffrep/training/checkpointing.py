@@ -4,10 +4,12 @@ Everything is written under a temporary name and renamed, so a run killed at any
 checkpoint (and the previous model files) intact and loadable.
 """
 
+import hashlib
 import json
 import logging
 import os
 import pickle
+import re
 import shutil
 import time
 from typing import Optional
@@ -102,7 +104,16 @@ def save_training_state(accelerator, output_dir: str, global_step: int, epoch: i
     if accelerator.is_main_process:
         shutil.rmtree(tmp, ignore_errors=True)  # left over by a run killed while saving
     accelerator.wait_for_everyone()
-    accelerator.save_state(tmp)
+    try:
+        accelerator.save_state(tmp)
+    except KeyboardInterrupt:  # a second Ctrl-C while saving: no half-written folder is left behind
+        if accelerator.is_main_process:
+            shutil.rmtree(tmp, ignore_errors=True)
+            latest = _latest_checkpoint(output_dir)
+            logger.warning("Stopped while saving checkpoint-%d, which was not saved; %s", global_step,
+                           f"the latest checkpoint is {os.path.basename(latest)}" if latest else "there is no "
+                           "checkpoint to resume from")
+        raise
     if accelerator.is_main_process:
         with open(os.path.join(tmp, TRAINING_STATE_FILE), "w", encoding="utf-8") as f:
             json.dump({"global_step": global_step, "epoch": epoch, "batches_done": batches_done,
@@ -189,11 +200,24 @@ def check_new_run(output_dir: str, resume_from_checkpoint: Optional[str], overwr
                          f"nothing was changed.")
 
 
-def resume_training_state(accelerator, output_dir: str, resume_from_checkpoint: Optional[str]):
+def images_record(pixels) -> dict:
+    """What a checkpoint records of its training images (`settings["images"]`): their number and a hash of their
+    decoded pixels, in order, wherever the files are (the same images staged to another disk resume alike)."""
+    array = pixels.contiguous().numpy() if hasattr(pixels, "numpy") else pixels
+    return {"num_images": len(pixels), "pixels": hashlib.sha256(memoryview(array).cast("B")).hexdigest()[:16]}
+
+
+def resume_training_state(accelerator, output_dir: str, resume_from_checkpoint: Optional[str],
+                          images: Optional[dict] = None):
     """Loads a checkpoint (a folder, or `"latest"` in `output_dir`); returns `(global_step, epoch, batches_done,
     totals)` (`totals`: what `save_training_state` recorded, empty for a new run or an older checkpoint). Its
     settings were compared with the run's by the run's arguments (`CommonPretrainingArguments`), before any data was
-    decoded."""
+    decoded; its training images (`images_record`, where it recorded them) are compared with `images` here."""
+    if accelerator.is_main_process and os.path.isdir(output_dir):  # saves a killed run left half-written
+        for name in os.listdir(output_dir):
+            if re.fullmatch(r"checkpoint-\d+\.tmp", name):
+                logger.info("Removing %s, a checkpoint an earlier run did not finish saving.", name)
+                shutil.rmtree(os.path.join(output_dir, name), ignore_errors=True)
     if not resume_from_checkpoint:
         earlier = _latest_checkpoint(output_dir)
         if earlier is not None:  # --overwrite_output_dir (`check_new_run` refuses it otherwise)
@@ -209,6 +233,12 @@ def resume_training_state(accelerator, output_dir: str, resume_from_checkpoint: 
     if not os.path.isdir(path):
         raise FileNotFoundError(f"`resume_from_checkpoint` {path!r} is not a checkpoint folder.")
     state = check_checkpoint(path)  # its number of processes was checked when the accelerator was made
+    saved_images = (state.get("settings") or {}).get("images")
+    if images is not None and saved_images is not None and saved_images != images:
+        raise ValueError(f"`resume_from_checkpoint` {path!r} was trained on other images ({saved_images['num_images']} "
+                         f"then, {images['num_images']} now: another --train_data_dir, or images added, removed or "
+                         f"changed since). Resume with the images it was trained on, or start a new run "
+                         f"(--overwrite_output_dir); the checkpoint is left as it is.")
     logger.info("Resuming from %s", path)
     try:
         accelerator.load_state(path)

@@ -316,7 +316,7 @@ def training_summary(state: TrainingState, args, accelerator, decoded, splits, m
         "num_processes": accelerator.num_processes,
         "mixed_precision": accelerator.mixed_precision,
         "global_step": state.global_step,
-        "epochs_completed": state.epoch + (0 if state.stop_reason == "interrupted" else 1),
+        "epochs_completed": state.epochs_completed,
         "stop_reason": summary_stop_reason(state, args),
         "final_loss": state.last_loss,
         "train_minutes": state.train_seconds / 60,

@@ -27,7 +27,8 @@ from tqdm.auto import tqdm
 from ..data import DecodedImages, PretrainingDataset, decode_images, load_image_folder, seed_for, select_splits
 from ..utils import create_accelerator, is_first_local_process, progress_interval
 from .arguments import CommonPretrainingArguments
-from .checkpointing import check_checkpoint, find_checkpoint, resume_training_state, save_training_state
+from .checkpointing import (check_checkpoint, find_checkpoint, images_record, resume_training_state,
+                            save_training_state)
 
 
 logger = logging.getLogger(__name__)
@@ -43,6 +44,7 @@ class TrainingState:
     train_seconds: float = 0.0
     last_loss: float = float("nan")
     stop_reason: Optional[str] = None
+    epochs_completed: int = 0  # epochs run to their last batch (a run stopped within one has not completed it)
     first_epoch_indices: List[int] = field(default_factory=list)  # images this process saw first: shards must not overlap
 
 
@@ -88,6 +90,11 @@ def plan_schedule(args: CommonPretrainingArguments, loader, optimizer, accelerat
     steps_per_epoch = math.ceil(batches_per_process / args.gradient_accumulation_steps)
     max_train_steps = args.max_train_steps or args.num_epochs * steps_per_epoch
     num_epochs = math.ceil(max_train_steps / steps_per_epoch)
+    if args.lr_warmup_steps > max_train_steps and accelerator.is_main_process:
+        logger.warning("--lr_warmup_steps %d is longer than the run's %d steps: the learning rate ends its warm-up at "
+                       "%.3g, not --learning_rate %g (fewer warm-up steps, or more steps, reach it).",
+                       args.lr_warmup_steps, max_train_steps,
+                       args.learning_rate * max_train_steps / args.lr_warmup_steps, args.learning_rate)
     # A prepared scheduler steps once per process at each optimizer step.
     lr_scheduler = get_scheduler(args.lr_scheduler, optimizer=optimizer,
                                  num_warmup_steps=args.lr_warmup_steps * accelerator.num_processes,
@@ -186,12 +193,13 @@ class _Interrupt:
 def train_one_epoch(state: TrainingState, accelerator, model, loader, dataset, optimizer, lr_scheduler,
                     args: CommonPretrainingArguments, max_train_steps: int, compute_loss: Callable,
                     after_step: Callable, skip_batches: int, progress, interrupt: _Interrupt, start_time: float,
-                    record_indices: bool) -> None:
+                    record_indices: bool, checkpoint_settings: dict) -> None:
     """One epoch of optimisation; sets `state.stop_reason` when the run must stop."""
     model.train()
     dataset.shuffle_for_epoch(state.epoch)
     batches = accelerator.skip_first_batches(loader, skip_batches) if skip_batches else loader
     epoch_start = time.time()
+    batches_done = skip_batches
     for batch_index, batch in enumerate(batches, start=skip_batches):
         if record_indices:
             state.first_epoch_indices.extend(batch["index"].tolist())
@@ -203,6 +211,7 @@ def train_one_epoch(state: TrainingState, accelerator, model, loader, dataset, o
                               f"epoch {state.epoch}, batch {batch_index} (step {state.global_step})")
         state.images_seen += accelerator.reduce(
             torch.tensor(len(batch["pixel_values"]), device=accelerator.device), reduction="sum").item()
+        batches_done = batch_index + 1
         if not accelerator.sync_gradients:
             continue
         state.global_step += 1
@@ -217,19 +226,21 @@ def train_one_epoch(state: TrainingState, accelerator, model, loader, dataset, o
                   "last_loss": state.last_loss}
         if state.global_step % args.checkpointing_steps == 0:
             save_training_state(accelerator, args.output_dir, state.global_step, state.epoch, batch_index + 1,
-                                args.checkpoints_total_limit, totals, args.checkpoint_settings())
+                                args.checkpoints_total_limit, totals, checkpoint_settings)
         state.stop_reason = stop_reason_for(accelerator, state.global_step, max_train_steps, start_time,
                                             args.time_budget_minutes, interrupt.requested)
         if state.stop_reason in ("interrupted", "time_budget_minutes") and \
                 state.global_step % args.checkpointing_steps:  # a run cut short can be resumed
             save_training_state(accelerator, args.output_dir, state.global_step, state.epoch, batch_index + 1,
-                                args.checkpoints_total_limit, totals, args.checkpoint_settings())
+                                args.checkpoints_total_limit, totals, checkpoint_settings)
         if state.stop_reason == "time_budget_minutes" and accelerator.is_main_process:
             logger.warning("Stopped by --time_budget_minutes %g after %d of %d steps; checkpoint-%d was saved: add "
                            "--resume_from_checkpoint latest to continue.", args.time_budget_minutes,
                            state.global_step, max_train_steps, state.global_step)
         if state.stop_reason:
             break
+    if batches_done == len(loader):
+        state.epochs_completed = state.epoch + 1
     state.train_seconds += time.time() - epoch_start
     accelerator.log({"epoch": state.epoch, "epoch_seconds": time.time() - epoch_start}, step=state.global_step)
 
@@ -247,11 +258,14 @@ def train(accelerator, model, loader, dataset, optimizer, lr_scheduler, args: Co
         end_of_epoch (`Callable[[TrainingState, bool], None]`): after each epoch but an interrupted one (sample
             grids, saving); the flag says whether it is the last one.
     """
+    # A checkpoint records the images it was trained on: a run resuming it on others is refused
+    images = images_record(dataset.pixels)
     global_step, first_epoch, resume_batches, totals = resume_training_state(accelerator, args.output_dir,
-                                                                             args.resume_from_checkpoint)
+                                                                             args.resume_from_checkpoint, images)
     state = TrainingState(global_step=global_step, epoch=first_epoch, images_seen=totals.get("images_seen", 0),
                           train_seconds=totals.get("train_seconds", 0.0),
-                          last_loss=totals.get("last_loss", float("nan")))
+                          last_loss=totals.get("last_loss", float("nan")), epochs_completed=first_epoch)
+    checkpoint_settings = {**args.checkpoint_settings(), "images": images}
     progress = tqdm(total=max_train_steps, initial=global_step, disable=not accelerator.is_local_main_process,
                     desc=desc, unit="step", mininterval=progress_interval())
     start_time = time.time()
@@ -267,7 +281,8 @@ def train(accelerator, model, loader, dataset, optimizer, lr_scheduler, args: Co
                 state.epoch = epoch
                 train_one_epoch(state, accelerator, model, loader, dataset, optimizer, lr_scheduler, args,
                                 max_train_steps, compute_loss, after_step, resume_batches if epoch == first_epoch
-                                else 0, progress, interrupt, start_time, record_indices=epoch == first_epoch)
+                                else 0, progress, interrupt, start_time, record_indices=epoch == first_epoch,
+                                checkpoint_settings=checkpoint_settings)
                 if state.stop_reason == "interrupted":
                     break
                 end_of_epoch(state, state.stop_reason is not None or epoch == num_epochs - 1)
