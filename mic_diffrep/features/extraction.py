@@ -48,8 +48,8 @@ def noise_seeds_for(num_images: int, noise: str, seed: int) -> torch.Tensor:
     raise ValueError(f"`noise` must be 'fixed' or 'per_image', got {noise!r}.")
 
 
-# Images per part of a resumable extraction: a part is saved once extracted, and a run stopped by then continues
-# from the parts saved (a multiple of the extraction batch sizes: parts are batched as the whole would be).
+# Images per part of a resumable extraction (rounded down to whole batches): a part is saved once extracted, and a
+# run stopped by then continues from the parts saved.
 PART_SIZE = 1024
 
 
@@ -94,8 +94,11 @@ def _extract_parts(extractor, pixels, args, accelerator, noise_seeds, parts_dir,
     """This process's parts of the images (whole parts per process), loaded where a part of the same key was saved,
     else extracted and saved; returns their features and the indices of their images."""
     key = _parts_key(settings, pixels, noise_seeds)
-    # Fewer images than a part per process: one part each, as the images would be split without parts
-    size = max(1, min(PART_SIZE, -(-len(pixels) // accelerator.num_processes)))
+    # Parts of whole batches (batched as the whole would be); fewer images than a part per process: one part each,
+    # as the images would be split without parts
+    batch_size = max(getattr(args, "batch_size", 1) or 1, 1)
+    size = max(batch_size, PART_SIZE // batch_size * batch_size)
+    size = max(1, min(size, -(-len(pixels) // accelerator.num_processes)))
     parts = [(start, min(start + size, len(pixels))) for start in range(0, len(pixels), size)]
     with accelerator.split_between_processes(parts) as mine:
         mine = list(mine)
