@@ -77,10 +77,10 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-from common import (DEFAULT_DATA_DIR, DIRECTIONS, MAX_IMAGES_HELP, REPO, Benchmark, cached_extract,  # noqa: E402
-                    command_line, environment_info, machine_line, output_prefix, positive_float, positive_int,
-                    pretrain_for_budget, probe_protocol, restore_calibration, run_main, slug, writable_folder,
-                    write_results)
+from common import (DEFAULT_DATA_DIR, DIRECTIONS, MAX_IMAGES_HELP, OVERWRITE_HELP, REPO, Benchmark,  # noqa: E402
+                    HelpFormatter, cached_extract, check_recorded_results, command_line, environment_info,
+                    machine_line, output_prefix, positive_float, positive_int, pretrain_for_budget, probe_protocol,
+                    restore_calibration, run_main, slug, unet_config, writable_folder, write_results)
 from mic_diffrep.features import DiffusionFeatureExtractor, FeatureArguments  # noqa: E402
 from mic_diffrep.probing import ProbeConfig  # noqa: E402
 
@@ -220,16 +220,17 @@ def validation_standard_error(sizes: Dict[str, int], accuracy: float) -> float:
 
 
 def parse_args():
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
     parser.add_argument("--data_dir", default=DEFAULT_DATA_DIR)
     parser.add_argument("--work_dir", type=writable_folder,
                         default=os.path.join(REPO, "runs", "benchmark"), help="Models and caches.")
     parser.add_argument("--output", type=output_prefix,
                         default=os.path.join(REPO, "benchmarks", "results", "ablations"))
     parser.add_argument("--proxy_minutes", type=positive_float, default=8.0, help="Pretraining budget of every recipe.")
-    parser.add_argument("--resolution", type=int, default=64)
-    parser.add_argument("--unet", default="base",
-                        help="UNet preset or config of every recipe that does not set one ('tiny' for smoke runs).")
+    parser.add_argument("--resolution", type=positive_int, default=64)
+    parser.add_argument("--unet", type=unet_config, default="base",
+                        help="UNet preset or config of every recipe that does not set one ('mini' for smoke runs: at "
+                             "64 px 'tiny' is slower, its attention at 32x32).")
     parser.add_argument("--max_images", type=positive_int, default=None, help=MAX_IMAGES_HELP)
     parser.add_argument("--levers", nargs="+", default=list(LEVERS), choices=list(LEVERS),
                         help="The levers of step 2 (all by default; the results file lists those left out).")
@@ -243,6 +244,7 @@ def parse_args():
                         help="With --reuse_results: measure these read-outs' rows again instead of taking them from "
                              "OUTPUT.json (after a change to how that read-out extracts features).")
     parser.add_argument("--note", default="", help="A sentence for the results file (e.g. what else ran).")
+    parser.add_argument("--overwrite_output", action="store_true", help=OVERWRITE_HELP)
     args = parser.parse_args()
     if args.remeasure and not args.reuse_results:
         parser.error("--remeasure drops rows of OUTPUT.json: give --reuse_results too.")
@@ -259,17 +261,35 @@ def reusable_rows(args) -> List[Dict]:
     """With `--reuse_results`, the rows of OUTPUT.json measured at the same budget, resolution, UNet and images (a
     smoke run's `--max_images` rows are not reused as the real ones), less those of the read-outs to
     `--remeasure`."""
-    if not (args.reuse_results and os.path.isfile(args.output + ".json")):
+    previous = _recorded(args)
+    if previous is None:
         return []
-    with open(args.output + ".json") as f:
-        previous = json.load(f)
-    recorded = {"unet": previous.get("unet", "base"), "max_images": previous.get("max_images")}
-    if (previous["proxy_minutes"], previous["resolution"], recorded) != (args.proxy_minutes, args.resolution,
-                                                                         measured_on(args)):
+    if not _same_settings(previous, args):
         logger.warning("%s.json was measured with other settings (proxy minutes, resolution, UNet or --max_images): "
                        "none of its rows is reused.", args.output)
         return []
     return [row for row in previous["rows"] if row["readout"] not in args.remeasure]
+
+
+def _recorded(args) -> Optional[Dict]:
+    """OUTPUT.json, with `--reuse_results` (else `None`)."""
+    if not (args.reuse_results and os.path.isfile(args.output + ".json")):
+        return None
+    with open(args.output + ".json") as f:
+        return json.load(f)
+
+
+def _same_settings(previous: Dict, args) -> bool:
+    recorded = {"unet": previous.get("unet", "base"), "max_images": previous.get("max_images")}
+    return (previous["proxy_minutes"], previous["resolution"], recorded) == (args.proxy_minutes, args.resolution,
+                                                                             measured_on(args))
+
+
+def kept_rows(args) -> int:
+    """How many rows of OUTPUT.json a run keeps: with `--reuse_results`, every one measured with its settings (those
+    of `--remeasure` are measured again), else none."""
+    previous = _recorded(args)
+    return len(previous["rows"]) if previous is not None and _same_settings(previous, args) else 0
 
 
 def row_key(row: Dict) -> Tuple:
@@ -599,6 +619,7 @@ def main():
     args = parse_args()
     logging.basicConfig(format="%(asctime)s - %(levelname)s - %(name)s - %(message)s", level=logging.INFO)
     os.makedirs(os.path.dirname(args.output), exist_ok=True)
+    check_recorded_results(args.output, args.overwrite_output, kept_rows(args), reusable=True)
     ablation = Ablation(args)
     result = ablation.save(ablation.search())
     print(markdown(result))

@@ -28,9 +28,10 @@ import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-from common import (DEFAULT_DATA_DIR, DIRECTIONS, MAX_IMAGES_HELP, REPO, Benchmark, cached_extract,  # noqa: E402
-                    command_line, environment_info, machine_line, output_prefix, positive_float, positive_int,
-                    pretrain_for_budget, probe_protocol, run_main, slug, writable_folder, write_results)
+from common import (DEFAULT_DATA_DIR, DIRECTIONS, MAX_IMAGES_HELP, OVERWRITE_HELP, REPO, Benchmark,  # noqa: E402
+                    HelpFormatter, cached_extract, check_recorded_results, command_line, environment_info,
+                    machine_line, output_prefix, positive_float, positive_int, pretrain_for_budget, probe_protocol,
+                    run_main, slug, writable_folder, write_results)
 from mic_diffrep.features import EncoderFeatureExtractor, FeatureArguments  # noqa: E402
 from mic_diffrep.probing import ProbeConfig  # noqa: E402
 
@@ -47,7 +48,7 @@ CANDIDATES = {
 
 
 def parse_args():
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
     parser.add_argument("--data_dir", default=DEFAULT_DATA_DIR)
     parser.add_argument("--work_dir", type=writable_folder,
                         default=os.path.join(REPO, "runs", "benchmark"), help="Models and caches.")
@@ -55,9 +56,10 @@ def parse_args():
                         default=os.path.join(REPO, "benchmarks", "results", "baseline_recipes"))
     parser.add_argument("--method", default="mae", choices=sorted(CANDIDATES))
     parser.add_argument("--proxy_minutes", type=positive_float, default=4.0, help="Pretraining budget of every candidate.")
-    parser.add_argument("--resolution", type=int, default=64)
+    parser.add_argument("--resolution", type=positive_int, default=64)
     parser.add_argument("--max_images", type=positive_int, default=None, help=MAX_IMAGES_HELP)
     parser.add_argument("--note", default="", help="A sentence for the results file (e.g. what else ran).")
+    parser.add_argument("--overwrite_output", action="store_true", help=OVERWRITE_HELP)
     return parser.parse_args()
 
 
@@ -92,7 +94,8 @@ def markdown(result: Dict) -> str:
         f"training images for {result['proxy_minutes']:g} minutes of its own calibrated throughput. Probe: the "
         "benchmark's MSFA head on the pooled encoder output. **val** = accuracy on the validation part carved from "
         "the training side of each cross-source direction, the only number used to choose; *test* is for "
-        "information only.", "",
+        "information only." + (f" **Smoke run**: probed on a random subset of {result['max_images']} images "
+                               f"(`--max_images`)." if result.get("max_images") else ""), "",
     ]
     if result.get("note"):
         lines += [result["note"], ""]
@@ -114,12 +117,14 @@ def markdown(result: Dict) -> str:
 def main():
     args = parse_args()
     logging.basicConfig(format="%(asctime)s - %(levelname)s - %(name)s - %(message)s", level=logging.INFO)
+    check_recorded_results(args.output, args.overwrite_output)
     bench = Benchmark(args.data_dir, args.work_dir, args.resolution, max_images=args.max_images)
     splits = {direction: bench.split(direction) for direction, _ in DIRECTIONS}
     rows = [evaluate(args, bench, splits, name, flags) for name, flags in CANDIDATES[args.method].items()]
     chosen = max(rows, key=lambda row: row["validation_accuracy"])
     result = {"command": command_line(), "environment": environment_info(), "method": args.method,
-              "resolution": args.resolution, "proxy_minutes": args.proxy_minutes, "note": args.note, "rows": rows,
+              "resolution": args.resolution, "proxy_minutes": args.proxy_minutes, "max_images": args.max_images,
+              "note": args.note, "rows": rows,
               "chosen": {k: chosen[k] for k in ("candidate", "flags", "validation_accuracy")}}
     write_results(args.output, result, markdown(result))
     print(markdown(result))

@@ -29,10 +29,11 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-from common import (BASELINES, BASELINE_RECIPES, DEFAULT_DATA_DIR, DIRECTIONS, MAX_IMAGES_HELP, REPO,  # noqa: E402
-                    Benchmark, baseline_recipe, cached_extract, command_line, environment_info, feature_cache_name,
-                    machine_line, micdiffrep_run, output_prefix, positive_float, positive_int, pretrain_for_budget,
-                    probe_protocol, readout_arguments, run_feature_cache_name, run_main, writable_folder)
+from common import (BASELINES, BASELINE_RECIPES, DEFAULT_DATA_DIR, DIRECTIONS, MAX_IMAGES_HELP,  # noqa: E402
+                    OVERWRITE_HELP, REPO, Benchmark, HelpFormatter, check_recorded_results, baseline_recipe,
+                    cached_extract, command_line, environment_info, feature_cache_name, machine_line, micdiffrep_run,
+                    output_prefix, positive_float, positive_int, pretrain_for_budget, probe_protocol,
+                    readout_arguments, run_feature_cache_name, run_main, unet_config, writable_folder)
 from diffusers import DDIMScheduler, UNet2DModel  # noqa: E402
 from mic_diffrep import DiffusionFeaturePipeline, save_image_grid  # noqa: E402
 from mic_diffrep.data import pixels_to_model_input  # noqa: E402
@@ -48,21 +49,22 @@ PROTOCOLS = [direction for direction, _ in DIRECTIONS] + ["in-split"]
 
 
 def parse_args():
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
     parser.add_argument("--data_dir", default=DEFAULT_DATA_DIR, help="Folder holding Training/ and sources.csv.")
     parser.add_argument("--work_dir", type=writable_folder,
                         default=os.path.join(REPO, "runs", "benchmark"), help="Models and caches.")
     parser.add_argument("--output", type=output_prefix,
                         default=os.path.join(REPO, "benchmarks", "results", "brain_tumor_mri"),
                         help="Path prefix of the results: PREFIX.json, PREFIX.md and PREFIX_*.png.")
-    parser.add_argument("--resolution", type=int, default=64)
+    parser.add_argument("--resolution", type=positive_int, default=64)
     parser.add_argument("--pretrain_minutes", type=positive_float, default=30.0, help="Pretraining budget of every method.")
     parser.add_argument("--timesteps", type=int, nargs="+", default=None,
                         help="Read-out timesteps (default: the probe's defaults, chosen by the ablations).")
     parser.add_argument("--baselines", nargs="*", default=list(BASELINES), choices=list(BASELINES))
     parser.add_argument("--clip_model", default=None, help="A local CLIPVisionModel folder (nothing is downloaded).")
-    parser.add_argument("--unet", default=None, help="UNet preset or config instead of the package default ('tiny' "
-                                                     "for smoke runs).")
+    parser.add_argument("--unet", type=unet_config, default=None,
+                        help="UNet preset or config instead of the package default ('mini' for smoke runs: at 64 px "
+                             "'tiny' is slower, its attention at 32x32).")
     parser.add_argument("--flip_average", action="store_true",
                         help="Test-time flip averaging for every row alike (MicDiffRep, random UNet, baselines, CLIP).")
     parser.add_argument("--pooling", default=None, choices=["avg", "avgmax"],
@@ -71,8 +73,18 @@ def parse_args():
                              "gives its pooled output either way).")
     parser.add_argument("--max_images", type=positive_int, default=None, help=MAX_IMAGES_HELP)
     parser.add_argument("--note", default="", help="A sentence for the results file (e.g. what else ran).")
-    parser.add_argument("--seed", type=int, default=0)
-    return parser.parse_args()
+    parser.add_argument("--seed", type=int, default=0,
+                        help="Seeds pretraining, the carved splits (in-split test, validation parts) and the probes "
+                             "(budget_curve.py --seeds varies the pretraining only, on seed 0's splits).")
+    parser.add_argument("--overwrite_output", action="store_true", help=OVERWRITE_HELP)
+    args = parser.parse_args()
+    bad = [t for t in args.timesteps or () if not 0 <= t < 1000]
+    if bad:  # checked before hours of pretraining, not after
+        parser.error(f"--timesteps {' '.join(map(str, bad))}: read-out timesteps must be in [0, 1000).")
+    if args.clip_model and not os.path.isdir(args.clip_model):
+        parser.error(f"--clip_model {args.clip_model} is not a folder: give a local CLIPVisionModel folder (nothing "
+                     f"is downloaded).")
+    return args
 
 
 # ------------------------------------------------------------------------------------------------------------------
@@ -162,7 +174,8 @@ def summary_table(result):
     lines = ["## The paper's Table 1 under one protocol", "",
              "Accuracy (accuracy on the de-duplicated test images in brackets). Every pretrained method had the same "
              f"budget: {result['pretraining_budget_minutes']:g} minutes of its own throughput on this machine (steps "
-             "fixed from a calibration measured with nothing else running), on the same unlabelled images, and the "
+             "fixed in advance from a throughput calibration, meant to run with nothing else running: the note "
+             "above says what did), on the same unlabelled images, and the "
              "same probe. The paper's figures are its own split and budget (112 px, 200 epochs), quoted for "
              "reference.", "",
              "| method | cross-source sartaj->other | cross-source other->sartaj | in-split | steps | images/s | paper |",
@@ -294,6 +307,7 @@ def main():
     args = parse_args()
     logging.basicConfig(format="%(asctime)s - %(levelname)s - %(name)s - %(message)s", level=logging.INFO)
     os.makedirs(os.path.dirname(args.output), exist_ok=True)
+    check_recorded_results(args.output, args.overwrite_output)
     command = command_line()
     bench = Benchmark(args.data_dir, args.work_dir, args.resolution, args.seed, args.max_images)
     feature_args = readout_arguments(args.flip_average, args.pooling, args.timesteps)

@@ -25,10 +25,11 @@ import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-from common import (DEFAULT_DATA_DIR, DIRECTIONS, MAX_IMAGES_HELP, REPO, Benchmark, cached_extract,  # noqa: E402
-                    command_line, environment_info, load_extractor, machine_line, method_recipe, output_prefix,
-                    positive_float, positive_int, pretrain_for_budget, probe_protocol, readout_arguments,
-                    restore_calibration, run_feature_cache_name, run_main, writable_folder, write_results)
+from common import (DEFAULT_DATA_DIR, DIRECTIONS, MAX_IMAGES_HELP, OVERWRITE_HELP, REPO, Benchmark,  # noqa: E402
+                    HelpFormatter, cached_extract, check_recorded_results, command_line, environment_info,
+                    load_extractor, machine_line, method_recipe, output_prefix, positive_float, positive_int,
+                    pretrain_for_budget, probe_protocol, readout_arguments, restore_calibration,
+                    run_feature_cache_name, run_main, unet_config, writable_folder, write_results)
 from mic_diffrep.probing import ProbeConfig  # noqa: E402
 
 
@@ -40,7 +41,7 @@ TARGET_MARGIN = 2.0
 
 
 def parse_args():
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
     parser.add_argument("--data_dir", default=DEFAULT_DATA_DIR)
     parser.add_argument("--work_dir", type=writable_folder, default=os.path.join(REPO, "runs", "benchmark"))
     parser.add_argument("--output", type=output_prefix,
@@ -50,9 +51,10 @@ def parse_args():
                         help="Pretraining seeds of every point (seed 0: the runs `brain_tumor_mri.py` shares).")
     parser.add_argument("--methods", nargs="+", default=["micdiffrep", "mocov2"], choices=list(METHODS),
                         help="Methods to pretrain at every budget (MicDiffRep is always one of them).")
-    parser.add_argument("--resolution", type=int, default=64)
-    parser.add_argument("--unet", default=None, help="UNet preset or config instead of the package default ('tiny' "
-                                                     "for smoke runs).")
+    parser.add_argument("--resolution", type=positive_int, default=64)
+    parser.add_argument("--unet", type=unet_config, default=None,
+                        help="UNet preset or config instead of the package default ('mini' for smoke runs: at 64 px "
+                             "'tiny' is slower, its attention at 32x32).")
     parser.add_argument("--flip_average", action="store_true", help="Test-time flip averaging for both methods.")
     parser.add_argument("--pooling", default=None, choices=["avg", "avgmax"],
                         help="Feature pooling for both methods (default: the package's).")
@@ -71,6 +73,7 @@ def parse_args():
                              "the results, e.g. with a new --note, after a run was stopped part-way; the recorded "
                              "environment is kept).")
     parser.add_argument("--note", default="")
+    parser.add_argument("--overwrite_output", action="store_true", help=OVERWRITE_HELP)
     args = parser.parse_args()
     if len(set(args.seeds)) < len(args.seeds):  # three 0s counted as three seeds, with a standard error of 0
         parser.error(f"--seeds {' '.join(map(str, args.seeds))}: each seed once.")
@@ -221,6 +224,13 @@ def main():
                 with open(path) as f:
                     recorded[path] = json.load(f)["points"]
     previous = [point for points in recorded.values() for point in points]
+    if not args.recorded_only:  # (which refuses to drop a point itself, naming it)
+        selected = [reusable_point(previous, method, minutes, seed, method_recipe(method, args.unet).get("name", method),
+                                   readout, args.max_images)
+                    for minutes in args.minutes for seed in args.seeds
+                    for method in dict.fromkeys(["micdiffrep", *args.methods])]
+        kept = sum(1 for point in recorded.get(args.output + ".json", []) if any(point is s for s in selected))
+        check_recorded_results(args.output, args.overwrite_output, kept, reusable=True)
 
     points = []
     for minutes in args.minutes:

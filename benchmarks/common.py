@@ -18,6 +18,7 @@ training side.
 """
 
 import argparse
+import copy
 import csv
 import dataclasses
 import json
@@ -85,6 +86,15 @@ def positive_int(text: str) -> int:
     return value
 
 
+def unet_config(text: str) -> str:
+    """An argparse type for `--unet`: a UNet preset's name or a UNet config file, checked before hours of work."""
+    from mic_diffrep.models.mic_diffrep.unet import UNET_PRESETS
+
+    if text in UNET_PRESETS or os.path.isfile(text):
+        return text
+    raise argparse.ArgumentTypeError(f"{text!r} is neither a UNet preset ({', '.join(UNET_PRESETS)}) nor a config file")
+
+
 def positive_float(text: str) -> float:
     """An argparse type: a number above 0 (a budget of 0 or fewer minutes trained one step)."""
     value = float(text)
@@ -113,6 +123,44 @@ def writable_folder(text: str) -> str:
     except OSError as error:
         raise argparse.ArgumentTypeError(f"cannot write into {text} ({error.strerror or error})") from None
     return text
+
+
+class HelpFormatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
+    """The scripts' `--help`: the module docstring as written, and every flag's default (a flag without a help line
+    too, which argparse would list bare)."""
+
+    def _format_action(self, action):
+        if not action.help and action.option_strings and action.default not in (None, False, argparse.SUPPRESS):
+            action = copy.copy(action)
+            action.help = "(default: %(default)s)"
+        return super()._format_action(action)
+
+
+OVERWRITE_HELP = ("Replace the results recorded in OUTPUT.json (hours of runs, and by default the committed ones), "
+                  "which a run that would drop any of them refuses to do without it.")
+
+
+def check_recorded_results(output: str, overwrite: bool, kept: int = 0, reusable: bool = False) -> None:
+    """Refuses, before any work, a run that would replace results recorded in `OUTPUT.json` (the rows or points of
+    hours of runs; by default the committed ones) when it keeps fewer than all of them (`kept`), unless
+    `--overwrite_output`. `reusable`: the script takes `--reuse_results`, which keeps those of the same settings."""
+    path = output + ".json"
+    if overwrite or not os.path.isfile(path):
+        return
+    try:
+        with open(path, encoding="utf-8") as f:
+            recorded = json.load(f)
+    except (OSError, ValueError):
+        recorded = {}
+    entries = recorded.get("rows") or recorded.get("points") if isinstance(recorded, dict) else None
+    count = len(entries) if entries else 1
+    if kept >= count:
+        return
+    what = f"{count} recorded {'rows' if recorded.get('rows') else 'points'}" if entries else "recorded results"
+    hint = " (--reuse_results keeps those measured with the same settings)" if reusable else ""
+    raise SystemExit(f"{os.path.basename(sys.argv[0])}: error: {path} holds {what}, of which this run would keep "
+                     f"{kept}{hint}: give another --output, or --overwrite_output to replace them; nothing was "
+                     f"written.")
 
 
 def run_main(main) -> None:

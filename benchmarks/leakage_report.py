@@ -21,17 +21,20 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from mic_diffrep.data import decode_images, load_image_folder  # noqa: E402
 from mic_diffrep.leakage import DEFAULT_THRESHOLD, check_leakage, within_duplicates  # noqa: E402
 from mic_diffrep.utils import environment_info  # noqa: E402
-from common import command_line, image_sources, machine_line, output_prefix  # noqa: E402
+from common import (OVERWRITE_HELP, HelpFormatter, check_recorded_results, command_line, image_sources,  # noqa: E402
+                    machine_line, output_prefix, run_main)
 
 
 def main():
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
     parser.add_argument("--data_dir", default=os.path.join(REPO, "..", "shared", "data", "brain-tumor-mri"))
     parser.add_argument("--resolution", type=int, default=64)
     parser.add_argument("--threshold", type=float, default=DEFAULT_THRESHOLD)
     parser.add_argument("--cache_dir", default=os.path.join(REPO, "runs", "benchmark", "decoded"))
     parser.add_argument("--output", type=output_prefix, default=os.path.join(REPO, "benchmarks", "results", "leakage"))
+    parser.add_argument("--overwrite_output", action="store_true", help=OVERWRITE_HELP)
     args = parser.parse_args()
+    check_recorded_results(args.output, args.overwrite_output)
 
     images = decode_images(load_image_folder(os.path.join(args.data_dir, "Training"))["train"], args.resolution,
                            cache_dir=args.cache_dir)
@@ -91,4 +94,4 @@ def main():
 
 
 if __name__ == "__main__":
-    main()
+    run_main(main)

@@ -29,10 +29,10 @@ import numpy as np
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 from budget_curve import METHODS  # noqa: E402
-from common import (DEFAULT_DATA_DIR, DIRECTIONS, REPO, Benchmark, budget_run_dir, cached_extract,  # noqa: E402
-                    command_line, environment_info, feature_cache_name, load_extractor, machine_line, method_recipe,
-                    output_prefix, positive_float, probe_protocol, readout_arguments, run_main, writable_folder,
-                    write_results)
+from common import (DEFAULT_DATA_DIR, DIRECTIONS, OVERWRITE_HELP, REPO, Benchmark, HelpFormatter,  # noqa: E402
+                    budget_run_dir, cached_extract, check_recorded_results, command_line, environment_info,
+                    feature_cache_name, load_extractor, machine_line, method_recipe, output_prefix, positive_float,
+                    probe_protocol, readout_arguments, run_main, writable_folder, write_results)
 from mic_diffrep.leakage import check_leakage  # noqa: E402
 from mic_diffrep.models.mic_diffrep.unet_features import concatenate_features  # noqa: E402
 from mic_diffrep.probing import ProbeConfig  # noqa: E402
@@ -43,7 +43,7 @@ logger = logging.getLogger("benchmark")
 
 
 def parse_args():
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=HelpFormatter)
     parser.add_argument("--data_dir", default=DEFAULT_DATA_DIR)
     parser.add_argument("--work_dir", type=writable_folder, default=os.path.join(REPO, "runs", "benchmark"))
     parser.add_argument("--minutes", type=positive_float, default=30.0, help="Budget of the runs probed (part 3).")
@@ -55,8 +55,12 @@ def parse_args():
                         default=os.path.join(REPO, "benchmarks", "results", "mirror_invariance"))
     parser.add_argument("--reuse_results", action="store_true",
                         help="Take the test sets' composition and the probed runs (same budget and seed) from "
-                             "OUTPUT.json: redo part 2 from --points, and only what is missing.")
+                             "OUTPUT.json: redo part 2 from --points, and only what is missing. Part 3 needs the "
+                             "finished runs of budget_curve.py in --work_dir; a fresh clone has none, and with the "
+                             "committed OUTPUT.json and its --seed, --reuse_results redoes part 2 from --points and "
+                             "keeps the rest as recorded.")
     parser.add_argument("--note", default="")
+    parser.add_argument("--overwrite_output", action="store_true", help=OVERWRITE_HELP)
     return parser.parse_args()
 
 
@@ -93,8 +97,9 @@ def split_recorded_points(points, composition) -> dict:
     return table
 
 
-def run_folder(method: str, minutes: float, seed: int, work_dir: str) -> str:
-    """The run folder `pretrain_for_budget` made for `method` (its chosen recipe) at this budget and seed."""
+def run_folder(method: str, minutes: float, seed: int, work_dir: str, data_dir: str, points: str) -> str:
+    """The run folder `pretrain_for_budget` made for `method` (its chosen recipe) at this budget and seed; a missing
+    one names the command that trains it (`points`: the results file whose recorded steps it trains)."""
     path = budget_run_dir(work_dir, method_recipe(method).get("name", method), minutes, seed)
     try:
         with open(os.path.join(path, "pretraining_summary.json")) as f:
@@ -103,9 +108,10 @@ def run_folder(method: str, minutes: float, seed: int, work_dir: str) -> str:
         finished = False
     if not finished:
         raise FileNotFoundError(
-            f"{path} is not a finished run: train it (or finish it) first with `python benchmarks/budget_curve.py "
-            f"--minutes {minutes:g} --seeds {seed} --methods {method} --work_dir {work_dir}` (this script trains "
-            f"nothing).")
+            f"{path} is not a finished run: train it (or finish it) first, with the steps its recorded points "
+            f"trained, with `python benchmarks/budget_curve.py --reuse_results --reuse_from {points} --data_dir "
+            f"{data_dir} --minutes {minutes:g} --seeds {seed} --methods {method} --work_dir {work_dir} --output "
+            f"{os.path.join(work_dir, 'mirror_runs')}` (this script trains nothing).")
     return path
 
 
@@ -210,9 +216,11 @@ def main():
             previous = json.load(f)
         if (previous["minutes"], previous["seed"]) != (args.minutes, args.seed):
             previous = {}
+    kept = int(bool(previous) and set(previous.get("probed", {})) <= set(args.methods))
+    check_recorded_results(args.output, args.overwrite_output, kept, reusable=True)
     composition = previous.get("composition")
     probed = {method: previous["probed"][method] for method in args.methods if method in previous.get("probed", {})}
-    run_dirs = {method: run_folder(method, args.minutes, args.seed, args.work_dir)
+    run_dirs = {method: run_folder(method, args.minutes, args.seed, args.work_dir, args.data_dir, args.points)
                 for method in args.methods if method not in probed}
     if composition is None or run_dirs:
         bench = Benchmark(args.data_dir, args.work_dir)

@@ -22,7 +22,8 @@ from torch.profiler import ProfilerActivity, profile
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-from common import REPO, command_line, environment_info, writable_folder  # noqa: E402
+from common import (OVERWRITE_HELP, REPO, HelpFormatter, check_recorded_results, command_line,  # noqa: E402
+                    environment_info, positive_int, run_main, writable_folder)
 from diffusers import DDIMScheduler  # noqa: E402
 from mic_diffrep import DiffusionFeaturePipeline  # noqa: E402
 from mic_diffrep.data.augmentations import PretrainingAugment  # noqa: E402
@@ -138,12 +139,14 @@ def profile_generation(batch_size: int, steps: int, preset: str = PRESET) -> Dic
 
 
 def main():
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
     parser.add_argument("--output_dir", type=writable_folder, default=os.path.join(REPO, "benchmarks", "results"))
-    parser.add_argument("--iterations", type=int, default=5)
+    parser.add_argument("--iterations", type=positive_int, default=5)
     parser.add_argument("--unet", default=PRESET, help="UNet preset profiled.")
+    parser.add_argument("--overwrite_output", action="store_true", help=OVERWRITE_HELP)
     args = parser.parse_args()
     os.makedirs(args.output_dir, exist_ok=True)
+    check_recorded_results(os.path.join(args.output_dir, "profile"), args.overwrite_output)
     env = environment_info()
     parts = {"pretraining": profile_pretraining(32, args.iterations, args.unet),
              "extraction": profile_extraction(16, 8 * args.iterations, args.unet),
@@ -161,4 +164,4 @@ def main():
 
 
 if __name__ == "__main__":
-    main()
+    run_main(main)

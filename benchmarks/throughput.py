@@ -30,7 +30,8 @@ from torch.utils.flop_counter import FlopCounterMode
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-from common import REPO, command_line, environment_info, output_prefix, write_results  # noqa: E402
+from common import (OVERWRITE_HELP, REPO, HelpFormatter, check_recorded_results, command_line,  # noqa: E402
+                    environment_info, output_prefix, run_main, write_results)
 from diffusers import DDIMScheduler  # noqa: E402
 from mic_diffrep import DiffusionFeaturePipeline  # noqa: E402
 from mic_diffrep.commands import SAMPLE_DATA_DIR  # noqa: E402
@@ -255,7 +256,7 @@ def markdown(result: dict, profile: Optional[dict] = None) -> str:
 
 
 def main():
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
     parser.add_argument("--data_dir", default=SAMPLE_DATA_DIR, help="JPEGs to train on (content does not matter).")
     parser.add_argument("--output", type=output_prefix,
                         default=os.path.join(REPO, "benchmarks", "results", "throughput"))
@@ -267,6 +268,7 @@ def main():
                         help="`benchmarks/profile_cpu.py`'s profile.json, summarised under \"What limits it\".")
     parser.add_argument("--recorded_only", action="store_true",
                         help="Measure nothing: render OUTPUT.md again from OUTPUT.json and --profile.")
+    parser.add_argument("--overwrite_output", action="store_true", help=OVERWRITE_HELP)
     args = parser.parse_args()
     profile = None
     if os.path.isfile(args.profile):
@@ -281,6 +283,7 @@ def main():
         print(markdown(result, profile))
         return
 
+    check_recorded_results(args.output, args.overwrite_output)
     peak = {"bf16": matmul_peak(torch.bfloat16), "fp32": matmul_peak(torch.float32)}
     paths = image_files([args.data_dir])
     preset = args.unet
@@ -320,4 +323,4 @@ def main():
 
 
 if __name__ == "__main__":
-    main()
+    run_main(main)

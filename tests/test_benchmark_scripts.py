@@ -536,15 +536,18 @@ def test_all_test_images_split_into_the_duplicated_and_deduplicated_ones():
 
 def test_the_mirror_check_trains_nothing_and_names_the_command_that_would(tmp_path):
     mirror_invariance = pytest.importorskip("mirror_invariance")
-    with pytest.raises(FileNotFoundError, match=r"budget_curve.py --minutes 30 --seeds 3 --methods mocov2"):
-        mirror_invariance.run_folder("mocov2", 30.0, 3, str(tmp_path))
+    # The command named trains the recorded steps (the recorded points' calibration) into a results file of its
+    # own: without --reuse_results and --output it had recalibrated and replaced the committed budget curve
+    with pytest.raises(FileNotFoundError, match=r"budget_curve.py --reuse_results --reuse_from points.json --data_dir "
+                                                r"data --minutes 30 --seeds 3 --methods mocov2 --work_dir .* --output"):
+        mirror_invariance.run_folder("mocov2", 30.0, 3, str(tmp_path), "data", "points.json")
     run = tmp_path / "micdiffrep-small-power3-30min"
     run.mkdir()
     (run / "pretraining_summary.json").write_text('{"stop_reason": "interrupted", "global_step": 24}')
     with pytest.raises(FileNotFoundError, match="not a finished run: train it \\(or finish it\\)"):  # was used
-        mirror_invariance.run_folder("micdiffrep", 30.0, 0, str(tmp_path))
+        mirror_invariance.run_folder("micdiffrep", 30.0, 0, str(tmp_path), "data", "points.json")
     (run / "pretraining_summary.json").write_text('{"stop_reason": "max_train_steps"}')
-    assert mirror_invariance.run_folder("micdiffrep", 30.0, 0, str(tmp_path)) == str(run)
+    assert mirror_invariance.run_folder("micdiffrep", 30.0, 0, str(tmp_path), "data", "points.json") == str(run)
 
 
 def test_the_mirror_check_reuses_its_probes_and_splits_new_points_without_the_data(tmp_path, monkeypatch):
@@ -604,6 +607,58 @@ def test_the_budget_curve_rewrites_recorded_points_only_without_the_data(tmp_pat
     with pytest.raises(SystemExit, match=r"would drop 1 recorded point\(s\) .* \(e.g. micdiffrep, 30 min, seed 1\)"):
         budget_curve.main()
     assert json.loads((tmp_path / "seeds.json").read_text()) == result
+
+
+def test_a_run_that_would_drop_recorded_results_is_refused_before_any_work(tmp_path, monkeypatch):
+    """Without --reuse_results (or with other settings), a run replaced the recorded points or rows of OUTPUT.json,
+    by default the committed ones, after its first new point: a smoke run left 1 of 24 points."""
+    budget_curve = pytest.importorskip("budget_curve")
+    ablations = pytest.importorskip("ablations")
+    scores = {"accuracy": 0.85, "accuracy_deduplicated": 0.7, "validation_accuracy": 0.9}
+    points = [{"method": method, "minutes": minutes, "seed": 0, "steps": 10, "sartaj->other": scores,
+               "other->sartaj": scores} for method in ("micdiffrep", "mocov2") for minutes in (10.0, 30.0)]
+    (tmp_path / "curve.json").write_text(json.dumps({"points": points}))
+    monkeypatch.setattr(budget_curve, "Benchmark", None)  # reading the data (the work) would fail
+    monkeypatch.setattr(budget_curve, "pretrain_for_budget", None)
+    for extra in ([], ["--reuse_results", "--minutes", "30"]):  # none kept; the 10-minute points dropped
+        monkeypatch.setattr(sys, "argv", ["budget_curve.py", "--output", str(tmp_path / "curve"), *extra])
+        with pytest.raises(SystemExit, match=r"curve.json holds 4 recorded points, of which this run would keep "
+                                             rf"{2 if extra else 0} \(--reuse_results keeps .*--overwrite_output"):
+            budget_curve.main()
+    assert json.loads((tmp_path / "curve.json").read_text())["points"] == points  # nothing was written
+    monkeypatch.setattr(sys, "argv", ["budget_curve.py", "--output", str(tmp_path / "curve"), "--reuse_results"])
+    budget_curve.main()  # every point kept: nothing to measure, nothing refused
+
+    rows = [{"recipe": "a", "flags": [], "readout": "sweep 10-250"}] * 3
+    (tmp_path / "abl.json").write_text(json.dumps({"proxy_minutes": 8.0, "resolution": 64, "rows": rows}))
+    args = argparse.Namespace(reuse_results=True, output=str(tmp_path / "abl"), proxy_minutes=8.0, resolution=64,
+                              unet="base", max_images=None)
+    assert ablations.kept_rows(args) == 3
+    assert ablations.kept_rows(argparse.Namespace(**{**vars(args), "proxy_minutes": 0.05})) == 0
+    assert ablations.kept_rows(argparse.Namespace(**{**vars(args), "reuse_results": False})) == 0
+    from common import check_recorded_results
+
+    with pytest.raises(SystemExit, match="abl.json holds 3 recorded rows, of which this run would keep 0"):
+        check_recorded_results(str(tmp_path / "abl"), overwrite=False, kept=0, reusable=True)
+    check_recorded_results(str(tmp_path / "abl"), overwrite=True)
+    (tmp_path / "leakage.json").write_text("{}")
+    with pytest.raises(SystemExit, match="leakage.json holds recorded results, of which this run would keep 0: "
+                                         "give another --output"):
+        check_recorded_results(str(tmp_path / "leakage"), overwrite=False)
+
+
+def test_bad_benchmark_flags_fail_before_the_work(tmp_path, monkeypatch, capsys):
+    """--timesteps 5000 and a missing --clip_model failed after hours of pretraining, --unet bogus after the data was
+    read, each with a traceback."""
+    brain_tumor_mri = pytest.importorskip("brain_tumor_mri")
+    for flags, message in ((["--timesteps", "10", "5000"], "--timesteps 5000: read-out timesteps must be in"),
+                           (["--clip_model", str(tmp_path / "none")], "is not a folder: give a local CLIPVisionModel"),
+                           (["--unet", "bogus"], "'bogus' is neither a UNet preset"),
+                           (["--resolution", "0"], "--resolution")):
+        monkeypatch.setattr(sys, "argv", ["brain_tumor_mri.py", "--output", str(tmp_path / "out"), *flags])
+        with pytest.raises(SystemExit) as error:
+            brain_tumor_mri.parse_args()
+        assert error.value.code == 2 and message in capsys.readouterr().err
 
 
 def test_a_smoke_runs_points_and_rows_are_not_reused_as_the_real_ones(tmp_path):

@@ -21,7 +21,7 @@ def _run(script, *args):
 @needs_data
 def test_brain_tumor_mri_benchmark_smoke(tmp_path):
     output = str(tmp_path / "out")
-    _run("brain_tumor_mri.py", "--max_images", "300", "--pretrain_minutes", "0.05", "--unet", "tiny",
+    _run("brain_tumor_mri.py", "--max_images", "300", "--pretrain_minutes", "0.05", "--unet", "mini",
          "--timesteps", "10", "100", "--baselines", "mae", "mocov2", "byol", "--work_dir", str(tmp_path / "work"),
          "--output", output)
     with open(output + ".json") as f:
@@ -52,7 +52,7 @@ def test_ablations_smoke(tmp_path, monkeypatch):
     from ablations import READOUTS
 
     output = str(tmp_path / "ablations")
-    _run("ablations.py", "--max_images", "200", "--proxy_minutes", "0.02", "--unet", "tiny",
+    _run("ablations.py", "--max_images", "200", "--proxy_minutes", "0.02", "--unet", "mini",
          "--work_dir", str(tmp_path / "work"), "--output", output)
     with open(output + ".json") as f:
         result = json.load(f)
@@ -65,7 +65,7 @@ def test_ablations_smoke(tmp_path, monkeypatch):
     for row in result["rows"]:
         assert 0 <= row["validation_accuracy"] <= 1
     # Re-deciding from the results file measures nothing again and reaches the same choice.
-    _run("ablations.py", "--max_images", "200", "--proxy_minutes", "0.02", "--unet", "tiny", "--reuse_results",
+    _run("ablations.py", "--max_images", "200", "--proxy_minutes", "0.02", "--unet", "mini", "--reuse_results",
          "--work_dir", str(tmp_path / "missing"), "--output", output)
     with open(output + ".json") as f:
         again = json.load(f)
@@ -79,7 +79,7 @@ def test_budget_curve_smoke(tmp_path):
     """A curve of one seed, then a second seed on a machine without its runs or calibrations (another work folder):
     the second restores seed 0's calibration from the results file and trains seed 0's steps."""
     output = str(tmp_path / "curve")
-    smoke = ["--max_images", "200", "--unet", "tiny", "--minutes", "0.02", "--output", output]
+    smoke = ["--max_images", "200", "--unet", "mini", "--minutes", "0.02", "--output", output]
     _run("budget_curve.py", *smoke, "--seeds", "0", "--work_dir", str(tmp_path / "work"))
     _run("budget_curve.py", *smoke, "--seeds", "0", "1", "--reuse_results", "--work_dir", str(tmp_path / "fresh"))
     with open(output + ".json") as f:
