@@ -310,6 +310,9 @@ class Ablation:
         self.config = ProbeConfig()
         self.rows: List[Dict] = []
         self.previous = reusable_rows(args)
+        recorded = _recorded(args) if self.previous else None
+        self.recorded = recorded or {}  # OUTPUT.json, when its rows are reused: its machine and note
+        self.measured = 0  # rows measured by this run (none: a re-render, which keeps the recorded machine)
 
     def evaluate(self, stage: str, name: str, recipe: List[str], readout: str = "sweep 10-250", seed: int = 0,
                  calibrated_as: Optional[Tuple[str, List[str]]] = None,
@@ -368,6 +371,7 @@ class Ablation:
         row["validation_accuracy"] = float(np.mean([row[d]["validation_accuracy"] for d, _ in DIRECTIONS]))
         logger.info("%s / %s / %s: validation %.4f", stage, name, readout, row["validation_accuracy"])
         self.rows.append(row)
+        self.measured += 1
         self.save()
         return row
 
@@ -394,9 +398,12 @@ class Ablation:
         left_out = [lever for lever in LEVERS if lever not in self.args.levers]
         left_out += [lever for flag, levers, _ in ROUNDS.values() for lever in levers
                      if lever not in getattr(self.args, flag)]
+        # a re-render (every row reused) keeps the machine its rows were measured on, and its note unless given one
+        environment = self.recorded.get("environment") if not self.measured else None
         result = {"command": command_line(),
-                  "environment": environment_info(), "resolution": self.args.resolution,
-                  "proxy_minutes": self.args.proxy_minutes, **measured_on(self.args), "note": self.args.note,
+                  "environment": environment or environment_info(), "resolution": self.args.resolution,
+                  "proxy_minutes": self.args.proxy_minutes, **measured_on(self.args),
+                  "note": self.args.note or self.recorded.get("note", ""),
                   "levers_left_out": left_out,
                   "validation_images": {d: int(split["validation_mask"].sum()) for d, split in self.splits.items()},
                   "rows": rows, "chosen": chosen}

@@ -295,11 +295,13 @@ def save(args, points) -> str:
     """Writes the plot and the results files of `points`; returns the markdown. With `--recorded_only` (nothing
     measured) the results keep the environment OUTPUT.json recorded, the one its points were measured in."""
     plot(points, args.output + ".png")
-    environment = environment_info()
+    environment, note = environment_info(), args.note
     if args.recorded_only and os.path.isfile(args.output + ".json"):
         with open(args.output + ".json") as f:
-            environment = json.load(f).get("environment", environment)
-    result = {"command": command_line(), "environment": environment, "note": args.note,
+            recorded = json.load(f)
+        environment = recorded.get("environment", environment)
+        note = note or recorded.get("note", "")  # a re-render keeps the recorded note unless given one
+    result = {"command": command_line(), "environment": environment, "note": note,
               "image": os.path.basename(args.output) + ".png", **summarise(points)}
     text = markdown(result)
     write_results(args.output, result, text)

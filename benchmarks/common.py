@@ -186,10 +186,10 @@ def write_results(output: str, result: Dict, markdown: str) -> None:
         f.write(markdown)
 
 
-def machine_line(env: Dict, libraries: Sequence[str] = ("torch",)) -> str:
+def machine_line(env: Dict, libraries: Sequence[str] = ("torch", "diffusers", "transformers")) -> str:
     """A results file's `Machine:` line from its recorded `environment`: processor, CPUs, GPU, and the versions of
-    `libraries`."""
-    versions = ", ".join(f"{name} {env[name]}" for name in libraries)
+    `libraries` it recorded."""
+    versions = ", ".join(f"{name} {env[name]}" for name in libraries if name in env)
     return f"Machine: {env['processor']}, {env['cpu_count']} CPUs, {env.get('cuda') or 'no GPU'}; {versions}"
 
 

@@ -212,12 +212,19 @@ def test_an_interrupted_search_keeps_the_reused_rows_it_has_not_reached(tmp_path
     ablation.splits = {}
     ablation.previous = [row("start"), row("start", "flip average"), row("start + lever")]
     ablation.rows = [dict(row("start"), stage="1 learning rate"), row("start + new")]
+    measured_on = {"processor": "the measuring machine", "cpu_count": 2, "torch": "2.0"}
+    ablation.recorded, ablation.measured = {"environment": measured_on, "note": "what else ran"}, 1
     ablation.save()
+    assert written[-1]["environment"] != measured_on and written[-1]["note"] == "what else ran"
     assert [(r["recipe"], r["readout"]) for r in written[-1]["rows"]] == [
         ("start", "sweep 10-250"), ("start + new", "sweep 10-250"), ("start", "flip average"),
         ("start + lever", "sweep 10-250")]
     ablation.save(chosen={"recipe": "start"})  # the finished search: the rows it reached
     assert [r["recipe"] for r in written[-1]["rows"]] == ["start", "start + new"]
+    # A re-render (every row reused, nothing measured) kept the recorded rows but stamped this machine's versions
+    ablation.measured = 0
+    ablation.save(chosen={"recipe": "start"})
+    assert written[-1]["environment"] == measured_on
 
 
 def test_every_readout_but_the_pooling_ones_is_average_pooled():
@@ -598,6 +605,11 @@ def test_the_budget_curve_rewrites_recorded_points_only_without_the_data(tmp_pat
     # nothing was measured here: the results keep the machine and versions the points were measured with
     assert result["environment"] == measured_on
     assert "Machine: the measuring machine, 2 CPUs, no GPU; torch 2.0" in (tmp_path / "seeds.md").read_text()
+    # re-rendered without --note, the recorded note stays (it was dropped)
+    monkeypatch.setattr(sys, "argv", ["budget_curve.py", "--reuse_results", "--recorded_only", "--minutes", "30",
+                                      "--seeds", "0", "1", "--output", str(output)])
+    budget_curve.main()
+    assert json.loads((tmp_path / "seeds.json").read_text())["note"] == "stopped part-way"
     monkeypatch.setattr(sys, "argv", ["budget_curve.py", "--recorded_only"])
     with pytest.raises(SystemExit):
         budget_curve.parse_args()
