@@ -609,7 +609,8 @@ def test_the_budget_curve_rewrites_recorded_points_only_without_the_data(tmp_pat
     monkeypatch.setattr(sys, "argv", ["budget_curve.py", "--reuse_results", "--recorded_only", "--minutes", "30",
                                       "--seeds", "0", "1", "--output", str(output)])
     budget_curve.main()
-    assert json.loads((tmp_path / "seeds.json").read_text())["note"] == "stopped part-way"
+    result = json.loads((tmp_path / "seeds.json").read_text())
+    assert result["note"] == "stopped part-way"
     monkeypatch.setattr(sys, "argv", ["budget_curve.py", "--recorded_only"])
     with pytest.raises(SystemExit):
         budget_curve.parse_args()
