@@ -584,21 +584,27 @@ def test_a_signal_saves_a_checkpoint_and_only_a_second_ctrl_c_aborts():
         assert {signum: signal.getsignal(signum) for signum in before} == before
 
 
-def test_processes_signalled_apart_stop_at_the_same_step():
+def test_processes_signalled_apart_stop_at_the_same_step(caplog):
     """Two ranks given SIGTERM a few milliseconds apart deadlocked: one waited in the checkpoint's barrier, the
-    other in the next step's gradient all-reduce."""
+    other in the next step's gradient all-reduce. A signal to another rank only stopped the run without a word in
+    the main process's log."""
     from mic_diffrep.training.loop import stop_reason_for
 
     class TwoProcesses:  # this rank was not signalled; the other rank was, and has the longer elapsed time
-        num_processes, device = 2, "cpu"
+        num_processes, device, is_main_process = 2, "cpu", True
 
         @staticmethod
         def reduce(tensor, reduction):
             assert reduction == "max"
             return torch.maximum(tensor, torch.tensor([1.0, 0.0]))
 
-    assert stop_reason_for(TwoProcesses(), 5, 10, time.time(), None, interrupted=False) == "interrupted"
+    with caplog.at_level("WARNING"):
+        assert stop_reason_for(TwoProcesses(), 5, 10, time.time(), None, interrupted=False) == "interrupted"
+    assert "another process of the run was signalled; saving a checkpoint" in caplog.text
     assert stop_reason_for(TwoProcesses(), 10, 10, time.time(), None) == "interrupted"
+    caplog.clear()
+    assert stop_reason_for(TwoProcesses(), 5, 10, time.time(), None, interrupted=True) == "interrupted"
+    assert "another process" not in caplog.text  # this process was signalled: its handler said so
 
 
 def test_a_new_run_into_a_folder_of_checkpoints_is_refused_without_overwrite_output_dir(unlabelled_folder, tmp_path,

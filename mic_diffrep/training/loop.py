@@ -143,7 +143,11 @@ def stop_reason_for(accelerator, global_step: int, max_train_steps: int, start_t
     if accelerator.num_processes > 1:  # one collective for both
         agreed = accelerator.reduce(torch.tensor([float(interrupted), elapsed], device=accelerator.device),
                                     reduction="max")
+        signalled_here = interrupted
         interrupted, elapsed = bool(agreed[0].item()), agreed[1].item()
+        if interrupted and not signalled_here and accelerator.is_main_process:  # said where the run's log is
+            logger.warning("Interrupted: another process of the run was signalled; saving a checkpoint after this "
+                           "step.")
     if interrupted:
         return "interrupted"
     if global_step >= max_train_steps:
