@@ -285,6 +285,13 @@ def _same_settings(previous: Dict, args) -> bool:
                                                                              measured_on(args))
 
 
+def levers_left_out(args) -> List[str]:
+    """The levers `--levers` and the rounds' flags leave out of the search."""
+    left_out = [lever for lever in LEVERS if lever not in args.levers]
+    return left_out + [lever for flag, levers, _ in ROUNDS.values() for lever in levers
+                       if lever not in getattr(args, flag)]
+
+
 def kept_rows(args) -> int:
     """How many rows of OUTPUT.json a run keeps: with `--reuse_results`, every one measured with its settings (those
     of `--remeasure` are measured again), else none."""
@@ -395,15 +402,13 @@ class Ablation:
         if chosen is None:
             reached = {row_key(row) for row in self.rows}
             rows = self.rows + [row for row in self.previous if row_key(row) not in reached]
-        left_out = [lever for lever in LEVERS if lever not in self.args.levers]
-        left_out += [lever for flag, levers, _ in ROUNDS.values() for lever in levers
-                     if lever not in getattr(self.args, flag)]
+        left_out = levers_left_out(self.args)
         # a re-render (every row reused) keeps the machine its rows were measured on, and its note unless given one
-        environment = self.recorded.get("environment") if not self.measured else None
+        recorded = self.recorded if not self.measured else {}
         result = {"command": command_line(),
-                  "environment": environment or environment_info(), "resolution": self.args.resolution,
+                  "environment": recorded.get("environment") or environment_info(), "resolution": self.args.resolution,
                   "proxy_minutes": self.args.proxy_minutes, **measured_on(self.args),
-                  "note": self.args.note or self.recorded.get("note", ""),
+                  "note": self.args.note or recorded.get("note", ""),
                   "levers_left_out": left_out,
                   "validation_images": {d: int(split["validation_mask"].sum()) for d, split in self.splits.items()},
                   "rows": rows, "chosen": chosen}
@@ -626,7 +631,12 @@ def main():
     args = parse_args()
     logging.basicConfig(format="%(asctime)s - %(levelname)s - %(name)s - %(message)s", level=logging.INFO)
     os.makedirs(os.path.dirname(args.output), exist_ok=True)
-    check_recorded_results(args.output, args.overwrite_output, kept_rows(args), reusable=True)
+    kept = kept_rows(args)
+    check_recorded_results(args.output, args.overwrite_output, kept, reusable=True)
+    if kept and levers_left_out(args) and not args.overwrite_output:  # the finished search keeps the rows it reaches
+        raise SystemExit(f"ablations.py: error: {args.output}.json holds rows of levers this run leaves out "
+                         f"({', '.join(levers_left_out(args))}), which the finished search would drop: give another "
+                         f"--output, or --overwrite_output; nothing was written.")
     ablation = Ablation(args)
     result = ablation.save(ablation.search())
     print(markdown(result))

@@ -225,14 +225,14 @@ def main():
                     recorded[path] = json.load(f)["points"]
     previous = [point for points in recorded.values() for point in points]
     if not args.recorded_only:  # (which refuses to drop a point itself, naming it)
-        selected = [reusable_point(previous, method, minutes, seed, method_recipe(method, args.unet).get("name", method),
-                                   readout, args.max_images)
+        selected = [reusable_point(previous, method, minutes, seed,
+                                   method_recipe(method, args.unet).get("name", method), readout, args.max_images)
                     for minutes in args.minutes for seed in args.seeds
                     for method in dict.fromkeys(["micdiffrep", *args.methods])]
         kept = sum(1 for point in recorded.get(args.output + ".json", []) if any(point is s for s in selected))
         check_recorded_results(args.output, args.overwrite_output, kept, reusable=True)
 
-    points = []
+    points, measured = [], False
     for minutes in args.minutes:
         for seed in args.seeds:
             for method in dict.fromkeys(["micdiffrep", *args.methods]):
@@ -267,7 +267,8 @@ def main():
                                         "accuracy_deduplicated": msfa["test"]["deduplicated"]["accuracy"],
                                         "validation_accuracy": msfa["validation_accuracy"]}
                 points.append(point)
-                save(args, points)  # after every point: an interrupted curve keeps what it measured
+                measured = True
+                save(args, points, measured)  # after every point: an interrupted curve keeps what it measured
     if args.recorded_only:  # re-rendering must not shrink the only record of hours of runs
         dropped = [p for p in recorded.get(args.output + ".json", []) if p not in points]
         if dropped:
@@ -275,7 +276,7 @@ def main():
                              f"{args.output}.json outside --minutes / --seeds / --methods or of another read-out "
                              f"(e.g. {dropped[0]['method']}, {dropped[0]['minutes']:g} min, seed "
                              f"{dropped[0]['seed']}): give them, or another --output; nothing was written.")
-    print(save(args, points))
+    print(save(args, points, measured))
 
 
 def reusable_point(previous, method: str, minutes: float, seed: int, run: str, readout: dict,
@@ -291,12 +292,13 @@ def reusable_point(previous, method: str, minutes: float, seed: int, run: str, r
     return None
 
 
-def save(args, points) -> str:
-    """Writes the plot and the results files of `points`; returns the markdown. With `--recorded_only` (nothing
-    measured) the results keep the environment OUTPUT.json recorded, the one its points were measured in."""
+def save(args, points, measured: bool = True) -> str:
+    """Writes the plot and the results files of `points`; returns the markdown. A re-render (nothing `measured`:
+    every point reused) keeps the environment OUTPUT.json recorded, the one its points were measured in, and its
+    note unless given one."""
     plot(points, args.output + ".png")
     environment, note = environment_info(), args.note
-    if args.recorded_only and os.path.isfile(args.output + ".json"):
+    if not measured and os.path.isfile(args.output + ".json"):
         with open(args.output + ".json") as f:
             recorded = json.load(f)
         environment = recorded.get("environment", environment)

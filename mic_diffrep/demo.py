@@ -3,7 +3,8 @@ probabilities, and an occlusion saliency map.
 
 The page takes the image files PIL reads (JPEG, PNG, TIFF, ...), and DICOM (`.dcm`) and NIfTI (`.nii`, `.nii.gz`)
 files through `mic_diffrep.data.medical` (the middle of the slices the model reads, in the file's own display window
-when it has one). Uploads are deleted from the server after 10 minutes and when it stops (`DELETE_CACHE`). Saliency is occlusion: each patch of the model input is blacked out in turn and the drop of the top class's
+when it has one). Uploads are deleted from the server after 10 minutes and when it stops (`DELETE_CACHE`).
+Saliency is occlusion: each patch of the model input is blacked out in turn and the drop of the top class's
 probability is recorded; the model's noise is fixed, so the map is deterministic. Gradio is imported only by
 [`build_demo`] and [`launch_demo`] (`pip install gradio`); [`read_upload`] and [`occlusion_saliency`] need only
 torch, numpy and PIL.
@@ -46,6 +47,8 @@ if TYPE_CHECKING:
 logger = logging.getLogger(__name__)
 
 DISPLAY_SIZE = 256
+# The key of `PIL.Image.info` under which `read_upload` records which page of a stack it read: (index, count).
+PAGE_INFO = "mic_diffrep_page"
 # Uploads (a DICOM file holds the patient's name) and the images shown are deleted from the server's disk once older
 # than this many seconds, checked as often, and all of them when the server stops: gradio's `delete_cache`.
 DELETE_CACHE = (600, 600)
@@ -84,7 +87,9 @@ def read_upload(path: Union[str, os.PathLike], slices: Optional[SliceSelection] 
         with PIL.Image.open(path) as image:
             pages = image_pages(image)  # a stack of slices: the middle one, as of a volume
             if pages:
-                return pages[len(pages) // 2]
+                page = pages[len(pages) // 2]
+                page.info[PAGE_INFO] = (len(pages) // 2, len(pages))  # which one, for the status line
+                return page
             image.load()
             return image.copy()
     except PIL.Image.DecompressionBombError as error:
@@ -246,7 +251,8 @@ def _escape_markdown(text: str) -> str:
 
 
 class _CollectWarnings(logging.Handler):
-    """The warnings mic-diffrep logs while a file is read (a 4-D NIfTI's volumes beyond the first, ...), for the page."""
+    """The warnings mic-diffrep logs while a file is read (a 4-D NIfTI's volumes beyond the first, ...), for the
+    page."""
 
     def __init__(self):
         super().__init__(logging.WARNING)
@@ -271,6 +277,9 @@ def _what_was_read(image, path: str, notes: List[str], model_input: PIL.Image.Im
     if isinstance(image, MedicalSlice) and image.slice_index is not None:
         lines.insert(0, f"Classified slice index {image.slice_index} of the file's {image.num_slices} (the middle of "
                         f"the slices the model reads).")
+    elif isinstance(image, PIL.Image.Image) and PAGE_INFO in image.info:
+        index, count = image.info[PAGE_INFO]
+        lines.insert(0, f"Classified page index {index} of the file's {count} (the middle one).")
     low, high = model_input.getextrema()
     if low == high:
         lines.append("The model input is blank (one grey level): its prediction says nothing about the image.")

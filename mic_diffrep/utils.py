@@ -144,8 +144,9 @@ def create_accelerator(**kwargs):
         AcceleratorState._reset_state(reset_partial_state=False)
     accelerator = Accelerator(**kwargs)
     check_mixed_precision(accelerator.mixed_precision, accelerator.device)
-    if accelerator.device.type == "cpu":
-        _check_cpu_threads(accelerator.num_processes)
+    if accelerator.device.type == "cpu" and is_first_local_process():  # once per machine
+        # the processes of this machine (a launch over several machines counts them all in num_processes)
+        _check_cpu_threads(int(os.environ.get("LOCAL_WORLD_SIZE", accelerator.num_processes)))
     return accelerator
 
 

@@ -215,7 +215,7 @@ def test_an_interrupted_search_keeps_the_reused_rows_it_has_not_reached(tmp_path
     measured_on = {"processor": "the measuring machine", "cpu_count": 2, "torch": "2.0"}
     ablation.recorded, ablation.measured = {"environment": measured_on, "note": "what else ran"}, 1
     ablation.save()
-    assert written[-1]["environment"] != measured_on and written[-1]["note"] == "what else ran"
+    assert written[-1]["environment"] != measured_on and written[-1]["note"] == ""  # rows measured: this machine
     assert [(r["recipe"], r["readout"]) for r in written[-1]["rows"]] == [
         ("start", "sweep 10-250"), ("start + new", "sweep 10-250"), ("start", "flip average"),
         ("start + lever", "sweep 10-250")]
@@ -224,7 +224,7 @@ def test_an_interrupted_search_keeps_the_reused_rows_it_has_not_reached(tmp_path
     # A re-render (every row reused, nothing measured) kept the recorded rows but stamped this machine's versions
     ablation.measured = 0
     ablation.save(chosen={"recipe": "start"})
-    assert written[-1]["environment"] == measured_on
+    assert written[-1]["environment"] == measured_on and written[-1]["note"] == "what else ran"
 
 
 def test_every_readout_but_the_pooling_ones_is_average_pooled():
@@ -649,6 +649,12 @@ def test_a_run_that_would_drop_recorded_results_is_refused_before_any_work(tmp_p
     assert ablations.kept_rows(args) == 3
     assert ablations.kept_rows(argparse.Namespace(**{**vars(args), "proxy_minutes": 0.05})) == 0
     assert ablations.kept_rows(argparse.Namespace(**{**vars(args), "reuse_results": False})) == 0
+    # A search of fewer levers writes only the rows it reaches: the others' recorded rows would go
+    monkeypatch.setattr(ablations, "Ablation", None)  # the search (the work) would fail
+    monkeypatch.setattr(sys, "argv", ["ablations.py", "--output", str(tmp_path / "abl"), "--reuse_results",
+                                      "--levers", list(ablations.LEVERS)[0]])
+    with pytest.raises(SystemExit, match="abl.json holds rows of levers this run leaves out .* would drop"):
+        ablations.main()
     from common import check_recorded_results
 
     with pytest.raises(SystemExit, match="abl.json holds 3 recorded rows, of which this run would keep 0"):

@@ -244,7 +244,8 @@ def test_tiff_uploads_and_what_the_status_line_says(classifier_folder, tmp_path,
 
     demo = build_demo(classifier_folder, patch_size=16)
     classify = next(function.fn for function in demo.fns.values() if function.name == "classify")
-    assert "blank (one grey level)" in classify(str(tmp_path / "stack.tif"))[-1]
+    status = classify(str(tmp_path / "stack.tif"))[-1]
+    assert "blank (one grey level)" in status and "Classified page index 1 of the file's 3" in status
     assert "blank" not in classify(sample_slice)[-1]
     nifti = pytest.importorskip("nibabel")
     volume = np.random.default_rng(0).normal(100, 30, (16, 16, 5, 2)).astype(np.float32)  # two volumes in time

@@ -479,6 +479,42 @@ def test_a_stopped_extraction_continues_from_its_saved_parts(pipe, unlabelled_fo
         assert torch.equal(resumed.features[key], value)
 
 
+def test_parts_split_the_images_between_processes_as_without_parts(tmp_path, monkeypatch):
+    """Parts of 1,024 images were shared out whole: 2,100 images on 2 processes gave one process 2,048 of them (twice
+    the time), and 5 images on 4 processes left one process without images, whose extraction failed."""
+    import contextlib
+
+    import mic_diffrep.features.extraction as extraction
+
+    class Extractor:
+        def extract(self, pixels, args, noise_seeds, show_progress=True):
+            if not len(pixels):
+                raise ValueError("nothing to extract")  # as torch.cat of no batches
+            return {("mid_block", 10): pixels.float().view(len(pixels), -1)[:, :1]}
+
+    class Process:  # what `split_between_processes` gives process `index` of `count`
+        def __init__(self, index, count):
+            self.process_index, self.num_processes, self.is_local_main_process = index, count, index == 0
+
+        @contextlib.contextmanager
+        def split_between_processes(self, items):
+            per, extra = divmod(len(items), self.num_processes)
+            start = self.process_index * per + min(self.process_index, extra)
+            yield items[start : start + per + (self.process_index < extra)]
+
+    args = FeatureArguments(timesteps=[10], batch_size=64)
+    for num_images, count, expected in ((2100, 2, [1050, 1050]), (5, 4, [2, 1, 1, 1]), (3, 4, [1, 1, 1, 0])):
+        pixels = torch.arange(num_images, dtype=torch.uint8).view(-1, 1, 1, 1).expand(-1, 1, 2, 2).contiguous()
+        seeds = torch.zeros(num_images, dtype=torch.long)
+        shares, gathered = [], []
+        for index in range(count):
+            features, shard = extraction._extract_parts(Extractor(), pixels, args, Process(index, count), seeds,
+                                                        str(tmp_path / f"parts-{num_images}"), {"a": 1})
+            shares.append(len(shard))
+            gathered.append(features[("mid_block", 10)])
+        assert shares == expected and torch.equal(torch.cat(gathered).flatten(), pixels[:, 0, 0, 0].float())
+
+
 def test_two_processes_gather_features_in_input_order(pipe, unlabelled_folder, tmp_path):
     pipe.save_pretrained(tmp_path / "pipe")
     common = ["--pretrained", str(tmp_path / "pipe"), "--data_dir", unlabelled_folder, "--timesteps", "5", "50",

@@ -91,30 +91,28 @@ def _parts_key(settings: Optional[dict], pixels: torch.Tensor, noise_seeds: torc
 
 
 def _extract_parts(extractor, pixels, args, accelerator, noise_seeds, parts_dir, settings):
-    """This process's parts of the images (whole parts per process), loaded where a part of the same key was saved,
-    else extracted and saved; returns their features and the indices of their images."""
+    """This process's share of the images (split as without parts), in parts of whole batches, each loaded where a
+    part of the same key was saved, else extracted and saved; returns their features and the images' indices."""
     key = _parts_key(settings, pixels, noise_seeds)
-    # Parts of whole batches (batched as the whole would be); fewer images than a part per process: one part each,
-    # as the images would be split without parts
+    with accelerator.split_between_processes(list(range(len(pixels)))) as shard:
+        shard = torch.as_tensor(shard, dtype=torch.long)
+    if not len(shard):  # fewer images than processes: empty features of the right widths for the gather
+        widths = extractor.extract(pixels[:1], args, noise_seeds[:1], show_progress=False)
+        return {name: value[:0] for name, value in widths.items()}, shard
     batch_size = max(getattr(args, "batch_size", 1) or 1, 1)
     size = max(batch_size, PART_SIZE // batch_size * batch_size)
-    size = max(1, min(size, -(-len(pixels) // accelerator.num_processes)))
-    parts = [(start, min(start + size, len(pixels))) for start in range(0, len(pixels), size)]
-    with accelerator.split_between_processes(parts) as mine:
-        mine = list(mine)
-    if not mine:  # fewer images than processes
-        shard = torch.zeros(0, dtype=torch.long)
-        return extractor.extract(pixels[shard], args, noise_seeds[shard], show_progress=False), shard
+    first, last = int(shard[0]), int(shard[-1]) + 1  # a contiguous share
+    parts = [(start, min(start + size, last)) for start in range(first, last, size)]
     os.makedirs(parts_dir, exist_ok=True)
-    paths = {part: os.path.join(parts_dir, f"part-{part[0]:09d}-{part[1]:09d}.safetensors") for part in mine}
-    saved = [part for part in mine if _part_key(paths[part]) == key]
+    paths = {part: os.path.join(parts_dir, f"part-{part[0]:09d}-{part[1]:09d}.safetensors") for part in parts}
+    saved = [part for part in parts if _part_key(paths[part]) == key]
     if saved and accelerator.is_local_main_process:
         logger.info("Continuing a stopped extraction: %d of this process's %d parts are saved in %s", len(saved),
-                    len(mine), parts_dir)
+                    len(parts), parts_dir)
     features = []
-    with tqdm(total=mine[-1][1] - mine[0][0], desc="Extracting features", unit="image", delay=2,
+    with tqdm(total=last - first, desc="Extracting features", unit="image", delay=2,
               disable=not accelerator.is_local_main_process, mininterval=progress_interval()) as progress:
-        for start, stop in mine:
+        for start, stop in parts:
             if (start, stop) in saved:
                 with safe_open(paths[(start, stop)], "pt") as f:
                     part = {_feature_key(name): f.get_tensor(name) for name in f.keys()}
@@ -130,7 +128,6 @@ def _extract_parts(extractor, pixels, args, accelerator, noise_seeds, parts_dir,
                                  paths[(start, stop)], metadata={"key": key})
             features.append(part)
             progress.update(stop - start)
-    shard = torch.arange(mine[0][0], mine[-1][1])
     return {name: torch.cat([part[name] for part in features]) for name in features[0]}, shard
 
 

@@ -9,6 +9,7 @@
 
 import fnmatch
 import json
+import logging
 import os
 import shlex
 import shutil
@@ -23,6 +24,8 @@ from ..utils import SUMMARY_FILE, is_repo_id, write_json
 from .model_card import published_results, write_model_card, write_pipeline_card
 from .results import results_markdown
 
+
+logger = logging.getLogger(__name__)
 
 # Files of a model folder that belong on the Hub (features, caches and checkpoints stay local).
 HUB_FILES = (".json", ".safetensors", ".py", ".md", ".png")
@@ -131,6 +134,7 @@ def push_pipeline_to_hub(pipeline_dir: str, repo_id: str, token: Optional[str] =
         if os.path.isfile(summary_file):  # local paths stay local
             with open(summary_file, encoding="utf-8") as f:
                 summary = published_results(json.load(f))
+            summary["hub_repo_id"] = repo_id  # this upload's repository, not that of an earlier upload
             write_json(summary_file, summary)
         # its usage snippet loads from the repository
         write_pipeline_card(staging, summary, repo_id, self_conditioned=_self_conditioned(pipeline_dir))
@@ -152,7 +156,10 @@ def _record_hub_repo(pipeline_dir: str, repo_id: str) -> None:
     except (OSError, ValueError):  # a folder without a summary (`save_pretrained`) records nothing
         return
     if isinstance(summary, dict) and summary.get("hub_repo_id") != repo_id:
-        write_json(path, {**summary, "hub_repo_id": repo_id})
+        try:
+            write_json(path, {**summary, "hub_repo_id": repo_id})
+        except OSError as error:  # a read-only folder: the upload itself succeeded
+            logger.warning("Uploaded to %s, but %s could not record it (%s).", repo_id, path, error)
 
 
 def published_pipeline(pretrained: str) -> Optional[str]:

@@ -4,7 +4,6 @@ Everything is written under a temporary name and renamed, so a run killed at any
 checkpoint (and the previous model files) intact and loadable.
 """
 
-import hashlib
 import json
 import logging
 import os
@@ -14,9 +13,11 @@ import shutil
 import time
 from typing import Optional
 
+import torch
 from diffusers import DiffusionPipeline
 from safetensors import SafetensorError
 
+from ..features.cache import pixels_fingerprint
 from ..models.baselines.configuration import CONFIG_NAME as BASELINE_CONFIG_NAME
 from ..utils import SUMMARY_FILE, error_summary, share_as_umask_allows
 
@@ -200,11 +201,10 @@ def check_new_run(output_dir: str, resume_from_checkpoint: Optional[str], overwr
                          f"nothing was changed.")
 
 
-def images_record(pixels) -> dict:
+def images_record(pixels: torch.Tensor) -> dict:
     """What a checkpoint records of its training images (`settings["images"]`): their number and a hash of their
     decoded pixels, in order, wherever the files are (the same images staged to another disk resume alike)."""
-    array = pixels.contiguous().numpy() if hasattr(pixels, "numpy") else pixels
-    return {"num_images": len(pixels), "pixels": hashlib.sha256(memoryview(array).cast("B")).hexdigest()[:16]}
+    return {"num_images": len(pixels), "pixels": pixels_fingerprint(pixels)}
 
 
 def resume_training_state(accelerator, output_dir: str, resume_from_checkpoint: Optional[str],
@@ -236,9 +236,10 @@ def resume_training_state(accelerator, output_dir: str, resume_from_checkpoint: 
     saved_images = (state.get("settings") or {}).get("images")
     if images is not None and saved_images is not None and saved_images != images:
         raise ValueError(f"`resume_from_checkpoint` {path!r} was trained on other images ({saved_images['num_images']} "
-                         f"then, {images['num_images']} now: another --train_data_dir, or images added, removed or "
-                         f"changed since). Resume with the images it was trained on, or start a new run "
-                         f"(--overwrite_output_dir); the checkpoint is left as it is.")
+                         f"then, {images['num_images']} now: another --train_data_dir, images added, removed or "
+                         f"changed since, or decoded otherwise by another Pillow version). Resume with the images it "
+                         f"was trained on, or start a new run (--overwrite_output_dir); the checkpoint is left as it "
+                         f"is.")
     logger.info("Resuming from %s", path)
     try:
         accelerator.load_state(path)
