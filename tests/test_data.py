@@ -127,13 +127,14 @@ def test_empty_folder_error_names_it(tmp_path):
         load_image_folder(str(tmp_path))
 
 
-def test_datasets_image_columns_decoded_or_not_are_read_alike(kaggle_folder):
+def test_datasets_image_columns_decoded_or_not_are_read_alike(kaggle_folder, tmp_path):
     from datasets import load_dataset
 
     from mic_diffrep import DiffusionFeaturePipeline, MicDiffRepImageProcessor, create_scheduler, create_unet
 
     ours = load_image_folder(kaggle_folder)["train"].select(range(5))  # image column not decoded: path dicts
-    theirs = load_dataset("imagefolder", data_dir=os.path.join(kaggle_folder, "Training"))["train"].select(range(5))
+    theirs = load_dataset("imagefolder", data_dir=os.path.join(kaggle_folder, "Training"),  # its cache: not the user's
+                          cache_dir=str(tmp_path / "datasets-cache"))["train"].select(range(5))
     a, b = decode_images(ours, 16, show_progress=False), decode_images(theirs, 16, show_progress=False)
     assert torch.equal(a.pixels, b.pixels) and a.paths == b.paths and a.label_names == b.label_names
 
