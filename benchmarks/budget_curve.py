@@ -224,51 +224,52 @@ def main():
                 with open(path) as f:
                     recorded[path] = json.load(f)["points"]
     previous = [point for points in recorded.values() for point in points]
+    grid = [(minutes, seed, method) for minutes in args.minutes for seed in args.seeds
+            for method in dict.fromkeys(["micdiffrep", *args.methods])]
+    recipes = {method: method_recipe(method, args.unet) for method in dict.fromkeys(["micdiffrep", *args.methods])}
+    reusable = {(minutes, seed, method): reusable_point(previous, method, minutes, seed,
+                                                        recipes[method].get("name", method), readout, args.max_images)
+                for minutes, seed, method in grid}
     if not args.recorded_only:  # (which refuses to drop a point itself, naming it)
-        selected = [reusable_point(previous, method, minutes, seed,
-                                   method_recipe(method, args.unet).get("name", method), readout, args.max_images)
-                    for minutes in args.minutes for seed in args.seeds
-                    for method in dict.fromkeys(["micdiffrep", *args.methods])]
-        kept = sum(1 for point in recorded.get(args.output + ".json", []) if any(point is s for s in selected))
+        kept = sum(1 for point in recorded.get(args.output + ".json", [])
+                   if any(point is reused for reused in reusable.values()))
         check_recorded_results(args.output, args.overwrite_output, kept, reusable=True)
 
     points, measured = [], False
-    for minutes in args.minutes:
-        for seed in args.seeds:
-            for method in dict.fromkeys(["micdiffrep", *args.methods]):
-                recipe = method_recipe(method, args.unet)
-                run_name = recipe.get("name", method)
-                reused = reusable_point(previous, method, minutes, seed, run_name, readout, args.max_images)
-                if reused:
-                    logger.info("%s, %g min, seed %d: recorded point reused", method, minutes, seed)
-                    points.append(reused)
-                    continue
-                if args.recorded_only:
-                    logger.info("%s, %g min, seed %d: not recorded, left out (--recorded_only)", method, minutes, seed)
-                    continue
-                if bench is None:  # the data, only once a point is measured
-                    bench = Benchmark(args.data_dir, args.work_dir, args.resolution, max_images=args.max_images)
-                    splits = {direction: bench.split(direction) for direction, _ in DIRECTIONS}
-                first_seed = reusable_point(previous, method, minutes, 0, run_name, readout, args.max_images)
-                if first_seed:  # a seed trains seed 0's steps: restore its calibration on a machine without it
-                    restore_calibration(method, run_name, args.work_dir, args.data_dir, args.resolution,
-                                        recipe.get("recipe_argv", []), first_seed["steps"], minutes, None,
-                                        next(path for path, kept in recorded.items() if first_seed in kept))
-                run = pretrain_for_budget(method, minutes, args.work_dir, args.data_dir, args.resolution, seed,
-                                          **recipe)
-                features = cached_extract(load_extractor(method, run["output_dir"]), bench, feature_args,
-                                          run_feature_cache_name(run, feature_args))[0]
-                point = {"method": method, "minutes": minutes, "seed": seed, "steps": run["summary"]["global_step"],
-                         "run": run_name, "readout": readout,
-                         **({"max_images": args.max_images} if args.max_images else {})}
-                for direction, split in splits.items():
-                    msfa = probe_protocol(features, bench, split, ProbeConfig())["msfa"]
-                    point[direction] = {"accuracy": msfa["test"]["all"]["accuracy"],
-                                        "accuracy_deduplicated": msfa["test"]["deduplicated"]["accuracy"],
-                                        "validation_accuracy": msfa["validation_accuracy"]}
-                points.append(point)
-                measured = True
-                save(args, points, measured)  # after every point: an interrupted curve keeps what it measured
+    for minutes, seed, method in grid:
+        recipe = recipes[method]
+        run_name = recipe.get("name", method)
+        reused = reusable[(minutes, seed, method)]
+        if reused:
+            logger.info("%s, %g min, seed %d: recorded point reused", method, minutes, seed)
+            points.append(reused)
+            continue
+        if args.recorded_only:
+            logger.info("%s, %g min, seed %d: not recorded, left out (--recorded_only)", method, minutes, seed)
+            continue
+        if bench is None:  # the data, only once a point is measured
+            bench = Benchmark(args.data_dir, args.work_dir, args.resolution, max_images=args.max_images)
+            splits = {direction: bench.split(direction) for direction, _ in DIRECTIONS}
+        first_seed = reusable_point(previous, method, minutes, 0, run_name, readout, args.max_images)
+        if first_seed:  # a seed trains seed 0's steps: restore its calibration on a machine without it
+            restore_calibration(method, run_name, args.work_dir, args.data_dir, args.resolution,
+                                recipe.get("recipe_argv", []), first_seed["steps"], minutes, None,
+                                next(path for path, kept in recorded.items() if first_seed in kept))
+        run = pretrain_for_budget(method, minutes, args.work_dir, args.data_dir, args.resolution, seed,
+                                  **recipe)
+        features = cached_extract(load_extractor(method, run["output_dir"]), bench, feature_args,
+                                  run_feature_cache_name(run, feature_args))[0]
+        point = {"method": method, "minutes": minutes, "seed": seed, "steps": run["summary"]["global_step"],
+                 "run": run_name, "readout": readout,
+                 **({"max_images": args.max_images} if args.max_images else {})}
+        for direction, split in splits.items():
+            msfa = probe_protocol(features, bench, split, ProbeConfig())["msfa"]
+            point[direction] = {"accuracy": msfa["test"]["all"]["accuracy"],
+                                "accuracy_deduplicated": msfa["test"]["deduplicated"]["accuracy"],
+                                "validation_accuracy": msfa["validation_accuracy"]}
+        points.append(point)
+        measured = True
+        save(args, points, measured)  # after every point: an interrupted curve keeps what it measured
     if args.recorded_only:  # re-rendering must not shrink the only record of hours of runs
         dropped = [p for p in recorded.get(args.output + ".json", []) if p not in points]
         if dropped:

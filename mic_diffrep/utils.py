@@ -274,7 +274,7 @@ def model_folder(path: str, name: str, give: str, missing: str = "") -> str:
     repository id (`user/name`), its snapshot (from the local cache, downloaded first unless `HF_HUB_OFFLINE=1`).
     Anything else fails as `check_folder` says, naming `path`."""
     path = os.fspath(path)
-    if os.path.exists(path) or not is_repo_id(path):
+    if not is_repo_id(path):  # (an existing path is never one)
         check_folder(path, name, give, missing)
         return path
     try:

@@ -62,14 +62,7 @@ def extract_sharded(extractor: FeatureExtractor, pixels: torch.Tensor, args, acc
     the features), the pixels and the noise seeds; a run stopped by Ctrl-C, a crash or a lost machine continues from
     the parts of the same key, with the same features. The caller removes the folder (`remove_parts`) once the
     whole is saved."""
-    if parts_dir is None:
-        indices = list(range(len(pixels)))
-        with accelerator.split_between_processes(indices) as shard:
-            shard = torch.as_tensor(shard, dtype=torch.long)
-            features = extractor.extract(pixels[shard], args, noise_seeds[shard],
-                                         show_progress=accelerator.is_local_main_process)
-    else:
-        features, shard = _extract_parts(extractor, pixels, args, accelerator, noise_seeds, parts_dir, settings)
+    features, shard = _extract_parts(extractor, pixels, args, accelerator, noise_seeds, parts_dir, settings)
     if accelerator.num_processes == 1:
         return features
     sizes = accelerator.gather(torch.tensor([len(shard)], device=accelerator.device)).cpu().tolist()
@@ -91,14 +84,18 @@ def _parts_key(settings: Optional[dict], pixels: torch.Tensor, noise_seeds: torc
 
 
 def _extract_parts(extractor, pixels, args, accelerator, noise_seeds, parts_dir, settings):
-    """This process's share of the images (split as without parts), in parts of whole batches, each loaded where a
-    part of the same key was saved, else extracted and saved; returns their features and the images' indices."""
-    key = _parts_key(settings, pixels, noise_seeds)
+    """This process's share of the images, in parts of whole batches with `parts_dir` (each loaded where a part of
+    the same key was saved, else extracted and saved), else at once; returns their features and the images'
+    indices."""
     with accelerator.split_between_processes(list(range(len(pixels)))) as shard:
         shard = torch.as_tensor(shard, dtype=torch.long)
     if not len(shard):  # fewer images than processes: empty features of the right widths for the gather
         widths = extractor.extract(pixels[:1], args, noise_seeds[:1], show_progress=False)
         return {name: value[:0] for name, value in widths.items()}, shard
+    if parts_dir is None:
+        return extractor.extract(pixels[shard], args, noise_seeds[shard],
+                                 show_progress=accelerator.is_local_main_process), shard
+    key = _parts_key(settings, pixels, noise_seeds)
     batch_size = max(getattr(args, "batch_size", 1) or 1, 1)
     size = max(batch_size, PART_SIZE // batch_size * batch_size)
     first, last = int(shard[0]), int(shard[-1]) + 1  # a contiguous share

@@ -181,7 +181,7 @@ def published_pipeline(pretrained: str) -> Optional[str]:
             repo_id = json.load(f).get("hub_repo_id")
     except (OSError, ValueError, AttributeError):
         return None
-    return repo_id if isinstance(repo_id, str) and is_repo_id(repo_id) else None
+    return repo_id if isinstance(repo_id, str) else None  # recorded by an upload: a repository id
 
 
 def push_to_hub(model_dir: str, repo_id: str, token: Optional[str] = None, private: bool = False,
