@@ -555,7 +555,7 @@ def test_generate_samples_with_ddpm_as_it_says_and_names_its_flag(tmp_path, caps
 
     pipe = DiffusionFeaturePipeline(create_unet(16, "tiny"), create_scheduler())
     ddpm = pipe(batch_size=2, num_inference_steps=3, output_type="np",
-                generator=torch.Generator().manual_seed(0)).images
+                generator=[torch.Generator().manual_seed(seed) for seed in (0, 1)]).images
     pipe.scheduler = DDIMScheduler.from_config(pipe.scheduler.config)
     pipe.save_pretrained(tmp_path / "pipe")
     generate = ["generate", "--pretrained", str(tmp_path / "pipe"), "--num_images", "2", "--seed", "0",
@@ -566,6 +566,31 @@ def test_generate_samples_with_ddpm_as_it_says_and_names_its_flag(tmp_path, caps
     with pytest.raises(SystemExit):
         cli(generate + ["--num_inference_steps", "2000"])
     assert "--num_inference_steps 2000: the pipeline was trained on 1000 timesteps" in capsys.readouterr().err
+
+
+def test_generate_draws_each_image_with_its_own_seed_in_batches_and_writes_one_file_each(tmp_path, capsys,
+                                                                                          monkeypatch):
+    """`generate` drew all its images in one batch (no --batch_size) from one generator, so an image depended on how
+    many were drawn with it, and wrote only a grid (no file per image)."""
+    pipe = DiffusionFeaturePipeline(create_unet(16, "tiny"), create_scheduler())
+    pipe.save_pretrained(tmp_path / "pipe")
+    monkeypatch.chdir(tmp_path)
+    generate = ["generate", "--pretrained", str(tmp_path / "pipe"), "--scheduler", "ddim", "--num_inference_steps",
+                "3", "--mixed_precision", "no"]
+    cli(generate + ["--num_images", "5", "--batch_size", "2", "--seed", "3", "--output_dir", str(tmp_path / "out")])
+    assert sorted(os.listdir(tmp_path / "out")) == [f"seed{seed:04d}.png" for seed in range(3, 8)]
+    assert not os.path.exists("samples.png") and "Saved 5 sample(s) (seeds 3-7)" in capsys.readouterr().out
+    cli(generate + ["--num_images", "1", "--seed", "6", "--output", str(tmp_path / "alone.png")])
+    alone = np.asarray(PIL.Image.open(tmp_path / "alone.png").convert("L"), dtype=int)
+    sixth = np.asarray(PIL.Image.open(tmp_path / "out" / "seed0006.png"), dtype=int)
+    assert np.abs(alone - sixth).max() <= 1  # drawn alone or in a batch of two: the same image
+    assert np.abs(sixth - np.asarray(PIL.Image.open(tmp_path / "out" / "seed0007.png"), dtype=int)).max() > 10
+    cli(generate + ["--num_images", "5", "--seed", "3", "--output", str(tmp_path / "grid.png")])
+    grid = np.asarray(PIL.Image.open(tmp_path / "grid.png").convert("L"), dtype=int)  # 2 rows: seeds 3-5, 6-7
+    assert np.abs(grid[16:32, :16] - alone).max() <= 1
+    with pytest.raises(SystemExit):
+        cli(generate + ["--batch_size", "0"])
+    assert "--batch_size must be at least 1, got 0" in capsys.readouterr().err
 
 
 def test_output_paths_are_checked_before_the_work(model_dir, unlabelled_folder, tmp_path, capsys, monkeypatch):

@@ -1,5 +1,6 @@
 """`mic-diffrep evaluate`, `mic-diffrep predict` and `mic-diffrep generate`: using trained models."""
 
+import contextlib
 import json
 import os
 import sys
@@ -13,8 +14,8 @@ from ..features import load_pipeline
 from ..inference import evaluate_folder, predict_files
 from ..pipelines import save_image_grid
 from ..reporting.plotting import plot_confusion_matrix
-from ..utils import (MIXED_PRECISION_CHOICES, format_score, json_safe, precision_dtype, prepare_output_file,
-                     write_json)
+from ..utils import (MIXED_PRECISION_CHOICES, format_score, json_safe, precision_dtype, output_folder,
+                     prepare_output_file, write_json)
 
 
 def _add_model_args(parser) -> None:
@@ -77,13 +78,31 @@ def predict(namespace) -> list:
 def generate(namespace) -> None:
     if namespace.num_images < 1:
         raise ValueError(f"--num_images must be at least 1, got {namespace.num_images}.")
+    if namespace.batch_size < 1:
+        raise ValueError(f"--batch_size must be at least 1, got {namespace.batch_size}.")
+    if namespace.seed < 0:
+        raise ValueError(f"--seed must be at least 0, got {namespace.seed}.")
     if namespace.num_inference_steps is not None and namespace.num_inference_steps < 1:
         raise ValueError(f"--num_inference_steps must be at least 1, got {namespace.num_inference_steps}.")
-    image_format = PIL.Image.registered_extensions().get(os.path.splitext(namespace.output)[1].lower())
-    if image_format not in PIL.Image.SAVE:  # PIL would fail on it only after sampling
-        raise ValueError(f"--output {namespace.output}: give the name of an image file PIL can write (.png, .jpg, "
-                         f".tif, ...).")
-    prepare_output_file(namespace.output)
+    grid = namespace.output if namespace.output or namespace.output_dir else "samples.png"
+    if grid:
+        image_format = PIL.Image.registered_extensions().get(os.path.splitext(grid)[1].lower())
+        if image_format not in PIL.Image.SAVE:  # PIL would fail on it only after sampling
+            raise ValueError(f"--output {grid}: give the name of an image file PIL can write (.png, .jpg, .tif, ...).")
+        prepare_output_file(grid)
+    with output_folder(namespace.output_dir) if namespace.output_dir else contextlib.nullcontext():
+        images = _sample(namespace)
+    if grid:
+        save_image_grid(images, grid)
+    last = namespace.seed + len(images) - 1
+    seeds = f"seeds {namespace.seed}-{last}" if len(images) > 1 else f"seed {namespace.seed}"
+    written = [f"{namespace.output_dir} (seed{namespace.seed:04d}.png, ...)"] if namespace.output_dir else []
+    print(f"Saved {len(images)} sample(s) ({seeds}) to {' and '.join(written + ([grid] if grid else []))}")
+
+
+def _sample(namespace) -> list:
+    """`generate`'s images (PIL), each drawn with its own seed, in batches; with `--output_dir`, each saved there as
+    its batch is done."""
     pipe = load_pipeline(namespace.pretrained)
     pipe.to(precision_dtype(namespace.mixed_precision))
     if namespace.scheduler == "ddim":
@@ -94,10 +113,21 @@ def generate(namespace) -> None:
     if steps > pipe.scheduler.config.num_train_timesteps:
         raise ValueError(f"--num_inference_steps {steps}: the pipeline was trained on "
                          f"{pipe.scheduler.config.num_train_timesteps} timesteps, the most it can take.")
-    images = pipe(batch_size=namespace.num_images, generator=torch.Generator().manual_seed(namespace.seed),
-                  num_inference_steps=steps, output_type="np").images
-    save_image_grid(images, namespace.output)
-    print(f"Saved {namespace.num_images} sample(s) to {namespace.output}")
+    seeds = list(range(namespace.seed, namespace.seed + namespace.num_images))
+    images = []
+    for start in range(0, len(seeds), namespace.batch_size):
+        batch = seeds[start:start + namespace.batch_size]
+        if len(seeds) > namespace.batch_size:
+            pipe.set_progress_bar_config(desc=f"Sampling images {start + 1}-{start + len(batch)} of {len(seeds)}")
+        # One generator per image, seeded with its own seed: an image is the same whatever the batch it is drawn in.
+        generators = [torch.Generator().manual_seed(seed) for seed in batch]
+        batch_images = pipe(batch_size=len(batch), generator=generators, num_inference_steps=steps,
+                            output_type="pil").images
+        if namespace.output_dir:  # written as they come: a run stopped later keeps them
+            for seed, image in zip(batch, batch_images):
+                image.save(os.path.join(namespace.output_dir, f"seed{seed:04d}.png"))
+        images.extend(batch_images)
+    return images
 
 
 def register(subparsers) -> None:
@@ -125,16 +155,24 @@ def register(subparsers) -> None:
     parser.set_defaults(func=predict)
 
     parser = subparsers.add_parser("generate", help="Generate images with a pretrained pipeline.",
-                                   description="Generate images and save them as one PNG grid.")
+                                   description="Generate images and save them as one PNG grid, or one PNG each.")
     parser.add_argument("--pretrained", type=str, required=True, help="Pretrained pipeline folder.")
     parser.add_argument("--num_images", type=int, default=16, help="How many images.")
+    parser.add_argument("--batch_size", type=int, default=16,
+                        help="Images sampled at once (the same images whatever the batch size; more take more memory).")
     parser.add_argument("--scheduler", type=str, default="ddpm", choices=["ddpm", "ddim"],
                         help="ddpm (the pipeline's own, as in the paper) or ddim (good with ~50 steps, 20x faster).")
     parser.add_argument("--num_inference_steps", type=int, default=None,
                         help="Denoising steps (default: 1000 for ddpm, 50 for ddim).")
     parser.add_argument("--mixed_precision", type=str, default=None, choices=MIXED_PRECISION_CHOICES,
                         help="'bf16' runs the UNet in bf16.")
-    parser.add_argument("--seed", type=int, default=0, help="Seed.")
-    parser.add_argument("--output", type=str, default="samples.png",
-                        help="Image file to write: one grid (PNG; the extension chooses the format).")
+    parser.add_argument("--seed", type=int, default=0,
+                        help="Seed of the first image; image i is drawn with seed + i, so any one of them can be "
+                             "drawn again alone (--seed 37 --num_images 1).")
+    parser.add_argument("--output", type=str, default=None,
+                        help="Image file to write: one grid (PNG; the extension chooses the format). Default: "
+                             "samples.png, or no grid when --output_dir is given.")
+    parser.add_argument("--output_dir", type=str, default=None,
+                        help="Folder to write each image into as its own PNG, named by its seed (seed0000.png, ...), "
+                             "as each batch is done.")
     parser.set_defaults(func=generate)
