@@ -342,3 +342,24 @@ def test_every_image_format_imagefolder_read_is_read(tmp_path):
     assert sorted(os.path.basename(item["path"]) for item in dataset["image"]) == [
         "a_0_0.png", "b_0_0.png", "x.jfif", "y.tga", "z.jpe"]
     assert decode_images(dataset, 16).pixels.shape[0] == 5
+
+
+def test_colour_images_are_said_to_be_read_as_grey(tmp_path, caplog):
+    """A folder of colour images (a dermoscopy or histology set) was read as grey without a word; grey slices saved as
+    RGB JPEGs (as many of the brain MRI set are) are not colour images."""
+    import numpy as np
+    import PIL.Image
+
+    rng = np.random.default_rng(0)
+    grey = rng.integers(0, 256, (24, 24), dtype=np.uint8)
+    PIL.Image.fromarray(np.stack([grey] * 3, axis=-1)).save(tmp_path / "grey_as_rgb.jpg", quality=75)
+    PIL.Image.fromarray(grey).save(tmp_path / "grey.png")
+    colour = np.stack([grey, 255 - grey, grey // 2], axis=-1)
+    PIL.Image.fromarray(colour).save(tmp_path / "skin.png")
+    files = [str(tmp_path / name) for name in ("grey_as_rgb.jpg", "grey.png")]
+    with caplog.at_level("WARNING", logger="mic_diffrep.data.decoding"):
+        decode_images(files, 16, show_progress=False)
+    assert "colour" not in caplog.text
+    with caplog.at_level("WARNING", logger="mic_diffrep.data.decoding"):
+        decode_images(files + [str(tmp_path / "skin.png")], 16, show_progress=False)
+    assert f"1 of 3 images are in colour (their channels differ; e.g. {tmp_path / 'skin.png'})" in caplog.text

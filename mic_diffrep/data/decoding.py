@@ -28,6 +28,7 @@ import os
 from dataclasses import dataclass, field, replace
 from typing import Dict, List, Optional, Sequence, Union
 
+import numpy as np
 import PIL.Image
 import torch
 from safetensors import SafetensorError, safe_open
@@ -101,7 +102,7 @@ def source_file(image_id: str) -> str:
 
 class _DecodeFiles(torch.utils.data.Dataset):
     """Decodes file `index` into `(index, pixels (S, 1, R, R), slice indices (S entries, `None` for a 2-D image),
-    error)`: one slice for an ordinary image, every selected slice of a DICOM / NIfTI file, every page of a
+    error, whether it is a colour image)`: one slice for an ordinary image, every selected slice of a DICOM / NIfTI file, every page of a
     multi-page TIFF."""
 
     def __init__(self, sources: List[Union[str, bytes]], preprocessing: ImagePreprocessing, slices: SliceSelection):
@@ -118,16 +119,34 @@ class _DecodeFiles(torch.utils.data.Dataset):
                 if not items:
                     raise ValueError("the file holds no image slices")
                 pixels = torch.stack([self.preprocessing(item) for item in items])
-                return index, pixels, [item.slice_index for item in items], None
+                return index, pixels, [item.slice_index for item in items], None, False
             with PIL.Image.open(source if isinstance(source, str) else io.BytesIO(source)) as image:
                 pages = image_pages(image) if isinstance(source, str) else None
                 if pages:  # a multi-page TIFF: one image per page, as a multi-frame DICOM
                     return (index, torch.stack([self.preprocessing(page) for page in pages]),
-                            list(range(len(pages))), None)
+                            list(range(len(pages))), None, False)
                 image.load()
-                return index, self.preprocessing(image).unsqueeze(0), [None], None
+                return index, self.preprocessing(image).unsqueeze(0), [None], None, is_colour(image)
         except Exception as error:  # noqa: BLE001 - every decoding failure is reported with its file
-            return index, None, None, f"{type(error).__name__}: {error}"
+            return index, None, None, f"{type(error).__name__}: {error}", False
+
+
+# How far apart an image's colour channels must be for it to be a colour image: the mean absolute difference of R and
+# G, and of G and B, in grey levels of 0..255. Grey slices saved as RGB JPEGs differ by JPEG's chroma noise only (at
+# most 2 in the brain MRI dataset).
+COLOUR_TOLERANCE = 5.0
+
+
+def is_colour(image: PIL.Image.Image) -> bool:
+    """Whether a PIL image shows colour: a grey image saved in RGB (many MRI JPEGs are) is not one.
+
+    >>> is_colour(PIL.Image.new("RGB", (8, 8), (90, 90, 91))), is_colour(PIL.Image.new("RGB", (8, 8), (200, 40, 40)))
+    (False, True)
+    """
+    if image.mode in ("1", "L", "LA", "I", "I;16", "F") or image.mode.startswith("I;"):
+        return False
+    rgb = np.asarray(image.convert("RGB"), dtype=np.int16)
+    return bool(np.abs(np.diff(rgb, axis=-1)).mean() > COLOUR_TOLERANCE)
 
 
 def _collate(items):
@@ -249,6 +268,7 @@ def decode_images(
     ids: List[str] = []
     kept_labels: List[int] = []
     skipped = []
+    coloured: List[str] = []
     # Its own generator: a DataLoader draws its workers' base seed from torch's global one, so decoding (skipped when
     # the cache holds the images) would change the initial weights a seeded run builds after it.
     loader = torch.utils.data.DataLoader(
@@ -258,7 +278,9 @@ def decode_images(
     with tqdm(total=len(sources), desc="Decoding images", unit="img", disable=not show_progress,
               mininterval=progress_interval()) as progress:
         for batch in loader:
-            for index, tensor, slice_indices, error in batch:
+            for index, tensor, slice_indices, error, colour in batch:
+                if colour:
+                    coloured.append(paths[index])
                 if error is not None:  # every unreadable file is found (and named) in one pass
                     if skip_bad_images:
                         logger.warning("Skipping unreadable image %s (%s)", paths[index], error)
@@ -270,6 +292,10 @@ def decode_images(
                 if labels is not None:
                     kept_labels.extend([labels[index]] * len(slice_indices))
             progress.update(len(batch))
+    if coloured:
+        logger.warning(
+            "%d of %d images are in colour (their channels differ; e.g. %s): they are read as one grey channel "
+            "(luma), so what only their colour shows is lost to the model.", len(coloured), len(sources), coloured[0])
     if not chunks:
         if not skip_bad_images:
             raise BadImageError(_bad_images_message(skipped))
