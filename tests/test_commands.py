@@ -535,17 +535,20 @@ def test_results_of_a_class_without_test_images_are_strict_json(tmp_path, monkey
     assert uploaded["results"]["msfa"]["test"]["all"]["per_class_recall"]["c"] is None
 
 
-def test_only_the_first_process_of_a_launch_logs_progress(monkeypatch):
-    import logging
-
-    from mic_diffrep.commands.base import log_level
-
-    monkeypatch.delenv("LOCAL_RANK", raising=False)
-    assert log_level() == logging.INFO
-    monkeypatch.setenv("LOCAL_RANK", "0")
-    assert log_level() == logging.INFO
-    monkeypatch.setenv("LOCAL_RANK", "1")  # torchrun's second process: warnings and errors only
-    assert log_level() == logging.WARNING
+def test_only_the_first_process_of_a_launch_logs_progress_and_warnings():
+    """Every process of a launch printed each warning (logged or warned) once more: two processes, twice."""
+    script = ("import logging, warnings; from mic_diffrep.commands.base import configure_logging; configure_logging(); "
+              "log = logging.getLogger('mic_diffrep.x'); log.info('progress-line'); log.warning('logged-warning'); "
+              "warnings.warn('warned-warning'); log.error('logged-error')")
+    said = {}
+    for local_rank in (None, "0", "1"):  # no launcher; torchrun's first and second processes
+        env = {key: value for key, value in os.environ.items() if key != "LOCAL_RANK"}
+        env.update({"LOCAL_RANK": local_rank} if local_rank else {})
+        stderr = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True).stderr
+        said[local_rank] = [line for line in ("progress", "logged-warning", "warned-warning", "logged-error")
+                            if line in stderr]
+    assert said[None] == said["0"] == ["progress", "logged-warning", "warned-warning", "logged-error"]
+    assert said["1"] == ["logged-error"]
 
 
 def test_generate_samples_with_ddpm_as_it_says_and_names_its_flag(tmp_path, capsys):

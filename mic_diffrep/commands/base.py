@@ -86,12 +86,14 @@ def settings_from(cls: Type[T], namespace: argparse.Namespace) -> T:
 
 def log_level() -> int:
     """INFO on the first process of a machine; the other processes of a `torchrun` / `accelerate launch` run log
-    warnings and errors only (as diffusers' training scripts do), so each progress line is printed once."""
-    return logging.INFO if is_first_local_process() else logging.WARNING
+    errors only (as diffusers' training scripts set them), so each progress line and warning is printed once."""
+    return logging.INFO if is_first_local_process() else logging.ERROR
 
 
 def configure_logging() -> None:
     logging.basicConfig(format="%(asctime)s - %(levelname)s - %(name)s - %(message)s", level=log_level())
+    if not is_first_local_process():  # Python's warnings too: through logging, at its WARNING level, so not shown
+        logging.captureWarnings(True)
 
 
 def _say(line: str) -> None:
