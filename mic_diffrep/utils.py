@@ -14,7 +14,7 @@ import shlex
 import sys
 import tempfile
 import typing
-from typing import Literal, Optional, Sequence, Union
+from typing import List, Literal, Optional, Sequence, Union
 
 import accelerate
 import datasets
@@ -423,16 +423,36 @@ def _is_secret_flag(name: str) -> bool:
     return name.startswith("--") and any(len(key) >= 5 and secret.startswith(key) for secret in SECRET_SETTINGS)
 
 
+def _launcher() -> List[str]:
+    """The `torchrun` prefix of a command that ran in several processes (`torchrun`, `accelerate launch`: both set
+    `WORLD_SIZE` and `LOCAL_WORLD_SIZE`), or `[]`: a recorded command then starts as many processes again. `-m
+    mic_diffrep` or `--no-python` is added by `command_line` to fit the command."""
+    world, local = os.environ.get("WORLD_SIZE", "1"), os.environ.get("LOCAL_WORLD_SIZE")
+    if not (world.isdigit() and int(world) > 1 and local and local.isdigit()):
+        return []
+    nodes = int(world) // max(int(local), 1)
+    return ["torchrun", "--nproc_per_node", local] + (["--nnodes", str(nodes)] if nodes > 1 else [])
+
+
 def command_line(argv=None) -> str:
     """The command that ran (`sys.argv` by default), as results files record it, with the value of `--hub_token`
     masked.
 
     >>> command_line(["/venv/bin/mic-diffrep", "probe", "--hub_token", "hf_a", "--hub-token=x", "--data_dir", "my d"])
     "mic-diffrep probe --hub_token '***' '--hub-token=***' --data_dir 'my d'"
+
+    A command that ran in several processes (`torchrun`, `accelerate launch`) is recorded as the `torchrun` command
+    that starts as many: `torchrun --nproc_per_node 2 training/pretrain.py ...`.
     """
     argv = [str(arg) for arg in (sys.argv if argv is None else argv)]
     if argv and os.path.splitext(os.path.basename(argv[0]))[0] == "mic-diffrep":  # the script, not its install path
         argv[0] = "mic-diffrep"
+    launcher = _launcher()
+    if argv and argv[0].endswith(os.path.join("mic_diffrep", "__main__.py")):  # `python -m mic_diffrep`
+        argv[:1] = ["-m", "mic_diffrep"] if launcher else ["python", "-m", "mic_diffrep"]
+    elif argv and launcher and argv[0] == "mic-diffrep":  # a command, not a Python script
+        launcher.append("--no-python")
+    argv = launcher + argv if argv else argv
     masked, hide_next = [], False
     for arg in argv:
         name, equals, _ = arg.partition("=")

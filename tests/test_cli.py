@@ -575,3 +575,7 @@ def test_run_on_two_cpu_processes_pretrains_probes_and_reports_once(tmp_path):
     assert done.stdout.count("MicDiffRep-MS test accuracy") == 1 and done.stdout.count("[1/2] Pretraining") == 1
     report = json.loads((out / "report.json").read_text())
     assert report["pretraining"]["num_processes"] == 2 and report["probe"]["num_test"] == 40
+    # the commands recorded start two processes again (they read as a one-process run)
+    assert report["command"].startswith("torchrun --nproc_per_node 2 --no-python mic-diffrep run --resolution 16")
+    pretraining = json.loads((out / "pretrain" / "pretraining_summary.json").read_text())
+    assert pretraining["command"].startswith("torchrun --nproc_per_node 2 -m mic_diffrep run --resolution 16")

@@ -16,6 +16,7 @@ import PIL.Image
 import pytest
 import torch
 
+import mic_diffrep
 from conftest import parse, write_class_folder
 from mic_diffrep import (DiffusionFeaturePipeline, MicDiffRepConfig, MicDiffRepForImageClassification,
                          MicDiffRepImageProcessor, create_scheduler, create_unet, save_image_grid)
@@ -533,6 +534,26 @@ def test_results_of_a_class_without_test_images_are_strict_json(tmp_path, monkey
                            pathlib.Path(kwargs["folder_path"]) / "results.json"))):
         push_to_hub(str(model), "me/model")  # reads the results file back: null, not NaN
     assert uploaded["results"]["msfa"]["test"]["all"]["per_class_recall"]["c"] is None
+
+
+def test_the_command_recorded_starts_the_processes_and_module_that_ran(monkeypatch):
+    """Results recorded `training/pretrain.py ...` for a two-process run, and the path of `mic_diffrep/__main__.py`
+    for `python -m mic_diffrep`: pasted back, neither ran the same way."""
+    from mic_diffrep.utils import command_line
+
+    main_py = os.path.join(os.path.dirname(mic_diffrep.__file__), "__main__.py")
+    for name in ("WORLD_SIZE", "LOCAL_WORLD_SIZE"):
+        monkeypatch.delenv(name, raising=False)
+    assert command_line([main_py, "probe", "--x", "1"]) == "python -m mic_diffrep probe --x 1"
+    assert command_line(["training/pretrain.py", "--x", "1"]) == "training/pretrain.py --x 1"
+    monkeypatch.setenv("WORLD_SIZE", "4")
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "2")
+    launcher = "torchrun --nproc_per_node 2 --nnodes 2"
+    assert command_line(["training/pretrain.py", "--x"]) == f"{launcher} training/pretrain.py --x"
+    assert command_line([main_py, "run"]) == f"{launcher} -m mic_diffrep run"
+    assert command_line(["/venv/bin/mic-diffrep", "run"]) == f"{launcher} --no-python mic-diffrep run"
+    monkeypatch.setenv("WORLD_SIZE", "1")  # torchrun with one process: the same as none
+    assert command_line(["/venv/bin/mic-diffrep", "run"]) == "mic-diffrep run"
 
 
 def test_only_the_first_process_of_a_launch_logs_progress_and_warnings():

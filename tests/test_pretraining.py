@@ -256,6 +256,7 @@ def test_two_cpu_processes_train_on_different_shards(unlabelled_folder, tmp_path
     with open(os.path.join(out, "pretraining_summary.json")) as f:
         summary = json.load(f)
     assert summary["num_processes"] == 2
+    assert summary["command"].startswith("torchrun --nproc_per_node 2 ") and "pretrain.py" in summary["command"]
     assert summary["first_epoch_images_per_process"] == [12, 12]
     assert summary["first_epoch_images_on_several_processes"] == 0
     assert summary["global_step"] == 6  # 6 batches an epoch shared by 2 processes: 3 steps an epoch
