@@ -410,8 +410,11 @@ class DiffusionFeaturePipeline(DiffusionPipeline):
                 or not 1 <= num_inference_steps <= num_train_timesteps):
             raise ValueError(f"`num_inference_steps` must be an integer in [1, {num_train_timesteps}] (the timesteps "
                              f"the pipeline was trained on), got {num_inference_steps!r}.")
-        step_kwargs = {"generator": generator}
-        if "eta" in inspect.signature(self.scheduler.step).parameters:
+        step_parameters = inspect.signature(self.scheduler.step).parameters
+        # A scheduler whose steps draw no noise (PNDM) takes no generator; one of another noise scale (Euler, Heun)
+        # scales its first noise and the UNet's input, as diffusers' pipelines do (both do nothing for DDPM / DDIM).
+        step_kwargs = {"generator": generator} if "generator" in step_parameters else {}
+        if "eta" in step_parameters:
             step_kwargs["eta"] = eta
         elif eta:
             raise ValueError(f"`eta` is taken by DDIM sampling; the pipeline's {type(self.scheduler).__name__} has "
@@ -429,11 +432,14 @@ class DiffusionFeaturePipeline(DiffusionPipeline):
 
         # 2. Set the timesteps
         self.scheduler.set_timesteps(int(num_inference_steps))
+        image = image * self.scheduler.init_noise_sigma
 
         with eval_mode(self.unet):  # without dropout, as the saved pipeline samples
             for t in self.progress_bar(self.scheduler.timesteps, desc="Sampling"):
                 # 3. Predict the noise (in the UNet's dtype; the scheduler step stays in float32)
-                model_input = image if clean_estimate is None else torch.cat([image, clean_estimate], dim=1)
+                model_input = self.scheduler.scale_model_input(image, t)
+                if clean_estimate is not None:
+                    model_input = torch.cat([model_input, clean_estimate], dim=1)
                 model_output = self.unet(model_input.to(self.unet.dtype), t).sample.float()
                 # 4. Compute the previous noisy sample x_t -> x_t-1
                 step = self.scheduler.step(model_output, t, image, **step_kwargs)

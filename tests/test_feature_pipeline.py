@@ -375,6 +375,30 @@ def test_sampling_arguments_as_diffusers_pipelines_take_them(pipe):
                                            generator=torch.Generator().manual_seed(0)).images)
 
 
+def test_sampling_with_schedulers_of_another_noise_scale_or_without_noise(pipe):
+    """With an Euler scheduler, sampling started from unit noise (its first noise is ~100x larger) and fed the UNet
+    unscaled inputs: wrong images, and diffusers' "`scale_model_input` should be called" warning; a PNDM scheduler
+    failed ("unexpected keyword argument 'generator'")."""
+    import functools
+
+    from diffusers import EulerDiscreteScheduler, PNDMScheduler
+
+    pipe.scheduler = EulerDiscreteScheduler.from_config(pipe.scheduler.config)
+    first_samples = []
+    step = pipe.scheduler.step
+
+    @functools.wraps(step)  # its signature, which the pipeline reads
+    def recording_step(model_output, timestep, sample, **kwargs):
+        first_samples.append(sample.std().item())
+        return step(model_output, timestep, sample, **kwargs)
+
+    pipe.scheduler.step = recording_step
+    images = pipe(batch_size=2, num_inference_steps=3, output_type="pt").images
+    assert first_samples[0] > 10 and pipe.scheduler.is_scale_input_called and torch.isfinite(images).all()
+    pipe.scheduler = PNDMScheduler.from_config(pipe.scheduler.config)
+    assert pipe(batch_size=2, num_inference_steps=4, output_type="pt").images.shape == (2, 1, 16, 16)
+
+
 def extraction_settings(pipe, timesteps, layers, **kwargs):
     extractor = DiffusionFeatureExtractor(pipe)
     return extractor.cache_settings(extractor.resolve(FeatureArguments(timesteps=timesteps, layers=layers, **kwargs)))
