@@ -8,7 +8,9 @@ from pathlib import Path
 import pytest
 import torch
 
+from conftest import write_class_folder
 from mic_diffrep.commands import RUN_DEFAULTS, SAMPLE_DATA_DIR, build_parser, main
+from mic_diffrep.data import read_image_list
 
 
 def test_every_subcommand_documents_every_flag():
@@ -166,6 +168,44 @@ def test_run_pretrains_again_when_its_images_changed(tmp_path, capsys):
     main(tiny + ["--overwrite_output_dir"])
     assert "Pretraining into" in capsys.readouterr().out
     assert json.loads((tmp_path / "run" / "report.json").read_text())["pretraining"]["num_images"] == 80
+
+
+def test_run_leaves_the_test_images_it_carves_out_of_pretraining(tmp_path, capsys, monkeypatch):
+    """On a folder without a test split, `run` pretrained on every image, then carved its test images from them: the
+    test images were pretraining images. And a validation part too small to carve from what the test carve left
+    failed only after pretraining."""
+    data = os.path.join(SAMPLE_DATA_DIR, "Training")  # class folders, no split folders: the test split is carved
+    out = tmp_path / "run"
+    tiny = ["run", "--data_dir", data, "--output_dir", str(out), "--resolution", "16", "--model_config_name_or_path",
+            "tiny", "--pretrain_epochs", "1", "--num_images", "2", "--num_inference_steps", "2", "--timesteps", "10",
+            "--probe_epochs", "1", "--hidden_size", "8", "--mixed_precision", "no"]
+    main(tiny)
+    report = json.loads((out / "report.json").read_text())
+    held_out = read_image_list(str(out / "held_out_images.txt"))
+    assert sorted(held_out) == sorted(read_image_list(str(out / "model" / "test_images.txt")))
+    assert report["probe"]["num_test"] == len(held_out) > 0
+    probe = report["probe"]
+    assert report["pretraining"]["num_images"] == 120 - len(held_out) == probe["num_train"] + probe["num_validation"]
+    assert report["pretraining"]["exclude_image_list"] == str(out / "held_out_images.txt")
+    assert "less the test images listed in `held_out_images.txt`" in (out / "report.md").read_text()
+    main(tiny + ["--overwrite_output_dir"])
+    assert "reusing the finished run" in capsys.readouterr().out  # the same held-out images
+    main(tiny + ["--overwrite_output_dir", "--test_split", "0.3"])  # other test images: pretrained anew
+    assert "Pretraining into" in capsys.readouterr().out
+    held_out = read_image_list(str(out / "held_out_images.txt"))
+    assert json.loads((out / "report.json").read_text())["pretraining"]["num_images"] == 120 - len(held_out) < 120 - 26
+
+    # 3 images a class, 4 copies each: 24 files, but 6 groups of near-duplicates; the test split takes 2 groups, and
+    # 10% of the 4 left is no group: said before pretraining (by files alone, 10% of 24 could be carved)
+    few = write_class_folder(tmp_path / "few", per_class=3, seed=0, classes=("a", "b"))
+    for image in list(Path(few).glob("*/*.png")):
+        for copy in range(3):
+            shutil.copy(image, image.with_name(f"{image.stem}_copy{copy}.png"))
+    monkeypatch.setattr("mic_diffrep.commands.run.pretrain", lambda args: pytest.fail("pretrained before the check"))
+    with pytest.raises(SystemExit) as error:
+        main(["run", "--data_dir", few, "--output_dir", str(tmp_path / "few_run")] + tiny[5:]
+             + ["--validation_split", "0.1"])
+    assert error.value.code == 2 and "Cannot carve --validation_split 0.1 from 16 images" in capsys.readouterr().err
 
 
 def test_check_leakage_cli(tmp_path, capsys):
@@ -399,7 +439,6 @@ def test_run_takes_the_probes_split_flags_its_errors_name(tmp_path, capsys):
     import numpy as np
     import PIL.Image
 
-    from conftest import write_class_folder
     from mic_diffrep.commands.run import check_run, pretraining_arguments, probe_arguments, run_config
 
     config = run_config(build_parser().parse_args([

@@ -237,6 +237,21 @@ def test_pretrain_splits_exclude_test_by_default(kaggle_folder, tmp_path):
     assert summary["num_images"] == 32
 
 
+def test_exclude_image_list_leaves_the_listed_files_out(unlabelled_folder, tmp_path):
+    """A probe's test_images.txt (test images carved from a folder without a test split) could not be left out of
+    pretraining: the test images were pretraining images."""
+    listed = tmp_path / "test_images.txt"
+    listed.write_text("# carved\n000.png\n001.png\n")
+    summary = main(tiny_args(unlabelled_folder, str(tmp_path / "out"), "--max_train_steps", "1",
+                             "--exclude_image_list", str(listed)))
+    assert summary["num_images"] == 22 and summary["exclude_image_list"] == str(listed)
+    listed.write_text("000.png\nelsewhere/000.png\n")  # a list of another folder: an error, not nothing left out
+    with pytest.raises(ValueError, match=r"--exclude_image_list .*: 1 listed file\(s\) are not among the images of "
+                                         r".*'elsewhere/000.png'"):
+        main(tiny_args(unlabelled_folder, str(tmp_path / "other"), "--max_train_steps", "1",
+                       "--exclude_image_list", str(listed)))
+
+
 @pytest.mark.skipif(not torch.distributed.is_available(), reason="needs torch.distributed")
 def test_two_cpu_processes_train_on_different_shards(unlabelled_folder, tmp_path):
     out = str(tmp_path / "ddp")

@@ -17,17 +17,18 @@ from typing import Literal, Optional
 import yaml
 
 from ..data import (check_labelled, decode_images, images_fingerprint, label_by_class_folder, load_image_folder,
-                    select_splits)
+                    select_splits, write_image_list)
 from ..data.medical import add_slice_arguments
 from ..features import FeatureArguments
 from ..models.mic_diffrep.unet import UNET_PRESETS
 from ..probing import ProbeArguments, run_probe
 from ..probing.export import check_new_probe
-from ..probing.splits import check_carvable, check_test_classes, own_validation_split
+from ..probing.splits import carved_test_ids, check_carvable, check_test_classes, own_validation_split
 from ..reporting.hub import create_hub_repo, default_repo_id, push_pipeline_to_hub
 from ..reporting.results import run_report_markdown
 from ..training import RECIPE_KEYS, SUMMARY_FILE, PretrainingArguments, default_recipe, pretrain
 from ..training.checkpointing import check_new_run
+from ..training.loop import training_images
 from ..utils import MIXED_PRECISION_CHOICES, check_value, command_line, is_first_process, write_json
 from .base import DeprecatedFlag
 
@@ -173,10 +174,11 @@ def check_config(config: dict, source: Optional[str] = None) -> None:
             raise ValueError(f"{name} must be at least 0 (0: a single linear layer), got {value}.")
 
 
-def check_run(config: dict, pretraining_args: PretrainingArguments, probe_args: ProbeArguments) -> None:
+def check_run(config: dict, pretraining_args: PretrainingArguments, probe_args: ProbeArguments) -> Optional[list]:
     """What would otherwise fail only after pretraining: the probe's timesteps, the data's labels, whether the
     validation part (and a test split, when the data has none) can be carved from it, and a test split's classes and
-    images."""
+    images. Returns the ids of the test images the probe will carve (the data has no test split), which pretraining
+    leaves out, else `None`."""
     bad = [t for t in probe_args.timesteps if not 0 <= t < pretraining_args.ddpm_num_steps]
     if bad:
         raise ValueError(f"`timesteps` {bad}: read-out timesteps must be in [0, {pretraining_args.ddpm_num_steps}).")
@@ -195,7 +197,9 @@ def check_run(config: dict, pretraining_args: PretrainingArguments, probe_args: 
         check_labelled(test_set, f"`test_data_dir` {probe_args.test_data_dir}")
     elif test_set is None:  # carved from every image, or from the training split beside a validation split
         check_carvable(select_splits(splits, ["train"] if own_validation_split(splits) else ["all"])[1],
-                       probe_args.test_split, probe_args.seed)
+                       probe_args.test_split, probe_args.seed)  # at once, by files, before the images are decoded
+        # carved as the probe will carve it: its images are left out of pretraining
+        return carved_test_ids(probe_args, pretraining_args.preprocessing)
     if not own_validation_split(splits):  # a validation split of the data's own is used as it is
         check_carvable(training, probe_args.validation_split, probe_args.seed, "--validation_split")
     if test_set is not None:
@@ -205,6 +209,32 @@ def check_run(config: dict, pretraining_args: PretrainingArguments, probe_args: 
         if not probe_args.skip_bad_images:  # pretraining reads the training images first; the test ones only the probe
             # no cache: nothing is written before the run's own checks; a big test folder takes a while: shown
             decode_images(test_set, pretraining_args.preprocessing, slices=probe_args.slices)
+    return None
+
+
+HELD_OUT_FILE = "held_out_images.txt"
+
+
+@contextlib.contextmanager
+def held_out_list(config: dict, image_ids: Optional[list]):
+    """Writes the ids of the test images the probe will carve, which pretraining leaves out (`--exclude_image_list`),
+    into a temporary file for the checks in the block, then into the run's `held_out_images.txt` if they pass (a run
+    refused keeps the list of the pretraining there). Yields the temporary file (`None` without images). Each process
+    of a launch writes the same list through a file of its own, so none reads a half-written one."""
+    if image_ids is None:
+        yield None
+        return
+    path = os.path.join(config["output_dir"], HELD_OUT_FILE)
+    os.makedirs(config["output_dir"], exist_ok=True)
+    temporary = f"{path}.{os.getpid()}.tmp"
+    write_image_list(temporary, image_ids, config["data_dir"],
+                     "test images the probe of `mic-diffrep run` carves; left out of its pretraining")
+    try:
+        yield temporary
+    except BaseException:
+        os.remove(temporary)
+        raise
+    os.replace(temporary, path)
 
 
 def run_config(namespace) -> dict:
@@ -270,7 +300,7 @@ def finished_pretraining(args: PretrainingArguments) -> Optional[dict]:
             and (summary.get("num_epochs"), summary.get("max_train_steps")) == (args.num_epochs, args.max_train_steps)
             and os.path.abspath(str(summary.get("train_data_dir"))) == os.path.abspath(args.train_data_dir))
     if same:  # images added, removed or replaced since give other weights (a summary without the record: unknown)
-        images = select_splits(load_image_folder(args.train_data_dir), args.pretrain_splits)[1]
+        images = training_images(args)[1]
         same = summary.get("data_fingerprint") == images_fingerprint(images, args.preprocessing, args.slices)
     return summary if same else None
 
@@ -300,12 +330,21 @@ def run(namespace) -> dict:
             pretraining_args = replace(pretraining_args, resume_from_checkpoint=namespace.resume_from_checkpoint,
                                        overwrite_output_dir=namespace.overwrite_output_dir)
             probe_args = replace(probe_args, overwrite_output_dir=namespace.overwrite_output_dir)
-        pretraining = finished_pretraining(pretraining_args)
-        if pretraining is None:  # refused before the test images are read, not after
+        pretrained_before = os.path.isfile(os.path.join(pretraining_args.output_dir, SUMMARY_FILE))
+        if not pretrained_before:  # refused before the images are read, not after
             check_new_run(pretraining_args.output_dir, pretraining_args.resume_from_checkpoint,
                           pretraining_args.overwrite_output_dir)
         check_new_probe(probe_args.output_dir, probe_args.overwrite_output_dir)  # not after pretraining
-        check_run(config, pretraining_args, probe_args)
+        held_out = check_run(config, pretraining_args, probe_args)
+        with held_out_list(config, held_out) as exclude_image_list:  # the test images the probe carves
+            pretraining_args = replace(pretraining_args, exclude_image_list=exclude_image_list)
+            pretraining = finished_pretraining(pretraining_args)
+            if pretraining is None and pretrained_before:
+                check_new_run(pretraining_args.output_dir, pretraining_args.resume_from_checkpoint,
+                              pretraining_args.overwrite_output_dir)
+        if held_out is not None:
+            pretraining_args = replace(pretraining_args, exclude_image_list=os.path.join(config["output_dir"],
+                                                                                         HELD_OUT_FILE))
     main_process = is_first_process()  # says and writes the report, once
     say = print if main_process else (lambda *args, **kwargs: None)
     hub = None

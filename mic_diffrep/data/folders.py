@@ -331,13 +331,32 @@ def write_image_list(path: str, image_ids: Sequence[str], root: str, comment: st
         f.writelines(relative_image_id(image_id, root) + "\n" for image_id in image_ids)
 
 
-def read_image_list(path: str) -> List[str]:
+def read_image_list(path: str, flag: str = "--image_list") -> List[str]:
     """The image ids of an image list (`write_image_list`): one per line; blank lines and `#` comments skipped."""
     try:
         with open(path, encoding="utf-8") as f:
             ids = [line.strip() for line in f if line.strip() and not line.lstrip().startswith("#")]
     except (OSError, UnicodeDecodeError) as error:
-        raise ValueError(f"--image_list {path} cannot be read: {error}") from None
+        raise ValueError(f"{flag} {path} cannot be read: {error}") from None
     if not ids:
-        raise ValueError(f"--image_list {path} lists no images.")
+        raise ValueError(f"{flag} {path} lists no images.")
     return ids
+
+
+def leave_out_listed(dataset: Dataset, data_dir: str, image_list: str,
+                     flag: str = "--exclude_image_list") -> Dataset:
+    """The rows of `dataset` (images of `data_dir`) whose files an image list does not name (ids relative to
+    `data_dir`, as `write_image_list` writes them: the `test_images.txt` a probe writes, say; a slice id leaves out its
+    whole file). Every listed file must be among the rows, so that a list of another folder fails instead of leaving
+    out nothing."""
+    listed = {source_file(image_id) for image_id in read_image_list(image_list, flag)}
+    files = [relative_image_id(item["path"], data_dir) if item.get("path") else None
+             for item in undecoded_images(dataset)["image"]]
+    missing = sorted(listed - set(files))
+    if missing:
+        raise ValueError(f"{flag} {image_list}: {len(missing)} listed file(s) are not among the images of {data_dir} "
+                         f"(e.g. {missing[0]!r}); the list's paths are relative to that folder.")
+    kept = [index for index, file in enumerate(files) if file not in listed]
+    if not kept:
+        raise ValueError(f"{flag} {image_list} lists every image of {data_dir}: none is left.")
+    return dataset.select(kept)

@@ -19,6 +19,7 @@ from ..data import (DecodedImages, ImagePreprocessing, check_labelled, decode_im
 from ..data.decoding import source_file
 from ..models.mic_diffrep.preprocessing import undecoded_images
 from ..leakage import DEFAULT_THRESHOLD, check_leakage, duplicate_groups, fingerprint_images, group_stratified_split
+from ..utils import is_first_local_process
 from .arguments import ProbeArguments
 
 
@@ -138,6 +139,23 @@ def check_carvable(dataset, fraction: float, seed: int = 0, flag: str = "--test_
     folders = [patient_folder(item["path"] or "", names[label]) for item, label in zip(dataset["image"], labels)]
     _, groups = np.unique(folders, return_inverse=True)
     _carve(labels, groups.astype(np.int64), fraction, seed, flag)
+
+
+def carved_test_ids(args: ProbeArguments, preprocessing: ImagePreprocessing) -> List[str]:
+    """The ids of the test images a probe with `args` carves from a folder without a test split, after checking that
+    its validation part can be carved from the rest: `mic-diffrep run` leaves them out of pretraining (pretraining on
+    them would use the test images), and too few images for either split fail before pretraining, not after it."""
+    def decode(dataset):  # into the probe's decode cache: the probe reads them from there
+        return decode_images(dataset, preprocessing, skip_bad_images=args.skip_bad_images,
+                             num_workers=args.dataloader_num_workers,
+                             cache_dir=args.cache_dir or os.path.join(args.output_dir, ".cache"),
+                             show_progress=is_first_local_process(), slices=args.slices)
+
+    train, test, _, validation_files = _train_and_test(args, decode)
+    if not validation_files:
+        _carve(train.labels, _split_groups(train, args.duplicate_threshold or DEFAULT_THRESHOLD),
+               args.validation_split, args.seed, "--validation_split")
+    return list(test.paths)
 
 
 def own_validation_split(splits) -> bool:

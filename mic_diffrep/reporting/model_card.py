@@ -190,6 +190,8 @@ def pipeline_card_text(summary: dict, repo_id: Optional[str] = None, samples: bo
                 f"ignores the preprocessing settings in `model_index.json`).")
     metadata = ModelCardData(library_name="diffusers", license="apache-2.0",
                              tags=TAGS + ["unconditional-image-generation", "feature-extraction"])
+    left_out = (f" (less the test images listed in `{_name(summary['exclude_image_list'])}`)"
+                if summary.get("exclude_image_list") else "")
     return f"""---
 {metadata.to_yaml()}
 ---
@@ -224,7 +226,7 @@ pipe = DiffusionPipeline.from_pretrained("{location}", custom_pipeline="pipeline
 
 ## Training
 
-""" + (f"""- {summary.get('num_images')} unlabelled images of `{_name(summary.get('train_data_dir', ''))}` at
+""" + (f"""- {summary.get('num_images')} unlabelled images of `{_name(summary.get('train_data_dir', ''))}`{left_out} at
   {summary.get('resolution')} px, {steps},
   {summary.get('num_parameters')} parameters, precision {PRECISION_NAMES.get(summary.get('mixed_precision'),
                                                                               summary.get('mixed_precision'))}.

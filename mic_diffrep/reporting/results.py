@@ -1,6 +1,7 @@
 """Result files people read: the probe's `results.md` and the report of `mic-diffrep run`."""
 
 import os
+from typing import Optional
 
 from ..utils import format_score
 
@@ -62,6 +63,11 @@ def results_markdown(results: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
+def held_out(image_list: Optional[str]) -> str:
+    """How a report names the images pretraining left out (`--exclude_image_list`)."""
+    return f", less the test images listed in `{os.path.basename(image_list)}`" if image_list else ""
+
+
 def run_report_markdown(report: dict) -> str:
     """`report.md` of `mic-diffrep run`: pretraining, sample grid, probe results and plots."""
     pre, files = report["pretraining"], report["files"]
@@ -70,7 +76,9 @@ def run_report_markdown(report: dict) -> str:
         "# mic-diffrep run", "",
         f"Command: `{report['command']}`", "",
         "## Pretraining", "",
-        f"{pre['num_images']} images ({', '.join(pre['splits'])}) of `{pre['train_data_dir']}` at {pre['resolution']} px, "
+        f"{pre['num_images']} images ({', '.join(pre['splits'])}"
+        f"{held_out(pre.get('exclude_image_list'))}"
+        f") of `{pre['train_data_dir']}` at {pre['resolution']} px, "
         f"{pre['num_parameters'] / 1e6:.2f}M-parameter UNet, {pre['global_step']} steps in "
         f"{format_score(pre['train_minutes'], 1)} minutes ({format_score(pre['images_per_second'], 1)} images/s, "
         f"{PRECISION_NAMES.get(pre['mixed_precision'], pre['mixed_precision'])}), final loss "

@@ -34,7 +34,7 @@ from .checkpointing import check_checkpoint, find_checkpoint
 # others decide the model, the data, its order and the optimisation, which the checkpoint continues: a checkpoint
 # records them and is refused by a run with others.
 RESUMABLE_CHANGES = frozenset({
-    "train_data_dir", "output_dir", "resume_from_checkpoint", "overwrite_output_dir", "cache_dir",
+    "train_data_dir", "exclude_image_list", "output_dir", "resume_from_checkpoint", "overwrite_output_dir", "cache_dir",
     "dataloader_num_workers", "skip_bad_images", "num_epochs", "max_train_steps", "time_budget_minutes",
     "mixed_precision", "channels_last", "checkpointing_steps", "checkpoints_total_limit", "logger", "logging_dir",
     "save_images_epochs", "save_model_epochs", "eval_batch_size", "sample_scheduler", "ddpm_num_inference_steps",
@@ -52,6 +52,10 @@ class CommonPretrainingArguments:
     pretrain_splits: Optional[List[str]] = field(default=None, metadata={
         "help": "Splits to pretrain on (train, validation, test, or 'all'). Default: every split except test, so test "
                 "images are never used unless asked for."})
+    exclude_image_list: Optional[str] = field(default=None, metadata={
+        "help": "A file of images to leave out of pretraining, one per line, relative to --train_data_dir (the "
+                "test_images.txt a probe writes, say): test images carved from a folder without a test split. "
+                "`mic-diffrep run` leaves out the test part its probe carves."})
     resolution: int = field(default=64, metadata={
         "help": "Image size (paper: 112; `mic-diffrep run --config paper` uses it). 64, the package's default and its "
                 "benchmarks', has 3x fewer pixels per image to train on a CPU."})

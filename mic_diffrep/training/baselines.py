@@ -64,6 +64,7 @@ def _pretrain_baseline(args: BaselinePretrainingArguments) -> dict:
                   compute_loss, after_step, desc=f"Pretraining {args.method}")
     minutes = state.train_seconds / 60
     summary = {"command": command_line(), "method": args.method, "num_images": len(decoded), "splits": splits,
+               "exclude_image_list": args.exclude_image_list,
                "resolution": args.resolution, "num_processes": accelerator.num_processes,
                "mixed_precision": accelerator.mixed_precision,
                "global_step": state.global_step, "stop_reason": summary_stop_reason(state, args),

@@ -304,6 +304,7 @@ def training_summary(state: TrainingState, args, accelerator, decoded, splits, m
         "command": command_line(),
         "train_data_dir": args.train_data_dir,
         "splits": splits,
+        "exclude_image_list": args.exclude_image_list,  # images left out (a carved test split)
         "num_images": len(decoded),
         "data_fingerprint": decoded.fingerprint,  # the images' files and preprocessing (`images_fingerprint`)
         "skipped_images": decoded.skipped,

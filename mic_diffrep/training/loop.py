@@ -24,7 +24,8 @@ from accelerate.utils import ProjectConfiguration
 from diffusers.optimization import get_scheduler
 from tqdm.auto import tqdm
 
-from ..data import DecodedImages, PretrainingDataset, decode_images, load_image_folder, seed_for, select_splits
+from ..data import (DecodedImages, PretrainingDataset, decode_images, leave_out_listed, load_image_folder, seed_for,
+                    select_splits)
 from ..utils import create_accelerator, is_first_local_process, progress_interval
 from .arguments import CommonPretrainingArguments
 from .checkpointing import (check_checkpoint, find_checkpoint, images_record, resume_training_state,
@@ -62,11 +63,20 @@ def make_accelerator(args: CommonPretrainingArguments, log_with: Optional[str] =
     return accelerator
 
 
+def training_images(args: CommonPretrainingArguments):
+    """`(splits, dataset)`: the undecoded images pretraining reads (`--pretrain_splits` of `--train_data_dir`, less
+    those `--exclude_image_list` names)."""
+    splits, dataset = select_splits(load_image_folder(args.train_data_dir), args.pretrain_splits)
+    if args.exclude_image_list:
+        dataset = leave_out_listed(dataset, args.train_data_dir, args.exclude_image_list)
+    return splits, dataset
+
+
 def load_training_images(args: CommonPretrainingArguments, accelerator):
     """The unlabelled training images, decoded once; returns `(decoded, splits)`. The main process goes first: it
     writes the decode cache, which the other processes then read."""
     with accelerator.main_process_first():
-        splits, dataset = select_splits(load_image_folder(args.train_data_dir), args.pretrain_splits)
+        splits, dataset = training_images(args)
         decoded = decode_images(dataset, args.preprocessing, skip_bad_images=args.skip_bad_images,
                                 num_workers=args.dataloader_num_workers,
                                 cache_dir=args.cache_dir or os.path.join(args.output_dir, ".cache"),
