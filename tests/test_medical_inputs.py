@@ -16,6 +16,7 @@ from mic_diffrep.commands import main as cli
 from mic_diffrep.data import (BadImageError, DecodedImages, ImagePreprocessing, SliceSelection, decode_images,
                               image_to_pixels, load_image_folder, read_medical_slices, window_intensities)
 from mic_diffrep.data.decoding import source_file
+from mic_diffrep.data.medical import patient_keys
 from mic_diffrep.features import ExtractionArguments
 from mic_diffrep.inference import image_files
 from mic_diffrep.models.mic_diffrep.preprocessing import as_image_list
@@ -423,9 +424,12 @@ def test_slice_flags_on_every_settings_class():
 
 def test_carved_splits_keep_the_slices_of_a_file_together():
     groups = np.array([0, 1, 2, 3, 1])  # images 1 and 4 are near-duplicates
-    files = ["a.png", "v.nii#0", "v.nii#0", "b.png", "c.png"]  # images 1 and 2 are slices of one file
+    files = [["a.png"], ["v.nii#0"], ["v.nii#0"], ["b.png"], ["c.png"]]  # images 1 and 2 are slices of one file
     assert _merge_groups(groups, files).tolist() == [0, 1, 1, 2, 1]
-    assert _merge_groups(np.array([0, 1, 0]), ["x", "y", "z"]).tolist() == [0, 1, 0]
+    assert _merge_groups(np.array([0, 1, 0]), [["x"], ["y"], ["z"]]).tolist() == [0, 1, 0]
+    # keys of two kinds: "p" joins images 0 and 3, "s" images 3 and 4
+    assert _merge_groups(np.arange(5), [["a", "p"], ["b"], ["c"], ["d", "p", "s"], ["e", "s"]]).tolist() == [
+        0, 1, 2, 0, 0]
 
 
 def test_carved_splits_keep_a_patient_folder_together():
@@ -438,6 +442,31 @@ def test_carved_splits_keep_a_patient_folder_together():
     assert len(set(groups.tolist())) == 6  # one group per patient (the random images are no near-duplicates)
     assert all(groups[i] == groups[4 * (i // 4)] for i in range(24))
     assert patient_folder("/d/a/vol.nii.gz#slice=2", "a") == "/d/a/vol.nii.gz"  # a file right in its class folder
+
+
+def test_carved_splits_keep_the_dicom_files_of_a_patient_together(tmp_path):
+    """Single-frame DICOM files loose in their class folders (one file a slice, as scanners write them) were split by
+    file: every patient had slices on both sides of a carved test split."""
+    rng = np.random.default_rng(0)
+    paths, labels = [], []
+    for label, name in enumerate(("glioma", "notumor")):
+        for patient in range(4):
+            series = f"1.2.826.0.1.{label}.{patient}"
+            for k in range(5):
+                paths.append(write_dicom(tmp_path / name / f"{series}.{k}", rng.integers(0, 4000, (16, 16)),
+                                         PatientID=f"PID-{name}-{patient}", SeriesInstanceUID=series))
+                labels.append(label)
+    (tmp_path / "glioma" / "sub-09_T1w.nii.gz").write_bytes(b"")  # a BIDS name: its subject is its patient
+    assert patient_keys(paths[0]) == ["dicom-PatientID:PID-glioma-0", "dicom-SeriesInstanceUID:1.2.826.0.1.0.0"]
+    assert patient_keys(tmp_path / "glioma" / "sub-09_T1w.nii.gz") == ["bids:sub-09"]
+    decoded = DecodedImages(torch.from_numpy(rng.integers(0, 256, (40, 1, 16, 16), dtype=np.uint8)), paths,
+                            torch.tensor(labels), ["glioma", "notumor"])
+    groups = _split_groups(decoded, 0.99)
+    assert len(set(groups.tolist())) == 8 and all(groups[i] == groups[5 * (i // 5)] for i in range(40))
+    # a PatientID left empty by anonymisation joins nothing; the series still does
+    blank = write_dicom(tmp_path / "x" / "blank", rng.integers(0, 4000, (16, 16)), PatientID="",
+                        SeriesInstanceUID="1.2.3")
+    assert patient_keys(blank) == ["dicom-SeriesInstanceUID:1.2.3"]
 
 
 def test_nan_background_and_one_slice_paths(tmp_path):

@@ -73,6 +73,7 @@ Example:
 
 import logging
 import os
+import re
 from dataclasses import dataclass
 from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple, Union
 
@@ -281,6 +282,36 @@ def read_medical_slices(
     )
 
 
+def patient_keys(path: PathLike) -> List[str]:
+    """What ties an image file to the other files of its patient, for splits that keep a patient on one side: a DICOM
+    file's *PatientID* and *SeriesInstanceUID* (its header alone is read; an empty value, or a file that cannot be
+    read, gives none), and the subject of a BIDS-named file (`sub-01_T1w.nii.gz`: `sub-01`).
+
+    >>> patient_keys("/data/glioma/sub-07_ses-1_FLAIR.nii.gz")
+    ['bids:sub-07']
+    """
+    filename = os.fspath(path)
+    keys = [f"bids:{match.group(1)}" for match in [_BIDS_SUBJECT.match(os.path.basename(filename))] if match]
+    name = filename.lower()
+    if not (name.endswith(DICOM_EXTENSIONS) or (not name.endswith(NIFTI_EXTENSIONS) and has_dicom_preamble(path))):
+        return keys
+    try:
+        import pydicom
+
+        ds = pydicom.dcmread(filename, stop_before_pixels=True, specific_tags=["PatientID", "SeriesInstanceUID"],
+                             force=True)
+    except Exception:  # noqa: BLE001 - an unreadable file is reported when its pixels are read
+        return keys
+    for keyword in ("PatientID", "SeriesInstanceUID"):
+        value = str(ds.get(keyword, "") or "").strip()
+        if value:
+            keys.append(f"dicom-{keyword}:{value}")
+    return keys
+
+
+_BIDS_SUBJECT = re.compile(r"(sub-[A-Za-z0-9]+)_")  # BIDS: a file name starts with its subject
+
+
 # --------------------------------------------------------------------------------------------------------------
 # DICOM
 # --------------------------------------------------------------------------------------------------------------
@@ -408,17 +439,22 @@ def _decode_dicom_pixels(ds: Any, filename: str) -> np.ndarray:
                 f"{filename}: the pixel data are compressed with transfer syntax {syntax}, which pydicom cannot "
                 f"decode without a plugin: {hint}."
             )
+    pydicom_logger = logging.getLogger("pydicom")
+    disabled, pydicom_logger.disabled = pydicom_logger.disabled, True  # its traceback of the error raised below
     try:
         return np.asarray(ds.pixel_array)
     except Exception as err:
+        reason = " ".join(str(err).split()) or type(err).__name__  # one line: a decoder lists its plugins on several
         if compressed:
             raise MedicalImageError(
                 f"{filename}: could not decode pixel data compressed with transfer syntax {syntax} (the data may "
-                f"be corrupt, or need another decoder: {hint}): {err}"
+                f"be corrupt, or need another decoder: {hint}): {reason}"
             ) from err
         raise MedicalImageError(
-            f"{filename}: could not read the pixel data (the file may be truncated or corrupt): {err}"
+            f"{filename}: could not read the pixel data (the file may be truncated or corrupt): {reason}"
         ) from err
+    finally:
+        pydicom_logger.disabled = disabled
 
 
 def _dicom_module(ds: Any, frame: int, sequence: str, top_level_keywords: Tuple[str, ...]) -> Any:

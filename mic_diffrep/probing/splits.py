@@ -2,7 +2,8 @@
 
 Every carved split (a test hold-out when the data has none, and always the validation part) keeps near-duplicate
 groups (`mic_diffrep.leakage`) on one side, so selection and scores are not flattered by duplicates; the slices of
-one DICOM / NIfTI file, and the images of one patient folder (`<class>/<patient>/...`), stay on one side too.
+one DICOM / NIfTI file, and the images of one patient (a patient folder, `<class>/<patient>/...`; the DICOM files of
+one *PatientID* or series; the files of one BIDS subject, `sub-01_...`), stay on one side too.
 """
 
 import logging
@@ -17,6 +18,7 @@ import torch
 from ..data import (DecodedImages, ImagePreprocessing, check_labelled, decode_images, label_by_class_folder,
                     load_image_folder, select_splits)
 from ..data.decoding import source_file
+from ..data.medical import patient_keys
 from ..models.mic_diffrep.preprocessing import undecoded_images
 from ..leakage import DEFAULT_THRESHOLD, check_leakage, duplicate_groups, fingerprint_images, group_stratified_split
 from ..utils import is_first_local_process
@@ -79,17 +81,32 @@ def patient_folder(image_id: str, class_name: Optional[str]) -> str:
     return path
 
 
+def _patients(paths: Sequence[str], class_names: Sequence[Optional[str]]) -> List[List[str]]:
+    """What keeps each image on one side with others: its patient folder (`patient_folder`: its file, or the folder
+    under its class folder), and its file's DICOM patient and series or BIDS subject (`patient_keys`; read once per
+    file)."""
+    keys_of_file = {}
+    rows = []
+    for path, name in zip(paths, class_names):
+        file = source_file(path)
+        if file not in keys_of_file:
+            keys_of_file[file] = patient_keys(file) if os.path.isfile(file) else []
+        rows.append([f"folder:{patient_folder(path, name)}"] + keys_of_file[file])
+    return rows
+
+
 def _split_groups(decoded: DecodedImages, threshold: float) -> np.ndarray:
-    """Near-duplicate groups, merged so that the slices of one DICOM / NIfTI file (ids `<path>#slice=<k>`) and the
-    images of one patient folder (`<class>/<patient>/...`) share a group: a carved split never puts neighbouring
-    slices of one volume, or two slices of one patient, on both sides."""
+    """Near-duplicate groups, merged so that the slices of one DICOM / NIfTI file (ids `<path>#slice=<k>`), the
+    images of one patient folder (`<class>/<patient>/...`), and the files of one DICOM patient or series (their
+    *PatientID*, *SeriesInstanceUID*) or BIDS subject (`sub-01_...`) share a group: a carved split never puts
+    neighbouring slices of one volume, or two slices of one patient, on both sides."""
     groups = duplicate_groups(fingerprint_images(decoded.pixels), threshold)
     labels = decoded.labels.tolist() if decoded.labels is not None else [None] * len(decoded)
     names = [None if label is None else decoded.label_names[label] for label in labels]
-    return _merge_groups(groups, [patient_folder(path, name) for path, name in zip(decoded.paths, names)])
+    return _merge_groups(groups, _patients(decoded.paths, names))
 
 
-def _merge_groups(groups: np.ndarray, files: Sequence[str]) -> np.ndarray:
+def _merge_groups(groups: np.ndarray, patients: Sequence[Sequence[str]]) -> np.ndarray:
     parent = list(range(len(groups)))
 
     def find(i: int) -> int:
@@ -99,8 +116,8 @@ def _merge_groups(groups: np.ndarray, files: Sequence[str]) -> np.ndarray:
         return i
 
     first = {}
-    for index, keys in enumerate(zip(np.asarray(groups).tolist(), files)):
-        for key in (("group", keys[0]), ("file", keys[1])):
+    for index, (group, keys) in enumerate(zip(np.asarray(groups).tolist(), patients)):
+        for key in [("group", group)] + [("patient", key) for key in keys]:
             if key in first:
                 a, b = find(first[key]), find(index)
                 parent[max(a, b)] = min(a, b)
@@ -133,12 +150,12 @@ def _carve(labels, groups: np.ndarray, fraction: float, seed: int, flag: str):
 def check_carvable(dataset, fraction: float, seed: int = 0, flag: str = "--test_split") -> None:
     """Raises the probe's error early when a labelled, not yet decoded dataset (`load_image_folder`) cannot be split
     into two parts (`fraction` of it apart: a test or validation part) even before near-duplicates are grouped (by
-    its files and patient folders alone): `mic-diffrep run` checks this before pretraining."""
+    its files and patients alone): `mic-diffrep run` checks this before pretraining."""
     names = dataset.features["label"].names
     labels = list(dataset["label"])
-    folders = [patient_folder(item["path"] or "", names[label]) for item, label in zip(dataset["image"], labels)]
-    _, groups = np.unique(folders, return_inverse=True)
-    _carve(labels, groups.astype(np.int64), fraction, seed, flag)
+    paths = [item["path"] or "" for item in undecoded_images(dataset)["image"]]
+    groups = _merge_groups(np.arange(len(labels)), _patients(paths, [names[label] for label in labels]))
+    _carve(labels, groups, fraction, seed, flag)
 
 
 def carved_test_ids(args: ProbeArguments, preprocessing: ImagePreprocessing) -> List[str]:
@@ -219,8 +236,8 @@ def _train_and_test(args: ProbeArguments, decode):
     train_idx = np.setdiff1d(np.arange(len(everything)), test_idx)
     what = "its training images" if validation_files else f"{len(everything)} images"
     source = (f"carved from {os.path.abspath(args.data_dir)}: {len(test_idx)} of {what} ({args.test_split:.0%} "
-              f"target), stratified by class, near-duplicate groups (fingerprint similarity >= {threshold}) kept on "
-              f"one side")
+              f"target), stratified by class, near-duplicate groups (fingerprint similarity >= {threshold}) and "
+              f"each file's slices and patient's images kept on one side")
     return everything.subset(train_idx), everything.subset(test_idx), source, validation_files
 
 
@@ -275,7 +292,7 @@ def load_probe_splits(args: ProbeArguments, preprocessing: ImagePreprocessing, a
         validation_mask = torch.zeros(len(train), dtype=torch.bool)
         validation_mask[torch.as_tensor(validation_idx, dtype=torch.long)] = True
         validation_source = (f"carved from the training images ({args.validation_split:.0%} target), near-duplicate "
-                             f"groups kept on one side")
+                             f"groups and each file's slices and patient's images kept on one side")
     leakage = check_leakage(train, test, threshold)
     leaked = torch.zeros(len(test), dtype=torch.bool)
     leaked[torch.as_tensor(leakage.leaked_test_indices, dtype=torch.long)] = True
