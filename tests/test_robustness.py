@@ -58,7 +58,7 @@ def test_skip_bad_images_lists_them(unlabelled_folder, tmp_path):
                                                                                       "truncated.jpg"]
 
 
-def test_every_unreadable_file_is_named_at_once_and_listed_once(tmp_path):
+def test_every_unreadable_file_is_named_at_once_and_listed_once(tmp_path, caplog):
     """Three bad files took three rounds of fix-and-rerun (only the first was named); a probe with a carved test split
     listed each skipped file twice (the train and test parts of one decode share its list)."""
     folder = tmp_path / "labelled"
@@ -72,6 +72,11 @@ def test_every_unreadable_file_is_named_at_once_and_listed_once(tmp_path):
     assert os.listdir(tmp_path / "cache")  # decoded once: the rerun with --skip_bad_images reads the cache
     with pytest.raises(BadImageError, match="^Cannot read 3 images: "):  # and so does one without it
         decode_images(sorted(str(p) for p in folder.rglob("*.*")), 16, cache_dir=str(tmp_path / "cache"))
+    with caplog.at_level("WARNING", logger="mic_diffrep.data.decoding"):  # read from the cache, skipped with a word
+        decode_images(sorted(str(p) for p in folder.rglob("*.*")), 16, cache_dir=str(tmp_path / "cache"),
+                      skip_bad_images=True)
+    assert all(f"Skipping unreadable image {folder / 'a' / name}" in caplog.text
+               for name in ("truncated.jpg", "empty.png", "notes.jpg"))
 
     pipe = tmp_path / "pipe"
     DiffusionFeaturePipeline(create_unet(16, "tiny"), create_scheduler()).save_pretrained(pipe)

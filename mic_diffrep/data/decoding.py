@@ -261,6 +261,8 @@ def decode_images(
             decoded.fingerprint = key
             if decoded.skipped and not skip_bad_images:
                 raise BadImageError(_bad_images_message(decoded.skipped))
+            for item in decoded.skipped:  # said again, as decoding said it
+                logger.warning("Skipping unreadable image %s (%s)", item["path"], item["error"])
             logger.info("Loaded %d decoded images from %s", len(decoded), cache_file)
             return decoded
 
