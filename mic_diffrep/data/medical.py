@@ -86,6 +86,8 @@ logger = logging.getLogger(__name__)
 
 
 MEDICAL_EXTENSIONS = (".dcm", ".dicom", ".ima", ".nii", ".nii.gz")
+# The most voxels of one NIfTI volume read (2^30: 1024^3, a whole-body CT of 512 x 512 x 4096 slices).
+MAX_NIFTI_VOXELS = 2**30
 DICOM_EXTENSIONS = (".dcm", ".dicom", ".ima")  # `.ima`: Siemens' name for its DICOM files
 NIFTI_EXTENSIONS = (".nii", ".nii.gz")
 
@@ -553,6 +555,15 @@ def read_nifti(
         raise MedicalImageError(
             f"{filename}: expected a 2-D image, 3-D volume or 4-D series of volumes, got data of shape {shape}."
         )
+    voxels = int(np.prod(shape[:3], dtype=np.int64))  # of the one volume read
+    if voxels > MAX_NIFTI_VOXELS:  # a corrupt header: refused before memory runs out
+        raise MedicalImageError(f"{filename}: its header gives a volume of shape {shape[:3]} ({voxels:,} voxels), more "
+                                f"than the {MAX_NIFTI_VOXELS:,} read here: a corrupt header?")
+    offset = int(getattr(image.dataobj, "offset", 0) or 0)  # where the data starts, after the header
+    data_bytes = int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
+    if filename.lower().endswith(".nii") and os.path.getsize(filename) < offset + data_bytes:  # read as it is
+        raise MedicalImageError(f"{filename}: its header gives data of shape {shape} ({data_bytes:,} bytes), more "
+                                f"than the file's {os.path.getsize(filename):,} bytes: truncated or corrupt.")
     try:
         if len(shape) == 2:
             # `as_closest_canonical` needs three spatial axes: a 2-D image is one slice along voxel axis 2.
@@ -565,8 +576,9 @@ def read_nifti(
         canonical = nibabel.as_closest_canonical(image)
         volume = np.asarray(canonical.get_fdata(dtype=np.float64))
     except Exception as err:
+        reason = " ".join(str(err).split()) or type(err).__name__  # a MemoryError says nothing itself
         raise MedicalImageError(
-            f"{filename}: could not read the NIfTI data (the file may be truncated or corrupt): {err}"
+            f"{filename}: could not read the NIfTI data (the file may be truncated or corrupt): {reason}"
         ) from err
 
     # A single-slice image (2-D file, or one spatial axis of length 1) is cut across that axis.
