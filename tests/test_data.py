@@ -363,3 +363,19 @@ def test_colour_images_are_said_to_be_read_as_grey(tmp_path, caplog):
     with caplog.at_level("WARNING", logger="mic_diffrep.data.decoding"):
         decode_images(files + [str(tmp_path / "skin.png")], 16, show_progress=False)
     assert f"1 of 3 images are in colour (their channels differ; e.g. {tmp_path / 'skin.png'})" in caplog.text
+
+
+def test_files_left_out_and_deep_class_trees_are_said_once(tmp_path, caplog):
+    """Files that are not images (a DICOM file without extension or preamble, a note) were left out without a word,
+    so a class of such files vanished; the class/patient warning was said on every read of the folder (three times
+    in a run)."""
+    write_class_folder(tmp_path / "data" / "a" / "patient1", per_class=2, seed=0, classes=["x"])
+    write_class_folder(tmp_path / "data" / "b" / "patient2", per_class=2, seed=1, classes=["y"])
+    (tmp_path / "data" / "b" / "IM0001").write_bytes(b"\x08\x00\x05\x00CS\x0a\x00ISO_IR 100")  # DICOM, no preamble
+    (tmp_path / "data" / "notes.txt").write_text("scanner settings")
+    with caplog.at_level("WARNING", logger="mic_diffrep.data.folders"):
+        for _ in range(3):
+            load_image_folder(str(tmp_path / "data"))
+    assert caplog.text.count("Images sit below their class folders") == 1
+    assert caplog.text.count(f"2 file(s) in {tmp_path / 'data'} are not images read here and are left out (e.g. "
+                             f"{tmp_path / 'data' / 'b' / 'IM0001'})") == 1
