@@ -13,6 +13,7 @@ import numbers
 import os
 import shutil
 import tempfile
+import warnings
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Dict, List, Optional, Sequence, Tuple, Union
@@ -212,28 +213,33 @@ class DiffusionFeaturePipeline(DiffusionPipeline):
 
     def check_inputs(self, timesteps, layers, pooling, num_noise_samples, batch_size, pooling_grid_size: int = 2):
         num_train_timesteps = self.scheduler.config.num_train_timesteps
-        bad = [t for t in timesteps if not isinstance(t, (int, np.integer)) or not 0 <= int(t) < num_train_timesteps]
+        bad = [t for t in timesteps if isinstance(t, (bool, np.bool_)) or not isinstance(t, (int, np.integer))
+               or not 0 <= int(t) < num_train_timesteps]
         if not timesteps or bad:
             raise ValueError(
                 f"`timesteps` must be a non-empty list of integers in [0, {num_train_timesteps}), got {list(timesteps)}."
             )
         check_layers(layers, self.layer_names)
         check_choice(pooling, POOLING_CHOICES, "pooling")
-        if num_noise_samples < 1 or batch_size < 1:
-            raise ValueError("`num_noise_samples` and `batch_size` must be at least 1.")
+        for name, value in (("num_noise_samples", num_noise_samples), ("batch_size", batch_size)):
+            if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 1:
+                raise ValueError(f"`{name}` must be an integer of at least 1, got {value!r}.")
         if pooling == "grid" and pooling_grid_size < 1:  # 0 pooled every block into empty vectors
             raise ValueError(f"`pooling_grid_size` must be at least 1, got {pooling_grid_size}.")
 
-    def prepare_pixels(self, images, return_ids: bool = False, slices=None):
+    def prepare_pixels(self, images, return_ids: bool = False, slices=None, preprocessed: Optional[bool] = None):
         """Images (PIL / numpy / tensors / file paths, one or a list, or a batch tensor) to uint8 `(N, 1, R, R)`.
 
-        Uses the shared preprocessing of pretraining; uint8 `(N, 1, R, R)` pixels (a decode cache; a tensor or an
-        array) pass through, and so does the image processor's output (`MicDiffRepImageProcessor`: its
-        `BatchFeature`, or its `pixel_values`, float `(N, 1, R, R)` in [-1, 1]), mapped back to its pixels: windowed
-        again, preprocessed pixels would be stretched. A DICOM or NIfTI file path gives one row per slice (see
-        `mic_diffrep.models.mic_diffrep.preprocessing.as_image_list`). With `return_ids`, also the id of each row
-        (`image_list_with_ids`: a file's path, `"<path>#slice=<k>"` for a slice, `None` for an image given in
-        memory). `slices`: which slices of a NIfTI volume (`SliceSelection`; default: `self.slices`, pretraining's).
+        Uses the shared preprocessing of pretraining. Preprocessed pixels pass through: uint8 `(N, 1, R, R)` pixels
+        (a decode cache, or this method's output; a tensor or an array), and the image processor's output
+        (`MicDiffRepImageProcessor`: its `BatchFeature`, or its `pixel_values`, float `(N, 1, R, R)` in [-1, 1]),
+        mapped back to its pixels: windowed again, preprocessed pixels would be stretched. A batch of such a shape
+        could also be images that are not preprocessed yet: `preprocessed=True` says it is (else it passes through
+        with a warning), `preprocessed=False` that it is not (it is preprocessed as a list of images). A DICOM or
+        NIfTI file path gives one row per slice (see `mic_diffrep.models.mic_diffrep.preprocessing.as_image_list`).
+        With `return_ids`, also the id of each row (`image_list_with_ids`: a file's path, `"<path>#slice=<k>"` for
+        a slice, `None` for an image given in memory). `slices`: which slices of a NIfTI volume (`SliceSelection`;
+        default: `self.slices`, pretraining's).
         """
         resolution = self.resolution
         processed = isinstance(images, Mapping) and "pixel_values" in images  # a BatchFeature
@@ -243,13 +249,26 @@ class DiffusionFeaturePipeline(DiffusionPipeline):
             images = torch.from_numpy(images)
         batch = (isinstance(images, torch.Tensor) and images.ndim == 4
                  and tuple(images.shape[1:]) == (1, resolution, resolution))
-        if batch and images.is_floating_point() and images.numel() and (processed or (
-                images.min() < 0 and images.min() >= -1 and images.max() <= 1)):  # no image, raw or [0, 1], is so
-            images = ((images.detach().float().cpu() + 1) * 127.5).round().clamp(0, 255).to(torch.uint8)
-        elif processed:
+        uint8 = batch and images.dtype == torch.uint8
+        in_range = bool(batch and images.is_floating_point() and images.numel()
+                        and images.min() >= -1 and images.max() <= 1)
+        # float model input: no image, raw or in [0, 1], has negative values
+        model_input = in_range and bool(processed or preprocessed or images.min() < 0)
+        if processed and not batch:
             raise ValueError(f"`pixel_values` must have shape (N, 1, {resolution}, {resolution}) (this pipeline's "
                              f"resolution), got {tuple(images.shape)}.")
-        if batch and images.dtype == torch.uint8:
+        if preprocessed and not (uint8 or in_range):
+            got = f"{tuple(images.shape)} {images.dtype}" if isinstance(images, torch.Tensor) else type(images).__name__
+            raise ValueError(f"`preprocessed=True` takes uint8 pixels or float model input in [-1, 1] of shape (N, 1, "
+                             f"{resolution}, {resolution}), got {got}.")
+        passes = (uint8 or model_input) and (processed or preprocessed is not False)
+        if passes and preprocessed is None and not processed:
+            warnings.warn(f"A {'float [-1, 1]' if model_input else 'uint8'} (N, 1, {resolution}, {resolution}) batch "
+                          f"is taken as preprocessed pixels, not windowed again: pass `preprocessed=True` to say so, "
+                          f"or `preprocessed=False` for images not yet preprocessed.", UserWarning, stacklevel=3)
+        if passes and model_input:
+            images = ((images.detach().float().cpu() + 1) * 127.5).round().clamp(0, 255).to(torch.uint8)
+        if passes:
             pixels, ids = images.cpu(), [None] * len(images)
         else:
             pixels, ids = [], []
@@ -296,6 +315,7 @@ class DiffusionFeaturePipeline(DiffusionPipeline):
         batch_size: int = 16,
         return_dict: bool = True,
         slices=None,
+        preprocessed: Optional[bool] = None,
     ) -> Union[DiffusionFeaturesOutput, Tuple]:
         r"""
         Pooled activations of UNet blocks for noised images.
@@ -303,11 +323,12 @@ class DiffusionFeaturePipeline(DiffusionPipeline):
         Args:
             images: PIL images, numpy arrays, tensors or file paths (grey or RGB, any size), a uint8
                 `(N, 1, R, R)` tensor of already preprocessed pixels, or the image processor's output (its
-                `BatchFeature`, or `pixel_values` in [-1, 1]), which is not preprocessed again. DICOM (`.dcm`) and
+                `BatchFeature`, or `pixel_values` in [-1, 1]), which is not preprocessed again (see
+                `preprocessed`). DICOM (`.dcm`) and
                 NIfTI (`.nii`, `.nii.gz`) paths give one row per slice (every non-empty axial slice of a volume,
                 every frame of a multi-frame DICOM, in order; the slices pretraining read, see `slices`), windowed
                 with the file's own display window when it has one.
-            timesteps (`int` or `Sequence[int]`, defaults to `(10, 25, 50, 100, 250)`): noise levels, in
+            timesteps (`int` or `Sequence[int]`, defaults to `(10, 25, 50, 100, 250)`; `None` too): noise levels, in
                 `[0, num_train_timesteps)` (a list, array or tensor; a repeated one is extracted once); the default
                 is the read-out chosen in `benchmarks/results/ablations.md`.
             layers (`str` or `Sequence[str]`, *optional*): block names such as `"down_blocks.1"`, `"mid_block"`,
@@ -329,6 +350,10 @@ class DiffusionFeaturePipeline(DiffusionPipeline):
             slices (`mic_diffrep.data.SliceSelection`, *optional*): which slices of NIfTI volumes are images (axis,
                 range, empty slices; as `--slice_axis`, `--slice_range`, `--keep_empty_slices`); default: those
                 pretraining read (`pipe.slices`; every non-empty axial slice unless it was told otherwise).
+            preprocessed (`bool`, *optional*): whether a uint8 `(N, 1, R, R)` batch (or a float one in [-1, 1]) is
+                preprocessed pixels (`True`: it passes through) or images at the pipeline's resolution still to be
+                preprocessed (`False`: their intensities are windowed as pretraining's were). Unset, such a batch
+                passes through with a warning; other images are always preprocessed.
 
         The noise of an image is a function of its noise seed, the timestep and the draw only (`feature_noise`), so
         a timestep gives the same features alone or within a sweep.
@@ -338,13 +363,15 @@ class DiffusionFeaturePipeline(DiffusionPipeline):
             timesteps)` when `return_dict=False`.
         """
         # 1. Check inputs
+        if timesteps is None:  # as `layers=None`: the default
+            timesteps = DEFAULT_TIMESTEPS
         if isinstance(timesteps, (torch.Tensor, np.ndarray)):  # e.g. a slice of `scheduler.timesteps`
             timesteps = timesteps.tolist()
         if isinstance(timesteps, (int, np.integer)):
             timesteps = [timesteps]
         timesteps = [t.item() if isinstance(t, torch.Tensor) and t.ndim == 0 and not t.is_floating_point() else t
                      for t in timesteps]
-        timesteps = [int(t) if isinstance(t, (int, np.integer)) else t for t in timesteps]
+        timesteps = [int(t) if isinstance(t, (int, np.integer)) and not isinstance(t, bool) else t for t in timesteps]
         layers = self.layer_names if layers is None else [layers] if isinstance(layers, str) else list(layers)
         self.check_inputs(timesteps, layers, pooling, num_noise_samples, batch_size, pooling_grid_size)
         timesteps = list(dict.fromkeys(timesteps))  # a repeated timestep is extracted once, as a repeated layer
@@ -352,7 +379,7 @@ class DiffusionFeaturePipeline(DiffusionPipeline):
         layers = sorted(dict.fromkeys(layers), key=order.__getitem__)
 
         # 2. Preprocess images and fix each image's noise seed
-        pixels, image_ids = self.prepare_pixels(images, return_ids=True, slices=slices)
+        pixels, image_ids = self.prepare_pixels(images, return_ids=True, slices=slices, preprocessed=preprocessed)
         seeds = self.prepare_noise_seeds(len(pixels), generator, noise_seeds)
         alphas_cumprod = self.scheduler.alphas_cumprod
         shape = (self.unet.config.out_channels, self.resolution, self.resolution)

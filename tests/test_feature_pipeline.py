@@ -3,6 +3,7 @@ import logging
 import os
 import subprocess
 import sys
+import warnings
 
 import numpy as np
 import PIL.Image
@@ -397,6 +398,47 @@ def test_sampling_with_schedulers_of_another_noise_scale_or_without_noise(pipe):
     assert first_samples[0] > 10 and pipe.scheduler.is_scale_input_called and torch.isfinite(images).all()
     pipe.scheduler = PNDMScheduler.from_config(pipe.scheduler.config)
     assert pipe(batch_size=2, num_inference_steps=4, output_type="pt").images.shape == (2, 1, 16, 16)
+
+
+def test_a_batch_at_the_pipelines_resolution_is_taken_as_preprocessed_only_when_said(pipe):
+    """Raw slices stacked to uint8 (N, 1, R, R) at the pipeline's resolution were taken as preprocessed pixels
+    without a word: their intensities were not windowed, and their features differed from those of the same images
+    in a list by 17% on the sample."""
+    rng = np.random.default_rng(0)
+    raw = (rng.random((3, 1, 16, 16)) * 120 + 40).astype(np.uint8)  # 40..160: windowing stretches it
+    listed = pipe.extract_features([image[0] for image in raw], timesteps=[5]).concatenate()
+    with pytest.warns(UserWarning, match=r"taken as preprocessed pixels, not windowed again: pass `preprocessed=True`"):
+        as_pixels = pipe.extract_features(torch.from_numpy(raw), timesteps=[5]).concatenate()
+    assert not torch.allclose(as_pixels, listed)
+    torch.testing.assert_close(pipe.extract_features(raw, timesteps=[5], preprocessed=False).concatenate(), listed)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        pixels = pipe.prepare_pixels([image[0] for image in raw])
+        torch.testing.assert_close(pipe.extract_features(pixels, timesteps=[5], preprocessed=True).concatenate(),
+                                   listed)
+    with pytest.raises(ValueError, match=r"`preprocessed=True` takes uint8 pixels .* of shape \(N, 1, 16, 16\), got "
+                                         r"\(3, 1, 8, 8\) torch.uint8"):
+        pipe.extract_features(pixels[..., :8, :8], timesteps=[5], preprocessed=True)
+
+
+def test_odd_arguments_of_extract_features_are_named_or_take_their_defaults(pipe, images):
+    """A walk through the Python API met bare Python errors ("'int' object is not iterable", "'float' object cannot
+    be interpreted as an integer", IndexError) where the argument could have been named, `timesteps=None` failed
+    where `layers=None` means every layer, and `timesteps=[True]` was read as t=1."""
+    import datasets
+
+    default = pipe.extract_features(images[:1])
+    assert pipe.extract_features(images[:1], timesteps=None).timesteps == default.timesteps == [10, 25, 50, 100, 250]
+    for call, error, message in (
+            (lambda: pipe.extract_features(5), TypeError, "Expected images .* got int"),
+            (lambda: pipe.extract_features(images, timesteps=[True]), ValueError, r"`timesteps` .* got \[True\]"),
+            (lambda: pipe.extract_features(images, batch_size=2.5), ValueError, "`batch_size` must be an integer .*2.5"),
+            (lambda: default.concatenate([], [10]), ValueError, "at least one layer and one timestep"),
+            (lambda: pipe.extract_features([PIL.Image.new("L", (0, 0))]), ValueError, "size 0 x 0: no pixels"),
+            (lambda: pipe.extract_features(datasets.DatasetDict({"train": datasets.Dataset.from_dict({"image": []})})),
+             TypeError, r"DatasetDict of the splits \['train'\]: pass one split")):
+        with pytest.raises(error, match=message):
+            call()
 
 
 def extraction_settings(pipe, timesteps, layers, **kwargs):

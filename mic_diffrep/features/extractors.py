@@ -145,7 +145,7 @@ class DiffusionFeatureExtractor:
         return self.pipeline.extract_features(
             pixels, args.timesteps, args.layers, pooling=args.pooling, pooling_grid_size=args.pooling_grid_size,
             num_noise_samples=args.num_noise_samples, flip_average=args.flip_average, noise_seeds=noise_seeds,
-            batch_size=args.batch_size).features
+            batch_size=args.batch_size, preprocessed=True).features
 
     def classifier(self, head, mean, std, layers, timesteps, label_names, args, hidden_size, dropout):
         pipeline = self.pipeline

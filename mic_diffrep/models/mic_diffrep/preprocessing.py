@@ -39,6 +39,7 @@ torch.Size([1, 1, 16, 16])
 
 import io
 import os
+from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import List, Optional, Sequence, Tuple, Union
 
@@ -323,7 +324,10 @@ def image_to_pixels(image: ImageInput, resolution: int, resize_mode: str = "pad"
     rule `intensity_window`.
     """
     image = _one_image(image)
-    grey = PIL.Image.fromarray(window_intensities(to_grayscale(image), intensity_window, window=image_window(image)))
+    grey = to_grayscale(image)
+    if not grey.size:
+        raise ValueError(f"An image of size {grey.shape[1]} x {grey.shape[0]}: no pixels to read.")
+    grey = PIL.Image.fromarray(window_intensities(grey, intensity_window, window=image_window(image)))
     resized = resize_image(grey, resolution, resize_mode)
     return torch.from_numpy(np.array(resized, dtype=np.uint8, copy=True)).unsqueeze(0)
 
@@ -426,11 +430,17 @@ def iter_images_with_ids(images, slices=None):
     slice of every volume at full resolution."""
     if images is None:
         raise TypeError("Expected images (PIL, numpy, tensors, file paths, or a datasets.Dataset), got None.")
+    if hasattr(images, "column_names") and isinstance(images.column_names, dict):  # a `DatasetDict`: which split?
+        raise TypeError(f"Expected images, got a DatasetDict of the splits {sorted(images.column_names)}: pass one "
+                        f"split (`dataset['train']`).")
     if hasattr(images, "column_names"):  # a `datasets.Dataset`
         images = dataset_image_records(images)
     if isinstance(images, (PIL.Image.Image, str, os.PathLike, bytes, dict)) or is_medical_slice(images) or \
             _is_file_record(images) or (isinstance(images, (np.ndarray, torch.Tensor)) and images.ndim <= 3):
         images = [images]
+    elif not isinstance(images, Iterable):
+        raise TypeError(f"Expected images (PIL, numpy, tensors, file paths, a list of them, or a datasets.Dataset), "
+                        f"got {type(images).__name__}.")
     for image in images:
         if _is_file_record(image):  # `datasets.Image(decode=False)`: the file, else its bytes
             image = record_source(image)

@@ -231,6 +231,9 @@ def concatenate_features(features: Dict[tuple, torch.Tensor], layers: Sequence[s
     name, one timestep as an integer."""
     layers = [layers] if isinstance(layers, str) else layers
     timesteps = [timesteps] if isinstance(timesteps, int) or getattr(timesteps, "ndim", None) == 0 else timesteps
+    if not len(layers) or not len(timesteps):
+        raise ValueError(f"Concatenating features needs at least one layer and one timestep, got layers "
+                         f"{list(layers)} and timesteps {list(timesteps)}.")
     missing = [(layer, int(t)) for t in timesteps for layer in layers if (layer, int(t)) not in features]
     if missing:
         raise KeyError(f"No features for {missing}: these features hold layers "
