@@ -132,12 +132,16 @@ def image_files(paths: Sequence[str]) -> List[str]:
     return files
 
 
+BLANK_WARNING = "blank model input (one grey level): the prediction says nothing about the image"
+
+
 def predict_files(model_dir: str, paths: Union[str, Sequence[str]], batch_size: int = 16,
                   mixed_precision: Optional[str] = None, skip_bad_images: bool = False,
                   slices: Optional[Union[SliceSelection, Dict]] = None) -> List[Dict]:
     """Class probabilities for image files and folders: one dict per image with its top `label` and all
     `probabilities`, in file order; an unreadable file raises a `BadImageError` naming it, or with `skip_bad_images`
-    gets a dict with its `error` (and `label` / `probabilities` `None`), so every file given is accounted for.
+    gets a dict with its `error` (and `label` / `probabilities` `None`), so every file given is accounted for. An
+    image blank after preprocessing (one grey level) has a `warning` too.
 
     A DICOM / NIfTI file gives one dict per slice (chosen by `slices`, default the model's: `model_slices`), whose
     `file` is `"<path>#slice=<k>"` for multi-slice files.
@@ -150,7 +154,11 @@ def predict_files(model_dir: str, paths: Union[str, Sequence[str]], batch_size: 
                             show_progress=show_progress, slices=model_slices(processor, slices))
     probabilities = predict_probabilities(model, decoded.pixels, batch_size, show_progress=show_progress)
     labels = [model.config.id2label[i] for i in range(probabilities.shape[1])]
-    predicted = iter(zip(decoded.paths, probabilities))  # in file order, then slice order
+    blank = (decoded.pixels.amax(dim=(1, 2, 3)) == decoded.pixels.amin(dim=(1, 2, 3))).tolist()
+    if any(blank):
+        logger.warning("%d of the %d images are blank after preprocessing (one grey level): their predictions say "
+                       "nothing about them.", sum(blank), len(blank))
+    predicted = iter(zip(decoded.paths, probabilities, blank))  # in file order, then slice order
     errors = {item["path"]: item["error"] for item in decoded.skipped}
     rows_per_file = Counter(source_file(path) for path in decoded.paths)  # a file given twice: twice its slices
     times_given = Counter(files)
@@ -159,9 +167,11 @@ def predict_files(model_dir: str, paths: Union[str, Sequence[str]], batch_size: 
         if file in errors:
             rows.append({"file": file, "label": None, "probabilities": None, "error": errors[file]})
             continue
-        for path, p in itertools.islice(predicted, rows_per_file[file] // times_given[file]):
+        for path, p, is_blank in itertools.islice(predicted, rows_per_file[file] // times_given[file]):
             rows.append({"file": path, "label": labels[int(p.argmax())],
                          "probabilities": {label: round(float(v), 6) for label, v in zip(labels, p)}})
+            if is_blank:
+                rows[-1]["warning"] = BLANK_WARNING
     return rows
 
 

@@ -192,6 +192,17 @@ def test_evaluate_a_folder_of_one_class_sorted_by_patient(model_dir, tmp_path, c
     assert "has classes ['x'] the model does not know" in capsys.readouterr().err
 
 
+def test_predict_says_when_an_image_is_blank(model_dir, tmp_path, capsys):
+    """An all-constant slice (an empty DICOM frame) got "glioma 1.000" without a word; the demo says so."""
+    PIL.Image.new("L", (20, 20), 80).save(tmp_path / "blank.png")
+    write_class_folder(tmp_path / "images", per_class=1, seed=0, size=20, classes=("a",))
+    rows = cli(["predict", "--model", model_dir, str(tmp_path / "blank.png"), str(tmp_path / "images")])
+    out = capsys.readouterr().out
+    assert [row.get("warning") for row in rows] == ["blank model input (one grey level): the prediction says nothing "
+                                                    "about the image", None]
+    assert "blank.png: " in out and "(blank model input (one grey level)" in out and out.count("blank model") == 1
+
+
 def test_predict_leaves_out_hidden_files_as_evaluate_does(model_dir, tmp_path, capsys):
     folder = write_class_folder(tmp_path / "images", per_class=2, seed=0, size=20, classes=("a", "b"))
     (tmp_path / "images" / "a" / "._a_0_0.png").write_bytes(b"macOS resource fork")

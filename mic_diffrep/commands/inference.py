@@ -71,7 +71,8 @@ def predict(namespace) -> list:
             print(f"{prediction['file']}: skipped ({prediction['error']})")
             continue
         ranked = sorted(prediction["probabilities"].items(), key=lambda item: -item[1])
-        print(f"{prediction['file']}: " + ", ".join(f"{label} {p:.3f}" for label, p in ranked))
+        print(f"{prediction['file']}: " + ", ".join(f"{label} {p:.3f}" for label, p in ranked)
+              + (f" ({prediction['warning']})" if prediction.get("warning") else ""))
     return predictions
 
 
