@@ -227,7 +227,8 @@ class DiffusionFeaturePipeline(DiffusionPipeline):
         if pooling == "grid" and pooling_grid_size < 1:  # 0 pooled every block into empty vectors
             raise ValueError(f"`pooling_grid_size` must be at least 1, got {pooling_grid_size}.")
 
-    def prepare_pixels(self, images, return_ids: bool = False, slices=None, preprocessed: Optional[bool] = None):
+    def prepare_pixels(self, images, return_ids: bool = False, slices=None, preprocessed: Optional[bool] = None,
+                       _stacklevel: int = 2):
         """Images (PIL / numpy / tensors / file paths, one or a list, or a batch tensor) to uint8 `(N, 1, R, R)`.
 
         Uses the shared preprocessing of pretraining. Preprocessed pixels pass through: uint8 `(N, 1, R, R)` pixels
@@ -265,7 +266,8 @@ class DiffusionFeaturePipeline(DiffusionPipeline):
         if passes and preprocessed is None and not processed:
             warnings.warn(f"A {'float [-1, 1]' if model_input else 'uint8'} (N, 1, {resolution}, {resolution}) batch "
                           f"is taken as preprocessed pixels, not windowed again: pass `preprocessed=True` to say so, "
-                          f"or `preprocessed=False` for images not yet preprocessed.", UserWarning, stacklevel=3)
+                          f"or `preprocessed=False` for images not yet preprocessed.", UserWarning,
+                          stacklevel=_stacklevel)
         if passes and model_input:
             images = ((images.detach().float().cpu() + 1) * 127.5).round().clamp(0, 255).to(torch.uint8)
         if passes:
@@ -379,7 +381,8 @@ class DiffusionFeaturePipeline(DiffusionPipeline):
         layers = sorted(dict.fromkeys(layers), key=order.__getitem__)
 
         # 2. Preprocess images and fix each image's noise seed
-        pixels, image_ids = self.prepare_pixels(images, return_ids=True, slices=slices, preprocessed=preprocessed)
+        pixels, image_ids = self.prepare_pixels(images, return_ids=True, slices=slices, preprocessed=preprocessed,
+                                                _stacklevel=4)  # the warning names the caller's line (no_grad between)
         seeds = self.prepare_noise_seeds(len(pixels), generator, noise_seeds)
         alphas_cumprod = self.scheduler.alphas_cumprod
         shape = (self.unet.config.out_channels, self.resolution, self.resolution)

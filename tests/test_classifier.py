@@ -73,7 +73,7 @@ def test_model_features_equal_pipeline_fixed_noise_features(flip_average):
     model = MicDiffRepForImageClassification(tiny_config(flip_average=flip_average)).eval()
     pixels = torch.randint(0, 256, (3, 1, 16, 16), dtype=torch.uint8)
     pipe = DiffusionFeaturePipeline(model.unet, create_scheduler())
-    out = pipe.extract_features(pixels, timesteps=[5, 50], flip_average=flip_average)
+    out = pipe.extract_features(pixels, timesteps=[5, 50], flip_average=flip_average, preprocessed=True)
     torch.testing.assert_close(model.extract_features(pixels_to_model_input(pixels)),
                                out.concatenate(layers=model.config.layers), rtol=0, atol=0)
 

@@ -200,7 +200,8 @@ def test_pipeline_and_processor_take_nifti_paths(mixed_folder):
     decoded = decode_images([volume, png], pipe.preprocessing, show_progress=False)
     assert torch.equal(pipe.prepare_pixels([volume, png]), decoded.pixels)
     assert out.image_ids == decoded.paths and "vol.nii.gz#slice=" in out.image_ids[0]  # rows back to files
-    assert pipe.extract_features(decoded.pixels[:1], timesteps=[5], layers=["mid_block"]).image_ids == [None]
+    assert pipe.extract_features(decoded.pixels[:1], timesteps=[5], layers=["mid_block"],
+                                 preprocessed=True).image_ids == [None]
     sagittal = SliceSelection(slice_axis=0, slice_range=(5, 8))
     out = pipe.extract_features([volume], timesteps=[5], layers=["mid_block"], slices=sagittal)
     assert out.image_ids == [f"{volume}#slice={k}" for k in (5, 6, 7)]

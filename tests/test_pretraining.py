@@ -109,7 +109,8 @@ def test_mirror_symmetric_kernels_bring_the_features_of_a_mirror_image_closer(un
         kernels = [w for w in unet_weights(out).values() if w.ndim == 4 and w.shape[-1] > 1]
         symmetric = all(torch.equal(w, w.flip(-1)) for w in kernels)
         pipeline = DiffusionFeaturePipeline.from_pretrained(out)
-        features, mirrored = (pipeline.extract_features(images, [10]).features for images in (pixels, pixels.flip(-1)))
+        features, mirrored = (pipeline.extract_features(images, [10], preprocessed=True).features
+                              for images in (pixels, pixels.flip(-1)))
         gaps = [((features[k] - mirrored[k]).norm(dim=1) / features[k].norm(dim=1)).mean() for k in features]
         return symmetric, float(sum(gaps) / len(gaps))
 

@@ -296,7 +296,7 @@ def test_a_multi_page_tiff_is_one_image_per_page_everywhere(tmp_path):
     out = pipe.extract_features([path], timesteps=[5], layers=["mid_block"])
     assert out.image_ids == decoded.paths
     torch.testing.assert_close(out.features[("mid_block", 5)],
-                               pipe.extract_features(decoded.pixels, timesteps=[5], layers=["mid_block"])
+                               pipe.extract_features(decoded.pixels, timesteps=[5], layers=["mid_block"], preprocessed=True)
                                .features[("mid_block", 5)])
     pages[0].save(tmp_path / "one.tif")  # a one-page TIFF stays one image, named by its path
     assert decode_images([str(tmp_path / "one.tif")], 16).paths == [str(tmp_path / "one.tif")]

@@ -47,7 +47,7 @@ def test_features_come_from_the_forward_that_sees_the_estimate(pipe):
     calls = []
     handle = pipe.unet.register_forward_pre_hook(lambda module, args: calls.append(args[0][:, 1].abs().sum().item()))
     try:
-        features = pipe.extract_features(pixels, timesteps=[5, 50], pooling="avg").features
+        features = pipe.extract_features(pixels, timesteps=[5, 50], pooling="avg", preprocessed=True).features
     finally:
         handle.remove()
     assert len(calls) == 4 and calls[0] == 0 and calls[1] > 0  # per timestep: without, then with the estimate
