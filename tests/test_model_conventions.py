@@ -102,6 +102,14 @@ def test_config_fallbacks_for_hidden_states_and_return_dict(model_dir, pixel_val
     torch.testing.assert_close(logits, output.logits)
 
 
+def test_an_empty_batch_gives_empty_outputs(model_dir, pixel_values):
+    """An empty batch (the last of a filtered dataset, say) failed inside the UNet ("cannot reshape tensor of 0
+    elements"); other transformers image classifiers return empty logits."""
+    model = MicDiffRepForImageClassification.from_pretrained(model_dir)
+    output = model(pixel_values[:0], output_hidden_states=True)
+    assert output.logits.shape == (0, model.config.num_labels) and output.hidden_states[0].shape == (0, model.feature_size)
+
+
 @pytest.mark.parametrize("problem_type, labels, expected", [
     ("single_label_classification", torch.tensor([0, 2, 1, 0]), "cross_entropy"),
     ("multi_label_classification", torch.tensor([[1.0, 0, 1], [0, 1, 0], [0, 0, 0], [1, 1, 1]]), "bce"),

@@ -241,8 +241,11 @@ class MicDiffRepForImageClassification(MicDiffRepPreTrainedModel):
                              f"MicDiffRepImageProcessor to prepare images.")
         output_hidden_states = (output_hidden_states if output_hidden_states is not None
                                 else self.config.output_hidden_states)
-        with torch.no_grad():
-            features = self.extract_features(pixel_values)
+        if len(pixel_values):
+            with torch.no_grad():
+                features = self.extract_features(pixel_values)
+        else:  # an empty batch (the UNet cannot reshape nothing): empty outputs, as other image classifiers give
+            features = self.feature_mean.new_zeros((0, self.feature_mean.shape[-1]))
         standardized = (features.to(self.feature_mean.dtype) - self.feature_mean) / self.feature_std
         logits = self.head(standardized)
         loss = self.compute_loss(logits, labels) if labels is not None else None
