@@ -173,9 +173,10 @@ def upload(page, path: str, attempts: int = 3) -> None:
                 raise
 
 
-def open_and_upload(browser, url: str, path: str, attempts: int = 2):
+def open_and_upload(browser, url: str, path: str, attempts: int = 3):
     """A fresh page at `url` with `path` uploaded. A page that took the file and never showed it (about 1 CI run in
-    20, for either upload) is replaced by another: a reloaded one sometimes dropped the upload's event."""
+    20, for either upload; once two pages in a row, on a fresh clone) is replaced by another: a reloaded one
+    sometimes dropped the upload's event."""
     from playwright.sync_api import TimeoutError as PlaywrightTimeout  # reached only once the test found playwright
 
     for attempt in range(attempts):
