@@ -77,6 +77,9 @@ def parse_args():
                         help="Seeds pretraining, the carved splits (in-split test, validation parts) and the probes "
                              "(budget_curve.py --seeds varies the pretraining only, on seed 0's splits).")
     parser.add_argument("--overwrite_output", action="store_true", help=OVERWRITE_HELP)
+    parser.add_argument("--render_only", action="store_true",
+                        help="Write OUTPUT.md again from the recorded OUTPUT.json (after a change to how results are "
+                             "described); measures nothing, and the file says it was rendered again.")
     args = parser.parse_args()
     bad = [t for t in args.timesteps or () if not 0 <= t < 1000]
     if bad:  # checked before hours of pretraining, not after
@@ -253,11 +256,15 @@ def markdown(result, label_names):
         "# Brain tumour MRI benchmark", "",
         f"Command: `{result['command']}`  ",
         machine_line(env, ("torch", "diffusers", "transformers")), "",
+        *([f"Rendered again from the recorded `.json` (no figure measured anew): `{result['rendered_by']}`", ""]
+          if result.get("rendered_by") else []),
         (f"Data: a random {result['num_images']:,} of the images of `Training/` for the probes (`--max_images`; "
          "pretraining read them all)" if result.get("max_images") else
          f"Data: the {result['num_images']:,} images of `Training/`")
         + f" (4 classes), decoded to {result['resolution']} px grey "
-        "(percentile intensity window). MicDiffRep: the package's default recipe "
+        "(percentile intensity window). Every method pretrains on all of them without labels, the test images of "
+        "every protocol included (transductive, alike for every method; `mic-diffrep run` instead leaves a carved "
+        "test split out of pretraining). MicDiffRep: the package's default recipe "
         f"(`{_flags(result['recipe'])}`), UNet `{result.get('unet', 'base')}` ({result['num_parameters'] / 1e6:.2f}M "
         f"parameters). Baselines: {result.get('baseline_optimiser', 'AdamW 1e-3, weight decay 0.05, cosine decay')}"
         + "".join(f"; {method}: `{' '.join(flags)}` (`baseline_recipes.md`)"
@@ -303,9 +310,21 @@ def markdown(result, label_names):
 # ------------------------------------------------------------------------------------------------------------------
 
 
+def render_again(output: str) -> None:
+    """`--render_only`: OUTPUT.md from the recorded OUTPUT.json, with the command that rendered it."""
+    with open(output + ".json") as f:
+        result = json.load(f)
+    result["rendered_by"] = command_line()
+    label_names = list(result["results"][0]["per_class_recall"])
+    with open(output + ".md", "w") as f:
+        f.write(markdown(result, label_names))
+
+
 def main():
     args = parse_args()
     logging.basicConfig(format="%(asctime)s - %(levelname)s - %(name)s - %(message)s", level=logging.INFO)
+    if args.render_only:
+        return render_again(args.output)
     os.makedirs(os.path.dirname(args.output), exist_ok=True)
     check_recorded_results(args.output, args.overwrite_output)
     command = command_line()
