@@ -165,7 +165,8 @@ def extraction(batch_size: int, num_images: int, preset: str):
     start = time.perf_counter()
     pipe.extract_features(pixels, [100], batch_size=batch_size, preprocessed=True)
     seconds = time.perf_counter() - start
-    flops = count_flops(lambda: pipe.extract_features(pixels[:batch_size], [100], batch_size=batch_size, preprocessed=True)) / batch_size
+    flops = count_flops(lambda: pipe.extract_features(pixels[:batch_size], [100], batch_size=batch_size,
+                                                      preprocessed=True)) / batch_size
     return num_images / seconds, flops
 
 

@@ -253,11 +253,14 @@ class DiffusionFeaturePipeline(DiffusionPipeline):
         uint8 = batch and images.dtype == torch.uint8
         in_range = bool(batch and images.is_floating_point() and images.numel()
                         and images.min() >= -1 and images.max() <= 1)
-        # float model input: no image, raw or in [0, 1], has negative values
-        model_input = in_range and bool(processed or preprocessed or images.min() < 0)
+        # float model input: the image processor's (clamped as before), or in [-1, 1] with negative values (no
+        # image, raw or in [0, 1], has them)
+        model_input = bool(batch and processed) or (in_range and bool(preprocessed or images.min() < 0))
         if processed and not batch:
             raise ValueError(f"`pixel_values` must have shape (N, 1, {resolution}, {resolution}) (this pipeline's "
                              f"resolution), got {tuple(images.shape)}.")
+        if processed and preprocessed is False:
+            raise ValueError("The image processor's output is preprocessed: `preprocessed=False` takes images.")
         if preprocessed and not (uint8 or in_range):
             got = f"{tuple(images.shape)} {images.dtype}" if isinstance(images, torch.Tensor) else type(images).__name__
             raise ValueError(f"`preprocessed=True` takes uint8 pixels or float model input in [-1, 1] of shape (N, 1, "
@@ -475,6 +478,10 @@ class DiffusionFeaturePipeline(DiffusionPipeline):
                 step = self.scheduler.step(model_output, t, image, **step_kwargs)
                 image = step.prev_sample
                 if clean_estimate is not None:
+                    if getattr(step, "pred_original_sample", None) is None:
+                        raise ValueError(f"A self-conditioned UNet feeds on the clean-image estimate of each step, "
+                                         f"which {type(self.scheduler).__name__} does not return: sample with "
+                                         f"DDPMScheduler, DDIMScheduler or EulerDiscreteScheduler.")
                     clean_estimate = step.pred_original_sample.clamp(-1, 1)
 
         image = (image / 2 + 0.5).clamp(0, 1).float()

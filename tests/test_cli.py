@@ -188,6 +188,7 @@ def test_run_leaves_the_test_images_it_carves_out_of_pretraining(tmp_path, capsy
     assert report["pretraining"]["num_images"] == 120 - len(held_out) == probe["num_train"] + probe["num_validation"]
     assert report["pretraining"]["exclude_image_list"] == str(out / "held_out_images.txt")
     assert "less the test images listed in `held_out_images.txt`" in (out / "report.md").read_text()
+    assert len(list((out / ".cache").glob("decoded-*"))) == 1  # decoded once, for the carve, pretraining and probe
     main(tiny + ["--overwrite_output_dir"])
     assert "reusing the finished run" in capsys.readouterr().out  # the same held-out images
     main(tiny + ["--overwrite_output_dir", "--test_split", "0.3"])  # other test images: pretrained anew
@@ -201,6 +202,13 @@ def test_run_leaves_the_test_images_it_carves_out_of_pretraining(tmp_path, capsy
     for image in list(Path(few).glob("*/*.png")):
         for copy in range(3):
             shutil.copy(image, image.with_name(f"{image.stem}_copy{copy}.png"))
+    # other settings over a finished pretraining: refused before any image is decoded (and nothing written)
+    monkeypatch.setattr("mic_diffrep.probing.splits.decode_images", lambda *a, **k: pytest.fail("decoded first"))
+    with pytest.raises(SystemExit) as error:
+        main(tiny + ["--pretrain_epochs", "2"])
+    assert error.value.code == 2 and "--overwrite_output_dir" in capsys.readouterr().err
+    monkeypatch.undo()
+
     monkeypatch.setattr("mic_diffrep.commands.run.pretrain", lambda args: pytest.fail("pretrained before the check"))
     with pytest.raises(SystemExit) as error:
         main(["run", "--data_dir", few, "--output_dir", str(tmp_path / "few_run")] + tiny[5:]

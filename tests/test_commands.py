@@ -571,15 +571,17 @@ def test_only_the_first_process_of_a_launch_logs_progress_and_warnings():
     """Every process of a launch printed each warning (logged or warned) once more: two processes, twice."""
     script = ("import logging, warnings; from mic_diffrep.commands.base import configure_logging; configure_logging(); "
               "log = logging.getLogger('mic_diffrep.x'); log.info('progress-line'); log.warning('logged-warning'); "
-              "warnings.warn('warned-warning'); log.error('logged-error')")
+              "warnings.warn('warned-warning'); log.error('logged-error'); "
+              "import diffusers.utils.logging as d; d.get_logger('diffusers.x').warning('library-warning')")
     said = {}
     for local_rank in (None, "0", "1"):  # no launcher; torchrun's first and second processes
         env = {key: value for key, value in os.environ.items() if key != "LOCAL_RANK"}
         env.update({"LOCAL_RANK": local_rank} if local_rank else {})
         stderr = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True).stderr
-        said[local_rank] = [line for line in ("progress", "logged-warning", "warned-warning", "logged-error")
-                            if line in stderr]
-    assert said[None] == said["0"] == ["progress", "logged-warning", "warned-warning", "logged-error"]
+        said[local_rank] = [line for line in ("progress", "logged-warning", "warned-warning", "logged-error",
+                                              "library-warning") if line in stderr]
+    assert said[None] == said["0"] == ["progress", "logged-warning", "warned-warning", "logged-error",
+                                       "library-warning"]
     assert said["1"] == ["logged-error"]
 
 

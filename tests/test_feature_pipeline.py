@@ -423,6 +423,17 @@ def test_a_batch_at_the_pipelines_resolution_is_taken_as_preprocessed_only_when_
     with pytest.raises(ValueError, match=r"`preprocessed=True` takes uint8 pixels .* of shape \(N, 1, 16, 16\), got "
                                          r"\(3, 1, 8, 8\) torch.uint8"):
         pipe.extract_features(pixels[..., :8, :8], timesteps=[5], preprocessed=True)
+    # the image processor's output is model input, clamped, even a hair outside [-1, 1]; never preprocessed again
+    from transformers import BatchFeature
+
+    values = pixels.float() / 127.5 - 1
+    values[0, 0, 0, 0] = 1.0001  # read as 255
+    clamped = pixels.clone()
+    clamped[0, 0, 0, 0] = 255
+    out = pipe.extract_features(BatchFeature({"pixel_values": values}), timesteps=[5]).concatenate()
+    torch.testing.assert_close(out, pipe.extract_features(clamped, timesteps=[5], preprocessed=True).concatenate())
+    with pytest.raises(ValueError, match="The image processor's output is preprocessed"):
+        pipe.extract_features(BatchFeature({"pixel_values": values}), timesteps=[5], preprocessed=False)
 
 
 def test_odd_arguments_of_extract_features_are_named_or_take_their_defaults(pipe, images):

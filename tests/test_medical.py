@@ -366,6 +366,12 @@ def test_a_nifti_header_giving_a_huge_volume_is_refused_before_reading_it(tmp_pa
         path.write_bytes(gzip.compress(raw) if name.endswith(".gz") else raw)
         with pytest.raises(MedicalImageError, match=rf"{name.replace('.', chr(92) + '.')}: .*{message}"):
             read_medical_slices(path)
+    # a series of volumes cut after its first, the one read, is still read
+    volume = np.random.default_rng(0).integers(1, 100, (4, 5, 6), dtype=np.int16)
+    series = write_nifti(tmp_path / "series.nii", np.stack([volume, volume, volume], axis=-1))
+    first_volume_end = nib.load(series).dataobj.offset + volume.nbytes
+    (tmp_path / "cut_series.nii").write_bytes(open(series, "rb").read()[:first_volume_end])
+    assert len(read_medical_slices(tmp_path / "cut_series.nii")) == len(read_medical_slices(series))
 
 
 def test_nifti_bad_slice_axis(tmp_path):

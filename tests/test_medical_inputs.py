@@ -464,6 +464,13 @@ def test_carved_splits_keep_the_dicom_files_of_a_patient_together(tmp_path):
                             torch.tensor(labels), ["glioma", "notumor"])
     groups = _split_groups(decoded, 0.99)
     assert len(set(groups.tolist())) == 8 and all(groups[i] == groups[5 * (i // 5)] for i in range(40))
+    # a PatientID that anonymisation made the same in every class folder joins nothing (it joined all into one group)
+    anonymised = [write_dicom(tmp_path / "anon" / name / f"{k}.dcm", rng.integers(0, 4000, (16, 16)),
+                              PatientID="ANONYMOUS", SeriesInstanceUID=f"1.2.{label}.{k}")
+                  for label, name in enumerate(("glioma", "notumor")) for k in range(5)]
+    decoded = DecodedImages(torch.from_numpy(rng.integers(0, 256, (10, 1, 16, 16), dtype=np.uint8)), anonymised,
+                            torch.tensor([0] * 5 + [1] * 5), ["glioma", "notumor"])
+    assert len(set(_split_groups(decoded, 0.99).tolist())) == 10
     # a PatientID left empty by anonymisation joins nothing; the series still does
     blank = write_dicom(tmp_path / "x" / "blank", rng.integers(0, 4000, (16, 16)), PatientID="",
                         SeriesInstanceUID="1.2.3")

@@ -72,6 +72,15 @@ def test_sampling_feeds_each_step_the_previous_estimate(pipe):
     assert seen[0] == 0 and all(s > 0 for s in seen[1:]) and len(seen) == 3
 
 
+def test_sampling_with_a_scheduler_that_gives_no_estimate_says_so(pipe):
+    """PNDM and DPM-Solver return no clean-image estimate: sampling failed with an AttributeError."""
+    from diffusers import PNDMScheduler
+
+    pipe.scheduler = PNDMScheduler.from_config(pipe.scheduler.config)
+    with pytest.raises(ValueError, match="clean-image estimate of each step, which PNDMScheduler does not return"):
+        pipe(batch_size=1, num_inference_steps=4)
+
+
 def test_pretraining_exports_a_classifier_with_the_probes_features(unlabelled_folder, tmp_path):
     out = str(tmp_path / "out")
     summary = pretrain(tiny_args(unlabelled_folder, out, "--max_train_steps", "4", "--self_conditioning"))

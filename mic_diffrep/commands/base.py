@@ -2,6 +2,7 @@
 
 import argparse
 import dataclasses
+import importlib
 import logging
 import sys
 import warnings
@@ -92,8 +93,11 @@ def log_level() -> int:
 
 def configure_logging() -> None:
     logging.basicConfig(format="%(asctime)s - %(levelname)s - %(name)s - %(message)s", level=log_level())
-    if not is_first_local_process():  # Python's warnings too: through logging, at its WARNING level, so not shown
-        logging.captureWarnings(True)
+    if not is_first_local_process():
+        logging.captureWarnings(True)  # Python's warnings too: through logging, at its WARNING level, so not shown
+        # the libraries' own loggers (their handlers, not the root's), as diffusers' training scripts quiet them
+        for library in ("datasets", "diffusers", "transformers"):
+            importlib.import_module(f"{library}.utils.logging").set_verbosity_error()
 
 
 def _say(line: str) -> None:

@@ -92,7 +92,7 @@ def generate(namespace) -> None:
             raise ValueError(f"--output {grid}: give the name of an image file PIL can write (.png, .jpg, .tif, ...).")
         prepare_output_file(grid)
     with output_folder(namespace.output_dir) if namespace.output_dir else contextlib.nullcontext():
-        images = _sample(namespace)
+        images = _sample(namespace, keep=bool(grid))
     if grid:
         save_image_grid(images, grid)
     last = namespace.seed + len(images) - 1
@@ -101,9 +101,9 @@ def generate(namespace) -> None:
     print(f"Saved {len(images)} sample(s) ({seeds}) to {' and '.join(written + ([grid] if grid else []))}")
 
 
-def _sample(namespace) -> list:
-    """`generate`'s images (PIL), each drawn with its own seed, in batches; with `--output_dir`, each saved there as
-    its batch is done."""
+def _sample(namespace, keep: bool) -> list:
+    """`generate`'s images (PIL; `None` for each unless `keep`, for a grid), each drawn with its own seed, in
+    batches; with `--output_dir`, each saved there as its batch is done."""
     pipe = load_pipeline(namespace.pretrained)
     pipe.to(precision_dtype(namespace.mixed_precision))
     if namespace.scheduler == "ddim":
@@ -127,7 +127,7 @@ def _sample(namespace) -> list:
         if namespace.output_dir:  # written as they come: a run stopped later keeps them
             for seed, image in zip(batch, batch_images):
                 image.save(os.path.join(namespace.output_dir, f"seed{seed:04d}.png"))
-        images.extend(batch_images)
+        images.extend(batch_images if keep else [None] * len(batch_images))  # held for a grid only
     return images
 
 

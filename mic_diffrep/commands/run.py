@@ -9,6 +9,7 @@ import json
 import os
 import re
 import sys
+import tempfile
 import typing
 import warnings
 from dataclasses import fields, replace
@@ -28,7 +29,7 @@ from ..reporting.hub import create_hub_repo, default_repo_id, push_pipeline_to_h
 from ..reporting.results import run_report_markdown
 from ..training import RECIPE_KEYS, SUMMARY_FILE, PretrainingArguments, default_recipe, pretrain
 from ..training.checkpointing import check_new_run
-from ..training.loop import training_images
+from ..training.loop import training_fingerprint, training_images
 from ..utils import MIXED_PRECISION_CHOICES, check_value, command_line, is_first_process, write_json
 from .base import DeprecatedFlag
 
@@ -220,16 +221,18 @@ def held_out_list(config: dict, image_ids: Optional[list]):
     """Writes the ids of the test images the probe will carve, which pretraining leaves out (`--exclude_image_list`),
     into a temporary file for the checks in the block, then into the run's `held_out_images.txt` if they pass (a run
     refused keeps the list of the pretraining there). Yields the temporary file (`None` without images). Each process
-    of a launch writes the same list through a file of its own, so none reads a half-written one."""
+    of a launch writes the same list through a file of its own (`tempfile.mkstemp`), so none reads a half-written
+    one."""
     if image_ids is None:
         yield None
         return
     path = os.path.join(config["output_dir"], HELD_OUT_FILE)
     os.makedirs(config["output_dir"], exist_ok=True)
-    temporary = f"{path}.{os.getpid()}.tmp"
-    write_image_list(temporary, image_ids, config["data_dir"],
-                     "test images the probe of `mic-diffrep run` carves; left out of its pretraining")
+    handle, temporary = tempfile.mkstemp(dir=config["output_dir"], prefix=f".{HELD_OUT_FILE}.", suffix=".tmp")
+    os.close(handle)
     try:
+        write_image_list(temporary, image_ids, config["data_dir"],
+                         "test images the probe of `mic-diffrep run` carves; left out of its pretraining")
         yield temporary
     except BaseException:
         os.remove(temporary)
@@ -284,10 +287,11 @@ def probe_arguments(config: dict) -> ProbeArguments:
         **{key: config[key] for key in _SHARED_DATA_KEYS})
 
 
-def finished_pretraining(args: PretrainingArguments) -> Optional[dict]:
+def finished_pretraining(args: PretrainingArguments, compare_images: bool = True) -> Optional[dict]:
     """The summary of a finished pretraining run in `args.output_dir` made with the same data (the same files, with
     the same contents), settings and length (which give the same weights), so that a `run` stopped or failed in its
-    probe stage does not pretrain again; else `None`."""
+    probe stage does not pretrain again; else `None`. `compare_images=False` compares all but the images (which
+    need `args.exclude_image_list`, known once the test split is carved)."""
     try:
         with open(os.path.join(args.output_dir, SUMMARY_FILE), encoding="utf-8") as f:
             summary = json.load(f)
@@ -299,9 +303,10 @@ def finished_pretraining(args: PretrainingArguments) -> Optional[dict]:
             and args.mixed_precision is not None and summary.get("mixed_precision") == args.mixed_precision
             and (summary.get("num_epochs"), summary.get("max_train_steps")) == (args.num_epochs, args.max_train_steps)
             and os.path.abspath(str(summary.get("train_data_dir"))) == os.path.abspath(args.train_data_dir))
-    if same:  # images added, removed or replaced since give other weights (a summary without the record: unknown)
-        images = training_images(args)[1]
-        same = summary.get("data_fingerprint") == images_fingerprint(images, args.preprocessing, args.slices)
+    if same and compare_images:  # images added, removed or replaced since give other weights (no record: unknown)
+        _, images, excluded = training_images(args)
+        same = summary.get("data_fingerprint") == training_fingerprint(
+            images_fingerprint(images, args.preprocessing, args.slices), excluded)
     return summary if same else None
 
 
@@ -330,16 +335,18 @@ def run(namespace) -> dict:
             pretraining_args = replace(pretraining_args, resume_from_checkpoint=namespace.resume_from_checkpoint,
                                        overwrite_output_dir=namespace.overwrite_output_dir)
             probe_args = replace(probe_args, overwrite_output_dir=namespace.overwrite_output_dir)
-        pretrained_before = os.path.isfile(os.path.join(pretraining_args.output_dir, SUMMARY_FILE))
-        if not pretrained_before:  # refused before the images are read, not after
+        # A pretraining of other settings is refused before the images are read; one of the same settings is
+        # reused if its images are the same too, which needs the test split carved first (its images left out).
+        same_settings = finished_pretraining(pretraining_args, compare_images=False) is not None
+        if not same_settings:
             check_new_run(pretraining_args.output_dir, pretraining_args.resume_from_checkpoint,
                           pretraining_args.overwrite_output_dir)
         check_new_probe(probe_args.output_dir, probe_args.overwrite_output_dir)  # not after pretraining
         held_out = check_run(config, pretraining_args, probe_args)
         with held_out_list(config, held_out) as exclude_image_list:  # the test images the probe carves
             pretraining_args = replace(pretraining_args, exclude_image_list=exclude_image_list)
-            pretraining = finished_pretraining(pretraining_args)
-            if pretraining is None and pretrained_before:
+            pretraining = finished_pretraining(pretraining_args) if same_settings else None
+            if pretraining is None and same_settings:
                 check_new_run(pretraining_args.output_dir, pretraining_args.resume_from_checkpoint,
                               pretraining_args.overwrite_output_dir)
         if held_out is not None:

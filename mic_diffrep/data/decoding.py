@@ -102,8 +102,8 @@ def source_file(image_id: str) -> str:
 
 class _DecodeFiles(torch.utils.data.Dataset):
     """Decodes file `index` into `(index, pixels (S, 1, R, R), slice indices (S entries, `None` for a 2-D image),
-    error, whether it is a colour image)`: one slice for an ordinary image, every selected slice of a DICOM / NIfTI file, every page of a
-    multi-page TIFF."""
+    error, whether it is a colour image)`: one slice for an ordinary image, every selected slice of a DICOM / NIfTI
+    file, every page of a multi-page TIFF."""
 
     def __init__(self, sources: List[Union[str, bytes]], preprocessing: ImagePreprocessing, slices: SliceSelection):
         self.sources, self.preprocessing, self.slices = sources, preprocessing, slices

@@ -360,20 +360,19 @@ def read_image_list(path: str, flag: str = "--image_list") -> List[str]:
     return ids
 
 
-def leave_out_listed(dataset: Dataset, data_dir: str, image_list: str,
-                     flag: str = "--exclude_image_list") -> Dataset:
-    """The rows of `dataset` (images of `data_dir`) whose files an image list does not name (ids relative to
-    `data_dir`, as `write_image_list` writes them: the `test_images.txt` a probe writes, say; a slice id leaves out its
-    whole file). Every listed file must be among the rows, so that a list of another folder fails instead of leaving
-    out nothing."""
+def listed_files(dataset: Dataset, data_dir: str, image_list: str, flag: str = "--exclude_image_list") -> set:
+    """The files (relative to `data_dir`) of the rows of `dataset` (images of `data_dir`) that an image list names
+    (ids relative to `data_dir`, as `write_image_list` writes them: the `test_images.txt` a probe writes, say; a slice
+    id names its whole file). Every listed file must be among the rows, so that a list of another folder fails
+    instead of naming nothing, and some row must be left unlisted."""
     listed = {source_file(image_id) for image_id in read_image_list(image_list, flag)}
     files = [relative_image_id(item["path"], data_dir) if item.get("path") else None
              for item in undecoded_images(dataset)["image"]]
     missing = sorted(listed - set(files))
     if missing:
-        raise ValueError(f"{flag} {image_list}: {len(missing)} listed file(s) are not among the images of {data_dir} "
-                         f"(e.g. {missing[0]!r}); the list's paths are relative to that folder.")
-    kept = [index for index, file in enumerate(files) if file not in listed]
-    if not kept:
-        raise ValueError(f"{flag} {image_list} lists every image of {data_dir}: none is left.")
-    return dataset.select(kept)
+        raise ValueError(f"{flag} {image_list}: {len(missing)} listed file(s) are not among the images read of "
+                         f"{data_dir} (e.g. {missing[0]!r}; the list's paths are relative to that folder, and the "
+                         f"images read are those of its splits chosen, --pretrain_splits).")
+    if set(files) <= listed:
+        raise ValueError(f"{flag} {image_list} lists every image read of {data_dir}: none is left.")
+    return listed

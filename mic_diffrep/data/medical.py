@@ -560,10 +560,10 @@ def read_nifti(
         raise MedicalImageError(f"{filename}: its header gives a volume of shape {shape[:3]} ({voxels:,} voxels), more "
                                 f"than the {MAX_NIFTI_VOXELS:,} read here: a corrupt header?")
     offset = int(getattr(image.dataobj, "offset", 0) or 0)  # where the data starts, after the header
-    data_bytes = int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
+    data_bytes = voxels * dtype.itemsize  # of the first volume, the one read
     if filename.lower().endswith(".nii") and os.path.getsize(filename) < offset + data_bytes:  # read as it is
-        raise MedicalImageError(f"{filename}: its header gives data of shape {shape} ({data_bytes:,} bytes), more "
-                                f"than the file's {os.path.getsize(filename):,} bytes: truncated or corrupt.")
+        raise MedicalImageError(f"{filename}: its header gives a volume of shape {shape[:3]} ({data_bytes:,} bytes), "
+                                f"more than the file's {os.path.getsize(filename):,} bytes: truncated or corrupt.")
     try:
         if len(shape) == 2:
             # `as_closest_canonical` needs three spatial axes: a 2-D image is one slice along voxel axis 2.

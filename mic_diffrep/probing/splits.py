@@ -86,13 +86,24 @@ def _patients(paths: Sequence[str], class_names: Sequence[Optional[str]]) -> Lis
     under its class folder), and its file's DICOM patient and series or BIDS subject (`patient_keys`; read once per
     file)."""
     keys_of_file = {}
-    rows = []
-    for path, name in zip(paths, class_names):
+    for path in paths:
         file = source_file(path)
         if file not in keys_of_file:
             keys_of_file[file] = patient_keys(file) if os.path.isfile(file) else []
-        rows.append([f"folder:{patient_folder(path, name)}"] + keys_of_file[file])
-    return rows
+    # A key held in several class folders is not one patient's: an anonymised PatientID ("ANONYMOUS" in every file),
+    # or subjects numbered per class (glioma/sub-01_..., notumor/sub-01_...)
+    classes = {}
+    for path, name in zip(paths, class_names):
+        for key in keys_of_file[source_file(path)]:
+            classes.setdefault(key, set()).add(name)
+    shared = {key for key, names in classes.items() if len(names) > 1}
+    if shared:
+        kinds = sorted({key.split(":", 1)[0] for key in shared})
+        logger.warning("%d patient key(s) (%s) are held in several class folders: taken as anonymised or numbered per "
+                       "class, they do not join images in a split.", len(shared), ", ".join(kinds))  # no patient ids
+    return [[f"folder:{patient_folder(path, name)}"] + [key for key in keys_of_file[source_file(path)]
+                                                        if key not in shared]
+            for path, name in zip(paths, class_names)]
 
 
 def _split_groups(decoded: DecodedImages, threshold: float) -> np.ndarray:
@@ -144,7 +155,8 @@ def _carve(labels, groups: np.ndarray, fraction: float, seed: int, flag: str):
                        "the near-duplicate groups, and a higher --duplicate_threshold joins fewer images")
         raise ValueError(f"Cannot carve {flag} {fraction} from {len(labels)} images in {len(np.unique(groups))} "
                          f"group(s): one side would be empty; near-duplicate images, the slices of one file and the "
-                         f"files of one patient folder count as one group. {remedy}.") from None
+                         f"files of one patient (a patient folder, a DICOM PatientID or series, a BIDS subject) "
+                         f"count as one group. {remedy}.") from None
 
 
 def check_carvable(dataset, fraction: float, seed: int = 0, flag: str = "--test_split") -> None:

@@ -10,6 +10,7 @@ on `(seed, epoch, batch, process)`, so a run resumed from a checkpoint ends with
 stopped (exactly so on CPU in fp32).
 """
 
+import hashlib
 import logging
 import math
 import os
@@ -24,8 +25,9 @@ from accelerate.utils import ProjectConfiguration
 from diffusers.optimization import get_scheduler
 from tqdm.auto import tqdm
 
-from ..data import (DecodedImages, PretrainingDataset, decode_images, leave_out_listed, load_image_folder, seed_for,
-                    select_splits)
+from ..data import (DecodedImages, PretrainingDataset, decode_images, listed_files, load_image_folder,
+                    relative_image_id, seed_for, select_splits)
+from ..data.decoding import source_file
 from ..utils import create_accelerator, is_first_local_process, progress_interval
 from .arguments import CommonPretrainingArguments
 from .checkpointing import (check_checkpoint, find_checkpoint, images_record, resume_training_state,
@@ -64,23 +66,42 @@ def make_accelerator(args: CommonPretrainingArguments, log_with: Optional[str] =
 
 
 def training_images(args: CommonPretrainingArguments):
-    """`(splits, dataset)`: the undecoded images pretraining reads (`--pretrain_splits` of `--train_data_dir`, less
-    those `--exclude_image_list` names)."""
+    """`(splits, dataset, excluded)`: the undecoded images of the splits pretraining reads (`--pretrain_splits` of
+    `--train_data_dir`), and the files of them it leaves out (`--exclude_image_list`, relative to the data folder;
+    `None` without a list)."""
     splits, dataset = select_splits(load_image_folder(args.train_data_dir), args.pretrain_splits)
-    if args.exclude_image_list:
-        dataset = leave_out_listed(dataset, args.train_data_dir, args.exclude_image_list)
-    return splits, dataset
+    excluded = (listed_files(dataset, args.train_data_dir, args.exclude_image_list)
+                if args.exclude_image_list else None)
+    return splits, dataset, excluded
+
+
+def training_fingerprint(fingerprint: Optional[str], excluded: Optional[set]) -> Optional[str]:
+    """The fingerprint of pretraining's images: that of the splits' images (`images_fingerprint`), and of the files
+    left out of them, if any."""
+    if not excluded or fingerprint is None:
+        return fingerprint
+    return hashlib.sha256("\n".join([fingerprint, *sorted(excluded)]).encode()).hexdigest()[:32]
 
 
 def load_training_images(args: CommonPretrainingArguments, accelerator):
     """The unlabelled training images, decoded once; returns `(decoded, splits)`. The main process goes first: it
-    writes the decode cache, which the other processes then read."""
+    writes the decode cache, which the other processes then read. Images left out (`--exclude_image_list`) are left
+    out of the decoded splits, whose decode cache the probe of `mic-diffrep run` shares."""
     with accelerator.main_process_first():
-        splits, dataset = training_images(args)
+        splits, dataset, excluded = training_images(args)
         decoded = decode_images(dataset, args.preprocessing, skip_bad_images=args.skip_bad_images,
                                 num_workers=args.dataloader_num_workers,
                                 cache_dir=args.cache_dir or os.path.join(args.output_dir, ".cache"),
                                 show_progress=accelerator.is_local_main_process, slices=args.slices)
+    if excluded:
+        kept = [index for index, path in enumerate(decoded.paths)
+                if source_file(relative_image_id(path, args.train_data_dir)) not in excluded]
+        if not kept:
+            raise ValueError(f"--exclude_image_list {args.exclude_image_list} leaves none of the images of "
+                             f"{args.train_data_dir} to pretrain on.")
+        fingerprint = training_fingerprint(decoded.fingerprint, excluded)
+        decoded = decoded.subset(kept)
+        decoded.fingerprint = fingerprint
     return decoded, splits
 
 
