@@ -610,19 +610,24 @@ def test_extract_with_a_bad_pretrained_folder_leaves_no_output_folder(tmp_path, 
 @pytest.mark.skipif(not torch.distributed.is_available(), reason="needs torch.distributed")
 def test_run_on_two_cpu_processes_pretrains_probes_and_reports_once(tmp_path):
     """Under torchrun, `run` failed in its probe ("Default process group has not been initialized": pretraining's
-    `end_training` had destroyed it), and every process wrote the report and printed the summary."""
+    `end_training` had destroyed it), and every process wrote the report and printed the summary. On a folder without
+    a test split: both processes carve it, and write the held-out list, before pretraining."""
     out = tmp_path / "run"
     done = subprocess.run(
         [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "-m", "mic_diffrep",
-         "run", "--resolution", "16", "--model_config_name_or_path", "tiny", "--pretrain_epochs", "1",
+         "run", "--data_dir", os.path.join(SAMPLE_DATA_DIR, "Training"),
+         "--resolution", "16", "--model_config_name_or_path", "tiny", "--pretrain_epochs", "1",
          "--pretrain_batch_size", "8", "--num_inference_steps", "2", "--num_images", "2", "--timesteps", "10",
          "--probe_epochs", "2", "--hidden_size", "8", "--mixed_precision", "no", "--output_dir", str(out)],
         capture_output=True, text=True, timeout=600, env=dict(os.environ, OMP_NUM_THREADS="1"))
     assert done.returncode == 0, done.stderr[-3000:]
     assert done.stdout.count("MicDiffRep-MS test accuracy") == 1 and done.stdout.count("[1/2] Pretraining") == 1
     report = json.loads((out / "report.json").read_text())
-    assert report["pretraining"]["num_processes"] == 2 and report["probe"]["num_test"] == 40
+    held_out = read_image_list(str(out / "held_out_images.txt"))
+    assert sorted(held_out) == sorted(read_image_list(str(out / "model" / "test_images.txt")))
+    assert report["pretraining"]["num_processes"] == 2 and report["probe"]["num_test"] == len(held_out)
+    assert report["pretraining"]["num_images"] == 120 - len(held_out) and not list(out.glob(".held_out*.tmp"))
     # the commands recorded start two processes again (they read as a one-process run)
-    assert report["command"].startswith("torchrun --nproc_per_node 2 --no-python mic-diffrep run --resolution 16")
+    assert report["command"].startswith("torchrun --nproc_per_node 2 --no-python mic-diffrep run --data_dir")
     pretraining = json.loads((out / "pretrain" / "pretraining_summary.json").read_text())
-    assert pretraining["command"].startswith("torchrun --nproc_per_node 2 -m mic_diffrep run --resolution 16")
+    assert pretraining["command"].startswith("torchrun --nproc_per_node 2 -m mic_diffrep run --data_dir")
