@@ -202,18 +202,32 @@ def test_run_leaves_the_test_images_it_carves_out_of_pretraining(tmp_path, capsy
     for image in list(Path(few).glob("*/*.png")):
         for copy in range(3):
             shutil.copy(image, image.with_name(f"{image.stem}_copy{copy}.png"))
+    assert os.stat(out / "held_out_images.txt").st_mode & 0o044  # readable as the run's other files, not 0600
+    # resuming with other test images than the checkpoint's pretraining left out: refused, the list kept
+    listed = (out / "held_out_images.txt").read_text()
+    with pytest.raises(SystemExit) as error:
+        main(tiny + ["--overwrite_output_dir", "--resume_from_checkpoint", "latest", "--test_split", "0.25"])
+    assert error.value.code == 2 and "the test images carved now differ" in capsys.readouterr().err
+    assert (out / "held_out_images.txt").read_text() == listed
     # other settings over a finished pretraining: refused before any image is decoded (and nothing written)
     monkeypatch.setattr("mic_diffrep.probing.splits.decode_images", lambda *a, **k: pytest.fail("decoded first"))
     with pytest.raises(SystemExit) as error:
         main(tiny + ["--pretrain_epochs", "2"])
     assert error.value.code == 2 and "--overwrite_output_dir" in capsys.readouterr().err
     monkeypatch.undo()
+    # a run that carves nothing (a test folder of its own) removes the earlier run's list, which it does not name
+    main(tiny + ["--overwrite_output_dir", "--test_data_dir", os.path.join(SAMPLE_DATA_DIR, "Testing")])
+    assert not (out / "held_out_images.txt").exists()
 
     monkeypatch.setattr("mic_diffrep.commands.run.pretrain", lambda args: pytest.fail("pretrained before the check"))
     with pytest.raises(SystemExit) as error:
         main(["run", "--data_dir", few, "--output_dir", str(tmp_path / "few_run")] + tiny[5:]
              + ["--validation_split", "0.1"])
     assert error.value.code == 2 and "Cannot carve --validation_split 0.1 from 16 images" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as error:  # too large a part: a smaller one is the remedy
+        main(["run", "--data_dir", few, "--output_dir", str(tmp_path / "few_run")] + tiny[5:]
+             + ["--validation_split", "0.9"])
+    assert "a smaller --validation_split" in capsys.readouterr().err
 
 
 def test_check_leakage_cli(tmp_path, capsys):
@@ -457,7 +471,7 @@ def test_run_takes_the_probes_split_flags_its_errors_name(tmp_path, capsys):
             arguments.test_data_dir) == (0.3, 0.25, 0.999, "site2")
     with pytest.raises(SystemExit):
         main(["run", "--validation_split", "1.5", "--output_dir", str(tmp_path / "never")])
-    assert "`validation_split` and `test_split` must be in (0, 1)" in capsys.readouterr().err
+    assert "`validation_split` must be in (0, 1) (a fraction of the images), got 1.5" in capsys.readouterr().err
     assert not (tmp_path / "never").exists()
 
     # --test_data_dir is checked before pretraining, one class folder read as that class (as the probe reads it)

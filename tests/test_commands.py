@@ -628,6 +628,9 @@ def test_generate_draws_each_image_with_its_own_seed_in_batches_and_writes_one_f
     with pytest.raises(SystemExit):
         cli(generate + ["--batch_size", "0"])
     assert "--batch_size must be at least 1, got 0" in capsys.readouterr().err
+    with pytest.raises(SystemExit):  # torch seeds are 64-bit signed: an overflow error named nothing
+        cli(generate + ["--seed", str(2**64 - 1)])
+    assert "--seed must be in [0, 2**63 - --num_images]" in capsys.readouterr().err
 
 
 def test_output_paths_are_checked_before_the_work(model_dir, unlabelled_folder, tmp_path, capsys, monkeypatch):

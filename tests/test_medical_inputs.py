@@ -471,6 +471,17 @@ def test_carved_splits_keep_the_dicom_files_of_a_patient_together(tmp_path):
     decoded = DecodedImages(torch.from_numpy(rng.integers(0, 256, (10, 1, 16, 16), dtype=np.uint8)), anonymised,
                             torch.tensor([0] * 5 + [1] * 5), ["glioma", "notumor"])
     assert len(set(_split_groups(decoded, 0.99).tolist())) == 10
+    # subjects numbered per class: sub-01 of glioma and sub-01 of notumor are two patients, each kept whole
+    bids = []
+    for name in ("glioma", "notumor"):
+        for subject, run in [(1, 0), (1, 1), (2, 0), (3, 0), (4, 0), (5, 0)]:
+            bids.append(tmp_path / "bids" / name / f"sub-{subject:02d}_run-{run}_T1w.png")
+            bids[-1].parent.mkdir(parents=True, exist_ok=True)
+            bids[-1].write_bytes(b"")
+    decoded = DecodedImages(torch.from_numpy(rng.integers(0, 256, (12, 1, 16, 16), dtype=np.uint8)),
+                            [str(path) for path in bids], torch.tensor([0] * 6 + [1] * 6), ["glioma", "notumor"])
+    groups = _split_groups(decoded, 0.99).tolist()
+    assert groups[0] == groups[1] and groups[6] == groups[7] and groups[0] != groups[6] and len(set(groups)) == 10
     # a PatientID left empty by anonymisation joins nothing; the series still does
     blank = write_dicom(tmp_path / "x" / "blank", rng.integers(0, 4000, (16, 16)), PatientID="",
                         SeriesInstanceUID="1.2.3")

@@ -81,8 +81,8 @@ def generate(namespace) -> None:
         raise ValueError(f"--num_images must be at least 1, got {namespace.num_images}.")
     if namespace.batch_size < 1:
         raise ValueError(f"--batch_size must be at least 1, got {namespace.batch_size}.")
-    if namespace.seed < 0:
-        raise ValueError(f"--seed must be at least 0, got {namespace.seed}.")
+    if not 0 <= namespace.seed <= 2**63 - namespace.num_images:  # torch seeds are 64-bit signed
+        raise ValueError(f"--seed must be in [0, 2**63 - --num_images], got {namespace.seed}.")
     if namespace.num_inference_steps is not None and namespace.num_inference_steps < 1:
         raise ValueError(f"--num_inference_steps must be at least 1, got {namespace.num_inference_steps}.")
     grid = namespace.output if namespace.output or namespace.output_dir else "samples.png"

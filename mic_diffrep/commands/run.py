@@ -18,7 +18,7 @@ from typing import Literal, Optional
 import yaml
 
 from ..data import (check_labelled, decode_images, images_fingerprint, label_by_class_folder, load_image_folder,
-                    select_splits, write_image_list)
+                    read_image_list, relative_image_id, select_splits, write_image_list)
 from ..data.medical import add_slice_arguments
 from ..features import FeatureArguments
 from ..models.mic_diffrep.unet import UNET_PRESETS
@@ -217,27 +217,43 @@ HELD_OUT_FILE = "held_out_images.txt"
 
 
 @contextlib.contextmanager
-def held_out_list(config: dict, image_ids: Optional[list]):
+def held_out_list(config: dict, image_ids: Optional[list], resuming: bool = False):
     """Writes the ids of the test images the probe will carve, which pretraining leaves out (`--exclude_image_list`),
     into a temporary file for the checks in the block, then into the run's `held_out_images.txt` if they pass (a run
-    refused keeps the list of the pretraining there). Yields the temporary file (`None` without images). Each process
-    of a launch writes the same list through a file of its own (`tempfile.mkstemp`), so none reads a half-written
-    one."""
+    refused keeps the list of the pretraining there; one that carves nothing removes an earlier list). Yields the
+    temporary file (`None` without images). Each process of a launch writes the same list through a file of its own
+    (`tempfile.mkstemp`), so none reads a half-written one. A run resuming a checkpoint must carve the test images
+    its pretraining left out."""
+    path = os.path.join(config["output_dir"], HELD_OUT_FILE)
     if image_ids is None:
         yield None
+        if os.path.isfile(path):  # an earlier run's, which this one's pretraining and report do not name
+            os.remove(path)
         return
-    path = os.path.join(config["output_dir"], HELD_OUT_FILE)
+    if resuming and os.path.isfile(path):
+        earlier = read_image_list(path, "held_out_images.txt")
+        if sorted(earlier) != sorted(relative_image_id(image_id, config["data_dir"]) for image_id in image_ids):
+            raise ValueError(f"--resume_from_checkpoint: the test images carved now differ from those the "
+                             f"checkpoint's pretraining left out ({path}): give the --test_split, --seed, "
+                             f"--duplicate_threshold and --skip_bad_images it ran with.")
     os.makedirs(config["output_dir"], exist_ok=True)
     handle, temporary = tempfile.mkstemp(dir=config["output_dir"], prefix=f".{HELD_OUT_FILE}.", suffix=".tmp")
     os.close(handle)
     try:
         write_image_list(temporary, image_ids, config["data_dir"],
                          "test images the probe of `mic-diffrep run` carves; left out of its pretraining")
+        os.chmod(temporary, 0o666 & ~_umask())  # as any file the run writes, not mkstemp's 0600
         yield temporary
     except BaseException:
         os.remove(temporary)
         raise
     os.replace(temporary, path)
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
 
 
 def run_config(namespace) -> dict:
@@ -343,7 +359,7 @@ def run(namespace) -> dict:
                           pretraining_args.overwrite_output_dir)
         check_new_probe(probe_args.output_dir, probe_args.overwrite_output_dir)  # not after pretraining
         held_out = check_run(config, pretraining_args, probe_args)
-        with held_out_list(config, held_out) as exclude_image_list:  # the test images the probe carves
+        with held_out_list(config, held_out, resuming=bool(namespace.resume_from_checkpoint)) as exclude_image_list:
             pretraining_args = replace(pretraining_args, exclude_image_list=exclude_image_list)
             pretraining = finished_pretraining(pretraining_args) if same_settings else None
             if pretraining is None and same_settings:

@@ -71,8 +71,9 @@ class ProbeArguments(FeatureArguments):
 
     def __post_init__(self):
         super().__post_init__()
-        if not 0 < self.validation_split < 1 or not 0 < self.test_split < 1:
-            raise ValueError("`validation_split` and `test_split` must be in (0, 1).")
+        for name in ("validation_split", "test_split"):
+            if not 0 < getattr(self, name) < 1:
+                raise ValueError(f"`{name}` must be in (0, 1) (a fraction of the images), got {getattr(self, name)}.")
         check_threshold(self.duplicate_threshold, allow_none=True, name="duplicate_threshold")  # before any decoding
         self.slices  # checks the slice flags
 

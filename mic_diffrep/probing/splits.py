@@ -9,6 +9,7 @@ one *PatientID* or series; the files of one BIDS subject, `sub-01_...`), stay on
 import logging
 import os
 import unicodedata
+from collections import Counter
 from dataclasses import dataclass, field
 from typing import Iterable, List, Optional, Sequence
 
@@ -84,26 +85,37 @@ def patient_folder(image_id: str, class_name: Optional[str]) -> str:
 def _patients(paths: Sequence[str], class_names: Sequence[Optional[str]]) -> List[List[str]]:
     """What keeps each image on one side with others: its patient folder (`patient_folder`: its file, or the folder
     under its class folder), and its file's DICOM patient and series or BIDS subject (`patient_keys`; read once per
-    file)."""
+    file), within its class folder."""
     keys_of_file = {}
     for path in paths:
         file = source_file(path)
         if file not in keys_of_file:
             keys_of_file[file] = patient_keys(file) if os.path.isfile(file) else []
-    # A key held in several class folders is not one patient's: an anonymised PatientID ("ANONYMOUS" in every file),
-    # or subjects numbered per class (glioma/sub-01_..., notumor/sub-01_...)
-    classes = {}
-    for path, name in zip(paths, class_names):
-        for key in keys_of_file[source_file(path)]:
-            classes.setdefault(key, set()).add(name)
-    shared = {key for key, names in classes.items() if len(names) > 1}
-    if shared:
-        kinds = sorted({key.split(":", 1)[0] for key in shared})
-        logger.warning("%d patient key(s) (%s) are held in several class folders: taken as anonymised or numbered per "
-                       "class, they do not join images in a split.", len(shared), ", ".join(kinds))  # no patient ids
-    return [[f"folder:{patient_folder(path, name)}"] + [key for key in keys_of_file[source_file(path)]
-                                                        if key not in shared]
-            for path, name in zip(paths, class_names)]
+    # Within its class folder: subjects numbered per class (glioma/sub-01_..., notumor/sub-01_...) are other patients.
+    # A key held by more than half of a class's images (of 4 or more) is no patient's: an anonymised PatientID
+    # ("ANONYMOUS" in every file).
+    rows = [[(key, name) for key in keys_of_file[source_file(path)]] for path, name in zip(paths, class_names)]
+    class_sizes = Counter(class_names)
+    held = Counter(key for row in rows for key in row)
+    anonymised = {key for key, count in held.items() if class_sizes[key[1]] >= 4 and count > class_sizes[key[1]] / 2}
+    if anonymised:
+        _say_once("%d patient key(s) (%s) are each held by more than half of a class's images: taken as anonymised, "
+                  "they do not join images in a split.", len(anonymised),
+                  ", ".join(sorted({key.split(":", 1)[0] for key, _ in anonymised})))  # no patient ids
+    return [[f"folder:{patient_folder(path, name)}"] + [f"{key}@{name}" for key, name in row if (key, name)
+                                                        not in anonymised]
+            for path, name, row in zip(paths, class_names, rows)]
+
+
+_SAID = set()
+
+
+def _say_once(message: str, *args) -> None:
+    """A warning about the data's splits, said once per process (the splits are carved and checked several times
+    in a run)."""
+    if (message, args) not in _SAID:
+        _SAID.add((message, args))
+        logger.warning(message, *args)
 
 
 def _split_groups(decoded: DecodedImages, threshold: float) -> np.ndarray:
@@ -146,9 +158,10 @@ def _carve(labels, groups: np.ndarray, fraction: float, seed: int, flag: str):
     except ValueError as error:
         if not str(error).startswith("Cannot split"):
             raise
-        remedy = (f"Give more training images or a larger {flag} (the validation part is always carved from the "
+        size = "a larger" if fraction < 0.5 else "a smaller"  # which side was left empty
+        remedy = (f"Give more training images or {size} {flag} (the validation part is always carved from the "
                   f"training images)" if flag == "--validation_split" else
-                  f"Give more images, a larger {flag}, or a test split of your own (a Testing/ folder beside "
+                  f"Give more images, {size} {flag}, or a test split of your own (a Testing/ folder beside "
                   f"Training/, or --test_data_dir)")
         if np.bincount(groups).max() > len(labels) / 2:  # alike images chained into one group (a homogeneous set)
             remedy += (". One group holds most of the images: `mic-diffrep check-leakage --within DATA_DIR` shows "
