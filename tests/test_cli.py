@@ -183,7 +183,7 @@ def test_run_leaves_the_test_images_it_carves_out_of_pretraining(tmp_path, capsy
     report = json.loads((out / "report.json").read_text())
     held_out = read_image_list(str(out / "held_out_images.txt"))
     assert sorted(held_out) == sorted(read_image_list(str(out / "model" / "test_images.txt")))
-    assert report["probe"]["num_test"] == len(held_out) > 0
+    assert report["probe"]["num_test"] == len(held_out) > 0 and report["probe"]["test_images_seen_in_pretraining"] == 0
     probe = report["probe"]
     assert report["pretraining"]["num_images"] == 120 - len(held_out) == probe["num_train"] + probe["num_validation"]
     assert report["pretraining"]["exclude_image_list"] == str(out / "held_out_images.txt")

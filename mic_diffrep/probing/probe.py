@@ -36,7 +36,7 @@ from .arguments import ProbeArguments
 from .export import check_new_probe, remove_earlier_probe, write_model_folder, write_results
 from .heads import ProbeConfig
 from .selection import run_probes
-from .splits import load_probe_splits
+from .splits import load_probe_splits, test_images_seen_in_pretraining
 
 
 logger = logging.getLogger(__name__)
@@ -105,6 +105,11 @@ def _run_probe(args: ProbeArguments, extractor: Optional[FeatureExtractor]) -> d
     train_mirrored = cached_features(extractor, train, args, accelerator, "train", mirrored=True) \
         if args.random_flip else None
     test_labels, test_source = test.labels, splits.test_source
+    seen = test_images_seen_in_pretraining(args.pretrained, test.paths)
+    if seen:
+        logger.warning("%d of the %d test images were pretraining images of %s (unlabelled): its features have seen "
+                       "them. Pretrain leaving them out (`mic-diffrep pretrain --exclude_image_list "
+                       "MODEL/test_images.txt`), or use `mic-diffrep run`, which does.", seen, len(test), args.pretrained)
     subsets = {"deduplicated": ~splits.leaked}
     if args.exclude_leaked_test:
         if splits.leaked.all():
@@ -123,6 +128,7 @@ def _run_probe(args: ProbeArguments, extractor: Optional[FeatureExtractor]) -> d
         "base_model": published_pipeline(args.pretrained) if extractor.exportable and args.pretrained else None,
         "test_data_dir": args.test_data_dir and os.path.abspath(args.test_data_dir), "test_split": test_source,
         "validation_split": splits.validation_source, "class_warnings": splits.class_warnings,
+        "test_images_seen_in_pretraining": seen,  # None: not known (no pretraining summary, or its data gone)
         "leakage": splits.leakage, "skipped_images": merge_skipped(train, test),
         "features": {"pooling": args.pooling, "pooling_grid_size": args.pooling_grid_size,
                      "num_noise_samples": args.num_noise_samples, "flip_average": args.flip_average,

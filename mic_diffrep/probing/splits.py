@@ -6,6 +6,7 @@ one DICOM / NIfTI file, and the images of one patient (a patient folder, `<class
 one *PatientID* or series; the files of one BIDS subject, `sub-01_...`), stay on one side too.
 """
 
+import json
 import logging
 import os
 import unicodedata
@@ -17,12 +18,12 @@ import numpy as np
 import torch
 
 from ..data import (DecodedImages, ImagePreprocessing, check_labelled, decode_images, label_by_class_folder,
-                    load_image_folder, select_splits)
+                    load_image_folder, read_image_list, select_splits)
 from ..data.decoding import source_file
 from ..data.medical import patient_keys
 from ..models.mic_diffrep.preprocessing import undecoded_images
 from ..leakage import DEFAULT_THRESHOLD, check_leakage, duplicate_groups, fingerprint_images, group_stratified_split
-from ..utils import is_first_local_process
+from ..utils import SUMMARY_FILE, is_first_local_process
 from .arguments import ProbeArguments
 
 
@@ -198,6 +199,27 @@ def carved_test_ids(args: ProbeArguments, preprocessing: ImagePreprocessing) -> 
         _carve(train.labels, _split_groups(train, args.duplicate_threshold or DEFAULT_THRESHOLD),
                args.validation_split, args.seed, "--validation_split")
     return list(test.paths)
+
+
+def test_images_seen_in_pretraining(pretrained: Optional[str], test_paths: Sequence[str]) -> Optional[int]:
+    """How many of the test images (ids) were pretraining images of the pretrained folder, unlabelled: its summary's
+    splits of its data folder, less the files it left out (`--exclude_image_list`), compared by real path. `None`
+    when that cannot be told (no local folder or summary, its data folder gone)."""
+    try:
+        with open(os.path.join(pretrained or "", SUMMARY_FILE), encoding="utf-8") as f:
+            summary = json.load(f)
+        data_dir = summary["train_data_dir"]
+        images = select_splits(load_image_folder(data_dir), summary.get("splits") or None)[1]
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+    seen = {os.path.realpath(item["path"]) for item in undecoded_images(images)["image"] if item.get("path")}
+    if summary.get("exclude_image_list"):
+        try:
+            left_out = read_image_list(summary["exclude_image_list"], "exclude_image_list")
+        except ValueError:
+            return None
+        seen -= {os.path.realpath(os.path.join(data_dir, source_file(image_id))) for image_id in left_out}
+    return sum(os.path.realpath(source_file(path)) in seen for path in test_paths)
 
 
 def own_validation_split(splits) -> bool:

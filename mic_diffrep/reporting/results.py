@@ -36,6 +36,8 @@ def results_markdown(results: dict) -> str:
         f"), {results['num_test']} test; "
         f"{results['leakage']['num_near']} test images have a near-duplicate in the training images."
         + _skipped_note(results.get("skipped_images"))
+        + (f" **{results['test_images_seen_in_pretraining']} of the test images were pretraining images (unlabelled)."
+           f"**" if results.get("test_images_seen_in_pretraining") else "")
         + "".join(f" **{warning}**" for warning in results.get("class_warnings", [])), "",
         "| method | layers | timesteps | accuracy | macro F1 | accuracy (de-duplicated test) |", "|---|---|---|---|---|---|",
     ]
