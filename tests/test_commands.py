@@ -617,6 +617,8 @@ def test_generate_draws_each_image_with_its_own_seed_in_batches_and_writes_one_f
     cli(generate + ["--num_images", "5", "--batch_size", "2", "--seed", "3", "--output_dir", str(tmp_path / "out")])
     assert sorted(os.listdir(tmp_path / "out")) == [f"seed{seed:04d}.png" for seed in range(3, 8)]
     assert not os.path.exists("samples.png") and "Saved 5 sample(s) (seeds 3-7)" in capsys.readouterr().out
+    cli(generate + ["--num_images", "2", "--seed", "7", "--output_dir", str(tmp_path / "out")])
+    assert "Replacing 1 image(s) of " in capsys.readouterr().err  # seed0007.png, drawn before; seed0008.png is new
     cli(generate + ["--num_images", "1", "--seed", "6", "--output", str(tmp_path / "alone.png")])
     alone = np.asarray(PIL.Image.open(tmp_path / "alone.png").convert("L"), dtype=int)
     sixth = np.asarray(PIL.Image.open(tmp_path / "out" / "seed0006.png"), dtype=int)

@@ -115,6 +115,11 @@ def _sample(namespace, keep: bool) -> list:
         raise ValueError(f"--num_inference_steps {steps}: the pipeline was trained on "
                          f"{pipe.scheduler.config.num_train_timesteps} timesteps, the most it can take.")
     seeds = list(range(namespace.seed, namespace.seed + namespace.num_images))
+    replaced = [seed for seed in seeds if namespace.output_dir
+                and os.path.exists(os.path.join(namespace.output_dir, f"seed{seed:04d}.png"))]
+    if replaced:  # the same seeds and settings draw the same images; other settings others
+        print(f"Replacing {len(replaced)} image(s) of {namespace.output_dir} drawn before (seed{replaced[0]:04d}.png, "
+              f"...).", file=sys.stderr)
     images = []
     for start in range(0, len(seeds), namespace.batch_size):
         batch = seeds[start:start + namespace.batch_size]

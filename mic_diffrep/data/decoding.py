@@ -324,7 +324,7 @@ def _bad_image_message(path: str, error: str) -> str:
         error = f"{kind}: {detail[len(path) + 2:]}"
     return (
         f"Cannot read image {path}: {error.rstrip('.')}. Fix or remove the file, or pass --skip_bad_images to skip "
-        f"unreadable images (skipped files are listed in the run's log and results)."
+        f"unreadable images (each skipped file is named in the log and in what the command writes)."
     )
 
 
@@ -335,7 +335,7 @@ def _bad_images_message(bad: List[Dict[str, str]], shown: int = 5) -> str:
     listed = "; ".join(f"{item['path']} ({item['error'].rstrip('.')})" for item in bad[:shown])
     more = f"; and {len(bad) - shown} more" if len(bad) > shown else ""
     return (f"Cannot read {len(bad)} images: {listed}{more}. Fix or remove the files, or pass --skip_bad_images to "
-            f"skip unreadable images (skipped files are listed in the run's log and results).")
+            f"skip unreadable images (each skipped file is named in the log and in what the command writes).")
 
 
 def _save_decoded(decoded: DecodedImages, cache_file: str) -> None:
