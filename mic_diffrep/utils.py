@@ -363,6 +363,18 @@ def output_folder(path: str, flag: str = "--output_dir", kind: Optional[str] = N
         raise
 
 
+_WARNED = set()
+
+
+def warn_once(logger: logging.Logger, message: str, *args) -> None:
+    """`logger.warning(message, *args)`, once per process for the same message and values: a warning about data that
+    a run reads several times (its checks, pretraining, the probe)."""
+    key = (logger.name, message, repr(args))
+    if key not in _WARNED:
+        _WARNED.add(key)
+        logger.warning(message, *args)
+
+
 def is_first_local_process() -> bool:
     """Whether this is the first process of its machine under `torchrun` / `accelerate launch` (`LOCAL_RANK` 0),
     or the only one (no launcher: unset, or -1): it alone logs progress and warnings meant once per machine."""

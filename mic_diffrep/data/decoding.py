@@ -143,7 +143,7 @@ def is_colour(image: PIL.Image.Image) -> bool:
     >>> is_colour(PIL.Image.new("RGB", (8, 8), (90, 90, 91))), is_colour(PIL.Image.new("RGB", (8, 8), (200, 40, 40)))
     (False, True)
     """
-    if image.mode in ("1", "L", "LA", "I", "I;16", "F") or image.mode.startswith("I;"):
+    if image.mode in ("1", "L", "LA", "I", "F") or image.mode.startswith("I;"):
         return False
     rgb = np.asarray(image.convert("RGB"), dtype=np.int16)
     return bool(np.abs(np.diff(rgb, axis=-1)).mean() > COLOUR_TOLERANCE)
@@ -262,7 +262,7 @@ def decode_images(
             if decoded.skipped and not skip_bad_images:
                 raise BadImageError(_bad_images_message(decoded.skipped))
             for item in decoded.skipped:  # said again, as decoding said it
-                logger.warning("Skipping unreadable image %s (%s)", item["path"], item["error"])
+                _say_skipped(item["path"], item["error"])
             logger.info("Loaded %d decoded images from %s", len(decoded), cache_file)
             return decoded
 
@@ -285,7 +285,7 @@ def decode_images(
                     coloured.append(paths[index])
                 if error is not None:  # every unreadable file is found (and named) in one pass
                     if skip_bad_images:
-                        logger.warning("Skipping unreadable image %s (%s)", paths[index], error)
+                        _say_skipped(paths[index], error)
                     skipped.append({"path": paths[index], "error": error})
                     continue
                 # A copy out of the worker's shared memory, so that no file descriptor stays open per file.
@@ -315,6 +315,10 @@ def decode_images(
     if skipped and not skip_bad_images:
         raise BadImageError(_bad_images_message(skipped))
     return decoded
+
+
+def _say_skipped(path: str, error: str) -> None:
+    logger.warning("Skipping unreadable image %s (%s)", path, error)
 
 
 def _bad_image_message(path: str, error: str) -> str:

@@ -28,7 +28,7 @@ from datasets import ClassLabel, Dataset, DatasetDict, Features, Image, concaten
 from datasets.packaged_modules.imagefolder.imagefolder import ImageFolder
 
 from ..models.mic_diffrep.preprocessing import has_dicom_preamble, undecoded_images
-from ..utils import check_folder
+from ..utils import check_folder, warn_once
 from .decoding import source_file
 from .medical import MEDICAL_EXTENSIONS
 
@@ -99,18 +99,6 @@ def _holds_images(path: str) -> bool:
     return _has_images(path) if os.path.isdir(path) else is_image_file(path)
 
 
-_WARNED = set()
-
-
-def _warn_once(message: str, *args) -> None:
-    """A warning about a data folder, said once per process however often the folder is read (a run reads it for
-    its checks, pretraining and probe)."""
-    key = (message, repr(args))
-    if key not in _WARNED:
-        _WARNED.add(key)
-        logger.warning(message, *args)
-
-
 def find_image_files(folder: str) -> List[str]:
     """Sorted image files under `folder` (recursively; hidden files and folders, such as macOS `._*` files and
     `.ipynb_checkpoints`, left out, as `datasets` does). Other files are left out with a warning that counts them."""
@@ -121,9 +109,9 @@ def find_image_files(folder: str) -> List[str]:
             if not name.startswith("."):
                 (found if is_image_file(os.path.join(root, name)) else others).append(os.path.join(root, name))
     if others:
-        _warn_once("%d file(s) in %s are not images read here and are left out (e.g. %s): images are %s; a DICOM "
-                   "file named without an extension needs its preamble (the 'DICM' prefix at byte 128).",
-                   len(others), folder, sorted(others)[0], SEARCHED_WHAT)
+        warn_once(logger, "%d file(s) in %s are not images read here and are left out (e.g. %s): images are %s; a "
+                  "DICOM file named without an extension needs its preamble (the 'DICM' prefix at byte 128).",
+                  len(others), folder, sorted(others)[0], SEARCHED_WHAT)
     broken = next((path for path in found if "\n" in path or "\r" in path), None)
     if broken is not None:  # an image list (`test_images.txt`) holds one file per line
         raise ValueError(f"{broken!r}: a file or folder name with a line break cannot be listed one per line (the "
@@ -221,12 +209,12 @@ def _scan_image_folder(split_roots: Dict[str, str], files: Dict[str, List[str]])
     deep = next((path for split, split_parts in parts.items() for path, p in zip(files[split], split_parts)
                  if len(p) > 2), None)
     if add_labels and deep is not None:
-        _warn_once("Images sit below their class folders (e.g. %s): each is labelled by the folder right under its "
-                   "split folder (%s), as class/patient/... trees need; for a tree of other folders first "
-                   "(site/class/...), give one of them as the data folder.", deep, ", ".join(names))
+        warn_once(logger, "Images sit below their class folders (e.g. %s): each is labelled by the folder right under "
+                  "its split folder (%s), as class/patient/... trees need; for a tree of other folders first "
+                  "(site/class/...), give one of them as the data folder.", deep, ", ".join(names))
     if loose and names:
-        _warn_once("Images sit both loose and in sub-folders of %s; as with `imagefolder`, no labels are inferred.",
-                   sorted(split_roots.values()))
+        warn_once(logger, "Images sit both loose and in sub-folders of %s; as with `imagefolder`, no labels are "
+                  "inferred.", sorted(split_roots.values()))
     features = Features({"image": Image(decode=False)})
     if add_labels:
         features["label"] = ClassLabel(names=names)

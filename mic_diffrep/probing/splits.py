@@ -6,6 +6,7 @@ one DICOM / NIfTI file, and the images of one patient (a patient folder, `<class
 one *PatientID* or series; the files of one BIDS subject, `sub-01_...`), stay on one side too.
 """
 
+import contextlib
 import json
 import logging
 import os
@@ -23,7 +24,7 @@ from ..data.decoding import source_file
 from ..data.medical import patient_keys
 from ..models.mic_diffrep.preprocessing import undecoded_images
 from ..leakage import DEFAULT_THRESHOLD, check_leakage, duplicate_groups, fingerprint_images, group_stratified_split
-from ..utils import SUMMARY_FILE, is_first_local_process
+from ..utils import SUMMARY_FILE, is_first_local_process, warn_once
 from .arguments import ProbeArguments
 
 
@@ -100,23 +101,12 @@ def _patients(paths: Sequence[str], class_names: Sequence[Optional[str]]) -> Lis
     held = Counter(key for row in rows for key in row)
     anonymised = {key for key, count in held.items() if class_sizes[key[1]] >= 4 and count > class_sizes[key[1]] / 2}
     if anonymised:
-        _say_once("%d patient key(s) (%s) are each held by more than half of a class's images: taken as anonymised, "
-                  "they do not join images in a split.", len(anonymised),
+        warn_once(logger, "%d patient key(s) (%s) are each held by more than half of a class's images: taken as "
+                  "anonymised, they do not join images in a split.", len(anonymised),
                   ", ".join(sorted({key.split(":", 1)[0] for key, _ in anonymised})))  # no patient ids
     return [[f"folder:{patient_folder(path, name)}"] + [f"{key}@{name}" for key, name in row if (key, name)
                                                         not in anonymised]
             for path, name, row in zip(paths, class_names, rows)]
-
-
-_SAID = set()
-
-
-def _say_once(message: str, *args) -> None:
-    """A warning about the data's splits, said once per process (the splits are carved and checked several times
-    in a run)."""
-    if (message, args) not in _SAID:
-        _SAID.add((message, args))
-        logger.warning(message, *args)
 
 
 def _split_groups(decoded: DecodedImages, threshold: float) -> np.ndarray:
@@ -184,20 +174,33 @@ def check_carvable(dataset, fraction: float, seed: int = 0, flag: str = "--test_
     _carve(labels, groups, fraction, seed, flag)
 
 
+def _decoder(args: ProbeArguments, preprocessing: ImagePreprocessing, accelerator=None):
+    """How the probe decodes a split: into its decode cache (`mic-diffrep run`'s, shared with pretraining), the main
+    process first when there is an `accelerator`."""
+    cache_dir = args.cache_dir or os.path.join(args.output_dir, ".cache")
+
+    def decode(dataset):
+        with accelerator.main_process_first() if accelerator else contextlib.nullcontext():
+            return decode_images(dataset, preprocessing, skip_bad_images=args.skip_bad_images,
+                                 num_workers=args.dataloader_num_workers, cache_dir=cache_dir,
+                                 show_progress=accelerator.is_local_main_process if accelerator
+                                 else is_first_local_process(), slices=args.slices)
+    return decode
+
+
+def _carve_validation(train: DecodedImages, args: ProbeArguments) -> np.ndarray:
+    """The indices of the validation part carved from the training images."""
+    groups = _split_groups(train, args.duplicate_threshold or DEFAULT_THRESHOLD)
+    return _carve(train.labels, groups, args.validation_split, args.seed, "--validation_split")[1]
+
+
 def carved_test_ids(args: ProbeArguments, preprocessing: ImagePreprocessing) -> List[str]:
     """The ids of the test images a probe with `args` carves from a folder without a test split, after checking that
     its validation part can be carved from the rest: `mic-diffrep run` leaves them out of pretraining (pretraining on
     them would use the test images), and too few images for either split fail before pretraining, not after it."""
-    def decode(dataset):  # into the probe's decode cache: the probe reads them from there
-        return decode_images(dataset, preprocessing, skip_bad_images=args.skip_bad_images,
-                             num_workers=args.dataloader_num_workers,
-                             cache_dir=args.cache_dir or os.path.join(args.output_dir, ".cache"),
-                             show_progress=is_first_local_process(), slices=args.slices)
-
-    train, test, _, validation_files = _train_and_test(args, decode)
+    train, test, _, validation_files = _train_and_test(args, _decoder(args, preprocessing))
     if not validation_files:
-        _carve(train.labels, _split_groups(train, args.duplicate_threshold or DEFAULT_THRESHOLD),
-               args.validation_split, args.seed, "--validation_split")
+        _carve_validation(train, args)
     return list(test.paths)
 
 
@@ -314,15 +317,7 @@ def check_test_classes(train_classes: Iterable[str], test_classes: Iterable[str]
 def load_probe_splits(args: ProbeArguments, preprocessing: ImagePreprocessing, accelerator) -> ProbeSplits:
     """Training and test images (test: `--test_data_dir`, else the data's test split, else a carved hold-out), the
     validation part of training, and which test images have a near-duplicate in training."""
-    cache_dir = args.cache_dir or os.path.join(args.output_dir, ".cache")
-
-    def decode(dataset):
-        with accelerator.main_process_first():
-            return decode_images(dataset, preprocessing, skip_bad_images=args.skip_bad_images,
-                                 num_workers=args.dataloader_num_workers, cache_dir=cache_dir,
-                                 show_progress=accelerator.is_local_main_process, slices=args.slices)
-
-    train, test, source, validation_files = _train_and_test(args, decode)
+    train, test, source, validation_files = _train_and_test(args, _decoder(args, preprocessing, accelerator))
     check_test_classes({train.label_names[i] for i in train.labels.unique().tolist()},
                        {train.label_names[i] for i in test.labels.unique().tolist()})
     threshold = args.duplicate_threshold or DEFAULT_THRESHOLD
@@ -334,10 +329,8 @@ def load_probe_splits(args: ProbeArguments, preprocessing: ImagePreprocessing, a
         validation_source = f"the validation split of {os.path.abspath(args.data_dir)}"
         validation_source += _validation_leakage(train, validation_mask, threshold, args.data_dir)
     else:
-        groups = _split_groups(train, threshold)
-        _, validation_idx = _carve(train.labels, groups, args.validation_split, args.seed, "--validation_split")
         validation_mask = torch.zeros(len(train), dtype=torch.bool)
-        validation_mask[torch.as_tensor(validation_idx, dtype=torch.long)] = True
+        validation_mask[torch.as_tensor(_carve_validation(train, args), dtype=torch.long)] = True
         validation_source = (f"carved from the training images ({args.validation_split:.0%} target), near-duplicate "
                              f"groups and each file's slices and patient's images kept on one side")
     leakage = check_leakage(train, test, threshold)
