@@ -13,6 +13,8 @@ NIfTI file cannot be opened. `import mic_diffrep` registers this task.
 >>> classify("slice_16bit.png", top_k=2)  # doctest: +SKIP
 [{'label': 'glioma', 'score': 0.97}, {'label': 'meningioma', 'score': 0.02}]
 >>> per_slice = classify("scan.nii.gz")  # a volume: one list of scores per non-empty slice  # doctest: +SKIP
+>>> per_slice[0][0]  # each score says its slice's index in the file  # doctest: +SKIP
+{'label': 'glioma', 'score': 0.91, 'slice': 12}
 
 ```
 """
@@ -25,6 +27,7 @@ import torch
 from transformers.image_utils import load_image
 from transformers.pipelines import ImageClassificationPipeline
 
+from mic_diffrep.data.decoding import source_file
 from mic_diffrep.models.mic_diffrep.preprocessing import dataset_image_records, image_list_with_ids
 
 
@@ -42,7 +45,8 @@ class MedicalImageClassificationPipeline(ImageClassificationPipeline):
     """`ImageClassificationPipeline` that hands paths, PIL images, arrays and tensors to the image processor
     unconverted (an `http(s)://` URL is still fetched by transformers). A file of several slices (a multi-frame
     DICOM file, a NIfTI volume) gives one list of scores per slice it keeps, in the order `mic-diffrep predict`
-    lists them, even when only one is kept; so does a batch given as one 4-D array or tensor, one list per image.
+    lists them, even when only one is kept, each score with its slice's index in the file (`"slice"`, the `k` of
+    predict's `"<path>#slice=<k>"`: empty slices are left out, so list positions are not slice indices); so does a batch given as one 4-D array or tensor, one list per image.
     A 2-D image gives one list, as the image-classification pipeline does, and a list of images or a
     `datasets.Dataset` (its `image` column) one list per image. Takes the image-classification pipeline's arguments
     (`top_k`, `function_to_apply`, `batch_size`: volumes and 4-D batches need `batch_size=1` when several inputs are
@@ -78,6 +82,11 @@ class MedicalImageClassificationPipeline(ImageClassificationPipeline):
                              f"them one by one.")
         model_inputs = self.image_processor(images=images, return_tensors="pt").to(self.dtype)
         model_inputs["several"] = torch.tensor([volume or stacked])
+        # A slice's index in its file (-1: not a slice), for the scores: the empty slices a volume drops would
+        # otherwise leave its list's positions unmatched to its slices.
+        model_inputs["slices"] = torch.tensor([
+            int(image_id.rpartition("#slice=")[2]) if image_id and source_file(image_id) != image_id else -1
+            for image_id in ids])
         return model_inputs
 
     def __call__(self, inputs=None, **kwargs):
@@ -97,13 +106,19 @@ class MedicalImageClassificationPipeline(ImageClassificationPipeline):
         return super().__call__(inputs, **kwargs)
 
     def _forward(self, model_inputs):
-        several = model_inputs.pop("several")
-        return {"logits": super()._forward(model_inputs)["logits"], "several": several}
+        several, slices = model_inputs.pop("several"), model_inputs.pop("slices")
+        return {"logits": super()._forward(model_inputs)["logits"], "several": several, "slices": slices}
 
     def postprocess(self, model_outputs, function_to_apply=None, top_k=5):
         logits = model_outputs["logits"]
         if not bool(model_outputs["several"].reshape(-1)[0]):
             return super().postprocess({"logits": logits}, function_to_apply=function_to_apply, top_k=top_k)
-        return [super(MedicalImageClassificationPipeline, self).postprocess(
+        slices = model_outputs["slices"].reshape(-1).tolist()
+        per_image = [super(MedicalImageClassificationPipeline, self).postprocess(
             {"logits": logits[i : i + 1]}, function_to_apply=function_to_apply, top_k=top_k)
             for i in range(len(logits))]
+        for scores, index in zip(per_image, slices):
+            if index >= 0:
+                for score in scores:
+                    score["slice"] = index
+        return per_image

@@ -262,6 +262,8 @@ def test_medical_image_classification_pipeline_takes_dicom_and_nifti(mixed_folde
     assert len(slices) == 4
     for k, scores in zip(range(1, 5), slices):
         assert {p["label"]: p["score"] for p in scores} == pytest.approx(predicted[f"{volume}#slice={k}"], abs=1e-5)
+        assert [p["slice"] for p in scores] == [k, k]  # slice 0 is empty: positions are not slice indices
+    assert all("slice" not in p for p in classify(single, top_k=2))  # one image: nothing to match
     with pytest.raises(ValueError, match="vol.nii.gz: a file of 4 slices needs batch_size=1"):
         classify([single, volume], batch_size=2)
     assert len(classify(volume, batch_size=2)) == 4  # one input: nothing to mix up
@@ -269,7 +271,7 @@ def test_medical_image_classification_pipeline_takes_dicom_and_nifti(mixed_folde
     one = pipeline("medical-image-classification", model=model_dir,
                    image_processor=MicDiffRepImageProcessor(resolution=16, slice_range=[2, 3]))
     kept = one(volume, top_k=2)
-    assert len(kept) == 1 and isinstance(kept[0], list)
+    assert len(kept) == 1 and isinstance(kept[0], list) and kept[0][0]["slice"] == 2
 
 
 def test_medical_pipeline_scores_every_image_of_a_batch_input(tmp_path):
@@ -296,6 +298,7 @@ def test_medical_pipeline_scores_every_image_of_a_batch_input(tmp_path):
         assert len(scores) == 4, name
         for one, want in zip(scores, expected):
             assert {p["label"]: p["score"] for p in one} == pytest.approx(want, abs=1e-5), name
+            assert all("slice" not in p for p in one), name  # a batch's images are not slices of a file
     with pytest.raises(ValueError, match="a batch of 4 images needs batch_size=1"):
         classify([np.stack(grey)[..., None], grey[0]], batch_size=2)
     with pytest.raises(ValueError, match="needs an `image` column"):
