@@ -188,7 +188,7 @@ def evaluate_folder(model_dir: str, data_dir: str, splits: Optional[Union[str, S
     """
     _check_batch_size(batch_size)
     dataset_dict = load_image_folder(data_dir)  # a bad folder, split or label fails before the (slower) model load
-    wanted = read_image_list(image_list) if image_list else None
+    wanted = read_image_list(image_list, root=data_dir) if image_list else None
     splits = [splits] if isinstance(splits, str) else splits
     splits = list(splits) if splits else (["test"] if "test" in dataset_dict and not wanted else ["all"])
     chosen, dataset = select_splits(dataset_dict, splits, "splits")

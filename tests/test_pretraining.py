@@ -253,6 +253,12 @@ def test_exclude_image_list_leaves_the_listed_files_out(unlabelled_folder, tmp_p
     test_ids = [os.path.join(unlabelled_folder, name) for name in ("000.png", "001.png", "002.png")]
     assert test_images_seen_in_pretraining(str(folder), test_ids) == 1  # 002.png only
     assert test_images_seen_in_pretraining(str(tmp_path / "no_summary"), test_ids) is None
+    # the list's files as a user may write them (`find . ...`, absolute paths) name the same images; they were refused
+    listed.write_text(f"./000.png\n{os.path.join(os.path.abspath(unlabelled_folder), '001.png')}\n")
+    summary = main(tiny_args(unlabelled_folder, str(tmp_path / "written_otherwise"), "--max_train_steps", "1",
+                             "--exclude_image_list", str(listed)))
+    assert summary["num_images"] == 22
+    assert test_images_seen_in_pretraining(str(tmp_path / "written_otherwise"), test_ids) == 1
     listed.write_text("000.png\nelsewhere/000.png\n")  # a list of another folder: an error, not nothing left out
     with pytest.raises(ValueError, match=r"--exclude_image_list .*: 1 listed file\(s\) are not among the images "
                                          r"read of .*'elsewhere/000.png'"):

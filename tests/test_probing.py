@@ -340,6 +340,10 @@ def test_the_carved_test_split_can_be_scored_again_from_its_image_list(tmp_path,
     assert report["num_examples"] == results["num_test"]
     assert report["accuracy"] == pytest.approx(results["msfa"]["test"]["all"]["accuracy"])
     assert report["confusion_matrix"] == results["msfa"]["test"]["all"]["confusion_matrix"]
+    written_otherwise = str(tmp_path / "absolute.txt")  # absolute paths and ./ ones name the same images
+    with open(written_otherwise, "w") as f:
+        f.writelines(f"{os.path.join(flat, path) if k % 2 else './' + path}\n" for k, path in enumerate(listed))
+    assert evaluate_folder(out, flat, image_list=written_otherwise)["confusion_matrix"] == report["confusion_matrix"]
     with caplog.at_level("WARNING", logger="mic_diffrep.inference"):
         assert evaluate_folder(out, flat)["num_examples"] == 48
     assert "including those" in caplog.text and "--image_list" in caplog.text

@@ -336,8 +336,22 @@ def write_image_list(path: str, image_ids: Sequence[str], root: str, comment: st
         f.writelines(relative_image_id(image_id, root) + "\n" for image_id in image_ids)
 
 
-def read_image_list(path: str, flag: str = "--image_list") -> List[str]:
-    """The image ids of an image list (`write_image_list`): one per line; blank lines and `#` comments skipped."""
+def read_image_list(path: str, flag: str = "--image_list", root: Optional[str] = None) -> List[str]:
+    """The image ids of an image list (`write_image_list`): one per line; blank lines and `#` comments skipped.
+    With `root` (the folder the ids are relative to), ids written otherwise are taken as they are meant: an absolute
+    path or one like `./glioma/x.jpg` becomes its id relative to `root` (one outside `root` stays outside it, and
+    names no image of it).
+
+    ```python
+    >>> import os, tempfile
+    >>> with tempfile.NamedTemporaryFile("w", suffix=".txt", delete=False) as f:
+    ...     _ = f.write("# test images\\n./glioma/a.jpg\\n/data/brain/notumor/b.jpg#slice=2\\n")
+    >>> read_image_list(f.name, root="/data/brain")
+    ['glioma/a.jpg', 'notumor/b.jpg#slice=2']
+    >>> os.remove(f.name)
+
+    ```
+    """
     try:
         with open(path, encoding="utf-8") as f:
             ids = [line.strip() for line in f if line.strip() and not line.lstrip().startswith("#")]
@@ -345,6 +359,9 @@ def read_image_list(path: str, flag: str = "--image_list") -> List[str]:
         raise ValueError(f"{flag} {path} cannot be read: {error}") from None
     if not ids:
         raise ValueError(f"{flag} {path} lists no images.")
+    if root is not None:
+        ids = [relative_image_id(os.path.join(root, source_file(image_id)) + image_id[len(source_file(image_id)):],
+                                 root) for image_id in ids]
     return ids
 
 
@@ -353,7 +370,7 @@ def listed_files(dataset: Dataset, data_dir: str, image_list: str, flag: str = "
     (ids relative to `data_dir`, as `write_image_list` writes them: the `test_images.txt` a probe writes, say; a slice
     id names its whole file). Every listed file must be among the rows, so that a list of another folder fails
     instead of naming nothing, and some row must be left unlisted."""
-    listed = {source_file(image_id) for image_id in read_image_list(image_list, flag)}
+    listed = {source_file(image_id) for image_id in read_image_list(image_list, flag, root=data_dir)}
     files = [relative_image_id(item["path"], data_dir) if item.get("path") else None
              for item in undecoded_images(dataset)["image"]]
     missing = sorted(listed - set(files))
