@@ -188,6 +188,9 @@ def test_run_leaves_the_test_images_it_carves_out_of_pretraining(tmp_path, capsy
     assert report["pretraining"]["num_images"] == 120 - len(held_out) == probe["num_train"] + probe["num_validation"]
     assert report["pretraining"]["exclude_image_list"] == str(out / "held_out_images.txt")
     assert "less the test images listed in `held_out_images.txt`" in (out / "report.md").read_text()
+    # the pipeline's card names the list, which is not in the folder and not uploaded: it says so
+    card = (out / "pretrain" / "README.md").read_text()
+    assert "`held_out_images.txt`, a local file: image lists are not uploaded" in card
     assert len(list((out / ".cache").glob("decoded-*"))) == 1  # decoded once, for the carve, pretraining and probe
     main(tiny + ["--overwrite_output_dir"])
     assert "reusing the finished run" in capsys.readouterr().out  # the same held-out images

@@ -190,7 +190,8 @@ def pipeline_card_text(summary: dict, repo_id: Optional[str] = None, samples: bo
                 f"ignores the preprocessing settings in `model_index.json`).")
     metadata = ModelCardData(library_name="diffusers", license="apache-2.0",
                              tags=TAGS + ["unconditional-image-generation", "feature-extraction"])
-    left_out = (f" (less the test images listed in `{_name(summary['exclude_image_list'])}`)"
+    left_out = (f" (less the test images listed in `{_name(summary['exclude_image_list'])}`, a local file: image "
+                f"lists are not uploaded)"
                 if summary.get("exclude_image_list") else "")
     return f"""---
 {metadata.to_yaml()}
