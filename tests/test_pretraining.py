@@ -573,6 +573,23 @@ def test_resuming_the_last_checkpoint_trains_no_extra_step(unlabelled_folder, tm
         torch.testing.assert_close(unet_weights(out)[name], tensor, rtol=0, atol=0)
 
 
+def test_a_finished_run_continued_with_more_epochs_starts_where_it_ended(unlabelled_folder, tmp_path, caplog):
+    # 6 steps an epoch, a checkpoint every 4: the run ended at step 6 with checkpoint-4 only, so continuing it
+    # trained steps 5 and 6 again
+    extra = ["--checkpointing_steps", "4", "--lr_scheduler", "constant", "--lr_warmup_steps", "0"]
+    full = str(tmp_path / "full")
+    main(tiny_args(unlabelled_folder, full, "--num_epochs", "2", *extra))
+    out = str(tmp_path / "out")
+    main(tiny_args(unlabelled_folder, out, "--num_epochs", "1", *extra))
+    assert sorted(d for d in os.listdir(out) if d.startswith("checkpoint-")) == ["checkpoint-4", "checkpoint-6"]
+    with caplog.at_level("INFO", logger="mic_diffrep.training.checkpointing"):
+        summary = main(tiny_args(unlabelled_folder, out, "--num_epochs", "2", *extra,
+                                 "--resume_from_checkpoint", "latest"))
+    assert "checkpoint-6" in caplog.text and summary["global_step"] == 12
+    for name, tensor in unet_weights(full).items():  # the same weights as the two epochs in one run
+        torch.testing.assert_close(unet_weights(out)[name], tensor, rtol=0, atol=0, msg=name)
+
+
 class _Pwn:
     def __reduce__(self):
         return (os.system, ("touch pwned",))

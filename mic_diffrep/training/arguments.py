@@ -109,7 +109,7 @@ class CommonPretrainingArguments:
     seed: int = field(default=0, metadata={"help": "Seed for initialisation, data order, noise and samples."})
     # Checkpoints and logging
     checkpointing_steps: int = field(default=500, metadata={
-        "help": "Save a resumable checkpoint (accelerator.save_state) every this many steps."})
+        "help": "Save a resumable checkpoint (accelerator.save_state) every this many steps, and at the last step."})
     checkpoints_total_limit: Optional[int] = field(default=None, metadata={"help": "Keep at most this many checkpoints."})
     resume_from_checkpoint: Optional[str] = field(default=None, metadata={
         "help": 'Resume from a checkpoint folder, the name of one in --output_dir (checkpoint-500), or "latest" for '
