@@ -286,7 +286,8 @@ def test_random_flip_probe_extracts_the_mirrored_training_images_once(probe_setu
     assert main(probe_args(probe_setup, "--random_flip"))["msfa"] == results["msfa"] and calls == []  # cached
 
 
-@pytest.mark.parametrize("extra", [[], ["--random_flip"]])  # flips change the head's training, not its inference
+# flips and dropout change the head's training, not its inference
+@pytest.mark.parametrize("extra", [[], ["--random_flip"], ["--classifier_dropout", "0.25"]])
 def test_exported_model_reproduces_the_probe_test_accuracy(probe_setup, extra):
     results = main(probe_args(probe_setup, *extra))
     model = AutoModelForImageClassification.from_pretrained(probe_setup / "out")
@@ -300,6 +301,12 @@ def test_exported_model_reproduces_the_probe_test_accuracy(probe_setup, extra):
         total += len(images)
     assert correct / total == pytest.approx(results["msfa"]["test"]["all"]["accuracy"])
     assert model.config.id2label[0] == "glioma" and model.config.layers == results["msfa"]["layers"]
+    assert model.config.classifier_dropout == (0.25 if "--classifier_dropout" in extra else 0.0)
+
+
+def test_the_probe_flag_has_the_classifier_configs_name_and_keeps_its_earlier_one(probe_setup):
+    assert probe_args(probe_setup, "--classifier_dropout", "0.25").classifier_dropout == 0.25
+    assert probe_args(probe_setup, "--dropout", "0.25").classifier_dropout == 0.25  # as scripts wrote it before
 
 
 def test_without_a_test_folder_a_duplicate_aware_hold_out_is_carved(tmp_path):

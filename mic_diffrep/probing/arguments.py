@@ -56,7 +56,10 @@ class ProbeArguments(FeatureArguments):
     hidden_size: int = field(default=512, metadata={
         "help": "MSFA aggregation width (eq. 5); 0: a single linear layer on the concatenated features (not the "
                 "paper's MSFA)."})
-    dropout: float = field(default=0.0, metadata={"help": "Dropout on the aggregated features."})
+    classifier_dropout: float = field(default=0.0, metadata={
+        "aliases": ["--dropout"],  # its earlier name
+        "help": "Dropout on the aggregated features (the classifier config's `classifier_dropout`; --dropout is its "
+                "earlier name)."})
     no_standardize: bool = field(default=False, metadata={"help": "Do not standardise features."})
     random_flip: bool = field(default=False, metadata={
         "help": "Train the heads on each training image or, at random, its mirror image (left-right; the mirror "

@@ -95,7 +95,7 @@ def write_model_folder(extractor, probe, results: dict, label_names, args: Probe
     and uploads it with `args.push_to_hub`. Returns `False` when the extractor cannot be exported (baselines)."""
     msfa = results["msfa"]
     model = extractor.classifier(probe.head, probe.mean, probe.std, msfa["layers"], msfa["timesteps"], label_names,
-                                 args, args.hidden_size, args.dropout)
+                                 args, args.hidden_size, args.classifier_dropout)
     if model is None:
         return False
     model.save_pretrained(args.output_dir)

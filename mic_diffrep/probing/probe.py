@@ -80,7 +80,7 @@ def run_probe(args: ProbeArguments, extractor: Optional[FeatureExtractor] = None
 def _run_probe(args: ProbeArguments, extractor: Optional[FeatureExtractor]) -> dict:
     config = ProbeConfig(num_epochs=args.num_epochs, learning_rate=args.learning_rate,
                          train_batch_size=args.train_batch_size, weight_decay=args.weight_decay,
-                         hidden_size=args.hidden_size, dropout=args.dropout, standardize=not args.no_standardize,
+                         hidden_size=args.hidden_size, dropout=args.classifier_dropout, standardize=not args.no_standardize,
                          random_flip=args.random_flip, seed=args.seed)
     replacing = check_new_probe(args.output_dir, args.overwrite_output_dir)  # before any work
     accelerator = create_accelerator()
