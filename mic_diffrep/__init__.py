@@ -15,9 +15,30 @@ preprocessing and hooked UNet forward; the baselines), `features/` (extractors, 
 
 __version__ = "0.1.0"
 
+import importlib.util
+import os
+import sys
+
 import diffusers
 from transformers import AutoConfig, AutoImageProcessor, AutoModelForImageClassification
 from transformers.pipelines import PIPELINE_REGISTRY
+
+
+
+def _import_checkout_pipelines() -> None:
+    """`pipelines/` is installed as `mic_diffrep.pipelines` (setup.cfg's `package_dir`); a source checkout on the
+    import path but not installed (`PYTHONPATH=.`, a notebook in the repository) imports it from beside the package."""
+    if importlib.util.find_spec(f"{__name__}.pipelines") is not None:
+        return
+    folder = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "pipelines")
+    if os.path.isfile(os.path.join(folder, "__init__.py")):
+        spec = importlib.util.spec_from_file_location(f"{__name__}.pipelines", os.path.join(folder, "__init__.py"),
+                                                      submodule_search_locations=[folder])
+        module = sys.modules[spec.name] = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+
+
+_import_checkout_pipelines()
 
 from .data import DecodedImages, ImagePreprocessing, decode_images, load_image_folder, preprocess_images
 from .models.mic_diffrep import (MicDiffRepConfig, MicDiffRepForImageClassification, MicDiffRepImageProcessor,

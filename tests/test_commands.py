@@ -77,6 +77,23 @@ def test_a_run_destroys_the_process_group_it_started(tmp_path):
             torch.distributed.destroy_process_group()
 
 
+def test_a_source_checkout_imports_without_being_installed():
+    """`pipelines/` is installed as `mic_diffrep.pipelines`: a clone on the import path but not installed
+    (`PYTHONPATH=.`, a notebook in the repository) failed at `import mic_diffrep` (no module mic_diffrep.pipelines).
+    `python -S` leaves out the installed copy (its editable-install finder, from a .pth file)."""
+    import site
+    import sysconfig
+
+    paths = [REPO, sysconfig.get_paths()["purelib"], *site.getsitepackages()]
+    code = ("import sys, mic_diffrep; from mic_diffrep.pipelines import DiffusionFeaturePipeline as P; "
+            "assert mic_diffrep.DiffusionFeaturePipeline is P and 'site-packages' not in mic_diffrep.__file__; "
+            "print(P.__module__)")
+    result = subprocess.run([sys.executable, "-S", "-c", code], capture_output=True, text=True, timeout=120,
+                            env=dict(os.environ, PYTHONPATH=os.pathsep.join(paths)), cwd=REPO)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert result.stdout.strip() == "mic_diffrep.pipelines.pipeline_diffusion_features"
+
+
 def test_help_shows_defaults():
     result = _script("pretrain.py", "--help")
     assert result.returncode == 0
