@@ -33,9 +33,13 @@ from mic_diffrep.models.mic_diffrep.preprocessing import dataset_image_records, 
 
 class NoDefaultModel(dict):
     """The registered task's `default`: transformers' `pipeline(task)` without `model=` looks a default model up in
-    it, and this task has none (nothing is downloaded), so the lookup says what to pass instead of `KeyError`."""
+    it, and this task has none (nothing is downloaded), so the lookup says what to pass instead of `KeyError`.
+    Other lookups find nothing: the pipeline's `save_pretrained` writes the task, this `{}` included, into the
+    model's config."""
 
     def __contains__(self, key) -> bool:
+        if key != "model":
+            return False
         raise ValueError('pipeline("medical-image-classification") needs `model=`: a model folder written by '
                          '`mic-diffrep probe` or `mic-diffrep run` (e.g. "runs/mic-diffrep/model"), or the Hub '
                          "repository of one; the task has no default model.")

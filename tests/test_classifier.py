@@ -214,6 +214,15 @@ def test_medical_image_classification_pipeline_reads_16_bit_and_float_images(mod
     stock = pipeline("image-classification", model=str(tmp_path / "model"))
     assert stock(files[0], top_k=3) == classify(files[0], top_k=3)  # 8-bit: the two agree
 
+    # Saving the pipeline failed writing the model's config (the task's `default` refused every lookup), left a
+    # 0-byte config.json, and the model could not be saved any more
+    classify.save_pretrained(tmp_path / "saved")
+    # the saved config names the task's code, copied beside it: transformers runs it only when trusted
+    again = pipeline("medical-image-classification", model=str(tmp_path / "saved"), trust_remote_code=True)
+    assert again(files[1], top_k=3) == classify(files[1], top_k=3)
+    classify.model.save_pretrained(tmp_path / "model_again")
+    assert AutoModelForImageClassification.from_pretrained(tmp_path / "model_again").config.num_labels == 3
+
 
 def test_loading_keeps_the_unet_frozen_and_the_head_float32(model, tmp_path):
     model.save_pretrained(tmp_path)
