@@ -586,3 +586,32 @@ def test_extracting_features_of_volumes_holds_one_volume_at_a_time(tmp_path, mon
     assert events == ["read"] + ["slice"] * first_volume + ["read"] + ["slice"] * (len(out.image_ids) - first_volume)
     assert out.image_ids == expected.image_ids
     torch.testing.assert_close(out.features[("mid_block", 5)], expected.features[("mid_block", 5)])
+
+
+def test_dicom_and_nifti_files_held_as_bytes_in_a_dataset_are_read_as_those_files(mixed_folder, tmp_path,
+                                                                                  monkeypatch):
+    """A `datasets` record of a NIfTI / DICOM file's bytes (a `save_to_disk` or Hub dataset) was read from the local
+    file its name gave, an unrelated one, without a word; without such a file its bytes went to PIL and failed."""
+    from datasets import Dataset, Features
+    from datasets import Image as ImageFeature
+
+    volume, multi = os.path.join(mixed_folder, "b", "vol.nii.gz"), os.path.join(mixed_folder, "a", "multi.dcm")
+    records = [{"bytes": open(path, "rb").read(), "path": name}
+               for path, name in ((volume, "vol.nii.gz"), (multi, None))]  # a DICOM without a name: its preamble
+    dataset = Dataset.from_dict({"image": records}, features=Features({"image": ImageFeature(decode=False)}))
+    # another vol.nii.gz where the record's relative name points
+    write_nifti(str(tmp_path / "vol.nii.gz"), brain_volume(seed=9))
+    monkeypatch.chdir(tmp_path)
+
+    expected = decode_images([volume, multi], 16)
+    decoded = decode_images(dataset, 16)
+    assert decoded.paths == ["vol.nii.gz#slice=1", "vol.nii.gz#slice=2", "vol.nii.gz#slice=3", "vol.nii.gz#slice=4",
+                             "<bytes #1>#slice=0", "<bytes #1>#slice=1", "<bytes #1>#slice=2"]
+    torch.testing.assert_close(decoded.pixels, expected.pixels, rtol=0, atol=0)
+
+    torch.manual_seed(0)
+    pipe = DiffusionFeaturePipeline(create_unet(16, "tiny"), create_scheduler())
+    from_records = pipe.extract_features(dataset, timesteps=[5], layers=["mid_block"])
+    from_files = pipe.extract_features([volume, multi], timesteps=[5], layers=["mid_block"])
+    torch.testing.assert_close(from_records.features[("mid_block", 5)], from_files.features[("mid_block", 5)])
+    assert from_records.image_ids[0] == "vol.nii.gz#slice=1" and len(from_records.image_ids) == 7

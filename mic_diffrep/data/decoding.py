@@ -34,8 +34,8 @@ import torch
 from safetensors import SafetensorError, safe_open
 from tqdm.auto import tqdm
 
-from ..models.mic_diffrep.preprocessing import (ImagePreprocessing, image_pages, record_source, slice_id,
-                                                undecoded_images)
+from ..models.mic_diffrep.preprocessing import (ImagePreprocessing, image_pages, medical_bytes_as_file,
+                                                medical_record_suffix, record_source, slice_id, undecoded_images)
 from ..utils import progress_interval, save_safetensors
 from .medical import SliceSelection, is_medical_file
 
@@ -105,8 +105,10 @@ class _DecodeFiles(torch.utils.data.Dataset):
     error, whether it is a colour image)`: one slice for an ordinary image, every selected slice of a DICOM / NIfTI
     file, every page of a multi-page TIFF."""
 
-    def __init__(self, sources: List[Union[str, bytes]], preprocessing: ImagePreprocessing, slices: SliceSelection):
+    def __init__(self, sources: List[Union[str, bytes]], preprocessing: ImagePreprocessing, slices: SliceSelection,
+                 names: Optional[List[str]] = None):
         self.sources, self.preprocessing, self.slices = sources, preprocessing, slices
+        self.names = names  # the file names of bytes sources (a DICOM / NIfTI file's bytes are read as that file)
 
     def __len__(self):
         return len(self.sources)
@@ -114,8 +116,14 @@ class _DecodeFiles(torch.utils.data.Dataset):
     def __getitem__(self, index):
         source = self.sources[index]
         try:
-            if isinstance(source, str) and is_medical_file(source):
-                items = self.slices.read(source)
+            suffix = (medical_record_suffix(source, self.names[index] if self.names else None)
+                      if isinstance(source, bytes) else None)
+            if suffix or isinstance(source, str) and is_medical_file(source):
+                if suffix:
+                    with medical_bytes_as_file(source, self.names[index] if self.names else None, suffix) as path:
+                        items = self.slices.read(path)
+                else:
+                    items = self.slices.read(source)
                 if not items:
                     raise ValueError("the file holds no image slices")
                 pixels = torch.stack([self.preprocessing(item) for item in items])
@@ -274,7 +282,7 @@ def decode_images(
     # Its own generator: a DataLoader draws its workers' base seed from torch's global one, so decoding (skipped when
     # the cache holds the images) would change the initial weights a seeded run builds after it.
     loader = torch.utils.data.DataLoader(
-        _DecodeFiles(sources, preprocessing, slices), batch_size=32, num_workers=num_workers, collate_fn=_collate,
+        _DecodeFiles(sources, preprocessing, slices, names=paths), batch_size=32, num_workers=num_workers, collate_fn=_collate,
         generator=torch.Generator().manual_seed(0),
     )
     with tqdm(total=len(sources), desc="Decoding images", unit="img", disable=not show_progress,

@@ -37,8 +37,11 @@ torch.Size([1, 1, 16, 16])
 ```
 """
 
+import contextlib
 import io
 import os
+import re
+import tempfile
 from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import List, Optional, Sequence, Tuple, Union
@@ -398,12 +401,34 @@ def undecoded_images(dataset):
 def record_source(record: dict) -> Union[str, bytes]:
     """Where to read a `datasets` image record from: its bytes when it has them, as `datasets.Image` decodes it (a
     Hub dataset's records hold the bytes and the original file name, which may name an unrelated local file), else
-    its file (local folders). A DICOM / NIfTI file is read from its path when that file exists: slices are read
-    from files."""
-    path = record.get("path")
-    if record.get("bytes") is not None and not (path and is_medical_path(path) and os.path.isfile(path)):
-        return record["bytes"]
-    return path
+    its file (local folders). A DICOM / NIfTI file's bytes are read as that file (`medical_record_suffix`)."""
+    return record["bytes"] if record.get("bytes") is not None else record.get("path")
+
+
+def medical_record_suffix(data: bytes, name: Optional[str]) -> Optional[str]:
+    """The extension under which a DICOM / NIfTI file held as bytes (a `datasets` record) is read: its file name's,
+    or `.dcm` for bytes with a DICOM preamble; `None` for the images PIL reads from bytes.
+
+    >>> medical_record_suffix(b"...", "sub-01_T1w.nii.gz"), medical_record_suffix(b"...", "slice.png")
+    ('.nii.gz', None)
+    """
+    lowered = (name or "").lower()
+    for extension in sorted(_MEDICAL_EXTENSIONS, key=len, reverse=True):
+        if lowered.endswith(extension):
+            return extension
+    return ".dcm" if data[128:132] == b"DICM" else None
+
+
+@contextlib.contextmanager
+def medical_bytes_as_file(data: bytes, name: Optional[str], suffix: str):
+    """A DICOM / NIfTI file held as bytes, written to a temporary file named like its record (the readers read
+    files, and their messages then name it); removed afterwards."""
+    with tempfile.TemporaryDirectory(prefix="mic-diffrep-") as folder:
+        base = re.sub(r"[^\w.-]", "_", os.path.basename(name or "")).strip("_") or "image"
+        path = os.path.join(folder, base if base.lower().endswith(suffix) else base + suffix)
+        with open(path, "wb") as f:
+            f.write(data)
+        yield path
 
 
 def dataset_image_records(dataset) -> list:
@@ -442,9 +467,17 @@ def iter_images_with_ids(images, slices=None):
         raise TypeError(f"Expected images (PIL, numpy, tensors, file paths, a list of them, or a datasets.Dataset), "
                         f"got {type(images).__name__}.")
     for image in images:
-        if _is_file_record(image):  # `datasets.Image(decode=False)`: the file, else its bytes
-            image = record_source(image)
+        name = None
+        if _is_file_record(image):  # `datasets.Image(decode=False)`: its bytes, else the file
+            name, image = image.get("path"), record_source(image)
         if isinstance(image, bytes):  # an encoded image file's contents, as `datasets` keeps them
+            suffix = medical_record_suffix(image, name)
+            if suffix:  # a DICOM / NIfTI file's bytes: its slices, read from a file
+                with medical_bytes_as_file(image, name, suffix) as path:
+                    items = read_medical_file(path, slices)
+                for item in items:
+                    yield item, slice_id(name or "<bytes>", item.slice_index)
+                continue
             image = PIL.Image.open(io.BytesIO(image))
         elif isinstance(image, dict):
             raise TypeError(f"Expected images, got a dict with keys {sorted(image)}: pass its image (a dataset row's "
