@@ -237,6 +237,10 @@ def test_linear_probe_one_feature_pass_cache_reuse_and_model_folder(probe_setup,
     for name in ("config.json", "model.safetensors", "preprocessor_config.json", "README.md", "results.json",
                  "results.md", "accuracy_vs_timestep.png", "confusion_matrix.png"):
         assert os.path.isfile(out / name), name
+    # the local card names folders as the uploaded one does: "Test split: the test split of /tmp/.../data" was a
+    # local path in a file that is shared with the folder
+    card = (out / "README.md").read_text()
+    assert str(probe_setup) not in card and "Test split: the test split of data." in card
 
 
 @pytest.mark.skipif(os.name != "posix", reason="file modes are POSIX")

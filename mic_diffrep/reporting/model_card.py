@@ -93,7 +93,9 @@ classify = pipeline("image-classification", model="{repo_id}", trust_remote_code
 def model_card_text(results: dict, repo_id: Optional[str] = None) -> str:
     """A model card: what the model is, how it was trained and evaluated, its metrics, intended use and limits; its
     metadata holds the test metrics (`model-index`). `repo_id`: the Hub repository it is uploaded to (its usage
-    snippet then loads from there)."""
+    snippet then loads from there). Local paths are cut to their names, in the local card too (`published_results`):
+    the folder is shared with it."""
+    results = published_results(results)
     msfa, sl = results["msfa"], results["sl_best"]
     test = msfa["test"]["all"]
     recall = ", ".join(f"{name} {format_score(value)}" for name, value in test["per_class_recall"].items())
