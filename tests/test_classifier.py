@@ -335,6 +335,30 @@ def test_published_results_cut_the_test_folder_to_its_name_wherever_it_appears()
     assert published["skipped_images"][0]["path"] == "site b/glioma/bad.jpg"
 
 
+def test_a_folder_saved_from_python_is_uploaded_with_a_card_that_records_no_accuracy(model, tmp_path):
+    """`probe_classifier` then `save_pretrained` (the README's Python route) wrote no results.json, and
+    `push_to_hub` then uploaded no model card at all: no licence, task or usage. A card of one's own is kept."""
+    folder = tmp_path / "model"
+    model.save_pretrained(folder)
+    MicDiffRepImageProcessor(resolution=16).save_pretrained(folder)
+    cards = []
+
+    def fake_upload_folder(self, repo_id, folder_path, **kwargs):
+        cards.append(open(os.path.join(folder_path, "README.md")).read())
+
+    with mock.patch("huggingface_hub.HfApi.create_repo", return_value=mock.Mock(repo_id="me/cls")), \
+            mock.patch("huggingface_hub.HfApi.upload_folder", fake_upload_folder):
+        push_to_hub(str(folder), "me/cls")
+        (folder / "README.md").write_text("my own card")
+        push_to_hub(str(folder), "me/cls")
+    card = ModelCard(cards[0])
+    assert card.data.license == "apache-2.0" and card.data.pipeline_tag == "image-classification"
+    assert f"MicDiffRep classifier ({', '.join(model.config.id2label.values())})" in cards[0]
+    assert "No evaluation is recorded" in cards[0] and 'model="me/cls", trust_remote_code=True' in cards[0]
+    assert "Not a medical device" in cards[0] and "accuracy **" not in cards[0]
+    assert cards[1] == "my own card"
+
+
 def test_the_processors_own_push_to_hub_uploads_its_code(tmp_path):
     """`model.push_to_hub(repo); processor.push_to_hub(repo)`, the transformers way, uploaded a processor without
     `auto_map` or code: where mic-diffrep is not installed the repository failed with "Unrecognized image

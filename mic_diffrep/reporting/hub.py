@@ -16,12 +16,13 @@ import shutil
 import tempfile
 from typing import Optional, Sequence
 
-from huggingface_hub import HfApi
+from huggingface_hub import HfApi, ModelCard
+from transformers import AutoConfig
 
 from ..models.mic_diffrep import MicDiffRepImageProcessor
 from ..models.mic_diffrep.unet_features import is_self_conditioned
 from ..utils import SUMMARY_FILE, is_repo_id, write_json
-from .model_card import published_results, write_model_card, write_pipeline_card
+from .model_card import published_results, unevaluated_model_card_text, write_model_card, write_pipeline_card
 from .results import results_markdown
 
 
@@ -210,6 +211,9 @@ def push_to_hub(model_dir: str, repo_id: str, token: Optional[str] = None, priva
             with open(os.path.join(staging, "results.md"), "w", encoding="utf-8") as f:
                 f.write(results_markdown(results))
             write_model_card(staging, results, repo_id)
+        elif not os.path.isfile(os.path.join(staging, "README.md")):  # saved from Python: a card of what it is
+            ModelCard(unevaluated_model_card_text(AutoConfig.from_pretrained(model_dir), repo_id)).save(
+                os.path.join(staging, "README.md"))
         processor = MicDiffRepImageProcessor.from_pretrained(model_dir)
         with processor._with_auto_map():
             processor.save_pretrained(staging)  # writes its auto_map and copies its code file

@@ -90,6 +90,47 @@ classify = pipeline("image-classification", model="{repo_id}", trust_remote_code
 ```"""
 
 
+_INTENDED_USE = """## Intended use
+
+Research on self-supervised representations for medical image classification, and a baseline for comparing
+pretraining methods under a fixed linear-probe protocol.
+
+## Limitations
+
+- **Not a medical device.** It was not validated clinically and must not be used for diagnosis or treatment."""
+
+
+def unevaluated_model_card_text(config, repo_id: Optional[str] = None) -> str:
+    """The model card of a classifier folder saved without a probe's `results.json` (`probe_classifier` and
+    `save_pretrained` in Python): what it is and how to load it, from its `config`; it records no accuracy."""
+    labels = ", ".join(str(config.id2label[i]) for i in range(config.num_labels))
+    metadata = ModelCardData(library_name="transformers", pipeline_tag="image-classification", license="apache-2.0",
+                             tags=TAGS + ["linear-probe"], model_name=_name(repo_id or "mic-diffrep-classifier"))
+    return f"""---
+{metadata.to_yaml()}
+---
+
+# MicDiffRep classifier ({labels})
+
+A frozen DDPM-pretrained `UNet2DModel` used as a feature extractor, with an MSFA head (multi-scale feature
+aggregation: concatenated pooled block features -> Linear -> ReLU -> Linear -> softmax), following
+*MicDiffRep* (Zhu & Zhao, 2024). Made with mic-diffrep {__version__}.
+
+## Usage
+
+{_usage(repo_id)}
+
+## Training and evaluation
+
+- Features: blocks {', '.join(config.layers)} at timesteps {', '.join(map(str, config.timesteps))},
+  {config.pooling} pooling; hidden size {config.hidden_size}.
+- **No evaluation is recorded**: the folder was saved without a probe's `results.json` (from Python, say).
+  `mic-diffrep evaluate --model MODEL --data_dir FOLDER` scores it on a labelled image folder.
+
+{_INTENDED_USE}
+"""
+
+
 def model_card_text(results: dict, repo_id: Optional[str] = None) -> str:
     """A model card: what the model is, how it was trained and evaluated, its metrics, intended use and limits; its
     metadata holds the test metrics (`model-index`). `repo_id`: the Hub repository it is uploaded to (its usage
@@ -145,14 +186,7 @@ aggregation: concatenated pooled block features -> Linear -> ReLU -> Linear -> s
 - per-class recall: {recall}
 {dedup_line}- best single layer ({sl['layer']}, t={sl['timestep']}): accuracy {sl['test']['all']['accuracy']:.3f}
 
-## Intended use
-
-Research on self-supervised representations for medical image classification, and a baseline for comparing
-pretraining methods under a fixed linear-probe protocol.
-
-## Limitations
-
-- **Not a medical device.** It was not validated clinically and must not be used for diagnosis or treatment.
+{_INTENDED_USE}
 - Medical image collections often hold exact and near-duplicate slices, across their official splits too;
   accuracy on such splits overstates generalisation. The de-duplicated figure above and evaluations on data from
   other sources are better guides.
