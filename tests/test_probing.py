@@ -458,7 +458,7 @@ def test_classes_the_scores_say_little_about_are_named():
                                       validation_mask=validation)) == []
 
 
-def test_run_probes_takes_arrays_and_lists_and_names_what_is_wrong():
+def test_run_probes_takes_arrays_and_lists_and_names_what_is_wrong(caplog):
     """From a notebook, numpy labels, list labels and numpy features failed deep in torch ("cross_entropy_loss():
     argument 'target'", "_mean() got an unexpected keyword argument 'dim'"), too few label names as "Target 3 is out
     of bounds", a timestep missing from the features as a bare KeyError, and 30 labels for 40 rows blamed the
@@ -475,7 +475,21 @@ def test_run_probes_takes_arrays_and_lists_and_names_what_is_wrong():
                               {k: v.numpy() for k, v in test.items()}, test_labels.tolist(), ["x", "y", "z"],
                               validation.numpy(), config)  # every layer and timestep of the features
     assert as_arrays["msfa"] == expected["msfa"] and as_arrays["single_layer"] == expected["single_layer"]
+    # class names as labels (a datasets string column) and the names as a numpy array (`np.unique`): a bare torch
+    # TypeError, and an "ambiguous truth value" once every head had trained
+    names = np.array(["x", "y", "z"])
+    by_name, _ = run_probes(train, names[train_labels.numpy()], test, list(names[test_labels.numpy()]), names,
+                            validation, config, ["good", "noise"], [10, 20])
+    assert by_name["msfa"] == expected["msfa"] and by_name["label_names"] == ["x", "y", "z"]
+    # a class of the test images that no training image has: `mic-diffrep probe` refuses it, run_probes said nothing
+    with caplog.at_level("WARNING", logger="mic_diffrep.probing.selection"):
+        run_probes(train, train_labels.clamp(max=1), test, test_labels, ["x", "y", "z"], validation, config,
+                   ["good"], [10])
+    assert "Test images of class(es) ['z'] have no training images" in caplog.text
     for kwargs, message in (
+            ({"label_names": ["x", "y", "x"]}, r"`label_names` names \['x'\] more than once"),
+            ({"train_labels": ["x"] * 149 + ["w"]}, r"`train_labels` holds class names that `label_names` .* does "
+                                                   r"not list: \['w'\]"),
             ({"label_names": ["x", "y"]}, r"`train_labels` holds class 2, but `label_names` names 2 class\(es\)"),
             ({"timesteps": [10, 250]}, r"`train_features` has no features for \[\('good', 250\)"),
             ({"train_labels": train_labels[:140]}, r"`train_features`\[\('good', 10\)\] must be one row per label, "

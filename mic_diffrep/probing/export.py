@@ -15,6 +15,7 @@ from ..utils import share_as_umask_allows, write_json
 from ..features import DiffusionFeatureExtractor, FeatureArguments
 from .arguments import ProbeArguments
 from .heads import TrainedProbe
+from .selection import checked_label_names
 
 
 # What a probe writes into its output folder besides its feature caches (which a later probe reuses): results, plots,
@@ -79,7 +80,8 @@ def probe_classifier(pipeline, probe: TrainedProbe, layers: Sequence[str], times
     head = probe.head
     hidden_size = head.aggregate.out_features if head.aggregate is not None else 0
     model = DiffusionFeatureExtractor(pipeline).classifier(head, probe.mean, probe.std, layers, timesteps,
-                                                           list(label_names), features or FeatureArguments(),
+                                                           checked_label_names(label_names),
+                                                           features or FeatureArguments(),
                                                            hidden_size, head.dropout.p)
     return model, _image_processor(pipeline.preprocessing, pipeline.slice_settings)
 

@@ -49,12 +49,35 @@ def msfa_candidates(sl_validation: Dict[Key, float], layers: Sequence[str], time
     return list(dict.fromkeys(candidates))
 
 
-def _class_indices(labels, name: str) -> torch.Tensor:
-    """`labels` (a tensor, array or list of class indices) as a 1-D int64 tensor, or an error naming `name`."""
-    labels = torch.as_tensor(np.asarray(labels) if not isinstance(labels, torch.Tensor) else labels)
+def checked_label_names(label_names) -> List[str]:
+    """`label_names` (any sequence: a list, a numpy array, a `ClassLabel`'s `names`) as a list of distinct strings,
+    or an error: a saved classifier's `id2label` / `label2id` are made of them."""
+    names = [str(name) for name in list(label_names)]
+    if not names:
+        raise ValueError("`label_names` is empty: name the classes, in the order of their indices.")
+    repeated = sorted({name for name in names if names.count(name) > 1})
+    if repeated:
+        raise ValueError(f"`label_names` names {repeated} more than once ({names}): each class needs a name of its "
+                         f"own.")
+    return names
+
+
+def _class_indices(labels, name: str, label_names: Optional[List[str]] = None) -> torch.Tensor:
+    """`labels` (a tensor, array or list of class indices, or of class names among `label_names`) as a 1-D int64
+    tensor, or an error naming `name`."""
+    if not isinstance(labels, torch.Tensor):
+        labels = np.asarray(labels)
+        if labels.dtype.kind in "UO" and labels.ndim == 1 and all(isinstance(v, str) for v in labels.tolist()):
+            unknown = sorted(set(labels.tolist()) - set(label_names or []))
+            if unknown:
+                raise ValueError(f"`{name}` holds class names that `label_names` ({label_names}) does not list: "
+                                 f"{unknown[:3]}{' ...' if len(unknown) > 3 else ''}.")
+            index = {label: i for i, label in enumerate(label_names)}
+            labels = np.array([index[label] for label in labels.tolist()], dtype=np.int64)
+    labels = torch.as_tensor(labels)
     if labels.ndim != 1 or labels.is_floating_point() or labels.dtype == torch.bool:
-        raise ValueError(f"`{name}` must be a 1-D sequence of class indices, got {labels.dtype} of shape "
-                         f"{tuple(labels.shape)}.")
+        raise ValueError(f"`{name}` must be a 1-D sequence of class indices (or of class names), got {labels.dtype} "
+                         f"of shape {tuple(labels.shape)}.")
     if len(labels) and labels.min() < 0:
         raise ValueError(f"`{name}` must hold class indices 0 or above, got {int(labels.min())}.")
     return labels.long()
@@ -88,7 +111,8 @@ def run_probes(train_features: Dict[Key, torch.Tensor], train_labels: torch.Tens
     Args:
         train_features, test_features (`Dict[(layer, timestep), Tensor]`): pooled features `(N, C)` (tensors or
             arrays), as `DiffusionFeaturePipeline.extract_features` gives them (`.features`).
-        train_labels, test_labels: class indices in `[0, len(label_names))` (tensors, arrays or lists).
+        train_labels, test_labels: class indices in `[0, len(label_names))` (tensors, arrays or lists), or class
+            names among `label_names`.
         config (`ProbeConfig`, *optional*): the heads' training (default: the paper's protocol, `ProbeConfig()`).
         layers, timesteps (*optional*): which of the features' layers and timesteps to probe (default: all).
         validation_mask (`torch.BoolTensor` of shape `(N_train,)`, or their indices, as `group_stratified_split`
@@ -102,7 +126,9 @@ def run_probes(train_features: Dict[Key, torch.Tensor], train_labels: torch.Tens
         `(results, probes)`: a JSON-able results dict, and the refit `TrainedProbe`s under `"sl_best"` and `"msfa"`.
     """
     config = ProbeConfig() if config is None else config
-    train_labels, test_labels = _class_indices(train_labels, "train_labels"), _class_indices(test_labels, "test_labels")
+    label_names = checked_label_names(label_names)
+    train_labels = _class_indices(train_labels, "train_labels", label_names)
+    test_labels = _class_indices(test_labels, "test_labels", label_names)
     layers = list(dict.fromkeys(k[0] for k in train_features)) if layers is None else [layers] if isinstance(
         layers, str) else list(layers)
     timesteps = list(dict.fromkeys(k[1] for k in train_features)) if timesteps is None else [timesteps] if isinstance(
@@ -117,6 +143,10 @@ def run_probes(train_features: Dict[Key, torch.Tensor], train_labels: torch.Tens
         if len(labels) and labels.max() >= num_labels:
             raise ValueError(f"`{name}` holds class {int(labels.max())}, but `label_names` names {num_labels} "
                              f"class(es): {list(label_names)}.")
+    unseen = sorted(set(test_labels.tolist()) - set(train_labels.tolist()))
+    if unseen:  # as `mic-diffrep probe` refuses such a split; here the heads train, and score 0 on those classes
+        logger.warning("Test images of class(es) %s have no training images: the heads cannot predict them.",
+                       [label_names[i] for i in unseen])
     validation_mask = torch.as_tensor(validation_mask)
     num_train = len(train_labels)
     if validation_mask.dtype != torch.bool:  # indices, as `group_stratified_split` returns them
