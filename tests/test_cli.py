@@ -302,6 +302,18 @@ def test_unknown_flags_are_named_by_their_subcommand_and_dashed_flags_work_every
     script = subprocess.run([sys.executable, os.path.join(repo, "training", "pretrain.py"), "--train_data_dir", "x",
                              "--dataset_name", "me/mri"], capture_output=True, text=True)
     assert script.returncode == 2 and "--dataset_name -> --train_data_dir (a local image folder" in script.stderr
+    # each command's hint names its own flags: probe and evaluate take --data_dir; run has no --no_random_flip and
+    # evaluate no --resize_mode (the hints named flags these commands do not have)
+    for command in (["probe", "--pretrained", "p"], ["evaluate", "--model", "m"], ["run"]):
+        with pytest.raises(SystemExit):
+            main(command + ["--data_dir", "x", "--dataset_name", "me/mri"])
+        assert "--dataset_name -> --data_dir (a local image folder" in capsys.readouterr().err, command
+    with pytest.raises(SystemExit):
+        main(["run", "--data_dir", "x", "--random_flip"])
+    assert "here:" not in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        main(["evaluate", "--model", "m", "--data_dir", "x", "--center_crop"])
+    assert "here:" not in capsys.readouterr().err
 
 
 def test_bad_config_is_named(tmp_path, capsys):

@@ -54,7 +54,8 @@ def main(argv: Optional[List[str]] = None):
     parser = build_parser()
     namespace, unknown = parser.parse_known_args(argv)
     if unknown:  # named by the subcommand, with its usage (the top-level parser's said "mic-diffrep SUBCOMMAND ...")
-        parser.subcommands[namespace.command].error(unrecognized(unknown))
+        command = parser.subcommands[namespace.command]
+        command.error(unrecognized(unknown, command))
     return run_guarded(f"mic-diffrep {namespace.command}", namespace.func, namespace)
 
 

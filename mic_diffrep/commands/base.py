@@ -62,21 +62,30 @@ class DeprecatedFlag(argparse.Action):
 
 
 # Flags of diffusers' `train_unconditional.py` spelled otherwise here: what to give instead.
+# What to give instead of a flag of diffusers' scripts: for each, the flag a command must have for the hint to apply,
+# and the hint (the first that applies to the command is given).
 FOREIGN_FLAGS = {
-    "--center_crop": "--resize_mode center_crop",
-    "--random_flip": "nothing (random flips are on by default; --no_random_flip turns them off)",
-    "--dataset_name": "--train_data_dir (a local image folder; Hub datasets are not downloaded)",
+    "--center_crop": [("--resize_mode", "--resize_mode center_crop")],
+    "--random_flip": [("--no_random_flip", "nothing (random flips are on by default; --no_random_flip turns them "
+                                           "off)")],
+    "--dataset_name": [(flag, f"{flag} (a local image folder; Hub datasets are not downloaded)")
+                       for flag in ("--train_data_dir", "--data_dir")],
 }
 
 
-def unrecognized(unknown: List[str]) -> str:
-    """argparse's "unrecognized arguments" message, with what to give instead of a flag of diffusers' scripts.
+def unrecognized(unknown: List[str], parser: Optional[argparse.ArgumentParser] = None) -> str:
+    """argparse's "unrecognized arguments" message, with what to give instead of a flag of diffusers' scripts, among
+    the flags `parser` (the command's) has.
 
     >>> unrecognized(["--center_crop", "--epochs", "3"])
     'unrecognized arguments: --center_crop --epochs 3 (here: --center_crop -> --resize_mode center_crop)'
     """
-    hints = [f"{flag} -> {FOREIGN_FLAGS[flag]}" for flag in dict.fromkeys(arg.split("=")[0] for arg in unknown)
-             if flag in FOREIGN_FLAGS]
+    known = parser._option_string_actions if parser is not None else None
+    hints = []
+    for flag in dict.fromkeys(arg.split("=")[0] for arg in unknown):
+        hint = next((text for needed, text in FOREIGN_FLAGS.get(flag, []) if known is None or needed in known), None)
+        if hint:
+            hints.append(f"{flag} -> {hint}")
     return f"unrecognized arguments: {' '.join(unknown)}" + (f" (here: {'; '.join(hints)})" if hints else "")
 
 
@@ -144,6 +153,6 @@ def script_main(prog: str, settings_class: Type[T], function: Callable[[T], obje
     parser = HfArgumentParser(settings_class, prog=prog, description=description, formatter_class=HelpFormatter)
     namespace, unknown = parser.parse_known_args(argv)
     if unknown:
-        parser.error(unrecognized(unknown))
+        parser.error(unrecognized(unknown, parser))
     settings = run_guarded(prog, settings_from, settings_class, namespace)
     return run_guarded(prog, function, settings)
