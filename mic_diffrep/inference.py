@@ -28,6 +28,7 @@ from .data import (SEARCHED_WHAT, TEST_IMAGES_FILE, SliceSelection, check_labell
                    find_image_files, label_by_class_folder, load_image_folder, pixels_to_model_input, read_image_list,
                    relative_image_id, select_splits)
 from .data.decoding import source_file
+from .data.folders import HOW_TO_SAVE, datasets_format
 from .data.medical import slice_selection
 from .models.mic_diffrep import MicDiffRepForImageClassification, MicDiffRepImageProcessor
 from .models.mic_diffrep.preprocessing import undecoded_images
@@ -120,6 +121,8 @@ def image_files(paths: Sequence[str]) -> List[str]:
     NIfTI files (`SEARCHED_EXTENSIONS`), hidden files and folders left out as the folder loaders leave them out."""
     files = []
     for path in paths:
+        if datasets_format(path):
+            raise ValueError(f"{path!r} is {datasets_format(path)}, not images: {HOW_TO_SAVE}.")
         if os.path.isdir(path):
             found = find_image_files(path)
             if not found:

@@ -379,3 +379,67 @@ def test_files_left_out_and_deep_class_trees_are_said_once(tmp_path, caplog):
     assert caplog.text.count("Images sit below their class folders") == 1
     assert caplog.text.count(f"2 file(s) in {tmp_path / 'data'} are not images read here and are left out (e.g. "
                              f"{tmp_path / 'data' / 'b' / 'IM0001'})") == 1
+
+
+def test_a_datasets_dataset_is_saved_as_the_image_folder_every_command_reads(tmp_path, caplog):
+    """A `datasets` user's data (a save_to_disk folder, Parquet files, an imagefolder labelled by metadata.csv) had
+    no way in: the commands warned its files were "not images" and found no images."""
+    import numpy as np
+    import PIL.Image
+    from datasets import ClassLabel, Dataset, DatasetDict, Features, Image, Value, load_from_disk
+
+    from mic_diffrep.commands import main as cli
+    from mic_diffrep.data import save_image_folder
+
+    write_class_folder(tmp_path / "classes", per_class=3, seed=0)
+    folder = load_image_folder(str(tmp_path / "classes"))["train"]  # path records, a ClassLabel
+    records = [{"path": item["path"], "bytes": open(item["path"], "rb").read()} for item in folder["image"]]
+    diagnosis = [folder.features["label"].int2str(label) for label in folder["label"]]  # a string column
+    embedded = Dataset.from_dict({"scan": records, "diagnosis": diagnosis},
+                                 features=Features({"scan": Image(), "diagnosis": Value("string")}))
+    DatasetDict(train=embedded.select(range(0, 12, 2)), val=embedded.select(range(1, 12, 2))).save_to_disk(
+        str(tmp_path / "saved"))
+
+    with pytest.raises(ValueError, match=r"is a `datasets` save_to_disk folder, not an image folder: load it with "
+                                         r"`datasets` .*save_image_folder"):
+        load_image_folder(str(tmp_path / "saved"))
+    with pytest.raises(SystemExit):
+        cli(["predict", "--model", "m", str(tmp_path / "saved")])
+
+    saved = load_from_disk(str(tmp_path / "saved"))
+    out = save_image_folder(saved, str(tmp_path / "out"), image_column="scan", label_column="diagnosis")
+    splits = load_image_folder(out)
+    assert sorted(splits) == ["train", "validation"] and splits["train"].features["label"].names == sorted(
+        set(diagnosis))
+    by_name = {os.path.basename(item["path"]): (item["path"], label)
+               for split in splits.values() for item, label in zip(split["image"], split["label"])}
+    for record, name in zip(records, diagnosis):  # every file as it was stored, in its class folder
+        path, label = by_name[os.path.basename(record["path"])]
+        assert open(path, "rb").read() == record["bytes"]
+        assert splits["train"].features["label"].int2str(label) == name
+
+    # in-memory images: 16-bit arrays stay 16-bit; a ClassLabel names the folders; nothing is overwritten
+    arrays = [np.full((8, 8), 1000 * (k + 1), dtype=np.uint16) for k in range(2)]
+    memory = Dataset.from_dict({"image": arrays, "label": [0, 1]},
+                               features=Features({"image": Image(), "label": ClassLabel(names=["a", "b"])}))
+    save_image_folder(memory, str(tmp_path / "memory"))
+    pixels = np.asarray(PIL.Image.open(tmp_path / "memory" / "b" / os.listdir(tmp_path / "memory" / "b")[0]))
+    assert pixels.max() == 2000
+    for kwargs, error in (({"image_column": "img"}, r"no image column 'img': its columns are \['image', 'label'\]"),
+                          ({"label_column": "diagnosis"}, r"no label column 'diagnosis'")):
+        with pytest.raises(ValueError, match=error):
+            save_image_folder(memory, str(tmp_path / "other"), **kwargs)
+    with pytest.raises(FileExistsError, match="not an empty folder"):
+        save_image_folder(memory, str(tmp_path / "memory"))
+    with pytest.raises(ValueError, match=r"Split 'holdout' is none of the splits"):
+        save_image_folder(DatasetDict(holdout=memory), str(tmp_path / "other"))
+
+    # an imagefolder's metadata.csv: its label column is not read, and the warning says how to use it
+    (tmp_path / "classes" / "metadata.csv").write_text("file_name,grade\n")
+    with caplog.at_level("WARNING", logger="mic_diffrep.data.folders"):
+        load_image_folder(str(tmp_path / "classes"))
+    assert "metadata.csv is an imagefolder metadata file, whose columns are not read" in caplog.text
+    assert "save_image_folder" in caplog.text
+    embedded.to_parquet(str(tmp_path / "data.parquet"))
+    with pytest.raises(ValueError, match="is a Parquet / Arrow file, not an image folder"):
+        load_image_folder(str(tmp_path / "data.parquet"))

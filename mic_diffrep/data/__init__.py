@@ -1,5 +1,6 @@
-"""Images in: folders (`folders`), decoding once into uint8 tensors (`decoding`), the pretraining dataset
-(`pretraining_dataset`), augmentations (`augmentations`) and clinical formats (`medical`). The preprocessing
+"""Images in: folders (`folders`), `datasets` data written as one (`saving`), decoding once into uint8 tensors
+(`decoding`), the pretraining dataset (`pretraining_dataset`), augmentations (`augmentations`) and clinical formats
+(`medical`). The preprocessing
 itself lives with the model (`mic_diffrep.models.mic_diffrep.preprocessing`) and is re-exported here."""
 
 from ..models.mic_diffrep.preprocessing import (INTENSITY_WINDOWS, RESIZE_MODES, ImagePreprocessing, image_to_pixels,
@@ -14,6 +15,7 @@ from .folders import (IMAGE_EXTENSIONS, SEARCHED_EXTENSIONS, SEARCHED_WHAT, SPLI
 from .medical import (MEDICAL_EXTENSIONS, MedicalImageError, MedicalSlice, SliceSelection, is_medical_file,
                       read_medical_slices)
 from .pretraining_dataset import PretrainingDataset
+from .saving import save_image_folder
 
 
 __all__ = ["BadImageError", "DecodedImages", "IMAGE_EXTENSIONS", "INTENSITY_WINDOWS", "ImagePreprocessing",
@@ -23,4 +25,5 @@ __all__ = ["BadImageError", "DecodedImages", "IMAGE_EXTENSIONS", "INTENSITY_WIND
            "image_to_pixels", "images_fingerprint", "is_image_file", "is_medical_file", "label_by_class_folder",
            "listed_files", "load_image_folder",
            "pixels_to_model_input", "preprocess_images", "read_image_list", "read_medical_slices", "relative_image_id",
-           "seed_for", "select_splits", "TEST_IMAGES_FILE", "to_grayscale", "window_intensities", "write_image_list"]
+           "save_image_folder", "seed_for", "select_splits", "TEST_IMAGES_FILE", "to_grayscale",
+           "window_intensities", "write_image_list"]

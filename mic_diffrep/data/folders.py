@@ -64,6 +64,31 @@ def find_split_folders(data_dir: str) -> Dict[str, str]:
     return found
 
 
+# What `datasets` writes: `save_to_disk` folders (these files) and data files (these extensions).
+DATASETS_FOLDER_FILES = ("dataset_dict.json", "state.json")
+DATASETS_FILE_EXTENSIONS = (".arrow", ".parquet")
+# `imagefolder`'s metadata files, whose columns (a label among them) `load_image_folder` does not read.
+METADATA_FILES = ("metadata.csv", "metadata.jsonl", "metadata.parquet")
+HOW_TO_SAVE = ("load it with `datasets` (`load_from_disk`, `load_dataset(\"parquet\", ...)` or "
+               "`load_dataset(\"imagefolder\", ...)`) and write it as class folders with "
+               "`mic_diffrep.data.save_image_folder(dataset, FOLDER, label_column=...)`")
+
+
+def datasets_format(path: str) -> Optional[str]:
+    """What `datasets` wrote at `path`, if anything: a `save_to_disk` folder or a Parquet / Arrow file, which are
+    not image folders; `None` for anything else."""
+    if os.path.isfile(path):
+        return "a Parquet / Arrow file" if path.lower().endswith(DATASETS_FILE_EXTENSIONS) else None
+    if os.path.isdir(path):
+        names = set(os.listdir(path))
+        if names & set(DATASETS_FOLDER_FILES) or any(
+                os.path.isfile(os.path.join(path, name, "state.json")) for name in names):
+            return "a `datasets` save_to_disk folder"
+        if any(name.lower().endswith(DATASETS_FILE_EXTENSIONS) for name in names):
+            return "a folder of Parquet / Arrow files"
+    return None
+
+
 def is_image_file(name: str) -> bool:
     """Whether a file name or path has one of `SEARCHED_EXTENSIONS` (an ordinary image, DICOM or NIfTI; any case),
     or, given a path, is a DICOM file named without an extension (`IM0001`: its preamble is read)."""
@@ -102,12 +127,17 @@ def _holds_images(path: str) -> bool:
 def find_image_files(folder: str) -> List[str]:
     """Sorted image files under `folder` (recursively; hidden files and folders, such as macOS `._*` files and
     `.ipynb_checkpoints`, left out, as `datasets` does). Other files are left out with a warning that counts them."""
-    found, others = [], []
+    found, others, metadata = [], [], []
     for root, dirs, files in _walk(folder):
         dirs[:] = [d for d in dirs if not d.startswith((".", "__"))]
         for name in files:
-            if not name.startswith("."):
+            if name.lower() in METADATA_FILES:
+                metadata.append(os.path.join(root, name))
+            elif not name.startswith("."):
                 (found if is_image_file(os.path.join(root, name)) else others).append(os.path.join(root, name))
+    if metadata:
+        warn_once(logger, "%s is an imagefolder metadata file, whose columns are not read here (labels are class "
+                  "sub-folders). To use a label column of it, %s.", sorted(metadata)[0], HOW_TO_SAVE)
     if others:
         warn_once(logger, "%d file(s) in %s are not images read here and are left out (e.g. %s): images are %s; a "
                   "DICOM file named without an extension needs its preamble (the 'DICM' prefix at byte 128).",
@@ -130,6 +160,10 @@ def load_image_folder(data_dir: str):
     class is the folder right under the split folder (or `data_dir`), as a medical dataset sorted by class and then
     patient expects; `imagefolder` would label it `patient1`.
     """
+    written_by_datasets = datasets_format(data_dir)
+    if written_by_datasets:
+        raise ValueError(f"Data folder {os.fspath(data_dir)!r} is {written_by_datasets}, not an image folder: "
+                         f"{HOW_TO_SAVE}.")
     check_folder(data_dir, "Data folder", "the folder that holds the images")
     given, data_dir = data_dir, _unwrap(data_dir)
     split_folders = find_split_folders(data_dir)

@@ -1,0 +1,153 @@
+"""`datasets` data as the image folder every mic-diffrep command reads (`load_image_folder`): a `save_to_disk` folder,
+Parquet / Arrow files or an `imagefolder` labelled by a `metadata.csv` column, loaded with `datasets`, then written
+as split and class folders by `save_image_folder`.
+
+```python
+>>> from datasets import load_from_disk
+>>> from mic_diffrep.data import save_image_folder
+>>> dataset = load_from_disk("brain_mri_dataset")  # a DatasetDict: train, validation, test  # doctest: +SKIP
+>>> save_image_folder(dataset, "data/brain-mri", label_column="diagnosis")  # doctest: +SKIP
+'data/brain-mri'
+
+```
+"""
+
+import io
+import logging
+import os
+import shutil
+from typing import Optional, Union
+
+import numpy as np
+import PIL.Image
+import torch
+from datasets import ClassLabel, Dataset, DatasetDict, Image
+from tqdm.auto import tqdm
+
+from ..models.mic_diffrep.preprocessing import medical_record_suffix
+from ..utils import progress_interval
+from .folders import SPLIT_ALIASES
+
+
+logger = logging.getLogger(__name__)
+
+def save_image_folder(dataset: Union[Dataset, DatasetDict], output_dir: str, image_column: str = "image",
+                      label_column: Optional[str] = "label") -> str:
+    """Writes a `datasets.Dataset` or `DatasetDict` as the image folder `load_image_folder` and every command read;
+    returns `output_dir`.
+
+    A `DatasetDict`'s splits become split folders (`train/`, `validation/`, `test/`, or names meaning them such as
+    `val`); a `Dataset` is written without one. Each label becomes a class folder, named by the label column's
+    `ClassLabel` names, its strings, or its integers; a dataset without `label_column` (pass `None`) is written
+    unlabelled. Each image is written as it is stored: a record's bytes (DICOM and NIfTI files too) or a copy of
+    its file, under its file name (numbered when it has none, or when another image of its class folder has it);
+    an image held in memory (a PIL image, an array) as a PNG, 16-bit images kept 16-bit. `output_dir` must be new
+    or empty: nothing is overwritten.
+    """
+    splits = dataset if isinstance(dataset, DatasetDict) else {None: dataset}
+    if not isinstance(dataset, (Dataset, DatasetDict)):
+        raise TypeError(f"save_image_folder takes a datasets.Dataset or DatasetDict, got {type(dataset).__name__}.")
+    folders = {}
+    for split in splits:
+        if split is None:
+            folders[split] = ""
+            continue
+        canonical = next((name for name, aliases in SPLIT_ALIASES.items() if split.lower() in aliases), None)
+        if canonical is None:
+            raise ValueError(f"Split {split!r} is none of the splits the image folder has (train, validation, "
+                             f"test, or a name meaning one: {sorted(sum(SPLIT_ALIASES.values(), ()))}): select or "
+                             f"rename it first (`DatasetDict({{'train': dataset[{split!r}]}})`).")
+        if canonical in folders.values():
+            raise ValueError(f"Splits {sorted(s for s in folders if folders[s] == canonical) + [split]} both mean "
+                             f"{canonical!r}: keep one of them.")
+        folders[split] = canonical
+    for split, part in splits.items():
+        name = f"dataset[{split!r}]" if split is not None else "dataset"
+        if image_column not in part.column_names:
+            raise ValueError(f"{name} has no image column {image_column!r}: its columns are {part.column_names}; "
+                             f"pass image_column=.")
+        if label_column is not None and label_column not in part.column_names:
+            raise ValueError(f"{name} has no label column {label_column!r}: its columns are {part.column_names}; "
+                             f"pass label_column= (None: unlabelled images).")
+    if os.path.exists(output_dir) and (not os.path.isdir(output_dir) or os.listdir(output_dir)):
+        raise FileExistsError(f"{output_dir!r} exists and is not an empty folder: give a new folder (nothing is "
+                              f"overwritten).")
+    total = sum(len(part) for part in splits.values())
+    with tqdm(total=total, desc="Writing images", unit="img", mininterval=progress_interval()) as progress:
+        for split, part in splits.items():
+            if isinstance(part.features[image_column], Image):
+                part = part.cast_column(image_column, Image(decode=False))  # the stored bytes, not a re-encoding
+            feature = part.features[label_column] if label_column is not None else None
+            taken = set()
+            for index, row in enumerate(part):
+                class_name = _class_folder(row[label_column], feature, index) if label_column is not None else ""
+                folder = os.path.join(output_dir, folders[split], class_name)
+                os.makedirs(folder, exist_ok=True)
+                _write_image(row[image_column], folder, index, taken)
+                progress.update(1)
+    return output_dir
+
+
+def _class_folder(label, feature, index: int) -> str:
+    """The class folder name of row `index`'s label."""
+    if label is None or (isinstance(feature, ClassLabel) and label == -1):
+        raise ValueError(f"Row {index} has no label: leave unlabelled rows out, or pass label_column=None.")
+    name = feature.int2str(int(label)) if isinstance(feature, ClassLabel) else str(label)
+    if not name.strip() or name.startswith(".") or "/" in name or os.sep in name:
+        raise ValueError(f"Row {index}'s class {name!r} cannot name a class folder (empty, hidden, or holding a "
+                         f"path separator).")
+    return name
+
+
+def _write_image(image, folder: str, index: int, taken: set) -> None:
+    """Writes one image into `folder`: a `datasets` record's bytes or a copy of its file, or an in-memory image as a
+    PNG. `taken`: the file names written so far into the class folders of its split."""
+    if isinstance(image, str):  # a column of file paths
+        image = {"path": image, "bytes": None}
+    if isinstance(image, dict) and (image.get("bytes") is not None or image.get("path")):
+        name = os.path.basename(image.get("path") or "")
+        data = image.get("bytes")
+        if data is not None and not os.path.splitext(name)[1]:  # no extension to read it by: the format's own
+            suffix = medical_record_suffix(data, name) or _image_suffix(data, index)
+            name = f"{name or f'{index:06d}'}{suffix}"
+        path = _free_name(folder, name, index, taken)
+        if data is not None:
+            with open(path, "wb") as f:
+                f.write(data)
+        else:
+            shutil.copyfile(image["path"], path)
+        return
+    if isinstance(image, torch.Tensor):
+        image = image.numpy()
+    if isinstance(image, (np.ndarray, list)):
+        array = np.asarray(image)
+        if array.ndim == 3 and array.shape[-1] == 1:
+            array = array[..., 0]
+        image = PIL.Image.fromarray(array.astype(np.uint16) if array.dtype in (np.uint16, np.int32, np.int64)
+                                    else array)
+    if not isinstance(image, PIL.Image.Image):
+        raise TypeError(f"Row {index}'s image is a {type(image).__name__}: expected a datasets image, a PIL image or "
+                        f"an array.")
+    # PNG holds 8- and 16-bit grey and colour; floating-point pixels go to TIFF
+    image.save(_free_name(folder, f"{index:06d}.{'tif' if image.mode == 'F' else 'png'}", index, taken))
+
+
+def _image_suffix(data: bytes, index: int) -> str:
+    """The extension of an encoded image, by its format."""
+    try:
+        with PIL.Image.open(io.BytesIO(data)) as opened:
+            image_format = opened.format
+    except Exception as error:  # noqa: BLE001 - named with its row
+        raise ValueError(f"Row {index}'s image bytes are not an image PIL reads: {error}") from None
+    return {"JPEG": ".jpg", "TIFF": ".tif"}.get(image_format, f".{image_format.lower()}")
+
+
+def _free_name(folder: str, name: str, index: int, taken: set) -> str:
+    """`folder/name`, or, when another image of the folder has that name, the name with its row number added."""
+    path = os.path.join(folder, name)
+    if path in taken or os.path.exists(path):
+        lowered = name.lower()
+        stem_length = len(name) - (7 if lowered.endswith(".nii.gz") else len(os.path.splitext(name)[1]))
+        path = os.path.join(folder, f"{name[:stem_length]}-{index:06d}{name[stem_length:]}")
+    taken.add(path)
+    return path
