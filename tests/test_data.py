@@ -443,3 +443,32 @@ def test_a_datasets_dataset_is_saved_as_the_image_folder_every_command_reads(tmp
     embedded.to_parquet(str(tmp_path / "data.parquet"))
     with pytest.raises(ValueError, match="is a Parquet / Arrow file, not an image folder"):
         load_image_folder(str(tmp_path / "data.parquet"))
+
+
+def test_decode_images_and_the_pipeline_take_common_dataset_shapes_or_name_the_column(tmp_path):
+    """A dataset with its images under another name, string labels or a column of paths crashed in decode_images
+    (KeyError 'image', "can only concatenate str", "'str' object has no attribute 'get'"); an IterableDataset made
+    by `from_generator` (no features) failed in the pipeline on `None` column names."""
+    import PIL.Image
+    from datasets import Dataset, IterableDataset
+
+    from mic_diffrep import DiffusionFeaturePipeline
+    from mic_diffrep.models.mic_diffrep.unet import create_scheduler, create_unet
+
+    write_class_folder(tmp_path / "classes", per_class=2, seed=0)
+    paths = sorted(str(p) for p in (tmp_path / "classes").rglob("*.png"))
+    by_path = decode_images(paths, 16)
+    as_strings = decode_images(Dataset.from_dict({"image": paths, "label": [0, 1] * (len(paths) // 2)}), 16)
+    torch.testing.assert_close(as_strings.pixels, by_path.pixels, rtol=0, atol=0)
+    assert as_strings.paths == by_path.paths
+    with pytest.raises(ValueError, match=r"needs an `image` column, got \['img'\]: `dataset.rename_column"):
+        decode_images(Dataset.from_dict({"img": paths}), 16)
+    with pytest.raises(ValueError, match=r"The `label` column holds str values \('glioma'\).*class_encode_column"):
+        decode_images(Dataset.from_dict({"image": paths, "label": ["glioma"] * len(paths)}), 16)
+
+    torch.manual_seed(0)
+    pipe = DiffusionFeaturePipeline(create_unet(16, "tiny"), create_scheduler())
+    streamed = IterableDataset.from_generator(lambda: ({"image": PIL.Image.open(p)} for p in paths))
+    features = pipe.extract_features(streamed, timesteps=[5], layers=["mid_block"])
+    expected = pipe.extract_features(paths, timesteps=[5], layers=["mid_block"])
+    torch.testing.assert_close(features.features[("mid_block", 5)], expected.features[("mid_block", 5)])

@@ -172,13 +172,23 @@ def _sources_of(images) -> (List[Union[str, bytes]], List[str], Optional[List[in
                             f"the list; images in memory: `mic_diffrep.data.preprocess_images`.")
         sources = [os.fspath(p) for p in images]
         return sources, sources, None, None
+    if not hasattr(images, "column_names") or not hasattr(images, "cast_column"):
+        raise TypeError(f"decode_images takes file paths or a datasets.Dataset, got {type(images).__name__}.")
     images = undecoded_images(images)
-    column = images["image"]
+    column = [{"path": item, "bytes": None} if isinstance(item, str) else item for item in images["image"]]  # paths
+    if not all(isinstance(item, dict) for item in column):
+        raise TypeError(f"The `image` column holds {type(next(i for i in column if not isinstance(i, dict))).__name__}"
+                        f" values: decode_images reads images stored as files (a datasets Image column, or paths); "
+                        f"images in memory: `mic_diffrep.data.preprocess_images`.")
     sources = [record_source(item) for item in column]
     paths = [item.get("path") or f"<bytes #{i}>" for i, item in enumerate(column)]
     labels = label_names = None
     if "label" in images.column_names:
         labels = list(images["label"])
+        other = next((label for label in labels if not isinstance(label, int) or isinstance(label, bool)), None)
+        if other is not None:
+            raise ValueError(f"The `label` column holds {type(other).__name__} values ({other!r}): decode_images "
+                             f"takes class indices, a ClassLabel or integers (`dataset.class_encode_column('label')`).")
         names = getattr(images.features["label"], "names", None)  # a ClassLabel; plain integers name themselves
         label_names = list(names) if names is not None else [str(i) for i in range(max(labels, default=-1) + 1)]
     return sources, paths, labels, label_names

@@ -394,7 +394,10 @@ def _is_file_record(image) -> bool:
 def undecoded_images(dataset):
     """`dataset` (a `datasets.Dataset` with an `image` column) reading its files rather than decoded copies, so ids,
     DICOM / NIfTI files and 16-bit pixels stay intact: its `image` column cast to `Image(decode=False)` if need be."""
-    feature = dataset.features["image"]
+    if dataset.column_names is not None and "image" not in dataset.column_names:
+        raise ValueError(f"A datasets.Dataset of images needs an `image` column, got {dataset.column_names}: "
+                         f"`dataset.rename_column(name, 'image')`.")
+    feature = (dataset.features or {}).get("image")  # an IterableDataset of unknown features has none
     return dataset.cast_column("image", type(feature)(decode=False)) if getattr(feature, "decode", False) else dataset
 
 
@@ -433,9 +436,6 @@ def medical_bytes_as_file(data: bytes, name: Optional[str], suffix: str):
 
 def dataset_image_records(dataset) -> list:
     """The `image` column of a `datasets.Dataset`, undecoded (`{"path", "bytes"}` records, see `record_source`)."""
-    if "image" not in dataset.column_names:
-        raise ValueError(f"A datasets.Dataset of images needs an `image` column, got {dataset.column_names}: "
-                         f"`dataset.rename_column(name, 'image')`.")
     return undecoded_images(dataset)["image"]
 
 
