@@ -173,6 +173,7 @@ def test_push_to_hub_uploads_config_weights_code_and_card(model, tmp_path):
         uploaded["card"]
     card = ModelCard(uploaded["card"])
     results_index = card.data.eval_results
+    assert {r.dataset_split for r in results_index} == {"test"}
     assert [(r.metric_type, r.metric_value) for r in results_index] == [
         ("accuracy", round(results["msfa"]["test"]["all"]["accuracy"], 4)),
         ("f1", round(results["msfa"]["test"]["all"]["macro_f1"], 4))]

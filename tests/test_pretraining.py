@@ -325,6 +325,7 @@ def test_push_to_hub_uploads_the_pipeline_folder_without_checkpoints(unlabelled_
     assert uploaded["summary"]["global_step"] == local["global_step"] == 2
     card = (tmp_path / "out" / "README.md").read_text()  # a model card, as diffusers' training scripts write
     assert "library_name: diffusers" in card and 'DiffusionFeaturePipeline.from_pretrained("me/mri-ddpm"' in card
+    assert "pipeline_tag: unconditional-image-generation" in card  # the Hub infers no task from a custom class
 
 
 def test_push_to_hub_fails_before_training_when_the_repository_cannot_be_made(unlabelled_folder, tmp_path):

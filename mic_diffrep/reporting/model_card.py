@@ -152,7 +152,7 @@ def model_card_text(results: dict, repo_id: Optional[str] = None) -> str:
         base_model=base_model, library_name="transformers", pipeline_tag="image-classification", license="apache-2.0",
         tags=TAGS + ["linear-probe"], metrics=["accuracy", "f1"], model_name=_name(repo_id or "mic-diffrep-classifier"),
         eval_results=[EvalResult(task_type="image-classification", dataset_type=dataset, dataset_name=dataset,
-                                 metric_type=metric, metric_value=round(float(value), 4), metric_name=name)
+                                 dataset_split="test", metric_type=metric, metric_value=round(float(value), 4), metric_name=name)
                       for metric, name, value in (("accuracy", "Accuracy", test["accuracy"]),
                                                   ("f1", "Macro F1", test["macro_f1"]))])
     return f"""---
@@ -224,7 +224,9 @@ def pipeline_card_text(summary: dict, repo_id: Optional[str] = None, samples: bo
     else:
         ddpm = (f"`diffusers.DDPMPipeline.from_pretrained(\"{location}\")` samples from it too (it warns that it "
                 f"ignores the preprocessing settings in `model_index.json`).")
+    # the Hub infers no task from a custom pipeline class: the card names it (diffusers' DDPM cards do too)
     metadata = ModelCardData(library_name="diffusers", license="apache-2.0",
+                             pipeline_tag="unconditional-image-generation",
                              tags=TAGS + ["unconditional-image-generation", "feature-extraction"])
     left_out = (f" (less the test images listed in `{_name(summary['exclude_image_list'])}`, a local file: image "
                 f"lists are not uploaded)"
