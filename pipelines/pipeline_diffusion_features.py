@@ -278,7 +278,10 @@ class DiffusionFeaturePipeline(DiffusionPipeline):
         else:
             pixels, ids = [], []
             for image, image_id in iter_images_with_ids(images, self.slices if slices is None else slices):
-                pixels.append(self.preprocessing(image))  # a file's slices are preprocessed before the next is read
+                try:  # a file's slices are preprocessed before the next is read
+                    pixels.append(self.preprocessing(image))
+                except (OSError, SyntaxError) as error:  # PIL's own messages do not name the file ("truncated")
+                    raise OSError(f"Cannot read image {image_id or f'#{len(pixels)}'}: {error}") from error
                 ids.append(image_id)
             if not pixels:
                 raise ValueError("No images given.")

@@ -673,3 +673,23 @@ def test_features_train_a_probe_and_misuse_is_named(pipe, images):
         pipe(batch_size=3, num_inference_steps=2, generator=[torch.Generator(), torch.Generator()])
     with pytest.raises(ValueError, match="No images"):
         save_image_grid([], "grid.png")
+
+
+def test_an_unreadable_image_is_named(tmp_path):
+    """A truncated file gave PIL's "image file is truncated", and a truncated datasets record "Truncated File Read",
+    naming neither the file nor the record."""
+    from datasets import Dataset, Features
+    from datasets import Image as ImageFeature
+
+    torch.manual_seed(0)
+    pipe = DiffusionFeaturePipeline(create_unet(16, "tiny"), create_scheduler())
+    good = tmp_path / "good.png"
+    PIL.Image.fromarray((np.arange(400).reshape(20, 20) % 255).astype(np.uint8)).save(good)
+    data = good.read_bytes()
+    (tmp_path / "cut.png").write_bytes(data[: len(data) // 2])
+    with pytest.raises(OSError, match=r"Cannot read image .*cut.png: "):
+        pipe.extract_features([str(good), str(tmp_path / "cut.png")], timesteps=[5], layers=["mid_block"])
+    records = Dataset.from_dict({"image": [{"path": "scan_7.png", "bytes": data[: len(data) // 2]}]},
+                                features=Features({"image": ImageFeature(decode=False)}))
+    with pytest.raises(OSError, match=r"Cannot read image scan_7.png \(the bytes of a datasets record\)"):
+        pipe.extract_features(records, timesteps=[5], layers=["mid_block"])

@@ -466,7 +466,7 @@ def iter_images_with_ids(images, slices=None):
     elif not isinstance(images, Iterable):
         raise TypeError(f"Expected images (PIL, numpy, tensors, file paths, a list of them, or a datasets.Dataset), "
                         f"got {type(images).__name__}.")
-    for image in images:
+    for index, image in enumerate(images):
         name = None
         if _is_file_record(image):  # `datasets.Image(decode=False)`: its bytes, else the file
             name, image = image.get("path"), record_source(image)
@@ -478,7 +478,12 @@ def iter_images_with_ids(images, slices=None):
                 for item in items:
                     yield item, slice_id(name or "<bytes>", item.slice_index)
                 continue
-            image = PIL.Image.open(io.BytesIO(image))
+            try:  # decoded here, where its record is known: PIL decodes lazily
+                image = PIL.Image.open(io.BytesIO(image))
+                image.load()
+            except (OSError, SyntaxError) as error:
+                raise OSError(f"Cannot read image {name or f'#{index}'} (the bytes of a datasets record): "
+                              f"{error}") from error
         elif isinstance(image, dict):
             raise TypeError(f"Expected images, got a dict with keys {sorted(image)}: pass its image (a dataset row's "
                             f"`row['image']`; the image processor's output goes to the model as `pixel_values`).")
