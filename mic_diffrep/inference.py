@@ -56,13 +56,13 @@ def not_a_classifier(path: str) -> Optional[str]:
     return None
 
 
-def load_classifier(model_dir: str, mixed_precision: Optional[str] = None):
+def load_classifier(model_dir: str, mixed_precision: Optional[str] = None, revision: Optional[str] = None):
     """The model and image processor of a folder written by `mic-diffrep probe` / `run`; `mixed_precision="bf16"`
     loads the UNet in bf16 (the head and the standardisation stay float32, as in the probe). By default the UNet runs
     in the precision its head was trained on (`config.mixed_precision`; a head trained on fp16 features, which a CPU
-    cannot run, gets float32)."""
+    cannot run, gets float32). `revision`: of a Hub repository id (a branch, tag or commit; default main)."""
     model_dir = model_folder(model_dir, "Model folder", "the folder that holds its config.json",
-                             "; train one with `mic-diffrep probe` or `mic-diffrep run`")
+                             "; train one with `mic-diffrep probe` or `mic-diffrep run`", revision=revision)
     if not os.path.isfile(os.path.join(model_dir, "config.json")):
         if os.path.isfile(os.path.join(model_dir, "results.json")):  # a baseline's probe: scored, not exported
             raise FileNotFoundError(f"{model_dir!r} holds a probe's results but no model (config.json): a baseline "
@@ -140,7 +140,7 @@ BLANK_WARNING = "blank model input (one grey level): the prediction says nothing
 
 def predict_files(model_dir: str, paths: Union[str, Sequence[str]], batch_size: int = 16,
                   mixed_precision: Optional[str] = None, skip_bad_images: bool = False,
-                  slices: Optional[Union[SliceSelection, Dict]] = None) -> List[Dict]:
+                  slices: Optional[Union[SliceSelection, Dict]] = None, revision: Optional[str] = None) -> List[Dict]:
     """Class probabilities for image files and folders: one dict per image with its top `label` and all
     `probabilities`, in file order; an unreadable file raises a `BadImageError` naming it, or with `skip_bad_images`
     gets a dict with its `error` (and `label` / `probabilities` `None`), so every file given is accounted for. An
@@ -151,7 +151,7 @@ def predict_files(model_dir: str, paths: Union[str, Sequence[str]], batch_size: 
     """
     _check_batch_size(batch_size)
     files = image_files([paths] if isinstance(paths, (str, os.PathLike)) else paths)
-    model, processor = load_classifier(model_dir, mixed_precision)
+    model, processor = load_classifier(model_dir, mixed_precision, revision)
     show_progress = len(files) > batch_size  # one batch of files is done before a bar would say anything
     decoded = decode_images(files, processor.preprocessing, skip_bad_images=skip_bad_images,
                             show_progress=show_progress, slices=model_slices(processor, slices))
@@ -180,7 +180,8 @@ def predict_files(model_dir: str, paths: Union[str, Sequence[str]], batch_size: 
 
 def evaluate_folder(model_dir: str, data_dir: str, splits: Optional[Union[str, Sequence[str]]] = None,
                     batch_size: int = 16, mixed_precision: Optional[str] = None, skip_bad_images: bool = False,
-                    slices: Optional[Union[SliceSelection, Dict]] = None, image_list: Optional[str] = None) -> Dict:
+                    slices: Optional[Union[SliceSelection, Dict]] = None, image_list: Optional[str] = None,
+                    revision: Optional[str] = None) -> Dict:
     """Accuracy, macro F1, per-class recall and confusion matrix of a model folder on a labelled image folder.
 
     `splits` defaults to the `test` split when the folder has split folders with one, else every image. Each slice
@@ -202,13 +203,13 @@ def evaluate_folder(model_dir: str, data_dir: str, splits: Optional[Union[str, S
         _warn_if_probed_on(model_dir, data_dir)
     # One class folder reads as unlabelled (`Testing/glioma/`) or as labelled by its patients' folders
     # (`Testing/glioma/patient1/`): the model's classes tell which.
-    class_names = _class_names(model_dir)
+    class_names = _class_names(model_dir, revision)
     dataset = label_by_class_folder(dataset, data_dir, class_names)
     check_labelled(dataset, data_dir, "evaluation", "class sub-folders, or one named as a class of the model")
     unknown = sorted(set(dataset.features["label"].names) - set(class_names)) if class_names else []
     if unknown:  # before the model is loaded and the images decoded
         raise ValueError(f"{data_dir} has classes {unknown} the model does not know ({class_names}).")
-    model, processor = load_classifier(model_dir, mixed_precision)
+    model, processor = load_classifier(model_dir, mixed_precision, revision)
     decoded = decode_images(dataset, processor.preprocessing, skip_bad_images=skip_bad_images,
                             slices=model_slices(processor, slices))
     if wanted:
@@ -232,11 +233,11 @@ def evaluate_folder(model_dir: str, data_dir: str, splits: Optional[Union[str, S
     return report
 
 
-def _class_names(model_dir: str) -> List[str]:
+def _class_names(model_dir: str, revision: Optional[str] = None) -> List[str]:
     """The class names in a model folder's `config.json`, read without loading the model (none when it cannot be
     read: `load_classifier` reports that)."""
     try:
-        return [str(name) for name in AutoConfig.from_pretrained(model_dir).id2label.values()]
+        return [str(name) for name in AutoConfig.from_pretrained(model_dir, revision=revision).id2label.values()]
     except (OSError, ValueError, KeyError, TypeError):
         return []
 

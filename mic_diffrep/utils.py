@@ -269,19 +269,30 @@ def is_repo_id(path: str) -> bool:
     return not os.path.exists(path) and bool(_REPO_ID.fullmatch(path)) and not os.path.isdir(path.split("/")[0])
 
 
-def model_folder(path: str, name: str, give: str, missing: str = "") -> str:
+def model_folder(path: str, name: str, give: str, missing: str = "", revision: Optional[str] = None) -> str:
     """The local folder of `path`, as `from_pretrained` takes it: `path` itself when it exists, else, for a Hub
-    repository id (`user/name`), its snapshot (from the local cache, downloaded first unless `HF_HUB_OFFLINE=1`).
-    Anything else fails as `check_folder` says, naming `path`."""
+    repository id (`user/name`), its snapshot at `revision` (a branch, tag or commit; default `main`), from the local
+    cache, downloaded first unless `HF_HUB_OFFLINE=1`. Anything else fails as `check_folder` says, naming `path`."""
     path = os.fspath(path)
     if not is_repo_id(path):  # (an existing path is never one)
         check_folder(path, name, give, missing)
+        if revision is not None:
+            raise ValueError(f"--revision {revision}: {name.lower()} {path!r} is a local folder; a revision is one "
+                             f"of a Hub repository's.")
         return path
     try:
-        return huggingface_hub.snapshot_download(path)
+        return huggingface_hub.snapshot_download(path, revision=revision)
     except Exception as error:  # not found, offline and not cached, no access
-        raise FileNotFoundError(f"{name} {path!r} does not exist here, and no Hub repository {path!r} could be loaded "
-                                f"({error_summary(error)}){missing}.") from None
+        at = f" at revision {revision!r}" if revision is not None else ""
+        raise FileNotFoundError(f"{name} {path!r} does not exist here, and no Hub repository {path!r}{at} could be "
+                                f"loaded ({error_summary(error)}){missing}.") from None
+
+
+def hub_commit(folder: str) -> Optional[str]:
+    """The commit of a Hub repository snapshot folder (`.../snapshots/<commit>`, as `model_folder` gives it), which a
+    result records with the repository id; `None` for a local folder."""
+    parent, commit = os.path.split(os.path.normpath(os.fspath(folder)))
+    return commit if os.path.basename(parent) == "snapshots" and re.fullmatch(r"[0-9a-f]{40}", commit) else None
 
 
 def model_source(path: str) -> str:

@@ -409,6 +409,25 @@ def test_commands_take_hub_repository_ids_as_from_pretrained_does(model_dir, kag
          "--timesteps", "5", "--layers", "mid_block", "--num_epochs", "1"])
     card = (tmp_path / "probe" / "README.md").read_text()
     assert "base_model: me/pre" in card and "[`me/pre`](https://huggingface.co/me/pre)" in card
+    # the commit read is recorded, and --revision pins another (a branch, tag or commit of the repository)
+    results = json.loads((tmp_path / "probe" / "results.json").read_text())
+    assert results["pretrained_revision"] == "0" * 40 and "at commit `0000000000`" in card
+    other = tmp_path / "other"  # the classifier, with another class balance
+    shutil.copytree(model_dir, other)
+    with torch.no_grad():
+        model = MicDiffRepForImageClassification.from_pretrained(other)
+        model.head.classifier.bias[0] += 2.0
+        model.save_pretrained(other)
+    root = tmp_path / "hub" / "models--me--cls"
+    shutil.copytree(other, root / "snapshots" / ("1" * 40))
+    (root / "refs" / "v2").write_text("1" * 40)
+    pinned = [cli(["predict", "--model", "me/cls", image, "--json", "--revision", revision])[0]["probabilities"]
+              for revision in ("v2", "1" * 40, "main")]
+    assert pinned[0] == pinned[1] != pinned[2] == by_id[0]["probabilities"]
+    capsys.readouterr()
+    with pytest.raises(SystemExit):
+        cli(["predict", "--model", model_dir, image, "--revision", "v2"])
+    assert "--revision v2: model folder" in capsys.readouterr().err  # a local folder has no revisions
     capsys.readouterr()
     with pytest.raises(SystemExit):
         cli(["predict", "--model", "me/missing", image])

@@ -20,7 +20,11 @@ from ..utils import (MIXED_PRECISION_CHOICES, format_score, json_safe, precision
 
 def _add_model_args(parser) -> None:
     """The flags `evaluate` and `predict` share: the model folder and how it runs."""
-    parser.add_argument("--model", type=str, required=True, help="Model folder (from probe or run).")
+    parser.add_argument("--model", type=str, required=True,
+                        help="Model folder (from probe or run), or a Hub repository id of one.")
+    parser.add_argument("--revision", type=str, default=None,
+                        help="The revision (branch, tag or commit) of --model when it is a Hub repository id "
+                             "(default: main).")
     parser.add_argument("--batch_size", type=int, default=16, help="Images per forward (16 is fastest on a CPU).")
     parser.add_argument("--mixed_precision", type=str, default=None, choices=MIXED_PRECISION_CHOICES,
                         help="'bf16' runs the UNet in bf16 (the head stays float32). Default: the precision the "
@@ -42,7 +46,7 @@ def evaluate(namespace) -> dict:
         prepare_output_file(namespace.output)
     report = evaluate_folder(namespace.model, namespace.data_dir, namespace.splits, namespace.batch_size,
                              namespace.mixed_precision, namespace.skip_bad_images, _slices(namespace),
-                             namespace.image_list)
+                             namespace.image_list, namespace.revision)
     if namespace.json:
         print(json.dumps(json_safe(report), indent=2, allow_nan=False))
     else:
@@ -62,7 +66,7 @@ def evaluate(namespace) -> dict:
 
 def predict(namespace) -> list:
     predictions = predict_files(namespace.model, namespace.images, namespace.batch_size, namespace.mixed_precision,
-                                namespace.skip_bad_images, _slices(namespace))
+                                namespace.skip_bad_images, _slices(namespace), namespace.revision)
     if namespace.json:
         print(json.dumps(predictions, indent=2))
         return predictions
@@ -104,7 +108,7 @@ def generate(namespace) -> None:
 def _sample(namespace, keep: bool) -> list:
     """`generate`'s images (PIL; `None` for each unless `keep`, for a grid), each drawn with its own seed, in
     batches; with `--output_dir`, each saved there as its batch is done."""
-    pipe = load_pipeline(namespace.pretrained)
+    pipe = load_pipeline(namespace.pretrained, namespace.revision)
     pipe.to(precision_dtype(namespace.mixed_precision))
     if namespace.scheduler == "ddim":
         pipe.scheduler = DDIMScheduler.from_config(pipe.scheduler.config)
@@ -162,7 +166,11 @@ def register(subparsers) -> None:
 
     parser = subparsers.add_parser("generate", help="Generate images with a pretrained pipeline.",
                                    description="Generate images and save them as one PNG grid, or one PNG each.")
-    parser.add_argument("--pretrained", type=str, required=True, help="Pretrained pipeline folder.")
+    parser.add_argument("--pretrained", type=str, required=True,
+                        help="Pretrained pipeline folder, or a Hub repository id of one.")
+    parser.add_argument("--revision", type=str, default=None,
+                        help="The revision (branch, tag or commit) of --pretrained when it is a Hub repository id "
+                             "(default: main).")
     parser.add_argument("--num_images", type=int, default=16, help="How many images.")
     parser.add_argument("--batch_size", type=int, default=16,
                         help="Images sampled at once (the same images whatever the batch size; more take more memory).")

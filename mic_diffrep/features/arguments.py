@@ -59,6 +59,9 @@ class ExtractionArguments(FeatureArguments):
     """`mic-diffrep extract`: features of an image folder into a feature cache."""
 
     pretrained: str = field(metadata={"help": "Pretrained folder: a diffusion pipeline, a baseline or a local CLIP."})
+    revision: Optional[str] = field(default=None, metadata={
+        "help": "The revision (branch, tag or commit) of --pretrained when it is a Hub repository id (default: main). "
+                "The results record the commit read."})
     data_dir: str = field(metadata={"help": "Image folder (any layout pretraining takes)."})
     output: str = field(metadata={"help": "Feature cache file to write (.safetensors)."})
     splits: List[str] = field(default_factory=lambda: ["all"], metadata={

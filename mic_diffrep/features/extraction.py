@@ -171,7 +171,7 @@ def extract_folder(args: ExtractionArguments) -> Dict[Tuple[str, int], torch.Ten
     """Features of the images of `args.data_dir` into the feature cache `args.output`; returns them."""
     accelerator = create_accelerator()
     args = launch_precision(args, accelerator)
-    extractor = prepare_extractor(load_feature_extractor(args.pretrained), args, accelerator)
+    extractor = prepare_extractor(load_feature_extractor(args.pretrained, revision=args.revision), args, accelerator)
     args = inherit_pretrained_slices(extractor.resolve(args), extractor)
     splits, dataset = select_splits(load_image_folder(args.data_dir), args.splits, "splits")
     # Its folder is made once the model and the images are found (a bad --pretrained or --data_dir leaves none),

@@ -302,15 +302,15 @@ def is_pipeline_dir(path: str) -> bool:
     return all(os.path.exists(os.path.join(path, name)) for name in ("model_index.json", "unet", "scheduler"))
 
 
-def _pretrained_folder(path: str) -> str:
-    """The local folder of a pretrained folder or Hub repository id (`model_folder`)."""
-    return model_folder(path, "Pretrained folder", "the folder a pretraining wrote")
+def _pretrained_folder(path: str, revision: Optional[str] = None) -> str:
+    """The local folder of a pretrained folder or Hub repository id (at `revision`: `model_folder`)."""
+    return model_folder(path, "Pretrained folder", "the folder a pretraining wrote", revision=revision)
 
 
-def load_pipeline(path: str) -> DiffusionFeaturePipeline:
-    """The `DiffusionFeaturePipeline` in a pretraining output folder (or a Hub repository of one), with a clear
-    error for anything else."""
-    path = _pretrained_folder(path)
+def load_pipeline(path: str, revision: Optional[str] = None) -> DiffusionFeaturePipeline:
+    """The `DiffusionFeaturePipeline` in a pretraining output folder (or a Hub repository of one, at `revision`), with
+    a clear error for anything else."""
+    path = _pretrained_folder(path, revision)
     if is_baseline_dir(path) or is_clip_vision_dir(path):
         raise ValueError(f"{path!r} holds a baseline encoder, not a diffusion pipeline: it extracts features but "
                          f"cannot generate images. Pass the output folder of `mic-diffrep pretrain`.")
@@ -342,18 +342,22 @@ def _warn_if_interrupted(path: str) -> None:
                        summary.get("global_step"))
 
 
-def load_feature_extractor(path: str, resolution: Optional[int] = None) -> FeatureExtractor:
+def load_feature_extractor(path: str, resolution: Optional[int] = None,
+                           revision: Optional[str] = None) -> FeatureExtractor:
     """The frozen feature extractor in `path`: a pretrained diffusion pipeline, a baseline's folder (from
     `training/pretrain_baseline.py`), or a local `CLIPVisionModel` (fed `resolution` px images, default 112); a
-    folder, or a Hub repository id of one. The others read images at the resolution they were pretrained at: another
-    `resolution` is refused, not ignored."""
-    source, path = path, _pretrained_folder(path)
+    folder, or a Hub repository id of one (at `revision`). The others read images at the resolution they were
+    pretrained at: another `resolution` is refused, not ignored. Its `folder` is the local folder it was read from."""
+    source, path = path, _pretrained_folder(path, revision)
     _warn_if_interrupted(path)
     if is_clip_vision_dir(path):
-        return ClipFeatureExtractor.from_pretrained(path, resolution=resolution or 112)
-    extractor = EncoderFeatureExtractor.from_pretrained(path) if is_baseline_dir(path) else DiffusionFeatureExtractor(
-        load_pipeline(path), source=source)
-    if resolution is not None and resolution != extractor.preprocessing.resolution:
-        raise ValueError(f"--resolution {resolution}: {path} was pretrained at {extractor.preprocessing.resolution} "
-                         f"px and reads images at that size (--resolution sets a CLIP model's input size only).")
+        extractor = ClipFeatureExtractor.from_pretrained(path, resolution=resolution or 112)
+    else:
+        extractor = EncoderFeatureExtractor.from_pretrained(path) if is_baseline_dir(path) else \
+            DiffusionFeatureExtractor(load_pipeline(path), source=source)
+        if resolution is not None and resolution != extractor.preprocessing.resolution:
+            raise ValueError(f"--resolution {resolution}: {path} was pretrained at "
+                             f"{extractor.preprocessing.resolution} px and reads images at that size (--resolution "
+                             f"sets a CLIP model's input size only).")
+    extractor.folder = path
     return extractor

@@ -16,6 +16,9 @@ class ProbeArguments(FeatureArguments):
     pretrained: str = field(metadata={
         "help": "Pretrained pipeline folder (from pretraining), or a baseline's folder (from "
                 "training/pretrain_baseline.py, or a local CLIPVisionModel) to score it with the same probe."})
+    revision: Optional[str] = field(default=None, metadata={
+        "help": "The revision (branch, tag or commit) of --pretrained when it is a Hub repository id (default: main). "
+                "The results record the commit read."})
     data_dir: str = field(metadata={
         "help": "Labelled images: class sub-folders, optionally inside split folders (Training/Testing, "
                 "train/val/test)."})

@@ -31,7 +31,8 @@ from ..features import (FeatureExtractor, StaleFeatureCacheError, extract_sharde
                         launch_precision, load_feature_extractor, load_features, pixels_fingerprint,
                         prepare_extractor, remove_parts, save_features)
 from ..reporting.hub import create_hub_repo, default_repo_id, published_pipeline
-from ..utils import command_line, create_accelerator, environment_info, model_source, output_folder, precision_name
+from ..utils import (command_line, create_accelerator, environment_info, hub_commit, model_source, output_folder,
+                     precision_name)
 from .arguments import ProbeArguments
 from .export import check_new_probe, remove_earlier_probe, write_model_folder, write_results
 from .heads import ProbeConfig
@@ -87,7 +88,7 @@ def _run_probe(args: ProbeArguments, extractor: Optional[FeatureExtractor]) -> d
     if extractor is not None and args.mixed_precision is None:  # a given extractor runs in its own precision
         args = replace(args, mixed_precision=precision_name(extractor.dtype))
     args = launch_precision(args, accelerator)
-    extractor = extractor or load_feature_extractor(args.pretrained, args.resolution)
+    extractor = extractor or load_feature_extractor(args.pretrained, args.resolution, args.revision)
     if args.push_to_hub:  # checked before the work, not after it
         if not extractor.exportable:
             raise ValueError(f"--push_to_hub: {args.pretrained} is a {extractor.name} folder, which is scored only; "
@@ -124,6 +125,8 @@ def _run_probe(args: ProbeArguments, extractor: Optional[FeatureExtractor]) -> d
     results.update({
         "method": extractor.name, "command": command_line(), "environment": environment_info(),
         "pretrained": args.pretrained, "data_dir": os.path.abspath(args.data_dir),
+        # the commit read, when --pretrained is a Hub repository (its --revision, or main, resolved)
+        "pretrained_revision": hub_commit(getattr(extractor, "folder", None) or ""),
         # the pipeline's Hub repository, which the model card links to (a Hub id, or where the folder was uploaded)
         "base_model": published_pipeline(args.pretrained) if extractor.exportable and args.pretrained else None,
         "test_data_dir": args.test_data_dir and os.path.abspath(args.test_data_dir), "test_split": test_source,

@@ -148,6 +148,8 @@ def model_card_text(results: dict, repo_id: Optional[str] = None) -> str:
     base_model = results.get("base_model")  # the pipeline's Hub repository, where known
     pipeline = (f"[`{base_model}`](https://huggingface.co/{base_model})" if base_model
                 else f"`{_name(results['pretrained'])}`")
+    if results.get("pretrained_revision"):  # a Hub repository, read at this commit
+        pipeline += f" at commit `{results['pretrained_revision'][:10]}`"
     metadata = ModelCardData(
         base_model=base_model, library_name="transformers", pipeline_tag="image-classification", license="apache-2.0",
         tags=TAGS + ["linear-probe"], metrics=["accuracy", "f1"], model_name=_name(repo_id or "mic-diffrep-classifier"),
