@@ -24,7 +24,6 @@ from transformers import AutoConfig, AutoImageProcessor, AutoModelForImageClassi
 from transformers.pipelines import PIPELINE_REGISTRY
 
 
-
 def _import_checkout_pipelines() -> None:
     """`pipelines/` is installed as `mic_diffrep.pipelines` (setup.cfg's `package_dir`); a source checkout on the
     import path but not installed (`PYTHONPATH=.`, a notebook in the repository) imports it from beside the package."""

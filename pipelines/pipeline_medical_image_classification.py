@@ -51,8 +51,9 @@ class MedicalImageClassificationPipeline(ImageClassificationPipeline):
     DICOM file, a NIfTI volume) gives one list of scores per slice it keeps, in the order `mic-diffrep predict`
     lists them, even when only one is kept, each score with its slice's index in the file (`"slice"`, the `k` of
     predict's `"<path>#slice=<k>"`: empty slices are left out, so list positions are not slice indices). A batch
-    given as one 4-D array or tensor gives one list per image. A 2-D image gives one list, as the image-classification pipeline does, and a list of images or a
-    `datasets.Dataset` (its `image` column) one list per image. Takes the image-classification pipeline's arguments
+    given as one 4-D array or tensor gives one list per image. A 2-D image gives one list, as the
+    image-classification pipeline does, and a list of images or a `datasets.Dataset` (its `image` column) one list
+    per image. Takes the image-classification pipeline's arguments
     (`top_k`, `function_to_apply`, `batch_size`: volumes and 4-D batches need `batch_size=1` when several inputs are
     given), and the image processor's slice options for one call
     (`slice_axis`, `slice_range`, `keep_empty_slices`; another axis drops the model's range, as in `predict`)."""

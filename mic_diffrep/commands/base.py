@@ -61,9 +61,8 @@ class DeprecatedFlag(argparse.Action):
         setattr(namespace, self.dest, values)
 
 
-# Flags of diffusers' `train_unconditional.py` spelled otherwise here: what to give instead.
-# What to give instead of a flag of diffusers' scripts: for each, the flag a command must have for the hint to apply,
-# and the hint (the first that applies to the command is given).
+# What to give instead of a flag of diffusers' `train_unconditional.py`: for each, the flag a command must have for
+# the hint to apply, and the hint (the first that applies to the command is given).
 FOREIGN_FLAGS = {
     "--center_crop": [("--resize_mode", "--resize_mode center_crop")],
     "--random_flip": [("--no_random_flip", "nothing (random flips are on by default; --no_random_flip turns them "

@@ -149,9 +149,9 @@ def register(subparsers) -> None:
                         help="Splits to score (default: test if the folder has split folders with one, else all "
                              "images; with --image_list, all).")
     parser.add_argument("--image_list", type=str, default=None,
-                        help="Score only the images this file lists, one per line, relative to --data_dir or absolute: the "
-                             "test_images.txt a probe writes into its model folder (e.g. for the test split it "
-                             "carved from a folder without one).")
+                        help="Score only the images this file lists, one per line, relative to --data_dir or "
+                             "absolute: the test_images.txt a probe writes into its model folder (e.g. for the test "
+                             "split it carved from a folder without one).")
     parser.add_argument("--output", type=str, default=None, help="JSON file to write (a confusion-matrix PNG beside).")
     parser.add_argument("--json", action="store_true", help="Print the whole report as JSON.")
     parser.set_defaults(func=evaluate)

@@ -1,7 +1,7 @@
 """Images in: folders (`folders`), `datasets` data written as one (`saving`), decoding once into uint8 tensors
 (`decoding`), the pretraining dataset (`pretraining_dataset`), augmentations (`augmentations`) and clinical formats
-(`medical`). The preprocessing
-itself lives with the model (`mic_diffrep.models.mic_diffrep.preprocessing`) and is re-exported here."""
+(`medical`). The preprocessing itself lives with the model (`mic_diffrep.models.mic_diffrep.preprocessing`) and is
+re-exported here."""
 
 from ..models.mic_diffrep.preprocessing import (INTENSITY_WINDOWS, RESIZE_MODES, ImagePreprocessing, image_to_pixels,
                                                 pixels_to_model_input, preprocess_images, to_grayscale,

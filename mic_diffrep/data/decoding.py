@@ -292,8 +292,8 @@ def decode_images(
     # Its own generator: a DataLoader draws its workers' base seed from torch's global one, so decoding (skipped when
     # the cache holds the images) would change the initial weights a seeded run builds after it.
     loader = torch.utils.data.DataLoader(
-        _DecodeFiles(sources, preprocessing, slices, names=paths), batch_size=32, num_workers=num_workers, collate_fn=_collate,
-        generator=torch.Generator().manual_seed(0),
+        _DecodeFiles(sources, preprocessing, slices, names=paths), batch_size=32, num_workers=num_workers,
+        collate_fn=_collate, generator=torch.Generator().manual_seed(0),
     )
     with tqdm(total=len(sources), desc="Decoding images", unit="img", disable=not show_progress,
               mininterval=progress_interval()) as progress:

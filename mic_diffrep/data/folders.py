@@ -75,16 +75,18 @@ HOW_TO_SAVE = ("load it with `datasets` (`load_from_disk`, `load_dataset(\"parqu
 
 
 def datasets_format(path: str) -> Optional[str]:
-    """What `datasets` wrote at `path`, if anything: a `save_to_disk` folder or a Parquet / Arrow file, which are
-    not image folders; `None` for anything else."""
+    """What `datasets` wrote at `path`, if anything: a `save_to_disk` folder, a Parquet / Arrow file, or a folder of
+    nothing but such files, which are not image folders; `None` for anything else (an image folder with a Parquet
+    file beside its class folders is one)."""
     if os.path.isfile(path):
         return "a Parquet / Arrow file" if path.lower().endswith(DATASETS_FILE_EXTENSIONS) else None
     if os.path.isdir(path):
-        names = set(os.listdir(path))
-        if names & set(DATASETS_FOLDER_FILES) or any(
-                os.path.isfile(os.path.join(path, name, "state.json")) for name in names):
+        names = [name for name in os.listdir(path) if not name.startswith(".")]
+        if set(names) & set(DATASETS_FOLDER_FILES):
             return "a `datasets` save_to_disk folder"
-        if any(name.lower().endswith(DATASETS_FILE_EXTENSIONS) for name in names):
+        data_files = [name for name in names if name.lower().endswith(DATASETS_FILE_EXTENSIONS)]
+        if data_files and all(name in data_files or name.lower().endswith((".json", ".md", ".txt", ".lock"))
+                              for name in names):
             return "a folder of Parquet / Arrow files"
     return None
 

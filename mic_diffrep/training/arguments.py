@@ -53,8 +53,8 @@ class CommonPretrainingArguments:
         "help": "Splits to pretrain on (train, validation, test, or 'all'). Default: every split except test, so test "
                 "images are never used unless asked for."})
     exclude_image_list: Optional[str] = field(default=None, metadata={
-        "help": "A file of images to leave out of pretraining, one per line, relative to --train_data_dir or absolute (the "
-                "test_images.txt a probe writes, say): test images carved from a folder without a test split. "
+        "help": "A file of images to leave out of pretraining, one per line, relative to --train_data_dir or absolute "
+                "(the test_images.txt a probe writes, say): test images carved from a folder without a test split. "
                 "`mic-diffrep run` leaves out the test part its probe carves."})
     resolution: int = field(default=64, metadata={
         "help": "Image size (paper: 112; `mic-diffrep run --config paper` uses it). 64, the package's default and its "
