@@ -100,12 +100,8 @@ pretraining methods under a fixed linear-probe protocol.
 - **Not a medical device.** It was not validated clinically and must not be used for diagnosis or treatment."""
 
 
-def unevaluated_model_card_text(config, repo_id: Optional[str] = None) -> str:
-    """The model card of a classifier folder saved without a probe's `results.json` (`probe_classifier` and
-    `save_pretrained` in Python): what it is and how to load it, from its `config`; it records no accuracy."""
-    labels = ", ".join(str(config.id2label[i]) for i in range(config.num_labels))
-    metadata = ModelCardData(library_name="transformers", pipeline_tag="image-classification", license="apache-2.0",
-                             tags=TAGS + ["linear-probe"], model_name=_name(repo_id or "mic-diffrep-classifier"))
+def _classifier_card_head(metadata: ModelCardData, labels: str, repo_id: Optional[str]) -> str:
+    """A classifier card's metadata, title, description and usage, up to its "Training and evaluation" section."""
     return f"""---
 {metadata.to_yaml()}
 ---
@@ -121,7 +117,16 @@ aggregation: concatenated pooled block features -> Linear -> ReLU -> Linear -> s
 {_usage(repo_id)}
 
 ## Training and evaluation
+"""
 
+
+def unevaluated_model_card_text(config, repo_id: Optional[str] = None) -> str:
+    """The model card of a classifier folder saved without a probe's `results.json` (`probe_classifier` and
+    `save_pretrained` in Python): what it is and how to load it, from its `config`; it records no accuracy."""
+    labels = ", ".join(str(config.id2label[i]) for i in range(config.num_labels))
+    metadata = ModelCardData(library_name="transformers", pipeline_tag="image-classification", license="apache-2.0",
+                             tags=TAGS + ["linear-probe"], model_name=_name(repo_id or "mic-diffrep-classifier"))
+    return _classifier_card_head(metadata, labels, repo_id) + f"""
 - Features: blocks {', '.join(config.layers)} at timesteps {', '.join(map(str, config.timesteps))},
   {config.pooling} pooling; hidden size {config.hidden_size}.
 - **No evaluation is recorded**: the folder was saved without a probe's `results.json` (from Python, say).
@@ -154,25 +159,11 @@ def model_card_text(results: dict, repo_id: Optional[str] = None) -> str:
         base_model=base_model, library_name="transformers", pipeline_tag="image-classification", license="apache-2.0",
         tags=TAGS + ["linear-probe"], metrics=["accuracy", "f1"], model_name=_name(repo_id or "mic-diffrep-classifier"),
         eval_results=[EvalResult(task_type="image-classification", dataset_type=dataset, dataset_name=dataset,
-                                 dataset_split="test", metric_type=metric, metric_value=round(float(value), 4), metric_name=name)
+                                 dataset_split="test", metric_type=metric, metric_value=round(float(value), 4),
+                                 metric_name=name)
                       for metric, name, value in (("accuracy", "Accuracy", test["accuracy"]),
                                                   ("f1", "Macro F1", test["macro_f1"]))])
-    return f"""---
-{metadata.to_yaml()}
----
-
-# MicDiffRep classifier ({labels})
-
-A frozen DDPM-pretrained `UNet2DModel` used as a feature extractor, with an MSFA head (multi-scale feature
-aggregation: concatenated pooled block features -> Linear -> ReLU -> Linear -> softmax), following
-*MicDiffRep* (Zhu & Zhao, 2024). Made with mic-diffrep {__version__}.
-
-## Usage
-
-{_usage(repo_id)}
-
-## Training and evaluation
-
+    return _classifier_card_head(metadata, labels, repo_id) + f"""
 - Pretrained pipeline: {pipeline}; resolution {results['features']['resolution']} px, grey.
 - Features: blocks {', '.join(msfa['layers'])} at timesteps {', '.join(map(str, msfa['timesteps']))},
   {results['features']['pooling']} pooling, fixed noise (seed {results['features']['noise_seed']}), standardised.
