@@ -854,3 +854,31 @@ def test_benchmark_flags_refuse_what_would_run_something_else(monkeypatch, capsy
     monkeypatch.setattr(sys, "argv", ["benchmarks/budget_curve.py"])
     with pytest.raises(SystemExit, match=r"^budget_curve.py: error: Data folder '/nowhere/Training' does not exist.$"):
         common.run_main(missing)
+
+
+def test_the_budget_check_measures_every_method_interleaved_and_times_its_recorded_steps(tmp_path, monkeypatch):
+    """The equal budgets rest on calibrations of different sessions: the check measures the methods back to back
+    and says how long each one's recorded steps take at those speeds, against MicDiffRep's."""
+    budget_check = pytest.importorskip("budget_check")
+    speeds = {"micdiffrep": 4.0, "mocov2": 5.0, "byol": 1.0}
+    order = []
+
+    def measure(method, name, work_dir, argv):
+        order.append(method)
+        return {"steps_per_second": speeds[method], "images_per_step": 32.0, "calibration_seconds": [1.0, 2.0]}
+
+    monkeypatch.setattr(budget_check, "measure_throughput", measure)
+    points = tmp_path / "points.json"
+    points.write_text(json.dumps({"points": [
+        {"method": method, "minutes": 30.0, "seed": seed, "steps": steps}
+        for seed in (0, 1) for method, steps in (("micdiffrep", 7200), ("mocov2", 4500), ("byol", 1800))]}))
+    monkeypatch.setattr(sys, "argv", ["budget_check.py", "--points", str(points), "--work_dir", str(tmp_path),
+                                      "--output", str(tmp_path / "check"), "--rounds", "2"])
+    budget_check.main()
+    assert order == ["micdiffrep", "mocov2", "byol"] * 2  # interleaved, so drift hits each method alike
+    rows = json.loads((tmp_path / "check.json").read_text())["rows"]
+    assert rows["micdiffrep"]["minutes_here"] == pytest.approx(30.0)  # 7200 steps at 4 steps/s
+    assert rows["mocov2"]["share_of_micdiffrep_time"] == pytest.approx(0.5)  # 4500 steps at 5/s: 15 minutes
+    assert rows["mocov2"]["steps_for_equal_time"] == 9000
+    assert rows["byol"]["share_of_micdiffrep_time"] == pytest.approx(1.0)
+    assert "| MoCo v2 | 5.00, 5.00 | 5.00 | 160 | 4500 | 15.0 | 0.50 | 9000 |" in (tmp_path / "check.md").read_text()

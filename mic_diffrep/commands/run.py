@@ -81,8 +81,10 @@ RUN_CHECKPOINTING_STEPS = 1000
 _SHARED_DATA_KEYS = ("skip_bad_images", "slice_axis", "slice_range", "keep_empty_slices")
 
 # Named presets for `--config NAME`: "paper" is the recipe the paper states (112 px, 200 epochs of DDPM pretraining
-# with Adam 1e-4 and linear decay, batch 32, uniform timesteps, horizontal flips only, DDPM-1000 samples, fp32);
-# what the paper does not state keeps the package's values (README: "Recipe: this package against the paper").
+# with Adam 1e-4 and linear decay, batch 32, uniform timesteps, DDPM-1000 samples; the probe's Adam 0.01, cosine,
+# batch 128, 15 epochs), with what a plain DDPM of its time would do where it says nothing (horizontal flips only, no
+# EMA, fp32, the `base` UNet, average pooling); the rest keeps the package's values (README: "Recipe: this package
+# against the paper", which marks the assumed ones).
 RUN_PRESETS = {
     "paper": {
         "resolution": 112, "model_config_name_or_path": "base", "pretrain_epochs": 200, "pretrain_batch_size": 32,
