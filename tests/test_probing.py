@@ -324,6 +324,17 @@ def test_without_a_test_folder_a_duplicate_aware_hold_out_is_carved(tmp_path):
     assert results["num_train"] + results["num_validation"] + results["num_test"] == 48
     assert results["leakage"]["num_near"] == 0
 
+    # --seed is the probe's training seed only: seeds are scored on the same carved images (it re-drew the test and
+    # validation parts too); --split_seed draws other ones
+    def carved(*extra):
+        name = "-".join(extra) or "default"
+        main(parse(ProbeArguments, ["--pretrained", str(tmp_path / "pipe"), "--data_dir", str(tmp_path / "flat"),
+                                    "--output_dir", str(tmp_path / name), "--timesteps", "5", "--hidden_size", "8",
+                                    "--num_epochs", "1", *extra]))
+        return sorted((tmp_path / name / "test_images.txt").read_text().splitlines()[1:])
+
+    assert carved() == carved("--seed", "1") != carved("--split_seed", "1")
+
 
 def test_the_carved_test_split_can_be_scored_again_from_its_image_list(tmp_path, caplog, monkeypatch):
     """A folder without a test split: the probe carves one, and `evaluate` scored every image of the folder (the

@@ -70,6 +70,7 @@ RUN_DEFAULTS = {
     "validation_split": ProbeArguments.validation_split,
     "duplicate_threshold": None,
     "seed": 0,
+    "split_seed": 0,
     "skip_bad_images": False,
     "slice_axis": 2,
     "slice_range": None,
@@ -200,11 +201,11 @@ def check_run(config: dict, pretraining_args: PretrainingArguments, probe_args: 
         check_labelled(test_set, f"`test_data_dir` {probe_args.test_data_dir}")
     elif test_set is None:  # carved from every image, or from the training split beside a validation split
         check_carvable(select_splits(splits, ["train"] if own_validation_split(splits) else ["all"])[1],
-                       probe_args.test_split, probe_args.seed)  # at once, by files, before the images are decoded
+                       probe_args.test_split, probe_args.split_seed)  # at once, by files, before the images are decoded
         # carved as the probe will carve it: its images are left out of pretraining
         return carved_test_ids(probe_args, pretraining_args.preprocessing)
     if not own_validation_split(splits):  # a validation split of the data's own is used as it is
-        check_carvable(training, probe_args.validation_split, probe_args.seed, "--validation_split")
+        check_carvable(training, probe_args.validation_split, probe_args.split_seed, "--validation_split")
     if test_set is not None:
         test_names = test_set.features["label"].names
         check_test_classes({train_names[i] for i in set(training["label"])},
@@ -236,7 +237,7 @@ def held_out_list(config: dict, image_ids: Optional[list], resuming: bool = Fals
         earlier = read_image_list(path, "held_out_images.txt")
         if sorted(earlier) != sorted(relative_image_id(image_id, config["data_dir"]) for image_id in image_ids):
             raise ValueError(f"--resume_from_checkpoint: the test images carved now differ from those the "
-                             f"checkpoint's pretraining left out ({path}): give the --test_split, --seed, "
+                             f"checkpoint's pretraining left out ({path}): give the --test_split, --split_seed, "
                              f"--duplicate_threshold and --skip_bad_images it ran with.")
     os.makedirs(config["output_dir"], exist_ok=True)
     handle, temporary = tempfile.mkstemp(dir=config["output_dir"], prefix=f".{HELD_OUT_FILE}.", suffix=".tmp")
@@ -301,8 +302,8 @@ def probe_arguments(config: dict) -> ProbeArguments:
         random_flip=config["probe_random_flip"], hidden_size=config["hidden_size"],
         test_data_dir=config["test_data_dir"], test_split=config["test_split"],
         validation_split=config["validation_split"], duplicate_threshold=config["duplicate_threshold"],
-        mixed_precision=config["mixed_precision"], seed=config["seed"], cache_dir=_decode_cache(config),
-        **{key: config[key] for key in _SHARED_DATA_KEYS})
+        mixed_precision=config["mixed_precision"], seed=config["seed"], split_seed=config["split_seed"],
+        cache_dir=_decode_cache(config), **{key: config[key] for key in _SHARED_DATA_KEYS})
 
 
 def finished_pretraining(args: PretrainingArguments, compare_images: bool = True) -> Optional[dict]:
@@ -521,7 +522,11 @@ def register(subparsers) -> None:
     parser.add_argument("--duplicate_threshold", type=float, default=None,
                         help="Fingerprint similarity above which images are near-duplicates, kept on one side of "
                              "every carved split (default: mic_diffrep.leakage.DEFAULT_THRESHOLD).")
-    parser.add_argument("--seed", type=int, default=None, help="Seed (default 0).")
+    parser.add_argument("--seed", type=int, default=None,
+                        help="Seed of pretraining and of the probe's training (default 0).")
+    parser.add_argument("--split_seed", type=int, default=None,
+                        help="Seed of the validation and test parts carved from the data (default 0): apart from "
+                             "--seed, so that runs of several seeds are scored on the same images.")
     parser.add_argument("--skip_bad_images", action="store_const", const=True, default=None,
                         help="Skip unreadable images (listed in the results) instead of failing.")
     parser.add_argument("--no_skip_bad_images", dest="skip_bad_images", action="store_const", const=False,

@@ -68,7 +68,11 @@ class ProbeArguments(FeatureArguments):
         "help": "Train the heads on each training image or, at random, its mirror image (left-right; the mirror "
                 "images' features are extracted too, so twice the training side's extraction). Validation, test "
                 "and the exported classifier see images as they are."})
-    seed: int = field(default=0, metadata={"help": "Seed of splits and probe training."})
+    seed: int = field(default=0, metadata={"help": "Seed of the probe's training (its heads' initial weights and "
+                                                    "batch order)."})
+    split_seed: int = field(default=0, metadata={
+        "help": "Seed of the validation and test parts carved from the data (--validation_split, --test_split). Apart "
+                "from --seed, so that runs of several seeds are scored on the same images."})
     # Hub
     push_to_hub: bool = field(default=False, metadata={"help": "Upload the model folder to the Hub."})
     hub_model_id: Optional[str] = field(default=None, metadata={"help": "Hub repository id (default: folder name)."})

@@ -130,7 +130,8 @@ def _run_probe(args: ProbeArguments, extractor: Optional[FeatureExtractor]) -> d
         # the pipeline's Hub repository, which the model card links to (a Hub id, or where the folder was uploaded)
         "base_model": published_pipeline(args.pretrained) if extractor.exportable and args.pretrained else None,
         "test_data_dir": args.test_data_dir and os.path.abspath(args.test_data_dir), "test_split": test_source,
-        "validation_split": splits.validation_source, "class_warnings": splits.class_warnings,
+        "validation_split": splits.validation_source, "split_seed": args.split_seed,
+        "class_warnings": splits.class_warnings,
         "test_images_seen_in_pretraining": seen,  # None: not known (no pretraining summary, or its data gone)
         "leakage": splits.leakage, "skipped_images": merge_skipped(train, test),
         "features": {"pooling": args.pooling, "pooling_grid_size": args.pooling_grid_size,

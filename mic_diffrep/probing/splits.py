@@ -191,7 +191,7 @@ def _decoder(args: ProbeArguments, preprocessing: ImagePreprocessing, accelerato
 def _carve_validation(train: DecodedImages, args: ProbeArguments) -> np.ndarray:
     """The indices of the validation part carved from the training images."""
     groups = _split_groups(train, args.duplicate_threshold or DEFAULT_THRESHOLD)
-    return _carve(train.labels, groups, args.validation_split, args.seed, "--validation_split")[1]
+    return _carve(train.labels, groups, args.validation_split, args.split_seed, "--validation_split")[1]
 
 
 def carved_test_ids(args: ProbeArguments, preprocessing: ImagePreprocessing) -> List[str]:
@@ -281,7 +281,7 @@ def _train_and_test(args: ProbeArguments, decode):
                              f"patient folder with one. Give a test split of your own (a test/ folder, or "
                              f"--test_data_dir).")
     _, test_part = _carve(everything.labels[torch.as_tensor(candidates)], groups[candidates], args.test_split,
-                          args.seed, "--test_split")
+                          args.split_seed, "--test_split")
     test_idx = candidates[test_part]
     train_idx = np.setdiff1d(np.arange(len(everything)), test_idx)
     what = "its training images" if validation_files else f"{len(everything)} images"
