@@ -11,6 +11,7 @@ import platform
 import re
 import resource
 import shlex
+import subprocess
 import sys
 import tempfile
 import typing
@@ -497,8 +498,13 @@ def tracker_config(args) -> dict:
 
 
 def environment_info() -> dict:
-    """Versions and machine, for results files."""
+    """Versions and machine, for results files: with the package's version, the commit of the source checkout it
+    runs from (`source_commit`, `+dirty` when files tracked there are changed; `None` for an installed copy)."""
+    from . import __version__
+
     info = {
+        "mic_diffrep": __version__,
+        "source_commit": source_commit(),
         "python": sys.version.split()[0],
         "platform": platform.platform(),
         "processor": _cpu_model(),
@@ -512,6 +518,22 @@ def environment_info() -> dict:
         "cuda": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
     }
     return info
+
+
+def source_commit() -> Optional[str]:
+    """The git commit of the checkout the package was imported from, `+dirty` when tracked files differ from it;
+    `None` when it is no git checkout (a wheel) or git is missing."""
+    folder = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    try:
+        commit = subprocess.run(["git", "-C", folder, "rev-parse", "HEAD"], capture_output=True, text=True,
+                                timeout=10)
+        if commit.returncode != 0 or not os.path.isdir(os.path.join(folder, ".git")):
+            return None
+        changed = subprocess.run(["git", "-C", folder, "status", "--porcelain", "--untracked-files=no"],
+                                 capture_output=True, text=True, timeout=10).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return commit.stdout.strip() + ("+dirty" if changed else "")
 
 
 def _cpu_model() -> str:

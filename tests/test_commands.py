@@ -827,3 +827,15 @@ def test_predict_on_many_files_shows_progress_and_converts_a_batch_at_a_time(mod
     capsys.readouterr()
     rows = cli(["predict", "--model", model_dir, folder, "--batch_size", "4", "--json"])
     assert len(rows) == 18 and "Classifying" in capsys.readouterr().err
+
+
+def test_results_record_the_package_version_and_the_commit_they_were_made_with():
+    """Results files recorded library versions only: not which version of this package's code made them."""
+    from mic_diffrep.utils import environment_info
+
+    info = environment_info()
+    assert info["mic_diffrep"] == mic_diffrep.__version__
+    head = subprocess.run(["git", "-C", REPO, "rev-parse", "HEAD"], capture_output=True, text=True)
+    if head.returncode != 0:
+        pytest.skip("not a git checkout")
+    assert info["source_commit"].split("+")[0] == head.stdout.strip()
