@@ -27,10 +27,10 @@ import os
 import re
 from typing import TYPE_CHECKING, Dict, List, Optional, Tuple, Union
 
+import huggingface_hub
 import numpy as np
 import PIL.Image
 import torch
-from transformers import AutoImageProcessor, AutoModelForImageClassification
 
 from .data.folders import IMAGE_EXTENSIONS
 from .data.medical import MedicalSlice, SliceSelection, is_medical_file
@@ -229,14 +229,14 @@ def load_demo_model(model: Union[str, os.PathLike, MicDiffRepForImageClassificat
         if os.path.isdir(name):
             model, folder_processor = load_classifier(name)
         else:
-            try:
-                model = AutoModelForImageClassification.from_pretrained(name, local_files_only=local_files_only)
-                folder_processor = AutoImageProcessor.from_pretrained(name, local_files_only=local_files_only)
-            except OSError as error:
+            try:  # its snapshot, loaded as a local folder is (never through the Auto classes: no code of its own)
+                folder = huggingface_hub.snapshot_download(name, local_files_only=local_files_only)
+            except (OSError, ValueError, huggingface_hub.errors.HFValidationError) as error:
                 hint = (" (it is not in the local cache; to download it pass local_files_only=False, or "
                         "--allow_download to `mic-diffrep demo`)") if local_files_only else ""
                 raise FileNotFoundError(f"Cannot load a classifier from {name!r}: not a local folder, nor a Hub id "
                                         f"that loads ({error_summary(error)}){hint}.") from error
+            model, folder_processor = load_classifier(folder)
         processor = processor if processor is not None else folder_processor
     elif processor is None and isinstance(model, MicDiffRepForImageClassification):
         processor = MicDiffRepImageProcessor(resolution=model.config.resolution)

@@ -22,7 +22,7 @@ from typing import Dict, List, Optional, Sequence, Union
 import torch
 from safetensors import SafetensorError
 from tqdm.auto import tqdm
-from transformers import AutoConfig, AutoImageProcessor, AutoModelForImageClassification
+from transformers.utils import CONFIG_NAME
 
 from .data import (SEARCHED_WHAT, TEST_IMAGES_FILE, SliceSelection, check_labelled, decode_images,
                    find_image_files, label_by_class_folder, load_image_folder, pixels_to_model_input, read_image_list,
@@ -30,7 +30,7 @@ from .data import (SEARCHED_WHAT, TEST_IMAGES_FILE, SliceSelection, check_labell
 from .data.decoding import source_file
 from .data.folders import HOW_TO_SAVE, datasets_format
 from .data.medical import slice_selection
-from .models.mic_diffrep import MicDiffRepForImageClassification, MicDiffRepImageProcessor
+from .models.mic_diffrep import MicDiffRepConfig, MicDiffRepForImageClassification, MicDiffRepImageProcessor
 from .models.mic_diffrep.preprocessing import undecoded_images
 from .reporting.metrics import classification_report
 from .utils import error_summary, model_folder, precision_dtype, progress_interval
@@ -69,19 +69,44 @@ def load_classifier(model_dir: str, mixed_precision: Optional[str] = None, revis
                                     f"encoder's probe is scored only; a MicDiffRep probe writes a classifier.")
         raise FileNotFoundError(not_a_classifier(model_dir) or f"Model folder {model_dir!r} has no config.json; "
                                 f"train one with `mic-diffrep probe` or `mic-diffrep run`.")
+    # Loaded by the MicDiffRep classes themselves, never through the Auto classes: a folder naming other classes or
+    # code of its own (`auto_map`) would get them imported, or a terminal asked whether to run its code
+    kinds = {name: _json_field(os.path.join(model_dir, name), key)
+             for name, key in ((CONFIG_NAME, "model_type"), (PREPROCESSOR_FILE, "image_processor_type"))}
+    if kinds[CONFIG_NAME] != MicDiffRepConfig.model_type or kinds[PREPROCESSOR_FILE] not in (
+            None, MicDiffRepImageProcessor.__name__):
+        raise ValueError(f"{model_dir!r} is not a MicDiffRep classifier folder (its model_type is "
+                         f"{kinds[CONFIG_NAME]!r}, its image processor {kinds[PREPROCESSOR_FILE]!r}); none of its "
+                         f"code was run.")
     try:
         if mixed_precision is None:
-            mixed_precision = getattr(AutoConfig.from_pretrained(model_dir), "mixed_precision", "no")
+            mixed_precision = getattr(MicDiffRepConfig.from_pretrained(model_dir), "mixed_precision", "no")
             if mixed_precision == "fp16":
                 mixed_precision = "no"
-        model = AutoModelForImageClassification.from_pretrained(model_dir, dtype=precision_dtype(mixed_precision))
-        processor = AutoImageProcessor.from_pretrained(model_dir)
-    except (OSError, SafetensorError) as error:  # a missing, truncated or broken file of the folder
+        model = MicDiffRepForImageClassification.from_pretrained(model_dir, dtype=precision_dtype(mixed_precision),
+                                                                 use_safetensors=True)
+        processor = MicDiffRepImageProcessor.from_pretrained(model_dir)
+    except (OSError, SafetensorError, RuntimeError, ValueError, KeyError, TypeError) as error:  # a missing,
+        # truncated or broken file of the folder, or a config its weights do not fit
         raise ValueError(f"Model folder {model_dir!r} cannot be loaded ({error_summary(error)}); is it complete? "
                          f"Train it again with `mic-diffrep probe` or copy it anew.") from error
-    if not isinstance(model, MicDiffRepForImageClassification) or not isinstance(processor, MicDiffRepImageProcessor):
-        raise ValueError(f"{model_dir!r} is not a MicDiffRep classifier folder.")
     return model.eval(), processor
+
+
+PREPROCESSOR_FILE = "preprocessor_config.json"
+
+
+def _json_field(path: str, key: str):
+    """`key` of the JSON object in file `path`; `None` when the file is missing or holds no such key; a clear error
+    when it is not JSON."""
+    if not os.path.isfile(path):
+        return None
+    try:
+        with open(path, encoding="utf-8") as f:
+            value = json.load(f)
+    except (OSError, ValueError) as error:
+        raise ValueError(f"{path} cannot be read as JSON ({error_summary(error)}).") from None
+    return value.get(key) if isinstance(value, dict) else None
 
 
 @torch.no_grad()
@@ -237,7 +262,9 @@ def _class_names(model_dir: str, revision: Optional[str] = None) -> List[str]:
     """The class names in a model folder's `config.json`, read without loading the model (none when it cannot be
     read: `load_classifier` reports that)."""
     try:
-        return [str(name) for name in AutoConfig.from_pretrained(model_dir, revision=revision).id2label.values()]
+        folder = model_folder(model_dir, "Model folder", "", revision=revision)
+        id2label = _json_field(os.path.join(folder, CONFIG_NAME), "id2label")
+        return [str(id2label[key]) for key in sorted(id2label, key=int)] if isinstance(id2label, dict) else []
     except (OSError, ValueError, KeyError, TypeError):
         return []
 

@@ -212,9 +212,24 @@ def check_writable(folder: str, flag: str, path: str) -> None:
         raise ValueError(f"{flag} {path}: cannot write into {folder} ({error.strerror or error}).") from None
 
 
-def prepare_output_file(path: str, flag: str = "--output", extensions: Optional[Sequence[str]] = None) -> None:
-    """Checks an output file's path (not a folder, one of `extensions`, a folder that can be made and written) and
-    makes its folder before the work, so that a mistyped path costs nothing."""
+def check_outside_data(path: str, data_folders: Sequence[Optional[str]], flag: str) -> None:
+    """Refuses an output path that is one of the data folders a command reads, or inside one: its files would
+    replace images there or be read as images of it the next time."""
+    real = os.path.realpath(path)
+    for folder in data_folders:
+        if folder and os.path.isdir(folder):
+            root = os.path.realpath(folder)
+            if real == root or real.startswith(root.rstrip(os.sep) + os.sep):
+                raise ValueError(f"{flag} {path} is inside the data folder {folder}: what is written there would "
+                                 f"replace its images or be read as images of it; give a path outside it.")
+
+
+def prepare_output_file(path: str, flag: str = "--output", extensions: Optional[Sequence[str]] = None,
+                        data_folders: Sequence[Optional[str]] = ()) -> None:
+    """Checks an output file's path (not a folder, one of `extensions`, outside the `data_folders` the command
+    reads, a folder that can be made and written) and makes its folder before the work, so that a mistyped path
+    costs nothing."""
+    check_outside_data(path, data_folders, flag)
     if os.path.isdir(path):
         raise ValueError(f"{flag} {path} is a folder; give a file name.")
     if extensions and not path.lower().endswith(tuple(extensions)):
@@ -344,11 +359,13 @@ def not_a_pipeline(path: str) -> Optional[str]:
 
 
 @contextlib.contextmanager
-def output_folder(path: str, flag: str = "--output_dir", kind: Optional[str] = None):
-    """Creates `path` for a run's outputs, after checking it is a folder that can be written (and, with `kind`
-    `"pipeline"`, `"model"` or `"baseline"`, not a folder of another kind of model); if the run fails before writing
-    anything there, the empty folders it created (its parents too) are removed again, so a failed run leaves nothing
-    behind."""
+def output_folder(path: str, flag: str = "--output_dir", kind: Optional[str] = None,
+                  data_folders: Sequence[Optional[str]] = ()):
+    """Creates `path` for a run's outputs, after checking it is a folder that can be written, outside the
+    `data_folders` the run reads (and, with `kind` `"pipeline"`, `"model"` or `"baseline"`, not a folder of another
+    kind of model); if the run fails before writing anything there, the empty folders it created (its parents too)
+    are removed again, so a failed run leaves nothing behind."""
+    check_outside_data(path, data_folders, flag)
     if os.path.exists(path) and not os.path.isdir(path):
         raise ValueError(f"{flag} {path} is a file; give a folder.")
     held = kind and os.path.isdir(path) and _other_kind_held(path, kind)

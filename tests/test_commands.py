@@ -839,3 +839,54 @@ def test_results_record_the_package_version_and_the_commit_they_were_made_with()
     if head.returncode != 0:
         pytest.skip("not a git checkout")
     assert info["source_commit"].split("+")[0] == head.stdout.strip()
+
+
+@pytest.mark.parametrize("file, changes", [
+    ("preprocessor_config.json", {"image_processor_type": "EvilProcessor", "auto_map": {
+        "AutoImageProcessor": "evil.EvilProcessor"}}),
+    ("config.json", {"model_type": "evil", "auto_map": {"AutoConfig": "evil.EvilConfig"}})])
+def test_a_model_folder_naming_code_of_its_own_is_refused_without_running_it(model_dir, tmp_path, monkeypatch,
+                                                                            capsys, file, changes):
+    """`predict` loaded a classifier folder through the Auto classes: one naming code of its own (`auto_map`) got
+    a terminal asked "Do you wish to run the custom code? [y/N]", and "y" ran it before the folder was refused."""
+    import transformers.dynamic_module_utils
+
+    folder = tmp_path / "crafted"
+    shutil.copytree(model_dir, folder)
+    marker = tmp_path / "code_ran"
+    (folder / "evil.py").write_text(f"import pathlib\npathlib.Path({str(marker)!r}).touch()\n"
+                                    "class EvilProcessor: pass\nclass EvilConfig: pass\n")
+    settings = json.loads((folder / file).read_text())
+    (folder / file).write_text(json.dumps({**settings, **changes}))
+    monkeypatch.setattr(transformers.dynamic_module_utils, "resolve_trust_remote_code",
+                        lambda *args, **kwargs: True)  # a user answering "y" at the prompt
+    image = tmp_path / "x.png"
+    PIL.Image.fromarray(np.zeros((16, 16), dtype=np.uint8)).save(image)
+    with pytest.raises(SystemExit):
+        cli(["predict", "--model", str(folder), str(image)])
+    err = capsys.readouterr().err
+    assert "is not a MicDiffRep classifier folder" in err and "none of its code was run" in err
+    assert not marker.exists()
+
+
+def test_outputs_inside_the_data_folder_are_refused_before_any_work(model_dir, kaggle_folder, tmp_path, capsys):
+    """`evaluate --output` replaced an input image with its JSON report (and its confusion matrix became a new
+    image of the class); `probe` and `pretrain` into the data folder replaced its README.md and left their files to
+    be read as data."""
+    image = os.path.join(kaggle_folder, "Testing", "glioma", sorted(os.listdir(
+        os.path.join(kaggle_folder, "Testing", "glioma")))[0])
+    before = open(image, "rb").read()
+    files_before = sorted(str(p) for p in pathlib.Path(kaggle_folder).rglob("*"))
+    commands = [["evaluate", "--model", model_dir, "--data_dir", kaggle_folder, "--output", image],
+                ["check-leakage", "--within", kaggle_folder, "--output", os.path.join(kaggle_folder, "leak.json")],
+                ["probe", "--pretrained", "p", "--data_dir", kaggle_folder, "--output_dir", kaggle_folder],
+                ["pretrain", "--train_data_dir", kaggle_folder, "--output_dir",
+                 os.path.join(kaggle_folder, "Training", "out")],
+                ["run", "--data_dir", kaggle_folder, "--output_dir", os.path.join(kaggle_folder, "run")]]
+    for command in commands:
+        with pytest.raises(SystemExit) as error:
+            cli(command)
+        assert error.value.code == 2
+        assert "is inside the data folder" in capsys.readouterr().err, command
+    assert open(image, "rb").read() == before
+    assert sorted(str(p) for p in pathlib.Path(kaggle_folder).rglob("*")) == files_before

@@ -472,3 +472,38 @@ def test_decode_images_and_the_pipeline_take_common_dataset_shapes_or_name_the_c
     features = pipe.extract_features(streamed, timesteps=[5], layers=["mid_block"])
     expected = pipe.extract_features(paths, timesteps=[5], layers=["mid_block"])
     torch.testing.assert_close(features.features[("mid_block", 5)], expected.features[("mid_block", 5)])
+
+
+def test_save_image_folder_writes_every_image_where_it_is_read_back_or_refuses_the_row(tmp_path):
+    """A renamed image replaced another, hidden names were written and then skipped on reading, classes named `__x`
+    or like splits (`train`) read back as something else, and files that are no images were copied."""
+    import io
+
+    import numpy as np
+    import PIL.Image
+    from datasets import Dataset, Features, Image, Value
+
+    from mic_diffrep.data import save_image_folder
+
+    def png(value):
+        buffer = io.BytesIO()
+        PIL.Image.fromarray(np.full((8, 8), value, dtype=np.uint8)).save(buffer, format="PNG")
+        return buffer.getvalue()
+
+    names = ["a.png", "a-000002.png", "a.png", ".hidden.png", "..", "b\nc.png"]
+    records = [{"bytes": png(10 * (k + 1)), "path": name} for k, name in enumerate(names)]
+    features = Features({"image": Image(), "label": Value("string")})
+    save_image_folder(Dataset.from_dict({"image": records, "label": ["x"] * len(names)}, features=features),
+                      str(tmp_path / "out"))
+    read = load_image_folder(str(tmp_path / "out"))["train"]
+    values = sorted(int(np.asarray(PIL.Image.open(item["path"])).max()) for item in read["image"])
+    assert values == [10, 20, 30, 40, 50, 60]  # every row, none replaced, none hidden
+    for label, error in (("__x", "would be a hidden folder"), ("train", "would be read as a split folder"),
+                         ("b\nc", "holds a path separator or a control character"), ("x" * 300, "too long")):
+        with pytest.raises(ValueError, match=f"Row 0's class .* {error}"):
+            save_image_folder(Dataset.from_dict({"image": records[:1], "label": [label]}, features=features),
+                              str(tmp_path / "refused"))
+    (tmp_path / "notes.txt").write_text("not an image")
+    with pytest.raises(ValueError, match=r"Row 0's image .*notes.txt' is not an image file"):
+        save_image_folder(Dataset.from_dict({"image": [str(tmp_path / "notes.txt")]}), str(tmp_path / "refused"),
+                          label_column=None)

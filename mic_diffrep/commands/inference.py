@@ -43,7 +43,7 @@ def _slices(namespace) -> dict:
 
 def evaluate(namespace) -> dict:
     if namespace.output:
-        prepare_output_file(namespace.output)
+        prepare_output_file(namespace.output, data_folders=(namespace.data_dir,))
     report = evaluate_folder(namespace.model, namespace.data_dir, namespace.splits, namespace.batch_size,
                              namespace.mixed_precision, namespace.skip_bad_images, _slices(namespace),
                              namespace.image_list, namespace.revision)

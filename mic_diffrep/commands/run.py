@@ -30,7 +30,8 @@ from ..reporting.results import run_report_markdown
 from ..training import RECIPE_KEYS, SUMMARY_FILE, PretrainingArguments, default_recipe, pretrain
 from ..training.checkpointing import check_new_run
 from ..training.loop import training_fingerprint, training_images
-from ..utils import MIXED_PRECISION_CHOICES, check_value, command_line, is_first_process, write_json
+from ..utils import (MIXED_PRECISION_CHOICES, check_outside_data, check_value, command_line, is_first_process,
+                     write_json)
 from .base import DeprecatedFlag
 
 
@@ -186,6 +187,7 @@ def check_run(config: dict, pretraining_args: PretrainingArguments, probe_args: 
     bad = [t for t in probe_args.timesteps if not 0 <= t < pretraining_args.ddpm_num_steps]
     if bad:
         raise ValueError(f"`timesteps` {bad}: read-out timesteps must be in [0, {pretraining_args.ddpm_num_steps}).")
+    check_outside_data(config["output_dir"], (config["data_dir"], config["test_data_dir"]), "--output_dir")
     splits = load_image_folder(config["data_dir"])
     for split in splits.values():
         check_labelled(split, f"`data_dir` {config['data_dir']}",

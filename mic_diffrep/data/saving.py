@@ -13,8 +13,10 @@ as split and class folders by `save_image_folder`.
 """
 
 import io
+import itertools
 import logging
 import os
+import re
 import shutil
 from typing import Optional, Union
 
@@ -26,7 +28,7 @@ from tqdm.auto import tqdm
 
 from ..models.mic_diffrep.preprocessing import medical_record_suffix
 from ..utils import progress_interval
-from .folders import SPLIT_ALIASES
+from .folders import SEARCHED_WHAT, SPLIT_ALIASES, is_image_file
 
 
 logger = logging.getLogger(__name__)
@@ -69,6 +71,9 @@ def save_image_folder(dataset: Union[Dataset, DatasetDict], output_dir: str, ima
         if label_column is not None and label_column not in part.column_names:
             raise ValueError(f"{name} has no label column {label_column!r}: its columns are {part.column_names}; "
                              f"pass label_column= (None: unlabelled images).")
+        if label_column is not None:  # every class checked before anything is written
+            for index, label in enumerate(part[label_column]):
+                _class_folder(label, part.features[label_column], index, split is not None)
     if os.path.exists(output_dir) and (not os.path.isdir(output_dir) or os.listdir(output_dir)):
         raise FileExistsError(f"{output_dir!r} exists and is not an empty folder: give a new folder (nothing is "
                               f"overwritten).")
@@ -80,7 +85,8 @@ def save_image_folder(dataset: Union[Dataset, DatasetDict], output_dir: str, ima
             feature = part.features[label_column] if label_column is not None else None
             taken = set()
             for index, row in enumerate(part):
-                class_name = _class_folder(row[label_column], feature, index) if label_column is not None else ""
+                class_name = (_class_folder(row[label_column], feature, index, split is not None)
+                              if label_column is not None else "")
                 folder = os.path.join(output_dir, folders[split], class_name)
                 os.makedirs(folder, exist_ok=True)
                 _write_image(row[image_column], folder, index, taken)
@@ -88,14 +94,21 @@ def save_image_folder(dataset: Union[Dataset, DatasetDict], output_dir: str, ima
     return output_dir
 
 
-def _class_folder(label, feature, index: int) -> str:
-    """The class folder name of row `index`'s label."""
+def _class_folder(label, feature, index: int, split_folders: bool) -> str:
+    """The class folder name of row `index`'s label, or an error naming the row when the folder would not be read
+    back as that class (`load_image_folder` skips hidden and `__` folders, and takes split names at the top as
+    splits)."""
     if label is None or (isinstance(feature, ClassLabel) and label == -1):
         raise ValueError(f"Row {index} has no label: leave unlabelled rows out, or pass label_column=None.")
     name = feature.int2str(int(label)) if isinstance(feature, ClassLabel) else str(label)
-    if not name.strip() or name.startswith(".") or "/" in name or os.sep in name:
-        raise ValueError(f"Row {index}'s class {name!r} cannot name a class folder (empty, hidden, or holding a "
-                         f"path separator).")
+    why = ("is empty" if not name.strip() else
+           "would be a hidden folder, which is not read" if name.startswith((".", "__")) else
+           "holds a path separator or a control character" if re.search(r"[/\\\x00-\x1f\x7f]", name) else
+           "is too long for a folder name" if len(name.encode()) > 255 else
+           "would be read as a split folder (pass a DatasetDict, whose splits hold the class folders)"
+           if not split_folders and any(name.lower() in aliases for aliases in SPLIT_ALIASES.values()) else None)
+    if why:
+        raise ValueError(f"Row {index}'s class {name!r} {why}: rename the class.")
     return name
 
 
@@ -105,8 +118,11 @@ def _write_image(image, folder: str, index: int, taken: set) -> None:
     if isinstance(image, str):  # a column of file paths
         image = {"path": image, "bytes": None}
     if isinstance(image, dict) and (image.get("bytes") is not None or image.get("path")):
-        name = os.path.basename(image.get("path") or "")
+        # its own file name, read back as an image: not hidden (a leading dot), no control characters
+        name = re.sub(r"[\x00-\x1f\x7f]", "_", os.path.basename(image.get("path") or "")).lstrip(".")
         data = image.get("bytes")
+        if data is None and not is_image_file(image["path"]):  # only images are copied
+            raise ValueError(f"Row {index}'s image {image['path']!r} is not an image file read here ({SEARCHED_WHAT}).")
         if data is not None and not os.path.splitext(name)[1]:  # no extension to read it by: the format's own
             suffix = medical_record_suffix(data, name) or _image_suffix(data, index)
             name = f"{name or f'{index:06d}'}{suffix}"
@@ -143,11 +159,13 @@ def _image_suffix(data: bytes, index: int) -> str:
 
 
 def _free_name(folder: str, name: str, index: int, taken: set) -> str:
-    """`folder/name`, or, when another image of the folder has that name, the name with its row number added."""
-    path = os.path.join(folder, name)
-    if path in taken or os.path.exists(path):
-        lowered = name.lower()
-        stem_length = len(name) - (7 if lowered.endswith(".nii.gz") else len(os.path.splitext(name)[1]))
-        path = os.path.join(folder, f"{name[:stem_length]}-{index:06d}{name[stem_length:]}")
+    """`folder/name`, or, when another image of the folder has that name, the name with its row number added (and a
+    count, should that be taken too): no image written replaces another."""
+    lowered = name.lower()
+    stem_length = len(name) - (7 if lowered.endswith(".nii.gz") else len(os.path.splitext(name)[1]))
+    stem, extension = name[:stem_length][:200], name[stem_length:]  # room for the suffix in 255 bytes
+    candidates = itertools.chain([f"{stem}{extension}", f"{stem}-{index:06d}{extension}"],
+                                 (f"{stem}-{index:06d}-{count}{extension}" for count in itertools.count(2)))
+    path = next(p for p in (os.path.join(folder, c) for c in candidates) if p not in taken and not os.path.exists(p))
     taken.add(path)
     return path

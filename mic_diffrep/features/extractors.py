@@ -266,7 +266,8 @@ class ClipFeatureExtractor(EncoderFeatureExtractor):
 
     @classmethod
     def from_pretrained(cls, path: str, resolution: int = 112) -> "ClipFeatureExtractor":
-        return cls(CLIPVisionModel.from_pretrained(path, local_files_only=True), source=path, resolution=resolution)
+        model = CLIPVisionModel.from_pretrained(path, local_files_only=True, use_safetensors=True)  # no pickles
+        return cls(model, source=path, resolution=resolution)
 
     def resolve(self, args: FeatureArguments) -> FeatureArguments:
         return super().resolve(replace(args, pooling="avg"))

@@ -74,7 +74,7 @@ def run_probe(args: ProbeArguments, extractor: Optional[FeatureExtractor] = None
     """The SL sweep and MSFA of `args.pretrained` (or of `extractor`, which runs in its own precision unless
     `args.mixed_precision` says otherwise), written to `args.output_dir`; returns the results (also in
     `results.json`)."""
-    with output_folder(args.output_dir, kind="model"):
+    with output_folder(args.output_dir, kind="model", data_folders=(args.data_dir, args.test_data_dir)):
         return _run_probe(args, extractor)
 
 

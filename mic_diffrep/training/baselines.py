@@ -30,7 +30,7 @@ logger = logging.getLogger(__name__)
 def pretrain_baseline(args: BaselinePretrainingArguments) -> dict:
     """Pretrains `args.method` and writes its folder; returns the summary also written to
     `pretraining_summary.json`."""
-    with output_folder(args.output_dir, kind="baseline"):
+    with output_folder(args.output_dir, kind="baseline", data_folders=(args.train_data_dir,)):
         check_new_run(args.output_dir, args.resume_from_checkpoint, args.overwrite_output_dir)
         return _pretrain_baseline(args)
 

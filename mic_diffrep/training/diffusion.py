@@ -188,7 +188,7 @@ def register_ema_for_checkpointing(accelerator, ema_model: EMAModel, checkpoint:
 
 def pretrain(args: PretrainingArguments) -> dict:
     """Pretrains and writes the pipeline folder; returns the summary also written to `pretraining_summary.json`."""
-    with output_folder(args.output_dir, kind="pipeline"):
+    with output_folder(args.output_dir, kind="pipeline", data_folders=(args.train_data_dir,)):
         check_new_run(args.output_dir, args.resume_from_checkpoint, args.overwrite_output_dir)
         return _pretrain(args)
 
