@@ -78,9 +78,9 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 from common import (DEFAULT_DATA_DIR, DIRECTIONS, MAX_IMAGES_HELP, OVERWRITE_HELP, REPO, Benchmark,  # noqa: E402
-                    HelpFormatter, cached_extract, check_recorded_results, command_line, environment_info,
-                    machine_line, output_prefix, positive_float, positive_int, pretrain_for_budget, probe_protocol,
-                    restore_calibration, run_main, slug, unet_config, writable_folder, write_results)
+                    HelpFormatter, cached_extract, check_recorded_results, environment_info, machine_line,
+                    output_prefix, positive_float, positive_int, pretrain_for_budget, probe_protocol, provenance,
+                    rendered_lines, restore_calibration, run_main, slug, unet_config, writable_folder, write_results)
 from mic_diffrep.features import DiffusionFeatureExtractor, FeatureArguments  # noqa: E402
 from mic_diffrep.probing import ProbeConfig  # noqa: E402
 
@@ -405,7 +405,7 @@ class Ablation:
         left_out = levers_left_out(self.args)
         # a re-render (every row reused) keeps the machine its rows were measured on, and its note unless given one
         recorded = self.recorded if not self.measured else {}
-        result = {"command": command_line(),
+        result = {**provenance(recorded, self.measured),
                   "environment": recorded.get("environment") or environment_info(), "resolution": self.args.resolution,
                   "proxy_minutes": self.args.proxy_minutes, **measured_on(self.args),
                   "note": self.args.note or recorded.get("note", ""),
@@ -515,6 +515,7 @@ def markdown(result: Dict) -> str:
         f"Command: `{result['command']}`  ",
         machine_line(env, ("torch", "diffusers")),
         "",
+        *rendered_lines(result),
         unet + f"{result['resolution']} px, bf16, pretrained on the 5,708 unlabelled training "
         f"images for {result['proxy_minutes']:g} minutes of its own calibrated throughput (steps fixed before "
         "training; `benchmarks/common.py`). Features: all blocks, fixed noise, bf16. Probe: the paper's MSFA protocol. "

@@ -30,10 +30,10 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 from common import (BASELINES, BASELINE_RECIPES, DEFAULT_DATA_DIR, DIRECTIONS, MAX_IMAGES_HELP,  # noqa: E402
-                    OVERWRITE_HELP, REPO, Benchmark, HelpFormatter, check_recorded_results, baseline_recipe,
-                    cached_extract, command_line, environment_info, feature_cache_name, machine_line, micdiffrep_run,
-                    output_prefix, positive_float, positive_int, pretrain_for_budget, probe_protocol,
-                    readout_arguments, run_feature_cache_name, run_main, unet_config, writable_folder)
+                    OVERWRITE_HELP, REPO, Benchmark, HelpFormatter, baseline_recipe, cached_extract,
+                    check_recorded_results, command_line, environment_info, feature_cache_name, machine_line,
+                    micdiffrep_run, output_prefix, positive_float, positive_int, pretrain_for_budget, probe_protocol,
+                    readout_arguments, rendered_lines, run_feature_cache_name, run_main, unet_config, writable_folder)
 from diffusers import DDIMScheduler, UNet2DModel  # noqa: E402
 from mic_diffrep import DiffusionFeaturePipeline, save_image_grid  # noqa: E402
 from mic_diffrep.data import pixels_to_model_input  # noqa: E402
@@ -256,8 +256,7 @@ def markdown(result, label_names):
         "# Brain tumour MRI benchmark", "",
         f"Command: `{result['command']}`  ",
         machine_line(env, ("torch", "diffusers", "transformers")), "",
-        *([f"Rendered again from the recorded `.json` (no figure measured anew): `{result['rendered_by']}`", ""]
-          if result.get("rendered_by") else []),
+        *rendered_lines(result),
         (f"Data: a random {result['num_images']:,} of the images of `Training/` for the probes (`--max_images`; "
          "pretraining read them all)" if result.get("max_images") else
          f"Data: the {result['num_images']:,} images of `Training/`")

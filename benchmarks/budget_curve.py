@@ -26,9 +26,9 @@ import numpy as np
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 from common import (DEFAULT_DATA_DIR, DIRECTIONS, MAX_IMAGES_HELP, OVERWRITE_HELP, REPO, Benchmark,  # noqa: E402
-                    HelpFormatter, cached_extract, check_recorded_results, command_line, environment_info,
-                    load_extractor, machine_line, method_recipe, output_prefix, positive_float, positive_int,
-                    pretrain_for_budget, probe_protocol, readout_arguments, restore_calibration,
+                    HelpFormatter, cached_extract, check_recorded_results, environment_info, load_extractor,
+                    machine_line, method_recipe, output_prefix, positive_float, positive_int, pretrain_for_budget,
+                    probe_protocol, provenance, readout_arguments, rendered_lines, restore_calibration,
                     run_feature_cache_name, run_main, unet_config, writable_folder, write_results)
 from mic_diffrep.probing import ProbeConfig  # noqa: E402
 
@@ -298,13 +298,13 @@ def save(args, points, measured: bool = True) -> str:
     every point reused) keeps the environment OUTPUT.json recorded, the one its points were measured in, and its
     note unless given one."""
     plot(points, args.output + ".png")
-    environment, note = environment_info(), args.note
+    environment, note, recorded = environment_info(), args.note, {}
     if not measured and os.path.isfile(args.output + ".json"):
         with open(args.output + ".json") as f:
             recorded = json.load(f)
         environment = recorded.get("environment", environment)
         note = note or recorded.get("note", "")  # a re-render keeps the recorded note unless given one
-    result = {"command": command_line(), "environment": environment, "note": note,
+    result = {**provenance(recorded, measured), "environment": environment, "note": note,
               "image": os.path.basename(args.output) + ".png", **summarise(points)}
     text = markdown(result)
     write_results(args.output, result, text)
@@ -357,7 +357,7 @@ def markdown(result):
     points, means, env = result["points"], result["means"], result["environment"]
     seeds = sorted({p["seed"] for p in points})
     lines = ["# Accuracy against pretraining budget", "", f"Command: `{result['command']}`  ",
-             machine_line(env), "",
+             machine_line(env), "", *rendered_lines(result),
              f"![budget curve]({result.get('image', 'budget_curve.png')})", ""]
     if result["note"]:
         lines += [result["note"], ""]

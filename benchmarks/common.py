@@ -198,6 +198,21 @@ def command_line() -> str:
     return "python " + shlex.join([os.path.relpath(sys.argv[0], REPO)] + sys.argv[1:])
 
 
+def provenance(recorded: Dict, measured: bool) -> Dict:
+    """The `command` of a results file written now: the running command when it measured something; a re-render of
+    recorded results (nothing measured) keeps the command that measured them, and names itself `rendered_by`."""
+    if measured or not recorded.get("command"):
+        return {"command": command_line()}
+    return {"command": recorded["command"], "rendered_by": command_line()}
+
+
+def rendered_lines(result: Dict) -> List[str]:
+    """The results file's line saying it was rendered again from its JSON (`provenance`), if it was."""
+    if not result.get("rendered_by"):
+        return []
+    return [f"Rendered again from the recorded `.json` (no figure measured anew): `{result['rendered_by']}`", ""]
+
+
 def common_argv(data_dir: str, work_dir: str, resolution: int, seed: int) -> List[str]:
     # the real path: a run or calibration is the same whichever way its folder was named (`../shared` or not)
     return ["--train_data_dir", os.path.realpath(os.path.join(data_dir, "Training")), "--resolution", str(resolution),

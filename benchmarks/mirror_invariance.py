@@ -30,9 +30,9 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 from budget_curve import METHODS  # noqa: E402
 from common import (DEFAULT_DATA_DIR, DIRECTIONS, OVERWRITE_HELP, REPO, Benchmark, HelpFormatter,  # noqa: E402
-                    budget_run_dir, cached_extract, check_recorded_results, command_line, environment_info,
-                    feature_cache_name, load_extractor, machine_line, method_recipe, output_prefix, positive_float,
-                    probe_protocol, readout_arguments, run_main, writable_folder, write_results)
+                    budget_run_dir, cached_extract, check_recorded_results, environment_info, feature_cache_name,
+                    load_extractor, machine_line, method_recipe, output_prefix, positive_float, probe_protocol,
+                    provenance, readout_arguments, rendered_lines, run_main, writable_folder, write_results)
 from mic_diffrep.leakage import check_leakage  # noqa: E402
 from mic_diffrep.models.mic_diffrep.unet_features import concatenate_features  # noqa: E402
 from mic_diffrep.probing import ProbeConfig  # noqa: E402
@@ -162,7 +162,7 @@ FLIP_NOISE = {
 def markdown(result) -> str:
     env, composition = result["environment"], result["composition"]
     lines = ["# Mirrored near-duplicates and mirror invariance", "", f"Command: `{result['command']}`  ",
-             machine_line(env), ""]
+             machine_line(env), "", *rendered_lines(result)]
     if result["note"]:
         lines += [result["note"], ""]
     lines += ["## The cross-source test sets", "",
@@ -230,8 +230,10 @@ def main():
     if probed and run_dirs and flip_noise != "shared":
         flip_noise = "mixed"
     # nothing measured here (every probe reused): the machine and versions the results were measured with
-    environment = previous["environment"] if previous.get("environment") and not run_dirs else environment_info()
-    result = {"command": command_line(), "environment": environment, "note": args.note,
+    measured = bool(run_dirs) or not previous.get("composition")
+    environment = previous["environment"] if previous.get("environment") and not measured else environment_info()
+    result = {**provenance(previous, measured), "environment": environment,
+              "note": args.note or (previous.get("note", "") if not measured else ""),
               "flip_noise": flip_noise,
               "minutes": args.minutes, "seed": args.seed, "points_file": os.path.relpath(args.points, REPO),
               "composition": composition, "recorded": split_recorded_points(points, composition), "probed": probed}

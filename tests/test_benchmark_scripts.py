@@ -594,8 +594,9 @@ def test_the_budget_curve_rewrites_recorded_points_only_without_the_data(tmp_pat
               for method, run in (("micdiffrep", "micdiffrep-small-power3"), ("mocov2", "mocov2")) for seed in (0, 1)]
     output = tmp_path / "seeds"
     measured_on = {"processor": "the measuring machine", "cpu_count": 2, "torch": "2.0"}
-    (tmp_path / "seeds.json").write_text(json.dumps({"points": points[:3], "environment": measured_on}))  # MoCo v2's
-    # seed 1 was not run
+    (tmp_path / "seeds.json").write_text(json.dumps({"points": points[:3], "environment": measured_on,
+                                                     "command": "python benchmarks/budget_curve.py --seeds 0 1"}))
+    # (MoCo v2's seed 1 was not run)
     monkeypatch.setattr(budget_curve, "Benchmark", None)  # reading the data would fail
     monkeypatch.setattr(sys, "argv", ["budget_curve.py", "--reuse_results", "--recorded_only", "--minutes", "30",
                                       "--seeds", "0", "1", "--output", str(output), "--note", "stopped part-way"])
@@ -606,6 +607,10 @@ def test_the_budget_curve_rewrites_recorded_points_only_without_the_data(tmp_pat
     # nothing was measured here: the results keep the machine and versions the points were measured with
     assert result["environment"] == measured_on
     assert "Machine: the measuring machine, 2 CPUs, no GPU; torch 2.0" in (tmp_path / "seeds.md").read_text()
+    # and the command that measured them, the re-render naming itself apart (it replaced the measuring command)
+    assert result["command"] == "python benchmarks/budget_curve.py --seeds 0 1"
+    assert "--recorded_only" in result["rendered_by"] and "Rendered again from the recorded `.json`" in (
+        tmp_path / "seeds.md").read_text()
     # re-rendered without --note, the recorded note stays (it was dropped)
     monkeypatch.setattr(sys, "argv", ["budget_curve.py", "--reuse_results", "--recorded_only", "--minutes", "30",
                                       "--seeds", "0", "1", "--output", str(output)])
