@@ -396,3 +396,24 @@ def test_reading_a_volume_copies_each_slice_not_the_whole_volume(tmp_path):
         tracemalloc.stop()
     volume_bytes = volume.size * 8  # read as float64
     assert peak < 2.5 * volume_bytes  # the volume and its slices: 2.0x; with a copy of the volume per slice: 3.0x
+
+
+def test_files_claiming_more_pixels_than_one_file_may_hold_are_refused_before_decoding(tmp_path, monkeypatch):
+    """A small compressed DICOM of many large frames took 4 GB of memory (no limit on frames x rows x columns),
+    and a multi-page TIFF of large deflated pages 1.5 GB (each page under PIL's limit, all decoded and copied)."""
+    import PIL.Image
+
+    from mic_diffrep.data import medical
+    from mic_diffrep.models.mic_diffrep import preprocessing
+
+    monkeypatch.setattr(medical, "MAX_VOXELS", 1000)  # the same checks as at 2^29, on small files
+    monkeypatch.setattr(preprocessing, "MAX_VOXELS", 1000)
+    frames = write_dicom(tmp_path / "frames.dcm", np.ones((3, 20, 20)))  # 1,200 pixels
+    with pytest.raises(MedicalImageError, match=r"frames\.dcm: its header gives 3 frame\(s\) of 20 x 20 \(1,200 "
+                                                r"pixels\), more than the 1,000 read from one file"):
+        read_medical_slices(frames)
+    assert len(read_medical_slices(write_dicom(tmp_path / "two.dcm", np.ones((2, 20, 20))))) == 2  # 800: read
+    pages = [PIL.Image.fromarray(np.full((20, 20), k * 40, dtype=np.uint8)) for k in range(3)]
+    pages[0].save(tmp_path / "pages.tif", save_all=True, append_images=pages[1:])
+    with pytest.raises(ValueError, match=r"pages\.tif: its 3 pages hold 1,200 pixels, more than the 1,000"):
+        preprocessing.image_pages(str(tmp_path / "pages.tif"))

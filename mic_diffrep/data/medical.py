@@ -79,15 +79,13 @@ from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple, Union
 
 import numpy as np
 
-from ..models.mic_diffrep.preprocessing import has_dicom_preamble, is_medical_path
+from ..models.mic_diffrep.preprocessing import MAX_VOXELS, has_dicom_preamble, is_medical_path
 
 
 logger = logging.getLogger(__name__)
 
 
 MEDICAL_EXTENSIONS = (".dcm", ".dicom", ".ima", ".nii", ".nii.gz")
-# The most voxels of one NIfTI volume read (2^30: 1024^3, a whole-body CT of 512 x 512 x 4096 slices).
-MAX_NIFTI_VOXELS = 2**30
 DICOM_EXTENSIONS = (".dcm", ".dicom", ".ima")  # `.ima`: Siemens' name for its DICOM files
 NIFTI_EXTENSIONS = (".nii", ".nii.gz")
 
@@ -378,8 +376,13 @@ def read_dicom(path: PathLike) -> List[MedicalSlice]:
             "grey first."
         )
 
-    stored = _decode_dicom_pixels(ds, filename)
     num_frames = int(ds.get("NumberOfFrames", 1) or 1)
+    voxels = num_frames * int(ds.get("Rows", 0) or 0) * int(ds.get("Columns", 0) or 0)
+    if voxels > MAX_VOXELS:  # compressed frames can claim gigabytes from a small file: refused before decoding
+        raise MedicalImageError(f"{filename}: its header gives {num_frames} frame(s) of {ds.get('Rows')} x "
+                                f"{ds.get('Columns')} ({voxels:,} pixels), more than the {MAX_VOXELS:,} read from "
+                                f"one file.")
+    stored = _decode_dicom_pixels(ds, filename)
     frames = stored if num_frames > 1 else stored[None]
     if frames.ndim != 3 or frames.shape[0] != num_frames:
         raise MedicalImageError(
@@ -556,9 +559,9 @@ def read_nifti(
             f"{filename}: expected a 2-D image, 3-D volume or 4-D series of volumes, got data of shape {shape}."
         )
     voxels = int(np.prod(shape[:3], dtype=np.int64))  # of the one volume read
-    if voxels > MAX_NIFTI_VOXELS:  # a corrupt header: refused before memory runs out
+    if voxels > MAX_VOXELS:  # a corrupt header: refused before memory runs out
         raise MedicalImageError(f"{filename}: its header gives a volume of shape {shape[:3]} ({voxels:,} voxels), more "
-                                f"than the {MAX_NIFTI_VOXELS:,} read here: a corrupt header?")
+                                f"than the {MAX_VOXELS:,} read from one file: a corrupt header?")
     offset = int(getattr(image.dataobj, "offset", 0) or 0)  # where the data starts, after the header
     data_bytes = voxels * dtype.itemsize  # of the first volume, the one read
     if filename.lower().endswith(".nii") and os.path.getsize(filename) < offset + data_bytes:  # read as it is

@@ -60,6 +60,10 @@ ImageInput = Union[PIL.Image.Image, np.ndarray, torch.Tensor, str, os.PathLike]
 
 _DEEP_MODES = ("I", "I;16", "I;16B", "I;16L", "I;16N", "F")
 # As `mic_diffrep.data.medical.MEDICAL_EXTENSIONS` (repeated: this module must import without mic_diffrep.data).
+# The most pixels one file gives (every frame of a DICOM file, slice of a NIfTI volume, page of a TIFF file, together):
+# 2^29, about 4 GiB as the float64 the readers work in (a whole-body CT of 512 x 512 x 2048 slices). A small file
+# whose header or compression claims more (a corrupt or hostile one) is refused before it is decoded.
+MAX_VOXELS = 2**29
 _MEDICAL_EXTENSIONS = (".dcm", ".dicom", ".ima", ".nii", ".nii.gz")
 _MEDICAL_INSTALL_HINT = "reading DICOM/NIfTI needs `pip install mic-diffrep pydicom nibabel`"
 
@@ -101,6 +105,13 @@ def image_pages(image) -> Optional[List[PIL.Image.Image]]:
     if isinstance(image, PIL.Image.Image):
         if image.format != "TIFF" or getattr(image, "n_frames", 1) < 2:
             return None
+        total = 0
+        for index in range(image.n_frames):  # the pages' sizes, from their headers, before any is decoded
+            image.seek(index)
+            total += image.size[0] * image.size[1]
+        if total > MAX_VOXELS:
+            raise ValueError(f"{getattr(image, 'filename', '') or 'A TIFF file'}: its {image.n_frames} pages hold "
+                             f"{total:,} pixels, more than the {MAX_VOXELS:,} read from one file.")
         pages = []
         for index in range(image.n_frames):
             image.seek(index)
