@@ -224,6 +224,21 @@ def check_outside_data(path: str, data_folders: Sequence[Optional[str]], flag: s
                                  f"replace its images or be read as images of it; give a path outside it.")
 
 
+def check_card_replaceable(output_dir: str) -> None:
+    """Refuses an output folder holding a `README.md` that is no mic-diffrep model card (a user's own notes, a
+    dataset's card): the run writes its card there, and `--overwrite_output_dir` is about earlier runs, not that."""
+    path = os.path.join(output_dir, "README.md")
+    if not os.path.isfile(path):
+        return
+    with open(path, encoding="utf-8", errors="replace") as f:
+        head = f.read(4096)
+    parts = head.split("---", 2)
+    front_matter = parts[1] if head.startswith("---") and len(parts) == 3 else ""  # a card's YAML: its tags
+    if "mic-diffrep" not in front_matter:
+        raise ValueError(f"{output_dir} holds a README.md that is not a mic-diffrep model card, which this run would "
+                         f"replace with its own: give another folder, or move the README.md; nothing was changed.")
+
+
 def prepare_output_file(path: str, flag: str = "--output", extensions: Optional[Sequence[str]] = None,
                         data_folders: Sequence[Optional[str]] = ()) -> None:
     """Checks an output file's path (not a folder, one of `extensions`, outside the `data_folders` the command

@@ -890,3 +890,27 @@ def test_outputs_inside_the_data_folder_are_refused_before_any_work(model_dir, k
         assert "is inside the data folder" in capsys.readouterr().err, command
     assert open(image, "rb").read() == before
     assert sorted(str(p) for p in pathlib.Path(kaggle_folder).rglob("*")) == files_before
+
+
+def test_a_readme_of_the_users_own_is_not_replaced_by_a_model_card(kaggle_folder, unlabelled_folder, tmp_path,
+                                                                   capsys):
+    """`probe` and `pretrain` into a folder holding the user's README.md replaced it with their model card (only
+    their own files counted as an earlier run's); a folder of an earlier run, card and all, is replaced as before."""
+    pipe = tmp_path / "pipe"
+    DiffusionFeaturePipeline(create_unet(16, "tiny"), create_scheduler()).save_pretrained(pipe)
+    for name, command in (("probe", ["probe", "--pretrained", str(pipe), "--data_dir", kaggle_folder, "--timesteps",
+                                     "5", "--num_epochs", "1", "--hidden_size", "8"]),
+                          ("pretrain", ["pretrain", "--train_data_dir", unlabelled_folder, "--resolution", "16",
+                                        "--model_config_name_or_path", "tiny", "--max_train_steps", "1",
+                                        "--logger", "none"])):
+        folder = tmp_path / name
+        folder.mkdir()
+        (folder / "README.md").write_text("# My notes\n")
+        with pytest.raises(SystemExit):
+            cli(command + ["--output_dir", str(folder)])
+        assert "holds a README.md that is not a mic-diffrep model card" in capsys.readouterr().err
+        assert (folder / "README.md").read_text() == "# My notes\n"
+        (folder / "README.md").unlink()
+        cli(command + ["--output_dir", str(folder)])  # its own card, then replaced by a rerun's
+        assert "mic-diffrep" in (folder / "README.md").read_text()
+        cli(command + ["--output_dir", str(folder), "--overwrite_output_dir"])

@@ -31,8 +31,8 @@ from ..features import (FeatureExtractor, StaleFeatureCacheError, extract_sharde
                         launch_precision, load_feature_extractor, load_features, pixels_fingerprint,
                         prepare_extractor, remove_parts, save_features)
 from ..reporting.hub import create_hub_repo, default_repo_id, published_pipeline
-from ..utils import (command_line, create_accelerator, environment_info, hub_commit, model_source, output_folder,
-                     precision_name)
+from ..utils import (check_card_replaceable, command_line, create_accelerator, environment_info, hub_commit,
+                     model_source, output_folder, precision_name)
 from .arguments import ProbeArguments
 from .export import check_new_probe, remove_earlier_probe, write_model_folder, write_results
 from .heads import ProbeConfig
@@ -89,6 +89,8 @@ def _run_probe(args: ProbeArguments, extractor: Optional[FeatureExtractor]) -> d
         args = replace(args, mixed_precision=precision_name(extractor.dtype))
     args = launch_precision(args, accelerator)
     extractor = extractor or load_feature_extractor(args.pretrained, args.resolution, args.revision)
+    if extractor.exportable:  # its model card would replace a README.md of the user's own (a baseline writes none)
+        check_card_replaceable(args.output_dir)
     if args.push_to_hub:  # checked before the work, not after it
         if not extractor.exportable:
             raise ValueError(f"--push_to_hub: {args.pretrained} is a {extractor.name} folder, which is scored only; "

@@ -30,8 +30,8 @@ from ..models.mic_diffrep.unet_features import is_self_conditioned, predicted_cl
 from ..pipelines import DiffusionFeaturePipeline, save_image_grid
 from ..reporting.hub import create_hub_repo, default_repo_id, push_pipeline_to_hub
 from ..reporting.model_card import write_pipeline_card
-from ..utils import (SUMMARY_FILE, command_line, environment_info, output_folder, peak_memory_mb, tracker_config,
-                     write_json)
+from ..utils import (SUMMARY_FILE, check_card_replaceable, command_line, environment_info, output_folder,
+                     peak_memory_mb, tracker_config, write_json)
 from .arguments import RECIPE_KEYS, PretrainingArguments
 from .checkpointing import check_new_run, find_checkpoint, save_pipeline
 from .loop import (TrainingState, end_trackers, load_training_images, make_accelerator, make_dataloader,
@@ -190,6 +190,7 @@ def pretrain(args: PretrainingArguments) -> dict:
     """Pretrains and writes the pipeline folder; returns the summary also written to `pretraining_summary.json`."""
     with output_folder(args.output_dir, kind="pipeline", data_folders=(args.train_data_dir,)):
         check_new_run(args.output_dir, args.resume_from_checkpoint, args.overwrite_output_dir)
+        check_card_replaceable(args.output_dir)  # its pipeline card would replace a README.md of the user's own
         return _pretrain(args)
 
 
