@@ -560,3 +560,23 @@ def test_a_patients_slices_stay_together_under_a_class_folder_named_on_a_mac():
     name = unicodedata.normalize("NFC", "méningiome")
     path = f"/data/{unicodedata.normalize('NFD', name)}/p1/0.png"
     assert patient_folder(path, name) == f"/data/{unicodedata.normalize('NFD', name)}/p1"
+
+
+def test_a_replacing_probe_stopped_while_writing_leaves_the_earlier_probe_whole(probe_setup, monkeypatch):
+    """`--overwrite_output_dir` removed the earlier probe, then wrote the new one file by file: stopped while
+    writing its model card, the folder held the new config and weights, no card, and nothing of the earlier probe."""
+    main(probe_args(probe_setup))
+    out = probe_setup / "out"
+    earlier = {p.name: p.read_bytes() for p in out.iterdir() if p.is_file()}
+
+    def stopped(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr("mic_diffrep.probing.export.write_model_card", stopped)
+    with pytest.raises(KeyboardInterrupt):
+        main(probe_args(probe_setup, "--timesteps", "50"))
+    assert {p.name: p.read_bytes() for p in out.iterdir() if p.is_file()} == earlier
+    assert not [p for p in out.iterdir() if p.name.startswith(".tmp-probe-")]  # no staging folder left
+    monkeypatch.undo()
+    assert main(probe_args(probe_setup, "--timesteps", "50"))["msfa"]["timesteps"] == [50]
+    assert json.loads((out / "config.json").read_text())["timesteps"] == [50] and (out / "README.md").is_file()

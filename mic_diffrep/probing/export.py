@@ -7,7 +7,6 @@ from transformers.utils import CONFIG_NAME, SAFE_WEIGHTS_NAME
 
 from ..data import TEST_IMAGES_FILE
 from ..models.mic_diffrep import MicDiffRepImageProcessor, modeling_mic_diffrep
-from ..reporting.hub import push_to_hub
 from ..reporting.model_card import write_model_card
 from ..reporting.plotting import plot_accuracy_vs_timestep, plot_confusion_matrix
 from ..reporting.results import results_markdown
@@ -92,20 +91,20 @@ def _image_processor(preprocessing, slice_settings: dict) -> MicDiffRepImageProc
                                     intensity_window=preprocessing.intensity_window, **slice_settings)
 
 
-def write_model_folder(extractor, probe, results: dict, label_names, args: ProbeArguments) -> bool:
-    """Saves the classifier (frozen model + MSFA head), its image processor and model card into `args.output_dir`,
-    and uploads it with `args.push_to_hub`. Returns `False` when the extractor cannot be exported (baselines)."""
+def write_model_folder(extractor, probe, results: dict, label_names, args: ProbeArguments,
+                       output_dir: Optional[str] = None) -> bool:
+    """Saves the classifier (frozen model + MSFA head), its image processor and model card into `output_dir`
+    (default `args.output_dir`). Returns `False` when the extractor cannot be exported (baselines)."""
+    output_dir = output_dir or args.output_dir
     msfa = results["msfa"]
     model = extractor.classifier(probe.head, probe.mean, probe.std, msfa["layers"], msfa["timesteps"], label_names,
                                  args, args.hidden_size, args.classifier_dropout)
     if model is None:
         return False
-    model.save_pretrained(args.output_dir)
-    share_as_umask_allows(os.path.join(args.output_dir, SAFE_WEIGHTS_NAME))
+    model.save_pretrained(output_dir)
+    share_as_umask_allows(os.path.join(output_dir, SAFE_WEIGHTS_NAME))
     _image_processor(extractor.preprocessing, {
         "slice_axis": args.slice_axis, "slice_range": None if args.slice_range is None else list(args.slice_range),
-        "keep_empty_slices": args.keep_empty_slices}).save_pretrained(args.output_dir)
-    write_model_card(args.output_dir, results)
-    if args.push_to_hub:
-        push_to_hub(args.output_dir, args.hub_model_id, token=args.hub_token, create_repo=False)
+        "keep_empty_slices": args.keep_empty_slices}).save_pretrained(output_dir)
+    write_model_card(output_dir, results)
     return True

@@ -20,6 +20,8 @@ test split is scored once, at the end.
 
 import logging
 import os
+import shutil
+import tempfile
 from dataclasses import replace
 from typing import Dict, Optional, Tuple
 
@@ -30,7 +32,7 @@ from ..data.decoding import merge_skipped
 from ..features import (FeatureExtractor, StaleFeatureCacheError, extract_sharded, inherit_pretrained_slices,
                         launch_precision, load_feature_extractor, load_features, pixels_fingerprint,
                         prepare_extractor, remove_parts, save_features)
-from ..reporting.hub import create_hub_repo, default_repo_id, published_pipeline
+from ..reporting.hub import create_hub_repo, default_repo_id, published_pipeline, push_to_hub
 from ..utils import (check_card_replaceable, command_line, create_accelerator, environment_info, hub_commit,
                      model_source, output_folder, precision_name)
 from .arguments import ProbeArguments
@@ -142,15 +144,26 @@ def _run_probe(args: ProbeArguments, extractor: Optional[FeatureExtractor]) -> d
                      "resolution": extractor.preprocessing.resolution},
     })
     if accelerator.is_main_process:
-        if replacing:  # --overwrite_output_dir: the earlier probe is replaced once the new results are ready
-            remove_earlier_probe(args.output_dir)
-        write_results(args.output_dir, results, train.label_names)
-        scored = [path for path, leaked in zip(test.paths, splits.leaked.tolist())
-                  if not (leaked and args.exclude_leaked_test)]
-        write_image_list(os.path.join(args.output_dir, TEST_IMAGES_FILE), scored, args.test_data_dir or args.data_dir,
-                         f"The {len(scored)} test images of this probe, relative to the folder they came from: "
-                         f"mic-diffrep evaluate --model MODEL --data_dir FOLDER --image_list MODEL/{TEST_IMAGES_FILE}")
-        write_model_folder(extractor, probes["msfa"], results, train.label_names, args)
+        # Written into a staging folder first, then moved in: a probe stopped while writing (Ctrl-C, a full disk)
+        # leaves the earlier probe whole, not half of each
+        staging = tempfile.mkdtemp(dir=args.output_dir, prefix=".tmp-probe-")
+        try:
+            write_results(staging, results, train.label_names)
+            scored = [path for path, leaked in zip(test.paths, splits.leaked.tolist())
+                      if not (leaked and args.exclude_leaked_test)]
+            write_image_list(os.path.join(staging, TEST_IMAGES_FILE), scored, args.test_data_dir or args.data_dir,
+                             f"The {len(scored)} test images of this probe, relative to the folder they came from: "
+                             f"mic-diffrep evaluate --model MODEL --data_dir FOLDER --image_list "
+                             f"MODEL/{TEST_IMAGES_FILE}")
+            exported = write_model_folder(extractor, probes["msfa"], results, train.label_names, args, staging)
+            if replacing:  # --overwrite_output_dir: the earlier probe is replaced once the new one is written
+                remove_earlier_probe(args.output_dir)
+            for name in os.listdir(staging):
+                os.replace(os.path.join(staging, name), os.path.join(args.output_dir, name))
+        finally:
+            shutil.rmtree(staging, ignore_errors=True)
+        if exported and args.push_to_hub:
+            push_to_hub(args.output_dir, args.hub_model_id, token=args.hub_token, create_repo=False)
         msfa, sl = results["msfa"]["test"]["all"], results["sl_best"]["test"]["all"]
         where = results["sl_best"]["layer"] + (f", t={results['sl_best']['timestep']}"
                                                if extractor.name == "micdiffrep" else "")
