@@ -34,7 +34,12 @@ def _import_checkout_pipelines() -> None:
         spec = importlib.util.spec_from_file_location(f"{__name__}.pipelines", os.path.join(folder, "__init__.py"),
                                                       submodule_search_locations=[folder])
         module = sys.modules[spec.name] = importlib.util.module_from_spec(spec)
-        spec.loader.exec_module(module)
+        try:
+            spec.loader.exec_module(module)
+        except BaseException:
+            del sys.modules[spec.name]
+            raise
+        setattr(sys.modules[__name__], "pipelines", module)  # as an import of the subpackage sets it
 
 
 _import_checkout_pipelines()

@@ -69,15 +69,7 @@ def load_classifier(model_dir: str, mixed_precision: Optional[str] = None, revis
                                     f"encoder's probe is scored only; a MicDiffRep probe writes a classifier.")
         raise FileNotFoundError(not_a_classifier(model_dir) or f"Model folder {model_dir!r} has no config.json; "
                                 f"train one with `mic-diffrep probe` or `mic-diffrep run`.")
-    # Loaded by the MicDiffRep classes themselves, never through the Auto classes: a folder naming other classes or
-    # code of its own (`auto_map`) would get them imported, or a terminal asked whether to run its code
-    kinds = {name: _json_field(os.path.join(model_dir, name), key)
-             for name, key in ((CONFIG_NAME, "model_type"), (PREPROCESSOR_FILE, "image_processor_type"))}
-    if kinds[CONFIG_NAME] != MicDiffRepConfig.model_type or kinds[PREPROCESSOR_FILE] not in (
-            None, MicDiffRepImageProcessor.__name__):
-        raise ValueError(f"{model_dir!r} is not a MicDiffRep classifier folder (its model_type is "
-                         f"{kinds[CONFIG_NAME]!r}, its image processor {kinds[PREPROCESSOR_FILE]!r}); none of its "
-                         f"code was run.")
+    check_classifier_folder(model_dir)
     try:
         if mixed_precision is None:
             mixed_precision = getattr(MicDiffRepConfig.from_pretrained(model_dir), "mixed_precision", "no")
@@ -94,6 +86,19 @@ def load_classifier(model_dir: str, mixed_precision: Optional[str] = None, revis
 
 
 PREPROCESSOR_FILE = "preprocessor_config.json"
+
+
+def check_classifier_folder(model_dir: str) -> None:
+    """Refuses a folder whose config does not name a MicDiffRep classifier, from its JSON alone. The folder is then
+    loaded by the MicDiffRep classes themselves, never through the Auto classes: a folder naming other classes or
+    code of its own (`auto_map`) would get them imported, or a terminal asked whether to run its code."""
+    kinds = {name: _json_field(os.path.join(model_dir, name), key)
+             for name, key in ((CONFIG_NAME, "model_type"), (PREPROCESSOR_FILE, "image_processor_type"))}
+    if kinds[CONFIG_NAME] != MicDiffRepConfig.model_type or kinds[PREPROCESSOR_FILE] not in (
+            None, MicDiffRepImageProcessor.__name__):
+        raise ValueError(f"{model_dir!r} is not a MicDiffRep classifier folder (its model_type is "
+                         f"{kinds[CONFIG_NAME]!r}, its image processor {kinds[PREPROCESSOR_FILE]!r}); none of its "
+                         f"code was run.")
 
 
 def _json_field(path: str, key: str):
@@ -227,14 +232,19 @@ def evaluate_folder(model_dir: str, data_dir: str, splits: Optional[Union[str, S
     elif "test" not in dataset_dict:
         _warn_if_probed_on(model_dir, data_dir)
     # One class folder reads as unlabelled (`Testing/glioma/`) or as labelled by its patients' folders
-    # (`Testing/glioma/patient1/`): the model's classes tell which.
-    class_names = _class_names(model_dir, revision)
+    # (`Testing/glioma/patient1/`): the model's classes tell which. A Hub repository is resolved once, so that the
+    # classes and the model come from one commit.
+    try:
+        folder = model_folder(model_dir, "Model folder", "", revision=revision)
+    except (OSError, ValueError):  # said by `load_classifier`, after the data's own errors
+        folder = None
+    class_names = _class_names(folder) if folder else []
     dataset = label_by_class_folder(dataset, data_dir, class_names)
     check_labelled(dataset, data_dir, "evaluation", "class sub-folders, or one named as a class of the model")
     unknown = sorted(set(dataset.features["label"].names) - set(class_names)) if class_names else []
     if unknown:  # before the model is loaded and the images decoded
         raise ValueError(f"{data_dir} has classes {unknown} the model does not know ({class_names}).")
-    model, processor = load_classifier(model_dir, mixed_precision, revision)
+    model, processor = load_classifier(folder or model_dir, mixed_precision, None if folder else revision)
     decoded = decode_images(dataset, processor.preprocessing, skip_bad_images=skip_bad_images,
                             slices=model_slices(processor, slices))
     if wanted:
@@ -258,12 +268,11 @@ def evaluate_folder(model_dir: str, data_dir: str, splits: Optional[Union[str, S
     return report
 
 
-def _class_names(model_dir: str, revision: Optional[str] = None) -> List[str]:
+def _class_names(model_dir: str) -> List[str]:
     """The class names in a model folder's `config.json`, read without loading the model (none when it cannot be
     read: `load_classifier` reports that)."""
     try:
-        folder = model_folder(model_dir, "Model folder", "", revision=revision)
-        id2label = _json_field(os.path.join(folder, CONFIG_NAME), "id2label")
+        id2label = _json_field(os.path.join(model_dir, CONFIG_NAME), "id2label")
         return [str(id2label[key]) for key in sorted(id2label, key=int)] if isinstance(id2label, dict) else []
     except (OSError, ValueError, KeyError, TypeError):
         return []

@@ -213,12 +213,13 @@ def check_writable(folder: str, flag: str, path: str) -> None:
 
 
 def check_outside_data(path: str, data_folders: Sequence[Optional[str]], flag: str) -> None:
-    """Refuses an output path that is one of the data folders a command reads, or inside one: its files would
-    replace images there or be read as images of it the next time."""
-    real = os.path.realpath(path)
+    """Refuses an output path that is one of the data folders a command reads, or inside one: its files (model
+    folders, plots) would replace images there or be read as images of it the next time. Compared as the file
+    system sees paths (through links; without case on Windows)."""
+    real = os.path.normcase(os.path.realpath(path))
     for folder in data_folders:
         if folder and os.path.isdir(folder):
-            root = os.path.realpath(folder)
+            root = os.path.normcase(os.path.realpath(folder))
             if real == root or real.startswith(root.rstrip(os.sep) + os.sep):
                 raise ValueError(f"{flag} {path} is inside the data folder {folder}: what is written there would "
                                  f"replace its images or be read as images of it; give a path outside it.")

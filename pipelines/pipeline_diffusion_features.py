@@ -281,7 +281,8 @@ class DiffusionFeaturePipeline(DiffusionPipeline):
                 try:  # a file's slices are preprocessed before the next is read
                     pixels.append(self.preprocessing(image))
                 except (OSError, SyntaxError) as error:  # PIL's own messages do not name the file ("truncated")
-                    raise OSError(f"Cannot read image {image_id or f'#{len(pixels)}'}: {error}") from error
+                    kind = type(error) if isinstance(error, OSError) else OSError  # FileNotFoundError stays one
+                    raise kind(f"Cannot read image {image_id or f'#{len(pixels)}'}: {error}") from error
                 ids.append(image_id)
             if not pixels:
                 raise ValueError("No images given.")

@@ -1,4 +1,5 @@
 import os
+import shutil
 
 import pytest
 import torch
@@ -125,6 +126,13 @@ def test_local_clip_vision_model_plugs_into_the_probe(kaggle_folder, tmp_path):
                                 str(tmp_path / "probe"), "--num_epochs", "2", "--hidden_size", "8",
                                 "--resolution", "32"]))
     assert results["method"] == "baseline-clip"
+    # a folder of pickled weights only (older CLIP checkpoints) is refused in one line, saying how to convert it
+    (tmp_path / "pickled").mkdir()
+    shutil.copy(tmp_path / "clip" / "config.json", tmp_path / "pickled" / "config.json")
+    torch.save(CLIPVisionModel.from_pretrained(tmp_path / "clip").state_dict(), tmp_path / "pickled" / "pytorch_model.bin")
+    with pytest.raises(ValueError, match=r"pickled: a CLIP folder is read from model.safetensors only .*convert it"):
+        probe(parse(ProbeArguments, ["--pretrained", str(tmp_path / "pickled"), "--data_dir", kaggle_folder,
+                                     "--output_dir", str(tmp_path / "probe2"), "--resolution", "32"]))
 
 
 @pytest.mark.parametrize("method", ["mocov2", "mae"])

@@ -87,6 +87,7 @@ def test_a_source_checkout_imports_without_being_installed():
     paths = [REPO, sysconfig.get_paths()["purelib"], *site.getsitepackages()]
     code = ("import sys, mic_diffrep; from mic_diffrep.pipelines import DiffusionFeaturePipeline as P; "
             "assert mic_diffrep.DiffusionFeaturePipeline is P and 'site-packages' not in mic_diffrep.__file__; "
+            "assert mic_diffrep.pipelines.DiffusionFeaturePipeline is P; "
             "print(P.__module__)")
     result = subprocess.run([sys.executable, "-S", "-c", code], capture_output=True, text=True, timeout=120,
                             env=dict(os.environ, PYTHONPATH=os.pathsep.join(paths)), cwd=REPO)
@@ -878,7 +879,6 @@ def test_outputs_inside_the_data_folder_are_refused_before_any_work(model_dir, k
     before = open(image, "rb").read()
     files_before = sorted(str(p) for p in pathlib.Path(kaggle_folder).rglob("*"))
     commands = [["evaluate", "--model", model_dir, "--data_dir", kaggle_folder, "--output", image],
-                ["check-leakage", "--within", kaggle_folder, "--output", os.path.join(kaggle_folder, "leak.json")],
                 ["probe", "--pretrained", "p", "--data_dir", kaggle_folder, "--output_dir", kaggle_folder],
                 ["pretrain", "--train_data_dir", kaggle_folder, "--output_dir",
                  os.path.join(kaggle_folder, "Training", "out")],

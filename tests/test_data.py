@@ -422,9 +422,9 @@ def test_a_datasets_dataset_is_saved_as_the_image_folder_every_command_reads(tmp
     arrays = [np.full((8, 8), 1000 * (k + 1), dtype=np.uint16) for k in range(2)]
     memory = Dataset.from_dict({"image": arrays, "label": [0, 1]},
                                features=Features({"image": Image(), "label": ClassLabel(names=["a", "b"])}))
-    save_image_folder(memory, str(tmp_path / "memory"))
-    pixels = np.asarray(PIL.Image.open(tmp_path / "memory" / "b" / os.listdir(tmp_path / "memory" / "b")[0]))
-    assert pixels.max() == 2000
+    save_image_folder(memory, str(tmp_path / "memory"))  # a Dataset: the train split
+    written = tmp_path / "memory" / "train" / "b"
+    assert np.asarray(PIL.Image.open(written / os.listdir(written)[0])).max() == 2000
     for kwargs, error in (({"image_column": "img"}, r"no image column 'img': its columns are \['image', 'label'\]"),
                           ({"label_column": "diagnosis"}, r"no label column 'diagnosis'")):
         with pytest.raises(ValueError, match=error):
@@ -440,6 +440,8 @@ def test_a_datasets_dataset_is_saved_as_the_image_folder_every_command_reads(tmp
         load_image_folder(str(tmp_path / "classes"))
     assert "metadata.csv is an imagefolder metadata file, whose columns are not read" in caplog.text
     assert "save_image_folder" in caplog.text
+    (tmp_path / "classes" / "state.json").write_text("{}")  # another tool's file beside the classes: still images
+    assert len(load_image_folder(str(tmp_path / "classes"))["train"]) == 12
     embedded.to_parquet(str(tmp_path / "data.parquet"))
     with pytest.raises(ValueError, match="is a Parquet / Arrow file, not an image folder"):
         load_image_folder(str(tmp_path / "data.parquet"))
@@ -490,20 +492,35 @@ def test_save_image_folder_writes_every_image_where_it_is_read_back_or_refuses_t
         PIL.Image.fromarray(np.full((8, 8), value, dtype=np.uint8)).save(buffer, format="PNG")
         return buffer.getvalue()
 
-    names = ["a.png", "a-000002.png", "a.png", ".hidden.png", "..", "b\nc.png"]
+    names = ["a.png", "a-000002.png", "a.png", ".hidden.png", "..", "b\nc.png", "case.12", "sub-01.ses_1"]
     records = [{"bytes": png(10 * (k + 1)), "path": name} for k, name in enumerate(names)]
     features = Features({"image": Image(), "label": Value("string")})
     save_image_folder(Dataset.from_dict({"image": records, "label": ["x"] * len(names)}, features=features),
                       str(tmp_path / "out"))
     read = load_image_folder(str(tmp_path / "out"))["train"]
     values = sorted(int(np.asarray(PIL.Image.open(item["path"])).max()) for item in read["image"])
-    assert values == [10, 20, 30, 40, 50, 60]  # every row, none replaced, none hidden
-    for label, error in (("__x", "would be a hidden folder"), ("train", "would be read as a split folder"),
-                         ("b\nc", "holds a path separator or a control character"), ("x" * 300, "too long")):
-        with pytest.raises(ValueError, match=f"Row 0's class .* {error}"):
-            save_image_folder(Dataset.from_dict({"image": records[:1], "label": [label]}, features=features),
+    assert values == [10, 20, 30, 40, 50, 60, 70, 80]  # every row, none replaced, none hidden or of another kind
+    # classes named like splits read back as classes (a Dataset is the train split), and so do the images of one
+    for labels in (["train", "test"], ["x"]):
+        folder = tmp_path / "-".join(labels)
+        save_image_folder(Dataset.from_dict({"image": records[:2], "label": (labels * 2)[:2]}, features=features),
+                          str(folder))
+        read = load_image_folder(str(folder))
+        assert list(read) == ["train"] and len(read["train"]) == 2
+        if len(labels) > 1:
+            assert read["train"].features["label"].names == ["test", "train"]
+    for labels, error in ((["__x"], "Row 0's class '__x' would be a hidden folder"),
+                          (["b\nc"], "Row 0's class .* holds a path separator or a control character"),
+                          (["x" * 300], "Row 0's class .* too long"), (["a:b"], "Row 0's class 'a:b' holds a character"),
+                          (["nul"], "Row 0's class 'nul' is a name Windows reserves"),
+                          (["Glioma", "glioma"], "Row 1's class 'glioma' and the class 'Glioma' differ only in case")):
+        with pytest.raises(ValueError, match=error):
+            save_image_folder(Dataset.from_dict({"image": records[:len(labels)], "label": labels}, features=features),
                               str(tmp_path / "refused"))
+        assert not (tmp_path / "refused").exists()
     (tmp_path / "notes.txt").write_text("not an image")
-    with pytest.raises(ValueError, match=r"Row 0's image .*notes.txt' is not an image file"):
-        save_image_folder(Dataset.from_dict({"image": [str(tmp_path / "notes.txt")]}), str(tmp_path / "refused"),
+    with pytest.raises(ValueError, match=r"Row 1's image .*notes.txt' is not an image file"):
+        save_image_folder(Dataset.from_dict({"image": [str(tmp_path / "x" / "train" / "x" / "a.png"),
+                                                       str(tmp_path / "notes.txt")]}), str(tmp_path / "refused"),
                           label_column=None)
+    assert not (tmp_path / "refused").exists()  # the image written before the bad row is gone with its folder

@@ -689,6 +689,8 @@ def test_an_unreadable_image_is_named(tmp_path):
     (tmp_path / "cut.png").write_bytes(data[: len(data) // 2])
     with pytest.raises(OSError, match=r"Cannot read image .*cut.png: "):
         pipe.extract_features([str(good), str(tmp_path / "cut.png")], timesteps=[5], layers=["mid_block"])
+    with pytest.raises(FileNotFoundError):  # the kind of error kept
+        pipe.extract_features([str(tmp_path / "missing.png")], timesteps=[5], layers=["mid_block"])
     records = Dataset.from_dict({"image": [{"path": "scan_7.png", "bytes": data[: len(data) // 2]}]},
                                 features=Features({"image": ImageFeature(decode=False)}))
     with pytest.raises(OSError, match=r"Cannot read image scan_7.png \(the bytes of a datasets record\)"):

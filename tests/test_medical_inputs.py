@@ -615,3 +615,10 @@ def test_dicom_and_nifti_files_held_as_bytes_in_a_dataset_are_read_as_those_file
     from_files = pipe.extract_features([volume, multi], timesteps=[5], layers=["mid_block"])
     torch.testing.assert_close(from_records.features[("mid_block", 5)], from_files.features[("mid_block", 5)])
     assert from_records.image_ids[0] == "vol.nii.gz#slice=1" and len(from_records.image_ids) == 7
+    assert from_records.image_ids[4] == "<bytes #1>#slice=0"  # as decode_images names an unnamed record's slices
+    # a record that cannot be read is named, not the temporary file it was read from
+    cut = Dataset.from_dict({"image": [{"bytes": records[0]["bytes"][:200], "path": "cut.nii.gz"}]},
+                            features=Features({"image": ImageFeature(decode=False)}))
+    with pytest.raises(Exception, match=r"cut\.nii\.gz") as error:
+        pipe.extract_features(cut, timesteps=[5], layers=["mid_block"])
+    assert "mic-diffrep-" not in str(error.value)

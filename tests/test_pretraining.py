@@ -259,6 +259,14 @@ def test_exclude_image_list_leaves_the_listed_files_out(unlabelled_folder, tmp_p
                              "--exclude_image_list", str(listed)))
     assert summary["num_images"] == 22
     assert test_images_seen_in_pretraining(str(tmp_path / "written_otherwise"), test_ids) == 1
+    # the data folder given through a symbolic link, the list's paths resolved (or the other way round: macOS's /tmp)
+    os.symlink(unlabelled_folder, tmp_path / "link")
+    listed.write_text(f"{os.path.join(os.path.realpath(unlabelled_folder), '000.png')}\n")
+    assert main(tiny_args(str(tmp_path / "link"), str(tmp_path / "through_link"), "--max_train_steps", "1",
+                          "--exclude_image_list", str(listed)))["num_images"] == 23
+    listed.write_text(f"{tmp_path / 'link' / '000.png'}\n")
+    assert main(tiny_args(unlabelled_folder, str(tmp_path / "listed_through_link"), "--max_train_steps", "1",
+                          "--exclude_image_list", str(listed)))["num_images"] == 23
     listed.write_text("000.png\nelsewhere/000.png\n")  # a list of another folder: an error, not nothing left out
     with pytest.raises(ValueError, match=r"--exclude_image_list .*: 1 listed file\(s\) are not among the images "
                                          r"read of .*'elsewhere/000.png'"):

@@ -310,7 +310,10 @@ def test_exported_model_reproduces_the_probe_test_accuracy(probe_setup, extra):
 
 def test_the_probe_flag_has_the_classifier_configs_name_and_keeps_its_earlier_one(probe_setup):
     assert probe_args(probe_setup, "--classifier_dropout", "0.25").classifier_dropout == 0.25
-    assert probe_args(probe_setup, "--dropout", "0.25").classifier_dropout == 0.25  # as scripts wrote it before
+    with pytest.warns(FutureWarning, match="`dropout` of the probe is deprecated"):  # as scripts wrote it before
+        assert probe_args(probe_setup, "--dropout", "0.25").classifier_dropout == 0.25
+    with pytest.warns(FutureWarning):  # and Python callers
+        assert ProbeArguments(pretrained="p", data_dir="d", output_dir="o", dropout=0.25).classifier_dropout == 0.25
 
 
 def test_without_a_test_folder_a_duplicate_aware_hold_out_is_carved(tmp_path):

@@ -35,7 +35,7 @@ def check(namespace) -> Union[LeakageReport, DuplicateGroupsReport]:
         if namespace.output.lower().endswith(".csv"):
             raise ValueError(f"--output {namespace.output}: give the JSON report's name (e.g. report.json); the CSV of "
                              f"pairs or groups is written beside it under the same name, ending in .csv.")
-        prepare_output_file(namespace.output, data_folders=(namespace.train, namespace.test, namespace.within))
+        prepare_output_file(namespace.output)
     mirror = not namespace.no_mirror
     if namespace.within is not None:
         report = within_duplicates(_decode_folder(namespace.within, namespace), namespace.duplicate_threshold,

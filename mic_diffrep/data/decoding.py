@@ -225,7 +225,9 @@ def _cache_key(sources: List[Union[str, bytes]], paths: List[str], preprocessing
     for source, path in tqdm(zip(sources, paths), total=len(paths), desc="Checking the decode cache", unit="img",
                              disable=not show_progress, mininterval=progress_interval(), delay=2):
         if isinstance(source, bytes):  # a record's bytes, whatever its file name says
-            digest.update(f"{path}|bytes|{hashlib.sha256(source).hexdigest()}\n".encode())
+            # (a DICOM / NIfTI file's bytes keyed apart: caches of versions that could not read them listed them bad)
+            kind = "medical-bytes" if medical_record_suffix(source, path) else "bytes"
+            digest.update(f"{path}|{kind}|{hashlib.sha256(source).hexdigest()}\n".encode())
             continue
         try:
             digest.update(f"{os.path.abspath(path)}|{_file_digest(path)}\n".encode())

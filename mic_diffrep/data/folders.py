@@ -77,12 +77,12 @@ HOW_TO_SAVE = ("load it with `datasets` (`load_from_disk`, `load_dataset(\"parqu
 def datasets_format(path: str) -> Optional[str]:
     """What `datasets` wrote at `path`, if anything: a `save_to_disk` folder, a Parquet / Arrow file, or a folder of
     nothing but such files, which are not image folders; `None` for anything else (an image folder with a Parquet
-    file beside its class folders is one)."""
+    file or a `state.json` of another tool beside its class folders is one)."""
     if os.path.isfile(path):
         return "a Parquet / Arrow file" if path.lower().endswith(DATASETS_FILE_EXTENSIONS) else None
     if os.path.isdir(path):
         names = [name for name in os.listdir(path) if not name.startswith(".")]
-        if set(names) & set(DATASETS_FOLDER_FILES):
+        if set(names) & set(DATASETS_FOLDER_FILES) and not _has_images(path):
             return "a `datasets` save_to_disk folder"
         data_files = [name for name in names if name.lower().endswith(DATASETS_FILE_EXTENSIONS)]
         if data_files and all(name in data_files or name.lower().endswith((".json", ".md", ".txt", ".lock"))
@@ -396,9 +396,23 @@ def read_image_list(path: str, flag: str = "--image_list", root: Optional[str] =
     if not ids:
         raise ValueError(f"{flag} {path} lists no images.")
     if root is not None:
-        ids = [relative_image_id(os.path.join(root, source_file(image_id)) + image_id[len(source_file(image_id)):],
-                                 root) for image_id in ids]
+        ids = [_id_under(root, source_file(image_id)) + image_id[len(source_file(image_id)):] for image_id in ids]
     return ids
+
+
+def _id_under(root: str, path: str) -> str:
+    """A listed file's id relative to `root`: `path` as it is when relative; an absolute one relative to `root`,
+    through symbolic links where need be (`/tmp` is `/private/tmp` on macOS: a list of resolved paths names the
+    images of a folder given through a link, and the other way round)."""
+    if not os.path.isabs(path):
+        return relative_image_id(os.path.join(root, path), root)
+    for base, file in ((os.path.abspath(root), os.path.abspath(path)),
+                       (os.path.realpath(root), os.path.join(os.path.realpath(os.path.dirname(path)),
+                                                             os.path.basename(path)))):
+        relative = os.path.relpath(file, base)
+        if relative != os.pardir and not relative.startswith(os.pardir + os.sep):
+            return relative.replace(os.sep, "/")
+    return relative_image_id(path, root)
 
 
 def listed_files(dataset: Dataset, data_dir: str, image_list: str, flag: str = "--exclude_image_list") -> set:

@@ -18,6 +18,7 @@ import logging
 import os
 import re
 import shutil
+import unicodedata
 from typing import Optional, Union
 
 import numpy as np
@@ -39,21 +40,20 @@ def save_image_folder(dataset: Union[Dataset, DatasetDict], output_dir: str, ima
     returns `output_dir`.
 
     A `DatasetDict`'s splits become split folders (`train/`, `validation/`, `test/`, or names meaning them such as
-    `val`); a `Dataset` is written without one. Each label becomes a class folder, named by the label column's
+    `val`); a `Dataset` is the `train/` split. Each label becomes a class folder, named by the label column's
     `ClassLabel` names, its strings, or its integers; a dataset without `label_column` (pass `None`) is written
     unlabelled. Each image is written as it is stored: a record's bytes (DICOM and NIfTI files too) or a copy of
     its file, under its file name (numbered when it has none, or when another image of its class folder has it);
     an image held in memory (a PIL image, an array) as a PNG, 16-bit images kept 16-bit. `output_dir` must be new
-    or empty: nothing is overwritten.
+    or empty: nothing is overwritten, and a row that cannot be written (named in the error) leaves it as it was.
     """
-    splits = dataset if isinstance(dataset, DatasetDict) else {None: dataset}
     if not isinstance(dataset, (Dataset, DatasetDict)):
         raise TypeError(f"save_image_folder takes a datasets.Dataset or DatasetDict, got {type(dataset).__name__}.")
+    # A Dataset is the train split (`train/`): written without a split folder, one class folder would read back as
+    # the data folder itself, and classes named like splits as splits
+    splits = dataset if isinstance(dataset, DatasetDict) else {"train": dataset}
     folders = {}
     for split in splits:
-        if split is None:
-            folders[split] = ""
-            continue
         canonical = next((name for name, aliases in SPLIT_ALIASES.items() if split.lower() in aliases), None)
         if canonical is None:
             raise ValueError(f"Split {split!r} is none of the splits the image folder has (train, validation, "
@@ -64,7 +64,7 @@ def save_image_folder(dataset: Union[Dataset, DatasetDict], output_dir: str, ima
                              f"{canonical!r}: keep one of them.")
         folders[split] = canonical
     for split, part in splits.items():
-        name = f"dataset[{split!r}]" if split is not None else "dataset"
+        name = f"dataset[{split!r}]" if isinstance(dataset, DatasetDict) else "dataset"
         if image_column not in part.column_names:
             raise ValueError(f"{name} has no image column {image_column!r}: its columns are {part.column_names}; "
                              f"pass image_column=.")
@@ -72,44 +72,58 @@ def save_image_folder(dataset: Union[Dataset, DatasetDict], output_dir: str, ima
             raise ValueError(f"{name} has no label column {label_column!r}: its columns are {part.column_names}; "
                              f"pass label_column= (None: unlabelled images).")
         if label_column is not None:  # every class checked before anything is written
+            classes = {}
             for index, label in enumerate(part[label_column]):
-                _class_folder(label, part.features[label_column], index, split is not None)
+                folder = _class_folder(label, part.features[label_column], index)
+                other = classes.setdefault(unicodedata.normalize("NFC", folder).casefold(), folder)
+                if other != folder:  # one folder on macOS and Windows: their labels would be mixed
+                    raise ValueError(f"Row {index}'s class {folder!r} and the class {other!r} differ only in case or "
+                                     f"Unicode form, which macOS and Windows folders do not tell apart: rename one.")
     if os.path.exists(output_dir) and (not os.path.isdir(output_dir) or os.listdir(output_dir)):
         raise FileExistsError(f"{output_dir!r} exists and is not an empty folder: give a new folder (nothing is "
                               f"overwritten).")
     total = sum(len(part) for part in splits.values())
-    with tqdm(total=total, desc="Writing images", unit="img", mininterval=progress_interval()) as progress:
-        for split, part in splits.items():
-            if isinstance(part.features[image_column], Image):
-                part = part.cast_column(image_column, Image(decode=False))  # the stored bytes, not a re-encoding
-            feature = part.features[label_column] if label_column is not None else None
-            taken = set()
-            for index, row in enumerate(part):
-                class_name = (_class_folder(row[label_column], feature, index, split is not None)
-                              if label_column is not None else "")
-                folder = os.path.join(output_dir, folders[split], class_name)
-                os.makedirs(folder, exist_ok=True)
-                _write_image(row[image_column], folder, index, taken)
-                progress.update(1)
+    existed = os.path.isdir(output_dir)
+    try:
+        with tqdm(total=total, desc="Writing images", unit="img", mininterval=progress_interval()) as progress:
+            for split, part in splits.items():
+                if isinstance(part.features[image_column], Image):
+                    part = part.cast_column(image_column, Image(decode=False))  # the stored bytes, not re-encoded
+                feature = part.features[label_column] if label_column is not None else None
+                taken = set()
+                for index, row in enumerate(part):
+                    class_name = _class_folder(row[label_column], feature, index) if label_column is not None else ""
+                    folder = os.path.join(output_dir, folders[split], class_name)
+                    os.makedirs(folder, exist_ok=True)
+                    _write_image(row[image_column], folder, index, taken)
+                    progress.update(1)
+    except BaseException:  # a row that cannot be written: no half-written folder left, which a rerun would refuse
+        shutil.rmtree(output_dir, ignore_errors=True)
+        if existed:
+            os.makedirs(output_dir, exist_ok=True)
+        raise
     return output_dir
 
 
-def _class_folder(label, feature, index: int, split_folders: bool) -> str:
+def _class_folder(label, feature, index: int) -> str:
     """The class folder name of row `index`'s label, or an error naming the row when the folder would not be read
-    back as that class (`load_image_folder` skips hidden and `__` folders, and takes split names at the top as
-    splits)."""
+    back as that class (`load_image_folder` skips hidden and `__` folders) or cannot be made on every system."""
     if label is None or (isinstance(feature, ClassLabel) and label == -1):
         raise ValueError(f"Row {index} has no label: leave unlabelled rows out, or pass label_column=None.")
     name = feature.int2str(int(label)) if isinstance(feature, ClassLabel) else str(label)
     why = ("is empty" if not name.strip() else
            "would be a hidden folder, which is not read" if name.startswith((".", "__")) else
            "holds a path separator or a control character" if re.search(r"[/\\\x00-\x1f\x7f]", name) else
-           "is too long for a folder name" if len(name.encode()) > 255 else
-           "would be read as a split folder (pass a DatasetDict, whose splits hold the class folders)"
-           if not split_folders and any(name.lower() in aliases for aliases in SPLIT_ALIASES.values()) else None)
+           "holds a character Windows folder names cannot (<>:\"|?*)" if re.search(r'[<>:"|?*]', name) else
+           "ends in a dot or space, which Windows drops" if name.endswith((".", " ")) else
+           "is a name Windows reserves" if name.split(".")[0].upper() in _WINDOWS_RESERVED else
+           "is too long for a folder name" if len(name.encode()) > 255 else None)
     if why:
         raise ValueError(f"Row {index}'s class {name!r} {why}: rename the class.")
     return name
+
+
+_WINDOWS_RESERVED = {"CON", "PRN", "AUX", "NUL", *(f"COM{i}" for i in range(1, 10)), *(f"LPT{i}" for i in range(1, 10))}
 
 
 def _write_image(image, folder: str, index: int, taken: set) -> None:
@@ -123,7 +137,7 @@ def _write_image(image, folder: str, index: int, taken: set) -> None:
         data = image.get("bytes")
         if data is None and not is_image_file(image["path"]):  # only images are copied
             raise ValueError(f"Row {index}'s image {image['path']!r} is not an image file read here ({SEARCHED_WHAT}).")
-        if data is not None and not os.path.splitext(name)[1]:  # no extension to read it by: the format's own
+        if data is not None and not is_image_file(name):  # no extension an image is read by: the format's own
             suffix = medical_record_suffix(data, name) or _image_suffix(data, index)
             name = f"{name or f'{index:06d}'}{suffix}"
         path = _free_name(folder, name, index, taken)

@@ -68,7 +68,7 @@ class ExtractionArguments(FeatureArguments):
         "help": "Splits to extract (train, validation, test, or 'all')."})
     noise_seed: Optional[int] = field(default=None, metadata={"help": "Seed of the noise (default 0)."})
     seed: Optional[int] = field(default=None, metadata={
-        "help": "Deprecated: --noise_seed (in `probe`, --seed seeds the splits and the probe's training)."})
+        "help": "Deprecated: --noise_seed (in `probe`, --seed seeds the probe's training)."})
     noise: Literal["fixed", "per_image"] = field(default="fixed", metadata={
         "help": "'fixed': every image gets the same noise (features are a function of the image alone, as in the "
                 "classifier); 'per_image': independent noise per image, drawn from --noise_seed."})
@@ -84,11 +84,11 @@ class ExtractionArguments(FeatureArguments):
 
     def __post_init__(self):
         super().__post_init__()
-        if self.seed is not None:  # one name per idea: `--seed` is the probe's split and training seed
+        if self.seed is not None:  # one name per idea: `--seed` is the probe's training seed
             if self.noise_seed not in (None, self.seed):
                 raise ValueError(f"`seed` {self.seed} and `noise_seed` {self.noise_seed}: give --noise_seed only.")
             warnings.warn("`seed` of extract is deprecated and will be removed: it is `noise_seed` (--noise_seed), "
-                          "while `probe`'s --seed seeds its splits and training.", FutureWarning, stacklevel=3)
+                          "while `probe`'s --seed seeds its training.", FutureWarning, stacklevel=3)
             self.noise_seed, self.seed = self.seed, None
         if self.noise_seed is None:
             self.noise_seed = 0

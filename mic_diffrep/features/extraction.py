@@ -176,7 +176,7 @@ def extract_folder(args: ExtractionArguments) -> Dict[Tuple[str, int], torch.Ten
     splits, dataset = select_splits(load_image_folder(args.data_dir), args.splits, "splits")
     # Its folder is made once the model and the images are found (a bad --pretrained or --data_dir leaves none),
     # and before the decoding and extraction, so that an unwritable path costs nothing.
-    prepare_output_file(args.output, extensions=(".safetensors",), data_folders=(args.data_dir,))
+    prepare_output_file(args.output, extensions=(".safetensors",))
     with accelerator.main_process_first():
         decoded = decode_images(
             dataset, extractor.preprocessing, skip_bad_images=args.skip_bad_images,

@@ -266,7 +266,12 @@ class ClipFeatureExtractor(EncoderFeatureExtractor):
 
     @classmethod
     def from_pretrained(cls, path: str, resolution: int = 112) -> "ClipFeatureExtractor":
-        model = CLIPVisionModel.from_pretrained(path, local_files_only=True, use_safetensors=True)  # no pickles
+        if not os.path.isfile(os.path.join(path, "model.safetensors")) and not os.path.isfile(
+                os.path.join(path, "model.safetensors.index.json")):  # no pickles: a .bin holds one
+            raise ValueError(f"{path}: a CLIP folder is read from model.safetensors only (its pytorch_model.bin is a "
+                             f"pickle, not read). If you trust the folder, convert it once: "
+                             f"CLIPVisionModel.from_pretrained(folder, use_safetensors=False).save_pretrained(folder).")
+        model = CLIPVisionModel.from_pretrained(path, local_files_only=True, use_safetensors=True)
         return cls(model, source=path, resolution=resolution)
 
     def resolve(self, args: FeatureArguments) -> FeatureArguments:

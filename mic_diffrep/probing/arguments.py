@@ -1,5 +1,6 @@
 """The settings of `mic-diffrep probe` / `training/linear_probe.py` (every field is a `--field` flag)."""
 
+import warnings
 from dataclasses import dataclass, field
 from typing import List, Optional
 
@@ -60,9 +61,8 @@ class ProbeArguments(FeatureArguments):
         "help": "MSFA aggregation width (eq. 5); 0: a single linear layer on the concatenated features (not the "
                 "paper's MSFA)."})
     classifier_dropout: float = field(default=0.0, metadata={
-        "aliases": ["--dropout"],  # its earlier name
-        "help": "Dropout on the aggregated features (the classifier config's `classifier_dropout`; --dropout is its "
-                "earlier name)."})
+        "help": "Dropout on the aggregated features (the classifier config's `classifier_dropout`)."})
+    dropout: Optional[float] = field(default=None, metadata={"help": "Deprecated: --classifier_dropout."})
     no_standardize: bool = field(default=False, metadata={"help": "Do not standardise features."})
     random_flip: bool = field(default=False, metadata={
         "help": "Train the heads on each training image or, at random, its mirror image (left-right; the mirror "
@@ -81,6 +81,13 @@ class ProbeArguments(FeatureArguments):
 
     def __post_init__(self):
         super().__post_init__()
+        if self.dropout is not None:  # its earlier name, in scripts and `ProbeArguments(dropout=...)`
+            if self.classifier_dropout not in (0.0, self.dropout):
+                raise ValueError(f"`dropout` {self.dropout} and `classifier_dropout` {self.classifier_dropout}: give "
+                                 f"--classifier_dropout only.")
+            warnings.warn("`dropout` of the probe is deprecated and will be removed: it is `classifier_dropout` "
+                          "(--classifier_dropout), as the classifier's config calls it.", FutureWarning, stacklevel=3)
+            self.classifier_dropout, self.dropout = self.dropout, None
         for name in ("validation_split", "test_split"):
             if not 0 < getattr(self, name) < 1:
                 raise ValueError(f"`{name}` must be in (0, 1) (a fraction of the images), got {getattr(self, name)}.")

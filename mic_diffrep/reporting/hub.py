@@ -17,9 +17,8 @@ import tempfile
 from typing import Optional, Sequence
 
 from huggingface_hub import HfApi, ModelCard
-from transformers import AutoConfig
 
-from ..models.mic_diffrep import MicDiffRepImageProcessor
+from ..models.mic_diffrep import MicDiffRepConfig, MicDiffRepImageProcessor
 from ..models.mic_diffrep.unet_features import is_self_conditioned
 from ..utils import SUMMARY_FILE, is_repo_id, write_json
 from .model_card import published_results, unevaluated_model_card_text, write_model_card, write_pipeline_card
@@ -212,7 +211,10 @@ def push_to_hub(model_dir: str, repo_id: str, token: Optional[str] = None, priva
                 f.write(results_markdown(results))
             write_model_card(staging, results, repo_id)
         elif not os.path.isfile(os.path.join(staging, "README.md")):  # saved from Python: a card of what it is
-            ModelCard(unevaluated_model_card_text(AutoConfig.from_pretrained(model_dir), repo_id)).save(
+            from ..inference import check_classifier_folder  # (the inference module imports this one's package)
+
+            check_classifier_folder(model_dir)
+            ModelCard(unevaluated_model_card_text(MicDiffRepConfig.from_pretrained(model_dir), repo_id)).save(
                 os.path.join(staging, "README.md"))
         processor = MicDiffRepImageProcessor.from_pretrained(model_dir)
         with processor._with_auto_map():

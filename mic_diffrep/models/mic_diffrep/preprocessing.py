@@ -435,14 +435,21 @@ def medical_record_suffix(data: bytes, name: Optional[str]) -> Optional[str]:
 
 @contextlib.contextmanager
 def medical_bytes_as_file(data: bytes, name: Optional[str], suffix: str):
-    """A DICOM / NIfTI file held as bytes, written to a temporary file named like its record (the readers read
-    files, and their messages then name it); removed afterwards."""
+    """A DICOM / NIfTI file held as bytes, written to a temporary file (the readers read files); removed afterwards.
+    An error of reading it names the record (`name`), not the temporary file."""
     with tempfile.TemporaryDirectory(prefix="mic-diffrep-") as folder:
         base = re.sub(r"[^\w.-]", "_", os.path.basename(name or "")).strip("_") or "image"
         path = os.path.join(folder, base if base.lower().endswith(suffix) else base + suffix)
         with open(path, "wb") as f:
             f.write(data)
-        yield path
+        try:
+            yield path
+        except Exception as error:  # noqa: BLE001 - re-raised as it was, naming the record
+            try:
+                named = type(error)(str(error).replace(path, name or "<bytes>"))
+            except Exception:  # noqa: BLE001 - an exception type that takes other arguments: as it is
+                raise error from None
+            raise named from error
 
 
 def dataset_image_records(dataset) -> list:
@@ -486,8 +493,8 @@ def iter_images_with_ids(images, slices=None):
             if suffix:  # a DICOM / NIfTI file's bytes: its slices, read from a file
                 with medical_bytes_as_file(image, name, suffix) as path:
                     items = read_medical_file(path, slices)
-                for item in items:
-                    yield item, slice_id(name or "<bytes>", item.slice_index)
+                for item in items:  # as `decode_images` names them
+                    yield item, slice_id(name or f"<bytes #{index}>", item.slice_index)
                 continue
             try:  # decoded here, where its record is known: PIL decodes lazily
                 image = PIL.Image.open(io.BytesIO(image))
