@@ -183,9 +183,20 @@ def json_safe(value):
 
 
 def write_json(path: str, data) -> None:
-    """`data` as strict JSON (`json_safe`), indented, into `path`."""
-    with open(path, "w", encoding="utf-8") as f:
-        json.dump(json_safe(data), f, indent=2, allow_nan=False)
+    """`data` as strict JSON (`json_safe`), indented, into `path`: written beside it and renamed, so that a run
+    killed while writing leaves the earlier file whole, not a truncated one."""
+    text = json.dumps(json_safe(data), indent=2, allow_nan=False)  # a value JSON cannot hold fails before writing
+    folder = os.path.dirname(os.path.abspath(path))
+    handle, temporary = tempfile.mkstemp(dir=folder, prefix=f".{os.path.basename(path)}.", suffix=".tmp")
+    try:
+        with os.fdopen(handle, "w", encoding="utf-8") as f:
+            f.write(text)
+        share_as_umask_allows(temporary)  # mkstemp's 0600 otherwise
+        os.replace(temporary, path)
+    except BaseException:
+        if os.path.exists(temporary):
+            os.remove(temporary)
+        raise
 
 
 def format_score(value, digits: int = 3) -> str:

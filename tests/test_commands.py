@@ -914,3 +914,24 @@ def test_a_readme_of_the_users_own_is_not_replaced_by_a_model_card(kaggle_folder
         cli(command + ["--output_dir", str(folder)])  # its own card, then replaced by a rerun's
         assert "mic-diffrep" in (folder / "README.md").read_text()
         cli(command + ["--output_dir", str(folder), "--overwrite_output_dir"])
+
+
+def test_a_results_file_is_replaced_whole_or_not_at_all(tmp_path, monkeypatch):
+    """`results.json`, `report.json` and `--output` were written in place: a run killed while writing left a
+    truncated file instead of the earlier one."""
+    from mic_diffrep import utils
+
+    path = tmp_path / "results.json"
+    utils.write_json(str(path), {"accuracy": 0.5})
+    if os.name == "posix":
+        umask = os.umask(0o022)
+        os.umask(umask)
+        assert path.stat().st_mode & 0o777 == 0o666 & ~umask  # not mkstemp's 0600
+
+    def killed(*args):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(utils.os, "replace", killed)
+    with pytest.raises(KeyboardInterrupt):
+        utils.write_json(str(path), {"accuracy": 0.9})
+    assert json.loads(path.read_text()) == {"accuracy": 0.5} and os.listdir(tmp_path) == ["results.json"]
