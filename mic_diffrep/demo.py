@@ -218,19 +218,23 @@ def explain(model: MicDiffRepForImageClassification, processor: MicDiffRepImageP
 
 
 def load_demo_model(model: Union[str, os.PathLike, MicDiffRepForImageClassification],
-                    processor: Optional[MicDiffRepImageProcessor] = None, local_files_only: bool = True
-                    ) -> Tuple[MicDiffRepForImageClassification, MicDiffRepImageProcessor]:
-    """The model in eval mode and its image processor, from a model, a local folder or a Hub id (offline unless
-    `local_files_only=False`). A model given without a processor gets the default one at its resolution."""
+                    processor: Optional[MicDiffRepImageProcessor] = None, local_files_only: bool = True,
+                    revision: Optional[str] = None) -> Tuple[MicDiffRepForImageClassification, MicDiffRepImageProcessor]:
+    """The model in eval mode and its image processor, from a model, a local folder or a Hub id (at `revision`, a
+    branch, tag or commit; offline unless `local_files_only=False`). A model given without a processor gets the
+    default one at its resolution."""
     if isinstance(model, (str, os.PathLike)):
         name = os.fspath(model)
         if os.path.isfile(name):
             check_folder(name, "Model folder", "the model folder (from `mic-diffrep probe` or `run`)")
         if os.path.isdir(name):
+            if revision is not None:
+                raise ValueError(f"--revision {revision}: model folder {name!r} is a local folder; a revision is one "
+                                 f"of a Hub repository's.")
             model, folder_processor = load_classifier(name)
         else:
             try:  # its snapshot, loaded as a local folder is (never through the Auto classes: no code of its own)
-                folder = huggingface_hub.snapshot_download(name, local_files_only=local_files_only)
+                folder = huggingface_hub.snapshot_download(name, revision=revision, local_files_only=local_files_only)
             except (OSError, ValueError, huggingface_hub.errors.HFValidationError) as error:
                 hint = (" (it is not in the local cache; to download it pass local_files_only=False, or "
                         "--allow_download to `mic-diffrep demo`)") if local_files_only else ""
@@ -289,7 +293,8 @@ def _what_was_read(image, path: str, notes: List[str], model_input: PIL.Image.Im
 def build_demo(model: Union[str, os.PathLike, MicDiffRepForImageClassification],
                processor: Optional[MicDiffRepImageProcessor] = None, title: Optional[str] = None,
                local_files_only: bool = True, patch_size: Optional[int] = None,
-               delete_cache: Optional[Tuple[int, int]] = DELETE_CACHE) -> "gradio.Blocks":
+               delete_cache: Optional[Tuple[int, int]] = DELETE_CACHE, revision: Optional[str] = None
+               ) -> "gradio.Blocks":
     """The demo page for a classifier (a model, a local folder or a Hub id, see [`load_demo_model`]).
 
     Layout: the upload ("MRI slice"), a "Classify" button and a status line on the left; "Model input",
@@ -300,7 +305,7 @@ def build_demo(model: Union[str, os.PathLike, MicDiffRepForImageClassification],
     """
     import gradio as gr
 
-    model, processor = load_demo_model(model, processor, local_files_only=local_files_only)
+    model, processor = load_demo_model(model, processor, local_files_only=local_files_only, revision=revision)
     labels = [model.config.id2label[i] for i in range(model.config.num_labels)]
     title = title or "MicDiffRep MRI slice classifier"
     # a volume is read along the model's slice axis and range (those its probe was trained on)
@@ -351,7 +356,8 @@ def build_demo(model: Union[str, os.PathLike, MicDiffRepForImageClassification],
 
 
 def launch_demo(model_dir: Union[str, os.PathLike], host: str = "127.0.0.1", port: int = 7860, share: bool = False,
-                local_files_only: bool = True):
-    """Builds the demo for `model_dir` (a folder or a Hub id) and serves it at `http://host:port` (blocking)."""
-    demo = build_demo(model_dir, local_files_only=local_files_only)
+                local_files_only: bool = True, revision: Optional[str] = None):
+    """Builds the demo for `model_dir` (a folder, or a Hub id at `revision`) and serves it at `http://host:port`
+    (blocking)."""
+    demo = build_demo(model_dir, local_files_only=local_files_only, revision=revision)
     return demo.launch(server_name=host, server_port=port, share=share)

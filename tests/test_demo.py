@@ -129,6 +129,26 @@ def test_load_demo_model_offline_errors(classifier_folder, tmp_path):
         load_demo_model(str(tmp_path / "no-such-model"))  # a user error: `mic-diffrep demo` prints one line
     with pytest.raises(NotADirectoryError, match="is a file; give the model folder"):
         load_demo_model(os.path.join(classifier_folder, "config.json"))
+    with pytest.raises(ValueError, match="--revision v2: model folder .* is a local folder"):
+        load_demo_model(classifier_folder, revision="v2")
+
+
+def test_the_demo_loads_a_hub_classifier_at_a_revision(classifier_folder, tmp_path, monkeypatch):
+    """`demo --model user/repo` always read main: no --revision, as the other commands now take."""
+    import shutil
+
+    import huggingface_hub
+
+    root = tmp_path / "hub" / "models--me--cls"
+    shutil.copytree(classifier_folder, root / "snapshots" / ("1" * 40))
+    (root / "refs").mkdir()
+    (root / "refs" / "v2").write_text("1" * 40)
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
+    model, _ = load_demo_model("me/cls", revision="v2")
+    assert model.config.id2label[3] == "pituitary"
+    with pytest.raises(FileNotFoundError, match="Cannot load a classifier from 'me/cls'"):
+        load_demo_model("me/cls")  # main was never downloaded
 
 
 def test_every_output_of_the_api_has_a_name(classifier_folder):

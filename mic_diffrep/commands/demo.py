@@ -29,7 +29,7 @@ def _check_port(host: str, port: int) -> None:
 def demo(namespace) -> None:
     _check_port(namespace.host, namespace.port)
     launch_demo(namespace.model, host=namespace.host, port=namespace.port, share=namespace.share,
-                local_files_only=not namespace.allow_download)
+                local_files_only=not namespace.allow_download, revision=namespace.revision)
 
 
 def register(subparsers) -> None:
@@ -39,6 +39,8 @@ def register(subparsers) -> None:
                     "JPEG/PNG/DICOM/NIfTI slice and see the image the model sees, the class probabilities and an "
                     "occlusion saliency map. Needs `pip install gradio` (or `mic-diffrep[demo]`).")
     parser.add_argument("--model", type=str, required=True, help="Model folder (from probe or run), or a Hub id.")
+    parser.add_argument("--revision", type=str, default=None,
+                        help="The revision (branch, tag or commit) of --model when it is a Hub id (default: main).")
     parser.add_argument("--host", type=str, default="127.0.0.1", help="Address to serve on (0.0.0.0: every interface).")
     parser.add_argument("--port", type=int, default=7860, help="Port.")
     parser.add_argument("--share", action="store_true", help="Also create a public Gradio share link.")
