@@ -78,12 +78,12 @@ def measure(args) -> list:
     return measurements
 
 
-def summarise(measurements: list, steps: dict, minutes: float) -> dict:
+def summarise(measurements: list, steps: dict) -> dict:
     """Per method: its median speed, and the minutes its recorded steps take at it, against MicDiffRep's."""
     rows = {}
     for method in METHODS:
         speeds = [m["steps_per_second"] for m in measurements if m["method"] == method]
-        images_per_step = measurements[[m["method"] for m in measurements].index(method)]["images_per_step"]
+        images_per_step = next(m["images_per_step"] for m in measurements if m["method"] == method)
         median = statistics.median(speeds)
         rows[method] = {"steps_per_second": speeds, "median_steps_per_second": median,
                         "images_per_second": median * images_per_step, "recorded_steps": steps[method],
@@ -130,7 +130,7 @@ def main():
     result = {"command": command_line(), "environment": environment_info(), "note": args.note,
               "points": os.path.relpath(args.points, REPO), "minutes": args.minutes, "rounds": args.rounds,
               "resolution": args.resolution, "measurements": measurements,
-              "rows": summarise(measurements, steps, args.minutes)}
+              "rows": summarise(measurements, steps)}
     write_results(args.output, result, render(result))
     print(render(result))
 

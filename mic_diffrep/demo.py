@@ -228,10 +228,7 @@ def load_demo_model(model: Union[str, os.PathLike, MicDiffRepForImageClassificat
         if os.path.isfile(name):
             check_folder(name, "Model folder", "the model folder (from `mic-diffrep probe` or `run`)")
         if os.path.isdir(name):
-            if revision is not None:
-                raise ValueError(f"--revision {revision}: model folder {name!r} is a local folder; a revision is one "
-                                 f"of a Hub repository's.")
-            model, folder_processor = load_classifier(name)
+            model, folder_processor = load_classifier(name, revision=revision)  # (a revision refused: local)
         else:
             try:  # its snapshot, loaded as a local folder is (never through the Auto classes: no code of its own)
                 folder = huggingface_hub.snapshot_download(name, revision=revision, local_files_only=local_files_only)

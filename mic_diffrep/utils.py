@@ -331,9 +331,11 @@ def model_folder(path: str, name: str, give: str, missing: str = "", revision: O
                                 f"loaded ({error_summary(error)}){missing}.") from None
 
 
-def hub_commit(folder: str) -> Optional[str]:
+def hub_commit(folder: Optional[str]) -> Optional[str]:
     """The commit of a Hub repository snapshot folder (`.../snapshots/<commit>`, as `model_folder` gives it), which a
-    result records with the repository id; `None` for a local folder."""
+    result records with the repository id; `None` for a local folder (or none)."""
+    if not folder:
+        return None
     parent, commit = os.path.split(os.path.normpath(os.fspath(folder)))
     return commit if os.path.basename(parent) == "snapshots" and re.fullmatch(r"[0-9a-f]{40}", commit) else None
 
@@ -568,10 +570,12 @@ def source_commit() -> Optional[str]:
     """The git commit of the checkout the package was imported from, `+dirty` when tracked files differ from it;
     `None` when it is no git checkout (a wheel) or git is missing."""
     folder = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    if not os.path.isdir(os.path.join(folder, ".git")):
+        return None
     try:
         commit = subprocess.run(["git", "-C", folder, "rev-parse", "HEAD"], capture_output=True, text=True,
                                 timeout=10)
-        if commit.returncode != 0 or not os.path.isdir(os.path.join(folder, ".git")):
+        if commit.returncode != 0:
             return None
         changed = subprocess.run(["git", "-C", folder, "status", "--porcelain", "--untracked-files=no"],
                                  capture_output=True, text=True, timeout=10).stdout.strip()

@@ -31,7 +31,7 @@ from ..training import RECIPE_KEYS, SUMMARY_FILE, PretrainingArguments, default_
 from ..training.checkpointing import check_new_run
 from ..training.loop import training_fingerprint, training_images
 from ..utils import (MIXED_PRECISION_CHOICES, check_outside_data, check_value, command_line, is_first_process,
-                     write_json)
+                     share_as_umask_allows, write_json)
 from .base import DeprecatedFlag
 
 
@@ -247,18 +247,12 @@ def held_out_list(config: dict, image_ids: Optional[list], resuming: bool = Fals
     try:
         write_image_list(temporary, image_ids, config["data_dir"],
                          "test images the probe of `mic-diffrep run` carves; left out of its pretraining")
-        os.chmod(temporary, 0o666 & ~_umask())  # as any file the run writes, not mkstemp's 0600
+        share_as_umask_allows(temporary)  # as any file the run writes, not mkstemp's 0600
         yield temporary
     except BaseException:
         os.remove(temporary)
         raise
     os.replace(temporary, path)
-
-
-def _umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
 
 
 def run_config(namespace) -> dict:

@@ -115,12 +115,12 @@ class _DecodeFiles(torch.utils.data.Dataset):
 
     def __getitem__(self, index):
         source = self.sources[index]
+        name = self.names[index] if self.names else None
         try:
-            suffix = (medical_record_suffix(source, self.names[index] if self.names else None)
-                      if isinstance(source, bytes) else None)
+            suffix = medical_record_suffix(source, name) if isinstance(source, bytes) else None
             if suffix or isinstance(source, str) and is_medical_file(source):
                 if suffix:
-                    with medical_bytes_as_file(source, self.names[index] if self.names else None, suffix) as path:
+                    with medical_bytes_as_file(source, name, suffix) as path:
                         items = self.slices.read(path)
                 else:
                     items = self.slices.read(source)

@@ -14,7 +14,6 @@ as split and class folders by `save_image_folder`.
 
 import io
 import itertools
-import logging
 import os
 import re
 import shutil
@@ -31,8 +30,6 @@ from ..models.mic_diffrep.preprocessing import medical_record_suffix
 from ..utils import progress_interval
 from .folders import SEARCHED_WHAT, SPLIT_ALIASES, is_image_file
 
-
-logger = logging.getLogger(__name__)
 
 def save_image_folder(dataset: Union[Dataset, DatasetDict], output_dir: str, image_column: str = "image",
                       label_column: Optional[str] = "label") -> str:
@@ -63,6 +60,7 @@ def save_image_folder(dataset: Union[Dataset, DatasetDict], output_dir: str, ima
             raise ValueError(f"Splits {sorted(s for s in folders if folders[s] == canonical) + [split]} both mean "
                              f"{canonical!r}: keep one of them.")
         folders[split] = canonical
+    class_folders = {}  # per split, each row's class folder ("" unlabelled), checked before anything is written
     for split, part in splits.items():
         name = f"dataset[{split!r}]" if isinstance(dataset, DatasetDict) else "dataset"
         if image_column not in part.column_names:
@@ -71,10 +69,11 @@ def save_image_folder(dataset: Union[Dataset, DatasetDict], output_dir: str, ima
         if label_column is not None and label_column not in part.column_names:
             raise ValueError(f"{name} has no label column {label_column!r}: its columns are {part.column_names}; "
                              f"pass label_column= (None: unlabelled images).")
-        if label_column is not None:  # every class checked before anything is written
+        class_folders[split] = [""] * len(part)
+        if label_column is not None:
             classes = {}
             for index, label in enumerate(part[label_column]):
-                folder = _class_folder(label, part.features[label_column], index)
+                folder = class_folders[split][index] = _class_folder(label, part.features[label_column], index)
                 other = classes.setdefault(unicodedata.normalize("NFC", folder).casefold(), folder)
                 if other != folder:  # one folder on macOS and Windows: their labels would be mixed
                     raise ValueError(f"Row {index}'s class {folder!r} and the class {other!r} differ only in case or "
@@ -89,11 +88,9 @@ def save_image_folder(dataset: Union[Dataset, DatasetDict], output_dir: str, ima
             for split, part in splits.items():
                 if isinstance(part.features[image_column], Image):
                     part = part.cast_column(image_column, Image(decode=False))  # the stored bytes, not re-encoded
-                feature = part.features[label_column] if label_column is not None else None
                 taken = set()
                 for index, row in enumerate(part):
-                    class_name = _class_folder(row[label_column], feature, index) if label_column is not None else ""
-                    folder = os.path.join(output_dir, folders[split], class_name)
+                    folder = os.path.join(output_dir, folders[split], class_folders[split][index])
                     os.makedirs(folder, exist_ok=True)
                     _write_image(row[image_column], folder, index, taken)
                     progress.update(1)
@@ -174,12 +171,13 @@ def _image_suffix(data: bytes, index: int) -> str:
 
 def _free_name(folder: str, name: str, index: int, taken: set) -> str:
     """`folder/name`, or, when another image of the folder has that name, the name with its row number added (and a
-    count, should that be taken too): no image written replaces another."""
+    count, should that be taken too): no image written replaces another (`taken` holds every path written into the
+    split's folders, new or empty before)."""
     lowered = name.lower()
     stem_length = len(name) - (7 if lowered.endswith(".nii.gz") else len(os.path.splitext(name)[1]))
     stem, extension = name[:stem_length][:200], name[stem_length:]  # room for the suffix in 255 bytes
     candidates = itertools.chain([f"{stem}{extension}", f"{stem}-{index:06d}{extension}"],
                                  (f"{stem}-{index:06d}-{count}{extension}" for count in itertools.count(2)))
-    path = next(p for p in (os.path.join(folder, c) for c in candidates) if p not in taken and not os.path.exists(p))
+    path = next(p for p in (os.path.join(folder, c) for c in candidates) if p not in taken)
     taken.add(path)
     return path

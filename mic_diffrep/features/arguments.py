@@ -60,8 +60,7 @@ class ExtractionArguments(FeatureArguments):
 
     pretrained: str = field(metadata={"help": "Pretrained folder: a diffusion pipeline, a baseline or a local CLIP."})
     revision: Optional[str] = field(default=None, metadata={
-        "help": "The revision (branch, tag or commit) of --pretrained when it is a Hub repository id (default: main). "
-                "The results record the commit read."})
+        "help": "The revision (branch, tag or commit) of --pretrained when it is a Hub repository id (default: main)."})
     data_dir: str = field(metadata={"help": "Image folder (any layout pretraining takes)."})
     output: str = field(metadata={"help": "Feature cache file to write (.safetensors)."})
     splits: List[str] = field(default_factory=lambda: ["all"], metadata={

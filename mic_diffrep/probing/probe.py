@@ -130,7 +130,7 @@ def _run_probe(args: ProbeArguments, extractor: Optional[FeatureExtractor]) -> d
         "method": extractor.name, "command": command_line(), "environment": environment_info(),
         "pretrained": args.pretrained, "data_dir": os.path.abspath(args.data_dir),
         # the commit read, when --pretrained is a Hub repository (its --revision, or main, resolved)
-        "pretrained_revision": hub_commit(getattr(extractor, "folder", None) or ""),
+        "pretrained_revision": hub_commit(getattr(extractor, "folder", None)),
         # the pipeline's Hub repository, which the model card links to (a Hub id, or where the folder was uploaded)
         "base_model": published_pipeline(args.pretrained) if extractor.exportable and args.pretrained else None,
         "test_data_dir": args.test_data_dir and os.path.abspath(args.test_data_dir), "test_split": test_source,

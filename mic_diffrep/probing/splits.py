@@ -218,7 +218,7 @@ def test_images_seen_in_pretraining(pretrained: Optional[str], test_paths: Seque
     seen = {os.path.realpath(item["path"]) for item in undecoded_images(images)["image"] if item.get("path")}
     if summary.get("exclude_image_list"):
         try:
-            left_out = read_image_list(summary["exclude_image_list"], "exclude_image_list")
+            left_out = read_image_list(summary["exclude_image_list"], "exclude_image_list", root=data_dir)
         except ValueError:
             return None
         seen -= {os.path.realpath(os.path.join(data_dir, source_file(image_id))) for image_id in left_out}

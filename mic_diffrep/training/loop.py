@@ -266,8 +266,7 @@ def train_one_epoch(state: TrainingState, accelerator, model, loader, dataset, o
                                             args.time_budget_minutes, interrupt.requested)
         # A run cut short can be resumed, and a finished one continued (more epochs) from where it ended instead of
         # its last checkpoint's step
-        if state.stop_reason in ("interrupted", "time_budget_minutes", "max_train_steps") and \
-                state.global_step % args.checkpointing_steps:
+        if state.stop_reason and state.global_step % args.checkpointing_steps:
             save_training_state(accelerator, args.output_dir, state.global_step, state.epoch, batch_index + 1,
                                 args.checkpoints_total_limit, totals, checkpoint_settings)
         if state.stop_reason == "time_budget_minutes" and accelerator.is_main_process:
